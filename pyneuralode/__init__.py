@@ -1,0 +1,34 @@
+"""pyneuralode: neural differential equations for torch.
+
+The native torch engine is the default; ``backend="julia"`` hands the same problem to
+DifferentialEquations.jl / SciMLSensitivity (optional, see ``pyneuralode.julia``; importing
+pyneuralode never starts Julia and imports nothing heavy beyond torch and numpy).
+"""
+from . import nn as _nn
+from . import sensitivity as _sensitivity
+from . import solvers as _solvers
+from . import steady as _steady
+from ._solution import ReturnCode, Solution, SolveError
+from ._solve import solve
+from .controllers import PIController
+from .nn import *  # noqa: F401,F403  (each subpackage lists its public names in __all__)
+from .odeint import odeint
+from .sensitivity import *  # noqa: F401,F403
+from .solvers import *  # noqa: F401,F403
+from .steady import *  # noqa: F401,F403
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve", "odeint", "Solution", "SolveError", "ReturnCode", "PIController",
+    *_solvers.__all__, *_sensitivity.__all__, *_steady.__all__, *_nn.__all__,
+]
+
+
+def __getattr__(name):
+    # Lazy subpackages: `pn.julia` never starts Julia on import of pyneuralode.
+    if name in ("julia", "data", "repro"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'pyneuralode' has no attribute {name!r}")

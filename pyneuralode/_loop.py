@@ -1,0 +1,175 @@
+"""The integrate loop: the only code that steps.
+
+It asks the solver for attempted steps, accepts or rejects them with the error norm and the
+controller, saves the output times (by the step's dense output; output times never force
+steps), keeps dense segments when asked, and ends every failure with a return code. Every loop
+is bounded by ``max_steps``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from ._solution import DenseSegment, ReturnCode
+from .controllers import PIController, error_norm, initial_step
+
+_EPS = 2.220446049250313e-16
+
+
+@dataclass
+class LoopOptions:
+    """Numerical options of one integration (already validated)."""
+
+    rtol: Any = 1e-6
+    atol: Any = 1e-9
+    dt: Optional[float] = None
+    adaptive: bool = True
+    max_steps: int = 100_000
+    dense: bool = True
+    progress: bool = False
+    controller: PIController = field(default_factory=PIController)
+    dtmin: Optional[float] = None
+    dtmax: Optional[float] = None
+
+
+@dataclass
+class LoopResult:
+    ys: List[torch.Tensor]
+    retcode: ReturnCode
+    t_reached: float
+    segments: Optional[List[DenseSegment]]
+    y_final: torch.Tensor
+    message: str = ""
+
+
+def _progress_bar(enabled: bool, t0: float, t1: float):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=1000, desc=f"solve t∈[{t0:g}, {t1:g}]", leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+
+def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts: LoopOptions, stats: dict) -> LoopResult:
+    """Integrate ``dy/dt = rhs(t, y)`` from ``t_out[0]`` through every time in ``t_out``.
+
+    ``rhs(t, y)`` takes a Python float ``t``. Returns the states at the output times reached, the
+    dense segments (if ``opts.dense``), a return code and the time reached.
+    """
+    n_out = len(t_out)
+    t = t_out[0]
+    y = y0
+    ys = [y0]
+    segments: Optional[List[DenseSegment]] = [] if opts.dense else None
+    if n_out == 1:
+        return LoopResult(ys, ReturnCode.Success, t, segments, y0)
+    t_end = t_out[-1]
+    direction = 1.0 if t_end > t else -1.0
+    span = abs(t_end - t)
+    cache = solver.init(rhs, t, y, stats)
+    adaptive = opts.adaptive
+    ctrl = opts.controller
+    rtol, atol = opts.rtol, opts.atol
+    if adaptive:
+        q = min(solver.order, solver.error_order) + 1
+        if opts.dt is not None:
+            dt = abs(opts.dt)
+        else:
+            f0 = cache if isinstance(cache, torch.Tensor) else rhs(t, y)
+            dt = initial_step(rhs, t, y, f0, direction, solver.order, rtol, atol, stats)
+            dt = min(dt, span)
+    else:
+        dt = abs(opts.dt)
+    dtmax = abs(opts.dtmax) if opts.dtmax else span
+    dt = min(dt, dtmax)
+    err_prev = 1.0
+    accepted_last = True
+    last_nonfinite = False
+    next_out = 1
+    attempts = 0
+    retcode = ReturnCode.Success
+    message = ""
+    bar = _progress_bar(opts.progress, t, t_end)
+    stats.setdefault("naccept", 0)
+    stats.setdefault("nreject", 0)
+    try:
+        while next_out < n_out:
+            remaining = abs(t_end - t)
+            dtmin = opts.dtmin if opts.dtmin is not None else 4 * _EPS * max(abs(t), abs(t_end), 1e-300)
+            if dt < dtmin:
+                retcode = ReturnCode.Unstable if last_nonfinite else ReturnCode.DtLessThanMin
+                message = (
+                    f"the step size fell to {dt:.3g} (below dtmin={dtmin:.3g}) at t={t:.6g}"
+                    + ("; the state or its error became NaN/Inf" if last_nonfinite else
+                       "; the problem may be stiff (try an implicit solver such as Rodas5P or KenCarp4) or the tolerances too tight for the dtype")
+                )
+                break
+            attempts += 1
+            if attempts > max(opts.max_steps, 0):
+                retcode = ReturnCode.MaxIters
+                message = f"reached max_steps={opts.max_steps} at t={t:.6g}; raise max_steps or loosen the tolerances"
+                break
+            last_step = dt >= remaining * (1 - 4 * _EPS) or (adaptive and dt > 0.999 * remaining)
+            h = direction * (remaining if last_step else dt)
+            res = solver.step(rhs, t, y, h, cache)
+            if not res.ok:
+                stats["nreject"] += 1
+                if not adaptive:
+                    retcode = ReturnCode.ConvergenceFailure
+                    message = f"the implicit solve of a fixed step failed at t={t:.6g}; use a smaller dt or adaptive=True"
+                    break
+                dt *= 0.25
+                accepted_last = False
+                if res.cache_on_reject is not None:
+                    cache = res.cache_on_reject
+                continue
+            if adaptive:
+                errn = error_norm(res.error, y, res.y1, rtol, atol).item()
+                finite = math.isfinite(errn)
+                if not finite or errn > 1.0:
+                    stats["nreject"] += 1
+                    last_nonfinite = not finite
+                    dt = abs(h) * ctrl.factor(errn if finite else math.inf, err_prev, q, accepted_last)
+                    accepted_last = False
+                    if res.cache_on_reject is not None:
+                        cache = res.cache_on_reject
+                    continue
+                last_nonfinite = False
+                fac = ctrl.factor(errn, err_prev, q, accepted_last)
+                err_prev = max(errn, 1e-4)
+                accepted_last = True
+            t_new = t_end if last_step else t + h
+            if t_new == t:
+                retcode = ReturnCode.DtLessThanMin
+                message = f"the step size {abs(h):.3g} is below the float resolution of t={t:.17g}"
+                break
+            seg = DenseSegment(t, h, res.dense, solver.interpolant)
+            if segments is not None:
+                segments.append(seg)
+            saved_before = next_out
+            while next_out < n_out and direction * (t_out[next_out] - t_new) <= 0:
+                to = t_out[next_out]
+                ys.append(res.y1 if to == t_new else seg.evaluate((to - t) / h))
+                next_out += 1
+            if not adaptive and next_out != saved_before and not torch.isfinite(ys[-1]).all():
+                retcode = ReturnCode.Unstable
+                message = f"the state became NaN/Inf by t={t_new:.6g}; use a smaller dt or an adaptive solver"
+                t, y = t_new, res.y1
+                break
+            stats["naccept"] += 1
+            t, y, cache = t_new, res.y1, res.cache
+            if adaptive:
+                dt = min(abs(h) * fac, dtmax) if not last_step else dt
+            if bar is not None:
+                bar.n = int(1000 * min(1.0, abs(t - t_out[0]) / span))
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+    if retcode == ReturnCode.Success and not adaptive and not torch.isfinite(y).all():
+        retcode = ReturnCode.Unstable
+        message = "the state became NaN/Inf; use a smaller dt or an adaptive solver"
+    return LoopResult(ys, retcode, t, segments, y, message)

@@ -1,0 +1,182 @@
+"""The validated problem handed from ``solve`` to a sensitivity algorithm or backend.
+
+Validation lives here: every message names the argument and the fix. Tuple states are packed
+into one flat tensor (same dtype and device required) and unpacked around ``f``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+def _check_y0(y0) -> Tuple[torch.Tensor, Optional[List[torch.Size]], bool]:
+    if isinstance(y0, (tuple, list)):
+        if len(y0) == 0:
+            raise ValueError("y0: an empty tuple is not a state; pass a tensor or a tuple of tensors")
+        for i, c in enumerate(y0):
+            if not isinstance(c, torch.Tensor):
+                raise TypeError(f"y0[{i}]: expected a torch.Tensor, got {type(c).__name__}; wrap it with torch.as_tensor(..., dtype=torch.float64)")
+            if not c.is_floating_point():
+                raise TypeError(f"y0[{i}]: dtype {c.dtype} is not floating point; convert it, e.g. y0[{i}].double()")
+            if c.dtype != y0[0].dtype or c.device != y0[0].device:
+                raise TypeError(f"y0[{i}]: all tuple components must share dtype and device ({y0[0].dtype}, {y0[0].device}); got ({c.dtype}, {c.device})")
+        shapes = [c.shape for c in y0]
+        flat = torch.cat([c.reshape(-1) for c in y0])
+        return flat, shapes, True
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"y0: expected a torch.Tensor or a tuple of tensors, got {type(y0).__name__}; use torch.as_tensor(y0, dtype=torch.float64)")
+    if not y0.is_floating_point():
+        raise TypeError(f"y0: dtype {y0.dtype} is not floating point; convert it, e.g. y0.double() or y0.float()")
+    return y0, None, False
+
+
+def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        tt = t
+    else:
+        try:
+            tt = torch.as_tensor(t, dtype=torch.float64)
+        except Exception as e:  # noqa: BLE001
+            raise TypeError(f"t: could not convert {type(t).__name__} to a 1-D tensor of times ({e})") from None
+    if tt.ndim != 1:
+        raise ValueError(f"t: must be 1-D (a sequence of output times), got shape {tuple(tt.shape)}; use t.reshape(-1) or torch.tensor([t0, t1])")
+    if tt.numel() == 0:
+        raise ValueError("t: is empty; give at least the start time, e.g. t=torch.tensor([0.0, 1.0])")
+    if not tt.is_floating_point():
+        tt = tt.to(torch.float64 if ref.dtype == torch.float64 else ref.dtype)
+    if not torch.isfinite(tt).all():
+        raise ValueError("t: contains NaN or Inf; every output time must be finite")
+    if tt.numel() > 1:
+        d = tt[1:] - tt[:-1]
+        if not ((d > 0).all() or (d < 0).all()):
+            if (d == 0).any():
+                raise ValueError("t: has repeated values; output times must be strictly increasing or strictly decreasing")
+            raise ValueError("t: is not monotonic; output times must be strictly increasing (or strictly decreasing for backward integration)")
+    return tt
+
+
+def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool):
+    if isinstance(tol, (tuple, list)) and is_tuple:
+        if len(tol) != len(shapes):
+            raise ValueError(f"{name}: a tuple tolerance needs one entry per state component ({len(shapes)}), got {len(tol)}")
+        parts = []
+        for i, (tl, shp) in enumerate(zip(tol, shapes)):
+            tl = torch.as_tensor(tl, dtype=flat.dtype, device=flat.device)
+            try:
+                parts.append(tl.expand(shp).reshape(-1))
+            except RuntimeError:
+                raise ValueError(f"{name}[{i}]: shape {tuple(tl.shape)} does not broadcast to the component shape {tuple(shp)}") from None
+        tol = torch.cat(parts)
+    if isinstance(tol, torch.Tensor) and tol.numel() > 1:
+        tol = tol.to(dtype=flat.dtype, device=flat.device)
+        try:
+            tol = tol.expand(flat.shape) if not is_tuple else tol.reshape(-1).expand(flat.shape)
+        except RuntimeError:
+            raise ValueError(f"{name}: shape {tuple(tol.shape)} does not broadcast to the state shape {tuple(flat.shape)}") from None
+        if not torch.isfinite(tol).all() or (tol < 0).any():
+            raise ValueError(f"{name}: must be finite and non-negative")
+        return tol.detach().clone()
+    try:
+        v = float(tol)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float or a tensor broadcastable to the state, got {type(tol).__name__}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name}: must be a finite non-negative number, got {v}")
+    return v
+
+
+class ODEProblem:
+    """``dy/dt = f(t, y, *args)`` on the output times ``t``, validated and packed.
+
+    ``y0`` is the internal state (tuple states packed into one flat tensor), ``t_list`` the output
+    times as Python floats, ``params`` the tensors gradients may flow to (module parameters and
+    tensors in ``args`` that require grad).
+    """
+
+    def __init__(self, f: Callable, y0, t, args: Sequence = (), rtol=1e-6, atol=1e-9):
+        if not callable(f):
+            raise TypeError(f"f: must be callable as f(t, y, *args), got {type(f).__name__}")
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use args=(x,)")
+        self.f = f
+        self.args = tuple(args)
+        flat, shapes, is_tuple = _check_y0(y0)
+        if not torch.isfinite(flat).all():
+            raise ValueError("y0: contains NaN or Inf; the initial state must be finite")
+        self.y0_user = y0
+        self.y0 = flat
+        self.shapes = shapes
+        self.is_tuple = is_tuple
+        self.t = _check_t(t, flat)
+        self.t_list = [float(x) for x in self.t.detach().cpu().tolist()]
+        self.time_dtype = self.t.dtype if self.t.is_floating_point() else flat.dtype
+        self.rtol = _check_tolerance("rtol", rtol, flat, shapes, is_tuple)
+        self.atol = _check_tolerance("atol", atol, flat, shapes, is_tuple)
+        params: List[torch.Tensor] = []
+        if isinstance(f, nn.Module):
+            params.extend(p for p in f.parameters() if p.requires_grad)
+        self.arg_tensors = [a for a in self.args if isinstance(a, torch.Tensor)]
+        self.params = params
+        self._checked = False
+
+    # -- packing -------------------------------------------------------------------------------
+    def unpack(self, y: torch.Tensor):
+        """Internal state (..., N) → user state (tuple of tensors for tuple states)."""
+        if not self.is_tuple:
+            return y
+        lead = y.shape[:-1]
+        out, i = [], 0
+        for shp in self.shapes:
+            n = math.prod(shp)
+            out.append(y[..., i : i + n].reshape(*lead, *shp))
+            i += n
+        return tuple(out)
+
+    def pack(self, v) -> torch.Tensor:
+        if not self.is_tuple:
+            return v
+        return torch.cat([c.reshape(-1) for c in v])
+
+    def time(self, t: float) -> torch.Tensor:
+        return torch.full((), t, dtype=self.time_dtype, device=self.y0.device)
+
+    # -- the right-hand side -----------------------------------------------------------------
+    def call(self, t: torch.Tensor, y: torch.Tensor, args: Sequence | None = None) -> torch.Tensor:
+        """``f(t, y, *args)`` on the internal state, with its output checked on the first call."""
+        args = self.args if args is None else args
+        out = self.f(t, self.unpack(y), *args)
+        if self.is_tuple:
+            if not isinstance(out, (tuple, list)) or len(out) != len(self.shapes):
+                raise ValueError(f"f: returned {type(out).__name__}; for a tuple state it must return a tuple of {len(self.shapes)} tensors shaped like y0")
+            if not self._checked:
+                for i, (o, shp) in enumerate(zip(out, self.shapes)):
+                    self._check_out(o, shp, f"f(t, y)[{i}]")
+                self._checked = True
+            return torch.cat([o.reshape(-1) for o in out])
+        if not self._checked:
+            self._check_out(out, self.y0.shape, "f(t, y)")
+            self._checked = True
+        return out
+
+    def _check_out(self, o, shape, what):
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"{what}: returned {type(o).__name__}; f must return a torch.Tensor shaped like y0")
+        if o.shape != shape:
+            raise ValueError(f"{what}: returned shape {tuple(o.shape)}, but the state has shape {tuple(shape)}; f must return dy/dt with the shape of y")
+        if o.dtype != self.y0.dtype:
+            raise TypeError(f"{what}: returned dtype {o.dtype}, but the state is {self.y0.dtype}; make f keep the state's dtype (e.g. cast its parameters with .to({self.y0.dtype}))")
+        if o.device != self.y0.device:
+            raise ValueError(f"{what}: returned a tensor on {o.device}, but the state is on {self.y0.device}; move f to the state's device")
+
+    def rhs(self, stats: dict, key: str = "nfe", args: Sequence | None = None) -> Callable:
+        """A counting right-hand side ``rhs(t_float, y)`` for the integrate loop."""
+        call, time = self.call, self.time
+
+        def rhs(t: float, y: torch.Tensor) -> torch.Tensor:
+            stats[key] = stats.get(key, 0) + 1
+            return call(time(t), y, args)
+
+        return rhs

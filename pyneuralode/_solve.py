@@ -1,0 +1,148 @@
+"""``solve``: validate, pick the backend and the sensitivity algorithm, hand over, package the result."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._loop import LoopOptions
+from ._problem import ODEProblem
+from ._solution import ReturnCode, Solution, SolveError
+from .controllers import PIController
+from .sensitivity import AbstractSensitivity, DirectAdjoint
+from .solvers import AbstractSolver, Tsit5, lookup
+
+BACKENDS = ("torch", "julia")
+
+
+def _resolve_solver(solver) -> AbstractSolver:
+    if solver is None:
+        return Tsit5()
+    if isinstance(solver, str):
+        return lookup(solver)()
+    if isinstance(solver, type) and issubclass(solver, AbstractSolver):
+        raise TypeError(f"solver: got the class {solver.__name__}; pass an instance, e.g. solver=pn.{solver.__name__}()")
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"solver: expected a solver such as pn.Tsit5() or a name such as 'tsit5', got {type(solver).__name__}")
+    return solver
+
+
+def _resolve_sensealg(sensealg) -> AbstractSensitivity:
+    if sensealg is None:
+        return DirectAdjoint()
+    if isinstance(sensealg, type) and issubclass(sensealg, AbstractSensitivity):
+        raise TypeError(f"sensealg: got the class {sensealg.__name__}; pass an instance, e.g. sensealg=pn.{sensealg.__name__}()")
+    if not isinstance(sensealg, AbstractSensitivity):
+        raise TypeError(f"sensealg: expected e.g. pn.DirectAdjoint() or pn.InterpolatingAdjoint(), got {type(sensealg).__name__}")
+    return sensealg
+
+
+def make_options(solver, *, rtol, atol, dt, adaptive, max_steps, dense, progress, controller, dtmin, dtmax) -> LoopOptions:
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive: expected True or False, got {adaptive!r}")
+    if adaptive and not solver.adaptive_capable:
+        raise ValueError(
+            f"solver: {type(solver).__name__} has no error estimate, so it cannot adapt its steps; "
+            f"pass adaptive=False and a step dt=..., or use an adaptive solver such as pn.Tsit5()"
+        )
+    if dt is not None:
+        try:
+            dt = float(dt)
+        except (TypeError, ValueError):
+            raise TypeError(f"dt: expected a positive number, got {type(dt).__name__}") from None
+        if not math.isfinite(dt) or dt == 0:
+            raise ValueError(f"dt: must be a finite non-zero step size, got {dt}")
+        dt = abs(dt)
+    if not adaptive and dt is None:
+        raise ValueError("dt: fixed-step integration (adaptive=False) needs a step size; pass dt=..., e.g. dt=0.01")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
+        raise ValueError(f"max_steps: must be a positive int, got {max_steps!r}")
+    if controller is None:
+        controller = PIController()
+    return LoopOptions(
+        rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, dense=dense,
+        progress=bool(progress), controller=controller, dtmin=dtmin, dtmax=dtmax,
+    )
+
+
+def solve(
+    f: Callable,
+    y0,
+    t,
+    solver: AbstractSolver | str | None = None,
+    *,
+    rtol=1e-6,
+    atol=1e-9,
+    dt=None,
+    adaptive: bool = True,
+    max_steps: int = 100_000,
+    args: Sequence = (),
+    sensealg: AbstractSensitivity | None = None,
+    backend: str = "torch",
+    progress: bool = False,
+    throw: bool = True,
+    dense: bool | None = None,
+    controller: PIController | None = None,
+    dtmin: float | None = None,
+    dtmax: float | None = None,
+) -> Solution:
+    """Solve ``dy/dt = f(t, y, *args)`` from ``y0`` at ``t[0]`` and save at every time in ``t``.
+
+    ``y0`` a floating tensor of any shape, or a tuple of tensors; ``t`` a strictly monotonic 1-D
+    tensor or sequence (decreasing for backward integration). ``solver`` defaults to
+    :class:`Tsit5`. ``rtol``/``atol`` are scalars or tensors broadcastable to the state.
+    Fixed steps: ``adaptive=False, dt=h``. ``sensealg`` picks how gradients cross the solve
+    (default :class:`DirectAdjoint`). ``dense`` keeps the dense output for ``sol(tq)`` (default:
+    yes, except for the memory-saving ``BacksolveAdjoint``/``InterpolatingAdjoint``).
+
+    Returns a :class:`Solution` with ``ys`` shaped ``(len(t), *y0.shape)``. On failure raises
+    :class:`SolveError` (``throw=True``) or returns the partial solution with its ``retcode``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
+    solver = _resolve_solver(solver)
+    sensealg = _resolve_sensealg(sensealg)
+    problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol)
+    if dense is None:
+        dense = sensealg.keeps_dense
+    opts = make_options(
+        solver, rtol=problem.rtol, atol=problem.atol, dt=dt, adaptive=adaptive, max_steps=max_steps,
+        dense=bool(dense), progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
+    )
+    if backend == "julia":
+        from .julia import _backend
+
+        return _backend.solve(problem, solver, sensealg, opts, throw=throw)
+
+    stats: dict = {"nfe": 0, "naccept": 0, "nreject": 0}
+    ts = problem.t
+    time_grad = ts.requires_grad and torch.is_grad_enabled()
+    y0_in = problem.y0
+    if time_grad:
+        # dΦ/dt0 = -(∂Φ/∂y0) f(t0, y0): shift y0 by a zero-valued term whose gradient carries that.
+        f0 = problem.call(ts[0], problem.y0).detach()
+        y0_in = problem.y0 - (ts[0] - ts[0].detach()).to(problem.y0.dtype) * f0
+    ys, loop = sensealg.run(problem, y0_in, solver, opts, stats)
+    k = ys.shape[0]
+    if time_grad and k > 0:
+        parts = [problem.y0.unsqueeze(0)]
+        if k > 1:
+            tk = ts[1:k]
+            fk = torch.stack([problem.call(tk[i].detach(), ys[i + 1].detach()) for i in range(k - 1)]).detach()
+            dt_shift = (tk - tk.detach()).to(ys.dtype).reshape(-1, *([1] * (ys.ndim - 1)))
+            parts.append(ys[1:] + dt_shift * fk)
+        ys = torch.cat(parts)
+    sol = Solution(
+        ts=ts[:k] if k < ts.shape[0] else ts,
+        ys=problem.unpack(ys),
+        retcode=loop.retcode,
+        stats=stats,
+        segments=loop.segments,
+        unflatten=problem.unpack if problem.is_tuple else None,
+        t_reached=loop.t_reached,
+        solver=solver,
+    )
+    if not loop.retcode.successful and throw:
+        raise SolveError(f"solve failed with retcode {loop.retcode.value}: {loop.message} (pass throw=False to get the partial solution)", loop.retcode, loop.t_reached, sol)
+    return sol

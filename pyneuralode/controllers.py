@@ -1,0 +1,68 @@
+"""Step-size controllers and the initial step-size heuristic."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PIController:
+    """Proportional–integral step-size control (Gustafsson; Hairer & Wanner IV.2; Söderlind 2002).
+
+    ``factor = safety · err⁻ᵝ¹ᐟq · err_prev^{β2/q}`` with q = (embedded order + 1), clipped to
+    ``[factor_min, factor_max]``; after a rejection the step never grows. ``beta2 = 0`` gives the
+    plain integral (I) controller.
+    """
+
+    beta1: float = 0.7
+    beta2: float = 0.4
+    safety: float = 0.9
+    factor_min: float = 0.2
+    factor_max: float = 10.0
+
+    def __post_init__(self):
+        if not (0 < self.safety <= 1):
+            raise ValueError(f"PIController: safety must be in (0, 1], got {self.safety}")
+        if not (0 < self.factor_min < 1 < self.factor_max):
+            raise ValueError("PIController: need 0 < factor_min < 1 < factor_max")
+
+    def factor(self, err: float, err_prev: float, q: int, accepted_last: bool) -> float:
+        if err == 0.0:
+            return self.factor_max
+        if not math.isfinite(err):
+            return self.factor_min
+        b1, b2 = self.beta1 / q, self.beta2 / q
+        fac = self.safety * err ** (-b1) * (err_prev ** b2 if err <= 1.0 else 1.0)
+        fac = min(self.factor_max, max(self.factor_min, fac))
+        if not accepted_last:
+            fac = min(fac, 1.0)
+        return fac
+
+
+def error_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, atol) -> torch.Tensor:
+    """Hairer's RMS norm of ``err / (atol + rtol·max(|y0|, |y1|))`` (a 0-d tensor)."""
+    scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol) if not torch.is_grad_enabled() else atol + rtol * torch.maximum(y0.abs(), y1.abs())
+    r = err / scale
+    return torch.linalg.vector_norm(r) / math.sqrt(max(r.numel(), 1))
+
+
+def initial_step(rhs, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float, order: int, rtol, atol, stats) -> float:
+    """Hairer's starting step-size heuristic (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4); costs one evaluation."""
+    with torch.no_grad():
+        scale = atol + rtol * y0.abs()
+        n = math.sqrt(max(y0.numel(), 1))
+        d0 = (torch.linalg.vector_norm(y0 / scale) / n).item()
+        d1 = (torch.linalg.vector_norm(f0 / scale) / n).item()
+        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5 or not math.isfinite(d0 + d1)) else 0.01 * d0 / d1
+        y1 = y0 + direction * h0 * f0
+        f1 = rhs(t0 + direction * h0, y1)
+        d2 = (torch.linalg.vector_norm((f1 - f0) / scale) / n).item() / h0
+        if not math.isfinite(d2):
+            return h0
+        if max(d1, d2) <= 1e-15:
+            h1 = max(1e-6, h0 * 1e-3)
+        else:
+            h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+        return min(100 * h0, h1)

@@ -1,0 +1,88 @@
+"""The solver protocol: what the integrate loop asks of every method.
+
+A solver is a small object (its tableau, options) with three methods:
+
+* ``init(rhs, t0, y0, stats) -> cache`` — called once before the first step (e.g. evaluates
+  ``f(t0, y0)`` for FSAL methods, or sets up a Jacobian cache for implicit ones).
+* ``step(rhs, t0, y0, dt, cache) -> StepResult`` — one attempted step from ``(t0, y0)`` of size
+  ``dt`` (negative for backward time); never decides acceptance: the loop does that.
+* ``interpolant`` (a plain function) and ``StepResult.dense`` give the dense output of the step.
+
+``rhs(t, y)`` is the right-hand side with arguments bound; ``t`` is a 0-d tensor, ``y`` has the
+shape of the internal state. States are handled as tensors of any shape; stage arithmetic works
+on ``y.reshape(-1)`` views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class StepResult:
+    """What one attempted step returns to the loop.
+
+    y1: the proposed new state.
+    error: local error estimate shaped like ``y1`` (``None`` for methods without one).
+    cache: solver cache to carry forward if the step is accepted.
+    dense: data for ``interpolant(dense, theta)`` on the step.
+    ok: ``False`` when the step failed outright (e.g. Newton divergence); the loop then shrinks dt.
+    cache_on_reject: cache to keep if the step is rejected (``None`` keeps the old one).
+    """
+
+    y1: torch.Tensor
+    error: Optional[torch.Tensor]
+    cache: Any
+    dense: Any
+    ok: bool = True
+    cache_on_reject: Any = None
+
+
+class AbstractSolver:
+    """Base class of every solver.
+
+    Class attributes: ``name`` (the SciML name, e.g. ``"Tsit5"``; used by the Julia backend),
+    ``order`` (order of the propagated solution), ``error_order`` (order of the embedded method,
+    ``None`` when the method has no error estimate and can only take fixed steps),
+    ``implicit`` (True for methods that solve linear/nonlinear systems).
+    """
+
+    name: str = "AbstractSolver"
+    order: int = 0
+    error_order: Optional[int] = None
+    implicit: bool = False
+
+    @property
+    def adaptive_capable(self) -> bool:
+        return self.error_order is not None
+
+    def init(self, rhs: Callable, t0: float, y0: torch.Tensor, stats: dict) -> Any:
+        raise NotImplementedError
+
+    def step(self, rhs: Callable, t0: float, y0: torch.Tensor, dt: float, cache: Any) -> StepResult:
+        raise NotImplementedError
+
+    def interpolant(self, dense: Any, theta) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+def hermite_interpolant(dense, theta):
+    """Cubic Hermite interpolation on a step from ``(y0, y1, f0, f1, dt)``; order 3, C¹ across steps."""
+    y0, y1, f0, f1, dt = dense
+    th = theta
+    h00 = (1 + 2 * th) * (1 - th) ** 2
+    h10 = th * (1 - th) ** 2
+    h01 = th * th * (3 - 2 * th)
+    h11 = th * th * (th - 1)
+    return h00 * y0 + h01 * y1 + dt * (h10 * f0 + h11 * f1)
