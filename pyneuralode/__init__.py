@@ -27,6 +27,8 @@ __all__ = [
 
 def __getattr__(name):
     # Lazy subpackages: `pn.julia` never starts Julia on import of pyneuralode.
+    if name == "last_stats":  # stats of the latest steady_state/DEQ call (rebound by each call)
+        return _steady.last_stats
     if name in ("julia", "data", "repro"):
         import importlib
 

@@ -33,6 +33,13 @@ class LoopOptions:
     controller: PIController = field(default_factory=PIController)
     dtmin: Optional[float] = None
     dtmax: Optional[float] = None
+    #: error norm ``norm(err, y0, y1, rtol, atol) -> 0-d tensor``; ``None`` = Hairer's RMS norm
+    #: (``controllers.error_norm``). Used e.g. by the adjoint seminorm (Kidger, Chen, Lyons 2021).
+    norm: Optional[Callable] = None
+    #: ``terminate(t, y, cache) -> bool`` called after every accepted step (``cache`` is the solver's,
+    #: e.g. ``f(t, y)`` for explicit RK); ``True`` ends the integration with ``ReturnCode.Terminated``
+    #: (SciML's terminating callback; used by ``pn.DynamicSS``). ``None`` = never.
+    terminate: Optional[Callable] = None
 
 
 @dataclass
@@ -69,7 +76,10 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     t_end = t_out[-1]
     direction = 1.0 if t_end > t else -1.0
     span = abs(t_end - t)
-    cache = solver.init(rhs, t, y, stats)
+    if getattr(solver, "implicit", False):  # implicit methods scale their Newton/linear-solve tolerances by rtol/atol
+        cache = solver.init(rhs, t, y, stats, rtol=opts.rtol, atol=opts.atol)
+    else:
+        cache = solver.init(rhs, t, y, stats)
     adaptive = opts.adaptive
     ctrl = opts.controller
     rtol, atol = opts.rtol, opts.atol
@@ -127,7 +137,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                     cache = res.cache_on_reject
                 continue
             if adaptive:
-                errn = error_norm(res.error, y, res.y1, rtol, atol).item()
+                errn = (error_norm if opts.norm is None else opts.norm)(res.error, y, res.y1, rtol, atol).item()
                 finite = math.isfinite(errn)
                 if not finite or errn > 1.0:
                     stats["nreject"] += 1
@@ -161,6 +171,10 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 break
             stats["naccept"] += 1
             t, y, cache = t_new, res.y1, res.cache
+            if opts.terminate is not None and next_out < n_out and opts.terminate(t, y, cache):
+                retcode = ReturnCode.Terminated
+                message = f"terminated by the callback at t={t:.6g}"
+                break
             if adaptive:
                 dt = min(abs(h) * fac, dtmax) if not last_step else dt
             if bar is not None:

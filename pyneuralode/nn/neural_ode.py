@@ -1,2 +1,129 @@
-"""Placeholder, filled in by its issue."""
-__all__: list = []
+"""``NeuralODE``: an ``nn.Module`` mapping ``y0`` to the solution of ``dy/dt = f_θ(t, y)`` (Chen et al., NeurIPS 2018)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["NeuralODE"]
+
+_SENSEALG_NAMES = {"direct": "DirectAdjoint", "backsolve": "BacksolveAdjoint", "adjoint": "BacksolveAdjoint",
+                   "interpolating": "InterpolatingAdjoint", "quadrature": "QuadratureAdjoint"}
+
+
+def resolve_sensealg(sensealg):
+    """``None`` (DirectAdjoint), a sensitivity object, or a short name such as ``"interpolating"``."""
+    import pyneuralode as pn
+
+    if sensealg is None:
+        return pn.DirectAdjoint()
+    if isinstance(sensealg, pn.AbstractSensitivity):
+        return sensealg
+    if isinstance(sensealg, str) and sensealg.lower() in _SENSEALG_NAMES and hasattr(pn, _SENSEALG_NAMES[sensealg.lower()]):
+        return getattr(pn, _SENSEALG_NAMES[sensealg.lower()])()
+    raise ValueError(
+        f"sensealg: expected a sensitivity object such as pn.InterpolatingAdjoint() or one of "
+        f"{sorted(k for k, v in _SENSEALG_NAMES.items() if hasattr(pn, v))}, got {sensealg!r}"
+    )
+
+
+def resolve_solver(solver):
+    import pyneuralode as pn
+
+    if solver is None:
+        return pn.Dopri5()
+    if isinstance(solver, str):
+        return pn.solvers.lookup(solver)()
+    if not isinstance(solver, pn.AbstractSolver):
+        raise TypeError(f"solver: expected a solver such as pn.Dopri5() or a name such as 'tsit5', got {type(solver).__name__}")
+    return solver
+
+
+class _Counted(nn.Module):
+    """Wraps the vector field: counts forward calls and, when asked, the VJPs through its outputs."""
+
+    def __init__(self, vf):
+        super().__init__()
+        self.vf = vf
+        self.calls = 0
+        self.vjps = 0
+        self.hook = False
+
+    def _bump(self, grad):
+        self.vjps += 1
+        return grad
+
+    def forward(self, t, y, *args):
+        self.calls += 1
+        out = self.vf(t, y, *args)
+        if self.hook and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._bump)
+        return out
+
+
+class NeuralODE(nn.Module):
+    """``y0 ↦ y(t_end)`` (or the trajectory at ``t``) for ``dy/dt = vector_field(t, y)``.
+
+    ``vector_field``: an ``nn.Module`` (its parameters are trained) called as ``f(t, y)``, e.g.
+    :class:`~pyneuralode.ConcatMLP`. ``t``: the output times (1-D, monotonic; default ``[0, 1]``).
+    ``solver`` (default ``Dopri5``; object or name), ``sensealg`` (default DirectAdjoint; object or
+    ``"backsolve"``/``"interpolating"``/``"quadrature"``), ``rtol``/``atol``, fixed steps with
+    ``adaptive=False, dt=h``. ``forward(y0, t=None)`` returns the final state, or with
+    ``return_trajectory=True`` the states at every time of ``t`` shaped ``(len(t), *y0.shape)``.
+
+    After a call, ``nfe_forward`` is the forward pass's number of ``f`` evaluations; after its
+    backward, ``nfe_backward`` is the backward pass's: ``nfe_adjoint`` of the solution stats for the
+    continuous adjoints, and for ``DirectAdjoint`` the number of ``f`` evaluations that were
+    backpropagated through (vector–Jacobian products, counted by a gradient hook).
+    ``last_stats`` holds the solution's stats dict (updated by the backward pass).
+    """
+
+    def __init__(self, vector_field, t=(0.0, 1.0), solver=None, sensealg=None, rtol: float = 1e-3, atol: float = 1e-4,
+                 return_trajectory: bool = False, adaptive: bool = True, dt=None, max_steps: int = 100_000):
+        super().__init__()
+        if not callable(vector_field):
+            raise TypeError(f"vector_field: expected a callable f(t, y) (an nn.Module to train), got {type(vector_field).__name__}")
+        if not isinstance(return_trajectory, bool):
+            raise TypeError(f"return_trajectory: expected True or False, got {return_trajectory!r}")
+        self.func = _Counted(vector_field)
+        t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t.detach().clone()
+        if t.ndim != 1 or t.numel() < 2:
+            raise ValueError(f"t: expected a 1-D sequence of at least two times, e.g. (0.0, 1.0); got shape {tuple(t.shape)}")
+        self.register_buffer("t", t, persistent=False)
+        self.solver = resolve_solver(solver)
+        self.sensealg = resolve_sensealg(sensealg)
+        self.rtol, self.atol = rtol, atol
+        self.return_trajectory = return_trajectory
+        self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
+        self.last_stats: dict = {}
+        self._direct = type(self.sensealg).__name__ == "DirectAdjoint"
+
+    @property
+    def vector_field(self):
+        return self.func.vf
+
+    @property
+    def nfe_forward(self) -> int:
+        """``f`` evaluations of the last forward solve."""
+        return int(self.last_stats.get("nfe", 0))
+
+    @property
+    def nfe_backward(self) -> int:
+        """``f``-related evaluations of the backward pass of the last call (0 before backward)."""
+        if self._direct:
+            return self.func.vjps
+        return int(self.last_stats.get("nfe_adjoint", 0))
+
+    def forward(self, y0, t=None):
+        import pyneuralode as pn
+
+        t = self.t if t is None else t
+        if isinstance(t, torch.Tensor) and isinstance(y0, torch.Tensor) and t.is_floating_point():
+            t = t.to(device=y0.device, dtype=y0.dtype) if not t.requires_grad else t
+        self.func.calls, self.func.vjps = 0, 0
+        self.func.hook = self._direct and torch.is_grad_enabled()
+        sol = pn.solve(self.func, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
+                       adaptive=self.adaptive, dt=self.dt, max_steps=self.max_steps)
+        self.func.hook = False
+        self.last_stats = sol.stats
+        return sol.ys if self.return_trajectory else (
+            sol.ys[-1] if not isinstance(sol.ys, tuple) else tuple(c[-1] for c in sol.ys))

@@ -1,2 +1,281 @@
-"""Placeholder, filled in by its issue."""
-__all__: list = []
+"""Gradients of steady states / fixed points ``z* = f(z*, x; θ)``: implicit and phantom.
+
+The implicit function theorem gives, for a loss ``L(z*)``,
+``∂L/∂(x, θ) = gᵀ ∂f/∂(x, θ)`` with ``(I − ∂f/∂z)ᵀ g = ∂L/∂z*`` at ``z*``. The linear system is
+solved matrix-free with vector–Jacobian products of one saved evaluation ``f(z*)``: no forward
+iterate is stored. This module is the single implementation used by
+:func:`pyneuralode.steady_state` and :class:`pyneuralode.DEQ`.
+
+Each gradient method has ``attach(f, z_star, args, info) -> z`` (called with grad enabled after
+the forward solve, under which ``z_star`` was computed without a graph) returning a tensor with
+the value of ``z_star`` whose backward applies the method; it records its costs in ``info``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ._base import AbstractSensitivity
+
+__all__ = ["SteadyStateAdjoint", "PhantomGradient", "jacobian_regularization"]
+
+_LINSOLVES = ("gmres", "fixed_point", "anderson")
+
+
+class _SteadyMixin:
+    keeps_dense = False
+
+    def run(self, problem, y0, solver, opts, stats):
+        raise TypeError(
+            f"sensealg: {type(self).__name__} differentiates steady states; use it with pn.steady_state(...) "
+            "or pn.DEQ(...), not pn.solve (for pn.solve use e.g. pn.InterpolatingAdjoint())"
+        )
+
+
+class SteadyStateAdjoint(_SteadyMixin, AbstractSensitivity):
+    """Implicit (steady-state adjoint) gradient of ``z* = f(z*, *args)``.
+
+    Solves ``(I − ∂f/∂z)ᵀ g = ∂L/∂z*`` matrix-free with VJPs of one saved evaluation of ``f`` at
+    ``z*``, then one more VJP gives the gradients of ``args`` tensors and of every parameter
+    ``f`` uses (module parameters or closed-over tensors). Memory: one evaluation graph,
+    independent of the forward iteration count. ``linsolve``:
+
+    * ``"gmres"`` (default): restarted GMRES(``restart``) on the whole state; needs only that
+      ``I − ∂f/∂z`` is non-singular;
+    * ``"fixed_point"``: ``g ← ∂L/∂z* + (∂f/∂z)ᵀ g``; converges iff ρ(∂f/∂z) < 1 (locuslab/deq's
+      backward hook);
+    * ``"anderson"``: Anderson acceleration (memory ``m``) of that iteration.
+
+    Stops when ``‖(I − Jᵀ) g − ∂L/∂z*‖₂ <= max(atol, rtol·‖∂L/∂z*‖₂)`` or after ``max_iters``
+    VJPs; then warns (``throw=False``, the default: training goes on with the inexact gradient)
+    or raises ``RuntimeError`` (``throw=True``). Costs land in ``info``/``pn.last_stats``:
+    ``bwd_iterations`` (VJPs in linear solves), ``bwd_residual``, ``bwd_retcode``.
+    Double backward is not supported. SciMLSensitivity: ``SteadyStateAdjoint(linsolve=KrylovJL_GMRES())``.
+    """
+
+    name = "SteadyStateAdjoint"
+
+    def __init__(self, linsolve: str = "gmres", *, rtol: float = 1e-6, atol: float = 1e-10,
+                 max_iters: int = 200, restart: int = 30, m: int = 5, throw: bool = False):
+        if linsolve not in _LINSOLVES:
+            raise ValueError(f"linsolve: unknown {linsolve!r}; use one of {', '.join(repr(s) for s in _LINSOLVES)}")
+        for nm, v in (("rtol", rtol), ("atol", atol)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{nm}: must be a non-negative number, got {v!r}")
+        for nm, v in (("max_iters", max_iters), ("restart", restart), ("m", m)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{nm}: expected a positive int, got {v!r}")
+        super().__init__(None, float(rtol), float(atol))
+        self.linsolve = linsolve
+        self.max_iters = max_iters
+        self.restart = restart
+        self.m = m
+        self.throw = bool(throw)
+
+    def attach(self, f: Callable, z_star: torch.Tensor, args: Sequence, info) -> torch.Tensor:
+        z_ = z_star.detach().requires_grad_(True)
+        with torch.enable_grad():
+            fz = f(z_, *args)
+        if info is not None:
+            info.nfe_grad += 1
+        if not fz.requires_grad or not _depends_on_other_than(fz, z_):
+            return z_star.detach()
+        holder = _Saved(fz, z_, self, info)
+        return _Implicit.apply(fz, z_star.detach(), holder)
+
+    def solve_adjoint(self, JT: Callable, v: torch.Tensor, info=None, batch: int = 1):
+        """Solve ``g − JT(g) = v``; returns ``(g, iterations, residual, converged)``."""
+        vnorm = float(v.norm())
+        tol = max(self.atol, self.rtol * vnorm)
+        if vnorm == 0.0:
+            return torch.zeros_like(v), 0, 0.0, True
+        if self.linsolve == "gmres":
+            return gmres(lambda g: g - JT(g), v, tol=tol, restart=self.restart, max_iters=self.max_iters)
+        if self.linsolve == "fixed_point":
+            g = v.clone()
+            r = math.inf
+            for it in range(1, self.max_iters + 1):
+                g_new = v + JT(g)
+                r = float((g_new - g).norm())  # = ‖v − (I − Jᵀ) g‖ at the previous iterate
+                g = g_new
+                if r <= tol or not math.isfinite(r):
+                    return g, it, r, r <= tol
+            return g, self.max_iters, r, False
+        from ..steady.solvers import Anderson
+
+        class _I:  # minimal info for the Anderson core
+            nfe = 0
+            iterations = 0
+            residual = math.inf
+            retcode = None
+            message = ""
+
+        rec = _I()
+
+        def check(g, phi_g):
+            r = float((phi_g - g).norm())
+            return r <= tol, r
+
+        g = Anderson(m=self.m, max_iters=self.max_iters).solve(lambda g: v + JT(g), v.clone(), check, rec, batch)
+        return g, rec.nfe, rec.residual, bool(rec.retcode is not None and rec.retcode.successful)
+
+
+def _depends_on_other_than(out: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether the graph of ``out`` reaches a leaf requiring grad other than ``z``."""
+    seen = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and var is not z:
+            return True
+        stack.extend(nf for nf, _ in node.next_functions)
+    return False
+
+
+class _Saved:
+    __slots__ = ("fz", "z", "alg", "info")
+
+    def __init__(self, fz, z, alg, info):
+        self.fz, self.z, self.alg, self.info = fz, z, alg, info
+
+
+class _Implicit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fz, z_star, holder):
+        ctx.holder = holder
+        return z_star.clone()
+
+    @staticmethod
+    def backward(ctx, v):
+        h = ctx.holder
+        fz, z_, alg, info = h.fz, h.z, h.alg, h.info
+        with torch.enable_grad():
+            def JT(g):
+                out = torch.autograd.grad(fz, z_, g, retain_graph=True, allow_unused=True)[0]
+                return torch.zeros_like(g) if out is None else out
+
+            g, iters, resid, ok = alg.solve_adjoint(JT, v, info, getattr(info, "batch", 1) if info is not None else 1)
+        if info is not None:
+            info.record_backward(iters, resid, ok)
+        if not ok:
+            msg = (f"SteadyStateAdjoint({alg.linsolve!r}) did not converge in {alg.max_iters} iterations "
+                   f"(residual {resid:.3g}); the gradient is inexact. Tighten the forward tolerances, "
+                   "raise max_iters, use linsolve='gmres', or regularise the Jacobian (pn.jacobian_regularization)")
+            if alg.throw:
+                raise RuntimeError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return g, None, None
+
+
+class PhantomGradient(_SteadyMixin, AbstractSensitivity):
+    """Inexact "phantom" gradient: ``k`` damped unrolled steps ``z ← (1−λ) z + λ f(z)`` from ``z*``.
+
+    Backpropagates through those ``k`` steps only (memory ``k`` evaluation graphs, ``k`` VJPs);
+    the returned value is the ``k``-th step (as in TorchDEQ), so it differs from ``z*`` by at
+    most the forward residual. Reference: Geng et al. (NeurIPS 2021), "On training implicit
+    models"; TorchDEQ's default (``grad=1``).
+    """
+
+    name = "PhantomGradient"
+
+    def __init__(self, k: int = 5, damping: float = 0.5):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected a positive int (number of unrolled steps), got {k!r}")
+        if not isinstance(damping, (int, float)) or not (0 < damping <= 1):
+            raise ValueError(f"damping: must be in (0, 1], got {damping!r}")
+        super().__init__()
+        self.k = k
+        self.damping = float(damping)
+
+    def attach(self, f, z_star, args, info):
+        z = z_star.detach()
+        lam = self.damping
+        with torch.enable_grad():
+            for _ in range(self.k):
+                fz = f(z, *args)
+                z = fz if lam == 1.0 else (1 - lam) * z + lam * fz
+        if info is not None:
+            info.nfe_grad += self.k
+            info.bwd_iterations += self.k
+            info.nbackward += 1
+        return z
+
+
+def gmres(A: Callable, b: torch.Tensor, *, tol: float, restart: int = 30, max_iters: int = 200,
+          x0: Optional[torch.Tensor] = None):
+    """Restarted GMRES for ``A(x) = b`` (matrix-free, any tensor shape); returns ``(x, matvecs, residual, converged)``.
+
+    Arnoldi with modified Gram–Schmidt; the small least-squares problem in float64.
+    Saad & Schultz (1986).
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    total = 0
+    r = b - A(x) if x0 is not None else b.clone()
+    beta = float(r.norm())
+    while True:
+        if beta <= tol or not math.isfinite(beta):
+            return x, total, beta, beta <= tol
+        if total >= max_iters:
+            return x, total, beta, False
+        V = [r / beta]
+        H = torch.zeros(restart + 1, restart, dtype=torch.float64)
+        e1 = torch.zeros(restart + 1, dtype=torch.float64)
+        e1[0] = beta
+        y = None
+        j_used = 0
+        for j in range(restart):
+            w = A(V[j])
+            total += 1
+            for i in range(j + 1):
+                hij = (w * V[i]).sum()
+                H[i, j] = float(hij)
+                w = w - hij * V[i]
+            hn = float(w.norm())
+            H[j + 1, j] = hn
+            j_used = j + 1
+            Hj = H[: j + 2, : j + 1]
+            y = torch.linalg.lstsq(Hj, e1[: j + 2, None]).solution[:, 0]
+            res = float((e1[: j + 2] - Hj @ y).norm())
+            if res <= tol or hn <= 1e-14 * beta or total >= max_iters:
+                break
+            V.append(w / hn)
+        yv = y.to(b.dtype)
+        for i in range(j_used):
+            x = x + yv[i] * V[i]
+        r = b - A(x)  # true residual (one extra matvec, not counted as an iteration)
+        beta = float(r.norm())
+
+
+def jacobian_regularization(f: Callable, z: torch.Tensor, args: Sequence = (), *, n_samples: int = 1,
+                            normalize: bool = True, create_graph: bool = True) -> torch.Tensor:
+    """Hutchinson estimate of ``‖∂f/∂z‖²_F`` at ``z`` (Bai, Koltun, Kolter, ICML 2021).
+
+    ``E_v ‖vᵀ ∂f/∂z‖²`` with ``v ~ N(0, I)``, averaged over ``n_samples`` probes; divided by the
+    number of state elements when ``normalize`` (as in locuslab/deq's ``jac_loss_estimate``).
+    Differentiable w.r.t. the parameters of ``f`` (``create_graph=True``): add ``weight · this``
+    to the training loss to keep the fixed-point map well conditioned (fewer solver iterations).
+    ``z`` is detached: the estimate is taken *at* the given point (usually ``z*``).
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples: expected a positive int, got {n_samples!r}")
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+        raise TypeError("z: expected a floating-point tensor (the point where the Jacobian is taken)")
+    z_ = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        fz = f(z_, *args)
+        total = fz.new_zeros(())
+        for i in range(n_samples):
+            v = torch.randn_like(fz)
+            vJ = torch.autograd.grad(fz, z_, v, retain_graph=i < n_samples - 1 or create_graph,
+                                     create_graph=create_graph, allow_unused=True)[0]
+            if vJ is not None:
+                total = total + vJ.pow(2).sum()
+    est = total / n_samples
+    return est / z.numel() if normalize else est

@@ -6,6 +6,7 @@ step's first stage, so non-FSAL methods pay no extra evaluation for Hermite dens
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._base import AbstractSolver, StepResult, hermite_interpolant
@@ -15,7 +16,7 @@ from ._tableau import ButcherTableau
 class _Coefficients:
     """Tableau tensors for one dtype/device, cached on the solver."""
 
-    __slots__ = ("a_rows", "b", "e", "c", "B", "powers")
+    __slots__ = ("a_rows", "b", "e", "e2", "c", "B", "powers", "extra")
 
     def __init__(self, tab: ButcherTableau, dtype, device):
         kw = dict(dtype=dtype, device=device)
@@ -24,6 +25,21 @@ class _Coefficients:
         self.e = None if tab.b_error is None else torch.tensor(tab.b_error, **kw)
         self.c = [float(x) for x in tab.c]
         self.B = None if tab.dense is None else torch.tensor(tab.dense, **kw)
+        # DOP853-style second estimate (combined with ``e`` in ``_combined_error``).
+        self.e2 = None if tab.b_error2 is None else torch.tensor(tab.b_error2, **kw)
+        # Extra dense-output stages: (row over all earlier stages, node, is-the-end-point-derivative).
+        self.extra = None
+        if tab.extra_stages:
+            s = tab.stages
+            self.extra = []
+            for j in range(tab.extra_stages):
+                row = tab.a_extra[j, : s + j]
+                # A stage at c = 1 with the weights b is f(t0 + h, y1): the step already has it.
+                is_f1 = (
+                    not tab.fsal and tab.c_extra[j] == 1.0 and np.allclose(row[:s], tab.b, atol=1e-14, rtol=0)
+                    and not np.any(row[s:])
+                )
+                self.extra.append((torch.tensor(row, **kw), float(tab.c_extra[j]), is_f1))
 
 
 def _polynomial_interpolant(dense, theta):
@@ -37,6 +53,51 @@ def _polynomial_interpolant(dense, theta):
         powers = torch.tensor([theta ** (p + 1) for p in range(P)], dtype=B.dtype, device=B.device)
     w = (B @ powers) * dt
     return torch.addmv(y0.reshape(-1), K.T, w).view_as(y0)
+
+
+class _ExtraStageDense:
+    """Dense output of a step whose continuous extension needs extra stages (Vern7, DP8).
+
+    The extra stages are evaluated on the first interpolation of the step only (lazily, as
+    OrdinaryDiffEq.jl does), then kept; steps never interpolated cost nothing extra. Their
+    evaluations count in the solve's ``nfe``.
+    """
+
+    __slots__ = ("rhs", "t0", "y0", "K", "f1", "dt", "co", "_data")
+
+    def __init__(self, rhs, t0, y0, K, f1, dt, co):
+        self.rhs, self.t0, self.y0, self.K, self.f1, self.dt, self.co = rhs, t0, y0, K, f1, dt, co
+        self._data = None
+
+    def data(self):
+        if self._data is None:
+            y0, dt = self.y0, self.dt
+            shape = y0.shape
+            y0f = y0.reshape(-1)
+            ks = list(self.K.unbind(0))
+            for row, c, is_f1 in self.co.extra:
+                if is_f1:
+                    ks.append(self.f1.reshape(-1))
+                    continue
+                yi = torch.addmv(y0f, torch.stack(ks, 1), row * dt)
+                ks.append(self.rhs(self.t0 + c * dt, yi.view(shape)).reshape(-1))
+            self._data = (y0, torch.stack(ks, 0), self.co.B, dt)
+            self.rhs = self.K = self.f1 = None  # drop what the stages no longer need
+        return self._data
+
+
+def _combined_error(K, e5, e3, dt, shape):
+    """DOP853's combined estimate, per component: err5 · |err5| / sqrt(err5² + 0.01 err3²).
+
+    Hairer's DOP853 combines the 5th- and 3rd-order estimates in the norm; applied component by
+    component (as scipy's ``DOP853._estimate_error``) it keeps per-component tolerances and any
+    error norm working. It behaves like O(h⁸) for small h.
+    """
+    err5 = torch.mv(K.T, e5 * dt)
+    err3 = torch.mv(K.T, e3 * dt)
+    denom = torch.sqrt(err5 * err5 + 0.01 * (err3 * err3))
+    tiny = torch.finfo(err5.dtype).tiny
+    return (err5 * err5.abs() / denom.clamp_min(tiny)).view(shape)
 
 
 class ExplicitRK(AbstractSolver):
@@ -113,14 +174,21 @@ class ExplicitRK(AbstractSolver):
                 f1 = rhs(t0 + dt, y1)
         err = None
         if co.e is not None:
-            err = torch.mv(K.T, co.e * dt).view(shape)
-        if co.B is not None:
+            if co.e2 is None:
+                err = torch.mv(K.T, co.e * dt).view(shape)
+            else:
+                err = _combined_error(K, co.e, co.e2, dt, shape)
+        if co.extra is not None:
+            dense = _ExtraStageDense(rhs, t0, y0, K, f1, dt, co)
+        elif co.B is not None:
             dense = (y0, K, co.B, dt)
         else:
             dense = (y0, y1, f0, f1, dt)
         return StepResult(y1=y1, error=err, cache=f1, dense=dense)
 
     def interpolant(self, dense, theta):  # type: ignore[override]
+        if isinstance(dense, _ExtraStageDense):
+            return _polynomial_interpolant(dense.data(), theta)
         if len(dense) == 4:
             return _polynomial_interpolant(dense, theta)
         return hermite_interpolant(dense, theta)

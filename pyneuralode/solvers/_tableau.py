@@ -1,10 +1,19 @@
-"""Butcher tableaus as data, checked for consistency when constructed."""
+"""Butcher tableaus as data, checked for consistency when constructed.
+
+The order conditions are generated from rooted trees (Butcher's theory; Hairer, Nørsett &
+Wanner, *Solving ODEs I*, II.2), so every order is checked exactly, for the propagated weights,
+the embedded weights and the continuous extension alike.
+"""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
+
+#: a rooted tree as the sorted tuple of its children's trees; the single node is ``()``.
+Tree = Tuple
 
 
 @dataclass(frozen=True)
@@ -13,12 +22,24 @@ class ButcherTableau:
 
     ``a`` is the full s×s matrix (strictly lower triangular for explicit methods), ``b`` the
     weights of the propagated solution, ``b_error`` the weights ``b - b̂`` of the embedded error
-    estimate (or ``None``), ``c`` the nodes. ``dense`` optionally holds an s×P matrix B with
-    ``b_i(θ) = Σ_p B[i, p] θ^(p+1)``, the method's own continuous extension.
+    estimate (or ``None``), ``c`` the nodes. ``error_order`` is the order the step-size controller
+    assumes for the error estimate (the embedded method's order, unless the estimate is a
+    combination, as in DOP853); ``embedded_order`` is the order of ``b - b_error`` (defaults to
+    ``error_order``). ``b_error2``/``embedded_order2``: an optional second embedded estimate
+    (DOP853's 3rd-order one).
+
+    ``a_extra`` (m×(s+m)) and ``c_extra`` (m) optionally define extra stages used only by the
+    dense output (evaluated lazily, when the step is interpolated): stage s+j is
+    ``f(t0 + c_extra[j] h, y0 + h Σ_i a_extra[j, i] k_i)`` over the s main stages and the earlier
+    extra ones. ``dense`` optionally holds an (s+m)×P matrix B with
+    ``b_i(θ) = Σ_p B[i, p] θ^(p+1)``, the method's own continuous extension, of order
+    ``dense_order`` when given (then checked).
     ``fsal``: the last stage is evaluated at the new state (first-same-as-last).
+
     Construction checks row sums (``c_i = Σ_j a_ij``), ``Σ b = 1``, ``Σ b_error = 0``, the
-    dense output matching ``b`` at θ = 1, and the classical order conditions up to ``order``
-    (for orders ≤ 5; higher orders are checked numerically by the convergence tests).
+    dense output matching ``b`` at θ = 1, and all the order conditions (rooted trees) of ``b``
+    up to ``order``, of the embedded weights up to their orders and of the continuous extension
+    up to ``dense_order``; a failure raises ``ValueError`` naming the condition.
     """
 
     a: np.ndarray
@@ -30,6 +51,12 @@ class ButcherTableau:
     dense: Optional[np.ndarray] = None
     fsal: bool = False
     tol: float = 1e-12
+    embedded_order: Optional[int] = None
+    b_error2: Optional[np.ndarray] = None
+    embedded_order2: Optional[int] = None
+    a_extra: Optional[np.ndarray] = None
+    c_extra: Optional[np.ndarray] = None
+    dense_order: Optional[int] = None
 
     def __post_init__(self):
         a, b, c = (np.asarray(x, dtype=np.float64) for x in (self.a, self.b, self.c))
@@ -44,55 +71,147 @@ class ButcherTableau:
             raise ValueError(f"tableau rows {bad.tolist()} do not sum to c")
         if abs(b.sum() - 1) > self.tol:
             raise ValueError(f"tableau weights sum to {b.sum()}, not 1")
-        if self.b_error is not None:
-            e = np.asarray(self.b_error, dtype=np.float64)
-            object.__setattr__(self, "b_error", e)
+        if self.fsal and not (np.allclose(a[-1], b, atol=self.tol, rtol=0) and b[-1] == 0 and c[-1] == 1):
+            raise ValueError("FSAL tableau: the last row of a must equal b (with b[-1] = 0 and c[-1] = 1)")
+        ctol = max(1e-10, self.tol)
+        _check_conditions("order condition", order_conditions(a, b, c, self.order), ctol)
+        for name, eo in (("b_error", "embedded_order"), ("b_error2", "embedded_order2")):
+            e = getattr(self, name)
+            if e is None:
+                continue
+            e = np.asarray(e, dtype=np.float64)
+            object.__setattr__(self, name, e)
             if e.shape != (s,) or abs(e.sum()) > self.tol:
-                raise ValueError(f"error weights must have {s} entries summing to 0 (sum={e.sum()})")
+                raise ValueError(f"{name}: error weights must have {s} entries summing to 0 (sum={e.sum()})")
+            p = getattr(self, eo)
+            if p is None and name == "b_error":
+                p = self.error_order
+            if p:
+                _check_conditions(f"embedded ({name}) order condition", order_conditions(a, b - e, c, p), ctol)
+        m = 0
+        if self.a_extra is not None or self.c_extra is not None:
+            if self.a_extra is None or self.c_extra is None:
+                raise ValueError("extra dense-output stages need both a_extra and c_extra")
+            ax = np.atleast_2d(np.asarray(self.a_extra, dtype=np.float64))
+            cx = np.atleast_1d(np.asarray(self.c_extra, dtype=np.float64))
+            m = len(cx)
+            if ax.shape != (m, s + m):
+                raise ValueError(f"a_extra must be {m}×{s + m} (extra stages × all stages), got {ax.shape}")
+            if np.any(np.triu(ax[:, s:]) != 0):
+                raise ValueError("a_extra: an extra stage may only use the main stages and earlier extra stages")
+            if not np.allclose(ax.sum(axis=1), cx, atol=self.tol, rtol=0):
+                raise ValueError("a_extra: rows of the extra stages do not sum to c_extra")
+            object.__setattr__(self, "a_extra", ax)
+            object.__setattr__(self, "c_extra", cx)
         if self.dense is not None:
             B = np.asarray(self.dense, dtype=np.float64)
             object.__setattr__(self, "dense", B)
-            if B.shape[0] != s or not np.allclose(B.sum(axis=1), b, atol=1e-10, rtol=0):
+            b_ext = np.concatenate([b, np.zeros(m)])
+            if B.ndim != 2 or B.shape[0] != s + m or not np.allclose(B.sum(axis=1), b_ext, atol=1e-10, rtol=0):
                 raise ValueError("dense output coefficients do not reproduce b at theta = 1")
-        for cond, (lhs, rhs) in order_conditions(a, b, c, min(self.order, 5)).items():
-            if abs(lhs - rhs) > 1e-10:
-                raise ValueError(f"order condition {cond} fails: {lhs} != {rhs}")
+            if self.dense_order:
+                A_ext, c_ext = self.extended()
+                _check_conditions(
+                    "continuous-extension order condition", dense_order_conditions(A_ext, B, c_ext, self.dense_order), ctol
+                )
+        elif self.a_extra is not None:
+            raise ValueError("extra stages without dense-output coefficients are never used")
 
     @property
     def stages(self) -> int:
         return len(self.b)
 
     @property
+    def extra_stages(self) -> int:
+        return 0 if self.c_extra is None else len(self.c_extra)
+
+    @property
     def explicit(self) -> bool:
         return bool(np.all(np.triu(self.a) == 0))
 
+    def extended(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The (s+m)×(s+m) matrix and nodes of the main and extra stages together."""
+        s, m = self.stages, self.extra_stages
+        A = np.zeros((s + m, s + m))
+        A[:s, :s] = self.a
+        if m:
+            A[s:] = self.a_extra
+            return A, np.concatenate([self.c, self.c_extra])
+        return A, self.c
+
+
+def _check_conditions(what: str, conds: dict, tol: float) -> None:
+    for cond, (lhs, rhs) in conds.items():
+        if np.max(np.abs(np.asarray(lhs) - np.asarray(rhs))) > tol:
+            raise ValueError(f"{what} {cond} fails: {lhs} != {rhs}")
+
+
+# --------------------------------------------------------------------------------------------
+# Rooted trees
+
+
+def _grow(t: Tree):
+    """Every tree obtained from ``t`` by attaching one new leaf to one of its nodes."""
+    yield tuple(sorted(t + ((),)))
+    for i, ch in enumerate(t):
+        for g in _grow(ch):
+            yield tuple(sorted(t[:i] + (g,) + t[i + 1 :]))
+
+
+@functools.lru_cache(maxsize=None)
+def trees(n: int) -> Tuple[Tree, ...]:
+    """All rooted trees with ``n`` nodes (1, 1, 2, 4, 9, 20, 48, 115, ... of them)."""
+    if n == 1:
+        return ((),)
+    return tuple(sorted({g for t in trees(n - 1) for g in _grow(t)}))
+
+
+def tree_order(t: Tree) -> int:
+    return 1 + sum(tree_order(ch) for ch in t)
+
+
+def tree_gamma(t: Tree) -> int:
+    """The density γ(t): the order condition of ``t`` is ``Φ(t) = 1/γ(t)``."""
+    g = tree_order(t)
+    for ch in t:
+        g *= tree_gamma(ch)
+    return g
+
+
+def tree_name(t: Tree) -> str:
+    return "τ" if not t else "[" + "".join(tree_name(ch) for ch in t) + "]"
+
+
+def _stage_weights(t: Tree, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Φ_i(t) per stage: 1 for the single node, Π_children (A Φ(child)) otherwise (A·1 = c)."""
+    w = np.ones(len(c))
+    for ch in t:
+        w = w * (c if not ch else a @ _stage_weights(ch, a, c))
+    return w
+
 
 def order_conditions(a: np.ndarray, b: np.ndarray, c: np.ndarray, p: int) -> dict:
-    """The Butcher order conditions up to order ``p`` (≤ 5) as {name: (lhs, rhs)}."""
+    """The Butcher order conditions up to order ``p`` as ``{tree: (b·Φ(t), 1/γ(t))}``."""
+    a, b, c = (np.asarray(x, dtype=np.float64) for x in (a, b, c))
     conds = {}
-    if p >= 1:
-        conds["b·1=1"] = (b.sum(), 1.0)
-    if p >= 2:
-        conds["b·c=1/2"] = (b @ c, 1 / 2)
-    if p >= 3:
-        conds["b·c²=1/3"] = (b @ c**2, 1 / 3)
-        conds["b·Ac=1/6"] = (b @ a @ c, 1 / 6)
-    if p >= 4:
-        conds["b·c³=1/4"] = (b @ c**3, 1 / 4)
-        conds["b·(c*Ac)=1/8"] = (b @ (c * (a @ c)), 1 / 8)
-        conds["b·Ac²=1/12"] = (b @ a @ c**2, 1 / 12)
-        conds["b·AAc=1/24"] = (b @ a @ a @ c, 1 / 24)
-    if p >= 5:
-        Ac = a @ c
-        conds["b·c⁴=1/5"] = (b @ c**4, 1 / 5)
-        conds["b·(c²*Ac)=1/10"] = (b @ (c**2 * Ac), 1 / 10)
-        conds["b·(c*Ac²)=1/15"] = (b @ (c * (a @ c**2)), 1 / 15)
-        conds["b·(c*AAc)=1/30"] = (b @ (c * (a @ Ac)), 1 / 30)
-        conds["b·(Ac)²=1/20"] = (b @ (Ac * Ac), 1 / 20)
-        conds["b·Ac³=1/20"] = (b @ a @ c**3, 1 / 20)
-        conds["b·A(c*Ac)=1/40"] = (b @ a @ (c * Ac), 1 / 40)
-        conds["b·AAc²=1/60"] = (b @ a @ a @ c**2, 1 / 60)
-        conds["b·AAAc=1/120"] = (b @ a @ a @ Ac, 1 / 120)
+    for n in range(1, p + 1):
+        for t in trees(n):
+            conds[tree_name(t)] = (float(b @ _stage_weights(t, a, c)), 1.0 / tree_gamma(t))
+    return conds
+
+
+def dense_order_conditions(a: np.ndarray, B: np.ndarray, c: np.ndarray, q: int) -> dict:
+    """Order conditions of a continuous extension ``b_i(θ) = Σ_p B[i, p] θ^(p+1)`` up to order ``q``:
+    ``Σ_i b_i(θ) Φ_i(t) = θ^|t| / γ(t)`` for every tree with ``|t| ≤ q``, compared power by power."""
+    P = B.shape[1]
+    conds = {}
+    for n in range(1, q + 1):
+        for t in trees(n):
+            lhs = B.T @ _stage_weights(t, a, c)
+            rhs = np.zeros(P)
+            if n <= P:
+                rhs[n - 1] = 1.0 / tree_gamma(t)
+            conds["θ:" + tree_name(t)] = (lhs, rhs)
     return conds
 
 
@@ -102,4 +221,13 @@ def lower(rows: Sequence[Sequence[float]]) -> np.ndarray:
     A = np.zeros((s, s))
     for i, row in enumerate(rows, start=1):
         A[i, : len(row)] = row
+    return A
+
+
+def sparse_rows(rows: Sequence[dict], s: int) -> np.ndarray:
+    """An (len(rows)+1)×s matrix from rows 2.. given as ``{column: value}`` (row 1 is zero)."""
+    A = np.zeros((len(rows) + 1, s))
+    for i, row in enumerate(rows, start=1):
+        for j, v in row.items():
+            A[i, j] = v
     return A

@@ -1,0 +1,426 @@
+"""Stiff work–precision benchmark: native pyneuralode stiff solvers vs scipy, diffrax and torchdiffeq.
+
+    nice -n 10 python benchmarks/stiff.py           # full run (rtol 1e-4..1e-8), a few minutes
+    nice -n 10 python benchmarks/stiff.py --quick   # rtol 1e-4, 1e-6; one repeat
+
+Problems: Robertson (t = 1e5, atol = 1e-4·rtol) and Van der Pol with μ = 1000 (t = 3000,
+atol = rtol). Error: the largest relative error over the components at the final time against
+the stored scipy Radau reference at rtol 1e-12 (``tests/data/stiff_references.json``). Time:
+wall time of one solve, the best of up to 3 repeats, on 1 thread (``torch.set_num_threads(1)``).
+Native solvers run under ``torch.no_grad()`` (a forward solve, like scipy's). scipy Radau/BDF/LSODA
+are given the analytic Jacobian (their strongest configuration; Radau with its default
+finite-difference Jacobian is listed too). diffrax runs JAX on CPU in float64, jit-compiled once
+per solver and problem with rtol/atol as traced arguments; compile time is excluded. torchdiffeq
+dopri5 (explicit) runs in a child process with a wall-time limit; we record how far it got.
+
+Writes ``benchmarks/results/stiff.md`` and ``docs/stiff_work_precision.png``; prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REFS = json.loads((ROOT / "tests" / "data" / "stiff_references.json").read_text())
+K = REFS["robertson"]["k"]
+MU = REFS["vanderpol"]["mu"]
+
+PROBLEMS = {
+    "robertson": dict(title="Robertson (t = 1e5)", y0=REFS["robertson"]["y0"], T=REFS["robertson"]["t"][-1],
+                      ref=REFS["robertson"]["y"][-1], atol_factor=1e-4),
+    "vanderpol": dict(title="Van der Pol, μ = 1000 (t = 3000)", y0=REFS["vanderpol"]["y0"], T=REFS["vanderpol"]["t"][-1],
+                      ref=REFS["vanderpol"]["y"][-1], atol_factor=1.0),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# right-hand sides
+
+
+def rober_np(t, y):
+    k1, k2, k3 = K
+    y1, y2, y3 = y
+    return np.array([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2])
+
+
+def rober_jac_np(t, y):
+    k1, k2, k3 = K
+    y1, y2, y3 = y
+    return np.array([[-k1, k3 * y3, k3 * y2], [k1, -k3 * y3 - 2 * k2 * y2, -k3 * y2], [0.0, 2 * k2 * y2, 0.0]])
+
+
+def vdp_np(t, y):
+    return np.array([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def vdp_jac_np(t, y):
+    return np.array([[0.0, 1.0], [-2 * MU * y[0] * y[1] - 1.0, MU * (1 - y[0] ** 2)]])
+
+
+def torch_rhs(name):
+    import torch
+
+    if name == "robertson":
+        k1, k2, k3 = K
+
+        def f(t, y):
+            y1, y2, y3 = y[0], y[1], y[2]
+            return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2])
+    else:
+        def f(t, y):
+            return torch.stack([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
+    return f
+
+
+def rel_err(y, ref):
+    y, ref = np.asarray(y, dtype=float), np.asarray(ref, dtype=float)
+    return float(np.max(np.abs(y - ref) / np.abs(ref)))
+
+
+def timed(fn, repeats):
+    """Best wall time of up to ``repeats`` runs after one untimed warm-up run (skipped for slow runs)."""
+    t0 = time.perf_counter()
+    out = fn()
+    best = time.perf_counter() - t0
+    if best > 2.0:
+        return best, out
+    best = math.inf
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+        best = min(best, dt)
+        if dt > 1.0:  # long runs: one measurement is enough
+            break
+    return best, out
+
+
+# ------------------------------------------------------------------------------------------------
+# runners: each returns (seconds, final state, steps) or raises
+
+
+def run_native(solver_name, prob, rtol, repeats):
+    import torch
+
+    import pyneuralode as pn
+
+    p = PROBLEMS[prob]
+    f = torch_rhs(prob)
+    y0 = torch.tensor(p["y0"], dtype=torch.float64)
+    t = torch.tensor([0.0, p["T"]], dtype=torch.float64)
+    solver = getattr(pn, solver_name)()
+
+    def go():
+        with torch.no_grad():
+            return pn.solve(f, y0, t, solver, rtol=rtol, atol=rtol * p["atol_factor"], max_steps=10**6)
+
+    sec, sol = timed(go, repeats)
+    st = sol.stats
+    return sec, sol.ys[-1].numpy(), st["naccept"] + st["nreject"], st
+
+
+def run_scipy(method, prob, rtol, repeats, analytic_jac=True):
+    from scipy.integrate import solve_ivp
+
+    p = PROBLEMS[prob]
+    f = rober_np if prob == "robertson" else vdp_np
+    jac = (rober_jac_np if prob == "robertson" else vdp_jac_np) if analytic_jac else None
+
+    def go():
+        kw = {"jac": jac} if jac is not None else {}
+        return solve_ivp(f, (0.0, p["T"]), p["y0"], method=method, rtol=rtol, atol=rtol * p["atol_factor"], **kw)
+
+    sec, s = timed(go, repeats)
+    if not s.success:
+        raise RuntimeError(s.message)
+    return sec, s.y[:, -1], s.t.size - 1, {"nfev": int(s.nfev), "njev": int(s.njev), "nlu": int(s.nlu)}
+
+
+_DIFFRAX = {}
+
+
+def _diffrax_solver(solver_name, prob):
+    key = (solver_name, prob)
+    if key in _DIFFRAX:
+        return _DIFFRAX[key]
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import diffrax
+    import jax.numpy as jnp
+
+    p = PROBLEMS[prob]
+    if prob == "robertson":
+        k1, k2, k3 = K
+
+        def vf(t, y, args):
+            y1, y2, y3 = y
+            return jnp.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2])
+    else:
+        def vf(t, y, args):
+            return jnp.stack([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    term = diffrax.ODETerm(vf)
+    solver = getattr(diffrax, solver_name)()
+    if solver_name.startswith("KenCarp"):  # an IMEX method: treat the whole vector field implicitly
+        term = diffrax.MultiTerm(diffrax.ODETerm(lambda t, y, args: jnp.zeros_like(y)), term)
+    y0 = jnp.asarray(p["y0"], dtype=jnp.float64)
+
+    @jax.jit
+    def solve(rtol, atol):
+        ctrl = diffrax.PIDController(rtol=rtol, atol=atol)
+        sol = diffrax.diffeqsolve(term, solver, t0=0.0, t1=p["T"], dt0=None, y0=y0, stepsize_controller=ctrl,
+                                  max_steps=10**6, saveat=diffrax.SaveAt(t1=True))
+        return sol.ys[-1], sol.stats["num_steps"], sol.stats["num_rejected_steps"]
+
+    _DIFFRAX[key] = solve
+    return solve
+
+
+def run_diffrax(solver_name, prob, rtol, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    solve = _diffrax_solver(solver_name, prob)
+    p = PROBLEMS[prob]
+    r, a = jnp.asarray(rtol), jnp.asarray(rtol * p["atol_factor"])
+    jax.block_until_ready(solve(r, a))  # compile (excluded)
+
+    def go():
+        return jax.block_until_ready(solve(r, a))
+
+    sec, (y, nsteps, nrej) = timed(go, repeats)
+    return sec, np.asarray(y), int(nsteps), {}
+
+
+def _dopri5_child(prob, rtol, tmax, nfe):
+    import torch
+    from torchdiffeq import odeint
+
+    torch.set_num_threads(1)
+    p = PROBLEMS[prob]
+    f0 = torch_rhs(prob)
+
+    def f(t, y):
+        nfe.value += 1
+        tv = float(t)
+        if tv > tmax.value:
+            tmax.value = tv
+        return f0(t, y)
+
+    odeint(f, torch.tensor(p["y0"], dtype=torch.float64), torch.tensor([0.0, p["T"]], dtype=torch.float64),
+           method="dopri5", rtol=rtol, atol=rtol * p["atol_factor"], options=dict(max_num_steps=2**31 - 1))
+
+
+def run_dopri5_limited(prob, rtol, limit):
+    ctx = mp.get_context("fork")
+    tmax, nfe = ctx.Value("d", 0.0), ctx.Value("q", 0)
+    proc = ctx.Process(target=_dopri5_child, args=(prob, rtol, tmax, nfe))
+    t0 = time.perf_counter()
+    proc.start()
+    proc.join(limit)
+    finished = not proc.is_alive()
+    if not finished:
+        proc.kill()
+        proc.join()
+    return dict(finished=finished and proc.exitcode == 0, seconds=time.perf_counter() - t0, t_reached=tmax.value,
+                nfe=nfe.value, T=PROBLEMS[prob]["T"])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+NATIVE = ["Rodas5P", "Rodas4", "Rosenbrock23", "KenCarp4", "Kvaerno5", "Kvaerno3", "TRBDF2", "ImplicitEuler"]
+SCIPY = [("Radau", True), ("Radau", False), ("BDF", True), ("LSODA", True)]
+DIFFRAX = ["Kvaerno5", "KenCarp4"]
+
+
+def equal_accuracy_ratio(points, base_points):
+    """Median over the baseline's points of time(solver at the baseline's error)/time(baseline),
+    interpolating the solver's log time–log error curve (only inside its measured error range)."""
+    pts = sorted((math.log(e), math.log(s)) for e, s in points if e > 0 and math.isfinite(e))
+    if len(pts) < 2:
+        return None, 0
+    le, ls = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    ratios = []
+    for e, s in base_points:
+        x = math.log(e)
+        if le[0] <= x <= le[-1]:
+            ratios.append(math.exp(np.interp(x, le, ls)) / s)
+    if not ratios:
+        return None, 0
+    return float(np.median(ratios)), len(ratios)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="rtol 1e-4 and 1e-6 only, one repeat, short dopri5 limit")
+    ap.add_argument("--budget", type=float, default=6.0, help="stop tightening rtol for a solver once one run takes longer (s)")
+    ap.add_argument("--dopri5-limit", type=float, default=None, help="wall-time limit for torchdiffeq dopri5 (s)")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    rtols = [1e-4, 1e-6] if args.quick else [1e-4, 1e-5, 1e-6, 1e-7, 1e-8]
+    repeats = 1 if args.quick else 3
+    dopri_limit = args.dopri5_limit or (10.0 if args.quick else 60.0)
+
+    results = {}  # (prob, label) -> list of dict(rtol, err, sec, steps)
+    notes = []
+    diffrax_ok = True
+    try:
+        import diffrax  # noqa: F401
+        import jax  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        diffrax_ok = False
+        notes.append(f"diffrax not run: {type(e).__name__}: {e}")
+
+    runners = [(f"pn.{n}", lambda n=n: (lambda prob, rtol: run_native(n, prob, rtol, repeats))) for n in NATIVE]
+    runners += [(f"scipy {m}" + ("" if aj else " (FD jac)"), lambda m=m, aj=aj: (lambda prob, rtol: run_scipy(m, prob, rtol, repeats, aj)))
+                for m, aj in SCIPY]
+    if diffrax_ok:
+        runners += [(f"diffrax {n}", lambda n=n: (lambda prob, rtol: run_diffrax(n, prob, rtol, repeats))) for n in DIFFRAX]
+
+    for prob in PROBLEMS:
+        ref = PROBLEMS[prob]["ref"]
+        for label, make in runners:
+            fn = make()
+            rows = results.setdefault((prob, label), [])
+            for rtol in rtols:
+                try:
+                    sec, y, steps, extra = fn(prob, rtol)
+                    err = rel_err(y, ref)
+                    rows.append(dict(rtol=rtol, err=err, sec=sec, steps=steps))
+                    print(f"{prob:10s} {label:24s} rtol={rtol:.0e} err={err:.2e} time={sec * 1e3:9.1f} ms steps={steps}", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    msg = f"{prob} {label} rtol={rtol:g}: failed: {type(e).__name__}: {str(e)[:200]}"
+                    notes.append(msg)
+                    print(msg, flush=True)
+                    break
+                if sec > args.budget:
+                    notes.append(f"{prob} {label}: stopped after rtol={rtol:g} (one solve took {sec:.1f} s > budget {args.budget:g} s)")
+                    break
+
+    dopri = {}
+    for prob in PROBLEMS:
+        d = run_dopri5_limited(prob, 1e-6, dopri_limit)
+        dopri[prob] = d
+        print(f"{prob:10s} torchdiffeq dopri5 rtol=1e-6: {d}", flush=True)
+
+    # equal-accuracy ratios vs scipy Radau (analytic Jacobian)
+    ratios = {}
+    for prob in PROBLEMS:
+        base = [(r["err"], r["sec"]) for r in results.get((prob, "scipy Radau"), [])]
+        for (p, label), rows in results.items():
+            if p != prob or label == "scipy Radau":
+                continue
+            ratios[(prob, label)] = equal_accuracy_ratio([(r["err"], r["sec"]) for r in rows], base)
+
+    md = render(results, ratios, dopri, notes, rtols, args, dopri_limit)
+    out = ROOT / "benchmarks" / "results" / "stiff.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    print(md)
+    if not args.no_plot:
+        plot(results)
+
+
+def render(results, ratios, dopri, notes, rtols, args, dopri_limit):
+    import torch
+
+    lines = ["# Stiff solvers: work–precision", ""]
+    lines.append(f"Command: `nice -n 10 python benchmarks/stiff.py{' --quick' if args.quick else ''}` — "
+                 f"{platform.processor() or platform.machine()}, 1 thread, Python {platform.python_version()}, "
+                 f"torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}. The machine's 2 cores were shared with other jobs, "
+                 "so times carry some noise (best of up to 3 repeats).")
+    lines.append("")
+    lines.append("Error = max relative error over the components at the final time vs scipy Radau at rtol 1e-12. "
+                 "Ratio = wall time at equal accuracy ÷ scipy Radau's (median over Radau's points, log–log interpolation of each "
+                 "solver's curve; ≤ 1.0 means no slower than Radau).")
+    lines.append("")
+    lines.append("## Equal-accuracy time ratio vs scipy Radau (analytic Jacobian)")
+    lines.append("")
+    labels = sorted({lab for (_, lab) in results if lab != "scipy Radau"}, key=lambda s: (not s.startswith("pn."), s))
+    lines.append("| solver | " + " | ".join(PROBLEMS[p]["title"] for p in PROBLEMS) + " |")
+    lines.append("|---|" + "---|" * len(PROBLEMS))
+    for lab in labels:
+        cells = []
+        for p in PROBLEMS:
+            r, n = ratios.get((p, lab), (None, 0))
+            cells.append("—" if r is None else f"{r:.2f}")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for p in PROBLEMS:
+        lines.append(f"## {PROBLEMS[p]['title']}")
+        lines.append("")
+        lines.append("| solver | " + " | ".join(f"rtol {r:.0e}" for r in rtols) + " |")
+        lines.append("|---|" + "---|" * len(rtols))
+        for (pp, lab), rows in results.items():
+            if pp != p:
+                continue
+            byr = {r["rtol"]: r for r in rows}
+            cells = []
+            for r in rtols:
+                x = byr.get(r)
+                cells.append("—" if x is None else f"{x['err']:.1e} / {x['sec'] * 1e3:.0f} ms / {x['steps']}")
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("Cells: error / wall time / steps (accepted + rejected).")
+        lines.append("")
+    lines.append("## torchdiffeq dopri5 (explicit), rtol 1e-6, wall-time limit")
+    lines.append("")
+    lines.append("| problem | finished | wall time | t reached / t end | f evaluations |")
+    lines.append("|---|---|---|---|---|")
+    for p, d in dopri.items():
+        lines.append(f"| {PROBLEMS[p]['title']} | {'yes' if d['finished'] else f'no (killed at {dopri_limit:g} s)'} | "
+                     f"{d['seconds']:.1f} s | {d['t_reached']:.4g} / {d['T']:g} | {d['nfe']:,} |")
+    lines.append("")
+    if notes:
+        lines.append("## Notes")
+        lines.append("")
+        lines.extend(f"- {n}" for n in notes)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PROBLEMS), figsize=(12, 4.8))
+    for ax, p in zip(axes, PROBLEMS):
+        for (pp, lab), rows in results.items():
+            if pp != p or not rows:
+                continue
+            style = "-o" if lab.startswith("pn.") else ("--s" if lab.startswith("scipy") else ":^")
+            ax.loglog([r["sec"] for r in rows], [r["err"] for r in rows], style, label=lab, ms=4)
+        ax.set_title(PROBLEMS[p]["title"])
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("max relative error at t end")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = ROOT / "docs" / "stiff_work_precision.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

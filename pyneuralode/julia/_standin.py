@@ -1,0 +1,168 @@
+"""A stand-in for the Julia side, built on pyneuralode's own engine.
+
+:class:`NativeStandIn` implements the session protocol of :mod:`pyneuralode.julia._session`
+the way ``julia/PyNeuralODEBridge.jl`` does, with the native solvers in place of OrdinaryDiffEq:
+it receives the same arguments (1-D float arrays, the n×k cotangent matrix, string-keyed options),
+calls the same Python callbacks (``cb.f``, ``cb.vjp``, ``cb.jac`` with freshly allocated output
+arrays, as ``TorchRHS`` does), and returns the same things (an n×k Fortran-ordered trajectory,
+a retcode string, a stats tuple, an opaque handle). Its backward pass is a backsolve adjoint
+driven only by ``cb.vjp``, so gradients through it test the callbacks, the marshalling and the
+autograd Function. Used by the tests and usable for debugging without Julia.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+from .._loop import LoopOptions, integrate
+from ._mlp import evaluate_spec
+from ._options import EXPLICIT_SOLVERS, IMPLICIT_SOLVERS, JULIA_SENSEALGS
+
+_NP = {"float64": np.float64, "float32": np.float32}
+
+
+class NativeStandIn:
+    """Session protocol on the native engine (see the module docstring)."""
+
+    def __init__(self):
+        self.calls = Counter()
+        self.last_forward_kwargs = None
+
+    # -- right-hand sides ---------------------------------------------------------------------------
+    def callback_rhs(self, cb, dtype: str, jac: bool = True, vjp: str = "rrule"):
+        if dtype not in _NP:
+            raise ValueError(f"dtype must be float64 or float32, got {dtype}")
+        self.calls["callback_rhs"] += 1
+        return {"kind": "cb", "cb": cb, "dtype": _NP[dtype]}
+
+    def mlp_rhs(self, spec):
+        self.calls["mlp_rhs"] += 1
+        return {"kind": "mlp", "spec": spec, "dtype": None}
+
+    def _f(self, rhs, u, p, t):
+        if rhs["kind"] == "cb":
+            out = np.empty_like(u)
+            rhs["cb"].f(out, u.copy(), p.copy(), float(t))
+            return out
+        with torch.no_grad():
+            return evaluate_spec(rhs["spec"], torch.from_numpy(p), torch.from_numpy(u)).numpy()
+
+    def _vjp(self, rhs, u, p, t, lam):
+        if rhs["kind"] == "cb":
+            du, dp = np.empty_like(u), np.empty_like(p)
+            rhs["cb"].vjp(du, dp, u.copy(), p.copy(), float(t), lam.copy())
+            return du, dp
+        _, pull = torch.func.vjp(lambda y, q: evaluate_spec(rhs["spec"], q, y), torch.from_numpy(u), torch.from_numpy(p))
+        gu, gp = pull(torch.from_numpy(lam))
+        return gu.numpy(), gp.numpy()
+
+    # -- ODE ------------------------------------------------------------------------------------------
+    def forward(self, rhs, u0, p, ts, *, solver="Tsit5", ad="finitediff", sensealg="InterpolatingAdjoint",
+                checkpointing=True, abstol=1e-9, reltol=1e-6, dt=None, adaptive=True, maxiters=100_000,
+                dtmin=None, dtmax=None, quad_abstol=1e-6, quad_reltol=1e-3):
+        from ..solvers import Tsit5, lookup
+
+        self.calls["forward"] += 1
+        if solver not in EXPLICIT_SOLVERS + IMPLICIT_SOLVERS:
+            raise ValueError(f'unknown solver "{solver}"')
+        if sensealg not in JULIA_SENSEALGS:
+            raise ValueError(f'unknown sensealg "{sensealg}"')
+        self.last_forward_kwargs = dict(solver=solver, ad=ad, sensealg=sensealg, checkpointing=checkpointing,
+                                        abstol=abstol, reltol=reltol, dt=dt, adaptive=adaptive, maxiters=maxiters)
+        u0 = np.array(np.asarray(u0), copy=True).reshape(-1)  # Julia copies on entry
+        p = np.array(np.asarray(p), dtype=u0.dtype, copy=True).reshape(-1)
+        ts = [float(x) for x in np.asarray(ts, dtype=np.float64)]
+        try:
+            native = lookup(solver)()
+        except ValueError:  # Vern7, FBDF, ... have no native twin: any accurate solver stands in
+            native = Tsit5()
+        opts = self._opts(abstol, reltol, dt, adaptive, maxiters, dtmin, dtmax, u0.dtype)
+        stats = {"nfe": 0, "naccept": 0, "nreject": 0}
+
+        def f(t, y):
+            stats["nfe"] += 1
+            return torch.from_numpy(self._f(rhs, y.numpy(), p, t))
+
+        loop = integrate(f, torch.from_numpy(u0), ts, native, opts, stats)
+        ys = np.asfortranarray(torch.stack(loop.ys).numpy().T)  # n×k, column-major like Julia's Array
+        handle = {"rhs": rhs, "ys": ys, "ts": ts[: ys.shape[1]], "p": p, "opts": opts}
+        return ys, loop.retcode.value, (stats["nfe"], stats["naccept"], stats["nreject"]), handle
+
+    @staticmethod
+    def _opts(abstol, reltol, dt, adaptive, maxiters, dtmin, dtmax, dtype):
+        tol = lambda v: torch.as_tensor(np.asarray(v, dtype=dtype)) if np.ndim(v) else float(v)  # noqa: E731
+        return LoopOptions(rtol=tol(reltol), atol=tol(abstol), dt=dt, adaptive=adaptive, max_steps=int(maxiters),
+                           dense=False, dtmin=dtmin, dtmax=dtmax)
+
+    def backward(self, handle, G):
+        """Backsolve adjoint through ``cb.vjp`` only: λ' = -Jᵀλ, μ' = -(∂f/∂p)ᵀλ, jumps λ += G[:, j]."""
+        from ..solvers import Tsit5
+
+        self.calls["backward"] += 1
+        G = np.asarray(G)
+        ys, ts, p, rhs = handle["ys"], handle["ts"], handle["p"], handle["rhs"]
+        n, k = ys.shape
+        if G.shape != (n, k):
+            raise ValueError(f"cotangent must be n×k = {(n, k)}, got {G.shape}")
+        lam = G[:, k - 1].astype(ys.dtype).copy()
+        mu = np.zeros_like(p)
+        base = handle["opts"]
+        opts = LoopOptions(rtol=base.rtol if not isinstance(base.rtol, torch.Tensor) else float(base.rtol.min()),
+                           atol=base.atol if not isinstance(base.atol, torch.Tensor) else float(base.atol.min()),
+                           max_steps=base.max_steps, dense=False)
+        stats: dict = {}
+
+        def aug(t, x):
+            xn = x.numpy()
+            u, l = xn[:n], xn[n : 2 * n]
+            du = self._f(rhs, u, p, t)
+            vu, vp = self._vjp(rhs, u, p, t, l)
+            return torch.from_numpy(np.concatenate([du, -vu, -vp]))
+
+        for j in range(k - 1, 0, -1):
+            x0 = torch.from_numpy(np.concatenate([ys[:, j], lam, mu]))
+            loop = integrate(aug, x0, [ts[j], ts[j - 1]], Tsit5(), opts, stats)
+            xe = loop.y_final.numpy()
+            lam = xe[n : 2 * n] + G[:, j - 1]
+            mu = xe[2 * n :]
+        return lam.copy(), mu.copy()
+
+    # -- steady state -----------------------------------------------------------------------------------
+    def steady(self, rhs, z0, p, *, solver="Tsit5", ad="finitediff", abstol=1e-8, reltol=1e-6, maxiters=100_000):
+        """DynamicSS: integrate over doubling intervals until ‖F‖∞ ≤ abstol or ≤ reltol‖z + F‖∞."""
+        from ..solvers import Tsit5
+
+        self.calls["steady"] += 1
+        z = np.array(np.asarray(z0), copy=True).reshape(-1)
+        p = np.array(np.asarray(p), dtype=z.dtype, copy=True).reshape(-1)
+        opts = LoopOptions(rtol=float(reltol) * 1e-2, atol=float(abstol) * 1e-2, max_steps=int(maxiters), dense=False)
+        stats = {"nfe": 0, "naccept": 0, "nreject": 0}
+        f = lambda t, y: torch.from_numpy(self._f(rhs, y.numpy(), p, t))  # noqa: E731
+        t, span, retcode = 0.0, 1.0, "MaxIters"
+        for _ in range(60):
+            r = self._f(rhs, z, p, t)
+            if np.max(np.abs(r)) <= abstol or np.max(np.abs(r)) <= reltol * np.max(np.abs(z + r)):
+                retcode = "Success"
+                break
+            loop = integrate(f, torch.from_numpy(z), [t, t + span], Tsit5(), opts, stats)
+            z = loop.y_final.numpy().copy()
+            t, span = t + span, span * 2
+        handle = {"rhs": rhs, "z": z, "p": p}
+        return z.copy(), retcode, (stats["nfe"], stats["naccept"], stats["nreject"]), handle
+
+    def steady_backward(self, handle, g):
+        """dp = -(∂F/∂p)ᵀλ with Jᵀλ = g (Jᵀ assembled column by column from ``cb.vjp``)."""
+        self.calls["steady_backward"] += 1
+        z, p, rhs = handle["z"], handle["p"], handle["rhs"]
+        g = np.asarray(g, dtype=z.dtype).reshape(-1)
+        n = z.size
+        JT = np.empty((n, n), dtype=z.dtype)
+        for i in range(n):
+            e = np.zeros(n, dtype=z.dtype)
+            e[i] = 1.0
+            JT[:, i] = self._vjp(rhs, z, p, math.inf, e)[0]
+        lam = np.linalg.solve(JT, g)
+        return -self._vjp(rhs, z, p, math.inf, lam)[1]

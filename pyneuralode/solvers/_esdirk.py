@@ -1,0 +1,269 @@
+"""One generic engine for ESDIRK/SDIRK methods (Newton per stage), driven by a :class:`ButcherTableau`.
+
+Every method here has an explicit first stage and a constant diagonal γ (ESDIRK; implicit Euler is
+written as the 2-stage ESDIRK ``[[0, 0], [0, 1]]``), and is stiffly accurate (``b`` = last row of
+``A``), so the last stage's derivative is the next step's first stage (FSAL).
+
+Stage ``i`` solves ``z − ψ_i − hγ f(t0 + c_i h, z) = 0`` (``ψ_i = y0 + h Σ_{j<i} a_ij k_j``) by a
+simplified Newton iteration with ``M = I − hγJ`` (Hairer & Wanner, *Solving ODEs II*, IV.8):
+convergence rate θ, stop when ``θ/(1−θ)·‖Δz‖ ≤ κ`` in the error norm scaled by rtol/atol,
+give up when θ ≥ 1 (divergence) or the predicted iterate cannot reach κ within ``max_iter``.
+
+Jacobian reuse: J is kept across steps and Newton iterations; a new J is formed when Newton
+fails with an old J (the step is retried once with it), or when the last step converged slowly
+(θ > ``jac_theta``, default 0.05); ``M`` is refactored whenever hγ changes. When Newton fails with a fresh J
+the step returns ``ok=False``: the loop shrinks dt ×0.25 and retries (rejection on Newton
+divergence; counted in ``nconvfail``).
+
+The error estimate ``h Σ (b − b̂)_i k_i`` is filtered by ``M⁻¹`` (Shampine's smoothing, as in
+OrdinaryDiffEq's ``smooth_est``), which keeps stiff components from inflating it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ._base import AbstractSolver, StepResult, hermite_interpolant
+from ._erk import _polynomial_interpolant
+from ._linalg import LinearSolver, check_linear_options
+from ._tableau import ButcherTableau, order_conditions
+
+_EPS = 2.220446049250313e-16
+
+
+def esdirk_tableau(a, b, c, order, b_embedded, error_order, dense=None) -> ButcherTableau:
+    """Build and check an ESDIRK tableau: a :class:`ButcherTableau` (row sums, Σb = 1, order
+    conditions for ``b``) plus: explicit first stage, one diagonal value γ on the other stages,
+    stiffly accurate ``b``, and the embedded weights ``b_embedded`` satisfying the order conditions
+    up to ``error_order``."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    bh = np.asarray(b_embedded, dtype=np.float64)
+    tab = ButcherTableau(a=a, b=b, c=c, order=order, b_error=b - bh, error_order=error_order, dense=dense)
+    if np.any(np.triu(a, 1) != 0):
+        raise ValueError("ESDIRK tableau: A must be lower triangular")
+    diag = np.diag(a)
+    if diag[0] != 0.0 or not np.allclose(diag[1:], diag[1], atol=1e-15, rtol=0) or diag[1] <= 0:
+        raise ValueError(f"ESDIRK tableau: need an explicit first stage and one positive diagonal value, got {diag}")
+    if not np.allclose(a[-1], b, atol=1e-12, rtol=0):
+        raise ValueError("ESDIRK tableau: the engine needs a stiffly accurate method (b equal to the last row of A)")
+    if tab.dense is not None:  # a continuous extension must reproduce y0 + θh f for f constant: Σ_i b_i(θ) = θ
+        col = tab.dense.sum(0)
+        if abs(col[0] - 1) > 1e-12 or np.any(np.abs(col[1:]) > 1e-12):
+            raise ValueError(f"ESDIRK tableau: dense-output coefficients must satisfy Σ_i b_i(θ) = θ, got column sums {col}")
+    for cond, (lhs, rhs) in order_conditions(a, bh, tab.c, min(error_order, 5)).items():
+        if abs(lhs - rhs) > 1e-10:
+            raise ValueError(f"ESDIRK tableau: embedded weights fail order condition {cond}: {lhs} != {rhs}")
+    return tab
+
+
+class _Coef:
+    __slots__ = ("a", "b_err", "c", "gamma", "B", "pred")
+
+    def __init__(self, tab: ButcherTableau, dtype, device):
+        kw = dict(dtype=dtype, device=device)
+        self.a = [torch.tensor(tab.a[i, :i], **kw) for i in range(tab.stages)]
+        self.b_err = torch.tensor(tab.b_error, **kw)
+        self.c = [float(x) for x in tab.c]
+        self.gamma = float(tab.a[1, 1])
+        self.B = None if tab.dense is None else torch.tensor(tab.dense, **kw)
+        self.pred = [None] + [torch.tensor(_predictor_weights(tab.c, i), **kw) for i in range(1, tab.stages)]
+
+
+def _predictor_weights(c, i):
+    """Weights on k_0..k_{i-1} predicting k_i: linear inter/extrapolation in time between the two
+    earlier stages whose nodes are nearest to c_i (a stage at the same node is copied)."""
+    w = np.zeros(i)
+    order = sorted(range(i), key=lambda j: (abs(c[j] - c[i]), -j))
+    j1 = order[0]
+    j2 = next((j for j in order[1:] if abs(c[j] - c[j1]) > 1e-8), None)
+    if j2 is None or abs(c[j1] - c[i]) < 1e-12:
+        w[j1] = 1.0
+    else:
+        lam = (c[i] - c[j1]) / (c[j2] - c[j1])
+        w[j1], w[j2] = 1.0 - lam, lam
+    return w
+
+
+_COEF: dict = {}
+
+
+def _coef(tab, y):
+    key = (id(tab), y.dtype, y.device)
+    co = _COEF.get(key)
+    if co is None:
+        co = _COEF[key] = _Coef(tab, y.dtype, y.device)
+    return co
+
+
+class _ESDIRKCache:
+    __slots__ = ("ls", "f0", "stats", "rtol", "atol", "eta", "new_jac")
+
+    def __init__(self, ls, f0, stats, rtol, atol, eta=1.0, new_jac=False):
+        self.ls, self.f0, self.stats, self.rtol, self.atol = ls, f0, stats, rtol, atol
+        self.eta = eta
+        self.new_jac = new_jac
+
+
+class ESDIRK(AbstractSolver):
+    """Generic ESDIRK method; subclasses set ``tableau`` (and ``name``).
+
+    Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
+    ``(B, n)`` with f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"`` or
+    matrix-free Newton–Krylov ``"gmres"``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``),
+    ``max_iter`` (Newton iterations per stage, 10), ``kappa`` (Newton tolerance relative to the
+    error tolerance, 0.01), ``jac_theta`` (form a new J after a step whose convergence rate
+    exceeded this, 0.05), ``smooth_est`` (filter the error estimate by ``M⁻¹``, True).
+    Gradients (``DirectAdjoint``) flow through every Newton iteration; J itself is detached.
+    """
+
+    implicit = True
+    tableau: ButcherTableau
+    hermite: bool = True
+
+    def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
+                 max_iter: int = 10, kappa: float = 0.01, jac_theta: float = 0.05, smooth_est: bool = True,
+                 gmres_tol: float = 1e-6, gmres_maxiter: int = 200, gmres_restart: int = 30):
+        owner = type(self).__name__
+        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart)
+        if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+            raise ValueError(f"{owner}: max_iter must be a positive int, got {max_iter!r}")
+        if not (isinstance(kappa, (int, float)) and 0 < kappa <= 1):
+            raise ValueError(f"{owner}: kappa must be in (0, 1], got {kappa!r}")
+        if not (isinstance(jac_theta, (int, float)) and 0 < jac_theta < 1):
+            raise ValueError(f"{owner}: jac_theta must be in (0, 1), got {jac_theta!r}")
+        self.jac = jac
+        self.batched = batched
+        self.linsolve = linsolve
+        self.jac_mode = jac_mode
+        self.max_iter = max_iter
+        self.kappa = float(kappa)
+        self.jac_theta = float(jac_theta)
+        self.smooth_est = bool(smooth_est)
+        self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
+
+    def __repr__(self):
+        defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_iter=10, kappa=0.01,
+                        jac_theta=0.05, smooth_est=True, gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30)
+        shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if defaults.get(k, object()) != v)
+        return f"{type(self).__name__}({shown})"
+
+    @property
+    def order(self):  # type: ignore[override]
+        return self.tableau.order
+
+    @property
+    def error_order(self):  # type: ignore[override]
+        return self.tableau.error_order
+
+    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
+        for k in ("njac", "nlu", "nsolve", "nnewton", "nconvfail"):
+            stats.setdefault(k, 0)
+        ls = LinearSolver(rhs, y0, stats, jac=self.jac, batched=self.batched, linsolve=self.linsolve,
+                          jac_mode=self.jac_mode, differentiable_jac=False, gmres_tol=self.gmres_tol,
+                          gmres_maxiter=self.gmres_maxiter, gmres_restart=self.gmres_restart, owner=type(self).__name__)
+        f0 = ls.set_point(t0, y0)
+        if f0 is None or torch.is_grad_enabled():
+            f0 = rhs(t0, y0)  # (under autograd: keep the graph to y0 and the parameters)
+        return _ESDIRKCache(ls, f0, stats, rtol, atol)
+
+    # -- Newton ------------------------------------------------------------------------------------
+    def _newton(self, rhs, t, psi, z, hg, ls, scale, cache):
+        """Solve z − ψ − hγ f(t, z) = 0 from the guess z. Returns (z, ok, max_theta)."""
+        stats = cache.stats
+        kappa = self.kappa
+        eta = max(cache.eta, _EPS) ** 0.8
+        ndz_prev = None
+        theta_max = 0.0
+        for it in range(1, self.max_iter + 1):
+            stats["nnewton"] += 1
+            fz = rhs(t, z)
+            G = z - psi - hg * fz
+            dz = ls.solve(-G)
+            if ls.gmres_mode and not getattr(ls, "last_ok", True):
+                return z, False, 1.0
+            with torch.no_grad():
+                ndz = float(torch.linalg.vector_norm(dz.detach() / scale)) / (dz.numel() ** 0.5)
+            z = z + dz
+            if ndz != ndz:  # NaN
+                return z, False, 1.0
+            if ndz_prev is not None:
+                theta = ndz / ndz_prev if ndz_prev > 0 else 0.0
+                theta_max = max(theta_max, theta)
+                if theta >= 1.0:
+                    return z, False, theta
+                eta = theta / (1.0 - theta)
+                if it < self.max_iter and theta ** (self.max_iter - it) / (1.0 - theta) * ndz > kappa:
+                    # cannot converge within max_iter
+                    if eta * ndz > kappa:
+                        return z, False, theta
+            if (eta * ndz <= kappa and ndz_prev is not None) or ndz <= 1e-5:
+                cache.eta = eta
+                return z, True, theta_max
+            ndz_prev = ndz
+        return z, False, theta_max
+
+    # -- step --------------------------------------------------------------------------------------
+    def step(self, rhs, t0, y0, h, cache):
+        tab = self.tableau
+        co = _coef(tab, y0)
+        ls = cache.ls
+        if cache.new_jac or ls.J is None and not ls.gmres_mode:
+            ls.set_point(t0, y0)
+            cache.new_jac = False
+        elif ls.gmres_mode and (ls.point is None or cache.new_jac):
+            ls.set_point(t0, y0)
+        else:
+            ls.fresh = ls.point is not None and ls.point[0] == t0 and ls.point[1] is y0
+        for attempt in range(2):
+            res = self._try_step(rhs, t0, y0, h, cache, co, tab)
+            if res is not None:
+                return res
+            cache.stats["nconvfail"] += 1
+            if ls.fresh:
+                break
+            ls.set_point(t0, y0)  # retry once with a fresh Jacobian at (t0, y0)
+        cache.eta = 1.0
+        return StepResult(y1=y0, error=None, cache=cache, dense=None, ok=False, cache_on_reject=cache)
+
+    def _try_step(self, rhs, t0, y0, h, cache, co, tab):
+        ls = cache.ls
+        hg = h * co.gamma
+        ls.factor(hg)
+        shape = y0.shape
+        s = tab.stages
+        with torch.no_grad():
+            scale = cache.atol + cache.rtol * y0.detach().abs()
+        f0 = cache.f0
+        ks = [f0.reshape(-1)]
+        y0f = y0.reshape(-1)
+        theta_max = 0.0
+        for i in range(1, s):
+            Kst = torch.stack(ks, 1)
+            psi = y0f + Kst @ (co.a[i] * h)
+            z = psi + hg * (Kst @ co.pred[i])
+            z, ok, th = self._newton(rhs, t0 + co.c[i] * h, psi.view(shape), z.view(shape), hg, ls, scale, cache)
+            if not ok:
+                return None
+            theta_max = max(theta_max, th)
+            ks.append(((z.reshape(-1) - psi) / hg))
+        K = torch.stack(ks, 1)
+        y1 = z  # stiffly accurate: the last stage is the solution
+        err = (K @ (co.b_err * h)).view(shape)
+        if self.smooth_est:
+            err = ls.solve(err)
+        f1 = ks[-1].view(shape)
+        new_cache = _ESDIRKCache(ls, f1, cache.stats, cache.rtol, cache.atol, cache.eta,
+                                 new_jac=theta_max > self.jac_theta)
+        if co.B is not None:
+            dense = (y0, K.T, co.B, h)
+        else:
+            dense = (y0, y1, f0, f1, h)
+        return StepResult(y1=y1, error=err, cache=new_cache, dense=dense, cache_on_reject=cache)
+
+    def interpolant(self, dense, theta):  # type: ignore[override]
+        if len(dense) == 4:
+            return _polynomial_interpolant(dense, theta)
+        return hermite_interpolant(dense, theta)

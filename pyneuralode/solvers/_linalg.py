@@ -1,0 +1,345 @@
+"""Linear algebra for the implicit solvers: Jacobians from torch, W = I − g·J factorisations, GMRES, Newton.
+
+One object, :class:`LinearSolver`, owns how a method gets its Jacobian and solves with
+``W = I − g·J`` (``g = h·γ``):
+
+* ``mode="dense"``: the flattened state's N×N Jacobian. The default way (``jac_mode="autograd"``)
+  evaluates ``f(t, y)`` once with ``y`` tracked and pulls back all N rows in one batched backward
+  pass (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over vector–Jacobian
+  products); it returns ``f(t, y)`` as well, so a Rosenbrock step gets its first stage for free.
+  ``jac_mode="jacrev"``/``"jacfwd"`` use :func:`torch.func.jacrev`/:func:`torch.func.jacfwd`.
+* ``mode="batched"``: state shape ``(B, n)`` with ``f`` acting on each row independently (declared
+  by the user); one n×n Jacobian per row from n batched vector–Jacobian (or, ``jacfwd``,
+  Jacobian–vector) products with the same unit vector in every row, and a batched LU — never the
+  (B·n)² matrix.
+* ``mode="user"``: a user function ``jac(t, y)`` returning the N×N (or, batched, B×n×n) matrix.
+* ``linsolve="gmres"``: matrix-free; ``W v = v − g·J v`` with ``J v`` from :func:`torch.func.jvp`
+  at the linearisation point, solved by restarted GMRES (no matrix is ever formed).
+
+Statistics go into the solve's ``stats`` dict: ``njac`` (Jacobians formed, or linearisation
+points set for GMRES), ``nlu`` (factorisations), ``nsolve`` (linear solves), and for Newton
+``nnewton`` (iterations) and ``nconvfail`` (convergence failures).
+
+Gradients: under autograd (``DirectAdjoint``) the LU factorisation and solves are differentiated by
+torch. ``differentiable_jac=True`` builds J with ``create_graph=True`` so its dependence on ``y``
+and the parameters is differentiated too (exact gradient of a Rosenbrock step); the ESDIRK engine
+uses a detached J, which only affects the convergence speed of Newton, not its fixed point.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+_JAC_MODES = ("autograd", "jacrev", "jacfwd")
+#: dense systems up to this size solve with an explicit inverse of W (a mat-vec per stage)
+_SMALL = 16
+_LINSOLVES = ("lu", "gmres")
+
+
+def check_linear_options(owner: str, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart):
+    """Validate the shared options of the implicit solvers (messages name the argument and the fix)."""
+    if jac is not None and not callable(jac):
+        raise TypeError(f"{owner}: jac must be None or a callable jac(t, y) -> Jacobian matrix, got {type(jac).__name__}")
+    if not isinstance(batched, bool):
+        raise TypeError(f"{owner}: batched must be True or False, got {batched!r}")
+    if linsolve not in _LINSOLVES:
+        raise ValueError(f"{owner}: linsolve must be one of {_LINSOLVES}, got {linsolve!r}")
+    if jac_mode not in _JAC_MODES:
+        raise ValueError(f"{owner}: jac_mode must be one of {_JAC_MODES}, got {jac_mode!r}")
+    if linsolve == "gmres" and jac is not None:
+        raise ValueError(f"{owner}: linsolve='gmres' is matrix-free and ignores jac; pass jac=None or linsolve='lu'")
+    if not (isinstance(gmres_tol, (int, float)) and 0 < gmres_tol < 1):
+        raise ValueError(f"{owner}: gmres_tol must be a number in (0, 1), got {gmres_tol!r}")
+    for nm, v in (("gmres_maxiter", gmres_maxiter), ("gmres_restart", gmres_restart)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{owner}: {nm} must be a positive int, got {v!r}")
+
+
+def _bump(stats: dict, key: str, n: int = 1) -> None:
+    stats[key] = stats.get(key, 0) + n
+
+
+# ----------------------------------------------------------------------------------------------
+# Jacobians
+
+
+def dense_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False):
+    """``(J, f)``: the N×N Jacobian of the flattened ``rhs(t, ·)`` at ``y`` and, when free, ``f(t, y)`` (else ``None``)."""
+    shape = y.shape
+    N = y.numel()
+    if jac_mode == "autograd":
+        with torch.enable_grad():
+            yy = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
+            out = rhs(t, yy)
+            if not out.requires_grad:  # f does not depend on y at all
+                J = torch.zeros(N, N, dtype=y.dtype, device=y.device)
+            else:
+                eye = torch.eye(N, dtype=y.dtype, device=y.device).view(N, *shape)
+                (J,) = torch.autograd.grad(out, yy, eye, is_grads_batched=True, create_graph=create_graph, allow_unused=True)
+                J = torch.zeros(N, N, dtype=y.dtype, device=y.device) if J is None else J.reshape(N, N)
+        if not create_graph:
+            out, J = out.detach(), J.detach()
+        return J, out
+
+    def fun(v):
+        return rhs(t, v.view(shape)).reshape(-1)
+
+    jf = torch.func.jacrev(fun) if jac_mode == "jacrev" else torch.func.jacfwd(fun)
+    if create_graph:
+        J = jf(y.reshape(-1))
+    else:
+        with torch.no_grad():
+            J = jf(y.detach().reshape(-1))
+    return J, None
+
+
+def batched_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False):
+    """``(J, f)`` for a batch of independent systems: ``y`` is ``(B, n)``, ``f`` acts on each row; J is ``(B, n, n)``."""
+    B, n = y.shape
+    eye = torch.eye(n, dtype=y.dtype, device=y.device)
+    tangents = eye.unsqueeze(1).expand(n, B, n)  # tangents[k] = e_k in every row
+    if jac_mode == "jacfwd":
+        def fun(v):
+            return rhs(t, v)
+
+        def col(v):
+            return torch.func.jvp(fun, (yb,), (v,))[1]
+
+        if create_graph:
+            yb = y
+            cols = torch.func.vmap(col)(tangents)
+        else:
+            with torch.no_grad():
+                yb = y.detach()
+                cols = torch.func.vmap(col)(tangents)
+        return cols.permute(1, 2, 0), None  # cols[k, b, i] = J_b[i, k]
+    # reverse mode: rows of each J_b from one batched backward pass
+    with torch.enable_grad():
+        yy = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
+        out = rhs(t, yy)
+        if not out.requires_grad:
+            J = torch.zeros(B, n, n, dtype=y.dtype, device=y.device)
+        else:
+            (g,) = torch.autograd.grad(out, yy, tangents, is_grads_batched=True, create_graph=create_graph, allow_unused=True)
+            J = torch.zeros(B, n, n, dtype=y.dtype, device=y.device) if g is None else g.permute(1, 0, 2)  # g[k, b, :] = J_b[k, :]
+    if not create_graph:
+        out, J = out.detach(), J.detach()
+    return J, out
+
+
+# ----------------------------------------------------------------------------------------------
+# GMRES
+
+
+def gmres(matvec: Callable, b: torch.Tensor, x0: Optional[torch.Tensor] = None, tol: float = 1e-8,
+          restart: int = 30, maxiter: int = 200):
+    """Restarted GMRES (Saad & Schultz 1986) with modified Gram–Schmidt on flat vectors.
+
+    Solves ``matvec(x) = b`` to ``‖b − A x‖ ≤ tol·‖b‖``; returns ``(x, converged, iterations)``.
+    The residual is tracked with Givens rotations on Python floats; the small least-squares
+    problem is solved once per cycle with tensors, so the result is differentiable under autograd.
+    """
+    bn = float(torch.linalg.vector_norm(b.detach()))
+    if bn == 0.0:
+        return torch.zeros_like(b), True, 0
+    target = tol * bn
+    x = torch.zeros_like(b) if x0 is None else x0
+    its = 0
+    m = min(restart, b.numel())
+    while True:
+        r = b - matvec(x) if (x0 is not None or its > 0) else b
+        beta = torch.linalg.vector_norm(r)
+        res = float(beta)
+        if res <= target or its >= maxiter:
+            return x, res <= target, its
+        V = [r / beta]
+        cols = []  # Hessenberg columns (tensors)
+        cs, sn = [], []
+        g = [res]  # rotated right-hand side (floats)
+        for k in range(m):
+            w = matvec(V[k])
+            h = []
+            for j in range(k + 1):
+                hij = torch.dot(w, V[j])
+                w = w - hij * V[j]
+                h.append(hij)
+            hk1 = torch.linalg.vector_norm(w)
+            h.append(hk1)
+            cols.append(h)
+            its += 1
+            # apply the previous rotations to the new column (floats), then a new one
+            hf = [float(v) for v in h]
+            for j in range(k):
+                t0 = cs[j] * hf[j] + sn[j] * hf[j + 1]
+                hf[j + 1] = -sn[j] * hf[j] + cs[j] * hf[j + 1]
+                hf[j] = t0
+            den = (hf[k] ** 2 + hf[k + 1] ** 2) ** 0.5
+            c_, s_ = (1.0, 0.0) if den == 0 else (hf[k] / den, hf[k + 1] / den)
+            cs.append(c_)
+            sn.append(s_)
+            g.append(-s_ * g[k])
+            g[k] = c_ * g[k]
+            res = abs(g[k + 1])
+            breakdown = float(hk1) <= 1e-14 * bn
+            if res <= target or breakdown or its >= maxiter:
+                break
+            V.append(w / hk1)
+        k1 = len(cols)
+        H = torch.zeros(k1 + 1, k1, dtype=b.dtype, device=b.device)
+        Hc = [torch.stack(col + [torch.zeros((), dtype=b.dtype, device=b.device)] * (k1 - len(col) + 1)) for col in cols]
+        H = torch.stack(Hc, 1)
+        e1 = torch.zeros(k1 + 1, 1, dtype=b.dtype, device=b.device)
+        e1 = e1 + torch.nn.functional.pad(beta.reshape(1, 1), (0, 0, 0, k1))
+        yk = torch.linalg.lstsq(H, e1).solution[:, 0]
+        x = x + torch.stack(V[:k1], 1) @ yk
+        if res <= target or breakdown:
+            return x, True, its
+
+
+# ----------------------------------------------------------------------------------------------
+# The W = I − g·J operator
+
+
+class LinearSolver:
+    """Jacobian + factorisation of ``W = I − g·J`` for one solve (lives in a solver's cache).
+
+    ``set_point(t, y)`` forms J at ``(t, y)`` (returns ``f(t, y)`` when it came for free);
+    ``factor(g)`` factors ``W`` for ``g = h·γ`` (a no-op when ``g`` is unchanged);
+    ``solve(b)`` returns ``W⁻¹ b`` for ``b`` shaped like the state.
+    """
+
+    def __init__(self, rhs, y0: torch.Tensor, stats: dict, *, jac=None, batched=False, linsolve="lu",
+                 jac_mode="autograd", differentiable_jac=False, gmres_tol=1e-8, gmres_maxiter=200, gmres_restart=30,
+                 owner="solver"):
+        if batched and y0.ndim != 2:
+            raise ValueError(f"{owner}: batched=True needs a state of shape (B, n) with f acting on each row; got shape {tuple(y0.shape)}")
+        self.rhs = rhs
+        self.stats = stats
+        self.jac = jac
+        self.batched = batched
+        self.gmres_mode = linsolve == "gmres"
+        self.jac_mode = jac_mode
+        self.differentiable_jac = differentiable_jac
+        self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
+        self.owner = owner
+        self.J = None
+        self.point = None  # (t, y) of the current J
+        self.g = None
+        self.lu = None
+        self.fresh = False  # J was formed at the current step's start
+        self.param_grad = None
+
+    def copy(self) -> "LinearSolver":
+        new = LinearSolver.__new__(LinearSolver)
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def set_point(self, t: float, y: torch.Tensor):
+        """Form the Jacobian at ``(t, y)``; returns ``f(t, y)`` if it was evaluated on the way, else ``None``."""
+        _bump(self.stats, "njac")
+        create = self.differentiable_jac and torch.is_grad_enabled()
+        if create and not y.requires_grad:
+            if self.param_grad is None:  # once per solve: does f depend on tensors that require grad?
+                with torch.enable_grad():
+                    self.param_grad = bool(self.rhs(t, y.detach()).requires_grad)
+            create = self.param_grad
+        f = None
+        if self.gmres_mode:
+            self.J = None
+            self.point = (t, y if create else y.detach())
+        elif self.jac is not None:
+            tt = torch.full((), t, dtype=y.dtype, device=y.device)
+            J = self.jac(tt, y)
+            if not isinstance(J, torch.Tensor):
+                raise TypeError(f"{self.owner}: jac(t, y) returned {type(J).__name__}; it must return a tensor")
+            N = y.numel()
+            want = (y.shape[0], y.shape[1], y.shape[1]) if self.batched else (N, N)
+            if tuple(J.shape) != want:
+                raise ValueError(f"{self.owner}: jac(t, y) returned shape {tuple(J.shape)}, expected {want} "
+                                 f"({'one n×n matrix per row' if self.batched else 'the Jacobian of the flattened state'})")
+            self.J = J.to(y.dtype) if create else J.detach().to(y.dtype)
+            self.point = (t, y)
+        else:
+            if self.batched:
+                J, f = batched_jacobian(self.rhs, t, y, self.jac_mode, create)
+            else:
+                J, f = dense_jacobian(self.rhs, t, y, self.jac_mode, create)
+            self.J = J
+            self.point = (t, y)
+        self.g = None
+        self.lu = None
+        self.fresh = True
+        return f
+
+    def factor(self, g: float) -> None:
+        if self.g == g and (self.lu is not None or self.gmres_mode):
+            return
+        self.g = g
+        if self.gmres_mode:
+            return
+        _bump(self.stats, "nlu")
+        J = self.J
+        n = J.shape[-1]
+        eye = torch.eye(n, dtype=J.dtype, device=J.device)
+        W = eye - g * J
+        if not self.batched and n <= _SMALL:
+            # tiny dense systems: an explicit inverse makes every stage solve one mat-vec
+            self.lu = ("inv", torch.linalg.inv_ex(W)[0])
+            return
+        LU, piv, info = torch.linalg.lu_factor_ex(W)
+        self.lu = (LU, piv)
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``W⁻¹ b`` for ``b`` shaped like the state (``W = I − g J`` at the last ``factor(g)``)."""
+        _bump(self.stats, "nsolve")
+        shape = b.shape
+        if self.gmres_mode:
+            return self._gmres_solve(b).view(shape)
+        LU, piv = self.lu
+        if LU == "inv":
+            return torch.mv(piv, b) if b.ndim == 1 else torch.mv(piv, b.reshape(-1)).view(shape)
+        if self.batched:
+            return torch.linalg.lu_solve(LU, piv, b.unsqueeze(-1)).squeeze(-1)
+        return torch.linalg.lu_solve(LU, piv, b.reshape(-1, 1)).view(shape)
+
+    def _gmres_solve(self, b: torch.Tensor) -> torch.Tensor:
+        t, y = self.point
+        shape = y.shape
+        g = self.g
+        rhs = self.rhs
+
+        def fun(v):
+            return rhs(t, v.view(shape)).reshape(-1)
+
+        yf = y.reshape(-1)
+
+        def matvec(v):
+            jv = torch.func.jvp(fun, (yf,), (v,))[1]
+            return v - g * jv
+
+        x, ok, its = gmres(matvec, b.reshape(-1), tol=self.gmres_tol, restart=self.gmres_restart, maxiter=self.gmres_maxiter)
+        _bump(self.stats, "ngmres", its)
+        if not ok:
+            _bump(self.stats, "ngmresfail")
+        self.last_ok = ok
+        return x
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v`` at the current point (matrix product, or a forward-mode derivative when matrix-free)."""
+        if self.gmres_mode:
+            t, y = self.point
+            shape = y.shape
+            rhs = self.rhs
+            return torch.func.jvp(lambda u: rhs(t, u), (y,), (v.view(shape),))[1]
+        if self.batched:
+            return torch.bmm(self.J, v.unsqueeze(-1)).squeeze(-1)
+        return torch.mv(self.J, v.reshape(-1)).view(v.shape)
+
+
+def weighted_rms(x: torch.Tensor, scale) -> float:
+    """RMS norm of ``x / scale`` as a Python float (the Newton convergence norm)."""
+    with torch.no_grad():
+        r = x.detach() / scale
+        return float(torch.linalg.vector_norm(r)) / math.sqrt(max(r.numel(), 1))

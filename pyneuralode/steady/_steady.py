@@ -1,0 +1,213 @@
+"""``steady_state``: fixed points ``z* = f(z*, *args)`` with implicit gradients, and their statistics."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .._solution import ReturnCode, SolveError
+from .solvers import AbstractSteadyStateSolver, DynamicSS
+
+__all__ = ["steady_state", "SteadyStateInfo", "SteadyStateError"]
+
+#: Statistics of the most recent :func:`steady_state` call (a :class:`SteadyStateInfo`; ``None``
+#: before the first call). Reach it as ``pn.last_stats``. Its backward fields are filled in when
+#: the backward pass runs.
+last_stats: Optional["SteadyStateInfo"] = None
+
+
+@dataclass
+class SteadyStateInfo:
+    """What one steady-state solve did (also readable as a dict: ``info["nfe"]``).
+
+    Forward: ``retcode`` (:class:`pn.ReturnCode`), ``solver``, ``nfe`` (evaluations of ``f``),
+    ``iterations`` (solver iterations; accepted ODE steps for DynamicSS), ``naccept``/``nreject``
+    and ``t`` (DynamicSS), ``residual`` (final ``‖f(z) − z‖∞``), ``abstol``/``reltol``,
+    ``seconds``, ``message``. Backward (filled when ``.backward()`` runs, summed over backward
+    calls): ``nbackward``, ``bwd_iterations`` (VJPs in the adjoint linear solves, or the phantom
+    steps), ``bwd_residual``, ``bwd_retcode``; ``nfe_grad``: extra evaluations of ``f`` made to
+    attach the gradient (1 for SteadyStateAdjoint, k for PhantomGradient).
+    """
+
+    solver: str = ""
+    retcode: ReturnCode = ReturnCode.Failure
+    nfe: int = 0
+    iterations: int = 0
+    naccept: int = 0
+    nreject: int = 0
+    t: float = 0.0
+    residual: float = math.inf
+    abstol: float = 0.0
+    reltol: float = 0.0
+    seconds: float = 0.0
+    message: str = ""
+    batch: int = 1
+    sensealg: str = ""
+    nfe_grad: int = 0
+    nbackward: int = 0
+    bwd_iterations: int = 0
+    bwd_residual: float = 0.0
+    bwd_retcode: Optional[ReturnCode] = None
+
+    @property
+    def converged(self) -> bool:
+        return self.retcode.successful
+
+    def record_backward(self, iterations: int, residual: float, ok: bool) -> None:
+        self.nbackward += 1
+        self.bwd_iterations += int(iterations)
+        self.bwd_residual = float(residual)
+        self.bwd_retcode = ReturnCode.Success if ok else ReturnCode.MaxIters
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["retcode"] = str(self.retcode)
+        d["bwd_retcode"] = None if self.bwd_retcode is None else str(self.bwd_retcode)
+        d["converged"] = self.converged
+        return d
+
+
+class SteadyStateError(SolveError):
+    """Raised by :func:`steady_state` (``throw=True``) when no fixed point was found; ``.info`` has the stats."""
+
+    def __init__(self, message: str, info: SteadyStateInfo):
+        super().__init__(message, info.retcode, info.t)
+        self.info = info
+
+
+def _tol(name, v):
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a non-negative number, got {type(v).__name__}") from None
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name}: must be a finite non-negative number, got {v!r}")
+    return x
+
+
+def _resolve_sensealg(sensealg):
+    from ..sensitivity.implicit import PhantomGradient, SteadyStateAdjoint
+
+    if sensealg is None:
+        return SteadyStateAdjoint()
+    if isinstance(sensealg, type):
+        raise TypeError(f"sensealg: got the class {sensealg.__name__}; pass an instance, e.g. sensealg=pn.{sensealg.__name__}()")
+    if not hasattr(sensealg, "attach"):
+        raise TypeError(
+            f"sensealg: {type(sensealg).__name__} cannot differentiate a steady state; "
+            "use pn.SteadyStateAdjoint() (implicit, exact) or pn.PhantomGradient(k) (inexact)"
+        )
+    return sensealg
+
+
+def resolve_solver(solver) -> AbstractSteadyStateSolver:
+    if solver is None:
+        return DynamicSS()
+    if isinstance(solver, type) and issubclass(solver, AbstractSteadyStateSolver):
+        raise TypeError(f"solver: got the class {solver.__name__}; pass an instance, e.g. solver=pn.{solver.__name__}()")
+    if isinstance(solver, AbstractSteadyStateSolver):
+        return solver
+    from ..solvers import AbstractSolver
+
+    if isinstance(solver, AbstractSolver):
+        raise TypeError(f"solver: {type(solver).__name__} is an ODE solver; wrap it as solver=pn.DynamicSS(pn.{type(solver).__name__}())")
+    raise TypeError(f"solver: expected pn.DynamicSS(...), pn.Anderson(), pn.Broyden() or pn.FixedPointIteration(), got {type(solver).__name__}")
+
+
+def steady_state(
+    f: Callable,
+    z0: torch.Tensor,
+    args: Sequence = (),
+    solver: AbstractSteadyStateSolver | None = None,
+    *,
+    abstol: float = 1e-8,
+    reltol: float = 1e-6,
+    sensealg=None,
+    throw: bool = True,
+    return_info: bool = False,
+    batch_dim: Optional[int] = None,
+):
+    """Find ``z*`` with ``z* = f(z*, *args)``, starting from ``z0``; differentiable by the implicit function theorem.
+
+    ``solver``: :class:`DynamicSS` (default, ``DynamicSS(Tsit5())``: integrate ``dz/dt = f(z) − z``
+    to steady state), :class:`Anderson`, :class:`Broyden` or :class:`FixedPointIteration`.
+    Converged when ``‖f(z) − z‖∞ <= abstol`` or ``<= reltol·‖f(z)‖∞``. The forward solve runs
+    under ``torch.no_grad``; then ``sensealg`` (default :class:`SteadyStateAdjoint`, or
+    :class:`PhantomGradient`) makes the result differentiable w.r.t. the tensors in ``args``
+    and every parameter ``f`` uses (not ``z0``: the fixed point does not depend on it).
+    ``batch_dim=0`` says the first dimension stacks independent problems (Anderson/Broyden then
+    mix per sample). On failure raises :class:`SteadyStateError` (``throw=True``) or returns the
+    best iterate with ``info.retcode`` set.
+
+    Returns ``z*`` (shaped like ``z0``), or ``(z*, info)`` with ``return_info=True``. The
+    :class:`SteadyStateInfo` of the latest call is also ``pn.last_stats``.
+    """
+    global last_stats
+    if not callable(f):
+        raise TypeError(f"f: must be callable as f(z, *args) returning the next iterate, got {type(f).__name__}")
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"z0: expected a torch.Tensor, got {type(z0).__name__}; use torch.as_tensor(z0, dtype=torch.float64)")
+    if not z0.is_floating_point():
+        raise TypeError(f"z0: dtype {z0.dtype} is not floating point; convert it, e.g. z0.double()")
+    if not torch.isfinite(z0).all():
+        raise ValueError("z0: contains NaN or Inf; the initial guess must be finite")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use args=(x,)")
+    args = tuple(args)
+    abstol, reltol = _tol("abstol", abstol), _tol("reltol", reltol)
+    if abstol == 0 and reltol == 0:
+        raise ValueError("abstol, reltol: at least one tolerance must be positive")
+    solver = resolve_solver(solver)
+    sensealg = _resolve_sensealg(sensealg)
+    if not isinstance(throw, bool):
+        raise TypeError(f"throw: expected True or False, got {throw!r}")
+    batch = 1
+    if batch_dim is not None:
+        if batch_dim != 0:
+            raise ValueError(f"batch_dim: only 0 (the leading dimension) or None is supported, got {batch_dim!r}")
+        if z0.ndim == 0:
+            raise ValueError("batch_dim: z0 is a scalar; pass batch_dim=None")
+        batch = z0.shape[0]
+
+    info = SteadyStateInfo(solver=solver.name, abstol=abstol, reltol=reltol, batch=batch, sensealg=sensealg.name)
+    checked = []
+
+    def fn(z):
+        out = f(z, *args)
+        if not checked:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"f: returned {type(out).__name__}; f(z, *args) must return a tensor shaped like z0")
+            if out.shape != z0.shape:
+                raise ValueError(f"f: returned shape {tuple(out.shape)}, but z0 has shape {tuple(z0.shape)}; a fixed-point map must keep the state's shape")
+            if out.dtype != z0.dtype:
+                raise TypeError(f"f: returned dtype {out.dtype}, but z0 is {z0.dtype}; make f keep the state's dtype (e.g. cast its parameters with .to({z0.dtype}))")
+            checked.append(True)
+        return out
+
+    def check(z, fz):
+        r = float((fz - z).abs().max()) if z.numel() else 0.0
+        if not math.isfinite(r):
+            return False, math.inf
+        return r <= abstol or r <= reltol * float(fz.abs().max()), r
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        z_star = solver.solve(fn, z0.detach(), check, info, batch)
+    info.seconds = time.perf_counter() - start
+    last_stats = info
+    if not info.retcode.successful and throw:
+        raise SteadyStateError(
+            f"steady_state failed with retcode {info.retcode.value}: {info.message} (pass throw=False to get the best iterate and the retcode)",
+            info,
+        )
+    if torch.is_grad_enabled():
+        z = sensealg.attach(f, z_star, args, info)
+    else:
+        z = z_star
+    return (z, info) if return_info else z

@@ -1,0 +1,442 @@
+"""Gradients through solves: BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint (and DirectAdjoint as reference).
+
+Everything in float64. References: closed-form gradients of linear ODEs (scalar exponentials and
+autograd through ``torch.linalg.matrix_exp``), central finite differences, and DirectAdjoint.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pyneuralode as pn
+
+DT = torch.float64
+TIGHT = dict(rtol=1e-11, atol=1e-12)
+
+ADJOINTS = {
+    "backsolve": lambda: pn.BacksolveAdjoint(),
+    "backsolve-seminorm": lambda: pn.BacksolveAdjoint(seminorm=True),
+    "interpolating": lambda: pn.InterpolatingAdjoint(),
+    "interpolating-ckpt": lambda: pn.InterpolatingAdjoint(n_checkpoints=3),
+    "interpolating-dense": lambda: pn.InterpolatingAdjoint(checkpointing=False),
+    "quadrature-gl": lambda: pn.QuadratureAdjoint(),
+    "quadrature-gk": lambda: pn.QuadratureAdjoint("gauss-kronrod"),
+    "quadrature-ckpt": lambda: pn.QuadratureAdjoint(checkpointing=True, n_checkpoints=2),
+}
+ALL = {"direct": lambda: pn.DirectAdjoint(), **ADJOINTS}
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear ODEs with closed-form gradients
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_scalar_linear_exact_gradients(name):
+    """y' = k ⊙ y: y(T) = y0 e^{kT}; L = Σ_i c_i·y(t_i) on several saved times; exact dL/dy0, dL/dk, dL/dt."""
+    k = torch.tensor([-0.7, 0.3, 1.1], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.1, 0.6, 1.3], dtype=DT, requires_grad=True)
+    c = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, -1.0], [0.5, -1.0, 3.0]], dtype=DT)
+    sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=ALL[name](), **TIGHT)
+    L = (c * sol.ys).sum()
+    gy0, gk, gt = torch.autograd.grad(L, [y0, k, t])
+    with torch.no_grad():
+        tau = (t - t[0]).unsqueeze(1)
+        E = torch.exp(k * tau)  # (3 times, 3 comps)
+        ex_y0 = (c * E).sum(0)
+        ex_k = (c * tau * E * y0).sum(0)
+        ys = y0 * E
+        ex_t = (c * k * ys).sum(1)
+        ex_t[0] = -(c * k * ys).sum()  # moving t0 shifts every later state
+    assert rel_err(gy0, ex_y0) < 1e-8
+    assert rel_err(gk, ex_k) < 1e-8
+    assert rel_err(gt, ex_t) < 1e-8
+
+
+@pytest.mark.parametrize("name", list(ADJOINTS))
+def test_matrix_linear_against_matrix_exp(name):
+    """y' = A y with A in args; reference: autograd through torch.linalg.matrix_exp."""
+    g = torch.Generator().manual_seed(3)
+    A = (0.5 * torch.randn(3, 3, generator=g, dtype=DT)).requires_grad_()
+    y0 = torch.randn(3, generator=g, dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=DT)
+    w = torch.randn(3, 3, generator=g, dtype=DT)
+    sol = pn.solve(lambda t, y, A: A @ y, y0, t, args=(A,), sensealg=ADJOINTS[name](), **TIGHT)
+    ga = torch.autograd.grad((w * sol.ys).sum(), [y0, A])
+    ref = sum((w[i] * (torch.linalg.matrix_exp(A * t[i]) @ y0)).sum() for i in range(3))
+    gr = torch.autograd.grad(ref, [y0, A])
+    for a, b in zip(ga, gr):
+        assert rel_err(a, b) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# Random MLP vector field: finite differences and DirectAdjoint
+
+
+class MLPField(nn.Module):
+    def __init__(self, seed=0, dim=2, hidden=8):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.Tanh(), nn.Linear(hidden, dim)).to(DT)
+
+    def forward(self, t, y, s):
+        tt = t.expand(*y.shape[:-1], 1)
+        return s * self.net(torch.cat([y, tt], -1))
+
+
+def _mlp_setup(direction):
+    f = MLPField()
+    g = torch.Generator().manual_seed(1)
+    y0 = torch.randn(2, 2, generator=g, dtype=DT)  # a batch of two states
+    s = torch.tensor(0.8, dtype=DT)
+    t = torch.tensor([0.0, 0.5, 1.2], dtype=DT) if direction == "forward" else torch.tensor([0.3, -0.2, -1.0], dtype=DT)
+    wts = torch.randn(3, 2, 2, generator=g, dtype=DT)
+
+    def loss(sol_ys):
+        return (wts * sol_ys).sum() + (sol_ys[-1] ** 2).sum()
+
+    return f, y0, s, t, loss
+
+
+def _grads(f, y0, s, t, loss, sensealg):
+    y0 = y0.clone().requires_grad_()
+    s = s.clone().requires_grad_()
+    t = t.clone().requires_grad_()
+    sol = pn.solve(f, y0, t, args=(s,), sensealg=sensealg, **TIGHT)
+    gs = torch.autograd.grad(loss(sol.ys), [y0, s, t, *f.parameters()])
+    return gs, sol
+
+
+_FD_CACHE = {}
+
+
+def _finite_differences(direction):
+    """Central differences of the loss w.r.t. y0, s, t and every parameter (computed once per direction)."""
+    if direction in _FD_CACHE:
+        return _FD_CACHE[direction]
+    f, y0, s, t, loss = _mlp_setup(direction)
+    eps = 1e-5
+
+    def L(y0_, s_, t_):
+        with torch.no_grad():
+            return loss(pn.solve(f, y0_, t_, args=(s_,), **TIGHT).ys).item()
+
+    def fd_tensor(x, fn):
+        g = torch.zeros_like(x)
+        for i in range(x.numel()):
+            e = torch.zeros_like(x).reshape(-1)
+            e[i] = eps
+            e = e.view_as(x)
+            g.view(-1)[i] = (fn(x + e) - fn(x - e)) / (2 * eps)
+        return g
+
+    out = [
+        fd_tensor(y0, lambda v: L(v, s, t)),
+        fd_tensor(s, lambda v: L(y0, v, t)),
+        fd_tensor(t, lambda v: L(y0, s, v)),
+    ]
+    for p in f.parameters():
+        def Lp(v, p=p):
+            old = p.data.clone()
+            p.data.copy_(v)
+            try:
+                return L(y0, s, t)
+            finally:
+                p.data.copy_(old)
+        out.append(fd_tensor(p.detach().clone(), Lp))
+    _FD_CACHE[direction] = out
+    return out
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("name", list(ALL))
+def test_mlp_against_finite_differences_and_direct(name, direction):
+    f, y0, s, t, loss = _mlp_setup(direction)
+    fd = _finite_differences(direction)
+    gs, sol = _grads(f, y0, s, t, loss, ALL[name]())
+    ref, _ = _grads(f, y0, s, t, loss, pn.DirectAdjoint())
+    labels = ["y0", "args", "t"] + [f"param{i}" for i in range(len(gs) - 3)]
+    for lab, a, b, d in zip(labels, gs, fd, ref):
+        assert rel_err(a, b) < 1e-6, (lab, rel_err(a, b))
+        assert rel_err(a, d) < 1e-7, (lab, rel_err(a, d))
+    if name != "direct":
+        assert sol.stats["nfe_adjoint"] > 0 and sol.stats["naccept_adjoint"] > 0
+        assert "nreject_adjoint" in sol.stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuple states
+
+
+@pytest.mark.parametrize("name", list(ADJOINTS))
+def test_tuple_state_harmonic_oscillator(name):
+    """(x, v)' = (v, -ω² x): x(T) = x0 cos ωT + v0/ω sin ωT; exact dL/dx0, dL/dv0, dL/dω."""
+    om = torch.tensor(1.7, dtype=DT, requires_grad=True)
+    x0 = torch.tensor([1.0, 0.2], dtype=DT, requires_grad=True)
+    v0 = torch.tensor([0.0, -0.5], dtype=DT, requires_grad=True)
+    T = 1.3
+    sol = pn.solve(lambda t, y, om: (y[1], -om ** 2 * y[0]), (x0, v0), [0.0, T], args=(om,), sensealg=ADJOINTS[name](), **TIGHT)
+    L = sol.ys[0][-1].sum() + 0.5 * sol.ys[1][-1].sum()
+    gx, gv, gom = torch.autograd.grad(L, [x0, v0, om])
+    with torch.no_grad():
+        w, c, s_ = om.item(), math.cos(om.item() * T), math.sin(om.item() * T)
+        ex_x = torch.full((2,), c + 0.5 * (-w * s_), dtype=DT)
+        ex_v = torch.full((2,), s_ / w + 0.5 * c, dtype=DT)
+        # d/dω of x(T) and v(T) summed with the loss weights
+        dx = (-x0 * T * s_ + v0 * (T * c / w - s_ / w ** 2)).sum()
+        dv = (-x0 * (s_ + w * T * c) - v0 * T * s_).sum()
+        ex_om = dx + 0.5 * dv
+    assert rel_err(gx, ex_x) < 1e-8
+    assert rel_err(gv, ex_v) < 1e-8
+    assert abs(gom.item() - ex_om.item()) / abs(ex_om.item()) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: no forward graph
+
+
+def _graph_saved_numel(out: torch.Tensor) -> int:
+    """Total elements of every tensor saved by the autograd graph behind ``out``."""
+    seen, stack, total = set(), [out.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for attr in dir(fn):
+            if attr.startswith("_saved_"):
+                v = getattr(fn, attr)
+                vs = v if isinstance(v, (tuple, list)) else [v]
+                total += sum(x.numel() for x in vs if isinstance(x, torch.Tensor))
+        if hasattr(fn, "saved_tensors"):
+            total += sum(x.numel() for x in fn.saved_tensors if x is not None)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return total
+
+
+def _stored_numel(obj) -> int:
+    """Elements of the tensors an adjoint keeps on its autograd node for the backward pass."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel()
+    if isinstance(obj, (list, tuple)):
+        return sum(_stored_numel(o) for o in obj)
+    if hasattr(obj, "data") and hasattr(obj, "interpolant"):  # a dense segment
+        return _stored_numel(obj.data)
+    return 0
+
+
+@pytest.mark.parametrize("name", ["direct", "backsolve", "interpolating-ckpt", "quadrature-gl", "quadrature-ckpt"])
+def test_adjoints_keep_no_forward_graph(name):
+    f = MLPField(hidden=16)
+    y0 = torch.randn(4, 2, dtype=DT)
+    counts, stored, nfe = [], [], []
+    for T in (0.5, 8.0):
+        sol = pn.solve(f, y0, [0.0, T], args=(torch.tensor(3.0, dtype=DT),), sensealg=ALL[name](), rtol=1e-6, atol=1e-8)
+        counts.append(_graph_saved_numel(sol.ys))
+        nfe.append(sol.stats["nfe"])
+        if name != "direct":
+            assert "AdjointFunction" in type(sol.ys.grad_fn).__name__
+            stored.append(_stored_numel(sol.ys.grad_fn.pass_.saved))
+    assert nfe[1] > 5 * nfe[0]  # the long interval really takes many more steps
+    if name == "direct":
+        assert counts[1] > 3 * counts[0]
+        return
+    # The graph holds only the output states (2 times × 8 numbers), nothing per step.
+    assert counts[0] == counts[1] == 2 * y0.numel()
+    if name == "quadrature-gl":
+        assert stored[1] > stored[0]  # the dense forward output (state-sized per step) is its documented cost
+    else:
+        assert stored[0] == stored[1]
+
+
+def test_no_graph_when_nothing_requires_grad():
+    f = MLPField()
+    f.requires_grad_(False)
+    sol = pn.solve(f, torch.ones(2, dtype=DT), [0.0, 1.0], args=(torch.tensor(1.0, dtype=DT),), sensealg=pn.BacksolveAdjoint())
+    assert sol.ys.grad_fn is None and not sol.ys.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Seminorm
+
+
+@pytest.mark.parametrize("cls", [pn.BacksolveAdjoint, pn.InterpolatingAdjoint])
+def test_seminorm_same_gradient_fewer_backward_steps(cls):
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 2)).to(DT)
+    field = lambda t, y: f(y)  # noqa: E731
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = f
+
+        def forward(self, t, y):
+            return self.f(y)
+
+    mod = Wrap()
+    y0 = torch.randn(8, 2, dtype=DT, requires_grad=True)
+    res = {}
+    for sn in (False, True):
+        sol = pn.solve(mod, y0, [0.0, 2.0], sensealg=cls(seminorm=sn), rtol=1e-6, atol=1e-8)
+        res[sn] = (torch.autograd.grad(sol.ys[-1].square().sum(), [y0, *f.parameters()]), sol.stats["nfe_adjoint"])
+    sol = pn.solve(field, y0, [0.0, 2.0], rtol=1e-10, atol=1e-12)
+    exact = torch.autograd.grad(sol.ys[-1].square().sum(), [y0, *f.parameters()])
+    for sn in (False, True):
+        for a, b in zip(res[sn][0], exact):
+            assert rel_err(a, b) < 1e-4
+    assert res[True][1] < 0.85 * res[False][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Other paths
+
+
+@pytest.mark.parametrize("name", list(ADJOINTS))
+def test_loss_on_first_time_only_and_on_middle_time(name):
+    k = torch.tensor([0.5], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([2.0], dtype=DT, requires_grad=True)
+    t = [0.0, 1.0, 2.0]
+    sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=ADJOINTS[name](), **TIGHT)
+    gy0, gk = torch.autograd.grad(sol.ys[0].sum(), [y0, k])
+    assert gy0.item() == 1.0 and gk.item() == 0.0
+    sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=ADJOINTS[name](), **TIGHT)
+    gy0, gk = torch.autograd.grad(sol.ys[1].sum(), [y0, k])
+    assert abs(gy0.item() - math.exp(0.5)) < 1e-9 and abs(gk.item() - 2.0 * math.exp(0.5)) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["backsolve", "interpolating", "quadrature-gl"])
+def test_fixed_step_forward_and_backward(name):
+    """adaptive=False, RK4 with dt: the adjoint uses the same fixed step; error O(dt⁴)."""
+    k = torch.tensor([-0.4], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.5], dtype=DT, requires_grad=True)
+    sol = pn.solve(lambda t, y, k: k * y, y0, [0.0, 2.0], pn.RK4(), adaptive=False, dt=0.01, args=(k,), sensealg=ADJOINTS[name]())
+    gy0, gk = torch.autograd.grad(sol.ys[-1].sum(), [y0, k])
+    assert abs(gy0.item() - math.exp(-0.8)) < 1e-8
+    assert abs(gk.item() - 1.5 * 2.0 * math.exp(-0.8)) < 1e-8
+
+
+@pytest.mark.parametrize("name", ["backsolve", "interpolating", "quadrature-gl"])
+def test_backward_solver_and_tolerances_are_used(name):
+    """A different backward solver/tolerance changes the backward statistics, not the answer."""
+    k = torch.tensor([0.3, -0.2], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, 1.0], dtype=DT)
+    cls = type(ADJOINTS[name]())
+    stats = []
+    for kw in (dict(), dict(solver=pn.Dopri5(), rtol=1e-4, atol=1e-6)):
+        sol = pn.solve(lambda t, y, k: k * y, y0, [0.0, 3.0], args=(k,), sensealg=cls(**kw), **TIGHT)
+        (gk,) = torch.autograd.grad(sol.ys[-1].sum(), [k])
+        ex = 3.0 * torch.exp(3.0 * k.detach())
+        assert rel_err(gk, ex) < (1e-8 if not kw else 1e-3)
+        stats.append(sol.stats["naccept_adjoint"])
+    assert stats[1] < stats[0]
+
+
+@pytest.mark.parametrize("name", list(ADJOINTS))
+def test_double_backward_raises_clearly(name):
+    k = torch.tensor([0.3], dtype=DT, requires_grad=True)
+    sol = pn.solve(lambda t, y, k: k * y, torch.ones(1, dtype=DT), [0.0, 1.0], args=(k,), sensealg=ADJOINTS[name]())
+    (gk,) = torch.autograd.grad(sol.ys[-1].sum(), [k], create_graph=True)
+    assert abs(gk.item() - math.exp(0.3)) < 1e-5  # first derivative still correct
+    with pytest.raises(RuntimeError, match="DirectAdjoint"):
+        gk.sum().backward()
+
+
+def test_gauss_kronrod_and_legendre_rules_are_exact():
+    from pyneuralode.sensitivity._adjoint import gauss_kronrod15, gauss_legendre
+
+    x, wk, wg = gauss_kronrod15()
+    for deg in range(23):
+        exact = 1.0 / (deg + 1)
+        assert abs(sum(w * xi ** deg for xi, w in zip(x, wk)) - exact) < 1e-14
+        if deg <= 13:
+            assert abs(sum(w * xi ** deg for xi, w in zip(x, wg)) - exact) < 1e-14
+    assert abs(sum(w * xi ** 14 for xi, w in zip(x, wg)) - 1 / 15) > 1e-10
+    x, w = gauss_legendre(3)
+    assert all(abs(sum(wi * xi ** d for xi, wi in zip(x, w)) - 1 / (d + 1)) < 1e-14 for d in range(6))
+
+
+def test_invalid_arguments():
+    with pytest.raises(TypeError, match="seminorm"):
+        pn.BacksolveAdjoint(seminorm="yes")
+    with pytest.raises(ValueError, match="quadrature"):
+        pn.QuadratureAdjoint("simpson")
+    with pytest.raises(ValueError, match="n_checkpoints"):
+        pn.InterpolatingAdjoint(n_checkpoints=-1)
+    with pytest.raises(ValueError, match="n_checkpoints"):
+        pn.InterpolatingAdjoint(checkpointing=False, n_checkpoints=3)
+    with pytest.raises(ValueError, match="n_checkpoints"):
+        pn.QuadratureAdjoint(n_checkpoints=3)
+    with pytest.raises(TypeError, match="instance"):
+        pn.BacksolveAdjoint(solver=pn.Tsit5)
+    with pytest.raises(ValueError, match="rtol"):
+        pn.InterpolatingAdjoint(rtol=-1.0)
+    assert isinstance(pn.QuadratureAdjoint(solver="dopri5").solver, pn.Dopri5)
+    # An adaptive forward solve with a backward solver that cannot adapt: a clear error at backward time.
+    k = torch.tensor([0.3], dtype=DT, requires_grad=True)
+    sol = pn.solve(lambda t, y, k: k * y, torch.ones(1, dtype=DT), [0.0, 1.0], args=(k,), sensealg=pn.BacksolveAdjoint(solver=pn.RK4()))
+    with pytest.raises(ValueError, match="error estimate"):
+        sol.ys.sum().backward()
+
+
+def test_keeps_dense_defaults():
+    assert not pn.BacksolveAdjoint.keeps_dense and not pn.InterpolatingAdjoint.keeps_dense
+    assert pn.QuadratureAdjoint.keeps_dense and not pn.QuadratureAdjoint(checkpointing=True).keeps_dense
+    sol = pn.solve(lambda t, y: -y, torch.ones(1, dtype=DT, requires_grad=True), [0.0, 1.0], sensealg=pn.BacksolveAdjoint())
+    with pytest.raises(ValueError, match="dense"):
+        sol(0.5)
+    sol = pn.solve(lambda t, y: -y, torch.ones(1, dtype=DT, requires_grad=True), [0.0, 1.0], sensealg=pn.QuadratureAdjoint())
+    assert abs(sol(0.5).item() - math.exp(-0.5)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Stiff problems: implicit backward solvers
+
+
+def _stiff_setup():
+    A = torch.tensor([[-1000.0, 1.0], [0.0, -1.0]], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=DT)
+    w = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0]], dtype=DT)
+    ref = sum((w[i] * (torch.linalg.matrix_exp(A * t[i]) @ y0)).sum() for i in range(3))
+    return A, y0, t, w, torch.autograd.grad(ref, [y0, A])
+
+
+@pytest.mark.skipif(not hasattr(pn, "Rodas5P"), reason="needs the stiff solvers (pn.Rodas5P) of the stiff-solver issue")
+@pytest.mark.parametrize("cls", [pn.InterpolatingAdjoint, pn.QuadratureAdjoint])
+def test_stiff_linear_with_implicit_backward_solver(cls):
+    """Stiffness ratio 1000: Rodas5P forwards and backwards (the adjoint of a stiff problem is stiff too)."""
+    A, y0, t, w, exact = _stiff_setup()
+    sol = pn.solve(lambda t, y, A: A @ y, y0, t, pn.Rodas5P(), args=(A,), sensealg=cls(solver=pn.Rodas5P()), rtol=1e-8, atol=1e-10)
+    got = torch.autograd.grad((w * sol.ys).sum(), [y0, A])
+    for a, b in zip(got, exact):
+        assert rel_err(a, b) < 1e-7
+    assert sol.stats["naccept_adjoint"] < 1000  # an explicit backward solver would need ~1000·(2/2.8) steps
+
+
+@pytest.mark.skipif(not hasattr(pn, "Rodas5P"), reason="needs the stiff solvers (pn.Rodas5P) of the stiff-solver issue")
+def test_backsolve_on_stiff_problem_fails_with_advice():
+    A, y0, t, w, _ = _stiff_setup()
+    sol = pn.solve(lambda t, y, A: A @ y, y0, t, pn.Rodas5P(), args=(A,), sensealg=pn.BacksolveAdjoint(), rtol=1e-8, atol=1e-10, max_steps=400)
+    with pytest.raises(pn.SolveError, match="InterpolatingAdjoint"):
+        (w * sol.ys).sum().backward()
+
+
+@pytest.mark.skipif(not hasattr(pn, "Rodas5P"), reason="needs the stiff solvers (pn.Rodas5P) of the stiff-solver issue")
+@pytest.mark.parametrize("name", ["backsolve", "interpolating", "quadrature-gl"])
+def test_implicit_backward_solver_differentiates_the_adjoint_rhs(name):
+    """Rosenbrock methods need the exact Jacobian of the adjoint right-hand side (built through the VJP)."""
+    f = MLPField()
+    y0 = torch.randn(2, 2, dtype=DT, generator=torch.Generator().manual_seed(2))
+    s = torch.tensor(0.8, dtype=DT, requires_grad=True)
+    got = []
+    for sensealg in (pn.DirectAdjoint(), type(ADJOINTS[name]())(solver=pn.Rodas5P())):
+        sol = pn.solve(f, y0, [0.0, 1.0], pn.Tsit5(), args=(s,), sensealg=sensealg, **TIGHT)
+        got.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(sol.ys[-1].square().sum(), [s, *f.parameters()])]))
+    assert rel_err(got[1], got[0]) < 1e-8
+    assert sol.stats["njac_adjoint"] > 0

@@ -1,0 +1,391 @@
+"""Stiff solvers: Rosenbrock (Rosenbrock23, Rodas4, Rodas5P) and ESDIRK (ImplicitEuler, TRBDF2,
+Kvaerno3, Kvaerno5, KenCarp4) in the native engine.
+
+References: exact solutions (convergence orders), stored scipy Radau solutions at rtol 1e-12
+(``tests/data/stiff_references.json``, made by ``benchmarks/make_stiff_references.py``), live
+scipy Radau step counts, central finite differences for gradients.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pyneuralode as pn
+from pyneuralode.solvers._esdirk import esdirk_tableau
+from pyneuralode.solvers._linalg import batched_jacobian, dense_jacobian, gmres
+from pyneuralode.solvers._rosenbrock import RosenbrockTableau
+
+F64 = torch.float64
+REFS = json.loads((Path(__file__).parent / "data" / "stiff_references.json").read_text())
+
+ALL = [pn.ImplicitEuler, pn.TRBDF2, pn.Kvaerno3, pn.Kvaerno5, pn.KenCarp4, pn.Rosenbrock23, pn.Rodas4, pn.Rodas5P]
+
+
+def robertson(t, y, k):
+    y1, y2, y3 = y[0], y[1], y[2]
+    return torch.stack([-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2])
+
+
+def robertson_np(t, y, k1=0.04, k2=3e7, k3=1e4):
+    y1, y2, y3 = y
+    return [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2]
+
+
+MU = 1000.0
+
+
+def vdp(t, y):
+    return torch.stack([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def vdp_np(t, y):
+    return [y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]]
+
+
+def _k():
+    return torch.tensor(REFS["robertson"]["k"], dtype=F64)
+
+
+# ------------------------------------------------------------------------------------------------
+# registration and tableau checks
+
+
+def test_public_names_and_registry():
+    for S in ALL:
+        assert getattr(pn, S.__name__) is S
+        assert S.implicit is True
+        assert pn.solvers.lookup(S.name) is S
+    assert pn.solvers.lookup("ode23s") is pn.Rosenbrock23
+
+
+def test_broken_tableaus_are_rejected():
+    tab = pn.Rodas5P.tableau
+    C = tab.C.copy()
+    C[3, 1] += 1e-3
+    with pytest.raises(ValueError, match="order condition|row sums"):
+        RosenbrockTableau(A=tab.A, C=C, gamma=tab.gamma, c=tab.c, d=tab.d, m=tab.m, e=tab.e, order=5, error_order=4)
+    A = tab.A.copy()
+    A[4, 2] += 1e-3
+    with pytest.raises(ValueError):
+        RosenbrockTableau(A=A, C=tab.C, gamma=tab.gamma, c=tab.c, d=tab.d, m=tab.m, e=tab.e, order=5, error_order=4)
+    k = pn.KenCarp4.tableau
+    bh = (k.b - k.b_error).copy()
+    bh[2] += 1e-3
+    bh[3] -= 1e-3
+    with pytest.raises(ValueError, match="embedded"):
+        esdirk_tableau(a=k.a, b=k.b, c=k.c, order=4, b_embedded=bh, error_order=3)
+    a = k.a.copy()
+    a[3, 3] = 0.3
+    a[3, 0] -= 0.05
+    with pytest.raises(ValueError):
+        esdirk_tableau(a=a, b=k.b, c=k.c, order=4, b_embedded=k.b - k.b_error, error_order=3)
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="linsolve"):
+        pn.Rodas5P(linsolve="qr")
+    with pytest.raises(ValueError, match="jac_mode"):
+        pn.KenCarp4(jac_mode="numeric")
+    with pytest.raises(TypeError, match="jac"):
+        pn.Rodas5P(jac=3)
+    with pytest.raises(ValueError, match="max_iter"):
+        pn.Kvaerno5(max_iter=0)
+    with pytest.raises(ValueError, match="batched=True"):
+        pn.solve(lambda t, y: -y, torch.ones(4, dtype=F64), [0.0, 1.0], pn.Rodas5P(batched=True))
+    with pytest.raises(ValueError, match="jac\\(t, y\\) returned shape"):
+        pn.solve(lambda t, y: -y, torch.ones(3, dtype=F64), [0.0, 1.0], pn.Rodas5P(jac=lambda t, y: torch.eye(2, dtype=F64)))
+
+
+# ------------------------------------------------------------------------------------------------
+# convergence order (fixed steps) on Prothero–Robinson, a non-autonomous mildly stiff problem
+
+
+LAM = -10.0
+
+
+def prothero_robinson(t, y):
+    return LAM * (y - torch.sin(t)) + torch.cos(t)
+
+
+@pytest.mark.parametrize("S", ALL, ids=lambda S: S.__name__)
+def test_convergence_order(S):
+    solver = S()
+    T = 1.0
+    Ns = [16, 32, 64, 128] if solver.order <= 3 else [8, 16, 32, 64]
+    exact = math.sin(T) + math.exp(LAM * T)
+    errs = []
+    with torch.no_grad():
+        for N in Ns:
+            sol = pn.solve(prothero_robinson, torch.tensor([1.0], dtype=F64), [0.0, T], solver, dt=T / N, adaptive=False)
+            errs.append(abs(sol.ys[-1, 0].item() - exact))
+    slope = np.polyfit(np.log(T / np.array(Ns)), np.log(errs), 1)[0]
+    assert slope > solver.order - 0.3, (slope, errs)
+    assert slope < solver.order + 0.6, (slope, errs)
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4, pn.Rosenbrock23, pn.KenCarp4, pn.Kvaerno5], ids=lambda S: S.__name__)
+def test_dense_output(S):
+    tq = torch.linspace(0.0, 2.0, 41, dtype=F64)
+    with torch.no_grad():
+        sol = pn.solve(prothero_robinson, torch.tensor([1.0], dtype=F64), [0.0, 2.0], S(), rtol=1e-8, atol=1e-10)
+        yq = sol(tq).reshape(-1)
+    exact = torch.sin(tq) + torch.exp(LAM * tq)
+    tol = 1e-4 if S is pn.Rosenbrock23 else 1e-6
+    assert (yq - exact).abs().max().item() < tol
+
+
+# ------------------------------------------------------------------------------------------------
+# Robertson and Van der Pol (mu = 1000) against stored Radau references
+
+
+def _digits(y, ref):
+    ref = np.asarray(ref)
+    return float(np.min(-np.log10(np.abs(np.asarray(y) - ref) / np.abs(ref) + 1e-300)))
+
+
+@pytest.fixture(scope="module")
+def radau_steps():
+    from scipy.integrate import solve_ivp
+
+    r = REFS["robertson"]
+    s1 = solve_ivp(robertson_np, (0.0, r["t"][-1]), r["y0"], method="Radau", rtol=1e-6, atol=1e-10)
+    v = REFS["vanderpol"]
+    s2 = solve_ivp(vdp_np, (0.0, v["t"][-1]), v["y0"], method="Radau", rtol=1e-6, atol=1e-6)
+    assert s1.success and s2.success
+    return {"robertson": s1.t.size - 1, "vanderpol": s2.t.size - 1}
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4, pn.Kvaerno5, pn.KenCarp4], ids=lambda S: S.__name__)
+def test_robertson(S, radau_steps):
+    """t = 1e5: ≥ 5 correct digits at rtol 1e-6 in every component; steps ≤ 2× scipy Radau's.
+
+    Interior output times come from the dense output: ≥ 5 digits for the Rodas methods (their
+    stiff-aware interpolant), ≥ 4 for the ESDIRKs (order-3 Hermite/KenCarp interpolants on long
+    stiff steps; the step-end values themselves have ~7 digits)."""
+    r = REFS["robertson"]
+    with torch.no_grad():
+        sol = pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), torch.tensor(r["t"], dtype=F64), S(),
+                       rtol=1e-6, atol=1e-10, args=(_k(),))
+    assert _digits(sol.ys[-1].numpy(), r["y"][-1]) >= 5, (sol.ys[-1], r["y"][-1])
+    interior = 5 if issubclass(S, pn.solvers._rosenbrock.RosenbrockSolver) else 4
+    for i in range(1, len(r["t"]) - 1):
+        assert _digits(sol.ys[i].numpy(), r["y"][i]) >= interior, (r["t"][i], sol.ys[i], r["y"][i])
+    assert sol.stats["naccept"] + sol.stats["nreject"] <= 2 * radau_steps["robertson"], (sol.stats, radau_steps)
+    assert sol.stats["njac"] > 0 and sol.stats["nlu"] > 0 and sol.stats["nsolve"] > 0
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Kvaerno5], ids=lambda S: S.__name__)
+def test_vanderpol(S, radau_steps):
+    v = REFS["vanderpol"]
+    with torch.no_grad():
+        sol = pn.solve(vdp, torch.tensor(v["y0"], dtype=F64), [0.0, v["t"][-1]], S(), rtol=1e-6, atol=1e-6)
+    assert _digits(sol.ys[-1].numpy(), v["y"][-1]) >= 5, (sol.ys[-1], v["y"][-1])
+    assert sol.stats["naccept"] + sol.stats["nreject"] <= 2 * radau_steps["vanderpol"], (sol.stats, radau_steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# gradients with respect to rate constants (DirectAdjoint) against central finite differences
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.KenCarp4], ids=lambda S: S.__name__)
+def test_gradient_wrt_rate_constants(S):
+    t = torch.tensor([0.0, 1.0, 10.0], dtype=F64)
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    w = torch.tensor([1.0, 1e4, 2.0], dtype=F64)
+    kw = dict(rtol=1e-9, atol=1e-14)
+
+    def loss(k):
+        sol = pn.solve(robertson, y0, t, S(), args=(k,), **kw)
+        return (sol.ys[1:] * w).sum()
+
+    k = _k().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(k), k)
+    fd = []
+    with torch.no_grad():
+        for i in range(3):
+            e = torch.zeros(3, dtype=F64)
+            e[i] = 1e-5 * k[i].item()
+            fd.append((loss(k.detach() + e) - loss(k.detach() - e)).item() / (2 * e[i].item()))
+    fd = torch.tensor(fd, dtype=F64)
+    # compare the sensitivities scaled by k (d loss / d log k)
+    rel = ((g - fd) * k.detach()).abs() / (fd * k.detach()).abs().max()
+    assert rel.max().item() < 1e-4, (g, fd)
+
+
+def test_gradient_wrt_initial_state_rodas():
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
+    t = [0.0, 5.0]
+
+    def loss(y):
+        return pn.solve(robertson, y, t, pn.Rodas5P(), args=(_k(),), rtol=1e-10, atol=1e-14).ys[-1, 0]
+
+    (g,) = torch.autograd.grad(loss(y0), y0)
+    with torch.no_grad():
+        h = 1e-6
+        fd = [(loss(y0.detach() + h * e) - loss(y0.detach() - h * e)).item() / (2 * h) for e in torch.eye(3, dtype=F64)]
+    assert torch.allclose(g, torch.tensor(fd, dtype=F64), rtol=1e-5, atol=1e-7), (g, fd)
+
+
+# ------------------------------------------------------------------------------------------------
+# batched independent systems, user Jacobians, Jacobian modes, GMRES
+
+
+def robertson_rows(t, Y, K):
+    """B independent Robertson systems: Y (B, 3), rate constants K (B, 3)."""
+    y1, y2, y3 = Y[:, 0], Y[:, 1], Y[:, 2]
+    k1, k2, k3 = K[:, 0], K[:, 1], K[:, 2]
+    return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1)
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.KenCarp4], ids=lambda S: S.__name__)
+def test_batched_equals_separate(S):
+    K = torch.tensor([[0.04, 3e7, 1e4], [0.08, 1e7, 3e4], [0.02, 5e7, 1e4]], dtype=F64)
+    Y0 = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.0, 0.1], [1.0, 0.0, 0.0]], dtype=F64)
+    kw = dict(rtol=1e-8, atol=1e-12)
+    with torch.no_grad():
+        # identical rows: the batched error norm equals the single one, so the steps are the same
+        # and the batched Jacobian/LU path must reproduce the separate solve to rounding
+        Kc, Yc = K[:1].expand(3, 3), Y0[:1].expand(3, 3)
+        sb = pn.solve(robertson_rows, Yc, [0.0, 1.0, 100.0], S(batched=True), args=(Kc,), **kw)
+        sep = pn.solve(robertson, Y0[0], [0.0, 1.0, 100.0], S(), args=(K[0],), **kw)
+        assert sb.stats["naccept"] == sep.stats["naccept"]
+        for b in range(3):
+            assert torch.allclose(sb.ys[:, b], sep.ys, rtol=1e-10, atol=1e-15)
+        # different rate constants: each row agrees with its own solve to the tolerance
+        sb = pn.solve(robertson_rows, Y0, [0.0, 100.0], S(batched=True), args=(K,), **kw)
+        for b in range(3):
+            sep = pn.solve(robertson, Y0[b], [0.0, 100.0], S(), args=(K[b],), **kw)
+            assert torch.allclose(sb.ys[-1, b], sep.ys[-1], rtol=1e-6, atol=1e-12), (b, sb.ys[-1, b], sep.ys[-1])
+    assert sb.stats["njac"] > 0
+
+
+def test_batched_jacobian_is_the_diagonal_blocks():
+    K = torch.rand(4, 3, dtype=F64) + 0.5
+    Y = torch.rand(4, 3, dtype=F64)
+
+    def rhs(t, y):
+        return robertson_rows(t, y, K)
+
+    Jd, f = dense_jacobian(rhs, 0.0, Y)
+    assert torch.allclose(f, rhs(0.0, Y))
+    Jd = Jd.view(4, 3, 4, 3)
+    blocks = torch.stack([Jd[b, :, b, :] for b in range(4)])
+    for mode in ("autograd", "jacfwd"):
+        Jb, _ = batched_jacobian(rhs, 0.0, Y, jac_mode=mode)
+        assert Jb.shape == (4, 3, 3)
+        assert torch.allclose(Jb, blocks, rtol=1e-12, atol=1e-12)
+
+
+def test_jacobian_modes_agree():
+    y = torch.tensor([0.7, 1e-5, 0.3], dtype=F64)
+
+    def rhs(t, v):
+        return robertson(t, v, _k())
+
+    J0, _ = dense_jacobian(rhs, 0.0, y, "autograd")
+    for mode in ("jacrev", "jacfwd"):
+        J1, _ = dense_jacobian(rhs, 0.0, y, mode)
+        assert torch.allclose(J0, J1, rtol=1e-13, atol=0)
+    k = _k()
+    exact = torch.tensor([[-k[0], k[2] * y[2], k[2] * y[1]],
+                          [k[0], -k[2] * y[2] - 2 * k[1] * y[1], -k[2] * y[1]],
+                          [0.0, 2 * k[1] * y[1], 0.0]], dtype=F64)
+    assert torch.allclose(J0, exact, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Kvaerno5], ids=lambda S: S.__name__)
+def test_user_jacobian(S):
+    calls = []
+    k = _k()
+
+    def jac(t, y):
+        calls.append(1)
+        return torch.stack([
+            torch.stack([-k[0], k[2] * y[2], k[2] * y[1]]),
+            torch.stack([k[0], -k[2] * y[2] - 2 * k[1] * y[1], -k[2] * y[1]]),
+            torch.stack([torch.zeros((), dtype=F64), 2 * k[1] * y[1], torch.zeros((), dtype=F64)]),
+        ])
+
+    r = REFS["robertson"]
+    with torch.no_grad():
+        sol = pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), [0.0, 1e3], S(jac=jac), rtol=1e-7, atol=1e-11, args=(k,))
+    assert len(calls) == sol.stats["njac"] > 0
+    assert _digits(sol.ys[-1].numpy(), r["y"][4]) >= 5
+
+
+def test_gmres_solver_and_newton_krylov():
+    A = torch.tensor([[4.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]], dtype=F64)
+    b = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    x, ok, its = gmres(lambda v: A @ v, b, tol=1e-12)
+    assert ok and torch.allclose(A @ x, b, atol=1e-10)
+    # a stiff linear system of 20 states solved matrix-free against its exact solution
+    n = 20
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    M = Q @ torch.diag(-torch.logspace(0, 3, n, dtype=F64)) @ Q.T
+    y0 = torch.randn(n, generator=gen, dtype=F64)
+    exact = torch.linalg.matrix_exp(M) @ y0
+    with torch.no_grad():
+        for S in (pn.Rodas5P, pn.KenCarp4):
+            sol = pn.solve(lambda t, y: M @ y, y0, [0.0, 1.0], S(linsolve="gmres"), rtol=1e-8, atol=1e-10)
+            assert (sol.ys[-1] - exact).abs().max().item() < 1e-6, S
+            assert sol.stats["ngmres"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Newton failure -> rejection (ok=False), never a wrong answer
+
+
+def test_newton_failure_rejects_and_recovers():
+    oks = []
+
+    class Spy(pn.KenCarp4):
+        def step(self, rhs, t0, y0, dt, cache):
+            res = super().step(rhs, t0, y0, dt, cache)
+            oks.append(res.ok)
+            return res
+
+    r = REFS["robertson"]
+    with torch.no_grad():
+        # a first step of 1e4 makes Newton diverge: the loop must shrink dt and retry
+        sol = pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), torch.tensor(r["t"], dtype=F64), Spy(),
+                       rtol=1e-6, atol=1e-10, args=(_k(),), dt=1e4)
+    assert oks[0] is False and oks.count(False) >= 2
+    assert sol.stats["nconvfail"] >= oks.count(False)
+    assert sol.stats["nreject"] >= oks.count(False)
+    assert _digits(sol.ys[-1].numpy(), r["y"][-1]) >= 5
+    for i in range(1, len(r["t"]) - 1):
+        assert _digits(sol.ys[i].numpy(), r["y"][i]) >= 4
+    # fixed steps cannot shrink: a clear ConvergenceFailure
+    with pytest.raises(pn.SolveError) as ei:
+        pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), [0.0, 1e3], pn.KenCarp4(max_iter=2), args=(_k(),),
+                 dt=1e3, adaptive=False)
+    assert ei.value.retcode == pn.ReturnCode.ConvergenceFailure
+
+
+# ------------------------------------------------------------------------------------------------
+# the continuous adjoints integrate their backward pass with these solvers too
+
+
+@pytest.mark.parametrize("sens,S", [("InterpolatingAdjoint", pn.KenCarp4), ("QuadratureAdjoint", pn.Rodas5P)])
+def test_continuous_adjoints_with_stiff_solvers(sens, S):
+    if not hasattr(pn, sens):
+        pytest.skip(f"pn.{sens} is not available in this tree")
+    t = torch.tensor([0.0, 1.0, 10.0], dtype=F64)
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    w = torch.tensor([1.0, 1e4, 2.0], dtype=F64)
+
+    def grad(sensealg):
+        k = _k().requires_grad_(True)
+        sol = pn.solve(robertson, y0, t, S(), args=(k,), rtol=1e-9, atol=1e-14, sensealg=sensealg)
+        (g,) = torch.autograd.grad((sol.ys[1:] * w).sum(), k)
+        return g * _k()
+
+    ref = grad(None)
+    g = grad(getattr(pn, sens)())
+    assert ((g - ref).abs().max() / ref.abs().max()).item() < 1e-5, (g, ref)
