@@ -5,7 +5,7 @@ the backward pass, loss = mean or sum of the squared final state), 1 thread. Eac
 times round-robin (so background load hits all methods alike); the table gives the minimum.
 NFE are counted in a separate, untimed run.
 
-    python benchmarks/adjoint_speed.py            # three problems × two losses, 7 repeats
+    python benchmarks/adjoint_speed.py            # three problems × two losses, 5 repeats
     python benchmarks/adjoint_speed.py --quick    # the plain problem, 3 repeats
 
 Writes benchmarks/results/adjoint_speed.md.
@@ -111,11 +111,13 @@ def bench_problem(name, cfg, loss, repeat):
     nfe = {k: count_nfe(run, f, y0, t, loss) for k, run in ms.items()}
     grads = {k: fwd_bwd(run, f, y0, t, loss) for k, run in ms.items()}  # also warms up
     times = {k: [] for k in ms}
+    walls = {k: [] for k in ms}
     for _ in range(repeat):
         for k, run in ms.items():
-            t0 = time.perf_counter()
+            w0, t0 = time.perf_counter(), time.process_time()
             fwd_bwd(run, f, y0, t, loss)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.process_time() - t0)
+            walls[k].append(time.perf_counter() - w0)
     ref = grads["DirectAdjoint"]
     n_params = sum(p.numel() for p in f.parameters())
     best = {k: min(v) for k, v in times.items()}
@@ -125,13 +127,13 @@ def bench_problem(name, cfg, loss, repeat):
         f"hidden {cfg['hidden']}×2 ({n_params} parameters), "
         f"t ∈ [0, {cfg['T']:g}], rtol={RTOL:g}, atol={ATOL:g}, float32, Dopri5, loss = {loss} of y(T)²",
         "",
-        "| method | forward NFE | backward NFE | fwd+bwd ms (min) | median ms | ÷ torchdiffeq adjoint | ÷ torchdiffeq adjoint (seminorm) | grad rel. diff vs Direct |",
+        "| method | forward NFE | backward NFE | fwd+bwd CPU ms (min) | wall ms (median) | ÷ torchdiffeq adjoint | ÷ torchdiffeq adjoint (seminorm) | grad rel. diff vs Direct |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k in ms:
         d = ((grads[k] - ref).norm() / ref.norm()).item()
         lines.append(
-            f"| {k} | {nfe[k][0]} | {nfe[k][1]} | {1e3 * best[k]:.1f} | {1e3 * statistics.median(times[k]):.1f} | "
+            f"| {k} | {nfe[k][0]} | {nfe[k][1]} | {1e3 * best[k]:.1f} | {1e3 * statistics.median(walls[k]):.1f} | "
             f"{best[k] / base:.2f} | {best[k] / base_sn:.2f} | {d:.1e} |"
         )
     sn_lines = []
@@ -149,15 +151,55 @@ def bench_problem(name, cfg, loss, repeat):
     return lines, sn_lines
 
 
+def _load():
+    try:
+        return ", ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def seminorm_sweep(tols, losses, probs):
+    """Backward NFE with/without seminorm across tolerances (one untimed run each)."""
+    lines = ["### Seminorm across tolerances (backward NFE, rtol = atol = tol)", "",
+             "| problem | loss | tol | Backsolve | + seminorm | fewer | Interpolating | + seminorm | fewer | torchdiffeq | + seminorm | fewer |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    import torchdiffeq
+
+    for name in probs:
+        cfg = PROBLEMS[name]
+        f = Field(cfg["dim"], cfg["hidden"], cfg["rot"])
+        y0 = torch.randn(cfg["batch"], cfg["dim"], generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([0.0, cfg["T"]])
+        for loss in losses:
+            for tol in tols:
+                cells = []
+                for plain, semi in [
+                    (lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint()).ys[-1],
+                     lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint(seminorm=True)).ys[-1]),
+                    (lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.InterpolatingAdjoint()).ys[-1],
+                     lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.InterpolatingAdjoint(seminorm=True)).ys[-1]),
+                    (lambda f, y, t: torchdiffeq.odeint_adjoint(f, y, t, method="dopri5", rtol=tol, atol=tol)[-1],
+                     lambda f, y, t: torchdiffeq.odeint_adjoint(f, y, t, method="dopri5", rtol=tol, atol=tol,
+                                                                 adjoint_options=dict(norm="seminorm"))[-1]),
+                ]:
+                    b0 = count_nfe(plain, f, y0, t, loss)[1]
+                    b1 = count_nfe(semi, f, y0, t, loss)[1]
+                    cells += [str(b0), str(b1), f"{100 * (1 - b1 / b0):.0f}%"]
+                lines.append(f"| {name} | {loss} | {tol:g} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the plain problem only, 3 repeats")
     ap.add_argument("--repeat", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    repeat = args.repeat or (3 if args.quick else 7)
+    repeat = args.repeat or (3 if args.quick else 5)
     probs = ["plain"] if args.quick else list(PROBLEMS)
     out, sn = [], []
+    sweep = seminorm_sweep([1e-3, 1e-5, 1e-7], list(LOSSES), ["plain"] if args.quick else ["plain", "wide"])
+    print("\n".join(sweep), file=sys.stderr)
     for p in probs:
         for loss in LOSSES:
             lines, sn_lines = bench_problem(p, PROBLEMS[p], loss, repeat)
@@ -167,13 +209,14 @@ def main():
     text = "\n".join(
         ["## Forward + backward wall time against torchdiffeq", "", *out,
          "\\* `controller=pn.PIController(beta2=0.0)`: integral step control like torchdiffeq's (the engine's default is "
-         "PI control, which grows steps more cautiously). Times are the minimum over "
-         f"{repeat} round-robin repeats on 1 thread.", "",
+         "PI control, which grows steps more cautiously). Times: process CPU time (1 thread), minimum over "
+         f"{repeat} round-robin repeats; CPU time rather than wall time because the benchmark machine is shared "
+         f"(load average during this run: {_load()}); ratios use the CPU times.", "",
          "## Seminorm: backward NFE and time", "",
          "Backward NFE counts every evaluation of f during the backward pass (adjoint right-hand sides, "
          "checkpoint re-solves, quadrature nodes).", "",
-         "| problem | loss | method | backward NFE | with seminorm | fewer NFE | fwd+bwd ms | with seminorm | less time |",
-         "|---|---|---|---:|---:|---:|---:|---:|---:|", *sn, ""]
+         "| problem | loss | method | backward NFE | with seminorm | fewer NFE | fwd+bwd CPU ms | with seminorm | less time |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|", *sn, "", *sweep]
     )
     print(text)
     res = HERE / "results"

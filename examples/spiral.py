@@ -22,11 +22,11 @@ import pyneuralode as pn
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few iterations only")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 1000; --quick 30)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default 2000; --quick 30)")
     p.add_argument("--out", default="spiral.png", help="output PNG (default spiral.png)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    iters = a.iters or (30 if a.quick else 1000)
+    iters = a.iters or (30 if a.quick else 2000)
     torch.manual_seed(a.seed)
     from tqdm.auto import tqdm
 

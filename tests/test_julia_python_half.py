@@ -250,7 +250,7 @@ def test_stiff_solver_gets_torch_jacobian_and_matches_native():
     name = "Rodas5P" if hasattr(pn, "Rodas5P") else None
     if name is None:
         pytest.skip("pn.Rodas5P is not available in this checkout")
-    k = torch.tensor(50.0, dtype=D, requires_grad=True)
+    k = torch.tensor(5.0, dtype=D, requires_grad=True)  # mildly stiff: the stand-in backsolves (no stiff adjoint)
     f = lambda t, y, k: torch.stack([-k * (y[0] - torch.cos(t)), y[0] - y[1]])  # noqa: E731
     y0 = torch.tensor([0.0, 1.0], dtype=D, requires_grad=True)
     t = torch.linspace(0, 1, 3, dtype=D)
@@ -263,7 +263,7 @@ def test_stiff_solver_gets_torch_jacobian_and_matches_native():
     assert torch.allclose(sol.ys, ref.ys, atol=1e-6)
     for a, b in zip(g, gref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    assert fake.last_forward_kwargs["solver"] == "Rodas5P"
+    assert fake.last_forward_kwargs["solver"] == "Rodas5P" and sol.stats["njac_python"] > 0
 
 
 def test_gradients_match_finite_differences():

@@ -389,3 +389,18 @@ def test_continuous_adjoints_with_stiff_solvers(sens, S):
     ref = grad(None)
     g = grad(getattr(pn, sens)())
     assert ((g - ref).abs().max() / ref.abs().max()).item() < 1e-5, (g, ref)
+
+
+def test_time_derivative_term_matters_for_rosenbrock():
+    """Prothero–Robinson is non-autonomous: declaring it autonomous (dropping h·d_i·∂f/∂t) must
+    cost Rodas5P its order, while the automatic detection keeps it."""
+    T, N = 1.0, 32
+    exact = math.sin(T) + math.exp(LAM * T)
+    errs = {}
+    with torch.no_grad():
+        for auto in (None, True):
+            sol = pn.solve(prothero_robinson, torch.tensor([1.0], dtype=F64), [0.0, T], pn.Rodas5P(autonomous=auto),
+                           dt=T / N, adaptive=False)
+            errs[auto] = abs(sol.ys[-1, 0].item() - exact)
+    assert errs[None] < 1e-9
+    assert errs[True] > 1e3 * errs[None], errs

@@ -94,6 +94,7 @@ class _ODERun(_Run):
         self.stats.update(nfe=nf, naccept=na, nreject=nr)
         if self.callbacks is not None:
             self.stats["nfe_python"] = self.callbacks.nfe
+            self.stats["njac_python"] = self.callbacks.njac
         return self._out_matrix(ys, self.shape), str(retcode)
 
     def backward(self, grad_ys: torch.Tensor):

@@ -59,6 +59,13 @@ class NativeStandIn:
         gu, gp = pull(torch.from_numpy(lam))
         return gu.numpy(), gp.numpy()
 
+    def _jac(self, rhs, u, p, t):
+        if rhs["kind"] == "cb":
+            J = np.asfortranarray(np.empty((u.size, u.size), dtype=u.dtype))  # Julia's Matrix{T}
+            rhs["cb"].jac(J, u.copy(), p.copy(), float(t))
+            return J
+        return torch.func.jacrev(lambda y: evaluate_spec(rhs["spec"], torch.from_numpy(p), y))(torch.from_numpy(u)).numpy()
+
     # -- ODE ------------------------------------------------------------------------------------------
     def forward(self, rhs, u0, p, ts, *, solver="Tsit5", ad="finitediff", sensealg="InterpolatingAdjoint",
                 checkpointing=True, abstol=1e-9, reltol=1e-6, dt=None, adaptive=True, maxiters=100_000,
@@ -76,15 +83,21 @@ class NativeStandIn:
         p = np.array(np.asarray(p), dtype=u0.dtype, copy=True).reshape(-1)
         ts = [float(x) for x in np.asarray(ts, dtype=np.float64)]
         try:
-            native = lookup(solver)()
+            cls = lookup(solver)
         except ValueError:  # Vern7, FBDF, ... have no native twin: any accurate solver stands in
-            native = Tsit5()
+            cls = Tsit5
+        if solver in IMPLICIT_SOLVERS and cls is not Tsit5:
+            # like the bridge: implicit methods get the supplied (torch) Jacobian, never AD through f
+            jac = lambda t, y: torch.from_numpy(self._jac(rhs, y.detach().reshape(-1).numpy(), p, float(t)))  # noqa: E731
+            native = cls(jac=jac)
+        else:
+            native = cls()
         opts = self._opts(abstol, reltol, dt, adaptive, maxiters, dtmin, dtmax, u0.dtype)
         stats = {"nfe": 0, "naccept": 0, "nreject": 0}
 
         def f(t, y):
             stats["nfe"] += 1
-            return torch.from_numpy(self._f(rhs, y.numpy(), p, t))
+            return torch.from_numpy(self._f(rhs, y.detach().numpy(), p, float(t)))
 
         loop = integrate(f, torch.from_numpy(u0), ts, native, opts, stats)
         ys = np.asfortranarray(torch.stack(loop.ys).numpy().T)  # n×k, column-major like Julia's Array

@@ -231,26 +231,28 @@ class PlanarFlow(nn.Module):
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K: expected a positive int, got {K!r}")
         self.dim, self.K, self.base_std = dim, K, float(base_std)
-        self.w = nn.Parameter(0.1 * torch.randn(K, dim))
-        self.u = nn.Parameter(0.1 * torch.randn(K, dim))
+        self.w = nn.Parameter(0.5 * torch.randn(K, dim))
+        self.u = nn.Parameter(0.01 * torch.randn(K, dim))
         self.b = nn.Parameter(torch.zeros(K))
 
-    def _u_hat(self, k):
-        w, u = self.w[k], self.u[k]
-        wu = (w * u).sum()
-        return u + (-1 + torch.nn.functional.softplus(wu) - wu) * w / (w.pow(2).sum() + 1e-12)
+    def _u_hat(self, k=None):
+        """The constrained ``û`` (all layers ``[K, dim]``, or layer ``k``): ``wᵀû ≥ −1``."""
+        w, u = (self.w, self.u) if k is None else (self.w[k : k + 1], self.u[k : k + 1])
+        wu = (w * u).sum(-1, keepdim=True)
+        uh = u + (-1 + torch.nn.functional.softplus(wu) - wu) * w / (w.pow(2).sum(-1, keepdim=True) + 1e-12)
+        return uh if k is None else uh[0]
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], got {getattr(x, 'shape', type(x).__name__)}")
         z, logdet = x, x.new_zeros(x.shape[0])
+        U = self._u_hat()
+        wu = (self.w * U).sum(-1)
         for k in range(self.K):
-            u = self._u_hat(k)
-            a = z @ self.w[k] + self.b[k]
-            h = torch.tanh(a)
-            psi = (1 - h.pow(2)).unsqueeze(-1) * self.w[k]
-            logdet = logdet + torch.log((1 + psi @ u).abs() + 1e-12)
-            z = z + h.unsqueeze(-1) * u
+            h = torch.tanh(z @ self.w[k] + self.b[k])
+            # det(I + u ψᵀ) = 1 + (1 − h²) wᵀu
+            logdet = logdet + torch.log((1 + (1 - h.pow(2)) * wu[k]).abs() + 1e-12)
+            z = z + h.unsqueeze(-1) * U[k]
         return _gaussian_logp(z, self.base_std) + logdet
 
     def loss(self, x):

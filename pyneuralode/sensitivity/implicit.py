@@ -43,13 +43,15 @@ class SteadyStateAdjoint(_SteadyMixin, AbstractSensitivity):
     ``f`` uses (module parameters or closed-over tensors). Memory: one evaluation graph,
     independent of the forward iteration count. ``linsolve``:
 
-    * ``"gmres"`` (default): restarted GMRES(``restart``) on the whole state; needs only that
-      ``I − ∂f/∂z`` is non-singular;
+    * ``"gmres"`` (default): restarted GMRES(``restart``), one Krylov space per sample when the
+      state is batched (``batch_dim=0``; the DEQ layer); needs only that ``I − ∂f/∂z`` is
+      non-singular;
     * ``"fixed_point"``: ``g ← ∂L/∂z* + (∂f/∂z)ᵀ g``; converges iff ρ(∂f/∂z) < 1 (locuslab/deq's
       backward hook);
     * ``"anderson"``: Anderson acceleration (memory ``m``) of that iteration.
 
-    Stops when ``‖(I − Jᵀ) g − ∂L/∂z*‖₂ <= max(atol, rtol·‖∂L/∂z*‖₂)`` or after ``max_iters``
+    Stops when ``‖(I − Jᵀ) g − ∂L/∂z*‖₂ <= max(atol, rtol·‖∂L/∂z*‖₂)`` (per sample for GMRES;
+    default ``rtol = √eps`` of the dtype, as LinearSolve.jl: 3.5e-4 in float32, 1.5e-8 in float64) or after ``max_iters``
     VJPs; then warns (``throw=False``, the default: training goes on with the inexact gradient)
     or raises ``RuntimeError`` (``throw=True``). Costs land in ``info``/``pn.last_stats``:
     ``bwd_iterations`` (VJPs in linear solves), ``bwd_residual``, ``bwd_retcode``.
@@ -58,17 +60,19 @@ class SteadyStateAdjoint(_SteadyMixin, AbstractSensitivity):
 
     name = "SteadyStateAdjoint"
 
-    def __init__(self, linsolve: str = "gmres", *, rtol: float = 1e-6, atol: float = 1e-10,
-                 max_iters: int = 200, restart: int = 30, m: int = 5, throw: bool = False):
+    def __init__(self, linsolve: str = "gmres", *, rtol: Optional[float] = None, atol: float = 0.0,
+                 max_iters: int = 200, restart: int = 50, m: int = 5, throw: bool = False):
         if linsolve not in _LINSOLVES:
             raise ValueError(f"linsolve: unknown {linsolve!r}; use one of {', '.join(repr(s) for s in _LINSOLVES)}")
         for nm, v in (("rtol", rtol), ("atol", atol)):
+            if nm == "rtol" and v is None:
+                continue
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{nm}: must be a non-negative number, got {v!r}")
         for nm, v in (("max_iters", max_iters), ("restart", restart), ("m", m)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{nm}: expected a positive int, got {v!r}")
-        super().__init__(None, float(rtol), float(atol))
+        super().__init__(None, None if rtol is None else float(rtol), float(atol))
         self.linsolve = linsolve
         self.max_iters = max_iters
         self.restart = restart
@@ -88,12 +92,14 @@ class SteadyStateAdjoint(_SteadyMixin, AbstractSensitivity):
 
     def solve_adjoint(self, JT: Callable, v: torch.Tensor, info=None, batch: int = 1):
         """Solve ``g − JT(g) = v``; returns ``(g, iterations, residual, converged)``."""
+        rtol = math.sqrt(torch.finfo(v.dtype).eps) if self.rtol is None else self.rtol
         vnorm = float(v.norm())
-        tol = max(self.atol, self.rtol * vnorm)
+        tol = max(self.atol, rtol * vnorm)
         if vnorm == 0.0:
             return torch.zeros_like(v), 0, 0.0, True
-        if self.linsolve == "gmres":
-            return gmres(lambda g: g - JT(g), v, tol=tol, restart=self.restart, max_iters=self.max_iters)
+        if self.linsolve == "gmres":  # per-sample Krylov spaces when batched
+            return gmres(lambda g: g - JT(g), v, tol=self.atol, rtol=rtol, restart=self.restart,
+                         max_iters=self.max_iters, batch=batch)
         if self.linsolve == "fixed_point":
             g = v.clone()
             r = math.inf
@@ -209,48 +215,82 @@ class PhantomGradient(_SteadyMixin, AbstractSensitivity):
 
 
 def gmres(A: Callable, b: torch.Tensor, *, tol: float, restart: int = 30, max_iters: int = 200,
-          x0: Optional[torch.Tensor] = None):
+          x0: Optional[torch.Tensor] = None, batch: int = 1, rtol: float = 0.0):
     """Restarted GMRES for ``A(x) = b`` (matrix-free, any tensor shape); returns ``(x, matvecs, residual, converged)``.
 
-    Arnoldi with modified Gram–Schmidt; the small least-squares problem in float64.
+    With ``batch > 1`` the leading dimension of ``b`` holds independent systems that ``A`` maps
+    block-diagonally: each gets its own Krylov space (one batched matvec per iteration) and is
+    converged when ``‖b_i − A x_i‖₂ <= max(tol, rtol·‖b_i‖₂)``; ``residual`` is the largest.
+    Arnoldi with modified Gram–Schmidt; the small least-squares problems in float64 on the CPU.
     Saad & Schultz (1986).
     """
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    shape = b.shape
+    B = batch
+    bb = b.reshape(B, -1)
+    tolv = torch.clamp(rtol * bb.norm(dim=1).double().cpu(), min=tol)
+    x = torch.zeros_like(bb) if x0 is None else x0.reshape(B, -1).clone()
     total = 0
-    r = b - A(x) if x0 is not None else b.clone()
-    beta = float(r.norm())
+    r = bb - A(x.reshape(shape)).reshape(B, -1) if x0 is not None else bb.clone()
+    beta = r.norm(dim=1).double().cpu()
+    tiny = torch.finfo(b.dtype).tiny
     while True:
-        if beta <= tol or not math.isfinite(beta):
-            return x, total, beta, beta <= tol
+        worst = float(beta.max())
+        if not math.isfinite(worst):
+            return x.reshape(shape), total, worst, False
+        if bool((beta <= tolv).all()):
+            return x.reshape(shape), total, worst, True
         if total >= max_iters:
-            return x, total, beta, False
-        V = [r / beta]
-        H = torch.zeros(restart + 1, restart, dtype=torch.float64)
-        e1 = torch.zeros(restart + 1, dtype=torch.float64)
-        e1[0] = beta
-        y = None
+            return x.reshape(shape), total, worst, False
+        V = [r / beta.to(r).clamp_min(tiny)[:, None]]
+        R = torch.zeros(B, restart + 1, restart, dtype=torch.float64)  # Hessenberg, rotated to upper triangular
+        cs = torch.zeros(B, restart, dtype=torch.float64)
+        sn = torch.zeros(B, restart, dtype=torch.float64)
+        gvec = torch.zeros(B, restart + 1, dtype=torch.float64)
+        gvec[:, 0] = beta
         j_used = 0
         for j in range(restart):
-            w = A(V[j])
+            w = A(V[j].reshape(shape)).reshape(B, -1)
             total += 1
+            h = torch.zeros(B, j + 2, dtype=torch.float64)
             for i in range(j + 1):
-                hij = (w * V[i]).sum()
-                H[i, j] = float(hij)
-                w = w - hij * V[i]
-            hn = float(w.norm())
-            H[j + 1, j] = hn
+                hij = (w * V[i]).sum(1)
+                h[:, i] = hij.double().cpu()
+                w = w - hij[:, None] * V[i]
+            hn = w.norm(dim=1).double().cpu()
+            h[:, j + 1] = hn
+            for i in range(j):  # previous Givens rotations
+                t = cs[:, i] * h[:, i] + sn[:, i] * h[:, i + 1]
+                h[:, i + 1] = -sn[:, i] * h[:, i] + cs[:, i] * h[:, i + 1]
+                h[:, i] = t
+            den = torch.sqrt(h[:, j] ** 2 + h[:, j + 1] ** 2)
+            zero = den == 0
+            cs[:, j] = torch.where(zero, torch.ones_like(den), h[:, j] / torch.where(zero, torch.ones_like(den), den))
+            sn[:, j] = torch.where(zero, torch.zeros_like(den), h[:, j + 1] / torch.where(zero, torch.ones_like(den), den))
+            h[:, j] = den
+            h[:, j + 1] = 0
+            R[:, : j + 2, j] = h
+            gvec[:, j + 1] = -sn[:, j] * gvec[:, j]
+            gvec[:, j] = cs[:, j] * gvec[:, j]
             j_used = j + 1
-            Hj = H[: j + 2, : j + 1]
-            y = torch.linalg.lstsq(Hj, e1[: j + 2, None]).solution[:, 0]
-            res = float((e1[: j + 2] - Hj @ y).norm())
-            if res <= tol or hn <= 1e-14 * beta or total >= max_iters:
+            res = gvec[:, j + 1].abs()
+            breakdown = hn <= 1e-12 * beta.clamp_min(tiny)
+            if bool(((res <= tolv) | breakdown).all()) or total >= max_iters:
                 break
-            V.append(w / hn)
-        yv = y.to(b.dtype)
+            keep = (~breakdown).to(w)[:, None]
+            V.append(keep * w / hn.to(w).clamp_min(tiny)[:, None])
+        T = R[:, :j_used, :j_used].clone()
+        gg = gvec[:, :j_used].clone()
+        diag = T.diagonal(dim1=1, dim2=2)
+        small = diag.abs() <= 1e-14 * diag.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+        if bool(small.any()):  # broken-down / finished samples: drop those directions
+            T = T + torch.diag_embed(small.double())
+            gg = torch.where(small, torch.zeros_like(gg), gg)
+        y = torch.linalg.solve_triangular(T, gg[:, :, None], upper=True)
+        yv = y[:, :, 0].to(b)
         for i in range(j_used):
-            x = x + yv[i] * V[i]
-        r = b - A(x)  # true residual (one extra matvec, not counted as an iteration)
-        beta = float(r.norm())
+            x = x + yv[:, i : i + 1] * V[i]
+        r = bb - A(x.reshape(shape)).reshape(B, -1)  # true residual (one extra matvec, not counted)
+        beta = r.norm(dim=1).double().cpu()
 
 
 def jacobian_regularization(f: Callable, z: torch.Tensor, args: Sequence = (), *, n_samples: int = 1,

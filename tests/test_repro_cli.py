@@ -1,0 +1,70 @@
+"""The `pyneuralode repro` CLI: listing, errors, and the --quick reproductions (cnf-2d, latent-spiral, nfe-vs-tol)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from pyneuralode.repro import _common
+from pyneuralode.repro.cli import REPRO_NAMES, main
+
+EXPECTED = {
+    "cnf-2d": ["nll_cnf_exact", "nll_cnf_hutchinson", "nll_planar", "nll_cnf", "nll_cnf_rnode", "params_cnf",
+               "params_planar", "nfe_eval_cnf_exact", "train_nfe_cnf_rnode"],
+    "latent-spiral": [f"rmse_{m}_{n}" for m in ("latent_ode", "rnn") for n in (30, 50, 100)],
+    "nfe-vs-tol": ["nfe_tol_1e-01", "nfe_tol_1e-04", "time_ms_tol_1e-02", "error_tol_1e-03", "corr_time_nfe",
+                   "nfe_ratio_backward_forward", "nfe_forward_start", "nfe_forward_end", "nfe_growth", "ms_per_nfe"],
+}
+PNGS = {"cnf-2d": ["cnf_2d_density.png", "cnf_2d_samples.png"], "latent-spiral": ["latent_spiral.png"],
+        "nfe-vs-tol": ["nfe_vs_tol.png"]}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_quick_repro_writes_metrics_and_plots(name, tmp_path, capsys):
+    out = tmp_path / name
+    assert main(["repro", name, "--quick", "--out", str(out), "--seed", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in EXPECTED[name]:
+        assert key in metrics, key
+        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), (key, metrics[key])
+    for png in PNGS[name]:
+        assert (out / png).stat().st_size > 1000
+    assert "metrics.json" in capsys.readouterr().out
+
+
+def test_quick_nfe_sweep_is_monotone(tmp_path):
+    main(["repro", "nfe-vs-tol", "--quick", "--out", str(tmp_path)])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    nfes = [m[f"nfe_tol_{t}"] for t in ("1e-01", "1e-02", "1e-03", "1e-04")]
+    assert nfes == sorted(nfes) and m["nfe_monotone_in_tol"] is True
+
+
+def test_list_and_errors(tmp_path, capsys):
+    assert main(["repro", "--list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("odenet-mnist", "table1-mnist", "cnf-2d", "latent-spiral", "nfe-vs-tol", "deq-2x", "deq-mnist"):
+        assert name in listing and name in REPRO_NAMES
+    with pytest.raises(SystemExit) as e:
+        main(["repro", "no-such-thing", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown reproduction 'no-such-thing'" in err and "latent-spiral" in err
+    with pytest.raises(SystemExit):
+        main(["repro", "cnf-2d", "--epochs", "0", "--out", str(tmp_path)])
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "pyneuralode", "repro", "--list"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "latent-spiral" in r.stdout
+
+
+def test_write_metrics_flat_and_finite(tmp_path):
+    import torch
+
+    p = _common.write_metrics(tmp_path / "x", {"a": torch.tensor(1.5), "b": 2, "c": float("nan"), "flag": True})
+    m = json.loads(p.read_text())
+    assert m == {"a": 1.5, "b": 2, "c": None, "flag": True}
+    with pytest.raises(ValueError, match="nested"):
+        _common.write_metrics(tmp_path, {"a": {"b": 1}})

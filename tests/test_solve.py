@@ -1,0 +1,227 @@
+"""solve(): shapes (batch, tuple states), dtypes, backward time, per-component tolerances,
+statistics and return codes — checked against exact solutions."""
+import math
+
+import pytest
+import torch
+
+import pyneuralode as pn
+
+ADAPTIVE = [pn.Heun, pn.BS3, pn.Dopri5, pn.Tsit5, pn.Vern7, pn.DP8]
+ids = lambda c: c.__name__  # noqa: E731
+
+
+def decay(t, y, k):
+    return -k * y
+
+
+@pytest.mark.parametrize("cls", ADAPTIVE, ids=ids)
+def test_batched_state_matches_exact(cls):
+    k = torch.tensor([[0.5], [1.0], [2.0]], dtype=torch.float64)  # (3, 1) broadcasts over (3, 4)
+    y0 = torch.arange(1.0, 13.0, dtype=torch.float64).reshape(3, 4)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    rtol = 1e-6 if cls is pn.Heun else 1e-8  # Heun is 2nd order: keep it cheap
+    sol = pn.solve(decay, y0, t, cls(), rtol=rtol, atol=1e-10, args=(k,))
+    assert sol.ys.shape == (5, 3, 4) and sol.ts.shape == (5,)
+    exact = y0 * torch.exp(-k * t.reshape(-1, 1, 1))
+    assert torch.allclose(sol.ys, exact, rtol=100 * rtol, atol=1e-9)
+    assert torch.equal(sol.ys[0], y0)
+
+
+@pytest.mark.parametrize("cls", [pn.Tsit5, pn.Vern7, pn.DP8, pn.RK4], ids=ids)
+def test_tuple_state(cls):
+    # x' = v, v' = -x (harmonic oscillator) as a tuple (x of shape (2,), v of shape (2, 1))
+    def f(t, s):
+        x, v = s
+        return v.reshape(2), -x.reshape(2, 1)
+
+    x0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    v0 = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    t = torch.linspace(0, 3, 7, dtype=torch.float64)
+    kw = dict(dt=0.01, adaptive=False) if cls is pn.RK4 else dict(rtol=1e-9, atol=1e-11)
+    sol = pn.solve(f, (x0, v0), t, cls(), **kw)
+    xs, vs = sol.ys
+    assert xs.shape == (7, 2) and vs.shape == (7, 2, 1)
+    c, s = torch.cos(t).unsqueeze(1), torch.sin(t).unsqueeze(1)
+    x_exact = x0 * c + v0.reshape(2) * s
+    v_exact = -x0 * s + v0.reshape(2) * c
+    assert torch.allclose(xs, x_exact, atol=1e-7)
+    assert torch.allclose(vs.squeeze(-1), v_exact, atol=1e-7)
+    xq, vq = sol(torch.tensor([1.234], dtype=torch.float64))
+    assert xq.shape == (1, 2) and vq.shape == (1, 2, 1)
+    assert torch.allclose(xq[0], x0 * math.cos(1.234) + v0.reshape(2) * math.sin(1.234), atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [pn.Tsit5, pn.Dopri5, pn.Vern7, pn.DP8], ids=ids)
+@pytest.mark.parametrize("dtype,rtol,tol", [(torch.float32, 1e-5, 1e-4), (torch.float64, 1e-10, 1e-8)])
+def test_dtypes(cls, dtype, rtol, tol):
+    y0 = torch.tensor([1.0, 2.0], dtype=dtype)
+    t = torch.linspace(0, 2, 4, dtype=dtype)
+    sol = pn.solve(lambda t, y: -y * torch.cos(t), y0, t, cls(), rtol=rtol, atol=rtol * 1e-2)
+    assert sol.ys.dtype == dtype
+    assert sol(torch.tensor([0.3])).dtype == dtype
+    exact = y0 * torch.exp(-torch.sin(t)).unsqueeze(1)
+    assert torch.allclose(sol.ys, exact, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cls", [pn.Tsit5, pn.Vern7, pn.DP8, pn.BS3], ids=ids)
+def test_backward_time(cls):
+    # From y(2) = exp(sin 2) back to t = 0 along y' = y cos t.
+    t = torch.tensor([2.0, 1.5, 0.7, 0.0], dtype=torch.float64)
+    y2 = torch.tensor([math.exp(math.sin(2.0))], dtype=torch.float64)
+    sol = pn.solve(lambda t, y: y * torch.cos(t), y2, t, cls(), rtol=1e-9, atol=1e-12)
+    assert sol.retcode == "Success" and sol.t_reached == 0.0
+    assert torch.allclose(sol.ys[:, 0], torch.exp(torch.sin(t)), rtol=1e-7)
+    tq = torch.tensor([1.9, 1.0, 0.05], dtype=torch.float64)
+    assert torch.allclose(sol(tq)[:, 0], torch.exp(torch.sin(tq)), rtol=1e-7)
+
+
+def test_backward_fixed_step():
+    t = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    sol = pn.solve(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64), t, pn.RK4(), dt=0.01, adaptive=False)
+    assert sol.stats["naccept"] == 100
+    assert abs(sol.ys[-1, 0].item() - math.e) < 1e-9
+
+
+def test_per_component_tolerances_are_honoured():
+    """Two identical components, one with a loose and one with a tight tolerance: the error
+    of each follows its own tolerance, and the tight one drives the step size."""
+    y0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+
+    def f(t, y):
+        return y * torch.cos(t)
+
+    exact = math.exp(math.sin(2.0))
+    loose = pn.solve(f, y0, t, pn.Tsit5(), rtol=1e-4, atol=1e-4)
+    tight = pn.solve(f, y0, t, pn.Tsit5(), rtol=1e-10, atol=1e-10)
+    mixed = pn.solve(f, y0, t, pn.Tsit5(), rtol=torch.tensor([1e-4, 1e-10]), atol=torch.tensor([1e-4, 1e-10]))
+    assert mixed.stats["naccept"] > 3 * loose.stats["naccept"]
+    err_mixed = (mixed.ys[-1] - exact).abs()
+    assert err_mixed.max() < 1e-8
+    # A tight atol only on an irrelevant (zero) component does not tighten anything ...
+    y0b = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    a = pn.solve(f, y0b, t, pn.Tsit5(), rtol=1e-4, atol=torch.tensor([1e-4, 1e-12]))
+    assert a.stats["naccept"] == pn.solve(f, y0b, t, pn.Tsit5(), rtol=1e-4, atol=1e-4).stats["naccept"]
+    # ... while tightening the relevant component does.
+    b = pn.solve(f, y0b, t, pn.Tsit5(), rtol=torch.tensor([1e-9, 1e-4]), atol=torch.tensor([1e-9, 1e-4]))
+    assert b.stats["naccept"] > 3 * a.stats["naccept"]
+    assert abs(b.ys[-1, 0].item() - exact) < 1e-7 < abs(a.ys[-1, 0].item() - exact)
+    assert tight.stats["naccept"] >= mixed.stats["naccept"] - 1
+
+
+def test_tolerance_broadcast_over_batch():
+    y0 = torch.ones(4, 3, dtype=torch.float64)
+    atol = torch.tensor([1e-3, 1e-6, 1e-9], dtype=torch.float64)  # per feature, broadcast over the batch
+    sol = pn.solve(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=0.0, atol=atol)
+    err = (sol.ys[-1] - math.exp(-1)).abs()
+    assert err[:, 2].max() < 1e-7 and err[:, 2].max() < err[:, 0].max() + 1e-15
+
+
+@pytest.mark.parametrize("cls", ADAPTIVE, ids=ids)
+def test_stats_are_consistent(cls):
+    calls = {"n": 0}
+
+    def f(t, y):
+        calls["n"] += 1
+        return y * torch.cos(t)
+
+    sol = pn.solve(f, torch.tensor([1.0], dtype=torch.float64), torch.linspace(0, 2, 3, dtype=torch.float64), cls(), rtol=1e-6)
+    st = sol.stats
+    assert st["nfe"] == calls["n"]
+    assert st["naccept"] >= 1 and st["nreject"] >= 0
+    s = cls.tableau.stages - (1 if cls.tableau.fsal else 0) + (0 if cls.tableau.fsal else 1)  # new evaluations per attempt
+    extra = cls.tableau.extra_stages - (1 if cls is pn.Vern7 else 0)  # lazily evaluated dense stages
+    attempts = st["naccept"] + st["nreject"]
+    # init (f0) + Hairer's initial step (1) + s per attempt, + lazy dense stages for interpolated steps
+    lo = 2 + (s - (0 if cls.tableau.fsal else 1)) * attempts
+    assert lo <= st["nfe"] <= lo + attempts + extra * st["naccept"], st
+
+
+def test_nreject_counts_rejections():
+    # An initial step far too large for the tolerance is rejected (and shrunk) until accepted.
+    calls = {"n": 0}
+
+    def f(t, y):
+        calls["n"] += 1
+        return y * torch.cos(t)
+
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    sol = pn.solve(f, torch.ones(1, dtype=torch.float64), t, pn.Tsit5(), dt=2.0, rtol=1e-10, atol=1e-10)
+    st = sol.stats
+    assert st["nreject"] >= 2
+    # Tsit5 (FSAL): f0 once, then 6 new evaluations per attempt, accepted or not.
+    assert st["nfe"] == calls["n"] == 1 + 6 * (st["naccept"] + st["nreject"])
+    assert abs(sol.ys[-1, 0].item() - math.exp(math.sin(2.0))) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------
+# Return codes and failures
+
+
+def test_max_iters():
+    t = torch.tensor([0.0, 10.0], dtype=torch.float64)
+    with pytest.raises(pn.SolveError) as ei:
+        pn.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, pn.Tsit5(), max_steps=5, rtol=1e-10)
+    err = ei.value
+    assert isinstance(err, RuntimeError)
+    assert err.retcode == "MaxIters" and 0.0 < err.t < 10.0
+    assert "max_steps" in str(err)
+    sol = pn.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, pn.Tsit5(), max_steps=5, rtol=1e-10, throw=False)
+    assert sol.retcode == "MaxIters" and not sol.successful
+    assert sol.t_reached == err.t
+    assert sol.stats["naccept"] + sol.stats["nreject"] == 5
+
+
+@pytest.mark.parametrize("cls", [pn.Tsit5, pn.DP8], ids=ids)
+def test_blow_up_is_dt_less_than_min_or_unstable(cls):
+    # y' = y², y(0) = 1 blows up at t = 1.
+    t = torch.tensor([0.0, 0.5, 0.9, 2.0], dtype=torch.float64)
+    y0 = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(pn.SolveError) as ei:
+        pn.solve(lambda t, y: y * y, y0, t, cls())
+    assert ei.value.retcode in ("DtLessThanMin", "Unstable")
+    assert 0.999 < ei.value.t < 1.001
+    sol = pn.solve(lambda t, y: y * y, y0, t, cls(), throw=False)
+    assert sol.retcode in ("DtLessThanMin", "Unstable")
+    # The partial solution holds the output times reached, correct there.
+    assert sol.ys.shape == (3, 1) and sol.ts.shape == (3,)
+    assert torch.allclose(sol.ys[:, 0], 1 / (1 - t[:3]), rtol=1e-5)
+
+
+def test_nan_from_f_is_unstable():
+    def f(t, y):
+        return torch.where(t > 0.5, torch.full_like(y, float("nan")), -y)
+
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    with pytest.raises(pn.SolveError) as ei:
+        pn.solve(f, torch.ones(2, dtype=torch.float64), t, pn.Tsit5())
+    assert ei.value.retcode == "Unstable" and 0.4 < ei.value.t <= 0.5
+    sol = pn.solve(f, torch.ones(2, dtype=torch.float64), t, pn.Tsit5(), throw=False)
+    assert sol.retcode == "Unstable" and sol.ys.shape == (2, 2)
+    assert torch.isfinite(sol.ys).all()
+
+
+def test_nan_in_fixed_step_is_unstable():
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    sol = pn.solve(lambda t, y: y * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 3.0], dtype=torch.float64),
+                   pn.RK4(), dt=0.5, adaptive=False, throw=False)
+    assert sol.retcode == "Unstable"
+    with pytest.raises(pn.SolveError):
+        pn.solve(lambda t, y: y * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 3.0], dtype=torch.float64),
+                 pn.RK4(), dt=0.5, adaptive=False)
+    ok = pn.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, pn.RK4(), dt=0.5, adaptive=False)
+    assert ok.retcode == "Success"
+
+
+def test_single_output_time():
+    sol = pn.solve(lambda t, y: -y, torch.ones(3, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64))
+    assert sol.ys.shape == (1, 3) and sol.retcode == "Success" and sol.stats["nfe"] == 0
+
+
+def test_string_solver_names():
+    y0 = torch.ones(1, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for name in ["tsit5", "Vern7", "dopri8", "DP8", "dop853", "dopri5", "bosh3"]:
+        sol = pn.solve(lambda t, y: -y, y0, t, name, rtol=1e-9, atol=1e-12)
+        assert abs(sol.ys[-1, 0].item() - math.exp(-1)) < 1e-8, name
