@@ -1,4 +1,4 @@
-"""Forward+backward wall time of every sensealg against torchdiffeq's ``odeint_adjoint``, and the seminorm.
+"""Forward+backward time (CPU) of every sensealg against torchdiffeq's ``odeint_adjoint``, and the seminorm.
 
 Batched MLP neural ODEs (float32, Dopri5 in both libraries, the same rtol/atol for the forward and
 the backward pass, loss = mean or sum of the squared final state), 1 thread. Each configuration is timed ``--repeat``
@@ -207,7 +207,7 @@ def main():
             sn += sn_lines
             print("\n".join(lines), file=sys.stderr)
     text = "\n".join(
-        ["## Forward + backward wall time against torchdiffeq", "", *out,
+        ["## Forward + backward time against torchdiffeq", "", *out,
          "\\* `controller=pn.PIController(beta2=0.0)`: integral step control like torchdiffeq's (the engine's default is "
          "PI control, which grows steps more cautiously). Times: process CPU time (1 thread), minimum over "
          f"{repeat} round-robin repeats; CPU time rather than wall time because the benchmark machine is shared "

@@ -330,7 +330,7 @@ def run_batched(B, rtols, diffrax_ok, notes):
                 fn(rtol, rtol * 1e-4)  # warm-up
                 sec, y, steps = min((fn(rtol, rtol * 1e-4) for _ in range(2)), key=lambda x: x[0])
             except Exception as e:  # noqa: BLE001
-                notes.append(f"batched {label} rtol={rtol:g}: failed: {type(e).__name__}: {str(e)[:200]}")
+                notes.append(f"batched {label} rtol={rtol:g}: failed: {type(e).__name__}: {next((ln for ln in str(e).splitlines() if ln.strip()), '')[:160]}")
                 continue
             err = float(np.max(np.abs(y - ref) / np.abs(ref)))
             rows.setdefault(label, {})[rtol] = dict(err=err, sec=sec, steps=steps)
@@ -405,7 +405,8 @@ def main():
                     try:
                         sec, y, steps, extra = fn(prob, rtol)
                     except Exception as e:  # noqa: BLE001
-                        msg = f"{prob} {label} rtol={rtol:g}: failed: {type(e).__name__}: {str(e)[:200]}"
+                        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:160]
+                        msg = f"{prob} {label} rtol={rtol:g}: failed: {type(e).__name__}: {first}"
                         notes.append(msg)
                         print(msg, flush=True)
                         stopped.add(label)

@@ -2,8 +2,9 @@
 
 True system: dy/dt = (y³) A with A = [[-0.1, 2], [-2, -0.1]] (row vectors), y(0) = [2, 0],
 observed at 1000 times in [0, 25]. Model: dy/dt = MLP(y³) (2→50→tanh→2), trained with L1 loss
-on minibatches of 20 random windows of 10 steps, RMSprop. Writes ``spiral.png`` (true vs fitted
-trajectory and phase portrait) and prints the final loss on the whole trajectory.
+on minibatches of 20 random windows of 10 steps, RMSprop (lr 1e-3, cosine decay), 1500
+iterations. Writes ``spiral.png`` (true vs fitted trajectory, phase portrait, learned field) and
+prints the final L1 loss on the whole trajectory.
 
     python examples/spiral.py            # ~1–2 minutes on 2 cores
     python examples/spiral.py --quick    # a few seconds
@@ -22,11 +23,11 @@ import pyneuralode as pn
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few iterations only")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 2000; --quick 30)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default 1500; --quick 30)")
     p.add_argument("--out", default="spiral.png", help="output PNG (default spiral.png)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    iters = a.iters or (30 if a.quick else 2000)
+    iters = a.iters or (30 if a.quick else 1500)
     torch.manual_seed(a.seed)
     from tqdm.auto import tqdm
 
@@ -44,6 +45,8 @@ def main(argv=None) -> float:
     batch_time, batch_size = 10, 20
     model = pn.NeuralODE(vf, t[:batch_time], solver=pn.Dopri5(), rtol=1e-5, atol=1e-6, return_trajectory=True)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    # cosine decay to 1e-5: without it the whole-trajectory loss keeps jumping between 0.1 and 0.7
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, eta_min=1e-5)
 
     def full_loss():
         with torch.no_grad():
@@ -61,6 +64,7 @@ def main(argv=None) -> float:
         loss = (pred - by).abs().mean()
         loss.backward()
         opt.step()
+        sched.step()
         if it % 50 == 0 or it == iters:
             _, fl = full_loss()
             bar.set_postfix(batch_loss=f"{loss.item():.4f}", full_loss=f"{fl:.4f}", nfe=model.nfe_forward)

@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ._solution import DenseSegment, ReturnCode
-from .controllers import PIController, error_norm, initial_step
+from .controllers import PIController, error_norm, initial_step, rms_norm_and_abs
 
 _EPS = 2.220446049250313e-16
 
@@ -95,6 +95,16 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
         dt = abs(opts.dt)
     dtmax = abs(opts.dtmax) if opts.dtmax else span
     dt = min(dt, dtmax)
+    # Error norm: the default (Hairer's RMS norm) takes a fast path that reuses |y| from the
+    # previous step and never records a graph; a custom ``opts.norm`` gets (err, y0, y1, rtol, atol).
+    norm = opts.norm
+    grad_mode = torch.is_grad_enabled()
+    inv_sqrt_n = 1.0 / math.sqrt(max(y.numel(), 1))
+    ay = None
+    if adaptive and norm is None:
+        with torch.no_grad():
+            ay = y.abs()
+    ay1 = None
     err_prev = 1.0
     accepted_last = True
     last_nonfinite = False
@@ -140,7 +150,14 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                     cache = res.cache_on_reject
                 continue
             if adaptive:
-                errn = (error_norm if opts.norm is None else opts.norm)(res.error, y, res.y1, rtol, atol).item()
+                if norm is None:
+                    if grad_mode:
+                        with torch.no_grad():
+                            errn, ay1 = rms_norm_and_abs(res.error, ay, res.y1, rtol, atol, inv_sqrt_n)
+                    else:
+                        errn, ay1 = rms_norm_and_abs(res.error, ay, res.y1, rtol, atol, inv_sqrt_n)
+                else:
+                    errn = norm(res.error, y, res.y1, rtol, atol).item()
                 finite = math.isfinite(errn)
                 if not finite or errn > 1.0:
                     stats["nreject"] += 1
@@ -174,6 +191,8 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 break
             stats["naccept"] += 1
             t, y, cache = t_new, res.y1, res.cache
+            if ay1 is not None:
+                ay, ay1 = ay1, None
             if opts.terminate is not None and next_out < n_out and opts.terminate(t, y, cache):
                 retcode = ReturnCode.Terminated
                 message = f"terminated by the callback at t={t:.6g}"

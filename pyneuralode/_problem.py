@@ -141,7 +141,7 @@ class ODEProblem:
         return torch.cat([c.reshape(-1) for c in v])
 
     def time(self, t: float) -> torch.Tensor:
-        return torch.full((), t, dtype=self.time_dtype, device=self.y0.device)
+        return torch.scalar_tensor(t, dtype=self.time_dtype, device=self.y0.device)
 
     # -- the right-hand side -----------------------------------------------------------------
     def call(self, t: torch.Tensor, y: torch.Tensor, args: Sequence | None = None) -> torch.Tensor:
@@ -173,10 +173,16 @@ class ODEProblem:
 
     def rhs(self, stats: dict, key: str = "nfe", args: Sequence | None = None) -> Callable:
         """A counting right-hand side ``rhs(t_float, y)`` for the integrate loop."""
-        call, time = self.call, self.time
+        call, f = self.call, self.f
+        fargs = self.args if args is None else tuple(args)
+        scalar_tensor, tdtype, device = torch.scalar_tensor, self.time_dtype, self.y0.device
+        plain = not self.is_tuple
 
         def rhs(t: float, y: torch.Tensor) -> torch.Tensor:
             stats[key] = stats.get(key, 0) + 1
-            return call(time(t), y, args)
+            tt = scalar_tensor(t, dtype=tdtype, device=device)
+            if plain and self._checked:  # hot path: f's output was checked on the first call
+                return f(tt, y, *fargs)
+            return call(tt, y, fargs)
 
         return rhs

@@ -1,5 +1,4 @@
 """NeuralODE layer and the time-dependent blocks: exact solutions, finite differences, NFE counters."""
-import math
 
 import pytest
 import torch

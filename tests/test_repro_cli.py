@@ -68,3 +68,10 @@ def test_write_metrics_flat_and_finite(tmp_path):
     assert m == {"a": 1.5, "b": 2, "c": None, "flag": True}
     with pytest.raises(ValueError, match="nested"):
         _common.write_metrics(tmp_path, {"a": {"b": 1}})
+
+
+def test_module_specific_flags_reach_run(tmp_path):
+    out = tmp_path / "c"
+    assert main(["repro", "cnf-2d", "--quick", "--out", str(out), "--data", "circles", "--no-rnode", "--epochs", "2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"] == "circles" and m["iterations"] == 2 and "nll_cnf_rnode" not in m

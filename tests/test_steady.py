@@ -1,6 +1,5 @@
 """Steady states / fixed points: pn.steady_state, DynamicSS and the root finders, implicit gradients."""
 import math
-import warnings
 
 import pytest
 import torch

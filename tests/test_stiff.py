@@ -219,7 +219,7 @@ def test_gradient_wrt_rate_constants(S):
 
 def test_gradient_wrt_initial_state_rodas():
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
-    t = [0.0, 5.0]
+    t = [0.0, 1.0]
 
     def loss(y):
         return pn.solve(robertson, y, t, pn.Rodas5P(), args=(_k(),), rtol=1e-10, atol=1e-14).ys[-1, 0]
@@ -323,17 +323,17 @@ def test_gmres_solver_and_newton_krylov():
     b = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
     x, ok, its = gmres(lambda v: A @ v, b, tol=1e-12)
     assert ok and torch.allclose(A @ x, b, atol=1e-10)
-    # a stiff linear system of 20 states solved matrix-free against its exact solution
-    n = 20
+    # a stiff linear system of 12 states solved matrix-free against its exact solution
+    n = 12
     gen = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
     M = Q @ torch.diag(-torch.logspace(0, 3, n, dtype=F64)) @ Q.T
     y0 = torch.randn(n, generator=gen, dtype=F64)
-    exact = torch.linalg.matrix_exp(M) @ y0
+    exact = torch.linalg.matrix_exp(0.1 * M) @ y0
     with torch.no_grad():
         for S in (pn.Rodas5P, pn.KenCarp4):
-            sol = pn.solve(lambda t, y: M @ y, y0, [0.0, 1.0], S(linsolve="gmres"), rtol=1e-8, atol=1e-10)
-            assert (sol.ys[-1] - exact).abs().max().item() < 1e-6, S
+            sol = pn.solve(lambda t, y: M @ y, y0, [0.0, 0.1], S(linsolve="gmres"), rtol=1e-7, atol=1e-10)
+            assert (sol.ys[-1] - exact).abs().max().item() < 1e-5, S
             assert sol.stats["ngmres"] > 0
 
 

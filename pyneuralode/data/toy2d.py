@@ -26,12 +26,14 @@ def _moons(n, g):
     outer = torch.stack([torch.cos(a_out), torch.sin(a_out)], 1)
     inner = torch.stack([1 - torch.cos(a_in), 1 - torch.sin(a_in) - 0.5], 1)
     x = torch.cat([outer, inner]) + 0.1 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    x = x[torch.randperm(n, generator=g)]  # interleave the two moons
     return x * 2 + torch.tensor([-1.0, -0.2], dtype=torch.float64)
 
 
 def _circles(n, g):
     n_out = n // 2
     r = torch.cat([torch.ones(n_out, dtype=torch.float64), torch.full((n - n_out,), 0.5, dtype=torch.float64)])
+    r = r[torch.randperm(n, generator=g)]  # interleave the two circles
     a = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
     x = torch.stack([r * torch.cos(a), r * torch.sin(a)], 1) + 0.08 * torch.randn(n, 2, generator=g, dtype=torch.float64)
     return 3 * x

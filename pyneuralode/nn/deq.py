@@ -32,7 +32,8 @@ class DEQ(nn.Module):
     at ``z*`` (else 0): add it to the loss (Bai, Koltun, Kolter 2021).
     ``self.last_stats`` is the :class:`pn.SteadyStateInfo` of the last forward (backward costs
     are added to it when ``.backward()`` runs). ``backend="julia"`` solves with
-    SteadyStateDiffEq.jl through ``pyneuralode.julia`` (optional).
+    SteadyStateDiffEq.jl through ``pyneuralode.julia._backend.steady_state`` (optional; only
+    ``DynamicSS`` + ``SteadyStateAdjoint``); ``last_stats`` is then that backend's stats dict.
     """
 
     def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *, abstol: float = 1e-6,
@@ -79,10 +80,7 @@ class DEQ(nn.Module):
         if z0 is None:
             z0 = self.initial_state(x)
         if self.backend == "julia":
-            z = _julia_steady_state(self.f, z0, (x,), self.solver, self.sensealg, self.abstol, self.reltol)
-            from ..steady import _steady
-
-            self.last_stats = _steady.last_stats
+            z, self.last_stats = _julia_steady_state(self.f, z0, (x,), self.solver, self.sensealg, self.abstol, self.reltol)
         else:
             from ..steady._steady import steady_state
 
@@ -118,4 +116,5 @@ def _julia_steady_state(f_module, z0, args, solver, sensealg, abstol, reltol):
         raise NotImplementedError(
             "backend='julia': this version of pyneuralode.julia has no steady_state(); use backend='torch'"
         )
-    return fn(f_module, z0, args, solver, sensealg, abstol, reltol)
+    z = fn(f_module, z0, args, solver, sensealg, abstol, reltol)
+    return z, getattr(_backend, "last_stats", None)  # the backend's own stats (a dict)

@@ -19,7 +19,6 @@ Writes ``metrics.json``, ``cnf_2d_density.png`` (learned densities) and ``cnf_2d
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch

@@ -166,6 +166,9 @@ def run(opts) -> dict:
         "bwd_iterations_mean": sum(bwd) / len(bwd),
         "forward_failures": failures,
         "train_mse_final": float(((ztest - Y) ** 2).mean()),
+        # the exact fixed point of the trained map at x = -5 (closed form of the affine map); the
+        # reported deq(-5) is DynamicSS's answer at the training tolerance, as in the blog
+        "exact_fixed_point_minus5": (a * -5.0 + b) / (1 - a),
         "effective_slope_a": a,
         "effective_bias_b": b,
         "train_seconds": seconds,

@@ -70,7 +70,8 @@ def run(opts) -> dict:
     examples = {}
     t_start = time.perf_counter()
     for n_obs in n_obs_list:
-        n_obs_eff = min(n_obs, n_half)
+        n_obs_eff = max(1, min(n_half, round(n_obs * n_half / 100)))  # n_obs out of 100 (scaled down by --quick)
+        metrics[f"n_obs_used_{n_obs}"] = n_obs_eff
         mask = observation_mask(n_spirals, n_half, n_obs_eff, seed=opts.seed + n_obs).to(dev)
         x = noisy[:, :n_half] / scale
         xtr, mtr = x[:n_train], mask[:n_train]

@@ -32,59 +32,7 @@ NAME = "odenet-mnist"
 QUICK_SIZES = dict(n_train=384, n_val=64, n_test=256)
 
 
-# --- shared helpers (pyneuralode.repro._common when it exists; minimal fallbacks otherwise) -------
-def _common():
-    try:
-        from . import _common as c
-
-        return c
-    except ImportError:
-        return None
-
-
-def seed_everything(seed: int) -> None:
-    c = _common()
-    if c is not None and hasattr(c, "seed_everything"):
-        c.seed_everything(seed)
-        return
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def write_metrics(out: Path, metrics: dict) -> Path:
-    c = _common()
-    if c is not None and hasattr(c, "write_metrics"):
-        return c.write_metrics(out, metrics)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
-    return path
-
-
-def progress(iterable=None, **kw):
-    c = _common()
-    if c is not None and hasattr(c, "progress"):
-        return c.progress(iterable, **kw)
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
-
-
-def savefig(fig, path: Path) -> Path:
-    c = _common()
-    if c is not None and hasattr(c, "savefig"):
-        return c.savefig(fig, path)
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+from ._common import progress, savefig, seed_everything, write_metrics  # noqa: E402
 
 
 def _opt(opts, name, default=None):
@@ -337,11 +285,9 @@ def fit(model, data, cfg, dist: Dist, *, max_batches=None, seed=0, show_progress
 
 
 def plot_history(hist, path: Path, title: str) -> Path:
-    import matplotlib
+    from ._common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     has_nfe = any(v is not None for v in hist["nfe_forward"])
     fig, axes = plt.subplots(1, 3 if has_nfe else 2, figsize=(12 if has_nfe else 8, 3.2))
     axes[0].plot(hist["step"], hist["loss"])
@@ -375,6 +321,10 @@ def run(opts) -> dict:
         solver = lookup(_opt(opts, "solver", "dopri5"))()
         model = MNISTNet("odenet", solver=solver, rtol=tol, atol=tol, sensealg=getattr(opts, "sensealg", None)).to(dist.device)
         params = sum(p.numel() for p in model.parameters())
+        dump = getattr(opts, "replica_dump", None)
+        if dump is not None:  # tests/debugging: every rank saves its initial and final parameters
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, Path(dump) / f"rank{dist.rank}_init.pt")
         hist = fit(model, data, cfg, dist, max_batches=getattr(opts, "max_batches", None), seed=seed,
                    show_progress=not getattr(opts, "no_progress", False),
                    log_path=(out / "history_partial.json") if dist.main else None)
@@ -393,8 +343,7 @@ def run(opts) -> dict:
             "world_size": dist.world, "device": str(dist.device), "torch_threads": torch.get_num_threads(),
             "quick": bool(getattr(opts, "quick", False)),
         }
-        dump = getattr(opts, "replica_dump", None)
-        if dump is not None:  # tests/debugging: every rank saves its parameters
+        if dump is not None:
             Path(dump).mkdir(parents=True, exist_ok=True)
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(dump) / f"rank{dist.rank}.pt")
         if dist.main:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -92,7 +92,7 @@ def _tol(name, v):
 
 
 def _resolve_sensealg(sensealg):
-    from ..sensitivity.implicit import PhantomGradient, SteadyStateAdjoint
+    from ..sensitivity.implicit import SteadyStateAdjoint
 
     if sensealg is None:
         return SteadyStateAdjoint()
