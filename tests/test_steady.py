@@ -295,3 +295,31 @@ def test_info_dict_view():
     _, info = pn.steady_state(torch.cos, torch.zeros(1, dtype=D), solver=pn.Anderson(), abstol=1e-10, reltol=0, return_info=True)
     d = info.as_dict()
     assert d["retcode"] == "Success" and d["converged"] and info["nfe"] == d["nfe"] == info.nfe
+
+
+def test_dynamicss_does_not_stall_at_the_stability_limit():
+    # Regression: with the ODE tolerances equal to the termination tolerances, Tsit5 near the
+    # equilibrium sits at its stability limit with a tolerance-sized oscillation and the max-norm
+    # residual stays above 1e-4 for 1000 steps; the default ode_tol_factor=0.1 terminates quickly.
+    g = torch.Generator().manual_seed(0)
+    n, h, B = 20, 60, 16
+    W1 = torch.randn(h, n, generator=g, dtype=D) / n ** 0.5
+    W2 = torch.randn(n, h, generator=g, dtype=D) / h ** 0.5
+    x = torch.randn(B, n, generator=g, dtype=D)
+    f = lambda z, x: torch.tanh((z + x) @ W1.T) @ W2.T  # noqa: E731
+    z = torch.zeros(B, n, dtype=D, requires_grad=True)
+    fz = f(z, x)
+    v = torch.randn(B, n, generator=g, dtype=D)
+    for _ in range(60):  # power iteration: scale to spectral radius 0.9 at z = 0
+        v = torch.autograd.grad(fz, z, v, retain_graph=True)[0]
+        nr = v.norm(dim=1, keepdim=True)
+        v = v / nr
+    W2 *= 0.9 / float(nr.max())
+    z0 = torch.zeros(B, n, dtype=D)
+    _, bad = pn.steady_state(f, z0, (x,), pn.DynamicSS(pn.Tsit5(), max_steps=1000, ode_tol_factor=1.0), abstol=1e-4, reltol=1e-4,
+                             throw=False, return_info=True)
+    assert bad.retcode == ReturnCode.MaxIters
+    zs, good = pn.steady_state(f, z0, (x,), pn.DynamicSS(pn.Tsit5(), max_steps=1000), abstol=1e-4, reltol=1e-4, return_info=True)
+    assert good.converged and good.nfe < 500
+    ref = pn.steady_state(f, z0, (x,), pn.Anderson(max_iters=200), abstol=1e-12, reltol=0)
+    assert (zs - ref).abs().max() < 5e-3

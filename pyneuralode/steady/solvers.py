@@ -58,8 +58,14 @@ class DynamicSS(AbstractSteadyStateSolver):
 
     Integrates with ``ode_solver`` (default :class:`~pyneuralode.Tsit5`) through the library's
     integrate loop and stops at the first accepted step where ``‖f(z) − z‖∞ <= abstol`` or
-    ``<= reltol·‖f(z)‖∞`` (SciML's ``NormTerminationMode(infnorm)``). The ODE solve uses the same
-    abstol/reltol unless ``ode_atol``/``ode_rtol`` are given. ``tspan=inf`` integrates in windows
+    ``<= reltol·‖f(z)‖∞`` (SciML's ``NormTerminationMode(infnorm)``). The ODE solve uses
+    ``ode_tol_factor·abstol`` / ``ode_tol_factor·reltol`` (default factor 0.1) unless
+    ``ode_atol``/``ode_rtol`` are given. (SteadyStateDiffEq passes the termination tolerances
+    unchanged, factor 1; but the step control bounds an RMS error while termination is tested in
+    the max norm, and an explicit method near equilibrium then sits at its stability limit with a
+    tolerance-sized oscillation that can keep the residual above the threshold for thousands of
+    steps — on a random MNIST-sized DEQ block (batch 128 × 100, ρ(∂f/∂z) ≈ 0.9, float64) at
+    tol 1e-3, factor 1 did not terminate in 1000 steps; factor 0.1 took 172 evaluations.) ``tspan=inf`` integrates in windows
     ``[0, 10], [10, 100], ...`` (carrying the step size) so that time can grow without bound;
     ``max_steps`` bounds the accepted+rejected steps over all windows. Robust when ``f`` is
     contractive or the dynamics are stable, because an adaptive solver takes growing steps as it
@@ -70,7 +76,7 @@ class DynamicSS(AbstractSteadyStateSolver):
     name = "DynamicSS"
 
     def __init__(self, ode_solver=None, tspan: float = math.inf, *, max_steps: int = 10_000,
-                 ode_rtol: Optional[float] = None, ode_atol: Optional[float] = None):
+                 ode_rtol: Optional[float] = None, ode_atol: Optional[float] = None, ode_tol_factor: float = 0.1):
         from ..solvers import AbstractSolver, Tsit5, lookup
 
         if ode_solver is None:
@@ -88,6 +94,7 @@ class DynamicSS(AbstractSteadyStateSolver):
         self.max_steps = _positive_int("max_steps", max_steps)
         self.ode_rtol = None if ode_rtol is None else _positive_float("ode_rtol", ode_rtol)
         self.ode_atol = None if ode_atol is None else _positive_float("ode_atol", ode_atol)
+        self.ode_tol_factor = _positive_float("ode_tol_factor", ode_tol_factor)
 
     def solve(self, fn, z0, check, info, batch=1):
         stats = {"nfe": 0, "naccept": 0, "nreject": 0}
@@ -112,8 +119,8 @@ class DynamicSS(AbstractSteadyStateSolver):
         state["resid"] = r
         z, t0, dt = z0, 0.0, None
         retcode, message = (ReturnCode.Success, "") if ok else (None, "")
-        rtol = self.ode_rtol if self.ode_rtol is not None else info.reltol
-        atol = self.ode_atol if self.ode_atol is not None else info.abstol
+        rtol = self.ode_rtol if self.ode_rtol is not None else self.ode_tol_factor * info.reltol
+        atol = self.ode_atol if self.ode_atol is not None else self.ode_tol_factor * info.abstol
         while retcode is None:
             t1 = min(self.tspan, 10.0 if t0 == 0.0 else 10.0 * t0)
             steps_left = self.max_steps - stats["naccept"] - stats["nreject"]
