@@ -16,7 +16,7 @@ with a timing wrapper around ``f``. The error column is the max-abs error of y(T
 float64 reference (torchdiffeq ``dopri8`` / scipy ``DOP853`` at rtol = atol = 1e-12), so that
 "faster" never means "less accurate" unnoticed.
 
-    python benchmarks/engine_vs_peers.py            # full run (~2-3 minutes)
+    python benchmarks/engine_vs_peers.py            # full run (about 1-2 minutes on 1 free core)
     python benchmarks/engine_vs_peers.py --quick    # smoke version (seconds)
 
 Writes ``benchmarks/results/engine_vs_peers.md`` and ``.json`` (``--quick``: ``*_quick.*``

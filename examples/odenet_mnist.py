@@ -23,7 +23,7 @@ from pyneuralode.nn.odenet import MNISTNet
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=None, help="training batches (default: one epoch)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--sensealg", default="direct", choices=("direct", "backsolve", "interpolating"))

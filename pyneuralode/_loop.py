@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ._solution import DenseSegment, ReturnCode
-from .controllers import PIController, error_norm, initial_step, rms_norm_and_abs
+from .controllers import PIController, initial_step, rms_norm_and_abs
 
 _EPS = 2.220446049250313e-16
 

@@ -6,7 +6,7 @@ into one flat tensor (same dtype and device required) and unpacked around ``f``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -88,7 +88,6 @@ class Solution:
             )
         if not self._segments:
             raise ValueError("sol(tq): the solve took no steps, there is no dense output to evaluate")
-        scalar = not isinstance(tq, torch.Tensor) and not isinstance(tq, Sequence)
         tq_t = torch.as_tensor(tq, dtype=torch.float64).reshape(-1)
         if tq_t.numel() == 0:
             raise ValueError("sol(tq): tq is empty")

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ._loop import LoopOptions
 from ._problem import ODEProblem
-from ._solution import ReturnCode, Solution, SolveError
+from ._solution import Solution, SolveError
 from .controllers import PIController
 from .sensitivity import AbstractSensitivity, DirectAdjoint
 from .solvers import AbstractSolver, Tsit5, lookup

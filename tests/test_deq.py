@@ -154,3 +154,29 @@ def test_repro_deq_mnist_quick(tmp_path):
     assert m["phantom_bwd_iters_per_batch"] == 5  # k phantom steps per batch
     assert m["phantom_saved_mb_per_batch"] > m["dynamicss_saved_mb_per_batch"]  # unrolled steps keep more
     assert (tmp_path / "deq_mnist_pca.png").is_file() and (tmp_path / "table.md").is_file()
+
+
+def test_repro_deq_mnist_blog_init_and_normalize():
+    # The blog's Flux Dense default (Glorot-uniform weights, zero bias), z0 = f(0, x), and --normalize
+    import math
+
+    import pyneuralode as pn
+    from pyneuralode.repro import deq_mnist
+
+    torch.manual_seed(0)
+    m = deq_mnist.DEQNet(pn.Anderson(max_iters=100), pn.SteadyStateAdjoint(), 1e-8).double()
+    assert m.deq.init == "f"
+    for lin in (m.enc, m.deq.f.l1, m.deq.f.l2, m.dec):
+        bound = math.sqrt(6 / (lin.in_features + lin.out_features))
+        w, b = lin.weight.detach(), lin.bias.detach()
+        assert float(b.abs().max()) == 0.0 and float(w.abs().max()) <= bound
+        assert float(w.std()) > 0.5 * bound / math.sqrt(3)  # not PyTorch's (smaller) default
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    mn = deq_mnist.DEQNet(pn.Anderson(max_iters=100), pn.SteadyStateAdjoint(), 1e-8, normalize=True).double()
+    mn.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        ref = m.features((x - deq_mnist.MNIST_MEAN) / deq_mnist.MNIST_STD)
+        assert torch.allclose(mn.features(x), ref, atol=1e-6)
+        assert not torch.allclose(m.features(x), ref, atol=1e-3)
+    with pytest.raises(ValueError, match="--init"):
+        deq_mnist.DEQNet(pn.Anderson(), pn.SteadyStateAdjoint(), 1e-1, init="xavier")

@@ -242,3 +242,12 @@ def test_repro_bad_options(tmp_path, idx_dir):
         odenet_mnist.run(_opts(tmp_path, mnist_dir=str(idx_dir), batch_size=0))
     with pytest.raises(ValueError, match="--models"):
         table1_mnist.run(_opts(tmp_path, mnist_dir=str(idx_dir), models="resnet,vgg"))
+
+
+def test_repro_paper_schedule_quick(tmp_path):
+    from pyneuralode.repro import odenet_mnist
+
+    m = odenet_mnist.run(_opts(tmp_path, data="synthetic", schedule="paper", max_batches=2, solver="bs3", tol=1e-2))
+    # SGD lr 0.1 scaled by batch/128 (quick batch 32); --quick shortens the 160 epochs to 1
+    assert m["schedule"] == "paper" and m["lr"] == pytest.approx(0.025) and m["epochs"] == 1 and m["steps"] == 2
+    assert _finite(m["test_accuracy"])

@@ -19,50 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import _common
+
 NAME = "deq-2x"
-
-
-def _c():
-    try:
-        from . import _common
-
-        return _common
-    except ImportError:  # pragma: no cover
-        return None
-
-
-def _seed(seed):
-    c = _c()
-    if c is not None:
-        return c.seed_everything(seed)
-    torch.manual_seed(seed)
-
-
-def _write(out, metrics):
-    c = _c()
-    if c is not None:
-        return c.write_metrics(out, metrics)
-    import json
-
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _savefig(fig, path):
-    c = _c()
-    if c is not None:
-        return c.savefig(fig, path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
 
 
 class Injected(nn.Module):
@@ -103,7 +62,7 @@ def run(opts) -> dict:
     device = torch.device(getattr(opts, "device", None) or "cpu")
     out = Path(getattr(opts, "out", None) or Path("runs") / NAME)
     out.mkdir(parents=True, exist_ok=True)
-    _seed(seed)
+    _common.seed_everything(seed)
 
     f = Injected().to(device)
     deq = pn.DEQ(f, solver=_solver(solver_name), sensealg=pn.SteadyStateAdjoint(), abstol=tol, reltol=tol,
@@ -176,7 +135,7 @@ def run(opts) -> dict:
         "seed": seed,
     }
     try:
-        plt = _plt()
+        plt = _common.pyplot()
         fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
         ax[0].semilogy(losses)
         ax[0].set(xlabel="epoch", ylabel="sum of squared errors", title="deq-2x loss")
@@ -186,7 +145,7 @@ def run(opts) -> dict:
         ax[2].plot(ep, p5)
         ax[2].axhline(-10, color="k", ls="--", lw=0.8)
         ax[2].set(xlabel="epoch", ylabel="deq(−5)", title="prediction at x = −5 (target −10)")
-        _savefig(fig, out / "deq_2x.png")
+        _common.savefig(fig, out / "deq_2x.png")
         # the blog's trajectories: plain iteration z <- NN(z + x) from random inputs
         g = torch.Generator().manual_seed(seed)
         xs = 10 * torch.rand(10, 1, generator=g)
@@ -205,8 +164,8 @@ def run(opts) -> dict:
                 axt.plot(traj, label=f"x={float(xi):.2f}")
         axt.set(xlabel="depth (iteration)", ylabel="z", title="z ← NN(z + x): trajectories level off at 2x")
         axt.legend(fontsize=6, ncol=2)
-        _savefig(fig, out / "deq_2x_trajectories.png")
+        _common.savefig(fig, out / "deq_2x_trajectories.png")
     except ImportError:  # matplotlib missing: metrics only
         metrics["plots"] = "skipped (matplotlib not installed)"
-    _write(out, metrics)
+    _common.write_metrics(out, metrics)
     return metrics

@@ -20,7 +20,7 @@ _PAD_MAX = 8192
 class _Coefficients:
     """Tableau tensors for one dtype/device, cached on the solver."""
 
-    __slots__ = ("a_rows", "b", "e", "e2", "c", "B", "powers", "extra", "a_pre", "b_head", "stages")
+    __slots__ = ("a_rows", "b", "e", "e2", "c", "B", "powers", "extra", "a_pre", "b_head", "stages", "a_row", "b_row")
 
     def __init__(self, tab: ButcherTableau, dtype, device):
         kw = dict(dtype=dtype, device=device)
@@ -32,6 +32,9 @@ class _Coefficients:
         self.stages = tab.stages
         self.a_pre = [row[:i] for i, row in enumerate(self.a_rows)]
         self.b_head = self.b[: tab.stages - 1] if tab.fsal else self.b
+        # Under autograd the combinations are row-vector × stage-matrix products (see ``step``).
+        self.a_row = [a.unsqueeze(0) for a in self.a_pre]
+        self.b_row = self.b_head.unsqueeze(0)
         self.B = None if tab.dense is None else torch.tensor(tab.dense, **kw)
         # DOP853-style second estimate (combined with ``e`` in ``_combined_error``).
         self.e2 = None if tab.b_error2 is None else torch.tensor(tab.b_error2, **kw)
@@ -180,23 +183,22 @@ class ExplicitRK(AbstractSolver):
                 Ks[s - 1] = f1
             err = self._error(K, KT, y0f, co, dt, shape, flat)
         else:
-            # Under autograd build the stage matrix from fresh tensors (no in-place writes in the graph).
-            ks = [f0 if flat else f0.reshape(-1)]
+            # Under autograd: one fused addmm per combination, y_i = y0 + dt·(a_i K) with K the
+            # row-major stack of the shaped stages (no in-place writes in the graph). The row-vector
+            # form keeps every backward gradient contiguous: ∂K = dt·a_iᵀ g is a row-major (i, n)
+            # matrix whose rows are the stages' gradients, with no transposes or copies.
+            n = y0f.shape[0]
+            y0r = y0f.view(1, n)
+            a_row = co.a_row
+            ks = [f0]
             for i in range(1, m):
-                yi = torch.addmv(y0f, torch.stack(ks).t(), a_pre[i], alpha=dt)  # contiguous stack, transposed view
-                ki = rhs(t0 + c[i] * dt, yi if flat else yi.view(shape))
-                ks.append(ki if flat else ki.reshape(-1))
+                yi = torch.addmm(y0r, a_row[i], torch.stack(ks).view(i, n), alpha=dt)
+                ks.append(rhs(t0 + c[i] * dt, yi.view(shape)))
+            y1 = torch.addmm(y0r, co.b_row, torch.stack(ks).view(m, n), alpha=dt).view(shape)
+            f1 = rhs(t0 + dt, y1)
             if fsal:
-                y1f = torch.addmv(y0f, torch.stack(ks).t(), co.b_head, alpha=dt)
-                y1 = y1f if flat else y1f.view(shape)
-                f1 = rhs(t0 + dt, y1)
-                ks.append(f1 if flat else f1.reshape(-1))
-                K = torch.stack(ks, 0)
-            else:
-                K = torch.stack(ks, 0)
-                y1f = torch.addmv(y0f, K.t(), co.b, alpha=dt)
-                y1 = y1f if flat else y1f.view(shape)
-                f1 = rhs(t0 + dt, y1)
+                ks.append(f1)
+            K = torch.stack(ks).view(s, n)
             # The error estimate only feeds step-size control (treated as constant): no graph.
             with torch.no_grad():
                 err = self._error(K, K.t(), y0f, co, dt, shape, flat)
