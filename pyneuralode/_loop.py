@@ -132,10 +132,9 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 retcode = ReturnCode.MaxIters
                 message = f"reached max_steps={opts.max_steps} at t={t:.6g}; raise max_steps or loosen the tolerances"
                 break
-            # Fixed steps: accumulated rounding in t must not leave a sliver of a last step.
-            last_step = dt >= remaining * (1 - 4 * _EPS) or (adaptive and dt > 0.999 * remaining) or (
-                not adaptive and remaining <= dt * (1 + 1e-8)
-            )
+            # Adaptive: stretch a step by up to 0.1% rather than leave a sliver; fixed steps: accumulated
+            # rounding in t must not leave a sliver of a last step.
+            last_step = dt > 0.999 * remaining if adaptive else remaining <= dt * (1 + 1e-8)
             h = direction * (remaining if last_step else dt)
             res = solver.step(rhs, t, y, h, cache)
             if not res.ok:

@@ -33,6 +33,17 @@ from ..controllers import initial_step
 # Validation of the constructor arguments shared by the adjoints
 
 
+def check_checkpointing(cls_name: str, checkpointing, n_checkpoints) -> None:
+    """Validate the ``checkpointing``/``n_checkpoints`` pair shared by the interpolating and quadrature adjoints."""
+    if not isinstance(checkpointing, bool):
+        raise TypeError(f"{cls_name}(checkpointing=...): expected True or False, got {checkpointing!r}")
+    if n_checkpoints is not None:
+        if not isinstance(n_checkpoints, int) or isinstance(n_checkpoints, bool) or n_checkpoints < 0:
+            raise ValueError(f"{cls_name}(n_checkpoints=...): expected a non-negative int or None, got {n_checkpoints!r}")
+        if not checkpointing:
+            raise ValueError(f"{cls_name}: n_checkpoints needs checkpointing=True (checkpointing=False keeps the whole dense output instead)")
+
+
 def check_common(cls_name: str, solver, rtol, atol):
     from ..solvers import AbstractSolver, lookup
 

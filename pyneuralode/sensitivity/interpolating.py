@@ -5,7 +5,7 @@ import torch
 
 from .._loop import integrate
 from ._adjoint import (
-    VJP, backward_intervals, backward_setup, check_common, forward_checkpointed, forward_dense, last_nonzero,
+    VJP, backward_intervals, backward_setup, check_checkpointing, check_common, forward_checkpointed, forward_dense, last_nonzero,
     merge_stats, run_adjoint, run_backward,
 )
 from ._base import AbstractSensitivity
@@ -38,15 +38,9 @@ class InterpolatingAdjoint(AbstractSensitivity):
 
     def __init__(self, checkpointing: bool = True, n_checkpoints=None, solver=None, rtol=None, atol=None,
                  seminorm: bool = False):
-        if not isinstance(checkpointing, bool):
-            raise TypeError(f"InterpolatingAdjoint(checkpointing=...): expected True or False, got {checkpointing!r}")
+        check_checkpointing("InterpolatingAdjoint", checkpointing, n_checkpoints)
         if not isinstance(seminorm, bool):
             raise TypeError(f"InterpolatingAdjoint(seminorm=...): expected True or False, got {seminorm!r}")
-        if n_checkpoints is not None:
-            if not isinstance(n_checkpoints, int) or isinstance(n_checkpoints, bool) or n_checkpoints < 0:
-                raise ValueError(f"InterpolatingAdjoint(n_checkpoints=...): expected a non-negative int or None, got {n_checkpoints!r}")
-            if not checkpointing:
-                raise ValueError("InterpolatingAdjoint: n_checkpoints needs checkpointing=True (checkpointing=False keeps the whole dense output instead)")
         solver, rtol, atol = check_common("InterpolatingAdjoint", solver, rtol, atol)
         super().__init__(solver, rtol, atol)
         self.checkpointing = checkpointing

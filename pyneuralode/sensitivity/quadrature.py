@@ -7,7 +7,7 @@ import torch
 
 from .._loop import integrate
 from ._adjoint import (
-    VJP, backward_intervals, backward_setup, check_common, flat_cat, forward_checkpointed, forward_dense,
+    VJP, backward_intervals, backward_setup, check_checkpointing, check_common, flat_cat, forward_checkpointed, forward_dense,
     gauss_kronrod15, gauss_legendre, last_nonzero, merge_stats, run_adjoint, run_backward,
 )
 from ._base import AbstractSensitivity
@@ -48,13 +48,7 @@ class QuadratureAdjoint(AbstractSensitivity):
                 raise ValueError(f"QuadratureAdjoint(n_nodes=...): expected a positive int or None, got {n_nodes!r}")
             if quadrature != "gauss-legendre":
                 raise ValueError("QuadratureAdjoint: n_nodes applies to quadrature='gauss-legendre' only (Gauss–Kronrod uses 7–15 nodes)")
-        if not isinstance(checkpointing, bool):
-            raise TypeError(f"QuadratureAdjoint(checkpointing=...): expected True or False, got {checkpointing!r}")
-        if n_checkpoints is not None:
-            if not isinstance(n_checkpoints, int) or isinstance(n_checkpoints, bool) or n_checkpoints < 0:
-                raise ValueError(f"QuadratureAdjoint(n_checkpoints=...): expected a non-negative int or None, got {n_checkpoints!r}")
-            if not checkpointing:
-                raise ValueError("QuadratureAdjoint: n_checkpoints needs checkpointing=True")
+        check_checkpointing("QuadratureAdjoint", checkpointing, n_checkpoints)
         solver, rtol, atol = check_common("QuadratureAdjoint", solver, rtol, atol)
         super().__init__(solver, rtol, atol)
         self.quadrature = quadrature
@@ -80,7 +74,6 @@ class QuadratureAdjoint(AbstractSensitivity):
     def _backward(self, p, ys, grad_ys):
         problem, targets = p.problem, p.targets
         shape = ys.shape[1:]
-        ny = ys[0].numel()
         ng = targets.n
         m = last_nonzero(grad_ys)
         if m <= 0:

@@ -77,6 +77,18 @@ class AbstractSolver:
         return hash(type(self))
 
 
+_TABLEAU_TENSORS: dict = {}
+
+
+def tableau_tensors(tab, y: torch.Tensor, build: Callable):
+    """``build(tab, dtype, device)`` for ``y``'s dtype and device, built once per tableau and cached."""
+    key = (id(tab), build, y.dtype, y.device)
+    co = _TABLEAU_TENSORS.get(key)
+    if co is None:
+        co = _TABLEAU_TENSORS[key] = build(tab, y.dtype, y.device)
+    return co
+
+
 def hermite_interpolant(dense, theta):
     """Cubic Hermite interpolation on a step from ``(y0, y1, f0, f1, dt)``; order 3, C¹ across steps."""
     y0, y1, f0, f1, dt = dense

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, hermite_interpolant
+from ._base import AbstractSolver, StepResult, hermite_interpolant, tableau_tensors
 from ._erk import _polynomial_interpolant
 from ._linalg import LinearSolver, check_linear_options
 from ._tableau import ButcherTableau, order_conditions
@@ -85,17 +85,6 @@ def _predictor_weights(c, i):
         lam = (c[i] - c[j1]) / (c[j2] - c[j1])
         w[j1], w[j2] = 1.0 - lam, lam
     return w
-
-
-_COEF: dict = {}
-
-
-def _coef(tab, y):
-    key = (id(tab), y.dtype, y.device)
-    co = _COEF.get(key)
-    if co is None:
-        co = _COEF[key] = _Coef(tab, y.dtype, y.device)
-    return co
 
 
 class _ESDIRKCache:
@@ -208,7 +197,7 @@ class ESDIRK(AbstractSolver):
     # -- step --------------------------------------------------------------------------------------
     def step(self, rhs, t0, y0, h, cache):
         tab = self.tableau
-        co = _coef(tab, y0)
+        co = tableau_tensors(tab, y0, _Coef)
         ls = cache.ls
         if cache.new_jac or ls.J is None and not ls.gmres_mode:
             ls.set_point(t0, y0)

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult
+from ._base import AbstractSolver, StepResult, tableau_tensors
 from ._linalg import LinearSolver, check_linear_options
 
 _SQRT_EPS = math.sqrt(2.220446049250313e-16)
@@ -216,17 +216,6 @@ class _Coef:
         self.gamma = float(tab.gamma)
 
 
-_COEF: dict = {}
-
-
-def _coef(tab, y):
-    key = (id(tab), y.dtype, y.device)
-    co = _COEF.get(key)
-    if co is None:
-        co = _COEF[key] = _Coef(tab, y.dtype, y.device)
-    return co
-
-
 def rodas_interpolant(dense, theta):
     """Stiff-aware dense output of the Rodas methods (OrdinaryDiffEq's ``rosenbrock_interpolants``).
 
@@ -255,7 +244,7 @@ class GenericRosenbrock(RosenbrockSolver):
 
     def step(self, rhs, t0, y0, h, cache):
         tab = self.tableau
-        co = _coef(tab, y0)
+        co = tableau_tensors(tab, y0, _Coef)
         ls = cache.ls
         f0, dT = self._prepare(rhs, t0, y0, h, cache)
         g = h * co.gamma

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from ._base import StepResult
 from ._rosenbrock import GenericRosenbrock, RosenbrockSolver, RosenbrockTableau
