@@ -30,7 +30,8 @@ class LoopOptions:
     max_steps: int = 100_000
     dense: bool = True
     progress: bool = False
-    controller: PIController = field(default_factory=PIController)
+    #: step-size controller; ``None`` = the solver's ``default_controller()``
+    controller: Optional[PIController] = None
     dtmin: Optional[float] = None
     dtmax: Optional[float] = None
     #: error norm ``norm(err, y0, y1, rtol, atol) -> 0-d tensor``; ``None`` = Hairer's RMS norm
@@ -81,7 +82,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     else:
         cache = solver.init(rhs, t, y, stats)
     adaptive = opts.adaptive
-    ctrl = opts.controller
+    ctrl = opts.controller if opts.controller is not None else solver.default_controller()
     rtol, atol = opts.rtol, opts.atol
     if adaptive:
         q = min(solver.order, solver.error_order) + 1

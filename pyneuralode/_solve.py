@@ -58,8 +58,6 @@ def make_options(solver, *, rtol, atol, dt, adaptive, max_steps, dense, progress
         raise ValueError("dt: fixed-step integration (adaptive=False) needs a step size; pass dt=..., e.g. dt=0.01")
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
         raise ValueError(f"max_steps: must be a positive int, got {max_steps!r}")
-    if controller is None:
-        controller = PIController()
     return LoopOptions(
         rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, dense=dense,
         progress=bool(progress), controller=controller, dtmin=dtmin, dtmax=dtmax,

@@ -19,7 +19,7 @@ pytest.importorskip("scipy", reason="the benchmark compares with scipy's solve_i
 
 TORCH_ROWS = [
     "torchdiffeq dopri5", "pyneuralode Tsit5", "pyneuralode Dopri5",
-    "pyneuralode Tsit5, I-control*", "pyneuralode Dopri5, I-control*", "torchode tsit5",
+    "pyneuralode Tsit5, SciML PI*", "pyneuralode Dopri5, SciML PI*", "torchode tsit5",
 ]
 
 
@@ -75,10 +75,12 @@ def test_mlp_table_rows_and_numbers(quick_run):
         assert gdiff < 1e-3  # and backprop gives the same gradient
         if r[1] == "torchdiffeq dopri5":
             assert fwd_ratio == 1.0 and fb_ratio == 1.0 and gdiff == 0.0
-    # Dopri5 with torchdiffeq's controller makes exactly torchdiffeq's steps on this problem.
+    # Dopri5 with the default (integral) controller makes torchdiffeq's steps on this problem;
+    # SciML's PI gains are more cautious.
     nfe = {(r[0], r[1]): int(r[2]) for r in rows}
     for d in ("float32", "float64"):
-        assert nfe[(d, "pyneuralode Dopri5, I-control*")] <= nfe[(d, "torchdiffeq dopri5")]
+        assert nfe[(d, "pyneuralode Dopri5")] <= nfe[(d, "torchdiffeq dopri5")]
+        assert nfe[(d, "pyneuralode Dopri5, SciML PI*")] >= nfe[(d, "pyneuralode Dopri5")]
 
 
 def test_lotka_volterra_table(quick_run):

@@ -54,6 +54,17 @@ class AbstractSolver:
     error_order: Optional[int] = None
     implicit: bool = False
 
+    def default_controller(self):
+        """The step-size controller used when ``solve`` gets none.
+
+        Explicit methods: the integral controller (``PIController(beta1=1, beta2=0)``), the default of
+        torchdiffeq, diffrax and scipy, so that equal tolerances give equal steps for equal methods.
+        Implicit methods override this with SciML's PI gains (smoother step sequences, fewer Jacobians).
+        """
+        from ..controllers import PIController
+
+        return PIController(beta1=1.0, beta2=0.0) if not self.implicit else PIController()
+
     @property
     def adaptive_capable(self) -> bool:
         return self.error_order is not None
