@@ -445,7 +445,7 @@ def main(argv=None):
         " tolerance. Compare NFE at equal error by reading across the rows.",
         "",
         *table_c(res_c),
-        f"\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4). The default for explicit"
+        "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4). The default for explicit"
         " solvers is integral control with exponent 1/5 (`PIController(beta1=1, beta2=0)`), torchdiffeq's controller.",
         "",
     ])

@@ -8,7 +8,7 @@ is bounded by ``max_steps``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import torch

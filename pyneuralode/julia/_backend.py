@@ -20,7 +20,7 @@ parameters or ``args`` get no gradient for those tensors on this backend.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch

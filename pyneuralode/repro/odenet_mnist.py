@@ -359,21 +359,9 @@ def run(opts) -> dict:
         dist.close()
 
 
-def main(argv=None) -> int:
-    import argparse
+if __name__ == "__main__":  # same as `pyneuralode repro odenet-mnist ...`
+    import sys
 
-    p = argparse.ArgumentParser(prog="python -m pyneuralode.repro.odenet_mnist", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=Path("runs") / NAME)
-    p.add_argument("--seed", type=int, default=0)
-    add_arguments(p)
-    metrics = run(p.parse_args(argv))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics, indent=2, default=float))
-    return 0
+    from .cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["repro", NAME, *sys.argv[1:]]))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -173,14 +172,7 @@ def run(opts) -> dict:
         dist.close()
 
 
-if __name__ == "__main__":
-    import argparse
+if __name__ == "__main__":  # same as `pyneuralode repro table1-mnist ...`
+    from .cli import main
 
-    p = argparse.ArgumentParser(prog="python -m pyneuralode.repro.table1_mnist", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=Path("runs") / NAME)
-    p.add_argument("--seed", type=int, default=0)
-    add_arguments(p)
-    print(run(p.parse_args()))
+    raise SystemExit(main(["repro", NAME, *sys.argv[1:]]))

@@ -20,7 +20,6 @@ OrdinaryDiffEq's ``smooth_est``), which keeps stiff components from inflating it
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import torch
