@@ -228,6 +228,7 @@ class LinearSolver:
         self.point = None  # (t, y) of the current J
         self.g = None
         self.lu = None
+        self.scaled = None  # (scale, scale · W⁻¹) for tiny dense systems
         self.fresh = False  # J was formed at the current step's start
         self.param_grad = None
 
@@ -287,22 +288,38 @@ class LinearSolver:
         if not self.batched and n <= _SMALL:
             # tiny dense systems: an explicit inverse makes every stage solve one mat-vec
             self.lu = ("inv", torch.linalg.inv_ex(W)[0])
+            self.scaled = None
             return
         LU, piv, info = torch.linalg.lu_factor_ex(W)
         self.lu = (LU, piv)
 
-    def solve(self, b: torch.Tensor) -> torch.Tensor:
-        """``W⁻¹ b`` for ``b`` shaped like the state (``W = I − g J`` at the last ``factor(g)``)."""
+    def solve(self, b: torch.Tensor, scale: float = 1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W⁻¹ (scale · b)`` for ``b`` shaped like the state or flat (``W = I − g J`` at the last ``factor(g)``).
+
+        ``out`` (no-grad use): a flat tensor the result is written into. Tiny dense systems keep
+        ``scale · W⁻¹`` for the last ``scale``, so a Rosenbrock stage solve is one mat-vec.
+        """
         _bump(self.stats, "nsolve")
         shape = b.shape
         if self.gmres_mode:
-            return self._gmres_solve(b).view(shape)
-        LU, piv = self.lu
-        if LU == "inv":
-            return torch.mv(piv, b) if b.ndim == 1 else torch.mv(piv, b.reshape(-1)).view(shape)
-        if self.batched:
-            return torch.linalg.lu_solve(LU, piv, b.unsqueeze(-1)).squeeze(-1)
-        return torch.linalg.lu_solve(LU, piv, b.reshape(-1, 1)).view(shape)
+            x = self._gmres_solve(b if scale == 1.0 else scale * b).view(shape)
+        else:
+            LU, piv = self.lu
+            if LU == "inv":
+                if scale != 1.0:
+                    if self.scaled is None or self.scaled[0] != scale:
+                        self.scaled = (scale, piv * scale)
+                    piv = self.scaled[1]
+                if b.ndim == 1:
+                    return torch.mv(piv, b, out=out) if out is not None else torch.mv(piv, b)
+                x = torch.mv(piv, b.reshape(-1)).view(shape)
+            elif self.batched:
+                x = torch.linalg.lu_solve(LU, piv, (b if scale == 1.0 else scale * b).unsqueeze(-1)).squeeze(-1)
+            else:
+                x = torch.linalg.lu_solve(LU, piv, (b if scale == 1.0 else scale * b).reshape(-1, 1)).view(shape)
+        if out is not None:
+            return out.copy_(x.reshape(-1))
+        return x
 
     def _gmres_solve(self, b: torch.Tensor) -> torch.Tensor:
         t, y = self.point

@@ -260,6 +260,7 @@ class GenericRosenbrock(RosenbrockSolver):
             K = torch.empty((s, y0f.numel()), dtype=y0.dtype, device=y0.device)
             KT = K.T
         flat = y0.ndim == 1
+        batched = ls.batched
         dTf = None if dT is None else dT.reshape(-1)
         for i in range(s):
             if i == 0:
@@ -276,11 +277,11 @@ class GenericRosenbrock(RosenbrockSolver):
                     r = torch.addmv(fi if flat else fi.reshape(-1), KT[:, :i], co.C[i], alpha=inv_h)
             if dTf is not None and co.d[i] != 0.0:
                 r = torch.add(r, dTf, alpha=h * co.d[i])
-            ki = ls.solve(g * r) if flat else ls.solve((g * r).view(shape)).reshape(-1)
+            b = r if not batched else r.view(shape)  # batched LU solves want (B, n)
             if grad:
-                Ks.append(ki)
+                Ks.append(ls.solve(b, scale=g).reshape(-1))
             else:
-                K[i] = ki
+                ls.solve(b, scale=g, out=K[i])
         if grad:
             K = torch.stack(Ks, 0)
             KT = K.T
