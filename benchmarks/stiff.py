@@ -1,7 +1,7 @@
 """Stiff work–precision benchmark: native pyneuralode stiff solvers vs scipy, diffrax and torchdiffeq.
 
-    nice -n 10 python benchmarks/stiff.py           # full run (rtol 1e-4..1e-8), a few minutes
-    nice -n 10 python benchmarks/stiff.py --quick   # rtol 1e-4, 1e-6; one repeat
+    python benchmarks/stiff.py           # full run (rtol 1e-4..1e-8), a few minutes
+    python benchmarks/stiff.py --quick   # rtol 1e-4, 1e-6; one repeat
 
 Problems: Robertson (t = 1e5, atol = 1e-4·rtol) and Van der Pol with μ = 1000 (t = 3000,
 atol = rtol). Error: the largest relative error over the components at the final time against
@@ -456,10 +456,11 @@ def render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched=None
     import torch
 
     lines = ["# Stiff solvers: work–precision", ""]
-    lines.append(f"Command: `nice -n 10 python benchmarks/stiff.py{' --quick' if args.quick else ''}` — "
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines.append(f"Command: `python benchmarks/stiff.py{' --quick' if args.quick else ''}` — "
                  f"{platform.processor() or platform.machine()}, 1 thread, Python {platform.python_version()}, "
-                 f"torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}. The machine's 2 cores were shared with other jobs, "
-                 "so times carry some noise (best of up to 3 repeats).")
+                 f"torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}; load average at the end of the run: {load} "
+                 "(times are the best of up to 3 repeats; other jobs on the machine add noise).")
     lines.append("")
     lines.append("Error = max relative error over the components at the final time vs scipy Radau at rtol 1e-12. "
                  "Ratio = wall time at equal accuracy ÷ scipy Radau's (median over Radau's points, log–log interpolation of each "

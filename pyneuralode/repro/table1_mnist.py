@@ -1,6 +1,6 @@
 """``pyneuralode repro table1-mnist``: the paper's Table 1 side by side, plus the no-ODE-block ablation.
 
-Trains four MNIST classifiers with the same recipe (``--schedule fast``: Adam 3e-3 + cosine, batch 64, 1 epoch
+Trains four MNIST classifiers with the same recipe (``--schedule fast``: Adam 3e-3 + cosine, batch 32, 1 epoch
 by default; ``--schedule paper`` for the 160-epoch SGD schedule on a GPU) and reports, per model:
 
 * test error, parameters;

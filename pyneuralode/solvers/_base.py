@@ -59,7 +59,7 @@ class AbstractSolver:
 
         Explicit methods: the integral controller (``PIController(beta1=1, beta2=0)``), the default of
         torchdiffeq, diffrax and scipy, so that equal tolerances give equal steps for equal methods.
-        Implicit methods override this with SciML's PI gains (smoother step sequences, fewer Jacobians).
+        Implicit methods (``implicit = True``): SciML's PI gains (smoother step sequences, fewer Jacobians).
         """
         from ..controllers import PIController
 
