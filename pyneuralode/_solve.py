@@ -93,6 +93,8 @@ def solve(
     Fixed steps: ``adaptive=False, dt=h``. ``sensealg`` picks how gradients cross the solve
     (default :class:`DirectAdjoint`). ``dense`` keeps the dense output for ``sol(tq)`` (default:
     yes, except for the memory-saving ``BacksolveAdjoint``/``InterpolatingAdjoint``).
+    ``controller`` (a :class:`PIController`) defaults to the solver's ``default_controller()``:
+    integral control for explicit methods (torchdiffeq's, diffrax's), SciML's PI gains for implicit ones.
 
     Returns a :class:`Solution` with ``ys`` shaped ``(len(t), *y0.shape)``. On failure raises
     :class:`SolveError` (``throw=True``) or returns the partial solution with its ``retcode``.
