@@ -225,3 +225,28 @@ def test_string_solver_names():
     for name in ["tsit5", "Vern7", "dopri8", "DP8", "dop853", "dopri5", "bosh3"]:
         sol = pn.solve(lambda t, y: -y, y0, t, name, rtol=1e-9, atol=1e-12)
         assert abs(sol.ys[-1, 0].item() - math.exp(-1)) < 1e-8, name
+
+
+def _vdp(t, y, mu=5.0):
+    return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+@pytest.mark.parametrize("cls,expected", [(pn.Tsit5, pn.PIController(beta1=1.0, beta2=0.0)),
+                                          (pn.Dopri5, pn.PIController(beta1=1.0, beta2=0.0)),
+                                          (pn.Rodas5P, pn.PIController()), (pn.KenCarp4, pn.PIController())],
+                         ids=lambda x: getattr(x, "__name__", ""))
+def test_default_controller_is_per_solver_and_overridable(cls, expected):
+    """Explicit solvers default to integral control, implicit ones to SciML's PI gains; controller= overrides."""
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 6.0], dtype=torch.float64)
+    assert cls().default_controller() == expected
+    default = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8)
+    same = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8, controller=expected)
+    other_ctrl = pn.PIController() if expected != pn.PIController() else pn.PIController(beta1=1.0, beta2=0.0)
+    other = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8, controller=other_ctrl)
+    assert default.stats["naccept"] == same.stats["naccept"] and default.stats["nreject"] == same.stats["nreject"]
+    torch.testing.assert_close(default.ys, same.ys, rtol=0, atol=0)
+    assert (other.stats["naccept"], other.stats["nreject"]) != (default.stats["naccept"], default.stats["nreject"])
+    # the integral controller grows steps faster: no more accepted steps than SciML's PI gains here
+    i_run, pi_run = (default, other) if expected.beta2 == 0 else (other, default)
+    assert i_run.stats["naccept"] <= pi_run.stats["naccept"]
