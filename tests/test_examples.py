@@ -1,0 +1,30 @@
+"""The single-file examples run end to end (their quick settings) and print what they promise."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, timeout=300):
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_spiral_quick_writes_plot(tmp_path):
+    png = tmp_path / "spiral.png"
+    stdout = _run(["examples/spiral.py", "--quick", "--out", str(png)])
+    loss = float(re.search(r"final L1 loss on the whole trajectory: ([0-9.eE+-]+)", stdout).group(1))
+    assert math.isfinite(loss) and loss < 2.0
+    assert png.stat().st_size > 10_000
+
+
+def test_deq_2x_example_learns_the_map():
+    stdout = _run(["examples/deq_2x.py"])
+    value = float(re.search(r"deq\(-5\) = (-?[0-9.]+)", stdout).group(1))
+    assert abs(value + 10.0) < 0.1
