@@ -13,7 +13,9 @@ def odeint(func, y0, t, rtol=1e-7, atol=1e-9, method: str | None = None, options
     ``method`` takes torchdiffeq's names (``"dopri5"`` — the default there and here ``"tsit5"``
     unless given — ``"rk4"``, ``"euler"``, ``"midpoint"``, ``"bosh3"``, ...) or any solver name
     of this library. ``options``: ``step_size`` for fixed-grid methods (default: step on the grid
-    ``t``, as torchdiffeq does), ``first_step``, ``max_num_steps``. Extra keyword arguments go to
+    ``t``, as torchdiffeq does), ``first_step``, ``max_num_steps``, and torchdiffeq's step-size
+    controller settings ``safety`` (0.9), ``ifactor`` (10) and ``dfactor`` (0.2) for adaptive
+    methods (integral control, as in torchdiffeq). Extra keyword arguments go to
     :func:`pyneuralode.solve` (e.g. ``sensealg``).
     """
     options = dict(options or {})
@@ -22,8 +24,12 @@ def odeint(func, y0, t, rtol=1e-7, atol=1e-9, method: str | None = None, options
     step_size = options.pop("step_size", None)
     first_step = options.pop("first_step", None)
     max_steps = options.pop("max_num_steps", kwargs.pop("max_steps", 100_000))
+    control = {k: options.pop(k) for k in ("safety", "ifactor", "dfactor") if k in options}
     if options:
-        raise ValueError(f"options: unsupported keys {sorted(options)}; supported: step_size, first_step, max_num_steps")
+        raise ValueError(f"options: unsupported keys {sorted(options)}; supported: step_size, first_step, max_num_steps, "
+                         f"safety, ifactor, dfactor")
+    if control:
+        kwargs["controller"] = _controller(**control)
     if not solver.adaptive_capable or (name in _FIXED_GRID and step_size is not None) or name in ("euler", "rk4"):
         adaptive = False
         if step_size is None:
@@ -33,6 +39,23 @@ def odeint(func, y0, t, rtol=1e-7, atol=1e-9, method: str | None = None, options
         adaptive = True
         dt = first_step
     return solve(func, y0, t, solver, rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, **kwargs).ys
+
+
+def _controller(safety=0.9, ifactor=10.0, dfactor=0.2):
+    """torchdiffeq's adaptive-step options as an integral :class:`PIController`."""
+    from .controllers import PIController
+
+    vals = {}
+    for key, v in (("safety", safety), ("ifactor", ifactor), ("dfactor", dfactor)):
+        try:
+            vals[key] = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(f"options[{key!r}]: expected a number, got {type(v).__name__}") from None
+    if not 0 < vals["safety"] <= 1:
+        raise ValueError(f"options['safety']: must be in (0, 1], got {safety}")
+    if not 0 < vals["dfactor"] < 1 < vals["ifactor"]:
+        raise ValueError(f"options: need 0 < dfactor < 1 < ifactor, got dfactor={dfactor}, ifactor={ifactor}")
+    return PIController(beta1=1.0, beta2=0.0, safety=vals["safety"], factor_min=vals["dfactor"], factor_max=vals["ifactor"])
 
 
 def _grid_solve(func, y0, t, solver, rtol, atol, max_steps, kwargs):
