@@ -11,6 +11,7 @@ from . import steady as _steady
 from ._solution import ReturnCode, Solution, SolveError
 from ._solve import solve
 from .controllers import PIController
+from .events import odeint_event
 from .nn import *  # noqa: F401,F403  (each subpackage lists its public names in __all__)
 from .odeint import odeint
 from .sensitivity import *  # noqa: F401,F403
@@ -20,7 +21,7 @@ from .steady import *  # noqa: F401,F403
 __version__ = "0.1.0"
 
 __all__ = [
-    "solve", "odeint", "Solution", "SolveError", "ReturnCode", "PIController",
+    "solve", "odeint", "odeint_event", "Solution", "SolveError", "ReturnCode", "PIController",
     *_solvers.__all__, *_sensitivity.__all__, *_steady.__all__, *_nn.__all__,
 ]
 

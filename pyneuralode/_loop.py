@@ -41,6 +41,10 @@ class LoopOptions:
     #: e.g. ``f(t, y)`` for explicit RK); ``True`` ends the integration with ``ReturnCode.Terminated``
     #: (SciML's terminating callback; used by ``pn.DynamicSS``). ``None`` = never.
     terminate: Optional[Callable] = None
+    #: ``event(seg, t, t_new, y_new) -> Optional[float]`` called for every accepted step before its
+    #: outputs are saved; a time in ``(t, t_new]`` ends the integration there (outputs after it are
+    #: not saved, ``y_final`` is the dense output at that time, ``ReturnCode.Terminated``).
+    event: Optional[Callable] = None
 
 
 @dataclass
@@ -51,6 +55,7 @@ class LoopResult:
     segments: Optional[List[DenseSegment]]
     y_final: torch.Tensor
     message: str = ""
+    event_t: Optional[float] = None
 
 
 def _progress_bar(enabled: bool, t0: float, t1: float):
@@ -179,11 +184,18 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             seg = DenseSegment(t, h, res.dense, solver.interpolant)
             if segments is not None:
                 segments.append(seg)
+            t_event = opts.event(seg, t, t_new, res.y1) if opts.event is not None else None
+            t_stop = t_new if t_event is None else t_event
             saved_before = next_out
-            while next_out < n_out and direction * (t_out[next_out] - t_new) <= 0:
+            while next_out < n_out and direction * (t_out[next_out] - t_stop) <= 0:
                 to = t_out[next_out]
                 ys.append(res.y1 if to == t_new else seg.evaluate((to - t) / h))
                 next_out += 1
+            if t_event is not None:
+                stats["naccept"] += 1
+                y_event = res.y1 if t_event == t_new else seg.evaluate((t_event - t) / h)
+                return LoopResult(ys, ReturnCode.Terminated, t_event, segments, y_event,
+                                  f"the event fired at t={t_event:.9g}", event_t=t_event)
             if not adaptive and next_out != saved_before and not torch.isfinite(ys[-1]).all():
                 retcode = ReturnCode.Unstable
                 message = f"the state became NaN/Inf by t={t_new:.6g}; use a smaller dt or an adaptive solver"

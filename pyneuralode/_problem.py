@@ -131,7 +131,7 @@ class ODEProblem:
         out, i = [], 0
         for shp in self.shapes:
             n = math.prod(shp)
-            out.append(y[..., i : i + n].reshape(*lead, *shp))
+            out.append(y[..., i : i + n].reshape(tuple(lead) + tuple(shp)))
             i += n
         return tuple(out)
 

@@ -76,6 +76,8 @@ class Solution:
         self._unflatten = unflatten
         self.t_reached = t_reached
         self.solver = solver
+        self.event_t = None  # with solve(..., event=g): the event time (a 0-d tensor) and the state there
+        self.event_y = None
 
     @property
     def successful(self) -> bool:

@@ -84,6 +84,7 @@ def solve(
     controller: PIController | None = None,
     dtmin: float | None = None,
     dtmax: float | None = None,
+    event: Callable | None = None,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, *args)`` from ``y0`` at ``t[0]`` and save at every time in ``t``.
 
@@ -95,6 +96,9 @@ def solve(
     yes, except for the memory-saving ``BacksolveAdjoint``/``InterpolatingAdjoint``).
     ``controller`` (a :class:`PIController`) defaults to the solver's ``default_controller()``:
     integral control for explicit methods (torchdiffeq's, diffrax's), SciML's PI gains for implicit ones.
+    ``event=g`` (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after
+    that time are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
+    (differentiable, :mod:`pyneuralode.events`) give the event; with the default ``DirectAdjoint`` only.
 
     Returns a :class:`Solution` with ``ys`` shaped ``(len(t), *y0.shape)``. On failure raises
     :class:`SolveError` (``throw=True``) or returns the partial solution with its ``retcode``.
@@ -110,6 +114,20 @@ def solve(
         solver, rtol=problem.rtol, atol=problem.atol, dt=dt, adaptive=adaptive, max_steps=max_steps,
         dense=bool(dense), progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
     )
+    locator = None
+    if event is not None:
+        from .events import EventLocator
+        from .sensitivity import DirectAdjoint
+
+        if not callable(event):
+            raise TypeError(f"event: expected a function g(t, y) -> scalar tensor, got {type(event).__name__}")
+        if backend != "torch":
+            raise ValueError("event: events run on the native engine only; drop backend='julia' or the event")
+        if not isinstance(sensealg, DirectAdjoint):
+            raise ValueError(f"event: supported with the default sensealg (DirectAdjoint), not {type(sensealg).__name__}; "
+                             f"drop sensealg=... or the event")
+        locator = EventLocator(event, problem)
+        opts.event = locator
     if backend == "julia":
         from .julia import _backend
 
@@ -143,6 +161,11 @@ def solve(
         t_reached=loop.t_reached,
         solver=solver,
     )
+    if locator is not None and loop.event_t is not None:
+        from .events import differentiable_event
+
+        te, ye = differentiable_event(event, problem, loop.event_t, loop.y_final)
+        sol.event_t, sol.event_y = te, problem.unpack(ye)
     if not loop.retcode.successful and throw:
         raise SolveError(f"solve failed with retcode {loop.retcode.value}: {loop.message} (pass throw=False to get the partial solution)", loop.retcode, loop.t_reached, sol)
     return sol
