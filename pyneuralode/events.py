@@ -91,8 +91,10 @@ def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Te
     zero-valued corrections whose gradients are −(∂g/∂θ)/(dg/dt) and f·dt*/dθ.
     """
     tt = problem.time(t_event)
-    needs = torch.is_grad_enabled() and (y_event.requires_grad or any(p.requires_grad for p in _closure_params(g)))
-    if not needs:
+    if not torch.is_grad_enabled():
+        return tt, y_event
+    gval = g(tt, problem.unpack(y_event)).sum()  # carries ∂g/∂θ through y(t0) and through tensors g closes over
+    if not gval.requires_grad:
         return tt, y_event
     with torch.enable_grad():
         fe = problem.call(tt, y_event.detach()).detach()
@@ -108,15 +110,9 @@ def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Te
         warnings.warn("event: g crosses zero tangentially (dg/dt = 0 at the event); the event time gets no gradient",
                       RuntimeWarning, stacklevel=3)
         return tt, y_event
-    gval = g(tt, problem.unpack(y_event)).sum()
     te = tt - ((gval - gval.detach()) / dgdt).to(tt.dtype)
     ye = y_event + fe * (te - tt).to(fe.dtype)
     return te, ye
-
-
-def _closure_params(g: Callable):
-    """Tensors requiring grad that an ``nn.Module`` event function owns (closures are found through y)."""
-    return list(g.parameters()) if isinstance(g, torch.nn.Module) else []
 
 
 def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False, method: str | None = None,

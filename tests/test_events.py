@@ -136,3 +136,12 @@ def test_event_bad_input():
         pn.odeint_event(lambda t, y: torch.cos(t) * torch.ones_like(y), torch.tensor([0.0], dtype=DT), 0.0,
                         event_fn=lambda t, y: y[0] - 10.0, max_steps=50)
     assert ei.value.retcode == "MaxIters"
+
+
+def test_event_threshold_parameter_gets_its_gradient():
+    """A threshold the event function closes over: t* = sqrt(2 (h − c) / g), dt*/dc = −1/sqrt(2 g (h − c))."""
+    c = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    y0 = torch.tensor([10.0, 0.0], dtype=DT)  # nothing else requires grad
+    sol = pn.solve(ball(G), y0, torch.tensor([0.0, 5.0], dtype=DT), rtol=1e-10, atol=1e-12, event=lambda t, y: y[0] - c)
+    (dc,) = torch.autograd.grad(sol.event_t, c)
+    assert float(dc) == pytest.approx(-1 / math.sqrt(2 * G * 8.0), rel=1e-7)
