@@ -145,3 +145,23 @@ def test_event_threshold_parameter_gets_its_gradient():
     sol = pn.solve(ball(G), y0, torch.tensor([0.0, 5.0], dtype=DT), rtol=1e-10, atol=1e-12, event=lambda t, y: y[0] - c)
     (dc,) = torch.autograd.grad(sol.event_t, c)
     assert float(dc) == pytest.approx(-1 / math.sqrt(2 * G * 8.0), rel=1e-7)
+
+
+def test_events_benchmark_quick(tmp_path):
+    """The events benchmark runs and both libraries agree on the event time and the gradient."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torchdiffeq", reason="the benchmark compares with torchdiffeq")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "events.md"
+    subprocess.run([sys.executable, "benchmarks/events_vs_torchdiffeq.py", "--quick", "--out", str(out)], cwd=root,
+                   check=True, capture_output=True, timeout=300)
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| pn.") or line.startswith("| torchdiffeq")]
+    assert len(rows) == 4
+    for ref, ours in (rows[0:2], rows[2:4]):
+        assert ours[0].strip() == "pn.odeint_event"
+        assert abs(float(ours[1]) - float(ref[1])) < 1e-7  # event times agree
+        assert float(ours[7]) < 1e-6  # gradients agree
+        assert float(ours[3]) > 0 and float(ours[5]) > 0
