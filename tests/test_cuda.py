@@ -42,3 +42,16 @@ def test_cuda_matches_cpu(solver, sensealg):
     torch.testing.assert_close(g_g, g_c, rtol=1e-5, atol=1e-7)
     for a, b in zip(p_g, p_c):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_cuda_event_matches_cpu():
+    out = []
+    for dev in ("cpu", "cuda"):
+        f = Field().double().to(dev)
+        y0 = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(dev).requires_grad_()
+        sol = pn.solve(f, y0, torch.tensor([0.0, 5.0], dtype=torch.float64, device=dev), rtol=1e-9, atol=1e-11,
+                       event=lambda t, y: y[:, 0].mean() - y0[:, 0].detach().mean() - 0.05)
+        (g,) = torch.autograd.grad(sol.event_t, y0)
+        out.append((float(sol.event_t.detach()), g.cpu()))
+    assert out[0][0] == pytest.approx(out[1][0], abs=1e-9)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-6, atol=1e-9)
