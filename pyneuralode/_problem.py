@@ -42,7 +42,9 @@ def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
         except Exception as e:  # noqa: BLE001
             raise TypeError(f"t: could not convert {type(t).__name__} to a 1-D tensor of times ({e})") from None
     if tt.ndim != 1:
-        raise ValueError(f"t: must be 1-D (a sequence of output times), got shape {tuple(tt.shape)}; use t.reshape(-1) or torch.tensor([t0, t1])")
+        raise ValueError(f"t: must be 1-D (a sequence of output times), or (B, T) per-sample times for a y0 whose first "
+                         f"dimension is the batch B; got shape {tuple(tt.shape)} for y0 of shape {tuple(ref.shape)}; use "
+                         f"t.reshape(-1) or torch.tensor([t0, t1])")
     if tt.numel() == 0:
         raise ValueError("t: is empty; give at least the start time, e.g. t=torch.tensor([0.0, 1.0])")
     if not tt.is_floating_point():

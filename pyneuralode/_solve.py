@@ -9,6 +9,7 @@ import torch
 from ._loop import LoopOptions
 from ._problem import ODEProblem
 from ._solution import Solution, SolveError
+from ._per_sample import gather, is_per_sample, union_times
 from .controllers import PIController
 from .sensitivity import AbstractSensitivity, DirectAdjoint
 from .solvers import AbstractSolver, Tsit5, lookup
@@ -100,9 +101,21 @@ def solve(
     that time are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
     (differentiable, :mod:`pyneuralode.events`) give the event; with the default ``DirectAdjoint`` only.
 
+    Per-sample output times: ``t`` shaped ``(B, T)`` for ``y0`` shaped ``(B, ...)`` (rows sharing
+    their first time) gives ``ys`` shaped ``(T, B, ...)`` with ``ys[j, b]`` at ``t[b, j]``.
+
     Returns a :class:`Solution` with ``ys`` shaped ``(len(t), *y0.shape)``. On failure raises
     :class:`SolveError` (``throw=True``) or returns the partial solution with its ``retcode``.
     """
+    if is_per_sample(y0, t):
+        if event is not None:
+            raise ValueError("event: not supported together with per-sample output times t of shape (B, T)")
+        union, index = union_times(t)
+        sol = solve(f, y0, union, solver, rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, args=args,
+                    sensealg=sensealg, backend=backend, progress=progress, throw=throw, dense=dense, controller=controller,
+                    dtmin=dtmin, dtmax=dtmax)
+        return Solution(ts=t, ys=gather(sol.ys, index), retcode=sol.retcode, stats=sol.stats, segments=sol._segments,
+                        t_reached=sol.t_reached, solver=sol.solver)
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
     solver = _resolve_solver(solver)
