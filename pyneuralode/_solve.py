@@ -99,7 +99,8 @@ def solve(
     integral control for explicit methods (torchdiffeq's, diffrax's), SciML's PI gains for implicit ones.
     ``event=g`` (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after
     that time are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
-    (differentiable, :mod:`pyneuralode.events`) give the event; with the default ``DirectAdjoint`` only.
+    (differentiable, :mod:`pyneuralode.events`) give the event. With a continuous adjoint the event is
+    located by a first, gradient-free solve and the adjoint solve then runs to that time.
 
     Per-sample output times: ``t`` shaped ``(B, T)`` for ``y0`` shaped ``(B, ...)`` (rows sharing
     their first time) gives ``ys`` shaped ``(T, B, ...)`` with ``ys[j, b]`` at ``t[b, j]``.
@@ -137,8 +138,12 @@ def solve(
         if backend != "torch":
             raise ValueError("event: events run on the native engine only; drop backend='julia' or the event")
         if not isinstance(sensealg, DirectAdjoint):
-            raise ValueError(f"event: supported with the default sensealg (DirectAdjoint), not {type(sensealg).__name__}; "
-                             f"drop sensealg=... or the event")
+            from .events import solve_with_event_adjoint
+
+            return solve_with_event_adjoint(
+                f, y0, problem, solver, sensealg, event,
+                dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, args=args, progress=progress,
+                     throw=throw, dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax))
         locator = EventLocator(event, problem)
         opts.event = locator
     if backend == "julia":

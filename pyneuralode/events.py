@@ -115,6 +115,35 @@ def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Te
     return te, ye
 
 
+def solve_with_event_adjoint(f, y0, problem, solver, sensealg, g: Callable, kw: dict):
+    """Events with a continuous adjoint: locate the event without gradients, then solve with ``sensealg``
+    to the event time and make that time differentiable as in the direct case."""
+    from ._solve import solve
+
+    with torch.no_grad():
+        probe = solve(f, y0, problem.t.detach(), solver, event=g, **{**kw, "throw": True, "dense": False})
+    if probe.event_t is None:  # no crossing: the ordinary solve
+        return solve(f, y0, problem.t, solver, sensealg=sensealg, **kw)
+    t_e = float(probe.event_t)
+    ts = problem.t
+    direction = 1.0 if (ts.numel() < 2 or float(ts[-1]) > float(ts[0])) else -1.0
+    k = int(((ts.detach() - t_e) * direction <= 0).sum())  # outputs up to the event
+    at_event = k > 0 and float(ts[k - 1]) == t_e
+    t2 = ts[:k] if at_event else torch.cat([ts[:k], ts.new_tensor([t_e])])
+    sol = solve(f, y0, t2, solver, sensealg=sensealg, **kw)
+    y_e = tuple(c[-1] for c in sol.ys) if problem.is_tuple else sol.ys[-1]
+    te, ye = differentiable_event(g, problem, t_e, problem.pack(y_e))
+    out_ys = sol.ys if at_event else (tuple(c[:k] for c in sol.ys) if problem.is_tuple else sol.ys[:k])
+    stats = dict(sol.stats)
+    stats["nfe_event_search"] = probe.stats["nfe"]
+    from ._solution import ReturnCode, Solution
+
+    res = Solution(ts=ts[:k], ys=out_ys, retcode=ReturnCode.Terminated, stats=stats, segments=sol._segments,
+                   t_reached=t_e, solver=solver)
+    res.event_t, res.event_y = te, problem.unpack(ye)
+    return res
+
+
 def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False, method: str | None = None,
                  rtol: float = 1e-7, atol: float = 1e-9, options: dict | None = None, max_steps: int = 100_000, **kwargs):
     """torchdiffeq's ``odeint_event``: integrate from ``t0`` until ``event_fn(t, y)`` crosses zero.
