@@ -157,7 +157,9 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
 
     if options:
         raise ValueError("options: odeint_event takes no options here; pass first_step etc. to pn.solve(..., event=...)")
-    t0 = torch.as_tensor(t0)
+    ref = y0[0] if isinstance(y0, (tuple, list)) else y0
+    if not isinstance(t0, torch.Tensor):  # a Python number: the state's float dtype, like the output times of solve
+        t0 = torch.as_tensor(t0, dtype=ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64)
     if t0.numel() != 1:
         raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
     horizon = 1e12 * (-1.0 if reverse_time else 1.0)

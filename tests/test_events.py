@@ -185,3 +185,10 @@ def test_event_with_continuous_adjoints(sensealg):
     # t* = sqrt(2h/g), v* = -sqrt(2gh), x(1) = h - g/2
     assert float(dh) == pytest.approx(1 / math.sqrt(2 * hv * gv) - math.sqrt(gv / (2 * hv)) + 1.0, rel=1e-6)
     assert float(dg) == pytest.approx(-0.5 * math.sqrt(2 * hv) * gv ** -1.5 - math.sqrt(hv / (2 * gv)) - 0.5, rel=1e-6)
+
+
+def test_odeint_event_reverse_time_with_a_python_start_time():
+    y_end = torch.tensor([0.0, -math.sqrt(2 * G * 10.0)], dtype=DT)
+    te, ys = pn.odeint_event(ball(G), y_end, 0.0, event_fn=lambda t, y: y[0] - 5.0, reverse_time=True, rtol=1e-10, atol=1e-12)
+    assert te.dtype == DT and float(te) == pytest.approx(-(math.sqrt(20 / G) - math.sqrt(10 / G)), abs=1e-10)
+    assert float(ys[-1, 0]) == pytest.approx(5.0, abs=1e-9)
