@@ -28,3 +28,13 @@ def test_deq_2x_example_learns_the_map():
     stdout = _run(["examples/deq_2x.py"])
     value = float(re.search(r"deq\(-5\) = (-?[0-9.]+)", stdout).group(1))
     assert abs(value + 10.0) < 0.1
+
+
+def test_bouncing_ball_fits_through_event_times(tmp_path):
+    png = tmp_path / "ball.png"
+    stdout = _run(["examples/bouncing_ball.py", "--quick", "--out", str(png)])
+    m = re.search(r"fitted h = ([0-9.]+) .*, e = ([0-9.]+) .*impact-time MSE ([0-9.eE+-]+)", stdout)
+    h, e, mse = (float(x) for x in m.groups())
+    # from the guesses h = 5, e = 0.9 towards the truth h = 8, e = 0.7 through gradients of the event times
+    assert abs(h - 8.0) < 2.0 and abs(e - 0.7) < 0.1 and mse < 0.05
+    assert png.stat().st_size > 10_000
