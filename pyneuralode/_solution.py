@@ -97,7 +97,8 @@ class Solution:
             raise ValueError("sol(tq): tq contains NaN or Inf")
         starts = [s.t0 for s in self._segments]
         first, last = self._segments[0], self._segments[-1]
-        lo_t, hi_t = first.t0, last.t0 + last.dt
+        # the span ends where the solve ended (an event may stop it inside its last step)
+        lo_t, hi_t = first.t0, (self.t_reached if self.t_reached is not None else last.t0 + last.dt)
         direction = 1.0 if last.dt >= 0 else -1.0
         lo, hi = min(lo_t, hi_t), max(lo_t, hi_t)
         span = hi - lo

@@ -192,3 +192,12 @@ def test_odeint_event_reverse_time_with_a_python_start_time():
     te, ys = pn.odeint_event(ball(G), y_end, 0.0, event_fn=lambda t, y: y[0] - 5.0, reverse_time=True, rtol=1e-10, atol=1e-12)
     assert te.dtype == DT and float(te) == pytest.approx(-(math.sqrt(20 / G) - math.sqrt(10 / G)), abs=1e-10)
     assert float(ys[-1, 0]) == pytest.approx(5.0, abs=1e-9)
+
+
+def test_dense_output_ends_at_the_event():
+    sol = pn.solve(ball(G), torch.tensor([10.0, 0.0], dtype=DT), torch.tensor([0.0, 5.0], dtype=DT),
+                   rtol=1e-10, atol=1e-12, event=height)
+    te = float(sol.event_t)
+    assert abs(float(sol(te - 1e-3)[0, 0]) - (10.0 - G / 2 * (te - 1e-3) ** 2)) < 1e-8
+    with pytest.raises(ValueError, match="outside the solved span"):
+        sol(te + 1e-3)
