@@ -85,6 +85,27 @@ def torch_rhs(name):
     return f
 
 
+def torch_jac(name):
+    """The analytic Jacobian as a torch function (what scipy Radau/BDF/LSODA are given too)."""
+    import torch
+
+    if name == "robertson":
+        k1, k2, k3 = K
+
+        def jac(t, y):
+            y1, y2, y3 = y.unbind()
+            z = torch.zeros_like(y1)
+            return torch.stack([torch.stack([-k1 + z, k3 * y3, k3 * y2]),
+                                torch.stack([k1 + z, -k3 * y3 - 2 * k2 * y2, -k3 * y2]),
+                                torch.stack([z, 2 * k2 * y2, z])])
+    else:
+        def jac(t, y):
+            x, v = y.unbind()
+            return torch.stack([torch.stack([torch.zeros_like(x), torch.ones_like(x)]),
+                                torch.stack([-2 * MU * x * v - 1.0, MU * (1 - x * x)])])
+    return jac
+
+
 def rel_err(y, ref):
     y, ref = np.asarray(y, dtype=float), np.asarray(ref, dtype=float)
     return float(np.max(np.abs(y - ref) / np.abs(ref)))
@@ -94,7 +115,7 @@ def rel_err(y, ref):
 # runners: each returns (seconds, final state, steps) or raises
 
 
-def run_native(solver_name, prob, rtol):
+def run_native(solver_name, prob, rtol, analytic_jac=False):
     import torch
 
     import pyneuralode as pn
@@ -103,7 +124,7 @@ def run_native(solver_name, prob, rtol):
     f = torch_rhs(prob)
     y0 = torch.tensor(p["y0"], dtype=torch.float64)
     t = torch.tensor([0.0, p["T"]], dtype=torch.float64)
-    solver = getattr(pn, solver_name)()
+    solver = getattr(pn, solver_name)(jac=torch_jac(prob) if analytic_jac else None)
 
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -339,6 +360,7 @@ def run_batched(B, rtols, diffrax_ok, notes):
 
 
 NATIVE = ["Rodas5P", "Rodas4", "Rosenbrock23", "KenCarp4", "Kvaerno5", "Kvaerno3", "TRBDF2", "ImplicitEuler"]
+NATIVE_ANALYTIC = ["Rodas5P", "Rodas4", "Kvaerno5"]  # with the analytic Jacobian, as scipy gets it
 SCIPY = [("Radau", True), ("Radau", False), ("BDF", True), ("LSODA", True)]
 DIFFRAX = ["Kvaerno5", "KenCarp4"]
 
@@ -385,6 +407,7 @@ def main():
         notes.append(f"diffrax not run: {type(e).__name__}: {e}")
 
     runners = [(f"pn.{n}", lambda prob, rtol, n=n: run_native(n, prob, rtol)) for n in NATIVE]
+    runners += [(f"pn.{n} (analytic jac)", lambda prob, rtol, n=n: run_native(n, prob, rtol, True)) for n in NATIVE_ANALYTIC]
     runners += [(f"scipy {m}" + ("" if aj else " (FD jac)"), lambda prob, rtol, m=m, aj=aj: run_scipy(m, prob, rtol, aj))
                 for m, aj in SCIPY]
     if diffrax_ok:
