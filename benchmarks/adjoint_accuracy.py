@@ -99,7 +99,7 @@ def main():
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     cmd = "python benchmarks/adjoint_accuracy.py" + (" --quick" if args.quick else "")
-    (res / "adjoint_accuracy.md").write_text(f"# Adjoint accuracy\n\nCommand: `{cmd}`\n\n{text}")
+    (res / ("adjoint_accuracy_quick.md" if args.quick else "adjoint_accuracy.md")).write_text(f"# Adjoint accuracy\n\nCommand: `{cmd}`\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def main() -> None:
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     cmdline = "python benchmarks/adjoint_memory.py" + (" --quick" if args.quick else "")
-    (res / "adjoint_memory.md").write_text(f"# Adjoint memory\n\nCommand: `{cmdline}`\n\n{text}")
+    (res / ("adjoint_memory_quick.md" if args.quick else "adjoint_memory.md")).write_text(f"# Adjoint memory\n\nCommand: `{cmdline}`\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def main():
     cmd = "python benchmarks/adjoint_speed.py" + (" --quick" if args.quick else "")
     import torchdiffeq
 
-    (res / "adjoint_speed.md").write_text(
+    (res / ("adjoint_speed_quick.md" if args.quick else "adjoint_speed.md")).write_text(
         f"# Adjoint speed\n\nCommand: `{cmd}` (torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__})\n\n{text}"
     )
 
