@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._solution import ReturnCode, Solution
+
 __all__ = ["odeint_event"]
 
 _MAX_ROOT_ITERS = 200
@@ -136,8 +138,6 @@ def solve_with_event_adjoint(f, y0, problem, solver, sensealg, g: Callable, kw: 
     out_ys = sol.ys if at_event else (tuple(c[:k] for c in sol.ys) if problem.is_tuple else sol.ys[:k])
     stats = dict(sol.stats)
     stats["nfe_event_search"] = probe.stats["nfe"]
-    from ._solution import ReturnCode, Solution
-
     res = Solution(ts=ts[:k], ys=out_ys, retcode=ReturnCode.Terminated, stats=stats, segments=sol._segments,
                    t_reached=t_e, solver=solver)
     res.event_t, res.event_y = te, problem.unpack(ye)
