@@ -45,6 +45,12 @@ class LoopOptions:
     #: outputs are saved; a time in ``(t, t_new]`` ends the integration there (outputs after it are
     #: not saved, ``y_final`` is the dense output at that time, ``ReturnCode.Terminated``).
     event: Optional[Callable] = None
+    #: step exactly to these times (``grid[0]`` = the start, ``grid[-1]`` = the end; diffrax's
+    #: ``StepTo``), ignoring the error estimate; used to replay a forward pass's accepted steps
+    #: when an adjoint re-solves from a checkpoint. ``None`` = adaptive or fixed ``dt`` steps.
+    grid: Optional[List[float]] = None
+    #: keep the times of the accepted steps in ``LoopResult.step_ts``
+    record_steps: bool = False
 
 
 @dataclass
@@ -56,6 +62,7 @@ class LoopResult:
     y_final: torch.Tensor
     message: str = ""
     event_t: Optional[float] = None
+    step_ts: Optional[List[float]] = None
 
 
 def _progress_bar(enabled: bool, t0: float, t1: float):
@@ -86,7 +93,9 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
         cache = solver.init(rhs, t, y, stats, rtol=opts.rtol, atol=opts.atol)
     else:
         cache = solver.init(rhs, t, y, stats)
-    adaptive = opts.adaptive
+    grid = opts.grid
+    gk = 0  # index of the current grid time
+    adaptive = opts.adaptive and grid is None
     ctrl = opts.controller if opts.controller is not None else solver.default_controller()
     rtol, atol = opts.rtol, opts.atol
     if adaptive:
@@ -97,8 +106,13 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             f0 = cache if isinstance(cache, torch.Tensor) else rhs(t, y)
             dt = initial_step(rhs, t, y, f0, direction, solver.order, rtol, atol, stats)
             dt = min(dt, span)
+    elif grid is not None:
+        if len(grid) < 2 or grid[0] != t or grid[-1] != t_end:
+            raise ValueError("internal: a step grid must run from the first to the last output time")
+        dt = abs(grid[1] - grid[0])
     else:
         dt = abs(opts.dt)
+    step_ts: Optional[List[float]] = [] if opts.record_steps else None
     dtmax = abs(opts.dtmax) if opts.dtmax else span
     dt = min(dt, dtmax)
     # Error norm: the default (Hairer's RMS norm) takes a fast path that reuses |y| from the
@@ -124,6 +138,8 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     try:
         while next_out < n_out:
             remaining = abs(t_end - t)
+            if grid is not None:
+                dt = abs(grid[gk + 1] - t)
             dtmin = opts.dtmin if opts.dtmin is not None else 4 * _EPS * max(abs(t), abs(t_end), 1e-300)
             if dt < dtmin:
                 retcode = ReturnCode.Unstable if last_nonfinite else ReturnCode.DtLessThanMin
@@ -140,7 +156,10 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 break
             # Adaptive: stretch a step by up to 0.1% rather than leave a sliver; fixed steps: accumulated
             # rounding in t must not leave a sliver of a last step.
-            last_step = dt > 0.999 * remaining if adaptive else remaining <= dt * (1 + 1e-8)
+            if grid is not None:
+                last_step = gk + 2 == len(grid)
+            else:
+                last_step = dt > 0.999 * remaining if adaptive else remaining <= dt * (1 + 1e-8)
             h = direction * (remaining if last_step else dt)
             res = solver.step(rhs, t, y, h, cache)
             if not res.ok:
@@ -176,7 +195,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 fac = ctrl.factor(errn, err_prev, q, accepted_last)
                 err_prev = max(errn, 1e-4)
                 accepted_last = True
-            t_new = t_end if last_step else t + h
+            t_new = t_end if last_step else (t + h if grid is None else grid[gk + 1])
             if t_new == t:
                 retcode = ReturnCode.DtLessThanMin
                 message = f"the step size {abs(h):.3g} is below the float resolution of t={t:.17g}"
@@ -203,6 +222,9 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 break
             stats["naccept"] += 1
             t, y, cache = t_new, res.y1, res.cache
+            gk += 1
+            if step_ts is not None:
+                step_ts.append(t)
             if ay1 is not None:
                 ay, ay1 = ay1, None
             if opts.terminate is not None and next_out < n_out and opts.terminate(t, y, cache):
@@ -220,4 +242,4 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     if retcode == ReturnCode.Success and not adaptive and not torch.isfinite(y).all():
         retcode = ReturnCode.Unstable
         message = "the state became NaN/Inf; use a smaller dt or an adaptive solver"
-    return LoopResult(ys, retcode, t, segments, y, message)
+    return LoopResult(ys, retcode, t, segments, y, message, step_ts=step_ts)

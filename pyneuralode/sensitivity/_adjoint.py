@@ -223,13 +223,16 @@ def _initial_step(rhs, t0: float, z: torch.Tensor, t1: float, solver, opts, n: i
 
 
 def run_backward(rhs, z, t0: float, t1: float, solver, opts, bstats: dict, who: str, hint: str = "",
-                 n_state: Optional[int] = None):
+                 n_state: Optional[int] = None, first_step: Optional[float] = None):
     """One backward integration over [t0, t1] with the engine's loop; a failure raises :class:`SolveError`.
 
     ``n_state``: the leading channels that are genuine ODE states (the rest are parameter-gradient
-    integrals); the first step size is then estimated on those channels only.
+    integrals); the first step size is then estimated on those channels only. ``first_step``: a
+    first step size known from the forward pass (used instead of the estimate).
     """
-    if n_state is not None and n_state < z.numel() and opts.adaptive and opts.dt is None:
+    if first_step is not None and first_step > 0 and opts.adaptive and opts.dt is None:
+        opts = dataclasses.replace(opts, dt=min(first_step, abs(t1 - t0)))
+    elif n_state is not None and n_state < z.numel() and opts.adaptive and opts.dt is None:
         opts = dataclasses.replace(opts, dt=_initial_step(rhs, t0, z, t1, solver, opts, n_state, bstats))
     res = integrate(rhs, z, [t0, t1], solver, opts, bstats)
     if not res.retcode.successful:
@@ -408,37 +411,76 @@ def forward_dense(problem, y0, solver, opts, stats):
 
 
 def forward_checkpointed(problem, y0, solver, opts, stats, n_checkpoints):
-    """Forward pass keeping the states at the checkpoints (output times + ``n_checkpoints`` evenly spaced)."""
+    """Forward pass keeping the states at the checkpoints (output times + ``n_checkpoints`` evenly spaced).
+
+    It also keeps the accepted step times (floats: the backward re-solves replay them). When the
+    user asked for dense output (``opts.dense``), the whole of it is kept anyway and the backward
+    pass reads it instead of re-solving.
+    """
     merged, out_index = checkpoint_times(problem.t_list, n_checkpoints)
-    loop = integrate(problem.rhs(stats), y0, merged, solver, opts, stats)
+    loop = integrate(problem.rhs(stats), y0, merged, solver, dataclasses.replace(opts, record_steps=True), stats)
     kk = len(loop.ys)
     ys = [loop.ys[j] for j in out_index if j < kk]
+    out = dataclasses.replace(loop, ys=ys, step_ts=None)
+    if opts.dense:
+        return torch.stack(ys), out, ("dense", loop.segments)
     output_of: List[Optional[int]] = [None] * kk
     for i, j in enumerate(out_index):
         if j < kk:
             output_of[j] = i
-    saved = ("checkpoints", merged[:kk], list(loop.ys), output_of)
-    return torch.stack(ys), dataclasses.replace(loop, ys=ys), saved
+    saved = ("checkpoints", merged[:kk], list(loop.ys), output_of, loop.step_ts)
+    return torch.stack(ys), out, saved
+
+
+def replay_grid(step_ts: List[float], t0: float, t1: float) -> List[float]:
+    """The forward pass's accepted step times inside (t0, t1), framed by t0 and t1.
+
+    Re-solving a checkpoint interval on this grid replays the forward's accepted steps: no error
+    estimates, no rejections, no starting-step heuristic. Times within 1e-12 of the interval's span
+    of an end are dropped (no sliver steps).
+    """
+    direction = 1.0 if t1 > t0 else -1.0
+    margin = 1e-12 * abs(t1 - t0)
+    lo_key, hi_key = direction * t0 + margin, direction * t1 - margin
+    keys = [direction * s for s in step_ts]  # increasing
+    i, j = bisect.bisect_right(keys, lo_key), bisect.bisect_left(keys, hi_key)
+    return [t0] + list(step_ts[i:j]) + [t1]
+
+
+def step_covering(starts_ends: List[float], t: float) -> Optional[float]:
+    """Length of the forward step ``[s_k, s_k+1]`` (from the sorted-in-direction step times) that ends at or covers ``t``."""
+    if len(starts_ends) < 2:
+        return None
+    direction = 1.0 if starts_ends[-1] > starts_ends[0] else -1.0
+    keys = [direction * s for s in starts_ends]
+    k = min(max(bisect.bisect_left(keys, direction * t), 1), len(keys) - 1)
+    return abs(starts_ends[k] - starts_ends[k - 1])
 
 
 def backward_intervals(p: "Pass", m: int, bstats: dict, who: str):
-    """Yield ``(t_hi, t_lo, lookup, out_lo)`` from output ``m`` back to the first time.
+    """Yield ``(t_hi, t_lo, lookup, out_lo, h_first)`` from output ``m`` back to the first time.
 
     ``lookup`` gives the forward state over [t_lo, t_hi] (the stored dense output, or a re-solve
-    from the checkpoint at ``t_lo`` counted as ``nfe_recompute``); ``out_lo`` is the output index
-    at ``t_lo`` (its cotangent is added there) or ``None`` for a pure checkpoint.
+    from the checkpoint at ``t_lo`` that replays the forward's accepted steps, counted as
+    ``nfe_recompute``); ``out_lo`` is the output index at ``t_lo`` (its cotangent is added there)
+    or ``None`` for a pure checkpoint; ``h_first`` is the length of the forward step that covers
+    ``t_hi``: the backward pass starts with it instead of a starting-step heuristic (which costs
+    two adjoint evaluations).
     """
     problem = p.problem
     if p.saved[0] == "dense":
-        lookup = DenseLookup(p.saved[1])
+        segs = p.saved[1]
+        lookup = DenseLookup(segs)
+        bounds = [s.t0 for s in segs] + [segs[-1].t0 + segs[-1].dt] if segs else []
         times = problem.t_list
         for i in range(m, 0, -1):
-            yield times[i], times[i - 1], lookup, i - 1
+            yield times[i], times[i - 1], lookup, i - 1, step_covering(bounds, times[i])
         return
-    _, times, states, output_of = p.saved
-    fopts = dataclasses.replace(p.opts, dense=True, progress=False)
+    _, times, states, output_of, step_ts = p.saved
+    bounds = [times[0]] + list(step_ts)
     for j in range(output_of.index(m), 0, -1):
         rstats: dict = {}
+        fopts = dataclasses.replace(p.opts, dense=True, progress=False, grid=replay_grid(step_ts, times[j - 1], times[j]))
         floop = integrate(problem.rhs(bstats, key="nfe_recompute"), states[j - 1], [times[j - 1], times[j]], p.solver, fopts, rstats)
         if not floop.retcode.successful:
             raise SolveError(
@@ -447,5 +489,5 @@ def backward_intervals(p: "Pass", m: int, bstats: dict, who: str):
             )
         lookup = DenseLookup(floop.segments)
         del floop
-        yield times[j], times[j - 1], lookup, output_of[j - 1]
+        yield times[j], times[j - 1], lookup, output_of[j - 1], step_covering(bounds, times[j])
         del lookup  # this interval's dense output is freed before the next re-solve

@@ -1,10 +1,12 @@
 """The backsolve continuous adjoint (Chen, Rubanova, Bettencourt & Duvenaud, NeurIPS 2018)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .._loop import integrate
-from ._adjoint import VJP, backward_setup, check_common, last_nonzero, merge_stats, run_adjoint, run_backward
+from ._adjoint import VJP, backward_setup, check_common, last_nonzero, merge_stats, run_adjoint, run_backward, step_covering
 from ._base import AbstractSensitivity
 
 __all__ = ["BacksolveAdjoint"]
@@ -47,8 +49,10 @@ class BacksolveAdjoint(AbstractSensitivity):
 
     # -- forward: the plain loop without a graph; only the output states are kept ----------------
     def _forward(self, problem, y0, solver, opts, stats, keep):
-        loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, opts, stats)
-        return torch.stack(loop.ys), loop, None
+        loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, dataclasses.replace(opts, record_steps=keep), stats)
+        # keep the accepted step times: each backward interval starts with the forward step that covers its end
+        saved = [problem.t_list[0]] + loop.step_ts if keep else None
+        return torch.stack(loop.ys), dataclasses.replace(loop, step_ts=None), saved
 
     # -- backward ----------------------------------------------------------------------------------
     def _backward(self, p, ys, grad_ys):
@@ -78,7 +82,8 @@ class BacksolveAdjoint(AbstractSensitivity):
         z = torch.cat([ys[m].reshape(-1), grad_ys[m].reshape(-1), ys.new_zeros(ng)])
         try:
             for i in range(m, 0, -1):
-                res = run_backward(aug_rhs, z, times[i], times[i - 1], bsolver, bopts, bstats, self.name, _HINT, n_state=2 * ny)
+                res = run_backward(aug_rhs, z, times[i], times[i - 1], bsolver, bopts, bstats, self.name, _HINT, n_state=2 * ny,
+                                   first_step=step_covering(p.saved, times[i]))
                 z = res.y_final.clone()
                 z[:ny] = ys[i - 1].reshape(-1)  # the stored forward state is more accurate than the backsolved one
                 z[ny : 2 * ny] += grad_ys[i - 1].reshape(-1)

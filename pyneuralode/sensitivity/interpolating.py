@@ -23,8 +23,10 @@ class InterpolatingAdjoint(AbstractSensitivity):
     ``checkpointing=True`` (default): the forward pass stores the states at the checkpoints only
     — every output time plus ``n_checkpoints`` evenly spaced times — and the backward pass
     re-solves the state forward from the nearest checkpoint with dense output over one checkpoint
-    interval at a time. Memory: the checkpoints plus the dense output of one interval (no autograd
-    graph); cost: one extra forward solve. ``checkpointing=False``: the forward pass keeps its
+    interval at a time, replaying the forward's accepted steps (no error control, no rejections).
+    Memory: the checkpoints plus the dense output of one interval (no autograd graph) and one
+    float per accepted forward step; cost: one extra forward solve. Each backward interval starts
+    with the forward step that covers its end. ``checkpointing=False``: the forward pass keeps its
     whole dense output (memory grows with the steps, state-sized per step) and nothing is
     re-solved. ``seminorm=True`` leaves the parameter channels out of the backward error norm.
     ``solver``, ``rtol``, ``atol`` of the backward pass default to the forward ones. Counts
@@ -84,9 +86,10 @@ class InterpolatingAdjoint(AbstractSensitivity):
 
         z = torch.cat([grad_ys[m].reshape(-1), ys.new_zeros(ng)])
         try:
-            for t_hi, t_lo, lookup, out_lo in backward_intervals(p, m, bstats, self.name):
+            for t_hi, t_lo, lookup, out_lo, h_first in backward_intervals(p, m, bstats, self.name):
                 lookup_box[0] = lookup
-                z = run_backward(adj_rhs, z, t_hi, t_lo, bsolver, bopts, bstats, self.name, n_state=ny).y_final.clone()
+                z = run_backward(adj_rhs, z, t_hi, t_lo, bsolver, bopts, bstats, self.name, n_state=ny,
+                                 first_step=h_first).y_final.clone()
                 lookup_box[0] = lookup = None
                 if out_lo is not None:
                     z[:ny] += grad_ys[out_lo].reshape(-1)

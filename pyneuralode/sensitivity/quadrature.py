@@ -151,10 +151,10 @@ class QuadratureAdjoint(AbstractSensitivity):
         a = grad_ys[m].reshape(-1).clone()
         g = ys.new_zeros(ng)
         try:
-            for t_hi, t_lo, lookup, out_lo in backward_intervals(p, m, bstats, self.name):
+            for t_hi, t_lo, lookup, out_lo, h_first in backward_intervals(p, m, bstats, self.name):
                 fsegs = lookup.segments
                 bounds[:] = sorted([s_.t0 for s_ in fsegs] + [fsegs[-1].t0 + fsegs[-1].dt])
-                res = run_backward(adj_rhs, a, t_hi, t_lo, bsolver, bopts, bstats, self.name)
+                res = run_backward(adj_rhs, a, t_hi, t_lo, bsolver, bopts, bstats, self.name, first_step=h_first)
                 if ng:
                     for seg in res.segments:
                         g += quad(seg).to(g.dtype)

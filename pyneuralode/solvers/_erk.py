@@ -35,7 +35,7 @@ class _Coefficients:
         # Under autograd the combinations are row-vector × stage-matrix products (see ``step``).
         self.a_row = [a.unsqueeze(0) for a in self.a_pre]
         self.b_row = self.b_head.unsqueeze(0)
-        self.B = None if tab.dense is None else torch.tensor(tab.dense, **kw)
+        self.B = None if tab.dense is None else DenseWeights(tab.dense, dtype, device)
         # DOP853-style second estimate (combined with ``e`` in ``_combined_error``).
         self.e2 = None if tab.b_error2 is None else torch.tensor(tab.b_error2, **kw)
         # Extra dense-output stages: (row over all earlier stages, node, is-the-end-point-derivative).
@@ -53,16 +53,33 @@ class _Coefficients:
                 self.extra.append((torch.tensor(row, **kw), float(tab.c_extra[j]), is_f1))
 
 
+class DenseWeights:
+    """A continuous extension's coefficient matrix ``B`` (stages × degree) as a tensor and as a float64 array.
+
+    For a float θ the stage weights ``dt · B [θ, θ², …]`` are formed in numpy (a few hundred
+    nanoseconds) and handed to one ``addmv``; a tensor θ (gradients to the output time) uses the tensor.
+    """
+
+    __slots__ = ("tensor", "array")
+
+    def __init__(self, B, dtype, device):
+        self.array = np.asarray(B, dtype=np.float64)
+        self.tensor = torch.tensor(self.array, dtype=dtype, device=device)
+
+
 def _polynomial_interpolant(dense, theta):
     """y(θ) = y0 + dt Σ_i b_i(θ) k_i with b_i(θ) = Σ_p B[i,p] θ^(p+1) (the method's continuous extension)."""
-    y0, K, B, dt = dense
-    P = B.shape[1]
-    if isinstance(theta, torch.Tensor):
-        th = theta.to(B.dtype)
-        powers = torch.stack([th ** (p + 1) for p in range(P)])
+    y0, K, W, dt = dense
+    B = W.tensor
+    if isinstance(theta, torch.Tensor) or isinstance(dt, torch.Tensor):
+        P = B.shape[1]
+        th = theta.to(B.dtype) if isinstance(theta, torch.Tensor) else theta
+        powers = torch.stack([torch.as_tensor(th, dtype=B.dtype, device=B.device) ** (p + 1) for p in range(P)])
+        w = (B @ powers) * dt
     else:
-        powers = torch.tensor([theta ** (p + 1) for p in range(P)], dtype=B.dtype, device=B.device)
-    w = (B @ powers) * dt
+        P = W.array.shape[1]
+        powers = theta ** np.arange(1, P + 1, dtype=np.float64)
+        w = torch.as_tensor((W.array @ powers) * dt, dtype=B.dtype).to(B.device)
     return torch.addmv(y0.reshape(-1), K.T, w).view_as(y0)
 
 

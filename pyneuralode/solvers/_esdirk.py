@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ._base import AbstractSolver, StepResult, hermite_interpolant, tableau_tensors
-from ._erk import _polynomial_interpolant
+from ._erk import DenseWeights, _polynomial_interpolant
 from ._linalg import LinearSolver, check_linear_options
 from ._tableau import ButcherTableau, order_conditions
 
@@ -67,7 +67,7 @@ class _Coef:
         self.b_err = torch.tensor(tab.b_error, **kw)
         self.c = [float(x) for x in tab.c]
         self.gamma = float(tab.a[1, 1])
-        self.B = None if tab.dense is None else torch.tensor(tab.dense, **kw)
+        self.B = None if tab.dense is None else DenseWeights(tab.dense, dtype, device)
         self.pred = [None] + [torch.tensor(_predictor_weights(tab.c, i), **kw) for i in range(1, tab.stages)]
 
 
