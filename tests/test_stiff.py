@@ -404,3 +404,93 @@ def test_time_derivative_term_matters_for_rosenbrock():
             errs[auto] = abs(sol.ys[-1, 0].item() - exact)
     assert errs[None] < 1e-9
     assert errs[True] > 1e3 * errs[None], errs
+
+
+# ------------------------------------------------------------------------------------------------
+# finite-difference Jacobians and the numpy step of tiny CPU systems
+
+
+def test_finite_difference_jacobian_dense_and_batched():
+    """jac_mode="finite_difference": N forward differences, ~sqrt(eps) relative accuracy, f(t, y) returned."""
+    from pyneuralode.solvers._linalg import fd_jacobian
+
+    y = torch.tensor([0.7, 1e-5, 0.3], dtype=F64)
+
+    def rhs(t, v):
+        return robertson(t, v, _k())
+
+    J0, _ = dense_jacobian(rhs, 0.0, y, "autograd")
+    J1, f1 = dense_jacobian(rhs, 0.0, y, "finite_difference")
+    assert torch.equal(f1, rhs(0.0, y))
+    err = ((J1 - J0).abs().max() / J0.abs().max()).item()
+    assert 0 < err < 2e-6  # inexact (a difference quotient: O(δ·f'') with δ = sqrt(eps·max(1e-5, |y|)))
+    # a linear f is differentiated to rounding
+    A = torch.randn(4, 4, dtype=F64)
+    Jl, _ = fd_jacobian(lambda t, v: A @ v, 0.0, torch.randn(4, dtype=F64))
+    assert torch.allclose(Jl, A, rtol=0, atol=1e-6)
+    K = torch.rand(5, 3, dtype=F64) + 0.5
+    Y = torch.rand(5, 3, dtype=F64)
+
+    def rows(t, v):
+        return robertson_rows(t, v, K)
+
+    Jb0, _ = batched_jacobian(rows, 0.0, Y, jac_mode="autograd")
+    Jb1, fb = batched_jacobian(rows, 0.0, Y, jac_mode="finite_difference")
+    assert Jb1.shape == (5, 3, 3) and torch.equal(fb, rows(0.0, Y))
+    assert ((Jb1 - Jb0).abs().max() / Jb0.abs().max()).item() < 2e-6
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4, pn.Kvaerno5], ids=lambda S: S.__name__)
+def test_finite_difference_jacobian_solves_robertson(S):
+    r = REFS["robertson"]
+    with torch.no_grad():
+        sol = pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), torch.tensor(r["t"], dtype=F64),
+                       S(jac_mode="finite_difference"), rtol=1e-6, atol=1e-10, args=(_k(),))
+    assert _digits(sol.ys[-1].numpy(), r["y"][-1]) >= 5
+    # N = 3 extra evaluations per Jacobian, counted in nfe
+    assert sol.stats["nfe"] >= 4 * sol.stats["njac"]
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4], ids=lambda S: S.__name__)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", [(3,), (1, 3)], ids=["flat", "2d"])
+def test_numpy_step_matches_the_torch_step(S, dtype, shape):
+    """Tiny CPU states without autograd step in numpy; with autograd the same step runs in torch.
+    Both give the same step (y1, error, dense output) to rounding, and count the same statistics."""
+    k = _k().to(dtype)
+
+    def rhs(t, y):
+        return robertson(t, y.reshape(-1), k).reshape(y.shape) + 0.01 * t  # non-autonomous: the ∂f/∂t term
+
+    y0 = torch.tensor([0.9, 2e-5, 0.1], dtype=dtype).reshape(shape)
+    out = {}
+    for grad in (False, True):
+        solver = S()
+        calls = []
+        numpy_step = solver._step_numpy
+        solver._step_numpy = lambda *a: calls.append(1) or numpy_step(*a)
+        stats: dict = {}
+        with torch.set_grad_enabled(grad):
+            cache = solver.init(rhs, 0.3, y0, stats, rtol=1e-6, atol=1e-9)
+            assert cache.ls.numpy_capable
+            res = solver.step(rhs, 0.3, y0, 1e-3, cache)
+            mid = solver.interpolant(res.dense, 0.4)
+        assert len(calls) == (0 if grad else 1)  # the numpy step runs exactly when autograd is off
+        out[grad] = (res.y1.detach(), res.error.detach(), mid.detach(), dict(stats))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(out[False][:3], out[True][:3]):
+        assert a.shape == b.shape == y0.shape
+        assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-3), (a, b)
+    assert out[False][3] == out[True][3]
+
+
+def test_numpy_step_rejects_nan_and_recovers():
+    """A NaN inside the numpy step (here f blows up for large steps) is a rejected step, not a crash."""
+    def rhs(t, y):
+        bad = (y.abs() > 10).any()
+        return -50.0 * y + (torch.full_like(y, float("nan")) if bad else 0.0) + torch.tensor([1e3, 0.0], dtype=F64) * (t < 0.01)
+
+    with torch.no_grad():
+        sol = pn.solve(rhs, torch.tensor([1.0, 1.0], dtype=F64), [0.0, 1.0], pn.Rodas5P(), rtol=1e-6, atol=1e-9, dt=0.5)
+    assert sol.retcode == "Success" and torch.isfinite(sol.ys).all()
+    assert abs(sol.ys[-1, 1].item() - math.exp(-50.0)) < 1e-6

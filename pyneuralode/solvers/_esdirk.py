@@ -100,7 +100,7 @@ class ESDIRK(AbstractSolver):
 
     Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
     ``(B, n)`` with f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"`` or
-    matrix-free Newton–Krylov ``"gmres"``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``),
+    matrix-free Newton–Krylov ``"gmres"``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``),
     ``max_iter`` (Newton iterations per stage, 10), ``kappa`` (Newton tolerance relative to the
     error tolerance, 0.01), ``jac_theta`` (form a new J after a step whose convergence rate
     exceeded this, 0.05), ``smooth_est`` (filter the error estimate by ``M⁻¹``, True).

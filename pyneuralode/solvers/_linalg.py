@@ -7,7 +7,9 @@ One object, :class:`LinearSolver`, owns how a method gets its Jacobian and solve
   evaluates ``f(t, y)`` once with ``y`` tracked and pulls back all N rows in one batched backward
   pass (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over vector–Jacobian
   products); it returns ``f(t, y)`` as well, so a Rosenbrock step gets its first stage for free.
-  ``jac_mode="jacrev"``/``"jacfwd"`` use :func:`torch.func.jacrev`/:func:`torch.func.jacfwd`.
+  ``jac_mode="jacrev"``/``"jacfwd"`` use :func:`torch.func.jacrev`/:func:`torch.func.jacfwd`;
+  ``jac_mode="finite_difference"`` takes N forward differences (N extra evaluations of f, no
+  autograd graph; the cheapest for tiny systems, accurate to about sqrt(eps)).
 * ``mode="batched"``: state shape ``(B, n)`` with ``f`` acting on each row independently (declared
   by the user); one n×n Jacobian per row from n batched vector–Jacobian (or, ``jacfwd``,
   Jacobian–vector) products with the same unit vector in every row, and a batched LU — never the
@@ -30,9 +32,10 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
-_JAC_MODES = ("autograd", "jacrev", "jacfwd")
+_JAC_MODES = ("autograd", "jacrev", "jacfwd", "finite_difference")
 #: dense systems up to this size solve with an explicit inverse of W (a mat-vec per stage)
 _SMALL = 16
 _LINSOLVES = ("lu", "gmres")
@@ -67,6 +70,8 @@ def _bump(stats: dict, key: str, n: int = 1) -> None:
 
 def dense_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False):
     """``(J, f)``: the N×N Jacobian of the flattened ``rhs(t, ·)`` at ``y`` and, when free, ``f(t, y)`` (else ``None``)."""
+    if jac_mode == "finite_difference":
+        return fd_jacobian(rhs, t, y, create_graph)
     shape = y.shape
     N = y.numel()
     if jac_mode == "autograd":
@@ -95,8 +100,53 @@ def dense_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "au
     return J, None
 
 
+def _fd_steps(y: torch.Tensor) -> torch.Tensor:
+    """Forward-difference increments sqrt(eps · max(1e-5, |y_k|)) (Hairer & Wanner's RADAU5), exact in binary."""
+    eps = torch.finfo(y.dtype).eps
+    d = (eps * y.detach().abs().clamp_min(1e-5)).sqrt()
+    return (y.detach() + d) - y.detach()  # the increment actually representable at y
+
+
+def fd_jacobian(rhs: Callable, t: float, y: torch.Tensor, create_graph: bool = False):
+    """``(J, f)`` by forward differences: N extra evaluations of f (``nfe``), accurate to about sqrt(eps).
+
+    OrdinaryDiffEq's ``autodiff=AutoFiniteDiff()`` and scipy's default for Radau/BDF: for tiny
+    systems it is the cheapest Jacobian (no autograd graph); its error, ~1e-8 relative in float64,
+    enters the step like a W-method's approximate Jacobian and is far below usual tolerances.
+    """
+    shape = y.shape
+    N = y.numel()
+    yin = y if create_graph else y.detach()
+    f0 = rhs(t, yin)
+    yf, f0f = yin.reshape(-1), f0.reshape(-1)
+    d = _fd_steps(yf)
+    eye = torch.eye(N, dtype=y.dtype, device=y.device)
+    cols = []
+    for k, dk in enumerate(d.tolist()):
+        fk = rhs(t, torch.add(yf, eye[k], alpha=dk).view(shape)).reshape(-1)
+        cols.append(torch.sub(fk, f0f).div_(dk) if not create_graph else (fk - f0f) / dk)
+    J = torch.stack(cols, 1)
+    return J, f0
+
+
+def batched_fd_jacobian(rhs: Callable, t: float, y: torch.Tensor, create_graph: bool = False):
+    """``(J, f)`` for ``(B, n)`` independent systems by forward differences: n extra evaluations of the batch."""
+    B, n = y.shape
+    yin = y if create_graph else y.detach()
+    f0 = rhs(t, yin)
+    d = _fd_steps(yin)
+    eye = torch.eye(n, dtype=y.dtype, device=y.device)
+    cols = []
+    for k in range(n):
+        dk = d[:, k : k + 1]
+        cols.append((rhs(t, yin + dk * eye[k]) - f0) / dk)
+    return torch.stack(cols, 2), f0  # J[b, i, k] = ∂f_i/∂y_k
+
+
 def batched_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False):
     """``(J, f)`` for a batch of independent systems: ``y`` is ``(B, n)``, ``f`` acts on each row; J is ``(B, n, n)``."""
+    if jac_mode == "finite_difference":
+        return batched_fd_jacobian(rhs, t, y, create_graph)
     B, n = y.shape
     eye = torch.eye(n, dtype=y.dtype, device=y.device)
     tangents = eye.unsqueeze(1).expand(n, B, n)  # tangents[k] = e_k in every row
@@ -224,6 +274,8 @@ class LinearSolver:
         self.differentiable_jac = differentiable_jac
         self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
         self.owner = owner
+        self.y_numel = y0.numel()
+        self.device_type = y0.device.type
         self.J = None
         self.point = None  # (t, y) of the current J
         self.g = None
@@ -231,6 +283,7 @@ class LinearSolver:
         self.scaled = None  # (scale, scale · W⁻¹) for tiny dense systems
         self.fresh = False  # J was formed at the current step's start
         self.param_grad = None
+        self.np_inv = None  # (g, (I/g − J)⁻¹ as a numpy array) for the numpy step of tiny CPU systems
 
     def copy(self) -> "LinearSolver":
         new = LinearSolver.__new__(LinearSolver)
@@ -271,8 +324,33 @@ class LinearSolver:
             self.point = (t, y)
         self.g = None
         self.lu = None
+        self.np_inv = None
         self.fresh = True
         return f
+
+    @property
+    def numpy_capable(self) -> bool:
+        """True for a tiny dense system on the CPU: steps without autograd may do their linear algebra in numpy."""
+        return not self.gmres_mode and not self.batched and self.y_numel <= _SMALL and self.device_type == "cpu"
+
+    def scaled_inverse_numpy(self, g: float) -> np.ndarray:
+        """``(I/g − J)⁻¹ = g (I − gJ)⁻¹`` as a numpy array, formed once per Jacobian and ``g`` (counts ``nlu``).
+
+        Tiny dense CPU systems without autograd: a numpy inverse of a 3×3 matrix takes a few
+        microseconds where torch's takes ~20; a singular matrix gives NaN (the step is rejected).
+        """
+        cached = self.np_inv
+        if cached is not None and cached[0] == g:
+            return cached[1]
+        _bump(self.stats, "nlu")
+        J = self.J.detach().numpy()
+        n = J.shape[0]
+        try:
+            M = np.linalg.inv(np.eye(n, dtype=J.dtype) / g - J)
+        except np.linalg.LinAlgError:
+            M = np.full((n, n), np.nan, dtype=J.dtype)
+        self.np_inv = (g, M)
+        return M
 
     def factor(self, g: float) -> None:
         if self.g == g and (self.lu is not None or self.gmres_mode):
