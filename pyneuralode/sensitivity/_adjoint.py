@@ -441,10 +441,13 @@ def replay_grid(step_ts: List[float], t0: float, t1: float) -> List[float]:
     """
     direction = 1.0 if t1 > t0 else -1.0
     margin = 1e-12 * abs(t1 - t0)
-    lo_key, hi_key = direction * t0 + margin, direction * t1 - margin
-    keys = [direction * s for s in step_ts]  # increasing
-    i, j = bisect.bisect_right(keys, lo_key), bisect.bisect_left(keys, hi_key)
-    return [t0] + list(step_ts[i:j]) + [t1]
+
+    def key(s):  # increasing along step_ts
+        return direction * s
+
+    i = bisect.bisect_right(step_ts, direction * t0 + margin, key=key)
+    j = bisect.bisect_left(step_ts, direction * t1 - margin, key=key)
+    return [t0] + step_ts[i:j] + [t1]
 
 
 def step_covering(starts_ends: List[float], t: float) -> Optional[float]:
@@ -452,8 +455,8 @@ def step_covering(starts_ends: List[float], t: float) -> Optional[float]:
     if len(starts_ends) < 2:
         return None
     direction = 1.0 if starts_ends[-1] > starts_ends[0] else -1.0
-    keys = [direction * s for s in starts_ends]
-    k = min(max(bisect.bisect_left(keys, direction * t), 1), len(keys) - 1)
+    k = bisect.bisect_left(starts_ends, direction * t, key=lambda s: direction * s)
+    k = min(max(k, 1), len(starts_ends) - 1)
     return abs(starts_ends[k] - starts_ends[k - 1])
 
 
