@@ -486,11 +486,16 @@ def test_numpy_step_matches_the_torch_step(S, dtype, shape):
 
 def test_numpy_step_rejects_nan_and_recovers():
     """A NaN inside the numpy step (here f blows up for large steps) is a rejected step, not a crash."""
+    nan_calls = []
+
     def rhs(t, y):
         bad = (y.abs() > 10).any()
+        if bad:
+            nan_calls.append(float(t))
         return -50.0 * y + (torch.full_like(y, float("nan")) if bad else 0.0) + torch.tensor([1e3, 0.0], dtype=F64) * (t < 0.01)
 
     with torch.no_grad():
         sol = pn.solve(rhs, torch.tensor([1.0, 1.0], dtype=F64), [0.0, 1.0], pn.Rodas5P(), rtol=1e-6, atol=1e-9, dt=0.5)
+    assert nan_calls and sol.stats["nreject"] > 0  # NaN really reached the numpy step
     assert sol.retcode == "Success" and torch.isfinite(sol.ys).all()
     assert abs(sol.ys[-1, 1].item() - math.exp(-50.0)) < 1e-6
