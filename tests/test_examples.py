@@ -38,3 +38,15 @@ def test_bouncing_ball_fits_through_event_times(tmp_path):
     # from the guesses h = 5, e = 0.9 towards the truth h = 8, e = 0.7 through gradients of the event times
     assert abs(h - 8.0) < 2.0 and abs(e - 0.7) < 0.1 and mse < 0.05
     assert png.stat().st_size > 10_000
+
+
+def test_stiff_kinetics_fits_rate_constants_through_rodas5p(tmp_path):
+    png = tmp_path / "kin.png"
+    stdout = _run(["examples/stiff_kinetics.py", "--quick", "--out", str(png)])
+    steps = int(re.search(r"Rodas5P to t = 1e5: (\d+) steps", stdout).group(1))
+    assert steps < 400  # a stiff solver: explicit methods need hundreds of thousands
+    m = re.search(r"max \|log k − log k_true\| = ([0-9.]+) \(start ([0-9.]+)\); loss ([0-9.eE+-]+) → ([0-9.eE+-]+)", stdout)
+    err, start, loss0, loss1 = (float(x) for x in m.groups())
+    # gradients through the stiff solve move all three rate constants towards the truth
+    assert err < 0.5 * start and loss1 < 0.1 * loss0
+    assert png.stat().st_size > 10_000
