@@ -71,6 +71,7 @@ def methods():
         "torchdiffeq odeint_adjoint": tdq(None),
         "torchdiffeq odeint_adjoint (seminorm)": tdq(dict(norm="seminorm")),
         "DirectAdjoint": ours(pn.DirectAdjoint()),
+        "DirectAdjoint(checkpoints=16)": ours(pn.DirectAdjoint(checkpoints=16)),
         "BacksolveAdjoint": ours(pn.BacksolveAdjoint()),
         "BacksolveAdjoint(seminorm=True)": ours(pn.BacksolveAdjoint(seminorm=True)),
         "InterpolatingAdjoint": ours(pn.InterpolatingAdjoint()),

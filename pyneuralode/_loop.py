@@ -51,6 +51,9 @@ class LoopOptions:
     grid: Optional[List[float]] = None
     #: keep the times of the accepted steps in ``LoopResult.step_ts``
     record_steps: bool = False
+    #: ``on_accept(t, y)`` called after every accepted step with the new time and state (e.g. to
+    #: keep checkpoints); ``None`` = nothing
+    on_accept: Optional[Callable] = None
 
 
 @dataclass
@@ -225,6 +228,8 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             gk += 1
             if step_ts is not None:
                 step_ts.append(t)
+            if opts.on_accept is not None:
+                opts.on_accept(t, y)
             if ay1 is not None:
                 ay, ay1 = ay1, None
             if opts.terminate is not None and next_out < n_out and opts.terminate(t, y, cache):

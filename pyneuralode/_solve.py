@@ -137,6 +137,9 @@ def solve(
             raise TypeError(f"event: expected a function g(t, y) -> scalar tensor, got {type(event).__name__}")
         if backend != "torch":
             raise ValueError("event: events run on the native engine only; drop backend='julia' or the event")
+        if isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is not None:
+            raise ValueError("event: DirectAdjoint(checkpoints=...) does not support events; use DirectAdjoint() "
+                             "(the whole graph) or a continuous adjoint such as pn.InterpolatingAdjoint()")
         if not isinstance(sensealg, DirectAdjoint):
             from .events import solve_with_event_adjoint
 

@@ -24,7 +24,9 @@ ADJOINTS = {
     "quadrature-gk": lambda: pn.QuadratureAdjoint("gauss-kronrod"),
     "quadrature-ckpt": lambda: pn.QuadratureAdjoint(checkpointing=True, n_checkpoints=2),
 }
-ALL = {"direct": lambda: pn.DirectAdjoint(), **ADJOINTS}
+#: first derivatives only, no graph of the forward steps: the continuous adjoints and checkpointed DirectAdjoint
+FIRST_ORDER = {**ADJOINTS, "direct-ckpt": lambda: pn.DirectAdjoint(checkpoints=3)}
+ALL = {"direct": lambda: pn.DirectAdjoint(), **FIRST_ORDER}
 
 
 def rel_err(a, b):
@@ -58,7 +60,7 @@ def test_scalar_linear_exact_gradients(name):
     assert rel_err(gt, ex_t) < 1e-8
 
 
-@pytest.mark.parametrize("name", list(ADJOINTS))
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
 def test_matrix_linear_against_matrix_exp(name):
     """y' = A y with A in args; reference: autograd through torch.linalg.matrix_exp."""
     g = torch.Generator().manual_seed(3)
@@ -66,7 +68,7 @@ def test_matrix_linear_against_matrix_exp(name):
     y0 = torch.randn(3, generator=g, dtype=DT, requires_grad=True)
     t = torch.tensor([0.0, 0.4, 1.0], dtype=DT)
     w = torch.randn(3, 3, generator=g, dtype=DT)
-    sol = pn.solve(lambda t, y, A: A @ y, y0, t, args=(A,), sensealg=ADJOINTS[name](), **TIGHT)
+    sol = pn.solve(lambda t, y, A: A @ y, y0, t, args=(A,), sensealg=FIRST_ORDER[name](), **TIGHT)
     ga = torch.autograd.grad((w * sol.ys).sum(), [y0, A])
     ref = sum((w[i] * (torch.linalg.matrix_exp(A * t[i]) @ y0)).sum() for i in range(3))
     gr = torch.autograd.grad(ref, [y0, A])
@@ -164,7 +166,10 @@ def test_mlp_against_finite_differences_and_direct(name, direction):
     for lab, a, b, d in zip(labels, gs, fd, ref):
         assert rel_err(a, b) < 1e-6, (lab, rel_err(a, b))
         assert rel_err(a, d) < 1e-7, (lab, rel_err(a, d))
-    if name != "direct":
+    if name == "direct-ckpt":  # same gradient as DirectAdjoint to rounding: the replay takes the very same steps
+        assert all(rel_err(a, d) < 1e-12 for a, d in zip(gs, ref))
+        assert sol.stats["nfe_recompute"] >= sol.stats["nfe"] - 2  # every forward step is replayed once
+    elif name != "direct":
         assert sol.stats["nfe_adjoint"] > 0 and sol.stats["naccept_adjoint"] > 0
         assert "nreject_adjoint" in sol.stats
 
@@ -173,14 +178,14 @@ def test_mlp_against_finite_differences_and_direct(name, direction):
 # Tuple states
 
 
-@pytest.mark.parametrize("name", list(ADJOINTS))
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
 def test_tuple_state_harmonic_oscillator(name):
     """(x, v)' = (v, -ω² x): x(T) = x0 cos ωT + v0/ω sin ωT; exact dL/dx0, dL/dv0, dL/dω."""
     om = torch.tensor(1.7, dtype=DT, requires_grad=True)
     x0 = torch.tensor([1.0, 0.2], dtype=DT, requires_grad=True)
     v0 = torch.tensor([0.0, -0.5], dtype=DT, requires_grad=True)
     T = 1.3
-    sol = pn.solve(lambda t, y, om: (y[1], -om ** 2 * y[0]), (x0, v0), [0.0, T], args=(om,), sensealg=ADJOINTS[name](), **TIGHT)
+    sol = pn.solve(lambda t, y, om: (y[1], -om ** 2 * y[0]), (x0, v0), [0.0, T], args=(om,), sensealg=FIRST_ORDER[name](), **TIGHT)
     L = sol.ys[0][-1].sum() + 0.5 * sol.ys[1][-1].sum()
     gx, gv, gom = torch.autograd.grad(L, [x0, v0, om])
     with torch.no_grad():
@@ -230,7 +235,7 @@ def _stored_numel(obj) -> int:
     return 0
 
 
-@pytest.mark.parametrize("name", ["direct", "backsolve", "interpolating-ckpt", "quadrature-gl", "quadrature-ckpt"])
+@pytest.mark.parametrize("name", ["direct", "backsolve", "interpolating-ckpt", "quadrature-gl", "quadrature-ckpt", "direct-ckpt"])
 def test_adjoints_keep_no_forward_graph(name):
     f = MLPField(hidden=16)
     y0 = torch.randn(4, 2, dtype=DT)
@@ -250,6 +255,8 @@ def test_adjoints_keep_no_forward_graph(name):
     assert counts[0] == counts[1] == 2 * y0.numel()
     if name == "quadrature-gl":
         assert stored[1] > stored[0]  # the dense forward output (state-sized per step) is its documented cost
+    elif name == "direct-ckpt":
+        assert max(stored) <= 3 * y0.numel()  # at most checkpoints=3 states, however many steps
     else:
         assert stored[0] == stored[1]
 
@@ -297,25 +304,25 @@ def test_seminorm_same_gradient_fewer_backward_steps(cls):
 # Other paths
 
 
-@pytest.mark.parametrize("name", list(ADJOINTS))
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
 def test_loss_on_first_time_only_and_on_middle_time(name):
     k = torch.tensor([0.5], dtype=DT, requires_grad=True)
     y0 = torch.tensor([2.0], dtype=DT, requires_grad=True)
     t = [0.0, 1.0, 2.0]
-    sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=ADJOINTS[name](), **TIGHT)
+    sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=FIRST_ORDER[name](), **TIGHT)
     gy0, gk = torch.autograd.grad(sol.ys[0].sum(), [y0, k])
     assert gy0.item() == 1.0 and gk.item() == 0.0
-    sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=ADJOINTS[name](), **TIGHT)
+    sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=FIRST_ORDER[name](), **TIGHT)
     gy0, gk = torch.autograd.grad(sol.ys[1].sum(), [y0, k])
     assert abs(gy0.item() - math.exp(0.5)) < 1e-9 and abs(gk.item() - 2.0 * math.exp(0.5)) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["backsolve", "interpolating", "quadrature-gl"])
+@pytest.mark.parametrize("name", ["backsolve", "interpolating", "quadrature-gl", "direct-ckpt"])
 def test_fixed_step_forward_and_backward(name):
     """adaptive=False, RK4 with dt: the adjoint uses the same fixed step; error O(dt⁴)."""
     k = torch.tensor([-0.4], dtype=DT, requires_grad=True)
     y0 = torch.tensor([1.5], dtype=DT, requires_grad=True)
-    sol = pn.solve(lambda t, y, k: k * y, y0, [0.0, 2.0], pn.RK4(), adaptive=False, dt=0.01, args=(k,), sensealg=ADJOINTS[name]())
+    sol = pn.solve(lambda t, y, k: k * y, y0, [0.0, 2.0], pn.RK4(), adaptive=False, dt=0.01, args=(k,), sensealg=FIRST_ORDER[name]())
     gy0, gk = torch.autograd.grad(sol.ys[-1].sum(), [y0, k])
     assert abs(gy0.item() - math.exp(-0.8)) < 1e-8
     assert abs(gk.item() - 1.5 * 2.0 * math.exp(-0.8)) < 1e-8
@@ -337,10 +344,10 @@ def test_backward_solver_and_tolerances_are_used(name):
     assert stats[1] < stats[0]
 
 
-@pytest.mark.parametrize("name", list(ADJOINTS))
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
 def test_double_backward_raises_clearly(name):
     k = torch.tensor([0.3], dtype=DT, requires_grad=True)
-    sol = pn.solve(lambda t, y, k: k * y, torch.ones(1, dtype=DT), [0.0, 1.0], args=(k,), sensealg=ADJOINTS[name]())
+    sol = pn.solve(lambda t, y, k: k * y, torch.ones(1, dtype=DT), [0.0, 1.0], args=(k,), sensealg=FIRST_ORDER[name]())
     (gk,) = torch.autograd.grad(sol.ys[-1].sum(), [k], create_graph=True)
     assert abs(gk.item() - math.exp(0.3)) < 1e-5  # first derivative still correct
     with pytest.raises(RuntimeError, match="DirectAdjoint"):
@@ -493,3 +500,55 @@ def test_backward_pass_starts_with_the_forward_step(name, n_intervals):
     steps = stats["naccept_adjoint"] + stats["nreject_adjoint"]
     assert stats["nfe_adjoint"] == 6 * steps + n_intervals
     assert stats["nreject_adjoint"] <= n_intervals
+
+
+# ---------------------------------------------------------------------------------------------
+# DirectAdjoint(checkpoints=M): backprop through replayed segments
+
+
+def test_thinned_states_keep_at_most_the_limit_evenly():
+    from pyneuralode.sensitivity.direct import _ThinnedStates
+
+    for limit, n in [(2, 1), (4, 3), (4, 100), (7, 1000), (32, 458)]:
+        kept = _ThinnedStates(limit, 0.0, torch.zeros(1))
+        for i in range(1, n + 1):
+            kept.add(float(i), torch.full((1,), float(i)))
+        idx = [e[0] for e in kept.entries]
+        assert idx[0] == 0 and len(idx) <= limit
+        assert all(b - a == kept.stride for a, b in zip(idx, idx[1:]))  # evenly thinned
+        if n >= limit:
+            assert len(idx) > limit // 2  # never thinned more than needed
+        assert all(e[2].item() == e[1] == e[0] for e in kept.entries)
+
+
+@pytest.mark.parametrize("solver", [pn.Tsit5, pn.Rodas5P, pn.KenCarp4], ids=lambda S: S.__name__)
+@pytest.mark.parametrize("checkpoints", [2, 4])
+def test_checkpointed_direct_equals_direct(solver, checkpoints):
+    """Several outputs, args and module parameters, a stiff and an explicit solver: the replayed
+    segments give DirectAdjoint's gradient; at most ``checkpoints`` states are kept."""
+    f = MLPField(hidden=16)
+    y0 = torch.randn(3, 2, dtype=DT)
+    s = torch.tensor(-2.0, dtype=DT)
+    t = [0.0, 0.4, 1.3, 2.0]
+    out = {}
+    for sens in (pn.DirectAdjoint(), pn.DirectAdjoint(checkpoints=checkpoints)):
+        f.zero_grad()
+        y, ss = y0.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        sol = pn.solve(f, y, t, solver(), args=(ss,), rtol=1e-7, atol=1e-9, sensealg=sens)
+        (sol.ys[1:].square() * torch.arange(1, 4, dtype=DT).view(3, 1, 1)).sum().backward()
+        out[sens.checkpoints] = torch.cat([y.grad.reshape(-1), ss.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()])
+        if sens.checkpoints:
+            assert len(sol.ys.grad_fn.pass_.saved[0]) <= checkpoints
+            assert sol.stats["naccept"] > 2 * checkpoints  # many steps per kept state
+    tol = 1e-9 if solver is pn.KenCarp4 else 1e-11  # Newton's iterates are replayed to its tolerance
+    assert rel_err(out[checkpoints], out[None]) < tol
+
+
+def test_checkpointed_direct_rejects_bad_options_and_events():
+    with pytest.raises(ValueError, match="checkpoints"):
+        pn.DirectAdjoint(checkpoints=1)
+    with pytest.raises(ValueError, match="checkpoints"):
+        pn.DirectAdjoint(checkpoints=2.5)
+    with pytest.raises(ValueError, match="does not support events"):
+        pn.solve(lambda t, y: -y, torch.ones(1, dtype=DT), [0.0, 1.0], event=lambda t, y: y[0] - 0.5,
+                 sensealg=pn.DirectAdjoint(checkpoints=4))

@@ -319,8 +319,8 @@ def gauss_kronrod15():
 # The autograd Function shared by the adjoints
 
 _DOUBLE_BACKWARD = (
-    "differentiating twice through a continuous adjoint ({name}) is not supported; "
-    "use sensealg=pn.DirectAdjoint() for higher-order derivatives"
+    "differentiating twice through {name} is not supported; "
+    "use sensealg=pn.DirectAdjoint() (the whole graph) for higher-order derivatives"
 )
 
 
