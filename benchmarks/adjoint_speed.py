@@ -222,7 +222,7 @@ def main():
     print(text)
     res = HERE / "results"
     res.mkdir(exist_ok=True)
-    cmd = "python benchmarks/adjoint_speed.py" + (" --quick" if args.quick else "")
+    cmd = "python benchmarks/adjoint_speed.py" + (" --quick" if args.quick else "") + (f" --repeat {args.repeat}" if args.repeat else "")
     import torchdiffeq
 
     (res / ("adjoint_speed_quick.md" if args.quick else "adjoint_speed.md")).write_text(

@@ -394,6 +394,7 @@ def test_invalid_arguments():
 def test_keeps_dense_defaults():
     assert not pn.BacksolveAdjoint.keeps_dense and not pn.InterpolatingAdjoint.keeps_dense
     assert pn.QuadratureAdjoint.keeps_dense and not pn.QuadratureAdjoint(checkpointing=True).keeps_dense
+    assert pn.DirectAdjoint().keeps_dense and not pn.DirectAdjoint(checkpoints=8).keeps_dense
     sol = pn.solve(lambda t, y: -y, torch.ones(1, dtype=DT, requires_grad=True), [0.0, 1.0], sensealg=pn.BacksolveAdjoint())
     with pytest.raises(ValueError, match="dense"):
         sol(0.5)

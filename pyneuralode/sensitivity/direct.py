@@ -30,8 +30,9 @@ class DirectAdjoint(AbstractSensitivity):
     the forward's own step times (so the very same steps), with autograd, and backpropagates
     through it. Same gradient as the default to rounding; memory: ``M`` states plus the graph of
     about ``2·steps/M`` steps — ``M ≈ sqrt(2·steps)`` balances the two; cost: one extra forward
-    solve (with graph). First derivatives only. The checkpoint-and-recompute idea of diffrax's
-    ``RecursiveCheckpointAdjoint``, with two levels instead of a binomial schedule.
+    solve (with graph). First derivatives only; no dense output by default (``dense=True`` keeps
+    it, without a graph: ``sol(tq)`` then carries no gradient). The checkpoint-and-recompute idea of
+    diffrax's ``RecursiveCheckpointAdjoint``, with two levels instead of a binomial schedule.
     """
 
     name = "DirectAdjoint"
@@ -43,6 +44,7 @@ class DirectAdjoint(AbstractSensitivity):
         self.checkpoints = checkpoints
         if checkpoints is not None:
             self.name = f"DirectAdjoint(checkpoints={checkpoints})"
+            self.keeps_dense = False  # dense output would grow with the steps (pass dense=True to keep it)
 
     def run(self, problem, y0, solver, opts, stats):
         if self.checkpoints is None:
