@@ -31,7 +31,8 @@ def test_final_state_and_trajectory_match_matrix_exponential():
     assert torch.allclose(m(y0), traj[-1], atol=1e-12)
 
 
-@pytest.mark.parametrize("sensealg", [None, "backsolve", "interpolating", "quadrature"])
+@pytest.mark.parametrize("sensealg", [None, "backsolve", "interpolating", "quadrature", pn.DirectAdjoint(checkpoints=3)],
+                         ids=["direct", "backsolve", "interpolating", "quadrature", "direct-ckpt"])
 def test_gradient_matches_finite_differences(sensealg):
     torch.manual_seed(0)
     vf = pn.ConcatMLP(2, (8,), layer="concat", activation="tanh").double()
@@ -75,6 +76,9 @@ def test_nfe_counters():
     adj = pn.NeuralODE(vf, (0.0, 1.0), sensealg=pn.InterpolatingAdjoint(), rtol=1e-6, atol=1e-8)
     adj(y0).sum().backward()
     assert adj.nfe_backward == adj.last_stats["nfe_adjoint"] > 0
+    ckpt = pn.NeuralODE(vf, (0.0, 1.0), sensealg=pn.DirectAdjoint(checkpoints=3), rtol=1e-6, atol=1e-8)
+    ckpt(y0).sum().backward()  # the replayed steps: about the forward's evaluations again
+    assert ckpt.nfe_backward == ckpt.last_stats["nfe_recompute"] >= ckpt.nfe_forward - 2
     with torch.no_grad():
         direct(y0)
     assert direct.nfe_backward == 0

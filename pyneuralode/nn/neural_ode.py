@@ -72,8 +72,9 @@ class NeuralODE(nn.Module):
 
     After a call, ``nfe_forward`` is the forward pass's number of ``f`` evaluations; after its
     backward, ``nfe_backward`` is the backward pass's: ``nfe_adjoint`` of the solution stats for the
-    continuous adjoints, and for ``DirectAdjoint`` the number of ``f`` evaluations that were
-    backpropagated through (vector–Jacobian products, counted by a gradient hook).
+    continuous adjoints, ``nfe_recompute`` (the replayed steps) for ``DirectAdjoint(checkpoints=M)``,
+    and for ``DirectAdjoint()`` the number of ``f`` evaluations that were backpropagated through
+    (vector–Jacobian products, counted by a gradient hook).
     ``last_stats`` holds the solution's stats dict (updated by the backward pass).
     """
 
@@ -95,7 +96,8 @@ class NeuralODE(nn.Module):
         self.return_trajectory = return_trajectory
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
         self.last_stats: dict = {}
-        self._direct = type(self.sensealg).__name__ == "DirectAdjoint"
+        # the whole-graph DirectAdjoint: backward evaluations are counted by a gradient hook
+        self._direct = type(self.sensealg).__name__ == "DirectAdjoint" and getattr(self.sensealg, "checkpoints", None) is None
 
     @property
     def vector_field(self):
@@ -111,7 +113,8 @@ class NeuralODE(nn.Module):
         """``f``-related evaluations of the backward pass of the last call (0 before backward)."""
         if self._direct:
             return self.func.vjps
-        return int(self.last_stats.get("nfe_adjoint", 0))
+        # continuous adjoints: the adjoint right-hand sides; checkpointed DirectAdjoint: the replayed steps
+        return int(self.last_stats.get("nfe_adjoint", self.last_stats.get("nfe_recompute", 0)))
 
     def forward(self, y0, t=None):
         import pyneuralode as pn
