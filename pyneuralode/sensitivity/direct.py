@@ -37,16 +37,19 @@ class DirectAdjoint(AbstractSensitivity):
     diffrax's ``RecursiveCheckpointAdjoint``, with two levels instead of a binomial schedule.
     """
 
-    name = "DirectAdjoint"
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "DirectAdjoint" if self.checkpoints is None else f"DirectAdjoint(checkpoints={self.checkpoints})"
+
+    @property
+    def keeps_dense(self) -> bool:  # type: ignore[override]
+        return self.checkpoints is None  # checkpointed: dense output would grow with the steps (dense=True keeps it)
 
     def __init__(self, checkpoints: Optional[int] = None):
         if checkpoints is not None and (not isinstance(checkpoints, int) or isinstance(checkpoints, bool) or checkpoints < 2):
             raise ValueError(f"DirectAdjoint(checkpoints=...): expected None (keep the whole graph) or an int >= 2, got {checkpoints!r}")
         super().__init__()
         self.checkpoints = checkpoints
-        if checkpoints is not None:
-            self.name = f"DirectAdjoint(checkpoints={checkpoints})"
-            self.keeps_dense = False  # dense output would grow with the steps (pass dense=True to keep it)
 
     def run(self, problem, y0, solver, opts, stats):
         if self.checkpoints is None:
