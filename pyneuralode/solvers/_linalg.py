@@ -274,8 +274,9 @@ class LinearSolver:
         self.differentiable_jac = differentiable_jac
         self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
         self.owner = owner
-        self.y_numel = y0.numel()
-        self.device_type = y0.device.type
+        #: a tiny dense system on the CPU: steps without autograd may do their linear algebra in numpy
+        self.numpy_capable = (linsolve != "gmres" and not batched and y0.numel() <= _SMALL
+                              and y0.device.type == "cpu")
         self.J = None
         self.point = None  # (t, y) of the current J
         self.g = None
@@ -327,11 +328,6 @@ class LinearSolver:
         self.np_inv = None
         self.fresh = True
         return f
-
-    @property
-    def numpy_capable(self) -> bool:
-        """True for a tiny dense system on the CPU: steps without autograd may do their linear algebra in numpy."""
-        return not self.gmres_mode and not self.batched and self.y_numel <= _SMALL and self.device_type == "cpu"
 
     def scaled_inverse_numpy(self, g: float) -> np.ndarray:
         """``(I/g − J)⁻¹ = g (I − gJ)⁻¹`` as a numpy array, formed once per Jacobian and ``g`` (counts ``nlu``).

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ._base import AbstractSolver, StepResult, tableau_tensors
-from ._linalg import LinearSolver, check_linear_options
+from ._linalg import LinearSolver, _bump, check_linear_options
 
 _SQRT_EPS = math.sqrt(2.220446049250313e-16)
 
@@ -352,7 +352,7 @@ class GenericRosenbrock(RosenbrockSolver):
             y1 = y0n + co.m @ K
             err = co.e @ K
             kk = None if co.H is None else co.H @ K
-        _bump_solves(cache.stats, s)
+        _bump(cache.stats, "nsolve", s)
         y1t = from_numpy(y1) if flat else from_numpy(y1).view(shape)
         errt = from_numpy(err) if flat else from_numpy(err).view(shape)
         if kk is not None:
@@ -365,6 +365,3 @@ class GenericRosenbrock(RosenbrockSolver):
     def interpolant(self, dense, theta):  # type: ignore[override]
         return rodas_interpolant(dense, theta)
 
-
-def _bump_solves(stats: dict, n: int) -> None:
-    stats["nsolve"] = stats.get("nsolve", 0) + n
