@@ -122,12 +122,55 @@ class VJP:
             y_in = y if create and y.requires_grad else y.detach().requires_grad_(True)
             fy = problem.call(problem.time(t), y_in, self.args)
             inputs = [y_in] + (self.param_inputs if with_params else [])
-            grads = torch.autograd.grad(
-                fy, inputs, grad_outputs=-a, allow_unused=True, materialize_grads=True, create_graph=create
-            )
+            if create or fy.shape != a.shape or fy.dtype != a.dtype or not fy.requires_grad:
+                grads = torch.autograd.grad(
+                    fy, inputs, grad_outputs=-a, allow_unused=True, materialize_grads=True, create_graph=create
+                )
+            else:
+                grads = _vjp_first_order(fy, inputs, -a)
         if not create:
             fy = fy.detach()
         return fy, grads[0], grads[1:]
+
+
+def _vjp_first_order(out: torch.Tensor, inputs: List[torch.Tensor], cotangent: torch.Tensor):
+    """``torch.autograd.grad(out, inputs, cotangent, allow_unused=True, materialize_grads=True)``
+    for the hot path of the adjoints (shapes already match; no graph of the gradients).
+
+    It calls the engine entry that ``torch.autograd.grad`` itself ends in, skipping that function's
+    argument normalisation (~20 µs per call: a few percent of a small neural ODE's backward pass).
+    Falls back to ``torch.autograd.grad`` where that entry is missing or its signature differs.
+    """
+    run = _engine_entry()
+    if run is not None:
+        grads = run((out,), (cotangent,), False, False, tuple(inputs), True, False)
+        return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+    return torch.autograd.grad(out, inputs, grad_outputs=cotangent, allow_unused=True, materialize_grads=True)
+
+
+_ENGINE: list = []
+
+
+def _engine_entry():
+    """``torch.autograd.graph._engine_run_backward`` (what ``torch.autograd.grad`` itself calls), or
+    None. Checked once against ``torch.autograd.grad`` on a tiny graph (an unused input included)."""
+    if not _ENGINE:
+        run = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
+        if run is not None:
+            try:
+                with torch.enable_grad():
+                    x = torch.tensor([1.0, 2.0], requires_grad=True)
+                    unused = torch.tensor(0.0, requires_grad=True)
+                    g = run(((x * x),), (torch.tensor([1.0, -1.0]),), False, False, (x, unused), True, False)
+                ok = (isinstance(g, tuple) and len(g) == 2 and g[1] is None
+                      and torch.equal(g[0], torch.tensor([2.0, -4.0])))
+            except Exception:  # noqa: BLE001 - any failure means: use the public API
+                ok = False
+            run = run if ok else None
+        _ENGINE.append(run)
+    return _ENGINE[0]
+
+
 
 
 def flat_cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:

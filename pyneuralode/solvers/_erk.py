@@ -56,15 +56,26 @@ class _Coefficients:
 class DenseWeights:
     """A continuous extension's coefficient matrix ``B`` (stages × degree) as a tensor and as a float64 array.
 
-    For a float θ the stage weights ``dt · B [θ, θ², …]`` are formed in numpy (a few hundred
-    nanoseconds) and handed to one ``addmv``; a tensor θ (gradients to the output time) uses the tensor.
+    For a float θ the stage weights ``dt · B [θ, θ², …]`` are formed in numpy (about a microsecond)
+    and handed to one ``addmv``; on the CPU they enter torch without a copy through ``from_numpy``.
+    A tensor θ (gradients to the output time) uses the tensor.
     """
 
-    __slots__ = ("tensor", "array")
+    __slots__ = ("tensor", "array", "exponents", "np_dtype", "device")
 
     def __init__(self, B, dtype, device):
         self.array = np.asarray(B, dtype=np.float64)
         self.tensor = torch.tensor(self.array, dtype=dtype, device=device)
+        self.exponents = np.arange(1, self.array.shape[1] + 1, dtype=np.float64)
+        cpu = torch.device(device).type == "cpu"
+        self.np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype) if cpu else None
+        self.device = device
+
+    def weights(self, theta: float, dt: float) -> torch.Tensor:
+        w = (self.array @ (theta ** self.exponents)) * dt
+        if self.np_dtype is not None:
+            return torch.from_numpy(w.astype(self.np_dtype, copy=False))
+        return torch.as_tensor(w, dtype=self.tensor.dtype).to(self.device)
 
 
 def _polynomial_interpolant(dense, theta):
@@ -77,9 +88,7 @@ def _polynomial_interpolant(dense, theta):
         powers = torch.stack([torch.as_tensor(th, dtype=B.dtype, device=B.device) ** (p + 1) for p in range(P)])
         w = (B @ powers) * dt
     else:
-        P = W.array.shape[1]
-        powers = theta ** np.arange(1, P + 1, dtype=np.float64)
-        w = torch.as_tensor((W.array @ powers) * dt, dtype=B.dtype).to(B.device)
+        w = W.weights(theta, dt)
     return torch.addmv(y0.reshape(-1), K.T, w).view_as(y0)
 
 
