@@ -107,7 +107,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             dt = abs(opts.dt)
         else:
             f0 = cache if isinstance(cache, torch.Tensor) else rhs(t, y)
-            dt = initial_step(rhs, t, y, f0, direction, solver.order, rtol, atol, stats)
+            dt = initial_step(rhs, t, y, f0, direction, getattr(solver, "start_order", solver.order), rtol, atol, stats)
             dt = min(dt, span)
     elif grid is not None:
         if len(grid) < 2 or grid[0] != t or grid[-1] != t_end:
@@ -186,16 +186,17 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 else:
                     errn = norm(res.error, y, res.y1, rtol, atol).item()
                 finite = math.isfinite(errn)
+                q_step = q if res.order is None else res.order + 1
                 if not finite or errn > 1.0:
                     stats["nreject"] += 1
                     last_nonfinite = not finite
-                    dt = abs(h) * ctrl.factor(errn if finite else math.inf, err_prev, q, accepted_last)
+                    dt = abs(h) * ctrl.factor(errn if finite else math.inf, err_prev, q_step, accepted_last)
                     accepted_last = False
                     if res.cache_on_reject is not None:
                         cache = res.cache_on_reject
                     continue
                 last_nonfinite = False
-                fac = ctrl.factor(errn, err_prev, q, accepted_last)
+                fac = ctrl.factor(errn, err_prev, q_step, accepted_last) if res.dt_factor is None else res.dt_factor
                 err_prev = max(errn, 1e-4)
                 accepted_last = True
             t_new = t_end if last_step else (t + h if grid is None else grid[gk + 1])

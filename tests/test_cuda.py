@@ -23,7 +23,7 @@ class Field(torch.nn.Module):
         return self.net(y) * torch.cos(t)
 
 
-@pytest.mark.parametrize("solver", [pn.Tsit5(), pn.DP8(), pn.Rodas5P(), pn.KenCarp4()])
+@pytest.mark.parametrize("solver", [pn.Tsit5(), pn.DP8(), pn.Rodas5P(), pn.KenCarp4(), pn.QNDF()])
 @pytest.mark.parametrize("sensealg", [None, pn.BacksolveAdjoint(), pn.InterpolatingAdjoint(), pn.QuadratureAdjoint()])
 def test_cuda_matches_cpu(solver, sensealg):
     f_cpu = Field().double()

@@ -192,7 +192,7 @@ def test_vanderpol(S, radau_steps):
 # gradients with respect to rate constants (DirectAdjoint) against central finite differences
 
 
-@pytest.mark.parametrize("S", [pn.Rodas5P, pn.KenCarp4], ids=lambda S: S.__name__)
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.KenCarp4, pn.QNDF], ids=lambda S: S.__name__)
 def test_gradient_wrt_rate_constants(S):
     t = torch.tensor([0.0, 1.0, 10.0], dtype=F64)
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)

@@ -507,8 +507,8 @@ def backward_intervals(p: "Pass", m: int, bstats: dict, who: str):
     """Yield ``(t_hi, t_lo, lookup, out_lo, h_first)`` from output ``m`` back to the first time.
 
     ``lookup`` gives the forward state over [t_lo, t_hi] (the stored dense output, or a re-solve
-    from the checkpoint at ``t_lo`` that replays the forward's accepted steps, counted as
-    ``nfe_recompute``); ``out_lo`` is the output index at ``t_lo`` (its cotangent is added there)
+    from the checkpoint at ``t_lo`` that replays the forward's accepted steps — adaptive for a
+    multistep solver — counted as ``nfe_recompute``); ``out_lo`` is the output index at ``t_lo`` (its cotangent is added there)
     or ``None`` for a pure checkpoint; ``h_first`` is the length of the forward step that covers
     ``t_hi``: the backward pass starts with it instead of a starting-step heuristic (which costs
     two adjoint evaluations).
@@ -524,9 +524,13 @@ def backward_intervals(p: "Pass", m: int, bstats: dict, who: str):
         return
     _, times, states, output_of, step_ts = p.saved
     bounds = [times[0]] + list(step_ts)
+    # A multistep method restarts from a checkpoint without its history, so it cannot replay the
+    # forward's steps (they were taken at a higher order): it re-solves adaptively, to the tolerance.
+    replay = not getattr(p.solver, "multistep", False)
     for j in range(output_of.index(m), 0, -1):
         rstats: dict = {}
-        fopts = dataclasses.replace(p.opts, dense=True, progress=False, grid=replay_grid(step_ts, times[j - 1], times[j]))
+        grid = replay_grid(step_ts, times[j - 1], times[j]) if replay else None
+        fopts = dataclasses.replace(p.opts, dense=True, progress=False, grid=grid)
         floop = integrate(problem.rhs(bstats, key="nfe_recompute"), states[j - 1], [times[j - 1], times[j]], p.solver, fopts, rstats)
         if not floop.retcode.successful:
             raise SolveError(

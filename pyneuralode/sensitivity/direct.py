@@ -55,6 +55,12 @@ class DirectAdjoint(AbstractSensitivity):
         if self.checkpoints is None:
             loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, opts, stats)
             return torch.stack(loop.ys), loop
+        if getattr(solver, "multistep", False):
+            raise ValueError(
+                f"DirectAdjoint(checkpoints={self.checkpoints}): {type(solver).__name__} is a multistep method whose "
+                "history a stored state cannot restore, so a replayed segment would not be the computed solution; "
+                "use DirectAdjoint() or InterpolatingAdjoint() with it"
+            )
         return run_adjoint(self, problem, y0, solver, opts, stats)
 
     # -- checkpointed: forward without a graph, keeping thinned states -----------------------------

@@ -4,14 +4,15 @@ Each solver module lists its public classes in ``__all__``; every :class:`Abstra
 subclass found there is registered for string lookup under its lower-case class name, its SciML
 ``name`` and its ``aliases``.
 """
-from . import esdirk, explicit, rosenbrock
+from . import bdf, esdirk, explicit, rosenbrock
 from ._base import AbstractSolver, StepResult
 from ._tableau import ButcherTableau
+from .bdf import *  # noqa: F401,F403
 from .esdirk import *  # noqa: F401,F403
 from .explicit import *  # noqa: F401,F403
 from .rosenbrock import *  # noqa: F401,F403
 
-__all__ = ["AbstractSolver", "StepResult", "ButcherTableau", *explicit.__all__, *rosenbrock.__all__, *esdirk.__all__]
+__all__ = ["AbstractSolver", "StepResult", "ButcherTableau", *explicit.__all__, *rosenbrock.__all__, *esdirk.__all__, *bdf.__all__]
 
 #: Every registered solver class by lower-case name (class name, SciML name, aliases).
 REGISTRY: dict = {}
@@ -24,7 +25,7 @@ def register(cls):
     return cls
 
 
-for _mod in (explicit, rosenbrock, esdirk):
+for _mod in (explicit, rosenbrock, esdirk, bdf):
     for _n in _mod.__all__:
         _c = getattr(_mod, _n)
         if isinstance(_c, type) and issubclass(_c, AbstractSolver):

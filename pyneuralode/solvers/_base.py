@@ -30,6 +30,10 @@ class StepResult:
     dense: data for ``interpolant(dense, theta)`` on the step.
     ok: ``False`` when the step failed outright (e.g. Newton divergence); the loop then shrinks dt.
     cache_on_reject: cache to keep if the step is rejected (``None`` keeps the old one).
+    order: the order of this step's error estimate when it varies from step to step (variable-order
+        multistep methods); the loop's controller then uses it instead of the solver's ``order``.
+    dt_factor: the next step size ÷ this one that the method itself proposes if the step is accepted
+        (multistep order selection); ``None`` leaves it to the loop's controller.
     """
 
     y1: torch.Tensor
@@ -38,6 +42,8 @@ class StepResult:
     dense: Any
     ok: bool = True
     cache_on_reject: Any = None
+    order: Optional[int] = None
+    dt_factor: Optional[float] = None
 
 
 class AbstractSolver:

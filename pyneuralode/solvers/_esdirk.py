@@ -26,7 +26,7 @@ import torch
 
 from ._base import AbstractSolver, StepResult, hermite_interpolant, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
-from ._linalg import LinearSolver, check_linear_options
+from ._linalg import check_linear_options, newton_setup
 from ._tableau import ButcherTableau, order_conditions
 
 _EPS = 2.220446049250313e-16
@@ -147,14 +147,7 @@ class ESDIRK(AbstractSolver):
         return self.tableau.error_order
 
     def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
-        for k in ("njac", "nlu", "nsolve", "nnewton", "nconvfail"):
-            stats.setdefault(k, 0)
-        ls = LinearSolver(rhs, y0, stats, jac=self.jac, batched=self.batched, linsolve=self.linsolve,
-                          jac_mode=self.jac_mode, differentiable_jac=False, gmres_tol=self.gmres_tol,
-                          gmres_maxiter=self.gmres_maxiter, gmres_restart=self.gmres_restart, owner=type(self).__name__)
-        f0 = ls.set_point(t0, y0)
-        if f0 is None or torch.is_grad_enabled():
-            f0 = rhs(t0, y0)  # (under autograd: keep the graph to y0 and the parameters)
+        ls, f0 = newton_setup(self, rhs, t0, y0, stats)
         return _ESDIRKCache(ls, f0, stats, rtol, atol)
 
     # -- Newton ------------------------------------------------------------------------------------

@@ -429,6 +429,20 @@ class LinearSolver:
         return torch.mv(self.J, v.reshape(-1)).view(v.shape)
 
 
+def newton_setup(solver, rhs, t0: float, y0: torch.Tensor, stats: dict):
+    """``(LinearSolver, f(t0, y0))`` for a Newton-based method (ESDIRK, QNDF): the Jacobian formed at
+    ``(t0, y0)`` and held fixed (not differentiated); zeroed Newton counters in ``stats``."""
+    for k in ("njac", "nlu", "nsolve", "nnewton", "nconvfail"):
+        stats.setdefault(k, 0)
+    ls = LinearSolver(rhs, y0, stats, jac=solver.jac, batched=solver.batched, linsolve=solver.linsolve,
+                      jac_mode=solver.jac_mode, differentiable_jac=False, gmres_tol=solver.gmres_tol,
+                      gmres_maxiter=solver.gmres_maxiter, gmres_restart=solver.gmres_restart, owner=type(solver).__name__)
+    f0 = ls.set_point(t0, y0)
+    if f0 is None or torch.is_grad_enabled():
+        f0 = rhs(t0, y0)  # (under autograd: keep the graph to y0 and the parameters)
+    return ls, f0
+
+
 def weighted_rms(x: torch.Tensor, scale) -> float:
     """RMS norm of ``x / scale`` as a Python float (the Newton convergence norm)."""
     with torch.no_grad():

@@ -217,20 +217,36 @@ class _Coef:
 
 
 class _CoefNumpy:
-    """The tableau as numpy arrays in the state's dtype (the numpy step of tiny CPU systems)."""
+    """The tableau as numpy arrays in the state's dtype (the numpy step of tiny CPU systems).
 
-    __slots__ = ("A", "C", "m", "e", "H", "c", "d", "gamma")
+    The stage matrix of a step is extended by two rows, ``y0`` and ``h²·∂f/∂t``, so that one
+    product ``AC[i] @ K`` gives both the stage point ``u_i = y0 + Σ_j a_ij U_j`` and the stage's
+    right-hand-side term ``Σ_j c_ij U_j / h + h d_i ∂f/∂t`` (the second row is scaled by 1/h once
+    per step), and one product ``MEH @ K`` gives ``y1``, the error estimate and the dense-output
+    coefficients.
+    """
+
+    __slots__ = ("AC", "MEH", "c", "d", "gamma", "has_H", "npd")
 
     def __init__(self, tab: RosenbrockTableau, dtype, device):
         npd = torch.empty((), dtype=dtype).numpy().dtype
-        self.A = [np.ascontiguousarray(tab.A[i, :i], dtype=npd) for i in range(tab.stages)]
-        self.C = [np.ascontiguousarray(tab.C[i, :i], dtype=npd) for i in range(tab.stages)]
-        self.m = tab.m.astype(npd)
-        self.e = tab.e.astype(npd)
-        self.H = None if tab.H is None else tab.H.astype(npd)
+        s = tab.stages
+        AC = np.zeros((s, 2, s + 2))
+        for i in range(s):
+            AC[i, 0, :i] = tab.A[i, :i]
+            AC[i, 0, s] = 1.0  # + y0
+            AC[i, 1, :i] = tab.C[i, :i]
+            AC[i, 1, s + 1] = tab.d[i]  # · h²∂f/∂t, scaled by 1/h with the row
+        self.AC = AC.astype(npd)
+        rows = [np.concatenate([tab.m, [1.0, 0.0]]), np.concatenate([tab.e, [0.0, 0.0]])]
+        self.has_H = tab.H is not None
+        if self.has_H:
+            rows += [np.concatenate([hr, [0.0, 0.0]]) for hr in tab.H]
+        self.MEH = np.ascontiguousarray(np.stack(rows), dtype=npd)
         self.c = [float(x) for x in tab.c]
         self.d = [float(x) for x in tab.d]
         self.gamma = float(tab.gamma)
+        self.npd = npd
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
@@ -320,8 +336,9 @@ class GenericRosenbrock(RosenbrockSolver):
         """The same step for a tiny dense state on the CPU without autograd: the stage arithmetic
         and the inverse in numpy (zero-copy views of the tensors; f still gets and returns tensors).
 
-        Per stage that is ~5 µs of numpy in place of ~15 µs of torch dispatch; the results are the
-        torch path's to rounding (``tests/test_stiff.py`` compares them).
+        Per stage: one 2×(s+2) by (s+2)×n product (stage point and right-hand-side term together,
+        see :class:`_CoefNumpy`), f, one addition and one product with ``(I/(hγ) − J)⁻¹``. The
+        results are the torch path's to rounding (``tests/test_stiff.py`` compares them).
         """
         tab = self.tableau
         co = tableau_tensors(tab, y0, _CoefNumpy)
@@ -330,35 +347,39 @@ class GenericRosenbrock(RosenbrockSolver):
         M = ls.scaled_inverse_numpy(h * co.gamma)  # U_i = (I/(hγ) − J)⁻¹ r_i
         shape = y0.shape
         flat = y0.ndim == 1  # 1-D states skip every view/reshape (each costs ~1–3 µs)
-        y0n = (y0 if flat else y0.reshape(-1)).detach().numpy()
         s = tab.stages
-        K = np.empty((s, y0n.shape[0]), dtype=y0n.dtype)
-        inv_h = 1.0 / h
-        A, C, c, d = co.A, co.C, co.c, co.d
-        dTn = None if dT is None else dT.detach().reshape(-1).numpy()
+        n = M.shape[0]
+        K = np.zeros((s + 2, n), dtype=co.npd)  # rows: U_0..U_{s-1}, y0, h²∂f/∂t
+        K[s] = (y0 if flat else y0.reshape(-1)).numpy()
+        dTn = None
+        if dT is not None:
+            dTn = dT.reshape(-1).numpy()
+            np.multiply(dTn, h * h, out=K[s + 1])
+        AC = co.AC.copy()
+        AC[:, 1, :] *= 1.0 / h
+        c = co.c
         from_numpy = torch.from_numpy
         with np.errstate(all="ignore"):  # overflow or NaN shows up in the error norm: the step is rejected
-            for i in range(s):
-                if i == 0:
-                    r = (f0 if flat else f0.reshape(-1)).detach().numpy()
-                else:
-                    Ki = K[:i]
-                    ui = y0n + A[i] @ Ki
-                    fi = rhs(t0 + c[i] * h, from_numpy(ui) if flat else from_numpy(ui).view(shape))
-                    r = (fi if flat else fi.reshape(-1)).detach().numpy() + (C[i] * inv_h) @ Ki
-                if dTn is not None and d[i] != 0.0:
-                    r = r + (h * d[i]) * dTn
-                np.dot(M, r, out=K[i])
-            y1 = y0n + co.m @ K
-            err = co.e @ K
-            kk = None if co.H is None else co.H @ K
+            r = (f0 if flat else f0.reshape(-1)).numpy()
+            if dTn is not None and co.d[0] != 0.0:
+                r = r + (h * co.d[0]) * dTn
+            np.dot(M, r, out=K[0])
+            for i in range(1, s):
+                v = AC[i] @ K  # [u_i; Σ c_ij U_j / h + h d_i ∂f/∂t]
+                ui = from_numpy(v[0])
+                fi = rhs(t0 + c[i] * h, ui if flat else ui.view(shape))
+                np.add(v[1], (fi if flat else fi.reshape(-1)).numpy(), out=v[1])
+                np.dot(M, v[1], out=K[i])
+            out = co.MEH @ K  # [y1; error; dense coefficients]
         _bump(cache.stats, "nsolve", s)
-        y1t = from_numpy(y1) if flat else from_numpy(y1).view(shape)
-        errt = from_numpy(err) if flat else from_numpy(err).view(shape)
-        if kk is not None:
-            dense = (y0, y1t, from_numpy(kk) if flat else from_numpy(kk).view(kk.shape[0], *shape))
+        T = from_numpy(out)
+        if flat:
+            y1t, errt = T[0], T[1]
+            kk = T[2:] if co.has_H else None
         else:
-            dense = (y0, y1t, torch.zeros_like(y0).unsqueeze(0))
+            y1t, errt = T[0].view(shape), T[1].view(shape)
+            kk = T[2:].view(T.shape[0] - 2, *shape) if co.has_H else None
+        dense = (y0, y1t, kk if kk is not None else torch.zeros_like(y0).unsqueeze(0))
         return StepResult(y1=y1t, error=errt, cache=cache.advanced(), dense=dense,
                           cache_on_reject=cache)
 
