@@ -412,8 +412,8 @@ def run_batched(B, rtols, diffrax_ok, notes):
     return dict(B=B, T=T, rows=rows, rtols=rtols)
 
 
-NATIVE = ["Rodas5P", "Rodas4", "Rosenbrock23", "KenCarp4", "Kvaerno5", "Kvaerno3", "TRBDF2", "ImplicitEuler"]
-NATIVE_ANALYTIC = ["Rodas5P", "Rodas4", "Kvaerno5"]  # with the analytic Jacobian, as scipy gets it
+NATIVE = ["Rodas5P", "Rodas4", "Rosenbrock23", "KenCarp4", "Kvaerno5", "Kvaerno3", "TRBDF2", "ImplicitEuler", "QNDF"]
+NATIVE_ANALYTIC = ["Rodas5P", "Rodas4", "Kvaerno5", "QNDF"]  # with the analytic Jacobian, as scipy gets it
 NATIVE_VECTORISED = ["Rodas5P", "Rodas4"]  # f and the analytic Jacobian written as whole-vector torch ops
 NATIVE_FD = ["Rodas5P", "Rodas4"]  # jac_mode="finite_difference" (as scipy Radau's default)
 SCIPY = [("Radau", True), ("Radau", False), ("BDF", True), ("LSODA", True)]
