@@ -70,6 +70,30 @@ def test_convergence_order_with_fixed_steps(max_order):
     assert max_order - 0.2 < slope < max_order + 0.4, (slope, errs)
 
 
+@pytest.mark.parametrize("max_order, tols", [
+    (1, [1e-3, 1e-4, 1e-5, 1e-6]),
+    (2, [1e-4, 1e-5, 1e-6, 1e-7, 1e-8]),
+    (3, [1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]),
+    (4, [1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]),
+    (5, [1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]),
+])
+def test_order_from_work_precision(max_order, tols):
+    """Orders 3–5 cannot be fitted on fixed steps (the start at order 1 dominates), so the order of
+    each capped QNDF is fitted adaptively: global error ∝ steps^(−order) (measured 1.0, 2.0, 3.2,
+    5.0, 5.3)."""
+    T = 4.0
+    exact = math.sin(T) + math.exp(LAM * T)
+    errs, steps = [], []
+    for tol in tols:
+        with torch.no_grad():
+            sol = pn.solve(prothero_robinson, torch.tensor([1.0], dtype=F64), [0.0, T], pn.QNDF(max_order=max_order),
+                           rtol=tol, atol=tol)
+        errs.append(abs(sol.ys[-1, 0].item() - exact))
+        steps.append(sol.stats["naccept"])
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    assert max_order - 0.4 < slope < max_order + 1.2, (slope, steps, errs)
+
+
 def test_error_follows_the_tolerance_and_the_order_rises():
     """The largest error over 41 output times falls in proportion to the tolerance, and tight
     tolerances use the higher orders (fewer steps than a fixed order 2 needs)."""
