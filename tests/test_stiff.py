@@ -331,7 +331,7 @@ def test_gmres_solver_and_newton_krylov():
     y0 = torch.randn(n, generator=gen, dtype=F64)
     exact = torch.linalg.matrix_exp(0.1 * M) @ y0
     with torch.no_grad():
-        for S in (pn.Rodas5P, pn.KenCarp4):
+        for S in (pn.Rodas5P, pn.KenCarp4, pn.QNDF):
             sol = pn.solve(lambda t, y: M @ y, y0, [0.0, 0.1], S(linsolve="gmres"), rtol=1e-7, atol=1e-10)
             assert (sol.ys[-1] - exact).abs().max().item() < 1e-5, S
             assert sol.stats["ngmres"] > 0

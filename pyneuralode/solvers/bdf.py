@@ -204,6 +204,8 @@ class QNDF(AbstractSolver):
             stats["nnewton"] += 1
             f = rhs(t1, y.view(shape)).reshape(-1)
             dy = ls.solve((c * f - psi - d).view(shape)).reshape(-1)
+            if ls.gmres_mode and not getattr(ls, "last_ok", True):  # GMRES did not converge
+                return False, it + 1, y, d
             with torch.no_grad():
                 dy_norm = float(torch.linalg.vector_norm(dy.detach() / scale)) / math.sqrt(max(dy.numel(), 1))
             if not math.isfinite(dy_norm):
