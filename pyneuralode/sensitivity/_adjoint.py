@@ -171,8 +171,6 @@ def _engine_entry():
     return _ENGINE[0]
 
 
-
-
 def flat_cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0].reshape(-1)
 

@@ -59,6 +59,10 @@ class AbstractSolver:
     order: int = 0
     error_order: Optional[int] = None
     implicit: bool = False
+    #: True for methods whose step depends on a history kept in the cache (QNDF): a state alone
+    #: cannot restart them where they were, so checkpoint re-solves do not replay their steps.
+    #: Such a method may also set ``start_order`` (the order of its first step, for the initial step size).
+    multistep: bool = False
 
     def default_controller(self):
         """The step-size controller used when ``solve`` gets none.

@@ -30,7 +30,6 @@ __all__ = ["QNDF"]
 
 MAX_ORDER = 5
 _NEWTON_MAXITER = 4
-_MIN_FACTOR = 0.2
 _MAX_FACTOR = 10.0
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -62,8 +61,15 @@ class _QNDFCache:
     def __init__(self, ls, D, order, h, n_equal, stats, rtol, atol, jac_current, newton_tol):
         self.ls, self.D, self.order, self.h, self.n_equal = ls, D, order, h, n_equal
         self.stats, self.rtol, self.atol = stats, rtol, atol
-        self.jac_current = jac_current
+        self.jac_current = jac_current  # J was formed in the current step (no fresher one to try)
         self.newton_tol = newton_tol
+
+    def but(self, **changes) -> "_QNDFCache":
+        """A copy with some fields changed (caches are never modified in place: a rejected step keeps the old one)."""
+        new = _QNDFCache.__new__(_QNDFCache)
+        for name in self.__slots__:
+            setattr(new, name, changes.get(name, getattr(self, name)))
+        return new
 
 
 def _flat_tol(tol, ref: torch.Tensor):
@@ -151,8 +157,7 @@ class QNDF(AbstractSolver):
                 break
             cache.stats["nconvfail"] += 1
             if jac_current:
-                fail = _QNDFCache(ls, cache.D, cache.order, cache.h, cache.n_equal, cache.stats, cache.rtol,
-                                  cache.atol, True, cache.newton_tol)
+                fail = cache.but(jac_current=True)
                 return StepResult(y1=y0, error=None, cache=fail, dense=None, ok=False, cache_on_reject=fail)
             ls.set_point(t1, y_pred.view(shape).detach())  # a fresh Jacobian, then try once more
             jac_current = True
@@ -185,10 +190,8 @@ class QNDF(AbstractSolver):
             new_order = k + best - 1
             factor = min(_MAX_FACTOR, safety * facs[best])
             n_equal = 0
-        new_cache = _QNDFCache(ls, D_new, new_order, h, n_equal, cache.stats, cache.rtol, cache.atol,
-                               False, cache.newton_tol)
-        on_reject = _QNDFCache(ls, cache.D, cache.order, cache.h, cache.n_equal, cache.stats, cache.rtol,
-                               cache.atol, jac_current, cache.newton_tol)
+        new_cache = cache.but(D=D_new, order=new_order, h=h, n_equal=n_equal, jac_current=False)
+        on_reject = cache.but(jac_current=jac_current)
         dense = (D_new[: k + 1], shape)
         return StepResult(y1=y1.view(shape), error=err.view(shape), cache=new_cache, dense=dense,
                           cache_on_reject=on_reject, order=k, dt_factor=factor)
