@@ -5,9 +5,10 @@ The 1-D Brusselator reaction–diffusion system of Hairer & Wanner (*Solving ODE
 on (0, 1) with u = 1, v = 3 at both ends, u(x, 0) = 1 + sin(2πx), v(x, 0) = 3, t ∈ [0, 10].
 The state has 2N components; diffusion makes it stiff (eigenvalues down to about −4α(N+1)²).
 
-Every native solver gets its Jacobian from torch (autograd, dense, the default) and the same
-rtol/atol; scipy's BDF and Radau get the sparsity pattern of the Jacobian (``jac_sparsity``), as
-a scipy user would give it. Errors are the largest relative error at t = 10 against scipy Radau
+Every native solver gets its Jacobian from torch (autograd) and the same rtol/atol: dense (the
+default) and, in the ``linsolve='sparse'`` rows, on the Jacobian's sparsity pattern (one batched
+vector–Jacobian product per row colour, SuperLU factorisations); scipy's BDF and Radau get the same
+pattern (``jac_sparsity``), as a scipy user would give it. Errors are the largest relative error at t = 10 against scipy Radau
 at rtol 1e-10. One process, 1 thread, each configuration timed ``--repeat`` times (minimum).
 
     python benchmarks/stiff_large.py            # N = 500 (1000 states), rtol 1e-6
@@ -109,12 +110,18 @@ def main(argv=None):
 
     ref = solve_ivp(numpy_rhs(N), (0.0, T_END), y0_of(N), method="Radau", rtol=1e-10, atol=1e-12,
                     jac_sparsity=sparsity(N)).y[:, -1]
+    P = sparsity(N)  # the native sparse rows get the same pattern as scipy
     configs = [
         ("pn.QNDF", lambda: run_native(pn.QNDF(), N, rtol, atol)),
         ("pn.QNDF (rtol ÷ 10)", lambda: run_native(pn.QNDF(), N, rtol / 10, atol / 10)),
         ("pn.Rodas5P", lambda: run_native(pn.Rodas5P(), N, rtol, atol)),
         ("pn.KenCarp4", lambda: run_native(pn.KenCarp4(), N, rtol, atol)),
         ("pn.Kvaerno5", lambda: run_native(pn.Kvaerno5(), N, rtol, atol)),
+        ("pn.QNDF, linsolve='sparse'", lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
+        ("pn.QNDF, linsolve='sparse' (rtol ÷ 10)",
+         lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol / 10, atol / 10)),
+        ("pn.KenCarp4, linsolve='sparse'", lambda: run_native(pn.KenCarp4(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
+        ("pn.Rodas5P, linsolve='sparse'", lambda: run_native(pn.Rodas5P(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
         ("scipy BDF (jac_sparsity)", lambda: run_scipy("BDF", N, rtol, atol)),
         ("scipy Radau (jac_sparsity)", lambda: run_scipy("Radau", N, rtol, atol)),
     ]
@@ -136,8 +143,9 @@ def main(argv=None):
         f"minimum of {repeat} round-robin repeat(s) after one untimed warm-up)",
         "",
         f"N = {N} grid points ({2 * N} states), t ∈ [0, {T_END:g}], rtol = {rtol:g}, atol = {atol:g} (one QNDF row at a tenth of both); error = largest "
-        "relative error at t = 10 against scipy Radau at rtol 1e-10. Native solvers: dense autograd Jacobian "
-        "(the default); scipy: `jac_sparsity` (sparse finite-difference Jacobian and sparse LU).",
+        "relative error at t = 10 against scipy Radau at rtol 1e-10. Native solvers: autograd Jacobians, dense "
+        "(the default) or, with `linsolve='sparse'`, on the sparsity pattern (coloured products, SuperLU); "
+        "scipy: `jac_sparsity` (sparse finite-difference Jacobian and sparse LU).",
         "",
         "| solver | time (ms) | ÷ QNDF | error | steps (accepted) | f evaluations | Jacobians | factorisations |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

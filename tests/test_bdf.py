@@ -278,4 +278,6 @@ def test_large_system_benchmark_quick():
     assert q["njac"] * 20 < q["naccept"] and q["nlu"] < r["nlu"], (q, r)
     assert rows["pn.QNDF (rtol ÷ 10)"][1] < rows["pn.QNDF"][1]
     md = (path.parent / "results" / "stiff_large_quick.md").read_text()
-    assert md.count("| pn.") == 5 and "÷ QNDF" in md
+    assert md.count("| pn.") == 9 and "÷ QNDF" in md
+    qs, ks = rows["pn.QNDF, linsolve='sparse'"], rows["pn.KenCarp4, linsolve='sparse'"]
+    assert qs[2]["naccept"] == q["naccept"] and abs(qs[1] - rows["pn.QNDF"][1]) < 1e-8  # same steps, same answer

@@ -92,10 +92,24 @@ class AbstractSolver:
         return f"{type(self).__name__}()"
 
     def __eq__(self, other) -> bool:
-        return type(self) is type(other) and self.__dict__ == other.__dict__
+        if type(self) is not type(other) or self.__dict__.keys() != other.__dict__.keys():
+            return False
+        return all(_same(v, other.__dict__[k]) for k, v in self.__dict__.items())
 
     def __hash__(self) -> int:
         return hash(type(self))
+
+
+def _same(a, b) -> bool:
+    """Option equality that also works for arrays, tensors and sparse matrices (equal only if identical)."""
+    if a is b:
+        return True
+    if getattr(a, "shape", ()) != () or getattr(b, "shape", ()) != ():  # arrays, tensors, sparse matrices
+        return False
+    try:
+        return bool(a == b)
+    except (ValueError, RuntimeError, TypeError):  # element-wise comparisons have no single truth value
+        return False
 
 
 _TABLEAU_TENSORS: dict = {}

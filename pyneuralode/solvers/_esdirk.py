@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, hermite_interpolant, tableau_tensors
+from ._base import AbstractSolver, StepResult, _same, hermite_interpolant, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
 from ._linalg import check_linear_options, newton_setup
 from ._tableau import ButcherTableau, order_conditions
@@ -99,8 +99,9 @@ class ESDIRK(AbstractSolver):
     """Generic ESDIRK method; subclasses set ``tableau`` (and ``name``).
 
     Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
-    ``(B, n)`` with f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"`` or
-    matrix-free Newton–Krylov ``"gmres"``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``),
+    ``(B, n)`` with f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"``,
+    matrix-free Newton–Krylov ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern
+    ``jac_sparsity``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``),
     ``max_iter`` (Newton iterations per stage, 10), ``kappa`` (Newton tolerance relative to the
     error tolerance, 0.01), ``jac_theta`` (form a new J after a step whose convergence rate
     exceeded this, 0.05), ``smooth_est`` (filter the error estimate by ``M⁻¹``, True).
@@ -113,9 +114,10 @@ class ESDIRK(AbstractSolver):
 
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  max_iter: int = 10, kappa: float = 0.01, jac_theta: float = 0.05, smooth_est: bool = True,
-                 gmres_tol: float = 1e-6, gmres_maxiter: int = 200, gmres_restart: int = 30):
+                 gmres_tol: float = 1e-6, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
         owner = type(self).__name__
-        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart)
+        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        self.jac_sparsity = jac_sparsity
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
             raise ValueError(f"{owner}: max_iter must be a positive int, got {max_iter!r}")
         if not (isinstance(kappa, (int, float)) and 0 < kappa <= 1):
@@ -134,8 +136,8 @@ class ESDIRK(AbstractSolver):
 
     def __repr__(self):
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_iter=10, kappa=0.01,
-                        jac_theta=0.05, smooth_est=True, gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30)
-        shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if defaults.get(k, object()) != v)
+                        jac_theta=0.05, smooth_est=True, gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not _same(defaults.get(k, object()), v))
         return f"{type(self).__name__}({shown})"
 
     @property

@@ -35,14 +35,26 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import _sparse
+
 _JAC_MODES = ("autograd", "jacrev", "jacfwd", "finite_difference")
 #: dense systems up to this size solve with an explicit inverse of W (a mat-vec per stage)
 _SMALL = 16
-_LINSOLVES = ("lu", "gmres")
+_LINSOLVES = ("lu", "gmres", "sparse")
 
 
-def check_linear_options(owner: str, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart):
+def check_linear_options(owner: str, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
+                         jac_sparsity=None):
     """Validate the shared options of the implicit solvers (messages name the argument and the fix)."""
+    if linsolve == "sparse":
+        if jac_sparsity is None and jac is None:
+            raise ValueError(f"{owner}: linsolve='sparse' needs jac_sparsity (the N×N pattern of the Jacobian's nonzeros) "
+                             "or a jac(t, y) that returns a sparse matrix")
+        if batched:
+            raise ValueError(f"{owner}: linsolve='sparse' and batched=True do not combine; batched systems already "
+                             "factor one small block per row (use linsolve='lu')")
+    elif jac_sparsity is not None:
+        raise ValueError(f"{owner}: jac_sparsity is used by linsolve='sparse'; pass linsolve='sparse' or drop jac_sparsity")
     if jac is not None and not callable(jac):
         raise TypeError(f"{owner}: jac must be None or a callable jac(t, y) -> Jacobian matrix, got {type(jac).__name__}")
     if not isinstance(batched, bool):
@@ -262,9 +274,17 @@ class LinearSolver:
 
     def __init__(self, rhs, y0: torch.Tensor, stats: dict, *, jac=None, batched=False, linsolve="lu",
                  jac_mode="autograd", differentiable_jac=False, gmres_tol=1e-8, gmres_maxiter=200, gmres_restart=30,
-                 owner="solver"):
+                 owner="solver", jac_sparsity=None):
         if batched and y0.ndim != 2:
             raise ValueError(f"{owner}: batched=True needs a state of shape (B, n) with f acting on each row; got shape {tuple(y0.shape)}")
+        self.sparse_mode = linsolve == "sparse"
+        self.sparse_jac = None
+        if self.sparse_mode:
+            if y0.device.type != "cpu":
+                raise ValueError(f"{owner}: linsolve='sparse' factors with scipy's SuperLU on the CPU; the state is on "
+                                 f"{y0.device}. Use linsolve='lu' or 'gmres' there")
+            if jac is None:
+                self.sparse_jac = _sparse.SparseJacobian(_sparse.sparsity_pattern(jac_sparsity, y0.numel(), owner), jac_mode)
         self.rhs = rhs
         self.stats = stats
         self.jac = jac
@@ -275,7 +295,7 @@ class LinearSolver:
         self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
         self.owner = owner
         #: a tiny dense system on the CPU: steps without autograd may do their linear algebra in numpy
-        self.numpy_capable = (linsolve != "gmres" and not batched and y0.numel() <= _SMALL
+        self.numpy_capable = (linsolve == "lu" and not batched and y0.numel() <= _SMALL
                               and y0.device.type == "cpu")
         self.J = None
         self.point = None  # (t, y) of the current J
@@ -304,6 +324,22 @@ class LinearSolver:
         if self.gmres_mode:
             self.J = None
             self.point = (t, y if create else y.detach())
+        elif self.sparse_mode:  # a scipy CSC matrix, never differentiated
+            if create:
+                raise ValueError(
+                    f"{self.owner}(linsolve='sparse'): the sparse Jacobian cannot be differentiated, and an exact "
+                    "gradient through a Rosenbrock step needs its derivative. Pass differentiable_jac=False (the "
+                    "gradient then holds J fixed), or use an ESDIRK method or QNDF, or a continuous adjoint "
+                    "(sensealg=pn.InterpolatingAdjoint())"
+                )
+            if self.jac is not None:
+                tt = torch.full((), t, dtype=y.dtype, device=y.device)
+                self.J = _sparse.to_csc(self.jac(tt, y.detach()), y.numel(), self.owner)
+            else:
+                self.J, f = self.sparse_jac(self.rhs, t, y)
+                if torch.is_grad_enabled():
+                    f = None  # under autograd the caller evaluates f with its graph
+            self.point = (t, y)
         elif self.jac is not None:
             tt = torch.full((), t, dtype=y.dtype, device=y.device)
             J = self.jac(tt, y)
@@ -355,6 +391,9 @@ class LinearSolver:
         if self.gmres_mode:
             return
         _bump(self.stats, "nlu")
+        if self.sparse_mode:
+            self.lu = ("sparse", _sparse.factor(self.J, g))
+            return
         J = self.J
         n = J.shape[-1]
         eye = torch.eye(n, dtype=J.dtype, device=J.device)
@@ -377,6 +416,8 @@ class LinearSolver:
         shape = b.shape
         if self.gmres_mode:
             x = self._gmres_solve(b if scale == 1.0 else scale * b).view(shape)
+        elif self.sparse_mode:
+            x = _sparse.SparseSolve.apply((b if scale == 1.0 else scale * b).reshape(-1), self.lu[1]).view(shape)
         else:
             LU, piv = self.lu
             if LU == "inv":
@@ -424,6 +465,9 @@ class LinearSolver:
             shape = y.shape
             rhs = self.rhs
             return torch.func.jvp(lambda u: rhs(t, u), (y,), (v.view(shape),))[1]
+        if self.sparse_mode:
+            jv = self.J @ v.detach().reshape(-1).to(torch.float64).cpu().numpy()
+            return torch.from_numpy(jv).to(dtype=v.dtype, device=v.device).view(v.shape)
         if self.batched:
             return torch.bmm(self.J, v.unsqueeze(-1)).squeeze(-1)
         return torch.mv(self.J, v.reshape(-1)).view(v.shape)
@@ -436,7 +480,8 @@ def newton_setup(solver, rhs, t0: float, y0: torch.Tensor, stats: dict):
         stats.setdefault(k, 0)
     ls = LinearSolver(rhs, y0, stats, jac=solver.jac, batched=solver.batched, linsolve=solver.linsolve,
                       jac_mode=solver.jac_mode, differentiable_jac=False, gmres_tol=solver.gmres_tol,
-                      gmres_maxiter=solver.gmres_maxiter, gmres_restart=solver.gmres_restart, owner=type(solver).__name__)
+                      gmres_maxiter=solver.gmres_maxiter, gmres_restart=solver.gmres_restart, owner=type(solver).__name__,
+                      jac_sparsity=solver.jac_sparsity)
     f0 = ls.set_point(t0, y0)
     if f0 is None or torch.is_grad_enabled():
         f0 = rhs(t0, y0)  # (under autograd: keep the graph to y0 and the parameters)

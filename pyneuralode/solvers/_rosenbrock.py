@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, tableau_tensors
+from ._base import AbstractSolver, StepResult, _same, tableau_tensors
 from ._linalg import LinearSolver, _bump, check_linear_options
 
 _SQRT_EPS = math.sqrt(2.220446049250313e-16)
@@ -143,8 +143,9 @@ class RosenbrockSolver(AbstractSolver):
     """Base of the Rosenbrock methods: options shared by all of them, the cache and the Jacobian step.
 
     Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
-    ``(B, n)``, f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"`` or
-    matrix-free ``"gmres"``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``),
+    ``(B, n)``, f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"``,
+    matrix-free ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern ``jac_sparsity``,
+    formed from one Jacobian–vector product per column colour), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``),
     ``autonomous`` (None: detect once by probing f at two times inside the first step; True/False:
     declare), ``differentiable_jac`` (differentiate J
     under autograd: exact gradients of the discrete solution; default True).
@@ -154,9 +155,10 @@ class RosenbrockSolver(AbstractSolver):
 
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  autonomous: Optional[bool] = None, differentiable_jac: bool = True,
-                 gmres_tol: float = 1e-10, gmres_maxiter: int = 200, gmres_restart: int = 30):
+                 gmres_tol: float = 1e-10, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
         owner = type(self).__name__
-        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart)
+        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        self.jac_sparsity = jac_sparsity
         if autonomous is not None and not isinstance(autonomous, bool):
             raise TypeError(f"{owner}: autonomous must be None (detect), True or False, got {autonomous!r}")
         self.jac = jac
@@ -170,8 +172,8 @@ class RosenbrockSolver(AbstractSolver):
     def __repr__(self):
         opts = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", autonomous=None, differentiable_jac=True,
-                        gmres_tol=1e-10, gmres_maxiter=200, gmres_restart=30)
-        shown = ", ".join(f"{k}={v!r}" for k, v in opts.items() if defaults.get(k, object()) != v)
+                        gmres_tol=1e-10, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        shown = ", ".join(f"{k}={v!r}" for k, v in opts.items() if not _same(defaults.get(k, object()), v))
         return f"{type(self).__name__}({shown})"
 
     def init(self, rhs, t0, y0, stats, **_):
@@ -179,7 +181,8 @@ class RosenbrockSolver(AbstractSolver):
             stats.setdefault(k, 0)
         ls = LinearSolver(rhs, y0, stats, jac=self.jac, batched=self.batched, linsolve=self.linsolve,
                           jac_mode=self.jac_mode, differentiable_jac=self.differentiable_jac, gmres_tol=self.gmres_tol,
-                          gmres_maxiter=self.gmres_maxiter, gmres_restart=self.gmres_restart, owner=type(self).__name__)
+                          gmres_maxiter=self.gmres_maxiter, gmres_restart=self.gmres_restart, owner=type(self).__name__,
+                          jac_sparsity=self.jac_sparsity)
         return _RosenbrockCache(ls, stats, self.autonomous)
 
     def _prepare(self, rhs, t0, y0, h, cache):

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult
+from ._base import AbstractSolver, StepResult, _same
 from ._linalg import check_linear_options, newton_setup
 
 __all__ = ["QNDF"]
@@ -86,7 +86,8 @@ class QNDF(AbstractSolver):
 
     Options as the other implicit solvers: ``jac`` (None: by torch; or ``jac(t, y) -> J``),
     ``batched`` (state ``(B, n)``, f per row: one n×n Jacobian and LU per row), ``linsolve``
-    (``"lu"`` or matrix-free ``"gmres"``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``,
+    (``"lu"``, matrix-free ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern
+    ``jac_sparsity``, for large systems such as discretised PDEs), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``,
     ``"finite_difference"``), ``max_order`` (1–5). Counts ``njac``, ``nlu``, ``nsolve``,
     ``nnewton``, ``nconvfail`` in ``sol.stats``. Gradients (``DirectAdjoint``) flow through the
     Newton iterations with the Jacobian held fixed, as for the ESDIRK methods.
@@ -101,9 +102,10 @@ class QNDF(AbstractSolver):
 
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  max_order: int = MAX_ORDER, gmres_tol: float = 1e-6, gmres_maxiter: int = 200,
-                 gmres_restart: int = 30):
+                 gmres_restart: int = 30, jac_sparsity=None):
         owner = type(self).__name__
-        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart)
+        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        self.jac_sparsity = jac_sparsity
         if not isinstance(max_order, int) or isinstance(max_order, bool) or not 1 <= max_order <= MAX_ORDER:
             raise ValueError(f"{owner}: max_order must be an int from 1 to {MAX_ORDER}, got {max_order!r}")
         self.jac = jac
@@ -115,8 +117,8 @@ class QNDF(AbstractSolver):
 
     def __repr__(self):
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_order=MAX_ORDER,
-                        gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30)
-        shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if defaults.get(k, object()) != v)
+                        gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not _same(defaults.get(k, object()), v))
         return f"{type(self).__name__}({shown})"
 
     def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
