@@ -16,10 +16,20 @@ import numpy as np
 import torch
 
 
+def _scipy_sparse(owner: str):
+    try:
+        import scipy.sparse as sp
+        import scipy.sparse.linalg  # noqa: F401  (SuperLU)
+    except ImportError:
+        raise ImportError(f"{owner}: linsolve='sparse' factors with scipy's SuperLU; install scipy "
+                          "(pip install scipy) or use linsolve='lu'/'gmres'") from None
+    return sp
+
+
 def sparsity_pattern(jac_sparsity, n: int, owner: str):
     """``jac_sparsity`` (a scipy sparse matrix, a numpy array or a tensor, nonzero = may be nonzero)
     as a CSC pattern of ones with the diagonal included (W = I − g·J has it)."""
-    import scipy.sparse as sp
+    sp = _scipy_sparse(owner)
 
     if isinstance(jac_sparsity, torch.Tensor):
         jac_sparsity = jac_sparsity.to_dense() if jac_sparsity.is_sparse else jac_sparsity
@@ -115,7 +125,7 @@ class SparseJacobian:
 
 def to_csc(J, n: int, owner: str):
     """A user ``jac(t, y)`` result as a float64 CSC matrix (scipy sparse, a dense or a sparse tensor)."""
-    import scipy.sparse as sp
+    sp = _scipy_sparse(owner)
 
     if isinstance(J, torch.Tensor):
         if J.is_sparse or J.layout != torch.strided:
