@@ -100,6 +100,13 @@ class AbstractSolver:
         return hash(type(self))
 
 
+def options_repr(solver, defaults: dict) -> str:
+    """``Name(opt=value, ...)`` listing only the options that differ from ``defaults``."""
+    shown = ", ".join(f"{k}={v!r}" for k, v in vars(solver).items()
+                      if not k.startswith("_") and not _same(defaults.get(k, object()), v))
+    return f"{type(solver).__name__}({shown})"
+
+
 def _same(a, b) -> bool:
     """Option equality that also works for arrays, tensors and sparse matrices (equal only if identical)."""
     if a is b:

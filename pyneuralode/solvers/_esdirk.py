@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, _same, hermite_interpolant, tableau_tensors
+from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
 from ._linalg import check_linear_options, newton_setup
 from ._tableau import ButcherTableau, order_conditions
@@ -137,8 +137,7 @@ class ESDIRK(AbstractSolver):
     def __repr__(self):
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_iter=10, kappa=0.01,
                         jac_theta=0.05, smooth_est=True, gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
-        shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not _same(defaults.get(k, object()), v))
-        return f"{type(self).__name__}({shown})"
+        return options_repr(self, defaults)
 
     @property
     def order(self):  # type: ignore[override]

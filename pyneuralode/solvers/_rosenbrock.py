@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, _same, tableau_tensors
+from ._base import AbstractSolver, StepResult, options_repr, tableau_tensors
 from ._linalg import LinearSolver, _bump, check_linear_options
 
 _SQRT_EPS = math.sqrt(2.220446049250313e-16)
@@ -170,11 +170,9 @@ class RosenbrockSolver(AbstractSolver):
         self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
 
     def __repr__(self):
-        opts = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", autonomous=None, differentiable_jac=True,
                         gmres_tol=1e-10, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
-        shown = ", ".join(f"{k}={v!r}" for k, v in opts.items() if not _same(defaults.get(k, object()), v))
-        return f"{type(self).__name__}({shown})"
+        return options_repr(self, defaults)
 
     def init(self, rhs, t0, y0, stats, **_):
         for k in ("njac", "nlu", "nsolve"):

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, _same
+from ._base import AbstractSolver, StepResult, options_repr
 from ._linalg import check_linear_options, newton_setup
 
 __all__ = ["QNDF"]
@@ -118,8 +118,7 @@ class QNDF(AbstractSolver):
     def __repr__(self):
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_order=MAX_ORDER,
                         gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
-        shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not _same(defaults.get(k, object()), v))
-        return f"{type(self).__name__}({shown})"
+        return options_repr(self, defaults)
 
     def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
