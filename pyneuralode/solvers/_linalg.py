@@ -417,7 +417,9 @@ class LinearSolver:
         if self.gmres_mode:
             x = self._gmres_solve(b if scale == 1.0 else scale * b).view(shape)
         elif self.sparse_mode:
-            x = _sparse.SparseSolve.apply((b if scale == 1.0 else scale * b).reshape(-1), self.lu[1]).view(shape)
+            bf = (b if scale == 1.0 else scale * b).reshape(-1)
+            solve = _sparse.SparseSolve.apply if bf.requires_grad else _sparse.sparse_solve
+            x = solve(bf, self.lu[1]).view(shape)
         else:
             LU, piv = self.lu
             if LU == "inv":

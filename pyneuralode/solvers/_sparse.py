@@ -152,16 +152,20 @@ def factor(J, g: float):
     return splu(W)
 
 
+def sparse_solve(b: torch.Tensor, lu, trans: str = "N") -> torch.Tensor:
+    """``W⁻¹ b`` (``trans="T"``: ``W⁻ᵀ b``) with a SuperLU factorisation, no autograd."""
+    x = lu.solve(b.detach().to(torch.float64).cpu().numpy(), trans=trans)
+    return torch.from_numpy(x).to(dtype=b.dtype, device=b.device)
+
+
 class SparseSolve(torch.autograd.Function):
     """``x = W⁻¹ b`` with a SuperLU factorisation; the backward pass solves with ``Wᵀ``."""
 
     @staticmethod
     def forward(ctx, b, lu):
         ctx.lu = lu
-        x = lu.solve(b.detach().to(torch.float64).cpu().numpy())
-        return torch.from_numpy(x).to(dtype=b.dtype, device=b.device)
+        return sparse_solve(b, lu)
 
     @staticmethod
     def backward(ctx, g):
-        gb = ctx.lu.solve(g.detach().to(torch.float64).cpu().numpy(), trans="T")
-        return torch.from_numpy(gb).to(dtype=g.dtype, device=g.device), None
+        return sparse_solve(g, ctx.lu, trans="T"), None
