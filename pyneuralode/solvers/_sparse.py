@@ -8,7 +8,8 @@ state component, and ``W = I − g·J`` is factored by SuperLU (``scipy.sparse.l
 
 CPU only (SuperLU runs on host memory). Under autograd the solves are differentiable with respect
 to the right-hand side (the transpose solve gives the gradient); the Jacobian is held fixed, as in
-the ESDIRK and QNDF engines, so Rosenbrock gradients through a sparse solve treat J as a constant.
+the ESDIRK and QNDF engines. A Rosenbrock step's exact gradient needs dJ/dθ, so ``DirectAdjoint``
+through a Rosenbrock method with a sparse J raises unless ``differentiable_jac=False`` is passed.
 """
 from __future__ import annotations
 
