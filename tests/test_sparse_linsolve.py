@@ -5,6 +5,8 @@ answer to rounding), central finite differences and closed forms for gradients.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,26 +17,23 @@ from pyneuralode.solvers._sparse import SparseJacobian, color_columns, sparsity_
 
 sp = pytest.importorskip("scipy.sparse", reason="linsolve='sparse' factors with scipy's SuperLU")
 F64 = torch.float64
-ALPHA = 1.0 / 50.0
+
+
+def _benchmark():
+    """``benchmarks/stiff_large.py``: its Brusselator is the problem these tests solve."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stiff_large.py"
+    spec = importlib.util.spec_from_file_location("stiff_large", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def brusselator(N):
-    """1-D Brusselator (Hairer & Wanner II, IV.1): 2N states [u; v], u = 1, v = 3 at both ends."""
-    c = ALPHA * (N + 1) ** 2
-
-    def f(t, y):
-        u, v = y[:N], y[N:]
-        up = torch.cat([u.new_ones(1), u, u.new_ones(1)])
-        vp = torch.cat([v.new_full((1,), 3.0), v, v.new_full((1,), 3.0)])
-        uuv = u * u * v
-        return torch.cat([1.0 + uuv - 4.0 * u + c * (up[:-2] - 2.0 * u + up[2:]), 3.0 * u - uuv + c * (vp[:-2] - 2.0 * v + vp[2:])])
-
-    tri = sp.diags([1.0, 1.0, 1.0], [-1, 0, 1], shape=(N, N))
-    dia = sp.identity(N)
-    P = sp.bmat([[tri, dia], [dia, tri]]).tocsc()
-    x = np.arange(1, N + 1) / (N + 1)
-    y0 = torch.tensor(np.concatenate([1.0 + np.sin(2 * np.pi * x), np.full(N, 3.0)]), dtype=F64)
-    return f, P, y0
+    """1-D Brusselator (Hairer & Wanner II, IV.1): 2N states [u; v]; (f, Jacobian pattern, y0)."""
+    b = _benchmark()
+    return b.torch_rhs(N), b.sparsity(N), torch.tensor(b.y0_of(N), dtype=F64)
 
 
 def test_colouring_separates_columns_that_share_a_row():

@@ -26,7 +26,7 @@ import torch
 
 from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
-from ._linalg import check_linear_options, newton_setup
+from ._linalg import newton_setup, set_linear_options
 from ._tableau import ButcherTableau, order_conditions
 
 _EPS = 2.220446049250313e-16
@@ -116,23 +116,17 @@ class ESDIRK(AbstractSolver):
                  max_iter: int = 10, kappa: float = 0.01, jac_theta: float = 0.05, smooth_est: bool = True,
                  gmres_tol: float = 1e-6, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
         owner = type(self).__name__
-        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
-        self.jac_sparsity = jac_sparsity
+        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
             raise ValueError(f"{owner}: max_iter must be a positive int, got {max_iter!r}")
         if not (isinstance(kappa, (int, float)) and 0 < kappa <= 1):
             raise ValueError(f"{owner}: kappa must be in (0, 1], got {kappa!r}")
         if not (isinstance(jac_theta, (int, float)) and 0 < jac_theta < 1):
             raise ValueError(f"{owner}: jac_theta must be in (0, 1), got {jac_theta!r}")
-        self.jac = jac
-        self.batched = batched
-        self.linsolve = linsolve
-        self.jac_mode = jac_mode
         self.max_iter = max_iter
         self.kappa = float(kappa)
         self.jac_theta = float(jac_theta)
         self.smooth_est = bool(smooth_est)
-        self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
 
     def __repr__(self):
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_iter=10, kappa=0.01,

@@ -72,6 +72,23 @@ def check_linear_options(owner: str, jac, batched, linsolve, jac_mode, gmres_tol
             raise ValueError(f"{owner}: {nm} must be a positive int, got {v!r}")
 
 
+def set_linear_options(solver, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity):
+    """Validate and store the linear-algebra options every implicit solver shares."""
+    check_linear_options(type(solver).__name__, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter,
+                         gmres_restart, jac_sparsity)
+    solver.jac, solver.batched, solver.linsolve, solver.jac_mode = jac, batched, linsolve, jac_mode
+    solver.gmres_tol, solver.gmres_maxiter, solver.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
+    solver.jac_sparsity = jac_sparsity
+
+
+def linear_solver_for(solver, rhs, y0: torch.Tensor, stats: dict, differentiable_jac: bool) -> "LinearSolver":
+    """The :class:`LinearSolver` built from a solver's stored options (see :func:`set_linear_options`)."""
+    return LinearSolver(rhs, y0, stats, jac=solver.jac, batched=solver.batched, linsolve=solver.linsolve,
+                        jac_mode=solver.jac_mode, differentiable_jac=differentiable_jac, gmres_tol=solver.gmres_tol,
+                        gmres_maxiter=solver.gmres_maxiter, gmres_restart=solver.gmres_restart,
+                        owner=type(solver).__name__, jac_sparsity=solver.jac_sparsity)
+
+
 def _bump(stats: dict, key: str, n: int = 1) -> None:
     stats[key] = stats.get(key, 0) + n
 
@@ -480,10 +497,7 @@ def newton_setup(solver, rhs, t0: float, y0: torch.Tensor, stats: dict):
     ``(t0, y0)`` and held fixed (not differentiated); zeroed Newton counters in ``stats``."""
     for k in ("njac", "nlu", "nsolve", "nnewton", "nconvfail"):
         stats.setdefault(k, 0)
-    ls = LinearSolver(rhs, y0, stats, jac=solver.jac, batched=solver.batched, linsolve=solver.linsolve,
-                      jac_mode=solver.jac_mode, differentiable_jac=False, gmres_tol=solver.gmres_tol,
-                      gmres_maxiter=solver.gmres_maxiter, gmres_restart=solver.gmres_restart, owner=type(solver).__name__,
-                      jac_sparsity=solver.jac_sparsity)
+    ls = linear_solver_for(solver, rhs, y0, stats, differentiable_jac=False)
     f0 = ls.set_point(t0, y0)
     if f0 is None or torch.is_grad_enabled():
         f0 = rhs(t0, y0)  # (under autograd: keep the graph to y0 and the parameters)

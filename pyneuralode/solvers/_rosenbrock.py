@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ._base import AbstractSolver, StepResult, options_repr, tableau_tensors
-from ._linalg import LinearSolver, _bump, check_linear_options
+from ._linalg import _bump, linear_solver_for, set_linear_options
 
 _SQRT_EPS = math.sqrt(2.220446049250313e-16)
 
@@ -156,18 +156,11 @@ class RosenbrockSolver(AbstractSolver):
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  autonomous: Optional[bool] = None, differentiable_jac: bool = True,
                  gmres_tol: float = 1e-10, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
-        owner = type(self).__name__
-        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
-        self.jac_sparsity = jac_sparsity
+        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
         if autonomous is not None and not isinstance(autonomous, bool):
-            raise TypeError(f"{owner}: autonomous must be None (detect), True or False, got {autonomous!r}")
-        self.jac = jac
-        self.batched = batched
-        self.linsolve = linsolve
-        self.jac_mode = jac_mode
+            raise TypeError(f"{type(self).__name__}: autonomous must be None (detect), True or False, got {autonomous!r}")
         self.autonomous = autonomous
         self.differentiable_jac = bool(differentiable_jac)
-        self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
 
     def __repr__(self):
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", autonomous=None, differentiable_jac=True,
@@ -177,10 +170,7 @@ class RosenbrockSolver(AbstractSolver):
     def init(self, rhs, t0, y0, stats, **_):
         for k in ("njac", "nlu", "nsolve"):
             stats.setdefault(k, 0)
-        ls = LinearSolver(rhs, y0, stats, jac=self.jac, batched=self.batched, linsolve=self.linsolve,
-                          jac_mode=self.jac_mode, differentiable_jac=self.differentiable_jac, gmres_tol=self.gmres_tol,
-                          gmres_maxiter=self.gmres_maxiter, gmres_restart=self.gmres_restart, owner=type(self).__name__,
-                          jac_sparsity=self.jac_sparsity)
+        ls = linear_solver_for(self, rhs, y0, stats, differentiable_jac=self.differentiable_jac)
         return _RosenbrockCache(ls, stats, self.autonomous)
 
     def _prepare(self, rhs, t0, y0, h, cache):

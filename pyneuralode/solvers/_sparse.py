@@ -102,9 +102,10 @@ class SparseJacobian:
         seeds[torch.from_numpy(self.colors), torch.arange(n)] = 1.0
         scale = 1.0
         if self.finite_difference:
+            from ._linalg import _fd_steps  # (imported here: _linalg imports this module)
+
             with torch.no_grad():
-                eps = torch.finfo(y0.dtype).eps
-                d = (y0 + (eps * y0.abs().clamp_min(1e-5)).sqrt()) - y0  # representable increments
+                d = _fd_steps(y0)  # the dense finite-difference Jacobian's increments
                 f0 = rhs(t, y0.view(shape)).reshape(-1)
                 prods = torch.stack([rhs(t, (y0 + s * d).view(shape)).reshape(-1) - f0 for s in seeds])
             scale = d.cpu().numpy()[self.cols]

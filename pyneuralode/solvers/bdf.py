@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ._base import AbstractSolver, StepResult, options_repr
-from ._linalg import check_linear_options, newton_setup
+from ._linalg import newton_setup, set_linear_options
 
 __all__ = ["QNDF"]
 
@@ -103,17 +103,10 @@ class QNDF(AbstractSolver):
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  max_order: int = MAX_ORDER, gmres_tol: float = 1e-6, gmres_maxiter: int = 200,
                  gmres_restart: int = 30, jac_sparsity=None):
-        owner = type(self).__name__
-        check_linear_options(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
-        self.jac_sparsity = jac_sparsity
+        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
         if not isinstance(max_order, int) or isinstance(max_order, bool) or not 1 <= max_order <= MAX_ORDER:
-            raise ValueError(f"{owner}: max_order must be an int from 1 to {MAX_ORDER}, got {max_order!r}")
-        self.jac = jac
-        self.batched = batched
-        self.linsolve = linsolve
-        self.jac_mode = jac_mode
+            raise ValueError(f"{type(self).__name__}: max_order must be an int from 1 to {MAX_ORDER}, got {max_order!r}")
         self.max_order = max_order
-        self.gmres_tol, self.gmres_maxiter, self.gmres_restart = gmres_tol, gmres_maxiter, gmres_restart
 
     def __repr__(self):
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_order=MAX_ORDER,
