@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ._solution import DenseSegment, ReturnCode
-from .controllers import PIController, initial_step, rms_norm_and_abs
+from .controllers import PIController, initial_step, abs_host, rms_norm_and_abs, rms_norm_small, small_norm_kind
 
 _EPS = 2.220446049250313e-16
 
@@ -124,9 +124,16 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     grad_mode = torch.is_grad_enabled()
     inv_sqrt_n = 1.0 / math.sqrt(max(y.numel(), 1))
     ay = None
+    small_norm = None  # tiny CPU states: the norm on the host ("list": Python floats, "numpy")
     if adaptive and norm is None:
-        with torch.no_grad():
-            ay = y.abs()
+        small_norm = small_norm_kind(y, rtol, atol)
+        if small_norm is not None:
+            ay = abs_host(y, small_norm)
+            rtol, atol = (x.detach().reshape(-1).numpy() if isinstance(x, torch.Tensor) and x.numel() > 1 else
+                          float(x) if isinstance(x, torch.Tensor) else x for x in (rtol, atol))
+        else:
+            with torch.no_grad():
+                ay = y.abs()
     ay1 = None
     err_prev = 1.0
     accepted_last = True
@@ -177,7 +184,9 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                     cache = res.cache_on_reject
                 continue
             if adaptive:
-                if norm is None:
+                if small_norm is not None:
+                    errn, ay1 = rms_norm_small(small_norm, res.error, ay, res.y1, rtol, atol, inv_sqrt_n)
+                elif norm is None:
                     if grad_mode:
                         with torch.no_grad():
                             errn, ay1 = rms_norm_and_abs(res.error, ay, res.y1, rtol, atol, inv_sqrt_n)

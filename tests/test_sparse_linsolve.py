@@ -144,3 +144,30 @@ def test_rosenbrock_gradient_through_a_sparse_jacobian_is_refused_not_approximat
     ref = pn.solve(f, y, [0.0, 0.1], pn.Rodas5P(), rtol=1e-9, atol=1e-11)
     g_ref = torch.autograd.grad(ref.ys[-1].sum(), y)[0]
     assert torch.allclose(g, g_ref, rtol=1e-6, atol=1e-8), (g - g_ref).abs().max()
+
+
+def test_w_on_the_jacobians_own_pattern_equals_the_sparse_sum():
+    """``factor(J, g, diag)`` forms I − gJ by writing into J's data (the pattern holds the diagonal);
+    its solves equal those of the generic identity-minus-matrix factorisation, and a pattern
+    without a full diagonal is detected."""
+    from pyneuralode.solvers._sparse import diagonal_positions, factor
+
+    rng = np.random.default_rng(1)
+    P = sparsity_pattern(sp.random(50, 50, density=0.08, random_state=rng), 50, "test")
+    J = sp.csc_matrix((rng.standard_normal(P.nnz), P.indices, P.indptr), shape=P.shape)
+    diag = diagonal_positions(J)
+    assert diag is not None and np.array_equal(J.data[diag], J.diagonal())
+    b = rng.standard_normal(50)
+    x_fast, x_generic = factor(J, 0.3, diag).solve(b), factor(J, 0.3).solve(b)
+    W = np.eye(50) - 0.3 * J.toarray()
+    assert np.abs(W @ x_fast - b).max() < 1e-12 and np.abs(x_fast - x_generic).max() < 1e-12
+    no_diag = sp.csc_matrix(np.triu(np.ones((4, 4)), 1))
+    assert diagonal_positions(no_diag) is None
+
+
+def test_colouring_of_a_band_is_optimal():
+    """On a banded pattern of half-bandwidth w the greedy colouring is optimal: 2w + 1 colours."""
+    n, w = 200, 3
+    P = sparsity_pattern(sp.diags([np.ones(n - abs(k)) for k in range(-w, w + 1)], list(range(-w, w + 1)), format="csc"),
+                         n, "test")
+    assert color_columns(P).max() + 1 == 2 * w + 1

@@ -499,3 +499,41 @@ def test_numpy_step_rejects_nan_and_recovers():
     assert nan_calls and sol.stats["nreject"] > 0  # NaN really reached the numpy step
     assert sol.retcode == "Success" and torch.isfinite(sol.ys).all()
     assert abs(sol.ys[-1, 1].item() - math.exp(-50.0)) < 1e-6
+
+
+def test_closed_form_small_inverse_equals_numpy():
+    """1×1–3×3 systems invert ``I/g − J`` by cofactors (the numpy step's W⁻¹); singular gives NaN."""
+    from pyneuralode.solvers._linalg import _closed_form_inverse
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3):
+        for _ in range(20):
+            J = rng.standard_normal((n, n)) * 10.0 ** rng.uniform(-3, 3)
+            s = 10.0 ** rng.uniform(-2, 2)
+            M = np.array(_closed_form_inverse(J.tolist(), s))
+            ref = np.linalg.inv(s * np.eye(n) - J)
+            assert np.abs(M - ref).max() <= 1e-9 * np.abs(ref).max(), (n, M, ref)
+        assert np.isnan(_closed_form_inverse(np.eye(n).tolist(), 1.0)).all()
+
+
+@pytest.mark.parametrize("n", [2, 5, 40])
+@pytest.mark.parametrize("tensor_tol", [False, True], ids=["float_tol", "tensor_tol"])
+def test_host_error_norm_equals_the_torch_norm(n, tensor_tol):
+    """Tiny CPU states take the error norm on the host (Python floats or numpy); it equals the torch
+    norm, and a zero scale gives inf (a rejected step), not an exception."""
+    from pyneuralode.controllers import abs_host, error_norm, rms_norm_small, small_norm_kind
+
+    g = torch.Generator().manual_seed(n)
+    y0, y1, err = (torch.randn(n, generator=g, dtype=F64) for _ in range(3))
+    rtol = torch.rand(n, generator=g, dtype=F64) * 1e-4 if tensor_tol else 1e-5
+    atol = 1e-7
+    kind = small_norm_kind(y0, rtol, atol)
+    assert kind == ("list" if n <= 8 and not tensor_tol else "numpy")
+    rt = rtol.numpy() if tensor_tol else rtol
+    val, ay1 = rms_norm_small(kind, err, abs_host(y0, kind), y1, rt, atol, 1.0 / math.sqrt(n))
+    assert abs(val - error_norm(err, y0, y1, rtol, atol).item()) <= 1e-13 * val
+    assert np.allclose(np.asarray(ay1), y1.abs().numpy(), rtol=0, atol=0)
+    zero = torch.zeros(n, dtype=F64)
+    val0, _ = rms_norm_small(kind, err, abs_host(zero, kind), zero, rt, 0.0, 1.0)
+    assert val0 == math.inf
+    assert small_norm_kind(torch.zeros(100, dtype=F64), 1e-6, 1e-9) is None  # larger states stay in torch

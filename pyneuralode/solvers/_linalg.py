@@ -281,6 +281,31 @@ def gmres(matvec: Callable, b: torch.Tensor, x0: Optional[torch.Tensor] = None, 
 # The W = I − g·J operator
 
 
+def _closed_form_inverse(J, s: float):
+    """``(s·I − J)⁻¹`` for a 1×1, 2×2 or 3×3 ``J`` given as nested lists (cofactors over the
+    determinant; NaN where the matrix is singular)."""
+    n = len(J)
+    if n == 1:
+        w = s - J[0][0]
+        return [[1.0 / w if w != 0.0 else math.nan]]
+    if n == 2:
+        a, b, c, d = s - J[0][0], -J[0][1], -J[1][0], s - J[1][1]
+        det = a * d - b * c
+        if det == 0.0 or not math.isfinite(det):
+            return [[math.nan] * 2 for _ in range(2)]
+        r = 1.0 / det
+        return [[d * r, -b * r], [-c * r, a * r]]
+    (a, b, c), (d, e, f), (g, h, i) = ([(s if r == k else 0.0) - J[r][k] for k in range(3)] for r in range(3))
+    A, B, C = e * i - f * h, f * g - d * i, d * h - e * g
+    det = a * A + b * B + c * C
+    if det == 0.0 or not math.isfinite(det):
+        return [[math.nan] * 3 for _ in range(3)]
+    r = 1.0 / det
+    return [[A * r, (c * h - b * i) * r, (b * f - c * e) * r],
+            [B * r, (a * i - c * g) * r, (c * d - a * f) * r],
+            [C * r, (b * g - a * h) * r, (a * e - b * d) * r]]
+
+
 class LinearSolver:
     """Jacobian + factorisation of ``W = I − g·J`` for one solve (lives in a solver's cache).
 
@@ -296,6 +321,7 @@ class LinearSolver:
             raise ValueError(f"{owner}: batched=True needs a state of shape (B, n) with f acting on each row; got shape {tuple(y0.shape)}")
         self.sparse_mode = linsolve == "sparse"
         self.sparse_jac = None
+        self.J_diag = None  # positions of J's diagonal in its CSC data (linsolve="sparse")
         if self.sparse_mode:
             if y0.device.type != "cpu":
                 raise ValueError(f"{owner}: linsolve='sparse' factors with scipy's SuperLU on the CPU; the state is on "
@@ -322,6 +348,7 @@ class LinearSolver:
         self.fresh = False  # J was formed at the current step's start
         self.param_grad = None
         self.np_inv = None  # (g, (I/g − J)⁻¹ as a numpy array) for the numpy step of tiny CPU systems
+        self.jac_shape = None  # the shape a user jac must return (set on its first call)
 
     def copy(self) -> "LinearSolver":
         new = LinearSolver.__new__(LinearSolver)
@@ -352,8 +379,10 @@ class LinearSolver:
             if self.jac is not None:
                 tt = torch.full((), t, dtype=y.dtype, device=y.device)
                 self.J = _sparse.to_csc(self.jac(tt, y.detach()), y.numel(), self.owner)
+                self.J_diag = _sparse.diagonal_positions(self.J)
             else:
                 self.J, f = self.sparse_jac(self.rhs, t, y)
+                self.J_diag = self.sparse_jac.diag
                 if torch.is_grad_enabled():
                     f = None  # under autograd the caller evaluates f with its graph
             self.point = (t, y)
@@ -362,12 +391,16 @@ class LinearSolver:
             J = self.jac(tt, y)
             if not isinstance(J, torch.Tensor):
                 raise TypeError(f"{self.owner}: jac(t, y) returned {type(J).__name__}; it must return a tensor")
-            N = y.numel()
-            want = (y.shape[0], y.shape[1], y.shape[1]) if self.batched else (N, N)
-            if tuple(J.shape) != want:
-                raise ValueError(f"{self.owner}: jac(t, y) returned shape {tuple(J.shape)}, expected {want} "
+            want = self.jac_shape
+            if want is None:
+                N = y.numel()
+                want = self.jac_shape = torch.Size((y.shape[0], y.shape[1], y.shape[1]) if self.batched else (N, N))
+            if J.shape != want:
+                raise ValueError(f"{self.owner}: jac(t, y) returned shape {tuple(J.shape)}, expected {tuple(want)} "
                                  f"({'one n×n matrix per row' if self.batched else 'the Jacobian of the flattened state'})")
-            self.J = J.to(y.dtype) if create else J.detach().to(y.dtype)
+            if J.dtype != y.dtype:
+                J = J.to(y.dtype)
+            self.J = J if create or not J.requires_grad else J.detach()
             self.point = (t, y)
         else:
             if self.batched:
@@ -386,7 +419,9 @@ class LinearSolver:
         """``(I/g − J)⁻¹ = g (I − gJ)⁻¹`` as a numpy array, formed once per Jacobian and ``g`` (counts ``nlu``).
 
         Tiny dense CPU systems without autograd: a numpy inverse of a 3×3 matrix takes a few
-        microseconds where torch's takes ~20; a singular matrix gives NaN (the step is rejected).
+        microseconds where torch's takes ~20, and 1×1–3×3 systems take the closed form (cofactors
+        over the determinant) in Python floats, cheaper still; a singular matrix gives NaN (the
+        step is rejected).
         """
         cached = self.np_inv
         if cached is not None and cached[0] == g:
@@ -394,10 +429,13 @@ class LinearSolver:
         _bump(self.stats, "nlu")
         J = self.J.detach().numpy()
         n = J.shape[0]
-        try:
-            M = np.linalg.inv(np.eye(n, dtype=J.dtype) / g - J)
-        except np.linalg.LinAlgError:
-            M = np.full((n, n), np.nan, dtype=J.dtype)
+        if n <= 3:
+            M = np.array(_closed_form_inverse(J.tolist(), 1.0 / g), dtype=J.dtype)
+        else:
+            try:
+                M = np.linalg.inv(np.eye(n, dtype=J.dtype) / g - J)
+            except np.linalg.LinAlgError:
+                M = np.full((n, n), np.nan, dtype=J.dtype)
         self.np_inv = (g, M)
         return M
 
@@ -409,7 +447,7 @@ class LinearSolver:
             return
         _bump(self.stats, "nlu")
         if self.sparse_mode:
-            self.lu = ("sparse", _sparse.factor(self.J, g))
+            self.lu = ("sparse", _sparse.factor(self.J, g, self.J_diag))
             return
         J = self.J
         n = J.shape[-1]

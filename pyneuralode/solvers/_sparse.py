@@ -49,23 +49,25 @@ def sparsity_pattern(jac_sparsity, n: int, owner: str):
 
 
 def color_columns(P) -> np.ndarray:
-    """Greedy colouring: columns of one colour share no row, so one product ``J v`` recovers them all."""
+    """Greedy colouring: columns of one colour share no row, so one product ``J v`` recovers them all.
+
+    Column by column, the smallest colour not already taken by a column that shares a row with it
+    (the column-intersection graph ``PᵀP``; Curtis, Powell & Reid 1974).
+    """
+    import scipy.sparse as sp
+
     n = P.shape[1]
-    colors = np.empty(n, dtype=np.int64)
-    used: list = []  # per colour: boolean mask of the rows its columns touch
-    indptr, indices = P.indptr, P.indices
+    B = sp.csc_matrix(P, dtype=np.float64, copy=True)
+    B.data[:] = 1.0
+    G = (B.T @ B).tocsr()  # G[j, k] ≠ 0: columns j and k share a row
+    indptr, indices = G.indptr, G.indices
+    colors = np.full(n, -1, dtype=np.int64)
     for j in range(n):
-        rows = indices[indptr[j]:indptr[j + 1]]
-        for c, mask in enumerate(used):
-            if not mask[rows].any():
-                mask[rows] = True
-                colors[j] = c
-                break
-        else:
-            mask = np.zeros(P.shape[0], dtype=bool)
-            mask[rows] = True
-            used.append(mask)
-            colors[j] = len(used) - 1
+        taken = set(colors[indices[indptr[j]:indptr[j + 1]]].tolist())
+        c = 0
+        while c in taken:
+            c += 1
+        colors[j] = c
     return colors
 
 
@@ -90,6 +92,7 @@ class SparseJacobian:
             self.colors = color_columns(P.T.tocsc())  # row colours
             self.entry_color, self.entry_index = self.colors[self.rows], self.cols
         self.n_colors = int(self.colors.max()) + 1 if P.shape[1] else 0
+        self.diag = diagonal_positions(P)  # the pattern holds the diagonal (sparsity_pattern adds it)
 
     def __call__(self, rhs, t: float, y: torch.Tensor):
         """``(J as scipy CSC float64, f(t, y))``."""
@@ -142,15 +145,31 @@ def to_csc(J, n: int, owner: str):
     J = sp.csc_matrix(J, dtype=np.float64)
     if J.shape != (n, n):
         raise ValueError(f"{owner}: jac(t, y) returned shape {J.shape}, expected ({n}, {n})")
+    J.sum_duplicates()  # canonical form (sorted, no duplicates): diagonal_positions relies on it
     return J
 
 
-def factor(J, g: float):
-    """SuperLU of ``I − g·J``."""
+def diagonal_positions(J):
+    """Where the diagonal entries sit in a CSC matrix's ``data`` (one per column, sorted indices),
+    or ``None`` when some column has none (then ``I − gJ`` changes the pattern)."""
+    n = J.shape[0]
+    cols = np.repeat(np.arange(n), np.diff(J.indptr))
+    pos = np.flatnonzero(J.indices == cols)
+    return pos if pos.size == n else None
+
+
+def factor(J, g: float, diag=None):
+    """SuperLU of ``I − g·J``; ``diag`` (from :func:`diagonal_positions`) forms ``W`` on ``J``'s own
+    pattern without a sparse addition."""
     import scipy.sparse as sp
     from scipy.sparse.linalg import splu
 
-    W = (sp.identity(J.shape[0], format="csc") - g * J).tocsc()
+    if diag is None:
+        W = (sp.identity(J.shape[0], format="csc") - g * J).tocsc()
+    else:
+        data = J.data * (-g)
+        data[diag] += 1.0
+        W = sp.csc_matrix((data, J.indices, J.indptr), shape=J.shape)
     return splu(W)
 
 
