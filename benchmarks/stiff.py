@@ -559,7 +559,7 @@ def main():
     for prob in PROBLEMS:
         base = [(r["err"], r["sec"]) for r in results.get((prob, same_f), [])]
         for (p, label), rows in results.items():
-            if p == prob and "vectorised" in label:
+            if p == prob and label.startswith("pn.") and "vectorised" in label:
                 ratios_same_f[(prob, label)] = equal_accuracy_ratio([(r["err"], r["sec"]) for r in rows], base)
 
     md = render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched, ratios_same_f)

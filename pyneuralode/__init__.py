@@ -10,7 +10,7 @@ from . import solvers as _solvers
 from . import steady as _steady
 from ._solution import ReturnCode, Solution, SolveError
 from ._solve import solve
-from .controllers import PIController
+from .controllers import PIController, PredictiveController
 from .events import odeint_event
 from .nn import *  # noqa: F401,F403  (each subpackage lists its public names in __all__)
 from .odeint import odeint
@@ -21,7 +21,7 @@ from .steady import *  # noqa: F401,F403
 __version__ = "0.1.0"
 
 __all__ = [
-    "solve", "odeint", "odeint_event", "Solution", "SolveError", "ReturnCode", "PIController",
+    "solve", "odeint", "odeint_event", "Solution", "SolveError", "ReturnCode", "PIController", "PredictiveController",
     *_solvers.__all__, *_sensitivity.__all__, *_steady.__all__, *_nn.__all__,
 ]
 

@@ -14,7 +14,8 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ._solution import DenseSegment, ReturnCode
-from .controllers import PIController, initial_step, abs_host, rms_norm_and_abs, rms_norm_small, small_norm_kind
+from .controllers import (abs_host, host_tolerance, initial_step, rms_norm_and_abs, rms_norm_small,
+                          small_norm_kind)
 
 _EPS = 2.220446049250313e-16
 
@@ -30,8 +31,8 @@ class LoopOptions:
     max_steps: int = 100_000
     dense: bool = True
     progress: bool = False
-    #: step-size controller; ``None`` = the solver's ``default_controller()``
-    controller: Optional[PIController] = None
+    #: step-size controller (``PIController``, ``PredictiveController``); ``None`` = the solver's ``default_controller()``
+    controller: Optional[Any] = None
     dtmin: Optional[float] = None
     dtmax: Optional[float] = None
     #: error norm ``norm(err, y0, y1, rtol, atol) -> 0-d tensor``; ``None`` = Hairer's RMS norm
@@ -129,13 +130,13 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
         small_norm = small_norm_kind(y, rtol, atol)
         if small_norm is not None:
             ay = abs_host(y, small_norm)
-            rtol, atol = (x.detach().reshape(-1).numpy() if isinstance(x, torch.Tensor) and x.numel() > 1 else
-                          float(x) if isinstance(x, torch.Tensor) else x for x in (rtol, atol))
+            rtol, atol = host_tolerance(rtol), host_tolerance(atol)
         else:
             with torch.no_grad():
                 ay = y.abs()
     ay1 = None
     err_prev = 1.0
+    h_accepted = None  # |h| of the last accepted step (the predictive controller's step ratio)
     accepted_last = True
     last_nonfinite = False
     next_out = 1
@@ -205,8 +206,13 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                         cache = res.cache_on_reject
                     continue
                 last_nonfinite = False
-                fac = ctrl.factor(errn, err_prev, q_step, accepted_last) if res.dt_factor is None else res.dt_factor
+                if res.dt_factor is None:
+                    fac = ctrl.factor(errn, err_prev, q_step, accepted_last,
+                                      None if h_accepted is None else abs(h) / h_accepted)
+                else:
+                    fac = res.dt_factor
                 err_prev = max(errn, 1e-4)
+                h_accepted = abs(h)
                 accepted_last = True
             t_new = t_end if last_step else (t + h if grid is None else grid[gk + 1])
             if t_new == t:

@@ -10,7 +10,7 @@ from ._loop import LoopOptions
 from ._problem import ODEProblem
 from ._solution import Solution, SolveError
 from ._per_sample import gather, is_per_sample, union_times
-from .controllers import PIController
+from .controllers import PIController, PredictiveController
 from .sensitivity import AbstractSensitivity, DirectAdjoint
 from .solvers import AbstractSolver, Tsit5, lookup
 
@@ -82,7 +82,7 @@ def solve(
     progress: bool = False,
     throw: bool = True,
     dense: bool | None = None,
-    controller: PIController | None = None,
+    controller: PIController | PredictiveController | None = None,
     dtmin: float | None = None,
     dtmax: float | None = None,
     event: Callable | None = None,
@@ -95,8 +95,9 @@ def solve(
     Fixed steps: ``adaptive=False, dt=h``. ``sensealg`` picks how gradients cross the solve
     (default :class:`DirectAdjoint`). ``dense`` keeps the dense output for ``sol(tq)`` (default:
     yes, except for the memory-saving ``BacksolveAdjoint``/``InterpolatingAdjoint``).
-    ``controller`` (a :class:`PIController`) defaults to the solver's ``default_controller()``:
-    integral control for explicit methods (torchdiffeq's, diffrax's), SciML's PI gains for implicit ones.
+    ``controller`` (a :class:`PIController` or :class:`PredictiveController`) defaults to the solver's
+    ``default_controller()``: integral control for explicit methods (torchdiffeq's, diffrax's), Gustafsson's
+    predictive control for Rosenbrock methods (Hairer's RODAS), SciML's PI gains for the other implicit ones.
     ``event=g`` (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after
     that time are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
     (differentiable, :mod:`pyneuralode.events`) give the event. With a continuous adjoint the event is

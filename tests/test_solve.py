@@ -231,22 +231,44 @@ def _vdp(t, y, mu=5.0):
     return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
 
 
-@pytest.mark.parametrize("cls,expected", [(pn.Tsit5, pn.PIController(beta1=1.0, beta2=0.0)),
-                                          (pn.Dopri5, pn.PIController(beta1=1.0, beta2=0.0)),
-                                          (pn.Rodas5P, pn.PIController()), (pn.KenCarp4, pn.PIController())],
+_I, _PI = pn.PIController(beta1=1.0, beta2=0.0), pn.PIController()
+
+
+@pytest.mark.parametrize("cls,expected,other_ctrl", [(pn.Tsit5, _I, _PI), (pn.Dopri5, _I, _PI),
+                                                     (pn.Rodas5P, pn.PredictiveController(), _PI), (pn.KenCarp4, _PI, _I)],
                          ids=lambda x: getattr(x, "__name__", ""))
-def test_default_controller_is_per_solver_and_overridable(cls, expected):
-    """Explicit solvers default to integral control, implicit ones to SciML's PI gains; controller= overrides."""
+def test_default_controller_is_per_solver_and_overridable(cls, expected, other_ctrl):
+    """Explicit solvers default to integral control, Rosenbrock methods to Gustafsson's predictive
+    control (Hairer's RODAS), the other implicit ones to SciML's PI gains; controller= overrides."""
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
     t = torch.tensor([0.0, 6.0], dtype=torch.float64)
     assert cls().default_controller() == expected
     default = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8)
     same = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8, controller=expected)
-    other_ctrl = pn.PIController() if expected != pn.PIController() else pn.PIController(beta1=1.0, beta2=0.0)
     other = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8, controller=other_ctrl)
     assert default.stats["naccept"] == same.stats["naccept"] and default.stats["nreject"] == same.stats["nreject"]
     torch.testing.assert_close(default.ys, same.ys, rtol=0, atol=0)
     assert (other.stats["naccept"], other.stats["nreject"]) != (default.stats["naccept"], default.stats["nreject"])
-    # the integral controller grows steps faster: no more accepted steps than SciML's PI gains here
-    i_run, pi_run = (default, other) if expected.beta2 == 0 else (other, default)
-    assert i_run.stats["naccept"] <= pi_run.stats["naccept"]
+    if isinstance(expected, pn.PIController):
+        # the integral controller grows steps faster: no more accepted steps than SciML's PI gains here
+        i_run, pi_run = (default, other) if expected == _I else (other, default)
+        assert i_run.stats["naccept"] <= pi_run.stats["naccept"]
+
+
+def test_predictive_controller_factor():
+    """The factor is min(integral, Gustafsson's predictive) after an accepted step, clipped; the
+    integral factor alone without a previous step; never growing after a rejection."""
+    c = pn.PredictiveController()
+    err, err_prev, q = 0.3, 0.05, 5
+    integral = 0.9 * err ** (-1 / q)
+    assert c.factor(err, err_prev, q, True) == pytest.approx(integral)
+    predictive = 0.9 * 0.5 * (err_prev / err**2) ** (1 / q)
+    assert predictive < integral
+    assert c.factor(err, err_prev, q, True, dt_ratio=0.5) == pytest.approx(predictive)
+    assert c.factor(err, err_prev, q, True, dt_ratio=4.0) == pytest.approx(integral)  # the smaller one wins
+    assert c.factor(err, 1e-9, q, True, dt_ratio=1.0) == pytest.approx(min(integral, 0.9 * (1e-2 / err**2) ** (1 / q)))
+    assert c.factor(1e-12, 1.0, q, True) == c.factor_max and c.factor(1e6, 1.0, q, True) == c.factor_min
+    assert c.factor(0.01, 0.5, q, False, dt_ratio=1.0) <= 1.0
+    assert c.factor(float("nan"), 0.5, q, True) == c.factor_min
+    with pytest.raises(ValueError, match="safety"):
+        pn.PredictiveController(safety=1.5)

@@ -145,7 +145,9 @@ def to_csc(J, n: int, owner: str):
     J = sp.csc_matrix(J, dtype=np.float64)
     if J.shape != (n, n):
         raise ValueError(f"{owner}: jac(t, y) returned shape {J.shape}, expected ({n}, {n})")
-    J.sum_duplicates()  # canonical form (sorted, no duplicates): diagonal_positions relies on it
+    if not J.has_canonical_format:  # sorted, no duplicates: diagonal_positions relies on it
+        J = J.copy()  # (never reorder the caller's matrix in place)
+        J.sum_duplicates()
     return J
 
 
