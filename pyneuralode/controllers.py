@@ -165,7 +165,8 @@ def rms_norm_small(kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, at
         s = 0.0
         ay1 = []
         try:
-            for a, b, e in zip(ay0, y1.detach().reshape(-1).tolist(), err.detach().reshape(-1).tolist()):
+            for a, b, e in zip(ay0, (y1 if y1.ndim == 1 else y1.reshape(-1)).tolist(),
+                               (err if err.ndim == 1 else err.reshape(-1)).tolist()):
                 b = abs(b)
                 ay1.append(b)
                 r = e / (atol + rtol * (a if a > b else b))
