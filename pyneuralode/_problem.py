@@ -8,8 +8,20 @@ from __future__ import annotations
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
+
+
+def time_tensor(dtype: torch.dtype, device) -> Callable[[float], torch.Tensor]:
+    """``t ↦`` a 0-d tensor of ``t`` (what f and jac receive). On the CPU through a numpy scalar
+    (~0.7 µs instead of ~1.3 for ``torch.scalar_tensor``; f is called several times per step)."""
+    device = torch.device(device)
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        npd = np.float64 if dtype == torch.float64 else np.float32
+        from_numpy, array = torch.from_numpy, np.array
+        return lambda t: from_numpy(array(t, dtype=npd))
+    return lambda t: torch.scalar_tensor(t, dtype=dtype, device=device)
 
 
 def _check_y0(y0) -> Tuple[torch.Tensor, Optional[List[torch.Size]], bool]:
@@ -143,7 +155,7 @@ class ODEProblem:
         return torch.cat([c.reshape(-1) for c in v])
 
     def time(self, t: float) -> torch.Tensor:
-        return torch.scalar_tensor(t, dtype=self.time_dtype, device=self.y0.device)
+        return time_tensor(self.time_dtype, self.y0.device)(t)
 
     # -- the right-hand side -----------------------------------------------------------------
     def call(self, t: torch.Tensor, y: torch.Tensor, args: Sequence | None = None) -> torch.Tensor:
@@ -177,12 +189,12 @@ class ODEProblem:
         """A counting right-hand side ``rhs(t_float, y)`` for the integrate loop."""
         call, f = self.call, self.f
         fargs = self.args if args is None else tuple(args)
-        scalar_tensor, tdtype, device = torch.scalar_tensor, self.time_dtype, self.y0.device
+        time = time_tensor(self.time_dtype, self.y0.device)
         plain = not self.is_tuple
 
         def rhs(t: float, y: torch.Tensor) -> torch.Tensor:
             stats[key] = stats.get(key, 0) + 1
-            tt = scalar_tensor(t, dtype=tdtype, device=device)
+            tt = time(t)
             if plain and self._checked:  # hot path: f's output was checked on the first call
                 return f(tt, y, *fargs)
             return call(tt, y, fargs)

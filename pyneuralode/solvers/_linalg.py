@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .._problem import time_tensor
 from . import _sparse
 
 _JAC_MODES = ("autograd", "jacrev", "jacfwd", "finite_difference")
@@ -349,6 +350,7 @@ class LinearSolver:
         self.param_grad = None
         self.np_inv = None  # (g, (I/g − J)⁻¹ as a numpy array) for the numpy step of tiny CPU systems
         self.jac_shape = None  # the shape a user jac must return (set on its first call)
+        self.time = time_tensor(y0.dtype, y0.device)  # t as the 0-d tensor a user jac receives
 
     def copy(self) -> "LinearSolver":
         new = LinearSolver.__new__(LinearSolver)
@@ -377,7 +379,7 @@ class LinearSolver:
                     "(sensealg=pn.InterpolatingAdjoint())"
                 )
             if self.jac is not None:
-                tt = torch.full((), t, dtype=y.dtype, device=y.device)
+                tt = self.time(t)
                 self.J = _sparse.to_csc(self.jac(tt, y.detach()), y.numel(), self.owner)
                 self.J_diag = _sparse.diagonal_positions(self.J)
             else:
@@ -387,8 +389,7 @@ class LinearSolver:
                     f = None  # under autograd the caller evaluates f with its graph
             self.point = (t, y)
         elif self.jac is not None:
-            tt = torch.full((), t, dtype=y.dtype, device=y.device)
-            J = self.jac(tt, y)
+            J = self.jac(self.time(t), y)
             if not isinstance(J, torch.Tensor):
                 raise TypeError(f"{self.owner}: jac(t, y) returned {type(J).__name__}; it must return a tensor")
             want = self.jac_shape
@@ -427,11 +428,12 @@ class LinearSolver:
         if cached is not None and cached[0] == g:
             return cached[1]
         _bump(self.stats, "nlu")
-        J = self.J.detach().numpy()
-        n = J.shape[0]
+        n = self.J.shape[0]
         if n <= 3:
-            M = np.array(_closed_form_inverse(J.tolist(), 1.0 / g), dtype=J.dtype)
+            M = np.array(_closed_form_inverse(self.J.tolist(), 1.0 / g),
+                         dtype=np.float64 if self.J.dtype == torch.float64 else np.float32)
         else:
+            J = self.J.detach().numpy()
             try:
                 M = np.linalg.inv(np.eye(n, dtype=J.dtype) / g - J)
             except np.linalg.LinAlgError:

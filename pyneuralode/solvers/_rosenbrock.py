@@ -110,19 +110,20 @@ def rosenbrock_order_conditions(alpha, Gamma, b, g, p):
 
 
 class _RosenbrockCache:
-    __slots__ = ("ls", "f0", "dT", "autonomous", "stats", "t", "f_next")
+    __slots__ = ("ls", "f0", "dT", "autonomous", "stats", "t", "f_next", "np_coef")
 
-    def __init__(self, ls, stats, autonomous):
+    def __init__(self, ls, stats, autonomous, np_coef=None):
         self.ls = ls
         self.stats = stats
         self.autonomous = autonomous
+        self.np_coef = np_coef  # the tableau as numpy arrays (the numpy step of tiny CPU systems)
         self.f0 = None
         self.dT = None
         self.t = None
         self.f_next = None
 
     def advanced(self, f_next=None):
-        new = _RosenbrockCache(self.ls, self.stats, self.autonomous)
+        new = _RosenbrockCache(self.ls, self.stats, self.autonomous, self.np_coef)
         new.f_next = f_next
         return new
 
@@ -225,7 +226,7 @@ class _CoefNumpy:
     coefficients.
     """
 
-    __slots__ = ("AC", "MEH", "c", "d", "gamma", "has_H", "npd")
+    __slots__ = ("AC", "MEH", "c", "d", "gamma", "has_H", "npd", "row_scale")
 
     def __init__(self, tab: RosenbrockTableau, dtype, device):
         npd = torch.empty((), dtype=dtype).numpy().dtype
@@ -246,6 +247,7 @@ class _CoefNumpy:
         self.d = [float(x) for x in tab.d]
         self.gamma = float(tab.gamma)
         self.npd = npd
+        self.row_scale = np.ones((2, 1), dtype=npd)  # per step: (1, 1/h) down the two rows of AC
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
@@ -340,7 +342,9 @@ class GenericRosenbrock(RosenbrockSolver):
         results are the torch path's to rounding (``tests/test_stiff.py`` compares them).
         """
         tab = self.tableau
-        co = tableau_tensors(tab, y0, _CoefNumpy)
+        co = cache.np_coef  # kept for the solve: the per-dtype lookup costs ~1 µs a step
+        if co is None:
+            co = cache.np_coef = tableau_tensors(tab, y0, _CoefNumpy)
         ls = cache.ls
         f0, dT = self._prepare(rhs, t0, y0, h, cache)
         M = ls.scaled_inverse_numpy(h * co.gamma)  # U_i = (I/(hγ) − J)⁻¹ r_i
@@ -354,8 +358,9 @@ class GenericRosenbrock(RosenbrockSolver):
         if dT is not None:
             dTn = dT.reshape(-1).numpy()
             np.multiply(dTn, h * h, out=K[s + 1])
-        AC = co.AC.copy()
-        AC[:, 1, :] *= 1.0 / h
+        row_scale = co.row_scale.copy()
+        row_scale[1] = 1.0 / h
+        AC = co.AC * row_scale  # the second row of every stage ÷ h
         c = co.c
         from_numpy = torch.from_numpy
         with np.errstate(all="ignore"):  # overflow or NaN shows up in the error norm: the step is rejected
@@ -371,13 +376,11 @@ class GenericRosenbrock(RosenbrockSolver):
                 np.dot(M, v[1], out=K[i])
             out = co.MEH @ K  # [y1; error; dense coefficients]
         _bump(cache.stats, "nsolve", s)
-        T = from_numpy(out)
-        if flat:
-            y1t, errt = T[0], T[1]
-            kk = T[2:] if co.has_H else None
-        else:
-            y1t, errt = T[0].view(shape), T[1].view(shape)
-            kk = T[2:].view(T.shape[0] - 2, *shape) if co.has_H else None
+        y1t, errt = from_numpy(out[0]), from_numpy(out[1])
+        kk = from_numpy(out[2:]) if co.has_H else None
+        if not flat:
+            y1t, errt = y1t.view(shape), errt.view(shape)
+            kk = kk.view(out.shape[0] - 2, *shape) if kk is not None else None
         dense = (y0, y1t, kk if kk is not None else torch.zeros_like(y0).unsqueeze(0))
         return StepResult(y1=y1t, error=errt, cache=cache.advanced(), dense=dense,
                           cache_on_reject=cache)
