@@ -272,3 +272,29 @@ def test_predictive_controller_factor():
     assert c.factor(float("nan"), 0.5, q, True) == c.factor_min
     with pytest.raises(ValueError, match="safety"):
         pn.PredictiveController(safety=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("solver", [pn.Tsit5, pn.Rodas5P], ids=["Tsit5", "Rodas5P"])
+def test_f_and_jac_receive_t_as_a_0d_tensor_of_the_time_dtype(dtype, solver):
+    """f (and a user jac) get t as a fresh 0-d tensor of t's dtype on the state's device, equal to
+    the stage time; keeping it across calls is safe (no shared buffer is overwritten)."""
+    seen = []
+
+    def f(t, y):
+        seen.append(t)
+        return -y
+
+    def jac(t, y):
+        seen.append(t)
+        return -torch.eye(2, dtype=y.dtype)
+
+    kw = {"jac": jac} if solver is pn.Rodas5P else {}
+    t_out = torch.tensor([0.0, 1.0], dtype=dtype)
+    with torch.no_grad():
+        sol = pn.solve(f, torch.ones(2, dtype=dtype), t_out, solver(**kw), rtol=1e-6, atol=1e-8)
+    assert sol.retcode == "Success" and len(seen) > 10
+    assert all(isinstance(t, torch.Tensor) and t.shape == () and t.dtype == dtype and t.device.type == "cpu" for t in seen)
+    values = [float(t) for t in seen]
+    assert values[0] == 0.0 and 0.0 <= min(values) and max(values) <= 1.0
+    assert len(set(values)) > 5  # every call saw its own time, not a buffer rewritten in place
