@@ -5,7 +5,7 @@
 
 Robertson's reactions A → B (k1 = 0.04), 2B → B + C (k2 = 3e7), B + C → A + C (k3 = 1e4) have time
 scales from 1e-8 to 1e5: explicit solvers crawl (torchdiffeq's dopri5 does not reach t = 100 in a
-minute), the Rosenbrock method Rodas5P takes about 150 steps to t = 1e5. Its gradients (the default
+minute), the Rosenbrock method Rodas5P takes about 100 steps to t = 1e5. Its gradients (the default
 ``DirectAdjoint``, which also differentiates the Jacobian inside each step) then fit the three rate
 constants, on a log scale, to noise-free observations of the three species, starting from values
 off by a factor of 1.6–1.8.
