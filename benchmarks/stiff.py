@@ -463,6 +463,17 @@ def equal_accuracy_ratio(points, base_points):
     return float(np.median(ratios)), len(ratios)
 
 
+def ratios_against(results, base_label, keep):
+    """``{(problem, label): (ratio, n)}``: each kept solver's equal-accuracy time ratio to ``base_label``."""
+    out = {}
+    for prob in PROBLEMS:
+        base = [(r["err"], r["sec"]) for r in results.get((prob, base_label), [])]
+        for (p, label), rows in results.items():
+            if p == prob and keep(label):
+                out[(prob, label)] = equal_accuracy_ratio([(r["err"], r["sec"]) for r in rows], base)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="rtol 1e-4 and 1e-6 only, one repeat, short dopri5 limit")
@@ -544,23 +555,11 @@ def main():
         dopri[prob] = d
         print(f"{prob:10s} torchdiffeq dopri5 rtol=1e-6: {d}", flush=True)
 
-    # equal-accuracy ratios vs scipy Radau (analytic Jacobian)
-    ratios = {}
-    for prob in PROBLEMS:
-        base = [(r["err"], r["sec"]) for r in results.get((prob, "scipy Radau"), [])]
-        for (p, label), rows in results.items():
-            if p != prob or label == "scipy Radau":
-                continue
-            ratios[(prob, label)] = equal_accuracy_ratio([(r["err"], r["sec"]) for r in rows], base)
-
-    # the same, against scipy Radau given pn's own torch f and jac (same f cost on both sides)
-    same_f = "scipy Radau (torch f and jac, as pn's vectorised rows)"
-    ratios_same_f = {}
-    for prob in PROBLEMS:
-        base = [(r["err"], r["sec"]) for r in results.get((prob, same_f), [])]
-        for (p, label), rows in results.items():
-            if p == prob and label.startswith("pn.") and "vectorised" in label:
-                ratios_same_f[(prob, label)] = equal_accuracy_ratio([(r["err"], r["sec"]) for r in rows], base)
+    # equal-accuracy ratios vs scipy Radau (analytic Jacobian), and vs scipy Radau given pn's own
+    # torch f and jac (the same f cost on both sides) for the vectorised native rows
+    ratios = ratios_against(results, "scipy Radau", lambda label: label != "scipy Radau")
+    ratios_same_f = ratios_against(results, "scipy Radau (torch f and jac, as pn's vectorised rows)",
+                                   lambda label: label.startswith("pn.") and "vectorised" in label)
 
     md = render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched, ratios_same_f)
     # a quick run must not overwrite the full results the README quotes
@@ -570,6 +569,15 @@ def main():
     print(md)
     if not args.no_plot:
         plot(results, ROOT / "docs" / ("stiff_work_precision_quick.png" if args.quick else "stiff_work_precision.png"))
+
+
+def _ratio_table(ratios, labels):
+    """Markdown rows: one line per solver label, one ratio column per problem ("—" where none)."""
+    lines = ["| solver | " + " | ".join(PROBLEMS[p]["title"] for p in PROBLEMS) + " |", "|---|" + "---|" * len(PROBLEMS)]
+    for lab in labels:
+        cells = [f"{r:.2f}" if (r := ratios.get((p, lab), (None, 0))[0]) is not None else "—" for p in PROBLEMS]
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched=None, ratios_same_f=None):
@@ -589,30 +597,14 @@ def render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched=None
     lines.append("## Equal-accuracy time ratio vs scipy Radau (analytic Jacobian)")
     lines.append("")
     labels = sorted({lab for (_, lab) in results if lab != "scipy Radau"}, key=lambda s: (not s.startswith("pn."), s))
-    lines.append("| solver | " + " | ".join(PROBLEMS[p]["title"] for p in PROBLEMS) + " |")
-    lines.append("|---|" + "---|" * len(PROBLEMS))
-    for lab in labels:
-        cells = []
-        for p in PROBLEMS:
-            r, n = ratios.get((p, lab), (None, 0))
-            cells.append("—" if r is None else f"{r:.2f}")
-        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += _ratio_table(ratios, labels)
     if ratios_same_f:
         lines.append("### The same, against scipy Radau given pn's own torch f and jac")
         lines.append("")
         lines.append("scipy Radau calls the vectorised torch f and analytic jac of the pn rows below through a numpy wrapper, "
                      "so both sides pay torch's per-call cost for f; the ratio isolates the solvers.")
         lines.append("")
-        lines.append("| solver | " + " | ".join(PROBLEMS[p]["title"] for p in PROBLEMS) + " |")
-        lines.append("|---|" + "---|" * len(PROBLEMS))
-        for lab in sorted({lab for (_, lab) in ratios_same_f}):
-            cells = []
-            for p in PROBLEMS:
-                r, n = ratios_same_f.get((p, lab), (None, 0))
-                cells.append("—" if r is None else f"{r:.2f}")
-            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _ratio_table(ratios_same_f, sorted({lab for (_, lab) in ratios_same_f}))
     for p in PROBLEMS:
         lines.append(f"## {PROBLEMS[p]['title']}")
         lines.append("")
