@@ -557,3 +557,19 @@ def test_predictive_controller_saves_steps_on_van_der_pol():
     for e_pi, n_pi in curves["pi"]:
         n_pred = n1 + (n2 - n1) * (e_pi - e1) / (e2 - e1)  # predictive steps at PI's error
         assert math.exp(n_pred - n_pi) < 0.95, (curves, e_pi)
+
+
+def test_rosenbrock_floor_benchmark_quick():
+    """``benchmarks/rosenbrock_floor.py --quick``: the bare-bones Rodas5P loop is a real solver (its
+    error at rtol 1e-4 is within 3× of the library's, and both below 1e-3) and the table is written."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rosenbrock_floor.py"
+    spec = importlib.util.spec_from_file_location("rosenbrock_floor", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = {name: (err, na, nr, ratio) for _, name, err, na, nr, _, _, ratio in mod.main(["--quick", "--repeat", "1"])}
+    (eb, nab, _, _), (el, nal, _, ratio) = rows["bare loop"], rows["pn.Rodas5P"]
+    assert eb < 1e-3 and el < 1e-3 and max(eb, el) / min(eb, el) < 3
+    assert abs(nab - nal) <= 0.1 * nal and math.isfinite(ratio) and ratio > 0
+    assert (path.parent / "results" / "rosenbrock_floor_quick.md").exists()

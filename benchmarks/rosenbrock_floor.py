@@ -1,0 +1,153 @@
+"""How far the library's Rosenbrock path is from a bare-bones loop (the engine-overhead floor).
+
+The bare loop is Rodas5P written out in ~40 lines: the same tableau (as the library's numpy
+arrays), the same numpy stage arithmetic, the same predictive step-size controller and error
+norm, and the same torch right-hand side and Jacobian (vectorised f and analytic jac of
+``benchmarks/stiff.py``), but no validation, statistics, dense output, events or output times.
+Both solve Van der Pol (μ = 1000, t = 3000) under ``torch.no_grad()`` on 1 thread, alternately,
+best of ``--repeat`` runs each; the table gives time per step and the library ÷ bare ratio.
+Also: the time per call of f and jac alone, which bounds any engine from below.
+
+    python benchmarks/rosenbrock_floor.py            # rtol 1e-5, 1e-6, 1e-7; 7 repeats
+    python benchmarks/rosenbrock_floor.py --quick    # rtol 1e-4; 2 repeats (seconds)
+
+Writes ``benchmarks/results/rosenbrock_floor.md`` (``rosenbrock_floor_quick.md`` with ``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import stiff as S  # noqa: E402  (the problems, references and torch right-hand sides)
+
+import pyneuralode as pn  # noqa: E402
+from pyneuralode.solvers._rosenbrock import _CoefNumpy  # noqa: E402
+
+
+def bare_rodas5p(f, jac, y0, T, rtol, atol):
+    """Rodas5P with the predictive controller in the plainest loop; returns (y(T), accepted, rejected)."""
+    tab = pn.Rodas5P().tableau
+    co = _CoefNumpy(tab, torch.float64, "cpu")
+    s, q, ctrl = tab.stages, min(tab.order, tab.error_order) + 1, pn.PredictiveController()
+    from_numpy = torch.from_numpy
+
+    def tt(x):
+        return from_numpy(np.array(x))
+
+    y, t = np.array(y0, dtype=np.float64), 0.0
+    n = y.size
+    h = 1e-6  # a small first step (the library picks Hairer's initial step; the controller takes over at once)
+    naccept = nreject = 0
+    err_prev, h_accepted, accepted_last = 1.0, None, True
+    fy, J = f(tt(t), from_numpy(y)).numpy(), jac(tt(t), from_numpy(y)).numpy()
+    eye = np.eye(n)
+    while t < T:
+        last = h >= 0.999 * (T - t)
+        if last:
+            h = T - t
+        M = np.linalg.inv(eye / (h * co.gamma) - J)
+        K = np.zeros((s + 2, n))
+        K[s] = y
+        AC = co.AC.copy()
+        AC[:, 1, :] /= h
+        np.dot(M, fy, out=K[0])
+        for i in range(1, s):
+            v = AC[i] @ K
+            np.add(v[1], f(tt(t + co.c[i] * h), from_numpy(v[0])).numpy(), out=v[1])
+            np.dot(M, v[1], out=K[i])
+        y1, e = (co.MEH @ K)[:2]
+        r = e / (atol + rtol * np.maximum(np.abs(y), np.abs(y1)))
+        err = math.sqrt(float(np.dot(r, r)) / n)
+        if not err <= 1.0:
+            nreject += 1
+            h *= ctrl.factor(err if math.isfinite(err) else math.inf, err_prev, q, accepted_last)
+            accepted_last = False
+            continue
+        fac = ctrl.factor(err, err_prev, q, accepted_last, None if h_accepted is None else h / h_accepted)
+        err_prev, h_accepted, accepted_last = max(err, 1e-4), h, True
+        t = T if last else t + h
+        y = y1
+        naccept += 1
+        fy, J = f(tt(t), from_numpy(y)).numpy(), jac(tt(t), from_numpy(y)).numpy()
+        h *= fac
+    return y, naccept, nreject
+
+
+def library_rodas5p(f, jac, y0, T, rtol, atol):
+    with torch.no_grad():
+        sol = pn.solve(f, torch.tensor(y0, dtype=torch.float64), torch.tensor([0.0, T], dtype=torch.float64),
+                       pn.Rodas5P(jac=jac), rtol=rtol, atol=atol, max_steps=10**6)
+    return sol.ys[-1].numpy(), sol.stats["naccept"], sol.stats["nreject"]
+
+
+def per_call_us(fn, *args, n=20000):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(*args)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="rtol 1e-4 only, 2 repeats")
+    ap.add_argument("--repeat", type=int, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rtols = [1e-4] if args.quick else [1e-5, 1e-6, 1e-7]
+    repeat = args.repeat or (2 if args.quick else 7)
+    p = S.PROBLEMS["vanderpol"]
+    f, jac = S.torch_rhs("vanderpol", True), S.torch_jac("vanderpol", True)
+    runs = {"bare loop": bare_rodas5p, "pn.Rodas5P": library_rodas5p}
+    rows = []
+    for rtol in rtols:
+        best, out = {}, {}
+        for _ in range(repeat):  # alternate: both see the same machine load
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                y, na, nr = fn(f, jac, p["y0"], p["T"], rtol, rtol)
+                sec = time.perf_counter() - t0
+                best[name] = min(best.get(name, math.inf), sec)
+                out[name] = (S.rel_err(y, p["ref"]), na, nr)
+        for name in runs:
+            err, na, nr = out[name]
+            rows.append((rtol, name, err, na, nr, best[name], best[name] / (na + nr) * 1e6,
+                         best[name] / best["bare loop"]))
+            print(f"rtol {rtol:.0e} {name:11s} err {err:.1e} steps {na}+{nr} {best[name] * 1e3:7.1f} ms", flush=True)
+    y = torch.tensor(p["y0"], dtype=torch.float64)
+    t = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        f_us, jac_us = per_call_us(f, t, y), per_call_us(jac, t, y)
+    lines = [
+        "# The Rosenbrock path against a bare-bones loop (engine-overhead floor)",
+        "",
+        f"Command: `python benchmarks/rosenbrock_floor.py{' --quick' if args.quick else ''}` (torch {torch.__version__}, "
+        f"1 thread, best of {repeat} alternating runs). Van der Pol, μ = 1000, t = 3000, atol = rtol; the "
+        "vectorised torch f and analytic jac of `benchmarks/stiff.py`. The bare loop: the same tableau, stage "
+        "arithmetic, predictive controller and error norm, nothing else.",
+        "",
+        "| rtol | solver | error | steps (accepted + rejected) | time | µs per step | ÷ bare loop |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for rtol, name, err, na, nr, sec, us, ratio in rows:
+        lines.append(f"| {rtol:.0e} | {name} | {err:.1e} | {na} + {nr} | {sec * 1e3:.1f} ms | {us:.0f} | {ratio:.2f} |")
+    lines += ["", f"f alone: {f_us:.1f} µs per call; jac alone: {jac_us:.1f} µs per call. A Rodas5P step makes 8 f "
+              f"calls and one jac call: {8 * f_us + jac_us:.0f} µs per step before any engine work."]
+    path = HERE / "results" / ("rosenbrock_floor_quick.md" if args.quick else "rosenbrock_floor.md")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
