@@ -100,8 +100,8 @@ def solve_kwargs(opts) -> Dict[str, Any]:
     ctrl = getattr(opts, "controller", None)
     if ctrl is not None and ctrl != PIController():
         raise ValueError(
-            "controller: custom step-size controllers are not passed to backend='julia' (OrdinaryDiffEq uses its own "
-            "PI controller); drop controller=... or use backend='torch'"
+            "controller: custom step-size controllers are not passed to backend='julia' (OrdinaryDiffEq picks its own "
+            "default controller per algorithm); drop controller=... or use backend='torch'"
         )
     kw: Dict[str, Any] = {
         "abstol": _tol(opts.atol),
