@@ -282,3 +282,51 @@ def test_large_system_benchmark_quick():
     for name in ("QNDF", "KenCarp4", "Rodas5P"):  # the sparse path: same steps, same answer as the dense one
         sparse, dense = rows[f"pn.{name}, linsolve='sparse'"], rows[f"pn.{name}"]
         assert sparse[2]["naccept"] == dense[2]["naccept"] and abs(sparse[1] - dense[1]) < 1e-8, name
+
+
+def _brusselator(N):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stiff_large.py"
+    spec = importlib.util.spec_from_file_location("stiff_large", path)
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    return b.torch_rhs(N), b.sparsity(N), torch.tensor(b.y0_of(N), dtype=F64)
+
+
+@pytest.mark.parametrize("case", ["tiny", "tiny-f32", "batched", "dense-lu", "sparse"])
+def test_numpy_step_matches_the_torch_step(case):
+    """On the CPU without autograd QNDF steps in numpy; with autograd on (and nothing requiring
+    grad) the same solve runs the torch step. Both take the same steps to the same states, for the
+    tiny-system inverse, batched LU, dense LU and SuperLU; float32 stays float32."""
+    k = torch.tensor([0.04, 3e7, 1e4], dtype=F64)
+    if case in ("tiny", "tiny-f32"):
+        dt = torch.float32 if case == "tiny-f32" else F64
+        f, y0, args, solver = robertson, torch.tensor([1.0, 0.0, 0.0], dtype=dt), (k.to(dt),), pn.QNDF()
+        t, kw = [0.0, 1.0, 40.0], dict(rtol=1e-4 if dt == torch.float32 else 1e-7, atol=1e-8)
+    elif case == "batched":
+        f, y0, args = robertson_rows, torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.0, 0.1]], dtype=F64), (k.expand(2, 3),)
+        solver, t, kw = pn.QNDF(batched=True), [0.0, 1.0, 40.0], dict(rtol=1e-7, atol=1e-10)
+    else:
+        f, P, y0 = _brusselator(20)
+        args, t, kw = (), [0.0, 1.0, 5.0], dict(rtol=1e-7, atol=1e-9)
+        solver = pn.QNDF() if case == "dense-lu" else pn.QNDF(linsolve="sparse", jac_sparsity=P)
+    calls = []
+    numpy_step = solver._step_numpy
+    solver._step_numpy = lambda *a: calls.append(1) or numpy_step(*a)
+    with torch.no_grad():
+        fast = pn.solve(f, y0, t, solver, args=args, **kw)
+    assert calls  # the numpy step ran
+    n_numpy = len(calls)
+    with torch.enable_grad():
+        ref = pn.solve(f, y0, t, solver, args=args, **kw)
+    assert len(calls) == n_numpy  # and not under autograd
+    assert fast.ys.dtype == y0.dtype and fast.retcode == "Success"
+    for key in ("naccept", "nreject", "njac", "nlu", "nsolve", "nnewton", "nconvfail"):
+        assert fast.stats[key] == ref.stats[key], (key, fast.stats, ref.stats)
+    assert ref.stats["nfe"] - fast.stats["nfe"] in (0, 1)  # under autograd the set-up evaluates f(y0) with its graph
+    tol = 1e-5 if y0.dtype == torch.float32 else 1e-10
+    assert torch.allclose(fast.ys, ref.ys.detach(), rtol=tol, atol=tol * 1e-3), (fast.ys - ref.ys).abs().max()
+    mid = 0.5 * (t[1] + t[2])
+    assert torch.allclose(fast(torch.tensor(mid, dtype=y0.dtype)), ref(torch.tensor(mid, dtype=y0.dtype)).detach(),
+                          rtol=tol, atol=tol * 1e-3)

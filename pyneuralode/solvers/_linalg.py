@@ -441,6 +441,33 @@ class LinearSolver:
         self.np_inv = (g, M)
         return M
 
+    def numpy_solver(self, g: float, shape) -> Callable[[np.ndarray], np.ndarray]:
+        """``b ↦ W⁻¹ b`` on flat numpy arrays for ``W = I − g·J`` (CPU, no autograd; counts ``nsolve``).
+
+        SuperLU directly for ``linsolve="sparse"``, the numpy inverse for tiny dense systems
+        (:meth:`scaled_inverse_numpy`), else the dense LU through zero-copy tensors.
+        """
+        stats = self.stats
+        if self.sparse_mode:
+            self.factor(g)
+            lu = self.lu[1]
+
+            def solve(b):
+                stats["nsolve"] = stats.get("nsolve", 0) + 1
+                return lu.solve(b) if b.dtype == np.float64 else lu.solve(b.astype(np.float64)).astype(b.dtype)
+        elif self.numpy_capable:
+            Winv = self.scaled_inverse_numpy(g) * (1.0 / g)  # (I/g − J)⁻¹ / g = (I − gJ)⁻¹
+
+            def solve(b):
+                stats["nsolve"] = stats.get("nsolve", 0) + 1
+                return Winv @ b
+        else:
+            self.factor(g)
+
+            def solve(b):
+                return self.solve(torch.from_numpy(b).view(shape)).reshape(-1).numpy()
+        return solve
+
     def factor(self, g: float) -> None:
         if self.g == g and (self.lu is not None or self.gmres_mode):
             return

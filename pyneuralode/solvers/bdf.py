@@ -72,6 +72,13 @@ class _QNDFCache:
         return new
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _numpy_tol(tol):
+    return tol.detach().numpy() if isinstance(tol, torch.Tensor) else tol
+
+
 def _flat_tol(tol, ref: torch.Tensor):
     return tol.reshape(-1).to(dtype=ref.dtype, device=ref.device) if isinstance(tol, torch.Tensor) else tol
 
@@ -124,8 +131,13 @@ class QNDF(AbstractSolver):
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self, rhs, t0, y0, h, cache):
+        if not torch.is_grad_enabled() and not cache.ls.gmres_mode and y0.device.type == "cpu" \
+                and y0.dtype in _NUMPY_DTYPES:
+            return self._step_numpy(rhs, t0, y0, h, cache)
         k = cache.order
         D = cache.D
+        if isinstance(D, np.ndarray):  # the table of an earlier numpy step
+            D = torch.from_numpy(D)
         n_equal = cache.n_equal
         if cache.h is None:  # first step: D = [y0, h f0]
             D = torch.stack([D[0], D[1] * h])
@@ -205,6 +217,104 @@ class QNDF(AbstractSolver):
                 return False, it + 1, y, d
             with torch.no_grad():
                 dy_norm = float(torch.linalg.vector_norm(dy.detach() / scale)) / math.sqrt(max(dy.numel(), 1))
+            if not math.isfinite(dy_norm):
+                return False, it + 1, y, d
+            rate = None if dy_norm_old is None else (dy_norm / dy_norm_old if dy_norm_old > 0 else 0.0)
+            if rate is not None and (rate >= 1 or rate ** (_NEWTON_MAXITER - it) / (1 - rate) * dy_norm > tol):
+                return False, it + 1, y, d
+            y = y + dy
+            d = d + dy
+            if dy_norm == 0 or (rate is not None and rate / (1 - rate) * dy_norm < tol):
+                return True, it + 1, y, d
+            dy_norm_old = dy_norm
+        return False, _NEWTON_MAXITER, y, d
+
+    def _step_numpy(self, rhs, t0, y0, h, cache):
+        """The same step for a CPU state without autograd, on numpy arrays: the difference table,
+        predictor, Newton corrections and order selection in numpy (f still gets and returns tensors,
+        zero-copy; the linear solves are :meth:`LinearSolver.numpy_solver`'s). The results are the
+        torch path's to rounding (``tests/test_bdf.py`` compares them)."""
+        k = cache.order
+        D = cache.D
+        if isinstance(D, torch.Tensor):
+            D = D.detach().numpy()
+        npd = D.dtype
+        n_equal = cache.n_equal
+        if cache.h is None:  # first step: D = [y0, h f0]
+            D = np.stack([D[0], D[1] * h])
+            n_equal = 0
+        elif h != cache.h:
+            D = np.concatenate([_rescale_matrix(k, h / cache.h).astype(npd) @ D[: k + 1], D[k + 1:]])
+            n_equal = 0
+        ls = cache.ls
+        jac_current = cache.jac_current
+        shape = y0.shape
+        t1 = t0 + h
+        atol, rtol = _numpy_tol(cache.atol), _numpy_tol(cache.rtol)
+        inv_sqrt_n = 1.0 / math.sqrt(max(D.shape[1], 1))
+        with np.errstate(all="ignore"):  # overflow or NaN makes Newton fail: the step is rejected
+            y_pred = D[: k + 1].sum(0)
+            scale = atol + rtol * np.abs(y_pred)
+            alpha = float(_ALPHA[k])  # (Python floats keep float32 tables in float32)
+            psi = (_GAMMA[1: k + 1].astype(npd) @ D[1: k + 1]) / alpha
+            c = h / alpha
+            while True:
+                solve = ls.numpy_solver(c, shape)
+                ok, n_iter, y1, d = self._newton_numpy(rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n)
+                if ok:
+                    break
+                cache.stats["nconvfail"] += 1
+                if jac_current:
+                    fail = cache.but(jac_current=True)
+                    return StepResult(y1=y0, error=None, cache=fail, dense=None, ok=False, cache_on_reject=fail)
+                ls.set_point(t1, torch.from_numpy(y_pred).view(shape))  # a fresh Jacobian, then try once more
+                jac_current = True
+            err = float(_ERROR_CONST[k]) * d
+            # The new difference table: D'[k+2] = d − D[k+1], D'[k+1] = d, D'[i] = D[i] + D'[i+1].
+            D_new = np.zeros((max(D.shape[0], k + 3), D.shape[1]), dtype=npd)
+            D_new[: D.shape[0]] = D
+            D_new[k + 2] = d - D_new[k + 1]
+            D_new[k + 1] = d
+            for i in range(k, -1, -1):
+                D_new[i] += D_new[i + 1]
+            safety = 0.9 * (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
+            n_equal += 1
+            new_order, factor = k, 1.0
+            if n_equal >= k + 1:
+                sc = atol + rtol * np.abs(y1)
+
+                def rms(v):
+                    r = v / sc
+                    return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
+
+                e_k = rms(err)
+                e_m = rms(float(_ERROR_CONST[k - 1]) * D_new[k]) if k > 1 else math.inf
+                e_p = rms(float(_ERROR_CONST[k + 1]) * D_new[k + 2]) if k < self.max_order else math.inf
+                facs = [e ** (-1.0 / q) if e > 0 else math.inf for e, q in ((e_m, k), (e_k, k + 1), (e_p, k + 2))]
+                best = max(range(3), key=lambda i: facs[i])
+                new_order = k + best - 1
+                factor = min(_MAX_FACTOR, safety * facs[best])
+                n_equal = 0
+        new_cache = cache.but(D=D_new, order=new_order, h=h, n_equal=n_equal, jac_current=False)
+        on_reject = cache.but(jac_current=jac_current)
+        dense = (torch.from_numpy(D_new[: k + 1]), shape)
+        return StepResult(y1=torch.from_numpy(y1).view(shape), error=torch.from_numpy(err).view(shape),
+                          cache=new_cache, dense=dense, cache_on_reject=on_reject, order=k, dt_factor=factor)
+
+    def _newton_numpy(self, rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n):
+        """:meth:`_newton` on numpy arrays (``solve(b) = W⁻¹ b``)."""
+        stats = cache.stats
+        from_numpy = torch.from_numpy
+        y = y_pred
+        d = np.zeros_like(y_pred)
+        dy_norm_old = None
+        tol = cache.newton_tol
+        for it in range(_NEWTON_MAXITER):
+            stats["nnewton"] += 1
+            f = rhs(t1, from_numpy(y).view(shape)).reshape(-1).numpy()
+            dy = solve(c * f - psi - d)
+            r = dy / scale
+            dy_norm = math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
             if not math.isfinite(dy_norm):
                 return False, it + 1, y, d
             rate = None if dy_norm_old is None else (dy_norm / dy_norm_old if dy_norm_old > 0 else 0.0)
