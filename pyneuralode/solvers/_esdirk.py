@@ -20,6 +20,7 @@ OrdinaryDiffEq's ``smooth_est``), which keeps stiff components from inflating it
 """
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import torch
@@ -69,6 +70,21 @@ class _Coef:
         self.gamma = float(tab.a[1, 1])
         self.B = None if tab.dense is None else DenseWeights(tab.dense, dtype, device)
         self.pred = [None] + [torch.tensor(_predictor_weights(tab.c, i), **kw) for i in range(1, tab.stages)]
+
+
+class _CoefNumpy:
+    """The tableau as numpy arrays in the state's dtype (the numpy step of CPU states without autograd)."""
+
+    __slots__ = ("a", "b_err", "pred")
+
+    def __init__(self, tab: ButcherTableau, dtype, device):
+        npd = torch.empty((), dtype=dtype).numpy().dtype
+        self.a = [np.ascontiguousarray(tab.a[i, :i], dtype=npd) for i in range(tab.stages)]
+        self.b_err = np.asarray(tab.b_error, dtype=npd)
+        self.pred = [None] + [_predictor_weights(tab.c, i).astype(npd) for i in range(1, tab.stages)]
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 def _predictor_weights(c, i):
@@ -193,8 +209,13 @@ class ESDIRK(AbstractSolver):
             ls.set_point(t0, y0)
         else:
             ls.fresh = ls.point is not None and ls.point[0] == t0 and ls.point[1] is y0
+        numpy_step = (not torch.is_grad_enabled() and not ls.gmres_mode and y0.device.type == "cpu"
+                      and y0.dtype in _NUMPY_DTYPES)
         for attempt in range(2):
-            res = self._try_step(rhs, t0, y0, h, cache, co, tab)
+            if numpy_step:
+                res = self._try_step_numpy(rhs, t0, y0, h, cache, co, tab)
+            else:
+                res = self._try_step(rhs, t0, y0, h, cache, co, tab)
             if res is not None:
                 return res
             cache.stats["nconvfail"] += 1
@@ -238,6 +259,77 @@ class ESDIRK(AbstractSolver):
         else:
             dense = (y0, y1, f0, f1, h)
         return StepResult(y1=y1, error=err, cache=new_cache, dense=dense, cache_on_reject=cache)
+
+    def _try_step_numpy(self, rhs, t0, y0, h, cache, co, tab):
+        """:meth:`_try_step` on numpy arrays for a CPU state without autograd: stage predictors,
+        Newton iterations and the error estimate in numpy (f still gets and returns tensors,
+        zero-copy; solves by :meth:`LinearSolver.numpy_solver`). The torch step's results to
+        rounding (``tests/test_stiff.py`` compares them)."""
+        cn = tableau_tensors(tab, y0, _CoefNumpy)
+        ls = cache.ls
+        hg = h * co.gamma
+        shape = y0.shape
+        s = tab.stages
+        solve = ls.numpy_solver(hg, shape)
+        y0n = y0.detach().reshape(-1).numpy()
+        rtol, atol = (x.detach().reshape(-1).numpy() if isinstance(x, torch.Tensor) and x.numel() > 1 else
+                      float(x) for x in (cache.rtol, cache.atol))
+        K = np.empty((s, y0n.size), dtype=y0n.dtype)
+        K[0] = cache.f0.detach().reshape(-1).numpy()
+        theta_max = 0.0
+        with np.errstate(all="ignore"):  # overflow or NaN makes Newton fail: the step is rejected
+            scale = atol + rtol * np.abs(y0n)
+            for i in range(1, s):
+                psi = y0n + h * (cn.a[i] @ K[:i])
+                z = psi + hg * (cn.pred[i] @ K[:i])
+                z, ok, th = self._newton_numpy(rhs, t0 + co.c[i] * h, psi, z, hg, solve, scale, cache, shape)
+                if not ok:
+                    return None
+                theta_max = max(theta_max, th)
+                K[i] = (z - psi) / hg
+            err = h * (cn.b_err @ K)
+            if self.smooth_est:
+                err = solve(err)
+        from_numpy = torch.from_numpy
+        y1 = from_numpy(z).view(shape)  # stiffly accurate: the last stage is the solution
+        f1 = from_numpy(K[-1]).view(shape)
+        new_cache = _ESDIRKCache(ls, f1, cache.stats, cache.rtol, cache.atol, cache.eta,
+                                 new_jac=theta_max > self.jac_theta)
+        dense = (y0, from_numpy(K), co.B, h) if co.B is not None else (y0, y1, cache.f0, f1, h)  # K: stages × state
+        return StepResult(y1=y1, error=from_numpy(err).view(shape), cache=new_cache, dense=dense, cache_on_reject=cache)
+
+    def _newton_numpy(self, rhs, t, psi, z, hg, solve, scale, cache, shape):
+        """:meth:`_newton` on flat numpy arrays (``solve(b) = M⁻¹ b``)."""
+        stats = cache.stats
+        kappa = self.kappa
+        eta = max(cache.eta, _EPS) ** 0.8
+        ndz_prev = None
+        theta_max = 0.0
+        inv_sqrt_n = 1.0 / math.sqrt(max(z.size, 1))
+        from_numpy = torch.from_numpy
+        for it in range(1, self.max_iter + 1):
+            stats["nnewton"] += 1
+            fz = rhs(t, from_numpy(z).view(shape)).reshape(-1).numpy()
+            dz = solve(psi + hg * fz - z)
+            r = dz / scale
+            ndz = math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
+            z = z + dz
+            if ndz != ndz:  # NaN
+                return z, False, 1.0
+            if ndz_prev is not None:
+                theta = ndz / ndz_prev if ndz_prev > 0 else 0.0
+                theta_max = max(theta_max, theta)
+                if theta >= 1.0:
+                    return z, False, theta
+                eta = theta / (1.0 - theta)
+                if it < self.max_iter and theta ** (self.max_iter - it) / (1.0 - theta) * ndz > kappa:
+                    if eta * ndz > kappa:  # cannot converge within max_iter
+                        return z, False, theta
+            if (eta * ndz <= kappa and ndz_prev is not None) or ndz <= 1e-5:
+                cache.eta = eta
+                return z, True, theta_max
+            ndz_prev = ndz
+        return z, False, theta_max
 
     def interpolant(self, dense, theta):  # type: ignore[override]
         if len(dense) == 4:
