@@ -620,6 +620,8 @@ def test_esdirk_numpy_step_matches_the_torch_step(S, case):
     for key in ("naccept", "nreject", "njac", "nlu", "nsolve", "nnewton", "nconvfail"):
         assert fast.stats[key] == ref.stats[key], (key, fast.stats, ref.stats)
     assert ref.stats["nfe"] - fast.stats["nfe"] in (0, 1)  # under autograd the set-up evaluates f(y0) with its graph
-    assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-10, atol=1e-13), (fast.ys - ref.ys).abs().max()
+    # Newton stops on a tolerance, so rounding-level differences in the iterates move the results by
+    # far less than the solve's rtol (1e-7) but more than rounding: compare at rtol 1e-8
+    assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-8, atol=1e-12), (fast.ys - ref.ys).abs().max()
     mid = torch.tensor(0.5 * (t[1] + t[2]), dtype=y0.dtype)
-    assert torch.allclose(fast(mid), ref(mid).detach(), rtol=1e-10, atol=1e-13)
+    assert torch.allclose(fast(mid), ref(mid).detach(), rtol=1e-8, atol=1e-12)

@@ -163,7 +163,27 @@ class ESDIRK(AbstractSolver):
 
     # -- Newton ------------------------------------------------------------------------------------
     def _newton(self, rhs, t, psi, z, hg, ls, scale, cache):
-        """Solve z − ψ − hγ f(t, z) = 0 from the guess z. Returns (z, ok, max_theta)."""
+        """Solve z − ψ − hγ f(t, z) = 0 from the guess z (tensors). Returns (z, ok, max_theta)."""
+        shape = z.shape
+        sqrt_n = z.numel() ** 0.5
+
+        def f_of(v):
+            return rhs(t, v.view(shape)).reshape(-1)
+
+        def solve(b):
+            dz = ls.solve(b.view(shape)).reshape(-1)
+            return None if ls.gmres_mode and not getattr(ls, "last_ok", True) else dz  # GMRES did not converge
+
+        def norm(dz):
+            with torch.no_grad():
+                return float(torch.linalg.vector_norm(dz.detach() / scale.reshape(-1))) / sqrt_n
+
+        z, ok, theta = self._newton_loop(f_of, solve, norm, psi.reshape(-1), z.reshape(-1), hg, cache)
+        return z.view(shape), ok, theta
+
+    def _newton_loop(self, f_of, solve, norm, psi, z, hg, cache):
+        """The simplified Newton iteration on flat tensors or numpy arrays alike (Hairer & Wanner IV.8):
+        ``f_of(z)``, ``solve(b) = M⁻¹ b`` (``None``: the linear solve failed), ``norm(dz)``."""
         stats = cache.stats
         kappa = self.kappa
         eta = max(cache.eta, _EPS) ** 0.8
@@ -171,13 +191,10 @@ class ESDIRK(AbstractSolver):
         theta_max = 0.0
         for it in range(1, self.max_iter + 1):
             stats["nnewton"] += 1
-            fz = rhs(t, z)
-            G = z - psi - hg * fz
-            dz = ls.solve(-G)
-            if ls.gmres_mode and not getattr(ls, "last_ok", True):
+            dz = solve(psi + hg * f_of(z) - z)
+            if dz is None:
                 return z, False, 1.0
-            with torch.no_grad():
-                ndz = float(torch.linalg.vector_norm(dz.detach() / scale)) / (dz.numel() ** 0.5)
+            ndz = norm(dz)
             z = z + dz
             if ndz != ndz:  # NaN
                 return z, False, 1.0
@@ -188,8 +205,7 @@ class ESDIRK(AbstractSolver):
                     return z, False, theta
                 eta = theta / (1.0 - theta)
                 if it < self.max_iter and theta ** (self.max_iter - it) / (1.0 - theta) * ndz > kappa:
-                    # cannot converge within max_iter
-                    if eta * ndz > kappa:
+                    if eta * ndz > kappa:  # cannot converge within max_iter
                         return z, False, theta
             if (eta * ndz <= kappa and ndz_prev is not None) or ndz <= 1e-5:
                 cache.eta = eta
@@ -263,8 +279,8 @@ class ESDIRK(AbstractSolver):
     def _try_step_numpy(self, rhs, t0, y0, h, cache, co, tab):
         """:meth:`_try_step` on numpy arrays for a CPU state without autograd: stage predictors,
         Newton iterations and the error estimate in numpy (f still gets and returns tensors,
-        zero-copy; solves by :meth:`LinearSolver.numpy_solver`). The torch step's results to
-        rounding (``tests/test_stiff.py`` compares them)."""
+        zero-copy; solves by :meth:`LinearSolver.numpy_solver`). Same steps and counts as the
+        torch step, results equal far below the tolerance (``tests/test_stiff.py`` compares them)."""
         cn = tableau_tensors(tab, y0, _CoefNumpy)
         ls = cache.ls
         hg = h * co.gamma
@@ -299,37 +315,18 @@ class ESDIRK(AbstractSolver):
         return StepResult(y1=y1, error=from_numpy(err).view(shape), cache=new_cache, dense=dense, cache_on_reject=cache)
 
     def _newton_numpy(self, rhs, t, psi, z, hg, solve, scale, cache, shape):
-        """:meth:`_newton` on flat numpy arrays (``solve(b) = M⁻¹ b``)."""
-        stats = cache.stats
-        kappa = self.kappa
-        eta = max(cache.eta, _EPS) ** 0.8
-        ndz_prev = None
-        theta_max = 0.0
-        inv_sqrt_n = 1.0 / math.sqrt(max(z.size, 1))
+        """:meth:`_newton` on flat numpy arrays (``solve(b) = M⁻¹ b``; f still gets tensors)."""
         from_numpy = torch.from_numpy
-        for it in range(1, self.max_iter + 1):
-            stats["nnewton"] += 1
-            fz = rhs(t, from_numpy(z).view(shape)).reshape(-1).numpy()
-            dz = solve(psi + hg * fz - z)
+        inv_sqrt_n = 1.0 / math.sqrt(max(z.size, 1))
+
+        def f_of(v):
+            return rhs(t, from_numpy(v).view(shape)).reshape(-1).numpy()
+
+        def norm(dz):
             r = dz / scale
-            ndz = math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
-            z = z + dz
-            if ndz != ndz:  # NaN
-                return z, False, 1.0
-            if ndz_prev is not None:
-                theta = ndz / ndz_prev if ndz_prev > 0 else 0.0
-                theta_max = max(theta_max, theta)
-                if theta >= 1.0:
-                    return z, False, theta
-                eta = theta / (1.0 - theta)
-                if it < self.max_iter and theta ** (self.max_iter - it) / (1.0 - theta) * ndz > kappa:
-                    if eta * ndz > kappa:  # cannot converge within max_iter
-                        return z, False, theta
-            if (eta * ndz <= kappa and ndz_prev is not None) or ndz <= 1e-5:
-                cache.eta = eta
-                return z, True, theta_max
-            ndz_prev = ndz
-        return z, False, theta_max
+            return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
+
+        return self._newton_loop(f_of, solve, norm, psi, z, hg, cache)
 
     def interpolant(self, dense, theta):  # type: ignore[override]
         if len(dense) == 4:

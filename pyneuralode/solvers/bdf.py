@@ -83,6 +83,34 @@ def _flat_tol(tol, ref: torch.Tensor):
     return tol.reshape(-1).to(dtype=ref.dtype, device=ref.device) if isinstance(tol, torch.Tensor) else tol
 
 
+def _newton_loop(f_of, solve, norm, y_pred, zeros, c, psi, cache):
+    """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` from ``y_pred`` with scipy BDF's rate test, for
+    tensors or numpy arrays alike: ``f_of(y)``, ``solve(b) = (I − cJ)⁻¹ b`` (``None``: the linear
+    solve failed) and ``norm(dy)`` (the scaled RMS norm) work on the flat state.
+    Returns ``(converged, iterations, y, d = y − y_pred)``."""
+    stats = cache.stats
+    y, d = y_pred, zeros
+    dy_norm_old = None
+    tol = cache.newton_tol
+    for it in range(_NEWTON_MAXITER):
+        stats["nnewton"] += 1
+        dy = solve(c * f_of(y) - psi - d)
+        if dy is None:
+            return False, it + 1, y, d
+        dy_norm = norm(dy)
+        if not math.isfinite(dy_norm):
+            return False, it + 1, y, d
+        rate = None if dy_norm_old is None else (dy_norm / dy_norm_old if dy_norm_old > 0 else 0.0)
+        if rate is not None and (rate >= 1 or rate ** (_NEWTON_MAXITER - it) / (1 - rate) * dy_norm > tol):
+            return False, it + 1, y, d
+        y = y + dy
+        d = d + dy
+        if dy_norm == 0 or (rate is not None and rate / (1 - rate) * dy_norm < tol):
+            return True, it + 1, y, d
+        dy_norm_old = dy_norm
+    return False, _NEWTON_MAXITER, y, d
+
+
 class QNDF(AbstractSolver):
     """Quasi-constant step size NDF of variable order 1–5 (Shampine & Reichelt 1997; MATLAB ode15s,
     scipy ``BDF``, OrdinaryDiffEq ``QNDF``).
@@ -203,37 +231,27 @@ class QNDF(AbstractSolver):
                           cache_on_reject=on_reject, order=k, dt_factor=factor)
 
     def _newton(self, rhs, t1, y_pred, c, psi, ls, scale, cache, shape):
-        """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` (correction ``d = y − y_pred``); scipy's rate test."""
-        stats = cache.stats
-        y = y_pred
-        d = torch.zeros_like(y_pred)
-        dy_norm_old = None
-        tol = cache.newton_tol
-        for it in range(_NEWTON_MAXITER):
-            stats["nnewton"] += 1
-            f = rhs(t1, y.view(shape)).reshape(-1)
-            dy = ls.solve((c * f - psi - d).view(shape)).reshape(-1)
-            if ls.gmres_mode and not getattr(ls, "last_ok", True):  # GMRES did not converge
-                return False, it + 1, y, d
+        """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` (correction ``d = y − y_pred``) on tensors."""
+        sqrt_n = math.sqrt(max(y_pred.numel(), 1))
+
+        def f_of(y):
+            return rhs(t1, y.view(shape)).reshape(-1)
+
+        def solve(b):
+            dy = ls.solve(b.view(shape)).reshape(-1)
+            return None if ls.gmres_mode and not getattr(ls, "last_ok", True) else dy  # GMRES did not converge
+
+        def norm(dy):
             with torch.no_grad():
-                dy_norm = float(torch.linalg.vector_norm(dy.detach() / scale)) / math.sqrt(max(dy.numel(), 1))
-            if not math.isfinite(dy_norm):
-                return False, it + 1, y, d
-            rate = None if dy_norm_old is None else (dy_norm / dy_norm_old if dy_norm_old > 0 else 0.0)
-            if rate is not None and (rate >= 1 or rate ** (_NEWTON_MAXITER - it) / (1 - rate) * dy_norm > tol):
-                return False, it + 1, y, d
-            y = y + dy
-            d = d + dy
-            if dy_norm == 0 or (rate is not None and rate / (1 - rate) * dy_norm < tol):
-                return True, it + 1, y, d
-            dy_norm_old = dy_norm
-        return False, _NEWTON_MAXITER, y, d
+                return float(torch.linalg.vector_norm(dy.detach() / scale)) / sqrt_n
+
+        return _newton_loop(f_of, solve, norm, y_pred, torch.zeros_like(y_pred), c, psi, cache)
 
     def _step_numpy(self, rhs, t0, y0, h, cache):
         """The same step for a CPU state without autograd, on numpy arrays: the difference table,
         predictor, Newton corrections and order selection in numpy (f still gets and returns tensors,
-        zero-copy; the linear solves are :meth:`LinearSolver.numpy_solver`'s). The results are the
-        torch path's to rounding (``tests/test_bdf.py`` compares them)."""
+        zero-copy; the linear solves are :meth:`LinearSolver.numpy_solver`'s). Same steps and counts as
+        the torch path, results equal far below the tolerance (``tests/test_bdf.py`` compares them)."""
         k = cache.order
         D = cache.D
         if isinstance(D, torch.Tensor):
@@ -302,30 +320,17 @@ class QNDF(AbstractSolver):
                           cache=new_cache, dense=dense, cache_on_reject=on_reject, order=k, dt_factor=factor)
 
     def _newton_numpy(self, rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n):
-        """:meth:`_newton` on numpy arrays (``solve(b) = W⁻¹ b``)."""
-        stats = cache.stats
+        """:meth:`_newton` on flat numpy arrays (``solve(b) = W⁻¹ b``; f still gets tensors)."""
         from_numpy = torch.from_numpy
-        y = y_pred
-        d = np.zeros_like(y_pred)
-        dy_norm_old = None
-        tol = cache.newton_tol
-        for it in range(_NEWTON_MAXITER):
-            stats["nnewton"] += 1
-            f = rhs(t1, from_numpy(y).view(shape)).reshape(-1).numpy()
-            dy = solve(c * f - psi - d)
+
+        def f_of(y):
+            return rhs(t1, from_numpy(y).view(shape)).reshape(-1).numpy()
+
+        def norm(dy):
             r = dy / scale
-            dy_norm = math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
-            if not math.isfinite(dy_norm):
-                return False, it + 1, y, d
-            rate = None if dy_norm_old is None else (dy_norm / dy_norm_old if dy_norm_old > 0 else 0.0)
-            if rate is not None and (rate >= 1 or rate ** (_NEWTON_MAXITER - it) / (1 - rate) * dy_norm > tol):
-                return False, it + 1, y, d
-            y = y + dy
-            d = d + dy
-            if dy_norm == 0 or (rate is not None and rate / (1 - rate) * dy_norm < tol):
-                return True, it + 1, y, d
-            dy_norm_old = dy_norm
-        return False, _NEWTON_MAXITER, y, d
+            return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
+
+        return _newton_loop(f_of, solve, norm, y_pred, np.zeros_like(y_pred), c, psi, cache)
 
     def interpolant(self, dense, theta):  # type: ignore[override]
         """The step's interpolating polynomial through ``y_{n+1}, y_n, …`` (degree = the step's order).
