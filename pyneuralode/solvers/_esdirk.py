@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
 from ._linalg import newton_setup, set_linear_options
@@ -288,8 +289,7 @@ class ESDIRK(AbstractSolver):
         s = tab.stages
         solve = ls.numpy_solver(hg, shape)
         y0n = y0.detach().reshape(-1).numpy()
-        rtol, atol = (x.detach().reshape(-1).numpy() if isinstance(x, torch.Tensor) and x.numel() > 1 else
-                      float(x) for x in (cache.rtol, cache.atol))
+        rtol, atol = host_tolerance(cache.rtol), host_tolerance(cache.atol)
         K = np.empty((s, y0n.size), dtype=y0n.dtype)
         K[0] = cache.f0.detach().reshape(-1).numpy()
         theta_max = 0.0

@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, options_repr
 from ._linalg import newton_setup, set_linear_options
 
@@ -73,10 +74,6 @@ class _QNDFCache:
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
-
-
-def _numpy_tol(tol):
-    return tol.detach().numpy() if isinstance(tol, torch.Tensor) else tol
 
 
 def _flat_tol(tol, ref: torch.Tensor):
@@ -268,7 +265,7 @@ class QNDF(AbstractSolver):
         jac_current = cache.jac_current
         shape = y0.shape
         t1 = t0 + h
-        atol, rtol = _numpy_tol(cache.atol), _numpy_tol(cache.rtol)
+        atol, rtol = host_tolerance(cache.atol), host_tolerance(cache.rtol)
         inv_sqrt_n = 1.0 / math.sqrt(max(D.shape[1], 1))
         with np.errstate(all="ignore"):  # overflow or NaN makes Newton fail: the step is rejected
             y_pred = D[: k + 1].sum(0)
