@@ -80,6 +80,15 @@ def _flat_tol(tol, ref: torch.Tensor):
     return tol.reshape(-1).to(dtype=ref.dtype, device=ref.device) if isinstance(tol, torch.Tensor) else tol
 
 
+def _next_order(k, e_m, e_k, e_p, safety):
+    """Order selection after k+1 equal steps (Shampine & Reichelt; scipy BDF): of orders k−1, k, k+1
+    (error norms ``e_m, e_k, e_p``, ``inf`` where not available) the one allowing the longest step;
+    returns ``(order, step factor)``."""
+    facs = [e ** (-1.0 / q) if e > 0 else math.inf for e, q in ((e_m, k), (e_k, k + 1), (e_p, k + 2))]
+    best = max(range(3), key=lambda i: facs[i])
+    return k + best - 1, min(_MAX_FACTOR, safety * facs[best])
+
+
 def _newton_loop(f_of, solve, norm, y_pred, zeros, c, psi, cache):
     """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` from ``y_pred`` with scipy BDF's rate test, for
     tensors or numpy arrays alike: ``f_of(y)``, ``solve(b) = (I − cJ)⁻¹ b`` (``None``: the linear
@@ -216,10 +225,7 @@ class QNDF(AbstractSolver):
                 e_k = rms(err)
                 e_m = rms(_ERROR_CONST[k - 1] * D_new[k]) if k > 1 else math.inf
                 e_p = rms(_ERROR_CONST[k + 1] * D_new[k + 2]) if k < self.max_order else math.inf
-            facs = [e ** (-1.0 / q) if e > 0 else math.inf for e, q in ((e_m, k), (e_k, k + 1), (e_p, k + 2))]
-            best = max(range(3), key=lambda i: facs[i])
-            new_order = k + best - 1
-            factor = min(_MAX_FACTOR, safety * facs[best])
+            new_order, factor = _next_order(k, e_m, e_k, e_p, safety)
             n_equal = 0
         new_cache = cache.but(D=D_new, order=new_order, h=h, n_equal=n_equal, jac_current=False)
         on_reject = cache.but(jac_current=jac_current)
@@ -305,10 +311,7 @@ class QNDF(AbstractSolver):
                 e_k = rms(err)
                 e_m = rms(float(_ERROR_CONST[k - 1]) * D_new[k]) if k > 1 else math.inf
                 e_p = rms(float(_ERROR_CONST[k + 1]) * D_new[k + 2]) if k < self.max_order else math.inf
-                facs = [e ** (-1.0 / q) if e > 0 else math.inf for e, q in ((e_m, k), (e_k, k + 1), (e_p, k + 2))]
-                best = max(range(3), key=lambda i: facs[i])
-                new_order = k + best - 1
-                factor = min(_MAX_FACTOR, safety * facs[best])
+                new_order, factor = _next_order(k, e_m, e_k, e_p, safety)
                 n_equal = 0
         new_cache = cache.but(D=D_new, order=new_order, h=h, n_equal=n_equal, jac_current=False)
         on_reject = cache.but(jac_current=jac_current)
