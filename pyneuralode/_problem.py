@@ -127,6 +127,8 @@ class ODEProblem:
         self.t = _check_t(t, flat)
         self.t_list = [float(x) for x in self.t.detach().cpu().tolist()]
         self.time_dtype = self.t.dtype if self.t.is_floating_point() else flat.dtype
+        #: ``time(t)``: the 0-d tensor of a float time that f receives
+        self.time = time_tensor(self.time_dtype, flat.device)
         self.rtol = _check_tolerance("rtol", rtol, flat, shapes, is_tuple)
         self.atol = _check_tolerance("atol", atol, flat, shapes, is_tuple)
         params: List[torch.Tensor] = []
@@ -153,9 +155,6 @@ class ODEProblem:
         if not self.is_tuple:
             return v
         return torch.cat([c.reshape(-1) for c in v])
-
-    def time(self, t: float) -> torch.Tensor:
-        return time_tensor(self.time_dtype, self.y0.device)(t)
 
     # -- the right-hand side -----------------------------------------------------------------
     def call(self, t: torch.Tensor, y: torch.Tensor, args: Sequence | None = None) -> torch.Tensor:
@@ -189,7 +188,7 @@ class ODEProblem:
         """A counting right-hand side ``rhs(t_float, y)`` for the integrate loop."""
         call, f = self.call, self.f
         fargs = self.args if args is None else tuple(args)
-        time = time_tensor(self.time_dtype, self.y0.device)
+        time = self.time
         plain = not self.is_tuple
 
         def rhs(t: float, y: torch.Tensor) -> torch.Tensor:

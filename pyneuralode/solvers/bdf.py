@@ -89,6 +89,27 @@ def _next_order(k, e_m, e_k, e_p, safety):
     return k + best - 1, min(_MAX_FACTOR, safety * facs[best])
 
 
+def _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1, predictor):
+    """``newton()`` (factor, then iterate); if it fails with an old Jacobian, form a fresh one at the
+    predictor (``predictor()``: a tensor shaped like the state) and try once more. Returns
+    ``(newton's result or None when it failed with a fresh Jacobian, jac_current)``."""
+    while True:
+        result = newton()
+        if result[0]:
+            return result, jac_current
+        cache.stats["nconvfail"] += 1
+        if jac_current:
+            return None, jac_current
+        ls.set_point(t1, predictor())
+        jac_current = True
+
+
+def _newton_failure(y0, cache):
+    """The step result of a Newton failure with a fresh Jacobian: the loop shrinks the step."""
+    fail = cache.but(jac_current=True)
+    return StepResult(y1=y0, error=None, cache=fail, dense=None, ok=False, cache_on_reject=fail)
+
+
 def _newton_loop(f_of, solve, norm, y_pred, zeros, c, psi, cache):
     """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` from ``y_pred`` with scipy BDF's rate test, for
     tensors or numpy arrays alike: ``f_of(y)``, ``solve(b) = (I − cJ)⁻¹ b`` (``None``: the linear
@@ -190,17 +211,15 @@ class QNDF(AbstractSolver):
         g = torch.as_tensor(_GAMMA[1: k + 1], dtype=D.dtype, device=D.device)
         psi = (g @ D[1: k + 1]) / _ALPHA[k]
         c = h / _ALPHA[k]
-        while True:
+        def newton():
             ls.factor(c)
-            ok, n_iter, y1, d = self._newton(rhs, t1, y_pred, c, psi, ls, scale, cache, shape)
-            if ok:
-                break
-            cache.stats["nconvfail"] += 1
-            if jac_current:
-                fail = cache.but(jac_current=True)
-                return StepResult(y1=y0, error=None, cache=fail, dense=None, ok=False, cache_on_reject=fail)
-            ls.set_point(t1, y_pred.view(shape).detach())  # a fresh Jacobian, then try once more
-            jac_current = True
+            return self._newton(rhs, t1, y_pred, c, psi, ls, scale, cache, shape)
+
+        result, jac_current = _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1,
+                                                          lambda: y_pred.view(shape).detach())
+        if result is None:
+            return _newton_failure(y0, cache)
+        _, n_iter, y1, d = result
         err = _ERROR_CONST[k] * d
         # The new difference table: D'[k+2] = d − D[k+1], D'[k+1] = d, D'[i] = D[i] + D'[i+1].
         rows = list(D.unbind(0))
@@ -279,17 +298,15 @@ class QNDF(AbstractSolver):
             alpha = float(_ALPHA[k])  # (Python floats keep float32 tables in float32)
             psi = (_GAMMA[1: k + 1].astype(npd) @ D[1: k + 1]) / alpha
             c = h / alpha
-            while True:
+            def newton():
                 solve = ls.numpy_solver(c, shape)
-                ok, n_iter, y1, d = self._newton_numpy(rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n)
-                if ok:
-                    break
-                cache.stats["nconvfail"] += 1
-                if jac_current:
-                    fail = cache.but(jac_current=True)
-                    return StepResult(y1=y0, error=None, cache=fail, dense=None, ok=False, cache_on_reject=fail)
-                ls.set_point(t1, torch.from_numpy(y_pred).view(shape))  # a fresh Jacobian, then try once more
-                jac_current = True
+                return self._newton_numpy(rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n)
+
+            result, jac_current = _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1,
+                                                              lambda: torch.from_numpy(y_pred).view(shape))
+            if result is None:
+                return _newton_failure(y0, cache)
+            _, n_iter, y1, d = result
             err = float(_ERROR_CONST[k]) * d
             # The new difference table: D'[k+2] = d − D[k+1], D'[k+1] = d, D'[i] = D[i] + D'[i+1].
             D_new = np.zeros((max(D.shape[0], k + 3), D.shape[1]), dtype=npd)
