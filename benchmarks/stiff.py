@@ -7,7 +7,9 @@ Problems: Robertson (t = 1e5, atol = 1e-4·rtol) and Van der Pol with μ = 1000 
 atol = rtol). Error: the largest relative error over the components at the final time against
 the stored scipy Radau reference at rtol 1e-12 (``tests/data/stiff_references.json``). Time:
 wall time of one solve, the best of up to 3 repeats, on 1 thread (``torch.set_num_threads(1)``).
-Native solvers run under ``torch.no_grad()`` (a forward solve, like scipy's). scipy Radau/BDF/LSODA
+Native solvers run under ``torch.no_grad()`` (a forward solve, like scipy's); the rows marked
+``inference_mode`` run under ``torch.inference_mode()``, torch's context for pure inference, where
+each call of a torch f or jac costs less (no autograd bookkeeping at all). scipy Radau/BDF/LSODA
 are given the analytic Jacobian (their strongest configuration; Radau with its default
 finite-difference Jacobian is listed too). diffrax runs JAX on CPU in float64, jit-compiled once
 per solver and problem with rtol/atol as traced arguments; compile time is excluded. torchdiffeq
@@ -168,7 +170,13 @@ def rel_err(y, ref):
 # runners: each returns (seconds, final state, steps) or raises
 
 
-def run_native(solver_name, prob, rtol, analytic_jac=False, vectorised=False, jac_mode="autograd"):
+def _grad_context(context):
+    import torch
+
+    return {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]()
+
+
+def run_native(solver_name, prob, rtol, analytic_jac=False, vectorised=False, jac_mode="autograd", context="no_grad"):
     import torch
 
     import pyneuralode as pn
@@ -180,7 +188,7 @@ def run_native(solver_name, prob, rtol, analytic_jac=False, vectorised=False, ja
     solver = getattr(pn, solver_name)(jac=torch_jac(prob, vectorised) if analytic_jac else None, jac_mode=jac_mode)
 
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with _grad_context(context):
         sol = pn.solve(f, y0, t, solver, rtol=rtol, atol=rtol * p["atol_factor"], max_steps=10**6)
     sec = time.perf_counter() - t0
     st = sol.stats
@@ -203,7 +211,7 @@ def run_scipy(method, prob, rtol, analytic_jac=True):
     return sec, s.y[:, -1], s.t.size - 1, {"nfev": int(s.nfev), "njev": int(s.njev), "nlu": int(s.nlu)}
 
 
-def run_scipy_torch_f(method, prob, rtol):
+def run_scipy_torch_f(method, prob, rtol, context="no_grad"):
     """scipy with the native rows' own right-hand side: the vectorised torch f and analytic jac,
     wrapped for numpy (what a torch user who hands their f to scipy runs; same f cost as pn's)."""
     import torch
@@ -220,7 +228,7 @@ def run_scipy_torch_f(method, prob, rtol):
         return jac(tt(t), torch.from_numpy(y)).numpy()
 
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with _grad_context(context):
         s = solve_ivp(fun, (0.0, p["T"]), p["y0"], method=method, rtol=rtol, atol=rtol * p["atol_factor"], jac=jfun)
     sec = time.perf_counter() - t0
     if not s.success:
@@ -502,12 +510,17 @@ def main():
     runners += [(f"pn.{n} (analytic jac)", lambda prob, rtol, n=n: run_native(n, prob, rtol, True)) for n in NATIVE_ANALYTIC]
     runners += [(f"pn.{n} (vectorised f, analytic jac)", lambda prob, rtol, n=n: run_native(n, prob, rtol, True, True))
                 for n in NATIVE_VECTORISED]
+    runners += [(f"pn.{n} (vectorised f, analytic jac, inference_mode)",
+                 lambda prob, rtol, n=n: run_native(n, prob, rtol, True, True, context="inference_mode"))
+                for n in NATIVE_VECTORISED]
     runners += [(f"pn.{n} (vectorised f, FD jac)", lambda prob, rtol, n=n: run_native(n, prob, rtol, False, True, "finite_difference"))
                 for n in NATIVE_FD]
     runners += [(f"scipy {m}" + ("" if aj else " (FD jac)"), lambda prob, rtol, m=m, aj=aj: run_scipy(m, prob, rtol, aj))
                 for m, aj in SCIPY]
     runners += [(f"scipy {m} (torch f and jac, as pn's vectorised rows)", lambda prob, rtol, m=m: run_scipy_torch_f(m, prob, rtol))
                 for m in SCIPY_TORCH_F]
+    runners += [(f"scipy {m} (torch f and jac, as pn's vectorised rows, inference_mode)",
+                 lambda prob, rtol, m=m: run_scipy_torch_f(m, prob, rtol, "inference_mode")) for m in SCIPY_TORCH_F]
     if diffrax_ok:
         runners += [(f"diffrax {n}", lambda prob, rtol, n=n: run_diffrax(n, prob, rtol)) for n in DIFFRAX]
 
@@ -559,7 +572,9 @@ def main():
     # torch f and jac (the same f cost on both sides) for the vectorised native rows
     ratios = ratios_against(results, "scipy Radau", lambda label: label != "scipy Radau")
     ratios_same_f = ratios_against(results, "scipy Radau (torch f and jac, as pn's vectorised rows)",
-                                   lambda label: label.startswith("pn.") and "vectorised" in label)
+                                   lambda label: label.startswith("pn.") and "vectorised" in label and "inference_mode" not in label)
+    ratios_same_f.update(ratios_against(results, "scipy Radau (torch f and jac, as pn's vectorised rows, inference_mode)",
+                                        lambda label: label.startswith("pn.") and "vectorised" in label and "inference_mode" in label))
 
     md = render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched, ratios_same_f)
     # a quick run must not overwrite the full results the README quotes
@@ -602,6 +617,7 @@ def render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched=None
         lines.append("### The same, against scipy Radau given pn's own torch f and jac")
         lines.append("")
         lines.append("scipy Radau calls the vectorised torch f and analytic jac of the pn rows below through a numpy wrapper, "
+                     "under the same grad mode (`torch.no_grad()`, or `torch.inference_mode()` for the rows so marked), "
                      "so both sides pay torch's per-call cost for f; the ratio isolates the solvers.")
         lines.append("")
         lines += _ratio_table(ratios_same_f, sorted({lab for (_, lab) in ratios_same_f}))

@@ -9,7 +9,8 @@ Every native solver gets its Jacobian from torch (autograd) and the same rtol/at
 default) and, in the ``linsolve='sparse'`` rows, on the Jacobian's sparsity pattern (one batched
 vector–Jacobian product per row colour, SuperLU factorisations); scipy's BDF and Radau get the same
 pattern (``jac_sparsity``), as a scipy user would give it. Errors are the largest relative error at t = 10 against scipy Radau
-at rtol 1e-10. One process, 1 thread, each configuration timed ``--repeat`` times (minimum).
+at rtol 1e-10. Solves run under ``torch.no_grad()``; the rows marked ``inference_mode`` under
+``torch.inference_mode()``. One process, 1 thread, each configuration timed ``--repeat`` times (minimum).
 
     python benchmarks/stiff_large.py            # N = 500 (1000 states), rtol 1e-6
     python benchmarks/stiff_large.py --quick    # N = 100, one repeat (seconds)
@@ -74,11 +75,15 @@ def y0_of(N):
     return np.concatenate([1.0 + np.sin(2 * np.pi * x), np.full(N, 3.0)])
 
 
-def run_native(solver, N, rtol, atol):
+def _grad_context(context):
+    return {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]()
+
+
+def run_native(solver, N, rtol, atol, context="no_grad"):
     f = torch_rhs(N)
     y0 = torch.tensor(y0_of(N), dtype=torch.float64)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with _grad_context(context):
         sol = pn.solve(f, y0, [0.0, T_END], solver, rtol=rtol, atol=atol, max_steps=10**6)
     return time.perf_counter() - t0, sol.ys[-1].numpy(), dict(sol.stats)
 
@@ -94,7 +99,7 @@ def run_scipy(method, N, rtol, atol):
     return sec, s.y[:, -1], {"naccept": s.t.size - 1, "nfe": int(s.nfev), "njac": int(s.njev), "nlu": int(s.nlu)}
 
 
-def run_scipy_torch_f(method, N, rtol, atol):
+def run_scipy_torch_f(method, N, rtol, atol, context="no_grad"):
     """scipy with the native rows' torch f wrapped for numpy (the same f cost as pn's)."""
     from scipy.integrate import solve_ivp
 
@@ -104,7 +109,7 @@ def run_scipy_torch_f(method, N, rtol, atol):
         return f(torch.scalar_tensor(t, dtype=torch.float64), torch.from_numpy(y)).numpy()
 
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with _grad_context(context):
         s = solve_ivp(fun, (0.0, T_END), y0_of(N), method=method, rtol=rtol, atol=atol, jac_sparsity=sparsity(N))
     sec = time.perf_counter() - t0
     if not s.success:
@@ -138,11 +143,15 @@ def main(argv=None):
         ("pn.QNDF, linsolve='sparse'", lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
         ("pn.QNDF, linsolve='sparse' (rtol ÷ 10)",
          lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol / 10, atol / 10)),
+        ("pn.QNDF, linsolve='sparse', inference_mode",
+         lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol, atol, "inference_mode")),
         ("pn.KenCarp4, linsolve='sparse'", lambda: run_native(pn.KenCarp4(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
         ("pn.Rodas5P, linsolve='sparse'", lambda: run_native(pn.Rodas5P(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
         ("scipy BDF (jac_sparsity)", lambda: run_scipy("BDF", N, rtol, atol)),
         ("scipy Radau (jac_sparsity)", lambda: run_scipy("Radau", N, rtol, atol)),
         ("scipy BDF (jac_sparsity, pn's torch f)", lambda: run_scipy_torch_f("BDF", N, rtol, atol)),
+        ("scipy BDF (jac_sparsity, pn's torch f, inference_mode)",
+         lambda: run_scipy_torch_f("BDF", N, rtol, atol, "inference_mode")),
     ]
     for name, run in configs:  # warm-up (first-call costs of torch.func and scipy), not timed
         run()
@@ -165,7 +174,8 @@ def main(argv=None):
         "relative error at t = 10 against scipy Radau at rtol 1e-10. Native solvers: autograd Jacobians, dense "
         "(the default) or, with `linsolve='sparse'`, on the sparsity pattern (coloured products, SuperLU); "
         "scipy: `jac_sparsity` (sparse finite-difference Jacobian and sparse LU), with its numpy f, and in one row with the "
-        "native rows' torch f wrapped for numpy (the same f cost as pn's).",
+        "native rows' torch f wrapped for numpy (the same f cost as pn's). Solves run under `torch.no_grad()`, those marked "
+        "`inference_mode` under `torch.inference_mode()` (torch's context for pure inference).",
         "",
         "| solver | time (ms) | ÷ QNDF | error | steps (accepted) | f evaluations | Jacobians | factorisations |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

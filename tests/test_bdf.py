@@ -278,10 +278,12 @@ def test_large_system_benchmark_quick():
     assert q["njac"] * 20 < q["naccept"] and q["nlu"] < r["nlu"], (q, r)
     assert rows["pn.QNDF (rtol ÷ 10)"][1] < rows["pn.QNDF"][1]
     md = (path.parent / "results" / "stiff_large_quick.md").read_text()
-    assert md.count("| pn.") == 9 and "÷ QNDF" in md
+    assert md.count("| pn.") == 10 and "÷ QNDF" in md
     for name in ("QNDF", "KenCarp4", "Rodas5P"):  # the sparse path: same steps, same answer as the dense one
         sparse, dense = rows[f"pn.{name}, linsolve='sparse'"], rows[f"pn.{name}"]
         assert sparse[2]["naccept"] == dense[2]["naccept"] and abs(sparse[1] - dense[1]) < 1e-8, name
+    inf, ng = rows["pn.QNDF, linsolve='sparse', inference_mode"], rows["pn.QNDF, linsolve='sparse'"]
+    assert inf[2] == ng[2] and inf[1] == ng[1]  # under inference mode: the same solve
 
 
 def _brusselator(N):

@@ -70,7 +70,13 @@ class _Dynamics(nn.Module):
     def forward(self, t, state):
         z = state[0]
         build = torch.is_grad_enabled()
-        with torch.enable_grad():
+        # The trace needs autograd even under torch.no_grad() or torch.inference_mode() (then without a graph
+        # to keep); inference tensors cannot enter autograd, so z is cloned out of inference mode first.
+        with torch.inference_mode(False), torch.enable_grad():
+            if z.is_inference():
+                z = z.clone()
+            if isinstance(t, torch.Tensor) and t.is_inference():
+                t = t.clone()
             if not z.requires_grad:
                 z = z.detach().requires_grad_(True)
             f = self.vf(t, z)
@@ -86,6 +92,8 @@ class _Dynamics(nn.Module):
                     jac_sq = sum(r.pow(2).sum(-1) for r in rows)
             else:
                 e = self.eps
+                if e.is_inference():
+                    e = e.clone()
                 ej = torch.autograd.grad(f, z, e, create_graph=build, retain_graph=True)[0]
                 tr = (ej * e).sum(-1)
                 if self.regs:

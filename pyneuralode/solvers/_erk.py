@@ -163,7 +163,8 @@ class ExplicitRK(AbstractSolver):
         key = (y.dtype, y.device)
         co = self._coef_cache.get(key)
         if co is None:
-            co = self._coef_cache[key] = _Coefficients(self.tableau, y.dtype, y.device)
+            with torch.inference_mode(False):  # normal tensors even if first built under inference mode
+                co = self._coef_cache[key] = _Coefficients(self.tableau, y.dtype, y.device)
         return co
 
     def init(self, rhs, t0, y0, stats):

@@ -44,6 +44,31 @@ _SMALL = 16
 _LINSOLVES = ("lu", "gmres", "sparse")
 
 
+class autograd_on:
+    """Autograd on for an internal derivative (a Jacobian), also inside ``torch.no_grad()`` and
+    ``torch.inference_mode()``; ``enable_grad`` alone does nothing under inference mode, where the
+    Jacobian would silently come out zero."""
+
+    __slots__ = ("_ctx",)
+
+    def __enter__(self):
+        self._ctx = (torch.inference_mode(False), torch.enable_grad()) if torch.is_inference_mode_enabled() \
+            else (torch.enable_grad(),)
+        for c in self._ctx:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self._ctx):
+            c.__exit__(*exc)
+        return False
+
+
+def grad_leaf(y: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``y`` that requires grad (an inference tensor is cloned: it cannot require grad)."""
+    y = y.detach()
+    return (y.clone() if y.is_inference() else y).requires_grad_(True)
+
+
 def check_linear_options(owner: str, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
                          jac_sparsity=None):
     """Validate the shared options of the implicit solvers (messages name the argument and the fix)."""
@@ -105,8 +130,8 @@ def dense_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "au
     shape = y.shape
     N = y.numel()
     if jac_mode == "autograd":
-        with torch.enable_grad():
-            yy = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
+        with autograd_on():
+            yy = y if (create_graph and y.requires_grad) else grad_leaf(y)
             out = rhs(t, yy)
             if not out.requires_grad:  # f does not depend on y at all
                 J = torch.zeros(N, N, dtype=y.dtype, device=y.device)
@@ -196,8 +221,8 @@ def batched_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "
                 cols = torch.func.vmap(col)(tangents)
         return cols.permute(1, 2, 0), None  # cols[k, b, i] = J_b[i, k]
     # reverse mode: rows of each J_b from one batched backward pass
-    with torch.enable_grad():
-        yy = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
+    with autograd_on():
+        yy = y if (create_graph and y.requires_grad) else grad_leaf(y)
         out = rhs(t, yy)
         if not out.requires_grad:
             J = torch.zeros(B, n, n, dtype=y.dtype, device=y.device)

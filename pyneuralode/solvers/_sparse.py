@@ -113,8 +113,10 @@ class SparseJacobian:
                 prods = torch.stack([rhs(t, (y0 + s * d).view(shape)).reshape(-1) - f0 for s in seeds])
             scale = d.cpu().numpy()[self.cols]
         else:
-            with torch.enable_grad():
-                yy = y0.clone().requires_grad_(True)
+            from ._linalg import autograd_on, grad_leaf
+
+            with autograd_on():
+                yy = grad_leaf(y0)
                 out = rhs(t, yy.view(shape)).reshape(-1)
                 if out.requires_grad:
                     (prods,) = torch.autograd.grad(out, yy, seeds, is_grads_batched=True, allow_unused=True)
