@@ -28,7 +28,7 @@ import torch
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
-from ._linalg import newton_setup, set_linear_options
+from ._linalg import newton_setup, newton_tolerance, set_linear_options
 from ._tableau import ButcherTableau, order_conditions
 
 _EPS = 2.220446049250313e-16
@@ -104,12 +104,14 @@ def _predictor_weights(c, i):
 
 
 class _ESDIRKCache:
-    __slots__ = ("ls", "f0", "stats", "rtol", "atol", "eta", "new_jac")
+    __slots__ = ("ls", "f0", "stats", "rtol", "atol", "eta", "new_jac", "kappa", "ndz_floor")
 
-    def __init__(self, ls, f0, stats, rtol, atol, eta=1.0, new_jac=False):
+    def __init__(self, ls, f0, stats, rtol, atol, eta=1.0, new_jac=False, kappa=0.01, ndz_floor=1e-5):
         self.ls, self.f0, self.stats, self.rtol, self.atol = ls, f0, stats, rtol, atol
         self.eta = eta
         self.new_jac = new_jac
+        self.kappa = kappa  # the Newton tolerance on η·‖Δz‖
+        self.ndz_floor = ndz_floor  # a correction this small has converged (rounding level)
 
 
 class ESDIRK(AbstractSolver):
@@ -160,7 +162,8 @@ class ESDIRK(AbstractSolver):
 
     def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
-        return _ESDIRKCache(ls, f0, stats, rtol, atol)
+        return _ESDIRKCache(ls, f0, stats, rtol, atol, kappa=newton_tolerance(self.kappa, rtol, y0.dtype),
+                            ndz_floor=newton_tolerance(1e-5, rtol, y0.dtype))
 
     # -- Newton ------------------------------------------------------------------------------------
     def _newton(self, rhs, t, psi, z, hg, ls, scale, cache):
@@ -186,7 +189,7 @@ class ESDIRK(AbstractSolver):
         """The simplified Newton iteration on flat tensors or numpy arrays alike (Hairer & Wanner IV.8):
         ``f_of(z)``, ``solve(b) = M⁻¹ b`` (``None``: the linear solve failed), ``norm(dz)``."""
         stats = cache.stats
-        kappa = self.kappa
+        kappa = cache.kappa
         eta = max(cache.eta, _EPS) ** 0.8
         ndz_prev = None
         theta_max = 0.0
@@ -208,7 +211,8 @@ class ESDIRK(AbstractSolver):
                 if it < self.max_iter and theta ** (self.max_iter - it) / (1.0 - theta) * ndz > kappa:
                     if eta * ndz > kappa:  # cannot converge within max_iter
                         return z, False, theta
-            if (eta * ndz <= kappa and ndz_prev is not None) or ndz <= 1e-5:
+            # a correction at the rounding level stops at once: on the next one θ would read ≈ 1
+            if (eta * ndz <= kappa and ndz_prev is not None) or ndz <= cache.ndz_floor:
                 cache.eta = eta
                 return z, True, theta_max
             ndz_prev = ndz
@@ -270,7 +274,8 @@ class ESDIRK(AbstractSolver):
             err = ls.solve(err)
         f1 = ks[-1].view(shape)
         new_cache = _ESDIRKCache(ls, f1, cache.stats, cache.rtol, cache.atol, cache.eta,
-                                 new_jac=theta_max > self.jac_theta)
+                                 new_jac=theta_max > self.jac_theta, kappa=cache.kappa,
+                                 ndz_floor=cache.ndz_floor)
         if co.B is not None:
             dense = (y0, K.T, co.B, h)
         else:
@@ -310,7 +315,8 @@ class ESDIRK(AbstractSolver):
         y1 = from_numpy(z).view(shape)  # stiffly accurate: the last stage is the solution
         f1 = from_numpy(K[-1]).view(shape)
         new_cache = _ESDIRKCache(ls, f1, cache.stats, cache.rtol, cache.atol, cache.eta,
-                                 new_jac=theta_max > self.jac_theta)
+                                 new_jac=theta_max > self.jac_theta, kappa=cache.kappa,
+                                 ndz_floor=cache.ndz_floor)
         dense = (y0, from_numpy(K), co.B, h) if co.B is not None else (y0, y1, cache.f0, f1, h)  # K: stages × state
         return StepResult(y1=y1, error=from_numpy(err).view(shape), cache=new_cache, dense=dense, cache_on_reject=cache)
 

@@ -584,6 +584,17 @@ class LinearSolver:
         return torch.mv(self.J, v.reshape(-1)).view(v.shape)
 
 
+def newton_tolerance(kappa: float, rtol, dtype: torch.dtype) -> float:
+    """The Newton stopping tolerance κ (on the tolerance-scaled norm), floored at ``10·eps/rtol``
+    (Hairer & Wanner's RADAU5: ``FNEWT ≥ 10·UROUND/RTOL``): below it a correction is rounding noise,
+    the contraction rate θ reads ≈ 1, and the iteration would be called divergent. Matters in
+    float32 (rtol 1e-4: 0.012 > κ = 0.01); in float64 the floor is far below κ."""
+    r = float(rtol.min()) if isinstance(rtol, torch.Tensor) else float(rtol)
+    if not r > 0:
+        return kappa
+    return max(kappa, 10.0 * torch.finfo(dtype).eps / r)
+
+
 def newton_setup(solver, rhs, t0: float, y0: torch.Tensor, stats: dict):
     """``(LinearSolver, f(t0, y0))`` for a Newton-based method (ESDIRK, QNDF): the Jacobian formed at
     ``(t0, y0)`` and held fixed (not differentiated); zeroed Newton counters in ``stats``."""

@@ -25,14 +25,13 @@ import torch
 
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, options_repr
-from ._linalg import newton_setup, set_linear_options
+from ._linalg import newton_tolerance, newton_setup, set_linear_options
 
 __all__ = ["QNDF"]
 
 MAX_ORDER = 5
 _NEWTON_MAXITER = 4
 _MAX_FACTOR = 10.0
-_EPS = float(np.finfo(np.float64).eps)
 
 # NDF coefficients (Shampine & Reichelt 1997, table 1): κ_k, γ_k = Σ_{j≤k} 1/j, α_k = (1 − κ_k) γ_k,
 # and the error constants κ_k γ_k + 1/(k+1).
@@ -177,9 +176,9 @@ class QNDF(AbstractSolver):
 
     def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
-        # Newton tolerance of scipy/ode15s: between 10ε/rtol and min(0.03, √rtol).
+        # Newton tolerance of scipy/ode15s: min(0.03, √rtol), at least 10ε/rtol (ε of the state's dtype).
         rt = float(rtol.max()) if isinstance(rtol, torch.Tensor) else float(rtol)
-        newton_tol = max(10 * _EPS / rt, min(0.03, rt ** 0.5))
+        newton_tol = newton_tolerance(min(0.03, rt ** 0.5), rtol, y0.dtype)
         # The table holds y0 and f0 until the first step knows its size: D[1] = h f0.
         D = torch.stack([y0.reshape(-1), f0.reshape(-1)])
         return _QNDFCache(ls, D, 1, None, 0, stats, _flat_tol(rtol, y0), _flat_tol(atol, y0), True, newton_tol)
