@@ -109,3 +109,50 @@ def test_cnf_under_inference_mode(trace):
     grads = [p.grad for p in cnf.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("make", [lambda: pn.DynamicSS(pn.Tsit5()), lambda: pn.DynamicSS(pn.Rodas5P()), pn.Anderson,
+                                  pn.Broyden, pn.FixedPointIteration],
+                         ids=["DynamicSS-Tsit5", "DynamicSS-Rodas5P", "Anderson", "Broyden", "FixedPointIteration"])
+def test_deq_under_inference_mode_then_training(make):
+    """A DEQ evaluated under inference mode gives the no_grad fixed point (a DynamicSS with an
+    implicit solver forms Jacobians there), and then still trains with implicit gradients."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Linear(4, 4)).double()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = f
+
+        def forward(self, z, x):
+            return torch.tanh(0.5 * self.lin(z) + x)
+
+    deq = pn.DEQ(Block(), solver=make(), abstol=1e-10, reltol=0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        ref = deq(x)
+    with torch.inference_mode():
+        z = deq(x)
+    torch.testing.assert_close(z, ref, rtol=1e-9, atol=1e-9)
+    deq(x).pow(2).sum().backward()
+    g = f[0].weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_event_under_inference_mode():
+    """odeint_event under inference mode finds the no_grad event time."""
+    def fall(t, y):
+        return torch.stack([y[1], torch.full_like(y[1], -9.81)])
+
+    def ground(t, y):
+        return y[0]
+
+    y0 = torch.tensor([10.0, 0.0], dtype=torch.float64)
+    t0 = torch.tensor(0.0, dtype=torch.float64)
+    with torch.no_grad():
+        te_ref, _ = pn.odeint_event(fall, y0, t0, event_fn=ground)
+    with torch.inference_mode():
+        te, ys = pn.odeint_event(fall, y0, t0, event_fn=ground)
+    assert abs(float(te) - math.sqrt(2 * 10.0 / 9.81)) < 1e-6
+    assert float(te) == float(te_ref)
