@@ -179,7 +179,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                     retcode = ReturnCode.ConvergenceFailure
                     message = f"the implicit solve of a fixed step failed at t={t:.6g}; use a smaller dt or adaptive=True"
                     break
-                dt *= 0.25
+                dt *= 0.5  # a failed implicit solve halves the step (RADAU5, OrdinaryDiffEq, scipy BDF)
                 accepted_last = False
                 if res.cache_on_reject is not None:
                     cache = res.cache_on_reject

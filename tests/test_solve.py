@@ -235,11 +235,12 @@ _I, _PI = pn.PIController(beta1=1.0, beta2=0.0), pn.PIController()
 
 
 @pytest.mark.parametrize("cls,expected,other_ctrl", [(pn.Tsit5, _I, _PI), (pn.Dopri5, _I, _PI),
-                                                     (pn.Rodas5P, pn.PredictiveController(), _PI), (pn.KenCarp4, _PI, _I)],
+                                                     (pn.Rodas5P, pn.PredictiveController(), _PI), (pn.KenCarp4, _PI, _I),
+                                                     (pn.QNDF, _I, _PI)],
                          ids=lambda x: getattr(x, "__name__", ""))
 def test_default_controller_is_per_solver_and_overridable(cls, expected, other_ctrl):
-    """Explicit solvers default to integral control, Rosenbrock methods to Gustafsson's predictive
-    control (Hairer's RODAS), the other implicit ones to SciML's PI gains; controller= overrides."""
+    """Explicit solvers and QNDF (as scipy BDF) default to integral control, Rosenbrock methods to
+    Gustafsson's predictive control (Hairer's RODAS), the ESDIRK ones to SciML's PI gains; controller= overrides."""
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
     t = torch.tensor([0.0, 6.0], dtype=torch.float64)
     assert cls().default_controller() == expected
@@ -298,3 +299,23 @@ def test_f_and_jac_receive_t_as_a_0d_tensor_of_the_time_dtype(dtype, solver):
     values = [float(t) for t in seen]
     assert values[0] == 0.0 and 0.0 <= min(values) and max(values) <= 1.0
     assert len(set(values)) > 5  # every call saw its own time, not a buffer rewritten in place
+
+
+def test_a_failed_implicit_solve_halves_the_step():
+    """When an implicit step's Newton iteration fails, the loop retries from the same point with
+    half the step (RADAU5, OrdinaryDiffEq and scipy BDF all halve; a quarter cost extra steps to regrow)."""
+    solver = pn.KenCarp4()
+    calls = []
+    step = solver.step
+
+    def failing_once(rhs, t0, y0, h, cache):
+        calls.append((t0, h))
+        if len(calls) == 3:  # the third attempt fails as a Newton failure would
+            return pn.StepResult(y1=y0, error=None, cache=cache, dense=None, ok=False, cache_on_reject=cache)
+        return step(rhs, t0, y0, h, cache)
+
+    solver.step = failing_once
+    sol = pn.solve(_vdp, torch.tensor([2.0, 0.0], dtype=torch.float64), [0.0, 1.0], solver, rtol=1e-6, atol=1e-8)
+    assert sol.stats["nreject"] >= 1
+    (t_fail, h_fail), (t_retry, h_retry) = calls[2], calls[3]
+    assert t_retry == t_fail and h_retry == pytest.approx(0.5 * h_fail, rel=1e-12)

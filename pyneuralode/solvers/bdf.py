@@ -169,6 +169,15 @@ class QNDF(AbstractSolver):
             raise ValueError(f"{type(self).__name__}: max_order must be an int from 1 to {MAX_ORDER}, got {max_order!r}")
         self.max_order = max_order
 
+    def default_controller(self):
+        """The integral controller, as scipy BDF and ode15s: after an accepted step QNDF picks the
+        order and step itself (every k+1 equal steps); the controller only sizes the retry after an
+        error-test rejection, ``0.9·err^(−1/(k+1))``. (SciML's PI gains shrink too little there:
+        on Van der Pol (μ = 1000) QNDF took 5–11% more steps with them.)"""
+        from ..controllers import PIController
+
+        return PIController(beta1=1.0, beta2=0.0)
+
     def __repr__(self):
         defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_order=MAX_ORDER,
                         gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
