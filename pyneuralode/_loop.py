@@ -200,7 +200,10 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 if not finite or errn > 1.0:
                     stats["nreject"] += 1
                     last_nonfinite = not finite
-                    dt = abs(h) * ctrl.factor(errn if finite else math.inf, err_prev, q_step, accepted_last)
+                    fac = ctrl.factor(errn if finite else math.inf, err_prev, q_step, accepted_last)
+                    if res.reject_safety is not None:
+                        fac = max(getattr(ctrl, "factor_min", 0.0), fac * res.reject_safety)
+                    dt = abs(h) * fac
                     accepted_last = False
                     if res.cache_on_reject is not None:
                         cache = res.cache_on_reject

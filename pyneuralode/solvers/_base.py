@@ -34,6 +34,8 @@ class StepResult:
         multistep methods); the loop's controller then uses it instead of the solver's ``order``.
     dt_factor: the next step size ÷ this one that the method itself proposes if the step is accepted
         (multistep order selection); ``None`` leaves it to the loop's controller.
+    reject_safety: a factor (≤ 1) on the controller's step factor if the step fails the error test
+        (QNDF: scipy BDF's ``(2m+1)/(2m+n)`` for n of at most m Newton iterations); ``None``: 1.
     """
 
     y1: torch.Tensor
@@ -44,6 +46,7 @@ class StepResult:
     cache_on_reject: Any = None
     order: Optional[int] = None
     dt_factor: Optional[float] = None
+    reject_safety: Optional[float] = None
 
 
 class AbstractSolver:

@@ -238,8 +238,10 @@ class QNDF(AbstractSolver):
         for i in range(k, -1, -1):
             rows[i] = rows[i] + rows[i + 1]
         D_new = torch.stack(rows)
-        # The step size (and order) the method proposes if the loop accepts this step.
-        safety = 0.9 * (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
+        # The step size (and order) the method proposes if the loop accepts this step; the Newton
+        # iterations' share of the safety factor also shrinks a retry after an error-test rejection.
+        newton_safety = (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
+        safety = 0.9 * newton_safety
         n_equal += 1
         new_order, factor = k, 1.0
         if n_equal >= k + 1:
@@ -258,7 +260,7 @@ class QNDF(AbstractSolver):
         on_reject = cache.but(jac_current=jac_current)
         dense = (D_new[: k + 1], shape)
         return StepResult(y1=y1.view(shape), error=err.view(shape), cache=new_cache, dense=dense,
-                          cache_on_reject=on_reject, order=k, dt_factor=factor)
+                          cache_on_reject=on_reject, order=k, dt_factor=factor, reject_safety=newton_safety)
 
     def _newton(self, rhs, t1, y_pred, c, psi, ls, scale, cache, shape):
         """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` (correction ``d = y − y_pred``) on tensors."""
@@ -323,7 +325,8 @@ class QNDF(AbstractSolver):
             D_new[k + 1] = d
             for i in range(k, -1, -1):
                 D_new[i] += D_new[i + 1]
-            safety = 0.9 * (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
+            newton_safety = (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
+            safety = 0.9 * newton_safety
             n_equal += 1
             new_order, factor = k, 1.0
             if n_equal >= k + 1:
@@ -342,7 +345,8 @@ class QNDF(AbstractSolver):
         on_reject = cache.but(jac_current=jac_current)
         dense = (torch.from_numpy(D_new[: k + 1]), shape)
         return StepResult(y1=torch.from_numpy(y1).view(shape), error=torch.from_numpy(err).view(shape),
-                          cache=new_cache, dense=dense, cache_on_reject=on_reject, order=k, dt_factor=factor)
+                          cache=new_cache, dense=dense, cache_on_reject=on_reject, order=k, dt_factor=factor,
+                          reject_safety=newton_safety)
 
     def _newton_numpy(self, rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n):
         """:meth:`_newton` on flat numpy arrays (``solve(b) = W⁻¹ b``; f still gets tensors)."""
