@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from ..solvers._linalg import autograd_on, grad_leaf
 from .neural_ode import resolve_sensealg, resolve_solver
 
 __all__ = ["CNF", "PlanarFlow", "HyperPlanarField"]
@@ -70,15 +71,13 @@ class _Dynamics(nn.Module):
     def forward(self, t, state):
         z = state[0]
         build = torch.is_grad_enabled()
-        # The trace needs autograd even under torch.no_grad() or torch.inference_mode() (then without a graph
-        # to keep); inference tensors cannot enter autograd, so z is cloned out of inference mode first.
-        with torch.inference_mode(False), torch.enable_grad():
-            if z.is_inference():
-                z = z.clone()
+        # The trace needs autograd even under torch.no_grad() or torch.inference_mode() (then without a
+        # graph to keep); inference tensors cannot enter autograd, so they are cloned out of it first.
+        with autograd_on():
+            if not z.requires_grad:
+                z = grad_leaf(z)
             if isinstance(t, torch.Tensor) and t.is_inference():
                 t = t.clone()
-            if not z.requires_grad:
-                z = z.detach().requires_grad_(True)
             f = self.vf(t, z)
             jac_sq = None
             if self.mode == "exact":

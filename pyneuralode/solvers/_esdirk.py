@@ -28,7 +28,7 @@ import torch
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
-from ._linalg import newton_setup, newton_tolerance, set_linear_options
+from ._linalg import newton_ops, newton_setup, newton_tolerance, set_linear_options
 from ._tableau import ButcherTableau, order_conditions
 
 _EPS = 2.220446049250313e-16
@@ -169,19 +169,7 @@ class ESDIRK(AbstractSolver):
     def _newton(self, rhs, t, psi, z, hg, ls, scale, cache):
         """Solve z − ψ − hγ f(t, z) = 0 from the guess z (tensors). Returns (z, ok, max_theta)."""
         shape = z.shape
-        sqrt_n = z.numel() ** 0.5
-
-        def f_of(v):
-            return rhs(t, v.view(shape)).reshape(-1)
-
-        def solve(b):
-            dz = ls.solve(b.view(shape)).reshape(-1)
-            return None if ls.gmres_mode and not getattr(ls, "last_ok", True) else dz  # GMRES did not converge
-
-        def norm(dz):
-            with torch.no_grad():
-                return float(torch.linalg.vector_norm(dz.detach() / scale.reshape(-1))) / sqrt_n
-
+        f_of, solve, norm = newton_ops(rhs, t, ls, scale, shape)
         z, ok, theta = self._newton_loop(f_of, solve, norm, psi.reshape(-1), z.reshape(-1), hg, cache)
         return z.view(shape), ok, theta
 

@@ -612,3 +612,22 @@ def weighted_rms(x: torch.Tensor, scale) -> float:
     with torch.no_grad():
         r = x.detach() / scale
         return float(torch.linalg.vector_norm(r)) / math.sqrt(max(r.numel(), 1))
+
+
+def newton_ops(rhs: Callable, t: float, ls: "LinearSolver", scale: torch.Tensor, shape):
+    """``(f_of, solve, norm)`` on flat tensors for a simplified Newton iteration at time ``t`` (ESDIRK
+    stages, QNDF steps): ``f(t, ·)``, ``W⁻¹ b`` (``None`` when GMRES did not converge) and the
+    tolerance-scaled RMS norm."""
+    scale = scale.reshape(-1)
+
+    def f_of(v):
+        return rhs(t, v.view(shape)).reshape(-1)
+
+    def solve(b):
+        x = ls.solve(b.view(shape)).reshape(-1)
+        return None if ls.gmres_mode and not getattr(ls, "last_ok", True) else x
+
+    def norm(dx):
+        return weighted_rms(dx, scale)
+
+    return f_of, solve, norm

@@ -25,7 +25,7 @@ import torch
 
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, options_repr
-from ._linalg import newton_tolerance, newton_setup, set_linear_options
+from ._linalg import newton_ops, newton_setup, newton_tolerance, set_linear_options
 
 __all__ = ["QNDF"]
 
@@ -264,19 +264,7 @@ class QNDF(AbstractSolver):
 
     def _newton(self, rhs, t1, y_pred, c, psi, ls, scale, cache, shape):
         """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` (correction ``d = y − y_pred``) on tensors."""
-        sqrt_n = math.sqrt(max(y_pred.numel(), 1))
-
-        def f_of(y):
-            return rhs(t1, y.view(shape)).reshape(-1)
-
-        def solve(b):
-            dy = ls.solve(b.view(shape)).reshape(-1)
-            return None if ls.gmres_mode and not getattr(ls, "last_ok", True) else dy  # GMRES did not converge
-
-        def norm(dy):
-            with torch.no_grad():
-                return float(torch.linalg.vector_norm(dy.detach() / scale)) / sqrt_n
-
+        f_of, solve, norm = newton_ops(rhs, t1, ls, scale, shape)
         return _newton_loop(f_of, solve, norm, y_pred, torch.zeros_like(y_pred), c, psi, cache)
 
     def _step_numpy(self, rhs, t0, y0, h, cache):
