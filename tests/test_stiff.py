@@ -452,52 +452,130 @@ def test_finite_difference_jacobian_solves_robertson(S):
     assert sol.stats["nfe"] >= 4 * sol.stats["njac"]
 
 
-@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4], ids=lambda S: S.__name__)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("shape", [(3,), (1, 3)], ids=["flat", "2d"])
-def test_numpy_step_matches_the_torch_step(S, dtype, shape):
-    """Tiny CPU states without autograd step in numpy; with autograd the same step runs in torch.
-    Both give the same step (y1, error, dense output) to rounding, and count the same statistics."""
-    k = _k().to(dtype)
+def _small_stiff(n, autonomous):
+    """A stiff nonlinear test system of ``n`` components (eigenvalues down to about −1e4), any shape."""
+    lam = torch.tensor([-1.0, -120.0, -1.3e4, -40.0, -7.0][:n], dtype=F64)
+    B = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.0], [1.0, 0.0, -3.0, 0.0, 0.4], [0.0, 200.0, 0.0, 9.0, 0.0],
+                      [0.3, 0.0, 2.0, 0.0, 0.1], [0.0, 0.7, 0.0, 0.2, 0.0]], dtype=F64)[:n, :n]
 
     def rhs(t, y):
-        return robertson(t, y.reshape(-1), k).reshape(y.shape) + 0.01 * t  # non-autonomous: the ∂f/∂t term
+        v = y.reshape(-1)
+        out = lam.to(v.dtype) * v + B.to(v.dtype) @ (v * v) + (0.0 if autonomous else 0.01 * t)
+        return out.reshape(y.shape)
 
-    y0 = torch.tensor([0.9, 2e-5, 0.1], dtype=dtype).reshape(shape)
-    out = {}
+    return rhs
+
+
+def _one_step_each_way(S, rhs, y0, host_step: str):
+    """One step with autograd off (the host step ``host_step`` of a tiny CPU state) and one with it
+    on (the torch step): (y1, error, dense output at θ = 0.4, stats) for each, and how often the
+    host step ran."""
+    out, calls = {}, []
     for grad in (False, True):
         solver = S()
-        calls = []
-        numpy_step = solver._step_numpy
-        solver._step_numpy = lambda *a: calls.append(1) or numpy_step(*a)
+        step = getattr(solver, host_step)
+        setattr(solver, host_step, lambda *a, _s=step: calls.append(grad) or _s(*a))
         stats: dict = {}
         with torch.set_grad_enabled(grad):
             cache = solver.init(rhs, 0.3, y0, stats, rtol=1e-6, atol=1e-9)
             assert cache.ls.numpy_capable
             res = solver.step(rhs, 0.3, y0, 1e-3, cache)
             mid = solver.interpolant(res.dense, 0.4)
-        assert len(calls) == (0 if grad else 1)  # the numpy step runs exactly when autograd is off
         out[grad] = (res.y1.detach(), res.error.detach(), mid.detach(), dict(stats))
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert calls == [False]  # the host step runs exactly when autograd is off
+    return out
+
+
+def _assert_same_step(out, y0, tol):
     for a, b in zip(out[False][:3], out[True][:3]):
         assert a.shape == b.shape == y0.shape
         assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-3), (a, b)
     assert out[False][3] == out[True][3]
 
 
-def test_numpy_step_rejects_nan_and_recovers():
-    """A NaN inside the numpy step (here f blows up for large steps) is a rejected step, not a crash."""
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4], ids=lambda S: S.__name__)
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("shape", ["flat", "2d"])
+@pytest.mark.parametrize("autonomous", [True, False], ids=["autonomous", "with_dfdt"])
+def test_unrolled_step_matches_the_torch_step(S, n, shape, autonomous):
+    """float64 states of 1–3 components on the CPU without autograd step in generated straight-line
+    float code; it gives the torch step's y1, error and dense output to rounding, and the same stats."""
+    y0 = torch.tensor([0.9, 2e-2, 0.1][:n], dtype=F64).reshape((n,) if shape == "flat" else (1, n))
+    out = _one_step_each_way(S, _small_stiff(n, autonomous), y0, "_step_unrolled")
+    _assert_same_step(out, y0, 1e-12)
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4], ids=lambda S: S.__name__)
+@pytest.mark.parametrize("case", ["robertson-f32-flat", "robertson-f32-2d", "n5-f64-flat", "n5-f64-2d"])
+def test_numpy_step_matches_the_torch_step(S, case):
+    """Other tiny CPU states (float32, or 4–16 components) step in numpy without autograd; it gives
+    the torch step's y1, error and dense output to rounding, and the same stats."""
+    system, dtype, shape = case.split("-")
+    dtype = torch.float32 if dtype == "f32" else F64
+    if system == "robertson":
+        k = _k().to(dtype)
+
+        def rhs(t, y):
+            return robertson(t, y.reshape(-1), k).reshape(y.shape) + 0.01 * t  # non-autonomous: the ∂f/∂t term
+
+        y0 = torch.tensor([0.9, 2e-5, 0.1], dtype=dtype)
+    else:
+        rhs, y0 = _small_stiff(5, False), torch.tensor([0.9, 2e-2, 0.1, -0.4, 0.3], dtype=dtype)
+    y0 = y0 if shape == "flat" else y0.reshape(1, -1)
+    out = _one_step_each_way(S, rhs, y0, "_step_numpy")
+    _assert_same_step(out, y0, 1e-12 if dtype == F64 else 2e-5)
+
+
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4], ids=lambda S: S.__name__)
+def test_unrolled_solve_matches_the_torch_solve(S):
+    """Whole solves (Van der Pol, μ = 1000, to t = 3000) on the unrolled step and on the torch step
+    take the same steps and agree to rounding, and meet the stored reference (Rodas4's error at
+    this tolerance is 1.6e-5 relative: 4.8 digits)."""
+    v = REFS["vanderpol"]
+    sols = {}
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            sols[grad] = pn.solve(vdp, torch.tensor(v["y0"], dtype=F64), torch.tensor(v["t"], dtype=F64), S(),
+                                  rtol=1e-6, atol=1e-6)
+    counts_agree(sols[False], sols[True])
+    assert torch.allclose(sols[False].ys, sols[True].ys.detach(), rtol=1e-8, atol=1e-10)
+    assert _digits(sols[False].ys[-1].numpy(), v["y"][-1]) >= 4.5
+
+
+def test_unrolled_kernel_source_leaves_out_zero_coefficients():
+    """The generated kernel writes each nonzero tableau coefficient once per use as a literal that
+    round-trips, and no zero coefficient."""
+    from pyneuralode.solvers._rosenbrock_unrolled import generate_source, unrolled_kernel
+
+    tab = pn.Rodas5P.tableau
+    src = generate_source(tab, 2, with_dt=True, flat=True)
+    assert "0.0*" not in src and " + -0.0*" not in src
+    for i in range(1, tab.stages):
+        for j in range(i):
+            if tab.A[i, j] != 0.0:
+                assert f"{float(tab.A[i, j])!r}*U{j}_0" in src
+    assert src.count("rhs(") == tab.stages - 1  # one f per stage after the first (which reuses f(t0, y0))
+    assert unrolled_kernel(tab, 2, True, True) is unrolled_kernel(tab, 2, True, True)  # compiled once
+    assert unrolled_kernel(tab, 2, True, True).source == src
+
+
+@pytest.mark.parametrize("n", [2, 5], ids=["unrolled", "numpy"])
+def test_host_step_rejects_nan_and_recovers(n):
+    """A NaN inside the host step of a tiny state (here f blows up for large steps) is a rejected
+    step, not a crash: 2 components take the unrolled step, 5 the numpy step."""
     nan_calls = []
+    kick = torch.zeros(n, dtype=F64)
+    kick[0] = 1e3
 
     def rhs(t, y):
         bad = (y.abs() > 10).any()
         if bad:
             nan_calls.append(float(t))
-        return -50.0 * y + (torch.full_like(y, float("nan")) if bad else 0.0) + torch.tensor([1e3, 0.0], dtype=F64) * (t < 0.01)
+        return -50.0 * y + (torch.full_like(y, float("nan")) if bad else 0.0) + kick * (t < 0.01)
 
     with torch.no_grad():
-        sol = pn.solve(rhs, torch.tensor([1.0, 1.0], dtype=F64), [0.0, 1.0], pn.Rodas5P(), rtol=1e-6, atol=1e-9, dt=0.5)
-    assert nan_calls and sol.stats["nreject"] > 0  # NaN really reached the numpy step
+        sol = pn.solve(rhs, torch.ones(n, dtype=F64), [0.0, 1.0], pn.Rodas5P(), rtol=1e-6, atol=1e-9, dt=0.5)
+    assert nan_calls and sol.stats["nreject"] > 0  # NaN really reached the host step
     assert sol.retcode == "Success" and torch.isfinite(sol.ys).all()
     assert abs(sol.ys[-1, 1].item() - math.exp(-50.0)) < 1e-6
 

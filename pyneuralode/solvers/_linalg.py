@@ -374,6 +374,7 @@ class LinearSolver:
         self.fresh = False  # J was formed at the current step's start
         self.param_grad = None
         self.np_inv = None  # (g, (I/g − J)⁻¹ as a numpy array) for the numpy step of tiny CPU systems
+        self.list_inv = None  # (g, the same as nested lists of floats) for the unrolled step of 1–3 components
         self.jac_shape = None  # the shape a user jac must return (set on its first call)
         self.time = time_tensor(y0.dtype, y0.device)  # t as the 0-d tensor a user jac receives
 
@@ -438,6 +439,7 @@ class LinearSolver:
         self.g = None
         self.lu = None
         self.np_inv = None
+        self.list_inv = None
         self.fresh = True
         return f
 
@@ -464,6 +466,17 @@ class LinearSolver:
             except np.linalg.LinAlgError:
                 M = np.full((n, n), np.nan, dtype=J.dtype)
         self.np_inv = (g, M)
+        return M
+
+    def scaled_inverse_list(self, g: float):
+        """``(I/g − J)⁻¹`` as nested lists of Python floats for a 1×1–3×3 ``J`` (closed form, counts
+        ``nlu``; NaN where singular): the unrolled Rosenbrock kernel's ``M``."""
+        cached = self.list_inv
+        if cached is not None and cached[0] == g:
+            return cached[1]
+        _bump(self.stats, "nlu")
+        M = _closed_form_inverse(self.J.tolist(), 1.0 / g)
+        self.list_inv = (g, M)
         return M
 
     def numpy_solver(self, g: float, shape) -> Callable[[np.ndarray], np.ndarray]:
