@@ -21,9 +21,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Tuple
 
-import numpy as np
-import torch
-
 #: states up to this many components take the unrolled kernel (the closed-form inverse covers 1–3)
 MAX_COMPONENTS = 3
 
@@ -37,15 +34,16 @@ def _terms(pairs) -> str:
 
 
 def generate_source(tab, n: int, with_dt: bool, flat: bool) -> str:
-    """Python source of ``kernel(rhs, t0, h, y, f0, dT, M, as_tensor) -> tuple of floats``.
+    """Python source of ``kernel(rhs, t0, h, y, f0, dT, M, as_tensor, shape) -> tuple of floats``.
 
     ``y``, ``f0``, ``dT`` are sequences of ``n`` floats (``dT`` unused unless ``with_dt``), ``M``
-    the n×n nested list ``(I/(hγ) − J)⁻¹``, ``as_tensor(tuple) -> tensor`` makes f's argument. The
-    result holds ``y1``, the error estimate and the dense-output rows, ``n`` floats each.
+    the n×n nested list ``(I/(hγ) − J)⁻¹``, ``as_tensor(tuple) -> tensor`` makes f's argument
+    (viewed as ``shape`` unless ``flat``). The result holds ``y1``, the error estimate and the
+    dense-output rows, ``n`` floats each.
     """
     s = tab.stages
     K = range(n)
-    L = [f"def kernel(rhs, t0, h, y, f0, dT, M, as_tensor, shape):"]
+    L = ["def kernel(rhs, t0, h, y, f0, dT, M, as_tensor, shape):"]
     L.append("    inv_h = 1.0 / h")
     L += [f"    y0_{k} = y[{k}]" for k in K]
     L += [f"    m{r}{c} = M[{r}][{c}]" for r in K for c in K]
@@ -90,7 +88,3 @@ def unrolled_kernel(tab, n: int, with_dt: bool, flat: bool) -> Callable:
         kern.tab = tab  # keeps id(tab) valid for the cache key
         _KERNELS[key] = kern
     return kern
-
-
-def numpy_dtype(dtype: torch.dtype):
-    return np.float64 if dtype == torch.float64 else np.float32
