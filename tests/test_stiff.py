@@ -494,13 +494,14 @@ def _assert_same_step(out, y0, tol):
 
 
 @pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4], ids=lambda S: S.__name__)
-@pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("shape", ["flat", "2d"])
+@pytest.mark.parametrize("shape", [(), (1,), (2,), (3,), (1, 2), (3, 1)], ids=str)
 @pytest.mark.parametrize("autonomous", [True, False], ids=["autonomous", "with_dfdt"])
-def test_unrolled_step_matches_the_torch_step(S, n, shape, autonomous):
-    """float64 states of 1–3 components on the CPU without autograd step in generated straight-line
-    float code; it gives the torch step's y1, error and dense output to rounding, and the same stats."""
-    y0 = torch.tensor([0.9, 2e-2, 0.1][:n], dtype=F64).reshape((n,) if shape == "flat" else (1, n))
+def test_unrolled_step_matches_the_torch_step(S, shape, autonomous):
+    """float64 states of 1–3 components (any shape, 0-d included) on the CPU without autograd step
+    in generated straight-line float code; it gives the torch step's y1, error and dense output to
+    rounding, and the same stats."""
+    n = math.prod(shape)
+    y0 = torch.tensor([0.9, 2e-2, 0.1][:n], dtype=F64).reshape(shape)
     out = _one_step_each_way(S, _small_stiff(n, autonomous), y0, "_step_unrolled")
     _assert_same_step(out, y0, 1e-12)
 

@@ -417,9 +417,9 @@ class GenericRosenbrock(RosenbrockSolver):
         _bump(cache.stats, "nsolve", self.tableau.stages)
         rows = np.array(out, dtype=np.float64).reshape(-1, *y0.shape)  # [y1; error; dense rows]
         from_numpy = torch.from_numpy
-        y1 = from_numpy(rows[0])
+        y1 = from_numpy(rows[0, ...])  # `...` keeps a 0-d state an array
         kk = from_numpy(rows[2:]) if self.tableau.H is not None else torch.zeros_like(y0).unsqueeze(0)
-        return StepResult(y1=y1, error=from_numpy(rows[1]), cache=cache.advanced(), dense=(y0, y1, kk),
+        return StepResult(y1=y1, error=from_numpy(rows[1, ...]), cache=cache.advanced(), dense=(y0, y1, kk),
                           cache_on_reject=cache)
 
     def interpolant(self, dense, theta):  # type: ignore[override]
