@@ -28,7 +28,7 @@ import torch
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
-from ._linalg import newton_ops, newton_setup, newton_tolerance, set_linear_options
+from ._linalg import newton_ops, newton_setup, newton_tolerance, numpy_rhs, set_linear_options
 from ._tableau import ButcherTableau, order_conditions
 
 _EPS = 2.220446049250313e-16
@@ -310,11 +310,8 @@ class ESDIRK(AbstractSolver):
 
     def _newton_numpy(self, rhs, t, psi, z, hg, solve, scale, cache, shape):
         """:meth:`_newton` on flat numpy arrays (``solve(b) = M⁻¹ b``; f still gets tensors)."""
-        from_numpy = torch.from_numpy
         inv_sqrt_n = 1.0 / math.sqrt(max(z.size, 1))
-
-        def f_of(v):
-            return rhs(t, from_numpy(v).view(shape)).reshape(-1).numpy()
+        f_of = numpy_rhs(rhs, t, shape)
 
         def norm(dz):
             r = dz / scale

@@ -25,7 +25,7 @@ import torch
 
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, options_repr
-from ._linalg import newton_ops, newton_setup, newton_tolerance, set_linear_options
+from ._linalg import newton_ops, newton_setup, newton_tolerance, numpy_rhs, set_linear_options
 
 __all__ = ["QNDF"]
 
@@ -338,10 +338,7 @@ class QNDF(AbstractSolver):
 
     def _newton_numpy(self, rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n):
         """:meth:`_newton` on flat numpy arrays (``solve(b) = W⁻¹ b``; f still gets tensors)."""
-        from_numpy = torch.from_numpy
-
-        def f_of(y):
-            return rhs(t1, from_numpy(y).view(shape)).reshape(-1).numpy()
+        f_of = numpy_rhs(rhs, t1, shape)
 
         def norm(dy):
             r = dy / scale
