@@ -409,7 +409,8 @@ class GenericRosenbrock(RosenbrockSolver):
         flat = y0.ndim == 1
         kern = cache.kernel  # kept for the solve (the state's size, shape and autonomy do not change)
         if kern is None:
-            kern = cache.kernel = unrolled_kernel(self.tableau, y0.numel(), dT is not None, flat)
+            kern = cache.kernel = unrolled_kernel(self.tableau, y0.numel(), dT is not None, flat,
+                                                  getattr(self, "name", type(self).__name__))
         M = ls.scaled_inverse_list(h * self.tableau.gamma)
         y = (y0 if flat else y0.reshape(-1)).tolist()
         out = kern(rhs, t0, h, y, (f0 if flat else f0.reshape(-1)).tolist(),

@@ -75,14 +75,15 @@ def generate_source(tab, n: int, with_dt: bool, flat: bool) -> str:
     return "\n".join(L) + "\n"
 
 
-def unrolled_kernel(tab, n: int, with_dt: bool, flat: bool) -> Callable:
-    """The compiled kernel of :func:`generate_source`, built once per (tableau, n, with_dt, flat)."""
+def unrolled_kernel(tab, n: int, with_dt: bool, flat: bool, label: str = "Rosenbrock") -> Callable:
+    """The compiled kernel of :func:`generate_source`, built once per (tableau, n, with_dt, flat);
+    ``label`` (the method's name) names it in tracebacks and profiles."""
     key = (id(tab), n, with_dt, flat)
     kern = _KERNELS.get(key)
     if kern is None:
         src = generate_source(tab, n, with_dt, flat)
         ns: dict = {}
-        exec(compile(src, f"<pyneuralode Rosenbrock kernel: {type(tab).__name__} n={n}>", "exec"), ns)
+        exec(compile(src, f"<pyneuralode {label} kernel, n={n}>", "exec"), ns)
         kern = ns["kernel"]
         kern.source = src
         kern.tab = tab  # keeps id(tab) valid for the cache key
