@@ -640,6 +640,34 @@ def test_predictive_controller_saves_steps_on_van_der_pol():
         assert math.exp(n_pred - n_pi) < 0.95, (curves, e_pi)
 
 
+def test_stiff_benchmark_replot_reads_the_saved_table(tmp_path):
+    """``benchmarks/stiff.py --replot`` redraws the figure from the saved table: the per-problem
+    cells ``error / time / steps`` come back as (error, seconds) points, "—" cells are skipped, and
+    the figure is written."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stiff.py"
+    spec = importlib.util.spec_from_file_location("stiff_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    titles = [mod.PROBLEMS[p]["title"] for p in mod.PROBLEMS]
+    md = "\n".join([
+        "## Equal-accuracy time ratio", "| solver | a | b |", "|---|---|---|", "| pn.Rodas5P | 0.73 | 0.84 |", "",
+        f"## {titles[0]}", "| solver | rtol 1e-04 | rtol 1e-05 |", "|---|---|---|",
+        "| pn.Rodas5P | 1.3e-05 / 8 ms / 52 | 2.5e-06 / 11 ms / 70 |",
+        "| scipy Radau | 1.8e-06 / 14 ms / 66 | — |", "",
+        f"## {titles[1]}", "| solver | rtol 1e-04 |", "|---|---|", "| pn.KenCarp4 | 6.8e-04 / 170 ms / 255 |", "",
+    ])
+    res = mod.results_from_table(md)
+    p0, p1 = list(mod.PROBLEMS)
+    assert res == {(p0, "pn.Rodas5P"): [dict(err=1.3e-05, sec=0.008), dict(err=2.5e-06, sec=0.011)],
+                   (p0, "scipy Radau"): [dict(err=1.8e-06, sec=0.014)],
+                   (p1, "pn.KenCarp4"): [dict(err=6.8e-04, sec=0.17)]}
+    out = tmp_path / "wp.png"
+    mod.plot(res, out)
+    assert out.stat().st_size > 10_000
+
+
 def test_rosenbrock_floor_benchmark_quick():
     """``benchmarks/rosenbrock_floor.py --quick``: the bare-bones Rodas5P loop is a real solver (its
     error at rtol 1e-4 is within 3× of the library's, and both below 1e-3) and the table is written."""
