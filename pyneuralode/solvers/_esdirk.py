@@ -300,13 +300,14 @@ class ESDIRK(AbstractSolver):
             if self.smooth_est:
                 err = solve(err)
         from_numpy = torch.from_numpy
-        y1 = from_numpy(z).view(shape)  # stiffly accurate: the last stage is the solution
-        f1 = from_numpy(K[-1]).view(shape)
+        # numpy reshapes (~0.3 µs) rather than tensor views (~3 µs with a torch.Size)
+        y1 = from_numpy(z.reshape(shape))  # stiffly accurate: the last stage is the solution
+        f1 = from_numpy(K[-1].reshape(shape))
         new_cache = _ESDIRKCache(ls, f1, cache.stats, cache.rtol, cache.atol, cache.eta,
                                  new_jac=theta_max > self.jac_theta, kappa=cache.kappa,
                                  ndz_floor=cache.ndz_floor)
         dense = (y0, from_numpy(K), co.B, h) if co.B is not None else (y0, y1, cache.f0, f1, h)  # K: stages × state
-        return StepResult(y1=y1, error=from_numpy(err).view(shape), cache=new_cache, dense=dense, cache_on_reject=cache)
+        return StepResult(y1=y1, error=from_numpy(err.reshape(shape)), cache=new_cache, dense=dense, cache_on_reject=cache)
 
     def _newton_numpy(self, rhs, t, psi, z, hg, solve, scale, cache, shape):
         """:meth:`_newton` on flat numpy arrays (``solve(b) = M⁻¹ b``; f still gets tensors)."""

@@ -18,6 +18,7 @@ that allows the largest step), which the loop uses in place of its controller.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -41,18 +42,27 @@ _ALPHA = (1.0 - _KAPPA) * _GAMMA
 _ERROR_CONST = _KAPPA * _GAMMA + 1.0 / np.arange(1, MAX_ORDER + 2)
 
 
+def _R(order: int, fac: float) -> np.ndarray:
+    """scipy BDF's ``compute_R``: the difference-rescaling matrix for a step ``fac`` times as long."""
+    i = np.arange(1, order + 1)[:, None]
+    j = np.arange(1, order + 1)
+    M = np.zeros((order + 1, order + 1))
+    M[1:, 1:] = (i - 1 - fac * j) / i
+    M[0] = 1.0
+    return np.cumprod(M, axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _U(order: int) -> np.ndarray:
+    """``R(1)`` for an order (it depends on the order only: computed once)."""
+    U = _R(order, 1.0)
+    U.flags.writeable = False
+    return U
+
+
 def _rescale_matrix(order: int, factor: float) -> np.ndarray:
     """``(R(factor) U)ᵀ``: re-expresses the first ``order+1`` differences for a step ``factor`` times as long."""
-
-    def R(fac):
-        i = np.arange(1, order + 1)[:, None]
-        j = np.arange(1, order + 1)
-        M = np.zeros((order + 1, order + 1))
-        M[1:, 1:] = (i - 1 - fac * j) / i
-        M[0] = 1.0
-        return np.cumprod(M, axis=0)
-
-    return (R(factor) @ R(1.0)).T
+    return (_R(order, factor) @ _U(order)).T
 
 
 class _QNDFCache:
@@ -301,7 +311,7 @@ class QNDF(AbstractSolver):
                 return self._newton_numpy(rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n)
 
             result, jac_current = _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1,
-                                                              lambda: torch.from_numpy(y_pred).view(shape))
+                                                              lambda: torch.from_numpy(y_pred.reshape(shape)))
             if result is None:
                 return _newton_failure(y0, cache)
             _, n_iter, y1, d = result
@@ -332,7 +342,7 @@ class QNDF(AbstractSolver):
         new_cache = cache.but(D=D_new, order=new_order, h=h, n_equal=n_equal, jac_current=False)
         on_reject = cache.but(jac_current=jac_current)
         dense = (torch.from_numpy(D_new[: k + 1]), shape)
-        return StepResult(y1=torch.from_numpy(y1).view(shape), error=torch.from_numpy(err).view(shape),
+        return StepResult(y1=torch.from_numpy(y1.reshape(shape)), error=torch.from_numpy(err.reshape(shape)),
                           cache=new_cache, dense=dense, cache_on_reject=on_reject, order=k, dt_factor=factor,
                           reject_safety=newton_safety)
 
