@@ -20,7 +20,6 @@ OrdinaryDiffEq's ``smooth_est``), which keeps stiff components from inflating it
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ import torch
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
-from ._linalg import newton_ops, newton_setup, newton_tolerance, numpy_rhs, set_linear_options
+from ._linalg import HOST_DTYPES, newton_ops, newton_setup, newton_tolerance, numpy_newton_ops, set_linear_options
 from ._tableau import ButcherTableau, order_conditions
 
 _EPS = 2.220446049250313e-16
@@ -84,8 +83,6 @@ class _CoefNumpy:
         self.b_err = np.asarray(tab.b_error, dtype=npd)
         self.pred = [None] + [_predictor_weights(tab.c, i).astype(npd) for i in range(1, tab.stages)]
 
-
-_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 def _predictor_weights(c, i):
@@ -219,7 +216,7 @@ class ESDIRK(AbstractSolver):
         else:
             ls.fresh = ls.point is not None and ls.point[0] == t0 and ls.point[1] is y0
         numpy_step = (not torch.is_grad_enabled() and not ls.gmres_mode and y0.device.type == "cpu"
-                      and y0.dtype in _NUMPY_DTYPES)
+                      and y0.dtype in HOST_DTYPES)
         for attempt in range(2):
             if numpy_step:
                 res = self._try_step_numpy(rhs, t0, y0, h, cache, co, tab)
@@ -311,13 +308,7 @@ class ESDIRK(AbstractSolver):
 
     def _newton_numpy(self, rhs, t, psi, z, hg, solve, scale, cache, shape):
         """:meth:`_newton` on flat numpy arrays (``solve(b) = M⁻¹ b``; f still gets tensors)."""
-        inv_sqrt_n = 1.0 / math.sqrt(max(z.size, 1))
-        f_of = numpy_rhs(rhs, t, shape)
-
-        def norm(dz):
-            r = dz / scale
-            return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
-
+        f_of, norm = numpy_newton_ops(rhs, t, scale, shape)
         return self._newton_loop(f_of, solve, norm, psi, z, hg, cache)
 
     def interpolant(self, dense, theta):  # type: ignore[override]

@@ -42,6 +42,8 @@ _JAC_MODES = ("autograd", "jacrev", "jacfwd", "finite_difference")
 #: dense systems up to this size solve with an explicit inverse of W (a mat-vec per stage)
 _SMALL = 16
 _LINSOLVES = ("lu", "gmres", "sparse")
+#: state dtypes the numpy (host) steps of CPU states without autograd take
+HOST_DTYPES = (torch.float32, torch.float64)
 
 
 class autograd_on:
@@ -620,15 +622,35 @@ def newton_setup(solver, rhs, t0: float, y0: torch.Tensor, stats: dict):
     return ls, f0
 
 
-def numpy_rhs(rhs: Callable, t: float, shape) -> Callable[[np.ndarray], np.ndarray]:
-    """``v ↦ f(t, v)`` on flat numpy arrays (f gets and returns tensors, zero-copy): the Newton
-    iterations of the numpy steps (ESDIRK, QNDF). A 1-D state skips the view and reshape (with a
+def host_weighted_rms(x: np.ndarray, scale, inv_sqrt_n: float) -> float:
+    """:func:`weighted_rms` on flat numpy arrays (``inv_sqrt_n = 1/√n``): the numpy steps' Newton
+    norm and QNDF's order-selection norms."""
+    r = x / scale
+    return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
+
+
+def numpy_newton_ops(rhs: Callable, t: float, scale: np.ndarray, shape):
+    """``(f_of, norm)`` on flat numpy arrays for the Newton iterations of the numpy steps (ESDIRK
+    stages, QNDF steps): ``f(t, ·)`` (f gets and returns tensors, zero-copy) and the
+    tolerance-scaled RMS norm; the numpy counterpart of :func:`newton_ops` (the linear solve is
+    :meth:`LinearSolver.numpy_solver`). A 1-D state skips the view and reshape (with a
     ``torch.Size`` they cost ~4 µs a call, as much as a small f)."""
     from_numpy = torch.from_numpy
     if len(shape) == 1:
-        return lambda v: rhs(t, from_numpy(v)).numpy()
-    shape = tuple(shape)  # a tuple of ints: view() parses it ~1.5 µs faster than a torch.Size
-    return lambda v: rhs(t, from_numpy(v).view(shape)).reshape(-1).numpy()
+        def f_of(v):
+            return rhs(t, from_numpy(v)).numpy()
+    else:
+        shape = tuple(shape)  # a tuple of ints: view() parses it ~1.5 µs faster than a torch.Size
+
+        def f_of(v):
+            return rhs(t, from_numpy(v).view(shape)).reshape(-1).numpy()
+    inv_sqrt_n = 1.0 / math.sqrt(max(math.prod(shape), 1))
+
+    def norm(dz):  # host_weighted_rms written out: one frame less on every Newton iteration
+        r = dz / scale
+        return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
+
+    return f_of, norm
 
 
 def weighted_rms(x: torch.Tensor, scale) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ._base import AbstractSolver, StepResult, options_repr, tableau_tensors
-from ._linalg import _bump, linear_solver_for, set_linear_options
+from ._linalg import HOST_DTYPES, _bump, linear_solver_for, set_linear_options
 from ._rosenbrock_unrolled import MAX_COMPONENTS, unrolled_kernel
 
 _SQRT_EPS = math.sqrt(2.220446049250313e-16)
@@ -258,9 +258,6 @@ class _CoefNumpy:
         self.row_scale = np.ones((2, 1), dtype=npd)  # per step: (1, 1/h) down the two rows of AC
 
 
-_NUMPY_DTYPES = (torch.float32, torch.float64)
-
-
 def _as_tensor64(values):
     """A float64 CPU tensor of a tuple of floats (through numpy: ~1 µs against ~3 for ``torch.tensor``)."""
     return torch.from_numpy(np.array(values, dtype=np.float64))
@@ -293,7 +290,7 @@ class GenericRosenbrock(RosenbrockSolver):
         return self.tableau.error_order
 
     def step(self, rhs, t0, y0, h, cache):
-        if not torch.is_grad_enabled() and cache.ls.numpy_capable and y0.dtype in _NUMPY_DTYPES:
+        if not torch.is_grad_enabled() and cache.ls.numpy_capable and y0.dtype in HOST_DTYPES:
             if y0.dtype == torch.float64 and y0.numel() <= MAX_COMPONENTS:
                 return self._step_unrolled(rhs, t0, y0, h, cache)
             return self._step_numpy(rhs, t0, y0, h, cache)

@@ -26,7 +26,8 @@ import torch
 
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, options_repr
-from ._linalg import newton_ops, newton_setup, newton_tolerance, numpy_rhs, set_linear_options
+from ._linalg import (HOST_DTYPES, host_weighted_rms, newton_ops, newton_setup, newton_tolerance, numpy_newton_ops,
+                      set_linear_options, weighted_rms)
 
 __all__ = ["QNDF"]
 
@@ -80,9 +81,6 @@ class _QNDFCache:
         for name in self.__slots__:
             setattr(new, name, changes.get(name, getattr(self, name)))
         return new
-
-
-_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 def _flat_tol(tol, ref: torch.Tensor):
@@ -205,7 +203,7 @@ class QNDF(AbstractSolver):
     # -- one step ------------------------------------------------------------------------------------
     def step(self, rhs, t0, y0, h, cache):
         if not torch.is_grad_enabled() and not cache.ls.gmres_mode and y0.device.type == "cpu" \
-                and y0.dtype in _NUMPY_DTYPES:
+                and y0.dtype in HOST_DTYPES:
             return self._step_numpy(rhs, t0, y0, h, cache)
         k = cache.order
         D = cache.D
@@ -259,7 +257,7 @@ class QNDF(AbstractSolver):
                 sc = cache.atol + cache.rtol * y1.detach().abs()
 
                 def rms(v):
-                    return float(torch.linalg.vector_norm(v.detach() / sc)) / math.sqrt(max(v.numel(), 1))
+                    return weighted_rms(v, sc)
 
                 e_k = rms(err)
                 e_m = rms(_ERROR_CONST[k - 1] * D_new[k]) if k > 1 else math.inf
@@ -308,7 +306,7 @@ class QNDF(AbstractSolver):
             c = h / alpha
             def newton():
                 solve = ls.numpy_solver(c, shape)
-                return self._newton_numpy(rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n)
+                return self._newton_numpy(rhs, t1, y_pred, c, psi, solve, scale, cache, shape)
 
             result, jac_current = _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1,
                                                               lambda: torch.from_numpy(y_pred.reshape(shape)))
@@ -331,8 +329,7 @@ class QNDF(AbstractSolver):
                 sc = atol + rtol * np.abs(y1)
 
                 def rms(v):
-                    r = v / sc
-                    return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
+                    return host_weighted_rms(v, sc, inv_sqrt_n)
 
                 e_k = rms(err)
                 e_m = rms(float(_ERROR_CONST[k - 1]) * D_new[k]) if k > 1 else math.inf
@@ -346,14 +343,9 @@ class QNDF(AbstractSolver):
                           cache=new_cache, dense=dense, cache_on_reject=on_reject, order=k, dt_factor=factor,
                           reject_safety=newton_safety)
 
-    def _newton_numpy(self, rhs, t1, y_pred, c, psi, solve, scale, cache, shape, inv_sqrt_n):
+    def _newton_numpy(self, rhs, t1, y_pred, c, psi, solve, scale, cache, shape):
         """:meth:`_newton` on flat numpy arrays (``solve(b) = W⁻¹ b``; f still gets tensors)."""
-        f_of = numpy_rhs(rhs, t1, shape)
-
-        def norm(dy):
-            r = dy / scale
-            return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
-
+        f_of, norm = numpy_newton_ops(rhs, t1, scale, shape)
         return _newton_loop(f_of, solve, norm, y_pred, np.zeros_like(y_pred), c, psi, cache)
 
     def interpolant(self, dense, theta):  # type: ignore[override]
