@@ -102,6 +102,24 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
     return v
 
 
+def _check_adjoint_params(adjoint_params) -> Optional[Tuple[torch.Tensor, ...]]:
+    if adjoint_params is None:
+        return None
+    if isinstance(adjoint_params, torch.Tensor):
+        raise TypeError("adjoint_params: expected a sequence of tensors, got one tensor; use adjoint_params=[theta]")
+    if isinstance(adjoint_params, nn.Module):
+        raise TypeError("adjoint_params: expected a sequence of tensors, got a module; use adjoint_params=list(module.parameters())")
+    try:
+        out = tuple(adjoint_params)
+    except TypeError:
+        raise TypeError(f"adjoint_params: expected a sequence of tensors such as list(model.parameters()), got "
+                        f"{type(adjoint_params).__name__}") from None
+    for i, p in enumerate(out):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"adjoint_params[{i}]: expected a torch.Tensor, got {type(p).__name__}")
+    return out
+
+
 class ODEProblem:
     """``dy/dt = f(t, y, *args)`` on the output times ``t``, validated and packed.
 
@@ -110,7 +128,7 @@ class ODEProblem:
     tensors in ``args`` that require grad).
     """
 
-    def __init__(self, f: Callable, y0, t, args: Sequence = (), rtol=1e-6, atol=1e-9):
+    def __init__(self, f: Callable, y0, t, args: Sequence = (), rtol=1e-6, atol=1e-9, adjoint_params=None):
         if not callable(f):
             raise TypeError(f"f: must be callable as f(t, y, *args), got {type(f).__name__}")
         if not isinstance(args, (tuple, list)):
@@ -136,6 +154,8 @@ class ODEProblem:
             params.extend(p for p in f.parameters() if p.requires_grad)
         self.arg_tensors = [a for a in self.args if isinstance(a, torch.Tensor)]
         self.params = params
+        #: the tensors an adjoint without the forward graph differentiates (None: those f reaches)
+        self.adjoint_params = _check_adjoint_params(adjoint_params)
         self._checked = False
 
     # -- packing -------------------------------------------------------------------------------

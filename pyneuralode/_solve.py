@@ -86,6 +86,7 @@ def solve(
     dtmin: float | None = None,
     dtmax: float | None = None,
     event: Callable | None = None,
+    adjoint_params: Sequence[torch.Tensor] | None = None,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, *args)`` from ``y0`` at ``t[0]`` and save at every time in ``t``.
 
@@ -103,6 +104,12 @@ def solve(
     (differentiable, :mod:`pyneuralode.events`) give the event. With a continuous adjoint the event is
     located by a first, gradient-free solve and the adjoint solve then runs to that time.
 
+    ``adjoint_params``: the tensors f uses that the continuous adjoints and
+    ``DirectAdjoint(checkpoints=...)`` differentiate besides ``y0``, ``t`` and ``args`` (as
+    torchdiffeq's); default: the parameters of every ``nn.Module`` f reaches. A tensor f uses
+    that requires grad and would get no gradient raises ``ValueError``. ``DirectAdjoint()``
+    differentiates through the graph and reaches every tensor anyway.
+
     Per-sample output times: ``t`` shaped ``(B, T)`` for ``y0`` shaped ``(B, ...)`` (rows sharing
     their first time) gives ``ys`` shaped ``(T, B, ...)`` with ``ys[j, b]`` at ``t[b, j]``.
 
@@ -115,14 +122,14 @@ def solve(
         union, index = union_times(t)
         sol = solve(f, y0, union, solver, rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, args=args,
                     sensealg=sensealg, backend=backend, progress=progress, throw=throw, dense=dense, controller=controller,
-                    dtmin=dtmin, dtmax=dtmax)
+                    dtmin=dtmin, dtmax=dtmax, adjoint_params=adjoint_params)
         return Solution(ts=t, ys=gather(sol.ys, index), retcode=sol.retcode, stats=sol.stats, segments=sol._segments,
                         t_reached=sol.t_reached, solver=sol.solver)
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
     solver = _resolve_solver(solver)
     sensealg = _resolve_sensealg(sensealg)
-    problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol)
+    problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params)
     if dense is None:
         dense = sensealg.keeps_dense
     opts = make_options(
@@ -147,7 +154,8 @@ def solve(
             return solve_with_event_adjoint(
                 f, y0, problem, solver, sensealg, event,
                 dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, args=args, progress=progress,
-                     throw=throw, dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax))
+                     throw=throw, dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax,
+                     adjoint_params=adjoint_params))
         locator = EventLocator(event, problem)
         opts.event = locator
     if backend == "julia":

@@ -580,3 +580,126 @@ def test_fast_vjp_equals_autograd_grad(engine, monkeypatch):
         assert torch.allclose(g, r, rtol=1e-14, atol=0), (g, r)
     assert torch.count_nonzero(fast[-1]) == 0 and fast[0].abs().max() > 0
     assert lin.weight.grad is None and y.grad is None  # nothing accumulated
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors f reaches without being handed them (issue 16, item 3)
+
+
+def _fd(fun, x, h=1e-6):
+    """Central finite differences of the scalar ``fun(x)`` over the entries of ``x``."""
+    x = x.detach()
+    out = torch.zeros_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros_like(x).reshape(-1)
+        e[i] = h
+        e = e.reshape(x.shape)
+        out.reshape(-1)[i] = (fun(x + e) - fun(x - e)) / (2 * h)
+    return out
+
+
+_Y0 = torch.tensor([1.0, -0.5], dtype=DT)
+_T = [0.0, 0.4, 1.0]
+
+
+def _closure_loss(theta, sensealg, **kw):
+    """L(θ) for y' = A(θ) y with θ captured by a closure (not in args, f not a module)."""
+    def f(t, y):
+        return torch.stack([theta[0] * y[1] - 0.3 * y[0], -theta[1] * y[0] * y[1] - y[1]])
+
+    sol = pn.solve(f, _Y0, _T, sensealg=sensealg, **TIGHT, **kw)
+    return (sol.ys[1:] ** 2).sum()
+
+
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
+def test_closed_over_tensor_with_adjoint_params_against_finite_differences(name):
+    theta = torch.tensor([0.8, 0.5], dtype=DT, requires_grad=True)
+    loss = _closure_loss(theta, FIRST_ORDER[name](), adjoint_params=[theta])
+    (g,) = torch.autograd.grad(loss, [theta])
+    with torch.no_grad():
+        fd = _fd(lambda th: _closure_loss(th, pn.DirectAdjoint()), theta)
+    assert rel_err(g, fd) < 1e-6
+
+
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
+def test_closed_over_non_leaf_tensor_passes_its_gradient_on(name):
+    """adjoint_params may hold a tensor computed from a leaf: the gradient goes on into its graph."""
+    log_theta = torch.tensor([-0.2, -0.7], dtype=DT, requires_grad=True)
+    theta = log_theta.exp()
+    loss = _closure_loss(theta, FIRST_ORDER[name](), adjoint_params=[theta])
+    (g,) = torch.autograd.grad(loss, [log_theta])
+    with torch.no_grad():
+        fd = _fd(lambda lt: _closure_loss(lt.exp(), pn.DirectAdjoint()), log_theta)
+    assert rel_err(g, fd) < 1e-6
+
+
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
+def test_closed_over_tensor_without_adjoint_params_raises(name):
+    theta = torch.tensor([0.8, 0.5], dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match="adjoint_params"):
+        _closure_loss(theta, FIRST_ORDER[name]())
+    # the same tensor detached, or no grad mode: nothing to differentiate, no error
+    _closure_loss(theta.detach(), FIRST_ORDER[name]())
+    with torch.no_grad():
+        _closure_loss(theta, FIRST_ORDER[name]())
+
+
+class _Decay(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor([0.7, 0.2], dtype=DT))
+
+    def forward(self, t, y):
+        return -self.k * y
+
+    def rate(self, t, y):
+        return -self.k * y * (1 + 0.1 * t)
+
+
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
+@pytest.mark.parametrize("how", ["closure", "bound-method", "partial"])
+def test_parameters_of_reachable_modules_get_gradients(name, how):
+    import functools
+
+    m = _Decay()
+
+    def loss(sensealg):
+        f = {"closure": lambda t, y: m(t, y) * (1 + 0.1 * t), "bound-method": m.rate,
+             "partial": functools.partial(lambda t, y, mod: mod.rate(t, y), mod=m)}[how]
+        return (pn.solve(f, _Y0, _T, sensealg=sensealg, **TIGHT).ys ** 2).sum()
+
+    (g,) = torch.autograd.grad(loss(FIRST_ORDER[name]()), [m.k])
+    (ref,) = torch.autograd.grad(loss(pn.DirectAdjoint()), [m.k])
+    assert rel_err(g, ref) < 1e-7
+    assert g.abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["backsolve", "direct-ckpt"])
+def test_module_attribute_or_global_tensor_that_requires_grad_raises(name):
+    m = _Decay()
+    m.extra = torch.tensor(1.0, dtype=DT, requires_grad=True)  # a plain attribute, not a Parameter
+    with pytest.raises(ValueError, match=r"adjoint_params.*|extra"):
+        pn.solve(m, _Y0, _T, sensealg=FIRST_ORDER[name]())
+    # listed explicitly: accepted (module parameters listed too get gradients)
+    sol = pn.solve(m, _Y0, _T, sensealg=FIRST_ORDER[name](), adjoint_params=[m.k, m.extra])
+    assert sol.ys.requires_grad
+
+
+def test_adjoint_params_validation():
+    theta = torch.tensor([0.8, 0.5], dtype=DT, requires_grad=True)
+    with pytest.raises(TypeError, match="adjoint_params"):
+        pn.solve(lambda t, y: -y, _Y0, _T, sensealg=pn.BacksolveAdjoint(), adjoint_params=theta)
+    with pytest.raises(TypeError, match=r"adjoint_params\[1\]"):
+        pn.solve(lambda t, y: -y, _Y0, _T, sensealg=pn.BacksolveAdjoint(),
+                 adjoint_params=[theta, 1.0])
+    with pytest.raises(TypeError, match="adjoint_params"):
+        pn.solve(lambda t, y: -y, _Y0, _T, sensealg=pn.BacksolveAdjoint(), adjoint_params=_Decay())
+
+
+def test_adjoint_params_listed_twice_or_also_in_args_count_once():
+    k = torch.tensor([0.7, 0.2], dtype=DT, requires_grad=True)
+    sol = pn.solve(lambda t, y, k: -k * y, _Y0, [0.0, 1.0], args=(k,),
+                   sensealg=pn.InterpolatingAdjoint(), adjoint_params=[k, k], **TIGHT)
+    (g,) = torch.autograd.grad(sol.ys[-1].sum(), [k])
+    ex = -_Y0 * torch.exp(-k.detach())
+    assert rel_err(g, ex) < 1e-8

@@ -72,10 +72,14 @@ def check_common(cls_name: str, solver, rtol, atol):
 
 
 class Targets:
-    """The tensors gradients flow to besides ``y0``: module parameters, then ``args`` tensors that require grad."""
+    """The tensors gradients flow to besides ``y0``: ``adjoint_params`` (default: the parameters of
+    the modules f reaches), then ``args`` tensors that require grad. ``who`` names the sensealg in
+    the error raised for a tensor f uses that would otherwise get no gradient."""
 
-    def __init__(self, problem):
-        self.params: List[torch.Tensor] = list(problem.params)
+    def __init__(self, problem, who: str):
+        from ._captured import adjoint_targets
+
+        self.params: List[torch.Tensor] = adjoint_targets(problem, who)
         self.arg_index = [i for i, a in enumerate(problem.args) if isinstance(a, torch.Tensor) and a.requires_grad]
         self.tensors: List[torch.Tensor] = self.params + [problem.args[i] for i in self.arg_index]
         self.numels = [t.numel() for t in self.tensors]
@@ -414,9 +418,8 @@ class _AdjointFunction(torch.autograd.Function):
 
 def run_adjoint(sensealg, problem, y0, solver, opts, stats):
     """``AbstractSensitivity.run`` for the continuous adjoints."""
-    targets = Targets(problem)
-    needs = torch.is_grad_enabled() and (y0.requires_grad or any(t.requires_grad for t in targets.tensors))
-    if not needs:
+    targets = Targets(problem, sensealg.name) if torch.is_grad_enabled() else None
+    if targets is None or not (y0.requires_grad or any(t.requires_grad for t in targets.tensors)):
         with torch.no_grad():
             ys, loop, _ = sensealg._forward(problem, y0, solver, opts, stats, keep=False)
         return ys, loop

@@ -3,8 +3,9 @@
 ``run(problem, y0, solver, opts, stats) -> (ys, loop)`` integrates ``problem`` from ``y0`` (the
 internal state tensor, possibly carrying a graph) through ``problem.t_list`` and returns the
 stacked states at the output times reached, shaped ``(k, *y0.shape)``, and the
-:class:`~pyneuralode._loop.LoopResult`. Gradients must reach ``y0``, ``problem.params`` (module
-parameters) and the tensors in ``problem.args``. Gradients with respect to the output times are
+:class:`~pyneuralode._loop.LoopResult`. Gradients must reach ``y0``, the tensors in
+``problem.args`` and ``problem.adjoint_params`` (default: the parameters of the modules f reaches,
+found by :mod:`._captured`). Gradients with respect to the output times are
 added by ``solve`` itself for every algorithm (``dL/dt_i = ⟨∂L/∂y_i, f(t_i, y_i)⟩``), so an
 algorithm never sees them.
 

@@ -30,9 +30,9 @@ class DirectAdjoint(AbstractSensitivity):
     the forward's own step times (so the very same steps), with autograd, and backpropagates
     through it. Same gradient as the default to rounding; memory: ``M`` states plus the graph of
     about ``2·steps/M`` steps — ``M ≈ sqrt(2·steps)`` balances the two; cost: one extra forward
-    solve (with graph). As with the continuous adjoints, gradients reach ``y0``, the parameters of
-    an ``nn.Module`` f and tensors in ``args`` (not tensors captured by a closure, which the
-    replay cannot see). First derivatives only; no dense output by default (``dense=True`` keeps
+    solve (with graph). As with the continuous adjoints, gradients reach ``y0``, ``t``, tensors in
+    ``args``, ``solve(..., adjoint_params=...)`` (default: the parameters of the modules f reaches);
+    another tensor f reaches that requires grad raises ``ValueError``. First derivatives only; no dense output by default (``dense=True`` keeps
     it, without a graph: ``sol(tq)`` then carries no gradient). The checkpoint-and-recompute idea of
     diffrax's ``RecursiveCheckpointAdjoint``, with two levels instead of a binomial schedule.
     """
