@@ -354,6 +354,25 @@ def test_double_backward_raises_clearly(name):
         gk.sum().backward()
 
 
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
+@pytest.mark.parametrize("wrt", ["y0", "t", "k"])
+def test_create_graph_first_derivative_and_second_derivative_error(name, wrt):
+    """create_graph=True gives the first derivative whatever requires grad (it failed with only y0 or
+    t: "expected 8, got 9"); a second derivative via torch.autograd.grad raises the clear error
+    (it returned None/zero or a raw torch error)."""
+    k = torch.tensor([0.3], dtype=DT, requires_grad=wrt == "k")
+    y0 = torch.tensor([1.5], dtype=DT, requires_grad=wrt == "y0")
+    t = torch.tensor([0.0, 1.0], dtype=DT, requires_grad=wrt == "t")
+    x = {"k": k, "y0": y0, "t": t}[wrt]
+    sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=FIRST_ORDER[name](), **TIGHT)
+    (g,) = torch.autograd.grad((sol.ys[-1] ** 2).sum(), [x], create_graph=True)
+    e = 1.5 ** 2 * math.exp(0.6)  # y(1)^2
+    ex = {"k": 2 * e, "y0": 2 * e / 1.5, "t": torch.tensor([-0.6 * e, 0.6 * e], dtype=DT)}[wrt]
+    assert rel_err(g.detach(), torch.as_tensor(ex, dtype=DT)) < 1e-8
+    with pytest.raises(RuntimeError, match=r"twice through .*sensealg=pn\.DirectAdjoint\(\)"):
+        torch.autograd.grad(g.sum(), [x], allow_unused=True)
+
+
 def test_gauss_kronrod_and_legendre_rules_are_exact():
     from pyneuralode.sensitivity._adjoint import gauss_kronrod15, gauss_legendre
 

@@ -364,9 +364,28 @@ def gauss_kronrod15():
 # The autograd Function shared by the adjoints
 
 _DOUBLE_BACKWARD = (
-    "differentiating twice through {name} is not supported; "
-    "use sensealg=pn.DirectAdjoint() (the whole graph) for higher-order derivatives"
+    "differentiating twice through {name} is not supported: its backward pass runs without a graph, "
+    "so a second derivative would be wrong; use sensealg=pn.DirectAdjoint() (the whole graph) for "
+    "higher-order derivatives (e.g. torch.autograd.grad(..., create_graph=True) twice)"
 )
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes a first derivative on and raises if it is differentiated again.
+
+    Its inputs are the tensors the derivative depends on (the solve's inputs and the incoming
+    cotangent), so every path of a second derivative — ``.backward()`` or ``torch.autograd.grad``
+    with any ``inputs`` — runs through this backward and raises instead of returning zero.
+    """
+
+    @staticmethod
+    def forward(ctx, message, value, *depends_on):
+        ctx.message = message
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
 
 
 @dataclasses.dataclass
@@ -388,31 +407,23 @@ class _AdjointFunction(torch.autograd.Function):
         box["loop"] = loop
         ctx.sensealg = sensealg
         ctx.pass_ = Pass(problem, solver, opts, stats, targets, saved)
-        ctx.save_for_backward(ys)
+        ctx.save_for_backward(ys, y0, *tensors)
         return ys
 
     @staticmethod
     def backward(ctx, grad_ys):
         sensealg = ctx.sensealg
         double = torch.is_grad_enabled()
-        (ys,) = ctx.saved_tensors
+        ys, *inputs = ctx.saved_tensors
         with torch.no_grad():
             grad_y0, grad_flat = sensealg._backward(ctx.pass_, ys, grad_ys.detach())
         grads = ctx.pass_.targets.split(grad_flat) if grad_flat is not None else [None] * len(ctx.pass_.targets.tensors)
         outs = [grad_y0, *grads]
-        if double:
-            from torch._C import _functions
-
-            err = _functions.DelayedError(_DOUBLE_BACKWARD.format(name=sensealg.name).encode(), len(outs))
-
-            def fake(v):
-                if v is None:
-                    return v
-                v = v.detach()
-                v.requires_grad = True
-                return v
-
-            outs = list(err(*[fake(v) for v in outs]))
+        if double:  # create_graph=True: the first derivative, but no second one
+            depends = [v for v in (*inputs, grad_ys) if v.requires_grad]
+            if depends:
+                message = _DOUBLE_BACKWARD.format(name=sensealg.name)
+                outs = [None if v is None else _FirstOrderOnly.apply(message, v, *depends) for v in outs]
         return (None,) * 7 + tuple(outs)
 
 
