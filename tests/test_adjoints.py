@@ -722,3 +722,34 @@ def test_adjoint_params_listed_twice_or_also_in_args_count_once():
     (g,) = torch.autograd.grad(sol.ys[-1].sum(), [k])
     ex = -_Y0 * torch.exp(-k.detach())
     assert rel_err(g, ex) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate problems (issue 16, item 6)
+
+
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
+def test_single_output_time(name):
+    """t of length 1: ys = [y0], dL/dy0 = dL/dys[0] (BacksolveAdjoint raised TypeError)."""
+    k = torch.tensor([0.3], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    sol = pn.solve(lambda t, y, k: k * y, y0, [0.5], args=(k,), sensealg=FIRST_ORDER[name]())
+    gy0, gk = torch.autograd.grad((3 * sol.ys).sum(), [y0, k])
+    assert torch.equal(gy0, torch.full_like(y0, 3.0)) and torch.equal(gk, torch.zeros_like(k))
+
+
+@pytest.mark.parametrize("name", list(FIRST_ORDER))
+@pytest.mark.parametrize("field", ["constant", "time-only", "y-only", "k-only"])
+def test_f_independent_of_state_or_parameters(name, field):
+    """f that depends on neither y nor a target gives zero products (the adjoints crashed: VJP on
+    an output without a graph); exact references for y' = c, y' = t, y' = -y, y' = k."""
+    f = {"constant": lambda t, y, k: torch.ones_like(y), "time-only": lambda t, y, k: t * torch.ones_like(y),
+         "y-only": lambda t, y, k: -y, "k-only": lambda t, y, k: k * torch.ones_like(y)}[field]
+    k = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, -1.0], dtype=DT, requires_grad=True)
+    sol = pn.solve(f, y0, [0.0, 0.5, 1.0], args=(k,), sensealg=FIRST_ORDER[name](), **TIGHT)
+    gy0, gk = torch.autograd.grad(sol.ys[1:].sum(), [y0, k])
+    ey0 = 2.0 if field != "y-only" else math.exp(-0.5) + math.exp(-1.0)
+    ek = 2 * (0.5 + 1.0) if field == "k-only" else 0.0
+    assert (gy0 - ey0).abs().max() < 1e-8
+    assert abs(gk.item() - ek) < 1e-8

@@ -126,7 +126,9 @@ class VJP:
             y_in = y if create and y.requires_grad else y.detach().requires_grad_(True)
             fy = problem.call(problem.time(t), y_in, self.args)
             inputs = [y_in] + (self.param_inputs if with_params else [])
-            if create or fy.shape != a.shape or fy.dtype != a.dtype or not fy.requires_grad:
+            if not fy.requires_grad:  # f depends neither on y nor on a target: zero products
+                grads = tuple(torch.zeros_like(x) for x in inputs)
+            elif create or fy.shape != a.shape or fy.dtype != a.dtype:
                 grads = torch.autograd.grad(
                     fy, inputs, grad_outputs=-a, allow_unused=True, materialize_grads=True, create_graph=create
                 )

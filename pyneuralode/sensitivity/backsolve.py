@@ -51,7 +51,7 @@ class BacksolveAdjoint(AbstractSensitivity):
     def _forward(self, problem, y0, solver, opts, stats, keep):
         loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, dataclasses.replace(opts, record_steps=keep), stats)
         # keep the accepted step times: each backward interval starts with the forward step that covers its end
-        saved = [problem.t_list[0]] + loop.step_ts if keep else None
+        saved = [problem.t_list[0]] + (loop.step_ts or []) if keep else None
         return torch.stack(loop.ys), dataclasses.replace(loop, step_ts=None), saved
 
     # -- backward ----------------------------------------------------------------------------------

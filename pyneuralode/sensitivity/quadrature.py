@@ -126,6 +126,8 @@ class QuadratureAdjoint(AbstractSensitivity):
             return sums
 
         def grads_of(total, retain=False):
+            if not (isinstance(total, torch.Tensor) and total.requires_grad):
+                return ys.new_zeros(ng)  # f does not depend on any target
             gs = torch.autograd.grad(total, vjp.param_inputs, allow_unused=True, materialize_grads=True, retain_graph=retain)
             return flat_cat(gs)
 
