@@ -121,10 +121,10 @@ def test_deq_failure_raises_or_reports():
         def forward(self, z, x):
             return 2.0 * z + x
 
-    deq = pn.DEQ(Expanding(), solver=pn.FixedPointIteration(max_iters=20), abstol=1e-8, reltol=0)
+    deq = pn.DEQ(Expanding(), solver=pn.FixedPointIteration(max_iters=12), abstol=1e-8, reltol=0)
     with pytest.raises(pn.SteadyStateError, match="MaxIters"):
         deq(_x())
-    deq = pn.DEQ(Expanding(), solver=pn.FixedPointIteration(max_iters=20), abstol=1e-8, reltol=0, throw=False)
+    deq = pn.DEQ(Expanding(), solver=pn.FixedPointIteration(max_iters=12), abstol=1e-8, reltol=0, throw=False)
     deq(_x())
     assert not deq.last_stats.converged and deq.last_stats.retcode == pn.ReturnCode.MaxIters
 

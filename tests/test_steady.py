@@ -111,8 +111,11 @@ def test_no_fixed_point_raises_and_reports(solver):
 
 def test_expansive_map_fixed_point_iteration_fails_broyden_succeeds():
     f = lambda z: 2 * z + 1  # noqa: E731  fixed point −1, repelling
-    with pytest.raises(pn.SteadyStateError, match="MaxIters"):
+    # the iterates double every step: they run away (Unstable) before max_iters
+    with pytest.raises(pn.SteadyStateError, match="Unstable.*ran away"):
         pn.steady_state(f, torch.zeros(2, dtype=D), solver=pn.FixedPointIteration(max_iters=50), abstol=1e-10, reltol=0)
+    with pytest.raises(pn.SteadyStateError, match="MaxIters"):
+        pn.steady_state(f, torch.zeros(2, dtype=D), solver=pn.FixedPointIteration(max_iters=10), abstol=1e-10, reltol=0)
     z = pn.steady_state(f, torch.zeros(2, dtype=D), solver=pn.Broyden(), abstol=1e-10, reltol=0)
     assert torch.allclose(z, -torch.ones(2, dtype=D), atol=1e-9)
 
@@ -323,3 +326,42 @@ def test_dynamicss_does_not_stall_at_the_stability_limit():
     assert good.converged and good.nfe < 500
     ref = pn.steady_state(f, z0, (x,), pn.Anderson(max_iters=200), abstol=1e-12, reltol=0)
     assert (zs - ref).abs().max() < 5e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# No fixed point: never Success (issue 16, item 2)
+
+_SOLVERS = {"dynamicss": pn.DynamicSS, "anderson": pn.Anderson, "broyden": pn.Broyden,
+            "fixedpoint": pn.FixedPointIteration}
+
+
+@pytest.mark.parametrize("name", list(_SOLVERS))
+@pytest.mark.parametrize("c", [1.0, 1e-3])
+@pytest.mark.parametrize("start", [0.0, 1.0])
+def test_no_fixed_point_is_a_failure(name, c, start):
+    """f(z) = z + c has no fixed point: the residual is c everywhere. The old test
+    ‖f(z) − z‖ <= reltol·‖f(z)‖ passed once the iterates had run away (z ≈ 1.25e6, −9e15, 1100)."""
+    z0 = torch.full((3,), start, dtype=D)
+    z, info = pn.steady_state(lambda z: z + c, z0, solver=_SOLVERS[name](), throw=False, return_info=True)
+    assert info.retcode in (ReturnCode.Unstable, ReturnCode.MaxIters)
+    assert not info.converged and info.message
+    with pytest.raises(pn.SteadyStateError, match="Unstable|MaxIters"):
+        pn.steady_state(lambda z: z + c, z0, solver=_SOLVERS[name]())
+
+
+@pytest.mark.parametrize("name", list(_SOLVERS))
+def test_fixed_point_far_from_the_start_still_converges(name):
+    """z* = 1000 from z0 = 0 (‖z*‖ = 1000 × the start's scale): the relative test, capped at 10 × the
+    start's scale, is stricter there but still met; the answer is accurate to it."""
+    kw = {"fixedpoint": {"max_iters": 300}}.get(name, {})
+    f = lambda z: 0.9 * z + 100.0  # noqa: E731
+    z, info = pn.steady_state(f, torch.zeros(2, dtype=D), solver=_SOLVERS[name](**kw), return_info=True)
+    assert info.converged
+    assert (z - 1000.0).abs().max() < 10 * 1e-6 * 100 / (1 - 0.9) + 1e-9
+
+
+def test_dynamicss_checks_a_nonzero_start_that_is_already_a_fixed_point():
+    """z0 = 2 is the fixed point of 0.5 z + 1: no ODE step is taken (the first check compared
+    f(z0) − z0 with z0 instead of f(z0) with z0)."""
+    z, info = pn.steady_state(lambda z: 0.5 * z + 1.0, torch.full((2,), 2.0, dtype=D), return_info=True)
+    assert info.converged and info.nfe == 1 and torch.equal(z, torch.full((2,), 2.0, dtype=D))

@@ -81,6 +81,13 @@ class SteadyStateError(SolveError):
         self.info = info
 
 
+#: an iterate whose ‖f(z)‖∞ exceeds RUNAWAY × max(‖z0‖∞, ‖f(z0)‖∞) has diverged (retcode Unstable)
+RUNAWAY = 1e6
+#: the relative tolerance counts the state's scale up to REL_SCALE × the start's scale
+REL_SCALE = 10.0
+_TINY = 1e-300
+
+
 def _tol(name, v):
     try:
         x = float(v)
@@ -137,7 +144,10 @@ def steady_state(
 
     ``solver``: :class:`DynamicSS` (default, ``DynamicSS(Tsit5())``: integrate ``dz/dt = f(z) − z``
     to steady state), :class:`Anderson`, :class:`Broyden` or :class:`FixedPointIteration`.
-    Converged when ``‖f(z) − z‖∞ <= abstol`` or ``<= reltol·‖f(z)‖∞``. The forward solve runs
+    Converged when ``‖f(z) − z‖∞ <= abstol`` or ``<= reltol·min(‖f(z)‖∞, 10·S0)`` with ``S0 =
+    max(‖z0‖∞, ‖f(z0)‖∞)`` the start's scale (so iterates running away from the start cannot meet
+    the relative test); iterates with ``‖f(z)‖∞ > 1e6·S0`` stop with retcode ``Unstable``
+    (``f(z) = z + 1`` has no fixed point). The forward solve runs
     under ``torch.no_grad``; then ``sensealg`` (default :class:`SteadyStateAdjoint`, or
     :class:`PhantomGradient`) makes the result differentiable w.r.t. the tensors in ``args``
     and every parameter ``f`` uses (not ``z0``: the fixed point does not depend on it).
@@ -190,16 +200,35 @@ def steady_state(
             checked.append(True)
         return out
 
+    scale0: list = []  # the start's scale max(‖z0‖∞, ‖f(z0)‖∞): every solver checks z0 first
+    ran_away: list = []
+
     def check(z, fz):
-        r = float((fz - z).abs().max()) if z.numel() else 0.0
+        if not z.numel():
+            return True, 0.0
+        r = float((fz - z).abs().max())
         if not math.isfinite(r):
             return False, math.inf
-        return r <= abstol or r <= reltol * float(fz.abs().max()), r
+        size = float(fz.abs().max())
+        if not scale0:
+            scale0.append(max(float(z.abs().max()), size))
+        if size > RUNAWAY * max(scale0[0], abstol, _TINY):
+            ran_away.append(size)
+            return False, math.inf  # every solver stops on a non-finite residual
+        # relative to the state's scale, but at most REL_SCALE × the start's: an iterate running
+        # away from the start cannot meet it (f(z) = z + c would "converge" once ‖z‖ ≫ c/reltol)
+        return r <= abstol or r <= reltol * min(size, REL_SCALE * scale0[0]), r
 
     start = time.perf_counter()
     with torch.no_grad():
         z_star = solver.solve(fn, z0.detach(), check, info, batch)
     info.seconds = time.perf_counter() - start
+    if ran_away:
+        info.retcode = ReturnCode.Unstable
+        info.message = (
+            f"{solver.name}: the iterates ran away (‖f(z)‖∞ reached {ran_away[0]:.3g}, more than {RUNAWAY:g} × the "
+            f"start's scale {scale0[0]:.3g}) without meeting the tolerances: f has no fixed point, or it repels "
+            f"this iteration (try pn.Broyden(), or a z0 closer to the fixed point)")
     last_stats = info
     if not info.retcode.successful and throw:
         raise SteadyStateError(

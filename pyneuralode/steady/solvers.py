@@ -2,7 +2,8 @@
 
 Every solver works on a *fixed-point map* ``fn(z)`` (``f`` with its arguments bound) and a
 *convergence test* ``check(z, fz) -> (ok, residual)`` given by :func:`pyneuralode.steady_state`
-(the residual is ``‖f(z) − z‖∞``). ``solve(fn, z0, check, info, batch)`` returns the iterate whose
+(the residual is ``‖f(z) − z‖∞``; ``inf`` when the iterates diverged: a solver then stops). Every
+solver's first check is at ``z0`` (it sets the start's scale). ``solve(fn, z0, check, info, batch)`` returns the iterate whose
 residual met the test (or the best/last one, with ``info.retcode`` saying why it stopped). Every
 loop is bounded. Solvers run under ``torch.no_grad``: no iterate is ever stored for backward.
 
@@ -112,10 +113,10 @@ class DynamicSS(AbstractSteadyStateSolver):
             hist = state["hist"]
             hist.append(t)
             del hist[:-3]
-            return ok
+            return ok or not math.isfinite(r)  # a non-finite residual (NaN, or ran away) ends the solve
 
         # The initial state may already be a fixed point.
-        ok, r = check(z0, rhs(0.0, z0))
+        ok, r = check(z0, rhs(0.0, z0) + z0)
         state["resid"] = r
         z, t0, dt = z0, 0.0, None
         retcode, message = (ReturnCode.Success, "") if ok else (None, "")
@@ -133,7 +134,7 @@ class DynamicSS(AbstractSteadyStateSolver):
             loop = integrate(rhs, z, [t0, t1], self.ode_solver, opts, stats)
             z = loop.y_final
             if loop.retcode == ReturnCode.Terminated:
-                retcode = ReturnCode.Success
+                retcode = ReturnCode.Success if state["ok"] else ReturnCode.Unstable
             elif not loop.retcode.successful:
                 retcode = loop.retcode
                 message = f"DynamicSS: the ODE solve failed ({loop.message})"
