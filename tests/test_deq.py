@@ -180,3 +180,41 @@ def test_repro_deq_mnist_blog_init_and_normalize():
         assert not torch.allclose(m.features(x), ref, atol=1e-3)
     with pytest.raises(ValueError, match="--init"):
         deq_mnist.DEQNet(pn.Anderson(), pn.SteadyStateAdjoint(), 1e-1, init="xavier")
+
+
+class _Square(nn.Module):
+    """f(z, x) = w² z + x: z* = x / (1 − w²), dz*/dw = 2wx/(1−w²)², d²z*/dw² = 2x(1+3w²)/(1−w²)³."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5, dtype=D))
+
+    def forward(self, z, x):
+        return self.w ** 2 * z + x
+
+
+def test_deq_second_derivative_raises_instead_of_a_wrong_value():
+    """The implicit gradient is first-order only: differentiating it again returned 3.556 where the
+    true d²z*/dw² is 8.296 (issue 16, item 4); now it raises, on both autograd paths."""
+    block = _Square()
+    deq = pn.DEQ(block, solver=pn.Broyden(), abstol=1e-12, reltol=0, batch_dim=None)
+    x = torch.tensor([1.0], dtype=D)
+    z = deq(x)
+    (g,) = torch.autograd.grad(z.sum(), [block.w], create_graph=True)
+    assert abs(g.item() - 2 * 0.5 / 0.75 ** 2) < 1e-9  # the first derivative stays exact
+    with pytest.raises(RuntimeError, match="twice through SteadyStateAdjoint.*PhantomGradient"):
+        torch.autograd.grad(g, [block.w], retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice through SteadyStateAdjoint"):
+        g.backward()
+
+
+def test_phantom_gradient_second_derivative_matches_closed_form():
+    """PhantomGradient's unrolled steps are an ordinary graph: with enough undamped steps its
+    second derivative converges to the true d²z*/dw² (the alternative the error names)."""
+    block = _Square()
+    deq = pn.DEQ(block, solver=pn.Broyden(), sensealg=pn.PhantomGradient(k=80, damping=1.0), abstol=1e-12, reltol=0,
+                 batch_dim=None)
+    z = deq(torch.tensor([1.0], dtype=D))
+    (g,) = torch.autograd.grad(z.sum(), [block.w], create_graph=True)
+    (h,) = torch.autograd.grad(g, [block.w])
+    assert abs(h.item() - 2 * (1 + 3 * 0.25) / 0.75 ** 3) < 1e-8
