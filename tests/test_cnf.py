@@ -160,3 +160,26 @@ def test_bad_arguments():
         pn.CNF(2).log_prob(torch.zeros(3, 3))
     with pytest.raises(ValueError, match="K"):
         pn.PlanarFlow(2, 0)
+
+
+def test_bad_arguments_name_the_cnf_argument():
+    """Issue 16: NaN penalty weights and base_std=inf were accepted; bad data was reported as y0/t."""
+    for kw, name in [({"kinetic": float("nan")}, "kinetic"), ({"jacobian": float("nan")}, "jacobian"),
+                     ({"kinetic": -1.0}, "kinetic"), ({"base_std": float("inf")}, "base_std"),
+                     ({"base_std": 0.0}, "base_std"), ({"T": float("inf")}, "T"), ({"T": float("nan")}, "T")]:
+        with pytest.raises(ValueError, match=rf"^{name}:"):
+            pn.CNF(2, **kw)
+    with pytest.raises(TypeError, match=r"^T:"):
+        pn.CNF(2, T="1")
+    cnf = pn.CNF(2, vector_field=Linear(A))
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^x: contains NaN"):
+        cnf.log_prob(torch.full((3, 2), float("nan"), dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^x: dtype"):
+        cnf.log_prob(torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"^x: expected a tensor"):
+        cnf.log_prob([[0.0, 0.0]])
+    with torch.no_grad():
+        cnf.sqrt_T.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"^T: the \(learned\) integration time"):
+        cnf.log_prob(x)

@@ -125,3 +125,22 @@ def test_blocks_time_dependence_and_shapes():
         cc.layer.weight[0, 0] = 1.0
         cc.layer.bias.zero_()
     assert torch.allclose(cc(torch.tensor(0.25), torch.zeros(1, 1, 2, 2)), torch.full((1, 1, 2, 2), 0.25))
+
+
+@pytest.mark.parametrize("y0_shape", [(4, 3), (5,)])
+def test_wrong_state_width_names_y0(y0_shape):
+    """A state the vector field cannot take gave torch's raw matmul error (issue 16)."""
+    model = pn.NeuralODE(pn.ConcatMLP(2, (8,)))
+    with pytest.raises(ValueError, match=r"^y0: the vector field cannot take a state shaped") as e:
+        model(torch.zeros(*y0_shape))
+    assert "shapes cannot be multiplied" in str(e.value)  # torch's own detail is kept
+    assert model(torch.zeros(4, 2)).shape == (4, 2)
+
+
+def test_other_errors_of_the_vector_field_pass_through():
+    class Broken(torch.nn.Module):
+        def forward(self, t, y):
+            raise RuntimeError("a bug in f")
+
+    with pytest.raises(RuntimeError, match="a bug in f"):
+        pn.NeuralODE(Broken())(torch.zeros(2, 2))

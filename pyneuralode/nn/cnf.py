@@ -33,6 +33,17 @@ def _gaussian_logp(z: torch.Tensor, std: float) -> torch.Tensor:
     return -0.5 * (z / std).pow(2).sum(-1) - d * (math.log(std) + 0.5 * _LOG2PI)
 
 
+def _finite(name: str, value, what: str, positive: bool = False) -> float:
+    """``value`` as a float, finite and ``> 0`` (``positive``) or ``>= 0``; else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: {what} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        need = "a finite number > 0" if positive else "a finite number >= 0 (0 turns it off)"
+        raise ValueError(f"{name}: {what} must be {need}, got {value!r}")
+    return v
+
+
 class HyperPlanarField(nn.Module):
     """The paper's CNF dynamics: ``f(t, z) = Σₘ uₘ(t) tanh(wₘ(t)ᵀz + bₘ(t))`` with a gate, parameters from a hypernetwork of ``t``.
 
@@ -131,12 +142,10 @@ class CNF(nn.Module):
             raise ValueError(f"trace: expected 'exact' or 'hutchinson', got {trace!r}")
         if noise not in ("rademacher", "gaussian"):
             raise ValueError(f"noise: expected 'rademacher' or 'gaussian', got {noise!r}")
-        if not T > 0:
-            raise ValueError(f"T: the integration time must be positive, got {T!r}")
-        if kinetic < 0 or jacobian < 0:
-            raise ValueError(f"kinetic, jacobian: regularisation weights must be >= 0, got {kinetic}, {jacobian}")
-        if not base_std > 0:
-            raise ValueError(f"base_std: must be positive, got {base_std!r}")
+        T = _finite("T", T, "the integration time", positive=True)
+        kinetic = _finite("kinetic", kinetic, "the kinetic-energy penalty weight")
+        jacobian = _finite("jacobian", jacobian, "the Jacobian-norm penalty weight")
+        base_std = _finite("base_std", base_std, "the base distribution's standard deviation", positive=True)
         self.dim = dim
         vf = vector_field if vector_field is not None else ConcatMLP(dim, (64, 64), layer="concatsquash")
         self.dynamics = _Dynamics(vf, dim)
@@ -168,8 +177,16 @@ class CNF(nn.Module):
         """Push data ``x`` to the base: returns ``(z(T), ∫Tr dt, kinetic [batch], jacobian [batch])`` (the last two ``None`` unless regularised)."""
         import pyneuralode as pn
 
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], got {getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor shaped [batch, {self.dim}], got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, e.g. x.float() or x.double()")
+        if not torch.isfinite(x).all():
+            raise ValueError("x: contains NaN or Inf; every data point must be finite")
+        if not torch.isfinite(self.T).all() or not float(self.T) > 0:
+            raise ValueError(f"T: the (learned) integration time is {float(self.T)!r}; it must be finite and > 0")
         mode = self.trace if trace is None else trace
         if mode not in ("exact", "hutchinson"):
             raise ValueError(f"trace: expected 'exact' or 'hutchinson', got {mode!r}")
@@ -209,7 +226,7 @@ class CNF(nn.Module):
         """``n`` samples ``[n, dim]``: base draws integrated from ``T`` back to 0 (no gradients)."""
         import pyneuralode as pn
 
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
         p = next(self.parameters())
         z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device) * self.base_std
@@ -237,7 +254,8 @@ class PlanarFlow(nn.Module):
         super().__init__()
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K: expected a positive int, got {K!r}")
-        self.dim, self.K, self.base_std = dim, K, float(base_std)
+        self.dim, self.K = dim, K
+        self.base_std = _finite("base_std", base_std, "the base distribution's standard deviation", positive=True)
         self.w = nn.Parameter(0.5 * torch.randn(K, dim))
         self.u = nn.Parameter(0.01 * torch.randn(K, dim))
         self.b = nn.Parameter(torch.zeros(K))
@@ -250,8 +268,14 @@ class PlanarFlow(nn.Module):
         return uh if k is None else uh[0]
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], got {getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor shaped [batch, {self.dim}], got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, e.g. x.float() or x.double()")
+        if not torch.isfinite(x).all():
+            raise ValueError("x: contains NaN or Inf; every data point must be finite")
         z, logdet = x, x.new_zeros(x.shape[0])
         U = self._u_hat()
         wu = (self.w * U).sum(-1)

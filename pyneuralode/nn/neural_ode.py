@@ -38,6 +38,11 @@ def resolve_solver(solver):
     return solver
 
 
+#: torch's messages for operands whose shapes do not fit (a state of the wrong width)
+_SHAPE_ERRORS = ("shapes cannot be multiplied", "size mismatch", "must match the size", "Expected size",
+                 "expected input", "does not match", "Given groups")
+
+
 class _Counted(nn.Module):
     """Wraps the vector field: counts forward calls and, when asked, the VJPs through its outputs."""
 
@@ -54,7 +59,18 @@ class _Counted(nn.Module):
 
     def forward(self, t, y, *args):
         self.calls += 1
-        out = self.vf(t, y, *args)
+        if self.calls == 1:  # the first call of a solve: a shape mismatch with y0 shows here
+            try:
+                out = self.vf(t, y, *args)
+            except RuntimeError as e:
+                if not any(k in str(e) for k in _SHAPE_ERRORS):
+                    raise
+                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(
+                    f"y0: the vector field cannot take a state shaped {shape} ({e}); give y0 the width "
+                    f"vector_field expects (e.g. (batch, dim) for a ConcatMLP(dim))") from e
+        else:
+            out = self.vf(t, y, *args)
         if self.hook and isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(self._bump)
         return out
