@@ -365,3 +365,29 @@ def test_dynamicss_checks_a_nonzero_start_that_is_already_a_fixed_point():
     f(z0) − z0 with z0 instead of f(z0) with z0)."""
     z, info = pn.steady_state(lambda z: 0.5 * z + 1.0, torch.full((2,), 2.0, dtype=D), return_info=True)
     assert info.converged and info.nfe == 1 and torch.equal(z, torch.full((2,), 2.0, dtype=D))
+
+
+def test_last_stats_is_per_thread():
+    """pn.last_stats showed another thread's call (issue 16): it is thread-local now, and every call
+    has its own record via return_info=True."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    seen = {}
+
+    def work(name, c):
+        _, info = pn.steady_state(lambda z: 0.5 * z + c, torch.zeros(2, dtype=D), return_info=True)
+        barrier.wait()  # both calls are done before either thread reads pn.last_stats
+        seen[name] = (pn.last_stats is info, float(info.residual) >= 0)
+
+    threads = [threading.Thread(target=work, args=(n, c)) for n, c in (("a", 1.0), ("b", 2.0))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert seen == {"a": (True, True), "b": (True, True)}
+    box = []
+    th = threading.Thread(target=lambda: box.append(pn.last_stats))
+    th.start()
+    th.join()
+    assert box == [None]  # a thread that made no call sees none

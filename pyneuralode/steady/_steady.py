@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
@@ -13,10 +14,16 @@ from .solvers import AbstractSteadyStateSolver, DynamicSS
 
 __all__ = ["steady_state", "SteadyStateInfo", "SteadyStateError"]
 
-#: Statistics of the most recent :func:`steady_state` call (a :class:`SteadyStateInfo`; ``None``
-#: before the first call). Reach it as ``pn.last_stats``. Its backward fields are filled in when
-#: the backward pass runs.
-last_stats: Optional["SteadyStateInfo"] = None
+#: ``_LOCAL.info``: the :class:`SteadyStateInfo` of this thread's most recent :func:`steady_state`
+#: call, read as ``pn.last_stats`` (a convenience: a call in another thread never shows here; the
+#: per-call record is ``steady_state(..., return_info=True)`` or ``DEQ.last_stats``).
+_LOCAL = threading.local()
+
+
+def __getattr__(name):
+    if name == "last_stats":  # thread-local: see _LOCAL
+        return getattr(_LOCAL, "info", None)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -155,10 +162,10 @@ def steady_state(
     mix per sample). On failure raises :class:`SteadyStateError` (``throw=True``) or returns the
     best iterate with ``info.retcode`` set.
 
-    Returns ``z*`` (shaped like ``z0``), or ``(z*, info)`` with ``return_info=True``. The
-    :class:`SteadyStateInfo` of the latest call is also ``pn.last_stats``.
+    Returns ``z*`` (shaped like ``z0``), or ``(z*, info)`` with ``return_info=True`` (this call's
+    :class:`SteadyStateInfo`). ``pn.last_stats`` is the info of the latest call *in this thread*
+    (thread-local; ``None`` before the first).
     """
-    global last_stats
     if not callable(f):
         raise TypeError(f"f: must be callable as f(z, *args) returning the next iterate, got {type(f).__name__}")
     if not isinstance(z0, torch.Tensor):
@@ -229,7 +236,7 @@ def steady_state(
             f"{solver.name}: the iterates ran away (‖f(z)‖∞ reached {ran_away[0]:.3g}, more than {RUNAWAY:g} × the "
             f"start's scale {scale0[0]:.3g}) without meeting the tolerances: f has no fixed point, or it repels "
             f"this iteration (try pn.Broyden(), or a z0 closer to the fixed point)")
-    last_stats = info
+    _LOCAL.info = info
     if not info.retcode.successful and throw:
         raise SteadyStateError(
             f"steady_state failed with retcode {info.retcode.value}: {info.message} (pass throw=False to get the best iterate and the retcode)",
