@@ -33,10 +33,12 @@ def reachable(f: Callable) -> tuple[list[torch.Tensor], dict[int, tuple[str, tor
     seen: set = set()
 
     def module(m: nn.Module, where: str) -> None:
-        for p in m.parameters():
-            if p.requires_grad:
-                params[id(p)] = p
-        for name, sub in m.named_modules():
+        for name, sub in m.named_modules():  # one walk: parameters and attributes together
+            for p in sub._parameters.values():
+                if p is not None and p.requires_grad:
+                    params[id(p)] = p
+            if type(sub).__module__.split(".")[0] in _LIBRARY:
+                continue  # torch's and our own layers keep their tensors as parameters/buffers
             fwd = getattr(type(sub), "forward", None)
             if isinstance(fwd, types.FunctionType):
                 function(fwd, f"{type(sub).__name__}.forward", _MAX_DEPTH - 1)
