@@ -106,13 +106,16 @@ def _check_adjoint_params(adjoint_params) -> Optional[Tuple[torch.Tensor, ...]]:
     if adjoint_params is None:
         return None
     if isinstance(adjoint_params, torch.Tensor):
-        raise TypeError("adjoint_params: expected a sequence of tensors, got one tensor; use adjoint_params=[theta]")
+        raise TypeError("adjoint_params: expected a sequence of tensors, got one tensor; "
+                        "use adjoint_params=[theta]")
     if isinstance(adjoint_params, nn.Module):
-        raise TypeError("adjoint_params: expected a sequence of tensors, got a module; use adjoint_params=list(module.parameters())")
+        raise TypeError("adjoint_params: expected a sequence of tensors, got a module; "
+                        "use adjoint_params=list(module.parameters())")
     try:
         out = tuple(adjoint_params)
     except TypeError:
-        raise TypeError(f"adjoint_params: expected a sequence of tensors such as list(model.parameters()), got "
+        raise TypeError(f"adjoint_params: expected a sequence of tensors such as "
+                        f"list(model.parameters()), got "
                         f"{type(adjoint_params).__name__}") from None
     for i, p in enumerate(out):
         if not isinstance(p, torch.Tensor):
@@ -128,7 +131,8 @@ class ODEProblem:
     tensors in ``args`` that require grad).
     """
 
-    def __init__(self, f: Callable, y0, t, args: Sequence = (), rtol=1e-6, atol=1e-9, adjoint_params=None):
+    def __init__(self, f: Callable, y0, t, args: Sequence = (), rtol=1e-6, atol=1e-9,
+                 adjoint_params=None):
         if not callable(f):
             raise TypeError(f"f: must be callable as f(t, y, *args), got {type(f).__name__}")
         if not isinstance(args, (tuple, list)):

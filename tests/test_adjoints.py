@@ -357,8 +357,8 @@ def test_double_backward_raises_clearly(name):
 @pytest.mark.parametrize("name", list(FIRST_ORDER))
 @pytest.mark.parametrize("wrt", ["y0", "t", "k"])
 def test_create_graph_first_derivative_and_second_derivative_error(name, wrt):
-    """create_graph=True gives the first derivative whatever requires grad (it failed with only y0 or
-    t: "expected 8, got 9"); a second derivative via torch.autograd.grad raises the clear error
+    """create_graph=True gives the first derivative whatever requires grad (it failed with only
+    y0 or t: "expected 8, got 9"); a second derivative via torch.autograd.grad raises the clear error
     (it returned None/zero or a raw torch error)."""
     k = torch.tensor([0.3], dtype=DT, requires_grad=wrt == "k")
     y0 = torch.tensor([1.5], dtype=DT, requires_grad=wrt == "y0")
@@ -642,7 +642,7 @@ def test_closed_over_tensor_with_adjoint_params_against_finite_differences(name)
 
 @pytest.mark.parametrize("name", list(FIRST_ORDER))
 def test_closed_over_non_leaf_tensor_passes_its_gradient_on(name):
-    """adjoint_params may hold a tensor computed from a leaf: the gradient goes on into its graph."""
+    """adjoint_params may hold a tensor computed from a leaf: the gradient goes on from it."""
     log_theta = torch.tensor([-0.2, -0.7], dtype=DT, requires_grad=True)
     theta = log_theta.exp()
     loss = _closure_loss(theta, FIRST_ORDER[name](), adjoint_params=[theta])
@@ -743,8 +743,10 @@ def test_single_output_time(name):
 def test_f_independent_of_state_or_parameters(name, field):
     """f that depends on neither y nor a target gives zero products (the adjoints crashed: VJP on
     an output without a graph); exact references for y' = c, y' = t, y' = -y, y' = k."""
-    f = {"constant": lambda t, y, k: torch.ones_like(y), "time-only": lambda t, y, k: t * torch.ones_like(y),
-         "y-only": lambda t, y, k: -y, "k-only": lambda t, y, k: k * torch.ones_like(y)}[field]
+    f = {"constant": lambda t, y, k: torch.ones_like(y),
+         "time-only": lambda t, y, k: t * torch.ones_like(y),
+         "y-only": lambda t, y, k: -y,
+         "k-only": lambda t, y, k: k * torch.ones_like(y)}[field]
     k = torch.tensor(0.5, dtype=DT, requires_grad=True)
     y0 = torch.tensor([1.0, -1.0], dtype=DT, requires_grad=True)
     sol = pn.solve(f, y0, [0.0, 0.5, 1.0], args=(k,), sensealg=FIRST_ORDER[name](), **TIGHT)

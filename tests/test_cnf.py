@@ -163,10 +163,11 @@ def test_bad_arguments():
 
 
 def test_bad_arguments_name_the_cnf_argument():
-    """Issue 16: NaN penalty weights and base_std=inf were accepted; bad data was reported as y0/t."""
-    for kw, name in [({"kinetic": float("nan")}, "kinetic"), ({"jacobian": float("nan")}, "jacobian"),
-                     ({"kinetic": -1.0}, "kinetic"), ({"base_std": float("inf")}, "base_std"),
-                     ({"base_std": 0.0}, "base_std"), ({"T": float("inf")}, "T"), ({"T": float("nan")}, "T")]:
+    """Issue 16: NaN penalty weights and base_std=inf were accepted; bad data was named y0/t."""
+    nan, inf = float("nan"), float("inf")
+    for kw, name in [({"kinetic": nan}, "kinetic"), ({"jacobian": nan}, "jacobian"),
+                     ({"kinetic": -1.0}, "kinetic"), ({"base_std": inf}, "base_std"),
+                     ({"base_std": 0.0}, "base_std"), ({"T": inf}, "T"), ({"T": nan}, "T")]:
         with pytest.raises(ValueError, match=rf"^{name}:"):
             pn.CNF(2, **kw)
     with pytest.raises(TypeError, match=r"^T:"):

@@ -124,7 +124,8 @@ def test_deq_failure_raises_or_reports():
     deq = pn.DEQ(Expanding(), solver=pn.FixedPointIteration(max_iters=12), abstol=1e-8, reltol=0)
     with pytest.raises(pn.SteadyStateError, match="MaxIters"):
         deq(_x())
-    deq = pn.DEQ(Expanding(), solver=pn.FixedPointIteration(max_iters=12), abstol=1e-8, reltol=0, throw=False)
+    deq = pn.DEQ(Expanding(), solver=pn.FixedPointIteration(max_iters=12), abstol=1e-8, reltol=0,
+                 throw=False)
     deq(_x())
     assert not deq.last_stats.converged and deq.last_stats.retcode == pn.ReturnCode.MaxIters
 
@@ -212,8 +213,8 @@ def test_phantom_gradient_second_derivative_matches_closed_form():
     """PhantomGradient's unrolled steps are an ordinary graph: with enough undamped steps its
     second derivative converges to the true d²z*/dw² (the alternative the error names)."""
     block = _Square()
-    deq = pn.DEQ(block, solver=pn.Broyden(), sensealg=pn.PhantomGradient(k=80, damping=1.0), abstol=1e-12, reltol=0,
-                 batch_dim=None)
+    deq = pn.DEQ(block, solver=pn.Broyden(), sensealg=pn.PhantomGradient(k=80, damping=1.0),
+                 abstol=1e-12, reltol=0, batch_dim=None)
     z = deq(torch.tensor([1.0], dtype=D))
     (g,) = torch.autograd.grad(z.sum(), [block.w], create_graph=True)
     (h,) = torch.autograd.grad(g, [block.w])

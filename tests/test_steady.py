@@ -115,7 +115,8 @@ def test_expansive_map_fixed_point_iteration_fails_broyden_succeeds():
     with pytest.raises(pn.SteadyStateError, match="Unstable.*ran away"):
         pn.steady_state(f, torch.zeros(2, dtype=D), solver=pn.FixedPointIteration(max_iters=50), abstol=1e-10, reltol=0)
     with pytest.raises(pn.SteadyStateError, match="MaxIters"):
-        pn.steady_state(f, torch.zeros(2, dtype=D), solver=pn.FixedPointIteration(max_iters=10), abstol=1e-10, reltol=0)
+        pn.steady_state(f, torch.zeros(2, dtype=D), solver=pn.FixedPointIteration(max_iters=10),
+                        abstol=1e-10, reltol=0)
     z = pn.steady_state(f, torch.zeros(2, dtype=D), solver=pn.Broyden(), abstol=1e-10, reltol=0)
     assert torch.allclose(z, -torch.ones(2, dtype=D), atol=1e-9)
 
@@ -342,7 +343,8 @@ def test_no_fixed_point_is_a_failure(name, c, start):
     """f(z) = z + c has no fixed point: the residual is c everywhere. The old test
     ‖f(z) − z‖ <= reltol·‖f(z)‖ passed once the iterates had run away (z ≈ 1.25e6, −9e15, 1100)."""
     z0 = torch.full((3,), start, dtype=D)
-    z, info = pn.steady_state(lambda z: z + c, z0, solver=_SOLVERS[name](), throw=False, return_info=True)
+    z, info = pn.steady_state(lambda z: z + c, z0, solver=_SOLVERS[name](), throw=False,
+                              return_info=True)
     assert info.retcode in (ReturnCode.Unstable, ReturnCode.MaxIters)
     assert not info.converged and info.message
     with pytest.raises(pn.SteadyStateError, match="Unstable|MaxIters"):
@@ -351,11 +353,12 @@ def test_no_fixed_point_is_a_failure(name, c, start):
 
 @pytest.mark.parametrize("name", list(_SOLVERS))
 def test_fixed_point_far_from_the_start_still_converges(name):
-    """z* = 1000 from z0 = 0 (‖z*‖ = 1000 × the start's scale): the relative test, capped at 10 × the
-    start's scale, is stricter there but still met; the answer is accurate to it."""
+    """z* = 1000 from z0 = 0 (‖z*‖ = 1000 × the start's scale): the relative test, capped at
+    10 × the start's scale, is stricter there but still met; the answer is accurate to it."""
     kw = {"fixedpoint": {"max_iters": 300}}.get(name, {})
     f = lambda z: 0.9 * z + 100.0  # noqa: E731
-    z, info = pn.steady_state(f, torch.zeros(2, dtype=D), solver=_SOLVERS[name](**kw), return_info=True)
+    z, info = pn.steady_state(f, torch.zeros(2, dtype=D), solver=_SOLVERS[name](**kw),
+                              return_info=True)
     assert info.converged
     assert (z - 1000.0).abs().max() < 10 * 1e-6 * 100 / (1 - 0.9) + 1e-9
 
@@ -363,7 +366,8 @@ def test_fixed_point_far_from_the_start_still_converges(name):
 def test_dynamicss_checks_a_nonzero_start_that_is_already_a_fixed_point():
     """z0 = 2 is the fixed point of 0.5 z + 1: no ODE step is taken (the first check compared
     f(z0) − z0 with z0 instead of f(z0) with z0)."""
-    z, info = pn.steady_state(lambda z: 0.5 * z + 1.0, torch.full((2,), 2.0, dtype=D), return_info=True)
+    z0 = torch.full((2,), 2.0, dtype=D)
+    z, info = pn.steady_state(lambda z: 0.5 * z + 1.0, z0, return_info=True)
     assert info.converged and info.nfe == 1 and torch.equal(z, torch.full((2,), 2.0, dtype=D))
 
 

@@ -145,7 +145,7 @@ class CNF(nn.Module):
         T = _finite("T", T, "the integration time", positive=True)
         kinetic = _finite("kinetic", kinetic, "the kinetic-energy penalty weight")
         jacobian = _finite("jacobian", jacobian, "the Jacobian-norm penalty weight")
-        base_std = _finite("base_std", base_std, "the base distribution's standard deviation", positive=True)
+        base_std = _finite("base_std", base_std, "the base's standard deviation", positive=True)
         self.dim = dim
         vf = vector_field if vector_field is not None else ConcatMLP(dim, (64, 64), layer="concatsquash")
         self.dynamics = _Dynamics(vf, dim)
@@ -178,15 +178,19 @@ class CNF(nn.Module):
         import pyneuralode as pn
 
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a tensor shaped [batch, {self.dim}], got {type(x).__name__}")
+            raise TypeError(f"x: expected a tensor shaped [batch, {self.dim}], "
+                            f"got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], got shape {tuple(x.shape)}")
+            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], "
+                             f"got shape {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, e.g. x.float() or x.double()")
+            raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, "
+                            f"e.g. x.float() or x.double()")
         if not torch.isfinite(x).all():
             raise ValueError("x: contains NaN or Inf; every data point must be finite")
         if not torch.isfinite(self.T).all() or not float(self.T) > 0:
-            raise ValueError(f"T: the (learned) integration time is {float(self.T)!r}; it must be finite and > 0")
+            raise ValueError(f"T: the (learned) integration time is {float(self.T)!r}; "
+                             f"it must be finite and > 0")
         mode = self.trace if trace is None else trace
         if mode not in ("exact", "hutchinson"):
             raise ValueError(f"trace: expected 'exact' or 'hutchinson', got {mode!r}")
@@ -255,7 +259,7 @@ class PlanarFlow(nn.Module):
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K: expected a positive int, got {K!r}")
         self.dim, self.K = dim, K
-        self.base_std = _finite("base_std", base_std, "the base distribution's standard deviation", positive=True)
+        self.base_std = _finite("base_std", base_std, "the base's standard deviation", positive=True)
         self.w = nn.Parameter(0.5 * torch.randn(K, dim))
         self.u = nn.Parameter(0.01 * torch.randn(K, dim))
         self.b = nn.Parameter(torch.zeros(K))
@@ -269,11 +273,14 @@ class PlanarFlow(nn.Module):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a tensor shaped [batch, {self.dim}], got {type(x).__name__}")
+            raise TypeError(f"x: expected a tensor shaped [batch, {self.dim}], "
+                            f"got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], got shape {tuple(x.shape)}")
+            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], "
+                             f"got shape {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, e.g. x.float() or x.double()")
+            raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, "
+                            f"e.g. x.float() or x.double()")
         if not torch.isfinite(x).all():
             raise ValueError("x: contains NaN or Inf; every data point must be finite")
         z, logdet = x, x.new_zeros(x.shape[0])

@@ -39,8 +39,8 @@ def resolve_solver(solver):
 
 
 #: torch's messages for operands whose shapes do not fit (a state of the wrong width)
-_SHAPE_ERRORS = ("shapes cannot be multiplied", "size mismatch", "must match the size", "Expected size",
-                 "expected input", "does not match", "Given groups")
+_SHAPE_ERRORS = ("shapes cannot be multiplied", "size mismatch", "must match the size",
+                 "Expected size", "expected input", "does not match", "Given groups")
 
 
 class _Counted(nn.Module):
@@ -67,8 +67,8 @@ class _Counted(nn.Module):
                     raise
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(
-                    f"y0: the vector field cannot take a state shaped {shape} ({e}); give y0 the width "
-                    f"vector_field expects (e.g. (batch, dim) for a ConcatMLP(dim))") from e
+                    f"y0: the vector field cannot take a state shaped {shape} ({e}); "
+                    f"give y0 the width vector_field expects (e.g. (batch, dim) for a ConcatMLP(dim))") from e
         else:
             out = self.vf(t, y, *args)
         if self.hook and isinstance(out, torch.Tensor) and out.requires_grad:

@@ -366,9 +366,9 @@ def gauss_kronrod15():
 # The autograd Function shared by the adjoints
 
 _DOUBLE_BACKWARD = (
-    "differentiating twice through {name} is not supported: its backward pass runs without a graph, "
-    "so a second derivative would be wrong; use sensealg=pn.DirectAdjoint() (the whole graph) for "
-    "higher-order derivatives (e.g. torch.autograd.grad(..., create_graph=True) twice)"
+    "differentiating twice through {name} is not supported: its backward pass runs without a "
+    "graph, so a second derivative would be wrong; use sensealg=pn.DirectAdjoint() (the whole "
+    "graph) for higher-order derivatives (e.g. torch.autograd.grad(..., create_graph=True) twice)"
 )
 
 
@@ -409,14 +409,17 @@ class _AdjointFunction(torch.autograd.Function):
         box["loop"] = loop
         ctx.sensealg = sensealg
         ctx.pass_ = Pass(problem, solver, opts, stats, targets, saved)
-        ctx.save_for_backward(ys, y0, *tensors)
+        ctx.save_for_backward(ys)
+        # the inputs only anchor the second-derivative error (their values are never read)
+        ctx.inputs = (y0, *tensors)
         return ys
 
     @staticmethod
     def backward(ctx, grad_ys):
         sensealg = ctx.sensealg
         double = torch.is_grad_enabled()
-        ys, *inputs = ctx.saved_tensors
+        (ys,) = ctx.saved_tensors
+        inputs = ctx.inputs
         with torch.no_grad():
             grad_y0, grad_flat = sensealg._backward(ctx.pass_, ys, grad_ys.detach())
         grads = ctx.pass_.targets.split(grad_flat) if grad_flat is not None else [None] * len(ctx.pass_.targets.tensors)
@@ -425,7 +428,8 @@ class _AdjointFunction(torch.autograd.Function):
             depends = [v for v in (*inputs, grad_ys) if v.requires_grad]
             if depends:
                 message = _DOUBLE_BACKWARD.format(name=sensealg.name)
-                outs = [None if v is None else _FirstOrderOnly.apply(message, v, *depends) for v in outs]
+                outs = [None if v is None else _FirstOrderOnly.apply(message, v, *depends)
+                        for v in outs]
         return (None,) * 7 + tuple(outs)
 
 

@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 _MAX_DEPTH = 4
+_ATOMS = (str, bytes, int, float, bool, type(None), type, types.ModuleType)
 _MAX_ITEMS = 64  # elements of a list/tuple/dict looked into
 #: library code whose functions are not looked into (they close over no user tensors)
 _LIBRARY = ("torch", "numpy", "scipy", "pyneuralode", "functools", "math", "builtins", "typing")
 
 
 def reachable(f: Callable) -> tuple[list[torch.Tensor], dict[int, tuple[str, torch.Tensor]]]:
-    """``(module_parameters, loose)``: parameters of the modules ``f`` reaches that require grad, and
+    """``(module_parameters, loose)``: parameters of the modules ``f`` reaches that require grad,
+    and
     ``{id: (where, tensor)}`` for the other reachable tensors that require grad (not parameters of a
     reachable module)."""
     params: dict[int, torch.Tensor] = {}
@@ -68,7 +70,7 @@ def reachable(f: Callable) -> tuple[list[torch.Tensor], dict[int, tuple[str, tor
             visit(d, f"{where}: default argument {k!r}", depth - 1)
 
     def visit(v, where: str, depth: int) -> None:
-        if depth < 0 or isinstance(v, (str, bytes, int, float, bool, type(None), type, types.ModuleType)):
+        if depth < 0 or isinstance(v, _ATOMS):
             return
         if isinstance(v, torch.Tensor):
             if v.requires_grad and id(v) not in params:
@@ -96,7 +98,7 @@ def reachable(f: Callable) -> tuple[list[torch.Tensor], dict[int, tuple[str, tor
         elif isinstance(v, dict):
             for k, a in list(v.items())[:_MAX_ITEMS]:
                 visit(a, f"{where}[{k!r}]", depth - 1)
-        elif callable(v) and hasattr(v, "__dict__") and not isinstance(v, types.BuiltinFunctionType):
+        elif callable(v) and hasattr(v, "__dict__"):  # a callable object: its attributes
             if type(v).__module__.split(".")[0] in _LIBRARY:
                 return
             for k, a in list(vars(v).items())[:_MAX_ITEMS]:
@@ -113,7 +115,7 @@ def reachable(f: Callable) -> tuple[list[torch.Tensor], dict[int, tuple[str, tor
 
 
 def _names(code) -> list[str]:
-    """Global names used by ``code`` and the functions (lambdas, comprehensions) defined inside it."""
+    """Global names used by ``code`` and by the functions (lambdas, comprehensions) inside it."""
     out = list(code.co_names)
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
@@ -137,11 +139,11 @@ def adjoint_targets(problem, who: str) -> list[torch.Tensor]:
         where, t = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(
-            f"f reaches a tensor that requires grad ({where}, shape {tuple(t.shape)}){more} that {who} would "
-            f"leave with a zero gradient (it solves forward without a graph). List it in "
-            f"solve(..., adjoint_params=[...]) together with the module parameters that need gradients, "
-            f"or pass it through args=(...,) to f(t, y, *args), or use sensealg=pn.DirectAdjoint(); "
-            f"detach it if it needs no gradient"
+            f"f reaches a tensor that requires grad ({where}, shape {tuple(t.shape)}){more} that "
+            f"{who} would leave with a zero gradient (it solves forward without a graph). List it "
+            f"in solve(..., adjoint_params=[...]) together with the module parameters that need "
+            f"gradients, or pass it through args=(...,) to f(t, y, *args), or use "
+            f"sensealg=pn.DirectAdjoint(); detach it if it needs no gradient"
         )
     out, ids = [], set()
     for t in chosen:

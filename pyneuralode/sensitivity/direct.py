@@ -32,7 +32,8 @@ class DirectAdjoint(AbstractSensitivity):
     about ``2·steps/M`` steps — ``M ≈ sqrt(2·steps)`` balances the two; cost: one extra forward
     solve (with graph). As with the continuous adjoints, gradients reach ``y0``, ``t``, tensors in
     ``args``, ``solve(..., adjoint_params=...)`` (default: the parameters of the modules f reaches);
-    another tensor f reaches that requires grad raises ``ValueError``. First derivatives only; no dense output by default (``dense=True`` keeps
+    another tensor f reaches that requires grad raises ``ValueError``. First derivatives only;
+    no dense output by default (``dense=True`` keeps
     it, without a graph: ``sol(tq)`` then carries no gradient). The checkpoint-and-recompute idea of
     diffrax's ``RecursiveCheckpointAdjoint``, with two levels instead of a binomial schedule.
     """

@@ -168,7 +168,8 @@ class _Implicit(torch.autograd.Function):
                 out = torch.autograd.grad(fz, z_, g, retain_graph=True, allow_unused=True)[0]
                 return torch.zeros_like(g) if out is None else out
 
-            g, iters, resid, ok = alg.solve_adjoint(JT, v.detach(), info, getattr(info, "batch", 1) if info is not None else 1)
+            batch = getattr(info, "batch", 1) if info is not None else 1
+            g, iters, resid, ok = alg.solve_adjoint(JT, v.detach(), info, batch)
         if info is not None:
             info.record_backward(iters, resid, ok)
         if not ok:
@@ -178,7 +179,7 @@ class _Implicit(torch.autograd.Function):
             if alg.throw:
                 raise RuntimeError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        if torch.is_grad_enabled():  # create_graph=True: first derivatives only (see _DOUBLE_BACKWARD)
+        if torch.is_grad_enabled():  # create_graph=True: first derivatives only (_DOUBLE_BACKWARD)
             from ._adjoint import _FirstOrderOnly
 
             depends = [fz] + ([v] if v.requires_grad else [])
@@ -190,10 +191,11 @@ class _Implicit(torch.autograd.Function):
 #: parameters it feeds is taken at the fixed point as a constant: every second-order term through
 #: z*(θ) and g(θ) would be missing (d²z*/dw² = 3.556 instead of 8.296 for w²z + x)
 _DOUBLE_BACKWARD = (
-    "differentiating twice through SteadyStateAdjoint (the implicit gradient of a steady state or DEQ) is "
-    "not supported: its backward pass solves a linear system without a graph, so a second derivative "
-    "would be wrong. For higher-order derivatives use sensealg=pn.PhantomGradient(k) (differentiable "
-    "unrolled steps, an approximation), or differentiate an unrolled fixed-point iteration"
+    "differentiating twice through SteadyStateAdjoint (the implicit gradient of a steady state "
+    "or DEQ) is not supported: its backward pass solves a linear system without a graph, so a "
+    "second derivative would be wrong. For higher-order derivatives use "
+    "sensealg=pn.PhantomGradient(k) (differentiable unrolled steps, an approximation), or "
+    "differentiate an unrolled fixed-point iteration"
 )
 
 

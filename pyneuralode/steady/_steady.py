@@ -233,9 +233,9 @@ def steady_state(
     if ran_away:
         info.retcode = ReturnCode.Unstable
         info.message = (
-            f"{solver.name}: the iterates ran away (‖f(z)‖∞ reached {ran_away[0]:.3g}, more than {RUNAWAY:g} × the "
-            f"start's scale {scale0[0]:.3g}) without meeting the tolerances: f has no fixed point, or it repels "
-            f"this iteration (try pn.Broyden(), or a z0 closer to the fixed point)")
+            f"{solver.name}: the iterates ran away (‖f(z)‖∞ reached {ran_away[0]:.3g}, more than "
+            f"{RUNAWAY:g} × the start's scale {scale0[0]:.3g}) without meeting the tolerances: f has "
+            f"no fixed point, or it repels this iteration (try pn.Broyden(), or a z0 closer to the fixed point)")
     _LOCAL.info = info
     if not info.retcode.successful and throw:
         raise SteadyStateError(

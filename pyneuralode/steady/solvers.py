@@ -3,7 +3,8 @@
 Every solver works on a *fixed-point map* ``fn(z)`` (``f`` with its arguments bound) and a
 *convergence test* ``check(z, fz) -> (ok, residual)`` given by :func:`pyneuralode.steady_state`
 (the residual is ``‖f(z) − z‖∞``; ``inf`` when the iterates diverged: a solver then stops). Every
-solver's first check is at ``z0`` (it sets the start's scale). ``solve(fn, z0, check, info, batch)`` returns the iterate whose
+solver's first check is at ``z0`` (it sets the start's scale).
+``solve(fn, z0, check, info, batch)`` returns the iterate whose
 residual met the test (or the best/last one, with ``info.retcode`` saying why it stopped). Every
 loop is bounded. Solvers run under ``torch.no_grad``: no iterate is ever stored for backward.
 
@@ -113,7 +114,7 @@ class DynamicSS(AbstractSteadyStateSolver):
             hist = state["hist"]
             hist.append(t)
             del hist[:-3]
-            return ok or not math.isfinite(r)  # a non-finite residual (NaN, or ran away) ends the solve
+            return ok or not math.isfinite(r)  # a non-finite residual (NaN, ran away) ends it
 
         # The initial state may already be a fixed point.
         ok, r = check(z0, rhs(0.0, z0) + z0)
