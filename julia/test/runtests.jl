@@ -5,7 +5,7 @@
 #
 # Offline: PythonCall (loaded by the bridge) would provision its own Python through CondaPkg,
 # which needs network. The Null backend with a local Python skips that (PythonCall
-# docs/src/pythoncall.md:315-335, JULIA_CONDAPKG_BACKEND / JULIA_PYTHONCALL_EXE); set either
+# docs/src/pythoncall.md:318-335, JULIA_CONDAPKG_BACKEND / JULIA_PYTHONCALL_EXE); set either
 # variable yourself to override.
 if !haskey(ENV, "JULIA_CONDAPKG_BACKEND")
     ENV["JULIA_CONDAPKG_BACKEND"] = "Null"
