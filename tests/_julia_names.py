@@ -5,6 +5,7 @@ A small lexer (comments, docstrings and strings removed) and regular expressions
 written so that these suffice: every package is imported as ``using Pkg: names`` (so no name
 reaches the file unqualified without being listed), or used qualified as ``Pkg.name``.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,7 +43,7 @@ def strip_code(src: str) -> str:
 
 
 def usings(code: str) -> List[Tuple[str, List[str]]]:
-    """``[(package, [names] or [])]`` for every ``using``/``import`` statement (continuation lines joined)."""
+    """``[(package, [names] or [])]`` per ``using``/``import`` (continuation lines joined)."""
     found = []
     for m in re.finditer(r"^\s*(?:using|import)\s+((?:[^\n]*,[ \t]*\n)*[^\n]*)", code, re.M):
         clause = " ".join(m.group(1).split())
@@ -68,7 +69,7 @@ def _args(code: str, start: int) -> str:
         depth += c in "([{"
         depth -= c in ")]}"
         if depth == 0:
-            return code[start + 1:i]
+            return code[start + 1 : i]
         i += 1
 
 
@@ -87,11 +88,10 @@ def _split_top(s: str, seps: str) -> List[str]:
 
 
 def keywords(code: str, callee: str) -> Set[str]:
-    """Keyword names passed in calls ``callee(...)`` (``k = v`` anywhere, or bare ``k`` after ``;``)."""
+    """Keywords passed in calls ``callee(...)``: ``k = v`` anywhere, or a bare ``k`` after ``;``."""
     kws = set()
     for m in re.finditer(rf"(?<![\w.]){re.escape(callee)}(?:\{{[^}}]*\}})?\(", code):
         inner = _args(code, m.end() - 1)
-        head, _, tail = inner.partition(";") if ";" in _split_top(inner, ";")[0] + ";" else (inner, "", "")
         parts = _split_top(inner, ";")
         positional, named = parts[0], ";".join(parts[1:])
         for part in _split_top(positional, ","):
@@ -112,7 +112,7 @@ def symbols(code: str) -> Set[str]:
 
 
 def fields(code: str, receivers: List[str]) -> Dict[str, Set[str]]:
-    """Fields read through ``receiver.field`` (receiver may itself be dotted, e.g. ``sol.stats``)."""
+    """Fields read as ``receiver.field`` (the receiver may be dotted, e.g. ``sol.stats``)."""
     out: Dict[str, Set[str]] = {}
     for r in receivers:
         out[r] = set(re.findall(rf"(?<![\w.]){re.escape(r)}\.({IDENT})", code))

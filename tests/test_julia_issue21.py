@@ -6,6 +6,7 @@ the bridge's answer to each, so these tests fail if the Python half or the mirro
 Also: the MLP cache of the real session, ``is_available`` finding a juliapkg-installed Julia,
 the import-order warning and the CUDA-packages error, none of which start Julia.
 """
+
 import json
 import warnings
 
@@ -17,7 +18,11 @@ from torch import nn
 import pyneuralode as pn
 from pyneuralode.julia import _session
 from pyneuralode.julia._session import (
-    JuliaImportOrderWarning, JuliaNotAvailableError, JuliaSession, check_import_order, use_session,
+    JuliaImportOrderWarning,
+    JuliaNotAvailableError,
+    JuliaSession,
+    check_import_order,
+    use_session,
 )
 from pyneuralode.julia._standin import NativeStandIn, _columns
 
@@ -40,7 +45,7 @@ def _run(backend, f, y0, t, **kw):
     return sol, torch.autograd.grad(loss, (y0, f.A))
 
 
-# -- bug 4: backward in time ------------------------------------------------------------------------------------
+# -- bug 4: backward in time -----------------------------------------------------------------------
 def test_columns_match_times_in_the_requested_order():
     ts = [2.0, 1.5, 0.5, 0.0]
     assert _columns(sorted(ts), ts, 4) == [3, 2, 1, 0]  # what the adjoints but Backsolve return
@@ -48,8 +53,11 @@ def test_columns_match_times_in_the_requested_order():
     assert _columns(sorted(ts), ts, 2) == [3, 2]  # a partial solve: the first k requested times
 
 
-@pytest.mark.parametrize("sensealg", [None, pn.BacksolveAdjoint(), pn.QuadratureAdjoint()],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "sensealg",
+    [None, pn.BacksolveAdjoint(), pn.QuadratureAdjoint()],
+    ids=lambda s: type(s).__name__,
+)
 def test_backward_in_time_matches_native(sensealg):
     f = Field()
     y0 = torch.tensor([0.4, -0.7], dtype=D, requires_grad=True)
@@ -62,13 +70,18 @@ def test_backward_in_time_matches_native(sensealg):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
 
 
-# -- bug 5: tensor tolerances ---------------------------------------------------------------------------------------
+# -- bug 5: tensor tolerances ----------------------------------------------------------------------
 def test_tensor_tolerance_with_gradients_is_refused_before_the_solve():
     f = Field()
     y0 = torch.tensor([0.4, -0.7], dtype=D, requires_grad=True)
     fake = NativeStandIn()
-    with use_session(fake), pytest.raises(ValueError, match=r"atol: a tensor tolerance cannot be used with gradients"):
-        pn.solve(f, y0, [0.0, 1.0], backend="julia", rtol=1e-8, atol=torch.tensor([1e-10, 1e-9], dtype=D))
+    with (
+        use_session(fake),
+        pytest.raises(ValueError, match=r"atol: a tensor tolerance cannot be used with gradients"),
+    ):
+        pn.solve(
+            f, y0, [0.0, 1.0], backend="julia", rtol=1e-8, atol=torch.tensor([1e-10, 1e-9], dtype=D)
+        )
     assert fake.calls["forward"] == 0
 
 
@@ -87,17 +100,24 @@ def test_tensor_tolerance_without_gradients_works():
 
 def test_standin_backward_refuses_array_tolerances_like_the_bridge():
     fake = NativeStandIn()
-    cb = type("CB", (), {"f": staticmethod(lambda out, u, p, t: out.__setitem__(slice(None), -u))})()
+    cb = type(
+        "CB", (), {"f": staticmethod(lambda out, u, p, t: out.__setitem__(slice(None), -u))}
+    )()
     rhs = fake.callback_rhs(cb, "float64", jac=False)
-    ys, rc, _, handle = fake.forward(rhs, np.ones(2), np.zeros(1), [0.0, 1.0], abstol=np.array([1e-9, 1e-9]))
+    ys, rc, _, handle = fake.forward(
+        rhs, np.ones(2), np.zeros(1), [0.0, 1.0], abstol=np.array([1e-9, 1e-9])
+    )
     assert rc == "Success"
     with pytest.raises(ValueError, match="array abstol/reltol"):
         fake.backward(handle, np.ones((2, 2)))
 
 
-# -- bug 6: fixed-step methods with the checkpointed adjoints ---------------------------------------------------------
-@pytest.mark.parametrize("sensealg", [None, pn.InterpolatingAdjoint(), pn.QuadratureAdjoint()],
-                         ids=lambda s: type(s).__name__)
+# -- bug 6: fixed-step methods with the checkpointed adjoints --------------------------------------
+@pytest.mark.parametrize(
+    "sensealg",
+    [None, pn.InterpolatingAdjoint(), pn.QuadratureAdjoint()],
+    ids=lambda s: type(s).__name__,
+)
 def test_fixed_step_euler_gradients_with_checkpointed_adjoints(sensealg):
     f = Field()
     y0 = torch.tensor([0.4, -0.7], dtype=D, requires_grad=True)
@@ -115,12 +135,23 @@ def test_fixed_step_euler_gradients_with_checkpointed_adjoints(sensealg):
 
 def test_checkpoint_resolve_without_problem_dt_fails_like_ordinarydiffeq():
     fake = NativeStandIn()
-    cb = type("CB", (), {"f": staticmethod(lambda out, u, p, t: out.__setitem__(slice(None), -u)),
-                         "vjp": staticmethod(lambda du, dp, u, p, t, lam: (du.__setitem__(slice(None), -lam),
-                                                                          dp.__setitem__(slice(None), 0.0)))})()
+    cb = type(
+        "CB",
+        (),
+        {
+            "f": staticmethod(lambda out, u, p, t: out.__setitem__(slice(None), -u)),
+            "vjp": staticmethod(
+                lambda du, dp, u, p, t, lam: (
+                    du.__setitem__(slice(None), -lam),
+                    dp.__setitem__(slice(None), 0.0),
+                )
+            ),
+        },
+    )()
     rhs = fake.callback_rhs(cb, "float64", jac=False)
-    ys, rc, _, handle = fake.forward(rhs, np.ones(2), np.zeros(1), [0.0, 0.5], solver="Euler", dt=0.01,
-                                     adaptive=False)
+    ys, rc, _, handle = fake.forward(
+        rhs, np.ones(2), np.zeros(1), [0.0, 0.5], solver="Euler", dt=0.01, adaptive=False
+    )
     du0, _ = fake.backward(handle, np.ones((2, 2)))
     assert np.allclose(du0, 1 + np.exp(-0.5), rtol=1e-3)
     handle["problem_kwargs"]["dt"] = None  # the old bridge: dt only as a solve keyword
@@ -128,7 +159,7 @@ def test_checkpoint_resolve_without_problem_dt_fails_like_ordinarydiffeq():
         fake.backward(handle, np.ones((2, 2)))
 
 
-# -- bug 7: a failed solve ------------------------------------------------------------------------------------------
+# -- bug 7: a failed solve -------------------------------------------------------------------------
 def test_failed_backward_in_time_solve_returns_the_times_reached_in_order():
     f = lambda t, y: -y  # noqa: E731
     y0 = torch.ones(2, dtype=D, requires_grad=True)
@@ -144,7 +175,7 @@ def test_failed_backward_in_time_solve_returns_the_times_reached_in_order():
     assert torch.allclose(g, exact[:, 0].sum() * torch.ones(2, dtype=D), rtol=1e-4)
 
 
-# -- bug 8: the MLP is built once per generated code --------------------------------------------------------------
+# -- bug 8: the MLP is built once per generated code -----------------------------------------------
 class _FakeBridge:
     def __init__(self):
         self.built = []
@@ -169,13 +200,15 @@ def test_session_caches_the_translated_mlp():
     assert a is b and a is not c and len(bridge.built) == 2
 
 
-# -- stiff callback path: Jacobian-free adjoint -------------------------------------------------------------------------
+# -- stiff callback path: Jacobian-free adjoint ----------------------------------------------------
 def test_implicit_solver_with_gradients_uses_gmres():
     f = Field()
     y0 = torch.tensor([0.4, -0.7], dtype=D, requires_grad=True)
     fake = NativeStandIn()
     with use_session(fake):
-        sol = pn.solve(f, y0, [0.0, 0.5], solver=pn.Rodas5P(), backend="julia", rtol=1e-8, atol=1e-10)
+        sol = pn.solve(
+            f, y0, [0.0, 0.5], solver=pn.Rodas5P(), backend="julia", rtol=1e-8, atol=1e-10
+        )
         assert fake.last_forward_kwargs["linsolve"] == "gmres"
         torch.autograd.grad(sol.ys.sum(), y0)
         with torch.no_grad():
@@ -185,7 +218,7 @@ def test_implicit_solver_with_gradients_uses_gmres():
         assert fake.last_forward_kwargs["linsolve"] == "default"
 
 
-# -- starting Julia: availability, import order, CUDA packages ------------------------------------------------------------
+# -- starting Julia: availability, import order, CUDA packages -------------------------------------
 def _no_julia(monkeypatch, tmp_path):
     monkeypatch.setattr(_session, "juliacall_installed", lambda: True)
     for var in ("PYTHON_JULIACALL_EXE", "PYTHON_JULIAPKG_EXE"):

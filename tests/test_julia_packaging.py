@@ -7,6 +7,7 @@
   pyneuralode/julia/VERIFIED.md);
 * pyneuralode/julia/jl/ (package data, what a wheel install loads) holds the same bytes as julia/.
 """
+
 import json
 import re
 import tomllib
@@ -14,9 +15,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 JL = ROOT / "pyneuralode" / "julia" / "jl"
-REQUIRED = {"OrdinaryDiffEqTsit5", "OrdinaryDiffEqVerner", "OrdinaryDiffEqLowOrderRK", "OrdinaryDiffEqRosenbrock",
-            "OrdinaryDiffEqSDIRK", "OrdinaryDiffEqBDF", "SciMLSensitivity", "SciMLBase", "SteadyStateDiffEq",
-            "LinearSolve", "Zygote", "ChainRulesCore", "ADTypes", "PythonCall"}
+REQUIRED = {
+    "OrdinaryDiffEqTsit5",
+    "OrdinaryDiffEqVerner",
+    "OrdinaryDiffEqLowOrderRK",
+    "OrdinaryDiffEqRosenbrock",
+    "OrdinaryDiffEqSDIRK",
+    "OrdinaryDiffEqBDF",
+    "SciMLSensitivity",
+    "SciMLBase",
+    "SteadyStateDiffEq",
+    "LinearSolve",
+    "Zygote",
+    "ChainRulesCore",
+    "ADTypes",
+    "PythonCall",
+}
 OPTIONAL = {"CUDA", "DLPack"}
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # from the packages' own Project.toml files (repository@commit in pyneuralode/julia/VERIFIED.md)
@@ -96,8 +110,12 @@ def _used_packages(path):
 def test_bridge_uses_only_declared_packages():
     deps, weak = set(_toml()["deps"]), set(_toml()["weakdeps"])
     stdlib = {"LinearAlgebra", "Test"}
-    main = _used_packages(ROOT / "julia" / "PyNeuralODEBridge.jl") | _used_packages(ROOT / "julia" / "test" / "runtests.jl")
-    assert main <= deps | stdlib, main - deps - stdlib  # the CPU bridge never loads CUDA.jl/DLPack.jl
+    main = _used_packages(ROOT / "julia" / "PyNeuralODEBridge.jl") | _used_packages(
+        ROOT / "julia" / "test" / "runtests.jl"
+    )
+    assert main <= deps | stdlib, (
+        main - deps - stdlib
+    )  # the CPU bridge never loads CUDA.jl/DLPack.jl
     cuda = _used_packages(ROOT / "julia" / "PyNeuralODEBridgeCUDA.jl")
     assert cuda <= deps | weak, cuda - deps - weak
     assert {"CUDA", "DLPack"} <= cuda
@@ -132,5 +150,9 @@ def test_bridge_path_prefers_the_package_copy(monkeypatch):
 
 
 def test_package_data_lists_the_julia_files():
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pyneuralode"]
-    assert "julia/jl/*.jl" in data and "julia/juliapkg-cuda.json" in data and "juliapkg.json" in data
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["pyneuralode"]
+    assert (
+        "julia/jl/*.jl" in data and "julia/juliapkg-cuda.json" in data and "juliapkg.json" in data
+    )

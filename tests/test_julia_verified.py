@@ -4,6 +4,7 @@ with a package the environment declares (the table records where each was read i
 Julia cannot run here; this is the machine-checked half of that desk check: a name added to the
 bridge without being looked up (and listed) fails here, and so does a stale row.
 """
+
 import json
 import re
 import sys
@@ -32,19 +33,34 @@ def _rows():
 def _declared(cuda: bool):
     pk = set(json.loads((ROOT / "pyneuralode" / "juliapkg.json").read_text())["packages"])
     if cuda:
-        pk |= set(json.loads((ROOT / "pyneuralode" / "julia" / "juliapkg-cuda.json").read_text())["packages"])
+        pk |= set(
+            json.loads((ROOT / "pyneuralode" / "julia" / "juliapkg-cuda.json").read_text())[
+                "packages"
+            ]
+        )
     return pk | {"Base"}
 
 
 ROWS = _rows()
-NAMES = {(r["package"], r["name"]) for r in ROWS if r["kind"] in ("export", "public", "internal", "module")}
+NAMES = {
+    (r["package"], r["name"])
+    for r in ROWS
+    if r["kind"] in ("export", "public", "internal", "module")
+}
 KEYWORDS = {r["name"] for r in ROWS if r["kind"] == "keyword"}
 FIELDS = {r["name"] for r in ROWS if r["kind"] == "field"}
 
 
 def test_table_is_parsed_and_well_formed():
     assert len(ROWS) > 100
-    assert {r["kind"] for r in ROWS} <= {"export", "public", "internal", "module", "keyword", "field"}
+    assert {r["kind"] for r in ROWS} <= {
+        "export",
+        "public",
+        "internal",
+        "module",
+        "keyword",
+        "field",
+    }
     for r in ROWS:
         assert re.search(r"\.(jl|toml|md)\b|NEWS", r["source"]), r  # every row cites a file
     for r in ROWS:
@@ -57,7 +73,9 @@ def test_table_is_parsed_and_well_formed():
 @pytest.mark.parametrize("path", [BRIDGE, CUDA_FILE], ids=lambda p: p.name)
 def test_every_package_is_imported_by_name(path):
     for pkg, names in usings(read(path)):
-        assert pkg in STDLIB or names, f"{path.name}: `using {pkg}` brings unlisted names into scope; use `using {pkg}: ...`"
+        assert pkg in STDLIB or names, (
+            f"{path.name}: `using {pkg}` brings unlisted names into scope; use `using {pkg}: ...`"
+        )
 
 
 @pytest.mark.parametrize("path", [BRIDGE, CUDA_FILE], ids=lambda p: p.name)
@@ -93,7 +111,9 @@ def test_every_keyword_is_verified(path):
     missing = []
     for c in _callees(code):
         short = c.split(".")[-1]
-        missing += [f"{short}(; {k})" for k in keywords(code, c) if f"{short}(; {k})" not in KEYWORDS]
+        missing += [
+            f"{short}(; {k})" for k in keywords(code, c) if f"{short}(; {k})" not in KEYWORDS
+        ]
     # the implicit solvers are called through the IMPLICIT table
     implicit = re.search(r"const IMPLICIT = Dict\{String, Any\}\((.*?)\)\n", code, re.S)
     if implicit:
@@ -104,7 +124,9 @@ def test_every_keyword_is_verified(path):
     # keyword dictionaries splatted into solve / ODEFunction / ODEProblem, and hasproperty symbols
     for s in symbols(code):
         owners = {k.split("(")[0] for k in KEYWORDS if k.endswith(f"(; {s})")}
-        if not owners & {"solve", "ODEFunction", "ODEProblem"} and not any(f.endswith(f".{s}") for f in FIELDS):
+        if not owners & {"solve", "ODEFunction", "ODEProblem"} and not any(
+            f.endswith(f".{s}") for f in FIELDS
+        ):
             missing.append(f":{s}")
     assert not missing, f"not in VERIFIED.md: {missing}"
 
@@ -117,7 +139,11 @@ def test_every_solution_field_is_verified():
     stats_fields = {f.split(".")[1] for f in FIELDS if f.startswith("DEStats.")}
     assert got["sol"] | got["plain"] | got["solve(...)"] <= sol_fields, got
     assert got["sol.stats"] <= stats_fields
-    assert {"retcode", "t", "u", "stats", "original"} <= sol_fields and stats_fields == {"nf", "naccept", "nreject"}
+    assert {"retcode", "t", "u", "stats", "original"} <= sol_fields and stats_fields == {
+        "nf",
+        "naccept",
+        "nreject",
+    }
 
 
 def test_no_stale_rows():
@@ -131,7 +157,10 @@ def test_no_stale_rows():
 
 
 def test_checks_can_fail():
-    fake = strip_code('using Foo\nusing Bar: baz\nx = Bar.qux(1; k = 2, j)\ny = solve(p; nope = 1)\nz = :zap\n"""doc"""\n')
+    fake = strip_code(
+        'using Foo\nusing Bar: baz\nx = Bar.qux(1; k = 2, j)\n'
+        'y = solve(p; nope = 1)\nz = :zap\n"""doc"""\n'
+    )
     assert ("Foo", []) in usings(fake) and ("Bar", ["baz"]) in usings(fake)
     assert qualified(fake, {"Bar"}) == {("Bar", "qux")}
     assert keywords(fake, "Bar.qux") == {"k", "j"} and keywords(fake, "solve") == {"nope"}
