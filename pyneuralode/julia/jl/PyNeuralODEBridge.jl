@@ -250,11 +250,13 @@ _stats(sol) = sol.stats === nothing ? (0, 0, 0) :
 # -----------------------------------------------------------------------------------------------
 """
     forward(f, u0, p, ts; solver, ad, sensealg, checkpointing, abstol, reltol, dt, adaptive,
-            maxiters, dtmin, dtmax, quad_abstol, quad_reltol) -> (ys, retcode, (nf, naccept, nreject), back)
+            maxiters, dtmin, dtmax, quad_abstol, quad_reltol, linsolve)
+        -> (ys, retcode, (nf, naccept, nreject), back)
 
-Solve `du/dt = f(u, p, t)` saving at `ts` (first entry = start) under `Zygote.pullback`, so the
-SciMLSensitivity rrule of `solve` (with the explicit `sensealg`) is recorded. `ys` is the n×k
-`Array` of saved states; `back` is the opaque handle for [`backward`](@ref).
+Solve `du/dt = f(u, p, t)` saving at `ts` (first entry = start; increasing or decreasing) under
+`Zygote.pullback`, so the SciMLSensitivity rrule of `solve` (with the explicit `sensealg`) is
+recorded. `ys` is the n×k `Array` of saved states, column j at `ts[j]`; after a failed solve,
+k counts only the save times reached. `back` is the opaque handle for [`backward`](@ref).
 """
 function forward(f, u0, p, ts; solver::AbstractString = "Tsit5", ad::AbstractString = "finitediff",
         sensealg::AbstractString = "InterpolatingAdjoint", checkpointing::Bool = true,
