@@ -180,7 +180,7 @@ class NativeStandIn:
 
     def _checkpoint_resolves(self, handle):
         """Bug 6: re-solve each interval with the forward method, the problem's keywords and the
-        tolerances only (as interpolating_adjoint.jl:88-91 does); checks the re-solve agrees."""
+        tolerances only (as interpolating_adjoint.jl:88-91 does); each re-solve must succeed."""
         from ..solvers import Tsit5, lookup
 
         ys, ts, p, rhs, base = handle["ys"], handle["ts"], handle["p"], handle["rhs"], handle["opts"]
