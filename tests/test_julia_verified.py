@@ -158,7 +158,7 @@ def test_no_stale_rows():
 
 def test_checks_can_fail():
     fake = strip_code(
-        'using Foo\nusing Bar: baz\nx = Bar.qux(1; k = 2, j)\n'
+        "using Foo\nusing Bar: baz\nx = Bar.qux(1; k = 2, j)\n"
         'y = solve(p; nope = 1)\nz = :zap\n"""doc"""\n'
     )
     assert ("Foo", []) in usings(fake) and ("Bar", ["baz"]) in usings(fake)
@@ -166,3 +166,62 @@ def test_checks_can_fail():
     assert keywords(fake, "Bar.qux") == {"k", "j"} and keywords(fake, "solve") == {"nope"}
     assert "solve(; nope)" not in KEYWORDS and "zap" in symbols(fake)
     assert strip_code('a = "x # y" # c\nb = 1') == 'a = "" \nb = 1'
+
+
+def _julia_keywords(function):
+    code = read(BRIDGE)
+    m = re.search(rf"^function {function}\(([^;]*);(.*?)\)\n", code, re.M | re.S)
+    assert m, function
+    return {k.split("::")[0].split("=")[0].strip() for k in m.group(2).split(",") if k.strip()}
+
+
+def test_python_sends_only_keywords_the_bridge_accepts():
+    """The session protocol: every keyword the Python half can send exists on the Julia side
+    (a MethodError there otherwise) and on the stand-in, with the same names."""
+    import inspect
+
+    from pyneuralode.julia._standin import NativeStandIn
+
+    sent_forward = {
+        "solver",
+        "ad",
+        "sensealg",
+        "checkpointing",
+        "quad_reltol",
+        "quad_abstol",
+        "abstol",
+        "reltol",
+        "adaptive",
+        "maxiters",
+        "dt",
+        "dtmin",
+        "dtmax",
+        "linsolve",
+    }
+    sent_steady = {"solver", "ad", "abstol", "reltol", "maxiters"}
+    for name, sent in (("forward", sent_forward), ("steady", sent_steady)):
+        julia = _julia_keywords(name)
+        standin = {
+            p.name
+            for p in inspect.signature(getattr(NativeStandIn, name)).parameters.values()
+            if p.kind is p.KEYWORD_ONLY
+        }
+        assert sent <= julia, (name, sent - julia)
+        assert julia == standin, (name, julia ^ standin)
+
+
+def test_python_keyword_sources_are_covered():
+    # the keyword names the Python half builds, so the list above cannot silently go stale
+    import pyneuralode as pn
+    from pyneuralode._loop import LoopOptions
+    from pyneuralode.julia._options import sensealg_kwargs, solve_kwargs
+
+    kw = set(solve_kwargs(LoopOptions(dt=0.1, dtmin=1e-6, dtmax=1.0)))
+    for s in (
+        None,
+        pn.BacksolveAdjoint(),
+        pn.QuadratureAdjoint(),
+        pn.QuadratureAdjoint(quadrature="gauss-kronrod", rtol=1e-6, atol=1e-8),
+    ):
+        kw |= set(sensealg_kwargs(s))
+    assert kw | {"solver", "ad", "linsolve"} <= _julia_keywords("forward")
