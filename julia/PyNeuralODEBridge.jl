@@ -13,20 +13,31 @@
 #     solve and the adjoint run entirely in Julia (Zygote through Julia code), also on CUDA.jl
 #     arrays.
 #
-# Written from the SciML sources and docs (see docs in pyneuralode/julia/__init__.py for what
-# was verified where); julia/test/runtests.jl exercises it wherever Julia is installed.
+# Written from the SciML sources, never executed here (no Julia on the development machines):
+# every name, keyword and field used below is listed with the package, version and source line
+# it was read from in pyneuralode/julia/VERIFIED.md, and tests/test_julia_verified.py checks that
+# the table covers this file. julia/test/runtests.jl exercises it wherever Julia is installed.
 module PyNeuralODEBridge
 
 using LinearAlgebra
-using OrdinaryDiffEq
-using SciMLBase
-using SciMLSensitivity
-using SteadyStateDiffEq
+# OrdinaryDiffEq v7 exports only Tsit5, Vern6-9, Rosenbrock23, Rodas5P and FBDF
+# (OrdinaryDiffEq.jl@b211787 src/OrdinaryDiffEq.jl:132-135); every solver is imported from the
+# sub-package that defines and exports it, which works on the v6 (1.x) and v7 (2.x) sub-packages.
+using OrdinaryDiffEqTsit5: OrdinaryDiffEqTsit5, Tsit5
+using OrdinaryDiffEqVerner: OrdinaryDiffEqVerner, Vern7, Vern9
+using OrdinaryDiffEqLowOrderRK: OrdinaryDiffEqLowOrderRK, Euler, Midpoint, Heun, RK4, BS3, DP5
+using OrdinaryDiffEqRosenbrock: OrdinaryDiffEqRosenbrock, Rosenbrock23, Rodas4, Rodas5P
+using OrdinaryDiffEqSDIRK: OrdinaryDiffEqSDIRK, ImplicitEuler, TRBDF2, Kvaerno3, Kvaerno5, KenCarp4
+using OrdinaryDiffEqBDF: OrdinaryDiffEqBDF, FBDF, QNDF
+using SciMLBase: SciMLBase, ODEProblem, ODEFunction, SteadyStateProblem, solve
+using SciMLSensitivity: SciMLSensitivity, InterpolatingAdjoint, BacksolveAdjoint,
+    QuadratureAdjoint, GaussAdjoint, SteadyStateAdjoint, ZygoteVJP
+using SteadyStateDiffEq: SteadyStateDiffEq, DynamicSS
 using LinearSolve: KrylovJL_GMRES
-using Zygote
-using ChainRulesCore
+using Zygote: Zygote
+using ChainRulesCore: ChainRulesCore, NoTangent, ZeroTangent, AbstractZero, unthunk
 using ADTypes: AutoFiniteDiff, AutoForwardDiff
-using PythonCall
+using PythonCall: PythonCall, Py, pyconvert
 
 export TorchRHS, make_rhs, build_mlp, make_solver, make_sensealg, forward, backward, steady,
     steady_backward, versions
@@ -129,17 +140,22 @@ elu_torch(x) = x > 0 ? x : expm1(x)
 relu_torch(x) = max(zero(x), x)
 leakyrelu_torch(x, a) = x > 0 ? x : oftype(x, a) * x
 
+# One ODEFunction per generated code string: each `Core.eval` of an anonymous function makes a
+# new type, and a new type recompiles the solver, the adjoint and Zygote (bug 8).
+const MLP_CACHE = Dict{String, Any}()
+
 """
     build_mlp(code)
 
 Evaluate generated code `(u, p, t) -> ...` (plain array code on the flattened parameters) and
-wrap it in an out-of-place `ODEFunction`. Zygote differentiates it natively (no Python).
+wrap it in an out-of-place `ODEFunction`, cached by `code`. Zygote differentiates it natively.
 """
 function build_mlp(code::AbstractString)
     # Defined here, called only from later top-level calls (forward/steady), so the new
     # method is visible there (no world-age problem, no invokelatest inside Zygote).
-    f = Core.eval(@__MODULE__, Meta.parse(code))
-    return ODEFunction{false, SciMLBase.FullSpecialize}(f)
+    return get!(MLP_CACHE, String(code)) do
+        ODEFunction{false, SciMLBase.FullSpecialize}(Core.eval(@__MODULE__, Meta.parse(code)))
+    end
 end
 
 # -----------------------------------------------------------------------------------------------
@@ -154,25 +170,30 @@ const IMPLICIT = Dict{String, Any}(
     "Kvaerno5" => Kvaerno5, "KenCarp4" => KenCarp4, "FBDF" => FBDF, "QNDF" => QNDF)
 
 """
-    make_solver(name; ad="finitediff")
+    make_solver(name; ad="finitediff", linsolve="default")
 
 OrdinaryDiffEq algorithm by its SciML name. Implicit and Rosenbrock methods get
 `autodiff=AutoFiniteDiff()` (callback path: never ForwardDiff through Python; a supplied `jac`
 is used when the function has one) or `AutoForwardDiff()` (`ad="forwarddiff"`, native path only).
+`linsolve="gmres"` gives them `KrylovJL_GMRES()`: Jacobian-free Newton-Krylov, so the adjoint
+solve (which reuses this algorithm on the n+np adjoint state) never assembles a dense Jacobian.
 """
-function make_solver(name::AbstractString; ad::AbstractString = "finitediff")
+function make_solver(name::AbstractString; ad::AbstractString = "finitediff",
+        linsolve::AbstractString = "default")
     haskey(EXPLICIT, name) && return EXPLICIT[name]()
     if haskey(IMPLICIT, name)
         backend = ad == "finitediff" ? AutoFiniteDiff() :
                   ad == "forwarddiff" ? AutoForwardDiff() :
                   error("ad must be \"finitediff\" or \"forwarddiff\", got \"$ad\"")
-        return IMPLICIT[name](; autodiff = backend)
+        linsolve == "default" && return IMPLICIT[name](; autodiff = backend)
+        linsolve == "gmres" && return IMPLICIT[name](; autodiff = backend, linsolve = KrylovJL_GMRES())
+        error("linsolve must be \"default\" or \"gmres\", got \"$linsolve\"")
     end
     error("unknown solver \"$name\"; known: $(join(sort!(vcat(collect(keys(EXPLICIT)), collect(keys(IMPLICIT)))), ", "))")
 end
 
 """
-    make_sensealg(name; checkpointing=true, vjp="zygote", abstol=1e-6, reltol=1e-3)
+    make_sensealg(name; checkpointing=true, abstol=1e-6, reltol=1e-3)
 
 SciMLSensitivity algorithm by name, always with `autojacvec=ZygoteVJP()` (which reaches Python
 only through the `TorchRHS` rrule) and never the automatic choice (that would pick
@@ -191,6 +212,8 @@ end
 
 _tol(x, ::Type{T}) where {T} = x isa AbstractArray ? Vector{T}(vec(x)) : Float64(x)
 
+# `solve` keywords. They reach the forward solve and, through concrete_solve's `kwargs_init`, the
+# adjoint solve (SciMLSensitivity concrete_solve.jl:955-975, sensitivity_interface.jl:487-490).
 function _solve_kwargs(::Type{T}; abstol, reltol, dt, adaptive, maxiters, dtmin, dtmax) where {T}
     kw = Dict{Symbol, Any}(:abstol => _tol(abstol, T), :reltol => _tol(reltol, T),
         :adaptive => adaptive, :maxiters => Int(maxiters))
@@ -200,6 +223,25 @@ function _solve_kwargs(::Type{T}; abstol, reltol, dt, adaptive, maxiters, dtmin,
     return kw
 end
 
+# `dt`/`adaptive` also go on the problem (bug 6): the checkpoint re-solves of the interpolating
+# and Gauss adjoints call `solve(remake(sol.prob, ...), sol.alg; tols...)` with tolerances only
+# (interpolating_adjoint.jl:88-91, gauss_adjoint.jl:64-87), and `remake` keeps `prob.kwargs`
+# (concrete_solve.jl:572-590 keeps all but the save options).
+function _problem_kwargs(; dt, adaptive)
+    kw = Dict{Symbol, Any}(:adaptive => adaptive)
+    dt === nothing || (kw[:dt] = Float64(dt))
+    return kw
+end
+
+# Columns of the saved states in the order of `ts` (bug 4): the continuous adjoints but
+# BacksolveAdjoint return `sol(sort(saveat))` (concrete_solve.jl:752-757), BacksolveAdjoint the
+# solver's save order (:715-719); matching times covers both. `k`: save times reached.
+_columns(solt, ts, k) = [argmin(abs.(solt .- t)) for t in view(ts, 1:k)]
+
+# Save times reached by a failed solve (bug 7): concrete_solve interpolates `sol(ts)` at every
+# save time, past the failure too, so a plain (non-AD) solve counts the points really saved.
+_reached(prob, alg, u0, p, ts, kw) = length(solve(prob, alg; u0, p, saveat = ts, kw...).t)
+
 _stats(sol) = sol.stats === nothing ? (0, 0, 0) :
               (Int(sol.stats.nf), Int(sol.stats.naccept), Int(sol.stats.nreject))
 
@@ -208,35 +250,54 @@ _stats(sol) = sol.stats === nothing ? (0, 0, 0) :
 # -----------------------------------------------------------------------------------------------
 """
     forward(f, u0, p, ts; solver, ad, sensealg, checkpointing, abstol, reltol, dt, adaptive,
-            maxiters, dtmin, dtmax, quad_abstol, quad_reltol) -> (ys, retcode, (nf, naccept, nreject), back)
+            maxiters, dtmin, dtmax, quad_abstol, quad_reltol, linsolve)
+        -> (ys, retcode, (nf, naccept, nreject), back)
 
-Solve `du/dt = f(u, p, t)` saving at `ts` (first entry = start) under `Zygote.pullback`, so the
-SciMLSensitivity rrule of `solve` (with the explicit `sensealg`) is recorded. `ys` is the n×k
-`Array` of saved states; `back` is the opaque handle for [`backward`](@ref).
+Solve `du/dt = f(u, p, t)` saving at `ts` (first entry = start; increasing or decreasing) under
+`Zygote.pullback`, so the SciMLSensitivity rrule of `solve` (with the explicit `sensealg`) is
+recorded. `ys` is the n×k `Array` of saved states, column j at `ts[j]`; after a failed solve,
+k counts only the save times reached. `back` is the opaque handle for [`backward`](@ref).
 """
 function forward(f, u0, p, ts; solver::AbstractString = "Tsit5", ad::AbstractString = "finitediff",
         sensealg::AbstractString = "InterpolatingAdjoint", checkpointing::Bool = true,
         abstol = 1e-9, reltol = 1e-6, dt = nothing, adaptive::Bool = true, maxiters::Integer = 100_000,
-        dtmin = nothing, dtmax = nothing, quad_abstol::Real = 1e-6, quad_reltol::Real = 1e-3)
+        dtmin = nothing, dtmax = nothing, quad_abstol::Real = 1e-6, quad_reltol::Real = 1e-3,
+        linsolve::AbstractString = "default")
     u0j = _asvector(u0)
     T = eltype(u0j)
     pj = _asvector(p, T)
     tsj = Vector{Float64}(ts)
-    alg = make_solver(solver; ad)
+    alg = make_solver(solver; ad, linsolve)
     sense = make_sensealg(sensealg; checkpointing, abstol = quad_abstol, reltol = quad_reltol)
     kw = _solve_kwargs(T; abstol, reltol, dt, adaptive, maxiters, dtmin, dtmax)
-    prob = ODEProblem(f, u0j, (tsj[1], tsj[end]), pj)
+    prob = ODEProblem(f, u0j, (tsj[1], tsj[end]), pj; _problem_kwargs(; dt, adaptive)...)
     holder = Ref{Any}(nothing)
     function run(u0_, p_)
         sol = solve(prob, alg; u0 = u0_, p = p_, saveat = tsj, sensealg = sense, kw...)
-        ChainRulesCore.ignore_derivatives() do
+        idx = ChainRulesCore.ignore_derivatives() do
             holder[] = sol
+            ok = SciMLBase.successful_retcode(sol.retcode)
+            _columns(sol.t, tsj, ok ? length(tsj) : _reached(prob, alg, u0_, p_, tsj, kw))
         end
-        return Array(sol)
+        return Array(sol)[:, idx]  # Zygote scatters the cotangent back through the indexing
     end
-    ys, back = Zygote.pullback(run, u0j, pj)
+    # Tensor tolerances cannot reach the adjoint solve, whose state is longer (bug 5): the
+    # backward pass refuses them with a clear message (Python refuses them before the solve).
+    vector_tols = abstol isa AbstractArray || reltol isa AbstractArray
+    local ys, back
+    try
+        ys, back = Zygote.pullback(run, u0j, pj)
+    catch err
+        # A failed solve whose save points cannot all be interpolated may throw inside the rrule:
+        # return the partial trajectory of a plain solve (no gradient) with its retcode (bug 7).
+        plain = solve(prob, alg; saveat = tsj, kw...)
+        SciMLBase.successful_retcode(plain.retcode) && rethrow()
+        ys = Array(plain)
+        handle = (back = nothing, like = ys, vector_tols = vector_tols)
+        return ys, string(plain.retcode), _stats(plain), handle
+    end
     sol = holder[]
-    return ys, string(sol.retcode), _stats(sol), (back = back, like = ys)
+    return ys, string(sol.retcode), _stats(sol), (back = back, like = ys, vector_tols = vector_tols)
 end
 
 """
@@ -246,6 +307,12 @@ Cotangents `G` (n×k, one column per saved state) through the pullback recorded 
 [`forward`](@ref): SciMLSensitivity solves the adjoint ODE with jumps at the save points.
 """
 function backward(handle, G)
+    handle.vector_tols && throw(ArgumentError(
+        "backward: array abstol/reltol cannot be used for gradients: SciMLSensitivity passes " *
+        "them to the adjoint solve, whose state is longer; use scalar tolerances"))
+    handle.back === nothing && throw(ArgumentError(
+        "backward: the forward solve failed and its save points could not be interpolated; " *
+        "there is no gradient through it"))
     Gj = copyto!(similar(handle.like), _asmatrix(G))  # same array type and device as ys
     du0, dp = handle.back(Gj)
     T = eltype(Gj)
@@ -261,11 +328,12 @@ Steady state of `dz/dt = f(z, p, t)` with `DynamicSS(solver)` (integrate until t
 dense-Jacobian (ForwardDiff) branch is never taken.
 """
 function steady(f, z0, p; solver::AbstractString = "Tsit5", ad::AbstractString = "finitediff",
-        abstol::Real = 1e-8, reltol::Real = 1e-6, maxiters::Integer = 100_000)
+        abstol::Real = 1e-8, reltol::Real = 1e-6, maxiters::Integer = 100_000,
+        linsolve::AbstractString = "default")
     z0j = _asvector(z0)
     T = eltype(z0j)
     pj = _asvector(p, T)
-    alg = DynamicSS(make_solver(solver; ad))
+    alg = DynamicSS(make_solver(solver; ad, linsolve))
     sense = make_sensealg("SteadyStateAdjoint")
     prob = SteadyStateProblem(f, z0j, pj)
     holder = Ref{Any}(nothing)
@@ -298,8 +366,13 @@ end
 """Versions of the loaded packages and the thread count, for `python -m pyneuralode.julia doctor`."""
 function versions()
     pkgs = Dict{String, String}()
-    for (name, mod) in ("OrdinaryDiffEq" => OrdinaryDiffEq, "SciMLSensitivity" => SciMLSensitivity,
-        "SciMLBase" => SciMLBase, "SteadyStateDiffEq" => SteadyStateDiffEq, "Zygote" => Zygote,
+    for (name, mod) in ("OrdinaryDiffEqTsit5" => OrdinaryDiffEqTsit5,
+        "OrdinaryDiffEqVerner" => OrdinaryDiffEqVerner,
+        "OrdinaryDiffEqLowOrderRK" => OrdinaryDiffEqLowOrderRK,
+        "OrdinaryDiffEqRosenbrock" => OrdinaryDiffEqRosenbrock,
+        "OrdinaryDiffEqSDIRK" => OrdinaryDiffEqSDIRK, "OrdinaryDiffEqBDF" => OrdinaryDiffEqBDF,
+        "SciMLSensitivity" => SciMLSensitivity, "SciMLBase" => SciMLBase,
+        "SteadyStateDiffEq" => SteadyStateDiffEq, "Zygote" => Zygote,
         "ChainRulesCore" => ChainRulesCore, "PythonCall" => PythonCall)
         v = pkgversion(mod)
         pkgs[name] = v === nothing ? "unknown" : string(v)

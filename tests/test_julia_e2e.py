@@ -19,7 +19,7 @@ def session():
     from pyneuralode.julia._session import get_session, juliacall_installed
 
     if not juliacall_installed():
-        pytest.skip('Julia not available: juliacall is not installed (pip install "pyneuralode[julia]")')
+        pytest.skip('Julia not available: juliacall is not installed (pip install -e ".[julia]")')
     try:
         return get_session()
     except Exception as e:  # noqa: BLE001
@@ -121,3 +121,60 @@ def test_cuda_native_path(session):
     t = torch.linspace(0, 1, 4, dtype=D)
     sol = _compare(pn.julia.Autonomous(net), y0, t, dict())
     assert sol.ys.is_cuda and sol.stats["path"] == "native"
+
+
+# -- issue 21: the behaviours behind bugs 4-8, on the real Julia side ---------------------------------------------------
+@pytest.mark.parametrize("sensealg", [None, pn.BacksolveAdjoint(), pn.QuadratureAdjoint()], ids=lambda s: repr(s))
+def test_backward_in_time(session, sensealg):
+    y0 = torch.tensor([1.0, 0.5], dtype=D, requires_grad=True)
+    t = torch.tensor([1.5, 1.0, 0.2, 0.0], dtype=D)  # SciMLSensitivity sorts saveat (bug 4)
+    _compare(Field(), y0, t, dict(sensealg=sensealg), dict())
+
+
+@pytest.mark.parametrize("sensealg", [None, pn.QuadratureAdjoint()], ids=lambda s: repr(s))
+def test_fixed_step_euler_gradients(session, sensealg):
+    y0 = torch.tensor([1.0, 0.5], dtype=D, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=D)
+    kw = dict(solver=pn.Euler(), adaptive=False, dt=1e-3)  # checkpoint re-solves need dt (bug 6)
+    f = Field()
+    ref = pn.solve(f, y0, t, **kw)
+    gref = torch.autograd.grad(ref.ys.sum(), (y0, f.A))
+    sol = pn.solve(f, y0, t, backend="julia", sensealg=sensealg, **kw)
+    g = torch.autograd.grad(sol.ys.sum(), (y0, f.A))
+    assert torch.allclose(sol.ys, ref.ys, atol=1e-10)
+    for a, b in zip(g, gref):  # continuous adjoint vs discrete: O(dt)
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_tensor_tolerances(session):
+    f = Field()
+    y0 = torch.tensor([1.0, 0.5], dtype=D)
+    atol = torch.tensor([1e-11, 1e-10], dtype=D)
+    with torch.no_grad():
+        sol = pn.solve(f, y0, [0.0, 1.0], backend="julia", rtol=1e-9, atol=atol)
+        ref = pn.solve(f, y0, [0.0, 1.0], rtol=1e-9, atol=atol)
+    assert torch.allclose(sol.ys, ref.ys, atol=1e-7)
+    with pytest.raises(ValueError, match="atol"):  # bug 5
+        pn.solve(f, y0.requires_grad_(), [0.0, 1.0], backend="julia", rtol=1e-9, atol=atol)
+
+
+def test_failure_returns_partial_solution(session):
+    f = lambda t, y: -y  # noqa: E731
+    t = torch.linspace(0, 50, 11, dtype=D)
+    sol = pn.solve(f, torch.ones(2, dtype=D), t, backend="julia", max_steps=20, rtol=1e-12, atol=1e-14,
+                   throw=False)  # bug 7: no extrapolation past the failure
+    k = sol.ys.shape[0]
+    assert sol.retcode == "MaxIters" and 1 <= k < 11
+    assert torch.allclose(sol.ys, torch.exp(-t[:k])[:, None].expand(k, 2), rtol=1e-6)
+
+
+def test_native_mlp_is_built_once(session):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    y0 = torch.tensor([1.0, 0.5], dtype=D)
+    pn.solve(pn.julia.Autonomous(net), y0, [0.0, 1.0], backend="julia")
+    before = len(session._mlp)
+    with torch.no_grad():
+        net[0].weight.mul_(0.5)
+    pn.solve(pn.julia.Autonomous(net), y0, [0.0, 1.0], backend="julia")  # bug 8: no new function type
+    assert len(session._mlp) == before

@@ -63,7 +63,7 @@ def test_backend_julia_without_julia_says_how_to_install():
     with pytest.raises(JuliaNotAvailableError) as e:
         pn.solve(f, torch.ones(2, dtype=D), [0.0, 1.0], backend="julia")
     msg = str(e.value)
-    assert 'pip install "pyneuralode[julia]"' in msg and "pyneuralode.julia.install()" in msg
+    assert 'pip install -e ".[julia]"' in msg and "pyneuralode.julia.install()" in msg
     assert isinstance(e.value, ImportError)
 
 

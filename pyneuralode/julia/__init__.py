@@ -21,8 +21,10 @@ __all__ = ["is_available", "install", "doctor", "Autonomous", "JuliaNotAvailable
 def install(cuda: bool = False, precompile: bool = True) -> None:
     """Resolve the Julia environment (juliapkg: Julia itself plus the packages in
     ``pyneuralode/juliapkg.json``), precompile it and load the bridge once, so later sessions
-    start from the precompile cache. ``cuda=True`` also loads CUDA.jl and DLPack.jl.
-    Needs network access the first time.
+    start from the precompile cache. ``cuda=True`` also adds CUDA.jl and DLPack.jl (from
+    ``pyneuralode/julia/juliapkg-cuda.json``; CPU users never install them) and loads them.
+    Needs network access the first time. The first solve of each kind still compiles for a
+    while (see the README: first-call latency, precompile workload, sysimage).
     """
     from ._session import get_session, juliacall_installed
 
@@ -30,12 +32,23 @@ def install(cuda: bool = False, precompile: bool = True) -> None:
         raise JuliaNotAvailableError(f"juliacall is not installed; {INSTALL_HINT}")
     import juliapkg
 
+    if cuda:
+        for name, spec in cuda_packages().items():
+            juliapkg.add(name, spec["uuid"], version=spec["version"])
     juliapkg.resolve()
     if precompile:
         s = get_session()
         if cuda:
             s.cuda()
         print("pyneuralode.julia: Julia", s.versions()[0], "ready")
+
+
+def cuda_packages() -> dict:
+    """The optional CUDA packages: ``{name: {"uuid", "version"}}`` from ``juliapkg-cuda.json``."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parent / "juliapkg-cuda.json").read_text())["packages"]
 
 
 def doctor(print_fn=print) -> dict:

@@ -126,6 +126,19 @@ class JuliaODEFunction(torch.autograd.Function):
         return g_y0, g_p, None
 
 
+def _check_gradient_tolerances(kw) -> None:
+    """Tensor tolerances cannot be used with gradients: SciMLSensitivity passes the solve's
+    ``abstol``/``reltol`` on to the adjoint solve (concrete_solve.jl:955-975), whose state is
+    longer than ``y0`` (n+np or 2n+np), and Julia fails there."""
+    for name, key in (("atol", "abstol"), ("rtol", "reltol")):
+        if isinstance(kw.get(key), np.ndarray):
+            raise ValueError(
+                f"{name}: a tensor tolerance cannot be used with gradients on backend='julia' "
+                f"(SciMLSensitivity reuses the solve's tolerances for the adjoint solve, whose state is longer); "
+                f"pass a float, e.g. {name}=float({name}.min()), solve under torch.no_grad(), or use backend='torch'"
+            )
+
+
 def _native_spec(problem) -> Optional[list]:
     if problem.args or problem.is_tuple:
         return None
@@ -186,6 +199,13 @@ def solve(problem, solver, sensealg, opts, throw: bool = True, *, session=None, 
         f0 = problem.call(ts[0], y0).detach()
         y0_in = y0 - (ts[0] - ts[0].detach()).to(y0.dtype) * f0
     need_grad = torch.is_grad_enabled() and (y0_in.requires_grad or pflat.requires_grad)
+    if need_grad:
+        _check_gradient_tolerances(kw)
+        if stats["path"] == "callback" and is_implicit(name):
+            # The adjoint solve reuses this implicit algorithm on the n+np adjoint state; a dense
+            # Jacobian of it costs n+np Python VJPs. GMRES keeps it Jacobian-free (one VJP per
+            # Krylov iteration).
+            run.kwargs["linsolve"] = "gmres"
     if need_grad:
         ys = JuliaODEFunction.apply(y0_in, pflat, run)
         retcode = run.retcode

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import os
 
-from ._session import INSTALL_HINT, bridge_path, julia_executable_hint, juliacall_installed
+from ._session import (
+    INSTALL_HINT, bridge_path, julia_executable_hint, juliacall_installed, juliapkg_julia, juliapkg_project,
+)
 
 
 def run(print_fn=print, start: bool | None = None) -> dict:
     """Collect and print a report; starts Julia only when juliacall and a Julia are present
     (``start=None``) — set ``start=False`` to never start it."""
-    info: dict = {"juliacall": None, "julia_executable": julia_executable_hint(), "bridge": None,
+    info: dict = {"juliacall": None, "julia_executable": julia_executable_hint() or juliapkg_julia(), "bridge": None,
                   "julia_version": None, "threads": None, "packages": {}, "cuda": None, "error": None}
     try:
         info["bridge"] = str(bridge_path())
@@ -43,7 +44,7 @@ def run(print_fn=print, start: bool | None = None) -> dict:
     lines.append(f"  juliacall:        {info['juliacall'] or 'NOT installed'}")
     lines.append(f"  julia executable: {info['julia_executable'] or 'none on PATH / PYTHON_JULIACALL_EXE (juliapkg may download one)'}")
     lines.append(f"  bridge module:    {info['bridge']}")
-    lines.append(f"  juliapkg project: {os.environ.get('PYTHON_JULIAPKG_PROJECT', '(default)')}")
+    lines.append(f"  juliapkg project: {juliapkg_project()}")
     if info["julia_version"]:
         lines.append(f"  Julia version:    {info['julia_version']}")
         lines.append(f"  Julia threads:    {info['threads']}")

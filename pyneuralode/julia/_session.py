@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 INSTALL_HINT = (
-    'install it with: pip install "pyneuralode[julia]", then '
-    'python -c "import pyneuralode; pyneuralode.julia.install()" (downloads Julia and the SciML packages once, '
-    "then precompiles them)"
+    'install it with: pip install -e ".[julia]" in a pyneuralode checkout (there is no release on PyPI '
+    'yet), then python -c "import pyneuralode; pyneuralode.julia.install()" (downloads Julia and the SciML '
+    "packages once, then precompiles them)"
 )
 
 
@@ -31,16 +34,25 @@ class JuliaNotAvailableError(ImportError):
     """The Julia backend cannot start (juliacall or Julia missing, or the environment failed)."""
 
 
+class JuliaImportOrderWarning(RuntimeWarning):
+    """juliacall is started after torch was imported (PythonCall's FAQ: import juliacall first)."""
+
+
 _SESSION = None
 _OVERRIDE = None
 
+#: the Julia files shipped in the wheel (package data); julia/ at the repository root holds the
+#: same bytes (tests/test_julia_packaging.py keeps the two in sync)
+JL_DIR = Path(__file__).resolve().parent / "jl"
+
 
 def bridge_path(name: str = "PyNeuralODEBridge.jl") -> Path:
-    """Where the Julia module lives: ``$PYNEURALODE_JULIA_BRIDGE`` (a folder), else the repository's ``julia/``."""
+    """Where the Julia module lives: ``$PYNEURALODE_JULIA_BRIDGE`` (a folder), else the installed
+    package's ``pyneuralode/julia/jl/``, else the repository's ``julia/``."""
     env = os.environ.get("PYNEURALODE_JULIA_BRIDGE")
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve().parent
-    candidates += [here / "jl", here.parent.parent / "julia"]
+    candidates += [JL_DIR, here.parent.parent / "julia"]
     for c in candidates:
         if (c / name).is_file():
             return c / name
@@ -62,25 +74,50 @@ def julia_executable_hint() -> Optional[str]:
     return shutil.which("julia")
 
 
+def juliapkg_project() -> Path:
+    """The Julia environment juliapkg uses, computed as pyjuliapkg does without importing it
+    (pyjuliapkg@0aa8af1 src/juliapkg/state.py:54-86: ``PYTHON_JULIAPKG_PROJECT``, else
+    ``<venv or conda prefix>/julia_env``, else ``<depot>/environments/pyjuliapkg``)."""
+    project = os.environ.get("PYTHON_JULIAPKG_PROJECT")
+    if project:
+        return Path(project)
+    prefix = sys.prefix if sys.prefix != sys.base_prefix else os.environ.get("CONDA_PREFIX")
+    if prefix:
+        return Path(prefix).resolve() / "julia_env"
+    depot = os.environ.get("JULIA_DEPOT_PATH", "").split(";" if os.name == "nt" else ":")[0]
+    depot = depot or os.path.join(os.path.expanduser("~"), ".julia")
+    return Path(depot).resolve() / "environments" / "pyjuliapkg"
+
+
+def juliapkg_julia() -> Optional[str]:
+    """A Julia that juliapkg found or installed earlier, read from its files (starts nothing).
+
+    ``meta.json`` records the executable of the last resolve (pyjuliapkg deps.py:551-560);
+    juliapkg installs Julia into ``<project>/pyjuliapkg/install`` (state.py:91, find_julia.py:60).
+    """
+    prefix = juliapkg_project() / "pyjuliapkg"
+    try:
+        exe = json.loads((prefix / "meta.json").read_text()).get("executable")
+        if exe and os.path.isfile(exe):
+            return str(exe)
+    except (OSError, ValueError, AttributeError):
+        pass
+    exe = prefix / "install" / "bin" / ("julia.exe" if os.name == "nt" else "julia")
+    return str(exe) if exe.is_file() else None
+
+
 def is_available() -> bool:
     """True when juliacall is installed and a Julia is known (or a session already runs).
 
-    Cheap: starts nothing. (juliapkg may still download Julia on first start if none is on PATH;
-    ``pyneuralode.julia.install()`` does that ahead of time.)
+    Cheap: starts nothing and imports neither juliacall nor juliapkg. A Julia is known when it
+    is configured (``PYTHON_JULIACALL_EXE``/``PYTHON_JULIAPKG_EXE``), on PATH, installed by
+    juliapkg earlier, or juliaup is on PATH (juliapkg then installs through it).
     """
     if _OVERRIDE is not None or _SESSION is not None:
         return True
     if not juliacall_installed():
         return False
-    if julia_executable_hint():
-        return True
-    try:  # a Julia juliapkg installed earlier
-        import juliapkg  # noqa: F401  (light: no Julia started)
-        from juliapkg import state  # type: ignore
-
-        return bool(getattr(state, "STATE", {}).get("executable"))
-    except Exception:  # noqa: BLE001
-        return False
+    return bool(julia_executable_hint() or juliapkg_julia() or shutil.which("juliaup"))
 
 
 class JuliaSession:
@@ -90,15 +127,21 @@ class JuliaSession:
         self.jl = jl_module
         self.bridge = bridge
         self._cuda = None
+        self._mlp = {}
 
     # -- right-hand sides ---------------------------------------------------------------------------
     def callback_rhs(self, cb, dtype: str, jac: bool = True, vjp: str = "rrule"):
         return self.bridge.make_rhs(cb, dtype, vjp=vjp, jac=jac)
 
     def mlp_rhs(self, spec):
+        # Cached by the generated code: a new Julia function type per call would recompile the
+        # solver, the adjoint and Zygote every time (bug 8; the bridge caches too).
         from ._mlp import julia_code
 
-        return self.bridge.build_mlp(julia_code(spec))
+        code = julia_code(spec)
+        if code not in self._mlp:
+            self._mlp[code] = self.bridge.build_mlp(code)
+        return self._mlp[code]
 
     # -- solves -------------------------------------------------------------------------------------
     def forward(self, rhs, u0, p, ts, **kw):
@@ -117,7 +160,14 @@ class JuliaSession:
     def cuda(self):
         """The CUDA/DLPack helper module (loaded on first use)."""
         if self._cuda is None:
-            self.jl.seval("Base.include")(self.jl, str(bridge_path("PyNeuralODEBridgeCUDA.jl")))
+            try:
+                self.jl.seval("Base.include")(self.jl, str(bridge_path("PyNeuralODEBridgeCUDA.jl")))
+            except Exception as e:  # noqa: BLE001
+                raise JuliaNotAvailableError(
+                    f"backend='julia' on CUDA tensors needs CUDA.jl and DLPack.jl, which failed to load "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install them with "
+                    f'python -c "import pyneuralode; pyneuralode.julia.install(cuda=True)"'
+                ) from e
             self._cuda = self.jl.PyNeuralODEBridgeCUDA
         return self._cuda
 
@@ -135,6 +185,7 @@ def get_session():
     if not juliacall_installed():
         raise JuliaNotAvailableError(f"backend='julia' needs juliacall, which is not installed; {INSTALL_HINT}")
     path = bridge_path()
+    check_import_order()
     try:
         import juliacall  # noqa: F401  (starts Julia; juliapkg resolves the environment first)
 
@@ -147,6 +198,30 @@ def get_session():
         raise JuliaNotAvailableError(f"backend='julia': starting Julia failed ({type(e).__name__}: {e}); {INSTALL_HINT}") from e
     _SESSION = JuliaSession(jl, bridge)
     return _SESSION
+
+
+def check_import_order(modules=None) -> bool:
+    """Warn when Julia is about to start after torch was imported; True when the order is safe.
+
+    PythonCall's FAQ (PythonCall.jl@34d3f55 docs/src/faq.md:52-64 and :66-87) asks for
+    ``import juliacall`` before ``import torch`` (heap corruption, #215) and before libraries that
+    load an older system ``libstdc++`` (#255; SciMLSensitivity loads Enzyme, whose LLVM needs a
+    recent one). pyneuralode imports torch itself, so the safe start is ``import juliacall`` as
+    the first import of the script; ``PYNEURALODE_JULIA_IMPORT_ORDER=ignore`` silences this.
+    """
+    modules = sys.modules if modules is None else modules
+    if "juliacall" in modules or "torch" not in modules:
+        return True
+    if os.environ.get("PYNEURALODE_JULIA_IMPORT_ORDER", "").lower() != "ignore":
+        warnings.warn(
+            "backend='julia': Julia is starting after torch was imported; PythonCall's FAQ reports heap "
+            "corruption and libstdc++ clashes in this order. If Julia crashes or fails to start, put "
+            "`import juliacall` before `import torch`/`import pyneuralode` in your script (set "
+            "PYNEURALODE_JULIA_IMPORT_ORDER=ignore to silence this warning)",
+            JuliaImportOrderWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 @contextlib.contextmanager

@@ -8,6 +8,16 @@ arrays, as ``TorchRHS`` does), and returns the same things (an n×k Fortran-orde
 a retcode string, a stats tuple, an opaque handle). Its backward pass is a backsolve adjoint
 driven only by ``cb.vjp``, so gradients through it test the callbacks, the marshalling and the
 autograd Function. Used by the tests and usable for debugging without Julia.
+
+It also reproduces the SciMLSensitivity behaviours behind the bridge's bugs 4-7, and the
+bridge's answer to each, so the Python half is tested against them:
+
+* 4: the adjoints but BacksolveAdjoint return the states in *sorted* time order; the bridge
+  (and this stand-in) reorders the columns by matching times (``_columns``);
+* 5: array tolerances reach the adjoint solve, whose state is longer: ``backward`` refuses them;
+* 6: the checkpoint re-solves of the interpolating/Gauss adjoints pass tolerances only, so a
+  fixed-step method finds ``dt`` only on the problem (``problem_kwargs``);
+* 7: a failed solve returns only the save times it reached, with its retcode.
 """
 from __future__ import annotations
 
@@ -22,6 +32,14 @@ from ._mlp import evaluate_spec
 from ._options import EXPLICIT_SOLVERS, IMPLICIT_SOLVERS, JULIA_SENSEALGS
 
 _NP = {"float64": np.float64, "float32": np.float32}
+#: methods without an error estimate (OrdinaryDiffEq: "Fixed timestep methods require a choice of dt")
+FIXED_STEP = ("Euler", "Midpoint", "Heun", "RK4")
+
+
+def _columns(solt, ts, k):
+    """The bridge's ``_columns``: for each of the first ``k`` requested times, its column in ``solt``."""
+    solt = np.asarray(solt, dtype=np.float64)
+    return [int(np.argmin(np.abs(solt - t))) for t in list(ts)[:k]]
 
 
 class NativeStandIn:
@@ -69,7 +87,7 @@ class NativeStandIn:
     # -- ODE ------------------------------------------------------------------------------------------
     def forward(self, rhs, u0, p, ts, *, solver="Tsit5", ad="finitediff", sensealg="InterpolatingAdjoint",
                 checkpointing=True, abstol=1e-9, reltol=1e-6, dt=None, adaptive=True, maxiters=100_000,
-                dtmin=None, dtmax=None, quad_abstol=1e-6, quad_reltol=1e-3):
+                dtmin=None, dtmax=None, quad_abstol=1e-6, quad_reltol=1e-3, linsolve="default"):
         from ..solvers import Tsit5, lookup
 
         self.calls["forward"] += 1
@@ -77,8 +95,13 @@ class NativeStandIn:
             raise ValueError(f'unknown solver "{solver}"')
         if sensealg not in JULIA_SENSEALGS:
             raise ValueError(f'unknown sensealg "{sensealg}"')
+        if linsolve not in ("default", "gmres"):
+            raise ValueError(f'linsolve must be "default" or "gmres", got "{linsolve}"')
+        if solver in FIXED_STEP and dt is None:
+            raise ValueError("Fixed timestep methods require a choice of dt or choosing the tstops")
         self.last_forward_kwargs = dict(solver=solver, ad=ad, sensealg=sensealg, checkpointing=checkpointing,
-                                        abstol=abstol, reltol=reltol, dt=dt, adaptive=adaptive, maxiters=maxiters)
+                                        abstol=abstol, reltol=reltol, dt=dt, adaptive=adaptive, maxiters=maxiters,
+                                        linsolve=linsolve)
         u0 = np.array(np.asarray(u0), copy=True).reshape(-1)  # Julia copies on entry
         p = np.array(np.asarray(p), dtype=u0.dtype, copy=True).reshape(-1)
         ts = [float(x) for x in np.asarray(ts, dtype=np.float64)]
@@ -100,8 +123,15 @@ class NativeStandIn:
             return torch.from_numpy(self._f(rhs, y.detach().numpy(), p, float(t)))
 
         loop = integrate(f, torch.from_numpy(u0), ts, native, opts, stats)
-        ys = np.asfortranarray(torch.stack(loop.ys).numpy().T)  # n×k, column-major like Julia's Array
-        handle = {"rhs": rhs, "ys": ys, "ts": ts[: ys.shape[1]], "p": p, "opts": opts}
+        solved = torch.stack(loop.ys).numpy().T  # n×k in the order of ts, k = save times reached
+        k = solved.shape[1]
+        # what SciMLSensitivity hands back: sorted save times except for BacksolveAdjoint (bug 4)
+        order = list(range(k)) if sensealg == "BacksolveAdjoint" else sorted(range(k), key=lambda j: ts[j])
+        sol_t, sol_u = [ts[j] for j in order], solved[:, order]
+        ys = np.asfortranarray(sol_u[:, _columns(sol_t, ts, k)])  # the bridge's reordering
+        handle = {"rhs": rhs, "ys": ys, "ts": ts[:k], "p": p, "opts": opts, "solver": solver,
+                  "sensealg": sensealg, "problem_kwargs": {"dt": dt, "adaptive": adaptive},
+                  "vector_tols": bool(np.ndim(abstol) or np.ndim(reltol))}
         return ys, loop.retcode.value, (stats["nfe"], stats["naccept"], stats["nreject"]), handle
 
     @staticmethod
@@ -115,11 +145,16 @@ class NativeStandIn:
         from ..solvers import Tsit5
 
         self.calls["backward"] += 1
+        if handle["vector_tols"]:  # bug 5, as the bridge's backward refuses them
+            raise ValueError("backward: array abstol/reltol cannot be used for gradients: SciMLSensitivity passes "
+                             "them to the adjoint solve, whose state is longer; use scalar tolerances")
         G = np.asarray(G)
         ys, ts, p, rhs = handle["ys"], handle["ts"], handle["p"], handle["rhs"]
         n, k = ys.shape
         if G.shape != (n, k):
             raise ValueError(f"cotangent must be n×k = {(n, k)}, got {G.shape}")
+        if handle["sensealg"] in ("InterpolatingAdjoint", "GaussAdjoint"):
+            self._checkpoint_resolves(handle)
         lam = G[:, k - 1].astype(ys.dtype).copy()
         mu = np.zeros_like(p)
         base = handle["opts"]
@@ -143,8 +178,31 @@ class NativeStandIn:
             mu = xe[2 * n :]
         return lam.copy(), mu.copy()
 
+    def _checkpoint_resolves(self, handle):
+        """Bug 6: re-solve each interval with the forward method, the problem's keywords and the
+        tolerances only (as interpolating_adjoint.jl:88-91 does); each re-solve must succeed."""
+        from ..solvers import Tsit5, lookup
+
+        ys, ts, p, rhs, base = handle["ys"], handle["ts"], handle["p"], handle["rhs"], handle["opts"]
+        pk = handle["problem_kwargs"]
+        if handle["solver"] in FIXED_STEP and pk["dt"] is None:
+            raise ValueError("Fixed timestep methods require a choice of dt or choosing the tstops")
+        try:
+            cls = lookup(handle["solver"])
+        except ValueError:
+            cls = Tsit5
+        solver = Tsit5() if handle["solver"] in IMPLICIT_SOLVERS else cls()
+        opts = LoopOptions(rtol=base.rtol, atol=base.atol, dt=pk["dt"], adaptive=pk["adaptive"],
+                           max_steps=base.max_steps, dense=False)
+        f = lambda t, y: torch.from_numpy(self._f(rhs, y.numpy(), p, float(t)))  # noqa: E731
+        for j in range(1, ys.shape[1]):
+            loop = integrate(f, torch.from_numpy(ys[:, j - 1].copy()), [ts[j - 1], ts[j]], solver, opts, {})
+            if not loop.retcode.successful:
+                raise RuntimeError(f"checkpoint re-solve failed on [{ts[j - 1]}, {ts[j]}]: {loop.retcode.value}")
+
     # -- steady state -----------------------------------------------------------------------------------
-    def steady(self, rhs, z0, p, *, solver="Tsit5", ad="finitediff", abstol=1e-8, reltol=1e-6, maxiters=100_000):
+    def steady(self, rhs, z0, p, *, solver="Tsit5", ad="finitediff", abstol=1e-8, reltol=1e-6, maxiters=100_000,
+               linsolve="default"):
         """DynamicSS: integrate over doubling intervals until ‖F‖∞ ≤ abstol or ≤ reltol‖z + F‖∞."""
         from ..solvers import Tsit5
 

@@ -108,7 +108,7 @@ def _julia_steady_state(f_module, z0, args, solver, sensealg, abstol, reltol):
     except ImportError as exc:
         raise ImportError(
             "backend='julia': the Julia backend is not available (" + str(exc) + "). Install it with "
-            "`pip install 'pyneuralode[julia]'` (juliacall), then run `python -m pyneuralode.julia doctor`; "
+            "`pip install -e '.[julia]'` in a pyneuralode checkout (juliacall), then run `python -m pyneuralode.julia doctor`; "
             "or use backend='torch' (the native engine, the default)."
         ) from exc
     fn = getattr(_backend, "steady_state", None)
