@@ -108,7 +108,7 @@ class CDEQNet(nn.Module):
         if kind not in MODELS:
             raise ValueError(f"--models: unknown model {kind!r}; choose from {', '.join(MODELS)}")
         self.enc = nn.Linear(784, WIDTH)
-        kw = dict(abstol=tol, reltol=tol, throw=False)
+        kw = {"abstol": tol, "reltol": tol, "throw": False}
         if kind == "vanilla":
             self.deq = pn.DEQ(Block(), solver, sensealg, **kw)
         elif kind == "jacreg":
@@ -249,12 +249,12 @@ def summarise(metrics, results):
 
 
 def table(metrics, kinds) -> str:
-    lines = ["| model | params | test acc % (ours) | paper | test NFE (ours) | paper | train min/epoch (ours) "
-             "| paper (min, 25 epochs) | predict s/batch (ours) | paper |",
+    lines = [("| model | params | test acc % (ours) | paper | test NFE (ours) | paper | train min/epoch (ours) "
+              "| paper (min, 25 epochs) | predict s/batch (ours) | paper |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for k in kinds:
-        m = lambda key: (metrics[f"{k}_{key}_mean"], metrics[f"{k}_{key}_sd"])  # noqa: E731
-        acc, nfe, ep, pr = m("test_accuracy"), m("test_nfe"), m("train_seconds_per_epoch"), m("predict_seconds_per_batch")
+        acc, nfe, ep, pr = ((metrics[f"{k}_{key}_mean"], metrics[f"{k}_{key}_sd"]) for key in
+                            ("test_accuracy", "test_nfe", "train_seconds_per_epoch", "predict_seconds_per_batch"))
         p = PAPER[k]
         lines.append(f"| {LABELS[k]} | {metrics[f'{k}_params_mean']:.0f} | {100 * acc[0]:.3f} ± {100 * acc[1]:.3f} | "
                      f"{p[0]:.3f} ± {p[1]:.3f} | {nfe[0]:.2f} ± {nfe[1]:.2f} | {p[2]:.3f} ± {p[3]:.3f} | "
