@@ -44,8 +44,8 @@ def _x(batch=3, seed=5):
 
 
 def _tight(solver=None, sensealg=None):
-    return dict(solver=solver or pn.Broyden(max_iters=200), sensealg=sensealg or pn.SteadyStateAdjoint(rtol=1e-12),
-                abstol=1e-13, reltol=0)
+    return {"solver": solver or pn.Broyden(max_iters=200),
+            "sensealg": sensealg or pn.SteadyStateAdjoint(rtol=1e-12), "abstol": 1e-13, "reltol": 0}
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
