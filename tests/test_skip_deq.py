@@ -1,4 +1,5 @@
 """Skip DEQ and Skip-Reg DEQ (pn.SkipDEQ, pn.SkipRegDEQ, pn.DEQ(init=g / "f", skip_weight=...))."""
+
 import math
 
 import pytest
@@ -9,8 +10,12 @@ import pyneuralode as pn
 
 D = torch.float64
 N = 4
-SOLVERS = [pn.DynamicSS(pn.Tsit5()), pn.Anderson(max_iters=200), pn.Broyden(max_iters=200),
-           pn.FixedPointIteration(max_iters=2000)]
+SOLVERS = [
+    pn.DynamicSS(pn.Tsit5()),
+    pn.Anderson(max_iters=200),
+    pn.Broyden(max_iters=200),
+    pn.FixedPointIteration(max_iters=2000),
+]
 
 
 class Block(nn.Module):
@@ -33,7 +38,9 @@ class Init(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.V1 = nn.Parameter(torch.randn(hidden, n, generator=g, dtype=D) / math.sqrt(n))
-        self.V2 = nn.Parameter(0.3 * torch.randn(n, hidden, generator=g, dtype=D) / math.sqrt(hidden))
+        self.V2 = nn.Parameter(
+            0.3 * torch.randn(n, hidden, generator=g, dtype=D) / math.sqrt(hidden)
+        )
 
     def forward(self, x):
         return torch.tanh(x @ self.V1.T) @ self.V2.T
@@ -44,8 +51,12 @@ def _x(batch=3, seed=5):
 
 
 def _tight(solver=None, sensealg=None):
-    return {"solver": solver or pn.Broyden(max_iters=200),
-            "sensealg": sensealg or pn.SteadyStateAdjoint(rtol=1e-12), "abstol": 1e-13, "reltol": 0}
+    return {
+        "solver": solver or pn.Broyden(max_iters=200),
+        "sensealg": sensealg or pn.SteadyStateAdjoint(rtol=1e-12),
+        "abstol": 1e-13,
+        "reltol": 0,
+    }
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
@@ -53,8 +64,11 @@ def test_skip_fixed_point_and_gradient_equal_plain_deq(solver):
     # z* and the implicit gradient of a loss of z* do not depend on how z0 is predicted
     f, x = Block(), _x()
     head = torch.linspace(-1, 1, N, dtype=D)
-    layers = [pn.DEQ(f, solver, abstol=1e-11, reltol=0), pn.SkipDEQ(f, Init(), solver, abstol=1e-11, reltol=0),
-              pn.SkipRegDEQ(f, solver, abstol=1e-11, reltol=0)]
+    layers = [
+        pn.DEQ(f, solver, abstol=1e-11, reltol=0),
+        pn.SkipDEQ(f, Init(), solver, abstol=1e-11, reltol=0),
+        pn.SkipRegDEQ(f, solver, abstol=1e-11, reltol=0),
+    ]
     zs, grads = [], []
     for deq in layers:
         z = deq(x)
@@ -65,7 +79,11 @@ def test_skip_fixed_point_and_gradient_equal_plain_deq(solver):
         assert torch.allclose(z, zs[0], atol=1e-9, rtol=0)
         for a, b in zip(g, grads[0]):
             assert torch.allclose(a, b, atol=1e-7, rtol=0)
-    assert layers[0].skip_loss.item() == 0.0 and layers[1].skip_loss.item() > 0 and layers[2].skip_loss.item() > 0
+    assert (
+        layers[0].skip_loss.item() == 0.0
+        and layers[1].skip_loss.item() > 0
+        and layers[2].skip_loss.item() > 0
+    )
 
 
 def _fd(loss, p, h=1e-6):
@@ -83,12 +101,15 @@ def _fd(loss, p, h=1e-6):
 
 @pytest.mark.parametrize("kind", ["skip", "skipreg"])
 def test_skip_loss_gradient_vs_finite_differences(kind):
-    # d/dθ [L(z*(θ)) + λ mean|z0(θ) − sg(z*)|]: the implicit term by FD of L(z*(θ)), the skip term by FD with z*
-    # frozen at its value (the stop-gradient the layer documents)
+    # d/dθ [L(z*(θ)) + λ mean|z0(θ) − sg(z*)|]: the implicit term by FD of L(z*(θ)), the skip
+    # term by FD with z* frozen at its value (the stop-gradient the layer documents)
     f, g = Block(seed=2), Init(hidden=4, seed=3)
     lam = 0.7
-    deq = (pn.SkipDEQ(f, g, skip_weight=lam, **_tight()) if kind == "skip"
-           else pn.SkipRegDEQ(f, skip_weight=lam, **_tight()))
+    deq = (
+        pn.SkipDEQ(f, g, skip_weight=lam, **_tight())
+        if kind == "skip"
+        else pn.SkipRegDEQ(f, skip_weight=lam, **_tight())
+    )
     x = _x()
     head = torch.linspace(-1, 1, N, dtype=D)
     params = [g.V1, g.V2, f.W] if kind == "skip" else [f.W, f.U]
@@ -98,22 +119,34 @@ def test_skip_loss_gradient_vs_finite_differences(kind):
     z_frozen = z.detach()
     z0 = (lambda: g(x)) if kind == "skip" else (lambda: f(torch.zeros_like(x), x))
     with torch.no_grad():  # the loss is λ · mean|z0 − z*|
-        assert deq.skip_loss.item() == pytest.approx(lam * float((z0() - z_frozen).abs().mean()), rel=1e-12)
+        assert deq.skip_loss.item() == pytest.approx(
+            lam * float((z0() - z_frozen).abs().mean()), rel=1e-12
+        )
     for p, gp in zip(params, grads):
         fd_main = _fd(lambda: (torch.sin(deq(x)) @ head).sum(), p)
         fd_skip = _fd(lambda: lam * (z0() - z_frozen).abs().mean(), p)
-        assert torch.allclose(gp, fd_main + fd_skip, atol=1e-7, rtol=1e-6), (p.shape, (gp - fd_main - fd_skip).abs().max())
-        assert fd_skip.abs().max() > 1e-3 or p is f.W  # the skip term contributes (f.W does not enter z0)
+        assert torch.allclose(gp, fd_main + fd_skip, atol=1e-7, rtol=1e-6), (
+            p.shape,
+            (gp - fd_main - fd_skip).abs().max(),
+        )
+        assert (
+            fd_skip.abs().max() > 1e-3 or p is f.W
+        )  # the skip term contributes (f.W does not enter z0)
 
 
-@pytest.mark.parametrize("sensealg", [pn.SteadyStateAdjoint(), pn.PhantomGradient(5)], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "sensealg", [pn.SteadyStateAdjoint(), pn.PhantomGradient(5)], ids=lambda s: s.name
+)
 @pytest.mark.parametrize("solver", SOLVERS[:3], ids=lambda s: type(s).__name__)
 def test_skip_loss_reaches_g_and_f_on_every_route(solver, sensealg):
     x = _x()
     for kind in ("skip", "skipreg"):
         f, g = Block(seed=4), Init(seed=5)
-        deq = (pn.SkipDEQ(f, g, solver, sensealg, abstol=1e-8, reltol=0) if kind == "skip"
-               else pn.SkipRegDEQ(f, solver, sensealg, abstol=1e-8, reltol=0))
+        deq = (
+            pn.SkipDEQ(f, g, solver, sensealg, abstol=1e-8, reltol=0)
+            if kind == "skip"
+            else pn.SkipRegDEQ(f, solver, sensealg, abstol=1e-8, reltol=0)
+        )
         z = deq(x)
         assert deq.last_stats.converged and deq.skip_weight == 0.01
         (z.sum() + deq.skip_loss).backward()
@@ -125,7 +158,7 @@ def test_skip_loss_reaches_g_and_f_on_every_route(solver, sensealg):
 
 
 def test_skip_initialisation_needs_fewer_evaluations_than_zeros():
-    # train g alone on the skip loss for a fixed f; on unseen inputs the solves from g(x) are cheaper
+    # train g alone on the skip loss for a fixed f; on unseen inputs, solves from g(x) are cheaper
     torch.manual_seed(0)
     f = Block(seed=6).requires_grad_(False)
     g = Init(hidden=32, seed=7)
@@ -152,15 +185,17 @@ def test_skip_initialisation_needs_fewer_evaluations_than_zeros():
 
 
 def test_skip_reg_trains_f_towards_cheaper_solves():
-    # Skip-Reg: the regulariser pulls f(0, x) towards z*; on a regression task the f trained with it needs
-    # fewer DynamicSS evaluations from f(0, x) than the same f trained without it
+    # Skip-Reg: the regulariser pulls f(0, x) towards z*; on a regression task the f trained with
+    # it needs fewer DynamicSS evaluations from f(0, x) than the same f trained without it
     x = _x(batch=64, seed=9)
     target = torch.sin(2 * x)
 
     def train(weight):
         torch.manual_seed(0)
         f = Block(seed=10)
-        deq = pn.DEQ(f, pn.Anderson(max_iters=200), abstol=1e-8, reltol=0, init="f", skip_weight=weight)
+        deq = pn.DEQ(
+            f, pn.Anderson(max_iters=200), abstol=1e-8, reltol=0, init="f", skip_weight=weight
+        )
         opt = torch.optim.Adam(f.parameters(), lr=2e-2)
         for _ in range(60):
             opt.zero_grad()
@@ -184,7 +219,9 @@ def test_skip_loss_without_graph_in_no_grad_and_default_init_f_unchanged():
     with torch.no_grad():
         deq(x)
     assert deq.skip_loss.item() > 0 and not deq.skip_loss.requires_grad
-    plain_f = pn.DEQ(f, pn.Anderson(), init="f")  # no skip weight: z0 = f(0, x) carries no graph, no loss
+    plain_f = pn.DEQ(
+        f, pn.Anderson(), init="f"
+    )  # no skip weight: z0 = f(0, x) carries no graph, no loss
     plain_f(x)
     assert plain_f.skip_loss.item() == 0.0 and plain_f.skip_weight == 0.0
 
@@ -219,7 +256,9 @@ def test_skip_validation():
         pn.SkipDEQ(f, NotTensor(), pn.Anderson())(_x())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
+)
 def test_skip_deq_cuda_matches_cpu():
     x = _x()
     outs = []
@@ -229,4 +268,6 @@ def test_skip_deq_cuda_matches_cpu():
         z = deq(x.to(dev))
         (z.sum() + deq.skip_loss).backward()
         outs.append((z.detach().cpu(), g.V1.grad.cpu()))
-    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-8) and torch.allclose(outs[0][1], outs[1][1], atol=1e-8)
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-8) and torch.allclose(
+        outs[0][1], outs[1][1], atol=1e-8
+    )

@@ -58,12 +58,14 @@ class DEQ(nn.Module):
                 raise ValueError(f"init: unknown {init!r}; use 'zeros', 'f' (z0 = f(0, x)) or an "
                                  "nn.Module g with z0 = g(x) (Skip DEQ)")
         elif not isinstance(init, nn.Module):
-            raise TypeError(f"init: expected 'zeros', 'f' or an nn.Module g(x) (Skip DEQ), got {type(init).__name__}")
-        if isinstance(skip_weight, bool) or not isinstance(skip_weight, (int, float)) or not (skip_weight >= 0):
+            raise TypeError("init: expected 'zeros', 'f' or an nn.Module g(x) (Skip DEQ), "
+                            f"got {type(init).__name__}")
+        if isinstance(skip_weight, bool) or not isinstance(skip_weight, (int, float)) \
+                or not (skip_weight >= 0):
             raise ValueError(f"skip_weight: must be a non-negative number, got {skip_weight!r}")
         if skip_weight > 0 and init == "zeros":
-            raise ValueError("skip_weight: the skip loss needs a predicted z0; pass init='f' (Skip-Reg DEQ) "
-                             "or init=g, an nn.Module with z0 = g(x) (Skip DEQ)")
+            raise ValueError("skip_weight: the skip loss needs a predicted z0; pass init='f' "
+                             "(Skip-Reg DEQ) or init=g, an nn.Module with z0 = g(x) (Skip DEQ)")
         if batch_dim not in (0, None):
             raise ValueError(f"batch_dim: use 0 (leading batch dimension) or None, got {batch_dim!r}")
         if not isinstance(jac_reg_weight, (int, float)) or jac_reg_weight < 0:
@@ -86,16 +88,18 @@ class DEQ(nn.Module):
         self.skip_loss = torch.zeros(())
 
     def initial_state(self, x: torch.Tensor) -> torch.Tensor:
-        """``z0``: zeros, ``f(0, x)`` or ``g(x)``; with a graph only when the skip loss needs one."""
+        """``z0``: zeros, ``f(0, x)`` or ``g(x)``; with a graph only if the skip loss needs one."""
         if isinstance(self.init, nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.skip_weight > 0):
                 z = self.init(x)
             if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-                raise TypeError(f"init: the Skip DEQ network g(x) must return a floating-point tensor (the initial "
-                                f"state), got {type(z).__name__ if not isinstance(z, torch.Tensor) else z.dtype}")
+                got = z.dtype if isinstance(z, torch.Tensor) else type(z).__name__
+                raise TypeError("init: the Skip DEQ network g(x) must return a floating-point "
+                                f"tensor (the initial state), got {got}")
             if self.batch_dim == 0 and x.ndim > 0 and (z.ndim == 0 or z.shape[0] != x.shape[0]):
-                raise ValueError(f"init: g(x) returned shape {tuple(z.shape)} for x of shape {tuple(x.shape)}; "
-                                 "with batch_dim=0 it must keep the batch (leading) dimension")
+                raise ValueError(f"init: g(x) returned shape {tuple(z.shape)} for x of shape "
+                                 f"{tuple(x.shape)}; with batch_dim=0 it must keep the batch "
+                                 "(leading) dimension")
             return z
         z = torch.zeros_like(x)
         if self.init == "f":
@@ -124,7 +128,7 @@ class DEQ(nn.Module):
             self.jac_loss = self.jac_reg_weight * jacobian_regularization(lambda z: self.f(z, x), z.detach())
         else:
             self.jac_loss = torch.zeros((), dtype=z.dtype, device=z.device)
-        if self.skip_weight > 0:  # z0 learns to predict z* (z* is the target, not trained by this term)
+        if self.skip_weight > 0:  # z0 learns to predict z*; z* is the target, not trained here
             self.skip_loss = self.skip_weight * (z0 - z.detach()).abs().mean()
         else:
             self.skip_loss = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -146,10 +150,12 @@ class SkipDEQ(DEQ):
     def __init__(self, f_module: nn.Module, init_module: nn.Module, solver=None, sensealg=None, *,
                  skip_weight: float = 0.01, **kwargs):
         if not isinstance(init_module, nn.Module):
-            raise TypeError(f"init_module: expected an nn.Module g(x) predicting z0, got {type(init_module).__name__}")
+            raise TypeError("init_module: expected an nn.Module g(x) predicting z0, "
+                            f"got {type(init_module).__name__}")
         if "init" in kwargs:
             raise TypeError("init: SkipDEQ sets init=init_module; pass the network as init_module")
-        super().__init__(f_module, solver, sensealg, init=init_module, skip_weight=skip_weight, **kwargs)
+        super().__init__(f_module, solver, sensealg, init=init_module, skip_weight=skip_weight,
+                         **kwargs)
 
 
 class SkipRegDEQ(DEQ):
@@ -162,9 +168,11 @@ class SkipRegDEQ(DEQ):
     DeepEquilibriumNetworks.jl: ``SkipDeepEquilibriumNetwork(model, solver)`` (``init=nothing``).
     """
 
-    def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *, skip_weight: float = 0.01, **kwargs):
+    def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *,
+                 skip_weight: float = 0.01, **kwargs):
         if "init" in kwargs:
-            raise TypeError("init: SkipRegDEQ always starts from z0 = f(0, x); use pn.DEQ for other inits")
+            raise TypeError("init: SkipRegDEQ always starts from z0 = f(0, x); "
+                            "use pn.DEQ for other inits")
         super().__init__(f_module, solver, sensealg, init="f", skip_weight=skip_weight, **kwargs)
 
 
