@@ -256,6 +256,28 @@ def test_skip_validation():
         pn.SkipDEQ(f, NotTensor(), pn.Anderson())(_x())
 
 
+def test_skip_initial_state_reaches_the_julia_backend(monkeypatch):
+    # backend="julia": z0 = g(x) (detached) is the u0 handed to the backend; the skip loss is formed
+    # here from the returned z*. A stand-in backend (no Julia on the test machines) records u0.
+    import pyneuralode.nn.deq as deq_mod
+
+    seen = {}
+
+    def fake_backend(f, z0, args, solver, sensealg, abstol, reltol):
+        seen["z0"] = z0
+        return pn.steady_state(f, z0, args, pn.Anderson(), abstol=1e-12, reltol=0), {"nfe": 0}
+
+    monkeypatch.setattr(deq_mod, "_julia_steady_state", fake_backend)
+    f, g, x = Block(), Init(), _x()
+    deq = pn.SkipDEQ(f, g, backend="julia")
+    z = deq(x)
+    assert not seen["z0"].requires_grad and torch.equal(seen["z0"], g(x).detach())
+    with torch.no_grad():
+        assert deq.skip_loss.item() == pytest.approx(0.01 * float((g(x) - z).abs().mean()), rel=1e-12)
+    deq.skip_loss.backward()
+    assert g.V1.grad.abs().sum() > 0
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
 )
