@@ -54,6 +54,7 @@ PAPER = {
     "skip": (97.759, 0.080, 4.001, 0.001, 1.711, 0.010),
     "skipreg": (97.973, 0.134, 4.001, 0.0, 1.295, 0.010),
 }
+SHORT = {"vanilla": "vanilla", "jacreg": "+ Jac. reg.", "skip": "Skip", "skipreg": "Skip-Reg"}
 LABELS = {
     "vanilla": "vanilla continuous DEQ",
     "jacreg": "vanilla + Jacobian reg.",
@@ -359,17 +360,11 @@ def plot(metrics, kinds, path):
         if key == "test_accuracy":
             lo = min(min(mean), min(PAPER[k][0] for k in kinds))
             ax.set_ylim(max(0.0, lo - 5), 100)
-        ax.set_xticks(
-            list(xs),
-            [
-                LABELS[k].replace(" continuous", "\ncontinuous").replace(" + ", "\n+ ")
-                for k in kinds
-            ],
-            fontsize=7,
-        )
+        ax.set_xticks(list(xs), [SHORT[k] for k in kinds], fontsize=8)
         ax.set_title(label, fontsize=9)
     fig.suptitle(
-        f"continuous DEQs on MNIST ({metrics['epochs']} epoch(s), seeds {metrics['seeds']})",
+        f"continuous DEQs on MNIST ({metrics['epochs']} epoch(s) of {metrics['n_train']} images, "
+        f"seeds {metrics['seeds']}; paper: 25 epochs of 60000)",
         fontsize=10,
     )
     _common.savefig(fig, path)
