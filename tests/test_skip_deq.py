@@ -184,6 +184,23 @@ def test_skip_initialisation_needs_fewer_evaluations_than_zeros():
     assert deq.skip_loss.item() < 0.1 * float(z_skip.abs().mean())  # g predicts z* well
 
 
+def test_a_perfect_skip_prediction_costs_one_evaluation():
+    # g(x) = z* exactly: every solver stops after the residual check at z0 (DynamicSS used to
+    # test f(z0) − 2 z0 there, and always took a Tsit5 step)
+    f, x = Block(), _x()
+    z_star = pn.DEQ(f, pn.Anderson(), abstol=1e-12, reltol=0)(x).detach()
+
+    class Oracle(nn.Module):
+        def forward(self, xx):
+            return z_star.clone()
+
+    for solver in SOLVERS:
+        deq = pn.SkipDEQ(f, Oracle(), solver, abstol=1e-6, reltol=0)
+        with torch.no_grad():
+            deq(x)
+        assert deq.last_stats.nfe == 1 and deq.last_stats.converged, type(solver).__name__
+
+
 def test_skip_reg_trains_f_towards_cheaper_solves():
     # Skip-Reg: the regulariser pulls f(0, x) towards z*; on a regression task the f trained with
     # it needs fewer DynamicSS evaluations from f(0, x) than the same f trained without it

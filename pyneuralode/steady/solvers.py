@@ -115,7 +115,7 @@ class DynamicSS(AbstractSteadyStateSolver):
             return ok
 
         # The initial state may already be a fixed point.
-        ok, r = check(z0, rhs(0.0, z0))
+        ok, r = check(z0, rhs(0.0, z0) + z0)
         state["resid"] = r
         z, t0, dt = z0, 0.0, None
         retcode, message = (ReturnCode.Success, "") if ok else (None, "")
