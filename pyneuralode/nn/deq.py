@@ -43,7 +43,7 @@ class DEQ(nn.Module):
     """
 
     def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *, abstol: float = 1e-6,
-                 reltol: float = 1e-6, backend: str = "torch", init: str = "zeros", batch_dim: Optional[int] = 0,
+                 reltol: float = 1e-6, backend: str = "torch", init="zeros", batch_dim: Optional[int] = 0,
                  throw: bool = True, jac_reg_weight: float = 0.0, jac_reg_freq: float = 1.0,
                  skip_weight: float = 0.0):
         super().__init__()
@@ -61,8 +61,8 @@ class DEQ(nn.Module):
             raise TypeError("init: expected 'zeros', 'f' or an nn.Module g(x) (Skip DEQ), "
                             f"got {type(init).__name__}")
         if isinstance(skip_weight, bool) or not isinstance(skip_weight, (int, float)) \
-                or not (skip_weight >= 0):
-            raise ValueError(f"skip_weight: must be a non-negative number, got {skip_weight!r}")
+                or not (0 <= skip_weight < float("inf")):
+            raise ValueError(f"skip_weight: must be a finite non-negative number, got {skip_weight!r}")
         if skip_weight > 0 and init == "zeros":
             raise ValueError("skip_weight: the skip loss needs a predicted z0; pass init='f' "
                              "(Skip-Reg DEQ) or init=g, an nn.Module with z0 = g(x) (Skip DEQ)")
