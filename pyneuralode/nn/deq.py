@@ -62,7 +62,8 @@ class DEQ(nn.Module):
                             f"got {type(init).__name__}")
         if isinstance(skip_weight, bool) or not isinstance(skip_weight, (int, float)) \
                 or not (0 <= skip_weight < float("inf")):
-            raise ValueError(f"skip_weight: must be a finite non-negative number, got {skip_weight!r}")
+            raise ValueError("skip_weight: must be a finite non-negative number, "
+                             f"got {skip_weight!r}")
         if skip_weight > 0 and init == "zeros":
             raise ValueError("skip_weight: the skip loss needs a predicted z0; pass init='f' "
                              "(Skip-Reg DEQ) or init=g, an nn.Module with z0 = g(x) (Skip DEQ)")
