@@ -43,7 +43,8 @@ def test_quick_nfe_sweep_is_monotone(tmp_path):
 def test_list_and_errors(tmp_path, capsys):
     assert main(["repro", "--list"]) == 0
     listing = capsys.readouterr().out
-    for name in ("odenet-mnist", "table1-mnist", "cnf-2d", "latent-spiral", "nfe-vs-tol", "deq-2x", "deq-mnist"):
+    for name in ("odenet-mnist", "table1-mnist", "cnf-2d", "latent-spiral", "nfe-vs-tol", "deq-2x", "deq-mnist",
+                 "cdeq-mnist"):
         assert name in listing and name in REPRO_NAMES
     with pytest.raises(SystemExit) as e:
         main(["repro", "no-such-thing", "--out", str(tmp_path)])
@@ -75,3 +76,28 @@ def test_module_specific_flags_reach_run(tmp_path):
     assert main(["repro", "cnf-2d", "--quick", "--out", str(out), "--data", "circles", "--no-rnode", "--epochs", "2"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["data"] == "circles" and m["iterations"] == 2 and "nll_cnf_rnode" not in m
+
+
+def test_quick_cdeq_mnist_four_rows_mean_sd_table_and_plot(tmp_path):
+    from pyneuralode.repro import cdeq_mnist
+
+    out = tmp_path / "cdeq"
+    assert main(["repro", "cdeq-mnist", "--quick", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["seeds"] == "0,1" and m["epochs"] == 1 and m["batch_size"] == 32 and m["tol"] == 0.005
+    for row in cdeq_mnist.MODELS:
+        for key in ("test_accuracy", "test_nfe", "train_seconds_per_epoch", "predict_seconds_per_batch",
+                    "train_nfe_per_batch", "bwd_iters_per_batch"):
+            vals = m[f"{row}_{key}_seeds"]
+            assert len(vals) == 2 and all(v > 0 for v in vals), (row, key, vals)
+            mean, sd = m[f"{row}_{key}_mean"], m[f"{row}_{key}_sd"]
+            assert mean == pytest.approx(sum(vals) / 2) and sd == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2))
+    # the authors' layers: 784·128+128 (encoder) + 2·128·128 (f, no biases) + 128·10+10 (classifier); g adds 128·128+128
+    assert m["vanilla_params_mean"] == m["skipreg_params_mean"] == m["jacreg_params_mean"] == 134538
+    assert m["skip_params_mean"] == 134538 + 16512
+    assert m["train_speedup_skipreg_vs_vanilla"] > 0
+    table = (out / "table.md").read_text()
+    assert "Skip-Reg DEQ" in table and "97.973" in table  # the paper's row beside ours
+    assert (out / "cdeq_mnist.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="--models"):
+        main(["repro", "cdeq-mnist", "--quick", "--models", "vanilla,resnet", "--out", str(out)])

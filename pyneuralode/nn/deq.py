@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["DEQ"]
+__all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ"]
 
 _BACKENDS = ("torch", "julia")
 _INITS = ("zeros", "f")
@@ -30,6 +30,12 @@ class DEQ(nn.Module):
     with the best iterate. ``jac_reg_weight > 0``: in training mode, with probability
     ``jac_reg_freq`` per forward, ``self.jac_loss`` is ``weight · pn.jacobian_regularization(...)``
     at ``z*`` (else 0): add it to the loss (Bai, Koltun, Kolter 2021).
+    Skip initialisation (Pal, Edelman, Rackauckas 2022): ``init`` may be an explicit network
+    ``g`` (an ``nn.Module``, ``g(x)`` shaped like the state: Skip DEQ, :class:`SkipDEQ`) or
+    ``"f"`` with ``skip_weight > 0`` (``z0 = f(0, x)``: Skip-Reg DEQ, :class:`SkipRegDEQ`). Then
+    ``self.skip_loss`` is ``skip_weight · mean(|z0 − z*|)`` with ``z*`` detached (else 0): add it
+    to the loss so that ``z0`` learns to predict ``z*`` (gradients reach ``g``, resp. ``f``).
+    ``z*`` is the same point for every ``z0``; only the cost of finding it changes.
     ``self.last_stats`` is the :class:`pn.SteadyStateInfo` of the last forward (backward costs
     are added to it when ``.backward()`` runs). ``backend="julia"`` solves with
     SteadyStateDiffEq.jl through ``pyneuralode.julia._backend.steady_state`` (optional; only
@@ -37,8 +43,9 @@ class DEQ(nn.Module):
     """
 
     def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *, abstol: float = 1e-6,
-                 reltol: float = 1e-6, backend: str = "torch", init: str = "zeros", batch_dim: Optional[int] = 0,
-                 throw: bool = True, jac_reg_weight: float = 0.0, jac_reg_freq: float = 1.0):
+                 reltol: float = 1e-6, backend: str = "torch", init="zeros", batch_dim: Optional[int] = 0,
+                 throw: bool = True, jac_reg_weight: float = 0.0, jac_reg_freq: float = 1.0,
+                 skip_weight: float = 0.0):
         super().__init__()
         from ..steady._steady import _resolve_sensealg, _tol, resolve_solver
 
@@ -46,8 +53,20 @@ class DEQ(nn.Module):
             raise TypeError(f"f_module: expected an nn.Module (or callable) f(z, x), got {type(f_module).__name__}")
         if backend not in _BACKENDS:
             raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
-        if init not in _INITS:
-            raise ValueError(f"init: unknown {init!r}; use 'zeros' or 'f' (z0 = f(0, x))")
+        if isinstance(init, str):
+            if init not in _INITS:
+                raise ValueError(f"init: unknown {init!r}; use 'zeros', 'f' (z0 = f(0, x)) or an "
+                                 "nn.Module g with z0 = g(x) (Skip DEQ)")
+        elif not isinstance(init, nn.Module):
+            raise TypeError("init: expected 'zeros', 'f' or an nn.Module g(x) (Skip DEQ), "
+                            f"got {type(init).__name__}")
+        if isinstance(skip_weight, bool) or not isinstance(skip_weight, (int, float)) \
+                or not (0 <= skip_weight < float("inf")):
+            raise ValueError("skip_weight: must be a finite non-negative number, "
+                             f"got {skip_weight!r}")
+        if skip_weight > 0 and init == "zeros":
+            raise ValueError("skip_weight: the skip loss needs a predicted z0; pass init='f' "
+                             "(Skip-Reg DEQ) or init=g, an nn.Module with z0 = g(x) (Skip DEQ)")
         if batch_dim not in (0, None):
             raise ValueError(f"batch_dim: use 0 (leading batch dimension) or None, got {batch_dim!r}")
         if not isinstance(jac_reg_weight, (int, float)) or jac_reg_weight < 0:
@@ -59,18 +78,33 @@ class DEQ(nn.Module):
         self.sensealg = _resolve_sensealg(sensealg)
         self.abstol, self.reltol = _tol("abstol", abstol), _tol("reltol", reltol)
         self.backend = backend
-        self.init = init
+        self.init = init  # a Module is registered as a submodule: its parameters train with the DEQ
         self.batch_dim = batch_dim
         self.throw = throw
         self.jac_reg_weight = float(jac_reg_weight)
         self.jac_reg_freq = float(jac_reg_freq)
+        self.skip_weight = float(skip_weight)
         self.last_stats = None
         self.jac_loss = torch.zeros(())
+        self.skip_loss = torch.zeros(())
 
     def initial_state(self, x: torch.Tensor) -> torch.Tensor:
+        """``z0``: zeros, ``f(0, x)`` or ``g(x)``; with a graph only if the skip loss needs one."""
+        if isinstance(self.init, nn.Module):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.skip_weight > 0):
+                z = self.init(x)
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+                got = z.dtype if isinstance(z, torch.Tensor) else type(z).__name__
+                raise TypeError("init: the Skip DEQ network g(x) must return a floating-point "
+                                f"tensor (the initial state), got {got}")
+            if self.batch_dim == 0 and x.ndim > 0 and (z.ndim == 0 or z.shape[0] != x.shape[0]):
+                raise ValueError(f"init: g(x) returned shape {tuple(z.shape)} for x of shape "
+                                 f"{tuple(x.shape)}; with batch_dim=0 it must keep the batch "
+                                 "(leading) dimension")
+            return z
         z = torch.zeros_like(x)
         if self.init == "f":
-            with torch.no_grad():
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.skip_weight > 0):
                 z = self.f(z, x)
         return z
 
@@ -80,12 +114,12 @@ class DEQ(nn.Module):
         if z0 is None:
             z0 = self.initial_state(x)
         if self.backend == "julia":
-            z, self.last_stats = _julia_steady_state(self.f, z0, (x,), self.solver, self.sensealg, self.abstol, self.reltol)
+            z, self.last_stats = _julia_steady_state(self.f, z0.detach(), (x,), self.solver, self.sensealg, self.abstol, self.reltol)
         else:
             from ..steady._steady import steady_state
 
             z, info = steady_state(
-                self.f, z0, (x,), self.solver, abstol=self.abstol, reltol=self.reltol, sensealg=self.sensealg,
+                self.f, z0.detach(), (x,), self.solver, abstol=self.abstol, reltol=self.reltol, sensealg=self.sensealg,
                 throw=self.throw, return_info=True, batch_dim=self.batch_dim if z0.ndim > 0 else None,
             )
             self.last_stats = info
@@ -95,10 +129,52 @@ class DEQ(nn.Module):
             self.jac_loss = self.jac_reg_weight * jacobian_regularization(lambda z: self.f(z, x), z.detach())
         else:
             self.jac_loss = torch.zeros((), dtype=z.dtype, device=z.device)
+        if self.skip_weight > 0:  # z0 learns to predict z*; z* is the target, not trained here
+            self.skip_loss = self.skip_weight * (z0 - z.detach()).abs().mean()
+        else:
+            self.skip_loss = torch.zeros((), dtype=z.dtype, device=z.device)
         return z
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, sensealg={self.sensealg!r}, abstol={self.abstol:g}, reltol={self.reltol:g}, backend={self.backend!r}"
+
+
+class SkipDEQ(DEQ):
+    """Skip DEQ (Pal, Edelman, Rackauckas 2022): an explicit network ``g(x)`` predicts ``z0``.
+
+    ``DEQ(f_module, ..., init=init_module, skip_weight=skip_weight)``: the steady-state solve
+    starts from ``g(x)``, and ``self.skip_loss = skip_weight · mean(|g(x) − z*|)`` (``z*``
+    detached) trains ``g``; add it to the loss. ``skip_weight`` defaults to the paper's
+    λ_skip = 0.01. DeepEquilibriumNetworks.jl: ``SkipDeepEquilibriumNetwork(model, init, solver)``.
+    """
+
+    def __init__(self, f_module: nn.Module, init_module: nn.Module, solver=None, sensealg=None, *,
+                 skip_weight: float = 0.01, **kwargs):
+        if not isinstance(init_module, nn.Module):
+            raise TypeError("init_module: expected an nn.Module g(x) predicting z0, "
+                            f"got {type(init_module).__name__}")
+        if "init" in kwargs:
+            raise TypeError("init: SkipDEQ sets init=init_module; pass the network as init_module")
+        super().__init__(f_module, solver, sensealg, init=init_module, skip_weight=skip_weight,
+                         **kwargs)
+
+
+class SkipRegDEQ(DEQ):
+    """Skip-Reg DEQ (Pal, Edelman, Rackauckas 2022): ``z0 = f(0, x)``, no extra network.
+
+    ``DEQ(f_module, ..., init="f", skip_weight=skip_weight)``: one explicit application of the
+    block predicts ``z0``, and ``self.skip_loss = skip_weight · mean(|f(0, x) − z*|)`` (``z*``
+    detached) regularises ``f`` towards maps whose first step lands near the fixed point; add it
+    to the loss. ``skip_weight`` defaults to the paper's λ_skip = 0.01.
+    DeepEquilibriumNetworks.jl: ``SkipDeepEquilibriumNetwork(model, solver)`` (``init=nothing``).
+    """
+
+    def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *,
+                 skip_weight: float = 0.01, **kwargs):
+        if "init" in kwargs:
+            raise TypeError("init: SkipRegDEQ always starts from z0 = f(0, x); "
+                            "use pn.DEQ for other inits")
+        super().__init__(f_module, solver, sensealg, init="f", skip_weight=skip_weight, **kwargs)
 
 
 def _julia_steady_state(f_module, z0, args, solver, sensealg, abstol, reltol):

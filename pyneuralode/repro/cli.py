@@ -24,6 +24,7 @@ REPRO_NAMES = {
     "nfe-vs-tol": "NFE against tolerance, time against NFE, NFE over training (Figure 3)",
     "deq-2x": "deep equilibrium model learning y = 2x via a neural-ODE steady state",
     "deq-mnist": "deep equilibrium model on MNIST",
+    "cdeq-mnist": "continuous DEQs on MNIST: vanilla, Jacobian reg., Skip DEQ, Skip-Reg DEQ (Pal et al. 2022)",
 }
 
 
