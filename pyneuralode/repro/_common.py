@@ -4,9 +4,67 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-__all__ = ["write_metrics", "seed_everything", "progress", "savefig"]
+__all__ = ["write_metrics", "seed_everything", "progress", "savefig", "begin_run", "run_info",
+           "can_plot"]
+
+# What the CLI (or an example) records at the start of a run; write_metrics adds it to the metrics.
+_RUN: dict = {}
+
+
+def begin_run(seed=None, argv=None) -> None:
+    """Start the clock and remember the command line and seed for :func:`run_info`."""
+    _RUN.clear()
+    _RUN.update(start=time.perf_counter(), seed=seed,
+                argv=list(sys.argv if argv is None else argv))
+
+
+def _git_commit():
+    """The commit of the checkout pyneuralode is imported from (``None`` for an installed wheel)."""
+    here = Path(__file__).resolve().parents[2]
+    if not (here / ".git").exists():
+        return None
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
+
+
+def _version(module: str):
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or no __version__: recorded as missing
+        return None
+
+
+def run_info() -> dict:
+    """Flat provenance keys: package versions, command line, seed, git commit, wall time so far."""
+    import platform
+
+    from .._version import __version__
+
+    info = {
+        "pyneuralode_version": __version__,
+        "python_version": platform.python_version(),
+        "torch_version": _version("torch"),
+        "numpy_version": _version("numpy"),
+        "scipy_version": _version("scipy"),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+    }
+    if _RUN:
+        info["command"] = " ".join(_RUN["argv"])
+        info["seed"] = _RUN["seed"]
+        info["wall_time_s"] = round(time.perf_counter() - _RUN["start"], 3)
+    return info
 
 
 def _plain(v):
@@ -26,11 +84,15 @@ def _plain(v):
 
 
 def write_metrics(out, metrics: dict) -> Path:
-    """Write ``out/metrics.json`` (flat keys; tensors and numpy scalars become numbers; NaN/Inf become null)."""
+    """Write ``out/metrics.json`` (flat keys; tensors and numpy scalars become numbers; NaN/Inf become null).
+
+    The provenance keys of :func:`run_info` are added (a metric of the same name wins). Call it
+    before plotting, so a failed plot never loses a run.
+    """
     if not isinstance(metrics, dict):
         raise TypeError(f"metrics: expected a dict of flat keys, got {type(metrics).__name__}")
     flat = {}
-    for k, v in metrics.items():
+    for k, v in {**run_info(), **metrics}.items():
         if isinstance(v, dict):
             raise ValueError(f"metrics[{k!r}]: nested dicts are not allowed; use flat keys such as '{k}_sub'")
         v = _plain(v)
@@ -54,12 +116,83 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _Summary:
+    """Stands in for a tqdm bar when stderr is not a terminal: a few summary lines, no carriage returns."""
+
+    def __init__(self, iterable=None, desc="", total=None, lines=4, disable=False, **_):
+        self.iterable, self.desc, self.disable = iterable, desc or "progress", disable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.postfix, self.lines, self._printed = 0, "", max(1, lines), -1
+        self._t0 = time.perf_counter()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kw):
+        kw = {**(ordered_dict or {}), **kw}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+    def set_postfix_str(self, s="", refresh=True):
+        self.postfix = str(s)
+
+    def set_description(self, desc=None, refresh=True):
+        self.desc = desc or self.desc
+
+    def refresh(self):
+        pass
+
+    def update(self, n=1):
+        self.n += n
+        if self.total:
+            k = int(self.lines * self.n / self.total)  # print at each 1/lines of the way
+            if k > self._printed and k < self.lines:
+                self._emit()
+                self._printed = k
+
+    def _emit(self):
+        if self.disable:
+            return
+        frac = f"{self.n}/{self.total}" if self.total else str(self.n)
+        tail = f" [{self.postfix}]" if self.postfix else ""
+        print(f"{self.desc}: {frac} in {time.perf_counter() - self._t0:.1f} s{tail}",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        if self._printed != self.lines:
+            self._emit()
+            self._printed = self.lines
+
+
 def progress(iterable=None, **kw):
-    """A tqdm progress bar (``tqdm.auto``), e.g. ``for it in progress(range(n), desc="train")``."""
+    """A tqdm progress bar, e.g. ``for it in progress(range(n), desc="train")``.
+
+    When stderr is not a terminal (batch jobs, CI logs) a few summary lines replace the bar.
+    """
+    if not sys.stderr.isatty():
+        return _Summary(iterable, **kw)
     from tqdm.auto import tqdm
 
     kw.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kw)
+
+
+def can_plot() -> bool:
+    """True when matplotlib is importable; otherwise prints one line saying the plots are skipped."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: plots skipped (pip install 'pyneuralode[examples]')")
+        return False
+    return True
 
 
 def savefig(fig, path) -> Path:
