@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 __all__ = ["write_metrics", "seed_everything", "progress", "savefig", "begin_run", "run_info",
-           "can_plot"]
+           "can_plot", "write_metrics_beside"]
 
 # What the CLI (or an example) records at the start of a run; write_metrics adds it to the metrics.
 _RUN: dict = {}
@@ -20,7 +20,7 @@ def begin_run(seed=None, argv=None) -> None:
     """Start the clock and remember the command line and seed for :func:`run_info`."""
     _RUN.clear()
     _RUN.update(start=time.perf_counter(), seed=seed,
-                argv=list(sys.argv if argv is None else argv))
+                argv=["python", *sys.argv] if argv is None else list(argv))
 
 
 def _git_commit():
@@ -83,7 +83,7 @@ def _plain(v):
     return v
 
 
-def write_metrics(out, metrics: dict) -> Path:
+def write_metrics(out, metrics: dict, filename: str = "metrics.json") -> Path:
     """Write ``out/metrics.json`` (flat keys; tensors and numpy scalars become numbers; NaN/Inf become null).
 
     The provenance keys of :func:`run_info` are added (a metric of the same name wins). Call it
@@ -101,7 +101,7 @@ def write_metrics(out, metrics: dict) -> Path:
         flat[str(k)] = v
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "metrics.json"
+    path = out / filename
     path.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -183,6 +183,12 @@ def progress(iterable=None, **kw):
 
     kw.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kw)
+
+
+def write_metrics_beside(figure, metrics: dict) -> Path:
+    """:func:`write_metrics` for an example: ``NAME_metrics.json`` beside its figure ``NAME.png``."""
+    figure = Path(figure)
+    return write_metrics(figure.parent, metrics, filename=f"{figure.stem}_metrics.json")
 
 
 def can_plot() -> bool:
