@@ -13,6 +13,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
+from pathlib import Path
+
+# Document the checkout this hook belongs to, whatever pyneuralode is installed elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _API = re.compile(r"<!--\s*api:\s*([\w.]+)(?:\s+as\s+([\w.]+))?\s*-->")
 
