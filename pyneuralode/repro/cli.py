@@ -112,9 +112,10 @@ def _main(argv=None) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     from ._common import begin_run, run_info, write_metrics
 
+    path = opts.out / "metrics.json"
+    path.unlink(missing_ok=True)  # a previous run's file must not pass for this one's
     begin_run(seed=opts.seed, argv=["pyneuralode", *argv])
     metrics = module.run(opts)
-    path = opts.out / "metrics.json"
     if path.exists():  # written before the plots: bring the wall time up to the end of the run
         written = json.loads(path.read_text())
         written["wall_time_s"] = run_info()["wall_time_s"]
