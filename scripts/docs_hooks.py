@@ -22,29 +22,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _API = re.compile(r"<!--\s*api:\s*([\w.]+)(?:\s+as\s+([\w.]+))?\s*-->")
 
 
-def _summary(obj) -> str:
+def _summary(obj, sentences: int | None = None) -> str:
     doc = inspect.getdoc(obj) or ""
     first = doc.strip().split("\n\n")[0].replace("\n", " ")
+    if sentences:  # the first sentence(s) only: the API page has the rest
+        first = " ".join(re.split(r"(?<=\.)\s+(?=[A-Z(])", first)[:sentences])
     return first.replace("|", "\\|")
 
 
 def solver_table() -> str:
     from pyneuralode.solvers import REGISTRY
 
-    rows = ["| Class | String names | Family | Order | Error estimate | Implicit | Summary |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| Class | String names | Family | Order | Error estimate | Summary |",
+            "|---|---|---|---|---|---|"]
     classes = {}
     for key, cls in REGISTRY.items():
         classes.setdefault(cls, []).append(key)
     for cls, keys in classes.items():
         inst = cls()
         err = getattr(inst, "error_order", None)
-        order = "1–5 (variable)" if getattr(cls, "multistep", False) else str(inst.order)
-        family = cls.__module__.rsplit(".", 1)[-1].lstrip("_")
+        multistep = getattr(cls, "multistep", False)
+        order = "1–5 (variable)" if multistep else str(inst.order)
+        err = "variable" if multistep else err
+        family = {"bdf": "multistep (implicit)", "explicit": "explicit Runge–Kutta"}.get(
+            cls.__module__.rsplit(".", 1)[-1], cls.__module__.rsplit(".", 1)[-1] + " (implicit)")
         names = ", ".join(f'`"{k}"`' for k in sorted(keys))
         rows.append(f"| [`{cls.__name__}`][pyneuralode.{cls.__name__}] | {names} | {family} | {order} | "
-                    f"{'order ' + str(err) if err else 'none (fixed `dt`)'} | "
-                    f"{'yes' if cls.implicit else 'no'} | {_summary(cls)} |")
+                    f"{'none (fixed `dt`)' if not err else err if multistep else 'order ' + str(err)} | "
+                    f"{_summary(cls, 1)} |")
     return "\n".join(rows)
 
 
