@@ -15,6 +15,7 @@ import argparse
 import torch
 
 import pyneuralode as pn
+from pyneuralode.repro._common import begin_run, can_plot, progress, pyplot, write_metrics_beside
 
 G = 9.81
 
@@ -40,9 +41,12 @@ def impact_times(h, e, n_bounces, t0=0.0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="bouncing_ball.png")
+    p.add_argument("--quick", action="store_true", help="60 iterations instead of 300")
+    p.add_argument("--out", default="bouncing_ball.png", help="output PNG (metrics beside it)")
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    begin_run(seed=a.seed)
+    torch.manual_seed(a.seed)
     dt = torch.float64
     true_h, true_e = torch.tensor(8.0, dtype=dt), torch.tensor(0.7, dtype=dt)
     observed, true_pieces = impact_times(true_h, true_e, 4)
@@ -51,7 +55,7 @@ def main(argv=None):
     e = torch.tensor(0.9, dtype=dt, requires_grad=True)
     opt = torch.optim.Adam([h, e], lr=0.1)
     iters = 60 if a.quick else 300
-    for it in range(iters):
+    for _ in progress(range(iters), desc="fit h and e"):
         opt.zero_grad()
         times, _ = impact_times(h, e, 4)
         loss = (times - observed).square().mean()
@@ -62,14 +66,11 @@ def main(argv=None):
             h.clamp_(0.1, 50.0)
     print(f"fitted h = {h.item():.4f} (true {true_h.item()}), e = {e.item():.4f} (true {true_e.item()}), "
           f"impact-time MSE {loss.item():.2e} after {iters} iterations")
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    write_metrics_beside(a.out, {"h": h.item(), "e": e.item(), "impact_time_mse": loss.item(),
+                                  "iterations": iters})
+    if not can_plot():
         return
+    plt = pyplot()
     _, fit_pieces = impact_times(h.detach(), e.detach(), 4)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i, (ts, x) in enumerate(true_pieces):

@@ -6,6 +6,8 @@ steady-state adjoint (implicit function theorem, no stored iterations).
 
     python examples/deq_2x.py            # ~10 s on a laptop CPU
 """
+import argparse
+
 import torch
 from torch import nn
 
@@ -21,8 +23,15 @@ class Injected(nn.Module):
         return self.net(z + x)
 
 
-def main(epochs: int = 1000):
-    torch.manual_seed(0)
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.epochs < 1:
+        p.error(f"--epochs: expected a positive int, got {a.epochs}")
+    epochs = a.epochs
+    torch.manual_seed(a.seed)
     deq = pn.DEQ(Injected(), solver=pn.DynamicSS(pn.Tsit5()), sensealg=pn.SteadyStateAdjoint(),
                  abstol=1e-2, reltol=1e-2, init="f")
     X = torch.arange(1.0, 11.0).reshape(10, 1)

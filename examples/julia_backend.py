@@ -5,6 +5,7 @@ DifferentialEquations.jl / SciMLSensitivity through ``backend="julia"``.
 
 Without Julia it runs the native backend and prints how to install the Julia one.
 """
+import argparse
 import time
 
 import torch
@@ -13,8 +14,11 @@ from torch import nn
 import pyneuralode as pn
 
 
-def main():
-    torch.manual_seed(0)
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
     net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 2)).double()
     f = pn.julia.Autonomous(net)  # an MLP the Julia backend translates to native Julia code
     y0 = torch.tensor([[2.0, 0.0], [-1.0, 0.5]], dtype=torch.float64, requires_grad=True)

@@ -14,10 +14,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pyneuralode.data.mnist import load_mnist
 from pyneuralode.nn.odenet import MNISTNet
+from pyneuralode.repro._common import begin_run, progress, write_metrics
 
 
 def main():
@@ -28,8 +28,10 @@ def main():
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--sensealg", default="direct", choices=("direct", "backsolve", "interpolating"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=".", help="folder for odenet_mnist_metrics.json (default: here)")
     a = p.parse_args()
 
+    begin_run(seed=a.seed)
     torch.manual_seed(a.seed)
     data = load_mnist()
     X, y = data["train"]
@@ -40,7 +42,7 @@ def main():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     perm = torch.randperm(X.shape[0])
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc="train")
+    bar = progress(range(steps), desc="train")
     for i in bar:
         b = perm[(i * a.batch_size) % X.shape[0]:][: a.batch_size]
         loss = F.cross_entropy(model(X[b]), y[b])
@@ -56,6 +58,8 @@ def main():
     Xt, yt = data["test"]
     with torch.no_grad():
         correct = sum(int((model(Xt[i : i + 1000]).argmax(1) == yt[i : i + 1000]).sum()) for i in range(0, len(yt), 1000))
+    write_metrics(a.out, {"test_accuracy": correct / len(yt), "batches": steps, "train_seconds": train_s,
+                          "nfe_forward_test": model.nfe_forward}, filename="odenet_mnist_metrics.json")
     print(f"test accuracy {correct / len(yt):.4f} after {steps} batches ({train_s:.0f} s of training); "
           f"forward NFE at test time {model.nfe_forward}")
 

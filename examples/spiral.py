@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import pyneuralode as pn
+from pyneuralode.repro._common import begin_run, can_plot, progress, pyplot, write_metrics_beside
 
 
 def main(argv=None) -> float:
@@ -28,8 +29,8 @@ def main(argv=None) -> float:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     iters = a.iters or (30 if a.quick else 1500)
+    begin_run(seed=a.seed)
     torch.manual_seed(a.seed)
-    from tqdm.auto import tqdm
 
     A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
     t = torch.linspace(0.0, 25.0, 1000)
@@ -54,7 +55,7 @@ def main(argv=None) -> float:
         return pred, float((pred - true_y).abs().mean())
 
     start = time.perf_counter()
-    bar = tqdm(range(1, iters + 1), desc="fit spiral")
+    bar = progress(range(1, iters + 1), desc="fit spiral")
     for it in bar:
         idx = torch.randperm(len(t) - batch_time)[:batch_size]
         by0 = true_y[idx, 0]                                                   # [20, 2]
@@ -70,11 +71,13 @@ def main(argv=None) -> float:
             bar.set_postfix(batch_loss=f"{loss.item():.4f}", full_loss=f"{fl:.4f}", nfe=model.nfe_forward)
     pred, final = full_loss()
     elapsed = time.perf_counter() - start
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    out = Path(a.out)
+    path = write_metrics_beside(out, {"final_l1_loss": final, "iterations": iters,
+                                      "train_seconds": elapsed, "nfe_forward": model.nfe_forward})
+    print(f"final L1 loss on the whole trajectory: {final:.4f} ({iters} iterations, {elapsed:.0f} s); wrote {path}")
+    if not can_plot():
+        return final
+    plt = pyplot()
 
     ty, py = true_y[:, 0].numpy(), pred[:, 0].numpy()
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
@@ -100,9 +103,8 @@ def main(argv=None) -> float:
     ax[2].set_title("learned vector field (directions)")
     ax[2].set_aspect("equal")
     fig.tight_layout()
-    out = Path(a.out)
     fig.savefig(out, dpi=100)
-    print(f"final L1 loss on the whole trajectory: {final:.4f} ({iters} iterations, {elapsed:.0f} s); wrote {out}")
+    print(f"wrote {out}")
     return final
 
 

@@ -10,6 +10,7 @@ from . import solvers as _solvers
 from . import steady as _steady
 from ._solution import ReturnCode, Solution, SolveError
 from ._solve import solve
+from ._version import __version__
 from .controllers import PIController, PredictiveController
 from .events import odeint_event
 from .nn import *  # noqa: F401,F403  (each subpackage lists its public names in __all__)
@@ -17,8 +18,6 @@ from .odeint import odeint
 from .sensitivity import *  # noqa: F401,F403
 from .solvers import *  # noqa: F401,F403
 from .steady import *  # noqa: F401,F403
-
-__version__ = "0.1.0"
 
 __all__ = [
     "solve", "odeint", "odeint_event", "Solution", "SolveError", "ReturnCode", "PIController", "PredictiveController",

@@ -66,7 +66,11 @@ def test_write_metrics_flat_and_finite(tmp_path):
 
     p = _common.write_metrics(tmp_path / "x", {"a": torch.tensor(1.5), "b": 2, "c": float("nan"), "flag": True})
     m = json.loads(p.read_text())
-    assert m == {"a": 1.5, "b": 2, "c": None, "flag": True}
+    assert {k: m[k] for k in ("a", "b", "c", "flag")} == {"a": 1.5, "b": 2, "c": None, "flag": True}
+    # provenance keys come with every metrics file
+    import pyneuralode
+
+    assert m["pyneuralode_version"] == pyneuralode.__version__ and m["torch_version"] == torch.__version__
     with pytest.raises(ValueError, match="nested"):
         _common.write_metrics(tmp_path, {"a": {"b": 1}})
 

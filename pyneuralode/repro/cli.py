@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,9 +51,28 @@ def _base_parser(prog: str, add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The ``pyneuralode`` console script; output piped into ``head`` ends quietly."""
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # The reader went away (`pyneuralode repro --list | head`): silence the final flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(prog="pyneuralode", description="pyneuralode command line")
     top.add_argument("command", choices=("repro",), help="'repro': run a reproduction of the paper")
+    top.add_argument("--version", action="store_true", help="print the version and exit")
+    if argv and argv[0] == "--version":
+        from .._version import __version__
+
+        print(f"pyneuralode {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2
@@ -91,10 +111,17 @@ def main(argv=None) -> int:
             parser.error("--device cuda: no CUDA device is available here; use --device cpu")
     opts.out = Path(opts.out if opts.out is not None else Path("runs") / pre.name)
     opts.out.mkdir(parents=True, exist_ok=True)
-    metrics = module.run(opts)
-    if not (opts.out / "metrics.json").exists() and isinstance(metrics, dict):
-        from ._common import write_metrics
+    from ._common import begin_run, run_info, write_metrics
 
+    path = opts.out / "metrics.json"
+    path.unlink(missing_ok=True)  # a previous run's file must not pass for this one's
+    begin_run(seed=opts.seed, argv=["pyneuralode", *argv])
+    metrics = module.run(opts)
+    if path.exists():  # written before the plots: bring the wall time up to the end of the run
+        written = json.loads(path.read_text())
+        written["wall_time_s"] = run_info()["wall_time_s"]
+        path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    elif isinstance(metrics, dict):
         write_metrics(opts.out, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
     print(f"wrote {opts.out / 'metrics.json'}")

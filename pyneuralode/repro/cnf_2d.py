@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ._common import progress, pyplot, savefig, seed_everything, write_metrics
+from ._common import can_plot, progress, pyplot, savefig, seed_everything, write_metrics
 
 
 def add_arguments(parser):
@@ -106,6 +106,9 @@ def run(opts) -> dict:
     if "cnf_rnode" in models:
         metrics["nfe_ratio_rnode_vs_exact"] = metrics["train_nfe_cnf_rnode"] / metrics["train_nfe_cnf_exact"]
 
+    write_metrics(opts.out, metrics)  # before the pictures: a failed plot never loses the run
+    if not can_plot():
+        return metrics
     # -- pictures ---------------------------------------------------------------------------------
     plt = pyplot()
     n_grid = 30 if quick else 120
@@ -145,5 +148,4 @@ def run(opts) -> dict:
             ax.set_yticks([])
     savefig(fig_d, opts.out / "cnf_2d_density.png")
     savefig(fig_s, opts.out / "cnf_2d_samples.png")
-    write_metrics(opts.out, metrics)
     return metrics

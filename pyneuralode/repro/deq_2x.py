@@ -134,38 +134,37 @@ def run(opts) -> dict:
         "quick": quick,
         "seed": seed,
     }
-    try:
-        plt = _common.pyplot()
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
-        ax[0].semilogy(losses)
-        ax[0].set(xlabel="epoch", ylabel="sum of squared errors", title="deq-2x loss")
-        ax[1].plot(nfes, lw=0.8)
-        ax[1].set(xlabel="epoch", ylabel="forward NFE", title=f"DynamicSS(Tsit5) NFE per forward (tol {tol:g})")
-        ep, p5 = zip(*pred5)
-        ax[2].plot(ep, p5)
-        ax[2].axhline(-10, color="k", ls="--", lw=0.8)
-        ax[2].set(xlabel="epoch", ylabel="deq(−5)", title="prediction at x = −5 (target −10)")
-        _common.savefig(fig, out / "deq_2x.png")
-        # the blog's trajectories: plain iteration z <- NN(z + x) from random inputs
-        g = torch.Generator().manual_seed(seed)
-        xs = 10 * torch.rand(10, 1, generator=g)
-        fig, axt = plt.subplots(figsize=(6, 4))
-        with torch.no_grad():
-            for xi in xs:
-                zi = f.net(xi.reshape(1, 1))
-                traj = [float(zi)]
-                for _ in range(100):
-                    zn = f(zi, xi.reshape(1, 1))
-                    done = float((zn - zi).abs()) <= 1e-8
-                    zi = zn
-                    traj.append(float(zi))
-                    if done:
-                        break
-                axt.plot(traj, label=f"x={float(xi):.2f}")
-        axt.set(xlabel="depth (iteration)", ylabel="z", title="z ← NN(z + x): trajectories level off at 2x")
-        axt.legend(fontsize=6, ncol=2)
-        _common.savefig(fig, out / "deq_2x_trajectories.png")
-    except ImportError:  # matplotlib missing: metrics only
-        metrics["plots"] = "skipped (matplotlib not installed)"
-    _common.write_metrics(out, metrics)
+    _common.write_metrics(out, metrics)  # before the pictures: a failed plot never loses the run
+    if not _common.can_plot():
+        return metrics
+    plt = _common.pyplot()
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    ax[0].semilogy(losses)
+    ax[0].set(xlabel="epoch", ylabel="sum of squared errors", title="deq-2x loss")
+    ax[1].plot(nfes, lw=0.8)
+    ax[1].set(xlabel="epoch", ylabel="forward NFE", title=f"DynamicSS(Tsit5) NFE per forward (tol {tol:g})")
+    ep, p5 = zip(*pred5)
+    ax[2].plot(ep, p5)
+    ax[2].axhline(-10, color="k", ls="--", lw=0.8)
+    ax[2].set(xlabel="epoch", ylabel="deq(−5)", title="prediction at x = −5 (target −10)")
+    _common.savefig(fig, out / "deq_2x.png")
+    # the blog's trajectories: plain iteration z <- NN(z + x) from random inputs
+    g = torch.Generator().manual_seed(seed)
+    xs = 10 * torch.rand(10, 1, generator=g)
+    fig, axt = plt.subplots(figsize=(6, 4))
+    with torch.no_grad():
+        for xi in xs:
+            zi = f.net(xi.reshape(1, 1))
+            traj = [float(zi)]
+            for _ in range(100):
+                zn = f(zi, xi.reshape(1, 1))
+                done = float((zn - zi).abs()) <= 1e-8
+                zi = zn
+                traj.append(float(zi))
+                if done:
+                    break
+            axt.plot(traj, label=f"x={float(xi):.2f}")
+    axt.set(xlabel="depth (iteration)", ylabel="z", title="z ← NN(z + x): trajectories level off at 2x")
+    axt.legend(fontsize=6, ncol=2)
+    _common.savefig(fig, out / "deq_2x_trajectories.png")
     return metrics

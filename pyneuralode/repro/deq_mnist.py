@@ -320,16 +320,14 @@ def run(opts) -> dict:
     main = variants[0]
     metrics["test_accuracy"] = metrics[f"{main}_test_accuracy"]
     metrics["target_met"] = metrics["test_accuracy"] >= 0.95
-    try:
-        pca_picture(first_model, *data["test"], device, out / "deq_mnist_pca.png",
-                    getattr(opts, "pca_samples", None) or (len(data["test"][0]) if quick else 5000))
-    except ImportError:  # matplotlib missing
-        metrics["plots"] = "skipped (matplotlib not installed)"
+    _common.write_metrics(out, metrics)  # before the picture: a failed plot never loses the run
     lines = ["| variant | forward solver | gradient | test acc. | fwd f-evals / batch | bwd VJPs / batch | saved for backward / batch | train time |",
              "|---|---|---|---|---|---|---|---|"]
     for v, r in rows:
         lines.append(f"| {v} | {r['solver']} | {r['sensealg']} | {100 * r['test_accuracy']:.2f}% | {r['fwd_nfe_per_batch']:.1f} | "
                      f"{r['bwd_iters_per_batch']:.1f} | {r['saved_mb_per_batch']:.2f} MB | {r['train_seconds']:.0f} s |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    _common.write_metrics(out, metrics)
+    if _common.can_plot():
+        pca_picture(first_model, *data["test"], device, out / "deq_mnist_pca.png",
+                    getattr(opts, "pca_samples", None) or (len(data["test"][0]) if quick else 5000))
     return metrics

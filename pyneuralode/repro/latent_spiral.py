@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from ._common import progress, pyplot, savefig, seed_everything, write_metrics
+from ._common import can_plot, progress, pyplot, savefig, seed_everything, write_metrics
 
 OBS = (30, 50, 100)
 
@@ -137,6 +137,9 @@ def run(opts) -> dict:
     metrics["latent_ode_beats_rnn_every_seed"] = all(
         r[f"rmse_latent_ode_{n}"] < r[f"rmse_rnn_{n}"] for r in per_seed for n in n_obs_list)
     metrics["n_obs"] = list(n_obs_list)
+    write_metrics(opts.out, metrics)  # before the picture: a failed plot never loses the run
+    if not can_plot():
+        return metrics
 
     plt = pyplot()
     fig, axes = plt.subplots(len(examples), 4, figsize=(13, 3.2 * len(examples)), squeeze=False)
@@ -155,5 +158,4 @@ def run(opts) -> dict:
             if r == 0 and c == 0:
                 ax.legend(fontsize=7)
     savefig(fig, opts.out / "latent_spiral.png")
-    write_metrics(opts.out, metrics)
     return metrics

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ._common import progress, pyplot, savefig, seed_everything, write_metrics
+from ._common import can_plot, progress, pyplot, savefig, seed_everything, write_metrics
 
 TOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 
@@ -122,6 +122,9 @@ def run(opts) -> dict:
     syy = sum((tm - t_mean) ** 2 for tm in times)
     metrics["corr_time_nfe"] = sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
     metrics["ms_per_nfe"] = 1e3 * sxy / sxx if sxx > 0 else float("nan")
+    write_metrics(opts.out, metrics)  # before the picture: a failed plot never loses the run
+    if not can_plot():
+        return metrics
 
     plt = pyplot()
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
@@ -146,5 +149,4 @@ def run(opts) -> dict:
     ax[3].set_ylabel("forward NFE")
     ax[3].set_title("(d) NFE over training")
     savefig(fig, opts.out / "nfe_vs_tol.png")
-    write_metrics(opts.out, metrics)
     return metrics

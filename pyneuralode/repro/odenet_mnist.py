@@ -33,7 +33,7 @@ NAME = "odenet-mnist"
 QUICK_SIZES = dict(n_train=384, n_val=64, n_test=256)
 
 
-from ._common import progress, savefig, seed_everything, write_metrics  # noqa: E402
+from ._common import can_plot, progress, savefig, seed_everything, write_metrics  # noqa: E402
 
 
 def _opt(opts, name, default=None):
@@ -353,7 +353,8 @@ def run(opts) -> dict:
             write_metrics(out, metrics)
             (out / "history.json").write_text(json.dumps(hist) + "\n")
             torch.save(model.state_dict(), out / "model.pt")
-            plot_history(hist, out / "training.png", f"ODE-Net on {source}: test acc {test_acc:.4f}")
+            if can_plot():
+                plot_history(hist, out / "training.png", f"ODE-Net on {source}: test acc {test_acc:.4f}")
         dist.barrier()
         return metrics
     finally:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import odenet_mnist as om
-from ._common import pyplot, savefig, seed_everything, write_metrics
+from ._common import can_plot, pyplot, savefig, seed_everything, write_metrics
 
 NAME = "table1-mnist"
 VARIANTS = ("resnet", "rknet", "odenet", "none")
@@ -155,6 +155,7 @@ def run(opts) -> dict:
                       f"schedule {cfg['schedule']}, batch {cfg['batch_size']}, device {dist.device}); "
                       f"memory = bytes autograd saves for one batch of 128.\n\n")
             (out / "table1.md").write_text(header + markdown_table(rows))
+        if dist.main and can_plot():
             plt = pyplot()
             fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
             labels = [LABELS[v].split(" (")[0] for v in rows]
