@@ -90,7 +90,8 @@ def _stuck_hint(solver, y: torch.Tensor) -> str:
 
 
 def _f_nonfinite(rhs: Callable, t: float, y: torch.Tensor, t_next: float) -> bool:
-    """Whether f returns NaN/Inf at the current state (at its time or the tried step's end)."""
+    """Whether f returns NaN/Inf at the current state, at its time or at the end of the longest
+    step tried (a Newton iteration that met NaN there fails without saying why)."""
     with torch.no_grad():
         return any(not bool(torch.isfinite(rhs(tt, y)).all()) for tt in (t, t_next))
 
@@ -170,7 +171,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     accepted_last = True
     last_nonfinite = False
     solve_failed = False  # the last attempt's implicit solve failed (ok=False)
-    dt_tried = dt
+    dt_far = 0.0  # the longest step whose implicit solve failed since the last accepted step
     low_precision = y.dtype in (torch.float16, torch.bfloat16)
     next_out = 1
     attempts = 0
@@ -190,7 +191,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             if dt < dtmin:
                 if not last_nonfinite and solve_failed:
                     # failed implicit solves carry no state: ask f itself whether it returns NaN/Inf here
-                    last_nonfinite = _f_nonfinite(rhs, t, y, t + direction * dt_tried)
+                    last_nonfinite = _f_nonfinite(rhs, t, y, t + direction * dt_far)
                 retcode = ReturnCode.Unstable if last_nonfinite else ReturnCode.DtLessThanMin
                 if last_nonfinite:
                     hint = ("; the state, its error estimate or f(t, y) became NaN/Inf (check f for NaN/Inf, "
@@ -215,8 +216,9 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 last_step = dt > 0.999 * remaining if adaptive else remaining <= dt * (1 + 1e-8)
             h = direction * (remaining if last_step else dt)
             res = solver.step(rhs, t, y, h, cache)
-            dt_tried = abs(h)
             solve_failed = not res.ok
+            if solve_failed:
+                dt_far = max(dt_far, abs(h))
             if not res.ok:
                 stats["nreject"] += 1
                 if not adaptive:
@@ -293,6 +295,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 t, y = t_new, res.y1
                 break
             stats["naccept"] += 1
+            dt_far = 0.0
             t, y, cache = t_new, res.y1, res.cache
             gk += 1
             if step_ts is not None:

@@ -111,6 +111,11 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
     return v
 
 
+_IN_PLACE = ("f: modified its input y in place (e.g. y += ..., y[0] = ..., y.mul_(...)), which corrupts the "
+             "solver's state; compute a new tensor instead (y = y + ..., torch.stack([...]), or y = y.clone() "
+             "before writing)")
+
+
 class ODEProblem:
     """``dy/dt = f(t, y, *args)`` on the output times ``t``, validated and packed.
 
@@ -208,16 +213,19 @@ class ODEProblem:
             # y's version counter catches an f that writes into y (it would corrupt the solver's
             # stages); inference tensors keep no counter.
             version = None if y.is_inference() else y._version
-            if plain and self._checked:  # hot path: f's output was fully checked on the first call
-                out = f(tt, y, *fargs)
-                if getattr(out, "shape", None) != y.shape:
-                    self._check_out(out, y.shape, "f(t, y)", later=True)
-            else:
-                out = call(tt, y, fargs)
+            try:
+                if plain and self._checked:  # hot path: f's output was fully checked on the first call
+                    out = f(tt, y, *fargs)
+                    if getattr(out, "shape", None) != y.shape:
+                        self._check_out(out, y.shape, "f(t, y)", later=True)
+                else:
+                    out = call(tt, y, fargs)
+            except RuntimeError as e:  # torch refuses in-place writes into a leaf that requires grad
+                if "in-place" in str(e) and "leaf Variable" in str(e):
+                    raise ValueError(_IN_PLACE) from e
+                raise
             if version is not None and y._version != version:
-                raise ValueError("f: modified its input y in place (e.g. y += ..., y[0] = ..., y.mul_(...)); "
-                                 "the solver's state would be corrupted; compute a new tensor instead "
-                                 "(e.g. y = y + ..., torch.stack([...]), y.clone() before writing)")
+                raise ValueError(_IN_PLACE)
             return out
 
         return rhs

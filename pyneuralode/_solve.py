@@ -188,6 +188,7 @@ def solve(
     :class:`SolveError` (``throw=True``) or returns the partial solution with its ``retcode``.
     """
     throw = check_flag("throw", throw)
+    dense = check_flag("dense", dense, allow_none=True)
     if is_per_sample(y0, t):
         if event is not None:
             raise ValueError("event: not supported together with per-sample output times t of shape (B, T)")
