@@ -42,14 +42,16 @@ def vdp_jac(t, y):
 def hires(t, y):
     y1, y2, y3, y4, y5, y6, y7, y8 = y
     r = 280.0 * y6 * y8
-    return [-1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007, 1.71 * y1 - 8.75 * y2, -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-            8.32 * y2 + 1.71 * y3 - 1.12 * y4, -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+    return [-1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007, 1.71 * y1 - 8.75 * y2,
+            -10.03 * y3 + 0.43 * y4 + 0.035 * y5, 8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+            -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
             -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7, r - 1.81 * y7, -r + 1.81 * y7]
 
 
 def orego(t, y):
     y1, y2, y3 = y
-    return [77.27 * (y2 + y1 * (1 - 8.375e-6 * y1 - y2)), (y3 - (1 + y1) * y2) / 77.27, 0.161 * (y1 - y3)]
+    return [77.27 * (y2 + y1 * (1 - 8.375e-6 * y1 - y2)), (y3 - (1 + y1) * y2) / 77.27,
+            0.161 * (y1 - y3)]
 
 
 def vdpol(t, y):  # the test set's scaled form: eps = 1e-6 (mu = 1e3 in time t/mu)
@@ -60,8 +62,9 @@ def vdpol(t, y):  # the test set's scaled form: eps = 1e-6 (mu = 1e3 in time t/m
 # for Initial Value Problem Solvers", release 2.4, Univ. Bari; problems HIRES, OREGO, ROBER, VDPOL).
 IVP_TESTSET = {
     "hires": (hires, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0057], 321.8122, 1e-14,
-              [0.7371312573325668e-3, 0.1442485726316185e-3, 0.5888729740967575e-4, 0.1175651343283149e-2,
-               0.2386356198831331e-2, 0.6238968252742796e-2, 0.2849998395185769e-2, 0.2850001604814231e-2]),
+              [0.7371312573325668e-3, 0.1442485726316185e-3, 0.5888729740967575e-4,
+               0.1175651343283149e-2, 0.2386356198831331e-2, 0.6238968252742796e-2,
+               0.2849998395185769e-2, 0.2850001604814231e-2]),
     "orego": (orego, [1.0, 2.0, 3.0], 360.0, 1e-12,
               [0.1000814870318523e1, 0.1228178521549917e4, 0.1320554942846706e3]),
     "rober": (robertson, [1.0, 0.0, 0.0], 1e11, 1e-22,
@@ -71,7 +74,8 @@ IVP_TESTSET = {
 
 
 def ivp_testset():
-    """The published values, each with scipy Radau at rtol 1e-12 beside it (the test checks they agree)."""
+    """The published values, each with scipy Radau at rtol 1e-12 beside it (the test checks that
+    they agree)."""
     out = {}
     for name, (f, y0, t_end, atol, y_end) in IVP_TESTSET.items():
         t0 = time.time()

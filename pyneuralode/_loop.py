@@ -83,10 +83,10 @@ def _stuck_hint(solver, y: torch.Tensor) -> str:
         return (f"; {y.dtype} resolves too few digits for these tolerances: use float32/float64 "
                 f"(y0.float()) or loosen rtol/atol")
     if getattr(solver, "implicit", False):
-        return ("; the tolerances may be too tight for the dtype, or the solution may blow up or be "
-                "non-smooth there (check f near that time)")
-    return ("; the problem may be stiff (try an implicit solver such as pn.Rodas5P() or pn.KenCarp4()) "
-            "or the tolerances too tight for the dtype")
+        return ("; the tolerances may be too tight for the dtype, or the solution may blow up "
+                "or be non-smooth there (check f near that time)")
+    return ("; the problem may be stiff (try an implicit solver such as pn.Rodas5P() or "
+            "pn.KenCarp4()) or the tolerances too tight for the dtype")
 
 
 def _f_nonfinite(rhs: Callable, t: float, y: torch.Tensor, t_next: float) -> bool:
@@ -96,14 +96,16 @@ def _f_nonfinite(rhs: Callable, t: float, y: torch.Tensor, t_next: float) -> boo
         return any(not bool(torch.isfinite(rhs(tt, y)).all()) for tt in (t, t_next))
 
 
-def _increment_lost(rhs: Callable, t: float, y: torch.Tensor, y1: torch.Tensor, h: float, rtol, atol) -> bool:
-    """float16/bfloat16: the step left y unchanged though h·f(t, y) exceeds the tolerance (the update
-    was rounded away, so the solve would return y0 with ``Success``)."""
+def _increment_lost(rhs: Callable, t: float, y: torch.Tensor, y1: torch.Tensor, h: float,
+                    rtol, atol) -> bool:
+    """float16/bfloat16: the step left y unchanged though h·f(t, y) exceeds the tolerance (the
+    update was rounded away, so the solve would return y0 with ``Success``)."""
     if not torch.equal(y1, y):
         return False
     with torch.no_grad():
         inc = (h * rhs(t, y).float()).abs()
-        scale = torch.as_tensor(atol, dtype=torch.float32) + torch.as_tensor(rtol, dtype=torch.float32) * y.float().abs()
+        rtol32, atol32 = (torch.as_tensor(tol, dtype=torch.float32) for tol in (rtol, atol))
+        scale = atol32 + rtol32 * y.abs().float()
         return bool((inc > scale).any())
 
 
@@ -185,23 +187,26 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             remaining = abs(t_end - t)
             if grid is not None:
                 dt = abs(grid[gk + 1] - t)
-            # The default floor follows the current time (a step must change t in floating point, as in
-            # scipy and OrdinaryDiffEq), not the span: stiff problems on long spans need tiny first steps.
+            # The default floor follows the current time (a step must change t in floating point,
+            # as in scipy and OrdinaryDiffEq), not the span: stiff problems on long spans need tiny
+            # first steps.
             dtmin = opts.dtmin if opts.dtmin is not None else 4 * _EPS * max(abs(t), dt_floor)
             if dt < dtmin:
                 if not last_nonfinite and solve_failed:
-                    # failed implicit solves carry no state: ask f itself whether it returns NaN/Inf here
+                    # failed implicit solves carry no state: ask f whether it returns NaN/Inf here
                     last_nonfinite = _f_nonfinite(rhs, t, y, t + direction * dt_far)
                 retcode = ReturnCode.Unstable if last_nonfinite else ReturnCode.DtLessThanMin
                 if last_nonfinite:
-                    hint = ("; the state, its error estimate or f(t, y) became NaN/Inf (check f for NaN/Inf, "
-                            "e.g. a division by zero, a log/sqrt of a negative number or an overflow)")
+                    hint = ("; the state, its error estimate or f(t, y) became NaN/Inf (check f "
+                            "for NaN/Inf, e.g. a division by zero, a log/sqrt of a negative "
+                            "number or an overflow)")
                 elif solve_failed:
-                    hint = ("; the implicit (Newton) solves kept failing: check the Jacobian (jac=...) and f "
-                            "near that time, or loosen the tolerances")
+                    hint = ("; the implicit (Newton) solves kept failing: check the Jacobian "
+                            "(jac=...) and f near that time, or loosen the tolerances")
                 else:
                     hint = _stuck_hint(solver, y)
-                message = f"the step size fell to {dt:.3g} (below dtmin={dtmin:.3g}) at t={t:.6g}" + hint
+                message = (f"the step size fell to {dt:.3g} (below dtmin={dtmin:.3g}) "
+                           f"at t={t:.6g}{hint}")
                 break
             attempts += 1
             if attempts > max(opts.max_steps, 0):
@@ -270,9 +275,11 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 break
             if low_precision and _increment_lost(rhs, t, y, res.y1, h, opts.rtol, opts.atol):
                 retcode = ReturnCode.DtLessThanMin
-                message = (f"a step of {abs(h):.3g} at t={t:.6g} left the state unchanged in {y.dtype}: its "
-                           f"change is below the dtype's resolution (eps={torch.finfo(y.dtype).eps:.3g}), so "
-                           f"the solution would stall; use float32/float64 (y0.float()) or loosen rtol/atol")
+                eps = torch.finfo(y.dtype).eps
+                message = (f"a step of {abs(h):.3g} at t={t:.6g} left the state unchanged in "
+                           f"{y.dtype}: its change is below the dtype's resolution "
+                           f"(eps={eps:.3g}), so the solution would stall; use float32/float64 "
+                           f"(y0.float()) or loosen rtol/atol")
                 break
             seg = DenseSegment(t, h, res.dense, solver.interpolant)
             if segments is not None:

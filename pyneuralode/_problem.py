@@ -49,8 +49,9 @@ def _check_y0(y0) -> Tuple[torch.Tensor, Optional[List[torch.Size]], bool]:
 
 def _check_not_meta(name: str, x: torch.Tensor):
     if x.device.type == "meta":
-        raise ValueError(f"{name}: is on the meta device (a tensor without values); create it on a real device, "
-                         f"e.g. torch.ones(..., device='cpu'), or move it with .to('cpu')")
+        raise ValueError(f"{name}: is on the meta device (a tensor without values); create it on "
+                         f"a real device, e.g. torch.ones(..., device='cpu'), or move it with "
+                         f".to('cpu')")
 
 
 def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
@@ -111,9 +112,9 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
     return v
 
 
-_IN_PLACE = ("f: modified its input y in place (e.g. y += ..., y[0] = ..., y.mul_(...)), which corrupts the "
-             "solver's state; compute a new tensor instead (y = y + ..., torch.stack([...]), or y = y.clone() "
-             "before writing)")
+_IN_PLACE = ("f: modified its input y in place (e.g. y += ..., y[0] = ..., y.mul_(...)), which "
+             "corrupts the solver's state; compute a new tensor instead (y = y + ..., "
+             "torch.stack([...]), or y = y.clone() before writing)")
 
 
 class ODEProblem:
@@ -193,8 +194,9 @@ class ODEProblem:
             raise TypeError(f"{what}: returned {type(o).__name__}; f must return a torch.Tensor shaped like y0")
         if o.shape != shape:
             when = " (it changed during the solve)" if later else ""
-            raise ValueError(f"{what}: returned shape {tuple(o.shape)}{when}, but the state has shape {tuple(shape)}; "
-                             f"f must return dy/dt with the shape of y at every call")
+            raise ValueError(f"{what}: returned shape {tuple(o.shape)}{when}, but the state has "
+                             f"shape {tuple(shape)}; f must return dy/dt with the shape of y at "
+                             f"every call")
         if o.dtype != self.y0.dtype:
             raise TypeError(f"{what}: returned dtype {o.dtype}, but the state is {self.y0.dtype}; make f keep the state's dtype (e.g. cast its parameters with .to({self.y0.dtype}))")
         if o.device != self.y0.device:
@@ -212,15 +214,18 @@ class ODEProblem:
             tt = time(t)
             # y's version counter catches an f that writes into y (it would corrupt the solver's
             # stages); inference tensors keep no counter.
-            version = None if y.is_inference() else y._version
             try:
-                if plain and self._checked:  # hot path: f's output was fully checked on the first call
+                version = y._version
+            except RuntimeError:
+                version = None
+            try:
+                if plain and self._checked:  # hot path: the first call checked f's output fully
                     out = f(tt, y, *fargs)
-                    if getattr(out, "shape", None) != y.shape:
+                    if out.shape != y.shape:
                         self._check_out(out, y.shape, "f(t, y)", later=True)
                 else:
                     out = call(tt, y, fargs)
-            except RuntimeError as e:  # torch refuses in-place writes into a leaf that requires grad
+            except RuntimeError as e:  # torch refuses in-place writes into leaves requiring grad
                 if "in-place" in str(e) and "leaf Variable" in str(e):
                     raise ValueError(_IN_PLACE) from e
                 raise

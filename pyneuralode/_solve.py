@@ -58,7 +58,8 @@ def _check_count(name: str, value) -> int:
     try:
         v = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}: expected a positive int, got {value!r} ({type(value).__name__})") from None
+        raise TypeError(f"{name}: expected a positive int, got {value!r} "
+                        f"({type(value).__name__})") from None
     if v <= 0:
         raise ValueError(f"{name}: must be a positive int, got {v}")
     return v
@@ -72,16 +73,17 @@ def _check_step_bound(name: str, value, allow_zero: bool):
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a number (a step size) or None, got {type(value).__name__}") from None
+        raise TypeError(f"{name}: expected a number (a step size) or None, "
+                        f"got {type(value).__name__}") from None
     if math.isnan(v) or v < 0 or (v == 0 and not allow_zero) or (math.isinf(v) and name == "dtmin"):
-        need = "a finite number >= 0 (0: no floor but the float resolution of t)" if allow_zero else \
-            "a positive number (inf: no limit)"
+        need = ("a finite number >= 0 (0: no floor but the float resolution of t)" if allow_zero
+                else "a positive number (inf: no limit)")
         raise ValueError(f"{name}: must be {need}, got {value!r}; pass None for the default")
     return abs(v)
 
 
-def make_options(solver, *, rtol, atol, dt, adaptive, max_steps, dense, progress, controller, dtmin, dtmax,
-                 y0: torch.Tensor | None = None) -> LoopOptions:
+def make_options(solver, *, rtol, atol, dt, adaptive, max_steps, dense, progress, controller,
+                 dtmin, dtmax, y0: torch.Tensor | None = None) -> LoopOptions:
     adaptive = check_flag("adaptive", adaptive)
     progress = check_flag("progress", progress)
     dense = check_flag("dense", dense)
@@ -106,11 +108,13 @@ def make_options(solver, *, rtol, atol, dt, adaptive, max_steps, dense, progress
     dtmin = _check_step_bound("dtmin", dtmin, allow_zero=True)
     dtmax = _check_step_bound("dtmax", dtmax, allow_zero=False)
     if dtmin is not None and dtmax is not None and dtmin > dtmax:
-        raise ValueError(f"dtmin, dtmax: dtmin={dtmin:g} exceeds dtmax={dtmax:g}; dtmin must be <= dtmax")
+        raise ValueError(f"dtmin, dtmax: dtmin={dtmin:g} exceeds dtmax={dtmax:g}; "
+                         f"dtmin must be <= dtmax")
     if controller is not None and not (callable(getattr(controller, "factor", None))
                                        and hasattr(controller, "factor_min")):
-        raise TypeError(f"controller: expected a step-size controller such as pn.PIController() or "
-                        f"pn.PredictiveController() (or None for the solver's default), got {controller!r}")
+        raise TypeError(f"controller: expected a step-size controller such as pn.PIController() "
+                        f"or pn.PredictiveController() (or None for the solver's default), "
+                        f"got {controller!r}")
     if adaptive or getattr(solver, "implicit", False):
         _check_tolerance_pair(rtol, atol)
     if y0 is not None:
@@ -122,7 +126,8 @@ def make_options(solver, *, rtol, atol, dt, adaptive, max_steps, dense, progress
 
 
 def _check_tolerance_pair(rtol, atol):
-    """The error test needs a positive tolerance in every component (rtol = atol = 0 divides by 0)."""
+    """The error test needs a positive tolerance in every component (rtol = atol = 0 divides
+    by 0)."""
     def zero(tol):
         if isinstance(tol, torch.Tensor):
             return tol == 0
@@ -138,9 +143,10 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def _check_state_dtype(solver, y0: torch.Tensor):
     if y0.dtype in _LOW_PRECISION and getattr(solver, "implicit", False):
-        raise TypeError(f"y0: dtype {y0.dtype} is not supported by the implicit solver {type(solver).__name__} "
-                        f"(torch's linear algebra needs float32 or float64); convert the state with y0.float() "
-                        f"and cast the result back, or use an explicit solver such as pn.Tsit5()")
+        raise TypeError(f"y0: dtype {y0.dtype} is not supported by the implicit solver "
+                        f"{type(solver).__name__} (torch's linear algebra needs float32 or "
+                        f"float64); convert the state with y0.float() and cast the result back, "
+                        f"or use an explicit solver such as pn.Tsit5()")
 
 
 def solve(
@@ -207,7 +213,8 @@ def solve(
         dense = sensealg.keeps_dense
     opts = make_options(
         solver, rtol=problem.rtol, atol=problem.atol, dt=dt, adaptive=adaptive, max_steps=max_steps,
-        dense=dense, progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax, y0=problem.y0,
+        dense=dense, progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
+        y0=problem.y0,
     )
     locator = None
     if event is not None:
@@ -285,8 +292,9 @@ def _empty_state_solution(problem: ODEProblem, solver, opts: LoopOptions, stats:
     segments = None
     if opts.dense:
         segments = [DenseSegment(t0, t1 - t0, problem.y0, _constant)] if n > 1 else []
-    return Solution(ts=problem.t, ys=problem.unpack(ys), retcode="Success", stats=stats, segments=segments,
-                    unflatten=problem.unpack if problem.is_tuple else None, t_reached=t1, solver=solver)
+    return Solution(ts=problem.t, ys=problem.unpack(ys), retcode="Success", stats=stats,
+                    segments=segments, unflatten=problem.unpack if problem.is_tuple else None,
+                    t_reached=t1, solver=solver)
 
 
 def _constant(y, theta):

@@ -95,7 +95,8 @@ def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Te
     tt = problem.time(t_event)
     if not torch.is_grad_enabled():
         return tt, y_event
-    gval = g(tt, problem.unpack(y_event))  # carries ∂g/∂θ through y(t0) and through tensors g closes over
+    # carries ∂g/∂θ through y(t0) and through tensors g closes over
+    gval = g(tt, problem.unpack(y_event))
     if not isinstance(gval, torch.Tensor):  # a Python float (or numpy number) carries no gradient
         return tt, y_event
     gval = gval.sum()
@@ -171,7 +172,7 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
     # the horizon is only a bound: the smallest step must not scale with it (float resolution of t
     # and max_steps still end a stuck solve)
     kwargs.setdefault("dtmin", 0.0)
-    kwargs.setdefault("dense", False)  # the event's dense output is never exposed: O(1) memory in the steps
+    kwargs.setdefault("dense", False)  # never exposed here: O(1) memory in the steps
     sol = solve(func, y0, t, solver, rtol=rtol, atol=atol, event=event_fn, max_steps=max_steps, **kwargs)
     if sol.event_t is None:
         raise RuntimeError(f"odeint_event: event_fn never crossed zero before t = {float(t[-1]):.3g} "

@@ -24,9 +24,11 @@ import torch
 import pyneuralode as pn
 
 F64 = torch.float64
-REFS = json.loads((Path(__file__).parent / "data" / "stiff_references.json").read_text())["ivp_testset"]
+REFS = json.loads((Path(__file__).parent / "data" / "stiff_references.json").read_text())
+REFS = REFS["ivp_testset"]
 
-STIFF = [pn.Rosenbrock23, pn.Rodas4, pn.Rodas5P, pn.TRBDF2, pn.Kvaerno3, pn.Kvaerno5, pn.KenCarp4, pn.QNDF]
+STIFF = [pn.Rosenbrock23, pn.Rodas4, pn.Rodas5P, pn.TRBDF2, pn.Kvaerno3, pn.Kvaerno5, pn.KenCarp4,
+         pn.QNDF]
 
 
 def hires(t, y):
@@ -52,7 +54,8 @@ def orego(t, y):
 
 def rober(t, y):
     y1, y2, y3 = y.unbind(-1)
-    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2], -1)
+    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2,
+                        3e7 * y2 * y2], -1)
 
 
 def vdpol(t, y):
@@ -114,7 +117,8 @@ def test_testset_problem(S, name):
 
 def test_implicit_euler_on_rober_and_hires():
     """First order: ImplicitEuler runs at rtol 1e-3 on ROBER and HIRES only; on OREGO and VDPOL
-    it needs thousands of steps and its global error exceeds 50x the tolerance (documented limit)."""
+    it needs thousands of steps and its global error exceeds 50x the tolerance (a documented
+    limit)."""
     for name in ("rober", "hires"):
         err, steps = run(name, pn.ImplicitEuler, 1e-3)
         assert err <= 50.0, (name, err, steps)
@@ -128,7 +132,8 @@ if __name__ == "__main__":  # the full table: python tests/test_ivp_testset.py [
             t0 = time.perf_counter()
             try:
                 err, steps = run(name, S, rtol)
-                print(f"{name:6s} {S.__name__:13s} err {err:9.3g}  steps {steps:6d}  {time.perf_counter() - t0:6.2f} s",
+                secs = time.perf_counter() - t0
+                print(f"{name:6s} {S.__name__:13s} err {err:9.3g}  steps {steps:6d}  {secs:6.2f} s",
                       flush=True)
             except pn.SolveError as e:
                 print(f"{name:6s} {S.__name__:13s} FAILED {e.retcode}: {str(e)[:120]}", flush=True)

@@ -376,12 +376,12 @@ def test_long_no_grad_odeint_keeps_no_dense_output():
         return torch.stack([y[1], -y[0]])
 
     def odeint(n):
-        return lambda: pn.odeint(osc, y0, torch.tensor([0.0, 2 * math.pi * n], dtype=torch.float64), method="tsit5",
-                                rtol=1e-5, atol=1e-5)
+        t = torch.tensor([0.0, 2 * math.pi * n], dtype=torch.float64)
+        return lambda: pn.odeint(osc, y0, t, method="tsit5", rtol=1e-5, atol=1e-5)
 
     def event(n):
-        return lambda: pn.odeint_event(osc, y0, 0.0, event_fn=lambda t, y: t - 2 * math.pi * n, method="tsit5",
-                                       rtol=1e-5, atol=1e-5)
+        return lambda: pn.odeint_event(osc, y0, 0.0, event_fn=lambda t, y: t - 2 * math.pi * n,
+                                       method="tsit5", rtol=1e-5, atol=1e-5)
 
     def solve(n):
         return lambda: pn.solve(osc, y0, [0.0, 2 * math.pi * n], rtol=1e-5, atol=1e-5, dense=False)
@@ -399,7 +399,8 @@ def test_step_collapse_hint_never_names_the_solver_in_use():
     with pytest.raises(pn.SolveError) as e:
         pn.solve(lambda t, y: y * y, y0, [0.0, 2.0], pn.Rodas5P())
     assert "Rodas5P" not in str(e.value) and "implicit solver such as" not in str(e.value)
-    with pytest.raises(pn.SolveError, match=r"implicit solver such as pn.Rodas5P"):  # an explicit solver on a stiff problem
+    # an explicit solver on a stiff problem is told to use an implicit one
+    with pytest.raises(pn.SolveError, match=r"implicit solver such as pn.Rodas5P"):
         pn.solve(lambda t, y: -1e7 * (y - torch.cos(t)), y0, [0.0, 1e3], pn.Tsit5(), dtmin=1e-4)
 
 
@@ -407,6 +408,8 @@ def test_default_dtmin_follows_the_time_not_the_span():
     """A fast transient at t = 0 on a long span (the Robertson to 1e11 failure in small): the first
     steps (~1e-5) lie far below 4·eps·1e12, the old span-scaled floor."""
     y0 = torch.tensor([0.0], dtype=torch.float64)
-    sol = pn.solve(lambda t, y: -1e5 * (y - 1.0), y0, [0.0, 1e-3, 1e12], pn.Rodas5P(), rtol=1e-6, atol=1e-10)
+    sol = pn.solve(lambda t, y: -1e5 * (y - 1.0), y0, [0.0, 1e-3, 1e12], pn.Rodas5P(), rtol=1e-6,
+                   atol=1e-10)
     assert sol.retcode == "Success"
-    assert abs(float(sol.ys[1, 0]) - (1 - math.exp(-100.0))) < 1e-5 and abs(float(sol.ys[-1, 0]) - 1.0) < 1e-8
+    assert abs(float(sol.ys[1, 0]) - (1 - math.exp(-100.0))) < 1e-5
+    assert abs(float(sol.ys[-1, 0]) - 1.0) < 1e-8
