@@ -77,6 +77,38 @@ def _progress_bar(enabled: bool, t0: float, t1: float):
     return tqdm(total=1000, desc=f"solve t∈[{t0:g}, {t1:g}]", leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
 
 
+def _stuck_hint(solver, y: torch.Tensor) -> str:
+    """What to try when the step size collapses; never the solver already in use."""
+    if y.dtype in (torch.float16, torch.bfloat16):
+        return (f"; {y.dtype} resolves too few digits for these tolerances: use float32/float64 "
+                f"(y0.float()) or loosen rtol/atol")
+    if getattr(solver, "implicit", False):
+        return ("; the tolerances may be too tight for the dtype, or the solution may blow up "
+                "or be non-smooth there (check f near that time)")
+    return ("; the problem may be stiff (try an implicit solver such as pn.Rodas5P() or "
+            "pn.KenCarp4()) or the tolerances too tight for the dtype")
+
+
+def _f_nonfinite(rhs: Callable, t: float, y: torch.Tensor, t_next: float) -> bool:
+    """Whether f returns NaN/Inf at the current state, at its time or at the end of the longest
+    step tried (a Newton iteration that met NaN there fails without saying why)."""
+    with torch.no_grad():
+        return any(not bool(torch.isfinite(rhs(tt, y)).all()) for tt in (t, t_next))
+
+
+def _increment_lost(rhs: Callable, t: float, y: torch.Tensor, y1: torch.Tensor, h: float,
+                    rtol, atol) -> bool:
+    """float16/bfloat16: the step left y unchanged though h·f(t, y) exceeds the tolerance (the
+    update was rounded away, so the solve would return y0 with ``Success``)."""
+    if not torch.equal(y1, y):
+        return False
+    with torch.no_grad():
+        inc = (h * rhs(t, y).float()).abs()
+        rtol32, atol32 = (torch.as_tensor(tol, dtype=torch.float32) for tol in (rtol, atol))
+        scale = atol32 + rtol32 * y.abs().float()
+        return bool((inc > scale).any())
+
+
 def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts: LoopOptions, stats: dict) -> LoopResult:
     """Integrate ``dy/dt = rhs(t, y)`` from ``t_out[0]`` through every time in ``t_out``.
 
@@ -117,7 +149,8 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     else:
         dt = abs(opts.dt)
     step_ts: Optional[List[float]] = [] if opts.record_steps else None
-    dtmax = abs(opts.dtmax) if opts.dtmax else span
+    dtmax = abs(opts.dtmax) if opts.dtmax is not None else span
+    dt_floor = max(_EPS * span, 1e-300)  # near t = 0: a relative floor on the span's scale
     dt = min(dt, dtmax)
     # Error norm: the default (Hairer's RMS norm) takes a fast path that reuses |y| from the
     # previous step and never records a graph; a custom ``opts.norm`` gets (err, y0, y1, rtol, atol).
@@ -139,6 +172,9 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     h_accepted = None  # |h| of the last accepted step (the predictive controller's step ratio)
     accepted_last = True
     last_nonfinite = False
+    solve_failed = False  # the last attempt's implicit solve failed (ok=False)
+    dt_far = 0.0  # the longest step whose implicit solve failed since the last accepted step
+    low_precision = y.dtype in (torch.float16, torch.bfloat16)
     next_out = 1
     attempts = 0
     retcode = ReturnCode.Success
@@ -151,14 +187,26 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             remaining = abs(t_end - t)
             if grid is not None:
                 dt = abs(grid[gk + 1] - t)
-            dtmin = opts.dtmin if opts.dtmin is not None else 4 * _EPS * max(abs(t), abs(t_end), 1e-300)
+            # The default floor follows the current time (a step must change t in floating point,
+            # as in scipy and OrdinaryDiffEq), not the span: stiff problems on long spans need tiny
+            # first steps.
+            dtmin = opts.dtmin if opts.dtmin is not None else 4 * _EPS * max(abs(t), dt_floor)
             if dt < dtmin:
+                if not last_nonfinite and solve_failed:
+                    # failed implicit solves carry no state: ask f whether it returns NaN/Inf here
+                    last_nonfinite = _f_nonfinite(rhs, t, y, t + direction * dt_far)
                 retcode = ReturnCode.Unstable if last_nonfinite else ReturnCode.DtLessThanMin
-                message = (
-                    f"the step size fell to {dt:.3g} (below dtmin={dtmin:.3g}) at t={t:.6g}"
-                    + ("; the state or its error became NaN/Inf" if last_nonfinite else
-                       "; the problem may be stiff (try an implicit solver such as Rodas5P or KenCarp4) or the tolerances too tight for the dtype")
-                )
+                if last_nonfinite:
+                    hint = ("; the state, its error estimate or f(t, y) became NaN/Inf (check f "
+                            "for NaN/Inf, e.g. a division by zero, a log/sqrt of a negative "
+                            "number or an overflow)")
+                elif solve_failed:
+                    hint = ("; the implicit (Newton) solves kept failing: check the Jacobian "
+                            "(jac=...) and f near that time, or loosen the tolerances")
+                else:
+                    hint = _stuck_hint(solver, y)
+                message = (f"the step size fell to {dt:.3g} (below dtmin={dtmin:.3g}) "
+                           f"at t={t:.6g}{hint}")
                 break
             attempts += 1
             if attempts > max(opts.max_steps, 0):
@@ -173,6 +221,9 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 last_step = dt > 0.999 * remaining if adaptive else remaining <= dt * (1 + 1e-8)
             h = direction * (remaining if last_step else dt)
             res = solver.step(rhs, t, y, h, cache)
+            solve_failed = not res.ok
+            if solve_failed:
+                dt_far = max(dt_far, abs(h))
             if not res.ok:
                 stats["nreject"] += 1
                 if not adaptive:
@@ -222,6 +273,14 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 retcode = ReturnCode.DtLessThanMin
                 message = f"the step size {abs(h):.3g} is below the float resolution of t={t:.17g}"
                 break
+            if low_precision and _increment_lost(rhs, t, y, res.y1, h, opts.rtol, opts.atol):
+                retcode = ReturnCode.DtLessThanMin
+                eps = torch.finfo(y.dtype).eps
+                message = (f"a step of {abs(h):.3g} at t={t:.6g} left the state unchanged in "
+                           f"{y.dtype}: its change is below the dtype's resolution "
+                           f"(eps={eps:.3g}), so the solution would stall; use float32/float64 "
+                           f"(y0.float()) or loosen rtol/atol")
+                break
             seg = DenseSegment(t, h, res.dense, solver.interpolant)
             if segments is not None:
                 segments.append(seg)
@@ -243,6 +302,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 t, y = t_new, res.y1
                 break
             stats["naccept"] += 1
+            dt_far = 0.0
             t, y, cache = t_new, res.y1, res.cache
             gk += 1
             if step_ts is not None:

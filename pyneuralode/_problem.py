@@ -35,6 +35,7 @@ def _check_y0(y0) -> Tuple[torch.Tensor, Optional[List[torch.Size]], bool]:
                 raise TypeError(f"y0[{i}]: dtype {c.dtype} is not floating point; convert it, e.g. y0[{i}].double()")
             if c.dtype != y0[0].dtype or c.device != y0[0].device:
                 raise TypeError(f"y0[{i}]: all tuple components must share dtype and device ({y0[0].dtype}, {y0[0].device}); got ({c.dtype}, {c.device})")
+        _check_not_meta("y0[0]", y0[0])
         shapes = [c.shape for c in y0]
         flat = torch.cat([c.reshape(-1) for c in y0])
         return flat, shapes, True
@@ -42,7 +43,15 @@ def _check_y0(y0) -> Tuple[torch.Tensor, Optional[List[torch.Size]], bool]:
         raise TypeError(f"y0: expected a torch.Tensor or a tuple of tensors, got {type(y0).__name__}; use torch.as_tensor(y0, dtype=torch.float64)")
     if not y0.is_floating_point():
         raise TypeError(f"y0: dtype {y0.dtype} is not floating point; convert it, e.g. y0.double() or y0.float()")
+    _check_not_meta("y0", y0)
     return y0, None, False
+
+
+def _check_not_meta(name: str, x: torch.Tensor):
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: is on the meta device (a tensor without values); create it on "
+                         f"a real device, e.g. torch.ones(..., device='cpu'), or move it with "
+                         f".to('cpu')")
 
 
 def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
@@ -53,6 +62,7 @@ def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
             tt = torch.as_tensor(t, dtype=torch.float64)
         except Exception as e:  # noqa: BLE001
             raise TypeError(f"t: could not convert {type(t).__name__} to a 1-D tensor of times ({e})") from None
+    _check_not_meta("t", tt)
     if tt.ndim != 1:
         raise ValueError(f"t: must be 1-D (a sequence of output times), or (B, T) per-sample times for a y0 whose first "
                          f"dimension is the batch B; got shape {tuple(tt.shape)} for y0 of shape {tuple(ref.shape)}; use "
@@ -121,6 +131,11 @@ def _check_adjoint_params(adjoint_params) -> Optional[Tuple[torch.Tensor, ...]]:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"adjoint_params[{i}]: expected a torch.Tensor, got {type(p).__name__}")
     return out
+
+
+_IN_PLACE = ("f: modified its input y in place (e.g. y += ..., y[0] = ..., y.mul_(...)), which "
+             "corrupts the solver's state; compute a new tensor instead (y = y + ..., "
+             "torch.stack([...]), or y = y.clone() before writing)")
 
 
 class ODEProblem:
@@ -198,11 +213,14 @@ class ODEProblem:
             self._checked = True
         return out
 
-    def _check_out(self, o, shape, what):
+    def _check_out(self, o, shape, what, later: bool = False):
         if not isinstance(o, torch.Tensor):
             raise TypeError(f"{what}: returned {type(o).__name__}; f must return a torch.Tensor shaped like y0")
         if o.shape != shape:
-            raise ValueError(f"{what}: returned shape {tuple(o.shape)}, but the state has shape {tuple(shape)}; f must return dy/dt with the shape of y")
+            when = " (it changed during the solve)" if later else ""
+            raise ValueError(f"{what}: returned shape {tuple(o.shape)}{when}, but the state has "
+                             f"shape {tuple(shape)}; f must return dy/dt with the shape of y at "
+                             f"every call")
         if o.dtype != self.y0.dtype:
             raise TypeError(f"{what}: returned dtype {o.dtype}, but the state is {self.y0.dtype}; make f keep the state's dtype (e.g. cast its parameters with .to({self.y0.dtype}))")
         if o.device != self.y0.device:
@@ -218,8 +236,25 @@ class ODEProblem:
         def rhs(t: float, y: torch.Tensor) -> torch.Tensor:
             stats[key] = stats.get(key, 0) + 1
             tt = time(t)
-            if plain and self._checked:  # hot path: f's output was checked on the first call
-                return f(tt, y, *fargs)
-            return call(tt, y, fargs)
+            # y's version counter catches an f that writes into y (it would corrupt the solver's
+            # stages); inference tensors keep no counter.
+            try:
+                version = y._version
+            except RuntimeError:
+                version = None
+            try:
+                if plain and self._checked:  # hot path: the first call checked f's output fully
+                    out = f(tt, y, *fargs)
+                    if out.shape != y.shape:
+                        self._check_out(out, y.shape, "f(t, y)", later=True)
+                else:
+                    out = call(tt, y, fargs)
+            except RuntimeError as e:  # torch refuses in-place writes into leaves requiring grad
+                if "in-place" in str(e) and "leaf Variable" in str(e):
+                    raise ValueError(_IN_PLACE) from e
+                raise
+            if version is not None and y._version != version:
+                raise ValueError(_IN_PLACE)
+            return out
 
         return rhs

@@ -95,14 +95,18 @@ def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Te
     tt = problem.time(t_event)
     if not torch.is_grad_enabled():
         return tt, y_event
-    gval = g(tt, problem.unpack(y_event)).sum()  # carries ∂g/∂θ through y(t0) and through tensors g closes over
+    # carries ∂g/∂θ through y(t0) and through tensors g closes over
+    gval = g(tt, problem.unpack(y_event))
+    if not isinstance(gval, torch.Tensor):  # a Python float (or numpy number) carries no gradient
+        return tt, y_event
+    gval = gval.sum()
     if not gval.requires_grad:
         return tt, y_event
     with torch.enable_grad():
         fe = problem.call(tt, y_event.detach()).detach()
         td = tt.clone().requires_grad_(True)
         yd = y_event.detach().requires_grad_(True)
-        gd = g(td, problem.unpack(yd))
+        gd = torch.as_tensor(g(td, problem.unpack(yd)))
         gt, gy = torch.autograd.grad(gd.sum(), [td, yd], allow_unused=True)
     dgdt = (gy * fe).sum() if gy is not None else torch.zeros((), dtype=fe.dtype, device=fe.device)
     if gt is not None:
@@ -168,6 +172,7 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
     # the horizon is only a bound: the smallest step must not scale with it (float resolution of t
     # and max_steps still end a stuck solve)
     kwargs.setdefault("dtmin", 0.0)
+    kwargs.setdefault("dense", False)  # never exposed here: O(1) memory in the steps
     sol = solve(func, y0, t, solver, rtol=rtol, atol=atol, event=event_fn, max_steps=max_steps, **kwargs)
     if sol.event_t is None:
         raise RuntimeError(f"odeint_event: event_fn never crossed zero before t = {float(t[-1]):.3g} "

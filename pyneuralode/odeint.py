@@ -19,6 +19,8 @@ def odeint(func, y0, t, rtol=1e-7, atol=1e-9, method: str | None = None, options
     :func:`pyneuralode.solve` (e.g. ``sensealg``).
     """
     options = dict(options or {})
+    # odeint returns only the states at t: keeping the dense output would grow memory with the steps
+    kwargs.setdefault("dense", False)
     name = (method or "tsit5").lower()
     solver = lookup(name)()
     step_size = options.pop("step_size", None)

@@ -1,4 +1,6 @@
 """Every bad input of the API raises a clear ValueError/TypeError naming the argument."""
+import math
+
 import pytest
 import torch
 
@@ -140,3 +142,129 @@ def test_dense_query_without_dense_output():
     sol = pn.solve(f, Y0, T, dense=False)
     with pytest.raises(ValueError, match=r"sol\(tq\): this solution kept no dense output"):
         sol(0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: options that used to be accepted silently or failed with a raw error
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(rtol=0.0, atol=0.0), ValueError, r"rtol, atol: both are 0"),
+        (dict(rtol=torch.tensor([1e-6, 0.0]), atol=0.0), ValueError,
+         r"rtol, atol: both are 0 \(in some component\)"),
+        (dict(throw="False"), TypeError, r"throw: expected True or False, got 'False'"),
+        (dict(progress="yes"), TypeError, r"progress: expected True or False, got 'yes'"),
+        (dict(dense="yes"), TypeError,
+         r"dense: expected True or False \(or None for the default\), got 'yes'"),
+        (dict(dtmin=float("nan")), ValueError, r"dtmin: must be a finite number >= 0"),
+        (dict(dtmin=-1e-3), ValueError, r"dtmin: must be a finite number >= 0"),
+        (dict(dtmin="a"), TypeError, r"dtmin: expected a number"),
+        (dict(dtmax=float("nan")), ValueError, r"dtmax: must be a positive number"),
+        (dict(dtmax=0.0), ValueError, r"dtmax: must be a positive number"),
+        (dict(dtmax="big"), TypeError, r"dtmax: expected a number"),
+        (dict(dtmin=0.5, dtmax=0.1), ValueError, r"dtmin, dtmax: dtmin=0.5 exceeds dtmax=0.1"),
+        (dict(controller="pi"), TypeError,
+         r"controller: expected a step-size controller such as pn.PIController"),
+        (dict(max_steps=2.5), TypeError, r"max_steps: expected a positive int, got 2.5"),
+        (dict(max_steps=True), TypeError, r"max_steps: expected a positive int"),
+    ],
+)
+def test_bad_options_issue16(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        pn.solve(f, Y0, T, **kw)
+
+
+def test_numpy_integers_and_bools_are_accepted():
+    np = pytest.importorskip("numpy")
+    sol = pn.solve(f, Y0, T, max_steps=np.int64(1000), throw=np.bool_(True), dense=np.bool_(False))
+    assert sol.retcode == "Success"
+    assert torch.allclose(sol.ys[-1], Y0 * math.exp(-1.0), rtol=1e-5)
+    with pytest.raises(pn.SolveError, match="max_steps=3"):
+        pn.solve(f, Y0, T, max_steps=np.int32(3))
+
+
+def test_dtmax_is_honoured():
+    sol = pn.solve(f, Y0, T, dtmax=0.01)
+    assert sol.stats["naccept"] >= 100
+
+
+@pytest.mark.parametrize("which", ["y0", "t", "tuple"])
+def test_meta_device_inputs(which):
+    meta_y = torch.ones(2, dtype=torch.float64, device="meta")
+    y0, t = Y0, T
+    if which == "y0":
+        y0 = meta_y
+    elif which == "tuple":
+        y0 = (meta_y, meta_y)
+    else:
+        t = torch.tensor([0.0, 1.0], dtype=torch.float64, device="meta")
+    name = {"y0": "y0", "t": "t", "tuple": r"y0\[0\]"}[which]
+    with pytest.raises(ValueError, match=rf"{name}: is on the meta device"):
+        pn.solve(f, y0, t)
+
+
+def test_f_changing_its_output_shape_mid_solve():
+    calls = [0]
+
+    def g(t, y):
+        calls[0] += 1
+        return -y if calls[0] < 5 else -y[:1]  # (1,) would broadcast silently into the stages
+
+    msg = r"f\(t, y\): returned shape \(1,\) \(it changed during the solve\)"
+    with pytest.raises(ValueError, match=msg):
+        pn.solve(g, Y0, T)
+
+
+@pytest.mark.parametrize("S", [pn.Tsit5, pn.Rodas5P, pn.KenCarp4, pn.QNDF],
+                         ids=lambda S: S.__name__)
+def test_f_modifying_y_in_place(S):
+    def g(t, y):
+        y.mul_(1.0)  # even a no-op write bumps the version counter
+        return -y
+
+    with pytest.raises(ValueError, match=r"f: modified its input y in place"):
+        pn.solve(g, Y0.clone(), T, S())
+
+    def h(t, y):  # the silent corruption the issue reported: a write that changes the state
+        y[0] = 0.0
+        return -y
+
+    for y0 in (Y0.clone(), Y0.clone().requires_grad_(True)):
+        with pytest.raises(ValueError, match=r"f: modified its input y in place"):
+            pn.solve(h, y0, T, S())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("S", [pn.Rodas5P, pn.KenCarp4, pn.QNDF], ids=lambda S: S.__name__)
+def test_half_precision_with_implicit_solvers(dtype, S):
+    msg = rf"y0: dtype {dtype} is not supported by the implicit solver {S.__name__}.*y0.float\(\)"
+    with pytest.raises(TypeError, match=msg):
+        pn.solve(f, Y0.to(dtype), T, S())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_stall_is_not_success(dtype):
+    """Default tolerances are far below the dtype's resolution: the steps used to round away and
+    the solve returned y0 with Success. Now it fails and names the dtype (never an implicit
+    solver)."""
+    with pytest.raises(pn.SolveError, match=rf"{dtype}") as e:
+        pn.solve(f, Y0.to(dtype), torch.tensor([0.0, 1.0, 2.0]))
+    assert "Rodas5P" not in str(e.value) and e.value.retcode == "DtLessThanMin"
+    # tolerances the dtype resolves
+    sol = pn.solve(f, Y0.to(dtype), torch.tensor([0.0, 1.0, 2.0]), rtol=1e-2, atol=1e-2)
+    assert sol.retcode == "Success"
+    assert (sol.ys[-1].double() - Y0 * math.exp(-2.0)).abs().max() <= 3e-2  # a few atol
+
+
+@pytest.mark.parametrize("S", [pn.KenCarp4, pn.Kvaerno5, pn.QNDF, pn.Rodas5P, pn.TRBDF2],
+                         ids=lambda S: S.__name__)
+def test_nan_from_f_in_implicit_solvers_is_unstable(S):
+    def g(t, y):
+        return -y if float(t) < 0.5 else y * float("nan")
+
+    with pytest.raises(pn.SolveError, match=r"NaN/Inf") as e:
+        pn.solve(g, Y0, T, S())
+    assert e.value.retcode == "Unstable"
+    assert "try an implicit solver" not in str(e.value)
