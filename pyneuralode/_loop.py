@@ -72,9 +72,10 @@ class LoopResult:
 def _progress_bar(enabled: bool, t0: float, t1: float):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from ._progress import progress  # tqdm on a terminal, a few summary lines in logs
 
-    return tqdm(total=1000, desc=f"solve t∈[{t0:g}, {t1:g}]", leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+    return progress(total=1000, desc=f"solve t∈[{t0:g}, {t1:g}]", leave=False,
+                    bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
 
 
 def _stuck_hint(solver, y: torch.Tensor) -> str:

@@ -179,3 +179,25 @@ def test_progress_prints_a_few_lines_when_not_a_terminal(capsys):
     lines = err.strip().splitlines()
     assert 2 <= len(lines) <= 6 and "\r" not in err, err
     assert lines[-1].startswith("train: 1000/1000") and "loss=0.001" in lines[-1]
+
+
+def test_adjoint_solve_with_progress_reports_the_backward_pass(capsys):
+    import torch
+
+    import pyneuralode as pn
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, t, y):
+            return torch.tanh(self.lin(y))
+
+    f = F()
+    sol = pn.solve(f, torch.randn(2), torch.linspace(0, 1, 3), sensealg=pn.InterpolatingAdjoint(), progress=True)
+    capsys.readouterr()
+    sol.ys.sum().backward()
+    err = capsys.readouterr().err  # not a terminal here: summary lines, one set per backward interval
+    assert "solve t∈[1, 0.5]" in err and "solve t∈[0.5, 0]" in err and "\r" not in err, err
+    assert f.lin.weight.grad is not None

@@ -62,8 +62,6 @@ def test_wheel_console_script(venv_python):
     assert r.returncode == 0 and "latent-spiral" in r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="the bridge .jl files become package data with issue 21's branch; "
-                                       "remove this mark when both are merged (strict: an XPASS fails)")
 def test_wheel_julia_doctor_finds_the_bridge_files(venv_python):
     py, tmp = venv_python
     r = _run([str(py), "-m", "pyneuralode.julia", "doctor"], cwd=tmp)

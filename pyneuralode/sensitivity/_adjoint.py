@@ -245,7 +245,8 @@ def backward_setup(sensealg, solver, opts: LoopOptions, ref: torch.Tensor, n_sta
             blocks.append((start, start + n))
             start += n
     norm = mixed_norm(blocks) if len(blocks) > 1 or n_extra else None
-    bopts = dataclasses.replace(opts, rtol=rtol, atol=atol, adaptive=adaptive, dense=dense, progress=False, norm=norm)
+    bopts = dataclasses.replace(opts, rtol=rtol, atol=atol, adaptive=adaptive, dense=dense,
+                                progress=opts.progress, norm=norm)
     return bsolver, bopts
 
 
