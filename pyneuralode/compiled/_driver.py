@@ -155,8 +155,9 @@ def solve_compiled(f, y0, t, solver, *, rtol, atol, dt, adaptive, max_steps, arg
     built = _build(problem, solver, kind, problem.args)
     mod = built["mod"]
     n = problem.y0.numel()
-    user_arrays = [np.ascontiguousarray(a.detach().double().numpy()) for a in problem.args if isinstance(a, torch.Tensor)]
-    consts = [np.ascontiguousarray(c.detach().double().cpu().numpy()) for c in built["kf"] + built["kj"]]
+    user_arrays = [np.ascontiguousarray(a.detach().double().reshape(-1).numpy()) for a in problem.args
+                   if isinstance(a, torch.Tensor)]
+    consts = [np.ascontiguousarray(c.detach().double().cpu().reshape(-1).numpy()) for c in built["kf"] + built["kj"]]
     q = min(solver.order, solver.error_order) + 1 if solver.error_order is not None else solver.order + 1
     call_args = (
         np.ascontiguousarray(problem.t.detach().double().cpu().numpy()),

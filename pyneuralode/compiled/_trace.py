@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Callable, List, Sequence
 
+import numpy as np
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -30,26 +31,30 @@ def _shape(node) -> tuple:
     return tuple(int(s) for s in val.shape)
 
 
+#: the largest number of scalar operations a traced function may unroll to (the compiled path is
+#: for small systems: every tensor element becomes a scalar variable)
+MAX_SCALAR_OPS = 200_000
+
 _UNARY = {
     aten.neg.default: "(-{0})",
-    aten.exp.default: "np.exp({0})",
-    aten.log.default: "np.log({0})",
-    aten.log1p.default: "np.log1p({0})",
-    aten.expm1.default: "np.expm1({0})",
-    aten.sin.default: "np.sin({0})",
-    aten.cos.default: "np.cos({0})",
-    aten.tan.default: "np.tan({0})",
-    aten.tanh.default: "np.tanh({0})",
-    aten.sinh.default: "np.sinh({0})",
-    aten.cosh.default: "np.cosh({0})",
-    aten.atan.default: "np.arctan({0})",
-    aten.sqrt.default: "np.sqrt({0})",
-    aten.rsqrt.default: "(1.0 / np.sqrt({0}))",
+    aten.exp.default: "math.exp({0})",
+    aten.log.default: "math.log({0})",
+    aten.log1p.default: "math.log1p({0})",
+    aten.expm1.default: "math.expm1({0})",
+    aten.sin.default: "math.sin({0})",
+    aten.cos.default: "math.cos({0})",
+    aten.tan.default: "math.tan({0})",
+    aten.tanh.default: "math.tanh({0})",
+    aten.sinh.default: "math.sinh({0})",
+    aten.cosh.default: "math.cosh({0})",
+    aten.atan.default: "math.atan({0})",
+    aten.sqrt.default: "math.sqrt({0})",
+    aten.rsqrt.default: "(1.0 / math.sqrt({0}))",
     aten.reciprocal.default: "(1.0 / {0})",
-    aten.abs.default: "np.abs({0})",
-    aten.sigmoid.default: "(1.0 / (1.0 + np.exp(-{0})))",
-    aten.relu.default: "np.maximum({0}, 0.0)",
-    aten.sign.default: "np.sign({0})",
+    aten.abs.default: "abs({0})",
+    aten.sigmoid.default: "(1.0 / (1.0 + math.exp(-{0})))",
+    aten.relu.default: "max({0}, 0.0)",
+    aten.sign.default: "float(({0} > 0.0) - ({0} < 0.0))",
     aten.square.default: "({0} * {0})",
 }
 _BINARY = {
@@ -66,253 +71,319 @@ _BINARY = {
     aten.pow.Tensor_Scalar: "({0} ** {1})",
     aten.pow.Tensor_Tensor: "({0} ** {1})",
     aten.pow.Scalar: "({0} ** {1})",
-    aten.maximum.default: "np.maximum({0}, {1})",
-    aten.minimum.default: "np.minimum({0}, {1})",
-    aten.atan2.default: "np.arctan2({0}, {1})",
+    aten.maximum.default: "max({0}, {1})",
+    aten.minimum.default: "min({0}, {1})",
+    aten.atan2.default: "math.atan2({0}, {1})",
     aten.tanh_backward.default: "({0} * (1.0 - {1} * {1}))",
     aten.sigmoid_backward.default: "({0} * {1} * (1.0 - {1}))",
-    aten.mv.default: "np.dot(np.ascontiguousarray({0}), np.ascontiguousarray({1}))",
-    aten.mm.default: "np.dot(np.ascontiguousarray({0}), np.ascontiguousarray({1}))",
-    aten.dot.default: "np.dot({0}, {1})",
-    aten.matmul.default: "np.dot(np.ascontiguousarray({0}), np.ascontiguousarray({1}))",
+    aten.gt.Tensor: "({0} > {1})", aten.gt.Scalar: "({0} > {1})",
+    aten.lt.Tensor: "({0} < {1})", aten.lt.Scalar: "({0} < {1})",
+    aten.ge.Tensor: "({0} >= {1})", aten.ge.Scalar: "({0} >= {1})",
+    aten.le.Tensor: "({0} <= {1})", aten.le.Scalar: "({0} <= {1})",
 }
 _IDENTITY = {
     aten.detach.default, aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default,
     aten.contiguous.default, aten.positive.default,
 }
+_RESHAPE = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints, aten.expand.default,
+}
+_ZERO, _ONE = "0.0", "1.0"
 
 
-class _Emitter:
+def _lit(a) -> str:
+    if isinstance(a, bool):
+        return "1.0" if a else "0.0"
+    if isinstance(a, (int, float)):
+        v = float(a)
+        if math.isinf(v):
+            return "math.inf" if v > 0 else "(-math.inf)"
+        if math.isnan(v):
+            return "math.nan"
+        return repr(v)
+    raise UnsupportedOpError(f"compile=True: a constant argument of type {type(a).__name__} cannot be translated; "
+                             "pass compile=False")
+
+
+def _simplify(op, x: str, y: str):
+    """Fold the zeros and ones that reverse-mode graphs are full of (select_backward, ones_like)."""
+    if op in (aten.mul.Tensor, aten.mul.Scalar):
+        if x == _ZERO or y == _ZERO:
+            return _ZERO
+        if x == _ONE:
+            return y
+        if y == _ONE:
+            return x
+    elif op in (aten.add.Tensor, aten.add.Scalar):
+        if x == _ZERO:
+            return y
+        if y == _ZERO:
+            return x
+    elif op in (aten.sub.Tensor, aten.sub.Scalar):
+        if y == _ZERO:
+            return x
+    elif op in (aten.div.Tensor, aten.div.Scalar):
+        if x == _ZERO:
+            return _ZERO
+        if y == _ONE:
+            return x
+    elif op is aten.pow.Tensor_Scalar:
+        if y == _ONE:
+            return x
+        if y == "2.0":
+            return f"({x} * {x})"
+    elif op in (aten.tanh_backward.default, aten.sigmoid_backward.default):
+        if x == _ZERO:
+            return _ZERO
+    return None
+
+
+class _Val:
+    """A traced tensor as its shape and one scalar expression per element (row-major)."""
+
+    __slots__ = ("shape", "el")
+
+    def __init__(self, shape, el):
+        self.shape = tuple(shape)
+        self.el = list(el)
+
+
+def _idx(shape):
+    return np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+
+
+def _take(v: _Val, idx: np.ndarray) -> _Val:
+    return _Val(idx.shape, [v.el[i] for i in idx.ravel().tolist()])
+
+
+class _Translator:
     def __init__(self):
         self.lines: List[str] = []
-        self.names: dict = {}
+        self.count = 0
 
-    def ref(self, a) -> str:
+    def atom(self, expr: str) -> str:
+        """A variable holding ``expr`` (literals and names are used as they are)."""
+        if expr.replace(".", "").replace("_", "").replace("[", "").replace("]", "").isalnum() or expr in (_ZERO, _ONE):
+            return expr
+        try:
+            float(expr)
+            return expr
+        except ValueError:
+            pass
+        self.count += 1
+        if self.count > MAX_SCALAR_OPS:
+            raise UnsupportedOpError(f"compile=True: f unrolls to more than {MAX_SCALAR_OPS} scalar operations; the "
+                                     "compiled path is for small systems; pass compile=False")
+        name = f"s{self.count}"
+        self.lines.append(f"{name} = {expr}")
+        return name
+
+    def val(self, a, vals) -> _Val:
         if isinstance(a, torch.fx.Node):
-            return self.names[a]
-        if isinstance(a, bool):
-            return "True" if a else "False"
-        if isinstance(a, (int, float)):
-            v = float(a)
-            if math.isinf(v) or math.isnan(v):
-                return f"np.float64({str(v)!r})"
-            return repr(v)
-        raise UnsupportedOpError(f"compile=True: a constant argument of type {type(a).__name__} cannot be translated; "
-                                 "pass compile=False")
+            return vals[a]
+        return _Val((), [_lit(a)])
+
+    def elementwise(self, template, ins: List[_Val], shape, op=None) -> _Val:
+        out = []
+        maps = [np.broadcast_to(_idx(v.shape), shape).ravel().tolist() for v in ins]
+        for k in range(math.prod(shape)):
+            xs = [v.el[m[k]] for v, m in zip(ins, maps)]
+            simple = _simplify(op, *xs) if len(xs) == 2 else None
+            out.append(self.atom(simple if simple is not None else template.format(*xs)))
+        return _Val(shape, out)
+
+    def sum_of_products(self, pairs) -> str:
+        terms = [f"{a} * {b}" if b != _ONE else a for a, b in pairs if a != _ZERO and b != _ZERO]
+        return self.atom("(" + " + ".join(terms) + ")") if terms else _ZERO
+
+    def matmul(self, A: _Val, B: _Val) -> _Val:
+        a2 = A.shape if len(A.shape) == 2 else (1,) + A.shape
+        b2 = B.shape if len(B.shape) == 2 else B.shape + (1,)
+        Ai, Bi = _idx(a2), _idx(b2)
+        out = []
+        for i in range(a2[0]):
+            for j in range(b2[1]):
+                out.append(self.sum_of_products((A.el[Ai[i, k]], B.el[Bi[k, j]]) for k in range(a2[1])))
+        shape = tuple(x for x, keep in ((a2[0], len(A.shape) == 2), (b2[1], len(B.shape) == 2)) if keep)
+        return _Val(shape, out)
 
 
-def _index(ndim: int, dim: int, what: str) -> str:
-    dim = dim % max(ndim, 1)
-    return "[" + ", ".join([":"] * dim + [what]) + "]"
+def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
+    """Straight-line scalar code computing the graph ``gm``: every tensor element is a scalar.
 
-
-def _zeros(shape) -> str:
-    return "0.0" if shape == () else f"np.zeros({shape!r})"
-
-
-def translate(gm: torch.fx.GraphModule, inputs: Sequence[str], consts: List):
-    """The body lines and the output expression (numpy source) computing the graph ``gm``.
-
-    ``consts`` collects the graph's tensor constants (module parameters, captured tensors), passed
-    to the compiled function as extra arguments ``k0, k1, ...`` in that order.
+    ``inputs``: ``(name, shape)`` of each placeholder (an array argument, read as ``name[i]`` over its
+    flattened elements; a 0-d one is a float ``name``). ``consts`` collects the graph's tensor
+    constants, read the same way as arguments ``k0, k1, ...``. Returns the code lines and the
+    output's element expressions.
     """
-    em = _Emitter()
+    tr = _Translator()
+    vals: dict = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(inputs):
-        raise RuntimeError("internal: traced inputs do not match")
-    for n, name in zip(placeholders, inputs):
-        em.names[n] = name
-    body: List[str] = []
-    tuples: dict = {}
-    out_expr = None
+    for n, (name, shape) in zip(placeholders, inputs):
+        vals[n] = _Val(shape, [name] if name == "t" else [f"{name}[{i}]" for i in range(math.prod(shape))])
+    getitem = __import__("operator").getitem
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             continue
         if n.op == "output":
             res = n.args[0]
             if isinstance(res, (tuple, list)):
-                raise UnsupportedOpError("compile=True: f must return one tensor (tuple states are packed before tracing)")
-            out_expr = em.ref(res)
-            break
-        v = f"v_{n.name}"
+                raise UnsupportedOpError("compile=True: f must return one tensor")
+            return tr.lines, tr.val(res, vals).el
         if n.op == "get_attr":
-            val = getattr(gm, n.target)
-            consts.append(val.detach())
-            em.names[n] = f"k{len(consts) - 1}"
+            c = getattr(gm, n.target).detach()
+            consts.append(c)
+            name = f"k{len(consts) - 1}"
+            shape = tuple(c.shape)
+            vals[n] = _Val(shape, [f"{name}[{i}]" for i in range(c.numel())])
             continue
         if n.op != "call_function":
             raise UnsupportedOpError(f"compile=True: the traced graph holds a {n.op} node; pass compile=False")
-        op = n.target
-        if op is __import__("operator").getitem:
-            src, i = n.args
-            if src in tuples:
-                base, dim, ndim = tuples[src]
-                em.names[n] = v
-                body.append(f"{v} = {base}{_index(ndim, dim, str(i))}")
-                continue
-            raise UnsupportedOpError(f"compile=True: indexing the result of {src.target} is not supported; pass compile=False")
-        a = n.args
-        kw = n.kwargs
-        shape = _shape(n)
-        R = em.ref
-        em.names[n] = v
-        if op in _IDENTITY:
-            body.append(f"{v} = {R(a[0])}")
-        elif op in _UNARY:
-            body.append(f"{v} = " + _UNARY[op].format(R(a[0])))
-        elif op in _BINARY:
-            if op in (aten.add.Tensor, aten.sub.Tensor) and kw.get("alpha", 1) != 1:
-                sign = "+" if op is aten.add.Tensor else "-"
-                body.append(f"{v} = ({R(a[0])} {sign} {R(kw['alpha'])} * {R(a[1])})")
+        op, a, kw = n.target, n.args, n.kwargs
+        if op is getitem:
+            vals[n] = vals[a[0]][a[1]]
+            continue
+        if op in (aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default):
+            src = vals[a[0]]
+            dim = (a[1] if op is aten.unbind.int else a[2]) if len(a) > (1 if op is aten.unbind.int else 2) else 0
+            idx = _idx(src.shape)
+            if op is aten.unbind.int:
+                parts = [np.take(idx, i, axis=dim) for i in range(src.shape[dim])]
             else:
-                body.append(f"{v} = " + _BINARY[op].format(R(a[0]), R(a[1])))
-        elif op is aten._to_copy.default:
+                sizes = a[1] if isinstance(a[1], (list, tuple)) else [a[1]] * math.ceil(src.shape[dim] / a[1])
+                parts = np.split(idx, np.cumsum(sizes)[:-1].tolist(), axis=dim)
+            vals[n] = [_take(src, p) for p in parts]
+            continue
+        shape = _shape(n)
+        V = lambda x: tr.val(x, vals)  # noqa: E731
+        if op in _IDENTITY or op is aten._to_copy.default:
             dt = kw.get("dtype")
             if dt not in (None, torch.float64):
-                raise UnsupportedOpError(f"compile=True: f casts to {dt}; the compiled path runs in float64; pass compile=False")
-            body.append(f"{v} = {R(a[0])}")
-        elif op is aten.select.int:
-            src_shape = _shape(a[0])
-            body.append(f"{v} = {R(a[0])}{_index(len(src_shape), a[1], str(a[2]))}")
-        elif op is aten.slice.Tensor:
-            src_shape = _shape(a[0])
-            dim = a[1] if len(a) > 1 else 0
-            start = a[2] if len(a) > 2 and a[2] is not None else 0
-            end = a[3] if len(a) > 3 and a[3] is not None else src_shape[dim]
-            step = a[4] if len(a) > 4 else 1
-            end = min(end, src_shape[dim])
-            body.append(f"{v} = {R(a[0])}{_index(len(src_shape), dim, f'{start}:{end}:{step}')}")
-        elif op is aten.select_backward.default:
-            g, sizes, dim, index = a
-            body.append(f"{v} = np.zeros({tuple(sizes)!r})")
-            body.append(f"{v}{_index(len(sizes), dim, str(index))} = {R(g)}")
-        elif op is aten.slice_backward.default:
-            g, sizes, dim, start, end, step = a
-            end = min(end, sizes[dim])
-            body.append(f"{v} = np.zeros({tuple(sizes)!r})")
-            body.append(f"{v}{_index(len(sizes), dim, f'{start}:{end}:{step}')} = {R(g)}")
-        elif op in (aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default):
-            if op is not aten.unbind.int:
-                raise UnsupportedOpError(f"compile=True: aten op {op} is not supported; use indexing, or pass compile=False")
-            src_shape = _shape(a[0])
-            dim = a[1] if len(a) > 1 else 0
-            tuples[n] = (R(a[0]), dim, len(src_shape))
-            del em.names[n]
-        elif op is aten.stack.default:
-            items = a[0]
-            dim = a[1] if len(a) > 1 else 0
-            shapes = [_shape(x) for x in items]
-            if all(s == () for s in shapes):
-                body.append(f"{v} = np.array([{', '.join(R(x) for x in items)}])")
-            else:
-                parts = ", ".join(f"np.ascontiguousarray({R(x)})" for x in items)
-                body.append(f"{v} = np.stack(({parts},), axis={dim % len(shape)})")
-        elif op is aten.cat.default:
-            items = [x for x in a[0] if math.prod(_shape(x)) > 0 or len(_shape(x)) == len(shape)]
-            dim = a[1] if len(a) > 1 else 0
-            parts = ", ".join(f"np.ascontiguousarray({R(x)})" for x in items)
-            body.append(f"{v} = np.concatenate(({parts},), axis={dim % len(shape)})")
-        elif op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
-                    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints):
-            src_shape = _shape(a[0])
-            x = R(a[0])
-            if shape == src_shape:
-                body.append(f"{v} = {x}")
-            elif src_shape == ():
-                body.append(f"{v} = np.full({shape!r}, {x})")
-            elif shape == ():
-                body.append(f"{v} = {x}.ravel()[0]")
-            else:
-                body.append(f"{v} = np.ascontiguousarray({x}).reshape({shape!r})")
-        elif op is aten.expand.default:
-            src_shape = _shape(a[0])
-            body.append(f"{v} = {R(a[0])}" if src_shape == shape else f"{v} = np.zeros({shape!r}) + {R(a[0])}")
-        elif op in (aten.t.default, aten.permute.default, aten.transpose.int):
-            if len(shape) < 2:
-                body.append(f"{v} = {R(a[0])}")
-            elif op is aten.permute.default:
-                body.append(f"{v} = np.ascontiguousarray(np.transpose({R(a[0])}, {tuple(a[1])!r}))")
-            elif op is aten.transpose.int and len(shape) > 2:
-                perm = list(range(len(shape)))
-                d0, d1 = a[1] % len(shape), a[2] % len(shape)
-                perm[d0], perm[d1] = perm[d1], perm[d0]
-                body.append(f"{v} = np.ascontiguousarray(np.transpose({R(a[0])}, {tuple(perm)!r}))")
-            else:
-                body.append(f"{v} = np.ascontiguousarray({R(a[0])}.T)")
-        elif op is aten.addmm.default:
-            beta, alpha = kw.get("beta", 1), kw.get("alpha", 1)
-            body.append(f"{v} = {R(beta)} * {R(a[0])} + {R(alpha)} * np.dot(np.ascontiguousarray({R(a[1])}), "
-                        f"np.ascontiguousarray({R(a[2])}))")
-        elif op in (aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim):
-            fn = "np.sum" if op in (aten.sum.default, aten.sum.dim_IntList) else "np.mean"
-            src_shape = _shape(a[0])
-            dims = a[1] if len(a) > 1 and a[1] is not None else list(range(len(src_shape)))
-            keep = (a[2] if len(a) > 2 else kw.get("keepdim", False))
-            dims = sorted({d % max(len(src_shape), 1) for d in dims})
-            if dims == list(range(len(src_shape))):
-                expr = f"{fn}({R(a[0])})"
-            elif len(dims) == 1:
-                expr = f"{fn}({R(a[0])}, axis={dims[0]})"
-            else:
-                raise UnsupportedOpError(f"compile=True: a reduction over several (not all) dims ({op}) is not "
-                                         "supported; pass compile=False")
-            if keep and shape != ():
-                expr = f"np.ascontiguousarray({expr}).reshape({shape!r})" if dims != list(range(len(src_shape))) \
-                    else f"np.full({shape!r}, {expr})"
-            body.append(f"{v} = {expr}")
-        elif op in (aten.ones_like.default, aten.zeros_like.default, aten.full_like.default,
-                    aten.ones.default, aten.zeros.default, aten.full.default, aten.new_zeros.default,
-                    aten.new_ones.default, aten.new_full.default, aten.scalar_tensor.default):
-            fill = {aten.ones_like.default: 1.0, aten.ones.default: 1.0, aten.new_ones.default: 1.0}.get(op)
-            if fill is None:
-                if op in (aten.full_like.default, aten.full.default):
-                    fill = a[1]
-                elif op is aten.new_full.default:
-                    fill = a[2]
-                elif op is aten.scalar_tensor.default:
-                    fill = a[0]
-                else:
-                    fill = 0.0
-            if isinstance(fill, torch.fx.Node):
-                raise UnsupportedOpError(f"compile=True: {op} with a traced fill value; pass compile=False")
-            body.append(f"{v} = {R(fill)}" if shape == () else f"{v} = np.full({shape!r}, {R(fill)})")
+                raise UnsupportedOpError(f"compile=True: f casts to {dt}; the compiled path runs in float64; "
+                                         "pass compile=False")
+            vals[n] = V(a[0])
+        elif op in _UNARY:
+            vals[n] = tr.elementwise(_UNARY[op], [V(a[0])], shape)
+        elif op in _BINARY:
+            x, y = V(a[0]), V(a[1])
+            alpha = kw.get("alpha", 1)
+            if op in (aten.add.Tensor, aten.sub.Tensor) and alpha != 1:
+                y = tr.elementwise("({0} * {1})", [y, _Val((), [_lit(alpha)])], y.shape, aten.mul.Tensor)
+            vals[n] = tr.elementwise(_BINARY[op], [x, y], shape, op)
+        elif op is aten.where.self:
+            vals[n] = tr.elementwise("({1} if {0} else {2})", [V(a[0]), V(a[1]), V(a[2])], shape)
+        elif op is aten.threshold_backward.default:
+            vals[n] = tr.elementwise("({0} if {1} > {2} else 0.0)", [V(a[0]), V(a[1]), V(a[2])], shape)
         elif op is aten.clamp.default:
-            x = R(a[0])
+            x = V(a[0])
             lo = a[1] if len(a) > 1 else kw.get("min")
             hi = a[2] if len(a) > 2 else kw.get("max")
             if lo is not None:
-                x = f"np.maximum({x}, {R(lo)})"
+                x = tr.elementwise("max({0}, {1})", [x, V(lo)], shape)
             if hi is not None:
-                x = f"np.minimum({x}, {R(hi)})"
-            body.append(f"{v} = {x}")
-        elif op is aten.where.self:
-            c, x, y = (R(z) for z in a)
-            body.append(f"{v} = ({x} if {c} else {y})" if shape == () else f"{v} = np.where({c}, {x}, {y})")
-        elif op in (aten.gt.Tensor, aten.gt.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.ge.Tensor, aten.ge.Scalar,
-                    aten.le.Tensor, aten.le.Scalar):
-            sym = {"gt": ">", "lt": "<", "ge": ">=", "le": "<="}[op.__name__.split(".")[0]]
-            body.append(f"{v} = ({R(a[0])} {sym} {R(a[1])})")
-        elif op is aten.threshold_backward.default:
-            g, x, thr = a
-            body.append(f"{v} = ({R(g)} if {R(x)} > {R(thr)} else 0.0)" if shape == ()
-                        else f"{v} = np.where({R(x)} > {R(thr)}, {R(g)}, 0.0)")
+                x = tr.elementwise("min({0}, {1})", [x, V(hi)], shape)
+            vals[n] = x
+        elif op is aten.select.int:
+            src = V(a[0])
+            vals[n] = _take(src, np.take(_idx(src.shape), a[2], axis=a[1]))
+        elif op is aten.slice.Tensor:
+            src = V(a[0])
+            dim = a[1] if len(a) > 1 else 0
+            sl = [slice(None)] * len(src.shape)
+            sl[dim] = slice(a[2] if len(a) > 2 else None, a[3] if len(a) > 3 else None, a[4] if len(a) > 4 else 1)
+            vals[n] = _take(src, _idx(src.shape)[tuple(sl)])
+        elif op in (aten.select_backward.default, aten.slice_backward.default):
+            g, sizes = V(a[0]), tuple(a[1])
+            idx = _idx(sizes)
+            if op is aten.select_backward.default:
+                pos = np.take(idx, a[3], axis=a[2])
+            else:
+                sl = [slice(None)] * len(sizes)
+                sl[a[2]] = slice(a[3], a[4], a[5])
+                pos = idx[tuple(sl)]
+            el = [_ZERO] * math.prod(sizes)
+            for p, e in zip(pos.ravel().tolist(), g.el):
+                el[p] = e
+            vals[n] = _Val(sizes, el)
+        elif op in (aten.stack.default, aten.cat.default):
+            items = [V(x) for x in a[0]]
+            dim = a[1] if len(a) > 1 else kw.get("dim", 0)
+            offs = np.cumsum([0] + [len(v.el) for v in items])
+            idxs = [_idx(v.shape) + o for v, o in zip(items, offs)]
+            if op is aten.cat.default:
+                idxs = [i for i, v in zip(idxs, items) if len(v.shape) == len(shape)]
+                comb = np.concatenate(idxs, axis=dim)
+            else:
+                comb = np.stack(idxs, axis=dim)
+            vals[n] = _take(_Val((len(offs),), sum((v.el for v in items), [])), comb)
+        elif op in _RESHAPE:
+            src = V(a[0])
+            if op is aten.expand.default:
+                vals[n] = _take(src, np.broadcast_to(_idx(src.shape), shape))
+            else:
+                vals[n] = _Val(shape, src.el)
+        elif op in (aten.t.default, aten.permute.default, aten.transpose.int):
+            src = V(a[0])
+            idx = _idx(src.shape)
+            if op is aten.permute.default:
+                idx = np.transpose(idx, a[1])
+            elif op is aten.transpose.int:
+                idx = np.swapaxes(idx, a[1], a[2])
+            else:
+                idx = idx.T
+            vals[n] = _take(src, idx)
+        elif op in (aten.mv.default, aten.mm.default, aten.dot.default, aten.matmul.default):
+            A, B = V(a[0]), V(a[1])
+            if len(A.shape) > 2 or len(B.shape) > 2:
+                raise UnsupportedOpError(f"compile=True: batched {op} is not supported; pass compile=False")
+            vals[n] = tr.matmul(A, B)
+        elif op is aten.addmm.default:
+            P = tr.matmul(V(a[1]), V(a[2]))
+            beta, alpha = kw.get("beta", 1), kw.get("alpha", 1)
+            if alpha != 1:
+                P = tr.elementwise("({0} * {1})", [P, _Val((), [_lit(alpha)])], P.shape, aten.mul.Tensor)
+            bias = V(a[0])
+            if beta != 1:
+                bias = tr.elementwise("({0} * {1})", [bias, _Val((), [_lit(beta)])], bias.shape, aten.mul.Tensor)
+            vals[n] = tr.elementwise("({0} + {1})", [bias, P], shape, aten.add.Tensor)
+        elif op in (aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim):
+            src = V(a[0])
+            nd = len(src.shape)
+            dims = a[1] if len(a) > 1 and a[1] is not None else list(range(nd))
+            dims = sorted({d % max(nd, 1) for d in dims}) if nd else []
+            keep = [d for d in range(nd) if d not in dims]
+            idx = np.transpose(_idx(src.shape), keep + dims).reshape(-1, math.prod(src.shape[d] for d in dims))
+            scale = 1.0 / idx.shape[1] if op in (aten.mean.default, aten.mean.dim) else 1.0
+            out = []
+            for row in idx.tolist():
+                sm = tr.sum_of_products((src.el[i], _ONE) for i in row)
+                out.append(tr.atom(f"({sm} * {scale!r})") if scale != 1.0 and sm != _ZERO else sm)
+            vals[n] = _Val(shape, out)
+        elif op in (aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.ones.default,
+                    aten.zeros.default, aten.full.default, aten.new_zeros.default, aten.new_ones.default,
+                    aten.new_full.default, aten.scalar_tensor.default):
+            fill = {aten.ones_like.default: 1.0, aten.ones.default: 1.0, aten.new_ones.default: 1.0}.get(op)
+            if fill is None:
+                fill = {aten.full_like.default: 1, aten.full.default: 1, aten.new_full.default: 2,
+                        aten.scalar_tensor.default: 0}.get(op)
+                fill = 0.0 if fill is None else a[fill]
+            vals[n] = _Val(shape, [_lit(fill)] * math.prod(shape))
         else:
             raise UnsupportedOpError(
                 f"compile=True: f uses the aten op {op}, which the compiled path cannot translate yet; "
                 "pass compile=False (the native engine runs any torch function)"
             )
-    if out_expr is None:
-        raise RuntimeError("internal: the traced graph has no output")
-    return body, out_expr
+    raise RuntimeError("internal: the traced graph has no output")
 
 
 def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
     """Trace ``call(t, y, *args)`` (flat float64 state of ``n`` components).
 
-    Returns ``(source, consts, uses_t)``: the source of the numba functions ``rhs(t, y, a..., k...)``
-    and, with ``jacobian=True``, ``jac(t, y, J, dT, a..., k...)`` filling ``J`` (n×n) and ``dT``;
-    ``consts`` the tensor constants both take after the user's arguments; ``uses_t`` whether f
-    depends on t.
+    Returns ``(source, f_consts, jac_consts, uses_t, n_tensor_args)``: the source of the numba
+    functions ``rhs(t, y, out, a..., k...)`` writing f into ``out`` and, with ``jacobian=True``,
+    ``jac(t, y, J, dT, a..., k...)`` filling ``J`` (n×n) and ``dT = ∂f/∂t``; the tensor constants
+    each takes (flattened) after the user's tensor arguments (flattened); whether f depends on t.
     """
     t0 = torch.zeros((), dtype=torch.float64)
     y0 = torch.zeros(n, dtype=torch.float64) + 0.5
@@ -337,13 +408,13 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
     except Exception as e:  # pragma: no cover - depends on f
         raise UnsupportedOpError(f"compile=True: tracing f failed ({type(e).__name__}: {e}); pass compile=False") from e
     anames = [f"a{i}" for i in range(len(ex))]
+    ins = [("t", ()), ("y", (n,))] + [(nm, tuple(x.shape)) for nm, x in zip(anames, ex)]
     consts: list = []
-    body, out = translate(gm, ["t", "y"] + anames, consts)
-    uses_t = any(len(nd.users) > 0 for nd in gm.graph.nodes if nd.op == "placeholder" and nd.name.startswith("t"))
-    nconst_f = len(consts)
-    src = [_fn_header("rhs", ["t", "y"] + anames, nconst_f)]
+    body, out = translate(gm, ins, consts)
+    uses_t = len(next(nd for nd in gm.graph.nodes if nd.op == "placeholder").users) > 0
+    src = [_fn_header("rhs", ["t", "y", "out"] + anames, len(consts))]
     src += [f"    {ln}" for ln in body]
-    src.append(f"    return np.ascontiguousarray(np.asarray({out}, dtype=np.float64)).reshape({n})")
+    src += [f"    out[{i}] = {e}" for i, e in enumerate(out)]
     jsrc: List[str] = []
     jconsts: list = []
     if jacobian:
@@ -364,12 +435,11 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
         except Exception as e:  # pragma: no cover - depends on f
             raise UnsupportedOpError(f"compile=True: tracing the Jacobian of f failed ({type(e).__name__}: {e}); "
                                      "pass compile=False") from e
-        jbody, jout = translate(gj, ["t", "y"] + anames, jconsts)
+        jbody, jout = translate(gj, ins, jconsts)
         jsrc = [_fn_header("jac", ["t", "y", "J", "dT"] + anames, len(jconsts))]
         jsrc += [f"    {ln}" for ln in jbody]
-        jsrc.append(f"    v_out = np.ascontiguousarray(np.asarray({jout}, dtype=np.float64))")
-        jsrc.append(f"    J[:, :] = v_out[:{n * n}].reshape(({n}, {n}))")
-        jsrc.append(f"    dT[:] = v_out[{n * n}:]")
+        jsrc += [f"    J[{i // n}, {i % n}] = {e}" for i, e in enumerate(jout[: n * n])]
+        jsrc += [f"    dT[{i}] = {e}" for i, e in enumerate(jout[n * n:])]
     return "\n".join(src + [""] + jsrc) + "\n", consts, jconsts, uses_t, len(ex)
 
 
