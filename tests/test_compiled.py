@@ -4,6 +4,7 @@ Fitted convergence orders of the compiled methods (fixed steps, exact solution),
 native engine (same steps, same statistics, states to rounding) and with the stored Radau
 references on Robertson and Van der Pol (μ = 1000), and the clear errors.
 """
+
 import json
 import math
 import pathlib
@@ -15,13 +16,17 @@ import torch
 import pyneuralode as pn
 from pyneuralode.compiled import UnsupportedOpError, numba_available
 
-pytestmark = pytest.mark.skipif(not numba_available(), reason="numba is not installed (pip install 'pyneuralode[compiled]')")
+pytestmark = pytest.mark.skipif(
+    not numba_available(), reason="numba is not installed (pip install 'pyneuralode[compiled]')"
+)
 
 REF = json.loads((pathlib.Path(__file__).parent / "data" / "stiff_references.json").read_text())
 F64 = dict(dtype=torch.float64)
 
 
-def growth(t, y):  # y' = y cos t  =>  y = exp(sin t); non-autonomous (exercises ∂f/∂t in Rosenbrock)
+def growth(
+    t, y
+):  # y' = y cos t  =>  y = exp(sin t); non-autonomous (exercises ∂f/∂t in Rosenbrock)
     return y * torch.cos(t)
 
 
@@ -30,8 +35,13 @@ def lotka_volterra(t, y, p):
 
 
 def robertson(t, y, k):
-    return torch.stack([-k[0] * y[0] + k[2] * y[1] * y[2], k[0] * y[0] - k[1] * y[1] ** 2 - k[2] * y[1] * y[2],
-                        k[1] * y[1] ** 2])
+    return torch.stack(
+        [
+            -k[0] * y[0] + k[2] * y[1] * y[2],
+            k[0] * y[0] - k[1] * y[1] ** 2 - k[2] * y[1] * y[2],
+            k[1] * y[1] ** 2,
+        ]
+    )
 
 
 def van_der_pol(t, y):
@@ -40,22 +50,36 @@ def van_der_pol(t, y):
 
 # fixed steps on [0, 2]: errors well above round-off and in the asymptotic range (Rodas4 is
 # pre-asymptotic below ~45 steps: slope 3.2 there, natively too)
-STEPS = {"Tsit5": [28, 40, 56, 80], "Dopri5": [20, 28, 40, 56], "Vern7": [8, 11, 16, 22], "DP8": [3, 4, 5, 6],
-         "Rodas4": [45, 64, 90, 128], "Rodas5P": [16, 23, 32, 45]}
+STEPS = {
+    "Tsit5": [28, 40, 56, 80],
+    "Dopri5": [20, 28, 40, 56],
+    "Vern7": [8, 11, 16, 22],
+    "DP8": [3, 4, 5, 6],
+    "Rodas4": [45, 64, 90, 128],
+    "Rodas5P": [16, 23, 32, 45],
+}
 
 
-@pytest.mark.parametrize("name,order", [("Tsit5", 5), ("Dopri5", 5), ("Vern7", 7), ("DP8", 8), ("Rodas4", 4),
-                                        ("Rodas5P", 5)])
+@pytest.mark.parametrize(
+    "name,order",
+    [("Tsit5", 5), ("Dopri5", 5), ("Vern7", 7), ("DP8", 8), ("Rodas4", 4), ("Rodas5P", 5)],
+)
 def test_fitted_order(name, order):
     y0 = torch.tensor([1.0], **F64)
     ts = torch.tensor([0.0, 2.0], **F64)
     exact = math.exp(math.sin(2.0))
     errs = []
     for n in STEPS[name]:
-        sol = pn.solve(growth, y0, ts, getattr(pn, name)(), adaptive=False, dt=2.0 / n, compile=True)
+        sol = pn.solve(
+            growth, y0, ts, getattr(pn, name)(), adaptive=False, dt=2.0 / n, compile=True
+        )
         errs.append(abs(sol.ys[-1, 0].item() - exact))
     slope = -np.polyfit(np.log(STEPS[name]), np.log(errs), 1)[0]
-    assert abs(slope - order) < (0.3 if order <= 4 else 0.5), (name, slope, errs)  # as test_explicit_convergence
+    assert abs(slope - order) < (0.3 if order <= 4 else 0.5), (
+        name,
+        slope,
+        errs,
+    )  # as test_explicit_convergence
 
 
 @pytest.mark.parametrize("name", ["Tsit5", "Vern7"])

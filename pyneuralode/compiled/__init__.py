@@ -5,6 +5,7 @@ compiles together with the method's step (generated from its tableau), the error
 step-size controller and the loop (:mod:`._codegen`), so that a whole solve runs as one native
 call. Needs the optional dependency numba (``pip install 'pyneuralode[compiled]'``).
 """
+
 from ._driver import CompiledSolution, numba_available, solve_compiled
 from ._trace import UnsupportedOpError
 

@@ -10,6 +10,7 @@ A module is written to ``<cache>/m_<hash>.py`` and imported, so that numba's ``c
 the machine code on disk next to it (``PYNEURALODE_CACHE_DIR``, default
 ``~/.cache/pyneuralode/compiled``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,9 @@ def erk_source(tab, sig: str, fa: str) -> tuple:
     L = [f"@njit(cache=True)\ndef step(t, y, h, K, y1, err, ytmp, F1{sig}):", "    n = y.shape[0]"]
     for i in range(1, m):
         L.append("    for j in range(n):")
-        L.append(f"        ytmp[j] = y[j] + h*({_terms((tab.a[i, k], f'K[{k}, j]') for k in range(i))})")
+        L.append(
+            f"        ytmp[j] = y[j] + h*({_terms((tab.a[i, k], f'K[{k}, j]') for k in range(i))})"
+        )
         L.append(f"    rhs(t + {float(tab.c[i])!r}*h, ytmp, K[{i}]{fa})")
     L.append("    for j in range(n):")
     L.append(f"        y1[j] = y[j] + h*({_terms((tab.b[k], f'K[{k}, j]') for k in range(m))})")
@@ -60,7 +63,9 @@ def erk_source(tab, sig: str, fa: str) -> tuple:
     if tab.fsal:
         L.append(f"    K[{s - 1}, :] = F1")
     L.append("    for j in range(n):")
-    if tab.b_error2 is not None:  # DOP853's combined estimate, per component (as _erk._combined_error)
+    if (
+        tab.b_error2 is not None
+    ):  # DOP853's combined estimate, per component (as _erk._combined_error)
         L.append(f"        e5 = h*({_terms((tab.b_error[k], f'K[{k}, j]') for k in range(s))})")
         L.append(f"        e3 = h*({_terms((tab.b_error2[k], f'K[{k}, j]') for k in range(s))})")
         L.append("        den = np.sqrt(e5*e5 + 0.01*(e3*e3))")
@@ -74,13 +79,19 @@ def erk_source(tab, sig: str, fa: str) -> tuple:
     L.append("    n = y.shape[0]")
     for j in range(tab.extra_stages):
         row = tab.a_extra[j, : s + j]
-        is_f1 = (not tab.fsal and tab.c_extra[j] == 1.0 and np.allclose(row[:s], tab.b, atol=1e-14, rtol=0)
-                 and not np.any(row[s:]))
+        is_f1 = (
+            not tab.fsal
+            and tab.c_extra[j] == 1.0
+            and np.allclose(row[:s], tab.b, atol=1e-14, rtol=0)
+            and not np.any(row[s:])
+        )
         if is_f1:
             L.append(f"    K[{s + j}, :] = F1")
             continue
         L.append("    for j in range(n):")
-        L.append(f"        ytmp[j] = y[j] + h*({_terms((row[k], f'K[{k}, j]') for k in range(s + j))})")
+        L.append(
+            f"        ytmp[j] = y[j] + h*({_terms((row[k], f'K[{k}, j]') for k in range(s + j))})"
+        )
         L.append(f"    rhs(t + {float(tab.c_extra[j])!r}*h, ytmp, K[{s + j}]{fa})")
         nx += 1
     L.append(f"    return {nx}")
@@ -106,28 +117,34 @@ def erk_source(tab, sig: str, fa: str) -> tuple:
 
 
 def rosenbrock_source(tab, sig: str, fa: str) -> str:
-    """``step`` and ``dense`` of a Rosenbrock tableau (transformed form, Hairer & Wanner IV.7 eq. 7.25)::
+    """``step`` and ``dense`` of a Rosenbrock tableau (transformed form; Hairer & Wanner IV.7,
+    eq. 7.25)::
 
-        (I/(hγ) − J) U_i = f(t0 + c_i h, y0 + Σ_j A_ij U_j) + Σ_j C_ij U_j / h + h d_i ∂f/∂t
+    (I/(hγ) − J) U_i = f(t0 + c_i h, y0 + Σ_j A_ij U_j) + Σ_j C_ij U_j / h + h d_i ∂f/∂t
     """
     s = tab.stages
-    L = [f"@njit(cache=True)\ndef step(t, y, h, F0, J, dT, nonauto, W, piv, U, ytmp, r, y1, err, KK{sig}):",
-         "    n = y.shape[0]",
-         "    fi = np.empty(n)",
-         f"    ig = 1.0/(h*{float(tab.gamma)!r})",
-         "    inv_h = 1.0/h",
-         "    for i in range(n):",
-         "        for j in range(n):",
-         "            W[i, j] = -J[i, j]",
-         "        W[i, i] += ig",
-         "    lu_factor(W, piv)"]
+    L = [
+        "@njit(cache=True)\n"
+        f"def step(t, y, h, F0, J, dT, nonauto, W, piv, U, ytmp, r, y1, err, KK{sig}):",
+        "    n = y.shape[0]",
+        "    fi = np.empty(n)",
+        f"    ig = 1.0/(h*{float(tab.gamma)!r})",
+        "    inv_h = 1.0/h",
+        "    for i in range(n):",
+        "        for j in range(n):",
+        "            W[i, j] = -J[i, j]",
+        "        W[i, i] += ig",
+        "    lu_factor(W, piv)",
+    ]
     for i in range(s):
         if i == 0:
             L.append("    for j in range(n):")
             L.append("        r[j] = F0[j]")
         else:
             L.append("    for j in range(n):")
-            L.append(f"        ytmp[j] = y[j] + {_terms((tab.A[i, k], f'U[{k}, j]') for k in range(i))}")
+            L.append(
+                f"        ytmp[j] = y[j] + {_terms((tab.A[i, k], f'U[{k}, j]') for k in range(i))}"
+            )
             L.append(f"    rhs(t + {float(tab.c[i])!r}*h, ytmp, fi{fa})")
             L.append("    for j in range(n):")
             cterm = _terms((tab.C[i, k], f"U[{k}, j]") for k in range(i))
@@ -153,7 +170,7 @@ def rosenbrock_source(tab, sig: str, fa: str) -> str:
     return "\n".join(L) + "\n", H.shape[0]
 
 
-_COMMON = '''
+_COMMON = """
 @njit(cache=True)
 def ctrl_factor(err, err_prev, q, accepted_last, dt_ratio, pred, beta1, beta2, safety, fmin, fmax):
     # controllers.PredictiveController.factor (pred) and controllers.PIController.factor
@@ -229,9 +246,9 @@ def lu_solve(A, piv, b, x):
         for j in range(i + 1, n):
             s -= A[i, j] * x[j]
         x[i] = s / A[i, i]
-'''
+"""
 
-_LOOP = '''
+_LOOP = """
 @njit(cache=True)
 def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in, max_steps, pred, beta1, beta2,
           safety, fmin, fmax, q, start_order, nonauto@@SIG@@):
@@ -374,41 +391,56 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
     if retcode == 0 and not adaptive and not np.all(np.isfinite(y)):
         retcode = 3
     return ys, next_out, retcode, t, stats
-'''
+"""
 
 
 def _indent(code: str, k: int) -> str:
     return "\n".join((" " * k + ln) if ln else ln for ln in code.strip("\n").split("\n"))
 
 
-def loop_source(kind: str, sig: str, fa: str, ja: str, nstage_all: int, nfe_step: int, n_dense_rows: int = 0) -> str:
+def loop_source(
+    kind: str, sig: str, fa: str, ja: str, nstage_all: int, nfe_step: int, n_dense_rows: int = 0
+) -> str:
     if kind == "erk":
         alloc = f"K = np.zeros(({nstage_all}, n))\nrhs(t, y, F0{fa})\nstats[0] += 1"
         f0_init = ""
-        step = (f"K[0, :] = F0\nstep(t, y, h, K, y1, err, ytmp, F1{sig})\nstats[0] += {nfe_step}")
-        dense = (f"if not dense_ready:\n    stats[0] += extra(t, y, h, K, ytmp, F1{sig})\n    dense_ready = True\n"
-                 "dense((to - t) / h, y, y1, h, K, F0, F1, out)")
+        step = f"K[0, :] = F0\nstep(t, y, h, K, y1, err, ytmp, F1{sig})\nstats[0] += {nfe_step}"
+        dense = (
+            "if not dense_ready:\n"
+            f"    stats[0] += extra(t, y, h, K, ytmp, F1{sig})\n    dense_ready = True\n"
+            "dense((to - t) / h, y, y1, h, K, F0, F1, out)"
+        )
         accept = "F0[:] = F1"
     else:
-        alloc = (f"J = np.zeros((n, n))\ndT = np.zeros(n)\nW = np.zeros((n, n))\npiv = np.zeros(n, dtype=np.int64)\n"
-                 f"U = np.zeros(({nstage_all}, n))\nrvec = np.zeros(n)\nKK = np.zeros(({n_dense_rows}, n))")
+        alloc = (
+            "J = np.zeros((n, n))\ndT = np.zeros(n)\nW = np.zeros((n, n))\n"
+            "piv = np.zeros(n, dtype=np.int64)\n"
+            f"U = np.zeros(({nstage_all}, n))\nrvec = np.zeros(n)\n"
+            f"KK = np.zeros(({n_dense_rows}, n))"
+        )
         f0_init = f"rhs(t, y, F0{fa})\nstats[0] += 1"
-        step = (f"if not have_point:\n    rhs(t, y, F0{fa})\n    jac(t, y, J, dT{ja})\n    stats[0] += 1\n"
-                f"    stats[3] += 1\n    have_point = True\n"
-                f"step(t, y, h, F0, J, dT, nonauto, W, piv, U, ytmp, rvec, y1, err, KK{sig})\n"
-                f"stats[0] += {nfe_step}\nstats[4] += 1\nstats[5] += {nstage_all}")
+        step = (
+            f"if not have_point:\n    rhs(t, y, F0{fa})\n"
+            f"    jac(t, y, J, dT{ja})\n    stats[0] += 1\n"
+            f"    stats[3] += 1\n    have_point = True\n"
+            f"step(t, y, h, F0, J, dT, nonauto, W, piv, U, ytmp, rvec, y1, err, KK{sig})\n"
+            f"stats[0] += {nfe_step}\nstats[4] += 1\nstats[5] += {nstage_all}"
+        )
         dense = "dense((to - t) / h, y, y1, KK, out)"
         accept = "have_point = False"
     src = _LOOP.replace("@@SIG@@", sig).replace("@@FA@@", fa)
-    src = src.replace("@@ALLOC@@", _indent(alloc, 4)).replace("@@F0_INIT@@", _indent(f0_init, 12) if f0_init else "")
+    src = src.replace("@@ALLOC@@", _indent(alloc, 4)).replace(
+        "@@F0_INIT@@", _indent(f0_init, 12) if f0_init else ""
+    )
     src = src.replace("@@STEP@@", _indent(step, 8)).replace("@@DENSE@@", _indent(dense, 16))
     src = src.replace("@@ACCEPT@@", _indent(accept, 8))
     return _COMMON + src
 
 
 def cache_dir() -> str:
-    d = os.environ.get("PYNEURALODE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pyneuralode",
-                                                                 "compiled")
+    d = os.environ.get("PYNEURALODE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pyneuralode", "compiled"
+    )
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -417,7 +449,8 @@ _MODULES: dict = {}
 
 
 def load_module(source: str):
-    """Write ``source`` to the cache directory (named by its hash) and import it (once per process)."""
+    """Write ``source`` to the cache directory (named by its hash) and import it (once per
+    process)."""
     key = hashlib.sha1(source.encode()).hexdigest()[:20]
     mod = _MODULES.get(key)
     if mod is not None:

@@ -5,9 +5,11 @@ flat float64 state; every aten node becomes one line of numpy code over float sc
 tensors) and arrays (the others), using the traced shapes. The Jacobian is traced the same way
 from reverse-mode autograd (one ``torch.autograd.grad`` per row of ``f``, as ``jacrev`` without
 ``vmap``, whose batching rules trace to in-place and meta-device ops): exact, not finite
-differences. ``∂f/∂t`` comes from the same reverse passes. An aten op without a translation raises
+differences. ``∂f/∂t`` comes from the same reverse passes. An aten op without a translation
+raises
 :class:`UnsupportedOpError` naming it.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +29,9 @@ class UnsupportedOpError(ValueError):
 def _shape(node) -> tuple:
     val = node.meta.get("val")
     if val is None or not hasattr(val, "shape"):
-        raise UnsupportedOpError(f"compile=True: the traced node {node.name} has no shape; pass compile=False")
+        raise UnsupportedOpError(
+            f"compile=True: the traced node {node.name} has no shape; pass compile=False"
+        )
     return tuple(int(s) for s in val.shape)
 
 
@@ -76,18 +80,33 @@ _BINARY = {
     aten.atan2.default: "math.atan2({0}, {1})",
     aten.tanh_backward.default: "({0} * (1.0 - {1} * {1}))",
     aten.sigmoid_backward.default: "({0} * {1} * (1.0 - {1}))",
-    aten.gt.Tensor: "({0} > {1})", aten.gt.Scalar: "({0} > {1})",
-    aten.lt.Tensor: "({0} < {1})", aten.lt.Scalar: "({0} < {1})",
-    aten.ge.Tensor: "({0} >= {1})", aten.ge.Scalar: "({0} >= {1})",
-    aten.le.Tensor: "({0} <= {1})", aten.le.Scalar: "({0} <= {1})",
+    aten.gt.Tensor: "({0} > {1})",
+    aten.gt.Scalar: "({0} > {1})",
+    aten.lt.Tensor: "({0} < {1})",
+    aten.lt.Scalar: "({0} < {1})",
+    aten.ge.Tensor: "({0} >= {1})",
+    aten.ge.Scalar: "({0} >= {1})",
+    aten.le.Tensor: "({0} <= {1})",
+    aten.le.Scalar: "({0} <= {1})",
 }
 _IDENTITY = {
-    aten.detach.default, aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default,
-    aten.contiguous.default, aten.positive.default,
+    aten.detach.default,
+    aten.alias.default,
+    aten.clone.default,
+    aten.lift_fresh_copy.default,
+    aten.contiguous.default,
+    aten.positive.default,
 }
 _RESHAPE = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints, aten.expand.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.flatten.using_ints,
+    aten.expand.default,
 }
 _ZERO, _ONE = "0.0", "1.0"
 
@@ -102,8 +121,10 @@ def _lit(a) -> str:
         if math.isnan(v):
             return "math.nan"
         return repr(v)
-    raise UnsupportedOpError(f"compile=True: a constant argument of type {type(a).__name__} cannot be translated; "
-                             "pass compile=False")
+    raise UnsupportedOpError(
+        f"compile=True: a constant argument of type {type(a).__name__} cannot be translated; "
+        "pass compile=False"
+    )
 
 
 def _simplify(op, x: str, y: str):
@@ -164,7 +185,9 @@ class _Translator:
 
     def atom(self, expr: str) -> str:
         """A variable holding ``expr`` (literals and names are used as they are)."""
-        if expr.replace(".", "").replace("_", "").replace("[", "").replace("]", "").isalnum() or expr in (_ZERO, _ONE):
+        if expr.replace(".", "").replace("_", "").replace("[", "").replace(
+            "]", ""
+        ).isalnum() or expr in (_ZERO, _ONE):
             return expr
         try:
             float(expr)
@@ -173,8 +196,10 @@ class _Translator:
             pass
         self.count += 1
         if self.count > MAX_SCALAR_OPS:
-            raise UnsupportedOpError(f"compile=True: f unrolls to more than {MAX_SCALAR_OPS} scalar operations; the "
-                                     "compiled path is for small systems; pass compile=False")
+            raise UnsupportedOpError(
+                f"compile=True: f unrolls to more than {MAX_SCALAR_OPS} scalar operations; the "
+                "compiled path is for small systems; pass compile=False"
+            )
         name = f"s{self.count}"
         self.lines.append(f"{name} = {expr}")
         return name
@@ -204,15 +229,20 @@ class _Translator:
         out = []
         for i in range(a2[0]):
             for j in range(b2[1]):
-                out.append(self.sum_of_products((A.el[Ai[i, k]], B.el[Bi[k, j]]) for k in range(a2[1])))
-        shape = tuple(x for x, keep in ((a2[0], len(A.shape) == 2), (b2[1], len(B.shape) == 2)) if keep)
+                out.append(
+                    self.sum_of_products((A.el[Ai[i, k]], B.el[Bi[k, j]]) for k in range(a2[1]))
+                )
+        shape = tuple(
+            x for x, keep in ((a2[0], len(A.shape) == 2), (b2[1], len(B.shape) == 2)) if keep
+        )
         return _Val(shape, out)
 
 
 def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
     """Straight-line scalar code computing the graph ``gm``: every tensor element is a scalar.
 
-    ``inputs``: ``(name, shape)`` of each placeholder (an array argument, read as ``name[i]`` over its
+    ``inputs``: ``(name, shape)`` of each placeholder (an array argument, read as ``name[i]``
+    over its
     flattened elements; a 0-d one is a float ``name``). ``consts`` collects the graph's tensor
     constants, read the same way as arguments ``k0, k1, ...``. Returns the code lines and the
     output's element expressions.
@@ -221,7 +251,9 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
     vals: dict = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n, (name, shape) in zip(placeholders, inputs):
-        vals[n] = _Val(shape, [name] if name == "t" else [f"{name}[{i}]" for i in range(math.prod(shape))])
+        vals[n] = _Val(
+            shape, [name] if name == "t" else [f"{name}[{i}]" for i in range(math.prod(shape))]
+        )
     getitem = __import__("operator").getitem
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -239,19 +271,29 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
             vals[n] = _Val(shape, [f"{name}[{i}]" for i in range(c.numel())])
             continue
         if n.op != "call_function":
-            raise UnsupportedOpError(f"compile=True: the traced graph holds a {n.op} node; pass compile=False")
+            raise UnsupportedOpError(
+                f"compile=True: the traced graph holds a {n.op} node; pass compile=False"
+            )
         op, a, kw = n.target, n.args, n.kwargs
         if op is getitem:
             vals[n] = vals[a[0]][a[1]]
             continue
         if op in (aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default):
             src = vals[a[0]]
-            dim = (a[1] if op is aten.unbind.int else a[2]) if len(a) > (1 if op is aten.unbind.int else 2) else 0
+            dim = (
+                (a[1] if op is aten.unbind.int else a[2])
+                if len(a) > (1 if op is aten.unbind.int else 2)
+                else 0
+            )
             idx = _idx(src.shape)
             if op is aten.unbind.int:
                 parts = [np.take(idx, i, axis=dim) for i in range(src.shape[dim])]
             else:
-                sizes = a[1] if isinstance(a[1], (list, tuple)) else [a[1]] * math.ceil(src.shape[dim] / a[1])
+                sizes = (
+                    a[1]
+                    if isinstance(a[1], (list, tuple))
+                    else [a[1]] * math.ceil(src.shape[dim] / a[1])
+                )
                 parts = np.split(idx, np.cumsum(sizes)[:-1].tolist(), axis=dim)
             vals[n] = [_take(src, p) for p in parts]
             continue
@@ -260,8 +302,10 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
         if op in _IDENTITY or op is aten._to_copy.default:
             dt = kw.get("dtype")
             if dt not in (None, torch.float64):
-                raise UnsupportedOpError(f"compile=True: f casts to {dt}; the compiled path runs in float64; "
-                                         "pass compile=False")
+                raise UnsupportedOpError(
+                    f"compile=True: f casts to {dt}; the compiled path runs in float64; "
+                    "pass compile=False"
+                )
             vals[n] = V(a[0])
         elif op in _UNARY:
             vals[n] = tr.elementwise(_UNARY[op], [V(a[0])], shape)
@@ -269,12 +313,16 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
             x, y = V(a[0]), V(a[1])
             alpha = kw.get("alpha", 1)
             if op in (aten.add.Tensor, aten.sub.Tensor) and alpha != 1:
-                y = tr.elementwise("({0} * {1})", [y, _Val((), [_lit(alpha)])], y.shape, aten.mul.Tensor)
+                y = tr.elementwise(
+                    "({0} * {1})", [y, _Val((), [_lit(alpha)])], y.shape, aten.mul.Tensor
+                )
             vals[n] = tr.elementwise(_BINARY[op], [x, y], shape, op)
         elif op is aten.where.self:
             vals[n] = tr.elementwise("({1} if {0} else {2})", [V(a[0]), V(a[1]), V(a[2])], shape)
         elif op is aten.threshold_backward.default:
-            vals[n] = tr.elementwise("({0} if {1} > {2} else 0.0)", [V(a[0]), V(a[1]), V(a[2])], shape)
+            vals[n] = tr.elementwise(
+                "({0} if {1} > {2} else 0.0)", [V(a[0]), V(a[1]), V(a[2])], shape
+            )
         elif op is aten.clamp.default:
             x = V(a[0])
             lo = a[1] if len(a) > 1 else kw.get("min")
@@ -291,7 +339,11 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
             src = V(a[0])
             dim = a[1] if len(a) > 1 else 0
             sl = [slice(None)] * len(src.shape)
-            sl[dim] = slice(a[2] if len(a) > 2 else None, a[3] if len(a) > 3 else None, a[4] if len(a) > 4 else 1)
+            sl[dim] = slice(
+                a[2] if len(a) > 2 else None,
+                a[3] if len(a) > 3 else None,
+                a[4] if len(a) > 4 else 1,
+            )
             vals[n] = _take(src, _idx(src.shape)[tuple(sl)])
         elif op in (aten.select_backward.default, aten.slice_backward.default):
             g, sizes = V(a[0]), tuple(a[1])
@@ -336,16 +388,22 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
         elif op in (aten.mv.default, aten.mm.default, aten.dot.default, aten.matmul.default):
             A, B = V(a[0]), V(a[1])
             if len(A.shape) > 2 or len(B.shape) > 2:
-                raise UnsupportedOpError(f"compile=True: batched {op} is not supported; pass compile=False")
+                raise UnsupportedOpError(
+                    f"compile=True: batched {op} is not supported; pass compile=False"
+                )
             vals[n] = tr.matmul(A, B)
         elif op is aten.addmm.default:
             P = tr.matmul(V(a[1]), V(a[2]))
             beta, alpha = kw.get("beta", 1), kw.get("alpha", 1)
             if alpha != 1:
-                P = tr.elementwise("({0} * {1})", [P, _Val((), [_lit(alpha)])], P.shape, aten.mul.Tensor)
+                P = tr.elementwise(
+                    "({0} * {1})", [P, _Val((), [_lit(alpha)])], P.shape, aten.mul.Tensor
+                )
             bias = V(a[0])
             if beta != 1:
-                bias = tr.elementwise("({0} * {1})", [bias, _Val((), [_lit(beta)])], bias.shape, aten.mul.Tensor)
+                bias = tr.elementwise(
+                    "({0} * {1})", [bias, _Val((), [_lit(beta)])], bias.shape, aten.mul.Tensor
+                )
             vals[n] = tr.elementwise("({0} + {1})", [bias, P], shape, aten.add.Tensor)
         elif op in (aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim):
             src = V(a[0])
@@ -353,25 +411,45 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
             dims = a[1] if len(a) > 1 and a[1] is not None else list(range(nd))
             dims = sorted({d % max(nd, 1) for d in dims}) if nd else []
             keep = [d for d in range(nd) if d not in dims]
-            idx = np.transpose(_idx(src.shape), keep + dims).reshape(-1, math.prod(src.shape[d] for d in dims))
+            idx = np.transpose(_idx(src.shape), keep + dims).reshape(
+                -1, math.prod(src.shape[d] for d in dims)
+            )
             scale = 1.0 / idx.shape[1] if op in (aten.mean.default, aten.mean.dim) else 1.0
             out = []
             for row in idx.tolist():
                 sm = tr.sum_of_products((src.el[i], _ONE) for i in row)
                 out.append(tr.atom(f"({sm} * {scale!r})") if scale != 1.0 and sm != _ZERO else sm)
             vals[n] = _Val(shape, out)
-        elif op in (aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.ones.default,
-                    aten.zeros.default, aten.full.default, aten.new_zeros.default, aten.new_ones.default,
-                    aten.new_full.default, aten.scalar_tensor.default):
-            fill = {aten.ones_like.default: 1.0, aten.ones.default: 1.0, aten.new_ones.default: 1.0}.get(op)
+        elif op in (
+            aten.ones_like.default,
+            aten.zeros_like.default,
+            aten.full_like.default,
+            aten.ones.default,
+            aten.zeros.default,
+            aten.full.default,
+            aten.new_zeros.default,
+            aten.new_ones.default,
+            aten.new_full.default,
+            aten.scalar_tensor.default,
+        ):
+            fill = {
+                aten.ones_like.default: 1.0,
+                aten.ones.default: 1.0,
+                aten.new_ones.default: 1.0,
+            }.get(op)
             if fill is None:
-                fill = {aten.full_like.default: 1, aten.full.default: 1, aten.new_full.default: 2,
-                        aten.scalar_tensor.default: 0}.get(op)
+                fill = {
+                    aten.full_like.default: 1,
+                    aten.full.default: 1,
+                    aten.new_full.default: 2,
+                    aten.scalar_tensor.default: 0,
+                }.get(op)
                 fill = 0.0 if fill is None else a[fill]
             vals[n] = _Val(shape, [_lit(fill)] * math.prod(shape))
         else:
             raise UnsupportedOpError(
-                f"compile=True: f uses the aten op {op}, which the compiled path cannot translate yet; "
+                f"compile=True: f uses the aten op {op}, which the compiled path cannot "
+                "translate yet; "
                 "pass compile=False (the native engine runs any torch function)"
             )
     raise RuntimeError("internal: the traced graph has no output")
@@ -382,7 +460,8 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
 
     Returns ``(source, f_consts, jac_consts, uses_t, n_tensor_args)``: the source of the numba
     functions ``rhs(t, y, out, a..., k...)`` writing f into ``out`` and, with ``jacobian=True``,
-    ``jac(t, y, J, dT, a..., k...)`` filling ``J`` (n×n) and ``dT = ∂f/∂t``; the tensor constants
+    ``jac(t, y, J, dT, a..., k...)`` filling ``J`` (n×n) and ``dT = ∂f/∂t``; the tensor
+    constants
     each takes (flattened) after the user's tensor arguments (flattened); whether f depends on t.
     """
     t0 = torch.zeros((), dtype=torch.float64)
@@ -406,7 +485,9 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
     except UnsupportedOpError:
         raise
     except Exception as e:  # pragma: no cover - depends on f
-        raise UnsupportedOpError(f"compile=True: tracing f failed ({type(e).__name__}: {e}); pass compile=False") from e
+        raise UnsupportedOpError(
+            f"compile=True: tracing f failed ({type(e).__name__}: {e}); pass compile=False"
+        ) from e
     anames = [f"a{i}" for i in range(len(ex))]
     ins = [("t", ()), ("y", (n,))] + [(nm, tuple(x.shape)) for nm, x in zip(anames, ex)]
     consts: list = []
@@ -418,6 +499,7 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
     jsrc: List[str] = []
     jconsts: list = []
     if jacobian:
+
         def jac_flat(t, y, *rest):
             y = y.detach().requires_grad_(True)
             t = t.detach().requires_grad_(True)
@@ -425,7 +507,9 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
                 out = f_flat(t, y, *rest)
                 rows, drows = [], []
                 for i in range(n):
-                    gy, gt = torch.autograd.grad(out[i], (y, t), retain_graph=True, allow_unused=True)
+                    gy, gt = torch.autograd.grad(
+                        out[i], (y, t), retain_graph=True, allow_unused=True
+                    )
                     rows.append(gy if gy is not None else torch.zeros_like(y))
                     drows.append(gt if gt is not None else torch.zeros_like(t))
             return torch.cat([torch.stack(rows).reshape(-1), torch.stack(drows)])
@@ -433,13 +517,15 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
         try:
             gj = make_fx(jac_flat)(t0, y0, *ex)
         except Exception as e:  # pragma: no cover - depends on f
-            raise UnsupportedOpError(f"compile=True: tracing the Jacobian of f failed ({type(e).__name__}: {e}); "
-                                     "pass compile=False") from e
+            raise UnsupportedOpError(
+                f"compile=True: tracing the Jacobian of f failed ({type(e).__name__}: {e}); "
+                "pass compile=False"
+            ) from e
         jbody, jout = translate(gj, ins, jconsts)
         jsrc = [_fn_header("jac", ["t", "y", "J", "dT"] + anames, len(jconsts))]
         jsrc += [f"    {ln}" for ln in jbody]
         jsrc += [f"    J[{i // n}, {i % n}] = {e}" for i, e in enumerate(jout[: n * n])]
-        jsrc += [f"    dT[{i}] = {e}" for i, e in enumerate(jout[n * n:])]
+        jsrc += [f"    dT[{i}] = {e}" for i, e in enumerate(jout[n * n :])]
     return "\n".join(src + [""] + jsrc) + "\n", consts, jconsts, uses_t, len(ex)
 
 
