@@ -140,3 +140,32 @@ def test_clear_errors():
         pn.solve(lambda t, y: -y, y0, t, pn.KenCarp4(), compile=True)
     with pytest.raises(TypeError, match="compile"):
         pn.solve(lambda t, y: -y, y0, t, pn.Tsit5(), compile="yes")
+
+
+def test_module_parameters_are_live_arguments():
+    """An nn.Module f: its parameters reach the compiled code as arguments, so new values (training)
+    reuse the compiled module and give the native engine's answer."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)
+    ).double()
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, y):
+            return self.net(y) - 0.5 * y
+
+    f = Field()
+    y0 = torch.tensor([0.3, -0.2, 0.1], **F64)
+    t = torch.linspace(0, 2, 5, **F64)
+    with torch.no_grad():
+        for _ in range(2):
+            a = pn.solve(f, y0, t, pn.Tsit5(), compile=True)
+            b = pn.solve(f, y0, t, pn.Tsit5())
+            torch.testing.assert_close(a.ys, b.ys, rtol=1e-11, atol=1e-12)
+            assert a.stats["naccept"] == b.stats["naccept"]
+            net[0].weight.mul_(1.5)  # an in-place update, as an optimizer step
+        assert "compile_s" not in a.stats  # the second solve reused the compiled module
