@@ -169,3 +169,19 @@ def test_module_parameters_are_live_arguments():
             assert a.stats["naccept"] == b.stats["naccept"]
             net[0].weight.mul_(1.5)  # an in-place update, as an optimizer step
         assert "compile_s" not in a.stats  # the second solve reused the compiled module
+
+
+def test_tuple_and_shaped_states():
+    """Tuple states are packed before tracing; shaped outputs come back shaped like y0."""
+
+    def f(t, y):
+        x, v = y
+        return v, -x * torch.cos(t)
+
+    y0 = (torch.tensor([[1.0, 0.5]], **F64), torch.tensor([[0.0, 0.2]], **F64))
+    t = torch.linspace(0, 3, 4, **F64)
+    a = pn.solve(f, y0, t, pn.Dopri5(), compile=True)
+    b = pn.solve(f, y0, t, pn.Dopri5())
+    assert isinstance(a.ys, tuple) and a.ys[0].shape == (4, 1, 2) and a.ys[1].shape == (4, 1, 2)
+    for u, w in zip(a.ys, b.ys):
+        torch.testing.assert_close(u, w, rtol=1e-11, atol=1e-12)
