@@ -61,7 +61,8 @@ def erk_source(tab, sig: str, fa: str) -> tuple:
     L.append(f"        y1[j] = y[j] + h*({_terms((tab.b[k], f'K[{k}, j]') for k in range(m))})")
     L.append(f"    rhs(t + h, y1, F1{fa})")
     if tab.fsal:
-        L.append(f"    K[{s - 1}, :] = F1")
+        L.append("    for j in range(n):")
+        L.append(f"        K[{s - 1}, j] = F1[j]")
     L.append("    for j in range(n):")
     if (
         tab.b_error2 is not None
@@ -86,7 +87,8 @@ def erk_source(tab, sig: str, fa: str) -> tuple:
             and not np.any(row[s:])
         )
         if is_f1:
-            L.append(f"    K[{s + j}, :] = F1")
+            L.append("    for j in range(n):")
+            L.append(f"        K[{s + j}, j] = F1[j]")
             continue
         L.append("    for j in range(n):")
         L.append(
@@ -255,10 +257,13 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
     n = y0.shape[0]
     n_out = t_out.shape[0]
     ys = np.zeros((n_out, n))
-    ys[0, :] = y0
+    for j in range(n):
+        ys[0, j] = y0[j]
     stats = np.zeros(6, dtype=np.int64)  # nfe, naccept, nreject, njac, nlu, nsolve
     t = t_out[0]
-    y = y0.copy()
+    y = np.zeros(n)
+    for j in range(n):
+        y[j] = y0[j]
     if n_out == 1:
         return ys, 1, 0, t, stats
     t_end = t_out[n_out - 1]
@@ -311,7 +316,9 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
         dt = dt_fixed
     dtmax = dtmax_in if dtmax_in > 0.0 else span
     dt = min(dt, dtmax)
-    ay = np.abs(y)
+    ay = np.zeros(n)
+    for j in range(n):
+        ay[j] = abs(y[j])
     inv_sqrt_n = 1.0 / np.sqrt(max(n, 1))
     err_prev = 1.0
     h_acc = -1.0
@@ -370,25 +377,30 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
         while next_out < n_out and direction * (t_out[next_out] - t_new) <= 0:
             to = t_out[next_out]
             if to == t_new:
-                ys[next_out, :] = y1
+                for j in range(n):
+                    ys[next_out, j] = y1[j]
             else:
 @@DENSE@@
-                ys[next_out, :] = out
+                for j in range(n):
+                    ys[next_out, j] = out[j]
             next_out += 1
-        if not adaptive and next_out != saved_before and not np.all(np.isfinite(ys[next_out - 1])):
+        if not adaptive and next_out != saved_before and not np.isfinite(np.sum(ys[next_out - 1])):
             retcode = 3
             t = t_new
-            y[:] = y1
+            for j in range(n):
+                y[j] = y1[j]
             break
         stats[1] += 1
         t = t_new
-        y[:] = y1
+        for j in range(n):
+            y[j] = y1[j]
 @@ACCEPT@@
         if adaptive:
-            ay = np.abs(y1)
+            for j in range(n):
+                ay[j] = abs(y1[j])
             if not last_step:
                 dt = min(abs(h) * fac, dtmax)
-    if retcode == 0 and not adaptive and not np.all(np.isfinite(y)):
+    if retcode == 0 and not adaptive and not np.isfinite(np.sum(y)):
         retcode = 3
     return ys, next_out, retcode, t, stats
 """
@@ -404,13 +416,13 @@ def loop_source(
     if kind == "erk":
         alloc = f"K = np.zeros(({nstage_all}, n))\nrhs(t, y, F0{fa})\nstats[0] += 1"
         f0_init = ""
-        step = f"K[0, :] = F0\nstep(t, y, h, K, y1, err, ytmp, F1{sig})\nstats[0] += {nfe_step}"
+        step = f"for j in range(n):\n    K[0, j] = F0[j]\nstep(t, y, h, K, y1, err, ytmp, F1{sig})\nstats[0] += {nfe_step}"
         dense = (
             "if not dense_ready:\n"
             f"    stats[0] += extra(t, y, h, K, ytmp, F1{sig})\n    dense_ready = True\n"
             "dense((to - t) / h, y, y1, h, K, F0, F1, out)"
         )
-        accept = "F0[:] = F1"
+        accept = "for j in range(n):\n    F0[j] = F1[j]"
     else:
         alloc = (
             "J = np.zeros((n, n))\ndT = np.zeros(n)\nW = np.zeros((n, n))\n"
