@@ -171,6 +171,7 @@ def solve(
     dtmax: float | None = None,
     event: Callable | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
+    compile: bool = False,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, *args)`` from ``y0`` at ``t[0]`` and save at every time in ``t``.
 
@@ -199,9 +200,24 @@ def solve(
 
     Returns a :class:`Solution` with ``ys`` shaped ``(len(t), *y0.shape)``. On failure raises
     :class:`SolveError` (``throw=True``) or returns the partial solution with its ``retcode``.
+
+    ``compile=True`` (needs numba, ``pip install 'pyneuralode[compiled]'``) traces f once and runs
+    the whole solve as native code (:mod:`pyneuralode.compiled`): small float64 CPU systems, the
+    explicit RK methods and Rodas4/Rodas5P, no gradients, events or dense output object yet.
     """
     throw = check_flag("throw", throw)
     dense = check_flag("dense", dense, allow_none=True)
+    if check_flag("compile", compile):
+        if (event is not None or sensealg is not None or adjoint_params is not None
+                or backend != "torch" or progress or is_per_sample(y0, t)):
+            raise ValueError("compile=True: events, sensealg, adjoint_params, backend='julia', progress "
+                             "and per-sample output times are not supported on the compiled path yet; "
+                             "pass compile=False")
+        from .compiled import solve_compiled
+
+        return solve_compiled(f, y0, t, _resolve_solver(solver), rtol=rtol, atol=atol, dt=dt,
+                              adaptive=adaptive, max_steps=max_steps, args=args, throw=throw,
+                              controller=controller, dtmin=dtmin, dtmax=dtmax)
     if is_per_sample(y0, t):
         if event is not None:
             raise ValueError("event: not supported together with per-sample output times t of shape (B, T)")

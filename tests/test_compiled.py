@@ -1,0 +1,187 @@
+"""The compiled path (``solve(..., compile=True)``, :mod:`pyneuralode.compiled`).
+
+Fitted convergence orders of the compiled methods (fixed steps, exact solution), equality with the
+native engine (same steps, same statistics, states to rounding) and with the stored Radau
+references on Robertson and Van der Pol (μ = 1000), and the clear errors.
+"""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import pyneuralode as pn
+from pyneuralode.compiled import UnsupportedOpError, numba_available
+
+pytestmark = pytest.mark.skipif(
+    not numba_available(), reason="numba is not installed (pip install 'pyneuralode[compiled]')"
+)
+
+REF = json.loads((pathlib.Path(__file__).parent / "data" / "stiff_references.json").read_text())
+F64 = dict(dtype=torch.float64)
+
+
+def growth(
+    t, y
+):  # y' = y cos t  =>  y = exp(sin t); non-autonomous (exercises ∂f/∂t in Rosenbrock)
+    return y * torch.cos(t)
+
+
+def lotka_volterra(t, y, p):
+    return torch.stack([p[0] * y[0] - p[1] * y[0] * y[1], -p[2] * y[1] + p[3] * y[0] * y[1]])
+
+
+def robertson(t, y, k):
+    return torch.stack(
+        [
+            -k[0] * y[0] + k[2] * y[1] * y[2],
+            k[0] * y[0] - k[1] * y[1] ** 2 - k[2] * y[1] * y[2],
+            k[1] * y[1] ** 2,
+        ]
+    )
+
+
+def van_der_pol(t, y):
+    return torch.stack([y[1], 1000.0 * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+# fixed steps on [0, 2]: errors well above round-off and in the asymptotic range (Rodas4 is
+# pre-asymptotic below ~45 steps: slope 3.2 there, natively too)
+STEPS = {
+    "Tsit5": [28, 40, 56, 80],
+    "Dopri5": [20, 28, 40, 56],
+    "Vern7": [8, 11, 16, 22],
+    "DP8": [3, 4, 5, 6],
+    "Rodas4": [45, 64, 90, 128],
+    "Rodas5P": [16, 23, 32, 45],
+}
+
+
+@pytest.mark.parametrize(
+    "name,order",
+    [("Tsit5", 5), ("Dopri5", 5), ("Vern7", 7), ("DP8", 8), ("Rodas4", 4), ("Rodas5P", 5)],
+)
+def test_fitted_order(name, order):
+    y0 = torch.tensor([1.0], **F64)
+    ts = torch.tensor([0.0, 2.0], **F64)
+    exact = math.exp(math.sin(2.0))
+    errs = []
+    for n in STEPS[name]:
+        sol = pn.solve(
+            growth, y0, ts, getattr(pn, name)(), adaptive=False, dt=2.0 / n, compile=True
+        )
+        errs.append(abs(sol.ys[-1, 0].item() - exact))
+    slope = -np.polyfit(np.log(STEPS[name]), np.log(errs), 1)[0]
+    assert abs(slope - order) < (0.3 if order <= 4 else 0.5), (
+        name,
+        slope,
+        errs,
+    )  # as test_explicit_convergence
+
+
+@pytest.mark.parametrize("name", ["Tsit5", "Vern7"])
+def test_equals_native_lotka_volterra(name):
+    p = torch.tensor([1.5, 1.0, 3.0, 1.0], **F64)
+    y0 = torch.tensor([1.0, 1.0], **F64)
+    t = torch.linspace(0, 10, 21, **F64)  # most outputs fall inside steps: the dense output
+    kw = dict(args=(p,), rtol=1e-8, atol=1e-10)
+    a = pn.solve(lotka_volterra, y0, t, getattr(pn, name)(), compile=True, **kw)
+    b = pn.solve(lotka_volterra, y0, t, getattr(pn, name)(), **kw)
+    assert a.retcode == "Success"
+    for k in ("nfe", "naccept", "nreject"):  # the same algorithm: the same steps
+        assert a.stats[k] == b.stats[k], (k, a.stats, b.stats)
+    torch.testing.assert_close(a.ys, b.ys, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["Rodas5P", "Rodas4"])
+def test_robertson_reference_and_native(name):
+    R = REF["robertson"]
+    y0, t, k = (torch.tensor(R[x], **F64) for x in ("y0", "t", "k"))
+    kw = dict(args=(k,), rtol=1e-8, atol=1e-10)
+    a = pn.solve(robertson, y0, t, getattr(pn, name)(), compile=True, **kw)
+    b = pn.solve(robertson, y0, t, getattr(pn, name)(), **kw)
+    ref = torch.tensor(R["y"], **F64)
+    assert ((a.ys - ref).abs() / (ref.abs() + 1e-8)).max() < 1e-5
+    assert a.stats["naccept"] == b.stats["naccept"] and a.stats["njac"] == a.stats["naccept"]
+    torch.testing.assert_close(a.ys, b.ys, rtol=1e-9, atol=1e-12)
+
+
+def test_van_der_pol_reference_and_native():
+    V = REF["vanderpol"]
+    y0, t = torch.tensor(V["y0"], **F64), torch.tensor(V["t"], **F64)
+    kw = dict(rtol=1e-7, atol=1e-9)
+    a = pn.solve(van_der_pol, y0, t, pn.Rodas5P(), compile=True, **kw)
+    b = pn.solve(van_der_pol, y0, t, pn.Rodas5P(), **kw)
+    ref = torch.tensor(V["y"], **F64)
+    assert ((a.ys - ref).abs() / (ref.abs() + 1e-6)).max() < 1e-3
+    assert a.stats["naccept"] == b.stats["naccept"] and a.stats["nreject"] == b.stats["nreject"]
+    torch.testing.assert_close(a.ys, b.ys, rtol=1e-7, atol=1e-10)
+
+
+def test_unsupported_op_names_it():
+    def f(t, y):
+        return torch.cumsum(y, 0)
+
+    with pytest.raises(UnsupportedOpError, match=r"aten\.cumsum.*compile=False"):
+        pn.solve(f, torch.ones(2, **F64), torch.tensor([0.0, 1.0], **F64), pn.Tsit5(), compile=True)
+
+
+def test_clear_errors():
+    y0 = torch.ones(2, **F64)
+    t = torch.tensor([0.0, 1.0], **F64)
+    with pytest.raises(ValueError, match="gradients"):
+        pn.solve(lambda t, y: -y, y0.clone().requires_grad_(), t, pn.Tsit5(), compile=True)
+    with pytest.raises(TypeError, match="float64"):
+        pn.solve(lambda t, y: -y, y0.float(), t.float(), pn.Tsit5(), compile=True)
+    with pytest.raises(ValueError, match="compile=False"):
+        pn.solve(lambda t, y: -y, y0, t, pn.KenCarp4(), compile=True)
+    with pytest.raises(TypeError, match="compile"):
+        pn.solve(lambda t, y: -y, y0, t, pn.Tsit5(), compile="yes")
+
+
+def test_module_parameters_are_live_arguments():
+    """An nn.Module f: its parameters reach the compiled code as arguments, so new values (training)
+    reuse the compiled module and give the native engine's answer."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)
+    ).double()
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, y):
+            return self.net(y) - 0.5 * y
+
+    f = Field()
+    y0 = torch.tensor([0.3, -0.2, 0.1], **F64)
+    t = torch.linspace(0, 2, 5, **F64)
+    with torch.no_grad():
+        for _ in range(2):
+            a = pn.solve(f, y0, t, pn.Tsit5(), compile=True)
+            b = pn.solve(f, y0, t, pn.Tsit5())
+            torch.testing.assert_close(a.ys, b.ys, rtol=1e-11, atol=1e-12)
+            assert a.stats["naccept"] == b.stats["naccept"]
+            net[0].weight.mul_(1.5)  # an in-place update, as an optimizer step
+        assert "compile_s" not in a.stats  # the second solve reused the compiled module
+
+
+def test_tuple_and_shaped_states():
+    """Tuple states are packed before tracing; shaped outputs come back shaped like y0."""
+
+    def f(t, y):
+        x, v = y
+        return v, -x * torch.cos(t)
+
+    y0 = (torch.tensor([[1.0, 0.5]], **F64), torch.tensor([[0.0, 0.2]], **F64))
+    t = torch.linspace(0, 3, 4, **F64)
+    a = pn.solve(f, y0, t, pn.Dopri5(), compile=True)
+    b = pn.solve(f, y0, t, pn.Dopri5())
+    assert isinstance(a.ys, tuple) and a.ys[0].shape == (4, 1, 2) and a.ys[1].shape == (4, 1, 2)
+    for u, w in zip(a.ys, b.ys):
+        torch.testing.assert_close(u, w, rtol=1e-11, atol=1e-12)
