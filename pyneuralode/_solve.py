@@ -207,17 +207,12 @@ def solve(
     """
     throw = check_flag("throw", throw)
     dense = check_flag("dense", dense, allow_none=True)
-    if check_flag("compile", compile):
-        if (event is not None or sensealg is not None or adjoint_params is not None
-                or backend != "torch" or progress or is_per_sample(y0, t)):
-            raise ValueError("compile=True: events, sensealg, adjoint_params, backend='julia', progress "
-                             "and per-sample output times are not supported on the compiled path yet; "
-                             "pass compile=False")
-        from .compiled import solve_compiled
-
-        return solve_compiled(f, y0, t, _resolve_solver(solver), rtol=rtol, atol=atol, dt=dt,
-                              adaptive=adaptive, max_steps=max_steps, args=args, throw=throw,
-                              controller=controller, dtmin=dtmin, dtmax=dtmax)
+    compile = check_flag("compile", compile)
+    if compile and (event is not None or sensealg is not None or adjoint_params is not None
+                    or backend != "torch" or progress or is_per_sample(y0, t)):
+        raise ValueError("compile=True: events, sensealg, adjoint_params, backend='julia', progress "
+                         "and per-sample output times are not supported on the compiled path yet; "
+                         "pass compile=False")
     if is_per_sample(y0, t):
         if event is not None:
             raise ValueError("event: not supported together with per-sample output times t of shape (B, T)")
@@ -239,6 +234,10 @@ def solve(
         dense=dense, progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
         y0=problem.y0,
     )
+    if compile:
+        from .compiled import solve_compiled
+
+        return solve_compiled(problem, solver, opts, throw=throw)
     locator = None
     if event is not None:
         from .events import EventLocator

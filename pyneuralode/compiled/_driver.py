@@ -3,7 +3,6 @@ package."""
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -143,10 +142,10 @@ def _build(problem, solver, kind, args):
     return built
 
 
-def solve_compiled(
-    f, y0, t, solver, *, rtol, atol, dt, adaptive, max_steps, args, throw, controller, dtmin, dtmax
-):
-    """The whole solve as one numba call (see :func:`pyneuralode.solve`, ``compile=True``)."""
+def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
+    """The whole solve as one numba call (see :func:`pyneuralode.solve`, ``compile=True``).
+
+    ``problem`` and ``opts`` come validated from :func:`pyneuralode.solve`."""
     if not numba_available():
         raise ImportError(
             "compile=True needs numba: pip install 'pyneuralode[compiled]' (or pip install numba), "
@@ -155,12 +154,10 @@ def solve_compiled(
     kind = _method_kind(solver)
     if kind == "rosenbrock":
         _check_rosenbrock_options(solver)
-    problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol)
     if problem.y0.dtype != torch.float64:
         raise TypeError(
             f"y0: compile=True runs in float64, got {problem.y0.dtype}; pass y0.double() "
-            "(and float64 "
-            "parameters), or compile=False"
+            "(and float64 parameters), or compile=False"
         )
     if problem.y0.device.type != "cpu":
         raise ValueError(
@@ -175,29 +172,13 @@ def solve_compiled(
         ]
         if needs:
             raise ValueError(
-                "compile=True does not propagate gradients yet (y0, t, args or f's "
-                "parameters require "
-                "grad); pass compile=False, or run under torch.no_grad() for values only"
+                "compile=True does not propagate gradients yet (y0, t, args or f's parameters "
+                "require grad); pass compile=False, or run under torch.no_grad() for values only"
             )
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"adaptive: expected True or False, got {adaptive!r}")
-    if adaptive and solver.error_order is None:
-        raise ValueError(
-            f"solver: {type(solver).__name__} has no error estimate, so it cannot adapt its steps; "
-            "pass adaptive=False and a step dt=..."
-        )
-    if dt is not None:
-        dt = float(dt)
-        if not math.isfinite(dt) or dt == 0:
-            raise ValueError(f"dt: must be a finite non-zero step size, got {dt}")
-        dt = abs(dt)
-    if not adaptive and dt is None:
-        raise ValueError(
-            "dt: fixed-step integration (adaptive=False) needs a step size; pass dt=..., "
-            "e.g. dt=0.01"
-        )
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
-        raise ValueError(f"max_steps: must be a positive int, got {max_steps!r}")
+    adaptive, dt, dtmin, dtmax, max_steps = (
+        opts.adaptive, opts.dt, opts.dtmin, opts.dtmax, opts.max_steps
+    )
+    controller = opts.controller
     ctrl = controller if controller is not None else solver.default_controller()
     pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
 
