@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 import stiff as S  # noqa: E402  (the problems, references and torch right-hand sides)
 
 import pyneuralode as pn  # noqa: E402
-from pyneuralode.solvers._linalg import _closed_form_inverse  # noqa: E402
+from pyneuralode.solvers.linear import closed_form_inverse as _closed_form_inverse  # noqa: E402
 from pyneuralode.solvers._rosenbrock_unrolled import unrolled_kernel  # noqa: E402
 
 

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from ..controllers import host_tolerance
-from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
+from ._base import StepResult, TableauSolver, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
-from ._linalg import HOST_DTYPES, newton_ops, newton_setup, newton_tolerance, numpy_newton_ops, set_linear_options
+from ._newton import newton_ops, newton_setup, newton_tolerance, numpy_newton_ops
+from .linear import HOST_DTYPES, LinearOptions
 from ._tableau import ButcherTableau, order_conditions
 
 _EPS = 2.220446049250313e-16
@@ -111,7 +112,7 @@ class _ESDIRKCache:
         self.ndz_floor = ndz_floor  # a correction this small has converged (rounding level)
 
 
-class ESDIRK(AbstractSolver):
+class ESDIRK(TableauSolver):
     """Generic ESDIRK method; subclasses set ``tableau`` (and ``name``).
 
     Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
@@ -132,7 +133,8 @@ class ESDIRK(AbstractSolver):
                  max_iter: int = 10, kappa: float = 0.01, jac_theta: float = 0.05, smooth_est: bool = True,
                  gmres_tol: float = 1e-6, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
         owner = type(self).__name__
-        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        LinearOptions(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
+                      jac_sparsity).store_on(self)
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
             raise ValueError(f"{owner}: max_iter must be a positive int, got {max_iter!r}")
         if not (isinstance(kappa, (int, float)) and 0 < kappa <= 1):
@@ -145,19 +147,10 @@ class ESDIRK(AbstractSolver):
         self.smooth_est = bool(smooth_est)
 
     def __repr__(self):
-        defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_iter=10, kappa=0.01,
-                        jac_theta=0.05, smooth_est=True, gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        defaults = LinearOptions.defaults(gmres_tol=1e-6, max_iter=10, kappa=0.01, jac_theta=0.05, smooth_est=True)
         return options_repr(self, defaults)
 
-    @property
-    def order(self):  # type: ignore[override]
-        return self.tableau.order
-
-    @property
-    def error_order(self):  # type: ignore[override]
-        return self.tableau.error_order
-
-    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
+    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
         return _ESDIRKCache(ls, f0, stats, rtol, atol, kappa=newton_tolerance(self.kappa, rtol, y0.dtype),
                             ndz_floor=newton_tolerance(1e-5, rtol, y0.dtype))
@@ -208,14 +201,14 @@ class ESDIRK(AbstractSolver):
         tab = self.tableau
         co = tableau_tensors(tab, y0, _Coef)
         ls = cache.ls
-        if cache.new_jac or ls.J is None and not ls.gmres_mode:
+        if cache.new_jac or ls.J is None and not ls.matrix_free:
             ls.set_point(t0, y0)
             cache.new_jac = False
-        elif ls.gmres_mode and (ls.point is None or cache.new_jac):
+        elif ls.matrix_free and (ls.point is None or cache.new_jac):
             ls.set_point(t0, y0)
         else:
             ls.fresh = ls.point is not None and ls.point[0] == t0 and ls.point[1] is y0
-        numpy_step = (not torch.is_grad_enabled() and not ls.gmres_mode and y0.device.type == "cpu"
+        numpy_step = (not torch.is_grad_enabled() and not ls.matrix_free and y0.device.type == "cpu"
                       and y0.dtype in HOST_DTYPES)
         for attempt in range(2):
             if numpy_step:
@@ -270,14 +263,14 @@ class ESDIRK(AbstractSolver):
     def _try_step_numpy(self, rhs, t0, y0, h, cache, co, tab):
         """:meth:`_try_step` on numpy arrays for a CPU state without autograd: stage predictors,
         Newton iterations and the error estimate in numpy (f still gets and returns tensors,
-        zero-copy; solves by :meth:`LinearSolver.numpy_solver`). Same steps and counts as the
+        zero-copy; solves by :meth:`WOperator.host_solver`). Same steps and counts as the
         torch step, results equal far below the tolerance (``tests/test_stiff.py`` compares them)."""
         cn = tableau_tensors(tab, y0, _CoefNumpy)
         ls = cache.ls
         hg = h * co.gamma
         shape = y0.shape
         s = tab.stages
-        solve = ls.numpy_solver(hg, shape)
+        solve = ls.host_solver(hg, shape)
         y0n = y0.detach().reshape(-1).numpy()
         rtol, atol = host_tolerance(cache.rtol), host_tolerance(cache.atol)
         K = np.empty((s, y0n.size), dtype=y0n.dtype)

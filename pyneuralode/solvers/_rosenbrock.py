@@ -27,8 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, options_repr, tableau_tensors
-from ._linalg import HOST_DTYPES, _bump, linear_solver_for, set_linear_options
+from ._base import AbstractSolver, StepResult, TableauSolver, options_repr, tableau_tensors
+from .linear import HOST_DTYPES, LinearOptions, bump, w_operator
 from ._rosenbrock_unrolled import MAX_COMPONENTS, unrolled_kernel
 
 _SQRT_EPS = math.sqrt(2.220446049250313e-16)
@@ -165,7 +165,8 @@ class RosenbrockSolver(AbstractSolver):
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  autonomous: Optional[bool] = None, differentiable_jac: bool = True,
                  gmres_tol: float = 1e-10, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
-        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        LinearOptions(type(self).__name__, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
+                      jac_sparsity).store_on(self)
         if autonomous is not None and not isinstance(autonomous, bool):
             raise TypeError(f"{type(self).__name__}: autonomous must be None (detect), True or False, got {autonomous!r}")
         self.autonomous = autonomous
@@ -180,14 +181,13 @@ class RosenbrockSolver(AbstractSolver):
         return PredictiveController()
 
     def __repr__(self):
-        defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", autonomous=None, differentiable_jac=True,
-                        gmres_tol=1e-10, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        defaults = LinearOptions.defaults(gmres_tol=1e-10, autonomous=None, differentiable_jac=True)
         return options_repr(self, defaults)
 
-    def init(self, rhs, t0, y0, stats, **_):
+    def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
         for k in ("njac", "nlu", "nsolve"):
             stats.setdefault(k, 0)
-        ls = linear_solver_for(self, rhs, y0, stats, differentiable_jac=self.differentiable_jac)
+        ls = w_operator(LinearOptions.of(self), rhs, y0, stats, differentiable_jac=self.differentiable_jac)
         return _RosenbrockCache(ls, stats, self.autonomous)
 
     def _prepare(self, rhs, t0, y0, h, cache):
@@ -276,21 +276,13 @@ def rodas_interpolant(dense, theta):
     return (1 - th) * y0 + th * (y1 + (1 - th) * inner)
 
 
-class GenericRosenbrock(RosenbrockSolver):
+class GenericRosenbrock(RosenbrockSolver, TableauSolver):
     """A Rosenbrock method given by ``tableau`` (a :class:`RosenbrockTableau`)."""
 
     tableau: RosenbrockTableau
 
-    @property
-    def order(self):  # type: ignore[override]
-        return self.tableau.order
-
-    @property
-    def error_order(self):  # type: ignore[override]
-        return self.tableau.error_order
-
     def step(self, rhs, t0, y0, h, cache):
-        if not torch.is_grad_enabled() and cache.ls.numpy_capable and y0.dtype in HOST_DTYPES:
+        if not torch.is_grad_enabled() and cache.ls.host_capable and y0.dtype in HOST_DTYPES:
             if y0.dtype == torch.float64 and y0.numel() <= MAX_COMPONENTS:
                 return self._step_unrolled(rhs, t0, y0, h, cache)
             return self._step_numpy(rhs, t0, y0, h, cache)
@@ -387,7 +379,7 @@ class GenericRosenbrock(RosenbrockSolver):
                 np.add(v[1], (fi if flat else fi.reshape(-1)).numpy(), out=v[1])
                 np.dot(M, v[1], out=K[i])
             out = co.MEH @ K  # [y1; error; dense coefficients]
-        _bump(cache.stats, "nsolve", s)
+        bump(cache.stats, "nsolve", s)
         y1t, errt = from_numpy(out[0]), from_numpy(out[1])
         kk = from_numpy(out[2:]) if co.has_H else None
         if not flat:
@@ -412,7 +404,7 @@ class GenericRosenbrock(RosenbrockSolver):
         y = (y0 if flat else y0.reshape(-1)).tolist()
         out = kern(rhs, t0, h, y, (f0 if flat else f0.reshape(-1)).tolist(),
                    None if dT is None else dT.reshape(-1).tolist(), M, _as_tensor64, y0.shape)
-        _bump(cache.stats, "nsolve", self.tableau.stages)
+        bump(cache.stats, "nsolve", self.tableau.stages)
         rows = np.array(out, dtype=np.float64).reshape(-1, *y0.shape)  # [y1; error; dense rows]
         from_numpy = torch.from_numpy
         y1 = from_numpy(rows[0, ...])  # `...` keeps a 0-d state an array

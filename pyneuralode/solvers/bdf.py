@@ -26,8 +26,8 @@ import torch
 
 from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, options_repr
-from ._linalg import (HOST_DTYPES, host_weighted_rms, newton_ops, newton_setup, newton_tolerance, numpy_newton_ops,
-                      set_linear_options, weighted_rms)
+from ._newton import host_weighted_rms, newton_ops, newton_setup, newton_tolerance, numpy_newton_ops, weighted_rms
+from .linear import HOST_DTYPES, LinearOptions
 
 __all__ = ["QNDF"]
 
@@ -172,7 +172,8 @@ class QNDF(AbstractSolver):
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  max_order: int = MAX_ORDER, gmres_tol: float = 1e-6, gmres_maxiter: int = 200,
                  gmres_restart: int = 30, jac_sparsity=None):
-        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        LinearOptions(type(self).__name__, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
+                      jac_sparsity).store_on(self)
         if not isinstance(max_order, int) or isinstance(max_order, bool) or not 1 <= max_order <= MAX_ORDER:
             raise ValueError(f"{type(self).__name__}: max_order must be an int from 1 to {MAX_ORDER}, got {max_order!r}")
         self.max_order = max_order
@@ -187,11 +188,10 @@ class QNDF(AbstractSolver):
         return PIController(beta1=1.0, beta2=0.0)
 
     def __repr__(self):
-        defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_order=MAX_ORDER,
-                        gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        defaults = LinearOptions.defaults(gmres_tol=1e-6, max_order=MAX_ORDER)
         return options_repr(self, defaults)
 
-    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
+    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
         # Newton tolerance of scipy/ode15s: min(0.03, √rtol), at least 10ε/rtol (ε of the state's dtype).
         rt = float(rtol.max()) if isinstance(rtol, torch.Tensor) else float(rtol)
@@ -202,7 +202,7 @@ class QNDF(AbstractSolver):
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self, rhs, t0, y0, h, cache):
-        if not torch.is_grad_enabled() and not cache.ls.gmres_mode and y0.device.type == "cpu" \
+        if not torch.is_grad_enabled() and not cache.ls.matrix_free and y0.device.type == "cpu" \
                 and y0.dtype in HOST_DTYPES:
             return self._step_numpy(rhs, t0, y0, h, cache)
         k = cache.order
@@ -278,7 +278,7 @@ class QNDF(AbstractSolver):
     def _step_numpy(self, rhs, t0, y0, h, cache):
         """The same step for a CPU state without autograd, on numpy arrays: the difference table,
         predictor, Newton corrections and order selection in numpy (f still gets and returns tensors,
-        zero-copy; the linear solves are :meth:`LinearSolver.numpy_solver`'s). Same steps and counts as
+        zero-copy; the linear solves are :meth:`WOperator.host_solver`'s). Same steps and counts as
         the torch path, results equal far below the tolerance (``tests/test_bdf.py`` compares them)."""
         k = cache.order
         D = cache.D
@@ -305,7 +305,7 @@ class QNDF(AbstractSolver):
             psi = (_GAMMA[1: k + 1].astype(npd) @ D[1: k + 1]) / alpha
             c = h / alpha
             def newton():
-                solve = ls.numpy_solver(c, shape)
+                solve = ls.host_solver(c, shape)
                 return self._newton_numpy(rhs, t1, y_pred, c, psi, solve, scale, cache, shape)
 
             result, jac_current = _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1,
