@@ -201,12 +201,10 @@ class SmallInverse(_DenseJacobian):
         self.inv = None  # W⁻¹ (torch)
         self.scaled = None  # (scale, scale · W⁻¹)
         self.np_inv = None  # (g, (I/g − J)⁻¹ as a numpy array)
-        self.list_inv = None  # (g, the same as nested lists of floats)
 
     def _reset(self):
         self.inv = None
         self.np_inv = None
-        self.list_inv = None
 
     def _factor(self, g):
         bump(self.stats, "nlu")
@@ -249,17 +247,6 @@ class SmallInverse(_DenseJacobian):
             except np.linalg.LinAlgError:
                 M = np.full((n, n), np.nan, dtype=J.dtype)
         self.np_inv = (g, M)
-        return M
-
-    def scaled_inverse_list(self, g: float):
-        """``(I/g − J)⁻¹`` as nested lists of Python floats for a 1×1–3×3 ``J`` (closed form, counts
-        ``nlu``; NaN where singular)."""
-        cached = self.list_inv
-        if cached is not None and cached[0] == g:
-            return cached[1]
-        bump(self.stats, "nlu")
-        M = closed_form_inverse(self.J.tolist(), 1.0 / g)
-        self.list_inv = (g, M)
         return M
 
     def host_solver(self, g, shape):
