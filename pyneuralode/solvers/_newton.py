@@ -42,11 +42,11 @@ def host_weighted_rms(x: np.ndarray, scale, inv_sqrt_n: float) -> float:
     return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n
 
 
-def numpy_newton_ops(rhs: Callable, t: float, scale: np.ndarray, shape):
+def host_newton_fns(rhs: Callable, t: float, scale: np.ndarray, shape):
     """``(f_of, norm)`` on flat numpy arrays for the Newton iterations of the host steps: ``f(t, ·)``
     (f gets and returns tensors, zero-copy) and the tolerance-scaled RMS norm; the numpy
-    counterpart of :func:`newton_ops` (the linear solve is :meth:`WOperator.host_solver`). A 1-D
-    state skips the view and reshape."""
+    counterpart of :func:`torch_newton_fns` (the linear solve is :meth:`WOperator.host_solver`).
+    A 1-D state skips the view and reshape."""
     from_numpy = torch.from_numpy
     if len(shape) == 1:
         def f_of(v):
@@ -72,9 +72,9 @@ def weighted_rms(x: torch.Tensor, scale) -> float:
         return float(torch.linalg.vector_norm(r)) / math.sqrt(max(r.numel(), 1))
 
 
-def newton_ops(rhs: Callable, t: float, ls: WOperator, scale: torch.Tensor, shape):
-    """``(f_of, solve, norm)`` on flat tensors for a simplified Newton iteration at time ``t``:
-    ``f(t, ·)``, ``W⁻¹ b`` (``None`` when GMRES did not converge) and the tolerance-scaled RMS norm."""
+def torch_newton_fns(rhs: Callable, t: float, scale: torch.Tensor, shape):
+    """``(f_of, norm)`` on flat tensors for a simplified Newton iteration at time ``t``: ``f(t, ·)``
+    and the tolerance-scaled RMS norm."""
     scale = scale.reshape(-1)
     flat = len(shape) == 1
     shape = tuple(shape)  # view() parses a tuple of ints faster than a torch.Size
@@ -82,12 +82,27 @@ def newton_ops(rhs: Callable, t: float, ls: WOperator, scale: torch.Tensor, shap
     def f_of(v):
         return rhs(t, v) if flat else rhs(t, v.view(shape)).reshape(-1)
 
+    def norm(dx):
+        return weighted_rms(dx, scale)
+
+    return f_of, norm
+
+
+def torch_linear_solver(ls: WOperator, shape):
+    """``b ↦ W⁻¹ b`` on flat tensors (``None`` when GMRES did not converge)."""
+    flat = len(shape) == 1
+    shape = tuple(shape)
+
     def solve(b):
         x = ls.solve(b if flat else b.view(shape))
         x = x if flat else x.reshape(-1)
         return x if ls.converged else None
 
-    def norm(dx):
-        return weighted_rms(dx, scale)
+    return solve
 
-    return f_of, solve, norm
+
+def newton_ops(rhs: Callable, t: float, ls: WOperator, scale: torch.Tensor, shape):
+    """``(f_of, solve, norm)`` on flat tensors for a simplified Newton iteration at time ``t``:
+    :func:`torch_newton_fns` and :func:`torch_linear_solver`."""
+    f_of, norm = torch_newton_fns(rhs, t, scale, shape)
+    return f_of, torch_linear_solver(ls, shape), norm
