@@ -1,6 +1,7 @@
 """Simplified Newton iterations of the implicit methods (ESDIRK stages, QNDF steps): the stopping
 tolerance, the setup (a Jacobian held fixed), and the ``(f, solve, norm)`` triples on flat tensors
 or, for the host steps, flat numpy arrays."""
+
 from __future__ import annotations
 
 import math
@@ -49,6 +50,7 @@ def host_newton_fns(rhs: Callable, t: float, scale: np.ndarray, shape):
     A 1-D state skips the view and reshape."""
     from_numpy = torch.from_numpy
     if len(shape) == 1:
+
         def f_of(v):
             return rhs(t, from_numpy(v)).numpy()
     else:
@@ -56,6 +58,7 @@ def host_newton_fns(rhs: Callable, t: float, scale: np.ndarray, shape):
 
         def f_of(v):
             return rhs(t, from_numpy(v).view(shape)).reshape(-1).numpy()
+
     inv_sqrt_n = 1.0 / math.sqrt(max(math.prod(shape), 1))
 
     def norm(dz):  # host_weighted_rms written out: one frame less on every Newton iteration

@@ -12,6 +12,7 @@ Rosenbrock stage loop: inside ``guard``, ``start``, then per stage ``stage_point
 ``stage_solve``, then ``finish``; the ESDIRK step: stage stores, predictors, Newton functions and
 linear solves on flat arrays). The two give the same results to rounding.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,13 @@ import torch
 
 from ..controllers import host_tolerance
 from ._base import tableau_tensors
-from ._newton import host_newton_fns, host_weighted_rms, torch_linear_solver, torch_newton_fns, weighted_rms
+from ._newton import (
+    host_newton_fns,
+    host_weighted_rms,
+    torch_linear_solver,
+    torch_newton_fns,
+    weighted_rms,
+)
 from .linear import HOST_DTYPES, bump
 
 
@@ -76,8 +83,25 @@ class TorchOps:
 
     host = False
 
-    __slots__ = ("tab", "W", "c", "d", "y0", "shape", "is_flat", "co", "g", "h", "inv_h", "dT", "K", "KT", "Ks",
-                 "Kst", "inplace")
+    __slots__ = (
+        "tab",
+        "W",
+        "c",
+        "d",
+        "y0",
+        "shape",
+        "is_flat",
+        "co",
+        "g",
+        "h",
+        "inv_h",
+        "dT",
+        "K",
+        "KT",
+        "Ks",
+        "Kst",
+        "inplace",
+    )
     _nothing = contextlib.nullcontext()
 
     def guard(self):
@@ -235,7 +259,9 @@ class TorchOps:
     @staticmethod
     def rescale_table(D, k, R):
         """``D`` with its first ``k+1`` rows re-expressed by the numpy matrix ``R``."""
-        return torch.cat([torch.as_tensor(R, dtype=D.dtype, device=D.device) @ D[: k + 1], D[k + 1:]])
+        return torch.cat(
+            [torch.as_tensor(R, dtype=D.dtype, device=D.device) @ D[: k + 1], D[k + 1 :]]
+        )
 
     @staticmethod
     def row_combination(w, rows):
@@ -396,7 +422,7 @@ class HostOps:
 
     @staticmethod
     def rescale_table(D, k, R):
-        return np.concatenate([R.astype(D.dtype) @ D[: k + 1], D[k + 1:]])
+        return np.concatenate([R.astype(D.dtype) @ D[: k + 1], D[k + 1 :]])
 
     @staticmethod
     def row_combination(w, rows):
@@ -425,7 +451,11 @@ def stage_ops(tab, W, y0: torch.Tensor, host_inverse: bool = True):
     """:class:`HostOps` for a CPU state without autograd (``host_inverse``: and a W with a host
     inverse, the tiny dense systems of the Rosenbrock stage loop; else any W but GMRES), else
     :class:`TorchOps` (called once per solve, in ``init``)."""
-    if not torch.is_grad_enabled() and y0.dtype in HOST_DTYPES and y0.device.type == "cpu" and (
-            W.host_capable if host_inverse else not W.matrix_free):
+    if (
+        not torch.is_grad_enabled()
+        and y0.dtype in HOST_DTYPES
+        and y0.device.type == "cpu"
+        and (W.host_capable if host_inverse else not W.matrix_free)
+    ):
         return HostOps(tab, W)
     return TorchOps(tab, W)

@@ -1,4 +1,5 @@
 """Restarted GMRES on flat vectors (the matrix-free ``linsolve="gmres"`` of the implicit solvers)."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -6,8 +7,14 @@ from typing import Callable, Optional
 import torch
 
 
-def gmres(matvec: Callable, b: torch.Tensor, x0: Optional[torch.Tensor] = None, tol: float = 1e-8,
-          restart: int = 30, maxiter: int = 200):
+def gmres(
+    matvec: Callable,
+    b: torch.Tensor,
+    x0: Optional[torch.Tensor] = None,
+    tol: float = 1e-8,
+    restart: int = 30,
+    maxiter: int = 200,
+):
     """Restarted GMRES (Saad & Schultz 1986) with modified Gram–Schmidt on flat vectors.
 
     Solves ``matvec(x) = b`` to ``‖b − A x‖ ≤ tol·‖b‖``; returns ``(x, converged, iterations)``.
@@ -61,7 +68,12 @@ def gmres(matvec: Callable, b: torch.Tensor, x0: Optional[torch.Tensor] = None, 
             V.append(w / hk1)
         k1 = len(cols)
         H = torch.zeros(k1 + 1, k1, dtype=b.dtype, device=b.device)
-        Hc = [torch.stack(col + [torch.zeros((), dtype=b.dtype, device=b.device)] * (k1 - len(col) + 1)) for col in cols]
+        Hc = [
+            torch.stack(
+                col + [torch.zeros((), dtype=b.dtype, device=b.device)] * (k1 - len(col) + 1)
+            )
+            for col in cols
+        ]
         H = torch.stack(Hc, 1)
         e1 = torch.zeros(k1 + 1, 1, dtype=b.dtype, device=b.device)
         e1 = e1 + torch.nn.functional.pad(beta.reshape(1, 1), (0, 0, 0, k1))

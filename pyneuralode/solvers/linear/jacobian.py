@@ -12,6 +12,7 @@
   ``jac_prototype`` take it), the Jacobian is formed from one product per *colour* — a group of
   rows (or columns) that share no column (row) (Curtis, Powell & Reid 1974; greedy colouring).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -28,8 +29,11 @@ class autograd_on:
     __slots__ = ("_ctx",)
 
     def __enter__(self):
-        self._ctx = (torch.inference_mode(False), torch.enable_grad()) if torch.is_inference_mode_enabled() \
+        self._ctx = (
+            (torch.inference_mode(False), torch.enable_grad())
+            if torch.is_inference_mode_enabled()
             else (torch.enable_grad(),)
+        )
         for c in self._ctx:
             c.__enter__()
 
@@ -45,7 +49,9 @@ def grad_leaf(y: torch.Tensor) -> torch.Tensor:
     return (y.clone() if y.is_inference() else y).requires_grad_(True)
 
 
-def dense_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False):
+def dense_jacobian(
+    rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False
+):
     """``(J, f)``: the N×N Jacobian of the flattened ``rhs(t, ·)`` at ``y`` and, when free, ``f(t, y)`` (else ``None``)."""
     if jac_mode == "finite_difference":
         return fd_jacobian(rhs, t, y, create_graph)
@@ -59,8 +65,19 @@ def dense_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "au
                 J = torch.zeros(N, N, dtype=y.dtype, device=y.device)
             else:
                 eye = torch.eye(N, dtype=y.dtype, device=y.device).view(N, *shape)
-                (J,) = torch.autograd.grad(out, yy, eye, is_grads_batched=True, create_graph=create_graph, allow_unused=True)
-                J = torch.zeros(N, N, dtype=y.dtype, device=y.device) if J is None else J.reshape(N, N)
+                (J,) = torch.autograd.grad(
+                    out,
+                    yy,
+                    eye,
+                    is_grads_batched=True,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
+                J = (
+                    torch.zeros(N, N, dtype=y.dtype, device=y.device)
+                    if J is None
+                    else J.reshape(N, N)
+                )
         if not create_graph:
             out, J = out.detach(), J.detach()
         return J, out
@@ -120,7 +137,9 @@ def batched_fd_jacobian(rhs: Callable, t: float, y: torch.Tensor, create_graph: 
     return torch.stack(cols, 2), f0  # J[b, i, k] = ∂f_i/∂y_k
 
 
-def batched_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False):
+def batched_jacobian(
+    rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False
+):
     """``(J, f)`` for a batch of independent systems: ``y`` is ``(B, n)``, ``f`` acts on each row; J is ``(B, n, n)``."""
     if jac_mode == "finite_difference":
         return batched_fd_jacobian(rhs, t, y, create_graph)
@@ -128,6 +147,7 @@ def batched_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "
     eye = torch.eye(n, dtype=y.dtype, device=y.device)
     tangents = eye.unsqueeze(1).expand(n, B, n)  # tangents[k] = e_k in every row
     if jac_mode == "jacfwd":
+
         def fun(v):
             return rhs(t, v)
 
@@ -149,8 +169,19 @@ def batched_jacobian(rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "
         if not out.requires_grad:
             J = torch.zeros(B, n, n, dtype=y.dtype, device=y.device)
         else:
-            (g,) = torch.autograd.grad(out, yy, tangents, is_grads_batched=True, create_graph=create_graph, allow_unused=True)
-            J = torch.zeros(B, n, n, dtype=y.dtype, device=y.device) if g is None else g.permute(1, 0, 2)  # g[k, b, :] = J_b[k, :]
+            (g,) = torch.autograd.grad(
+                out,
+                yy,
+                tangents,
+                is_grads_batched=True,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+            J = (
+                torch.zeros(B, n, n, dtype=y.dtype, device=y.device)
+                if g is None
+                else g.permute(1, 0, 2)
+            )  # g[k, b, :] = J_b[k, :]
     if not create_graph:
         out, J = out.detach(), J.detach()
     return J, out
@@ -161,8 +192,10 @@ def scipy_sparse(owner: str):
         import scipy.sparse as sp
         import scipy.sparse.linalg  # noqa: F401  (SuperLU)
     except ImportError:
-        raise ImportError(f"{owner}: linsolve='sparse' factors with scipy's SuperLU; install scipy "
-                          "(pip install scipy) or use linsolve='lu'/'gmres'") from None
+        raise ImportError(
+            f"{owner}: linsolve='sparse' factors with scipy's SuperLU; install scipy "
+            "(pip install scipy) or use linsolve='lu'/'gmres'"
+        ) from None
     return sp
 
 
@@ -177,10 +210,14 @@ def sparsity_pattern(jac_sparsity, n: int, owner: str):
     try:
         P = sp.csc_matrix(jac_sparsity, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{owner}: jac_sparsity must be an N×N scipy sparse matrix, array or tensor; {e}") from None
+        raise TypeError(
+            f"{owner}: jac_sparsity must be an N×N scipy sparse matrix, array or tensor; {e}"
+        ) from None
     if P.shape != (n, n):
-        raise ValueError(f"{owner}: jac_sparsity has shape {P.shape}, but the (flattened) state has {n} components; "
-                         f"it must be ({n}, {n})")
+        raise ValueError(
+            f"{owner}: jac_sparsity has shape {P.shape}, but the (flattened) state has {n} components; "
+            f"it must be ({n}, {n})"
+        )
     P = (P != 0).astype(np.float64) + sp.identity(n, format="csc")
     P = (P != 0).astype(np.float64).tocsc()
     P.sort_indices()
@@ -202,7 +239,7 @@ def color_columns(P) -> np.ndarray:
     indptr, indices = G.indptr, G.indices
     colors = np.full(n, -1, dtype=np.int64)
     for j in range(n):
-        taken = set(colors[indices[indptr[j]:indptr[j + 1]]].tolist())
+        taken = set(colors[indices[indptr[j] : indptr[j + 1]]].tolist())
         c = 0
         while c in taken:
             c += 1
@@ -231,7 +268,9 @@ class SparseJacobian:
             self.colors = color_columns(P.T.tocsc())  # row colours
             self.entry_color, self.entry_index = self.colors[self.rows], self.cols
         self.n_colors = int(self.colors.max()) + 1 if P.shape[1] else 0
-        self.diag = diagonal_positions(P)  # the pattern holds the diagonal (sparsity_pattern adds it)
+        self.diag = diagonal_positions(
+            P
+        )  # the pattern holds the diagonal (sparsity_pattern adds it)
 
     def __call__(self, rhs, t: float, y: torch.Tensor):
         """``(J as scipy CSC float64, f(t, y))``."""
@@ -247,20 +286,27 @@ class SparseJacobian:
             with torch.no_grad():
                 d = fd_steps(y0)  # the dense finite-difference Jacobian's increments
                 f0 = rhs(t, y0.view(shape)).reshape(-1)
-                prods = torch.stack([rhs(t, (y0 + s * d).view(shape)).reshape(-1) - f0 for s in seeds])
+                prods = torch.stack(
+                    [rhs(t, (y0 + s * d).view(shape)).reshape(-1) - f0 for s in seeds]
+                )
             scale = d.cpu().numpy()[self.cols]
         else:
             with autograd_on():
                 yy = grad_leaf(y0)
                 out = rhs(t, yy.view(shape)).reshape(-1)
                 if out.requires_grad:
-                    (prods,) = torch.autograd.grad(out, yy, seeds, is_grads_batched=True, allow_unused=True)
+                    (prods,) = torch.autograd.grad(
+                        out, yy, seeds, is_grads_batched=True, allow_unused=True
+                    )
                 else:
                     prods = None
             f0 = out.detach()
             if prods is None:
                 prods = torch.zeros_like(seeds)
-        vals = prods.detach().to(torch.float64).cpu().numpy()[self.entry_color, self.entry_index] / scale
+        vals = (
+            prods.detach().to(torch.float64).cpu().numpy()[self.entry_color, self.entry_index]
+            / scale
+        )
         J = sp.csc_matrix((vals, self.P.indices, self.P.indptr), shape=self.P.shape)
         return J, f0.view(shape)
 
@@ -273,12 +319,17 @@ def to_csc(J, n: int, owner: str):
         if J.is_sparse or J.layout != torch.strided:
             J = J.to_sparse_coo().coalesce()
             idx = J.indices().cpu().numpy()
-            J = sp.coo_matrix((J.values().detach().to(torch.float64).cpu().numpy(), (idx[0], idx[1])), shape=tuple(J.shape))
+            J = sp.coo_matrix(
+                (J.values().detach().to(torch.float64).cpu().numpy(), (idx[0], idx[1])),
+                shape=tuple(J.shape),
+            )
         else:
             J = J.detach().to(torch.float64).cpu().numpy()
     if not (sp.issparse(J) or isinstance(J, np.ndarray)):
-        raise TypeError(f"{owner}: jac(t, y) returned {type(J).__name__}; with linsolve='sparse' it must return a "
-                        "scipy sparse matrix or a tensor")
+        raise TypeError(
+            f"{owner}: jac(t, y) returned {type(J).__name__}; with linsolve='sparse' it must return a "
+            "scipy sparse matrix or a tensor"
+        )
     J = sp.csc_matrix(J, dtype=np.float64)
     if J.shape != (n, n):
         raise ValueError(f"{owner}: jac(t, y) returned shape {J.shape}, expected ({n}, {n})")

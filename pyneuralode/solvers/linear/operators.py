@@ -23,6 +23,7 @@ Gradients: under autograd the LU factorisation and solves are differentiated by 
 parameters is differentiated too (exact gradient of a Rosenbrock step); the Newton-based methods
 use a detached J, which only affects the convergence speed of Newton, not its fixed point.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,14 @@ import torch
 
 from ..._problem import time_tensor
 from .gmres import gmres
-from .jacobian import SparseJacobian, batched_jacobian, dense_jacobian, diagonal_positions, sparsity_pattern, to_csc
+from .jacobian import (
+    SparseJacobian,
+    batched_jacobian,
+    dense_jacobian,
+    diagonal_positions,
+    sparsity_pattern,
+    to_csc,
+)
 from .options import LinearOptions
 
 #: dense systems up to this size solve with an explicit inverse of W (a mat-vec per stage)
@@ -60,15 +68,19 @@ def closed_form_inverse(J, s: float):
             return [[math.nan] * 2 for _ in range(2)]
         r = 1.0 / det
         return [[d * r, -b * r], [-c * r, a * r]]
-    (a, b, c), (d, e, f), (g, h, i) = ([(s if r == k else 0.0) - J[r][k] for k in range(3)] for r in range(3))
+    (a, b, c), (d, e, f), (g, h, i) = (
+        [(s if r == k else 0.0) - J[r][k] for k in range(3)] for r in range(3)
+    )
     A, B, C = e * i - f * h, f * g - d * i, d * h - e * g
     det = a * A + b * B + c * C
     if det == 0.0 or not math.isfinite(det):
         return [[math.nan] * 3 for _ in range(3)]
     r = 1.0 / det
-    return [[A * r, (c * h - b * i) * r, (b * f - c * e) * r],
-            [B * r, (a * i - c * g) * r, (c * d - a * f) * r],
-            [C * r, (b * g - a * h) * r, (a * e - b * d) * r]]
+    return [
+        [A * r, (c * h - b * i) * r, (b * f - c * e) * r],
+        [B * r, (a * i - c * g) * r, (c * d - a * f) * r],
+        [C * r, (b * g - a * h) * r, (a * e - b * d) * r],
+    ]
 
 
 class WOperator:
@@ -84,7 +96,14 @@ class WOperator:
     #: a CPU system small enough for the host steps' numpy inverse (``scaled_inverse_numpy``)
     host_capable = False
 
-    def __init__(self, opts: LinearOptions, rhs: Callable, y0: torch.Tensor, stats: dict, differentiable_jac: bool):
+    def __init__(
+        self,
+        opts: LinearOptions,
+        rhs: Callable,
+        y0: torch.Tensor,
+        stats: dict,
+        differentiable_jac: bool,
+    ):
         self.opts = opts
         self.owner = opts.owner
         self.rhs = rhs
@@ -131,6 +150,7 @@ class WOperator:
 
         def solve(b):
             return self.solve(torch.from_numpy(b).view(shape)).reshape(-1).numpy()
+
         return solve
 
     def _reset(self) -> None:
@@ -142,7 +162,9 @@ class WOperator:
     def _factor(self, g: float) -> None:
         raise NotImplementedError
 
-    def solve(self, b: torch.Tensor, scale: float = 1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def solve(
+        self, b: torch.Tensor, scale: float = 1.0, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``W⁻¹ (scale · b)`` for ``b`` shaped like the state or flat; ``out`` (no-grad use): a flat
         tensor the result is written into."""
         raise NotImplementedError
@@ -166,14 +188,20 @@ class _DenseJacobian(WOperator):
         if jac is not None:
             J = jac(self.time(t), y)
             if not isinstance(J, torch.Tensor):
-                raise TypeError(f"{self.owner}: jac(t, y) returned {type(J).__name__}; it must return a tensor")
+                raise TypeError(
+                    f"{self.owner}: jac(t, y) returned {type(J).__name__}; it must return a tensor"
+                )
             want = self.jac_shape
             if want is None:
                 N = y.numel()
-                want = self.jac_shape = torch.Size((y.shape[0], y.shape[1], y.shape[1]) if self.batched else (N, N))
+                want = self.jac_shape = torch.Size(
+                    (y.shape[0], y.shape[1], y.shape[1]) if self.batched else (N, N)
+                )
             if J.shape != want:
-                raise ValueError(f"{self.owner}: jac(t, y) returned shape {tuple(J.shape)}, expected {tuple(want)} "
-                                 f"({'one n×n matrix per row' if self.batched else 'the Jacobian of the flattened state'})")
+                raise ValueError(
+                    f"{self.owner}: jac(t, y) returned shape {tuple(J.shape)}, expected {tuple(want)} "
+                    f"({'one n×n matrix per row' if self.batched else 'the Jacobian of the flattened state'})"
+                )
             if J.dtype != y.dtype:
                 J = J.to(y.dtype)
             J = J if create or not J.requires_grad else J.detach()
@@ -238,8 +266,10 @@ class SmallInverse(_DenseJacobian):
         bump(self.stats, "nlu")
         n = self.J.shape[0]
         if n <= 3:
-            M = np.array(closed_form_inverse(self.J.tolist(), 1.0 / g),
-                         dtype=np.float64 if self.J.dtype == torch.float64 else np.float32)
+            M = np.array(
+                closed_form_inverse(self.J.tolist(), 1.0 / g),
+                dtype=np.float64 if self.J.dtype == torch.float64 else np.float32,
+            )
         else:
             J = self.J.detach().numpy()
             try:
@@ -258,6 +288,7 @@ class SmallInverse(_DenseJacobian):
         def solve(b):
             stats["nsolve"] = stats.get("nsolve", 0) + 1
             return Winv @ b
+
         return solve
 
 
@@ -274,7 +305,9 @@ class DenseLU(_DenseJacobian):
     def solve(self, b, scale=1.0, out=None):
         bump(self.stats, "nsolve")
         LU, piv = self.lu
-        x = torch.linalg.lu_solve(LU, piv, (b if scale == 1.0 else scale * b).reshape(-1, 1)).view(b.shape)
+        x = torch.linalg.lu_solve(LU, piv, (b if scale == 1.0 else scale * b).reshape(-1, 1)).view(
+            b.shape
+        )
         return out.copy_(x.reshape(-1)) if out is not None else x
 
 
@@ -285,14 +318,18 @@ class BatchedLU(DenseLU):
 
     def __init__(self, opts, rhs, y0, stats, differentiable_jac):
         if y0.ndim != 2:
-            raise ValueError(f"{opts.owner}: batched=True needs a state of shape (B, n) with f acting on each row; "
-                             f"got shape {tuple(y0.shape)}")
+            raise ValueError(
+                f"{opts.owner}: batched=True needs a state of shape (B, n) with f acting on each row; "
+                f"got shape {tuple(y0.shape)}"
+            )
         super().__init__(opts, rhs, y0, stats, differentiable_jac)
 
     def solve(self, b, scale=1.0, out=None):
         bump(self.stats, "nsolve")
         LU, piv = self.lu
-        x = torch.linalg.lu_solve(LU, piv, (b if scale == 1.0 else scale * b).unsqueeze(-1)).squeeze(-1)
+        x = torch.linalg.lu_solve(
+            LU, piv, (b if scale == 1.0 else scale * b).unsqueeze(-1)
+        ).squeeze(-1)
         return out.copy_(x.reshape(-1)) if out is not None else x
 
 
@@ -305,12 +342,16 @@ class SparseLU(WOperator):
 
     def __init__(self, opts, rhs, y0, stats, differentiable_jac):
         if y0.device.type != "cpu":
-            raise ValueError(f"{opts.owner}: linsolve='sparse' factors with scipy's SuperLU on the CPU; the state is "
-                             f"on {y0.device}. Use linsolve='lu' or 'gmres' there")
+            raise ValueError(
+                f"{opts.owner}: linsolve='sparse' factors with scipy's SuperLU on the CPU; the state is "
+                f"on {y0.device}. Use linsolve='lu' or 'gmres' there"
+            )
         super().__init__(opts, rhs, y0, stats, differentiable_jac)
         self.sparse_jac = None
         if opts.jac is None:
-            self.sparse_jac = SparseJacobian(sparsity_pattern(opts.jac_sparsity, y0.numel(), opts.owner), opts.jac_mode)
+            self.sparse_jac = SparseJacobian(
+                sparsity_pattern(opts.jac_sparsity, y0.numel(), opts.owner), opts.jac_mode
+            )
         self.J_diag = None  # positions of J's diagonal in its CSC data
         self.time = time_tensor(y0.dtype, y0.device)
 
@@ -356,7 +397,12 @@ class SparseLU(WOperator):
 
         def solve(b):
             stats["nsolve"] = stats.get("nsolve", 0) + 1
-            return lu.solve(b) if b.dtype == np.float64 else lu.solve(b.astype(np.float64)).astype(b.dtype)
+            return (
+                lu.solve(b)
+                if b.dtype == np.float64
+                else lu.solve(b.astype(np.float64)).astype(b.dtype)
+            )
+
         return solve
 
 
@@ -391,7 +437,9 @@ class MatrixFreeGMRES(WOperator):
 
         opts = self.opts
         bf = (b if scale == 1.0 else scale * b).reshape(-1)
-        x, ok, its = gmres(matvec, bf, tol=opts.gmres_tol, restart=opts.gmres_restart, maxiter=opts.gmres_maxiter)
+        x, ok, its = gmres(
+            matvec, bf, tol=opts.gmres_tol, restart=opts.gmres_restart, maxiter=opts.gmres_maxiter
+        )
         bump(self.stats, "ngmres", its)
         if not ok:
             bump(self.stats, "ngmresfail")
@@ -405,8 +453,9 @@ class MatrixFreeGMRES(WOperator):
         return torch.func.jvp(lambda u: rhs(t, u), (y,), (v.view(y.shape),))[1]
 
 
-def w_operator(opts: LinearOptions, rhs: Callable, y0: torch.Tensor, stats: dict,
-               differentiable_jac: bool) -> WOperator:
+def w_operator(
+    opts: LinearOptions, rhs: Callable, y0: torch.Tensor, stats: dict, differentiable_jac: bool
+) -> WOperator:
     """The :class:`WOperator` for ``opts`` and the state ``y0`` (chosen once per solve)."""
     if opts.linsolve == "gmres":
         cls = MatrixFreeGMRES

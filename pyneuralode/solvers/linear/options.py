@@ -1,4 +1,5 @@
 """The linear-algebra options every implicit solver shares, validated once."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -30,17 +31,25 @@ class LinearOptions:
         owner = self.owner
         if self.linsolve == "sparse":
             if self.jac_sparsity is None and self.jac is None:
-                raise ValueError(f"{owner}: linsolve='sparse' needs jac_sparsity (the N×N pattern of the "
-                                 "Jacobian's nonzeros) or a jac(t, y) that returns a sparse matrix")
+                raise ValueError(
+                    f"{owner}: linsolve='sparse' needs jac_sparsity (the N×N pattern of the "
+                    "Jacobian's nonzeros) or a jac(t, y) that returns a sparse matrix"
+                )
             if self.batched:
-                raise ValueError(f"{owner}: linsolve='sparse' and batched=True do not combine; batched systems "
-                                 "already factor one small block per row (use linsolve='lu')")
+                raise ValueError(
+                    f"{owner}: linsolve='sparse' and batched=True do not combine; batched systems "
+                    "already factor one small block per row (use linsolve='lu')"
+                )
         elif self.jac_sparsity is not None:
-            raise ValueError(f"{owner}: jac_sparsity is used by linsolve='sparse'; pass linsolve='sparse' or "
-                             "drop jac_sparsity")
+            raise ValueError(
+                f"{owner}: jac_sparsity is used by linsolve='sparse'; pass linsolve='sparse' or "
+                "drop jac_sparsity"
+            )
         if self.jac is not None and not callable(self.jac):
-            raise TypeError(f"{owner}: jac must be None or a callable jac(t, y) -> Jacobian matrix, got "
-                            f"{type(self.jac).__name__}")
+            raise TypeError(
+                f"{owner}: jac must be None or a callable jac(t, y) -> Jacobian matrix, got "
+                f"{type(self.jac).__name__}"
+            )
         if not isinstance(self.batched, bool):
             raise TypeError(f"{owner}: batched must be True or False, got {self.batched!r}")
         if self.linsolve not in LINSOLVES:
@@ -48,8 +57,10 @@ class LinearOptions:
         if self.jac_mode not in JAC_MODES:
             raise ValueError(f"{owner}: jac_mode must be one of {JAC_MODES}, got {self.jac_mode!r}")
         if self.linsolve == "gmres" and self.jac is not None:
-            raise ValueError(f"{owner}: linsolve='gmres' is matrix-free and ignores jac; pass jac=None or "
-                             "linsolve='lu'")
+            raise ValueError(
+                f"{owner}: linsolve='gmres' is matrix-free and ignores jac; pass jac=None or "
+                "linsolve='lu'"
+            )
         tol = self.gmres_tol
         if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 < tol < 1):
             raise ValueError(f"{owner}: gmres_tol must be a number in (0, 1), got {tol!r}")
