@@ -126,10 +126,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     t_end = t_out[-1]
     direction = 1.0 if t_end > t else -1.0
     span = abs(t_end - t)
-    if getattr(solver, "implicit", False):  # implicit methods scale their Newton/linear-solve tolerances by rtol/atol
-        cache = solver.init(rhs, t, y, stats, rtol=opts.rtol, atol=opts.atol)
-    else:
-        cache = solver.init(rhs, t, y, stats)
+    cache = solver.init(rhs, t, y, stats, rtol=opts.rtol, atol=opts.atol)
     grid = opts.grid
     gk = 0  # index of the current grid time
     adaptive = opts.adaptive and grid is None

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import pyneuralode as pn
-from pyneuralode.solvers._linalg import dense_jacobian
-from pyneuralode.solvers._sparse import SparseJacobian, color_columns, sparsity_pattern
+from pyneuralode.solvers.linear import dense_jacobian
+from pyneuralode.solvers.linear import SparseJacobian, color_columns, sparsity_pattern
 
 sp = pytest.importorskip("scipy.sparse", reason="linsolve='sparse' factors with scipy's SuperLU")
 F64 = torch.float64
@@ -150,7 +150,7 @@ def test_w_on_the_jacobians_own_pattern_equals_the_sparse_sum():
     """``factor(J, g, diag)`` forms I − gJ by writing into J's data (the pattern holds the diagonal);
     its solves equal those of the generic identity-minus-matrix factorisation, and a pattern
     without a full diagonal is detected."""
-    from pyneuralode.solvers._sparse import diagonal_positions, factor
+    from pyneuralode.solvers.linear import diagonal_positions, sparse_factor as factor
 
     rng = np.random.default_rng(1)
     P = sparsity_pattern(sp.random(50, 50, density=0.08, random_state=rng), 50, "test")

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from ..solvers._linalg import autograd_on, grad_leaf
+from ..solvers.linear import autograd_on, grad_leaf
 from .neural_ode import resolve_sensealg, resolve_solver
 
 __all__ = ["CNF", "PlanarFlow", "HyperPlanarField"]

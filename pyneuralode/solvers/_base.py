@@ -2,8 +2,9 @@
 
 A solver is a small object (its tableau, options) with three methods:
 
-* ``init(rhs, t0, y0, stats) -> cache`` — called once before the first step (e.g. evaluates
-  ``f(t0, y0)`` for FSAL methods, or sets up a Jacobian cache for implicit ones).
+* ``init(rhs, t0, y0, stats, rtol, atol) -> cache`` — called once before the first step (e.g.
+  evaluates ``f(t0, y0)`` for FSAL methods, or sets up a Jacobian cache for implicit ones, which
+  scale their Newton tolerances by ``rtol``/``atol``; explicit methods ignore them).
 * ``step(rhs, t0, y0, dt, cache) -> StepResult`` — one attempted step from ``(t0, y0)`` of size
   ``dt`` (negative for backward time); never decides acceptance: the loop does that.
 * ``interpolant`` (a plain function) and ``StepResult.dense`` give the dense output of the step.
@@ -82,7 +83,7 @@ class AbstractSolver:
     def adaptive_capable(self) -> bool:
         return self.error_order is not None
 
-    def init(self, rhs: Callable, t0: float, y0: torch.Tensor, stats: dict) -> Any:
+    def init(self, rhs: Callable, t0: float, y0: torch.Tensor, stats: dict, rtol=None, atol=None) -> Any:
         raise NotImplementedError
 
     def step(self, rhs: Callable, t0: float, y0: torch.Tensor, dt: float, cache: Any) -> StepResult:
@@ -101,6 +102,20 @@ class AbstractSolver:
 
     def __hash__(self) -> int:
         return hash(type(self))
+
+
+class TableauSolver(AbstractSolver):
+    """A method defined by ``tableau``: its ``order`` and ``error_order`` are the tableau's."""
+
+    tableau: Any
+
+    @property
+    def order(self):  # type: ignore[override]
+        return self.tableau.order
+
+    @property
+    def error_order(self):  # type: ignore[override]
+        return self.tableau.error_order
 
 
 def options_repr(solver, defaults: dict) -> str:

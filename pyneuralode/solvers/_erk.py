@@ -167,7 +167,7 @@ class ExplicitRK(AbstractSolver):
                 co = self._coef_cache[key] = _Coefficients(self.tableau, y.dtype, y.device)
         return co
 
-    def init(self, rhs, t0, y0, stats):
+    def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
         return rhs(t0, y0)
 
     def step(self, rhs, t0, y0, dt, f0):

@@ -24,10 +24,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..controllers import host_tolerance
-from ._base import AbstractSolver, StepResult, hermite_interpolant, options_repr, tableau_tensors
+from ._base import StepResult, TableauSolver, hermite_interpolant, options_repr, tableau_tensors
 from ._erk import DenseWeights, _polynomial_interpolant
-from ._linalg import HOST_DTYPES, newton_ops, newton_setup, newton_tolerance, numpy_newton_ops, set_linear_options
+from ._newton import newton_setup, newton_tolerance
+from ._ops import TorchOps, stage_ops
+from .linear import LinearOptions
 from ._tableau import ButcherTableau, order_conditions
 
 _EPS = 2.220446049250313e-16
@@ -101,17 +102,17 @@ def _predictor_weights(c, i):
 
 
 class _ESDIRKCache:
-    __slots__ = ("ls", "f0", "stats", "rtol", "atol", "eta", "new_jac", "kappa", "ndz_floor")
+    __slots__ = ("ls", "ops", "f0", "stats", "rtol", "atol", "eta", "new_jac", "kappa", "ndz_floor")
 
-    def __init__(self, ls, f0, stats, rtol, atol, eta=1.0, new_jac=False, kappa=0.01, ndz_floor=1e-5):
-        self.ls, self.f0, self.stats, self.rtol, self.atol = ls, f0, stats, rtol, atol
+    def __init__(self, ls, ops, f0, stats, rtol, atol, eta=1.0, new_jac=False, kappa=0.01, ndz_floor=1e-5):
+        self.ls, self.ops, self.f0, self.stats, self.rtol, self.atol = ls, ops, f0, stats, rtol, atol
         self.eta = eta
         self.new_jac = new_jac
         self.kappa = kappa  # the Newton tolerance on η·‖Δz‖
         self.ndz_floor = ndz_floor  # a correction this small has converged (rounding level)
 
 
-class ESDIRK(AbstractSolver):
+class ESDIRK(TableauSolver):
     """Generic ESDIRK method; subclasses set ``tableau`` (and ``name``).
 
     Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
@@ -132,7 +133,8 @@ class ESDIRK(AbstractSolver):
                  max_iter: int = 10, kappa: float = 0.01, jac_theta: float = 0.05, smooth_est: bool = True,
                  gmres_tol: float = 1e-6, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
         owner = type(self).__name__
-        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        LinearOptions(owner, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
+                      jac_sparsity).store_on(self)
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
             raise ValueError(f"{owner}: max_iter must be a positive int, got {max_iter!r}")
         if not (isinstance(kappa, (int, float)) and 0 < kappa <= 1):
@@ -145,31 +147,16 @@ class ESDIRK(AbstractSolver):
         self.smooth_est = bool(smooth_est)
 
     def __repr__(self):
-        defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_iter=10, kappa=0.01,
-                        jac_theta=0.05, smooth_est=True, gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        defaults = LinearOptions.defaults(gmres_tol=1e-6, max_iter=10, kappa=0.01, jac_theta=0.05, smooth_est=True)
         return options_repr(self, defaults)
 
-    @property
-    def order(self):  # type: ignore[override]
-        return self.tableau.order
-
-    @property
-    def error_order(self):  # type: ignore[override]
-        return self.tableau.error_order
-
-    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
+    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
-        return _ESDIRKCache(ls, f0, stats, rtol, atol, kappa=newton_tolerance(self.kappa, rtol, y0.dtype),
+        ops = stage_ops(self.tableau, ls, y0, host_inverse=False)
+        return _ESDIRKCache(ls, ops, f0, stats, rtol, atol, kappa=newton_tolerance(self.kappa, rtol, y0.dtype),
                             ndz_floor=newton_tolerance(1e-5, rtol, y0.dtype))
 
     # -- Newton ------------------------------------------------------------------------------------
-    def _newton(self, rhs, t, psi, z, hg, ls, scale, cache):
-        """Solve z − ψ − hγ f(t, z) = 0 from the guess z (tensors). Returns (z, ok, max_theta)."""
-        shape = z.shape
-        f_of, solve, norm = newton_ops(rhs, t, ls, scale, shape)
-        z, ok, theta = self._newton_loop(f_of, solve, norm, psi.reshape(-1), z.reshape(-1), hg, cache)
-        return z.view(shape), ok, theta
-
     def _newton_loop(self, f_of, solve, norm, psi, z, hg, cache):
         """The simplified Newton iteration on flat tensors or numpy arrays alike (Hairer & Wanner IV.8):
         ``f_of(z)``, ``solve(b) = M⁻¹ b`` (``None``: the linear solve failed), ``norm(dz)``."""
@@ -208,20 +195,18 @@ class ESDIRK(AbstractSolver):
         tab = self.tableau
         co = tableau_tensors(tab, y0, _Coef)
         ls = cache.ls
-        if cache.new_jac or ls.J is None and not ls.gmres_mode:
+        if cache.new_jac or ls.J is None and not ls.matrix_free:
             ls.set_point(t0, y0)
             cache.new_jac = False
-        elif ls.gmres_mode and (ls.point is None or cache.new_jac):
+        elif ls.matrix_free and (ls.point is None or cache.new_jac):
             ls.set_point(t0, y0)
         else:
             ls.fresh = ls.point is not None and ls.point[0] == t0 and ls.point[1] is y0
-        numpy_step = (not torch.is_grad_enabled() and not ls.gmres_mode and y0.device.type == "cpu"
-                      and y0.dtype in HOST_DTYPES)
+        ops = cache.ops
+        if ops.host and torch.is_grad_enabled():  # a solve started without autograd, stepped with it
+            ops = TorchOps(tab, ls)
         for attempt in range(2):
-            if numpy_step:
-                res = self._try_step_numpy(rhs, t0, y0, h, cache, co, tab)
-            else:
-                res = self._try_step(rhs, t0, y0, h, cache, co, tab)
+            res = self._try_step(rhs, t0, y0, h, cache, co, tab, ops)
             if res is not None:
                 return res
             cache.stats["nconvfail"] += 1
@@ -231,85 +216,37 @@ class ESDIRK(AbstractSolver):
         cache.eta = 1.0
         return StepResult(y1=y0, error=None, cache=cache, dense=None, ok=False, cache_on_reject=cache)
 
-    def _try_step(self, rhs, t0, y0, h, cache, co, tab):
-        ls = cache.ls
-        hg = h * co.gamma
-        ls.factor(hg)
-        shape = y0.shape
-        s = tab.stages
-        with torch.no_grad():
-            scale = cache.atol + cache.rtol * y0.detach().abs()
-        f0 = cache.f0
-        ks = [f0.reshape(-1)]
-        y0f = y0.reshape(-1)
-        theta_max = 0.0
-        for i in range(1, s):
-            Kst = torch.stack(ks, 1)
-            psi = y0f + Kst @ (co.a[i] * h)
-            z = psi + hg * (Kst @ co.pred[i])
-            z, ok, th = self._newton(rhs, t0 + co.c[i] * h, psi.view(shape), z.view(shape), hg, ls, scale, cache)
-            if not ok:
-                return None
-            theta_max = max(theta_max, th)
-            ks.append(((z.reshape(-1) - psi) / hg))
-        K = torch.stack(ks, 1)
-        y1 = z  # stiffly accurate: the last stage is the solution
-        err = (K @ (co.b_err * h)).view(shape)
-        if self.smooth_est:
-            err = ls.solve(err)
-        f1 = ks[-1].view(shape)
-        new_cache = _ESDIRKCache(ls, f1, cache.stats, cache.rtol, cache.atol, cache.eta,
-                                 new_jac=theta_max > self.jac_theta, kappa=cache.kappa,
-                                 ndz_floor=cache.ndz_floor)
-        if co.B is not None:
-            dense = (y0, K.T, co.B, h)
-        else:
-            dense = (y0, y1, f0, f1, h)
-        return StepResult(y1=y1, error=err, cache=new_cache, dense=dense, cache_on_reject=cache)
-
-    def _try_step_numpy(self, rhs, t0, y0, h, cache, co, tab):
-        """:meth:`_try_step` on numpy arrays for a CPU state without autograd: stage predictors,
-        Newton iterations and the error estimate in numpy (f still gets and returns tensors,
-        zero-copy; solves by :meth:`LinearSolver.numpy_solver`). Same steps and counts as the
-        torch step, results equal far below the tolerance (``tests/test_stiff.py`` compares them)."""
-        cn = tableau_tensors(tab, y0, _CoefNumpy)
+    def _try_step(self, rhs, t0, y0, h, cache, co, tab, ops):
+        """The stages on the solve's stage arithmetic ``ops``; ``None`` when Newton failed."""
+        cn = tableau_tensors(tab, y0, _CoefNumpy) if ops.host else co
         ls = cache.ls
         hg = h * co.gamma
         shape = y0.shape
-        s = tab.stages
-        solve = ls.numpy_solver(hg, shape)
-        y0n = y0.detach().reshape(-1).numpy()
-        rtol, atol = host_tolerance(cache.rtol), host_tolerance(cache.atol)
-        K = np.empty((s, y0n.size), dtype=y0n.dtype)
-        K[0] = cache.f0.detach().reshape(-1).numpy()
+        solve = ops.linear_solver(ls, hg, shape)
+        y0f = ops.flat(y0)
+        scale = ops.error_scale(y0, cache.rtol, cache.atol)
+        K = ops.stage_store(ops.flat(cache.f0), tab.stages)
         theta_max = 0.0
-        with np.errstate(all="ignore"):  # overflow or NaN makes Newton fail: the step is rejected
-            scale = atol + rtol * np.abs(y0n)
-            for i in range(1, s):
-                psi = y0n + h * (cn.a[i] @ K[:i])
-                z = psi + hg * (cn.pred[i] @ K[:i])
-                z, ok, th = self._newton_numpy(rhs, t0 + co.c[i] * h, psi, z, hg, solve, scale, cache, shape)
+        with ops.guard():  # (host: overflow or NaN makes Newton fail: the step is rejected)
+            for i in range(1, tab.stages):
+                psi, z = ops.predict(K, i, y0f, cn.a[i], cn.pred[i], h, hg)
+                f_of, norm = ops.newton_fns(rhs, t0 + co.c[i] * h, scale, shape)
+                z, ok, th = self._newton_loop(f_of, solve, norm, psi, z, hg, cache)
                 if not ok:
                     return None
                 theta_max = max(theta_max, th)
-                K[i] = (z - psi) / hg
-            err = h * (cn.b_err @ K)
+                ops.store(K, i, (z - psi) / hg)
+            Kc, Kr = ops.stages_done(K)
+            err = ops.weighted(Kc, cn.b_err, h)
             if self.smooth_est:
-                err = solve(err)
-        from_numpy = torch.from_numpy
-        # numpy reshapes (~0.3 µs) rather than tensor views (~3 µs with a torch.Size)
-        y1 = from_numpy(z.reshape(shape))  # stiffly accurate: the last stage is the solution
-        f1 = from_numpy(K[-1].reshape(shape))
-        new_cache = _ESDIRKCache(ls, f1, cache.stats, cache.rtol, cache.atol, cache.eta,
+                err = ops.smooth(ls, err, shape, solve)
+        y1 = ops.state(z, shape)  # stiffly accurate: the last stage is the solution
+        f1 = ops.state(Kr[-1], shape)
+        new_cache = _ESDIRKCache(ls, cache.ops, f1, cache.stats, cache.rtol, cache.atol, cache.eta,
                                  new_jac=theta_max > self.jac_theta, kappa=cache.kappa,
                                  ndz_floor=cache.ndz_floor)
-        dense = (y0, from_numpy(K), co.B, h) if co.B is not None else (y0, y1, cache.f0, f1, h)  # K: stages × state
-        return StepResult(y1=y1, error=from_numpy(err.reshape(shape)), cache=new_cache, dense=dense, cache_on_reject=cache)
-
-    def _newton_numpy(self, rhs, t, psi, z, hg, solve, scale, cache, shape):
-        """:meth:`_newton` on flat numpy arrays (``solve(b) = M⁻¹ b``; f still gets tensors)."""
-        f_of, norm = numpy_newton_ops(rhs, t, scale, shape)
-        return self._newton_loop(f_of, solve, norm, psi, z, hg, cache)
+        dense = (y0, ops.rows(Kr), co.B, h) if co.B is not None else (y0, y1, cache.f0, f1, h)
+        return StepResult(y1=y1, error=ops.state(err, shape), cache=new_cache, dense=dense, cache_on_reject=cache)
 
     def interpolant(self, dense, theta):  # type: ignore[override]
         if len(dense) == 4:

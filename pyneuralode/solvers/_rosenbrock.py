@@ -12,11 +12,10 @@ rejected step keeps it and only refactors ``W`` for the smaller step. ``∂f/∂
 difference (one evaluation per step) unless the problem is autonomous, which is detected once (two
 probes of f inside the first step, ``autonomous=None``) or declared (``autonomous=True/False``).
 
-The step has three implementations of the same arithmetic, chosen per call: torch (autograd, GPU,
-batched, GMRES and sparse solves, larger states); numpy, for dense states of up to 16 elements on
-the CPU without autograd (torch's per-call cost dominates there); and, for float64 states of 1–3
-components, straight-line Python float code generated from the tableau
-(:mod:`._rosenbrock_unrolled`). The tests compare the host steps with the torch step to rounding.
+The stage loop is written once, against the W operator (:mod:`.linear`) and the stage
+arithmetic (:mod:`._ops`) chosen when the solve starts: torch (autograd, GPU, batched, GMRES and
+sparse solves, larger states) or numpy (dense states of up to 16 elements on the CPU without
+autograd, where torch's per-call cost dominates).
 """
 from __future__ import annotations
 
@@ -27,9 +26,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, options_repr, tableau_tensors
-from ._linalg import HOST_DTYPES, _bump, linear_solver_for, set_linear_options
-from ._rosenbrock_unrolled import MAX_COMPONENTS, unrolled_kernel
+from ._base import AbstractSolver, StepResult, TableauSolver, options_repr
+from ._ops import TorchOps, stage_ops
+from .linear import LinearOptions, w_operator
 
 _SQRT_EPS = math.sqrt(2.220446049250313e-16)
 
@@ -117,21 +116,20 @@ def rosenbrock_order_conditions(alpha, Gamma, b, g, p):
 
 
 class _RosenbrockCache:
-    __slots__ = ("ls", "f0", "dT", "autonomous", "stats", "t", "f_next", "np_coef", "kernel")
+    __slots__ = ("ls", "f0", "dT", "autonomous", "stats", "t", "f_next", "ops")
 
-    def __init__(self, ls, stats, autonomous, np_coef=None, kernel=None):
+    def __init__(self, ls, stats, autonomous, ops=None):
         self.ls = ls
         self.stats = stats
         self.autonomous = autonomous
-        self.np_coef = np_coef  # the tableau as numpy arrays (the numpy step of tiny CPU systems)
-        self.kernel = kernel  # the unrolled float kernel (float64 states of 1–3 components)
+        self.ops = ops  # the stage arithmetic (generic tableau methods)
         self.f0 = None
         self.dT = None
         self.t = None
         self.f_next = None
 
     def advanced(self, f_next=None):
-        new = _RosenbrockCache(self.ls, self.stats, self.autonomous, self.np_coef, self.kernel)
+        new = _RosenbrockCache(self.ls, self.stats, self.autonomous, self.ops)
         new.f_next = f_next
         return new
 
@@ -165,7 +163,8 @@ class RosenbrockSolver(AbstractSolver):
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  autonomous: Optional[bool] = None, differentiable_jac: bool = True,
                  gmres_tol: float = 1e-10, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
-        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        LinearOptions(type(self).__name__, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
+                      jac_sparsity).store_on(self)
         if autonomous is not None and not isinstance(autonomous, bool):
             raise TypeError(f"{type(self).__name__}: autonomous must be None (detect), True or False, got {autonomous!r}")
         self.autonomous = autonomous
@@ -180,14 +179,13 @@ class RosenbrockSolver(AbstractSolver):
         return PredictiveController()
 
     def __repr__(self):
-        defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", autonomous=None, differentiable_jac=True,
-                        gmres_tol=1e-10, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        defaults = LinearOptions.defaults(gmres_tol=1e-10, autonomous=None, differentiable_jac=True)
         return options_repr(self, defaults)
 
-    def init(self, rhs, t0, y0, stats, **_):
+    def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
         for k in ("njac", "nlu", "nsolve"):
             stats.setdefault(k, 0)
-        ls = linear_solver_for(self, rhs, y0, stats, differentiable_jac=self.differentiable_jac)
+        ls = w_operator(LinearOptions.of(self), rhs, y0, stats, differentiable_jac=self.differentiable_jac)
         return _RosenbrockCache(ls, stats, self.autonomous)
 
     def _prepare(self, rhs, t0, y0, h, cache):
@@ -209,60 +207,6 @@ class RosenbrockSolver(AbstractSolver):
         return cache.f0, cache.dT
 
 
-class _Coef:
-    __slots__ = ("A", "C", "m", "e", "H", "c", "d", "gamma")
-
-    def __init__(self, tab: RosenbrockTableau, dtype, device):
-        kw = dict(dtype=dtype, device=device)
-        self.A = [torch.tensor(tab.A[i, :i], **kw) for i in range(tab.stages)]
-        self.C = [torch.tensor(tab.C[i, :i], **kw) for i in range(tab.stages)]
-        self.m = torch.tensor(tab.m, **kw)
-        self.e = torch.tensor(tab.e, **kw)
-        self.H = None if tab.H is None else torch.tensor(tab.H, **kw)
-        self.c = [float(x) for x in tab.c]
-        self.d = [float(x) for x in tab.d]
-        self.gamma = float(tab.gamma)
-
-
-class _CoefNumpy:
-    """The tableau as numpy arrays in the state's dtype (the numpy step of tiny CPU systems).
-
-    The stage matrix of a step is extended by two rows, ``y0`` and ``h²·∂f/∂t``, so that one
-    product ``AC[i] @ K`` gives both the stage point ``u_i = y0 + Σ_j a_ij U_j`` and the stage's
-    right-hand-side term ``Σ_j c_ij U_j / h + h d_i ∂f/∂t`` (the second row is scaled by 1/h once
-    per step), and one product ``MEH @ K`` gives ``y1``, the error estimate and the dense-output
-    coefficients.
-    """
-
-    __slots__ = ("AC", "MEH", "c", "d", "gamma", "has_H", "npd", "row_scale")
-
-    def __init__(self, tab: RosenbrockTableau, dtype, device):
-        npd = torch.empty((), dtype=dtype).numpy().dtype
-        s = tab.stages
-        AC = np.zeros((s, 2, s + 2))
-        for i in range(s):
-            AC[i, 0, :i] = tab.A[i, :i]
-            AC[i, 0, s] = 1.0  # + y0
-            AC[i, 1, :i] = tab.C[i, :i]
-            AC[i, 1, s + 1] = tab.d[i]  # · h²∂f/∂t, scaled by 1/h with the row
-        self.AC = AC.astype(npd)
-        rows = [np.concatenate([tab.m, [1.0, 0.0]]), np.concatenate([tab.e, [0.0, 0.0]])]
-        self.has_H = tab.H is not None
-        if self.has_H:
-            rows += [np.concatenate([hr, [0.0, 0.0]]) for hr in tab.H]
-        self.MEH = np.ascontiguousarray(np.stack(rows), dtype=npd)
-        self.c = [float(x) for x in tab.c]
-        self.d = [float(x) for x in tab.d]
-        self.gamma = float(tab.gamma)
-        self.npd = npd
-        self.row_scale = np.ones((2, 1), dtype=npd)  # per step: (1, 1/h) down the two rows of AC
-
-
-def _as_tensor64(values):
-    """A float64 CPU tensor of a tuple of floats (through numpy: ~1 µs against ~3 for ``torch.tensor``)."""
-    return torch.from_numpy(np.array(values, dtype=np.float64))
-
-
 def rodas_interpolant(dense, theta):
     """Stiff-aware dense output of the Rodas methods (OrdinaryDiffEq's ``rosenbrock_interpolants``).
 
@@ -276,149 +220,30 @@ def rodas_interpolant(dense, theta):
     return (1 - th) * y0 + th * (y1 + (1 - th) * inner)
 
 
-class GenericRosenbrock(RosenbrockSolver):
+class GenericRosenbrock(RosenbrockSolver, TableauSolver):
     """A Rosenbrock method given by ``tableau`` (a :class:`RosenbrockTableau`)."""
 
     tableau: RosenbrockTableau
 
-    @property
-    def order(self):  # type: ignore[override]
-        return self.tableau.order
-
-    @property
-    def error_order(self):  # type: ignore[override]
-        return self.tableau.error_order
+    def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
+        cache = super().init(rhs, t0, y0, stats, rtol, atol)
+        cache.ops = stage_ops(self.tableau, cache.ls, y0)
+        return cache
 
     def step(self, rhs, t0, y0, h, cache):
-        if not torch.is_grad_enabled() and cache.ls.numpy_capable and y0.dtype in HOST_DTYPES:
-            if y0.dtype == torch.float64 and y0.numel() <= MAX_COMPONENTS:
-                return self._step_unrolled(rhs, t0, y0, h, cache)
-            return self._step_numpy(rhs, t0, y0, h, cache)
-        tab = self.tableau
-        co = tableau_tensors(tab, y0, _Coef)
-        ls = cache.ls
+        """One step: J, f0 and ∂f/∂t at ``(t0, y0)``, then the stages on the solve's stage arithmetic."""
+        ops = cache.ops
+        if ops.host and torch.is_grad_enabled():  # a solve started without autograd, stepped with it
+            ops = TorchOps(self.tableau, cache.ls)
         f0, dT = self._prepare(rhs, t0, y0, h, cache)
-        g = h * co.gamma
-        ls.factor(g)
-        shape = y0.shape
-        y0f = y0.reshape(-1)
-        s = tab.stages
-        inv_h = 1.0 / h
-        grad = torch.is_grad_enabled()
-        Ks = []
-        KT = None
-        if not grad:
-            K = torch.empty((s, y0f.numel()), dtype=y0.dtype, device=y0.device)
-            KT = K.T
-        flat = y0.ndim == 1
-        batched = ls.batched
-        dTf = None if dT is None else dT.reshape(-1)
-        for i in range(s):
-            if i == 0:
-                r = f0.reshape(-1)
-            else:
-                if grad:
-                    Kst = torch.stack(Ks, 1)
-                    ui = y0f + Kst @ co.A[i]
-                    fi = rhs(t0 + co.c[i] * h, ui if flat else ui.view(shape))
-                    r = (fi if flat else fi.reshape(-1)) + (Kst @ co.C[i]) * inv_h
-                else:
-                    ui = torch.addmv(y0f, KT[:, :i], co.A[i])
-                    fi = rhs(t0 + co.c[i] * h, ui if flat else ui.view(shape))
-                    r = torch.addmv(fi if flat else fi.reshape(-1), KT[:, :i], co.C[i], alpha=inv_h)
-            if dTf is not None and co.d[i] != 0.0:
-                r = torch.add(r, dTf, alpha=h * co.d[i])
-            b = r if not batched else r.view(shape)  # batched LU solves want (B, n)
-            if grad:
-                Ks.append(ls.solve(b, scale=g).reshape(-1))
-            else:
-                ls.solve(b, scale=g, out=K[i])
-        if grad:
-            K = torch.stack(Ks, 0)
-            KT = K.T
-        y1 = (y0f + KT @ co.m).view(shape)
-        err = (KT @ co.e).view(shape)
-        if co.H is not None:
-            kk = (co.H @ K).view(co.H.shape[0], *shape)
-            dense = (y0, y1, kk)
-        else:
-            dense = (y0, y1, torch.stack([torch.zeros_like(y0)]))
+        c = ops.c  # the stage times
+        with ops.guard():
+            ops.stage_solve(0, ops.start(y0, f0, dT, h))
+            for i in range(1, len(c)):
+                fi = rhs(t0 + c[i] * h, ops.stage_point(i))
+                ops.stage_solve(i, ops.stage_rhs(i, fi))
+            y1, err, dense = ops.finish()
         return StepResult(y1=y1, error=err, cache=cache.advanced(), dense=dense, cache_on_reject=cache)
-
-    def _step_numpy(self, rhs, t0, y0, h, cache):
-        """The same step for a tiny dense state on the CPU without autograd: the stage arithmetic
-        and the inverse in numpy (zero-copy views of the tensors; f still gets and returns tensors).
-
-        Per stage: one 2×(s+2) by (s+2)×n product (stage point and right-hand-side term together,
-        see :class:`_CoefNumpy`), f, one addition and one product with ``(I/(hγ) − J)⁻¹``. The
-        results are the torch path's to rounding (``tests/test_stiff.py`` compares them).
-        """
-        tab = self.tableau
-        co = cache.np_coef  # kept for the solve: the per-dtype lookup costs ~1 µs a step
-        if co is None:
-            co = cache.np_coef = tableau_tensors(tab, y0, _CoefNumpy)
-        ls = cache.ls
-        f0, dT = self._prepare(rhs, t0, y0, h, cache)
-        M = ls.scaled_inverse_numpy(h * co.gamma)  # U_i = (I/(hγ) − J)⁻¹ r_i
-        shape = y0.shape
-        flat = y0.ndim == 1  # 1-D states skip every view/reshape (each costs ~1–3 µs)
-        s = tab.stages
-        n = M.shape[0]
-        K = np.zeros((s + 2, n), dtype=co.npd)  # rows: U_0..U_{s-1}, y0, h²∂f/∂t
-        K[s] = (y0 if flat else y0.reshape(-1)).numpy()
-        dTn = None
-        if dT is not None:
-            dTn = dT.reshape(-1).numpy()
-            np.multiply(dTn, h * h, out=K[s + 1])
-        row_scale = co.row_scale.copy()
-        row_scale[1] = 1.0 / h
-        AC = co.AC * row_scale  # the second row of every stage ÷ h
-        c = co.c
-        from_numpy = torch.from_numpy
-        with np.errstate(all="ignore"):  # overflow or NaN shows up in the error norm: the step is rejected
-            r = (f0 if flat else f0.reshape(-1)).numpy()
-            if dTn is not None and co.d[0] != 0.0:
-                r = r + (h * co.d[0]) * dTn
-            np.dot(M, r, out=K[0])
-            for i in range(1, s):
-                v = AC[i] @ K  # [u_i; Σ c_ij U_j / h + h d_i ∂f/∂t]
-                ui = from_numpy(v[0])
-                fi = rhs(t0 + c[i] * h, ui if flat else ui.view(shape))
-                np.add(v[1], (fi if flat else fi.reshape(-1)).numpy(), out=v[1])
-                np.dot(M, v[1], out=K[i])
-            out = co.MEH @ K  # [y1; error; dense coefficients]
-        _bump(cache.stats, "nsolve", s)
-        y1t, errt = from_numpy(out[0]), from_numpy(out[1])
-        kk = from_numpy(out[2:]) if co.has_H else None
-        if not flat:
-            y1t, errt = y1t.view(shape), errt.view(shape)
-            kk = kk.view(out.shape[0] - 2, *shape) if kk is not None else None
-        dense = (y0, y1t, kk if kk is not None else torch.zeros_like(y0).unsqueeze(0))
-        return StepResult(y1=y1t, error=errt, cache=cache.advanced(), dense=dense,
-                          cache_on_reject=cache)
-
-    def _step_unrolled(self, rhs, t0, y0, h, cache):
-        """The same step for a float64 state of 1–3 components on the CPU without autograd: the
-        stages as straight-line Python float code (:mod:`._rosenbrock_unrolled`), ~2 µs a stage
-        against ~5 in numpy; f still gets and returns tensors."""
-        ls = cache.ls
-        f0, dT = self._prepare(rhs, t0, y0, h, cache)
-        flat = y0.ndim == 1
-        kern = cache.kernel  # kept for the solve (the state's size, shape and autonomy do not change)
-        if kern is None:
-            kern = cache.kernel = unrolled_kernel(self.tableau, y0.numel(), dT is not None, flat,
-                                                  getattr(self, "name", type(self).__name__))
-        M = ls.scaled_inverse_list(h * self.tableau.gamma)
-        y = (y0 if flat else y0.reshape(-1)).tolist()
-        out = kern(rhs, t0, h, y, (f0 if flat else f0.reshape(-1)).tolist(),
-                   None if dT is None else dT.reshape(-1).tolist(), M, _as_tensor64, y0.shape)
-        _bump(cache.stats, "nsolve", self.tableau.stages)
-        rows = np.array(out, dtype=np.float64).reshape(-1, *y0.shape)  # [y1; error; dense rows]
-        from_numpy = torch.from_numpy
-        y1 = from_numpy(rows[0, ...])  # `...` keeps a 0-d state an array
-        kk = from_numpy(rows[2:]) if self.tableau.H is not None else torch.zeros_like(y0).unsqueeze(0)
-        return StepResult(y1=y1, error=from_numpy(rows[1, ...]), cache=cache.advanced(), dense=(y0, y1, kk),
-                          cache_on_reject=cache)
 
     def interpolant(self, dense, theta):  # type: ignore[override]
         return rodas_interpolant(dense, theta)

@@ -24,10 +24,10 @@ import math
 import numpy as np
 import torch
 
-from ..controllers import host_tolerance
 from ._base import AbstractSolver, StepResult, options_repr
-from ._linalg import (HOST_DTYPES, host_weighted_rms, newton_ops, newton_setup, newton_tolerance, numpy_newton_ops,
-                      set_linear_options, weighted_rms)
+from ._newton import newton_setup, newton_tolerance
+from ._ops import TorchOps, stage_ops
+from .linear import LinearOptions
 
 __all__ = ["QNDF"]
 
@@ -67,10 +67,10 @@ def _rescale_matrix(order: int, factor: float) -> np.ndarray:
 
 
 class _QNDFCache:
-    __slots__ = ("ls", "D", "order", "h", "n_equal", "stats", "rtol", "atol", "jac_current", "newton_tol")
+    __slots__ = ("ls", "ops", "D", "order", "h", "n_equal", "stats", "rtol", "atol", "jac_current", "newton_tol")
 
-    def __init__(self, ls, D, order, h, n_equal, stats, rtol, atol, jac_current, newton_tol):
-        self.ls, self.D, self.order, self.h, self.n_equal = ls, D, order, h, n_equal
+    def __init__(self, ls, ops, D, order, h, n_equal, stats, rtol, atol, jac_current, newton_tol):
+        self.ls, self.ops, self.D, self.order, self.h, self.n_equal = ls, ops, D, order, h, n_equal
         self.stats, self.rtol, self.atol = stats, rtol, atol
         self.jac_current = jac_current  # J was formed in the current step (no fresher one to try)
         self.newton_tol = newton_tol
@@ -172,7 +172,8 @@ class QNDF(AbstractSolver):
     def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
                  max_order: int = MAX_ORDER, gmres_tol: float = 1e-6, gmres_maxiter: int = 200,
                  gmres_restart: int = 30, jac_sparsity=None):
-        set_linear_options(self, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart, jac_sparsity)
+        LinearOptions(type(self).__name__, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
+                      jac_sparsity).store_on(self)
         if not isinstance(max_order, int) or isinstance(max_order, bool) or not 1 <= max_order <= MAX_ORDER:
             raise ValueError(f"{type(self).__name__}: max_order must be an int from 1 to {MAX_ORDER}, got {max_order!r}")
         self.max_order = max_order
@@ -187,166 +188,75 @@ class QNDF(AbstractSolver):
         return PIController(beta1=1.0, beta2=0.0)
 
     def __repr__(self):
-        defaults = dict(jac=None, batched=False, linsolve="lu", jac_mode="autograd", max_order=MAX_ORDER,
-                        gmres_tol=1e-6, gmres_maxiter=200, gmres_restart=30, jac_sparsity=None)
+        defaults = LinearOptions.defaults(gmres_tol=1e-6, max_order=MAX_ORDER)
         return options_repr(self, defaults)
 
-    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9, **_):
+    def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
         # Newton tolerance of scipy/ode15s: min(0.03, √rtol), at least 10ε/rtol (ε of the state's dtype).
         rt = float(rtol.max()) if isinstance(rtol, torch.Tensor) else float(rtol)
         newton_tol = newton_tolerance(min(0.03, rt ** 0.5), rtol, y0.dtype)
         # The table holds y0 and f0 until the first step knows its size: D[1] = h f0.
         D = torch.stack([y0.reshape(-1), f0.reshape(-1)])
-        return _QNDFCache(ls, D, 1, None, 0, stats, _flat_tol(rtol, y0), _flat_tol(atol, y0), True, newton_tol)
+        ops = stage_ops(None, ls, y0, host_inverse=False)
+        return _QNDFCache(ls, ops, D, 1, None, 0, stats, _flat_tol(rtol, y0), _flat_tol(atol, y0), True, newton_tol)
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self, rhs, t0, y0, h, cache):
-        if not torch.is_grad_enabled() and not cache.ls.gmres_mode and y0.device.type == "cpu" \
-                and y0.dtype in HOST_DTYPES:
-            return self._step_numpy(rhs, t0, y0, h, cache)
+        """One step on the solve's stage arithmetic (the table ``D`` is that arithmetic's array)."""
+        ops = cache.ops
+        if ops.host and torch.is_grad_enabled():  # a solve started without autograd, stepped with it
+            ops = TorchOps(None, cache.ls)
         k = cache.order
-        D = cache.D
-        if isinstance(D, np.ndarray):  # the table of an earlier numpy step
-            D = torch.from_numpy(D)
+        D = ops.table(cache.D)
         n_equal = cache.n_equal
         if cache.h is None:  # first step: D = [y0, h f0]
-            D = torch.stack([D[0], D[1] * h])
+            D = ops.first_table(D, h)
             n_equal = 0
         elif h != cache.h:
-            W = torch.as_tensor(_rescale_matrix(k, h / cache.h), dtype=D.dtype, device=D.device)
-            D = torch.cat([W @ D[: k + 1], D[k + 1:]])
+            D = ops.rescale_table(D, k, _rescale_matrix(k, h / cache.h))
             n_equal = 0
         ls = cache.ls
         jac_current = cache.jac_current
         shape = y0.shape
         t1 = t0 + h
-        y_pred = D[: k + 1].sum(0)
-        with torch.no_grad():
-            scale = cache.atol + cache.rtol * y_pred.detach().abs()
-        g = torch.as_tensor(_GAMMA[1: k + 1], dtype=D.dtype, device=D.device)
-        psi = (g @ D[1: k + 1]) / _ALPHA[k]
-        c = h / _ALPHA[k]
-        def newton():
-            ls.factor(c)
-            return self._newton(rhs, t1, y_pred, c, psi, ls, scale, cache, shape)
-
-        result, jac_current = _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1,
-                                                          lambda: y_pred.view(shape).detach())
-        if result is None:
-            return _newton_failure(y0, cache)
-        _, n_iter, y1, d = result
-        err = _ERROR_CONST[k] * d
-        # The new difference table: D'[k+2] = d − D[k+1], D'[k+1] = d, D'[i] = D[i] + D'[i+1].
-        rows = list(D.unbind(0))
-        while len(rows) < k + 3:
-            rows.append(torch.zeros_like(d))
-        rows[k + 2] = d - rows[k + 1]
-        rows[k + 1] = d
-        for i in range(k, -1, -1):
-            rows[i] = rows[i] + rows[i + 1]
-        D_new = torch.stack(rows)
-        # The step size (and order) the method proposes if the loop accepts this step; the Newton
-        # iterations' share of the safety factor also shrinks a retry after an error-test rejection.
-        newton_safety = (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
-        safety = 0.9 * newton_safety
-        n_equal += 1
-        new_order, factor = k, 1.0
-        if n_equal >= k + 1:
-            with torch.no_grad():
-                sc = cache.atol + cache.rtol * y1.detach().abs()
-
-                def rms(v):
-                    return weighted_rms(v, sc)
-
-                e_k = rms(err)
-                e_m = rms(_ERROR_CONST[k - 1] * D_new[k]) if k > 1 else math.inf
-                e_p = rms(_ERROR_CONST[k + 1] * D_new[k + 2]) if k < self.max_order else math.inf
-            new_order, factor = _next_order(k, e_m, e_k, e_p, safety)
-            n_equal = 0
-        new_cache = cache.but(D=D_new, order=new_order, h=h, n_equal=n_equal, jac_current=False)
-        on_reject = cache.but(jac_current=jac_current)
-        dense = (D_new[: k + 1], shape)
-        return StepResult(y1=y1.view(shape), error=err.view(shape), cache=new_cache, dense=dense,
-                          cache_on_reject=on_reject, order=k, dt_factor=factor, reject_safety=newton_safety)
-
-    def _newton(self, rhs, t1, y_pred, c, psi, ls, scale, cache, shape):
-        """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` (correction ``d = y − y_pred``) on tensors."""
-        f_of, solve, norm = newton_ops(rhs, t1, ls, scale, shape)
-        return _newton_loop(f_of, solve, norm, y_pred, torch.zeros_like(y_pred), c, psi, cache)
-
-    def _step_numpy(self, rhs, t0, y0, h, cache):
-        """The same step for a CPU state without autograd, on numpy arrays: the difference table,
-        predictor, Newton corrections and order selection in numpy (f still gets and returns tensors,
-        zero-copy; the linear solves are :meth:`LinearSolver.numpy_solver`'s). Same steps and counts as
-        the torch path, results equal far below the tolerance (``tests/test_bdf.py`` compares them)."""
-        k = cache.order
-        D = cache.D
-        if isinstance(D, torch.Tensor):
-            D = D.detach().numpy()
-        npd = D.dtype
-        n_equal = cache.n_equal
-        if cache.h is None:  # first step: D = [y0, h f0]
-            D = np.stack([D[0], D[1] * h])
-            n_equal = 0
-        elif h != cache.h:
-            D = np.concatenate([_rescale_matrix(k, h / cache.h).astype(npd) @ D[: k + 1], D[k + 1:]])
-            n_equal = 0
-        ls = cache.ls
-        jac_current = cache.jac_current
-        shape = y0.shape
-        t1 = t0 + h
-        atol, rtol = host_tolerance(cache.atol), host_tolerance(cache.rtol)
-        inv_sqrt_n = 1.0 / math.sqrt(max(D.shape[1], 1))
-        with np.errstate(all="ignore"):  # overflow or NaN makes Newton fail: the step is rejected
+        with ops.guard():  # (host: overflow or NaN makes Newton fail: the step is rejected)
             y_pred = D[: k + 1].sum(0)
-            scale = atol + rtol * np.abs(y_pred)
+            scale = ops.error_scale(y_pred, cache.rtol, cache.atol)
             alpha = float(_ALPHA[k])  # (Python floats keep float32 tables in float32)
-            psi = (_GAMMA[1: k + 1].astype(npd) @ D[1: k + 1]) / alpha
+            psi = ops.row_combination(_GAMMA[1: k + 1], D[1: k + 1]) / alpha
             c = h / alpha
+
             def newton():
-                solve = ls.numpy_solver(c, shape)
-                return self._newton_numpy(rhs, t1, y_pred, c, psi, solve, scale, cache, shape)
+                solve = ops.linear_solver(ls, c, shape)
+                f_of, norm = ops.newton_fns(rhs, t1, scale, shape)
+                return _newton_loop(f_of, solve, norm, y_pred, ops.zeros_like(y_pred), c, psi, cache)
 
             result, jac_current = _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1,
-                                                              lambda: torch.from_numpy(y_pred.reshape(shape)))
+                                                              lambda: ops.state(y_pred, shape).detach())
             if result is None:
                 return _newton_failure(y0, cache)
             _, n_iter, y1, d = result
             err = float(_ERROR_CONST[k]) * d
-            # The new difference table: D'[k+2] = d − D[k+1], D'[k+1] = d, D'[i] = D[i] + D'[i+1].
-            D_new = np.zeros((max(D.shape[0], k + 3), D.shape[1]), dtype=npd)
-            D_new[: D.shape[0]] = D
-            D_new[k + 2] = d - D_new[k + 1]
-            D_new[k + 1] = d
-            for i in range(k, -1, -1):
-                D_new[i] += D_new[i + 1]
+            D_new = ops.update_table(D, d, k)
+            # The step size (and order) the method proposes if the loop accepts this step; the Newton
+            # iterations' share of the safety factor also shrinks a retry after an error-test rejection.
             newton_safety = (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
             safety = 0.9 * newton_safety
             n_equal += 1
             new_order, factor = k, 1.0
             if n_equal >= k + 1:
-                sc = atol + rtol * np.abs(y1)
-
-                def rms(v):
-                    return host_weighted_rms(v, sc, inv_sqrt_n)
-
-                e_k = rms(err)
-                e_m = rms(float(_ERROR_CONST[k - 1]) * D_new[k]) if k > 1 else math.inf
-                e_p = rms(float(_ERROR_CONST[k + 1]) * D_new[k + 2]) if k < self.max_order else math.inf
+                sc = ops.error_scale(y1, cache.rtol, cache.atol)
+                e_k = ops.rms(err, sc)
+                e_m = ops.rms(float(_ERROR_CONST[k - 1]) * D_new[k], sc) if k > 1 else math.inf
+                e_p = ops.rms(float(_ERROR_CONST[k + 1]) * D_new[k + 2], sc) if k < self.max_order else math.inf
                 new_order, factor = _next_order(k, e_m, e_k, e_p, safety)
                 n_equal = 0
         new_cache = cache.but(D=D_new, order=new_order, h=h, n_equal=n_equal, jac_current=False)
         on_reject = cache.but(jac_current=jac_current)
-        dense = (torch.from_numpy(D_new[: k + 1]), shape)
-        return StepResult(y1=torch.from_numpy(y1.reshape(shape)), error=torch.from_numpy(err.reshape(shape)),
-                          cache=new_cache, dense=dense, cache_on_reject=on_reject, order=k, dt_factor=factor,
-                          reject_safety=newton_safety)
-
-    def _newton_numpy(self, rhs, t1, y_pred, c, psi, solve, scale, cache, shape):
-        """:meth:`_newton` on flat numpy arrays (``solve(b) = W⁻¹ b``; f still gets tensors)."""
-        f_of, norm = numpy_newton_ops(rhs, t1, scale, shape)
-        return _newton_loop(f_of, solve, norm, y_pred, np.zeros_like(y_pred), c, psi, cache)
+        dense = (ops.rows(D_new[: k + 1]), shape)
+        return StepResult(y1=ops.state(y1, shape), error=ops.state(err, shape), cache=new_cache, dense=dense,
+                          cache_on_reject=on_reject, order=k, dt_factor=factor, reject_safety=newton_safety)
 
     def interpolant(self, dense, theta):  # type: ignore[override]
         """The step's interpolating polynomial through ``y_{n+1}, y_n, …`` (degree = the step's order).
