@@ -86,6 +86,7 @@ def solve(
     dtmin: float | None = None,
     dtmax: float | None = None,
     event: Callable | None = None,
+    norm: Callable | None = None,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, *args)`` from ``y0`` at ``t[0]`` and save at every time in ``t``.
 
@@ -129,6 +130,7 @@ def solve(
         solver, rtol=problem.rtol, atol=problem.atol, dt=dt, adaptive=adaptive, max_steps=max_steps,
         dense=bool(dense), progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
     )
+    opts.norm = norm  # the error norm ``norm(err, y0, y1, rtol, atol)`` (e.g. torchdiffeq's, from pn.odeint)
     locator = None
     if event is not None:
         from .events import EventLocator
@@ -147,7 +149,7 @@ def solve(
             return solve_with_event_adjoint(
                 f, y0, problem, solver, sensealg, event,
                 dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, args=args, progress=progress,
-                     throw=throw, dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax))
+                     throw=throw, dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax, norm=norm))
         locator = EventLocator(event, problem)
         opts.event = locator
     if backend == "julia":
