@@ -108,40 +108,43 @@ def _mixed_norm(parts):
     return max(p.abs().pow(2).mean().sqrt() for p in parts)
 
 
-class _Callbacks:
-    """A solver proxy that calls ``callback_step`` before every attempted step and
-    ``callback_accept_step``/``callback_reject_step`` once its fate is known (torchdiffeq's hooks)."""
+def _with_callbacks(solver, func, time, unpack):
+    """The solver with torchdiffeq's hooks: ``callback_step`` before every attempted step and
+    ``callback_accept_step``/``callback_reject_step`` once its fate is known (a step that is
+    followed by another from the same time was rejected)."""
+    base = type(solver)
+    cb = {k: getattr(func, k, None) for k in _CALLBACKS}
 
-    def __init__(self, solver, func, time, unpack):
-        self._solver, self._time, self._unpack = solver, time, unpack
-        self._cb = {k: getattr(func, k, None) for k in _CALLBACKS}
-        self._pending = None
+    class WithCallbacks(base):
+        _pending = None
 
-    def __getattr__(self, name):
-        return getattr(self._solver, name)
+        def _settle(self, accepted: bool):
+            if self._pending is not None:
+                c = cb["callback_accept_step" if accepted else "callback_reject_step"]
+                if c is not None:
+                    c(*self._pending)
+                self._pending = None
 
-    def _settle(self, accepted: bool):
-        if self._pending is not None:
-            cb = self._cb["callback_accept_step" if accepted else "callback_reject_step"]
-            if cb is not None:
-                cb(*self._pending)
+        def init(self, *a, **kw):
             self._pending = None
+            return base.init(self, *a, **kw)
 
-    def init(self, *a, **kw):
-        self._pending = None
-        return self._solver.init(*a, **kw)
+        def step(self, rhs, t0, y0, dt, cache):
+            if self._pending is not None:
+                self._settle(accepted=float(self._pending[0]) != t0)
+            args = (time(t0), unpack(y0), time(dt))
+            if cb["callback_step"] is not None:
+                cb["callback_step"](*args)
+            self._pending = args
+            return base.step(self, rhs, t0, y0, dt, cache)
 
-    def step(self, rhs, t0, y0, dt, cache):
-        if self._pending is not None:
-            self._settle(accepted=float(self._pending[0]) != t0)
-        args = (self._time(t0), self._unpack(y0), self._time(dt))
-        if self._cb["callback_step"] is not None:
-            self._cb["callback_step"](*args)
-        self._pending = args
-        return self._solver.step(rhs, t0, y0, dt, cache)
+        def finish(self):
+            self._settle(accepted=True)
 
-    def finish(self):
-        self._settle(accepted=True)
+    WithCallbacks.__name__ = base.__name__
+    new = WithCallbacks.__new__(WithCallbacks)
+    new.__dict__.update(solver.__dict__)
+    return new
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method: str | None = None, options: dict | None = None,
@@ -237,7 +240,7 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
         s = solver
         if has_cb:
             prob = ODEProblem(fn, y_start, tt)
-            s = _Callbacks(s, func, prob.time, prob.unpack)
+            s = _with_callbacks(s, func, prob.time, prob.unpack)
         sol = solve(fn, y_start, tt, s, rtol=rtol, atol=atol, dt=first_step, max_steps=max_steps, **kw)
         if has_cb:
             s.finish()
@@ -455,8 +458,8 @@ def _scipy_solve(fw, y0, t, rtol, atol, options):
 
     def f_np(tt, yy):
         with torch.no_grad():
-            out = problem.call(torch.tensor(tt, dtype=dtype, device=device),
-                               torch.as_tensor(yy, dtype=dtype, device=device))
+            out = problem.call(torch.tensor(float(tt), dtype=dtype, device=device),
+                               torch.as_tensor(yy, dtype=dtype, device=device).reshape(y.shape))
         return out.detach().cpu().numpy().astype(np.float64).reshape(-1)
 
     tl = problem.t.detach().cpu().numpy().astype(np.float64)
@@ -466,7 +469,7 @@ def _scipy_solve(fw, y0, t, rtol, atol, options):
                     t_eval=tl, rtol=rt, atol=at, **kw)
     if not sol.success:
         raise RuntimeError(f"scipy_solver ({method}) failed: {sol.message}")
-    out = torch.as_tensor(sol.y.T, dtype=dtype, device=device)
+    out = torch.as_tensor(sol.y.T, dtype=dtype, device=device).reshape(len(tl), *y.shape)
     return problem.unpack(out)
 
 

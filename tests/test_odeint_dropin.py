@@ -69,8 +69,11 @@ def test_same_results_and_nfe_as_torchdiffeq(method):
     else:
         assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5), (ours - ref).abs().max()
         if method != "scipy_solver":
-            # same tableau, same controller; initial step and step-end details may differ slightly
-            assert abs(ours_f.nfe - ref_f.nfe) <= 0.35 * ref_f.nfe + 8, (ours_f.nfe, ref_f.nfe)
+            # same tableau, same controller; initial step and step-end details may differ slightly;
+            # fehlberg2: torchdiffeq reuses its third stage (at the low-order point) as the next f0,
+            # we evaluate f(t1, y1): 4 evaluations a step instead of 3
+            slack = 0.6 if method == "fehlberg2" else 0.35
+            assert abs(ours_f.nfe - ref_f.nfe) <= slack * ref_f.nfe + 8, (ours_f.nfe, ref_f.nfe)
 
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "implicit_adams"])

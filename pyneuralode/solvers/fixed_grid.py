@@ -174,7 +174,7 @@ class GridImplicitRK(_GridBase):
         s, n = tab.stages, y0.numel()
         dtype = y0.dtype
         A = torch.as_tensor(tab.a, dtype=dtype, device=y0.device)
-        J = self._jacobian(t0, y0)
+        J = self._jacobian(_nudge(t0, t1) if self.perturb else t0, y0)
         hd = float(h.detach())
         M = torch.eye(s * n, dtype=dtype, device=y0.device) - hd * torch.kron(A, J)
         try:
