@@ -72,7 +72,7 @@ def test_same_results_and_nfe_as_torchdiffeq(method):
             # same tableau, same controller; initial step and step-end details may differ slightly;
             # fehlberg2: torchdiffeq reuses its third stage (at the low-order point) as the next f0,
             # we evaluate f(t1, y1): 4 evaluations a step instead of 3
-            slack = 0.6 if method == "fehlberg2" else 0.35
+            slack = {"fehlberg2": 0.6, "adaptive_heun": 1.2}.get(method, 0.35)  # heun: 3 vs 2
             assert abs(ours_f.nfe - ref_f.nfe) <= slack * ref_f.nfe + 8, (ours_f.nfe, ref_f.nfe)
 
 
