@@ -8,6 +8,7 @@ through :func:`pyneuralode.solve`; torchdiffeq's fixed-grid methods step the gri
 are interpolated on that grid (``interp="linear"`` or ``"cubic"``), so they are differentiable with
 respect to ``t`` as torchdiffeq's are. ``scipy_solver`` wraps :func:`scipy.integrate.solve_ivp`.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,18 +27,50 @@ from .solvers import lookup
 __all__ = ["odeint", "odeint_adjoint", "SOLVERS"]
 
 #: torchdiffeq's adaptive methods → pyneuralode solvers
-ADAPTIVE = {"dopri8": "dp8", "dopri5": "dp5", "tsit5": "tsit5", "bosh3": "bs3", "fehlberg2": "fehlberg2",
-            "adaptive_heun": "heun"}
+ADAPTIVE = {
+    "dopri8": "dp8",
+    "dopri5": "dp5",
+    "tsit5": "tsit5",
+    "bosh3": "bs3",
+    "fehlberg2": "fehlberg2",
+    "adaptive_heun": "heun",
+}
 #: torchdiffeq's fixed-grid explicit Runge–Kutta methods (its ``rk4`` is Kutta's 3/8 rule)
-FIXED_RK = {"euler": "euler", "midpoint": "midpoint", "heun2": "heun", "heun3": "heun3", "rk4": "rk438"}
+FIXED_RK = {
+    "euler": "euler",
+    "midpoint": "midpoint",
+    "heun2": "heun",
+    "heun3": "heun3",
+    "rk4": "rk438",
+}
 ADAMS = {"explicit_adams": False, "implicit_adams": True, "fixed_adams": True}
-IMPLICIT = ("implicit_euler", "implicit_midpoint", "trapezoid", "radauIIA3", "gl4", "radauIIA5", "gl6", "sdirk2",
-            "trbdf2")
+IMPLICIT = (
+    "implicit_euler",
+    "implicit_midpoint",
+    "trapezoid",
+    "radauIIA3",
+    "gl4",
+    "radauIIA5",
+    "gl6",
+    "sdirk2",
+    "trbdf2",
+)
 #: every torchdiffeq method name
 SOLVERS = (*ADAPTIVE, *FIXED_RK, *ADAMS, *IMPLICIT, "scipy_solver")
 
-_ADAPTIVE_OPTS = {"first_step", "safety", "ifactor", "dfactor", "max_num_steps", "step_t", "jump_t", "norm", "dtype",
-                  "min_step", "max_step"}
+_ADAPTIVE_OPTS = {
+    "first_step",
+    "safety",
+    "ifactor",
+    "dfactor",
+    "max_num_steps",
+    "step_t",
+    "jump_t",
+    "norm",
+    "dtype",
+    "min_step",
+    "max_step",
+}
 _FIXED_OPTS = {"step_size", "grid_constructor", "interp", "perturb", "norm"}
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 
@@ -58,9 +91,13 @@ def _family(method: str) -> str:
 
 
 def _valid_options(family: str) -> set:
-    return {"adaptive": _ADAPTIVE_OPTS, "fixed": _FIXED_OPTS, "adams": _FIXED_OPTS | {"max_iters", "max_order"},
-            "implicit": _FIXED_OPTS | {"max_iters"},
-            "scipy": {"solver", "min_step", "max_step", "norm", "grid_points", "eps"}}[family]
+    return {
+        "adaptive": _ADAPTIVE_OPTS,
+        "fixed": _FIXED_OPTS,
+        "adams": _FIXED_OPTS | {"max_iters", "max_order"},
+        "implicit": _FIXED_OPTS | {"max_iters"},
+        "scipy": {"solver", "min_step", "max_step", "norm", "grid_points", "eps"},
+    }[family]
 
 
 class _Func(nn.Module):
@@ -93,7 +130,7 @@ def _torchdiffeq_norm(user_norm, shapes):
             parts, i = [], 0
             for shp in shapes:
                 n = math.prod(shp)
-                parts.append(ratio[i:i + n].reshape(shp))
+                parts.append(ratio[i : i + n].reshape(shp))
                 i += n
             ratio = tuple(parts)
         return torch.as_tensor(user_norm(ratio), dtype=err.dtype)
@@ -147,8 +184,18 @@ def _with_callbacks(solver, func, time, unpack):
     return new
 
 
-def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method: str | None = None, options: dict | None = None,
-           event_fn: Callable | None = None, **kwargs):
+def odeint(
+    func,
+    y0,
+    t,
+    *,
+    rtol=1e-7,
+    atol=1e-9,
+    method: str | None = None,
+    options: dict | None = None,
+    event_fn: Callable | None = None,
+    **kwargs,
+):
     """torchdiffeq's ``odeint``: the states at the times ``t`` (``(len(t), *y0.shape)``, or a tuple).
 
     ``method`` (default ``"dopri5"``) is any torchdiffeq name (:data:`SOLVERS`) or a pyneuralode
@@ -169,7 +216,9 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs
     if method is None:
         method = "dopri5"
     if not isinstance(method, str):
-        raise TypeError(f"method: expected a method name such as 'dopri5', got {type(method).__name__}")
+        raise TypeError(
+            f"method: expected a method name such as 'dopri5', got {type(method).__name__}"
+        )
     family = _family(method)
     unused = {k: v for k, v in options.items() if k not in _valid_options(family)}
     if unused:
@@ -177,20 +226,28 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs
         for k in unused:
             options.pop(k)
     cbs = {k for k in _CALLBACKS if getattr(func, k, None) is not None}
-    allowed = set(_CALLBACKS) if family == "adaptive" else ({"callback_step"} if family != "scipy" else set())
+    allowed = (
+        set(_CALLBACKS)
+        if family == "adaptive"
+        else ({"callback_step"} if family != "scipy" else set())
+    )
     if cbs - allowed:
         warnings.warn(f"Solver '{method}' does not support callbacks {cbs - allowed}", stacklevel=3)
     fw = _Func(func, params)
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t, dtype=torch.float64)
     if event_fn is not None:
-        return _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, sensealg, kwargs)
+        return _odeint_with_event(
+            fw, y0, t, rtol, atol, method, family, options, event_fn, sensealg, kwargs
+        )
     if family == "scipy":
         return _scipy_solve(fw, y0, t, rtol, atol, options)
     if family == "adaptive":
         return _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs)
     if kwargs:
-        raise TypeError(f"odeint: unexpected keyword arguments {sorted(kwargs)} for the fixed-grid method {method!r}")
+        raise TypeError(
+            f"odeint: unexpected keyword arguments {sorted(kwargs)} for the fixed-grid method {method!r}"
+        )
     return _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options)
 
 
@@ -211,8 +268,10 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
     options.pop("dtype", None)  # times are float64 Python numbers inside the loop already
     min_step = options.pop("min_step", 0)
     if min_step is not None and float(min_step) > 0:
-        raise ValueError("options['min_step']: a lower bound that accepts steps regardless of their error is not "
-                         "supported by the native methods; use method='scipy_solver' (its min_step) or drop it")
+        raise ValueError(
+            "options['min_step']: a lower bound that accepts steps regardless of their error is not "
+            "supported by the native methods; use method='scipy_solver' (its min_step) or drop it"
+        )
     max_step = options.pop("max_step", None)
     if max_step is not None and math.isfinite(float(max_step)):
         kw["dtmax"] = float(max_step)
@@ -232,7 +291,10 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
     t_list = [float(x) for x in ts.detach().reshape(-1).tolist()]
     if len(t_list) > 1:
         lo, hi = min(t_list[0], t_list[-1]), max(t_list[0], t_list[-1])
-        breaks = sorted({b for b in breaks if lo < b[0] < hi}, key=lambda b: b[0] * (1 if t_list[-1] > t_list[0] else -1))
+        breaks = sorted(
+            {b for b in breaks if lo < b[0] < hi},
+            key=lambda b: b[0] * (1 if t_list[-1] > t_list[0] else -1),
+        )
     else:
         breaks = []
 
@@ -241,7 +303,9 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
         if has_cb:
             prob = ODEProblem(fn, y_start, tt)
             s = _with_callbacks(s, func, prob.time, prob.unpack)
-        sol = solve(fn, y_start, tt, s, rtol=rtol, atol=atol, dt=first_step, max_steps=max_steps, **kw)
+        sol = solve(
+            fn, y_start, tt, s, rtol=rtol, atol=atol, dt=first_step, max_steps=max_steps, **kw
+        )
         if has_cb:
             s.finish()
         return sol.ys
@@ -257,20 +321,24 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
     seg_start_jump = False
     for k, (b, jump) in enumerate(breaks + [(None, False)]):
         if b is None:
-            inner = ts[idx + 1:]
+            inner = ts[idx + 1 :]
             tt = torch.cat([start, inner])
         else:
-            n_in = sum(1 for x in t_list[idx + 1:] if (x <= b if fwd else x >= b))
-            inner = ts[idx + 1: idx + 1 + n_in]
+            n_in = sum(1 for x in t_list[idx + 1 :] if (x <= b if fwd else x >= b))
+            inner = ts[idx + 1 : idx + 1 + n_in]
             at_b = n_in > 0 and t_list[idx + n_in] == b
             end = inner[-1:] if at_b else torch.tensor([b], dtype=ts.dtype, device=ts.device)
             tt = torch.cat([start, inner if at_b else torch.cat([inner, end])])
         fn = _Nudged(fw, float(tt[0]) if seg_start_jump else None, b if jump else None, fwd)
         ys = run(fn, state, tt)
         n_keep = (len(inner)) if b is None else n_in
-        piece = tuple(c[1:1 + n_keep] for c in ys) if is_tuple else ys[1:1 + n_keep]
+        piece = tuple(c[1 : 1 + n_keep] for c in ys) if is_tuple else ys[1 : 1 + n_keep]
         if not out:
-            piece = tuple(torch.cat([c[:1], p]) for c, p in zip(ys, piece)) if is_tuple else torch.cat([ys[:1], piece])
+            piece = (
+                tuple(torch.cat([c[:1], p]) for c, p in zip(ys, piece))
+                if is_tuple
+                else torch.cat([ys[:1], piece])
+            )
         out.append(piece)
         if b is None:
             break
@@ -314,12 +382,22 @@ def _controller(safety=0.9, ifactor=10.0, dfactor=0.2):
         try:
             vals[key] = float(v)
         except (TypeError, ValueError):
-            raise TypeError(f"options[{key!r}]: expected a number, got {type(v).__name__}") from None
+            raise TypeError(
+                f"options[{key!r}]: expected a number, got {type(v).__name__}"
+            ) from None
     if not 0 < vals["safety"] <= 1:
         raise ValueError(f"options['safety']: must be in (0, 1], got {safety}")
     if not 0 < vals["dfactor"] < 1 < vals["ifactor"]:
-        raise ValueError(f"options: need 0 < dfactor < 1 < ifactor, got dfactor={dfactor}, ifactor={ifactor}")
-    return PIController(beta1=1.0, beta2=0.0, safety=vals["safety"], factor_min=vals["dfactor"], factor_max=vals["ifactor"])
+        raise ValueError(
+            f"options: need 0 < dfactor < 1 < ifactor, got dfactor={dfactor}, ifactor={ifactor}"
+        )
+    return PIController(
+        beta1=1.0,
+        beta2=0.0,
+        safety=vals["safety"],
+        factor_min=vals["dfactor"],
+        factor_max=vals["ifactor"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +413,13 @@ def _grid(fw, y0, t, options):
         try:
             h = float(step_size)
         except (TypeError, ValueError):
-            raise TypeError(f"options['step_size']: expected a positive number, got {type(step_size).__name__}") from None
+            raise TypeError(
+                f"options['step_size']: expected a positive number, got {type(step_size).__name__}"
+            ) from None
         if not math.isfinite(h) or h <= 0:
-            raise ValueError(f"options['step_size']: must be a finite positive number, got {step_size}")
+            raise ValueError(
+                f"options['step_size']: must be a finite positive number, got {step_size}"
+            )
         span = t[-1] - t[0]
         sign = 1.0 if float(span) >= 0 else -1.0
         niters = math.ceil(abs(float(span)) / h + 1)
@@ -348,7 +430,9 @@ def _grid(fw, y0, t, options):
         if not isinstance(g, torch.Tensor) or g.ndim != 1 or g.numel() < 1:
             raise ValueError("options['grid_constructor']: must return a 1-D tensor of grid times")
         if float(g[0]) != float(t[0]) or float(g[-1]) != float(t[-1]):
-            raise ValueError("options['grid_constructor']: the grid must start at t[0] and end at t[-1]")
+            raise ValueError(
+                "options['grid_constructor']: the grid must start at t[0] and end at t[-1]"
+            )
         return g.to(t.dtype)
     return t
 
@@ -358,7 +442,9 @@ def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
 
     interp = options.pop("interp", "linear")
     if interp not in ("linear", "cubic"):
-        raise ValueError(f"options['interp']: unknown interpolation {interp!r}; use 'linear' or 'cubic'")
+        raise ValueError(
+            f"options['interp']: unknown interpolation {interp!r}; use 'linear' or 'cubic'"
+        )
     perturb = options.pop("perturb", False)
     options.pop("norm", None)
     problem = ODEProblem(fw, y0, t)
@@ -366,7 +452,7 @@ def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
     if grid.numel() > 1:
         d = grid[1:] - grid[:-1]
         fwd = float(problem.t[-1]) >= float(problem.t[0])
-        if not (((d > 0).all() if fwd else (d < 0).all())):
+        if not ((d > 0).all() if fwd else (d < 0).all()):
             raise ValueError("the step grid must be strictly monotonic in the direction of t")
     stats = {"nfe": 0}
 
@@ -384,10 +470,20 @@ def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
     if family == "fixed":
         solver = GridRK(lookup(FIXED_RK.get(method, method)).tableau, f, grid, **common)
     elif family == "implicit":
-        solver = GridImplicitRK(IMPLICIT_TABLEAUS[method], f, grid, max_iters=options.pop("max_iters", 100), **common)
+        solver = GridImplicitRK(
+            IMPLICIT_TABLEAUS[method], f, grid, max_iters=options.pop("max_iters", 100), **common
+        )
     else:
-        solver = GridAdams(f, grid, implicit=ADAMS[method], rtol=rtol, atol=atol,
-                           max_iters=options.pop("max_iters", 4), max_order=options.pop("max_order", 12), **common)
+        solver = GridAdams(
+            f,
+            grid,
+            implicit=ADAMS[method],
+            rtol=rtol,
+            atol=atol,
+            max_iters=options.pop("max_iters", 4),
+            max_order=options.pop("max_order", 12),
+            **common,
+        )
     if problem.t.numel() == 1:
         return problem.unpack(problem.y0.unsqueeze(0))
     K = grid.numel() - 1
@@ -395,8 +491,12 @@ def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
     opts = LoopOptions(adaptive=False, grid=idx, dense=False, max_steps=K + 1)
     loop = integrate(None, problem.y0, idx, solver, opts, stats)
     if not loop.retcode.successful:
-        raise SolveError(f"odeint({method!r}) failed with retcode {loop.retcode.value}: {loop.message}", loop.retcode,
-                         loop.t_reached, None)
+        raise SolveError(
+            f"odeint({method!r}) failed with retcode {loop.retcode.value}: {loop.message}",
+            loop.retcode,
+            loop.t_reached,
+            None,
+        )
     Y = torch.stack(loop.ys)
     out = _interpolate(problem, f, grid, Y, problem.t, interp)
     return problem.unpack(out)
@@ -458,15 +558,33 @@ def _scipy_solve(fw, y0, t, rtol, atol, options):
 
     def f_np(tt, yy):
         with torch.no_grad():
-            out = problem.call(torch.tensor(float(tt), dtype=dtype, device=device),
-                               torch.as_tensor(yy, dtype=dtype, device=device).reshape(y.shape))
+            out = problem.call(
+                torch.tensor(float(tt), dtype=dtype, device=device),
+                torch.as_tensor(yy, dtype=dtype, device=device).reshape(y.shape),
+            )
         return out.detach().cpu().numpy().astype(np.float64).reshape(-1)
 
     tl = problem.t.detach().cpu().numpy().astype(np.float64)
-    rt = float(rtol) if not isinstance(rtol, torch.Tensor) or rtol.numel() == 1 else rtol.cpu().numpy()
-    at = float(atol) if not isinstance(atol, torch.Tensor) or atol.numel() == 1 else atol.cpu().numpy()
-    sol = solve_ivp(f_np, (tl[0], tl[-1]), y.detach().cpu().numpy().astype(np.float64).reshape(-1), method=method,
-                    t_eval=tl, rtol=rt, atol=at, **kw)
+    rt = (
+        float(rtol)
+        if not isinstance(rtol, torch.Tensor) or rtol.numel() == 1
+        else rtol.cpu().numpy()
+    )
+    at = (
+        float(atol)
+        if not isinstance(atol, torch.Tensor) or atol.numel() == 1
+        else atol.cpu().numpy()
+    )
+    sol = solve_ivp(
+        f_np,
+        (tl[0], tl[-1]),
+        y.detach().cpu().numpy().astype(np.float64).reshape(-1),
+        method=method,
+        t_eval=tl,
+        rtol=rt,
+        atol=at,
+        **kw,
+    )
     if not sol.success:
         raise RuntimeError(f"scipy_solver ({method}) failed: {sol.message}")
     out = torch.as_tensor(sol.y.T, dtype=dtype, device=device).reshape(len(tl), *y.shape)
@@ -494,7 +612,9 @@ def _combine_event(event_fn, t0, y0):
 
 def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, sensealg, kwargs):
     if t.numel() != 2:
-        raise ValueError(f"We require len(t) == 2 when in event handling mode, but got len(t)={t.numel()}.")
+        raise ValueError(
+            f"We require len(t) == 2 when in event handling mode, but got len(t)={t.numel()}."
+        )
     from .events import event_solve
 
     ref = y0[0] if isinstance(y0, (tuple, list)) else y0
@@ -503,16 +623,31 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
     if family == "fixed":
         step = options.pop("step_size", None)
         if step is None:
-            raise ValueError("Event handling for fixed step solvers currently requires `step_size` to be provided "
-                             "in options.")
+            raise ValueError(
+                "Event handling for fixed step solvers currently requires `step_size` to be provided "
+                "in options."
+            )
         options.pop("interp", None)
         options.pop("perturb", None)
         solver = lookup(FIXED_RK.get(method, method))()
-        return event_solve(fw, y0, t[0], ev, reverse, solver, rtol, atol, dict(adaptive=False, dt=float(step)),
-                           sensealg, kwargs)
+        return event_solve(
+            fw,
+            y0,
+            t[0],
+            ev,
+            reverse,
+            solver,
+            rtol,
+            atol,
+            dict(adaptive=False, dt=float(step)),
+            sensealg,
+            kwargs,
+        )
     if family != "adaptive":
-        raise ValueError(f"event_fn: events with method {method!r} are not supported; use an adaptive method "
-                         f"(e.g. 'dopri5') or an explicit fixed-grid one with options=dict(step_size=...)")
+        raise ValueError(
+            f"event_fn: events with method {method!r} are not supported; use an adaptive method "
+            f"(e.g. 'dopri5') or an explicit fixed-grid one with options=dict(step_size=...)"
+        )
     kw = {}
     if "first_step" in options:
         kw["dt"] = options.pop("first_step")
@@ -531,9 +666,22 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
 # odeint_adjoint
 
 
-def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method: str | None = None, options: dict | None = None,
-                   event_fn: Callable | None = None, adjoint_rtol=None, adjoint_atol=None, adjoint_method=None,
-                   adjoint_options: dict | None = None, adjoint_params=None):
+def odeint_adjoint(
+    func,
+    y0,
+    t,
+    *,
+    rtol=1e-7,
+    atol=1e-9,
+    method: str | None = None,
+    options: dict | None = None,
+    event_fn: Callable | None = None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_options: dict | None = None,
+    adjoint_params=None,
+):
     """torchdiffeq's ``odeint_adjoint``: ``odeint`` whose gradients come from the backsolve adjoint
     (:class:`pyneuralode.BacksolveAdjoint`: the state re-solved backwards with the adjoint).
 
@@ -544,9 +692,11 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method: str | None = No
     forward steps instead (same gradients; memory grows with the steps).
     """
     if adjoint_params is None and not isinstance(func, nn.Module):
-        raise ValueError("func must be an instance of nn.Module to specify the adjoint parameters; alternatively "
-                         "they can be specified explicitly via the `adjoint_params` argument. If there are no "
-                         "parameters then it is allowable to set `adjoint_params=()`.")
+        raise ValueError(
+            "func must be an instance of nn.Module to specify the adjoint parameters; alternatively "
+            "they can be specified explicitly via the `adjoint_params` argument. If there are no "
+            "parameters then it is allowable to set `adjoint_params=()`."
+        )
     if adjoint_params is None:
         params = list(func.parameters())
     else:
@@ -561,17 +711,24 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method: str | None = No
         norm = aopts.pop("norm", None)
         seminorm = norm == "seminorm"
         if norm is not None and not seminorm:
-            raise ValueError(f"adjoint_options['norm']: only 'seminorm' is supported (or leave it out), got {norm!r}")
+            raise ValueError(
+                f"adjoint_options['norm']: only 'seminorm' is supported (or leave it out), got {norm!r}"
+            )
         if aopts:
             warnings.warn(f"adjoint_options: Unexpected arguments {aopts}", stacklevel=2)
         a_solver = None
         if adjoint_method is not None and adjoint_method != method_:
             if _family(adjoint_method) != "adaptive":
-                raise ValueError(f"adjoint_method: {adjoint_method!r} is not adaptive; the backsolve adjoint needs "
-                                 f"an adaptive method such as 'dopri5'")
+                raise ValueError(
+                    f"adjoint_method: {adjoint_method!r} is not adaptive; the backsolve adjoint needs "
+                    f"an adaptive method such as 'dopri5'"
+                )
             a_solver = lookup(ADAPTIVE.get(adjoint_method, adjoint_method))()
-        sens = BacksolveAdjoint(seminorm=seminorm, solver=a_solver,
-                                rtol=None if adjoint_rtol is None else float(adjoint_rtol),
-                                atol=None if adjoint_atol is None else float(adjoint_atol))
+        sens = BacksolveAdjoint(
+            seminorm=seminorm,
+            solver=a_solver,
+            rtol=None if adjoint_rtol is None else float(adjoint_rtol),
+            atol=None if adjoint_atol is None else float(adjoint_atol),
+        )
         return _odeint(func, y0, t, rtol, atol, method_, options, event_fn, sens, {}, params=params)
     return _odeint(func, y0, t, rtol, atol, method_, options, event_fn, None, {}, params=params)

@@ -1,6 +1,7 @@
 """pn.odeint / odeint_adjoint / odeint_event as torchdiffeq drop-ins: the same calls run through
 torchdiffeq and pyneuralode side by side (results, gradients, NFE), fitted convergence orders of
 every method, and torchdiffeq's options, callbacks, events and errors."""
+
 import math
 import sys
 import warnings
@@ -11,19 +12,55 @@ import torch
 
 import pyneuralode as pn
 
-torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq is not installed (pip install torchdiffeq)")
+torchdiffeq = pytest.importorskip(
+    "torchdiffeq", reason="torchdiffeq is not installed (pip install torchdiffeq)"
+)
 TD_SOLVERS = set(sys.modules["torchdiffeq._impl.odeint"].SOLVERS)
 
 A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
 Y0 = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
 
 ADAPTIVE = ["dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun"]
-FIXED = ["euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams"]
-IMPLICIT = ["implicit_euler", "implicit_midpoint", "trapezoid", "radauIIA3", "radauIIA5", "gl4", "gl6", "sdirk2",
-            "trbdf2"]
-ORDER = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "explicit_adams": 4, "implicit_adams": 4,
-         "fixed_adams": 4, "implicit_euler": 1, "implicit_midpoint": 2, "trapezoid": 2, "radauIIA3": 3,
-         "radauIIA5": 5, "gl4": 4, "gl6": 6, "sdirk2": 2, "trbdf2": 2}
+FIXED = [
+    "euler",
+    "midpoint",
+    "heun2",
+    "heun3",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+    "fixed_adams",
+]
+IMPLICIT = [
+    "implicit_euler",
+    "implicit_midpoint",
+    "trapezoid",
+    "radauIIA3",
+    "radauIIA5",
+    "gl4",
+    "gl6",
+    "sdirk2",
+    "trbdf2",
+]
+ORDER = {
+    "euler": 1,
+    "midpoint": 2,
+    "heun2": 2,
+    "heun3": 3,
+    "rk4": 4,
+    "explicit_adams": 4,
+    "implicit_adams": 4,
+    "fixed_adams": 4,
+    "implicit_euler": 1,
+    "implicit_midpoint": 2,
+    "trapezoid": 2,
+    "radauIIA3": 3,
+    "radauIIA5": 5,
+    "gl4": 4,
+    "gl6": 6,
+    "sdirk2": 2,
+    "trbdf2": 2,
+}
 
 
 class Counting(torch.nn.Module):
@@ -89,18 +126,23 @@ def test_output_times_off_the_grid_interpolate_like_torchdiffeq(method, interp):
 @pytest.mark.parametrize("method", ["euler", "rk4", "midpoint"])
 def test_fixed_grid_gradients_match_torchdiffeq(method):
     """Gradients w.r.t. y0, t and a parameter through the fixed grid t: torchdiffeq's, to rounding."""
+
     def grads(lib):
         w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
         y0 = Y0.clone().requires_grad_(True)
         t = torch.tensor([0.0, 0.3, 0.45, 1.0], dtype=torch.float64, requires_grad=True)
         ys = lib.odeint(lambda tt, y: w * spiral(tt, y) + torch.sin(tt), y0, t, method=method)
-        return torch.autograd.grad((ys * torch.arange(ys.numel()).reshape(ys.shape)).sum(), (w, y0, t))
+        return torch.autograd.grad(
+            (ys * torch.arange(ys.numel()).reshape(ys.shape)).sum(), (w, y0, t)
+        )
 
     for g1, g2 in zip(grads(pn), grads(torchdiffeq)):
         assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["euler", "rk4", "heun3", "implicit_euler", "gl4", "explicit_adams"])
+@pytest.mark.parametrize(
+    "method", ["euler", "rk4", "heun3", "implicit_euler", "gl4", "explicit_adams"]
+)
 def test_fixed_grid_t_gradient_is_the_derivative_of_the_output(method):
     """Issue 16 item 7: on the output grid the gradient w.r.t. t is that of the computed output."""
     y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
@@ -118,7 +160,9 @@ def test_adaptive_gradients_match_torchdiffeq(method):
         w = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
         y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
         t = torch.linspace(0, 2, 4, dtype=torch.float64)
-        ys = lib.odeint(lambda tt, y: -w * y + torch.sin(tt), y0, t, method=method, rtol=1e-10, atol=1e-12, **kw)
+        ys = lib.odeint(
+            lambda tt, y: -w * y + torch.sin(tt), y0, t, method=method, rtol=1e-10, atol=1e-12, **kw
+        )
         return torch.autograd.grad(ys.sum(), (w, y0))
 
     for g1, g2 in zip(grads(pn), grads(torchdiffeq)):
@@ -140,11 +184,18 @@ def test_tuple_state_and_mixed_norm():
         x, v = s
         return v, -x
 
-    s0 = (torch.tensor([1.0], dtype=torch.float64), torch.tensor([[0.0, 1e-3]], dtype=torch.float64))
+    s0 = (
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.tensor([[0.0, 1e-3]], dtype=torch.float64),
+    )
     t = torch.linspace(0, 3, 4, dtype=torch.float64)
     for method in ("dopri5", "rk4", "implicit_adams"):
-        ours = pn.odeint(osc, s0, t, method=method, options={} if method == "dopri5" else dict(step_size=0.01))
-        ref = torchdiffeq.odeint(osc, s0, t, method=method, options={} if method == "dopri5" else dict(step_size=0.01))
+        ours = pn.odeint(
+            osc, s0, t, method=method, options={} if method == "dopri5" else dict(step_size=0.01)
+        )
+        ref = torchdiffeq.odeint(
+            osc, s0, t, method=method, options={} if method == "dopri5" else dict(step_size=0.01)
+        )
         for a, b in zip(ours, ref):
             assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-8)
 
@@ -159,8 +210,15 @@ def _fitted_order(method, f, exact, y0, t_end=1.0, steps=(0.1, 0.05, 0.025)):
     for h in steps:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            y = pn.odeint(f, y0, t, method=method, options=dict(step_size=h, max_iters=200) if method in IMPLICIT
-                          else dict(step_size=h))
+            y = pn.odeint(
+                f,
+                y0,
+                t,
+                method=method,
+                options=dict(step_size=h, max_iters=200)
+                if method in IMPLICIT
+                else dict(step_size=h),
+            )
         errs.append(float((y[-1] - exact).abs().max()))
     return np.polyfit(np.log(steps), np.log(errs), 1)[0], errs
 
@@ -176,8 +234,14 @@ def test_convergence_order_linear(method):
 def _vdp_reference():
     from scipy.integrate import solve_ivp
 
-    sol = solve_ivp(lambda t, y: [y[1], 0.5 * (1 - y[0] ** 2) * y[1] - y[0]], (0, 1.0), [2.0, 0.0], method="DOP853",
-                    rtol=1e-13, atol=1e-13)
+    sol = solve_ivp(
+        lambda t, y: [y[1], 0.5 * (1 - y[0] ** 2) * y[1] - y[0]],
+        (0, 1.0),
+        [2.0, 0.0],
+        method="DOP853",
+        rtol=1e-13,
+        atol=1e-13,
+    )
     return torch.tensor(sol.y[:, -1], dtype=torch.float64)
 
 
@@ -187,7 +251,9 @@ def test_convergence_order_nonlinear(method):
         return torch.stack([y[1], 0.5 * (1 - y[0] ** 2) * y[1] - y[0]])
 
     steps = (0.2, 0.1, 0.05) if ORDER[method] >= 5 else (0.1, 0.05, 0.025)
-    p, errs = _fitted_order(method, vdp, _vdp_reference(), torch.tensor([2.0, 0.0], dtype=torch.float64), steps=steps)
+    p, errs = _fitted_order(
+        method, vdp, _vdp_reference(), torch.tensor([2.0, 0.0], dtype=torch.float64), steps=steps
+    )
     assert abs(p - ORDER[method]) < 0.4, (p, errs)
 
 
@@ -207,20 +273,35 @@ def test_adaptive_methods_reach_the_tolerance(method):
 
 def test_unexpected_option_warns_like_torchdiffeq():
     t = torch.linspace(0, 1, 3, dtype=torch.float64)
-    for method, opt in (("dopri5", "step_size"), ("euler", "first_step"), ("implicit_euler", "safety")):
+    for method, opt in (
+        ("dopri5", "step_size"),
+        ("euler", "first_step"),
+        ("implicit_euler", "safety"),
+    ):
         with pytest.warns(UserWarning, match=f"{method}: Unexpected arguments .*{opt}"):
             pn.odeint(linear, Y0, t, method=method, options={opt: 0.1})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with pytest.warns(UserWarning, match="Unexpected arguments"):
-                torchdiffeq.odeint(linear, Y0, t, method=method if method in TD_SOLVERS else "euler",
-                                   options={opt: 0.1})
+                torchdiffeq.odeint(
+                    linear,
+                    Y0,
+                    t,
+                    method=method if method in TD_SOLVERS else "euler",
+                    options={opt: 0.1},
+                )
 
 
 def test_option_errors():
     t = torch.linspace(0, 1, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="mutually exclusive"):
-        pn.odeint(linear, Y0, t, method="euler", options=dict(step_size=0.1, grid_constructor=lambda f, y, t: t))
+        pn.odeint(
+            linear,
+            Y0,
+            t,
+            method="euler",
+            options=dict(step_size=0.1, grid_constructor=lambda f, y, t: t),
+        )
     with pytest.raises(ValueError, match=r"options\['interp'\]"):
         pn.odeint(linear, Y0, t, method="euler", options=dict(interp="quadratic"))
     with pytest.raises(ValueError, match=r"options\['step_size'\]"):
@@ -243,8 +324,13 @@ def test_grid_constructor_and_perturb():
 
     x0 = torch.tensor(1.0, dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    xs = pn.odeint(f, x0, t, method="euler", options=dict(grid_constructor=lambda f, y0, t: torch.linspace(0, 1, 11,
-                                                                                                         dtype=t.dtype)))
+    xs = pn.odeint(
+        f,
+        x0,
+        t,
+        method="euler",
+        options=dict(grid_constructor=lambda f, y0, t: torch.linspace(0, 1, 11, dtype=t.dtype)),
+    )
     assert abs(float(xs[1]) - 1.1**10) < 1e-12
     for perturb in (False, True):
         calls.clear()
@@ -302,7 +388,11 @@ def test_callbacks_like_torchdiffeq():
 
     x0 = torch.tensor([1.0, 2.0])
     pn.odeint(F(), x0, torch.tensor([0.0, 1.0]), rtol=1e-3, atol=1e-4, options=dict(first_step=0.5))
-    assert counts["step"] > 0 and counts["accept"] + counts["reject"] == counts["step"] and counts["reject"] > 0
+    assert (
+        counts["step"] > 0
+        and counts["accept"] + counts["reject"] == counts["step"]
+        and counts["reject"] > 0
+    )
     counts["step"] = 0
     pn.odeint(F(), x0, torch.tensor([0.0, 1.0]), method="rk4", options=dict(step_size=0.1))
     assert counts["step"] == 10
@@ -336,8 +426,13 @@ def test_reverse_time():
     t = torch.linspace(1.0, 0.0, 5, dtype=torch.float64)
     y1 = exact_linear([1.0])[0]
     for method, tol in (("dopri5", 1e-6), ("rk4", 1e-6), ("gl6", 1e-9), ("scipy_solver", 1e-5)):
-        ys = pn.odeint(linear, y1, t, method=method, options={} if method in ("dopri5", "scipy_solver")
-                       else dict(step_size=0.05))
+        ys = pn.odeint(
+            linear,
+            y1,
+            t,
+            method=method,
+            options={} if method in ("dopri5", "scipy_solver") else dict(step_size=0.05),
+        )
         assert (ys[-1] - Y0).abs().max() < tol, method
 
 
@@ -357,7 +452,11 @@ class Odefunc(torch.nn.Module):
 def test_odeint_adjoint_gradients_match_odeint_and_torchdiffeq():
     t = torch.linspace(0, 2, 5, dtype=torch.float64)
     res = []
-    for lib, fn in ((pn, pn.odeint_adjoint), (pn, pn.odeint), (torchdiffeq, torchdiffeq.odeint_adjoint)):
+    for lib, fn in (
+        (pn, pn.odeint_adjoint),
+        (pn, pn.odeint),
+        (torchdiffeq, torchdiffeq.odeint_adjoint),
+    ):
         f = Odefunc()
         y0 = Y0.clone().requires_grad_(True)
         ys = fn(f, y0, t, rtol=1e-9, atol=1e-11)
@@ -391,8 +490,15 @@ def test_odeint_adjoint_seminorm_and_adjoint_options():
     for f, aopts in ((f1, None), (f2, dict(norm="seminorm"))):
         y0 = Y0.clone().requires_grad_(True)
         counter = Counting(f)
-        ys = pn.odeint_adjoint(counter, y0, t, adjoint_params=tuple(f.parameters()), adjoint_options=aopts,
-                               adjoint_rtol=1e-8, adjoint_atol=1e-10)
+        ys = pn.odeint_adjoint(
+            counter,
+            y0,
+            t,
+            adjoint_params=tuple(f.parameters()),
+            adjoint_options=aopts,
+            adjoint_rtol=1e-8,
+            adjoint_atol=1e-10,
+        )
         n_fwd = counter.nfe
         ys.sum().backward()
         nfes.append(counter.nfe - n_fwd)
@@ -413,7 +519,9 @@ def test_odeint_event_vector_event_fn_and_gradient():
     def fall(t, s):
         return torch.stack([s[1], -g])
 
-    def event_fn(t, s):  # the first component to cross: the ground (height 0), not the lower bound -1
+    def event_fn(
+        t, s
+    ):  # the first component to cross: the ground (height 0), not the lower bound -1
         return torch.stack([s[0], s[0] + 1.0])
 
     s0 = torch.tensor([10.0, 0.0], dtype=torch.float64)
@@ -435,19 +543,37 @@ def test_odeint_event_reverse_fixed_step_and_adjoint_interface():
     t0 = torch.tensor(0.0, dtype=torch.float64)
     te, ys = pn.odeint_event(decay, y0, t0, event_fn=lambda t, y: y[0] - 2.0, reverse_time=True)
     assert abs(float(te) + math.log(2.0)) < 1e-6
-    te, ys = pn.odeint_event(decay, y0, t0, event_fn=lambda t, y: y[0] - 0.5, method="rk4",
-                             options=dict(step_size=0.01))
+    te, ys = pn.odeint_event(
+        decay, y0, t0, event_fn=lambda t, y: y[0] - 0.5, method="rk4", options=dict(step_size=0.01)
+    )
     assert abs(float(te) - math.log(2.0)) < 1e-6
-    te, ys = pn.odeint_event(decay, y0, t0, event_fn=lambda t, y: y[0] - 0.5,
-                             odeint_interface=pn.odeint_adjoint, adjoint_params=(), rtol=1e-9, atol=1e-11)
+    te, ys = pn.odeint_event(
+        decay,
+        y0,
+        t0,
+        event_fn=lambda t, y: y[0] - 0.5,
+        odeint_interface=pn.odeint_adjoint,
+        adjoint_params=(),
+        rtol=1e-9,
+        atol=1e-11,
+    )
     (g,) = torch.autograd.grad(te, y0)  # t* = log(2 y0)
     assert abs(float(te) - math.log(2.0)) < 1e-7 and abs(float(g) - 1.0) < 1e-5
 
 
 def test_odeint_with_event_fn_returns_event_time_and_states():
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    te, ys = pn.odeint(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64), t,
-                       event_fn=lambda t, y: y[0] - 0.25)
+    te, ys = pn.odeint(
+        lambda t, y: -y,
+        torch.tensor([1.0], dtype=torch.float64),
+        t,
+        event_fn=lambda t, y: y[0] - 0.25,
+    )
     assert abs(float(te) - math.log(4.0)) < 1e-6 and ys.shape == (2, 1)
     with pytest.raises(ValueError, match="len"):
-        pn.odeint(lambda t, y: -y, torch.tensor([1.0]), torch.tensor([0.0, 1.0, 2.0]), event_fn=lambda t, y: y[0])
+        pn.odeint(
+            lambda t, y: -y,
+            torch.tensor([1.0]),
+            torch.tensor([0.0, 1.0, 2.0]),
+            event_fn=lambda t, y: y[0],
+        )

@@ -16,6 +16,7 @@ to ``t`` is the derivative of the computed output, as in torchdiffeq. Three fami
 a step just after ``t0`` and at its end just before ``t1`` (``torch.nextafter``), so that a
 discontinuity on a grid point is seen from the step's side.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,22 +38,42 @@ IMPLICIT_TABLEAUS = {
     "implicit_euler": ButcherTableau(a=[[1.0]], b=[1.0], c=[1.0], order=1),
     "implicit_midpoint": ButcherTableau(a=[[0.5]], b=[1.0], c=[0.5], order=2),
     "trapezoid": ButcherTableau(a=[[0.0, 0.0], [0.5, 0.5]], b=[0.5, 0.5], c=[0.0, 1.0], order=2),
-    "radauIIA3": ButcherTableau(a=[[5 / 12, -1 / 12], [3 / 4, 1 / 4]], b=[3 / 4, 1 / 4], c=[1 / 3, 1.0], order=3),
+    "radauIIA3": ButcherTableau(
+        a=[[5 / 12, -1 / 12], [3 / 4, 1 / 4]], b=[3 / 4, 1 / 4], c=[1 / 3, 1.0], order=3
+    ),
     "radauIIA5": ButcherTableau(
-        a=[[11 / 45 - 7 * _s6 / 360, 37 / 225 - 169 * _s6 / 1800, -2 / 225 + _s6 / 75],
-           [37 / 225 + 169 * _s6 / 1800, 11 / 45 + 7 * _s6 / 360, -2 / 225 - _s6 / 75],
-           [4 / 9 - _s6 / 36, 4 / 9 + _s6 / 36, 1 / 9]],
-        b=[4 / 9 - _s6 / 36, 4 / 9 + _s6 / 36, 1 / 9], c=[2 / 5 - _s6 / 10, 2 / 5 + _s6 / 10, 1.0], order=5),
-    "gl4": ButcherTableau(a=[[1 / 4, 1 / 4 - _s3 / 6], [1 / 4 + _s3 / 6, 1 / 4]], b=[0.5, 0.5],
-                          c=[0.5 - _s3 / 6, 0.5 + _s3 / 6], order=4),
+        a=[
+            [11 / 45 - 7 * _s6 / 360, 37 / 225 - 169 * _s6 / 1800, -2 / 225 + _s6 / 75],
+            [37 / 225 + 169 * _s6 / 1800, 11 / 45 + 7 * _s6 / 360, -2 / 225 - _s6 / 75],
+            [4 / 9 - _s6 / 36, 4 / 9 + _s6 / 36, 1 / 9],
+        ],
+        b=[4 / 9 - _s6 / 36, 4 / 9 + _s6 / 36, 1 / 9],
+        c=[2 / 5 - _s6 / 10, 2 / 5 + _s6 / 10, 1.0],
+        order=5,
+    ),
+    "gl4": ButcherTableau(
+        a=[[1 / 4, 1 / 4 - _s3 / 6], [1 / 4 + _s3 / 6, 1 / 4]],
+        b=[0.5, 0.5],
+        c=[0.5 - _s3 / 6, 0.5 + _s3 / 6],
+        order=4,
+    ),
     "gl6": ButcherTableau(
-        a=[[5 / 36, 2 / 9 - _s15 / 15, 5 / 36 - _s15 / 30],
-           [5 / 36 + _s15 / 24, 2 / 9, 5 / 36 - _s15 / 24],
-           [5 / 36 + _s15 / 30, 2 / 9 + _s15 / 15, 5 / 36]],
-        b=[5 / 18, 4 / 9, 5 / 18], c=[0.5 - _s15 / 10, 0.5, 0.5 + _s15 / 10], order=6),
+        a=[
+            [5 / 36, 2 / 9 - _s15 / 15, 5 / 36 - _s15 / 30],
+            [5 / 36 + _s15 / 24, 2 / 9, 5 / 36 - _s15 / 24],
+            [5 / 36 + _s15 / 30, 2 / 9 + _s15 / 15, 5 / 36],
+        ],
+        b=[5 / 18, 4 / 9, 5 / 18],
+        c=[0.5 - _s15 / 10, 0.5, 0.5 + _s15 / 10],
+        order=6,
+    ),
     "sdirk2": ButcherTableau(a=[[_g, 0.0], [1 - _g, _g]], b=[1 - _g, _g], c=[_g, 1.0], order=2),
-    "trbdf2": ButcherTableau(a=[[0.0, 0.0, 0.0], [_g, _g, 0.0], [_s2 / 4, _s2 / 4, _g]],
-                             b=[_s2 / 4, _s2 / 4, _g], c=[0.0, 2 * _g, 1.0], order=2),
+    "trbdf2": ButcherTableau(
+        a=[[0.0, 0.0, 0.0], [_g, _g, 0.0], [_s2 / 4, _s2 / 4, _g]],
+        b=[_s2 / 4, _s2 / 4, _g],
+        c=[0.0, 2 * _g, 1.0],
+        order=2,
+    ),
 }
 
 
@@ -70,11 +91,19 @@ class _GridBase(AbstractSolver):
     order = 1
     error_order = None
 
-    def __init__(self, f: Callable, t_grid: torch.Tensor, stats: dict, perturb: bool = False,
-                 callback_step: Optional[Callable] = None):
+    def __init__(
+        self,
+        f: Callable,
+        t_grid: torch.Tensor,
+        stats: dict,
+        perturb: bool = False,
+        callback_step: Optional[Callable] = None,
+    ):
         self.f, self.t_grid, self.stats, self.perturb = f, t_grid, stats, bool(perturb)
         self.callback_step = callback_step
-        self.f_end = None  # f(t1, y1) of the last step when the step has it for free (cubic interpolation)
+        self.f_end = (
+            None  # f(t1, y1) of the last step when the step has it for free (cubic interpolation)
+        )
 
     def default_controller(self):
         return None
@@ -162,9 +191,13 @@ class GridImplicitRK(_GridBase):
             self.stats["nfe"] = self.stats.get("nfe", 0) + 1
             if not out.requires_grad:
                 return torch.zeros(y.numel(), y.numel(), dtype=y.dtype, device=y.device)
-            rows = [torch.autograd.grad(out.reshape(-1)[i], y, retain_graph=True, allow_unused=True)[0]
-                    for i in range(out.numel())]
-        return torch.stack([torch.zeros_like(y).reshape(-1) if r is None else r.reshape(-1) for r in rows]).detach()
+            rows = [
+                torch.autograd.grad(out.reshape(-1)[i], y, retain_graph=True, allow_unused=True)[0]
+                for i in range(out.numel())
+            ]
+        return torch.stack(
+            [torch.zeros_like(y).reshape(-1) if r is None else r.reshape(-1) for r in rows]
+        ).detach()
 
     def step(self, rhs, s0, y0, ds, cache):
         k, t0, t1, h = self.times(s0)
@@ -186,7 +219,9 @@ class GridImplicitRK(_GridBase):
         ts = []
         for i in range(s):
             ci = float(tab.c[i])
-            ts.append((t0, -1, t1) if ci == 0.0 else (t1, 1, t0) if ci == 1.0 else (t0 + ci * h, 0, None))
+            ts.append(
+                (t0, -1, t1) if ci == 0.0 else (t1, 1, t0) if ci == 1.0 else (t0 + ci * h, 0, None)
+            )
         explicit_first = ts[0][1] == -1 and not np.any(tab.a[0])
         f_first = self.call(ts[0][0], y0, -1, t1) if explicit_first else None
         yf = y0.reshape(-1)
@@ -214,8 +249,11 @@ class GridImplicitRK(_GridBase):
                 converged = True
                 break
         if not converged:
-            warnings.warn("Functional iteration did not converge. Solution may be incorrect.", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                "Functional iteration did not converge. Solution may be incorrect.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         b = torch.as_tensor(tab.b, dtype=dtype, device=y0.device)
         y1 = (yf + h * (b @ F)).view_as(y0)
         f0 = F[0].view_as(y0) if ts[0][1] == -1 else None
@@ -224,7 +262,11 @@ class GridImplicitRK(_GridBase):
 
 def _adams_coefficients(m: int, implicit: bool) -> np.ndarray:
     """Weights β_j of ``y1 = y0 + h Σ β_j f_{1-j}`` (implicit) or ``f_{-j}`` (explicit) for ``m`` points."""
-    nodes = np.arange(1, 1 - m, -1, dtype=np.float64) if implicit else np.arange(0, -m, -1, dtype=np.float64)
+    nodes = (
+        np.arange(1, 1 - m, -1, dtype=np.float64)
+        if implicit
+        else np.arange(0, -m, -1, dtype=np.float64)
+    )
     out = np.zeros(m)
     for j in range(m):
         others = np.delete(nodes, j)
@@ -242,11 +284,21 @@ class GridAdams(_GridBase):
     up to ``max_order - 1`` (the first steps use the 3/8 rule); the corrector is iterated at most
     ``max_iters`` times until the change is within ``rtol``/``atol`` (max norm)."""
 
-    def __init__(self, *a, implicit: bool = True, rtol=1e-3, atol=1e-4, max_iters: int = 4, max_order: int = 12,
-                 **kw):
+    def __init__(
+        self,
+        *a,
+        implicit: bool = True,
+        rtol=1e-3,
+        atol=1e-4,
+        max_iters: int = 4,
+        max_order: int = 12,
+        **kw,
+    ):
         super().__init__(*a, **kw)
         if not isinstance(max_order, int) or max_order > 12:
-            raise ValueError(f"options['max_order']: must be an int of at most 12, got {max_order!r}")
+            raise ValueError(
+                f"options['max_order']: must be an int of at most 12, got {max_order!r}"
+            )
         if max_order < 4:
             warnings.warn("max_order is below 4, so the solver reduces to `rk4`.")
         self.corrector, self.rtol, self.atol = implicit, rtol, atol
@@ -267,7 +319,7 @@ class GridAdams(_GridBase):
         f0 = self.call(t0, y0, -1, t1)
         hist = self.history
         hist.insert(0, f0)
-        del hist[max(self.max_order - 1, 1):]
+        del hist[max(self.max_order - 1, 1) :]
         order = min(len(hist), self.max_order - 1)
         if order < 3:
             y1, _ = rk_step(self, RK438.tableau, t0, t1, h, y0, f0=f0)
