@@ -14,13 +14,13 @@ from ._version import __version__
 from .controllers import PIController, PredictiveController
 from .events import odeint_event
 from .nn import *  # noqa: F401,F403  (each subpackage lists its public names in __all__)
-from .odeint import odeint
+from .odeint import odeint, odeint_adjoint
 from .sensitivity import *  # noqa: F401,F403
 from .solvers import *  # noqa: F401,F403
 from .steady import *  # noqa: F401,F403
 
 __all__ = [
-    "solve", "odeint", "odeint_event", "Solution", "SolveError", "ReturnCode", "PIController", "PredictiveController",
+    "solve", "odeint", "odeint_adjoint", "odeint_event", "Solution", "SolveError", "ReturnCode", "PIController", "PredictiveController",
     *_solvers.__all__, *_sensitivity.__all__, *_steady.__all__, *_nn.__all__,
 ]
 

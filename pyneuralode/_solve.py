@@ -172,6 +172,7 @@ def solve(
     event: Callable | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
     compile: bool = False,
+    norm: Callable | None = None,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, *args)`` from ``y0`` at ``t[0]`` and save at every time in ``t``.
 
@@ -209,8 +210,8 @@ def solve(
     dense = check_flag("dense", dense, allow_none=True)
     compile = check_flag("compile", compile)
     if compile and (event is not None or sensealg is not None or adjoint_params is not None
-                    or backend != "torch" or progress or is_per_sample(y0, t)):
-        raise ValueError("compile=True: events, sensealg, adjoint_params, backend='julia', progress "
+                    or norm is not None or backend != "torch" or progress or is_per_sample(y0, t)):
+        raise ValueError("compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "
                          "and per-sample output times are not supported on the compiled path yet; "
                          "pass compile=False")
     if is_per_sample(y0, t):
@@ -234,6 +235,10 @@ def solve(
         dense=dense, progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
         y0=problem.y0,
     )
+    if norm is not None and not callable(norm):
+        raise TypeError(f"norm: expected a function norm(err, y0, y1, rtol, atol) -> float tensor "
+                        f"(or None for the RMS norm), got {type(norm).__name__}")
+    opts.norm = norm  # e.g. torchdiffeq's norm(tensor), adapted by pn.odeint
     if compile:
         from .compiled import solve_compiled
 
@@ -257,7 +262,7 @@ def solve(
                 f, y0, problem, solver, sensealg, event,
                 dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, args=args, progress=progress,
                      throw=throw, dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax,
-                     adjoint_params=adjoint_params))
+                     adjoint_params=adjoint_params, norm=norm))
         locator = EventLocator(event, problem)
         opts.event = locator
     if backend == "julia":

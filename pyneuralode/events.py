@@ -148,32 +148,28 @@ def solve_with_event_adjoint(f, y0, problem, solver, sensealg, g: Callable, kw: 
     return res
 
 
-def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False, method: str | None = None,
-                 rtol: float = 1e-7, atol: float = 1e-9, options: dict | None = None, max_steps: int = 100_000, **kwargs):
-    """torchdiffeq's ``odeint_event``: integrate from ``t0`` until ``event_fn(t, y)`` crosses zero.
-
-    Returns ``(event_t, ys)`` with ``ys`` the states at ``[t0, event_t]`` (shape ``(2, *y0.shape)``).
-    Forward in time unless ``reverse_time``; at most ``max_steps`` steps (``pn.SolveError`` with
-    retcode ``MaxIters`` if the event never fires). Gradients reach ``event_t`` and the final state.
-    """
+def event_solve(func, y0, t0, g: Callable, reverse: bool, solver, rtol, atol, kw: dict, sensealg, extra: dict):
+    """Integrate from ``t0`` until ``g(t, y)`` crosses zero: ``(event_t, states at [t0, event_t])``,
+    both differentiable (the engine of torchdiffeq's ``odeint(..., event_fn=...)``)."""
     from ._solve import solve
-    from .solvers import lookup
 
-    if options:
-        raise ValueError("options: odeint_event takes no options here; pass first_step etc. to pn.solve(..., event=...)")
     ref = y0[0] if isinstance(y0, (tuple, list)) else y0
     if not isinstance(t0, torch.Tensor):  # a Python number: the state's float dtype, like the output times of solve
         t0 = torch.as_tensor(t0, dtype=ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64)
     if t0.numel() != 1:
         raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
-    horizon = 1e12 * (-1.0 if reverse_time else 1.0)
-    t = torch.stack([t0.reshape(()), t0.reshape(()).detach() + horizon]).to(t0.dtype if t0.is_floating_point() else torch.float64)
-    solver = lookup((method or "dopri5").lower())()
+    horizon = 1e12 * (-1.0 if reverse else 1.0)
+    t0 = t0.reshape(())
+    t = torch.stack([t0, t0.detach() + horizon]).to(t0.dtype if t0.is_floating_point() else torch.float64)
+    kw = {**kw, **extra}
     # the horizon is only a bound: the smallest step must not scale with it (float resolution of t
     # and max_steps still end a stuck solve)
-    kwargs.setdefault("dtmin", 0.0)
-    kwargs.setdefault("dense", False)  # never exposed here: O(1) memory in the steps
-    sol = solve(func, y0, t, solver, rtol=rtol, atol=atol, event=event_fn, max_steps=max_steps, **kwargs)
+    kw.setdefault("dtmin", 0.0)
+    kw.setdefault("dense", False)  # never exposed here: O(1) memory in the steps
+    kw.setdefault("max_steps", 100_000)
+    if sensealg is not None:
+        kw["sensealg"] = sensealg
+    sol = solve(func, y0, t, solver, rtol=rtol, atol=atol, event=g, **kw)
     if sol.event_t is None:
         raise RuntimeError(f"odeint_event: event_fn never crossed zero before t = {float(t[-1]):.3g} "
                            f"(the solve ended with {sol.retcode}); check the event function's sign")
@@ -182,3 +178,27 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
     else:
         ys = torch.stack([sol.ys[0], sol.event_y])
     return sol.event_t, ys
+
+
+def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False, odeint_interface=None,
+                 **kwargs):
+    """torchdiffeq's ``odeint_event``: integrate from ``t0`` until ``event_fn(t, y)`` crosses zero.
+
+    Returns ``(event_t, ys)`` with ``ys`` the states at ``[t0, event_t]`` (shape ``(2, *y0.shape)``).
+    Backwards in time with ``reverse_time``. A vector-valued ``event_fn`` stops where its first
+    component crosses zero. ``kwargs`` (``rtol``, ``atol``, ``method``, ``options``, and for
+    ``odeint_interface=pn.odeint_adjoint`` its adjoint arguments) go to ``odeint_interface``
+    (default :func:`pyneuralode.odeint`). Gradients reach ``event_t`` and the final state.
+    """
+    from .odeint import odeint
+
+    if odeint_interface is None:
+        odeint_interface = odeint
+    ref = y0[0] if isinstance(y0, (tuple, list)) else y0
+    if not isinstance(t0, torch.Tensor):
+        t0 = torch.as_tensor(t0, dtype=ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64)
+    if t0.numel() != 1:
+        raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
+    t0 = t0.reshape(-1)
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)

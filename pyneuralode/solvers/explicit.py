@@ -11,7 +11,7 @@ from numpy.polynomial import polynomial as P
 from ._erk import ExplicitRK
 from ._tableau import ButcherTableau, lower, sparse_rows
 
-__all__ = ["Euler", "Midpoint", "Heun", "RK4", "BS3", "Dopri5", "Tsit5", "Vern7", "DP8"]
+__all__ = ["Euler", "Midpoint", "Heun", "Heun3", "RK4", "RK438", "Fehlberg2", "BS3", "Dopri5", "Tsit5", "Vern7", "DP8"]
 
 # --------------------------------------------------------------------------------------------
 # Low order
@@ -37,7 +37,7 @@ class Heun(ExplicitRK):
     """Heun's method (explicit trapezoidal rule). Order 2 with an embedded Euler estimate; Hermite dense output."""
 
     name = "Heun"
-    aliases = ("heun2", "heun_euler")
+    aliases = ("heun2", "heun_euler", "adaptive_heun")
     tableau = ButcherTableau(
         a=lower([[1.0]]), b=[0.5, 0.5], c=[0.0, 1.0], order=2, b_error=[-0.5, 0.5], error_order=1
     )
@@ -52,6 +52,45 @@ class RK4(ExplicitRK):
         b=[1 / 6, 1 / 3, 1 / 3, 1 / 6],
         c=[0.0, 0.5, 0.5, 1.0],
         order=4,
+    )
+
+
+class Heun3(ExplicitRK):
+    """Heun's third-order method. Order 3, fixed step only; Hermite dense output (torchdiffeq's ``heun3``)."""
+
+    name = "Heun3"
+    tableau = ButcherTableau(
+        a=lower([[1 / 3], [0.0, 2 / 3]]), b=[0.25, 0.0, 0.75], c=[0.0, 1 / 3, 2 / 3], order=3
+    )
+
+
+class RK438(ExplicitRK):
+    """Kutta's 3/8 rule. Order 4, fixed step only; Hermite dense output. Kutta (1901); torchdiffeq's
+    ``rk4`` (and the start-up steps of its Adams methods)."""
+
+    name = "RK438"
+    aliases = ("rk4_38", "kutta38")
+    tableau = ButcherTableau(
+        a=lower([[1 / 3], [-1 / 3, 1.0], [1.0, -1.0, 1.0]]),
+        b=[1 / 8, 3 / 8, 3 / 8, 1 / 8],
+        c=[0.0, 1 / 3, 2 / 3, 1.0],
+        order=4,
+    )
+
+
+class Fehlberg2(ExplicitRK):
+    """Runge–Kutta–Fehlberg 2(1): order 2 with an embedded first-order estimate (adaptive); Hermite
+    dense output. Fehlberg, NASA TR R-315 (1969); torchdiffeq's ``fehlberg2``."""
+
+    name = "Fehlberg2"
+    aliases = ("rkf21",)
+    tableau = ButcherTableau(
+        a=lower([[0.5], [1 / 256, 255 / 256]]),
+        b=[1 / 512, 255 / 256, 1 / 512],
+        c=[0.0, 0.5, 1.0],
+        order=2,
+        b_error=[-1 / 512, 0.0, 1 / 512],
+        error_order=1,
     )
 
 

@@ -1,0 +1,585 @@
+"""pn.odeint / odeint_adjoint / odeint_event as torchdiffeq drop-ins: the same calls run through
+torchdiffeq and pyneuralode side by side (results, gradients, NFE), fitted convergence orders of
+every method, and torchdiffeq's options, callbacks, events and errors."""
+
+import math
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pyneuralode as pn
+
+torchdiffeq = pytest.importorskip(
+    "torchdiffeq", reason="torchdiffeq is not installed (pip install torchdiffeq)"
+)
+TD_SOLVERS = set(sys.modules["torchdiffeq._impl.odeint"].SOLVERS)
+
+A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
+Y0 = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+
+ADAPTIVE = ["dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun"]
+FIXED = [
+    "euler",
+    "midpoint",
+    "heun2",
+    "heun3",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+    "fixed_adams",
+]
+IMPLICIT = [
+    "implicit_euler",
+    "implicit_midpoint",
+    "trapezoid",
+    "radauIIA3",
+    "radauIIA5",
+    "gl4",
+    "gl6",
+    "sdirk2",
+    "trbdf2",
+]
+ORDER = {
+    "euler": 1,
+    "midpoint": 2,
+    "heun2": 2,
+    "heun3": 3,
+    "rk4": 4,
+    "explicit_adams": 4,
+    "implicit_adams": 5,
+    "fixed_adams": 5,
+    "implicit_euler": 1,
+    "implicit_midpoint": 2,
+    "trapezoid": 2,
+    "radauIIA3": 3,
+    "radauIIA5": 5,
+    "gl4": 4,
+    "gl6": 6,
+    "sdirk2": 2,
+    "trbdf2": 2,
+}
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.nfe = fn, 0
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return self.fn(t, y)
+
+
+def spiral(t, y):  # torchdiffeq's demo: non-linear
+    return (y**3) @ A
+
+
+def linear(t, y):
+    return y @ A
+
+
+def exact_linear(t, y0=Y0):
+    return torch.stack([y0 @ torch.linalg.matrix_exp(A * ti) for ti in t])
+
+
+# ---------------------------------------------------------------------------------------------
+# side by side with torchdiffeq
+
+
+@pytest.mark.parametrize("method", [m for m in ADAPTIVE + FIXED + ["scipy_solver"]])
+def test_same_results_and_nfe_as_torchdiffeq(method):
+    if method not in TD_SOLVERS:
+        pytest.skip(f"the installed torchdiffeq has no {method!r}")
+    t = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+    opts = dict(step_size=0.05) if method in FIXED else {}
+    kw = dict(rtol=1e-12, atol=1e-14) if method == "dopri8" else {}
+    ours_f, ref_f = Counting(spiral), Counting(spiral)
+    ours = pn.odeint(ours_f, Y0, t, method=method, options=dict(opts), **kw)
+    ref = torchdiffeq.odeint(ref_f, Y0, t, method=method, options=dict(opts), **kw)
+    assert ours.shape == ref.shape
+    if method in FIXED:  # the same algorithm on the same grid: equal up to rounding, equal NFE
+        assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12), (ours - ref).abs().max()
+        assert ours_f.nfe == ref_f.nfe
+    else:
+        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5), (ours - ref).abs().max()
+        if method != "scipy_solver":
+            # same tableau, same controller; initial step and step-end details may differ slightly;
+            # fehlberg2: torchdiffeq reuses its third stage (at the low-order point) as the next f0,
+            # we evaluate f(t1, y1): 4 evaluations a step instead of 3
+            slack = {"fehlberg2": 0.6, "adaptive_heun": 1.2}.get(method, 0.35)  # heun: 3 vs 2
+            assert abs(ours_f.nfe - ref_f.nfe) <= slack * ref_f.nfe + 8, (ours_f.nfe, ref_f.nfe)
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "implicit_adams"])
+@pytest.mark.parametrize("interp", ["linear", "cubic"])
+def test_output_times_off_the_grid_interpolate_like_torchdiffeq(method, interp):
+    t = torch.tensor([0.0, 0.13, 0.5, 0.77, 1.0], dtype=torch.float64)
+    opts = dict(step_size=0.1, interp=interp)
+    ours = pn.odeint(spiral, Y0, t, method=method, options=dict(opts))
+    ref = torchdiffeq.odeint(spiral, Y0, t, method=method, options=dict(opts))
+    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "midpoint"])
+def test_fixed_grid_gradients_match_torchdiffeq(method):
+    """Gradients w.r.t. y0, t and a parameter through the fixed grid t: torchdiffeq's, to rounding."""
+
+    def grads(lib):
+        w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        y0 = Y0.clone().requires_grad_(True)
+        t = torch.tensor([0.0, 0.3, 0.45, 1.0], dtype=torch.float64, requires_grad=True)
+        ys = lib.odeint(lambda tt, y: w * spiral(tt, y) + torch.sin(tt), y0, t, method=method)
+        return torch.autograd.grad(
+            (ys * torch.arange(ys.numel()).reshape(ys.shape)).sum(), (w, y0, t)
+        )
+
+    for g1, g2 in zip(grads(pn), grads(torchdiffeq)):
+        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "method", ["euler", "rk4", "heun3", "implicit_euler", "gl4", "explicit_adams"]
+)
+def test_fixed_grid_t_gradient_is_the_derivative_of_the_output(method):
+    """Issue 16 item 7: on the output grid the gradient w.r.t. t is that of the computed output."""
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.2, 0.35, 0.6, 0.7], dtype=torch.float64, requires_grad=True)
+
+    def f(tt, y):
+        return torch.stack([y[1], -torch.sin(y[0]) + 0.3 * torch.cos(tt)])
+
+    assert torch.autograd.gradcheck(lambda y, tt: pn.odeint(f, y, tt, method=method), (y0, t))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "adaptive_heun"])
+def test_adaptive_gradients_match_torchdiffeq(method):
+    def grads(lib, **kw):
+        w = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+        y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        t = torch.linspace(0, 2, 4, dtype=torch.float64)
+        ys = lib.odeint(
+            lambda tt, y: -w * y + torch.sin(tt), y0, t, method=method, rtol=1e-10, atol=1e-12, **kw
+        )
+        return torch.autograd.grad(ys.sum(), (w, y0))
+
+    for g1, g2 in zip(grads(pn), grads(torchdiffeq)):
+        assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-8)
+
+
+def test_default_method_is_dopri5_with_torchdiffeq_tolerances():
+    f1, f2 = Counting(spiral), Counting(spiral)
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+    ours, ref = pn.odeint(f1, Y0, t), torchdiffeq.odeint(f2, Y0, t)
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-8)
+    dp5 = pn.odeint(spiral, Y0, t, method="dopri5", rtol=1e-7, atol=1e-9)
+    assert torch.equal(ours, dp5)
+    assert abs(f1.nfe - f2.nfe) <= 0.2 * f2.nfe
+
+
+def test_tuple_state_and_mixed_norm():
+    def osc(t, s):
+        x, v = s
+        return v, -x
+
+    s0 = (
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.tensor([[0.0, 1e-3]], dtype=torch.float64),
+    )
+    t = torch.linspace(0, 3, 4, dtype=torch.float64)
+    for method in ("dopri5", "rk4", "implicit_adams"):
+        ours = pn.odeint(
+            osc, s0, t, method=method, options={} if method == "dopri5" else dict(step_size=0.01)
+        )
+        ref = torchdiffeq.odeint(
+            osc, s0, t, method=method, options={} if method == "dopri5" else dict(step_size=0.01)
+        )
+        for a, b in zip(ours, ref):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# convergence orders
+
+
+def _order_options(method, h):
+    if method in IMPLICIT:
+        return dict(step_size=h, max_iters=200)
+    if "adams" in method:  # fixed order 4 (torchdiffeq's default max_order=12 raises it to 11)
+        return dict(step_size=h, max_order=5, max_iters=50)
+    return dict(step_size=h)
+
+
+def _fitted_order(method, f, exact, y0, t_end=1.0, steps=(0.1, 0.05, 0.025)):
+    errs = []
+    t = torch.tensor([0.0, t_end], dtype=torch.float64)
+    for h in steps:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = pn.odeint(
+                f,
+                y0,
+                t,
+                method=method,
+                options=_order_options(method, h),
+            )
+        errs.append(float((y[-1] - exact).abs().max()))
+    return np.polyfit(np.log(steps), np.log(errs), 1)[0], errs
+
+
+@pytest.mark.parametrize("method", FIXED + IMPLICIT)
+def test_convergence_order_linear(method):
+    exact = exact_linear([1.0])[0]
+    steps = (0.2, 0.1, 0.05) if ORDER[method] >= 5 and "adams" not in method else (0.1, 0.05, 0.025)
+    p, errs = _fitted_order(method, linear, exact, Y0, steps=steps)
+    assert abs(p - ORDER[method]) < 0.35, (p, errs)
+
+
+def _vdp_reference():
+    from scipy.integrate import solve_ivp
+
+    sol = solve_ivp(
+        lambda t, y: [y[1], 0.5 * (1 - y[0] ** 2) * y[1] - y[0]],
+        (0, 1.0),
+        [2.0, 0.0],
+        method="DOP853",
+        rtol=1e-13,
+        atol=1e-13,
+    )
+    return torch.tensor(sol.y[:, -1], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", FIXED + IMPLICIT)
+def test_convergence_order_nonlinear(method):
+    def vdp(t, y):
+        return torch.stack([y[1], 0.5 * (1 - y[0] ** 2) * y[1] - y[0]])
+
+    steps = (0.2, 0.1, 0.05) if ORDER[method] >= 5 and "adams" not in method else (0.1, 0.05, 0.025)
+    p, errs = _fitted_order(
+        method, vdp, _vdp_reference(), torch.tensor([2.0, 0.0], dtype=torch.float64), steps=steps
+    )
+    assert abs(p - ORDER[method]) < 0.4, (p, errs)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_methods_reach_the_tolerance(method):
+    t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    errs = []
+    for tol in (1e-5, 1e-8):
+        y = pn.odeint(linear, Y0, t, method=method, rtol=tol, atol=tol * 1e-2)
+        errs.append(float((y - exact_linear(t)).abs().max()))
+    assert errs[1] < 1e-5 and errs[1] < errs[0] / 30, errs
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+
+def test_unexpected_option_warns_like_torchdiffeq():
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    for method, opt in (
+        ("dopri5", "step_size"),
+        ("euler", "first_step"),
+        ("implicit_euler", "safety"),
+    ):
+        with pytest.warns(UserWarning, match=f"{method}: Unexpected arguments .*{opt}"):
+            pn.odeint(linear, Y0, t, method=method, options={opt: 0.1})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.warns(UserWarning, match="Unexpected arguments"):
+                torchdiffeq.odeint(
+                    linear,
+                    Y0,
+                    t,
+                    method=method if method in TD_SOLVERS else "euler",
+                    options={opt: 0.1},
+                )
+
+
+def test_option_errors():
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        pn.odeint(
+            linear,
+            Y0,
+            t,
+            method="euler",
+            options=dict(step_size=0.1, grid_constructor=lambda f, y, t: t),
+        )
+    with pytest.raises(ValueError, match=r"options\['interp'\]"):
+        pn.odeint(linear, Y0, t, method="euler", options=dict(interp="quadratic"))
+    with pytest.raises(ValueError, match=r"options\['step_size'\]"):
+        pn.odeint(linear, Y0, t, method="rk4", options=dict(step_size=-0.1))
+    with pytest.raises(ValueError, match="valid names"):
+        pn.odeint(linear, Y0, t, method="dopri7")
+    with pytest.raises(pn.SolveError, match="max_steps") as ei:
+        pn.odeint(spiral, Y0, t, method="dopri5", rtol=1e-10, options=dict(max_num_steps=3))
+    assert ei.value.retcode == "MaxIters"
+    with pytest.raises(ValueError, match=r"options\['safety'\]"):
+        pn.odeint(spiral, Y0, t, method="dopri5", options=dict(safety=1.5))
+
+
+def test_grid_constructor_and_perturb():
+    calls = []
+
+    def f(t, x):
+        calls.append(float(t))
+        return x
+
+    x0 = torch.tensor(1.0, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    xs = pn.odeint(
+        f,
+        x0,
+        t,
+        method="euler",
+        options=dict(grid_constructor=lambda f, y0, t: torch.linspace(0, 1, 11, dtype=t.dtype)),
+    )
+    assert abs(float(xs[1]) - 1.1**10) < 1e-12
+    for perturb in (False, True):
+        calls.clear()
+        pn.odeint(f, x0, t, method="rk4", options=dict(step_size=0.5, perturb=perturb))
+        assert (0.0 in calls) == (0.5 in calls) == (not perturb)
+
+
+def test_jump_t_and_step_t():
+    def jumpy(t, x):
+        return -0.5 * x if t < 0.5 else x**2
+
+    x0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    plain, jump = Counting(jumpy), Counting(jumpy)
+    y_plain = pn.odeint(plain, x0, t, atol=1e-6, rtol=1e-6)
+    y_jump = pn.odeint(jump, x0, t, atol=1e-6, rtol=1e-6, options=dict(jump_t=torch.tensor([0.5])))
+    assert jump.nfe < plain.nfe
+    x_half = x0 * math.exp(-0.25)
+    exact = x_half / (1 - 0.5 * x_half)
+    assert (y_jump[-1] - exact).abs().max() < 3e-5 and y_jump.shape == (3, 2)
+    assert torch.allclose(y_jump[1], x0 * math.exp(-0.15), atol=1e-7)
+    y_step = pn.odeint(jumpy, x0, t, atol=1e-6, rtol=1e-6, options=dict(step_t=[0.5]))
+    assert (y_step[-1] - exact).abs().max() < 1e-4
+
+
+def test_user_norm_is_called_and_used():
+    seen = []
+
+    def linf(x):
+        seen.append(x.shape)
+        return x.abs().max()
+
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    y = pn.odeint(spiral, Y0, t, options=dict(norm=linf))
+    ref = torchdiffeq.odeint(spiral, Y0, t, options=dict(norm=lambda x: x.abs().max()))
+    assert seen and seen[0] == Y0.shape and torch.allclose(y, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_callbacks_like_torchdiffeq():
+    counts = {"step": 0, "accept": 0, "reject": 0}
+
+    class F(torch.nn.Module):
+        def forward(self, t, y):
+            return torch.tanh(y) * torch.sin(20 * t)
+
+        def callback_step(self, t0, y0, dt):
+            assert isinstance(t0, torch.Tensor) and y0.shape == (2,)
+            counts["step"] += 1
+
+        def callback_accept_step(self, t0, y0, dt):
+            counts["accept"] += 1
+
+        def callback_reject_step(self, t0, y0, dt):
+            counts["reject"] += 1
+
+    x0 = torch.tensor([1.0, 2.0])
+    pn.odeint(F(), x0, torch.tensor([0.0, 1.0]), rtol=1e-3, atol=1e-4, options=dict(first_step=0.5))
+    assert (
+        counts["step"] > 0
+        and counts["accept"] + counts["reject"] == counts["step"]
+        and counts["reject"] > 0
+    )
+    counts["step"] = 0
+    pn.odeint(F(), x0, torch.tensor([0.0, 1.0]), method="rk4", options=dict(step_size=0.1))
+    assert counts["step"] == 10
+    with pytest.warns(UserWarning, match="does not support callbacks"):
+        pn.odeint(F(), x0, torch.tensor([0.0, 1.0]), method="euler")
+
+
+def test_time_dtype_as_torchdiffeq():
+    seen = []
+    lin = torch.nn.Linear(3, 2)
+
+    def f(t, y):
+        seen.append(t.dtype)
+        return lin(torch.cat([t.expand(1), y]))
+
+    y0 = torch.tensor([1.0, 0.0])
+    t = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    for method in ("dopri5", "rk4"):
+        seen.clear()
+        ys = pn.odeint(f, y0, t, method=method)
+        assert ys.dtype == torch.float32 and set(seen) == {torch.float32}
+
+
+def test_no_integration_returns_y0():
+    for method in ("dopri5", "euler", "gl4", "scipy_solver"):
+        y = pn.odeint(linear, Y0, torch.tensor([0.5], dtype=torch.float64), method=method)
+        assert torch.equal(y, Y0[None])
+
+
+def test_reverse_time():
+    t = torch.linspace(1.0, 0.0, 5, dtype=torch.float64)
+    y1 = exact_linear([1.0])[0]
+    for method, tol in (("dopri5", 1e-6), ("rk4", 1e-6), ("gl6", 1e-9), ("scipy_solver", 1e-5)):
+        ys = pn.odeint(
+            linear,
+            y1,
+            t,
+            method=method,
+            options={} if method in ("dopri5", "scipy_solver") else dict(step_size=0.05),
+        )
+        assert (ys[-1] - Y0).abs().max() < tol, method
+
+
+# ---------------------------------------------------------------------------------------------
+# odeint_adjoint
+
+
+class Odefunc(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(A.clone())
+
+    def forward(self, t, y):
+        return (y**3) @ self.A
+
+
+def test_odeint_adjoint_gradients_match_odeint_and_torchdiffeq():
+    t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    res = []
+    for lib, fn in (
+        (pn, pn.odeint_adjoint),
+        (pn, pn.odeint),
+        (torchdiffeq, torchdiffeq.odeint_adjoint),
+    ):
+        f = Odefunc()
+        y0 = Y0.clone().requires_grad_(True)
+        ys = fn(f, y0, t, rtol=1e-9, atol=1e-11)
+        ys.sum().backward()
+        res.append((ys.detach(), y0.grad, f.A.grad))
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_odeint_adjoint_params_reach_closed_over_tensors():
+    theta = torch.tensor([0.5, -0.3], dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return -theta * y
+
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ys = pn.odeint_adjoint(f, y0, t, adjoint_params=(theta,), rtol=1e-10, atol=1e-12)
+    (g,) = torch.autograd.grad(ys[-1].sum(), theta)
+    exact = -y0 * torch.exp(-theta.detach())
+    assert torch.allclose(g, exact, atol=1e-7)
+    with pytest.raises(ValueError, match="adjoint_params"):
+        pn.odeint_adjoint(f, y0, t)
+
+
+def test_odeint_adjoint_seminorm_and_adjoint_options():
+    f1, f2 = Odefunc(), Odefunc()
+    t = torch.linspace(0, 2, 3, dtype=torch.float64)
+    grads, nfes = [], []
+    for f, aopts in ((f1, None), (f2, dict(norm="seminorm"))):
+        y0 = Y0.clone().requires_grad_(True)
+        counter = Counting(f)
+        ys = pn.odeint_adjoint(
+            counter,
+            y0,
+            t,
+            adjoint_params=tuple(f.parameters()),
+            adjoint_options=aopts,
+            adjoint_rtol=1e-8,
+            adjoint_atol=1e-10,
+        )
+        n_fwd = counter.nfe
+        ys.sum().backward()
+        nfes.append(counter.nfe - n_fwd)
+        grads.append(f.A.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert nfes[1] <= nfes[0]
+    with pytest.raises(ValueError, match="seminorm"):
+        pn.odeint_adjoint(Odefunc(), Y0, t, adjoint_options=dict(norm="l2"))
+
+
+# ---------------------------------------------------------------------------------------------
+# odeint_event
+
+
+def test_odeint_event_vector_event_fn_and_gradient():
+    g = torch.tensor(9.81, dtype=torch.float64, requires_grad=True)
+
+    def fall(t, s):
+        return torch.stack([s[1], -g])
+
+    def event_fn(
+        t, s
+    ):  # the first component to cross: the ground (height 0), not the lower bound -1
+        return torch.stack([s[0], s[0] + 1.0])
+
+    s0 = torch.tensor([10.0, 0.0], dtype=torch.float64)
+    t0 = torch.tensor(0.0, dtype=torch.float64)
+    te, ys = pn.odeint_event(fall, s0, t0, event_fn=event_fn)
+    exact = math.sqrt(2 * 10 / 9.81)
+    assert abs(float(te) - exact) < 1e-6 and ys.shape == (2, 2) and abs(float(ys[-1, 0])) < 1e-6
+    (dte,) = torch.autograd.grad(te, g)
+    assert abs(float(dte) - (-0.5 * exact / 9.81)) < 1e-6
+    te2, _ = torchdiffeq.odeint_event(fall, s0, t0, event_fn=event_fn)
+    assert abs(float(te) - float(te2)) < 1e-6
+
+
+def test_odeint_event_reverse_fixed_step_and_adjoint_interface():
+    def decay(t, y):
+        return -y
+
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    t0 = torch.tensor(0.0, dtype=torch.float64)
+    te, ys = pn.odeint_event(decay, y0, t0, event_fn=lambda t, y: y[0] - 2.0, reverse_time=True)
+    assert abs(float(te) + math.log(2.0)) < 1e-6
+    te, ys = pn.odeint_event(
+        decay, y0, t0, event_fn=lambda t, y: y[0] - 0.5, method="rk4", options=dict(step_size=0.01)
+    )
+    assert abs(float(te) - math.log(2.0)) < 1e-6
+    te, ys = pn.odeint_event(
+        decay,
+        y0,
+        t0,
+        event_fn=lambda t, y: y[0] - 0.5,
+        odeint_interface=pn.odeint_adjoint,
+        adjoint_params=(),
+        rtol=1e-9,
+        atol=1e-11,
+    )
+    (g,) = torch.autograd.grad(te, y0)  # t* = log(2 y0)
+    assert abs(float(te) - math.log(2.0)) < 1e-7 and abs(float(g) - 1.0) < 1e-5
+
+
+def test_odeint_with_event_fn_returns_event_time_and_states():
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    te, ys = pn.odeint(
+        lambda t, y: -y,
+        torch.tensor([1.0], dtype=torch.float64),
+        t,
+        event_fn=lambda t, y: y[0] - 0.25,
+    )
+    assert abs(float(te) - math.log(4.0)) < 1e-6 and ys.shape == (2, 1)
+    with pytest.raises(ValueError, match="len"):
+        pn.odeint(
+            lambda t, y: -y,
+            torch.tensor([1.0]),
+            torch.tensor([0.0, 1.0, 2.0]),
+            event_fn=lambda t, y: y[0],
+        )
