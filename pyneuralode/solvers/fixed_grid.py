@@ -120,7 +120,7 @@ class _GridBase(AbstractSolver):
         t0, t1 = self.t_grid[k], self.t_grid[k + 1]
         return k, t0, t1, t1 - t0
 
-    def init(self, rhs, t0, y0, stats):
+    def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
         return None
 
     @staticmethod
@@ -308,7 +308,7 @@ class GridAdams(_GridBase):
         self.bashforth = [None] + [_adams_coefficients(m, False) for m in range(1, 13)]
         self.moulton = [None] + [_adams_coefficients(m, True) for m in range(1, 14)]
 
-    def init(self, rhs, t0, y0, stats):
+    def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
         self.history = []
         return None
 
