@@ -167,8 +167,9 @@ def event_solve(func, y0, t0, g: Callable, reverse: bool, solver, rtol, atol, kw
     kw.setdefault("dtmin", 0.0)
     kw.setdefault("dense", False)  # never exposed here: O(1) memory in the steps
     kw.setdefault("max_steps", 100_000)
-    if sensealg is not None:
+    if sensealg is not None:  # odeint_adjoint's interface: gradients reach func's adjoint_params
         kw["sensealg"] = sensealg
+        kw.setdefault("adjoint_params", list(func.parameters()))
     sol = solve(func, y0, t, solver, rtol=rtol, atol=atol, event=g, **kw)
     if sol.event_t is None:
         raise RuntimeError(f"odeint_event: event_fn never crossed zero before t = {float(t[-1]):.3g} "

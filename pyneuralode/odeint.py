@@ -258,8 +258,9 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs
 def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
     solver = lookup(ADAPTIVE.get(method, method))()
     kw = dict(kwargs)
-    if sensealg is not None:
+    if sensealg is not None:  # odeint_adjoint: gradients reach exactly fw's adjoint_params
         kw["sensealg"] = sensealg
+        kw["adjoint_params"] = fw._params
     first_step = options.pop("first_step", None)
     max_steps = options.pop("max_num_steps", kw.pop("max_steps", 2**31 - 1))
     control = {k: options.pop(k) for k in ("safety", "ifactor", "dfactor") if k in options}

@@ -36,6 +36,9 @@ STEPS = {
     "Tsit5": [28, 40, 56, 80],
     "Vern7": [8, 11, 16, 22],
     "DP8": [3, 4, 5, 6],
+    "Heun3": [40, 80, 160, 320],  # pre-asymptotic below 40 steps on this problem
+    "RK438": [10, 20, 40, 80],
+    "Fehlberg2": [20, 40, 80, 160],
 }
 
 

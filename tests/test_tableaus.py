@@ -16,7 +16,8 @@ EXPLICIT = [getattr(explicit, n) for n in explicit.__all__]
 
 def test_every_explicit_method_is_registered_with_a_butcher_tableau():
     names = {c.__name__ for c in EXPLICIT}
-    assert names == {"Euler", "Midpoint", "Heun", "RK4", "BS3", "Dopri5", "Tsit5", "Vern7", "DP8"}
+    assert names == {"Euler", "Midpoint", "Heun", "RK4", "BS3", "Dopri5", "Tsit5", "Vern7", "DP8",
+                     "Heun3", "RK438", "Fehlberg2"}
     for cls in EXPLICIT:
         assert REGISTRY[cls.__name__.lower()] is cls
         assert REGISTRY[cls.name.lower()] is cls
@@ -45,7 +46,8 @@ def test_tree_counts_and_densities():
 
 
 def test_known_orders():
-    expected = {"Euler": 1, "Midpoint": 2, "Heun": 2, "RK4": 4, "BS3": 3, "Dopri5": 5, "Tsit5": 5, "Vern7": 7, "DP8": 8}
+    expected = {"Euler": 1, "Midpoint": 2, "Heun": 2, "RK4": 4, "BS3": 3, "Dopri5": 5, "Tsit5": 5, "Vern7": 7, "DP8": 8,
+                "Heun3": 3, "RK438": 4, "Fehlberg2": 2}
     for cls in EXPLICIT:
         assert cls().order == expected[cls.__name__]
     assert pn.Euler().error_order is None and pn.RK4().error_order is None
