@@ -44,6 +44,19 @@ def _finite(name: str, value, what: str, positive: bool = False) -> float:
     return v
 
 
+def _check_data(x, dim: int) -> None:
+    """Data for a flow: a finite floating tensor shaped [batch, dim] (errors name ``x``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor shaped [batch, {dim}], got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"x: expected a tensor shaped [batch, {dim}], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, "
+                        f"e.g. x.float() or x.double()")
+    if not torch.isfinite(x).all():
+        raise ValueError("x: contains NaN or Inf; every data point must be finite")
+
+
 class HyperPlanarField(nn.Module):
     """The paper's CNF dynamics: ``f(t, z) = Σₘ uₘ(t) tanh(wₘ(t)ᵀz + bₘ(t))`` with a gate, parameters from a hypernetwork of ``t``.
 
@@ -177,17 +190,7 @@ class CNF(nn.Module):
         """Push data ``x`` to the base: returns ``(z(T), ∫Tr dt, kinetic [batch], jacobian [batch])`` (the last two ``None`` unless regularised)."""
         import pyneuralode as pn
 
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a tensor shaped [batch, {self.dim}], "
-                            f"got {type(x).__name__}")
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], "
-                             f"got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, "
-                            f"e.g. x.float() or x.double()")
-        if not torch.isfinite(x).all():
-            raise ValueError("x: contains NaN or Inf; every data point must be finite")
+        _check_data(x, self.dim)
         if not torch.isfinite(self.T).all() or not float(self.T) > 0:
             raise ValueError(f"T: the (learned) integration time is {float(self.T)!r}; "
                              f"it must be finite and > 0")
@@ -272,17 +275,7 @@ class PlanarFlow(nn.Module):
         return uh if k is None else uh[0]
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a tensor shaped [batch, {self.dim}], "
-                            f"got {type(x).__name__}")
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected a tensor shaped [batch, {self.dim}], "
-                             f"got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, "
-                            f"e.g. x.float() or x.double()")
-        if not torch.isfinite(x).all():
-            raise ValueError("x: contains NaN or Inf; every data point must be finite")
+        _check_data(x, self.dim)
         z, logdet = x, x.new_zeros(x.shape[0])
         U = self._u_hat()
         wu = (self.w * U).sum(-1)
