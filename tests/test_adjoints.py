@@ -374,7 +374,7 @@ def test_create_graph_first_derivative_and_second_derivative_error(name, wrt):
 
 
 def test_gauss_kronrod_and_legendre_rules_are_exact():
-    from pyneuralode.sensitivity._adjoint import gauss_kronrod15, gauss_legendre
+    from pyneuralode.sensitivity._quadrature_rules import gauss_kronrod15, gauss_legendre
 
     x, wk, wg = gauss_kronrod15()
     for deg in range(23):
@@ -484,7 +484,7 @@ def test_checkpoint_resolve_replays_the_forward_steps(solver):
     stats: dict = {}
     fwd = integrate(rhs, y0, [0.0, 0.7, 5.0], solver(), LoopOptions(rtol=1e-6, atol=1e-9, record_steps=True), stats)
     assert fwd.step_ts[-1] == 5.0 and len(fwd.step_ts) == stats["naccept"]
-    from pyneuralode.sensitivity._adjoint import replay_grid
+    from pyneuralode.sensitivity._passes import replay_grid
 
     grid = replay_grid(fwd.step_ts, 0.0, 5.0)
     rstats: dict = {}
@@ -579,19 +579,19 @@ def test_fast_vjp_equals_autograd_grad(engine, monkeypatch):
     """The adjoints' VJP calls the autograd engine entry directly; it must give what
     ``torch.autograd.grad(..., allow_unused=True, materialize_grads=True)`` gives, zeros for an
     unused input included, and the public-API fallback must give the same."""
-    from pyneuralode.sensitivity import _adjoint
+    from pyneuralode.sensitivity import _torch_internals
 
     if engine == "public":
-        monkeypatch.setattr(_adjoint, "_ENGINE", [None])
+        monkeypatch.setattr(_torch_internals, "_ENGINE", [None])
     else:
-        assert _adjoint._engine_entry() is not None, "the engine entry failed its self-check on this torch"
+        assert _torch_internals._engine_entry() is not None, "the engine entry failed its self-check on this torch"
     torch.manual_seed(0)
     lin = nn.Linear(3, 3).double()
     unused = torch.randn(2, dtype=DT, requires_grad=True)
     y = torch.randn(5, 3, dtype=DT, requires_grad=True)
     a = torch.randn(5, 3, dtype=DT)
     inputs = [y, *lin.parameters(), unused]
-    fast = _adjoint._vjp_first_order(torch.tanh(lin(y)), inputs, a)
+    fast = _torch_internals.grad_first_order(torch.tanh(lin(y)), inputs, a)
     ref = torch.autograd.grad(torch.tanh(lin(y)), inputs, grad_outputs=a, allow_unused=True, materialize_grads=True)
     assert len(fast) == len(ref) == 4
     for g, r in zip(fast, ref):

@@ -6,7 +6,11 @@ import dataclasses
 import torch
 
 from .._loop import integrate
-from ._adjoint import VJP, backward_setup, check_common, last_nonzero, merge_stats, run_adjoint, run_backward, step_covering
+from ._adjoint import run_adjoint
+from ._backward_setup import backward_setup, last_nonzero, merge_stats, run_backward
+from ._passes import step_covering
+from ._validation import check_common
+from ._vjp import VJP
 from ._base import AbstractSensitivity
 
 __all__ = ["BacksolveAdjoint"]

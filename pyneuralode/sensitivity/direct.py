@@ -8,7 +8,10 @@ import torch
 
 from .._loop import integrate
 from .._solution import SolveError
-from ._adjoint import flat_cat, last_nonzero, merge_stats, replay_grid, run_adjoint
+from ._adjoint import run_adjoint
+from ._backward_setup import last_nonzero, merge_stats
+from ._passes import replay_grid
+from ._vjp import flat_cat
 from ._base import AbstractSensitivity
 
 __all__ = ["DirectAdjoint"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 from .._loop import integrate
-from ._adjoint import (
-    VJP, backward_intervals, backward_setup, check_checkpointing, check_common, forward_checkpointed, forward_dense, last_nonzero,
-    merge_stats, run_adjoint, run_backward,
-)
+from ._adjoint import run_adjoint
+from ._backward_setup import backward_setup, last_nonzero, merge_stats, run_backward
+from ._passes import backward_intervals, forward_checkpointed, forward_dense
+from ._validation import check_checkpointing, check_common
+from ._vjp import VJP
 from ._base import AbstractSensitivity
 
 __all__ = ["InterpolatingAdjoint"]

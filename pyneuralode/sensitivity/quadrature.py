@@ -6,10 +6,12 @@ import bisect
 import torch
 
 from .._loop import integrate
-from ._adjoint import (
-    VJP, backward_intervals, backward_setup, check_checkpointing, check_common, flat_cat, forward_checkpointed, forward_dense,
-    gauss_kronrod15, gauss_legendre, last_nonzero, merge_stats, run_adjoint, run_backward,
-)
+from ._adjoint import run_adjoint
+from ._backward_setup import backward_setup, last_nonzero, merge_stats, run_backward
+from ._passes import backward_intervals, forward_checkpointed, forward_dense
+from ._quadrature_rules import gauss_kronrod15, gauss_legendre
+from ._validation import check_checkpointing, check_common
+from ._vjp import VJP, flat_cat
 from ._base import AbstractSensitivity
 
 __all__ = ["QuadratureAdjoint"]
