@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._tolerance import check_tolerance
+
 
 def time_tensor(dtype: torch.dtype, device) -> Callable[[float], torch.Tensor]:
     """``t ↦`` a 0-d tensor of ``t`` (what f and jac receive). On the CPU through a numpy scalar
@@ -103,13 +105,7 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
         if not torch.isfinite(tol).all() or (tol < 0).any():
             raise ValueError(f"{name}: must be finite and non-negative")
         return tol.detach().clone()
-    try:
-        v = float(tol)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a float or a tensor broadcastable to the state, got {type(tol).__name__}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name}: must be a finite non-negative number, got {v}")
-    return v
+    return check_tolerance(name, tol, other="a tensor broadcastable to the state")
 
 
 def _check_adjoint_params(adjoint_params) -> Optional[Tuple[torch.Tensor, ...]]:

@@ -14,31 +14,11 @@ from ._solution import Solution, SolveError
 from ._per_sample import gather, is_per_sample, union_times
 from .controllers import PIController, PredictiveController
 from .sensitivity import AbstractSensitivity, DirectAdjoint
-from .solvers import AbstractSolver, Tsit5, lookup
+from .sensitivity._resolve import resolve_sensealg
+from .solvers import AbstractSolver, Tsit5
+from .solvers._resolve import resolve_solver
 
 BACKENDS = ("torch", "julia")
-
-
-def _resolve_solver(solver) -> AbstractSolver:
-    if solver is None:
-        return Tsit5()
-    if isinstance(solver, str):
-        return lookup(solver)()
-    if isinstance(solver, type) and issubclass(solver, AbstractSolver):
-        raise TypeError(f"solver: got the class {solver.__name__}; pass an instance, e.g. solver=pn.{solver.__name__}()")
-    if not isinstance(solver, AbstractSolver):
-        raise TypeError(f"solver: expected a solver such as pn.Tsit5() or a name such as 'tsit5', got {type(solver).__name__}")
-    return solver
-
-
-def _resolve_sensealg(sensealg) -> AbstractSensitivity:
-    if sensealg is None:
-        return DirectAdjoint()
-    if isinstance(sensealg, type) and issubclass(sensealg, AbstractSensitivity):
-        raise TypeError(f"sensealg: got the class {sensealg.__name__}; pass an instance, e.g. sensealg=pn.{sensealg.__name__}()")
-    if not isinstance(sensealg, AbstractSensitivity):
-        raise TypeError(f"sensealg: expected e.g. pn.DirectAdjoint() or pn.InterpolatingAdjoint(), got {type(sensealg).__name__}")
-    return sensealg
 
 
 def check_flag(name: str, value, allow_none: bool = False):
@@ -161,7 +141,7 @@ def solve(
     adaptive: bool = True,
     max_steps: int = 100_000,
     args: Sequence = (),
-    sensealg: AbstractSensitivity | None = None,
+    sensealg: AbstractSensitivity | str | None = None,
     backend: str = "torch",
     progress: bool = False,
     throw: bool = True,
@@ -225,8 +205,8 @@ def solve(
                         t_reached=sol.t_reached, solver=sol.solver)
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
-    solver = _resolve_solver(solver)
-    sensealg = _resolve_sensealg(sensealg)
+    solver = resolve_solver(solver, Tsit5)
+    sensealg = resolve_sensealg(sensealg)
     problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params)
     if dense is None:
         dense = sensealg.keeps_dense
@@ -246,7 +226,6 @@ def solve(
     locator = None
     if event is not None:
         from .events import EventLocator
-        from .sensitivity import DirectAdjoint
 
         if not callable(event):
             raise TypeError(f"event: expected a function g(t, y) -> scalar tensor, got {type(event).__name__}")

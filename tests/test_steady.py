@@ -279,8 +279,10 @@ def test_input_validation():
         pn.steady_state(lambda z: z[:1], z0)
     with pytest.raises(TypeError, match="floating"):
         pn.steady_state(torch.cos, torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="abstol, reltol"):
+    with pytest.raises(ValueError, match="rtol, atol: at least one"):
         pn.steady_state(torch.cos, z0, abstol=0, reltol=0)
+    with pytest.raises(ValueError, match="rtol, atol: at least one"):
+        pn.steady_state(torch.cos, z0, atol=0, rtol=0)
     with pytest.raises(TypeError, match="sensealg"):
         pn.steady_state(torch.cos, z0, sensealg=pn.DirectAdjoint())
     with pytest.raises(ValueError, match="linsolve"):

@@ -21,7 +21,10 @@ import torch
 from torch import nn
 
 from ..solvers.linear import autograd_on, grad_leaf
-from .neural_ode import resolve_sensealg, resolve_solver
+from .._solve import solve
+from ..sensitivity._resolve import resolve_sensealg
+from ..solvers import Dopri5
+from ..solvers._resolve import resolve_solver
 
 __all__ = ["CNF", "PlanarFlow", "HyperPlanarField"]
 
@@ -164,7 +167,7 @@ class CNF(nn.Module):
         self.dynamics = _Dynamics(vf, dim)
         self.sqrt_T = nn.Parameter(torch.tensor(math.sqrt(T)), requires_grad=bool(train_T))
         self.trace, self.noise = trace, noise
-        self.solver = resolve_solver(solver)
+        self.solver = resolve_solver(solver, Dopri5)
         self.sensealg = resolve_sensealg(sensealg)
         self.rtol, self.atol = rtol, atol
         self.kinetic, self.jacobian = float(kinetic), float(jacobian)
@@ -188,8 +191,6 @@ class CNF(nn.Module):
 
     def transform(self, x: torch.Tensor, trace: str | None = None):
         """Push data ``x`` to the base: returns ``(z(T), ∫Tr dt, kinetic [batch], jacobian [batch])`` (the last two ``None`` unless regularised)."""
-        import pyneuralode as pn
-
         _check_data(x, self.dim)
         if not torch.isfinite(self.T).all() or not float(self.T) > 0:
             raise ValueError(f"T: the (learned) integration time is {float(self.T)!r}; "
@@ -205,7 +206,7 @@ class CNF(nn.Module):
         y0 = (x, zero, zero, zero) if self._regs else (x, zero)
         T = self.T.to(x.dtype)
         t = torch.stack([torch.zeros_like(T), T]) if self.sqrt_T.requires_grad else torch.tensor([0.0, float(T)], dtype=x.dtype)
-        sol = pn.solve(dyn, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
+        sol = solve(dyn, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
                        adaptive=self.adaptive, dt=self.dt, args=())
         self.nfe_forward = int(sol.stats["nfe"])
         self.last_stats = sol.stats
@@ -231,15 +232,13 @@ class CNF(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` samples ``[n, dim]``: base draws integrated from ``T`` back to 0 (no gradients)."""
-        import pyneuralode as pn
-
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
         p = next(self.parameters())
         z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device) * self.base_std
         with torch.no_grad():
             t = torch.tensor([float(self.T), 0.0], dtype=p.dtype)
-            sol = pn.solve(lambda t_, y: self.vector_field(t_, y), z, t, self.solver, rtol=self.rtol, atol=self.atol,
+            sol = solve(lambda t_, y: self.vector_field(t_, y), z, t, self.solver, rtol=self.rtol, atol=self.atol,
                            adaptive=self.adaptive, dt=-abs(self.dt) if self.dt else None)
         return sol.ys[-1]
 

@@ -7,9 +7,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._tolerance import tolerance_pair
+from ..sensitivity._resolve import resolve_sensealg
+from ..steady._steady import resolve_solver, steady_state
+
 __all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ"]
 
 _BACKENDS = ("torch", "julia")
+#: the layer's default tolerances (looser in atol than ``steady_state``'s 1e-8: a training layer)
+RTOL, ATOL = 1e-6, 1e-6
 _INITS = ("zeros", "f")
 
 
@@ -26,7 +32,8 @@ class DEQ(nn.Module):
     ``z0``: initial guess; default ``init="zeros"`` (zeros shaped like ``x``) or ``init="f"``
     (``f(0, x)``, the blog's ``z = NN(x)``); pass ``z0`` when the state is not shaped like ``x``.
     The leading dimension is a batch (``batch_dim=0``; ``None`` treats the state as one problem).
-    ``throw``: raise :class:`pn.SteadyStateError` when the forward solve fails (default) or go on
+    ``rtol``/``atol``: the steady-state tolerances (defaults 1e-6 and 1e-6; SciML's
+    ``reltol``/``abstol`` are accepted as aliases). ``throw``: raise :class:`pn.SteadyStateError` when the forward solve fails (default) or go on
     with the best iterate. ``jac_reg_weight > 0``: in training mode, with probability
     ``jac_reg_freq`` per forward, ``self.jac_loss`` is ``weight · pn.jacobian_regularization(...)``
     at ``z*`` (else 0): add it to the loss (Bai, Koltun, Kolter 2021).
@@ -42,13 +49,11 @@ class DEQ(nn.Module):
     ``DynamicSS`` + ``SteadyStateAdjoint``); ``last_stats`` is then that backend's stats dict.
     """
 
-    def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *, abstol: float = 1e-6,
-                 reltol: float = 1e-6, backend: str = "torch", init="zeros", batch_dim: Optional[int] = 0,
+    def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *, rtol: Optional[float] = None,
+                 atol: Optional[float] = None, backend: str = "torch", init="zeros", batch_dim: Optional[int] = 0,
                  throw: bool = True, jac_reg_weight: float = 0.0, jac_reg_freq: float = 1.0,
-                 skip_weight: float = 0.0):
+                 skip_weight: float = 0.0, reltol: Optional[float] = None, abstol: Optional[float] = None):
         super().__init__()
-        from ..steady._steady import _resolve_sensealg, _tol, resolve_solver
-
         if not callable(f_module):
             raise TypeError(f"f_module: expected an nn.Module (or callable) f(z, x), got {type(f_module).__name__}")
         if backend not in _BACKENDS:
@@ -75,8 +80,9 @@ class DEQ(nn.Module):
             raise ValueError(f"jac_reg_freq: must be a probability in [0, 1], got {jac_reg_freq!r}")
         self.f = f_module
         self.solver = resolve_solver(solver)
-        self.sensealg = _resolve_sensealg(sensealg)
-        self.abstol, self.reltol = _tol("abstol", abstol), _tol("reltol", reltol)
+        self.sensealg = resolve_sensealg(sensealg, steady=True)
+        self.rtol, self.atol = tolerance_pair(rtol, atol, reltol=reltol, abstol=abstol, default_rtol=RTOL,
+                                              default_atol=ATOL)
         self.backend = backend
         self.init = init  # a Module is registered as a submodule: its parameters train with the DEQ
         self.batch_dim = batch_dim
@@ -114,12 +120,10 @@ class DEQ(nn.Module):
         if z0 is None:
             z0 = self.initial_state(x)
         if self.backend == "julia":
-            z, self.last_stats = _julia_steady_state(self.f, z0.detach(), (x,), self.solver, self.sensealg, self.abstol, self.reltol)
+            z, self.last_stats = _julia_steady_state(self.f, z0.detach(), (x,), self.solver, self.sensealg, self.atol, self.rtol)
         else:
-            from ..steady._steady import steady_state
-
             z, info = steady_state(
-                self.f, z0.detach(), (x,), self.solver, abstol=self.abstol, reltol=self.reltol, sensealg=self.sensealg,
+                self.f, z0.detach(), (x,), self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
                 throw=self.throw, return_info=True, batch_dim=self.batch_dim if z0.ndim > 0 else None,
             )
             self.last_stats = info
@@ -136,7 +140,25 @@ class DEQ(nn.Module):
         return z
 
     def extra_repr(self) -> str:
-        return f"solver={self.solver!r}, sensealg={self.sensealg!r}, abstol={self.abstol:g}, reltol={self.reltol:g}, backend={self.backend!r}"
+        return f"solver={self.solver!r}, sensealg={self.sensealg!r}, rtol={self.rtol:g}, atol={self.atol:g}, backend={self.backend!r}"
+
+    @property
+    def abstol(self) -> float:
+        """``atol`` under SciML's name."""
+        return self.atol
+
+    @abstol.setter
+    def abstol(self, value) -> None:
+        self.atol = value
+
+    @property
+    def reltol(self) -> float:
+        """``rtol`` under SciML's name."""
+        return self.rtol
+
+    @reltol.setter
+    def reltol(self, value) -> None:
+        self.rtol = value
 
 
 class SkipDEQ(DEQ):

@@ -22,7 +22,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .neural_ode import resolve_sensealg, resolve_solver
+from .._solve import solve
+from ..sensitivity._resolve import resolve_sensealg
+from ..solvers import Dopri5
+from ..solvers._resolve import resolve_solver
 
 __all__ = ["LatentODE", "RNNBaseline", "union_times"]
 
@@ -128,7 +131,7 @@ class LatentODE(nn.Module):
         self.h2o = nn.Linear(rec_hidden, 2 * latent_dim)
         self.func = _LatentField(latent_dim, ode_hidden)
         self.decoder = nn.Sequential(nn.Linear(latent_dim, dec_hidden), nn.ReLU(), nn.Linear(dec_hidden, obs_dim))
-        self.solver = resolve_solver(solver)
+        self.solver = resolve_solver(solver, Dopri5)
         self.sensealg = resolve_sensealg(sensealg)
         self.rtol, self.atol = rtol, atol
         self.nfe_forward = 0
@@ -136,8 +139,6 @@ class LatentODE(nn.Module):
     # -- recognition ------------------------------------------------------------------------------
     def encode(self, x, t, mask=None):
         """``q(z₀|x)``: returns ``(μ, log σ²)`` each ``[B, latent_dim]``, running backwards over the observations."""
-        import pyneuralode as pn
-
         mask = _check_batch(x, t, mask, self.obs_dim)
         B, T, _ = x.shape
         h = x.new_zeros(B, self.rec_hidden)
@@ -146,7 +147,7 @@ class LatentODE(nn.Module):
         for k in range(T - 1, -1, -1):
             m = mask[:, k]
             if self.encoder == "odernn" and k < T - 1 and started.any():
-                sol = pn.solve(self.rec_field, h, torch.stack([t[k + 1], t[k]]), self.solver, rtol=self.rtol,
+                sol = solve(self.rec_field, h, torch.stack([t[k + 1], t[k]]), self.solver, rtol=self.rtol,
                                atol=self.atol, sensealg=self.sensealg)
                 h = torch.where(started.unsqueeze(1), sol.ys[-1], h)
             if not m.any():
@@ -165,10 +166,8 @@ class LatentODE(nn.Module):
     # -- generation -------------------------------------------------------------------------------
     def decode(self, z0, t):
         """Solve the latent ODE from ``z0`` (at ``t[0]``) at the times ``t`` and decode: ``[B, len(t), obs_dim]``."""
-        import pyneuralode as pn
-
         self.func.nfe = 0
-        sol = pn.solve(self.func, z0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg)
+        sol = solve(self.func, z0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg)
         self.nfe_forward = self.func.nfe
         return self.decoder(sol.ys).transpose(0, 1)
 

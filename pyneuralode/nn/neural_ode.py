@@ -4,38 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._solve import solve
+from ..sensitivity import DirectAdjoint
+from ..sensitivity._resolve import resolve_sensealg
+from ..solvers import Dopri5
+from ..solvers._resolve import resolve_solver
+
 __all__ = ["NeuralODE"]
-
-_SENSEALG_NAMES = {"direct": "DirectAdjoint", "backsolve": "BacksolveAdjoint", "adjoint": "BacksolveAdjoint",
-                   "interpolating": "InterpolatingAdjoint", "quadrature": "QuadratureAdjoint"}
-
-
-def resolve_sensealg(sensealg):
-    """``None`` (DirectAdjoint), a sensitivity object, or a short name such as ``"interpolating"``."""
-    import pyneuralode as pn
-
-    if sensealg is None:
-        return pn.DirectAdjoint()
-    if isinstance(sensealg, pn.AbstractSensitivity):
-        return sensealg
-    if isinstance(sensealg, str) and sensealg.lower() in _SENSEALG_NAMES and hasattr(pn, _SENSEALG_NAMES[sensealg.lower()]):
-        return getattr(pn, _SENSEALG_NAMES[sensealg.lower()])()
-    raise ValueError(
-        f"sensealg: expected a sensitivity object such as pn.InterpolatingAdjoint() or one of "
-        f"{sorted(k for k, v in _SENSEALG_NAMES.items() if hasattr(pn, v))}, got {sensealg!r}"
-    )
-
-
-def resolve_solver(solver):
-    import pyneuralode as pn
-
-    if solver is None:
-        return pn.Dopri5()
-    if isinstance(solver, str):
-        return pn.solvers.lookup(solver)()
-    if not isinstance(solver, pn.AbstractSolver):
-        raise TypeError(f"solver: expected a solver such as pn.Dopri5() or a name such as 'tsit5', got {type(solver).__name__}")
-    return solver
 
 
 #: torch's messages for operands whose shapes do not fit (a state of the wrong width)
@@ -106,14 +81,14 @@ class NeuralODE(nn.Module):
         if t.ndim != 1 or t.numel() < 2:
             raise ValueError(f"t: expected a 1-D sequence of at least two times, e.g. (0.0, 1.0); got shape {tuple(t.shape)}")
         self.register_buffer("t", t, persistent=False)
-        self.solver = resolve_solver(solver)
+        self.solver = resolve_solver(solver, Dopri5)
         self.sensealg = resolve_sensealg(sensealg)
         self.rtol, self.atol = rtol, atol
         self.return_trajectory = return_trajectory
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
         self.last_stats: dict = {}
         # the whole-graph DirectAdjoint: backward evaluations are counted by a gradient hook
-        self._direct = type(self.sensealg).__name__ == "DirectAdjoint" and getattr(self.sensealg, "checkpoints", None) is None
+        self._direct = isinstance(self.sensealg, DirectAdjoint) and self.sensealg.checkpoints is None
 
     @property
     def vector_field(self):
@@ -133,14 +108,12 @@ class NeuralODE(nn.Module):
         return int(self.last_stats.get("nfe_adjoint", self.last_stats.get("nfe_recompute", 0)))
 
     def forward(self, y0, t=None):
-        import pyneuralode as pn
-
         t = self.t if t is None else t
         if isinstance(t, torch.Tensor) and isinstance(y0, torch.Tensor) and t.is_floating_point():
             t = t.to(device=y0.device, dtype=y0.dtype) if not t.requires_grad else t
         self.func.calls, self.func.vjps = 0, 0
         self.func.hook = self._direct and torch.is_grad_enabled()
-        sol = pn.solve(self.func, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
+        sol = solve(self.func, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
                        adaptive=self.adaptive, dt=self.dt, max_steps=self.max_steps)
         self.func.hook = False
         self.last_stats = sol.stats

@@ -24,6 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._solve import solve
+from ..sensitivity import DirectAdjoint
+from ..sensitivity._resolve import resolve_sensealg
+from ..solvers import RK4, Dopri5
+from ..solvers._resolve import resolve_solver
+
 __all__ = ["MNISTNet", "ODEBlock", "ODENetFunc", "PreActResBlock", "MNIST_VARIANTS"]
 
 MNIST_VARIANTS = ("odenet", "rknet", "resnet", "none")
@@ -64,21 +70,6 @@ class ODENetFunc(nn.Module):
         return self.norm3(out)
 
 
-def _resolve_sensealg(sensealg):
-    import pyneuralode as pn
-
-    if sensealg is None or isinstance(sensealg, pn.AbstractSensitivity):
-        return sensealg
-    names = {"direct": "DirectAdjoint", "backsolve": "BacksolveAdjoint", "adjoint": "BacksolveAdjoint",
-             "interpolating": "InterpolatingAdjoint", "quadrature": "QuadratureAdjoint"}
-    if isinstance(sensealg, str) and sensealg.lower() in names and hasattr(pn, names[sensealg.lower()]):
-        return getattr(pn, names[sensealg.lower()])()
-    raise ValueError(
-        f"sensealg: expected a sensitivity object such as pn.DirectAdjoint() or one of "
-        f"{sorted(k for k, v in names.items() if hasattr(pn, v))}, got {sensealg!r}"
-    )
-
-
 class ODEBlock(nn.Module):
     """Map ``h(0) ↦ h(T)`` by solving ``dh/dt = func(t, h)`` over ``t = (0, T)`` with :func:`pyneuralode.solve`.
 
@@ -90,14 +81,12 @@ class ODEBlock(nn.Module):
     def __init__(self, func: nn.Module, t_end: float = 1.0, solver=None, rtol: float = 1e-3, atol: float = 1e-3,
                  sensealg=None, adaptive: bool = True, dt=None, max_steps: int = 10_000):
         super().__init__()
-        import pyneuralode as pn
-
         if not hasattr(func, "nfe"):
             raise TypeError("func: expected a module with an `nfe` call counter, such as ODENetFunc")
         self.func = func
-        self.solver = pn.Dopri5() if solver is None else solver
+        self.solver = resolve_solver(solver, Dopri5)
         self.rtol, self.atol = float(rtol), float(atol)
-        self.sensealg = _resolve_sensealg(sensealg)
+        self.sensealg = resolve_sensealg(sensealg)
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
         self.register_buffer("t", torch.tensor([0.0, float(t_end)]), persistent=False)
         self.nfe_forward = 0
@@ -109,10 +98,8 @@ class ODEBlock(nn.Module):
         return self.func.nfe
 
     def forward(self, x):
-        import pyneuralode as pn
-
         self.func.nfe = 0
-        sol = pn.solve(
+        sol = solve(
             self.func, x, self.t.to(x.dtype), self.solver, rtol=self.rtol, atol=self.atol,
             adaptive=self.adaptive, dt=self.dt, sensealg=self.sensealg, dense=False, max_steps=self.max_steps,
         )
@@ -149,8 +136,6 @@ class MNISTNet(nn.Module):
     def __init__(self, variant: str = "odenet", *, solver=None, rtol: float = 1e-3, atol: float = 1e-3,
                  sensealg=None, rk_steps: int = 4, dim: int = 64, num_classes: int = 10):
         super().__init__()
-        import pyneuralode as pn
-
         if variant not in MNIST_VARIANTS:
             raise ValueError(f"variant: expected one of {MNIST_VARIANTS}, got {variant!r}")
         if not isinstance(rk_steps, int) or rk_steps < 1:
@@ -164,8 +149,8 @@ class MNISTNet(nn.Module):
         if variant == "odenet":
             self.features = ODEBlock(ODENetFunc(dim), solver=solver, rtol=rtol, atol=atol, sensealg=sensealg)
         elif variant == "rknet":
-            self.features = ODEBlock(ODENetFunc(dim), solver=pn.RK4(), adaptive=False, dt=1.0 / rk_steps,
-                                     sensealg=pn.DirectAdjoint())
+            self.features = ODEBlock(ODENetFunc(dim), solver=RK4(), adaptive=False, dt=1.0 / rk_steps,
+                                     sensealg=DirectAdjoint())
         elif variant == "resnet":
             self.features = nn.Sequential(*[PreActResBlock(dim) for _ in range(6)])
         else:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._passes import Pass
+from ._backward_setup import last_nonzero
+from ._passes import Pass, plain_forward
 from ._vjp import Targets
 
 _DOUBLE_BACKWARD = (
@@ -49,7 +50,7 @@ class _FirstOrderOnly(torch.autograd.Function):
 class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, box, sensealg, problem, solver, opts, stats, targets, y0, *tensors):
-        ys, loop, saved = sensealg._forward(problem, y0.detach(), solver, opts, stats, keep=True)
+        ys, loop, saved = sensealg._forward(problem, y0.detach(), solver, opts, stats)
         box["loop"] = loop
         ctx.sensealg = sensealg
         ctx.pass_ = Pass(problem, solver, opts, stats, targets, saved)
@@ -64,9 +65,16 @@ class _AdjointFunction(torch.autograd.Function):
         double = torch.is_grad_enabled()
         (ys,) = ctx.saved_tensors
         inputs = ctx.inputs
+        targets = ctx.pass_.targets
         with torch.no_grad():
-            grad_y0, grad_flat = sensealg._backward(ctx.pass_, ys, grad_ys.detach())
-        grads = ctx.pass_.targets.split(grad_flat) if grad_flat is not None else [None] * len(ctx.pass_.targets.tensors)
+            cot = grad_ys.detach()
+            m = last_nonzero(cot)
+            if m <= 0:  # no cotangent after the first output: nothing to integrate back
+                grad_y0 = cot[0] if m == 0 else torch.zeros_like(ys[0])
+                grad_flat = ys.new_zeros(targets.n) if targets.n else None
+            else:
+                grad_y0, grad_flat = sensealg._backward(ctx.pass_, ys, cot, m)
+        grads = targets.split(grad_flat) if grad_flat is not None else [None] * len(targets.tensors)
         outs = [grad_y0, *grads]
         if double:  # create_graph=True: the first derivative, but no second one
             depends = [v for v in (*inputs, grad_ys) if v.requires_grad]
@@ -78,12 +86,11 @@ class _AdjointFunction(torch.autograd.Function):
 
 
 def run_adjoint(sensealg, problem, y0, solver, opts, stats):
-    """``AbstractSensitivity.run`` for the continuous adjoints."""
+    """``AbstractAdjoint.run``: the plain loop when nothing needs a gradient, else the Function."""
     targets = Targets(problem, sensealg.name) if torch.is_grad_enabled() else None
     if targets is None or not (y0.requires_grad or any(t.requires_grad for t in targets.tensors)):
         with torch.no_grad():
-            ys, loop, _ = sensealg._forward(problem, y0, solver, opts, stats, keep=False)
-        return ys, loop
+            return plain_forward(problem, y0, solver, opts, stats)
     box: dict = {}
     ys = _AdjointFunction.apply(box, sensealg, problem, solver, opts, stats, targets, y0, *targets.tensors)
     return ys, box["loop"]

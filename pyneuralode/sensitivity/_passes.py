@@ -8,14 +8,64 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Any, List, Optional
+from typing import Any, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from .._loop import LoopOptions, integrate
+from .._loop import LoopOptions, LoopResult, integrate
 from .._solution import SolveError
 from ._vjp import Targets
+
+
+# ---------------------------------------------------------------------------------------------
+# What a forward pass keeps for its backward pass (one typed record per kind)
+
+
+@dataclasses.dataclass
+class DenseTrajectory:
+    """The whole dense output of the forward pass."""
+
+    segments: list
+
+
+@dataclasses.dataclass
+class Checkpoints:
+    """States at the checkpoint ``times`` (output times merged with evenly spaced ones), the output
+    index at each checkpoint (``None`` for a pure checkpoint) and the accepted step times."""
+
+    times: List[float]
+    states: List[torch.Tensor]
+    output_of: List[Optional[int]]
+    step_ts: List[float]
+
+
+@dataclasses.dataclass
+class StepBounds:
+    """The forward's first time and accepted step times (each backward interval starts with the
+    forward step that covers its end)."""
+
+    bounds: List[float]
+
+
+@dataclasses.dataclass
+class ThinnedCheckpoints:
+    """``(step index, t, y)`` at every k-th accepted step and all accepted step times (the replay
+    grid of checkpointed ``DirectAdjoint``)."""
+
+    entries: List[Tuple[int, float, torch.Tensor]]
+    step_ts: List[float]
+
+
+Saved = Union[DenseTrajectory, Checkpoints, StepBounds, ThinnedCheckpoints]
+
+
+class Forward(NamedTuple):
+    """What ``_forward`` returns: the output states, the loop result handed to the user, the record."""
+
+    ys: torch.Tensor
+    loop: LoopResult
+    saved: Saved
 
 
 @dataclasses.dataclass
@@ -27,7 +77,13 @@ class Pass:
     opts: LoopOptions
     stats: dict
     targets: Targets
-    saved: Any = None
+    saved: Saved
+
+
+def plain_forward(problem, y0, solver, opts, stats):
+    """The forward pass without a graph when nothing needs a gradient: ``(ys, loop)``."""
+    loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, opts, stats)
+    return torch.stack(loop.ys), loop
 
 
 class DenseLookup:
@@ -66,7 +122,7 @@ def forward_dense(problem, y0, solver, opts, stats):
     """Forward pass keeping the whole dense output (returned to the user only if ``opts.dense``)."""
     loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, dataclasses.replace(opts, dense=True), stats)
     out = loop if opts.dense else dataclasses.replace(loop, segments=None)
-    return torch.stack(loop.ys), out, ("dense", loop.segments)
+    return Forward(torch.stack(loop.ys), out, DenseTrajectory(loop.segments))
 
 
 def forward_checkpointed(problem, y0, solver, opts, stats, n_checkpoints):
@@ -82,13 +138,12 @@ def forward_checkpointed(problem, y0, solver, opts, stats, n_checkpoints):
     ys = [loop.ys[j] for j in out_index if j < kk]
     out = dataclasses.replace(loop, ys=ys, step_ts=None)
     if opts.dense:
-        return torch.stack(ys), out, ("dense", loop.segments)
+        return Forward(torch.stack(ys), out, DenseTrajectory(loop.segments))
     output_of: List[Optional[int]] = [None] * kk
     for i, j in enumerate(out_index):
         if j < kk:
             output_of[j] = i
-    saved = ("checkpoints", merged[:kk], list(loop.ys), output_of, loop.step_ts)
-    return torch.stack(ys), out, saved
+    return Forward(torch.stack(ys), out, Checkpoints(merged[:kk], list(loop.ys), output_of, loop.step_ts))
 
 
 def replay_grid(step_ts: List[float], t0: float, t1: float) -> List[float]:
@@ -130,15 +185,16 @@ def backward_intervals(p: Pass, m: int, bstats: dict, who: str):
     two adjoint evaluations).
     """
     problem = p.problem
-    if p.saved[0] == "dense":
-        segs = p.saved[1]
+    saved = p.saved
+    if isinstance(saved, DenseTrajectory):
+        segs = saved.segments
         lookup = DenseLookup(segs)
         bounds = [s.t0 for s in segs] + [segs[-1].t0 + segs[-1].dt] if segs else []
         times = problem.t_list
         for i in range(m, 0, -1):
             yield times[i], times[i - 1], lookup, i - 1, step_covering(bounds, times[i])
         return
-    _, times, states, output_of, step_ts = p.saved
+    times, states, output_of, step_ts = saved.times, saved.states, saved.output_of, saved.step_ts
     bounds = [times[0]] + list(step_ts)
     # A multistep method restarts from a checkpoint without its history, so it cannot replay the
     # forward's steps (they were taken at a higher order): it re-solves adaptively, to the tolerance.

@@ -1,7 +1,8 @@
 """Validation of the constructor arguments shared by the continuous adjoints."""
 from __future__ import annotations
 
-import math
+from .._tolerance import check_tolerance
+from ..solvers._resolve import resolve_solver
 
 
 def check_checkpointing(cls_name: str, checkpointing, n_checkpoints) -> None:
@@ -16,23 +17,8 @@ def check_checkpointing(cls_name: str, checkpointing, n_checkpoints) -> None:
 
 
 def check_common(cls_name: str, solver, rtol, atol):
-    from ..solvers import AbstractSolver, lookup
-
-    if solver is not None:
-        if isinstance(solver, str):
-            solver = lookup(solver)()
-        elif isinstance(solver, type) and issubclass(solver, AbstractSolver):
-            raise TypeError(f"{cls_name}(solver=...): got the class {solver.__name__}; pass an instance, e.g. solver=pn.{solver.__name__}()")
-        elif not isinstance(solver, AbstractSolver):
-            raise TypeError(f"{cls_name}(solver=...): expected a solver such as pn.Tsit5() (or None for the forward solver), got {type(solver).__name__}")
-    out = []
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if v is not None:
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                raise TypeError(f"{cls_name}({name}=...): expected a float or None (None = the forward {name}), got {type(v).__name__}") from None
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{cls_name}({name}=...): must be a finite non-negative number, got {v}")
-        out.append(v)
-    return solver, out[0], out[1]
+    """The backward ``solver`` (an instance, a name or None = the forward one) and tolerances."""
+    solver = resolve_solver(solver, None, arg=f"{cls_name}(solver=...)", none_means="the forward solver")
+    rtol = check_tolerance(f"{cls_name}(rtol=...)", rtol, none="the forward rtol")
+    atol = check_tolerance(f"{cls_name}(atol=...)", atol, none="the forward atol")
+    return solver, rtol, atol

@@ -6,12 +6,10 @@ import dataclasses
 import torch
 
 from .._loop import integrate
-from ._adjoint import run_adjoint
-from ._backward_setup import backward_setup, last_nonzero, merge_stats, run_backward
-from ._passes import step_covering
-from ._validation import check_common
+from ._backward_setup import backward_setup, merge_stats, run_backward
+from ._passes import Forward, StepBounds, step_covering
 from ._vjp import VJP
-from ._base import AbstractSensitivity
+from ._base import AbstractContinuousAdjoint
 
 __all__ = ["BacksolveAdjoint"]
 
@@ -21,7 +19,7 @@ _HINT = (
 )
 
 
-class BacksolveAdjoint(AbstractSensitivity):
+class BacksolveAdjoint(AbstractContinuousAdjoint):
     """Continuous adjoint that re-solves the state backwards together with the adjoint.
 
     The augmented system ``[y, a, g]`` (state, adjoint ``a = ∂L/∂y``, parameter gradient) is
@@ -44,32 +42,24 @@ class BacksolveAdjoint(AbstractSensitivity):
     def __init__(self, seminorm: bool = False, solver=None, rtol=None, atol=None):
         if not isinstance(seminorm, bool):
             raise TypeError(f"BacksolveAdjoint(seminorm=...): expected True or False, got {seminorm!r}")
-        solver, rtol, atol = check_common("BacksolveAdjoint", solver, rtol, atol)
         super().__init__(solver, rtol, atol)
         self.seminorm = seminorm
 
-    def run(self, problem, y0, solver, opts, stats):
-        return run_adjoint(self, problem, y0, solver, opts, stats)
-
     # -- forward: the plain loop without a graph; only the output states are kept ----------------
-    def _forward(self, problem, y0, solver, opts, stats, keep):
-        loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, dataclasses.replace(opts, record_steps=keep), stats)
+    def _forward(self, problem, y0, solver, opts, stats):
+        loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, dataclasses.replace(opts, record_steps=True), stats)
         # keep the accepted step times: each backward interval starts with the forward step that covers its end
-        saved = [problem.t_list[0]] + (loop.step_ts or []) if keep else None
-        return torch.stack(loop.ys), dataclasses.replace(loop, step_ts=None), saved
+        saved = StepBounds([problem.t_list[0]] + (loop.step_ts or []))
+        return Forward(torch.stack(loop.ys), dataclasses.replace(loop, step_ts=None), saved)
 
     # -- backward ----------------------------------------------------------------------------------
-    def _backward(self, p, ys, grad_ys):
+    def _backward(self, p, ys, grad_ys, m):
         problem, targets = p.problem, p.targets
         k = ys.shape[0]
         shape = ys.shape[1:]
         ny = ys[0].numel()
         ng = targets.n
         times = problem.t_list[:k]
-        m = last_nonzero(grad_ys)
-        if m <= 0:
-            g0 = grad_ys[0] if m == 0 else torch.zeros_like(ys[0])
-            return g0, (ys.new_zeros(ng) if ng else None)
         bsolver, bopts = backward_setup(
             self, p.solver, p.opts, ys, 2, targets.numels, dense=False, seminorm=self.seminorm
         )
@@ -87,7 +77,7 @@ class BacksolveAdjoint(AbstractSensitivity):
         try:
             for i in range(m, 0, -1):
                 res = run_backward(aug_rhs, z, times[i], times[i - 1], bsolver, bopts, bstats, self.name, _HINT, n_state=2 * ny,
-                                   first_step=step_covering(p.saved, times[i]))
+                                   first_step=step_covering(p.saved.bounds, times[i]))
                 z = res.y_final.clone()
                 z[:ny] = ys[i - 1].reshape(-1)  # the stored forward state is more accurate than the backsolved one
                 z[ny : 2 * ny] += grad_ys[i - 1].reshape(-1)

@@ -8,16 +8,15 @@ import torch
 
 from .._loop import integrate
 from .._solution import SolveError
-from ._adjoint import run_adjoint
-from ._backward_setup import last_nonzero, merge_stats
-from ._passes import replay_grid
+from ._backward_setup import merge_stats
+from ._passes import Forward, ThinnedCheckpoints, plain_forward, replay_grid
 from ._vjp import flat_cat
-from ._base import AbstractSensitivity
+from ._base import AbstractAdjoint
 
 __all__ = ["DirectAdjoint"]
 
 
-class DirectAdjoint(AbstractSensitivity):
+class DirectAdjoint(AbstractAdjoint):
     """Differentiate the computed solution exactly with torch autograd through every step.
 
     Exact gradient of the discrete solution (including step-size control, which is treated as
@@ -56,36 +55,29 @@ class DirectAdjoint(AbstractSensitivity):
         self.checkpoints = checkpoints
 
     def run(self, problem, y0, solver, opts, stats):
-        if self.checkpoints is None:
-            loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, opts, stats)
-            return torch.stack(loop.ys), loop
+        if self.checkpoints is None:  # the whole graph: autograd differentiates every step
+            return plain_forward(problem, y0, solver, opts, stats)
         if getattr(solver, "multistep", False):
             raise ValueError(
                 f"DirectAdjoint(checkpoints={self.checkpoints}): {type(solver).__name__} is a multistep method whose "
                 "history a stored state cannot restore, so a replayed segment would not be the computed solution; "
                 "use DirectAdjoint() or InterpolatingAdjoint() with it"
             )
-        return run_adjoint(self, problem, y0, solver, opts, stats)
+        return super().run(problem, y0, solver, opts, stats)
 
     # -- checkpointed: forward without a graph, keeping thinned states -----------------------------
-    def _forward(self, problem, y0, solver, opts, stats, keep):
-        if not keep:
-            loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, opts, stats)
-            return torch.stack(loop.ys), loop, None
+    def _forward(self, problem, y0, solver, opts, stats):
         kept = _ThinnedStates(self.checkpoints, problem.t_list[0], y0)
         loop = integrate(problem.rhs(stats), y0, problem.t_list, solver,
                          dataclasses.replace(opts, record_steps=True, on_accept=kept.add), stats)
-        return torch.stack(loop.ys), dataclasses.replace(loop, step_ts=None), (kept.entries, loop.step_ts)
+        return Forward(torch.stack(loop.ys), dataclasses.replace(loop, step_ts=None),
+                       ThinnedCheckpoints(kept.entries, loop.step_ts))
 
     # -- checkpointed: replay each segment with autograd, last to first -----------------------------
-    def _backward(self, p, ys, grad_ys):
+    def _backward(self, p, ys, grad_ys, m):
         problem, targets = p.problem, p.targets
         ng = targets.n
-        m = last_nonzero(grad_ys)
-        if m <= 0:
-            g0 = grad_ys[0] if m == 0 else torch.zeros_like(ys[0])
-            return g0, (ys.new_zeros(ng) if ng else None)
-        entries, step_ts = p.saved
+        entries, step_ts = p.saved.entries, p.saved.step_ts
         times = problem.t_list[: ys.shape[0]]
         direction = 1.0 if times[-1] > times[0] else -1.0
         bounds = [t for _, t, _ in entries]

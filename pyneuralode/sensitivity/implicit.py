@@ -6,9 +6,10 @@ solved matrix-free with vector–Jacobian products of one saved evaluation ``f(z
 iterate is stored. This module is the single implementation used by
 :func:`pyneuralode.steady_state` and :class:`pyneuralode.DEQ`.
 
-Each gradient method has ``attach(f, z_star, args, info) -> z`` (called with grad enabled after
-the forward solve, under which ``z_star`` was computed without a graph) returning a tensor with
-the value of ``z_star`` whose backward applies the method; it records its costs in ``info``.
+Each gradient method is an :class:`~._base.AbstractImplicitGradient`: ``attach(f, z_star, args,
+info) -> z`` (called with grad enabled after the forward solve, under which ``z_star`` was computed
+without a graph) returns a tensor with the value of ``z_star`` whose backward applies the method;
+it records its costs in ``info``.
 """
 from __future__ import annotations
 
@@ -18,24 +19,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._base import AbstractSensitivity
+from ._base import AbstractImplicitGradient
 
 __all__ = ["SteadyStateAdjoint", "PhantomGradient", "jacobian_regularization"]
 
 _LINSOLVES = ("gmres", "fixed_point", "anderson")
 
 
-class _SteadyMixin:
-    keeps_dense = False
-
-    def run(self, problem, y0, solver, opts, stats):
-        raise TypeError(
-            f"sensealg: {type(self).__name__} differentiates steady states; use it with pn.steady_state(...) "
-            "or pn.DEQ(...), not pn.solve (for pn.solve use e.g. pn.InterpolatingAdjoint())"
-        )
-
-
-class SteadyStateAdjoint(_SteadyMixin, AbstractSensitivity):
+class SteadyStateAdjoint(AbstractImplicitGradient):
     """Implicit (steady-state adjoint) gradient of ``z* = f(z*, *args)``.
 
     Solves ``(I − ∂f/∂z)ᵀ g = ∂L/∂z*`` matrix-free with VJPs of one saved evaluation of ``f`` at
@@ -73,7 +64,8 @@ class SteadyStateAdjoint(_SteadyMixin, AbstractSensitivity):
         for nm, v in (("max_iters", max_iters), ("restart", restart), ("m", m)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{nm}: expected a positive int, got {v!r}")
-        super().__init__(None, None if rtol is None else float(rtol), float(atol))
+        self.rtol = None if rtol is None else float(rtol)
+        self.atol = float(atol)
         self.linsolve = linsolve
         self.max_iters = max_iters
         self.restart = restart
@@ -199,7 +191,7 @@ _DOUBLE_BACKWARD = (
 )
 
 
-class PhantomGradient(_SteadyMixin, AbstractSensitivity):
+class PhantomGradient(AbstractImplicitGradient):
     """Inexact "phantom" gradient: ``k`` damped unrolled steps ``z ← (1−λ) z + λ f(z)`` from ``z*``.
 
     Backpropagates through those ``k`` steps only (memory ``k`` evaluation graphs, ``k`` VJPs);
@@ -215,7 +207,6 @@ class PhantomGradient(_SteadyMixin, AbstractSensitivity):
             raise ValueError(f"k: expected a positive int (number of unrolled steps), got {k!r}")
         if not isinstance(damping, (int, float)) or not (0 < damping <= 1):
             raise ValueError(f"damping: must be in (0, 1], got {damping!r}")
-        super().__init__()
         self.k = k
         self.damping = float(damping)
 

@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .._loop import integrate
-from ._adjoint import run_adjoint
-from ._backward_setup import backward_setup, last_nonzero, merge_stats, run_backward
+from ._backward_setup import backward_setup, merge_stats, run_backward
 from ._passes import backward_intervals, forward_checkpointed, forward_dense
-from ._validation import check_checkpointing, check_common
+from ._validation import check_checkpointing
 from ._vjp import VJP
-from ._base import AbstractSensitivity
+from ._base import AbstractContinuousAdjoint
 
 __all__ = ["InterpolatingAdjoint"]
 
 
-class InterpolatingAdjoint(AbstractSensitivity):
+class InterpolatingAdjoint(AbstractContinuousAdjoint):
     """Continuous adjoint integrated over an interpolation of the forward trajectory.
 
     Only the adjoint and the parameter gradient ``[a, g]`` are integrated backwards; the state is
@@ -44,34 +42,23 @@ class InterpolatingAdjoint(AbstractSensitivity):
         check_checkpointing("InterpolatingAdjoint", checkpointing, n_checkpoints)
         if not isinstance(seminorm, bool):
             raise TypeError(f"InterpolatingAdjoint(seminorm=...): expected True or False, got {seminorm!r}")
-        solver, rtol, atol = check_common("InterpolatingAdjoint", solver, rtol, atol)
         super().__init__(solver, rtol, atol)
         self.checkpointing = checkpointing
         self.n_checkpoints = n_checkpoints
         self.seminorm = seminorm
 
-    def run(self, problem, y0, solver, opts, stats):
-        return run_adjoint(self, problem, y0, solver, opts, stats)
-
     # -- forward -----------------------------------------------------------------------------------
-    def _forward(self, problem, y0, solver, opts, stats, keep):
-        if not keep:
-            loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, opts, stats)
-            return torch.stack(loop.ys), loop, None
+    def _forward(self, problem, y0, solver, opts, stats):
         if not self.checkpointing:
             return forward_dense(problem, y0, solver, opts, stats)
         return forward_checkpointed(problem, y0, solver, opts, stats, self.n_checkpoints)
 
     # -- backward ----------------------------------------------------------------------------------
-    def _backward(self, p, ys, grad_ys):
+    def _backward(self, p, ys, grad_ys, m):
         problem, targets = p.problem, p.targets
         shape = ys.shape[1:]
         ny = ys[0].numel()
         ng = targets.n
-        m = last_nonzero(grad_ys)
-        if m <= 0:
-            g0 = grad_ys[0] if m == 0 else torch.zeros_like(ys[0])
-            return g0, (ys.new_zeros(ng) if ng else None)
         bsolver, bopts = backward_setup(
             self, p.solver, p.opts, ys, 1, targets.numels, dense=False, seminorm=self.seminorm
         )

@@ -6,20 +6,19 @@ import bisect
 import torch
 
 from .._loop import integrate
-from ._adjoint import run_adjoint
-from ._backward_setup import backward_setup, last_nonzero, merge_stats, run_backward
+from ._backward_setup import backward_setup, merge_stats, run_backward
 from ._passes import backward_intervals, forward_checkpointed, forward_dense
 from ._quadrature_rules import gauss_kronrod15, gauss_legendre
-from ._validation import check_checkpointing, check_common
+from ._validation import check_checkpointing
 from ._vjp import VJP, flat_cat
-from ._base import AbstractSensitivity
+from ._base import AbstractContinuousAdjoint
 
 __all__ = ["QuadratureAdjoint"]
 
 _RULES = ("gauss-legendre", "gauss-kronrod")
 
 
-class QuadratureAdjoint(AbstractSensitivity):
+class QuadratureAdjoint(AbstractContinuousAdjoint):
     """Adjoint by quadrature: only ``a`` is integrated backwards, over the stored forward dense output.
 
     The parameter gradient ``dL/dθ = ∫ aᵀ ∂f/∂θ dt`` is then a quadrature over every backward
@@ -51,7 +50,6 @@ class QuadratureAdjoint(AbstractSensitivity):
             if quadrature != "gauss-legendre":
                 raise ValueError("QuadratureAdjoint: n_nodes applies to quadrature='gauss-legendre' only (Gauss–Kronrod uses 7–15 nodes)")
         check_checkpointing("QuadratureAdjoint", checkpointing, n_checkpoints)
-        solver, rtol, atol = check_common("QuadratureAdjoint", solver, rtol, atol)
         super().__init__(solver, rtol, atol)
         self.quadrature = quadrature
         self.n_nodes = n_nodes
@@ -60,27 +58,17 @@ class QuadratureAdjoint(AbstractSensitivity):
         if checkpointing:
             self.keeps_dense = False  # the point of checkpointing: no dense output kept by default
 
-    def run(self, problem, y0, solver, opts, stats):
-        return run_adjoint(self, problem, y0, solver, opts, stats)
-
     # -- forward: the plain loop without a graph, keeping the dense output or checkpoints ----------
-    def _forward(self, problem, y0, solver, opts, stats, keep):
-        if not keep:
-            loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, opts, stats)
-            return torch.stack(loop.ys), loop, None
+    def _forward(self, problem, y0, solver, opts, stats):
         if self.checkpointing:
             return forward_checkpointed(problem, y0, solver, opts, stats, self.n_checkpoints)
         return forward_dense(problem, y0, solver, opts, stats)
 
     # -- backward ----------------------------------------------------------------------------------
-    def _backward(self, p, ys, grad_ys):
+    def _backward(self, p, ys, grad_ys, m):
         problem, targets = p.problem, p.targets
         shape = ys.shape[1:]
         ng = targets.n
-        m = last_nonzero(grad_ys)
-        if m <= 0:
-            g0 = grad_ys[0] if m == 0 else torch.zeros_like(ys[0])
-            return g0, (ys.new_zeros(ng) if ng else None)
         bsolver, bopts = backward_setup(self, p.solver, p.opts, ys, 1, [], dense=ng > 0)
         vjp = VJP(problem, targets)
         bstats: dict = {}

@@ -10,6 +10,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .._solution import ReturnCode, SolveError
+from .._tolerance import tolerance_pair
+from ..sensitivity._resolve import resolve_sensealg
 from .solvers import AbstractSteadyStateSolver, DynamicSS
 
 __all__ = ["steady_state", "SteadyStateInfo", "SteadyStateError"]
@@ -60,6 +62,16 @@ class SteadyStateInfo:
     bwd_retcode: Optional[ReturnCode] = None
 
     @property
+    def rtol(self) -> float:
+        """``reltol`` under the native name."""
+        return self.reltol
+
+    @property
+    def atol(self) -> float:
+        """``abstol`` under the native name."""
+        return self.abstol
+
+    @property
     def converged(self) -> bool:
         return self.retcode.successful
 
@@ -95,29 +107,8 @@ REL_SCALE = 10.0
 _TINY = 1e-300
 
 
-def _tol(name, v):
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a non-negative number, got {type(v).__name__}") from None
-    if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{name}: must be a finite non-negative number, got {v!r}")
-    return x
-
-
-def _resolve_sensealg(sensealg):
-    from ..sensitivity.implicit import SteadyStateAdjoint
-
-    if sensealg is None:
-        return SteadyStateAdjoint()
-    if isinstance(sensealg, type):
-        raise TypeError(f"sensealg: got the class {sensealg.__name__}; pass an instance, e.g. sensealg=pn.{sensealg.__name__}()")
-    if not hasattr(sensealg, "attach"):
-        raise TypeError(
-            f"sensealg: {type(sensealg).__name__} cannot differentiate a steady state; "
-            "use pn.SteadyStateAdjoint() (implicit, exact) or pn.PhantomGradient(k) (inexact)"
-        )
-    return sensealg
+#: the defaults of ``steady_state`` (``DEQ`` has its own, looser ones)
+RTOL, ATOL = 1e-6, 1e-8
 
 
 def resolve_solver(solver) -> AbstractSteadyStateSolver:
@@ -140,19 +131,22 @@ def steady_state(
     args: Sequence = (),
     solver: AbstractSteadyStateSolver | None = None,
     *,
-    abstol: float = 1e-8,
-    reltol: float = 1e-6,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
     sensealg=None,
     throw: bool = True,
     return_info: bool = False,
     batch_dim: Optional[int] = None,
+    reltol: Optional[float] = None,
+    abstol: Optional[float] = None,
 ):
     """Find ``z*`` with ``z* = f(z*, *args)``, starting from ``z0``; differentiable by the implicit function theorem.
 
     ``solver``: :class:`DynamicSS` (default, ``DynamicSS(Tsit5())``: integrate ``dz/dt = f(z) − z``
     to steady state), :class:`Anderson`, :class:`Broyden` or :class:`FixedPointIteration`.
-    Converged when ``‖f(z) − z‖∞ <= abstol`` or ``<= reltol·min(‖f(z)‖∞, 10·S0)`` with ``S0 =
-    max(‖z0‖∞, ‖f(z0)‖∞)`` the start's scale (so iterates running away from the start cannot meet
+    Converged when ``‖f(z) − z‖∞ <= atol`` or ``<= rtol·min(‖f(z)‖∞, 10·S0)`` (defaults
+    ``rtol=1e-6``, ``atol=1e-8``; SciML's ``reltol``/``abstol`` are accepted as aliases) with
+    ``S0 = max(‖z0‖∞, ‖f(z0)‖∞)`` the start's scale (so iterates running away from the start cannot meet
     the relative test); iterates with ``‖f(z)‖∞ > 1e6·S0`` stop with retcode ``Unstable``
     (``f(z) = z + 1`` has no fixed point). The forward solve runs
     under ``torch.no_grad``; then ``sensealg`` (default :class:`SteadyStateAdjoint`, or
@@ -177,11 +171,11 @@ def steady_state(
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use args=(x,)")
     args = tuple(args)
-    abstol, reltol = _tol("abstol", abstol), _tol("reltol", reltol)
-    if abstol == 0 and reltol == 0:
-        raise ValueError("abstol, reltol: at least one tolerance must be positive")
+    rtol, atol = tolerance_pair(rtol, atol, reltol=reltol, abstol=abstol, default_rtol=RTOL, default_atol=ATOL)
+    if atol == 0 and rtol == 0:
+        raise ValueError("rtol, atol: at least one tolerance must be positive")
     solver = resolve_solver(solver)
-    sensealg = _resolve_sensealg(sensealg)
+    sensealg = resolve_sensealg(sensealg, steady=True)
     if not isinstance(throw, bool):
         raise TypeError(f"throw: expected True or False, got {throw!r}")
     batch = 1
@@ -192,7 +186,7 @@ def steady_state(
             raise ValueError("batch_dim: z0 is a scalar; pass batch_dim=None")
         batch = z0.shape[0]
 
-    info = SteadyStateInfo(solver=solver.name, abstol=abstol, reltol=reltol, batch=batch, sensealg=sensealg.name)
+    info = SteadyStateInfo(solver=solver.name, abstol=atol, reltol=rtol, batch=batch, sensealg=sensealg.name)
     checked = []
 
     def fn(z):
@@ -219,12 +213,12 @@ def steady_state(
         size = float(fz.abs().max())
         if not scale0:
             scale0.append(max(float(z.abs().max()), size))
-        if size > RUNAWAY * max(scale0[0], abstol, _TINY):
+        if size > RUNAWAY * max(scale0[0], atol, _TINY):
             ran_away.append(size)
             return False, math.inf  # every solver stops on a non-finite residual
         # relative to the state's scale, but at most REL_SCALE × the start's: an iterate running
-        # away from the start cannot meet it (f(z) = z + c would "converge" once ‖z‖ ≫ c/reltol)
-        return r <= abstol or r <= reltol * min(size, REL_SCALE * scale0[0]), r
+        # away from the start cannot meet it (f(z) = z + c would "converge" once ‖z‖ ≫ c/rtol)
+        return r <= atol or r <= rtol * min(size, REL_SCALE * scale0[0]), r
 
     start = time.perf_counter()
     with torch.no_grad():

@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from .._loop import LoopOptions, integrate
+from ..solvers import Tsit5
+from ..solvers._resolve import resolve_solver
 from .._solution import ReturnCode
 
 __all__ = ["DynamicSS", "Anderson", "Broyden", "FixedPointIteration", "AbstractSteadyStateSolver"]
@@ -79,16 +81,7 @@ class DynamicSS(AbstractSteadyStateSolver):
 
     def __init__(self, ode_solver=None, tspan: float = math.inf, *, max_steps: int = 10_000,
                  ode_rtol: Optional[float] = None, ode_atol: Optional[float] = None, ode_tol_factor: float = 0.1):
-        from ..solvers import AbstractSolver, Tsit5, lookup
-
-        if ode_solver is None:
-            ode_solver = Tsit5()
-        elif isinstance(ode_solver, str):
-            ode_solver = lookup(ode_solver)()
-        elif isinstance(ode_solver, type) and issubclass(ode_solver, AbstractSolver):
-            raise TypeError(f"ode_solver: got the class {ode_solver.__name__}; pass an instance, e.g. pn.DynamicSS(pn.{ode_solver.__name__}())")
-        elif not isinstance(ode_solver, AbstractSolver):
-            raise TypeError(f"ode_solver: expected an ODE solver such as pn.Tsit5(), got {type(ode_solver).__name__}")
+        ode_solver = resolve_solver(ode_solver, Tsit5, arg="ode_solver")
         if not ode_solver.adaptive_capable:
             raise ValueError(f"ode_solver: {type(ode_solver).__name__} has no error estimate; DynamicSS needs an adaptive solver such as pn.Tsit5()")
         self.ode_solver = ode_solver
