@@ -12,7 +12,7 @@ from ._solution import ReturnCode, Solution, SolveError
 from ._solve import solve
 from ._version import __version__
 from .controllers import PIController, PredictiveController
-from .events import odeint_event
+from ._odeint_event import odeint_event
 from .nn import *  # noqa: F401,F403  (each subpackage lists its public names in __all__)
 from .odeint import odeint, odeint_adjoint
 from .sensitivity import *  # noqa: F401,F403

@@ -1,6 +1,7 @@
 """``solve``: validate, pick the backend and the sensitivity algorithm, hand over, package the result."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Callable, Sequence
@@ -8,11 +9,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ._loop import LoopOptions
+from ._loop import LoopOptions, integrate
 from ._problem import ODEProblem
-from ._solution import Solution, SolveError
+from ._solution import ReturnCode, Solution, SolveError
 from ._per_sample import gather, is_per_sample, union_times
 from .controllers import PIController, PredictiveController
+from .events import EventLocator, differentiable_event
 from .sensitivity import AbstractSensitivity, DirectAdjoint
 from .sensitivity._resolve import resolve_sensealg
 from .solvers import AbstractSolver, Tsit5
@@ -168,7 +170,8 @@ def solve(
     ``event=g`` (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after
     that time are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
     (differentiable, :mod:`pyneuralode.events`) give the event. With a continuous adjoint the event is
-    located by a first, gradient-free solve and the adjoint solve then runs to that time.
+    located by a first, gradient-free run of the loop and the adjoint solve then runs to that time
+    (``stats["nfe_event_search"]`` counts the first run).
 
     ``adjoint_params``: the tensors f uses that the continuous adjoints and
     ``DirectAdjoint(checkpoints=...)`` differentiate besides ``y0``, ``t`` and ``args`` (as
@@ -186,27 +189,29 @@ def solve(
     the whole solve as native code (:mod:`pyneuralode.compiled`): small float64 CPU systems, the
     explicit RK methods and Rodas4/Rodas5P, no gradients, events or dense output object yet.
     """
+    # validate
     throw = check_flag("throw", throw)
     dense = check_flag("dense", dense, allow_none=True)
     compile = check_flag("compile", compile)
-    if compile and (event is not None or sensealg is not None or adjoint_params is not None
-                    or norm is not None or backend != "torch" or progress or is_per_sample(y0, t)):
-        raise ValueError("compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "
-                         "and per-sample output times are not supported on the compiled path yet; "
-                         "pass compile=False")
-    if is_per_sample(y0, t):
-        if event is not None:
-            raise ValueError("event: not supported together with per-sample output times t of shape (B, T)")
-        union, index = union_times(t)
-        sol = solve(f, y0, union, solver, rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, args=args,
-                    sensealg=sensealg, backend=backend, progress=progress, throw=throw, dense=dense, controller=controller,
-                    dtmin=dtmin, dtmax=dtmax, adjoint_params=adjoint_params)
-        return Solution(ts=t, ys=gather(sol.ys, index), retcode=sol.retcode, stats=sol.stats, segments=sol._segments,
-                        t_reached=sol.t_reached, solver=sol.solver)
+    per_sample = is_per_sample(y0, t)
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
+    if norm is not None and not callable(norm):
+        raise TypeError(f"norm: expected a function norm(err, y0, y1, rtol, atol) -> float tensor "
+                        f"(or None for the RMS norm), got {type(norm).__name__}")
+    if event is not None and not callable(event):
+        raise TypeError(f"event: expected a function g(t, y) -> scalar tensor, got {type(event).__name__}")
+    # resolve
+    sensealg_given = sensealg is not None
     solver = resolve_solver(solver, Tsit5)
     sensealg = resolve_sensealg(sensealg)
+    refuse_unsupported(compile=compile, event=event, sensealg=sensealg, backend=backend, per_sample=per_sample,
+                       explicit_sensealg=sensealg_given, adjoint_params=adjoint_params,
+                       norm=norm, progress=progress)
+    t_out = t
+    index = None
+    if per_sample:  # one solve on the union of the rows' times; each row gathered afterwards
+        t, index = union_times(t)
     problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params)
     if dense is None:
         dense = sensealg.keeps_dense
@@ -215,43 +220,56 @@ def solve(
         dense=dense, progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
         y0=problem.y0,
     )
-    if norm is not None and not callable(norm):
-        raise TypeError(f"norm: expected a function norm(err, y0, y1, rtol, atol) -> float tensor "
-                        f"(or None for the RMS norm), got {type(norm).__name__}")
     opts.norm = norm  # e.g. torchdiffeq's norm(tensor), adapted by pn.odeint
+    # run
     if compile:
         from .compiled import solve_compiled
 
         return solve_compiled(problem, solver, opts, throw=throw)
-    locator = None
-    if event is not None:
-        from .events import EventLocator
-
-        if not callable(event):
-            raise TypeError(f"event: expected a function g(t, y) -> scalar tensor, got {type(event).__name__}")
-        if backend != "torch":
-            raise ValueError("event: events run on the native engine only; drop backend='julia' or the event")
-        if isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is not None:
-            raise ValueError("event: DirectAdjoint(checkpoints=...) does not support events; use DirectAdjoint() "
-                             "(the whole graph) or a continuous adjoint such as pn.InterpolatingAdjoint()")
-        if not isinstance(sensealg, DirectAdjoint):
-            from .events import solve_with_event_adjoint
-
-            return solve_with_event_adjoint(
-                f, y0, problem, solver, sensealg, event,
-                dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, args=args, progress=progress,
-                     throw=throw, dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax,
-                     adjoint_params=adjoint_params, norm=norm))
-        locator = EventLocator(event, problem)
-        opts.event = locator
     if backend == "julia":
         from .julia import _backend
 
-        return _backend.solve(problem, solver, sensealg, opts, throw=throw)
+        sol = _backend.solve(problem, solver, sensealg, opts, throw=throw)
+    elif event is not None and not isinstance(sensealg, DirectAdjoint):
+        def with_times(times):
+            return ODEProblem(f, y0, times, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params)
 
+        sol = _run_event_adjoint(problem, with_times, solver, sensealg, opts, event, throw)
+    else:
+        sol = _run(problem, solver, sensealg, opts, throw, event)
+    # package
+    if index is not None:
+        sol = Solution(ts=t_out, ys=gather(sol.ys, index), retcode=sol.retcode, stats=sol.stats, segments=sol._segments,
+                       t_reached=sol.t_reached, solver=sol.solver)
+    return sol
+
+
+def refuse_unsupported(*, compile: bool, event, sensealg, backend: str, per_sample: bool, explicit_sensealg: bool,
+                       adjoint_params, norm, progress) -> None:
+    """The one place where ``solve`` refuses a combination of features it does not support."""
+    if compile and (event is not None or explicit_sensealg or adjoint_params is not None
+                    or norm is not None or backend != "torch" or progress or per_sample):
+        raise ValueError("compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "
+                         "and per-sample output times are not supported on the compiled path yet; "
+                         "pass compile=False")
+    if event is None:
+        return
+    if per_sample:
+        raise ValueError("event: not supported together with per-sample output times t of shape (B, T)")
+    if backend != "torch":
+        raise ValueError("event: events run on the native engine only; drop backend='julia' or the event")
+    if isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is not None:
+        raise ValueError("event: DirectAdjoint(checkpoints=...) does not support events; use DirectAdjoint() "
+                         "(the whole graph) or a continuous adjoint such as pn.InterpolatingAdjoint()")
+
+
+def _run(problem: ODEProblem, solver, sensealg, opts: LoopOptions, throw: bool, event=None) -> Solution:
+    """One run of the loop through ``sensealg`` (ending at ``event``'s first zero, if given), packaged."""
     stats: dict = {"nfe": 0, "naccept": 0, "nreject": 0}
     if problem.y0.numel() == 0:
         return _empty_state_solution(problem, solver, opts, stats)
+    if event is not None:
+        opts.event = EventLocator(event, problem)
     ts = problem.t
     time_grad = ts.requires_grad and torch.is_grad_enabled()
     y0_in = problem.y0
@@ -279,14 +297,43 @@ def solve(
         t_reached=loop.t_reached,
         solver=solver,
     )
-    if locator is not None and loop.event_t is not None:
-        from .events import differentiable_event
-
+    if event is not None and loop.event_t is not None:
         te, ye = differentiable_event(event, problem, loop.event_t, loop.y_final)
         sol.event_t, sol.event_y = te, problem.unpack(ye)
     if not loop.retcode.successful and throw:
         raise SolveError(f"solve failed with retcode {loop.retcode.value}: {loop.message} (pass throw=False to get the partial solution)", loop.retcode, loop.t_reached, sol)
     return sol
+
+
+def _run_event_adjoint(problem: ODEProblem, with_times, solver, sensealg, opts: LoopOptions, event, throw: bool):
+    """An event with a continuous adjoint: locate it with a gradient-free run of the loop, then run
+    ``sensealg`` up to the event time and make that time differentiable as in the direct case."""
+    search: dict = {"nfe": 0, "naccept": 0, "nreject": 0}
+    t_e = None
+    if problem.y0.numel() > 0:
+        with torch.no_grad():
+            probe_opts = dataclasses.replace(opts, dense=False, event=EventLocator(event, problem))
+            t_e = integrate(problem.rhs(search), problem.y0.detach(), problem.t_list, solver, probe_opts, search).event_t
+    if t_e is None:  # no crossing (or a failure, which the solve below meets and reports itself)
+        sol = _run(problem, solver, sensealg, opts, throw)
+        sol.stats["nfe_event_search"] = search["nfe"]
+        return sol
+    ts = problem.t
+    direction = 1.0 if (ts.numel() < 2 or float(ts[-1]) > float(ts[0])) else -1.0
+    k = int(((ts.detach() - t_e) * direction <= 0).sum())  # outputs up to the event
+    at_event = k > 0 and float(ts[k - 1]) == t_e
+    t2 = ts[:k] if at_event else torch.cat([ts[:k], ts.new_tensor([t_e])])
+    sol = _run(with_times(t2), solver, sensealg, opts, throw)
+    sol.stats["nfe_event_search"] = search["nfe"]
+    if not sol.retcode.successful:  # throw=False: the partial solution, without an event
+        return sol
+    y_e = tuple(c[-1] for c in sol.ys) if problem.is_tuple else sol.ys[-1]
+    te, ye = differentiable_event(event, problem, t_e, problem.pack(y_e))
+    out_ys = sol.ys if at_event else (tuple(c[:k] for c in sol.ys) if problem.is_tuple else sol.ys[:k])
+    res = Solution(ts=ts[:k], ys=out_ys, retcode=ReturnCode.Terminated, stats=sol.stats, segments=sol._segments,
+                   unflatten=problem.unpack if problem.is_tuple else None, t_reached=t_e, solver=solver)
+    res.event_t, res.event_y = te, problem.unpack(ye)
+    return res
 
 
 def _empty_state_solution(problem: ODEProblem, solver, opts: LoopOptions, stats: dict) -> Solution:
@@ -306,3 +353,34 @@ def _empty_state_solution(problem: ODEProblem, solver, opts: LoopOptions, stats:
 
 def _constant(y, theta):
     return y
+
+
+def event_solve(func, y0, t0, g: Callable, reverse: bool, solver, rtol, atol, kw: dict, sensealg, extra: dict):
+    """Integrate from ``t0`` until ``g(t, y)`` crosses zero: ``(event_t, states at [t0, event_t])``,
+    both differentiable (the engine of torchdiffeq's ``odeint(..., event_fn=...)``)."""
+    ref = y0[0] if isinstance(y0, (tuple, list)) else y0
+    if not isinstance(t0, torch.Tensor):  # a Python number: the state's float dtype, like the output times of solve
+        t0 = torch.as_tensor(t0, dtype=ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64)
+    if t0.numel() != 1:
+        raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
+    horizon = 1e12 * (-1.0 if reverse else 1.0)
+    t0 = t0.reshape(())
+    t = torch.stack([t0, t0.detach() + horizon]).to(t0.dtype if t0.is_floating_point() else torch.float64)
+    kw = {**kw, **extra}
+    # the horizon is only a bound: the smallest step must not scale with it (float resolution of t
+    # and max_steps still end a stuck solve)
+    kw.setdefault("dtmin", 0.0)
+    kw.setdefault("dense", False)  # never exposed here: O(1) memory in the steps
+    kw.setdefault("max_steps", 100_000)
+    if sensealg is not None:  # odeint_adjoint's interface: gradients reach func's adjoint_params
+        kw["sensealg"] = sensealg
+        kw.setdefault("adjoint_params", list(func.parameters()))
+    sol = solve(func, y0, t, solver, rtol=rtol, atol=atol, event=g, **kw)
+    if sol.event_t is None:
+        raise RuntimeError(f"odeint_event: event_fn never crossed zero before t = {float(t[-1]):.3g} "
+                           f"(the solve ended with {sol.retcode}); check the event function's sign")
+    if isinstance(sol.event_y, tuple):
+        ys = tuple(torch.stack([c[0], e]) for c, e in zip(sol.ys, sol.event_y))
+    else:
+        ys = torch.stack([sol.ys[0], sol.event_y])
+    return sol.event_t, ys

@@ -7,7 +7,10 @@ resolution in t), saves the outputs up to the event and ends with ``retcode == "
 theorem, dt*/dθ = −(∂g/∂θ) / (dg/dt along the trajectory), applied as one zero-valued Newton
 correction around the located root (the approach of torchdiffeq's ``odeint_event``; Chen, Amos &
 Nickel, "Learning neural event functions for ordinary differential equations", ICLR 2021).
-:func:`odeint_event` is torchdiffeq's interface.
+
+This module holds the mechanics (the loop's hook and the differentiable event); ``solve`` uses
+them, and torchdiffeq's interface (``odeint(..., event_fn=...)``, :func:`pyneuralode.odeint_event`)
+builds on ``solve``, so nothing here imports either.
 """
 from __future__ import annotations
 
@@ -17,9 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._solution import ReturnCode, Solution
-
-__all__ = ["odeint_event"]
+__all__: list = []
 
 _MAX_ROOT_ITERS = 200
 
@@ -119,87 +120,3 @@ def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Te
     te = tt - ((gval - gval.detach()) / dgdt).to(tt.dtype)
     ye = y_event + fe * (te - tt).to(fe.dtype)
     return te, ye
-
-
-def solve_with_event_adjoint(f, y0, problem, solver, sensealg, g: Callable, kw: dict):
-    """Events with a continuous adjoint: locate the event without gradients, then solve with ``sensealg``
-    to the event time and make that time differentiable as in the direct case."""
-    from ._solve import solve
-
-    with torch.no_grad():
-        probe = solve(f, y0, problem.t.detach(), solver, event=g, **{**kw, "throw": True, "dense": False})
-    if probe.event_t is None:  # no crossing: the ordinary solve
-        return solve(f, y0, problem.t, solver, sensealg=sensealg, **kw)
-    t_e = float(probe.event_t)
-    ts = problem.t
-    direction = 1.0 if (ts.numel() < 2 or float(ts[-1]) > float(ts[0])) else -1.0
-    k = int(((ts.detach() - t_e) * direction <= 0).sum())  # outputs up to the event
-    at_event = k > 0 and float(ts[k - 1]) == t_e
-    t2 = ts[:k] if at_event else torch.cat([ts[:k], ts.new_tensor([t_e])])
-    sol = solve(f, y0, t2, solver, sensealg=sensealg, **kw)
-    y_e = tuple(c[-1] for c in sol.ys) if problem.is_tuple else sol.ys[-1]
-    te, ye = differentiable_event(g, problem, t_e, problem.pack(y_e))
-    out_ys = sol.ys if at_event else (tuple(c[:k] for c in sol.ys) if problem.is_tuple else sol.ys[:k])
-    stats = dict(sol.stats)
-    stats["nfe_event_search"] = probe.stats["nfe"]
-    res = Solution(ts=ts[:k], ys=out_ys, retcode=ReturnCode.Terminated, stats=stats, segments=sol._segments,
-                   t_reached=t_e, solver=solver)
-    res.event_t, res.event_y = te, problem.unpack(ye)
-    return res
-
-
-def event_solve(func, y0, t0, g: Callable, reverse: bool, solver, rtol, atol, kw: dict, sensealg, extra: dict):
-    """Integrate from ``t0`` until ``g(t, y)`` crosses zero: ``(event_t, states at [t0, event_t])``,
-    both differentiable (the engine of torchdiffeq's ``odeint(..., event_fn=...)``)."""
-    from ._solve import solve
-
-    ref = y0[0] if isinstance(y0, (tuple, list)) else y0
-    if not isinstance(t0, torch.Tensor):  # a Python number: the state's float dtype, like the output times of solve
-        t0 = torch.as_tensor(t0, dtype=ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64)
-    if t0.numel() != 1:
-        raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
-    horizon = 1e12 * (-1.0 if reverse else 1.0)
-    t0 = t0.reshape(())
-    t = torch.stack([t0, t0.detach() + horizon]).to(t0.dtype if t0.is_floating_point() else torch.float64)
-    kw = {**kw, **extra}
-    # the horizon is only a bound: the smallest step must not scale with it (float resolution of t
-    # and max_steps still end a stuck solve)
-    kw.setdefault("dtmin", 0.0)
-    kw.setdefault("dense", False)  # never exposed here: O(1) memory in the steps
-    kw.setdefault("max_steps", 100_000)
-    if sensealg is not None:  # odeint_adjoint's interface: gradients reach func's adjoint_params
-        kw["sensealg"] = sensealg
-        kw.setdefault("adjoint_params", list(func.parameters()))
-    sol = solve(func, y0, t, solver, rtol=rtol, atol=atol, event=g, **kw)
-    if sol.event_t is None:
-        raise RuntimeError(f"odeint_event: event_fn never crossed zero before t = {float(t[-1]):.3g} "
-                           f"(the solve ended with {sol.retcode}); check the event function's sign")
-    if isinstance(sol.event_y, tuple):
-        ys = tuple(torch.stack([c[0], e]) for c, e in zip(sol.ys, sol.event_y))
-    else:
-        ys = torch.stack([sol.ys[0], sol.event_y])
-    return sol.event_t, ys
-
-
-def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False, odeint_interface=None,
-                 **kwargs):
-    """torchdiffeq's ``odeint_event``: integrate from ``t0`` until ``event_fn(t, y)`` crosses zero.
-
-    Returns ``(event_t, ys)`` with ``ys`` the states at ``[t0, event_t]`` (shape ``(2, *y0.shape)``).
-    Backwards in time with ``reverse_time``. A vector-valued ``event_fn`` stops where its first
-    component crosses zero. ``kwargs`` (``rtol``, ``atol``, ``method``, ``options``, and for
-    ``odeint_interface=pn.odeint_adjoint`` its adjoint arguments) go to ``odeint_interface``
-    (default :func:`pyneuralode.odeint`). Gradients reach ``event_t`` and the final state.
-    """
-    from .odeint import odeint
-
-    if odeint_interface is None:
-        odeint_interface = odeint
-    ref = y0[0] if isinstance(y0, (tuple, list)) else y0
-    if not isinstance(t0, torch.Tensor):
-        t0 = torch.as_tensor(t0, dtype=ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64)
-    if t0.numel() != 1:
-        raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
-    t0 = t0.reshape(-1)
-    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
-    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)

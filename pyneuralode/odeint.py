@@ -616,7 +616,7 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
         raise ValueError(
             f"We require len(t) == 2 when in event handling mode, but got len(t)={t.numel()}."
         )
-    from .events import event_solve
+    from ._solve import event_solve
 
     ref = y0[0] if isinstance(y0, (tuple, list)) else y0
     ev = _combine_event(event_fn, t[0].to(ref.dtype), y0)

@@ -437,7 +437,6 @@ def _stiff_setup():
     return A, y0, t, w, torch.autograd.grad(ref, [y0, A])
 
 
-@pytest.mark.skipif(not hasattr(pn, "Rodas5P"), reason="needs the stiff solvers (pn.Rodas5P) of the stiff-solver issue")
 @pytest.mark.parametrize("cls", [pn.InterpolatingAdjoint, pn.QuadratureAdjoint])
 def test_stiff_linear_with_implicit_backward_solver(cls):
     """Stiffness ratio 1000: Rodas5P forwards and backwards (the adjoint of a stiff problem is stiff too)."""
@@ -449,7 +448,6 @@ def test_stiff_linear_with_implicit_backward_solver(cls):
     assert sol.stats["naccept_adjoint"] < 1000  # an explicit backward solver would need ~1000·(2/2.8) steps
 
 
-@pytest.mark.skipif(not hasattr(pn, "Rodas5P"), reason="needs the stiff solvers (pn.Rodas5P) of the stiff-solver issue")
 def test_backsolve_on_stiff_problem_fails_with_advice():
     A, y0, t, w, _ = _stiff_setup()
     sol = pn.solve(lambda t, y, A: A @ y, y0, t, pn.Rodas5P(), args=(A,), sensealg=pn.BacksolveAdjoint(), rtol=1e-8, atol=1e-10, max_steps=400)
@@ -457,7 +455,6 @@ def test_backsolve_on_stiff_problem_fails_with_advice():
         (w * sol.ys).sum().backward()
 
 
-@pytest.mark.skipif(not hasattr(pn, "Rodas5P"), reason="needs the stiff solvers (pn.Rodas5P) of the stiff-solver issue")
 @pytest.mark.parametrize("name", ["backsolve", "interpolating", "quadrature-gl"])
 def test_implicit_backward_solver_differentiates_the_adjoint_rhs(name):
     """Rosenbrock methods need the exact Jacobian of the adjoint right-hand side (built through the VJP)."""

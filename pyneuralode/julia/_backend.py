@@ -20,6 +20,7 @@ parameters or ``args`` get no gradient for those tensors on this backend.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
@@ -35,8 +36,16 @@ from ._mlp import find_net, mlp_spec, spec_numel
 from ._options import is_implicit, sensealg_kwargs, solve_kwargs, solver_name
 from ._session import get_session
 
-#: stats of the last :func:`steady_state` call (nfe, retcode, residual, path)
-last_stats: dict = {}
+#: ``_LOCAL.stats``: the stats dict of this thread's latest :func:`steady_state` call, read as
+#: ``_backend.last_stats`` (a convenience: a call in another thread never shows here; the per-call
+#: record is ``steady_state(..., return_info=True)``)
+_LOCAL = threading.local()
+
+
+def __getattr__(name):
+    if name == "last_stats":  # thread-local: see _LOCAL
+        return getattr(_LOCAL, "stats", {})
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _retcode(s: str) -> ReturnCode:
@@ -289,15 +298,16 @@ def _inner_solver(solver) -> str:
 
 
 def steady_state(f_module, z0, args=(), solver=None, sensealg=None, abstol=1e-8, reltol=1e-6, *, session=None,
-                 maxiters: int = 100_000) -> torch.Tensor:
+                 maxiters: int = 100_000, return_info: bool = False):
     """Fixed point ``z* = f(z*, *args)`` as the steady state of ``dz/dt = f(z, *args) - z``.
 
     SteadyStateDiffEq's ``DynamicSS(solver)`` forward, SciMLSensitivity's
     ``SteadyStateAdjoint(autojacvec=ZygoteVJP(), linsolve=KrylovJL_GMRES())`` backward (the
     linear solve is always GMRES on this backend). Returns ``z*`` shaped like ``z0``, with
-    gradients for the module parameters and the tensor ``args`` (none for ``z0``). Stats
-    (nfe, retcode, residual ``max|f(z*) - z*|``) are in :data:`last_stats`; a steady state that
-    was not reached is reported there (``retcode``), not raised.
+    gradients for the module parameters and the tensor ``args`` (none for ``z0``), or
+    ``(z*, stats)`` with ``return_info=True``. Stats (nfe, retcode, residual ``max|f(z*) - z*|``)
+    are also this thread's ``last_stats``; a steady state that was not reached is reported there
+    (``retcode``), not raised.
     """
     if not isinstance(z0, torch.Tensor) or not z0.is_floating_point():
         raise TypeError(f"z0: expected a floating torch.Tensor, got {type(z0).__name__}")
@@ -329,6 +339,5 @@ def steady_state(f_module, z0, args=(), solver=None, sensealg=None, abstol=1e-8,
         fz = torch.func.functional_call(f_module, params, (z.detach(), *a)) if params and isinstance(f_module, torch.nn.Module) else f_module(z.detach(), *a)
         stats["residual"] = float((fz - z.detach()).abs().max())
     stats["nfe_python"] = cb.nfe
-    last_stats.clear()
-    last_stats.update(stats)
-    return z
+    _LOCAL.stats = stats
+    return (z, stats) if return_info else z

@@ -214,5 +214,4 @@ def _julia_steady_state(f_module, z0, args, solver, sensealg, abstol, reltol):
         raise NotImplementedError(
             "backend='julia': this version of pyneuralode.julia has no steady_state(); use backend='torch'"
         )
-    z = fn(f_module, z0, args, solver, sensealg, abstol, reltol)
-    return z, getattr(_backend, "last_stats", None)  # the backend's own stats (a dict)
+    return fn(f_module, z0, args, solver, sensealg, abstol, reltol, return_info=True)  # z*, the backend's stats dict

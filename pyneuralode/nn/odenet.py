@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._solve import solve
+from .._tolerance import check_tolerance
 from ..sensitivity import DirectAdjoint
 from ..sensitivity._resolve import resolve_sensealg
 from ..solvers import RK4, Dopri5
@@ -85,7 +86,7 @@ class ODEBlock(nn.Module):
             raise TypeError("func: expected a module with an `nfe` call counter, such as ODENetFunc")
         self.func = func
         self.solver = resolve_solver(solver, Dopri5)
-        self.rtol, self.atol = float(rtol), float(atol)
+        self.rtol, self.atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
         self.sensealg = resolve_sensealg(sensealg)
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
         self.register_buffer("t", torch.tensor([0.0, float(t_end)]), persistent=False)

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .._tolerance import check_tolerance
 from ._base import AbstractImplicitGradient
 
 __all__ = ["SteadyStateAdjoint", "PhantomGradient", "jacobian_regularization"]
@@ -56,16 +57,13 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
                  max_iters: int = 200, restart: int = 50, m: int = 5, throw: bool = False):
         if linsolve not in _LINSOLVES:
             raise ValueError(f"linsolve: unknown {linsolve!r}; use one of {', '.join(repr(s) for s in _LINSOLVES)}")
-        for nm, v in (("rtol", rtol), ("atol", atol)):
-            if nm == "rtol" and v is None:
-                continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{nm}: must be a non-negative number, got {v!r}")
+        rtol = check_tolerance("rtol", rtol, none="√eps of the dtype")
+        atol = check_tolerance("atol", atol)
         for nm, v in (("max_iters", max_iters), ("restart", restart), ("m", m)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{nm}: expected a positive int, got {v!r}")
-        self.rtol = None if rtol is None else float(rtol)
-        self.atol = float(atol)
+        self.rtol = rtol
+        self.atol = atol
         self.linsolve = linsolve
         self.max_iters = max_iters
         self.restart = restart

@@ -12,7 +12,7 @@ give up when θ ≥ 1 (divergence) or the predicted iterate cannot reach κ with
 Jacobian reuse: J is kept across steps and Newton iterations; a new J is formed when Newton
 fails with an old J (the step is retried once with it), or when the last step converged slowly
 (θ > ``jac_theta``, default 0.05); ``M`` is refactored whenever hγ changes. When Newton fails with a fresh J
-the step returns ``ok=False``: the loop shrinks dt ×0.25 and retries (rejection on Newton
+the step returns ``ok=False``: the loop halves dt and retries (rejection on Newton
 divergence; counted in ``nconvfail``).
 
 The error estimate ``h Σ (b − b̂)_i k_i`` is filtered by ``M⁻¹`` (Shampine's smoothing, as in
