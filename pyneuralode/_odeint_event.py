@@ -1,7 +1,8 @@
 """torchdiffeq's ``odeint_event``: integrate from ``t0`` until an event function crosses zero."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -10,11 +11,20 @@ from .odeint import odeint
 __all__ = ["odeint_event"]
 
 
-def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False, odeint_interface=None,
-                 **kwargs):
+def odeint_event(
+    func: Callable,
+    y0,
+    t0,
+    *,
+    event_fn: Callable,
+    reverse_time: bool = False,
+    odeint_interface=None,
+    **kwargs,
+):
     """torchdiffeq's ``odeint_event``: integrate from ``t0`` until ``event_fn(t, y)`` crosses zero.
 
-    Returns ``(event_t, ys)`` with ``ys`` the states at ``[t0, event_t]`` (shape ``(2, *y0.shape)``).
+    Returns ``(event_t, ys)`` with ``ys`` the states at ``[t0, event_t]`` (shape ``(2,
+    *y0.shape)``).
     Backwards in time with ``reverse_time``. A vector-valued ``event_fn`` stops where its first
     component crosses zero. ``kwargs`` (``rtol``, ``atol``, ``method``, ``options``, and for
     ``odeint_interface=pn.odeint_adjoint`` its adjoint arguments) go to ``odeint_interface``
@@ -24,7 +34,12 @@ def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bo
         odeint_interface = odeint
     ref = y0[0] if isinstance(y0, (tuple, list)) else y0
     if not isinstance(t0, torch.Tensor):
-        t0 = torch.as_tensor(t0, dtype=ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64)
+        t0 = torch.as_tensor(
+            t0,
+            dtype=ref.dtype
+            if isinstance(ref, torch.Tensor) and ref.is_floating_point()
+            else torch.float64,
+        )
     if t0.numel() != 1:
         raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
     t0 = t0.reshape(-1)

@@ -1,13 +1,13 @@
 """The one validator of scalar tolerances (``rtol``/``atol`` of solves, adjoints, steady states)."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 
 
-def check_tolerance(name: str, value, *, none: Optional[str] = None, other: str = "") -> Optional[float]:
+def check_tolerance(name: str, value, *, none: str | None = None, other: str = "") -> float | None:
     """``value`` as a finite non-negative float.
 
     ``name`` labels the argument in the error (e.g. ``"rtol"`` or
@@ -31,19 +31,25 @@ def check_tolerance(name: str, value, *, none: Optional[str] = None, other: str 
     return v
 
 
-def tolerance_pair(rtol, atol, *, reltol=None, abstol=None, default_rtol: float, default_atol: float):
+def tolerance_pair(
+    rtol, atol, *, reltol=None, abstol=None, default_rtol: float, default_atol: float
+):
     """``(rtol, atol)`` checked, with SciML's ``reltol``/``abstol`` accepted as aliases.
 
     ``rtol``/``atol`` are the native names; a tolerance given under both names raises
     ``ValueError``; one given under neither takes its default.
     """
     out = []
-    for name, value, alias, alias_value, default in (("rtol", rtol, "reltol", reltol, default_rtol),
-                                                     ("atol", atol, "abstol", abstol, default_atol)):
+    for name, value, alias, alias_value, default in (
+        ("rtol", rtol, "reltol", reltol, default_rtol),
+        ("atol", atol, "abstol", abstol, default_atol),
+    ):
         if alias_value is not None:
             if value is not None:
-                raise ValueError(f"{name}, {alias}: the same tolerance under two names; pass only "
-                                 f"{name}={value!r} ({alias} is its SciML alias)")
+                raise ValueError(
+                    f"{name}, {alias}: the same tolerance under two names; pass only "
+                    f"{name}={value!r} ({alias} is its SciML alias)"
+                )
             name, value = alias, alias_value
         out.append(default if value is None else check_tolerance(name, value))
     return out[0], out[1]

@@ -12,11 +12,12 @@ This module holds the mechanics (the loop's hook and the differentiable event); 
 them, and torchdiffeq's interface (``odeint(..., event_fn=...)``, :func:`pyneuralode.odeint_event`)
 builds on ``solve``, so nothing here imports either.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -31,23 +32,29 @@ class EventLocator:
     def __init__(self, g: Callable, problem):
         self.g = g
         self.problem = problem
-        self.g_prev: Optional[float] = None
+        self.g_prev: float | None = None
 
     def value(self, t: float, y: torch.Tensor) -> float:
         out = self.g(self.problem.time(t), self.problem.unpack(y))
         if not isinstance(out, torch.Tensor):
             out = torch.as_tensor(out)
         if out.numel() != 1:
-            raise ValueError(f"event: g(t, y) must return a scalar (one number), got shape {tuple(out.shape)}; "
-                             f"reduce it, e.g. return y[..., 0].min()")
+            raise ValueError(
+                f"event: g(t, y) must return a scalar (one number), got shape {tuple(out.shape)}; "
+                f"reduce it, e.g. return y[..., 0].min()"
+            )
         v = float(out.detach())
         if not math.isfinite(v):
-            raise ValueError(f"event: g(t, y) returned {v} at t={t:.6g}; it must be finite along the trajectory")
+            raise ValueError(
+                f"event: g(t, y) returned {v} at t={t:.6g}; it must be finite along the trajectory"
+            )
         return v
 
-    def __call__(self, seg, t: float, t_new: float, y_new: torch.Tensor) -> Optional[float]:
+    def __call__(self, seg, t: float, t_new: float, y_new: torch.Tensor) -> float | None:
         with torch.no_grad():
-            if self.g_prev is None:  # g at the start; 0 means "on the surface: wait until g leaves zero"
+            if (
+                self.g_prev is None
+            ):  # g at the start; 0 means "on the surface: wait until g leaves zero"
                 self.g_prev = self.value(t, seg.evaluate(0.0))
             g0, g1 = self.g_prev, self.value(t_new, y_new)
             if g0 == 0.0:
@@ -90,7 +97,8 @@ class EventLocator:
 def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Tensor):
     """``(t*, y*)`` with the implicit-function-theorem gradient; values unchanged.
 
-    ``t* = t0 − (g(t0, y(t0)) − detach(·)) / (dg/dt)`` and ``y* = y(t0) + f(t0, y(t0))·(t* − t0)``, both
+    ``t* = t0 − (g(t0, y(t0)) − detach(·)) / (dg/dt)`` and ``y* = y(t0) + f(t0, y(t0))·(t* − t0)``,
+    both
     zero-valued corrections whose gradients are −(∂g/∂θ)/(dg/dt) and f·dt*/dθ.
     """
     tt = problem.time(t_event)
@@ -114,8 +122,11 @@ def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Te
         dgdt = dgdt + gt.to(dgdt.dtype)
     dgdt = dgdt.detach()
     if float(dgdt) == 0.0:
-        warnings.warn("event: g crosses zero tangentially (dg/dt = 0 at the event); the event time gets no gradient",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "event: g crosses zero tangentially (dg/dt = 0 at the event); the event time gets no gradient",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return tt, y_event
     te = tt - ((gval - gval.detach()) / dgdt).to(tt.dtype)
     ye = y_event + fe * (te - tt).to(fe.dtype)

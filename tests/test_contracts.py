@@ -1,6 +1,7 @@
 """One contract per concept (issue 23): the sensitivity bases, the shared resolvers and tolerance
 validator used by every entry point, per-call statistics, composition in ``solve`` and an import
 graph without cycles."""
+
 import ast
 import dataclasses
 import math
@@ -61,20 +62,25 @@ def test_sensitivity_bases_declare_their_contracts():
         assert not isinstance(alg, pn.AbstractSensitivity) and not hasattr(alg, "run")
 
 
-@pytest.mark.parametrize("make, saved_type", [
-    (pn.BacksolveAdjoint, _passes.StepBounds),
-    (pn.InterpolatingAdjoint, _passes.Checkpoints),
-    (lambda: pn.InterpolatingAdjoint(checkpointing=False), _passes.DenseTrajectory),
-    (pn.QuadratureAdjoint, _passes.DenseTrajectory),
-    (lambda: pn.QuadratureAdjoint(checkpointing=True), _passes.Checkpoints),
-    (lambda: pn.DirectAdjoint(checkpoints=4), _passes.ThinnedCheckpoints),
-])
+@pytest.mark.parametrize(
+    "make, saved_type",
+    [
+        (pn.BacksolveAdjoint, _passes.StepBounds),
+        (pn.InterpolatingAdjoint, _passes.Checkpoints),
+        (lambda: pn.InterpolatingAdjoint(checkpointing=False), _passes.DenseTrajectory),
+        (pn.QuadratureAdjoint, _passes.DenseTrajectory),
+        (lambda: pn.QuadratureAdjoint(checkpointing=True), _passes.Checkpoints),
+        (lambda: pn.DirectAdjoint(checkpoints=4), _passes.ThinnedCheckpoints),
+    ],
+)
 def test_saved_state_is_a_typed_record_and_the_gradient_exact(make, saved_type):
     """dy/dt = a y: y(T) = y0 e^{aT}, so dy(T)/dy0 = e^{aT} and dy(T)/da = T y0 e^{aT}."""
     a = torch.tensor(-0.7, dtype=D, requires_grad=True)
     y0 = torch.tensor([1.3], dtype=D, requires_grad=True)
     T = 2.0
-    sol = pn.solve(lambda t, y, a: a * y, y0, [0.0, 1.0, T], args=(a,), sensealg=make(), rtol=1e-10, atol=1e-12)
+    sol = pn.solve(
+        lambda t, y, a: a * y, y0, [0.0, 1.0, T], args=(a,), sensealg=make(), rtol=1e-10, atol=1e-12
+    )
     saved = sol.ys.grad_fn.pass_.saved
     assert type(saved) is saved_type and dataclasses.is_dataclass(saved)
     gy0, ga = torch.autograd.grad(sol.ys[-1].sum(), (y0, a))
@@ -91,7 +97,9 @@ def _ode_entry_points(sensealg=None, solver=None, rtol=1e-6):
     y0 = torch.ones(1, 1, dtype=D)
     return {
         "solve": lambda: pn.solve(Linear(), y0, [0.0, 1.0], solver, sensealg=sensealg, rtol=rtol),
-        "NeuralODE": lambda: pn.NeuralODE(Linear(), solver=solver, sensealg=sensealg, rtol=rtol)(y0),
+        "NeuralODE": lambda: pn.NeuralODE(Linear(), solver=solver, sensealg=sensealg, rtol=rtol)(
+            y0
+        ),
         "ODEBlock": lambda: ODEBlock(_Counted(), solver=solver, sensealg=sensealg, rtol=rtol)(y0),
     }
 
@@ -103,8 +111,9 @@ class _Counted(Linear):
 def _steady_entry_points(sensealg=None, rtol=1e-6):
     x = torch.ones(2, dtype=D)
     return {
-        "steady_state": lambda: pn.steady_state(Contraction(), torch.zeros(2, dtype=D), (x,),
-                                                sensealg=sensealg, rtol=rtol),
+        "steady_state": lambda: pn.steady_state(
+            Contraction(), torch.zeros(2, dtype=D), (x,), sensealg=sensealg, rtol=rtol
+        ),
         "DEQ": lambda: pn.DEQ(Contraction(), sensealg=sensealg, rtol=rtol)(x),
     }
 
@@ -118,7 +127,9 @@ def test_sensealg_names_are_accepted_the_same_everywhere(name):
     grads = []
     for sensealg in (name, cls()):
         f = Linear()
-        sol = pn.solve(f, torch.ones(1, dtype=D), [0.0, 1.0], sensealg=sensealg, rtol=1e-9, atol=1e-12)
+        sol = pn.solve(
+            f, torch.ones(1, dtype=D), [0.0, 1.0], sensealg=sensealg, rtol=1e-9, atol=1e-12
+        )
         grads.append(torch.autograd.grad(sol.ys[-1].sum(), f.a)[0])
     assert torch.equal(grads[0], grads[1])
     assert abs(float(grads[0]) - math.exp(-0.7)) < 1e-7  # d/da e^{a} at a = -0.7
@@ -132,31 +143,36 @@ def test_implicit_gradient_names(name):
     assert type(pn.DEQ(f, sensealg=name).sensealg) is IMPLICIT_NAMES[name]
     (g,) = torch.autograd.grad(z.sum(), f.w)
     # implicit: z* = 2 w x (two entries); phantom: 5 steps z <- 0.75 z + 0.5 w x from z*
-    exact = 4.0 if name == "implicit" else 2 * 0.5 * (1 - 0.75 ** 5) / 0.25
+    exact = 4.0 if name == "implicit" else 2 * 0.5 * (1 - 0.75**5) / 0.25
     assert abs(float(g) - exact) < 1e-8
 
 
 def test_bad_sensealg_gets_the_same_error_at_every_entry_point():
     for entry, points in (("ode", _ode_entry_points), ("steady", _steady_entry_points)):
-        for where, run in points(sensealg="nope").items():
+        for run in points(sensealg="nope").values():
             with pytest.raises(ValueError, match=r"sensealg: unknown name 'nope'; use one of"):
                 run()
-        for where, run in points(sensealg=pn.InterpolatingAdjoint if entry == "ode" else pn.PhantomGradient).items():
+        for where, run in points(
+            sensealg=pn.InterpolatingAdjoint if entry == "ode" else pn.PhantomGradient
+        ).items():
             with pytest.raises(TypeError, match=r"sensealg: got the class .*; pass an instance"):
                 run()
-        for where, run in points(sensealg=3).items():  # NeuralODE used to raise ValueError here
+        for run in points(sensealg=3).values():  # NeuralODE used to raise ValueError here
             with pytest.raises(TypeError, match=r"sensealg: expected an object such as"):
                 run()
-    for where, run in _ode_entry_points(sensealg=pn.SteadyStateAdjoint()).items():
+    for run in _ode_entry_points(sensealg=pn.SteadyStateAdjoint()).values():
         with pytest.raises(TypeError, match="differentiates steady states"):
             run()
-    for where, run in _steady_entry_points(sensealg=pn.InterpolatingAdjoint()).items():
+    for run in _steady_entry_points(sensealg=pn.InterpolatingAdjoint()).values():
         with pytest.raises(TypeError, match="cannot differentiate a steady state"):
             run()
 
 
 def test_solver_names_and_errors_are_resolved_the_same_everywhere():
-    assert type(pn.solve(lambda t, y: -y, torch.ones(1, dtype=D), [0.0, 1.0], "dopri5").solver) is pn.Dopri5
+    assert (
+        type(pn.solve(lambda t, y: -y, torch.ones(1, dtype=D), [0.0, 1.0], "dopri5").solver)
+        is pn.Dopri5
+    )
     assert type(pn.NeuralODE(Linear(), solver="dopri5").solver) is pn.Dopri5
     assert type(ODEBlock(_Counted(), solver="dopri5").solver) is pn.Dopri5
     assert type(pn.DynamicSS("dopri5").ode_solver) is pn.Dopri5
@@ -177,15 +193,20 @@ def test_solver_names_and_errors_are_resolved_the_same_everywhere():
             make("rk99")
 
 
-@pytest.mark.parametrize("bad, exc", [(-1e-3, ValueError), (math.nan, ValueError), ("1e-6", TypeError),
-                                      (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad, exc",
+    [(-1e-3, ValueError), (math.nan, ValueError), ("1e-6", TypeError), (True, TypeError)],
+)
 def test_one_tolerance_validator(bad, exc):
     """The same argument gets the same error everywhere; a string or a bool (which float() would
     accept silently) is refused."""
-    runs = {**_ode_entry_points(rtol=bad), **_steady_entry_points(rtol=bad),
-            "InterpolatingAdjoint": lambda: pn.InterpolatingAdjoint(rtol=bad),
-            "SteadyStateAdjoint": lambda: pn.SteadyStateAdjoint(rtol=bad)}
-    for where, run in runs.items():
+    runs = {
+        **_ode_entry_points(rtol=bad),
+        **_steady_entry_points(rtol=bad),
+        "InterpolatingAdjoint": lambda: pn.InterpolatingAdjoint(rtol=bad),
+        "SteadyStateAdjoint": lambda: pn.SteadyStateAdjoint(rtol=bad),
+    }
+    for run in runs.values():
         with pytest.raises(exc, match=r"rtol"):
             run()
 
@@ -193,8 +214,12 @@ def test_one_tolerance_validator(bad, exc):
 def test_steady_state_and_deq_take_reltol_abstol_as_aliases():
     x = torch.ones(2, dtype=D)
     f = Contraction()
-    z1, i1 = pn.steady_state(f, torch.zeros(2, dtype=D), (x,), rtol=1e-3, atol=1e-9, return_info=True)
-    z2, i2 = pn.steady_state(f, torch.zeros(2, dtype=D), (x,), reltol=1e-3, abstol=1e-9, return_info=True)
+    z1, i1 = pn.steady_state(
+        f, torch.zeros(2, dtype=D), (x,), rtol=1e-3, atol=1e-9, return_info=True
+    )
+    z2, i2 = pn.steady_state(
+        f, torch.zeros(2, dtype=D), (x,), reltol=1e-3, abstol=1e-9, return_info=True
+    )
     assert torch.equal(z1, z2) and (i1.rtol, i1.atol) == (i2.reltol, i2.abstol) == (1e-3, 1e-9)
     with pytest.raises(ValueError, match="atol, abstol: the same tolerance under two names"):
         pn.steady_state(f, torch.zeros(2, dtype=D), (x,), atol=1e-9, abstol=1e-9)
@@ -215,7 +240,9 @@ def test_two_threads_solving_at_once_see_their_own_stats():
     def run(rate, out, barrier=None):
         if barrier is not None:
             barrier.wait()
-        sol = pn.solve(lambda t, y: rate * y, torch.ones(3, dtype=D), [0.0, 1.0], rtol=1e-8, atol=1e-10)
+        sol = pn.solve(
+            lambda t, y: rate * y, torch.ones(3, dtype=D), [0.0, 1.0], rtol=1e-8, atol=1e-10
+        )
         out.append(dict(sol.stats))
 
     serial = {}
@@ -242,8 +269,17 @@ def test_julia_backend_stats_are_per_thread_and_per_call():
     seen = {}
 
     def work(name, atol):
-        z, stats = _backend.steady_state(Contraction(), torch.zeros(2, dtype=D), (x,), None, None, atol, 0.0,
-                                         session=NativeStandIn(), return_info=True)
+        z, stats = _backend.steady_state(
+            Contraction(),
+            torch.zeros(2, dtype=D),
+            (x,),
+            None,
+            None,
+            atol,
+            0.0,
+            session=NativeStandIn(),
+            return_info=True,
+        )
         barrier.wait()  # both calls are done before either thread reads last_stats
         seen[name] = _backend.last_stats is stats and stats["retcode"] == "Success"
 
@@ -280,7 +316,9 @@ def test_per_sample_times_use_the_given_norm():
 
     def norm(err, y0, y1, rtol, atol):
         calls.append(1)
-        return torch.linalg.vector_norm(err / (atol + rtol * torch.maximum(y0.abs(), y1.abs()))) / math.sqrt(err.numel())
+        return torch.linalg.vector_norm(
+            err / (atol + rtol * torch.maximum(y0.abs(), y1.abs()))
+        ) / math.sqrt(err.numel())
 
     t = torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.3, 0.9]], dtype=D)
     sol = pn.solve(lambda t, y: -y, torch.ones(2, 1, dtype=D), t, norm=norm, rtol=1e-8, atol=1e-10)
@@ -302,8 +340,12 @@ def _import_graph():
     edges = {}
     for name, (path, is_pkg) in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                       and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        typing_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
         out = set()
         for node in ast.walk(tree):  # function-level (lazy) imports count: a cycle is a cycle
             if id(node) in typing_only:
@@ -317,8 +359,10 @@ def _import_graph():
                     target = ".".join(base + ([node.module] if node.module else []))
                 else:
                     target = node.module or ""
-                out.update(f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target
-                           for a in node.names)
+                out.update(
+                    f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target
+                    for a in node.names
+                )
         edges[name] = {m for m in out if m in modules and m != name}
     return edges
 
@@ -333,7 +377,7 @@ def test_the_import_graph_has_no_cycles():
         stack.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()

@@ -1,8 +1,8 @@
 """Deep equilibrium layer: the output is the fixed point ``z* = f(z*, x)`` (Bai, Kolter, Koltun 2019)."""
+
 from __future__ import annotations
 
 import random
-from typing import Optional
 
 import torch
 from torch import nn
@@ -33,7 +33,8 @@ class DEQ(nn.Module):
     (``f(0, x)``, the blog's ``z = NN(x)``); pass ``z0`` when the state is not shaped like ``x``.
     The leading dimension is a batch (``batch_dim=0``; ``None`` treats the state as one problem).
     ``rtol``/``atol``: the steady-state tolerances (defaults 1e-6 and 1e-6; SciML's
-    ``reltol``/``abstol`` are accepted as aliases). ``throw``: raise :class:`pn.SteadyStateError` when the forward solve fails (default) or go on
+    ``reltol``/``abstol`` are accepted as aliases). ``throw``: raise :class:`pn.SteadyStateError`
+    when the forward solve fails (default) or go on
     with the best iterate. ``jac_reg_weight > 0``: in training mode, with probability
     ``jac_reg_freq`` per forward, ``self.jac_loss`` is ``weight · pn.jacobian_regularization(...)``
     at ``z*`` (else 0): add it to the loss (Bai, Koltun, Kolter 2021).
@@ -49,40 +50,73 @@ class DEQ(nn.Module):
     ``DynamicSS`` + ``SteadyStateAdjoint``); ``last_stats`` is then that backend's stats dict.
     """
 
-    def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *, rtol: Optional[float] = None,
-                 atol: Optional[float] = None, backend: str = "torch", init="zeros", batch_dim: Optional[int] = 0,
-                 throw: bool = True, jac_reg_weight: float = 0.0, jac_reg_freq: float = 1.0,
-                 skip_weight: float = 0.0, reltol: Optional[float] = None, abstol: Optional[float] = None):
+    def __init__(
+        self,
+        f_module: nn.Module,
+        solver=None,
+        sensealg=None,
+        *,
+        rtol: float | None = None,
+        atol: float | None = None,
+        backend: str = "torch",
+        init="zeros",
+        batch_dim: int | None = 0,
+        throw: bool = True,
+        jac_reg_weight: float = 0.0,
+        jac_reg_freq: float = 1.0,
+        skip_weight: float = 0.0,
+        reltol: float | None = None,
+        abstol: float | None = None,
+    ):
         super().__init__()
         if not callable(f_module):
-            raise TypeError(f"f_module: expected an nn.Module (or callable) f(z, x), got {type(f_module).__name__}")
+            raise TypeError(
+                f"f_module: expected an nn.Module (or callable) f(z, x), got {type(f_module).__name__}"
+            )
         if backend not in _BACKENDS:
-            raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
+            raise ValueError(
+                f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'"
+            )
         if isinstance(init, str):
             if init not in _INITS:
-                raise ValueError(f"init: unknown {init!r}; use 'zeros', 'f' (z0 = f(0, x)) or an "
-                                 "nn.Module g with z0 = g(x) (Skip DEQ)")
+                raise ValueError(
+                    f"init: unknown {init!r}; use 'zeros', 'f' (z0 = f(0, x)) or an "
+                    "nn.Module g with z0 = g(x) (Skip DEQ)"
+                )
         elif not isinstance(init, nn.Module):
-            raise TypeError("init: expected 'zeros', 'f' or an nn.Module g(x) (Skip DEQ), "
-                            f"got {type(init).__name__}")
-        if isinstance(skip_weight, bool) or not isinstance(skip_weight, (int, float)) \
-                or not (0 <= skip_weight < float("inf")):
-            raise ValueError("skip_weight: must be a finite non-negative number, "
-                             f"got {skip_weight!r}")
+            raise TypeError(
+                "init: expected 'zeros', 'f' or an nn.Module g(x) (Skip DEQ), "
+                f"got {type(init).__name__}"
+            )
+        if (
+            isinstance(skip_weight, bool)
+            or not isinstance(skip_weight, (int, float))
+            or not (0 <= skip_weight < float("inf"))
+        ):
+            raise ValueError(
+                f"skip_weight: must be a finite non-negative number, got {skip_weight!r}"
+            )
         if skip_weight > 0 and init == "zeros":
-            raise ValueError("skip_weight: the skip loss needs a predicted z0; pass init='f' "
-                             "(Skip-Reg DEQ) or init=g, an nn.Module with z0 = g(x) (Skip DEQ)")
+            raise ValueError(
+                "skip_weight: the skip loss needs a predicted z0; pass init='f' "
+                "(Skip-Reg DEQ) or init=g, an nn.Module with z0 = g(x) (Skip DEQ)"
+            )
         if batch_dim not in (0, None):
-            raise ValueError(f"batch_dim: use 0 (leading batch dimension) or None, got {batch_dim!r}")
+            raise ValueError(
+                f"batch_dim: use 0 (leading batch dimension) or None, got {batch_dim!r}"
+            )
         if not isinstance(jac_reg_weight, (int, float)) or jac_reg_weight < 0:
-            raise ValueError(f"jac_reg_weight: must be a non-negative number, got {jac_reg_weight!r}")
+            raise ValueError(
+                f"jac_reg_weight: must be a non-negative number, got {jac_reg_weight!r}"
+            )
         if not isinstance(jac_reg_freq, (int, float)) or not (0 <= jac_reg_freq <= 1):
             raise ValueError(f"jac_reg_freq: must be a probability in [0, 1], got {jac_reg_freq!r}")
         self.f = f_module
         self.solver = resolve_solver(solver)
         self.sensealg = resolve_sensealg(sensealg, steady=True)
-        self.rtol, self.atol = tolerance_pair(rtol, atol, reltol=reltol, abstol=abstol, default_rtol=RTOL,
-                                              default_atol=ATOL)
+        self.rtol, self.atol = tolerance_pair(
+            rtol, atol, reltol=reltol, abstol=abstol, default_rtol=RTOL, default_atol=ATOL
+        )
         self.backend = backend
         self.init = init  # a Module is registered as a submodule: its parameters train with the DEQ
         self.batch_dim = batch_dim
@@ -101,12 +135,16 @@ class DEQ(nn.Module):
                 z = self.init(x)
             if not isinstance(z, torch.Tensor) or not z.is_floating_point():
                 got = z.dtype if isinstance(z, torch.Tensor) else type(z).__name__
-                raise TypeError("init: the Skip DEQ network g(x) must return a floating-point "
-                                f"tensor (the initial state), got {got}")
+                raise TypeError(
+                    "init: the Skip DEQ network g(x) must return a floating-point "
+                    f"tensor (the initial state), got {got}"
+                )
             if self.batch_dim == 0 and x.ndim > 0 and (z.ndim == 0 or z.shape[0] != x.shape[0]):
-                raise ValueError(f"init: g(x) returned shape {tuple(z.shape)} for x of shape "
-                                 f"{tuple(x.shape)}; with batch_dim=0 it must keep the batch "
-                                 "(leading) dimension")
+                raise ValueError(
+                    f"init: g(x) returned shape {tuple(z.shape)} for x of shape "
+                    f"{tuple(x.shape)}; with batch_dim=0 it must keep the batch "
+                    "(leading) dimension"
+                )
             return z
         z = torch.zeros_like(x)
         if self.init == "f":
@@ -114,23 +152,40 @@ class DEQ(nn.Module):
                 z = self.f(z, x)
         return z
 
-    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if z0 is None:
             z0 = self.initial_state(x)
         if self.backend == "julia":
-            z, self.last_stats = _julia_steady_state(self.f, z0.detach(), (x,), self.solver, self.sensealg, self.atol, self.rtol)
+            z, self.last_stats = _julia_steady_state(
+                self.f, z0.detach(), (x,), self.solver, self.sensealg, self.atol, self.rtol
+            )
         else:
             z, info = steady_state(
-                self.f, z0.detach(), (x,), self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
-                throw=self.throw, return_info=True, batch_dim=self.batch_dim if z0.ndim > 0 else None,
+                self.f,
+                z0.detach(),
+                (x,),
+                self.solver,
+                rtol=self.rtol,
+                atol=self.atol,
+                sensealg=self.sensealg,
+                throw=self.throw,
+                return_info=True,
+                batch_dim=self.batch_dim if z0.ndim > 0 else None,
             )
             self.last_stats = info
-        if self.jac_reg_weight > 0 and self.training and torch.is_grad_enabled() and random.random() < self.jac_reg_freq:
+        if (
+            self.jac_reg_weight > 0
+            and self.training
+            and torch.is_grad_enabled()
+            and random.random() < self.jac_reg_freq
+        ):
             from ..sensitivity.implicit import jacobian_regularization
 
-            self.jac_loss = self.jac_reg_weight * jacobian_regularization(lambda z: self.f(z, x), z.detach())
+            self.jac_loss = self.jac_reg_weight * jacobian_regularization(
+                lambda z: self.f(z, x), z.detach()
+            )
         else:
             self.jac_loss = torch.zeros((), dtype=z.dtype, device=z.device)
         if self.skip_weight > 0:  # z0 learns to predict z*; z* is the target, not trained here
@@ -142,23 +197,13 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, sensealg={self.sensealg!r}, rtol={self.rtol:g}, atol={self.atol:g}, backend={self.backend!r}"
 
-    @property
-    def abstol(self) -> float:
-        """``atol`` under SciML's name."""
-        return self.atol
-
-    @abstol.setter
-    def abstol(self, value) -> None:
-        self.atol = value
-
-    @property
-    def reltol(self) -> float:
-        """``rtol`` under SciML's name."""
-        return self.rtol
-
-    @reltol.setter
-    def reltol(self, value) -> None:
-        self.rtol = value
+    # SciML's names for the tolerances, kept as aliases
+    abstol = property(
+        lambda self: self.atol, lambda self, v: setattr(self, "atol", v), doc="``atol``"
+    )
+    reltol = property(
+        lambda self: self.rtol, lambda self, v: setattr(self, "rtol", v), doc="``rtol``"
+    )
 
 
 class SkipDEQ(DEQ):
@@ -170,15 +215,26 @@ class SkipDEQ(DEQ):
     λ_skip = 0.01. DeepEquilibriumNetworks.jl: ``SkipDeepEquilibriumNetwork(model, init, solver)``.
     """
 
-    def __init__(self, f_module: nn.Module, init_module: nn.Module, solver=None, sensealg=None, *,
-                 skip_weight: float = 0.01, **kwargs):
+    def __init__(
+        self,
+        f_module: nn.Module,
+        init_module: nn.Module,
+        solver=None,
+        sensealg=None,
+        *,
+        skip_weight: float = 0.01,
+        **kwargs,
+    ):
         if not isinstance(init_module, nn.Module):
-            raise TypeError("init_module: expected an nn.Module g(x) predicting z0, "
-                            f"got {type(init_module).__name__}")
+            raise TypeError(
+                "init_module: expected an nn.Module g(x) predicting z0, "
+                f"got {type(init_module).__name__}"
+            )
         if "init" in kwargs:
             raise TypeError("init: SkipDEQ sets init=init_module; pass the network as init_module")
-        super().__init__(f_module, solver, sensealg, init=init_module, skip_weight=skip_weight,
-                         **kwargs)
+        super().__init__(
+            f_module, solver, sensealg, init=init_module, skip_weight=skip_weight, **kwargs
+        )
 
 
 class SkipRegDEQ(DEQ):
@@ -191,11 +247,19 @@ class SkipRegDEQ(DEQ):
     DeepEquilibriumNetworks.jl: ``SkipDeepEquilibriumNetwork(model, solver)`` (``init=nothing``).
     """
 
-    def __init__(self, f_module: nn.Module, solver=None, sensealg=None, *,
-                 skip_weight: float = 0.01, **kwargs):
+    def __init__(
+        self,
+        f_module: nn.Module,
+        solver=None,
+        sensealg=None,
+        *,
+        skip_weight: float = 0.01,
+        **kwargs,
+    ):
         if "init" in kwargs:
-            raise TypeError("init: SkipRegDEQ always starts from z0 = f(0, x); "
-                            "use pn.DEQ for other inits")
+            raise TypeError(
+                "init: SkipRegDEQ always starts from z0 = f(0, x); use pn.DEQ for other inits"
+            )
         super().__init__(f_module, solver, sensealg, init="f", skip_weight=skip_weight, **kwargs)
 
 
@@ -205,7 +269,9 @@ def _julia_steady_state(f_module, z0, args, solver, sensealg, abstol, reltol):
         from ..julia import _backend
     except ImportError as exc:
         raise ImportError(
-            "backend='julia': the Julia backend is not available (" + str(exc) + "). Install it with "
+            "backend='julia': the Julia backend is not available ("
+            + str(exc)
+            + "). Install it with "
             "`pip install -e '.[julia]'` in a pyneuralode checkout (juliacall), then run `python -m pyneuralode.julia doctor`; "
             "or use backend='torch' (the native engine, the default)."
         ) from exc
@@ -214,4 +280,6 @@ def _julia_steady_state(f_module, z0, args, solver, sensealg, abstol, reltol):
         raise NotImplementedError(
             "backend='julia': this version of pyneuralode.julia has no steady_state(); use backend='torch'"
         )
-    return fn(f_module, z0, args, solver, sensealg, abstol, reltol, return_info=True)  # z*, the backend's stats dict
+    return fn(
+        f_module, z0, args, solver, sensealg, abstol, reltol, return_info=True
+    )  # z*, the backend's stats dict

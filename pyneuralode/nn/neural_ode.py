@@ -1,4 +1,5 @@
 """``NeuralODE``: an ``nn.Module`` mapping ``y0`` to the solution of ``dy/dt = f_θ(t, y)`` (Chen et al., NeurIPS 2018)."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,15 @@ __all__ = ["NeuralODE"]
 
 
 #: torch's messages for operands whose shapes do not fit (a state of the wrong width)
-_SHAPE_ERRORS = ("shapes cannot be multiplied", "size mismatch", "must match the size",
-                 "Expected size", "expected input", "does not match", "Given groups")
+_SHAPE_ERRORS = (
+    "shapes cannot be multiplied",
+    "size mismatch",
+    "must match the size",
+    "Expected size",
+    "expected input",
+    "does not match",
+    "Given groups",
+)
 
 
 class _Counted(nn.Module):
@@ -43,7 +51,8 @@ class _Counted(nn.Module):
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(
                     f"y0: the vector field cannot take a state shaped {shape} ({e}); "
-                    f"give y0 the width vector_field expects (e.g. (batch, dim) for a ConcatMLP(dim))") from e
+                    f"give y0 the width vector_field expects (e.g. (batch, dim) for a ConcatMLP(dim))"
+                ) from e
         else:
             out = self.vf(t, y, *args)
         if self.hook and isinstance(out, torch.Tensor) and out.requires_grad:
@@ -63,23 +72,43 @@ class NeuralODE(nn.Module):
 
     After a call, ``nfe_forward`` is the forward pass's number of ``f`` evaluations; after its
     backward, ``nfe_backward`` is the backward pass's: ``nfe_adjoint`` of the solution stats for the
-    continuous adjoints, ``nfe_recompute`` (the replayed steps) for ``DirectAdjoint(checkpoints=M)``,
+    continuous adjoints, ``nfe_recompute`` (the replayed steps) for
+    ``DirectAdjoint(checkpoints=M)``,
     and for ``DirectAdjoint()`` the number of ``f`` evaluations that were backpropagated through
     (vector–Jacobian products, counted by a gradient hook).
     ``last_stats`` holds the solution's stats dict (updated by the backward pass).
     """
 
-    def __init__(self, vector_field, t=(0.0, 1.0), solver=None, sensealg=None, rtol: float = 1e-3, atol: float = 1e-4,
-                 return_trajectory: bool = False, adaptive: bool = True, dt=None, max_steps: int = 100_000):
+    def __init__(
+        self,
+        vector_field,
+        t=(0.0, 1.0),
+        solver=None,
+        sensealg=None,
+        rtol: float = 1e-3,
+        atol: float = 1e-4,
+        return_trajectory: bool = False,
+        adaptive: bool = True,
+        dt=None,
+        max_steps: int = 100_000,
+    ):
         super().__init__()
         if not callable(vector_field):
-            raise TypeError(f"vector_field: expected a callable f(t, y) (an nn.Module to train), got {type(vector_field).__name__}")
+            raise TypeError(
+                f"vector_field: expected a callable f(t, y) (an nn.Module to train), got {type(vector_field).__name__}"
+            )
         if not isinstance(return_trajectory, bool):
             raise TypeError(f"return_trajectory: expected True or False, got {return_trajectory!r}")
         self.func = _Counted(vector_field)
-        t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t.detach().clone()
+        t = (
+            torch.as_tensor(t, dtype=torch.float64)
+            if not isinstance(t, torch.Tensor)
+            else t.detach().clone()
+        )
         if t.ndim != 1 or t.numel() < 2:
-            raise ValueError(f"t: expected a 1-D sequence of at least two times, e.g. (0.0, 1.0); got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"t: expected a 1-D sequence of at least two times, e.g. (0.0, 1.0); got shape {tuple(t.shape)}"
+            )
         self.register_buffer("t", t, persistent=False)
         self.solver = resolve_solver(solver, Dopri5)
         self.sensealg = resolve_sensealg(sensealg)
@@ -88,7 +117,9 @@ class NeuralODE(nn.Module):
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
         self.last_stats: dict = {}
         # the whole-graph DirectAdjoint: backward evaluations are counted by a gradient hook
-        self._direct = isinstance(self.sensealg, DirectAdjoint) and self.sensealg.checkpoints is None
+        self._direct = (
+            isinstance(self.sensealg, DirectAdjoint) and self.sensealg.checkpoints is None
+        )
 
     @property
     def vector_field(self):
@@ -104,7 +135,8 @@ class NeuralODE(nn.Module):
         """``f``-related evaluations of the backward pass of the last call (0 before backward)."""
         if self._direct:
             return self.func.vjps
-        # continuous adjoints: the adjoint right-hand sides; checkpointed DirectAdjoint: the replayed steps
+        # continuous adjoints: the adjoint right-hand sides; checkpointed DirectAdjoint: the
+        # replayed steps
         return int(self.last_stats.get("nfe_adjoint", self.last_stats.get("nfe_recompute", 0)))
 
     def forward(self, y0, t=None):
@@ -113,9 +145,22 @@ class NeuralODE(nn.Module):
             t = t.to(device=y0.device, dtype=y0.dtype) if not t.requires_grad else t
         self.func.calls, self.func.vjps = 0, 0
         self.func.hook = self._direct and torch.is_grad_enabled()
-        sol = solve(self.func, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
-                       adaptive=self.adaptive, dt=self.dt, max_steps=self.max_steps)
+        sol = solve(
+            self.func,
+            y0,
+            t,
+            self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            sensealg=self.sensealg,
+            adaptive=self.adaptive,
+            dt=self.dt,
+            max_steps=self.max_steps,
+        )
         self.func.hook = False
         self.last_stats = sol.stats
-        return sol.ys if self.return_trajectory else (
-            sol.ys[-1] if not isinstance(sol.ys, tuple) else tuple(c[-1] for c in sol.ys))
+        return (
+            sol.ys
+            if self.return_trajectory
+            else (sol.ys[-1] if not isinstance(sol.ys, tuple) else tuple(c[-1] for c in sol.ys))
+        )

@@ -7,7 +7,8 @@ The architecture follows torchdiffeq's ``examples/odenet_mnist.py`` ("conv" down
 * features, by ``variant``:
 
   - ``"odenet"``: one :class:`ODEBlock` integrating :class:`ODENetFunc` (GN → ReLU →
-    time-concatenated 3×3 conv → GN → ReLU → time-concatenated conv → GN) over ``t ∈ [0, 1]`` with an
+    time-concatenated 3×3 conv → GN → ReLU → time-concatenated conv → GN) over ``t ∈ [0, 1]`` with
+    an
     adaptive solver (Dopri5, ``rtol = atol = 1e-3`` as in the paper) — 208,266 parameters;
   - ``"rknet"``: the same block, but a fixed-step RK4 differentiated through its operations
     (:class:`~pyneuralode.DirectAdjoint`) — 208,266 parameters;
@@ -19,6 +20,7 @@ The architecture follows torchdiffeq's ``examples/odenet_mnist.py`` ("conv" down
 ``model.nfe_backward`` the number made since then (by the backward pass of an adjoint method;
 0 with ``DirectAdjoint``, which backpropagates through the stored steps instead).
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,9 +45,13 @@ def _norm(dim: int) -> nn.GroupNorm:
 class _ConcatConv2d(nn.Module):
     """A conv whose input gets the time ``t`` as an extra constant channel."""
 
-    def __init__(self, dim_in: int, dim_out: int, ksize: int = 3, stride: int = 1, padding: int = 1):
+    def __init__(
+        self, dim_in: int, dim_out: int, ksize: int = 3, stride: int = 1, padding: int = 1
+    ):
         super().__init__()
-        self.layer = nn.Conv2d(dim_in + 1, dim_out, kernel_size=ksize, stride=stride, padding=padding)
+        self.layer = nn.Conv2d(
+            dim_in + 1, dim_out, kernel_size=ksize, stride=stride, padding=padding
+        )
 
     def forward(self, t, x):
         tt = torch.ones_like(x[:, :1]) * t.to(x.dtype)
@@ -76,14 +82,27 @@ class ODEBlock(nn.Module):
 
     ``solver`` (default ``pn.Dopri5()``, as torchdiffeq's example), ``rtol``/``atol`` (paper:
     1e-3 for classification), ``sensealg`` (object or ``"direct"``/``"backsolve"``/
-    ``"interpolating"``/``"quadrature"``; default DirectAdjoint). Fixed steps: ``adaptive=False, dt=h``.
+    ``"interpolating"``/``"quadrature"``; default DirectAdjoint). Fixed steps: ``adaptive=False,
+    dt=h``.
     """
 
-    def __init__(self, func: nn.Module, t_end: float = 1.0, solver=None, rtol: float = 1e-3, atol: float = 1e-3,
-                 sensealg=None, adaptive: bool = True, dt=None, max_steps: int = 10_000):
+    def __init__(
+        self,
+        func: nn.Module,
+        t_end: float = 1.0,
+        solver=None,
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        sensealg=None,
+        adaptive: bool = True,
+        dt=None,
+        max_steps: int = 10_000,
+    ):
         super().__init__()
         if not hasattr(func, "nfe"):
-            raise TypeError("func: expected a module with an `nfe` call counter, such as ODENetFunc")
+            raise TypeError(
+                "func: expected a module with an `nfe` call counter, such as ODENetFunc"
+            )
         self.func = func
         self.solver = resolve_solver(solver, Dopri5)
         self.rtol, self.atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
@@ -101,8 +120,17 @@ class ODEBlock(nn.Module):
     def forward(self, x):
         self.func.nfe = 0
         sol = solve(
-            self.func, x, self.t.to(x.dtype), self.solver, rtol=self.rtol, atol=self.atol,
-            adaptive=self.adaptive, dt=self.dt, sensealg=self.sensealg, dense=False, max_steps=self.max_steps,
+            self.func,
+            x,
+            self.t.to(x.dtype),
+            self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            adaptive=self.adaptive,
+            dt=self.dt,
+            sensealg=self.sensealg,
+            dense=False,
+            max_steps=self.max_steps,
         )
         self.nfe_forward = self.func.nfe
         self.last_stats = dict(sol.stats)
@@ -134,8 +162,18 @@ class MNISTNet(nn.Module):
     backpropagated directly. Input ``[B, 1, 28, 28]``, output logits ``[B, 10]``.
     """
 
-    def __init__(self, variant: str = "odenet", *, solver=None, rtol: float = 1e-3, atol: float = 1e-3,
-                 sensealg=None, rk_steps: int = 4, dim: int = 64, num_classes: int = 10):
+    def __init__(
+        self,
+        variant: str = "odenet",
+        *,
+        solver=None,
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        sensealg=None,
+        rk_steps: int = 4,
+        dim: int = 64,
+        num_classes: int = 10,
+    ):
         super().__init__()
         if variant not in MNIST_VARIANTS:
             raise ValueError(f"variant: expected one of {MNIST_VARIANTS}, got {variant!r}")
@@ -143,20 +181,37 @@ class MNISTNet(nn.Module):
             raise ValueError(f"rk_steps: expected a positive int, got {rk_steps!r}")
         self.variant = variant
         self.downsampling = nn.Sequential(
-            nn.Conv2d(1, dim, 3, 1), _norm(dim), nn.ReLU(),
-            nn.Conv2d(dim, dim, 4, 2, 1), _norm(dim), nn.ReLU(),
+            nn.Conv2d(1, dim, 3, 1),
+            _norm(dim),
+            nn.ReLU(),
+            nn.Conv2d(dim, dim, 4, 2, 1),
+            _norm(dim),
+            nn.ReLU(),
             nn.Conv2d(dim, dim, 4, 2, 1),
         )
         if variant == "odenet":
-            self.features = ODEBlock(ODENetFunc(dim), solver=solver, rtol=rtol, atol=atol, sensealg=sensealg)
+            self.features = ODEBlock(
+                ODENetFunc(dim), solver=solver, rtol=rtol, atol=atol, sensealg=sensealg
+            )
         elif variant == "rknet":
-            self.features = ODEBlock(ODENetFunc(dim), solver=RK4(), adaptive=False, dt=1.0 / rk_steps,
-                                     sensealg=DirectAdjoint())
+            self.features = ODEBlock(
+                ODENetFunc(dim),
+                solver=RK4(),
+                adaptive=False,
+                dt=1.0 / rk_steps,
+                sensealg=DirectAdjoint(),
+            )
         elif variant == "resnet":
             self.features = nn.Sequential(*[PreActResBlock(dim) for _ in range(6)])
         else:
             self.features = nn.Identity()
-        self.head = nn.Sequential(_norm(dim), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, num_classes))
+        self.head = nn.Sequential(
+            _norm(dim),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(dim, num_classes),
+        )
 
     @property
     def is_ode(self) -> bool:

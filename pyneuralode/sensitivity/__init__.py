@@ -1,11 +1,12 @@
 """Sensitivity algorithms: how gradients cross the integrate loop (SciMLSensitivity names)."""
+
 from . import backsolve, direct, implicit, interpolating, quadrature
 from ._base import AbstractSensitivity
-from .backsolve import *  # noqa: F401,F403
+from .backsolve import *
 from .direct import DirectAdjoint
-from .implicit import *  # noqa: F401,F403
-from .interpolating import *  # noqa: F401,F403
-from .quadrature import *  # noqa: F401,F403
+from .implicit import *
+from .interpolating import *
+from .quadrature import *
 
 __all__ = [
     "AbstractSensitivity",

@@ -14,6 +14,7 @@ vector–Jacobian product), :mod:`._backward_setup` (options, tolerances, semino
 integration), :mod:`._passes` (forward passes with dense output or checkpoints and the backward
 intervals), :mod:`._quadrature_rules` and :mod:`._torch_internals` (the one private torch API).
 """
+
 from __future__ import annotations
 
 import torch
@@ -80,8 +81,9 @@ class _AdjointFunction(torch.autograd.Function):
             depends = [v for v in (*inputs, grad_ys) if v.requires_grad]
             if depends:
                 message = _DOUBLE_BACKWARD.format(name=sensealg.name)
-                outs = [None if v is None else _FirstOrderOnly.apply(message, v, *depends)
-                        for v in outs]
+                outs = [
+                    None if v is None else _FirstOrderOnly.apply(message, v, *depends) for v in outs
+                ]
         return (None,) * 7 + tuple(outs)
 
 
@@ -92,5 +94,7 @@ def run_adjoint(sensealg, problem, y0, solver, opts, stats):
         with torch.no_grad():
             return plain_forward(problem, y0, solver, opts, stats)
     box: dict = {}
-    ys = _AdjointFunction.apply(box, sensealg, problem, solver, opts, stats, targets, y0, *targets.tensors)
+    ys = _AdjointFunction.apply(
+        box, sensealg, problem, solver, opts, stats, targets, y0, *targets.tensors
+    )
     return ys, box["loop"]

@@ -2,11 +2,12 @@
 
 Every backward pass steps with :func:`pyneuralode._loop.integrate`, the engine's only stepping code.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,17 +44,28 @@ def mixed_norm(blocks: Sequence[tuple]) -> Callable:
         if len(blocks) == 1:
             i, j = blocks[0]
             return torch.linalg.vector_norm(r[i:j]) / math.sqrt(j - i)
-        return torch.stack([torch.linalg.vector_norm(r[i:j]) / math.sqrt(j - i) for i, j in blocks]).max()
+        return torch.stack(
+            [torch.linalg.vector_norm(r[i:j]) / math.sqrt(j - i) for i, j in blocks]
+        ).max()
 
     return norm
 
 
-def backward_setup(sensealg, solver, opts: LoopOptions, ref: torch.Tensor, n_state_blocks: int, extra: Sequence[int],
-                   dense: bool, seminorm: bool = False):
+def backward_setup(
+    sensealg,
+    solver,
+    opts: LoopOptions,
+    ref: torch.Tensor,
+    n_state_blocks: int,
+    extra: Sequence[int],
+    dense: bool,
+    seminorm: bool = False,
+):
     """The backward solver and :class:`LoopOptions` for the flat state ``[n_state_blocks × state, *extra]``.
 
     ``extra``: sizes of the parameter-gradient blocks (one per gradient target tensor). Step-size
-    control uses :func:`mixed_norm` over all blocks (without the parameter blocks when ``seminorm``).
+    control uses :func:`mixed_norm` over all blocks (without the parameter blocks when
+    ``seminorm``).
     """
     n_extra = sum(extra)
     bsolver = sensealg.solver if sensealg.solver is not None else solver
@@ -65,8 +77,16 @@ def backward_setup(sensealg, solver, opts: LoopOptions, ref: torch.Tensor, n_sta
                 f"the forward solve was adaptive; use an adaptive backward solver (e.g. pn.Tsit5()) or a fixed-step forward solve with dt=..."
             )
         adaptive = False
-    rtol = sensealg.rtol if sensealg.rtol is not None else _tol_block(opts.rtol, n_state_blocks, n_extra, ref)
-    atol = sensealg.atol if sensealg.atol is not None else _tol_block(opts.atol, n_state_blocks, n_extra, ref)
+    rtol = (
+        sensealg.rtol
+        if sensealg.rtol is not None
+        else _tol_block(opts.rtol, n_state_blocks, n_extra, ref)
+    )
+    atol = (
+        sensealg.atol
+        if sensealg.atol is not None
+        else _tol_block(opts.atol, n_state_blocks, n_extra, ref)
+    )
     ny = ref[0].numel()
     blocks = [(k * ny, (k + 1) * ny) for k in range(n_state_blocks)]
     if not seminorm:
@@ -75,12 +95,21 @@ def backward_setup(sensealg, solver, opts: LoopOptions, ref: torch.Tensor, n_sta
             blocks.append((start, start + n))
             start += n
     norm = mixed_norm(blocks) if len(blocks) > 1 or n_extra else None
-    bopts = dataclasses.replace(opts, rtol=rtol, atol=atol, adaptive=adaptive, dense=dense,
-                                progress=opts.progress, norm=norm)
+    bopts = dataclasses.replace(
+        opts,
+        rtol=rtol,
+        atol=atol,
+        adaptive=adaptive,
+        dense=dense,
+        progress=opts.progress,
+        norm=norm,
+    )
     return bsolver, bopts
 
 
-def _initial_step(rhs, t0: float, z: torch.Tensor, t1: float, solver, opts, n: int, bstats: dict) -> float:
+def _initial_step(
+    rhs, t0: float, z: torch.Tensor, t1: float, solver, opts, n: int, bstats: dict
+) -> float:
     """Hairer's starting step computed on the first ``n`` channels only.
 
     The parameter-gradient channels start at zero with scale ``atol`` while their derivative is
@@ -100,8 +129,19 @@ def _initial_step(rhs, t0: float, z: torch.Tensor, t1: float, solver, opts, n: i
     return min(dt, abs(t1 - t0))
 
 
-def run_backward(rhs, z, t0: float, t1: float, solver, opts, bstats: dict, who: str, hint: str = "",
-                 n_state: Optional[int] = None, first_step: Optional[float] = None):
+def run_backward(
+    rhs,
+    z,
+    t0: float,
+    t1: float,
+    solver,
+    opts,
+    bstats: dict,
+    who: str,
+    hint: str = "",
+    n_state: int | None = None,
+    first_step: float | None = None,
+):
     """One backward integration over [t0, t1] with the engine's loop; a failure raises :class:`SolveError`.
 
     ``n_state``: the leading channels that are genuine ODE states (the rest are parameter-gradient
@@ -111,13 +151,16 @@ def run_backward(rhs, z, t0: float, t1: float, solver, opts, bstats: dict, who: 
     if first_step is not None and first_step > 0 and opts.adaptive and opts.dt is None:
         opts = dataclasses.replace(opts, dt=min(first_step, abs(t1 - t0)))
     elif n_state is not None and n_state < z.numel() and opts.adaptive and opts.dt is None:
-        opts = dataclasses.replace(opts, dt=_initial_step(rhs, t0, z, t1, solver, opts, n_state, bstats))
+        opts = dataclasses.replace(
+            opts, dt=_initial_step(rhs, t0, z, t1, solver, opts, n_state, bstats)
+        )
     res = integrate(rhs, z, [t0, t1], solver, opts, bstats)
     if not res.retcode.successful:
         raise SolveError(
             f"{who}: the backward (adjoint) pass failed on [{min(t0, t1):g}, {max(t0, t1):g}] with retcode "
             f"{res.retcode.value}: {res.message}{hint}",
-            res.retcode, res.t_reached,
+            res.retcode,
+            res.t_reached,
         )
     return res
 

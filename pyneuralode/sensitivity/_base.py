@@ -23,10 +23,12 @@ Two families, two bases:
 
 ``keeps_dense`` says whether the forward pass keeps dense output by default.
 """
+
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -49,7 +51,7 @@ class AbstractSensitivity(_Named, abc.ABC):
     name: str = "AbstractSensitivity"
     keeps_dense: bool = True
 
-    def __init__(self, solver: Any = None, rtol: Optional[float] = None, atol: Optional[float] = None):
+    def __init__(self, solver: Any = None, rtol: float | None = None, atol: float | None = None):
         self.solver = solver
         self.rtol = rtol
         self.atol = atol
@@ -77,8 +79,9 @@ class AbstractAdjoint(AbstractSensitivity):
         """The forward pass without a graph, keeping what :meth:`_backward` needs."""
 
     @abc.abstractmethod
-    def _backward(self, p: Pass, ys: torch.Tensor, grad_ys: torch.Tensor,
-                  m: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _backward(
+        self, p: Pass, ys: torch.Tensor, grad_ys: torch.Tensor, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(dL/dy0, flat dL/dtargets or None)`` from the cotangents ``grad_ys`` of the outputs."""
 
 
@@ -86,7 +89,7 @@ class AbstractContinuousAdjoint(AbstractAdjoint):
     """A continuous adjoint: the backward ODE has its own ``solver``, ``rtol`` and ``atol``
     (``None`` = the forward ones), checked here."""
 
-    def __init__(self, solver: Any = None, rtol: Optional[float] = None, atol: Optional[float] = None):
+    def __init__(self, solver: Any = None, rtol: float | None = None, atol: float | None = None):
         solver, rtol, atol = check_common(type(self).__name__, solver, rtol, atol)
         super().__init__(solver, rtol, atol)
 

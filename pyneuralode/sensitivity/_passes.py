@@ -4,11 +4,12 @@ A forward pass keeps either the whole dense output or checkpoints (the output ti
 spaced times, with the accepted step times); :func:`backward_intervals` walks the intervals back,
 reading the dense output or re-solving one checkpoint interval at a time.
 """
+
 from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Any, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +17,6 @@ import torch
 from .._loop import LoopOptions, LoopResult, integrate
 from .._solution import SolveError
 from ._vjp import Targets
-
 
 # ---------------------------------------------------------------------------------------------
 # What a forward pass keeps for its backward pass (one typed record per kind)
@@ -34,10 +34,10 @@ class Checkpoints:
     """States at the checkpoint ``times`` (output times merged with evenly spaced ones), the output
     index at each checkpoint (``None`` for a pure checkpoint) and the accepted step times."""
 
-    times: List[float]
-    states: List[torch.Tensor]
-    output_of: List[Optional[int]]
-    step_ts: List[float]
+    times: list[float]
+    states: list[torch.Tensor]
+    output_of: list[int | None]
+    step_ts: list[float]
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class StepBounds:
     """The forward's first time and accepted step times (each backward interval starts with the
     forward step that covers its end)."""
 
-    bounds: List[float]
+    bounds: list[float]
 
 
 @dataclasses.dataclass
@@ -53,11 +53,11 @@ class ThinnedCheckpoints:
     """``(step index, t, y)`` at every k-th accepted step and all accepted step times (the replay
     grid of checkpointed ``DirectAdjoint``)."""
 
-    entries: List[Tuple[int, float, torch.Tensor]]
-    step_ts: List[float]
+    entries: list[tuple[int, float, torch.Tensor]]
+    step_ts: list[float]
 
 
-Saved = Union[DenseTrajectory, Checkpoints, StepBounds, ThinnedCheckpoints]
+Saved = DenseTrajectory | Checkpoints | StepBounds | ThinnedCheckpoints
 
 
 class Forward(NamedTuple):
@@ -103,7 +103,7 @@ class DenseLookup:
         return s.evaluate((t - s.t0) / s.dt)
 
 
-def checkpoint_times(t_list: List[float], n_checkpoints: Optional[int]):
+def checkpoint_times(t_list: list[float], n_checkpoints: int | None):
     """Output times merged with ``n_checkpoints`` evenly spaced times; the merged index of each output time."""
     n = n_checkpoints or 0
     if n == 0 or len(t_list) < 2:
@@ -120,7 +120,9 @@ def checkpoint_times(t_list: List[float], n_checkpoints: Optional[int]):
 
 def forward_dense(problem, y0, solver, opts, stats):
     """Forward pass keeping the whole dense output (returned to the user only if ``opts.dense``)."""
-    loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, dataclasses.replace(opts, dense=True), stats)
+    loop = integrate(
+        problem.rhs(stats), y0, problem.t_list, solver, dataclasses.replace(opts, dense=True), stats
+    )
     out = loop if opts.dense else dataclasses.replace(loop, segments=None)
     return Forward(torch.stack(loop.ys), out, DenseTrajectory(loop.segments))
 
@@ -133,20 +135,24 @@ def forward_checkpointed(problem, y0, solver, opts, stats, n_checkpoints):
     pass reads it instead of re-solving.
     """
     merged, out_index = checkpoint_times(problem.t_list, n_checkpoints)
-    loop = integrate(problem.rhs(stats), y0, merged, solver, dataclasses.replace(opts, record_steps=True), stats)
+    loop = integrate(
+        problem.rhs(stats), y0, merged, solver, dataclasses.replace(opts, record_steps=True), stats
+    )
     kk = len(loop.ys)
     ys = [loop.ys[j] for j in out_index if j < kk]
     out = dataclasses.replace(loop, ys=ys, step_ts=None)
     if opts.dense:
         return Forward(torch.stack(ys), out, DenseTrajectory(loop.segments))
-    output_of: List[Optional[int]] = [None] * kk
+    output_of: list[int | None] = [None] * kk
     for i, j in enumerate(out_index):
         if j < kk:
             output_of[j] = i
-    return Forward(torch.stack(ys), out, Checkpoints(merged[:kk], list(loop.ys), output_of, loop.step_ts))
+    return Forward(
+        torch.stack(ys), out, Checkpoints(merged[:kk], list(loop.ys), output_of, loop.step_ts)
+    )
 
 
-def replay_grid(step_ts: List[float], t0: float, t1: float) -> List[float]:
+def replay_grid(step_ts: list[float], t0: float, t1: float) -> list[float]:
     """The forward pass's accepted step times inside (t0, t1), framed by t0 and t1.
 
     Re-solving a checkpoint interval on this grid replays the forward's accepted steps: no error
@@ -164,7 +170,7 @@ def replay_grid(step_ts: List[float], t0: float, t1: float) -> List[float]:
     return [t0] + step_ts[i:j] + [t1]
 
 
-def step_covering(starts_ends: List[float], t: float) -> Optional[float]:
+def step_covering(starts_ends: list[float], t: float) -> float | None:
     """Length of the forward step ``[s_k, s_k+1]`` (from the sorted-in-direction step times) that ends at or covers ``t``."""
     if len(starts_ends) < 2:
         return None
@@ -179,7 +185,8 @@ def backward_intervals(p: Pass, m: int, bstats: dict, who: str):
 
     ``lookup`` gives the forward state over [t_lo, t_hi] (the stored dense output, or a re-solve
     from the checkpoint at ``t_lo`` that replays the forward's accepted steps — adaptive for a
-    multistep solver — counted as ``nfe_recompute``); ``out_lo`` is the output index at ``t_lo`` (its cotangent is added there)
+    multistep solver — counted as ``nfe_recompute``); ``out_lo`` is the output index at ``t_lo``
+    (its cotangent is added there)
     or ``None`` for a pure checkpoint; ``h_first`` is the length of the forward step that covers
     ``t_hi``: the backward pass starts with it instead of a starting-step heuristic (which costs
     two adjoint evaluations).
@@ -197,17 +204,27 @@ def backward_intervals(p: Pass, m: int, bstats: dict, who: str):
     times, states, output_of, step_ts = saved.times, saved.states, saved.output_of, saved.step_ts
     bounds = [times[0]] + list(step_ts)
     # A multistep method restarts from a checkpoint without its history, so it cannot replay the
-    # forward's steps (they were taken at a higher order): it re-solves adaptively, to the tolerance.
+    # forward's steps (they were taken at a higher order): it re-solves adaptively, to the
+    # tolerance.
     replay = not getattr(p.solver, "multistep", False)
     for j in range(output_of.index(m), 0, -1):
         rstats: dict = {}
         grid = replay_grid(step_ts, times[j - 1], times[j]) if replay else None
         fopts = dataclasses.replace(p.opts, dense=True, progress=False, grid=grid)
-        floop = integrate(problem.rhs(bstats, key="nfe_recompute"), states[j - 1], [times[j - 1], times[j]], p.solver, fopts, rstats)
+        floop = integrate(
+            problem.rhs(bstats, key="nfe_recompute"),
+            states[j - 1],
+            [times[j - 1], times[j]],
+            p.solver,
+            fopts,
+            rstats,
+        )
         if not floop.retcode.successful:
             raise SolveError(
                 f"{who}: re-solving the state from the checkpoint at t={times[j - 1]:g} failed with retcode "
-                f"{floop.retcode.value}: {floop.message}", floop.retcode, floop.t_reached,
+                f"{floop.retcode.value}: {floop.message}",
+                floop.retcode,
+                floop.t_reached,
             )
         lookup = DenseLookup(floop.segments)
         del floop

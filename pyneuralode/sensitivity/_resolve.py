@@ -1,4 +1,5 @@
 """The one sensealg resolver and its name table, for ODE solves and for steady states alike."""
+
 from __future__ import annotations
 
 from ._base import AbstractImplicitGradient, AbstractSensitivity
@@ -29,27 +30,40 @@ def resolve_sensealg(sensealg, *, steady: bool = False, arg: str = "sensealg"):
     an ODE solve, :class:`SteadyStateAdjoint` for a steady state), a name of
     :data:`SENSEALG_NAMES` (resp. :data:`IMPLICIT_NAMES`), or an instance of the right family.
     """
-    base, names, hint = ((AbstractImplicitGradient, IMPLICIT_NAMES, _STEADY_HINT) if steady
-                         else (AbstractSensitivity, SENSEALG_NAMES, _ODE_HINT))
+    base, names, hint = (
+        (AbstractImplicitGradient, IMPLICIT_NAMES, _STEADY_HINT)
+        if steady
+        else (AbstractSensitivity, SENSEALG_NAMES, _ODE_HINT)
+    )
     if sensealg is None:
         return SteadyStateAdjoint() if steady else DirectAdjoint()
     if isinstance(sensealg, str):
         cls = names.get(sensealg.lower())
         if cls is None:
-            raise ValueError(f"{arg}: unknown name {sensealg!r}; use one of {sorted(names)} or an "
-                             f"object such as {hint}")
+            raise ValueError(
+                f"{arg}: unknown name {sensealg!r}; use one of {sorted(names)} or an "
+                f"object such as {hint}"
+            )
         return cls()
     if isinstance(sensealg, type):
-        raise TypeError(f"{arg}: got the class {sensealg.__name__}; pass an instance, e.g. "
-                        f"{arg}=pn.{sensealg.__name__}()")
+        raise TypeError(
+            f"{arg}: got the class {sensealg.__name__}; pass an instance, e.g. "
+            f"{arg}=pn.{sensealg.__name__}()"
+        )
     if isinstance(sensealg, base):
         return sensealg
     if isinstance(sensealg, AbstractImplicitGradient):
-        raise TypeError(f"{arg}: {type(sensealg).__name__} differentiates steady states; use it with "
-                        f"pn.steady_state(...) or pn.DEQ(...), not an ODE solve (there use e.g. "
-                        f"{_ODE_HINT})")
+        raise TypeError(
+            f"{arg}: {type(sensealg).__name__} differentiates steady states; use it with "
+            f"pn.steady_state(...) or pn.DEQ(...), not an ODE solve (there use e.g. "
+            f"{_ODE_HINT})"
+        )
     if isinstance(sensealg, AbstractSensitivity):
-        raise TypeError(f"{arg}: {type(sensealg).__name__} differentiates ODE solves and cannot "
-                        f"differentiate a steady state; use {_STEADY_HINT}")
-    raise TypeError(f"{arg}: expected an object such as {hint} or one of {sorted(names)}, "
-                    f"got {type(sensealg).__name__}")
+        raise TypeError(
+            f"{arg}: {type(sensealg).__name__} differentiates ODE solves and cannot "
+            f"differentiate a steady state; use {_STEADY_HINT}"
+        )
+    raise TypeError(
+        f"{arg}: expected an object such as {hint} or one of {sorted(names)}, "
+        f"got {type(sensealg).__name__}"
+    )

@@ -7,14 +7,13 @@ that function's argument normalisation. The entry is checked once against the pu
 tiny graph; where it is missing, its signature differs or the check fails, the public
 ``torch.autograd.grad`` is used instead (same result).
 """
-from __future__ import annotations
 
-from typing import List
+from __future__ import annotations
 
 import torch
 
 
-def grad_first_order(out: torch.Tensor, inputs: List[torch.Tensor], cotangent: torch.Tensor):
+def grad_first_order(out: torch.Tensor, inputs: list[torch.Tensor], cotangent: torch.Tensor):
     """``torch.autograd.grad(out, inputs, cotangent, allow_unused=True, materialize_grads=True)``
     for the hot path of the adjoints (shapes already match; no graph of the gradients).
 
@@ -26,7 +25,9 @@ def grad_first_order(out: torch.Tensor, inputs: List[torch.Tensor], cotangent: t
     if run is not None:
         grads = run((out,), (cotangent,), False, False, tuple(inputs), True, False)
         return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
-    return torch.autograd.grad(out, inputs, grad_outputs=cotangent, allow_unused=True, materialize_grads=True)
+    return torch.autograd.grad(
+        out, inputs, grad_outputs=cotangent, allow_unused=True, materialize_grads=True
+    )
 
 
 _ENGINE: list = []
@@ -42,10 +43,22 @@ def _engine_entry():
                 with torch.enable_grad():
                     x = torch.tensor([1.0, 2.0], requires_grad=True)
                     unused = torch.tensor(0.0, requires_grad=True)
-                    g = run(((x * x),), (torch.tensor([1.0, -1.0]),), False, False, (x, unused), True, False)
-                ok = (isinstance(g, tuple) and len(g) == 2 and g[1] is None
-                      and torch.equal(g[0], torch.tensor([2.0, -4.0])))
-            except Exception:  # noqa: BLE001 - any failure means: use the public API
+                    g = run(
+                        ((x * x),),
+                        (torch.tensor([1.0, -1.0]),),
+                        False,
+                        False,
+                        (x, unused),
+                        True,
+                        False,
+                    )
+                ok = (
+                    isinstance(g, tuple)
+                    and len(g) == 2
+                    and g[1] is None
+                    and torch.equal(g[0], torch.tensor([2.0, -4.0]))
+                )
+            except Exception:
                 ok = False
             run = run if ok else None
         _ENGINE.append(run)

@@ -5,9 +5,10 @@ tensors in ``args`` that require grad, flattened into one channel block); one
 ``torch.autograd.grad`` per adjoint right-hand side evaluation gives the state and the parameter
 parts of the product together.
 """
+
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -22,9 +23,11 @@ class Targets:
     def __init__(self, problem, who: str):
         from ._captured import adjoint_targets
 
-        self.params: List[torch.Tensor] = adjoint_targets(problem, who)
-        self.arg_index = [i for i, a in enumerate(problem.args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        self.tensors: List[torch.Tensor] = self.params + [problem.args[i] for i in self.arg_index]
+        self.params: list[torch.Tensor] = adjoint_targets(problem, who)
+        self.arg_index = [
+            i for i, a in enumerate(problem.args) if isinstance(a, torch.Tensor) and a.requires_grad
+        ]
+        self.tensors: list[torch.Tensor] = self.params + [problem.args[i] for i in self.arg_index]
         self.numels = [t.numel() for t in self.tensors]
         self.n = sum(self.numels)
 
@@ -38,10 +41,12 @@ class Targets:
             leaves.append(leaf)
         return tuple(args), leaves
 
-    def split(self, flat: torch.Tensor) -> List[torch.Tensor]:
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         if self.n == 0:
             return []
-        return [c.reshape(t.shape).to(t.dtype) for c, t in zip(flat.split(self.numels), self.tensors)]
+        return [
+            c.reshape(t.shape).to(t.dtype) for c, t in zip(flat.split(self.numels), self.tensors)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +78,12 @@ class VJP:
                 grads = tuple(torch.zeros_like(x) for x in inputs)
             elif create or fy.shape != a.shape or fy.dtype != a.dtype:
                 grads = torch.autograd.grad(
-                    fy, inputs, grad_outputs=-a, allow_unused=True, materialize_grads=True, create_graph=create
+                    fy,
+                    inputs,
+                    grad_outputs=-a,
+                    allow_unused=True,
+                    materialize_grads=True,
+                    create_graph=create,
                 )
             else:
                 grads = grad_first_order(fy, inputs, -a)

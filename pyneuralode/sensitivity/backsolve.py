@@ -1,4 +1,5 @@
 """The backsolve continuous adjoint (Chen, Rubanova, Bettencourt & Duvenaud, NeurIPS 2018)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,9 +8,9 @@ import torch
 
 from .._loop import integrate
 from ._backward_setup import backward_setup, merge_stats, run_backward
+from ._base import AbstractContinuousAdjoint
 from ._passes import Forward, StepBounds, step_covering
 from ._vjp import VJP
-from ._base import AbstractContinuousAdjoint
 
 __all__ = ["BacksolveAdjoint"]
 
@@ -41,14 +42,24 @@ class BacksolveAdjoint(AbstractContinuousAdjoint):
 
     def __init__(self, seminorm: bool = False, solver=None, rtol=None, atol=None):
         if not isinstance(seminorm, bool):
-            raise TypeError(f"BacksolveAdjoint(seminorm=...): expected True or False, got {seminorm!r}")
+            raise TypeError(
+                f"BacksolveAdjoint(seminorm=...): expected True or False, got {seminorm!r}"
+            )
         super().__init__(solver, rtol, atol)
         self.seminorm = seminorm
 
     # -- forward: the plain loop without a graph; only the output states are kept ----------------
     def _forward(self, problem, y0, solver, opts, stats):
-        loop = integrate(problem.rhs(stats), y0, problem.t_list, solver, dataclasses.replace(opts, record_steps=True), stats)
-        # keep the accepted step times: each backward interval starts with the forward step that covers its end
+        loop = integrate(
+            problem.rhs(stats),
+            y0,
+            problem.t_list,
+            solver,
+            dataclasses.replace(opts, record_steps=True),
+            stats,
+        )
+        # keep the accepted step times: each backward interval starts with the forward step that
+        # covers its end
         saved = StepBounds([problem.t_list[0]] + (loop.step_ts or []))
         return Forward(torch.stack(loop.ys), dataclasses.replace(loop, step_ts=None), saved)
 
@@ -76,10 +87,23 @@ class BacksolveAdjoint(AbstractContinuousAdjoint):
         z = torch.cat([ys[m].reshape(-1), grad_ys[m].reshape(-1), ys.new_zeros(ng)])
         try:
             for i in range(m, 0, -1):
-                res = run_backward(aug_rhs, z, times[i], times[i - 1], bsolver, bopts, bstats, self.name, _HINT, n_state=2 * ny,
-                                   first_step=step_covering(p.saved.bounds, times[i]))
+                res = run_backward(
+                    aug_rhs,
+                    z,
+                    times[i],
+                    times[i - 1],
+                    bsolver,
+                    bopts,
+                    bstats,
+                    self.name,
+                    _HINT,
+                    n_state=2 * ny,
+                    first_step=step_covering(p.saved.bounds, times[i]),
+                )
                 z = res.y_final.clone()
-                z[:ny] = ys[i - 1].reshape(-1)  # the stored forward state is more accurate than the backsolved one
+                z[:ny] = ys[i - 1].reshape(
+                    -1
+                )  # the stored forward state is more accurate than the backsolved one
                 z[ny : 2 * ny] += grad_ys[i - 1].reshape(-1)
         finally:
             merge_stats(p.stats, bstats)

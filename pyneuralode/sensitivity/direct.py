@@ -1,17 +1,17 @@
 """Backpropagation through the solver's operations (discretise-then-optimise), optionally checkpointed."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
 
 import torch
 
 from .._loop import integrate
 from .._solution import SolveError
 from ._backward_setup import merge_stats
+from ._base import AbstractAdjoint
 from ._passes import Forward, ThinnedCheckpoints, plain_forward, replay_grid
 from ._vjp import flat_cat
-from ._base import AbstractAdjoint
 
 __all__ = ["DirectAdjoint"]
 
@@ -42,15 +42,25 @@ class DirectAdjoint(AbstractAdjoint):
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return "DirectAdjoint" if self.checkpoints is None else f"DirectAdjoint(checkpoints={self.checkpoints})"
+        return (
+            "DirectAdjoint"
+            if self.checkpoints is None
+            else f"DirectAdjoint(checkpoints={self.checkpoints})"
+        )
 
     @property
     def keeps_dense(self) -> bool:  # type: ignore[override]
-        return self.checkpoints is None  # checkpointed: dense output would grow with the steps (dense=True keeps it)
+        return (
+            self.checkpoints is None
+        )  # checkpointed: dense output would grow with the steps (dense=True keeps it)
 
-    def __init__(self, checkpoints: Optional[int] = None):
-        if checkpoints is not None and (not isinstance(checkpoints, int) or isinstance(checkpoints, bool) or checkpoints < 2):
-            raise ValueError(f"DirectAdjoint(checkpoints=...): expected None (keep the whole graph) or an int >= 2, got {checkpoints!r}")
+    def __init__(self, checkpoints: int | None = None):
+        if checkpoints is not None and (
+            not isinstance(checkpoints, int) or isinstance(checkpoints, bool) or checkpoints < 2
+        ):
+            raise ValueError(
+                f"DirectAdjoint(checkpoints=...): expected None (keep the whole graph) or an int >= 2, got {checkpoints!r}"
+            )
         super().__init__()
         self.checkpoints = checkpoints
 
@@ -68,12 +78,22 @@ class DirectAdjoint(AbstractAdjoint):
     # -- checkpointed: forward without a graph, keeping thinned states -----------------------------
     def _forward(self, problem, y0, solver, opts, stats):
         kept = _ThinnedStates(self.checkpoints, problem.t_list[0], y0)
-        loop = integrate(problem.rhs(stats), y0, problem.t_list, solver,
-                         dataclasses.replace(opts, record_steps=True, on_accept=kept.add), stats)
-        return Forward(torch.stack(loop.ys), dataclasses.replace(loop, step_ts=None),
-                       ThinnedCheckpoints(kept.entries, loop.step_ts))
+        loop = integrate(
+            problem.rhs(stats),
+            y0,
+            problem.t_list,
+            solver,
+            dataclasses.replace(opts, record_steps=True, on_accept=kept.add),
+            stats,
+        )
+        return Forward(
+            torch.stack(loop.ys),
+            dataclasses.replace(loop, step_ts=None),
+            ThinnedCheckpoints(kept.entries, loop.step_ts),
+        )
 
-    # -- checkpointed: replay each segment with autograd, last to first -----------------------------
+    # -- checkpointed: replay each segment with autograd, last to first
+    # -----------------------------
     def _backward(self, p, ys, grad_ys, m):
         problem, targets = p.problem, p.targets
         ng = targets.n
@@ -90,23 +110,39 @@ class DirectAdjoint(AbstractAdjoint):
         wrt = targets.params + leaves
         bstats: dict = {}
         rhs = problem.rhs(bstats, key="nfe_recompute", args=args)
-        base = dataclasses.replace(p.opts, dense=False, progress=False, record_steps=False, on_accept=None)
-        a: Optional[torch.Tensor] = None  # cotangent of the state at the current segment's end
+        base = dataclasses.replace(
+            p.opts, dense=False, progress=False, record_steps=False, on_accept=None
+        )
+        a: torch.Tensor | None = None  # cotangent of the state at the current segment's end
         g = ys.new_zeros(ng) if ng else None
         try:
             for j in range(last, 0, -1):
                 ta, tb = bounds[j - 1], bounds[j]
-                inside: List[int] = [i for i in range(1, m + 1) if direction * (times[i] - ta) > 0 and direction * (times[i] - tb) < 0]
+                inside: list[int] = [
+                    i
+                    for i in range(1, m + 1)
+                    if direction * (times[i] - ta) > 0 and direction * (times[i] - tb) < 0
+                ]
                 at_end = [i for i in range(1, m + 1) if times[i] == tb]
                 t_out = [ta] + [times[i] for i in inside] + [tb]
                 rstats: dict = {}
                 with torch.enable_grad():
                     ya = states[j - 1].detach().requires_grad_(True)
-                    loop = integrate(rhs, ya, t_out, p.solver, dataclasses.replace(base, grid=replay_grid(step_ts, ta, tb)), rstats)
+                    loop = integrate(
+                        rhs,
+                        ya,
+                        t_out,
+                        p.solver,
+                        dataclasses.replace(base, grid=replay_grid(step_ts, ta, tb)),
+                        rstats,
+                    )
                     if not loop.retcode.successful or len(loop.ys) != len(t_out):
                         raise SolveError(
                             f"DirectAdjoint(checkpoints={self.checkpoints}): replaying the steps on [{min(ta, tb):g}, {max(ta, tb):g}] "
-                            f"failed with retcode {loop.retcode.value}: {loop.message}", loop.retcode, loop.t_reached)
+                            f"failed with retcode {loop.retcode.value}: {loop.message}",
+                            loop.retcode,
+                            loop.t_reached,
+                        )
                     outs = [loop.ys[1 + k] for k in range(len(inside))]
                     cots = [grad_ys[i] for i in inside]
                     cot_end = a
@@ -115,7 +151,13 @@ class DirectAdjoint(AbstractAdjoint):
                     if cot_end is not None:
                         outs.append(loop.ys[-1])
                         cots.append(cot_end)
-                    grads = torch.autograd.grad(outs, [ya] + wrt, grad_outputs=cots, allow_unused=True, materialize_grads=True)
+                    grads = torch.autograd.grad(
+                        outs,
+                        [ya] + wrt,
+                        grad_outputs=cots,
+                        allow_unused=True,
+                        materialize_grads=True,
+                    )
                 del loop, outs
                 a = grads[0]
                 if ng:

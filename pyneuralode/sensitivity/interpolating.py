@@ -1,13 +1,14 @@
 """The interpolating (optionally checkpointed) continuous adjoint (SciMLSensitivity's ``InterpolatingAdjoint``)."""
+
 from __future__ import annotations
 
 import torch
 
 from ._backward_setup import backward_setup, merge_stats, run_backward
+from ._base import AbstractContinuousAdjoint
 from ._passes import backward_intervals, forward_checkpointed, forward_dense
 from ._validation import check_checkpointing
 from ._vjp import VJP
-from ._base import AbstractContinuousAdjoint
 
 __all__ = ["InterpolatingAdjoint"]
 
@@ -37,11 +38,20 @@ class InterpolatingAdjoint(AbstractContinuousAdjoint):
     name = "InterpolatingAdjoint"
     keeps_dense = False
 
-    def __init__(self, checkpointing: bool = True, n_checkpoints=None, solver=None, rtol=None, atol=None,
-                 seminorm: bool = False):
+    def __init__(
+        self,
+        checkpointing: bool = True,
+        n_checkpoints=None,
+        solver=None,
+        rtol=None,
+        atol=None,
+        seminorm: bool = False,
+    ):
         check_checkpointing("InterpolatingAdjoint", checkpointing, n_checkpoints)
         if not isinstance(seminorm, bool):
-            raise TypeError(f"InterpolatingAdjoint(seminorm=...): expected True or False, got {seminorm!r}")
+            raise TypeError(
+                f"InterpolatingAdjoint(seminorm=...): expected True or False, got {seminorm!r}"
+            )
         super().__init__(solver, rtol, atol)
         self.checkpointing = checkpointing
         self.n_checkpoints = n_checkpoints
@@ -76,8 +86,18 @@ class InterpolatingAdjoint(AbstractContinuousAdjoint):
         try:
             for t_hi, t_lo, lookup, out_lo, h_first in backward_intervals(p, m, bstats, self.name):
                 lookup_box[0] = lookup
-                z = run_backward(adj_rhs, z, t_hi, t_lo, bsolver, bopts, bstats, self.name, n_state=ny,
-                                 first_step=h_first).y_final.clone()
+                z = run_backward(
+                    adj_rhs,
+                    z,
+                    t_hi,
+                    t_lo,
+                    bsolver,
+                    bopts,
+                    bstats,
+                    self.name,
+                    n_state=ny,
+                    first_step=h_first,
+                ).y_final.clone()
                 lookup_box[0] = lookup = None
                 if out_lo is not None:
                     z[:ny] += grad_ys[out_lo].reshape(-1)

@@ -1,17 +1,17 @@
 """The quadrature adjoint (SciMLSensitivity's ``QuadratureAdjoint``/``GaussAdjoint``)."""
+
 from __future__ import annotations
 
 import bisect
 
 import torch
 
-from .._loop import integrate
 from ._backward_setup import backward_setup, merge_stats, run_backward
+from ._base import AbstractContinuousAdjoint
 from ._passes import backward_intervals, forward_checkpointed, forward_dense
 from ._quadrature_rules import gauss_kronrod15, gauss_legendre
 from ._validation import check_checkpointing
 from ._vjp import VJP, flat_cat
-from ._base import AbstractContinuousAdjoint
 
 __all__ = ["QuadratureAdjoint"]
 
@@ -32,23 +32,39 @@ class QuadratureAdjoint(AbstractContinuousAdjoint):
     no autograd graph); ``checkpointing=True`` keeps only checkpoints (output times plus
     ``n_checkpoints`` evenly spaced) and re-solves one interval at a time in the backward pass, as
     :class:`InterpolatingAdjoint` does (memory flat in the number of steps, one extra forward
-    solve). ``solver``, ``rtol``, ``atol`` of the backward pass default to the forward ones. Counts ``nfe_adjoint``, ``nfe_quadrature``,
-    ``nfe_recompute`` (checkpointing), ``naccept_adjoint``, ``nreject_adjoint``. First derivatives only.
+    solve). ``solver``, ``rtol``, ``atol`` of the backward pass default to the forward ones. Counts
+    ``nfe_adjoint``, ``nfe_quadrature``,
+    ``nfe_recompute`` (checkpointing), ``naccept_adjoint``, ``nreject_adjoint``. First derivatives
+    only.
     (SciMLSensitivity: ``QuadratureAdjoint``, ``GaussAdjoint``, ``GaussKronrodAdjoint``.)
     """
 
     name = "QuadratureAdjoint"
     keeps_dense = True
 
-    def __init__(self, quadrature: str = "gauss-legendre", solver=None, rtol=None, atol=None, n_nodes=None,
-                 checkpointing: bool = False, n_checkpoints=None):
+    def __init__(
+        self,
+        quadrature: str = "gauss-legendre",
+        solver=None,
+        rtol=None,
+        atol=None,
+        n_nodes=None,
+        checkpointing: bool = False,
+        n_checkpoints=None,
+    ):
         if quadrature not in _RULES:
-            raise ValueError(f"QuadratureAdjoint(quadrature=...): unknown rule {quadrature!r}; use one of {', '.join(_RULES)}")
+            raise ValueError(
+                f"QuadratureAdjoint(quadrature=...): unknown rule {quadrature!r}; use one of {', '.join(_RULES)}"
+            )
         if n_nodes is not None:
             if not isinstance(n_nodes, int) or isinstance(n_nodes, bool) or n_nodes < 1:
-                raise ValueError(f"QuadratureAdjoint(n_nodes=...): expected a positive int or None, got {n_nodes!r}")
+                raise ValueError(
+                    f"QuadratureAdjoint(n_nodes=...): expected a positive int or None, got {n_nodes!r}"
+                )
             if quadrature != "gauss-legendre":
-                raise ValueError("QuadratureAdjoint: n_nodes applies to quadrature='gauss-legendre' only (Gauss–Kronrod uses 7–15 nodes)")
+                raise ValueError(
+                    "QuadratureAdjoint: n_nodes applies to quadrature='gauss-legendre' only (Gauss–Kronrod uses 7–15 nodes)"
+                )
         check_checkpointing("QuadratureAdjoint", checkpointing, n_checkpoints)
         super().__init__(solver, rtol, atol)
         self.quadrature = quadrature
@@ -84,11 +100,17 @@ class QuadratureAdjoint(AbstractContinuousAdjoint):
             rule = gauss_legendre(n)
         else:
             rule = gauss_kronrod15()
-        rtol = float(bopts.rtol.min()) if isinstance(bopts.rtol, torch.Tensor) else float(bopts.rtol)
-        atol = float(bopts.atol.min()) if isinstance(bopts.atol, torch.Tensor) else float(bopts.atol)
+        rtol = (
+            float(bopts.rtol.min()) if isinstance(bopts.rtol, torch.Tensor) else float(bopts.rtol)
+        )
+        atol = (
+            float(bopts.atol.min()) if isinstance(bopts.atol, torch.Tensor) else float(bopts.atol)
+        )
 
-        # Forward step boundaries: y(t) is smooth only inside a forward step, so every backward step is
-        # split there and the rule is applied on each piece (exact to the rule's degree on both dense outputs).
+        # Forward step boundaries: y(t) is smooth only inside a forward step, so every backward step
+        # is
+        # split there and the rule is applied on each piece (exact to the rule's degree on both
+        # dense outputs).
         bounds: list = []
 
         def pieces(seg):
@@ -118,7 +140,13 @@ class QuadratureAdjoint(AbstractContinuousAdjoint):
         def grads_of(total, retain=False):
             if not (isinstance(total, torch.Tensor) and total.requires_grad):
                 return ys.new_zeros(ng)  # f does not depend on any target
-            gs = torch.autograd.grad(total, vjp.param_inputs, allow_unused=True, materialize_grads=True, retain_graph=retain)
+            gs = torch.autograd.grad(
+                total,
+                vjp.param_inputs,
+                allow_unused=True,
+                materialize_grads=True,
+                retain_graph=retain,
+            )
             return flat_cat(gs)
 
         def quad_gl(seg):
@@ -133,7 +161,9 @@ class QuadratureAdjoint(AbstractContinuousAdjoint):
             tol = atol * abs(hi - lo) + rtol * float(torch.linalg.vector_norm(gk)) * abs(seg.dt)
             if err > tol and depth < 6:
                 mid = 0.5 * (lo + hi)
-                return quad_gk_range(seg, lo, mid, depth + 1) + quad_gk_range(seg, mid, hi, depth + 1)
+                return quad_gk_range(seg, lo, mid, depth + 1) + quad_gk_range(
+                    seg, mid, hi, depth + 1
+                )
             return gk * (-seg.dt)
 
         def quad_gk(seg):
@@ -146,7 +176,9 @@ class QuadratureAdjoint(AbstractContinuousAdjoint):
             for t_hi, t_lo, lookup, out_lo, h_first in backward_intervals(p, m, bstats, self.name):
                 fsegs = lookup.segments
                 bounds[:] = sorted([s_.t0 for s_ in fsegs] + [fsegs[-1].t0 + fsegs[-1].dt])
-                res = run_backward(adj_rhs, a, t_hi, t_lo, bsolver, bopts, bstats, self.name, first_step=h_first)
+                res = run_backward(
+                    adj_rhs, a, t_hi, t_lo, bsolver, bopts, bstats, self.name, first_step=h_first
+                )
                 if ng:
                     for seg in res.segments:
                         g += quad(seg).to(g.dtype)

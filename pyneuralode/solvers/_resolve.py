@@ -1,14 +1,18 @@
 """The one solver resolver: ``None``, a registry name or an instance → a solver instance."""
-from __future__ import annotations
 
-from typing import Optional, Type
+from __future__ import annotations
 
 from . import lookup
 from ._base import AbstractSolver
 
 
-def resolve_solver(solver, default: Optional[Type[AbstractSolver]] = None, *, arg: str = "solver",
-                   none_means: str = "") -> AbstractSolver:
+def resolve_solver(
+    solver,
+    default: type[AbstractSolver] | None = None,
+    *,
+    arg: str = "solver",
+    none_means: str = "",
+) -> AbstractSolver:
     """A solver instance from ``solver``.
 
     ``None`` gives ``default()`` (``None`` is returned when ``default`` is ``None``: "the forward
@@ -20,10 +24,13 @@ def resolve_solver(solver, default: Optional[Type[AbstractSolver]] = None, *, ar
     if isinstance(solver, str):
         return lookup(solver)()
     if isinstance(solver, type) and issubclass(solver, AbstractSolver):
-        raise TypeError(f"{arg}: got the class {solver.__name__}; pass an instance, e.g. "
-                        f"pn.{solver.__name__}()")
+        raise TypeError(
+            f"{arg}: got the class {solver.__name__}; pass an instance, e.g. pn.{solver.__name__}()"
+        )
     if not isinstance(solver, AbstractSolver):
         also = f" (or None for {none_means})" if none_means else ""
-        raise TypeError(f"{arg}: expected a solver such as pn.Tsit5() or a name such as 'tsit5'{also}, "
-                        f"got {type(solver).__name__}")
+        raise TypeError(
+            f"{arg}: expected a solver such as pn.Tsit5() or a name such as 'tsit5'{also}, "
+            f"got {type(solver).__name__}"
+        )
     return solver

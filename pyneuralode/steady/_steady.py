@@ -1,11 +1,12 @@
 """``steady_state``: fixed points ``z* = f(z*, *args)`` with implicit gradients, and their statistics."""
+
 from __future__ import annotations
 
 import math
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -59,7 +60,7 @@ class SteadyStateInfo:
     nbackward: int = 0
     bwd_iterations: int = 0
     bwd_residual: float = 0.0
-    bwd_retcode: Optional[ReturnCode] = None
+    bwd_retcode: ReturnCode | None = None
 
     @property
     def rtol(self) -> float:
@@ -115,14 +116,20 @@ def resolve_solver(solver) -> AbstractSteadyStateSolver:
     if solver is None:
         return DynamicSS()
     if isinstance(solver, type) and issubclass(solver, AbstractSteadyStateSolver):
-        raise TypeError(f"solver: got the class {solver.__name__}; pass an instance, e.g. solver=pn.{solver.__name__}()")
+        raise TypeError(
+            f"solver: got the class {solver.__name__}; pass an instance, e.g. solver=pn.{solver.__name__}()"
+        )
     if isinstance(solver, AbstractSteadyStateSolver):
         return solver
     from ..solvers import AbstractSolver
 
     if isinstance(solver, AbstractSolver):
-        raise TypeError(f"solver: {type(solver).__name__} is an ODE solver; wrap it as solver=pn.DynamicSS(pn.{type(solver).__name__}())")
-    raise TypeError(f"solver: expected pn.DynamicSS(...), pn.Anderson(), pn.Broyden() or pn.FixedPointIteration(), got {type(solver).__name__}")
+        raise TypeError(
+            f"solver: {type(solver).__name__} is an ODE solver; wrap it as solver=pn.DynamicSS(pn.{type(solver).__name__}())"
+        )
+    raise TypeError(
+        f"solver: expected pn.DynamicSS(...), pn.Anderson(), pn.Broyden() or pn.FixedPointIteration(), got {type(solver).__name__}"
+    )
 
 
 def steady_state(
@@ -131,14 +138,14 @@ def steady_state(
     args: Sequence = (),
     solver: AbstractSteadyStateSolver | None = None,
     *,
-    rtol: Optional[float] = None,
-    atol: Optional[float] = None,
+    rtol: float | None = None,
+    atol: float | None = None,
     sensealg=None,
     throw: bool = True,
     return_info: bool = False,
-    batch_dim: Optional[int] = None,
-    reltol: Optional[float] = None,
-    abstol: Optional[float] = None,
+    batch_dim: int | None = None,
+    reltol: float | None = None,
+    abstol: float | None = None,
 ):
     """Find ``z*`` with ``z* = f(z*, *args)``, starting from ``z0``; differentiable by the implicit function theorem.
 
@@ -146,7 +153,8 @@ def steady_state(
     to steady state), :class:`Anderson`, :class:`Broyden` or :class:`FixedPointIteration`.
     Converged when ``‖f(z) − z‖∞ <= atol`` or ``<= rtol·min(‖f(z)‖∞, 10·S0)`` (defaults
     ``rtol=1e-6``, ``atol=1e-8``; SciML's ``reltol``/``abstol`` are accepted as aliases) with
-    ``S0 = max(‖z0‖∞, ‖f(z0)‖∞)`` the start's scale (so iterates running away from the start cannot meet
+    ``S0 = max(‖z0‖∞, ‖f(z0)‖∞)`` the start's scale (so iterates running away from the start cannot
+    meet
     the relative test); iterates with ``‖f(z)‖∞ > 1e6·S0`` stop with retcode ``Unstable``
     (``f(z) = z + 1`` has no fixed point). The forward solve runs
     under ``torch.no_grad``; then ``sensealg`` (default :class:`SteadyStateAdjoint`, or
@@ -161,17 +169,25 @@ def steady_state(
     (thread-local; ``None`` before the first).
     """
     if not callable(f):
-        raise TypeError(f"f: must be callable as f(z, *args) returning the next iterate, got {type(f).__name__}")
+        raise TypeError(
+            f"f: must be callable as f(z, *args) returning the next iterate, got {type(f).__name__}"
+        )
     if not isinstance(z0, torch.Tensor):
-        raise TypeError(f"z0: expected a torch.Tensor, got {type(z0).__name__}; use torch.as_tensor(z0, dtype=torch.float64)")
+        raise TypeError(
+            f"z0: expected a torch.Tensor, got {type(z0).__name__}; use torch.as_tensor(z0, dtype=torch.float64)"
+        )
     if not z0.is_floating_point():
         raise TypeError(f"z0: dtype {z0.dtype} is not floating point; convert it, e.g. z0.double()")
     if not torch.isfinite(z0).all():
         raise ValueError("z0: contains NaN or Inf; the initial guess must be finite")
     if not isinstance(args, (tuple, list)):
-        raise TypeError(f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use args=(x,)")
+        raise TypeError(
+            f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use args=(x,)"
+        )
     args = tuple(args)
-    rtol, atol = tolerance_pair(rtol, atol, reltol=reltol, abstol=abstol, default_rtol=RTOL, default_atol=ATOL)
+    rtol, atol = tolerance_pair(
+        rtol, atol, reltol=reltol, abstol=abstol, default_rtol=RTOL, default_atol=ATOL
+    )
     if atol == 0 and rtol == 0:
         raise ValueError("rtol, atol: at least one tolerance must be positive")
     solver = resolve_solver(solver)
@@ -181,23 +197,33 @@ def steady_state(
     batch = 1
     if batch_dim is not None:
         if batch_dim != 0:
-            raise ValueError(f"batch_dim: only 0 (the leading dimension) or None is supported, got {batch_dim!r}")
+            raise ValueError(
+                f"batch_dim: only 0 (the leading dimension) or None is supported, got {batch_dim!r}"
+            )
         if z0.ndim == 0:
             raise ValueError("batch_dim: z0 is a scalar; pass batch_dim=None")
         batch = z0.shape[0]
 
-    info = SteadyStateInfo(solver=solver.name, abstol=atol, reltol=rtol, batch=batch, sensealg=sensealg.name)
+    info = SteadyStateInfo(
+        solver=solver.name, abstol=atol, reltol=rtol, batch=batch, sensealg=sensealg.name
+    )
     checked = []
 
     def fn(z):
         out = f(z, *args)
         if not checked:
             if not isinstance(out, torch.Tensor):
-                raise TypeError(f"f: returned {type(out).__name__}; f(z, *args) must return a tensor shaped like z0")
+                raise TypeError(
+                    f"f: returned {type(out).__name__}; f(z, *args) must return a tensor shaped like z0"
+                )
             if out.shape != z0.shape:
-                raise ValueError(f"f: returned shape {tuple(out.shape)}, but z0 has shape {tuple(z0.shape)}; a fixed-point map must keep the state's shape")
+                raise ValueError(
+                    f"f: returned shape {tuple(out.shape)}, but z0 has shape {tuple(z0.shape)}; a fixed-point map must keep the state's shape"
+                )
             if out.dtype != z0.dtype:
-                raise TypeError(f"f: returned dtype {out.dtype}, but z0 is {z0.dtype}; make f keep the state's dtype (e.g. cast its parameters with .to({z0.dtype}))")
+                raise TypeError(
+                    f"f: returned dtype {out.dtype}, but z0 is {z0.dtype}; make f keep the state's dtype (e.g. cast its parameters with .to({z0.dtype}))"
+                )
             checked.append(True)
         return out
 
@@ -229,7 +255,8 @@ def steady_state(
         info.message = (
             f"{solver.name}: the iterates ran away (‖f(z)‖∞ reached {ran_away[0]:.3g}, more than "
             f"{RUNAWAY:g} × the start's scale {scale0[0]:.3g}) without meeting the tolerances: f has "
-            f"no fixed point, or it repels this iteration (try pn.Broyden(), or a z0 closer to the fixed point)")
+            f"no fixed point, or it repels this iteration (try pn.Broyden(), or a z0 closer to the fixed point)"
+        )
     _LOCAL.info = info
     if not info.retcode.successful and throw:
         raise SteadyStateError(

@@ -12,17 +12,19 @@ loop is bounded. Solvers run under ``torch.no_grad``: no iterate is ever stored 
 ``z`` (``steady_state(..., batch_dim=0)``; the DEQ layer sets it): Anderson and Broyden then mix
 iterates per sample. The convergence test is always on the whole state.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .._loop import LoopOptions, integrate
+from .._solution import ReturnCode
 from ..solvers import Tsit5
 from ..solvers._resolve import resolve_solver
-from .._solution import ReturnCode
 
 __all__ = ["DynamicSS", "Anderson", "Broyden", "FixedPointIteration", "AbstractSteadyStateSolver"]
 
@@ -33,7 +35,7 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def _positive_float(name: str, value, *, upper: Optional[float] = None) -> float:
+def _positive_float(name: str, value, *, upper: float | None = None) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -49,7 +51,9 @@ class AbstractSteadyStateSolver:
 
     name = "AbstractSteadyStateSolver"
 
-    def solve(self, fn: Callable, z0: torch.Tensor, check: Callable, info: Any, batch: int = 1) -> torch.Tensor:
+    def solve(
+        self, fn: Callable, z0: torch.Tensor, check: Callable, info: Any, batch: int = 1
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -69,7 +73,8 @@ class DynamicSS(AbstractSteadyStateSolver):
     the max norm, and an explicit method near equilibrium then sits at its stability limit with a
     tolerance-sized oscillation that can keep the residual above the threshold for thousands of
     steps — on a random MNIST-sized DEQ block (batch 128 × 100, ρ(∂f/∂z) ≈ 0.9, float64) at
-    tol 1e-3, factor 1 did not terminate in 1000 steps; factor 0.1 took 172 evaluations.) ``tspan=inf`` integrates in windows
+    tol 1e-3, factor 1 did not terminate in 1000 steps; factor 0.1 took 172 evaluations.)
+    ``tspan=inf`` integrates in windows
     ``[0, 10], [10, 100], ...`` (carrying the step size) so that time can grow without bound;
     ``max_steps`` bounds the accepted+rejected steps over all windows. Robust when ``f`` is
     contractive or the dynamics are stable, because an adaptive solver takes growing steps as it
@@ -79,13 +84,27 @@ class DynamicSS(AbstractSteadyStateSolver):
 
     name = "DynamicSS"
 
-    def __init__(self, ode_solver=None, tspan: float = math.inf, *, max_steps: int = 10_000,
-                 ode_rtol: Optional[float] = None, ode_atol: Optional[float] = None, ode_tol_factor: float = 0.1):
+    def __init__(
+        self,
+        ode_solver=None,
+        tspan: float = math.inf,
+        *,
+        max_steps: int = 10_000,
+        ode_rtol: float | None = None,
+        ode_atol: float | None = None,
+        ode_tol_factor: float = 0.1,
+    ):
         ode_solver = resolve_solver(ode_solver, Tsit5, arg="ode_solver")
         if not ode_solver.adaptive_capable:
-            raise ValueError(f"ode_solver: {type(ode_solver).__name__} has no error estimate; DynamicSS needs an adaptive solver such as pn.Tsit5()")
+            raise ValueError(
+                f"ode_solver: {type(ode_solver).__name__} has no error estimate; DynamicSS needs an adaptive solver such as pn.Tsit5()"
+            )
         self.ode_solver = ode_solver
-        self.tspan = _positive_float("tspan", tspan) if not (isinstance(tspan, (int, float)) and tspan == math.inf) else math.inf
+        self.tspan = (
+            _positive_float("tspan", tspan)
+            if not (isinstance(tspan, (int, float)) and tspan == math.inf)
+            else math.inf
+        )
         self.max_steps = _positive_int("max_steps", max_steps)
         self.ode_rtol = None if ode_rtol is None else _positive_float("ode_rtol", ode_rtol)
         self.ode_atol = None if ode_atol is None else _positive_float("ode_atol", ode_atol)
@@ -120,10 +139,20 @@ class DynamicSS(AbstractSteadyStateSolver):
             t1 = min(self.tspan, 10.0 if t0 == 0.0 else 10.0 * t0)
             steps_left = self.max_steps - stats["naccept"] - stats["nreject"]
             if steps_left <= 0:
-                retcode, message = ReturnCode.MaxIters, f"DynamicSS reached max_steps={self.max_steps} at t={t0:.6g} without meeting the tolerances; raise max_steps or loosen abstol/reltol"
+                retcode, message = (
+                    ReturnCode.MaxIters,
+                    f"DynamicSS reached max_steps={self.max_steps} at t={t0:.6g} without meeting the tolerances; raise max_steps or loosen abstol/reltol",
+                )
                 break
-            opts = LoopOptions(rtol=rtol, atol=atol, dt=dt, adaptive=True, max_steps=steps_left,
-                               dense=False, terminate=terminate)
+            opts = LoopOptions(
+                rtol=rtol,
+                atol=atol,
+                dt=dt,
+                adaptive=True,
+                max_steps=steps_left,
+                dense=False,
+                terminate=terminate,
+            )
             state["hist"] = [t0]
             loop = integrate(rhs, z, [t0, t1], self.ode_solver, opts, stats)
             z = loop.y_final
@@ -185,18 +214,24 @@ def _finish(info, ok, r, solver):
     if ok:
         info.retcode, info.message = ReturnCode.Success, ""
     elif not math.isfinite(r):
-        info.retcode, info.message = ReturnCode.Unstable, f"{solver.name}: the residual became NaN/Inf"
+        info.retcode, info.message = (
+            ReturnCode.Unstable,
+            f"{solver.name}: the residual became NaN/Inf",
+        )
     else:
         info.retcode = ReturnCode.MaxIters
-        info.message = (f"{solver.name} did not converge in max_iters={solver.max_iters} iterations "
-                        f"(residual {r:.3g}); raise max_iters, loosen abstol/reltol, or use pn.DynamicSS")
+        info.message = (
+            f"{solver.name} did not converge in max_iters={solver.max_iters} iterations "
+            f"(residual {r:.3g}); raise max_iters, loosen abstol/reltol, or use pn.DynamicSS"
+        )
 
 
 class Anderson(AbstractSteadyStateSolver):
     """Anderson acceleration (type II) of the fixed-point iteration, memory ``m``.
 
     Each iteration mixes the last ``m`` iterates with weights minimising ‖Σ αᵢ (f(zᵢ) − zᵢ)‖
-    (Σ αᵢ = 1, Tikhonov ``lam`` relative to the largest ‖f(zᵢ) − zᵢ‖²), per sample when the state is batched; ``beta`` damps the mix.
+    (Σ αᵢ = 1, Tikhonov ``lam`` relative to the largest ‖f(zᵢ) − zᵢ‖²), per sample when the state is
+    batched; ``beta`` damps the mix.
     One evaluation of ``f`` per iteration, at most ``max_iters``. Superlinear-like in practice for
     smooth maps, not guaranteed. Reference: Walker & Ni (2011); the DEQ tutorial (Kolter,
     Duvenaud, Johnson 2020) and locuslab/deq.
@@ -237,13 +272,21 @@ class Anderson(AbstractSteadyStateSolver):
             n = min(k, m)
             G = F[:, :n] - X[:, :n]
             GG = torch.bmm(G, G.transpose(1, 2))
-            scale = GG.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(torch.finfo(z0.dtype).tiny)[:, None, None]
-            H[:, 1:n + 1, 1:n + 1] = GG + self.lam * scale * torch.eye(n, dtype=z0.dtype, device=z0.device)
-            alpha, err = torch.linalg.solve_ex(H[:, :n + 1, :n + 1], rhs[:, :n + 1])
+            scale = (
+                GG.diagonal(dim1=1, dim2=2)
+                .amax(-1)
+                .clamp_min(torch.finfo(z0.dtype).tiny)[:, None, None]
+            )
+            H[:, 1 : n + 1, 1 : n + 1] = GG + self.lam * scale * torch.eye(
+                n, dtype=z0.dtype, device=z0.device
+            )
+            alpha, err = torch.linalg.solve_ex(H[:, : n + 1, : n + 1], rhs[:, : n + 1])
             if bool((err != 0).any()) or not bool(torch.isfinite(alpha).all()):
-                x = fx if self.beta == 1.0 else x + self.beta * (fx - x)  # singular: a plain (damped) step
+                x = (
+                    fx if self.beta == 1.0 else x + self.beta * (fx - x)
+                )  # singular: a plain (damped) step
             else:
-                alpha = alpha[:, 1:n + 1, 0]
+                alpha = alpha[:, 1 : n + 1, 0]
                 x = torch.bmm(alpha[:, None], F[:, :n])[:, 0]
                 if self.beta != 1.0:
                     x = self.beta * x + (1 - self.beta) * torch.bmm(alpha[:, None], X[:, :n])[:, 0]
@@ -291,12 +334,16 @@ class Broyden(AbstractSteadyStateSolver):
         def matvec(x, n):  # (−I + U Vᵀ) x, x: (B, d)
             if n == 0:
                 return -x
-            return -x + torch.einsum("bdm,bm->bd", Us[:, :, :n], torch.einsum("bmd,bd->bm", VTs[:, :n], x))
+            return -x + torch.einsum(
+                "bdm,bm->bd", Us[:, :, :n], torch.einsum("bmd,bd->bm", VTs[:, :n], x)
+            )
 
         def rmatvec(x, n):  # xᵀ (−I + U Vᵀ)
             if n == 0:
                 return -x
-            return -x + torch.einsum("bm,bmd->bd", torch.einsum("bd,bdm->bm", x, Us[:, :, :n]), VTs[:, :n])
+            return -x + torch.einsum(
+                "bm,bmd->bd", torch.einsum("bd,bdm->bm", x, Us[:, :, :n]), VTs[:, :n]
+            )
 
         x = z0.reshape(B, d)
         fx, gx = g(x)
@@ -320,9 +367,15 @@ class Broyden(AbstractSteadyStateSolver):
             vT = rmatvec(dx, n)
             denom = (vT * dg).sum(-1, keepdim=True)
             # the update is undefined when vᵀΔg ≈ 0 (e.g. Δg = 0): skip it for that sample
-            bad = denom.abs() <= 1e3 * torch.finfo(dx.dtype).eps * vT.norm(dim=-1, keepdim=True) * dg.norm(dim=-1, keepdim=True)
+            bad = denom.abs() <= 1e3 * torch.finfo(dx.dtype).eps * vT.norm(
+                dim=-1, keepdim=True
+            ) * dg.norm(dim=-1, keepdim=True)
             bad = bad | (denom == 0)
-            u = torch.where(bad, torch.zeros_like(dx), (dx - matvec(dg, n)) / torch.where(bad, torch.ones_like(denom), denom))
+            u = torch.where(
+                bad,
+                torch.zeros_like(dx),
+                (dx - matvec(dg, n)) / torch.where(bad, torch.ones_like(denom), denom),
+            )
             vT = torch.where(bad, torch.zeros_like(vT), vT)
             if n < M:
                 Us[:, :, n], VTs[:, n] = u, vT
