@@ -27,7 +27,8 @@ _MAX_ROOT_ITERS = 200
 
 
 class EventLocator:
-    """The loop's ``event`` hook: sign change of ``g`` over an accepted step, root on its dense output."""
+    """The loop's ``event`` hook: sign change of ``g`` over an accepted step, root on its dense
+    output."""
 
     def __init__(self, g: Callable, problem):
         self.g = g
@@ -41,7 +42,7 @@ class EventLocator:
         if out.numel() != 1:
             raise ValueError(
                 f"event: g(t, y) must return a scalar (one number), got shape {tuple(out.shape)}; "
-                f"reduce it, e.g. return y[..., 0].min()"
+                "reduce it, e.g. return y[..., 0].min()"
             )
         v = float(out.detach())
         if not math.isfinite(v):
@@ -68,7 +69,8 @@ class EventLocator:
             return t + seg.dt * self._root(seg, t, g0, g1)
 
     def _root(self, seg, t: float, g0: float, g1: float) -> float:
-        """θ ∈ (0, 1] with g(t + θ dt, y(θ)) = 0 by the Illinois method (bracketing, superlinear)."""
+        """θ ∈ (0, 1] with g(t + θ dt, y(θ)) = 0 by the Illinois method (bracketing,
+        superlinear)."""
         a, b, ga, gb = 0.0, 1.0, g0, g1
         side = 0
         tol = 4 * torch.finfo(torch.float64).eps * max(1.0, abs(t) / max(abs(seg.dt), 1e-300))
@@ -123,7 +125,8 @@ def differentiable_event(g: Callable, problem, t_event: float, y_event: torch.Te
     dgdt = dgdt.detach()
     if float(dgdt) == 0.0:
         warnings.warn(
-            "event: g crosses zero tangentially (dg/dt = 0 at the event); the event time gets no gradient",
+            "event: g crosses zero tangentially (dg/dt = 0 at the event); the event time gets no "
+            "gradient",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -152,9 +152,9 @@ def test_bad_sensealg_gets_the_same_error_at_every_entry_point():
         for run in points(sensealg="nope").values():
             with pytest.raises(ValueError, match=r"sensealg: unknown name 'nope'; use one of"):
                 run()
-        for where, run in points(
+        for run in points(
             sensealg=pn.InterpolatingAdjoint if entry == "ode" else pn.PhantomGradient
-        ).items():
+        ).values():
             with pytest.raises(TypeError, match=r"sensealg: got the class .*; pass an instance"):
                 run()
         for run in points(sensealg=3).values():  # NeuralODE used to raise ValueError here
@@ -184,7 +184,7 @@ def test_solver_names_and_errors_are_resolved_the_same_everywhere():
         "DynamicSS": lambda s: pn.DynamicSS(s),
         "InterpolatingAdjoint": lambda s: pn.InterpolatingAdjoint(solver=s),
     }
-    for where, make in makers.items():
+    for make in makers.values():
         with pytest.raises(TypeError, match=r"got the class Dopri5; pass an instance"):
             make(pn.Dopri5)
         with pytest.raises(TypeError, match=r"expected a solver such as pn.Tsit5\(\)"):

@@ -1,4 +1,5 @@
-"""Deep equilibrium layer: the output is the fixed point ``z* = f(z*, x)`` (Bai, Kolter, Koltun 2019)."""
+"""Deep equilibrium layer: the output is the fixed point ``z* = f(z*, x)`` (Bai, Kolter, Koltun
+2019)."""
 
 from __future__ import annotations
 
@@ -71,22 +72,24 @@ class DEQ(nn.Module):
         super().__init__()
         if not callable(f_module):
             raise TypeError(
-                f"f_module: expected an nn.Module (or callable) f(z, x), got {type(f_module).__name__}"
+                "f_module: expected an nn.Module (or callable) f(z, x), got "
+                f"{type(f_module).__name__}"
             )
         if backend not in _BACKENDS:
             raise ValueError(
-                f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'"
+                f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or "
+                "'julia'"
             )
         if isinstance(init, str):
             if init not in _INITS:
                 raise ValueError(
-                    f"init: unknown {init!r}; use 'zeros', 'f' (z0 = f(0, x)) or an "
-                    "nn.Module g with z0 = g(x) (Skip DEQ)"
+                    f"init: unknown {init!r}; use 'zeros', 'f' (z0 = f(0, x)) or an nn.Module g "
+                    "with z0 = g(x) (Skip DEQ)"
                 )
         elif not isinstance(init, nn.Module):
             raise TypeError(
-                "init: expected 'zeros', 'f' or an nn.Module g(x) (Skip DEQ), "
-                f"got {type(init).__name__}"
+                "init: expected 'zeros', 'f' or an nn.Module g(x) (Skip DEQ), got "
+                f"{type(init).__name__}"
             )
         if (
             isinstance(skip_weight, bool)
@@ -98,8 +101,8 @@ class DEQ(nn.Module):
             )
         if skip_weight > 0 and init == "zeros":
             raise ValueError(
-                "skip_weight: the skip loss needs a predicted z0; pass init='f' "
-                "(Skip-Reg DEQ) or init=g, an nn.Module with z0 = g(x) (Skip DEQ)"
+                "skip_weight: the skip loss needs a predicted z0; pass init='f' (Skip-Reg DEQ) or "
+                "init=g, an nn.Module with z0 = g(x) (Skip DEQ)"
             )
         if batch_dim not in (0, None):
             raise ValueError(
@@ -136,14 +139,13 @@ class DEQ(nn.Module):
             if not isinstance(z, torch.Tensor) or not z.is_floating_point():
                 got = z.dtype if isinstance(z, torch.Tensor) else type(z).__name__
                 raise TypeError(
-                    "init: the Skip DEQ network g(x) must return a floating-point "
-                    f"tensor (the initial state), got {got}"
+                    "init: the Skip DEQ network g(x) must return a floating-point tensor (the "
+                    f"initial state), got {got}"
                 )
             if self.batch_dim == 0 and x.ndim > 0 and (z.ndim == 0 or z.shape[0] != x.shape[0]):
                 raise ValueError(
-                    f"init: g(x) returned shape {tuple(z.shape)} for x of shape "
-                    f"{tuple(x.shape)}; with batch_dim=0 it must keep the batch "
-                    "(leading) dimension"
+                    f"init: g(x) returned shape {tuple(z.shape)} for x of shape {tuple(x.shape)}; "
+                    "with batch_dim=0 it must keep the batch (leading) dimension"
                 )
             return z
         z = torch.zeros_like(x)
@@ -195,7 +197,10 @@ class DEQ(nn.Module):
         return z
 
     def extra_repr(self) -> str:
-        return f"solver={self.solver!r}, sensealg={self.sensealg!r}, rtol={self.rtol:g}, atol={self.atol:g}, backend={self.backend!r}"
+        return (
+            f"solver={self.solver!r}, sensealg={self.sensealg!r}, rtol={self.rtol:g}, "
+            f"atol={self.atol:g}, backend={self.backend!r}"
+        )
 
     # SciML's names for the tolerances, kept as aliases
     abstol = property(
@@ -227,8 +232,8 @@ class SkipDEQ(DEQ):
     ):
         if not isinstance(init_module, nn.Module):
             raise TypeError(
-                "init_module: expected an nn.Module g(x) predicting z0, "
-                f"got {type(init_module).__name__}"
+                "init_module: expected an nn.Module g(x) predicting z0, got "
+                f"{type(init_module).__name__}"
             )
         if "init" in kwargs:
             raise TypeError("init: SkipDEQ sets init=init_module; pass the network as init_module")
@@ -264,7 +269,8 @@ class SkipRegDEQ(DEQ):
 
 
 def _julia_steady_state(f_module, z0, args, solver, sensealg, abstol, reltol):
-    """Hand the steady-state problem to the Julia backend (``pyneuralode.julia._backend.steady_state``)."""
+    """Hand the steady-state problem to the Julia backend
+    (``pyneuralode.julia._backend.steady_state``)."""
     try:
         from ..julia import _backend
     except ImportError as exc:
@@ -272,13 +278,15 @@ def _julia_steady_state(f_module, z0, args, solver, sensealg, abstol, reltol):
             "backend='julia': the Julia backend is not available ("
             + str(exc)
             + "). Install it with "
-            "`pip install -e '.[julia]'` in a pyneuralode checkout (juliacall), then run `python -m pyneuralode.julia doctor`; "
-            "or use backend='torch' (the native engine, the default)."
+            "`pip install -e '.[julia]'` in a pyneuralode checkout (juliacall), then run `python "
+            "-m pyneuralode.julia doctor`; or use backend='torch' (the native engine, the "
+            "default)."
         ) from exc
     fn = getattr(_backend, "steady_state", None)
     if fn is None:
         raise NotImplementedError(
-            "backend='julia': this version of pyneuralode.julia has no steady_state(); use backend='torch'"
+            "backend='julia': this version of pyneuralode.julia has no steady_state(); use "
+            "backend='torch'"
         )
     return fn(
         f_module, z0, args, solver, sensealg, abstol, reltol, return_info=True

@@ -1,4 +1,5 @@
-"""``NeuralODE``: an ``nn.Module`` mapping ``y0`` to the solution of ``dy/dt = f_θ(t, y)`` (Chen et al., NeurIPS 2018)."""
+"""``NeuralODE``: an ``nn.Module`` mapping ``y0`` to the solution of ``dy/dt = f_θ(t, y)`` (Chen et
+al., NeurIPS 2018)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ _SHAPE_ERRORS = (
 
 
 class _Counted(nn.Module):
-    """Wraps the vector field: counts forward calls and, when asked, the VJPs through its outputs."""
+    """Wraps the vector field: counts forward calls and, when asked, the VJPs through its
+    outputs."""
 
     def __init__(self, vf):
         super().__init__()
@@ -50,8 +52,8 @@ class _Counted(nn.Module):
                     raise
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(
-                    f"y0: the vector field cannot take a state shaped {shape} ({e}); "
-                    f"give y0 the width vector_field expects (e.g. (batch, dim) for a ConcatMLP(dim))"
+                    f"y0: the vector field cannot take a state shaped {shape} ({e}); give y0 the "
+                    "width vector_field expects (e.g. (batch, dim) for a ConcatMLP(dim))"
                 ) from e
         else:
             out = self.vf(t, y, *args)
@@ -95,7 +97,8 @@ class NeuralODE(nn.Module):
         super().__init__()
         if not callable(vector_field):
             raise TypeError(
-                f"vector_field: expected a callable f(t, y) (an nn.Module to train), got {type(vector_field).__name__}"
+                "vector_field: expected a callable f(t, y) (an nn.Module to train), got "
+                f"{type(vector_field).__name__}"
             )
         if not isinstance(return_trajectory, bool):
             raise TypeError(f"return_trajectory: expected True or False, got {return_trajectory!r}")
@@ -107,7 +110,8 @@ class NeuralODE(nn.Module):
         )
         if t.ndim != 1 or t.numel() < 2:
             raise ValueError(
-                f"t: expected a 1-D sequence of at least two times, e.g. (0.0, 1.0); got shape {tuple(t.shape)}"
+                "t: expected a 1-D sequence of at least two times, e.g. (0.0, 1.0); got shape "
+                f"{tuple(t.shape)}"
             )
         self.register_buffer("t", t, persistent=False)
         self.solver = resolve_solver(solver, Dopri5)

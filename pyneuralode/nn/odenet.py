@@ -59,7 +59,8 @@ class _ConcatConv2d(nn.Module):
 
 
 class ODENetFunc(nn.Module):
-    """The ODE-Net vector field ``f(t, h)`` on ``[B, dim, H, W]`` feature maps; counts its calls in ``nfe``."""
+    """The ODE-Net vector field ``f(t, h)`` on ``[B, dim, H, W]`` feature maps; counts its calls in
+    ``nfe``."""
 
     def __init__(self, dim: int = 64):
         super().__init__()
@@ -78,7 +79,8 @@ class ODENetFunc(nn.Module):
 
 
 class ODEBlock(nn.Module):
-    """Map ``h(0) ↦ h(T)`` by solving ``dh/dt = func(t, h)`` over ``t = (0, T)`` with :func:`pyneuralode.solve`.
+    """Map ``h(0) ↦ h(T)`` by solving ``dh/dt = func(t, h)`` over ``t = (0, T)`` with
+    :func:`pyneuralode.solve`.
 
     ``solver`` (default ``pn.Dopri5()``, as torchdiffeq's example), ``rtol``/``atol`` (paper:
     1e-3 for classification), ``sensealg`` (object or ``"direct"``/``"backsolve"``/
@@ -114,7 +116,8 @@ class ODEBlock(nn.Module):
 
     @property
     def nfe_backward(self) -> int:
-        """Function evaluations since the last forward pass finished (those of its backward pass)."""
+        """Function evaluations since the last forward pass finished (those of its backward
+        pass)."""
         return self.func.nfe
 
     def forward(self, x):
@@ -139,7 +142,8 @@ class ODEBlock(nn.Module):
 
 
 class PreActResBlock(nn.Module):
-    """Pre-activation residual block (He et al., ECCV 2016): GN → ReLU → conv3×3 → GN → ReLU → conv3×3, plus identity."""
+    """Pre-activation residual block (He et al., ECCV 2016): GN → ReLU → conv3×3 → GN → ReLU →
+    conv3×3, plus identity."""
 
     def __init__(self, dim: int = 64):
         super().__init__()
@@ -155,7 +159,8 @@ class PreActResBlock(nn.Module):
 
 
 class MNISTNet(nn.Module):
-    """The Table 1 MNIST classifiers: ``variant`` in ``"odenet"``, ``"rknet"``, ``"resnet"``, ``"none"``.
+    """The Table 1 MNIST classifiers: ``variant`` in ``"odenet"``, ``"rknet"``, ``"resnet"``,
+    ``"none"``.
 
     ``solver``/``rtol``/``atol``/``sensealg`` configure the ODE-Net block (defaults: Dopri5,
     1e-3, 1e-3, DirectAdjoint); RK-Net uses RK4 with ``rk_steps`` fixed steps over ``[0, 1]``,
@@ -224,7 +229,8 @@ class MNISTNet(nn.Module):
 
     @property
     def nfe_backward(self):
-        """ODE-function evaluations since the last forward pass (its backward; ``None`` without an ODE block)."""
+        """ODE-function evaluations since the last forward pass (its backward; ``None`` without an
+        ODE block)."""
         return self.features.nfe_backward if self.is_ode else None
 
     def forward(self, x):

@@ -1,4 +1,5 @@
-"""The autograd ``Function`` shared by the continuous adjoints (Backsolve, Interpolating, Quadrature).
+"""The autograd ``Function`` shared by the continuous adjoints (Backsolve, Interpolating,
+Quadrature).
 
 The adjoint of ``dy/dt = f(t, y, θ)`` with a loss on the states at the output times is
 

@@ -1,4 +1,5 @@
-"""Options, tolerances and the seminorm of a continuous adjoint's backward pass, and the pass itself.
+"""Options, tolerances and the seminorm of a continuous adjoint's backward pass, and the pass
+itself.
 
 Every backward pass steps with :func:`pyneuralode._loop.integrate`, the engine's only stepping code.
 """
@@ -17,7 +18,8 @@ from ..controllers import initial_step
 
 
 def _tol_block(tol, n_state_blocks: int, n_extra: int, ref: torch.Tensor):
-    """Tolerance for an augmented flat state [state-shaped × n_state_blocks, n_extra parameter channels]."""
+    """Tolerance for an augmented flat state [state-shaped × n_state_blocks, n_extra parameter
+    channels]."""
     if not isinstance(tol, torch.Tensor):
         return tol
     t = tol.reshape(-1).to(dtype=ref.dtype, device=ref.device)
@@ -28,7 +30,8 @@ def _tol_block(tol, n_state_blocks: int, n_extra: int, ref: torch.Tensor):
 
 
 def mixed_norm(blocks: Sequence[tuple]) -> Callable:
-    """Error norm of an augmented state: the largest Hairer RMS norm over its blocks ``[(start, stop), ...]``.
+    """Error norm of an augmented state: the largest Hairer RMS norm over its blocks ``[(start,
+    stop), ...]``.
 
     Every block (state, adjoint, the gradient of each parameter tensor) is held to the tolerance on
     its own, so a small block is not diluted by a large one (torchdiffeq's ``mixed`` norm for the
@@ -61,7 +64,8 @@ def backward_setup(
     dense: bool,
     seminorm: bool = False,
 ):
-    """The backward solver and :class:`LoopOptions` for the flat state ``[n_state_blocks × state, *extra]``.
+    """The backward solver and :class:`LoopOptions` for the flat state ``[n_state_blocks × state,
+    *extra]``.
 
     ``extra``: sizes of the parameter-gradient blocks (one per gradient target tensor). Step-size
     control uses :func:`mixed_norm` over all blocks (without the parameter blocks when
@@ -73,8 +77,9 @@ def backward_setup(
     if adaptive and not bsolver.adaptive_capable:
         if opts.dt is None:
             raise ValueError(
-                f"{type(sensealg).__name__}(solver={type(bsolver).__name__}()): this backward solver has no error estimate and "
-                f"the forward solve was adaptive; use an adaptive backward solver (e.g. pn.Tsit5()) or a fixed-step forward solve with dt=..."
+                f"{type(sensealg).__name__}(solver={type(bsolver).__name__}()): this backward "
+                "solver has no error estimate and the forward solve was adaptive; use an adaptive "
+                "backward solver (e.g. pn.Tsit5()) or a fixed-step forward solve with dt=..."
             )
         adaptive = False
     rtol = (
@@ -142,7 +147,8 @@ def run_backward(
     n_state: int | None = None,
     first_step: float | None = None,
 ):
-    """One backward integration over [t0, t1] with the engine's loop; a failure raises :class:`SolveError`.
+    """One backward integration over [t0, t1] with the engine's loop; a failure raises
+    :class:`SolveError`.
 
     ``n_state``: the leading channels that are genuine ODE states (the rest are parameter-gradient
     integrals); the first step size is then estimated on those channels only. ``first_step``: a
@@ -157,8 +163,8 @@ def run_backward(
     res = integrate(rhs, z, [t0, t1], solver, opts, bstats)
     if not res.retcode.successful:
         raise SolveError(
-            f"{who}: the backward (adjoint) pass failed on [{min(t0, t1):g}, {max(t0, t1):g}] with retcode "
-            f"{res.retcode.value}: {res.message}{hint}",
+            f"{who}: the backward (adjoint) pass failed on [{min(t0, t1):g}, {max(t0, t1):g}] "
+            f"with retcode {res.retcode.value}: {res.message}{hint}",
             res.retcode,
             res.t_reached,
         )

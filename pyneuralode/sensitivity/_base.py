@@ -62,7 +62,8 @@ class AbstractSensitivity(_Named, abc.ABC):
 
 
 class AbstractAdjoint(AbstractSensitivity):
-    """A forward pass without a graph and a backward pass of its own, joined by one autograd Function.
+    """A forward pass without a graph and a backward pass of its own, joined by one autograd
+    Function.
 
     ``_forward`` runs the loop and returns a :class:`~._passes.Forward` whose ``saved`` is a
     typed record (:class:`~._passes.DenseTrajectory`, :class:`~._passes.Checkpoints`, ...);

@@ -61,7 +61,8 @@ Saved = DenseTrajectory | Checkpoints | StepBounds | ThinnedCheckpoints
 
 
 class Forward(NamedTuple):
-    """What ``_forward`` returns: the output states, the loop result handed to the user, the record."""
+    """What ``_forward`` returns: the output states, the loop result handed to the user, the
+    record."""
 
     ys: torch.Tensor
     loop: LoopResult
@@ -104,7 +105,8 @@ class DenseLookup:
 
 
 def checkpoint_times(t_list: list[float], n_checkpoints: int | None):
-    """Output times merged with ``n_checkpoints`` evenly spaced times; the merged index of each output time."""
+    """Output times merged with ``n_checkpoints`` evenly spaced times; the merged index of each
+    output time."""
     n = n_checkpoints or 0
     if n == 0 or len(t_list) < 2:
         return list(t_list), list(range(len(t_list)))
@@ -128,7 +130,8 @@ def forward_dense(problem, y0, solver, opts, stats):
 
 
 def forward_checkpointed(problem, y0, solver, opts, stats, n_checkpoints):
-    """Forward pass keeping the states at the checkpoints (output times + ``n_checkpoints`` evenly spaced).
+    """Forward pass keeping the states at the checkpoints (output times + ``n_checkpoints`` evenly
+    spaced).
 
     It also keeps the accepted step times (floats: the backward re-solves replay them). When the
     user asked for dense output (``opts.dense``), the whole of it is kept anyway and the backward
@@ -171,7 +174,8 @@ def replay_grid(step_ts: list[float], t0: float, t1: float) -> list[float]:
 
 
 def step_covering(starts_ends: list[float], t: float) -> float | None:
-    """Length of the forward step ``[s_k, s_k+1]`` (from the sorted-in-direction step times) that ends at or covers ``t``."""
+    """Length of the forward step ``[s_k, s_k+1]`` (from the sorted-in-direction step times) that
+    ends at or covers ``t``."""
     if len(starts_ends) < 2:
         return None
     direction = 1.0 if starts_ends[-1] > starts_ends[0] else -1.0
@@ -221,8 +225,8 @@ def backward_intervals(p: Pass, m: int, bstats: dict, who: str):
         )
         if not floop.retcode.successful:
             raise SolveError(
-                f"{who}: re-solving the state from the checkpoint at t={times[j - 1]:g} failed with retcode "
-                f"{floop.retcode.value}: {floop.message}",
+                f"{who}: re-solving the state from the checkpoint at t={times[j - 1]:g} failed "
+                f"with retcode {floop.retcode.value}: {floop.message}",
                 floop.retcode,
                 floop.t_reached,
             )

@@ -46,7 +46,8 @@ _WG = [
 
 
 def gauss_kronrod15():
-    """(nodes, Kronrod weights, Gauss-7 weights) on [0, 1]; K15 exact to degree 22, G7 to degree 13."""
+    """(nodes, Kronrod weights, Gauss-7 weights) on [0, 1]; K15 exact to degree 22, G7 to degree
+    13."""
     xs, wk, wg = [], [], []
     for x, a, b in zip(_XGK[:-1], _WGK[:-1], _WG[:-1]):
         for s in (-1.0, 1.0):

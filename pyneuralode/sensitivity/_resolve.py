@@ -41,8 +41,8 @@ def resolve_sensealg(sensealg, *, steady: bool = False, arg: str = "sensealg"):
         cls = names.get(sensealg.lower())
         if cls is None:
             raise ValueError(
-                f"{arg}: unknown name {sensealg!r}; use one of {sorted(names)} or an "
-                f"object such as {hint}"
+                f"{arg}: unknown name {sensealg!r}; use one of {sorted(names)} or an object such "
+                f"as {hint}"
             )
         return cls()
     if isinstance(sensealg, type):
@@ -55,15 +55,14 @@ def resolve_sensealg(sensealg, *, steady: bool = False, arg: str = "sensealg"):
     if isinstance(sensealg, AbstractImplicitGradient):
         raise TypeError(
             f"{arg}: {type(sensealg).__name__} differentiates steady states; use it with "
-            f"pn.steady_state(...) or pn.DEQ(...), not an ODE solve (there use e.g. "
-            f"{_ODE_HINT})"
+            f"pn.steady_state(...) or pn.DEQ(...), not an ODE solve (there use e.g. {_ODE_HINT})"
         )
     if isinstance(sensealg, AbstractSensitivity):
         raise TypeError(
-            f"{arg}: {type(sensealg).__name__} differentiates ODE solves and cannot "
-            f"differentiate a steady state; use {_STEADY_HINT}"
+            f"{arg}: {type(sensealg).__name__} differentiates ODE solves and cannot differentiate "
+            f"a steady state; use {_STEADY_HINT}"
         )
     raise TypeError(
-        f"{arg}: expected an object such as {hint} or one of {sorted(names)}, "
-        f"got {type(sensealg).__name__}"
+        f"{arg}: expected an object such as {hint} or one of {sorted(names)}, got "
+        f"{type(sensealg).__name__}"
     )

@@ -34,8 +34,9 @@ _ENGINE: list = []
 
 
 def _engine_entry():
-    """``torch.autograd.graph._engine_run_backward`` (what ``torch.autograd.grad`` itself calls), or
-    None. Checked once against ``torch.autograd.grad`` on a tiny graph (an unused input included)."""
+    """``torch.autograd.graph._engine_run_backward`` (what ``torch.autograd.grad`` itself calls),
+    or None. Checked once against ``torch.autograd.grad`` on a tiny graph (an unused input
+    included)."""
     if not _ENGINE:
         run = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
         if run is not None:

@@ -7,7 +7,8 @@ from ..solvers._resolve import resolve_solver
 
 
 def check_checkpointing(cls_name: str, checkpointing, n_checkpoints) -> None:
-    """Validate the ``checkpointing``/``n_checkpoints`` pair shared by the interpolating and quadrature adjoints."""
+    """Validate the ``checkpointing``/``n_checkpoints`` pair shared by the interpolating and
+    quadrature adjoints."""
     if not isinstance(checkpointing, bool):
         raise TypeError(
             f"{cls_name}(checkpointing=...): expected True or False, got {checkpointing!r}"
@@ -19,11 +20,13 @@ def check_checkpointing(cls_name: str, checkpointing, n_checkpoints) -> None:
             or n_checkpoints < 0
         ):
             raise ValueError(
-                f"{cls_name}(n_checkpoints=...): expected a non-negative int or None, got {n_checkpoints!r}"
+                f"{cls_name}(n_checkpoints=...): expected a non-negative int or None, got "
+                f"{n_checkpoints!r}"
             )
         if not checkpointing:
             raise ValueError(
-                f"{cls_name}: n_checkpoints needs checkpointing=True (checkpointing=False keeps the whole dense output instead)"
+                f"{cls_name}: n_checkpoints needs checkpointing=True (checkpointing=False keeps "
+                "the whole dense output instead)"
             )
 
 

@@ -32,7 +32,8 @@ class Targets:
         self.n = sum(self.numels)
 
     def leaf_args(self, problem):
-        """``args`` with the grad-requiring tensors replaced by detached leaves (the VJP's inputs)."""
+        """``args`` with the grad-requiring tensors replaced by detached leaves (the VJP's
+        inputs)."""
         args = list(problem.args)
         leaves = []
         for i in self.arg_index:

@@ -15,8 +15,9 @@ from ._vjp import VJP
 __all__ = ["BacksolveAdjoint"]
 
 _HINT = (
-    ". BacksolveAdjoint re-solves the state backwards in time, which is unstable for stiff or strongly "
-    "dissipative dynamics; use sensealg=pn.InterpolatingAdjoint() or pn.QuadratureAdjoint() instead"
+    ". BacksolveAdjoint re-solves the state backwards in time, which is unstable for stiff or "
+    "strongly dissipative dynamics; use sensealg=pn.InterpolatingAdjoint() or "
+    "pn.QuadratureAdjoint() instead"
 )
 
 

@@ -1,4 +1,5 @@
-"""Backpropagation through the solver's operations (discretise-then-optimise), optionally checkpointed."""
+"""Backpropagation through the solver's operations (discretise-then-optimise), optionally
+checkpointed."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ class DirectAdjoint(AbstractAdjoint):
             not isinstance(checkpoints, int) or isinstance(checkpoints, bool) or checkpoints < 2
         ):
             raise ValueError(
-                f"DirectAdjoint(checkpoints=...): expected None (keep the whole graph) or an int >= 2, got {checkpoints!r}"
+                "DirectAdjoint(checkpoints=...): expected None (keep the whole graph) or an int "
+                f">= 2, got {checkpoints!r}"
             )
         super().__init__()
         self.checkpoints = checkpoints
@@ -69,9 +71,10 @@ class DirectAdjoint(AbstractAdjoint):
             return plain_forward(problem, y0, solver, opts, stats)
         if getattr(solver, "multistep", False):
             raise ValueError(
-                f"DirectAdjoint(checkpoints={self.checkpoints}): {type(solver).__name__} is a multistep method whose "
-                "history a stored state cannot restore, so a replayed segment would not be the computed solution; "
-                "use DirectAdjoint() or InterpolatingAdjoint() with it"
+                f"DirectAdjoint(checkpoints={self.checkpoints}): {type(solver).__name__} is a "
+                "multistep method whose history a stored state cannot restore, so a replayed "
+                "segment would not be the computed solution; use DirectAdjoint() or "
+                "InterpolatingAdjoint() with it"
             )
         return super().run(problem, y0, solver, opts, stats)
 
@@ -138,8 +141,9 @@ class DirectAdjoint(AbstractAdjoint):
                     )
                     if not loop.retcode.successful or len(loop.ys) != len(t_out):
                         raise SolveError(
-                            f"DirectAdjoint(checkpoints={self.checkpoints}): replaying the steps on [{min(ta, tb):g}, {max(ta, tb):g}] "
-                            f"failed with retcode {loop.retcode.value}: {loop.message}",
+                            f"DirectAdjoint(checkpoints={self.checkpoints}): replaying the steps "
+                            f"on [{min(ta, tb):g}, {max(ta, tb):g}] failed with retcode "
+                            f"{loop.retcode.value}: {loop.message}",
                             loop.retcode,
                             loop.t_reached,
                         )
@@ -168,7 +172,8 @@ class DirectAdjoint(AbstractAdjoint):
 
 
 class _ThinnedStates:
-    """At most ``limit`` (step index, t, y) entries at every k-th accepted step, k doubling as needed.
+    """At most ``limit`` (step index, t, y) entries at every k-th accepted step, k doubling as
+    needed.
 
     Entry 0 is the initial state. When an addition would exceed ``limit`` the stride doubles and
     the entries off the new stride are dropped, so ``limit/2 < len ≤ limit`` once thinning starts.

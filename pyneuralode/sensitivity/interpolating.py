@@ -1,4 +1,5 @@
-"""The interpolating (optionally checkpointed) continuous adjoint (SciMLSensitivity's ``InterpolatingAdjoint``)."""
+"""The interpolating (optionally checkpointed) continuous adjoint (SciMLSensitivity's
+``InterpolatingAdjoint``)."""
 
 from __future__ import annotations
 

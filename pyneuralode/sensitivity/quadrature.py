@@ -19,7 +19,8 @@ _RULES = ("gauss-legendre", "gauss-kronrod")
 
 
 class QuadratureAdjoint(AbstractContinuousAdjoint):
-    """Adjoint by quadrature: only ``a`` is integrated backwards, over the stored forward dense output.
+    """Adjoint by quadrature: only ``a`` is integrated backwards, over the stored forward dense
+    output.
 
     The parameter gradient ``dL/dθ = ∫ aᵀ ∂f/∂θ dt`` is then a quadrature over every backward
     step: ``quadrature="gauss-legendre"`` uses ``n_nodes`` Gauss–Legendre nodes per step (default
@@ -54,16 +55,19 @@ class QuadratureAdjoint(AbstractContinuousAdjoint):
     ):
         if quadrature not in _RULES:
             raise ValueError(
-                f"QuadratureAdjoint(quadrature=...): unknown rule {quadrature!r}; use one of {', '.join(_RULES)}"
+                f"QuadratureAdjoint(quadrature=...): unknown rule {quadrature!r}; use one of "
+                f"{', '.join(_RULES)}"
             )
         if n_nodes is not None:
             if not isinstance(n_nodes, int) or isinstance(n_nodes, bool) or n_nodes < 1:
                 raise ValueError(
-                    f"QuadratureAdjoint(n_nodes=...): expected a positive int or None, got {n_nodes!r}"
+                    "QuadratureAdjoint(n_nodes=...): expected a positive int or None, got "
+                    f"{n_nodes!r}"
                 )
             if quadrature != "gauss-legendre":
                 raise ValueError(
-                    "QuadratureAdjoint: n_nodes applies to quadrature='gauss-legendre' only (Gauss–Kronrod uses 7–15 nodes)"
+                    "QuadratureAdjoint: n_nodes applies to quadrature='gauss-legendre' only "
+                    "(Gauss–Kronrod uses 7–15 nodes)"
                 )
         check_checkpointing("QuadratureAdjoint", checkpointing, n_checkpoints)
         super().__init__(solver, rtol, atol)
@@ -121,7 +125,8 @@ class QuadratureAdjoint(AbstractContinuousAdjoint):
             return list(zip(pts[:-1], pts[1:]))
 
         def integrand_sums(seg, ranges, weight_sets):
-            """Σ_q w_q ⟨a(t_q), f(t_q, y(t_q))⟩ over θ-ranges of ``seg`` for each weight set (one graph)."""
+            """Σ_q w_q ⟨a(t_q), f(t_q, y(t_q))⟩ over θ-ranges of ``seg`` for each weight set (one
+            graph)."""
             sums = [0.0] * len(weight_sets)
             with torch.enable_grad():
                 for lo, hi in ranges:

@@ -30,7 +30,7 @@ def resolve_solver(
     if not isinstance(solver, AbstractSolver):
         also = f" (or None for {none_means})" if none_means else ""
         raise TypeError(
-            f"{arg}: expected a solver such as pn.Tsit5() or a name such as 'tsit5'{also}, "
-            f"got {type(solver).__name__}"
+            f"{arg}: expected a solver such as pn.Tsit5() or a name such as 'tsit5'{also}, got "
+            f"{type(solver).__name__}"
         )
     return solver

@@ -1,4 +1,5 @@
-"""``steady_state``: fixed points ``z* = f(z*, *args)`` with implicit gradients, and their statistics."""
+"""``steady_state``: fixed points ``z* = f(z*, *args)`` with implicit gradients, and their
+statistics."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class SteadyStateInfo:
 
 
 class SteadyStateError(SolveError):
-    """Raised by :func:`steady_state` (``throw=True``) when no fixed point was found; ``.info`` has the stats."""
+    """Raised by :func:`steady_state` (``throw=True``) when no fixed point was found; ``.info`` has
+    the stats."""
 
     def __init__(self, message: str, info: SteadyStateInfo):
         super().__init__(message, info.retcode, info.t)
@@ -117,7 +119,8 @@ def resolve_solver(solver) -> AbstractSteadyStateSolver:
         return DynamicSS()
     if isinstance(solver, type) and issubclass(solver, AbstractSteadyStateSolver):
         raise TypeError(
-            f"solver: got the class {solver.__name__}; pass an instance, e.g. solver=pn.{solver.__name__}()"
+            f"solver: got the class {solver.__name__}; pass an instance, e.g. "
+            f"solver=pn.{solver.__name__}()"
         )
     if isinstance(solver, AbstractSteadyStateSolver):
         return solver
@@ -125,10 +128,12 @@ def resolve_solver(solver) -> AbstractSteadyStateSolver:
 
     if isinstance(solver, AbstractSolver):
         raise TypeError(
-            f"solver: {type(solver).__name__} is an ODE solver; wrap it as solver=pn.DynamicSS(pn.{type(solver).__name__}())"
+            f"solver: {type(solver).__name__} is an ODE solver; wrap it as "
+            f"solver=pn.DynamicSS(pn.{type(solver).__name__}())"
         )
     raise TypeError(
-        f"solver: expected pn.DynamicSS(...), pn.Anderson(), pn.Broyden() or pn.FixedPointIteration(), got {type(solver).__name__}"
+        "solver: expected pn.DynamicSS(...), pn.Anderson(), pn.Broyden() or "
+        f"pn.FixedPointIteration(), got {type(solver).__name__}"
     )
 
 
@@ -147,7 +152,8 @@ def steady_state(
     reltol: float | None = None,
     abstol: float | None = None,
 ):
-    """Find ``z*`` with ``z* = f(z*, *args)``, starting from ``z0``; differentiable by the implicit function theorem.
+    """Find ``z*`` with ``z* = f(z*, *args)``, starting from ``z0``; differentiable by the implicit
+    function theorem.
 
     ``solver``: :class:`DynamicSS` (default, ``DynamicSS(Tsit5())``: integrate ``dz/dt = f(z) − z``
     to steady state), :class:`Anderson`, :class:`Broyden` or :class:`FixedPointIteration`.
@@ -174,7 +180,8 @@ def steady_state(
         )
     if not isinstance(z0, torch.Tensor):
         raise TypeError(
-            f"z0: expected a torch.Tensor, got {type(z0).__name__}; use torch.as_tensor(z0, dtype=torch.float64)"
+            f"z0: expected a torch.Tensor, got {type(z0).__name__}; use torch.as_tensor(z0, "
+            "dtype=torch.float64)"
         )
     if not z0.is_floating_point():
         raise TypeError(f"z0: dtype {z0.dtype} is not floating point; convert it, e.g. z0.double()")
@@ -182,7 +189,8 @@ def steady_state(
         raise ValueError("z0: contains NaN or Inf; the initial guess must be finite")
     if not isinstance(args, (tuple, list)):
         raise TypeError(
-            f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use args=(x,)"
+            f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use "
+            "args=(x,)"
         )
     args = tuple(args)
     rtol, atol = tolerance_pair(
@@ -214,15 +222,18 @@ def steady_state(
         if not checked:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(
-                    f"f: returned {type(out).__name__}; f(z, *args) must return a tensor shaped like z0"
+                    f"f: returned {type(out).__name__}; f(z, *args) must return a tensor shaped "
+                    "like z0"
                 )
             if out.shape != z0.shape:
                 raise ValueError(
-                    f"f: returned shape {tuple(out.shape)}, but z0 has shape {tuple(z0.shape)}; a fixed-point map must keep the state's shape"
+                    f"f: returned shape {tuple(out.shape)}, but z0 has shape {tuple(z0.shape)}; a "
+                    "fixed-point map must keep the state's shape"
                 )
             if out.dtype != z0.dtype:
                 raise TypeError(
-                    f"f: returned dtype {out.dtype}, but z0 is {z0.dtype}; make f keep the state's dtype (e.g. cast its parameters with .to({z0.dtype}))"
+                    f"f: returned dtype {out.dtype}, but z0 is {z0.dtype}; make f keep the state's "
+                    f"dtype (e.g. cast its parameters with .to({z0.dtype}))"
                 )
             checked.append(True)
         return out
@@ -254,13 +265,15 @@ def steady_state(
         info.retcode = ReturnCode.Unstable
         info.message = (
             f"{solver.name}: the iterates ran away (‖f(z)‖∞ reached {ran_away[0]:.3g}, more than "
-            f"{RUNAWAY:g} × the start's scale {scale0[0]:.3g}) without meeting the tolerances: f has "
-            f"no fixed point, or it repels this iteration (try pn.Broyden(), or a z0 closer to the fixed point)"
+            f"{RUNAWAY:g} × the start's scale {scale0[0]:.3g}) without meeting the tolerances: f "
+            "has no fixed point, or it repels this iteration (try pn.Broyden(), or a z0 closer to "
+            "the fixed point)"
         )
     _LOCAL.info = info
     if not info.retcode.successful and throw:
         raise SteadyStateError(
-            f"steady_state failed with retcode {info.retcode.value}: {info.message} (pass throw=False to get the best iterate and the retcode)",
+            f"steady_state failed with retcode {info.retcode.value}: {info.message} (pass "
+            "throw=False to get the best iterate and the retcode)",
             info,
         )
     if torch.is_grad_enabled():

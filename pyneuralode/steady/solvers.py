@@ -62,7 +62,8 @@ class AbstractSteadyStateSolver:
 
 
 class DynamicSS(AbstractSteadyStateSolver):
-    """Steady state as the long-time limit of ``dz/dt = f(z) − z`` (SteadyStateDiffEq's ``DynamicSS``).
+    """Steady state as the long-time limit of ``dz/dt = f(z) − z`` (SteadyStateDiffEq's
+    ``DynamicSS``).
 
     Integrates with ``ode_solver`` (default :class:`~pyneuralode.Tsit5`) through the library's
     integrate loop and stops at the first accepted step where ``‖f(z) − z‖∞ <= abstol`` or
@@ -97,7 +98,8 @@ class DynamicSS(AbstractSteadyStateSolver):
         ode_solver = resolve_solver(ode_solver, Tsit5, arg="ode_solver")
         if not ode_solver.adaptive_capable:
             raise ValueError(
-                f"ode_solver: {type(ode_solver).__name__} has no error estimate; DynamicSS needs an adaptive solver such as pn.Tsit5()"
+                f"ode_solver: {type(ode_solver).__name__} has no error estimate; DynamicSS needs "
+                "an adaptive solver such as pn.Tsit5()"
             )
         self.ode_solver = ode_solver
         self.tspan = (
@@ -141,7 +143,8 @@ class DynamicSS(AbstractSteadyStateSolver):
             if steps_left <= 0:
                 retcode, message = (
                     ReturnCode.MaxIters,
-                    f"DynamicSS reached max_steps={self.max_steps} at t={t0:.6g} without meeting the tolerances; raise max_steps or loosen abstol/reltol",
+                    f"DynamicSS reached max_steps={self.max_steps} at t={t0:.6g} without meeting "
+                    "the tolerances; raise max_steps or loosen abstol/reltol",
                 )
                 break
             opts = LoopOptions(
@@ -162,10 +165,16 @@ class DynamicSS(AbstractSteadyStateSolver):
                 retcode = loop.retcode
                 message = f"DynamicSS: the ODE solve failed ({loop.message})"
                 if retcode == ReturnCode.MaxIters:
-                    message = f"DynamicSS reached max_steps={self.max_steps} at t={loop.t_reached:.6g} without meeting the tolerances; raise max_steps or loosen abstol/reltol"
+                    message = (
+                        f"DynamicSS reached max_steps={self.max_steps} at t={loop.t_reached:.6g} "
+                        "without meeting the tolerances; raise max_steps or loosen abstol/reltol"
+                    )
             elif t1 >= self.tspan:
                 retcode = ReturnCode.Failure
-                message = f"DynamicSS reached the end of tspan={self.tspan:g} without meeting the tolerances (residual {state['resid']:.3g})"
+                message = (
+                    f"DynamicSS reached the end of tspan={self.tspan:g} without meeting the "
+                    f"tolerances (residual {state['resid']:.3g})"
+                )
             else:
                 h = state["hist"]
                 steps = [b - a for a, b in zip(h[:-1], h[1:])]
@@ -221,8 +230,8 @@ def _finish(info, ok, r, solver):
     else:
         info.retcode = ReturnCode.MaxIters
         info.message = (
-            f"{solver.name} did not converge in max_iters={solver.max_iters} iterations "
-            f"(residual {r:.3g}); raise max_iters, loosen abstol/reltol, or use pn.DynamicSS"
+            f"{solver.name} did not converge in max_iters={solver.max_iters} iterations (residual "
+            f"{r:.3g}); raise max_iters, loosen abstol/reltol, or use pn.DynamicSS"
         )
 
 
