@@ -1,7 +1,12 @@
 """Sensitivity algorithms: how gradients cross the integrate loop (SciMLSensitivity names)."""
 
 from . import backsolve, direct, implicit, interpolating, quadrature
-from ._base import AbstractSensitivity
+from ._base import (
+    AbstractAdjoint,
+    AbstractContinuousAdjoint,
+    AbstractImplicitGradient,
+    AbstractSensitivity,
+)
 from .backsolve import *
 from .direct import DirectAdjoint
 from .implicit import *
@@ -10,6 +15,9 @@ from .quadrature import *
 
 __all__ = [
     "AbstractSensitivity",
+    "AbstractAdjoint",
+    "AbstractContinuousAdjoint",
+    "AbstractImplicitGradient",
     "DirectAdjoint",
     *backsolve.__all__,
     *interpolating.__all__,
