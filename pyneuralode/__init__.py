@@ -27,7 +27,7 @@ __all__ = [
 
 def __getattr__(name):
     # Lazy subpackages: `pn.julia` never starts Julia on import of pyneuralode.
-    if name == "last_stats":  # stats of the latest steady_state/DEQ call (rebound by each call)
+    if name == "last_stats":  # this thread's latest steady_state/DEQ info (thread-local)
         return _steady.last_stats
     if name in ("julia", "data", "repro"):
         import importlib

@@ -169,9 +169,10 @@ def solve(
     predictive control for Rosenbrock methods (Hairer's RODAS), SciML's PI gains for the other implicit ones.
     ``event=g`` (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after
     that time are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
-    (differentiable, :mod:`pyneuralode.events`) give the event. With a continuous adjoint the event is
-    located by a first, gradient-free run of the loop and the adjoint solve then runs to that time
-    (``stats["nfe_event_search"]`` counts the first run).
+    (differentiable, :mod:`pyneuralode.events`) give the event. With a continuous adjoint (or
+    ``DirectAdjoint(checkpoints=...)``) the event is located by a first, gradient-free run of the
+    loop and the adjoint solve then runs to that time (``stats["nfe_event_search"]`` counts the
+    first run).
 
     ``adjoint_params``: the tensors f uses that the continuous adjoints and
     ``DirectAdjoint(checkpoints=...)`` differentiate besides ``y0``, ``t`` and ``args`` (as
@@ -230,7 +231,7 @@ def solve(
         from .julia import _backend
 
         sol = _backend.solve(problem, solver, sensealg, opts, throw=throw)
-    elif event is not None and not isinstance(sensealg, DirectAdjoint):
+    elif event is not None and not (isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None):
         def with_times(times):
             return ODEProblem(f, y0, times, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params)
 
@@ -258,9 +259,6 @@ def refuse_unsupported(*, compile: bool, event, sensealg, backend: str, per_samp
         raise ValueError("event: not supported together with per-sample output times t of shape (B, T)")
     if backend != "torch":
         raise ValueError("event: events run on the native engine only; drop backend='julia' or the event")
-    if isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is not None:
-        raise ValueError("event: DirectAdjoint(checkpoints=...) does not support events; use DirectAdjoint() "
-                         "(the whole graph) or a continuous adjoint such as pn.InterpolatingAdjoint()")
 
 
 def _run(problem: ODEProblem, solver, sensealg, opts: LoopOptions, throw: bool, event=None) -> Solution:
@@ -306,8 +304,9 @@ def _run(problem: ODEProblem, solver, sensealg, opts: LoopOptions, throw: bool, 
 
 
 def _run_event_adjoint(problem: ODEProblem, with_times, solver, sensealg, opts: LoopOptions, event, throw: bool):
-    """An event with a continuous adjoint: locate it with a gradient-free run of the loop, then run
-    ``sensealg`` up to the event time and make that time differentiable as in the direct case."""
+    """An event with a two-pass sensealg (continuous adjoint, checkpointed DirectAdjoint): locate it
+    with a gradient-free run of the loop, then run ``sensealg`` up to the event time and make that
+    time differentiable as in the direct case."""
     search: dict = {"nfe": 0, "naccept": 0, "nreject": 0}
     t_e = None
     if problem.y0.numel() > 0:

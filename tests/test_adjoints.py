@@ -564,14 +564,11 @@ def test_checkpointed_direct_equals_direct(solver, checkpoints):
     assert rel_err(out[checkpoints], out[None]) < tol
 
 
-def test_checkpointed_direct_rejects_bad_options_and_events():
+def test_checkpointed_direct_rejects_bad_options():
     with pytest.raises(ValueError, match="checkpoints"):
         pn.DirectAdjoint(checkpoints=1)
     with pytest.raises(ValueError, match="checkpoints"):
         pn.DirectAdjoint(checkpoints=2.5)
-    with pytest.raises(ValueError, match="does not support events"):
-        pn.solve(lambda t, y: -y, torch.ones(1, dtype=DT), [0.0, 1.0], event=lambda t, y: y[0] - 0.5,
-                 sensealg=pn.DirectAdjoint(checkpoints=4))
 
 
 @pytest.mark.parametrize("engine", ["engine", "public"])

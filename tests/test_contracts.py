@@ -310,6 +310,25 @@ def test_event_with_a_continuous_adjoint_counts_into_the_returned_stats():
     assert abs(float(g) + math.log(2) / 0.81) < 1e-7
 
 
+@pytest.mark.parametrize(
+    "sensealg", [pn.BacksolveAdjoint, pn.QuadratureAdjoint, lambda: pn.DirectAdjoint(checkpoints=3)]
+)
+def test_events_compose_with_every_sensealg(sensealg):
+    """An event works with every ODE sensealg (checkpointed DirectAdjoint used to be refused): the
+    gradients of the event time and of the saved states equal DirectAdjoint()'s."""
+    f = lambda t, y, k: -k * y
+    kw = dict(event=lambda t, y: y[0] - 0.5, rtol=1e-10, atol=1e-12)
+    grads = []
+    for sens in (pn.DirectAdjoint(), sensealg()):
+        k = torch.tensor(0.9, dtype=D, requires_grad=True)
+        y0 = torch.tensor([1.0, 0.3], dtype=D, requires_grad=True)
+        sol = pn.solve(f, y0, [0.0, 0.5, 5.0], args=(k,), sensealg=sens, **kw)
+        assert sol.retcode == "Terminated" and sol.ys.shape == (2, 2)
+        grads.append(torch.autograd.grad(sol.event_t + sol.ys.sum() + sol.event_y.sum(), (k, y0)))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), (a, b)
+
+
 def test_per_sample_times_use_the_given_norm():
     """Per-sample output times used to drop ``norm``; they run the one problem with every option."""
     calls = []
