@@ -161,14 +161,20 @@ def run_backward(
             opts, dt=_initial_step(rhs, t0, z, t1, solver, opts, n_state, bstats)
         )
     res = integrate(rhs, z, [t0, t1], solver, opts, bstats)
-    if not res.retcode.successful:
-        raise SolveError(
-            f"{who}: the backward (adjoint) pass failed on [{min(t0, t1):g}, {max(t0, t1):g}] "
-            f"with retcode {res.retcode.value}: {res.message}{hint}",
-            res.retcode,
-            res.t_reached,
-        )
+    where = f"[{min(t0, t1):g}, {max(t0, t1):g}]"
+    check_pass(res, f"{who}: the backward (adjoint) pass on {where}", hint)
     return res
+
+
+def check_pass(loop, what: str, hint: str = "", ok: bool = True) -> None:
+    """Raise :class:`SolveError` ("``what`` failed with retcode ...") if a run of the loop inside a
+    backward pass failed (or ``ok`` is false)."""
+    if not (ok and loop.retcode.successful):
+        raise SolveError(
+            f"{what} failed with retcode {loop.retcode.value}: {loop.message}{hint}",
+            loop.retcode,
+            loop.t_reached,
+        )
 
 
 def merge_stats(stats: dict, bstats: dict, key: str = "adjoint"):

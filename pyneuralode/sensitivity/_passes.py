@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._loop import LoopOptions, LoopResult, integrate
-from .._solution import SolveError
+from ._backward_setup import check_pass
 from ._vjp import Targets
 
 # ---------------------------------------------------------------------------------------------
@@ -223,13 +223,7 @@ def backward_intervals(p: Pass, m: int, bstats: dict, who: str):
             fopts,
             rstats,
         )
-        if not floop.retcode.successful:
-            raise SolveError(
-                f"{who}: re-solving the state from the checkpoint at t={times[j - 1]:g} failed "
-                f"with retcode {floop.retcode.value}: {floop.message}",
-                floop.retcode,
-                floop.t_reached,
-            )
+        check_pass(floop, f"{who}: re-solving the state from the checkpoint at t={times[j - 1]:g}")
         lookup = DenseLookup(floop.segments)
         del floop
         yield times[j], times[j - 1], lookup, output_of[j - 1], step_covering(bounds, times[j])

@@ -8,8 +8,7 @@ import dataclasses
 import torch
 
 from .._loop import integrate
-from .._solution import SolveError
-from ._backward_setup import merge_stats
+from ._backward_setup import check_pass, merge_stats
 from ._base import AbstractAdjoint
 from ._passes import Forward, ThinnedCheckpoints, plain_forward, replay_grid
 from ._vjp import flat_cat
@@ -139,14 +138,12 @@ class DirectAdjoint(AbstractAdjoint):
                         dataclasses.replace(base, grid=replay_grid(step_ts, ta, tb)),
                         rstats,
                     )
-                    if not loop.retcode.successful or len(loop.ys) != len(t_out):
-                        raise SolveError(
-                            f"DirectAdjoint(checkpoints={self.checkpoints}): replaying the steps "
-                            f"on [{min(ta, tb):g}, {max(ta, tb):g}] failed with retcode "
-                            f"{loop.retcode.value}: {loop.message}",
-                            loop.retcode,
-                            loop.t_reached,
-                        )
+                    check_pass(
+                        loop,
+                        f"DirectAdjoint(checkpoints={self.checkpoints}): replaying the steps "
+                        f"on [{min(ta, tb):g}, {max(ta, tb):g}]",
+                        ok=len(loop.ys) == len(t_out),
+                    )
                     outs = [loop.ys[1 + k] for k in range(len(inside))]
                     cots = [grad_ys[i] for i in inside]
                     cot_end = a
