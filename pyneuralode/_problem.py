@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._tolerance import check_tolerance
+from ._arguments import check_tolerance
 
 
 def time_tensor(dtype: torch.dtype, device) -> Callable[[float], torch.Tensor]:

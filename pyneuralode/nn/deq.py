@@ -8,7 +8,7 @@ import random
 import torch
 from torch import nn
 
-from .._tolerance import tolerance_pair
+from .._arguments import tolerance_pair
 from ..sensitivity._resolve import resolve_sensealg
 from ..steady._steady import resolve_solver, steady_state
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._arguments import check_tolerance
 from .._solve import solve
-from .._tolerance import check_tolerance
 from ..sensitivity import DirectAdjoint
 from ..sensitivity._resolve import resolve_sensealg
 from ..solvers import RK4, Dopri5

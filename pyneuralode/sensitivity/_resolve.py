@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .._arguments import refuse_class
 from ._base import AbstractImplicitGradient, AbstractSensitivity
 from .backsolve import BacksolveAdjoint
 from .direct import DirectAdjoint
@@ -45,11 +46,7 @@ def resolve_sensealg(sensealg, *, steady: bool = False, arg: str = "sensealg"):
                 f"as {hint}"
             )
         return cls()
-    if isinstance(sensealg, type):
-        raise TypeError(
-            f"{arg}: got the class {sensealg.__name__}; pass an instance, e.g. "
-            f"{arg}=pn.{sensealg.__name__}()"
-        )
+    refuse_class(arg, sensealg)
     if isinstance(sensealg, base):
         return sensealg
     if isinstance(sensealg, AbstractImplicitGradient):

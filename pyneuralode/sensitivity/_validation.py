@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._tolerance import check_tolerance
+from .._arguments import check_tolerance
 from ..solvers._resolve import resolve_solver
 
 

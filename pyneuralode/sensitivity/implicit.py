@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .._tolerance import check_tolerance
+from .._arguments import check_tolerance
 from ._base import AbstractImplicitGradient
 
 __all__ = ["SteadyStateAdjoint", "PhantomGradient", "jacobian_regularization"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .._arguments import refuse_class
 from . import lookup
 from ._base import AbstractSolver
 
@@ -23,10 +24,7 @@ def resolve_solver(
         return None if default is None else default()
     if isinstance(solver, str):
         return lookup(solver)()
-    if isinstance(solver, type) and issubclass(solver, AbstractSolver):
-        raise TypeError(
-            f"{arg}: got the class {solver.__name__}; pass an instance, e.g. pn.{solver.__name__}()"
-        )
+    refuse_class(arg, solver)
     if not isinstance(solver, AbstractSolver):
         also = f" (or None for {none_means})" if none_means else ""
         raise TypeError(

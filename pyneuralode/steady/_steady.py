@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .._arguments import refuse_class, tolerance_pair
 from .._solution import ReturnCode, SolveError
-from .._tolerance import tolerance_pair
 from ..sensitivity._resolve import resolve_sensealg
 from .solvers import AbstractSteadyStateSolver, DynamicSS
 
@@ -117,11 +117,7 @@ RTOL, ATOL = 1e-6, 1e-8
 def resolve_solver(solver) -> AbstractSteadyStateSolver:
     if solver is None:
         return DynamicSS()
-    if isinstance(solver, type) and issubclass(solver, AbstractSteadyStateSolver):
-        raise TypeError(
-            f"solver: got the class {solver.__name__}; pass an instance, e.g. "
-            f"solver=pn.{solver.__name__}()"
-        )
+    refuse_class("solver", solver)
     if isinstance(solver, AbstractSteadyStateSolver):
         return solver
     from ..solvers import AbstractSolver

@@ -1,4 +1,5 @@
-"""The one validator of scalar tolerances (``rtol``/``atol`` of solves, adjoints, steady states)."""
+"""Checks of arguments shared by the entry points: tolerances (the one validator of ``rtol``/
+``atol`` for solves, adjoints and steady states) and a class passed where an instance is meant."""
 
 from __future__ import annotations
 
@@ -53,3 +54,11 @@ def tolerance_pair(
             name, value = alias, alias_value
         out.append(default if value is None else check_tolerance(name, value))
     return out[0], out[1]
+
+
+def refuse_class(arg: str, value) -> None:
+    """Raise ``TypeError`` if ``value`` is a class (``solver=pn.Tsit5`` for ``pn.Tsit5()``)."""
+    if isinstance(value, type):
+        raise TypeError(
+            f"{arg}: got the class {value.__name__}; pass an instance, e.g. pn.{value.__name__}()"
+        )
