@@ -162,7 +162,8 @@ def solve(
     tensor or sequence (decreasing for backward integration). ``solver`` defaults to
     :class:`Tsit5`. ``rtol``/``atol`` are scalars or tensors broadcastable to the state.
     Fixed steps: ``adaptive=False, dt=h``. ``sensealg`` picks how gradients cross the solve
-    (default :class:`DirectAdjoint`). ``dense`` keeps the dense output for ``sol(tq)`` (default:
+    (default :class:`DirectAdjoint`; an object, or a name: ``"direct"``, ``"backsolve"``,
+    ``"adjoint"``, ``"interpolating"``, ``"quadrature"``). ``dense`` keeps the dense output for ``sol(tq)`` (default:
     yes, except for the memory-saving ``BacksolveAdjoint``/``InterpolatingAdjoint``).
     ``controller`` (a :class:`PIController` or :class:`PredictiveController`) defaults to the solver's
     ``default_controller()``: integral control for explicit methods (torchdiffeq's, diffrax's), Gustafsson's
