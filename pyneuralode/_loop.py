@@ -325,3 +325,255 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
         retcode = ReturnCode.Unstable
         message = "the state became NaN/Inf; use a smaller dt or an adaptive solver"
     return LoopResult(ys, retcode, t, segments, y, message, step_ts=step_ts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-sample stepping: every row of a batch its own time, step, error norm, decision and end
+
+
+@dataclass
+class PerSampleResult:
+    """What :func:`integrate_per_sample` returns; every per-sample field is a tensor of shape (B,)."""
+
+    ys: torch.Tensor  #: (T, B, ...) states at each row's own output times (NaN past a failure)
+    codes: torch.Tensor  #: int64 codes into ``PER_SAMPLE_CODES``
+    t_reached: torch.Tensor  #: float64, the time each row reached
+    stats: dict  #: nfe, naccept, nreject per row; ncalls (calls of f) and nrows (rows evaluated)
+
+
+#: the return codes of :func:`integrate_per_sample`, by code
+PER_SAMPLE_CODES = (ReturnCode.Success, ReturnCode.MaxIters, ReturnCode.DtLessThanMin,
+                    ReturnCode.Unstable)
+
+
+def _row_rms(x: torch.Tensor) -> torch.Tensor:
+    """Hairer's RMS norm of each row of ``x`` (B, ...) → (B,)."""
+    flat = x.reshape(x.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1) / math.sqrt(max(flat.shape[1], 1))
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) tensor shaped to broadcast over the rows of ``like`` (B, ...)."""
+    return v.view(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _initial_step_rows(rhs, t0, y0, f0, direction, order, rtol, atol):
+    """:func:`controllers.initial_step` row by row (one evaluation of the batch)."""
+    with torch.no_grad():
+        scale = atol + rtol * y0.abs()
+        d0, d1 = _row_rms(y0 / scale).double(), _row_rms(f0 / scale).double()
+        small = (d0 < 1e-5) | (d1 < 1e-5) | ~torch.isfinite(d0 + d1)
+        h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        y1 = y0 + _rows((direction * h0).to(y0.dtype), y0) * f0
+        f1 = rhs(t0 + direction * h0, y1)
+        d2 = _row_rms((f1 - f0) / scale).double() / h0
+        dmax = torch.maximum(d1, d2)
+        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                         (0.01 / dmax) ** (1.0 / (order + 1)))
+        return torch.where(torch.isfinite(d2), torch.minimum(100 * h0, h1), h0)
+
+
+class _StepField:
+    """The field of one per-sample step in the step's own variable s ∈ [0, 1]:
+    ``dy_b/ds = h_b · f(t_b + s·h_b, y_b)``, so the solver takes one shared step of size 1 while
+    every row advances by its own ``h_b`` (stages, error estimate and dense output all scale).
+    Keeps the unscaled derivative of its last call: the explicit RK engine's last evaluation is
+    ``f(t + h, y1)``, the next step's first stage."""
+
+    __slots__ = ("rhs", "t", "h", "hy", "calls", "last")
+
+    def __init__(self, rhs, t, h, hy):
+        self.rhs, self.t, self.h, self.hy = rhs, t, h, hy
+        self.calls = 0
+        self.last = None
+
+    def __call__(self, s, y):
+        raw = self.rhs(self.t + s * self.h if s else self.t, y)
+        self.calls += 1
+        self.last = raw
+        return self.hy * raw
+
+
+def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, solver,
+                         opts: LoopOptions, compact: bool = False) -> PerSampleResult:
+    """Integrate a batch ``y0`` (B, ...) with per-row step control, saving row ``b`` at the
+    times ``t_out[b]`` (``t_out`` (B, T) float64, rows strictly monotonic in one direction).
+
+    ``rhs(t, y)`` takes ``t`` as a (B',) tensor and the (B', ...) rows being stepped. Each row
+    has its own time, step size, error norm, accept/reject decision, controller state, attempt
+    count (``max_steps`` per row) and return code; a finished or failed row stops. ``compact``:
+    the stepped rows are only the running ones (``rhs`` must treat rows independently); else
+    every row is evaluated and a finished row takes steps of size 0. One host synchronisation
+    per step (whether rows still run, how many outputs a row passed), none inside the stages.
+    The step itself is the solver's (an explicit RK method, see :class:`_StepField`).
+    """
+    B, T = t_out.shape
+    dev = y0.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    ctrl = opts.controller if opts.controller is not None else solver.default_controller()
+    q = min(solver.order, solver.error_order) + 1
+    rtol, atol = opts.rtol, opts.atol
+    direction = 1.0 if T < 2 or bool((t_out[:, 1] > t_out[:, 0]).all()) else -1.0
+    t = t_out[:, 0].clone()
+    t_end = t_out[:, -1].clone()
+    span = (t_end - t).abs()
+    key = direction * t_out  # increasing in every row
+    all_rows = torch.arange(B, device=dev)
+    # global per-row results; the working tensors below hold the stepped rows (``idx``)
+    out = torch.full((T + 1, *y0.shape), math.nan, dtype=y0.dtype, device=dev)
+    out[0] = y0
+    codes_g = torch.zeros(B, dtype=torch.int64, device=dev)
+    t_reached_g = t.clone()
+    nfe_g = torch.zeros(B, dtype=torch.int64, device=dev)
+    nacc_g = torch.zeros_like(nfe_g)
+    nrej_g = torch.zeros_like(nfe_g)
+    counters = {"ncalls": 0, "nrows": 0}
+
+    def call(tt, yy):
+        counters["ncalls"] += 1
+        counters["nrows"] += yy.shape[0]
+        return rhs(tt, yy)
+
+    fraw = call(t, y0)
+    running = span > 0
+    nfe_g += running.long()
+    if T < 2 or not bool(running.any()):
+        return PerSampleResult(out[:T], codes_g, t_reached_g, _stats(nfe_g, nacc_g, nrej_g, counters))
+    if opts.dt is not None:
+        dt = torch.full((B,), abs(opts.dt), **f64)
+    else:
+        dt = _initial_step_rows(call, t, y0, fraw, direction,
+                                getattr(solver, "start_order", solver.order), rtol, atol)
+        nfe_g += running.long()
+    dt = torch.minimum(dt, span)
+    dtmax = torch.full_like(span, opts.dtmax) if opts.dtmax is not None else span.clone()
+    dt = torch.minimum(dt, dtmax)
+    dt_floor = torch.clamp(_EPS * span, min=1e-300)
+    y = y0
+    idx = None  # compact: the original rows of the working tensors (None: all rows, in order)
+    tol_rows = [x for x in (rtol, atol) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    with torch.no_grad():
+        ay = y.abs()
+    err_prev = torch.ones(B, **f64)
+    h_acc = torch.full((B,), math.nan, **f64)
+    accepted_last = torch.ones(B, dtype=torch.bool, device=dev)
+    nonfinite_last = torch.zeros_like(accepted_last)
+    attempts = torch.zeros(B, dtype=torch.int64, device=dev)
+    next_out = torch.ones(B, dtype=torch.int64, device=dev)
+    codes = torch.zeros(B, dtype=torch.int64, device=dev)
+    max_steps = max(opts.max_steps, 0)
+
+    def scatter(dst, src):
+        if idx is None:
+            dst.copy_(src)
+        else:
+            dst.index_copy_(0, idx, src)
+
+    def add(dst, src):
+        if idx is None:
+            dst += src
+        else:
+            dst.index_add_(0, idx, src)
+
+    rows, key_rows = all_rows, key
+    while True:
+        remaining = (t_end - t).abs()
+        last = dt > 0.999 * remaining
+        h = direction * torch.where(last, remaining, dt)
+        h = torch.where(running, h, torch.zeros_like(h))
+        hy = _rows(h.to(y.dtype), y)
+        field = _StepField(call, t, h, hy)
+        res = solver.step(field, 0.0, y, 1.0, hy * fraw)
+        f1raw = field.last
+        with torch.no_grad():
+            ay1 = res.y1.abs()
+            scale = torch.maximum(ay, ay1) * rtol + atol
+            errn = _row_rms(res.error / scale).double()
+        finite = torch.isfinite(errn)
+        accept = running & finite & (errn <= 1.0)
+        reject = running & ~accept
+        ratio = torch.where(torch.isnan(h_acc), h_acc, h.abs() / h_acc)
+        fac = ctrl.factor_batch(torch.where(finite, errn, torch.full_like(errn, math.inf)),
+                                err_prev, q, accepted_last, torch.where(accept, ratio, math.nan))
+        dt_acc = torch.where(last, dt, torch.minimum(h.abs() * fac, dtmax))
+        dt = torch.where(accept, dt_acc, torch.where(reject, h.abs() * fac, dt))
+        err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
+        h_acc = torch.where(accept, h.abs(), h_acc)
+        accepted_last = torch.where(running, accept, accepted_last)
+        nonfinite_last = torch.where(running, ~finite, nonfinite_last)
+        attempts += running.long()
+        t_new = torch.where(last, t_end, t + h)
+        stuck = accept & (t_new == t)
+        accept = accept & ~stuck
+        # outputs this step passed: row b saves t_out[b, next_out[b] : cross[b]]
+        cross = torch.searchsorted(key_rows, (direction * t_new).unsqueeze(1), right=True)
+        n_cross = torch.where(accept, cross.squeeze(1) - next_out, torch.zeros_like(next_out))
+        t_prev, y_prev_h = t, h
+        av = _rows(accept, y)
+        y = torch.where(av, res.y1, y)
+        fraw = torch.where(av, f1raw, fraw)
+        ay = torch.where(av, ay1, ay)
+        t = torch.where(accept, t_new, t)
+        done = accept & last
+        dtmin = (torch.full_like(t, opts.dtmin) if opts.dtmin is not None
+                 else 4 * _EPS * torch.maximum(t.abs(), dt_floor))
+        small = running & ~done & (dt < dtmin)
+        code = torch.where(small, torch.where(nonfinite_last, 3, 2), 0)
+        code = torch.where(stuck, 2, code)
+        code = torch.where(running & ~done & (code == 0) & (attempts >= max_steps), 1, code)
+        codes = torch.where(code > 0, code, codes)
+        add(nacc_g, accept.long())
+        add(nrej_g, reject.long())
+        was_running = running
+        running = running & ~done & (code == 0)
+        n_run, n_out_max = torch.stack([running.sum(), n_cross.max()]).tolist()  # the one sync
+        for r in range(n_out_max):
+            k = next_out + r
+            m = r < n_cross
+            tq = key_rows.gather(1, k.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
+            theta = torch.where(m, (tq - t_prev) / torch.where(m, y_prev_h, 1.0), 0.0)
+            yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype))
+            yq = torch.where(_rows(m & (theta == 1.0), yq), res.y1, yq)
+            out.index_put_((torch.where(m, k, T), rows), yq)
+        next_out = next_out + n_cross
+        add(nfe_g, was_running.long() * field.calls)  # with the lazy dense stages (Vern7, DP8)
+        if n_run == 0:
+            break
+        if compact and n_run < y.shape[0]:
+            keep = running.nonzero().squeeze(1)
+            scatter(t_reached_g, t)
+            scatter(codes_g, codes)
+            idx = keep if idx is None else idx[keep]
+            rows = idx
+            y, fraw, ay, t, t_end, dt, dtmax, dt_floor = (
+                x[keep] for x in (y, fraw, ay, t, t_end, dt, dtmax, dt_floor))
+            err_prev, h_acc, accepted_last, nonfinite_last = (
+                x[keep] for x in (err_prev, h_acc, accepted_last, nonfinite_last))
+            attempts, next_out, codes, running = (x[keep] for x in (attempts, next_out, codes, running))
+            key_rows = key[idx]
+            if tol_rows:  # tensor tolerances come shaped like the state (B, ...)
+                rtol, atol = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                              for x in (rtol, atol))
+    scatter(t_reached_g, t)
+    scatter(codes_g, codes)
+    return PerSampleResult(out[:T], codes_g, t_reached_g, _stats(nfe_g, nacc_g, nrej_g, counters))
+
+
+def _stats(nfe, naccept, nreject, counters) -> dict:
+    return {"nfe": nfe, "naccept": naccept, "nreject": nreject, **counters}
+
+
+def _interpolate_rows(solver, dense, theta: torch.Tensor) -> torch.Tensor:
+    """The step's dense output at a different θ in every row (θ (B,))."""
+    from .solvers._erk import _ExtraStageDense
+
+    if isinstance(dense, _ExtraStageDense):
+        dense = dense.data()
+    if len(dense) == 4:  # y0 + Σ_i b_i(θ) k_i, b_i(θ) = Σ_p B[i, p] θ^(p+1) (dt = 1)
+        y0, K, W, dt = dense
+        Bm = W.tensor
+        powers = torch.stack([theta ** (p + 1) for p in range(Bm.shape[1])])  # (P, B)
+        w = (Bm @ powers) * dt  # (s, B)
+        n = y0.shape[0]
+        return y0 + torch.einsum("sb,sbn->bn", w, K.view(K.shape[0], n, -1)).view_as(y0)
+    return solver.interpolant(dense, _rows(theta, dense[0]))

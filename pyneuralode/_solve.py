@@ -11,7 +11,7 @@ import torch
 from ._loop import LoopOptions
 from ._problem import ODEProblem
 from ._solution import Solution, SolveError
-from ._per_sample import gather, is_per_sample, union_times
+from ._per_sample import check_per_sample, gather, is_per_sample, solve_per_sample, union_times
 from .controllers import PIController, PredictiveController
 from .sensitivity import AbstractSensitivity, DirectAdjoint
 from .solvers import AbstractSolver, Tsit5, lookup
@@ -173,6 +173,7 @@ def solve(
     adjoint_params: Sequence[torch.Tensor] | None = None,
     compile: bool = False,
     norm: Callable | None = None,
+    per_sample: bool | str = False,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, *args)`` from ``y0`` at ``t[0]`` and save at every time in ``t``.
 
@@ -205,10 +206,27 @@ def solve(
     ``compile=True`` (needs numba, ``pip install 'pyneuralode[compiled]'``) traces f once and runs
     the whole solve as native code (:mod:`pyneuralode.compiled`): small float64 CPU systems, the
     explicit RK methods and Rodas4/Rodas5P, no gradients, events or dense output object yet.
+
+    ``per_sample=True`` (``y0`` shaped ``(B, ...)``, ``t`` shaped ``(T,)`` or ``(B, T)``, rows may
+    start at different times): every sample takes its own adaptive steps, with its own step size,
+    error norm, controller state and return code; returns a :class:`PerSampleSolution` (``ys``
+    ``(T, B, ...)``, ``retcode`` per sample, ``stats`` tensors of shape ``(B,)``). ``f`` gets ``t``
+    as a ``(B,)`` tensor. ``"compact"`` evaluates only the running samples (``f`` must treat rows
+    independently); ``True`` (``"mask"``) evaluates the whole batch. Explicit RK methods and
+    ``DirectAdjoint`` gradients.
     """
     throw = check_flag("throw", throw)
     dense = check_flag("dense", dense, allow_none=True)
     compile = check_flag("compile", compile)
+    per_sample_mode = check_per_sample(per_sample)
+    if per_sample_mode is not None:
+        if compile or event is not None or backend != "torch" or norm is not None or progress:
+            raise ValueError("per_sample: compile=True, event, backend='julia', norm and progress are "
+                             "not supported with per-sample stepping; drop them or per_sample")
+        return solve_per_sample(f, y0, t, solver, mode=per_sample_mode, rtol=rtol, atol=atol, dt=dt,
+                                adaptive=adaptive, max_steps=max_steps, args=args, sensealg=sensealg,
+                                throw=throw, dense=dense, controller=controller, dtmin=dtmin,
+                                dtmax=dtmax, adjoint_params=adjoint_params)
     if compile and (event is not None or sensealg is not None or adjoint_params is not None
                     or norm is not None or backend != "torch" or progress or is_per_sample(y0, t)):
         raise ValueError("compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "

@@ -44,6 +44,16 @@ class PIController:
             fac = min(fac, 1.0)
         return fac
 
+    def factor_batch(self, err, err_prev, q: int, accepted_last, dt_ratio=None):
+        """:meth:`factor` for every row of a batch at once (float64 tensors of shape (B,);
+        ``accepted_last`` a bool tensor); used by per-sample stepping."""
+        b1, b2 = self.beta1 / q, self.beta2 / q
+        fac = self.safety * err.pow(-b1) * torch.where(err <= 1.0, err_prev.pow(b2), 1.0)
+        fac = fac.clamp(self.factor_min, self.factor_max)
+        fac = torch.where(accepted_last, fac, fac.clamp(max=1.0))
+        fac = torch.where(err == 0.0, self.factor_max, fac)
+        return torch.where(torch.isfinite(err), fac, self.factor_min)
+
 
 @dataclass
 class PredictiveController:
@@ -83,6 +93,19 @@ class PredictiveController:
         if not accepted_last:
             fac = min(fac, 1.0)
         return fac
+
+    def factor_batch(self, err, err_prev, q: int, accepted_last, dt_ratio=None):
+        """:meth:`factor` for every row of a batch at once (float64 tensors of shape (B,);
+        ``dt_ratio`` NaN where there is none)."""
+        lo, hi = self.factor_min, self.factor_max
+        fac = (self.safety * err.pow(-1.0 / q)).clamp(lo, hi)
+        if dt_ratio is not None:
+            gus = self.safety * dt_ratio * (err_prev.clamp(min=1e-2) / (err * err)).pow(1.0 / q)
+            use = (err <= 1.0) & ~torch.isnan(dt_ratio)
+            fac = torch.where(use, torch.minimum(fac, gus.clamp(lo, hi)), fac)
+        fac = torch.where(accepted_last, fac, fac.clamp(max=1.0))
+        fac = torch.where(err == 0.0, torch.where(accepted_last, hi, 1.0), fac)
+        return torch.where(torch.isfinite(err), fac, lo)
 
 
 def error_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, atol) -> torch.Tensor:
