@@ -506,8 +506,11 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
         stuck = accept & (t_new == t)
         accept = accept & ~stuck
         # outputs this step passed: row b saves t_out[b, next_out[b] : cross[b]]
-        cross = torch.searchsorted(key_rows, (direction * t_new).unsqueeze(1), right=True)
-        n_cross = torch.where(accept, cross.squeeze(1) - next_out, torch.zeros_like(next_out))
+        kt = (direction * t_new).unsqueeze(1)
+        cross = torch.searchsorted(key_rows, kt, right=True).squeeze(1)
+        inner = torch.searchsorted(key_rows, kt).squeeze(1)  # outputs before the step's end
+        n_cross = torch.where(accept, cross - next_out, torch.zeros_like(next_out))
+        n_inner = torch.where(accept, inner - next_out, torch.zeros_like(next_out))
         t_prev, y_prev_h = t, h
         av = _rows(accept, y)
         y = torch.where(av, res.y1, y)
@@ -526,14 +529,19 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
         add(nrej_g, reject.long())
         was_running = running
         running = running & ~done & (code == 0)
-        n_run, n_out_max = torch.stack([running.sum(), n_cross.max()]).tolist()  # the one sync
+        # the one host synchronisation of the step
+        n_run, n_out_max, n_inner_max = torch.stack(
+            [running.sum(), n_cross.max(), n_inner.max()]).tolist()
         for r in range(n_out_max):
             k = next_out + r
             m = r < n_cross
-            tq = key_rows.gather(1, k.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
-            theta = torch.where(m, (tq - t_prev) / torch.where(m, y_prev_h, 1.0), 0.0)
-            yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype))
-            yq = torch.where(_rows(m & (theta == 1.0), yq), res.y1, yq)
+            if r < n_inner_max:  # some row has an output inside its step: the dense output
+                tq = key_rows.gather(1, k.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
+                theta = torch.where(m, (tq - t_prev) / torch.where(m, y_prev_h, 1.0), 0.0)
+                yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype))
+                yq = torch.where(_rows(r >= n_inner, yq), res.y1, yq)  # at the end: y1 itself
+            else:
+                yq = res.y1
             out.index_put_((torch.where(m, k, T), rows), yq)
         next_out = next_out + n_cross
         add(nfe_g, was_running.long() * field.calls)  # with the lazy dense stages (Vern7, DP8)
