@@ -159,6 +159,12 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
     def rhs(ts, ys):
         out = f(ts.to(time_dtype), ys, *fargs)
         if not checked or out.shape != ys.shape:
+            if (checked and mode == "compact" and isinstance(out, torch.Tensor)
+                    and out.shape[1:] == ys.shape[1:]):
+                raise ValueError(f"f(t, y): returned {out.shape[0]} rows for the {ys.shape[0]} "
+                                 f"running samples; with per_sample='compact' f gets only the "
+                                 f"running rows, so it must treat rows independently (keep "
+                                 f"per-sample constants in the state, or use per_sample=True)")
             problem._check_out(out, ys.shape, "f(t, y)", later=bool(checked))
             checked.append(True)
         return out
