@@ -14,8 +14,8 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ._solution import DenseSegment, ReturnCode
-from .controllers import (abs_host, host_tolerance, initial_step, rms_norm_and_abs, rms_norm_small,
-                          small_norm_kind)
+from .controllers import initial_step, rms_norm_and_abs
+from .solvers._ops import abs_host, host_tolerance, rms_norm_small, small_norm_kind
 
 _EPS = 2.220446049250313e-16
 
