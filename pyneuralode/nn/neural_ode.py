@@ -85,6 +85,8 @@ class NeuralODE(nn.Module):
     ``"backsolve"``/``"interpolating"``/``"quadrature"``), ``rtol``/``atol``, fixed steps with
     ``adaptive=False, dt=h``. ``forward(y0, t=None)`` returns the final state, or with
     ``return_trajectory=True`` the states at every time of ``t`` shaped ``(len(t), *y0.shape)``.
+    ``per_sample=True`` (or ``"compact"``) steps every sample of the batch on its own
+    (``pn.solve``'s ``per_sample``; explicit RK solvers, DirectAdjoint).
 
     After a call, ``nfe_forward`` is the forward pass's number of ``f`` evaluations; after its
     backward, ``nfe_backward`` is the backward pass's: ``nfe_adjoint`` of the solution stats for the
@@ -95,7 +97,8 @@ class NeuralODE(nn.Module):
     """
 
     def __init__(self, vector_field, t=(0.0, 1.0), solver=None, sensealg=None, rtol: float = 1e-3, atol: float = 1e-4,
-                 return_trajectory: bool = False, adaptive: bool = True, dt=None, max_steps: int = 100_000):
+                 return_trajectory: bool = False, adaptive: bool = True, dt=None, max_steps: int = 100_000,
+                 per_sample=False):
         super().__init__()
         if not callable(vector_field):
             raise TypeError(f"vector_field: expected a callable f(t, y) (an nn.Module to train), got {type(vector_field).__name__}")
@@ -111,6 +114,10 @@ class NeuralODE(nn.Module):
         self.rtol, self.atol = rtol, atol
         self.return_trajectory = return_trajectory
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
+        from .._per_sample import check_per_sample
+
+        check_per_sample(per_sample)  # per-sample stepping of the batch (pn.solve's per_sample)
+        self.per_sample = per_sample
         self.last_stats: dict = {}
         # the whole-graph DirectAdjoint: backward evaluations are counted by a gradient hook
         self._direct = type(self.sensealg).__name__ == "DirectAdjoint" and getattr(self.sensealg, "checkpoints", None) is None
@@ -122,7 +129,8 @@ class NeuralODE(nn.Module):
     @property
     def nfe_forward(self) -> int:
         """``f`` evaluations of the last forward solve."""
-        return int(self.last_stats.get("nfe", 0))
+        # per_sample: the calls of f (its stats' nfe counts per sample)
+        return int(self.last_stats.get("ncalls", self.last_stats.get("nfe", 0)))
 
     @property
     def nfe_backward(self) -> int:
@@ -141,7 +149,8 @@ class NeuralODE(nn.Module):
         self.func.calls, self.func.vjps = 0, 0
         self.func.hook = self._direct and torch.is_grad_enabled()
         sol = pn.solve(self.func, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
-                       adaptive=self.adaptive, dt=self.dt, max_steps=self.max_steps)
+                       adaptive=self.adaptive, dt=self.dt, max_steps=self.max_steps,
+                       **({"per_sample": self.per_sample} if self.per_sample is not False else {}))
         self.func.hook = False
         self.last_stats = sol.stats
         return sol.ys if self.return_trajectory else (
