@@ -156,15 +156,24 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
     fargs = problem.args
     checked = []
 
+    B = y0.shape[0]
+    compact_hint = ("with per_sample='compact' f gets only the running samples' rows, so it must "
+                    "treat rows independently (keep per-sample constants in the state, or use "
+                    "per_sample=True)")
+
     def rhs(ts, ys):
-        out = f(ts.to(time_dtype), ys, *fargs)
+        try:
+            out = f(ts.to(time_dtype), ys, *fargs)
+        except RuntimeError as e:
+            if mode == "compact" and ys.shape[0] < B:
+                raise ValueError(f"f(t, y): failed on {ys.shape[0]} of the {B} rows ({e}); "
+                                 f"{compact_hint}") from e
+            raise
         if not checked or out.shape != ys.shape:
             if (checked and mode == "compact" and isinstance(out, torch.Tensor)
                     and out.shape[1:] == ys.shape[1:]):
                 raise ValueError(f"f(t, y): returned {out.shape[0]} rows for the {ys.shape[0]} "
-                                 f"running samples; with per_sample='compact' f gets only the "
-                                 f"running rows, so it must treat rows independently (keep "
-                                 f"per-sample constants in the state, or use per_sample=True)")
+                                 f"running samples; {compact_hint}")
             problem._check_out(out, ys.shape, "f(t, y)", later=bool(checked))
             checked.append(True)
         return out
