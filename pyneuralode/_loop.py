@@ -380,7 +380,7 @@ class _StepField:
     Keeps the unscaled derivative of its last call: the explicit RK engine's last evaluation is
     ``f(t + h, y1)``, the next step's first stage."""
 
-    __slots__ = ("rhs", "t", "h", "hy", "calls", "last")
+    __slots__ = ("calls", "h", "hy", "last", "rhs", "t")
 
     def __init__(self, rhs, t, h, hy):
         self.rhs, self.t, self.h, self.hy = rhs, t, h, hy
@@ -409,7 +409,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     """
     B, T = t_out.shape
     dev = y0.device
-    f64 = dict(dtype=torch.float64, device=dev)
+    f64 = {"dtype": torch.float64, "device": dev}
     ctrl = opts.controller if opts.controller is not None else solver.default_controller()
     q = min(solver.order, solver.error_order) + 1
     rtol, atol = opts.rtol, opts.atol

@@ -265,8 +265,8 @@ def test_batch_controller_factor_equals_scalar_factor(ctrl):
     ratio[::5] = float("nan")
     got = ctrl.factor_batch(torch.where(torch.isnan(err), float("inf"), err), err_prev, 5, acc, ratio)
     for i in range(n):
-        e = float(err[i])
-        want = ctrl.factor(e if e == e else float("inf"), float(err_prev[i]), 5, bool(acc[i]),
+        e = float("inf") if err[i].isnan() else float(err[i])
+        want = ctrl.factor(e, float(err_prev[i]), 5, bool(acc[i]),
                            None if ratio[i].isnan() else float(ratio[i]))
         assert float(got[i]) == pytest.approx(want, rel=1e-12), i
 
