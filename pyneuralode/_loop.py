@@ -333,7 +333,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
 
 @dataclass
 class PerSampleResult:
-    """What :func:`integrate_per_sample` returns; every per-sample field is a tensor of shape (B,)."""
+    """What :func:`integrate_per_sample` returns; per-sample fields are tensors of shape (B,)."""
 
     ys: torch.Tensor  #: (T, B, ...) states at each row's own output times (NaN past a failure)
     codes: torch.Tensor  #: int64 codes into ``PER_SAMPLE_CODES``
@@ -438,7 +438,8 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     running = span > 0
     nfe_g += running.long()
     if T < 2 or not bool(running.any()):
-        return PerSampleResult(out[:T], codes_g, t_reached_g, _stats(nfe_g, nacc_g, nrej_g, counters))
+        return PerSampleResult(out[:T], codes_g, t_reached_g,
+                               _stats(nfe_g, nacc_g, nrej_g, counters))
     if opts.dt is not None:
         dt = torch.full((B,), abs(opts.dt), **f64)
     else:
@@ -557,7 +558,8 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
                 x[keep] for x in (y, fraw, ay, t, t_end, dt, dtmax, dt_floor))
             err_prev, h_acc, accepted_last, nonfinite_last = (
                 x[keep] for x in (err_prev, h_acc, accepted_last, nonfinite_last))
-            attempts, next_out, codes, running = (x[keep] for x in (attempts, next_out, codes, running))
+            attempts, next_out, codes, running = (
+                x[keep] for x in (attempts, next_out, codes, running))
             key_rows = key[idx]
             if tol_rows:  # tensor tolerances come shaped like the state (B, ...)
                 rtol, atol = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x

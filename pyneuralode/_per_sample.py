@@ -77,9 +77,9 @@ def check_per_sample(per_sample):
         return "mask"
     if isinstance(per_sample, str) and per_sample in PER_SAMPLE_MODES:
         return per_sample
-    raise ValueError(f"per_sample: expected False, True (= 'mask': f sees the whole batch, finished "
-                     f"samples take steps of size 0) or 'compact' (f sees only the running samples; "
-                     f"f must treat rows independently), got {per_sample!r}")
+    raise ValueError(f"per_sample: expected False, True (= 'mask': f sees the whole batch, "
+                     f"finished samples take steps of size 0) or 'compact' (f sees only the "
+                     f"running samples; f must treat rows independently), got {per_sample!r}")
 
 
 def sample_times(t, y0: torch.Tensor) -> torch.Tensor:
@@ -94,8 +94,8 @@ def sample_times(t, y0: torch.Tensor) -> torch.Tensor:
     if tt.ndim == 1:
         tt = tt.reshape(1, -1).expand(B, -1)
     if tt.ndim != 2 or tt.shape[0] != B:
-        raise ValueError(f"t: per_sample=True takes times of shape (T,) shared by the batch or (B, T) "
-                         f"with B = y0.shape[0] = {B}; got shape {tuple(tt.shape)}")
+        raise ValueError(f"t: per_sample=True takes times of shape (T,) shared by the batch or "
+                         f"(B, T) with B = y0.shape[0] = {B}; got shape {tuple(tt.shape)}")
     if tt.shape[1] == 0:
         raise ValueError("t: is empty; give at least the start time of every sample")
     tt = tt.detach().to(device=y0.device, dtype=torch.float64)
@@ -136,7 +136,8 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
         raise ValueError(f"solver: per_sample=True steps the adaptive explicit Runge-Kutta methods "
                          f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()); got "
                          f"{type(solver).__name__}; use one of them or drop per_sample")
-    if sensealg is not None and not (isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None):
+    direct = isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None
+    if sensealg is not None and not direct:
         raise ValueError(f"sensealg: per_sample=True differentiates through its steps "
                          f"(DirectAdjoint(), the default) only; got {sensealg!r}; drop sensealg or "
                          f"per_sample")

@@ -150,10 +150,10 @@ class PerSampleSolution(Solution):
         return torch.tensor([r.successful for r in self.retcode])
 
     def __call__(self, tq):
-        raise ValueError("sol(tq): a per-sample solve (per_sample=True) keeps no dense output; give "
-                         "the times each sample needs as t of shape (B, T)")
+        raise ValueError("sol(tq): a per-sample solve (per_sample=True) keeps no dense output; "
+                         "give the times each sample needs as t of shape (B, T)")
 
     def __repr__(self) -> str:
         ok = sum(r.successful for r in self.retcode)
-        return (f"PerSampleSolution(successful={ok}/{len(self.retcode)}, n_times={self.ys.shape[0]}, "
-                f"nfe={int(self.stats['nfe'].sum())})")
+        return (f"PerSampleSolution(successful={ok}/{len(self.retcode)}, "
+                f"n_times={self.ys.shape[0]}, nfe={int(self.stats['nfe'].sum())})")

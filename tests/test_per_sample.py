@@ -215,10 +215,11 @@ def test_per_sample_gradients_vs_finite_differences_and_separate_solves(mode):
     torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-11)
     eps = 1e-6
     with torch.no_grad():
-        fd_w = (loss(y0, w + eps, rtol=1e-12, atol=1e-13) - loss(y0, w - eps, rtol=1e-12, atol=1e-13)) / (2 * eps)
+        tight = {"rtol": 1e-12, "atol": 1e-13}
+        fd_w = (loss(y0, w + eps, **tight) - loss(y0, w - eps, **tight)) / (2 * eps)
         e = torch.zeros_like(y0)
         e[1, 2] = eps
-        fd_y = (loss(y0 + e, w, rtol=1e-12, atol=1e-13) - loss(y0 - e, w, rtol=1e-12, atol=1e-13)) / (2 * eps)
+        fd_y = (loss(y0 + e, w, **tight) - loss(y0 - e, w, **tight)) / (2 * eps)
     assert float(gw) == pytest.approx(float(fd_w), rel=1e-6, abs=1e-7)
     assert float(gy0[1, 2]) == pytest.approx(float(fd_y), rel=1e-6, abs=1e-7)
 
@@ -263,7 +264,8 @@ def test_batch_controller_factor_equals_scalar_factor(ctrl):
     acc = torch.rand(n, generator=g) > 0.3
     ratio = torch.rand(n, dtype=DT, generator=g) * 2
     ratio[::5] = float("nan")
-    got = ctrl.factor_batch(torch.where(torch.isnan(err), float("inf"), err), err_prev, 5, acc, ratio)
+    err_in = torch.where(torch.isnan(err), float("inf"), err)
+    got = ctrl.factor_batch(err_in, err_prev, 5, acc, ratio)
     for i in range(n):
         e = float("inf") if err[i].isnan() else float(err[i])
         want = ctrl.factor(e, float(err_prev[i]), 5, bool(acc[i]),
