@@ -427,7 +427,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     nfe_g = torch.zeros(B, dtype=torch.int64, device=dev)
     nacc_g = torch.zeros_like(nfe_g)
     nrej_g = torch.zeros_like(nfe_g)
-    counters = {"ncalls": 0, "nrows": 0}
+    counters = {"ncalls": 0, "nrows": 0, "nsteps": 0}
 
     def call(tt, yy):
         counters["ncalls"] += 1
@@ -485,6 +485,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
         hy = _rows(h.to(y.dtype), y)
         field = _StepField(call, t, h, hy)
         res = solver.step(field, 0.0, y, 1.0, hy * fraw)
+        counters["nsteps"] += 1
         f1raw = field.last
         with torch.no_grad():
             ay1 = res.y1.abs()
