@@ -418,15 +418,13 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     t_end = t_out[:, -1].clone()
     span = (t_end - t).abs()
     key = direction * t_out  # increasing in every row
-    all_rows = torch.arange(B, device=dev)
-    # global per-row results; the working tensors below hold the stepped rows (``idx``)
+    # per-row results over the whole batch; the working tensors below hold the stepped rows
+    # (``idx``: their original rows; None while every row is stepped, always so without compact)
     out = torch.full((T + 1, *y0.shape), math.nan, dtype=y0.dtype, device=dev)
     out[0] = y0
     codes_g = torch.zeros(B, dtype=torch.int64, device=dev)
     t_reached_g = t.clone()
-    nfe_g = torch.zeros(B, dtype=torch.int64, device=dev)
-    nacc_g = torch.zeros_like(nfe_g)
-    nrej_g = torch.zeros_like(nfe_g)
+    nfe_g, nacc_g, att_g = (torch.zeros(B, dtype=torch.int64, device=dev) for _ in range(3))
     counters = {"ncalls": 0, "nrows": 0, "nsteps": 0}
 
     def call(tt, yy):
@@ -434,140 +432,142 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
         counters["nrows"] += yy.shape[0]
         return rhs(tt, yy)
 
+    def result():
+        return PerSampleResult(out[:T], codes_g, t_reached_g,
+                               _stats(nfe_g, nacc_g, att_g - nacc_g, counters))
+
     fraw = call(t, y0)
     running = span > 0
-    nfe_g += running.long()
+    nfe_g += running
     if T < 2 or not bool(running.any()):
-        return PerSampleResult(out[:T], codes_g, t_reached_g,
-                               _stats(nfe_g, nacc_g, nrej_g, counters))
+        nfe_g.fill_(1)
+        return result()
     if opts.dt is not None:
         dt = torch.full((B,), abs(opts.dt), **f64)
     else:
         dt = _initial_step_rows(call, t, y0, fraw, direction,
                                 getattr(solver, "start_order", solver.order), rtol, atol)
-        nfe_g += running.long()
-    dt = torch.minimum(dt, span)
+        nfe_g += running
+    nfe_g.masked_fill_(~running, 1)
     dtmax = torch.full_like(span, opts.dtmax) if opts.dtmax is not None else span.clone()
-    dt = torch.minimum(dt, dtmax)
+    dt = torch.minimum(torch.minimum(dt, span), dtmax)
+    # the default dtmin follows the current time, as in the scalar loop
     dt_floor = torch.clamp(_EPS * span, min=1e-300)
     y = y0
-    idx = None  # compact: the original rows of the working tensors (None: all rows, in order)
-    tol_rows = [x for x in (rtol, atol) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    idx = None
     with torch.no_grad():
         ay = y.abs()
+    inv_sqrt_n = 1.0 / math.sqrt(max(y[0].numel(), 1))
     err_prev = torch.ones(B, **f64)
-    h_acc = torch.full((B,), math.nan, **f64)
+    h_acc = torch.full((B,), math.nan, **f64)  # the last accepted |h| (NaN: none yet)
     accepted_last = torch.ones(B, dtype=torch.bool, device=dev)
-    nonfinite_last = torch.zeros_like(accepted_last)
-    attempts = torch.zeros(B, dtype=torch.int64, device=dev)
+    attempts, nacc, nfe = att_g.clone(), nacc_g.clone(), nfe_g.clone()
     next_out = torch.ones(B, dtype=torch.int64, device=dev)
     codes = torch.zeros(B, dtype=torch.int64, device=dev)
     max_steps = max(opts.max_steps, 0)
+    only_end = T == 2  # the one output after the start is every row's end: no search
+    rows, key_rows = torch.arange(B, device=dev), key
 
-    def scatter(dst, src):
-        if idx is None:
-            dst.copy_(src)
-        else:
-            dst.index_copy_(0, idx, src)
+    def flush():  # the working rows' results into the batch's
+        for dst, src in ((t_reached_g, t), (codes_g, codes), (nfe_g, nfe), (nacc_g, nacc),
+                         (att_g, attempts)):
+            if idx is None:
+                dst.copy_(src)
+            else:
+                dst.index_copy_(0, idx, src)
 
-    def add(dst, src):
-        if idx is None:
-            dst += src
-        else:
-            dst.index_add_(0, idx, src)
-
-    rows, key_rows = all_rows, key
     while True:
         remaining = (t_end - t).abs()
-        last = dt > 0.999 * remaining
-        h = direction * torch.where(last, remaining, dt)
-        h = torch.where(running, h, torch.zeros_like(h))
+        last = dt > 0.999 * remaining  # stretch a step by up to 0.1% rather than leave a sliver
+        h = torch.where(last, remaining, dt).mul_(running)  # finished rows: steps of size 0
+        if direction < 0:
+            h = h.neg_()
         hy = _rows(h.to(y.dtype), y)
         field = _StepField(call, t, h, hy)
         res = solver.step(field, 0.0, y, 1.0, hy * fraw)
         counters["nsteps"] += 1
         f1raw = field.last
+        nfe.add_(running, alpha=field.calls)
         with torch.no_grad():
             ay1 = res.y1.abs()
-            scale = torch.maximum(ay, ay1) * rtol + atol
-            errn = _row_rms(res.error / scale).double()
-        finite = torch.isfinite(errn)
-        accept = running & finite & (errn <= 1.0)
-        reject = running & ~accept
-        ratio = torch.where(torch.isnan(h_acc), h_acc, h.abs() / h_acc)
-        fac = ctrl.factor_batch(torch.where(finite, errn, torch.full_like(errn, math.inf)),
-                                err_prev, q, accepted_last, torch.where(accept, ratio, math.nan))
-        dt_acc = torch.where(last, dt, torch.minimum(h.abs() * fac, dtmax))
-        dt = torch.where(accept, dt_acc, torch.where(reject, h.abs() * fac, dt))
+            r = res.error / torch.maximum(ay, ay1).mul_(rtol).add_(atol)
+            errn = torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1).mul_(inv_sqrt_n)
+            errn = errn.to(torch.float64)
+        accept = (errn <= 1.0) & running  # NaN/Inf fail the test
+        habs = h.abs()
+        fac = ctrl.factor_batch(errn, err_prev, q, accepted_last, habs / h_acc)
+        hfac = habs * fac
+        dt = torch.where(accept, torch.minimum(hfac, dtmax), torch.where(running, hfac, dt))
         err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
-        h_acc = torch.where(accept, h.abs(), h_acc)
+        h_acc = torch.where(accept, habs, h_acc)
         accepted_last = torch.where(running, accept, accepted_last)
-        nonfinite_last = torch.where(running, ~finite, nonfinite_last)
-        attempts += running.long()
+        attempts += running
         t_new = torch.where(last, t_end, t + h)
-        stuck = accept & (t_new == t)
-        accept = accept & ~stuck
-        # outputs this step passed: row b saves t_out[b, next_out[b] : cross[b]]
-        kt = (direction * t_new).unsqueeze(1)
-        cross = torch.searchsorted(key_rows, kt, right=True).squeeze(1)
-        inner = torch.searchsorted(key_rows, kt).squeeze(1)  # outputs before the step's end
-        n_cross = torch.where(accept, cross - next_out, torch.zeros_like(next_out))
-        n_inner = torch.where(accept, inner - next_out, torch.zeros_like(next_out))
-        t_prev, y_prev_h = t, h
+        code = None
+        if opts.dtmin is not None:  # a user's dtmin may allow steps below t's resolution
+            stuck = accept & (t_new == t)
+            accept = accept & ~stuck
+            code = stuck.long().mul_(2)
+        nacc += accept
+        done = accept & last
+        cont = running & ~done
+        dtmin = (opts.dtmin if opts.dtmin is not None
+                 else torch.maximum(t_new.abs(), dt_floor).mul_(4 * _EPS))
+        # DtLessThanMin, or Unstable when the last attempt's error was NaN/Inf; then MaxIters
+        small = torch.where(cont & (dt < dtmin), torch.where(torch.isfinite(errn), 2, 3), 0)
+        small = torch.where(cont & (attempts >= max_steps), 1, 0).where(small == 0, small)
+        code = small if code is None else code.where(code > 0, small)
+        codes += code
+        stepped, running = running, cont & (code == 0)
+        # outputs this step passed: row b saves t_out[b, next_out[b] : next_out[b] + n_cross[b]]
+        if only_end:
+            n_cross = done.long()
+            sync = torch.stack([running.sum(), n_cross.max()])
+        else:
+            kt = (direction * t_new).unsqueeze(1)
+            n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1) - next_out).mul_(accept)
+            n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
+            sync = torch.stack([running.sum(), n_cross.max(), n_inner.max()])
+        t_prev = t
         av = _rows(accept, y)
         y = torch.where(av, res.y1, y)
         fraw = torch.where(av, f1raw, fraw)
         ay = torch.where(av, ay1, ay)
         t = torch.where(accept, t_new, t)
-        done = accept & last
-        dtmin = (torch.full_like(t, opts.dtmin) if opts.dtmin is not None
-                 else 4 * _EPS * torch.maximum(t.abs(), dt_floor))
-        small = running & ~done & (dt < dtmin)
-        code = torch.where(small, torch.where(nonfinite_last, 3, 2), 0)
-        code = torch.where(stuck, 2, code)
-        code = torch.where(running & ~done & (code == 0) & (attempts >= max_steps), 1, code)
-        codes = torch.where(code > 0, code, codes)
-        add(nacc_g, accept.long())
-        add(nrej_g, reject.long())
-        was_running = running
-        running = running & ~done & (code == 0)
-        # the one host synchronisation of the step
-        n_run, n_out_max, n_inner_max = torch.stack(
-            [running.sum(), n_cross.max(), n_inner.max()]).tolist()
-        for r in range(n_out_max):
-            k = next_out + r
-            m = r < n_cross
-            if r < n_inner_max:  # some row has an output inside its step: the dense output
+        n_run, n_out_max, *n_inner_max = sync.tolist()  # the one host synchronisation
+        n_inner_max = n_inner_max[0] if n_inner_max else 0
+        for j in range(n_out_max):
+            k = next_out + j
+            m = j < n_cross
+            if j < n_inner_max:  # some row has an output inside its step: the dense output
+                calls = field.calls
                 tq = key_rows.gather(1, k.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
-                theta = torch.where(m, (tq - t_prev) / torch.where(m, y_prev_h, 1.0), 0.0)
+                theta = torch.where(m, (tq - t_prev) / torch.where(m, h, 1.0), 0.0)
                 yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype))
-                yq = torch.where(_rows(r >= n_inner, yq), res.y1, yq)  # at the end: y1 itself
+                yq = torch.where(_rows(j >= n_inner, yq), res.y1, yq)  # at the end: y1 itself
+                if field.calls != calls:  # Vern7/DP8: the dense stages, on every stepped row
+                    nfe.add_(stepped, alpha=field.calls - calls)
             else:
                 yq = res.y1
             out.index_put_((torch.where(m, k, T), rows), yq)
         next_out = next_out + n_cross
-        add(nfe_g, was_running.long() * field.calls)  # with the lazy dense stages (Vern7, DP8)
         if n_run == 0:
             break
         if compact and n_run < y.shape[0]:
+            flush()
             keep = running.nonzero().squeeze(1)
-            scatter(t_reached_g, t)
-            scatter(codes_g, codes)
             idx = keep if idx is None else idx[keep]
-            rows = idx
+            rows, key_rows = idx, key[idx]
             y, fraw, ay, t, t_end, dt, dtmax, dt_floor = (
                 x[keep] for x in (y, fraw, ay, t, t_end, dt, dtmax, dt_floor))
-            err_prev, h_acc, accepted_last, nonfinite_last = (
-                x[keep] for x in (err_prev, h_acc, accepted_last, nonfinite_last))
-            attempts, next_out, codes, running = (
-                x[keep] for x in (attempts, next_out, codes, running))
-            key_rows = key[idx]
-            if tol_rows:  # tensor tolerances come shaped like the state (B, ...)
-                rtol, atol = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
-                              for x in (rtol, atol))
-    scatter(t_reached_g, t)
-    scatter(codes_g, codes)
-    return PerSampleResult(out[:T], codes_g, t_reached_g, _stats(nfe_g, nacc_g, nrej_g, counters))
+            err_prev, h_acc, accepted_last, attempts, nacc, nfe, next_out, codes, running = (
+                x[keep] for x in (err_prev, h_acc, accepted_last, attempts, nacc, nfe, next_out,
+                                  codes, running))
+            # tensor tolerances come shaped like the state (B, ...)
+            rtol, atol = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                          for x in (rtol, atol))
+    flush()
+    return result()
 
 
 def _stats(nfe, naccept, nreject, counters) -> dict:
