@@ -4,6 +4,11 @@ It asks the solver for attempted steps, accepts or rejects them with the error n
 controller, saves the output times (by the step's dense output; output times never force
 steps), keeps dense segments when asked, and ends every failure with a return code. Every loop
 is bounded by ``max_steps``.
+
+Two drivers share the solvers' ``step``: :func:`integrate` (one time and step size for the whole
+state, controlled on the host in Python floats) and :func:`integrate_per_sample` (a time, step
+size, error norm and decision per row of a batch, held in tensors on the state's device, with one
+host synchronisation per step).
 """
 from __future__ import annotations
 
@@ -388,7 +393,7 @@ class _StepField:
         self.last = None
 
     def __call__(self, s, y):
-        raw = self.rhs(self.t + s * self.h if s else self.t, y)
+        raw = self.rhs(torch.add(self.t, self.h, alpha=s) if s else self.t, y)
         self.calls += 1
         self.last = raw
         return self.hy * raw
