@@ -441,19 +441,17 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
         return PerSampleResult(out[:T], codes_g, t_reached_g,
                                _stats(nfe_g, nacc_g, att_g - nacc_g, counters))
 
-    fraw = call(t, y0)
-    running = span > 0
-    nfe_g += running
-    if T < 2 or not bool(running.any()):
-        nfe_g.fill_(1)
+    if T < 2:  # only the start: nothing to step
         return result()
+    fraw = call(t, y0)
+    running = span > 0  # every row: its times are strictly monotonic
+    nfe_g += running
     if opts.dt is not None:
         dt = torch.full((B,), abs(opts.dt), **f64)
     else:
         dt = _initial_step_rows(call, t, y0, fraw, direction,
                                 getattr(solver, "start_order", solver.order), rtol, atol)
         nfe_g += running
-    nfe_g.masked_fill_(~running, 1)
     dtmax = torch.full_like(span, opts.dtmax) if opts.dtmax is not None else span.clone()
     dt = torch.minimum(torch.minimum(dt, span), dtmax)
     # the default dtmin follows the current time, as in the scalar loop
