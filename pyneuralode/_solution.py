@@ -128,7 +128,8 @@ class Solution:
 
 
 class PerSampleSolution(Solution):
-    """Result of ``solve(..., per_sample=True)``: every sample stepped on its own.
+    """The result of a per-sample solve, ``solve(..., per_sample=True)``: every sample stepped on
+    its own.
 
     ``ys`` (T, B, ...): ``ys[j, b]`` is sample ``b`` at its ``j``-th output time (NaN past a
     failure); ``retcode``: a tuple with one :class:`ReturnCode` per sample; ``t_reached`` a (B,)
