@@ -122,7 +122,7 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
     from ._problem import ODEProblem
     from ._solution import PerSampleSolution, SolveError
     from ._solve import _resolve_solver, make_options
-    from .sensitivity import DirectAdjoint
+    from .sensitivity import BacksolveAdjoint, DirectAdjoint
     from .solvers._erk import ExplicitRK
 
     if not isinstance(y0, torch.Tensor):
@@ -137,10 +137,11 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
                          f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()); got "
                          f"{type(solver).__name__}; use one of them or drop per_sample")
     direct = isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None
-    if sensealg is not None and not direct:
-        raise ValueError(f"sensealg: per_sample=True differentiates through its steps "
-                         f"(DirectAdjoint(), the default) only; got {sensealg!r}; drop sensealg or "
-                         f"per_sample")
+    joint = isinstance(sensealg, BacksolveAdjoint)
+    if sensealg is not None and not (direct or joint):
+        raise ValueError(f"sensealg: per_sample=True supports DirectAdjoint() (through its steps, "
+                         f"the default) and BacksolveAdjoint() (a joint backward pass); got "
+                         f"{sensealg!r}; use one of them or drop per_sample")
     if not adaptive:
         raise ValueError("adaptive: per_sample=True is per-sample adaptive stepping; with fixed "
                          "steps (adaptive=False) drop per_sample (the batch shares its steps)")
@@ -148,6 +149,10 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
         raise ValueError("dense: per_sample=True keeps no dense output object; give the times "
                          "each sample needs as t of shape (B, T)")
     tt = sample_times(t, y0)
+    if joint and not bool((tt == tt[:1]).all()):
+        raise ValueError("sensealg: BacksolveAdjoint with per_sample=True runs one backward pass "
+                         "for the whole batch, so every sample needs the same times; give t of "
+                         "shape (T,), or use DirectAdjoint() for times per sample")
     problem = ODEProblem(f, y0, tt[0], args=args, rtol=rtol, atol=atol,
                          adjoint_params=adjoint_params)
     opts = make_options(solver, rtol=problem.rtol, atol=problem.atol, dt=dt, adaptive=True,
@@ -179,7 +184,23 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
             checked.append(True)
         return out
 
-    res = integrate_per_sample(rhs, problem.y0, tt, solver, opts, compact=mode == "compact")
+    def run(y0_, stats=None):
+        res = integrate_per_sample(rhs, y0_, tt, solver, opts, compact=mode == "compact")
+        if stats is not None:
+            stats.update(res.stats)
+        return res
+
+    if joint and torch.is_grad_enabled():
+        from .sensitivity._adjoint import run_adjoint
+
+        # the backward pass calls f with one time for the whole batch: hand it one per row
+        problem.f = lambda s, y, *a: f(s.expand(y.shape[0]) if s.ndim == 0 else s, y, *a)
+        stats: dict = {}
+        ys, res = run_adjoint(_JointBackward(sensealg, run), problem, problem.y0, solver, opts,
+                              stats)
+        res.ys, res.stats = ys, stats  # the differentiable states; stats gain the backward's
+    else:
+        res = run(problem.y0)
     codes = [PER_SAMPLE_CODES[c] for c in res.codes.tolist()]
     sol = PerSampleSolution(ts=t, ys=res.ys, retcodes=codes, stats=res.stats,
                             t_reached=res.t_reached, solver=solver)
@@ -192,3 +213,21 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
                          f"pass throw=False to get the other samples and sol.retcode per sample",
                          codes[failed[0]], t_r[failed[0]], sol)
     return sol
+
+
+class _JointBackward:
+    """A continuous adjoint's joint backward pass after per-sample forward steps: the forward is
+    :func:`_loop.integrate_per_sample`, the backward the adjoint's own, on the whole batch with
+    shared steps (one augmented system; torchode's "joint" adjoint, which its authors measured
+    far faster than one adjoint per sample)."""
+
+    def __init__(self, sensealg, run):
+        self.sensealg, self.run = sensealg, run
+        self.name = sensealg.name
+
+    def _forward(self, problem, y0, solver, opts, stats, keep):
+        res = self.run(y0, stats)
+        return res.ys, res, [problem.t_list[0]]  # no forward step times for the first step
+
+    def _backward(self, p, ys, grad_ys):
+        return self.sensealg._backward(p, ys, grad_ys)

@@ -212,8 +212,9 @@ def solve(
     error norm, controller state and return code; returns a :class:`PerSampleSolution` (``ys``
     ``(T, B, ...)``, ``retcode`` per sample, ``stats`` tensors of shape ``(B,)``). ``f`` gets ``t``
     as a ``(B,)`` tensor. ``"compact"`` evaluates only the running samples (``f`` must treat rows
-    independently); ``True`` (``"mask"``) evaluates the whole batch. Explicit RK methods and
-    ``DirectAdjoint`` gradients.
+    independently); ``True`` (``"mask"``) evaluates the whole batch. Explicit RK methods;
+    gradients by ``DirectAdjoint`` or, for times shared by the batch, ``BacksolveAdjoint`` (one
+    joint backward pass for the batch).
     """
     throw = check_flag("throw", throw)
     dense = check_flag("dense", dense, allow_none=True)
