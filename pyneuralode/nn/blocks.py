@@ -19,8 +19,8 @@ def _time_rows(t, y: torch.Tensor) -> torch.Tensor:
     """``t`` as a tensor broadcasting against ``y``'s leading dimensions: a scalar, or one time
     per sample (``t`` shaped ``(B,)`` for ``y`` shaped ``(B, ...)``, from ``per_sample=True``)."""
     t = torch.as_tensor(t, dtype=y.dtype, device=y.device)
-    if t.ndim == 0:
-        return t
+    if t.numel() == 1:
+        return t.reshape(())
     if t.ndim == 1 and y.ndim >= 2 and t.shape[0] == y.shape[0]:
         return t.view(-1, *([1] * (y.ndim - 1)))
     raise ValueError(f"t: expected a scalar time (or one per sample, shape ({y.shape[0]},)), "
