@@ -506,39 +506,43 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
         accepted_last = torch.where(running, accept, accepted_last)
         attempts += running
         t_new = torch.where(last, t_end, t + h)
-        code = None
+        stuck = None
         if opts.dtmin is not None:  # a user's dtmin may allow steps below t's resolution
             stuck = accept & (t_new == t)
             accept = accept & ~stuck
-            code = stuck.long().mul_(2)
         nacc += accept
         done = accept & last
         cont = running & ~done
         dtmin = (opts.dtmin if opts.dtmin is not None
                  else torch.maximum(t_new.abs(), dt_floor).mul_(4 * _EPS))
-        # DtLessThanMin, or Unstable when the last attempt's error was NaN/Inf; then MaxIters
-        small = torch.where(cont & (dt < dtmin), torch.where(torch.isfinite(errn), 2, 3), 0)
-        small = torch.where(cont & (attempts >= max_steps), 1, 0).where(small == 0, small)
-        code = small if code is None else code.where(code > 0, small)
-        codes += code
-        stepped, running = running, cont & (code == 0)
+        small = dt < dtmin
+        fail = cont & (small | (attempts >= max_steps))
+        if stuck is not None:
+            fail = fail | stuck
+        stepped, running = running, cont & ~fail
         # outputs this step passed: row b saves t_out[b, next_out[b] : next_out[b] + n_cross[b]]
         if only_end:
             n_cross = done.long()
-            sync = torch.stack([running.sum(), n_cross.max()])
+            sync = [running.sum(), fail.any(), n_cross.max()]
         else:
             kt = (direction * t_new).unsqueeze(1)
-            n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1) - next_out).mul_(accept)
+            n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1)
+                       - next_out).mul_(accept)
             n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
-            sync = torch.stack([running.sum(), n_cross.max(), n_inner.max()])
+            sync = [running.sum(), fail.any(), n_cross.max(), n_inner.max()]
         t_prev = t
         av = _rows(accept, y)
         y = torch.where(av, res.y1, y)
         fraw = torch.where(av, f1raw, fraw)
         ay = torch.where(av, ay1, ay)
         t = torch.where(accept, t_new, t)
-        n_run, n_out_max, *n_inner_max = sync.tolist()  # the one host synchronisation
+        n_run, any_fail, n_out_max, *n_inner_max = torch.stack(sync).tolist()  # the one sync
         n_inner_max = n_inner_max[0] if n_inner_max else 0
+        if any_fail:  # DtLessThanMin (Unstable when the last error was NaN/Inf), then MaxIters
+            code = torch.where(small, torch.where(torch.isfinite(errn), 2, 3), 1)
+            if stuck is not None:
+                code = torch.where(stuck, 2, code)
+            codes += code * fail
         for j in range(n_out_max):
             k = next_out + j
             m = j < n_cross

@@ -169,7 +169,7 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
 
     def rhs(ts, ys):
         try:
-            out = f(ts.to(time_dtype), ys, *fargs)
+            out = f(ts if ts.dtype == time_dtype else ts.to(time_dtype), ys, *fargs)
         except RuntimeError as e:
             if mode == "compact" and ys.shape[0] < B:
                 raise ValueError(f"f(t, y): failed on {ys.shape[0]} of the {B} rows ({e}); "

@@ -47,7 +47,9 @@ class PIController:
         """:meth:`factor` for every row of a batch at once (float64 tensors of shape (B,);
         ``accepted_last`` a bool tensor); used by per-sample stepping."""
         b1, b2 = self.beta1 / q, self.beta2 / q
-        fac = self.safety * err.pow(-b1) * torch.where(err <= 1.0, err_prev.pow(b2), 1.0)
+        fac = self.safety * err.pow(-b1)
+        if b2:
+            fac = fac * torch.where(err <= 1.0, err_prev.pow(b2), 1.0)
         fac = fac.clamp(self.factor_min, self.factor_max)
         fac = torch.where(accepted_last, fac, fac.clamp(max=1.0))
         fac = torch.where(err == 0.0, self.factor_max, fac)
