@@ -226,8 +226,8 @@ def main(argv=None):
         lines.append(f"| {r['problem']} | {r['method']} | {r['evals']} | {fmt(r['rows'])} | "
                      f"{r['steps']} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['per_step_ms']:.3f} |")
     lines += ["", "## Targets (issue 22), same run", "",
-              "| problem | evaluations ÷ independent solves | wall ÷ shared-step solve "
-              "| wall ÷ torchode | (mode) |", "|---|---:|---:|---:|---|"]
+              "| problem | evaluations ÷ independent solves | wall (CPU) ÷ shared-step solve "
+              "| wall (CPU) ÷ torchode | (mode) |", "|---|---:|---:|---:|---|"]
     for name, *_ in problems:
         rs = {r["method"]: r for r in all_rows if r["problem"] == name}
         shared = rs["pyneuralode shared steps"]
@@ -238,8 +238,10 @@ def main(argv=None):
             if name in checks:
                 indep, sub, n, _ = checks[name]
                 ratio_e = f"{sub / indep:.3f} (first {n} samples solved one by one)"
-            lines.append(f"| {name} | {ratio_e} | {r['wall'] / shared['wall']:.2f} | "
-                         f"{fmt(None if tode is None else r['wall'] / tode['wall'], 2)} | "
+            vs_tode = "–" if tode is None else (f"{r['wall'] / tode['wall']:.2f} "
+                                                 f"({r['cpu'] / tode['cpu']:.2f})")
+            lines.append(f"| {name} | {ratio_e} | {r['wall'] / shared['wall']:.2f} "
+                         f"({r['cpu'] / shared['cpu']:.2f}) | {vs_tode} | "
                          f"{mode.split(' ', 1)[1]} |")
     text = "\n".join(lines) + "\n"
     print(text)
