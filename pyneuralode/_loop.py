@@ -343,7 +343,7 @@ class PerSampleResult:
     ys: torch.Tensor  #: (T, B, ...) states at each row's own output times (NaN past a failure)
     codes: torch.Tensor  #: int64 codes into ``PER_SAMPLE_CODES``
     t_reached: torch.Tensor  #: float64, the time each row reached
-    stats: dict  #: nfe, naccept, nreject per row; ncalls (calls of f) and nrows (rows evaluated)
+    stats: dict  #: nfe, naccept, nreject per row; ncalls, nrows (rows f evaluated), nsteps
 
 
 #: the return codes of :func:`integrate_per_sample`, by code
