@@ -469,6 +469,10 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     codes = torch.zeros(B, dtype=torch.int64, device=dev)
     max_steps = max(opts.max_steps, 0)
     only_end = T == 2  # the one output after the start is every row's end: no search
+    explicit = not getattr(solver, "implicit", False)
+    autonomous = getattr(solver, "autonomous", None)
+    lin_stats: dict = {}
+    rcache = None
     rows, key_rows = torch.arange(B, device=dev), key
 
     def flush():  # the working rows' results into the batch's
@@ -487,9 +491,19 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             h = h.neg_()
         hy = _rows(h.to(y.dtype), y)
         field = _StepField(call, t, h, hy)
-        res = solver.step(field, 0.0, y, 1.0, hy * fraw)
+        if explicit:  # the derivative at the step's start is the last step's end (FSAL)
+            res = solver.step(field, 0.0, y, 1.0, hy * fraw)
+            f1raw = field.last
+        else:  # Rosenbrock: J (one per row with batched=True) of this step's field, f, ∂f/∂s
+            if rcache is None:  # the W operator and stage arithmetic, kept while the rows are
+                rcache = solver.init(field, 0.0, y, lin_stats)
+                rcache.autonomous = autonomous
+            else:  # the same operator, re-pointed at this step's field
+                rcache.ls.rhs, rcache.f0 = field, None
+            res = solver.step(field, 0.0, y, 1.0, rcache)
+            autonomous = rcache.autonomous  # detected once, in the first step
+            f1raw = fraw
         counters["nsteps"] += 1
-        f1raw = field.last
         nfe.add_(running, alpha=field.calls)
         with torch.no_grad():
             ay1 = res.y1.abs()
@@ -550,7 +564,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
                 calls = field.calls
                 tq = key_rows.gather(1, k.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
                 theta = torch.where(m, (tq - t_prev) / torch.where(m, h, 1.0), 0.0)
-                yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype))
+                yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype), explicit)
                 yq = torch.where(_rows(j >= n_inner, yq), res.y1, yq)  # at the end: y1 itself
                 if field.calls != calls:  # Vern7/DP8: the dense stages, on every stepped row
                     nfe.add_(stepped, alpha=field.calls - calls)
@@ -562,6 +576,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             break
         if compact and n_run < y.shape[0]:
             flush()
+            rcache = None  # sized for the rows
             keep = running.nonzero().squeeze(1)
             idx = keep if idx is None else idx[keep]
             rows, key_rows = idx, key[idx]
@@ -574,6 +589,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             rtol, atol = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
                           for x in (rtol, atol))
     flush()
+    counters.update({k: v for k, v in lin_stats.items() if k in ("njac", "nlu", "nsolve")})
     return result()
 
 
@@ -581,13 +597,13 @@ def _stats(nfe, naccept, nreject, counters) -> dict:
     return {"nfe": nfe, "naccept": naccept, "nreject": nreject, **counters}
 
 
-def _interpolate_rows(solver, dense, theta: torch.Tensor) -> torch.Tensor:
+def _interpolate_rows(solver, dense, theta: torch.Tensor, explicit: bool) -> torch.Tensor:
     """The step's dense output at a different θ in every row (θ (B,))."""
     from .solvers._erk import _ExtraStageDense
 
     if isinstance(dense, _ExtraStageDense):
         dense = dense.data()
-    if len(dense) == 4:  # y0 + Σ_i b_i(θ) k_i, b_i(θ) = Σ_p B[i, p] θ^(p+1) (dt = 1)
+    if explicit and len(dense) == 4:  # y0 + Σ_i b_i(θ) k_i, b_i(θ) = Σ_p B[i, p] θ^(p+1), dt = 1
         y0, K, W, dt = dense
         Bm = W.tensor
         powers = torch.stack([theta ** (p + 1) for p in range(Bm.shape[1])])  # (P, B)

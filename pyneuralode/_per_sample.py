@@ -124,6 +124,7 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
     from ._solve import _resolve_solver, make_options
     from .sensitivity import BacksolveAdjoint, DirectAdjoint
     from .solvers._erk import ExplicitRK
+    from .solvers._rosenbrock import GenericRosenbrock
 
     if not isinstance(y0, torch.Tensor):
         raise TypeError(f"y0: per_sample=True takes one tensor shaped (B, ...) (the batch first), "
@@ -132,10 +133,16 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
         raise ValueError(f"y0: per_sample=True needs a batch dimension first, y0 of shape (B, ...) "
                          f"with B >= 1; got shape {tuple(y0.shape)}")
     solver = _resolve_solver(solver)
-    if not isinstance(solver, ExplicitRK) or not solver.adaptive_capable:
+    rosenbrock = isinstance(solver, GenericRosenbrock)
+    if not (isinstance(solver, ExplicitRK) or rosenbrock) or not solver.adaptive_capable:
         raise ValueError(f"solver: per_sample=True steps the adaptive explicit Runge-Kutta methods "
-                         f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()); got "
+                         f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()) and the Rodas "
+                         f"methods (pn.Rodas5P(batched=True), pn.Rodas4(batched=True)); got "
                          f"{type(solver).__name__}; use one of them or drop per_sample")
+    if rosenbrock and not (solver.batched and y0.ndim == 2):
+        raise ValueError(f"solver: per_sample=True with {type(solver).__name__} needs "
+                         f"batched=True (one Jacobian per sample) and y0 of shape (B, n); got "
+                         f"batched={solver.batched}, y0 of shape {tuple(y0.shape)}")
     direct = isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None
     joint = isinstance(sensealg, BacksolveAdjoint)
     if sensealg is not None and not (direct or joint):

@@ -212,7 +212,8 @@ def solve(
     error norm, controller state and return code; returns a :class:`PerSampleSolution` (``ys``
     ``(T, B, ...)``, ``retcode`` per sample, ``stats`` tensors of shape ``(B,)``). ``f`` gets ``t``
     as a ``(B,)`` tensor. ``"compact"`` evaluates only the running samples (``f`` must treat rows
-    independently); ``True`` (``"mask"``) evaluates the whole batch. Explicit RK methods;
+    independently); ``True`` (``"mask"``) evaluates the whole batch. Explicit RK methods and the
+    Rodas methods with ``batched=True`` (one Jacobian per sample);
     gradients by ``DirectAdjoint`` or, for times shared by the batch, ``BacksolveAdjoint`` (one
     joint backward pass for the batch).
     """
