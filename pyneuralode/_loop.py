@@ -603,7 +603,7 @@ def _interpolate_rows(solver, dense, theta: torch.Tensor, explicit: bool) -> tor
 
     if isinstance(dense, _ExtraStageDense):
         dense = dense.data()
-    if explicit and len(dense) == 4:  # y0 + Σ_i b_i(θ) k_i, b_i(θ) = Σ_p B[i, p] θ^(p+1), dt = 1
+    if explicit and len(dense) == 4:  # y0 + Σ_i b_i(θ) k_i, b_i(θ) = Σ_p B[i,p] θ^(p+1); dt=1
         y0, K, W, dt = dense
         Bm = W.tensor
         powers = torch.stack([theta ** (p + 1) for p in range(Bm.shape[1])])  # (P, B)

@@ -135,7 +135,8 @@ class PerSampleSolution(Solution):
     failure); ``retcode``: a tuple with one :class:`ReturnCode` per sample; ``t_reached`` a (B,)
     tensor; ``stats``: ``nfe``, ``naccept``, ``nreject`` as (B,) int64 tensors (``nfe`` counts the
     evaluations made while the sample was running), ``ncalls`` the calls of ``f``, ``nrows`` the
-    rows they evaluated and ``nsteps`` the batched steps (loop iterations). ``successful``: every sample succeeded; ``successful_mask``: per sample.
+    rows they evaluated and ``nsteps`` the batched steps (loop iterations). ``successful``: every
+    sample succeeded; ``successful_mask``: per sample.
     """
 
     def __init__(self, ts, ys, retcodes, stats, t_reached=None, solver=None):

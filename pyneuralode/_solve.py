@@ -223,12 +223,12 @@ def solve(
     per_sample_mode = check_per_sample(per_sample)
     if per_sample_mode is not None:
         if compile or event is not None or backend != "torch" or norm is not None or progress:
-            raise ValueError("per_sample: compile=True, event, backend='julia', norm and progress are "
-                             "not supported with per-sample stepping; drop them or per_sample")
-        return solve_per_sample(f, y0, t, solver, mode=per_sample_mode, rtol=rtol, atol=atol, dt=dt,
-                                adaptive=adaptive, max_steps=max_steps, args=args, sensealg=sensealg,
-                                throw=throw, dense=dense, controller=controller, dtmin=dtmin,
-                                dtmax=dtmax, adjoint_params=adjoint_params)
+            raise ValueError("per_sample: compile=True, event, backend='julia', norm and progress "
+                             "are not supported with per-sample stepping; drop them or per_sample")
+        return solve_per_sample(f, y0, t, solver, mode=per_sample_mode, rtol=rtol, atol=atol,
+                                dt=dt, adaptive=adaptive, max_steps=max_steps, args=args,
+                                sensealg=sensealg, throw=throw, dense=dense, controller=controller,
+                                dtmin=dtmin, dtmax=dtmax, adjoint_params=adjoint_params)
     if compile and (event is not None or sensealg is not None or adjoint_params is not None
                     or norm is not None or backend != "torch" or progress or is_per_sample(y0, t)):
         raise ValueError("compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "

@@ -97,8 +97,8 @@ class NeuralODE(nn.Module):
     """
 
     def __init__(self, vector_field, t=(0.0, 1.0), solver=None, sensealg=None, rtol: float = 1e-3, atol: float = 1e-4,
-                 return_trajectory: bool = False, adaptive: bool = True, dt=None, max_steps: int = 100_000,
-                 per_sample=False):
+                 return_trajectory: bool = False, adaptive: bool = True, dt=None,
+                 max_steps: int = 100_000, per_sample=False):
         super().__init__()
         if not callable(vector_field):
             raise TypeError(f"vector_field: expected a callable f(t, y) (an nn.Module to train), got {type(vector_field).__name__}")
