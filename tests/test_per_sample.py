@@ -166,6 +166,19 @@ def test_per_sample_rosenbrock_equals_independent_solves(solver, mode):
         torch.testing.assert_close(g[b], gb[b], rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("ctrl", [pn.PIController(), pn.PredictiveController()], ids=repr)
+def test_per_sample_controllers_and_step_bounds_follow_independent_solves(ctrl):
+    y0 = vdp_batch(3, 0.5, 8.0)
+    t = torch.tensor([0.0, 3.0], dtype=DT)
+    kw = {"controller": ctrl, "dtmax": 0.5, "dtmin": 1e-12}
+    sol = pn.solve(vdp, y0, t, pn.Tsit5(), per_sample=True, **kw)
+    for b in range(3):
+        ref = pn.solve(vdp, y0[b:b + 1], t, pn.Tsit5(), **kw)
+        assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
+        assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
+        torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-10, atol=1e-11)
+
+
 def test_per_sample_nonautonomous_field_gets_each_rows_time():
     B = 4
     y0 = torch.randn(B, 3, dtype=DT, generator=torch.Generator().manual_seed(3))
