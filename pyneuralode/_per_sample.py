@@ -117,11 +117,12 @@ def sample_times(t, y0: torch.Tensor) -> torch.Tensor:
 
 def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_steps, args,
                      sensealg, throw, dense, controller, dtmin, dtmax, adjoint_params):
-    """``solve(..., per_sample=True)``: validate, run the per-sample loop, package the result."""
+    """``solve(..., per_sample=True)`` with a resolved ``solver``: validate, run the per-sample
+    loop, package the result."""
     from ._loop import PER_SAMPLE_CODES, integrate_per_sample
     from ._problem import ODEProblem
     from ._solution import PerSampleSolution, SolveError
-    from ._solve import _resolve_solver, make_options
+    from ._solve import make_options
     from .sensitivity import BacksolveAdjoint, DirectAdjoint
     from .solvers._erk import ExplicitRK
     from .solvers._rosenbrock import GenericRosenbrock
@@ -132,7 +133,6 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
     if y0.ndim < 1 or y0.shape[0] == 0:
         raise ValueError(f"y0: per_sample=True needs a batch dimension first, y0 of shape (B, ...) "
                          f"with B >= 1; got shape {tuple(y0.shape)}")
-    solver = _resolve_solver(solver)
     rosenbrock = isinstance(solver, GenericRosenbrock)
     if not (isinstance(solver, ExplicitRK) or rosenbrock) or not solver.adaptive_capable:
         raise ValueError(f"solver: per_sample=True steps the adaptive explicit Runge-Kutta methods "

@@ -225,7 +225,7 @@ def solve(
         if compile or event is not None or backend != "torch" or norm is not None or progress:
             raise ValueError("per_sample: compile=True, event, backend='julia', norm and progress "
                              "are not supported with per-sample stepping; drop them or per_sample")
-        return solve_per_sample(f, y0, t, solver, mode=per_sample_mode, rtol=rtol, atol=atol,
+        return solve_per_sample(f, y0, t, _resolve_solver(solver), mode=per_sample_mode, rtol=rtol, atol=atol,
                                 dt=dt, adaptive=adaptive, max_steps=max_steps, args=args,
                                 sensealg=sensealg, throw=throw, dense=dense, controller=controller,
                                 dtmin=dtmin, dtmax=dtmax, adjoint_params=adjoint_params)
