@@ -383,7 +383,7 @@ class _StepField:
     ``dy_b/ds = h_b · f(t_b + s·h_b, y_b)``, so the solver takes one shared step of size 1 while
     every row advances by its own ``h_b`` (stages, error estimate and dense output all scale).
     Keeps the unscaled derivative of its last call: the explicit RK engine's last evaluation is
-    ``f(t + h, y1)``, the next step's first stage."""
+    ``f(t + h, y1)``, the next step's first stage. ``calls`` counts the calls of f."""
 
     __slots__ = ("calls", "h", "hy", "last", "rhs", "t")
 
@@ -409,13 +409,23 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     count (``max_steps`` per row) and return code; a finished or failed row stops. ``compact``:
     the stepped rows are only the running ones (``rhs`` must treat rows independently); else
     every row is evaluated and a finished row takes steps of size 0. One host synchronisation
-    per step (whether rows still run, how many outputs a row passed), none inside the stages.
-    The step itself is the solver's (an explicit RK method, see :class:`_StepField`).
+    per step (how many rows still run, whether one failed, how many outputs a row passed), none
+    inside the stages. The step itself is the solver's (an explicit RK method or a batched
+    Rosenbrock method, see :class:`_StepField`).
+
+    The decisions are a few element-wise operations on (B,) tensors per step (a GPU runs them
+    without waiting; on a CPU each costs a dispatch), so the bookkeeping that can be derived is:
+    a running row has run every step so far (rows only stop), so its attempt count is the step
+    count (kept per row only when it stops) and its evaluations are the step's calls of f times
+    its attempts (corrected on the steps whose call count differs); a row that stopped gets
+    ``t_end = t``, which makes its later steps size 0 without a mask.
     """
     B, T = t_out.shape
     dev = y0.device
     f64 = {"dtype": torch.float64, "device": dev}
     ctrl = opts.controller if opts.controller is not None else solver.default_controller()
+    # the integral controller (PI with beta2 = 0) needs neither the last error nor the last step
+    history = not (type(ctrl).__name__ == "PIController" and not getattr(ctrl, "beta2", 1))
     q = min(solver.order, solver.error_order) + 1
     rtol, atol = opts.rtol, opts.atol
     direction = 1.0 if T < 2 or bool((t_out[:, 1] > t_out[:, 0]).all()) else -1.0
@@ -464,6 +474,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     err_prev = torch.ones(B, **f64)
     h_acc = torch.full((B,), math.nan, **f64)  # the last accepted |h| (NaN: none yet)
     accepted_last = torch.ones(B, dtype=torch.bool, device=dev)
+    # per-row counts; attempts only written when a row stops, nfe beyond calls_step × attempts
     attempts, nacc, nfe = att_g.clone(), nacc_g.clone(), nfe_g.clone()
     next_out = torch.ones(B, dtype=torch.int64, device=dev)
     codes = torch.zeros(B, dtype=torch.int64, device=dev)
@@ -474,9 +485,13 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     lin_stats: dict = {}
     rcache = None
     rows, key_rows = torch.arange(B, device=dev), key
+    n_run = int(running.sum())
+    k = 0  # steps taken: every running row's attempt count
+    calls_step = None  # the calls of f of a step (the first step's)
 
-    def flush():  # the working rows' results into the batch's
-        for dst, src in ((t_reached_g, t), (codes_g, codes), (nfe_g, nfe), (nacc_g, nacc),
+    def flush():  # the working rows' results into the batch's (a running row's: overwritten)
+        nfe_rows = nfe + attempts * calls_step
+        for dst, src in ((t_reached_g, t), (codes_g, codes), (nfe_g, nfe_rows), (nacc_g, nacc),
                          (att_g, attempts)):
             if idx is None:
                 dst.copy_(src)
@@ -484,13 +499,15 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
                 dst.index_copy_(0, idx, src)
 
     while True:
-        remaining = (t_end - t).abs()
+        if direction > 0:
+            remaining = t_end - t
+        else:
+            remaining = t - t_end
         last = dt > 0.999 * remaining  # stretch a step by up to 0.1% rather than leave a sliver
-        h = torch.where(last, remaining, dt).mul_(running)  # finished rows: steps of size 0
-        if direction < 0:
-            h = h.neg_()
-        hy = _rows(h.to(y.dtype), y)
-        field = _StepField(call, t, h, hy)
+        habs = torch.where(last, remaining, dt)  # a stopped row: t_end = t, so a step of 0
+        h = habs if direction > 0 else habs.neg()
+        hy = _rows(h if h.dtype == y.dtype else h.to(y.dtype), y)
+        field = _StepField(rhs, t, h, hy)
         if explicit:  # the derivative at the step's start is the last step's end (FSAL)
             res = solver.step(field, 0.0, y, 1.0, hy * fraw)
             f1raw = field.last
@@ -503,66 +520,79 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             res = solver.step(field, 0.0, y, 1.0, rcache)
             autonomous = rcache.autonomous  # detected once, in the first step
             f1raw = fraw
-        counters["nsteps"] += 1
-        nfe.add_(running, alpha=field.calls)
+        k += 1
+        counters["nsteps"] = k
+        stepped_calls = field.calls
+        if calls_step is None:
+            calls_step = stepped_calls
+        elif stepped_calls != calls_step:
+            nfe.add_(running, alpha=stepped_calls - calls_step)
         with torch.no_grad():
             ay1 = res.y1.abs()
             r = res.error / torch.maximum(ay, ay1).mul_(rtol).add_(atol)
             errn = torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1).mul_(inv_sqrt_n)
-            errn = errn.to(torch.float64)
+            if errn.dtype != torch.float64:
+                errn = errn.to(torch.float64)
         accept = (errn <= 1.0) & running  # NaN/Inf fail the test
-        habs = h.abs()
-        fac = ctrl.factor_batch(errn, err_prev, q, accepted_last, habs / h_acc)
-        hfac = habs * fac
-        dt = torch.where(accept, torch.minimum(hfac, dtmax), torch.where(running, hfac, dt))
-        err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
-        h_acc = torch.where(accept, habs, h_acc)
-        accepted_last = torch.where(running, accept, accepted_last)
-        attempts += running
+        if history:
+            fac = ctrl.factor_batch(errn, err_prev, q, accepted_last, habs / h_acc)
+            err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
+            h_acc = torch.where(accept, habs, h_acc)
+        else:
+            fac = ctrl.factor_batch(errn, None, q, accepted_last)
+        # a rejection shrinks the step (fac < 1), so dtmax binds only after an acceptance
+        dt = torch.minimum(habs * fac, dtmax)
+        accepted_last = accept  # a stopped row's value is never read
         t_new = torch.where(last, t_end, t + h)
         stuck = None
         if opts.dtmin is not None:  # a user's dtmin may allow steps below t's resolution
             stuck = accept & (t_new == t)
             accept = accept & ~stuck
         nacc += accept
+        t_prev = t
+        t = torch.where(accept, t_new, t)
         done = accept & last
-        cont = running & ~done
+        cont = running ^ done  # done ⊆ running
         dtmin = (opts.dtmin if opts.dtmin is not None
-                 else torch.maximum(t_new.abs(), dt_floor).mul_(4 * _EPS))
+                 else torch.maximum(t.abs(), dt_floor).mul_(4 * _EPS))
         small = dt < dtmin
-        fail = cont & (small | (attempts >= max_steps))
+        fail = cont if k >= max_steps else cont & small
         if stuck is not None:
             fail = fail | stuck
-        stepped, running = running, cont & ~fail
+        stepped, running = running, cont ^ fail  # fail ⊆ cont
         # outputs this step passed: row b saves t_out[b, next_out[b] : next_out[b] + n_cross[b]]
         if only_end:
-            n_cross = done.long()
-            sync = [running.sum(), fail.any(), n_cross.max()]
+            n_cross = None
+            sync = torch.stack([running, fail, done]).sum(1)
         else:
             kt = (direction * t_new).unsqueeze(1)
             n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1)
                        - next_out).mul_(accept)
             n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
-            sync = [running.sum(), fail.any(), n_cross.max(), n_inner.max()]
-        t_prev = t
+            sync = torch.stack([running.sum(), fail.sum(), n_cross.max(), n_inner.max()])
         av = _rows(accept, y)
         y = torch.where(av, res.y1, y)
         fraw = torch.where(av, f1raw, fraw)
         ay = torch.where(av, ay1, ay)
-        t = torch.where(accept, t_new, t)
-        n_run, any_fail, n_out_max, *n_inner_max = torch.stack(sync).tolist()  # the one sync
+        n_prev = n_run
+        n_run, n_fail, n_out_max, *n_inner_max = sync.tolist()  # the one sync
         n_inner_max = n_inner_max[0] if n_inner_max else 0
-        if any_fail:  # DtLessThanMin (Unstable when the last error was NaN/Inf), then MaxIters
+        if only_end and n_out_max:
+            n_out_max, n_cross = 1, done.long()
+        if n_run < n_prev:  # rows stopped: their attempts, and no more steps for them
+            attempts.masked_fill_(stepped ^ running, k)
+        if n_fail:  # DtLessThanMin (Unstable when the last error was NaN/Inf), then MaxIters
             code = torch.where(small, torch.where(torch.isfinite(errn), 2, 3), 1)
             if stuck is not None:
                 code = torch.where(stuck, 2, code)
             codes += code * fail
+            t_end = torch.where(fail, t, t_end)
         for j in range(n_out_max):
-            k = next_out + j
+            kj = next_out + j
             m = j < n_cross
             if j < n_inner_max:  # some row has an output inside its step: the dense output
                 calls = field.calls
-                tq = key_rows.gather(1, k.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
+                tq = key_rows.gather(1, kj.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
                 theta = torch.where(m, (tq - t_prev) / torch.where(m, h, 1.0), 0.0)
                 yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype), explicit)
                 yq = torch.where(_rows(j >= n_inner, yq), res.y1, yq)  # at the end: y1 itself
@@ -570,8 +600,11 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
                     nfe.add_(stepped, alpha=field.calls - calls)
             else:
                 yq = res.y1
-            out.index_put_((torch.where(m, k, T), rows), yq)
-        next_out = next_out + n_cross
+            out.index_put_((torch.where(m, kj, T), rows), yq)
+        if n_out_max:
+            next_out = next_out + n_cross
+        counters["ncalls"] += field.calls
+        counters["nrows"] += field.calls * y.shape[0]
         if n_run == 0:
             break
         if compact and n_run < y.shape[0]:

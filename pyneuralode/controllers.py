@@ -47,13 +47,12 @@ class PIController:
         """:meth:`factor` for every row of a batch at once (float64 tensors of shape (B,);
         ``accepted_last`` a bool tensor); used by per-sample stepping."""
         b1, b2 = self.beta1 / q, self.beta2 / q
-        fac = self.safety * err.pow(-b1)
+        fac = err.pow(-b1).mul_(self.safety)  # err = 0: inf, so factor_max; err = inf: 0
         if b2:
             fac = fac * torch.where(err <= 1.0, err_prev.pow(b2), 1.0)
-        fac = fac.clamp(self.factor_min, self.factor_max)
-        fac = torch.where(accepted_last, fac, fac.clamp(max=1.0))
-        fac = torch.where(err == 0.0, self.factor_max, fac)
-        return torch.where(torch.isfinite(err), fac, self.factor_min)
+        fac = fac.clamp_(self.factor_min, self.factor_max)
+        fac = torch.where(accepted_last | (err == 0.0), fac, fac.clamp(max=1.0))
+        return fac.nan_to_num_(nan=self.factor_min)  # err NaN
 
 
 @dataclass
