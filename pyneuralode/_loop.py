@@ -470,7 +470,9 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     idx = None
     with torch.no_grad():
         ay = y.abs()
-    inv_sqrt_n = 1.0 / math.sqrt(max(y[0].numel(), 1))
+    # Hairer's RMS over a row's n elements: √n goes into the tolerances once
+    sqrt_n = math.sqrt(max(y[0].numel(), 1))
+    rtol_n, atol_n = rtol * sqrt_n, atol * sqrt_n
     err_prev = torch.ones(B, **f64)
     h_acc = torch.full((B,), math.nan, **f64)  # the last accepted |h| (NaN: none yet)
     accepted_last = torch.ones(B, dtype=torch.bool, device=dev)
@@ -529,8 +531,8 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             nfe.add_(running, alpha=stepped_calls - calls_step)
         with torch.no_grad():
             ay1 = res.y1.abs()
-            r = res.error / torch.maximum(ay, ay1).mul_(rtol).add_(atol)
-            errn = torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1).mul_(inv_sqrt_n)
+            r = res.error / torch.maximum(ay, ay1).mul_(rtol_n).add_(atol_n)
+            errn = torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1)
             if errn.dtype != torch.float64:
                 errn = errn.to(torch.float64)
         accept = (errn <= 1.0) & running  # NaN/Inf fail the test
@@ -613,14 +615,16 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             keep = running.nonzero().squeeze(1)
             idx = keep if idx is None else idx[keep]
             rows, key_rows = idx, key[idx]
-            y, fraw, ay, t, t_end, dt, dtmax, dt_floor = (
-                x[keep] for x in (y, fraw, ay, t, t_end, dt, dtmax, dt_floor))
-            err_prev, h_acc, accepted_last, attempts, nacc, nfe, next_out, codes, running = (
-                x[keep] for x in (err_prev, h_acc, accepted_last, attempts, nacc, nfe, next_out,
-                                  codes, running))
+            y, fraw, ay, accepted_last, running = (
+                x[keep] for x in (y, fraw, ay, accepted_last, running))
+            # the (B,) tensors by dtype in one selection each
+            t, t_end, dt, dtmax, dt_floor, err_prev, h_acc = torch.stack(
+                [t, t_end, dt, dtmax, dt_floor, err_prev, h_acc])[:, keep].unbind()
+            attempts, nacc, nfe, next_out, codes = torch.stack(
+                [attempts, nacc, nfe, next_out, codes])[:, keep].unbind()
             # tensor tolerances come shaped like the state (B, ...)
-            rtol, atol = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
-                          for x in (rtol, atol))
+            rtol_n, atol_n = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                              for x in (rtol_n, atol_n))
     flush()
     counters.update({k: v for k, v in lin_stats.items() if k in ("njac", "nlu", "nsolve")})
     return result()
