@@ -15,8 +15,8 @@ running rows evaluated); torchdiffeq ``dopri5`` (shared steps); torchode ``Dopri
 ``AutoDiffAdjoint`` (per-sample steps, every row evaluated). Columns: per-sample evaluations summed
 over the batch (= what 256 independent solves take, checked on (a) by solving them one by one),
 rows evaluated (what the batch actually computed), batched steps (loop iterations), wall and
-process CPU time (best of ``--repeats``, forward without gradients), and the loop time per
-batched step. The targets table compares per-sample evaluations with independent solves and
+process CPU time (best of ``--repeats``, forward without gradients), and the loop time (wall and
+CPU) per batched step. The targets table compares per-sample evaluations with independent solves and
 wall time with the shared-step solve and torchode, in the same run.
 
     python benchmarks/gpu.py             # full run (a few minutes on one core; less on a GPU)
@@ -163,7 +163,8 @@ def run_problem(name, f, y0, t1, device, repeats, check_independent):
         (evals, nrows, steps), wall, cpu = timed(run, device, repeats)
         rows.append({"problem": name, "method": label, "evals": int(evals),
                      "rows": None if nrows is None else int(nrows), "steps": int(steps),
-                     "wall": wall, "cpu": cpu, "per_step_ms": 1e3 * wall / max(int(steps), 1)})
+                     "wall": wall, "cpu": cpu, "per_step_ms": 1e3 * wall / max(int(steps), 1),
+                     "cpu_per_step_ms": 1e3 * cpu / max(int(steps), 1)})
     indep = None
     if check_independent:
         indep, n = independent_evaluations(f, y0, t1, check_independent)
@@ -220,11 +221,12 @@ def main(argv=None):
              f"`python benchmarks/gpu.py{' --quick' if q else ''}`; Dopri5, rtol={RTOL}, "
              f"atol={ATOL}; forward without gradients; best of {repeats}.", "",
              "| problem | method | evaluations (Σ samples) | rows evaluated | batched steps "
-             "| wall (s) | CPU (s) | loop time per step (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| wall (s) | CPU (s) | loop time per step (ms) | CPU per step (ms) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in all_rows:
         lines.append(f"| {r['problem']} | {r['method']} | {r['evals']} | {fmt(r['rows'])} | "
-                     f"{r['steps']} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['per_step_ms']:.3f} |")
+                     f"{r['steps']} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['per_step_ms']:.3f} | "
+                     f"{r['cpu_per_step_ms']:.3f} |")
     lines += ["", "## Targets (issue 22), same run", "",
               "| problem | evaluations ÷ independent solves | wall (CPU) ÷ shared-step solve "
               "| wall (CPU) ÷ torchode | (mode) |", "|---|---:|---:|---:|---|"]
