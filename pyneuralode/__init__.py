@@ -8,7 +8,7 @@ from . import nn as _nn
 from . import sensitivity as _sensitivity
 from . import solvers as _solvers
 from . import steady as _steady
-from ._solution import ReturnCode, Solution, SolveError
+from ._solution import PerSampleSolution, ReturnCode, Solution, SolveError
 from ._solve import solve
 from ._version import __version__
 from .controllers import PIController, PredictiveController
@@ -20,7 +20,7 @@ from .solvers import *  # noqa: F401,F403
 from .steady import *  # noqa: F401,F403
 
 __all__ = [
-    "solve", "odeint", "odeint_adjoint", "odeint_event", "Solution", "SolveError", "ReturnCode", "PIController", "PredictiveController",
+    "solve", "odeint", "odeint_adjoint", "odeint_event", "Solution", "PerSampleSolution", "SolveError", "ReturnCode", "PIController", "PredictiveController",
     *_solvers.__all__, *_sensitivity.__all__, *_steady.__all__, *_nn.__all__,
 ]
 

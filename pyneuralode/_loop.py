@@ -4,6 +4,11 @@ It asks the solver for attempted steps, accepts or rejects them with the error n
 controller, saves the output times (by the step's dense output; output times never force
 steps), keeps dense segments when asked, and ends every failure with a return code. Every loop
 is bounded by ``max_steps``.
+
+Two drivers share the solvers' ``step``: :func:`integrate` (one time and step size for the whole
+state, controlled on the host in Python floats) and :func:`integrate_per_sample` (a time, step
+size, error norm and decision per row of a batch, held in tensors on the state's device, with one
+host synchronisation per step).
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ._solution import DenseSegment, ReturnCode
-from .controllers import (abs_host, host_tolerance, initial_step, rms_norm_and_abs, rms_norm_small,
-                          small_norm_kind)
+from .controllers import initial_step, rms_norm_and_abs
+from .solvers._ops import abs_host, host_tolerance, rms_norm_small, small_norm_kind
 
 _EPS = 2.220446049250313e-16
 
@@ -325,3 +330,321 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
         retcode = ReturnCode.Unstable
         message = "the state became NaN/Inf; use a smaller dt or an adaptive solver"
     return LoopResult(ys, retcode, t, segments, y, message, step_ts=step_ts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-sample stepping: every row of a batch its own time, step, error norm, decision and end
+
+
+@dataclass
+class PerSampleResult:
+    """What :func:`integrate_per_sample` returns; per-sample fields are tensors of shape (B,)."""
+
+    ys: torch.Tensor  #: (T, B, ...) states at each row's own output times (NaN past a failure)
+    codes: torch.Tensor  #: int64 codes into ``PER_SAMPLE_CODES``
+    t_reached: torch.Tensor  #: float64, the time each row reached
+    stats: dict  #: nfe, naccept, nreject per row; ncalls, nrows (rows f evaluated), nsteps
+
+
+#: the return codes of :func:`integrate_per_sample`, by code
+PER_SAMPLE_CODES = (ReturnCode.Success, ReturnCode.MaxIters, ReturnCode.DtLessThanMin,
+                    ReturnCode.Unstable)
+
+
+def _row_rms(x: torch.Tensor) -> torch.Tensor:
+    """Hairer's RMS norm of each row of ``x`` (B, ...) → (B,)."""
+    flat = x.reshape(x.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1) / math.sqrt(max(flat.shape[1], 1))
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) tensor shaped to broadcast over the rows of ``like`` (B, ...)."""
+    return v.view(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _initial_step_rows(rhs, t0, y0, f0, direction, order, rtol, atol):
+    """:func:`controllers.initial_step` row by row (one evaluation of the batch)."""
+    with torch.no_grad():
+        scale = atol + rtol * y0.abs()
+        d0, d1 = _row_rms(y0 / scale).double(), _row_rms(f0 / scale).double()
+        small = (d0 < 1e-5) | (d1 < 1e-5) | ~torch.isfinite(d0 + d1)
+        h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        y1 = y0 + _rows((direction * h0).to(y0.dtype), y0) * f0
+        f1 = rhs(t0 + direction * h0, y1)
+        d2 = _row_rms((f1 - f0) / scale).double() / h0
+        dmax = torch.maximum(d1, d2)
+        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                         (0.01 / dmax) ** (1.0 / (order + 1)))
+        return torch.where(torch.isfinite(d2), torch.minimum(100 * h0, h1), h0)
+
+
+class _StepField:
+    """The field of one per-sample step in the step's own variable s ∈ [0, 1]:
+    ``dy_b/ds = h_b · f(t_b + s·h_b, y_b)``, so the solver takes one shared step of size 1 while
+    every row advances by its own ``h_b`` (stages, error estimate and dense output all scale).
+    Keeps the unscaled derivative of its last call: the explicit RK engine's last evaluation is
+    ``f(t + h, y1)``, the next step's first stage. ``calls`` counts the calls of f."""
+
+    __slots__ = ("calls", "h", "hy", "last", "rhs", "t")
+
+    def __init__(self, rhs, t, h, hy):
+        self.rhs, self.t, self.h, self.hy = rhs, t, h, hy
+        self.calls = 0
+        self.last = None
+
+    def __call__(self, s, y):
+        raw = self.rhs(torch.add(self.t, self.h, alpha=s) if s else self.t, y)
+        self.calls += 1
+        self.last = raw
+        return self.hy * raw
+
+
+def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, solver,
+                         opts: LoopOptions, compact: bool = False) -> PerSampleResult:
+    """Integrate a batch ``y0`` (B, ...) with per-row step control, saving row ``b`` at the
+    times ``t_out[b]`` (``t_out`` (B, T) float64, rows strictly monotonic in one direction).
+
+    ``rhs(t, y)`` takes ``t`` as a (B',) tensor and the (B', ...) rows being stepped. Each row
+    has its own time, step size, error norm, accept/reject decision, controller state, attempt
+    count (``max_steps`` per row) and return code; a finished or failed row stops. ``compact``:
+    the stepped rows are only the running ones (``rhs`` must treat rows independently); else
+    every row is evaluated and a finished row takes steps of size 0. One host synchronisation
+    per step (how many rows still run, whether one failed, how many outputs a row passed), none
+    inside the stages. The step itself is the solver's (an explicit RK method or a batched
+    Rosenbrock method, see :class:`_StepField`).
+
+    The decisions are a few element-wise operations on (B,) tensors per step (a GPU runs them
+    without waiting; on a CPU each costs a dispatch), so the bookkeeping that can be derived is:
+    a running row has run every step so far (rows only stop), so its attempt count is the step
+    count (kept per row only when it stops) and its evaluations are the step's calls of f times
+    its attempts (corrected on the steps whose call count differs); a row that stopped gets
+    ``t_end = t``, which makes its later steps size 0 without a mask.
+    """
+    B, T = t_out.shape
+    dev = y0.device
+    f64 = {"dtype": torch.float64, "device": dev}
+    ctrl = opts.controller if opts.controller is not None else solver.default_controller()
+    # the integral controller (PI with beta2 = 0) needs neither the last error nor the last step
+    history = not (type(ctrl).__name__ == "PIController" and not getattr(ctrl, "beta2", 1))
+    q = min(solver.order, solver.error_order) + 1
+    rtol, atol = opts.rtol, opts.atol
+    direction = 1.0 if T < 2 or bool((t_out[:, 1] > t_out[:, 0]).all()) else -1.0
+    t = t_out[:, 0].clone()
+    t_end = t_out[:, -1].clone()
+    span = (t_end - t).abs()
+    key = direction * t_out  # increasing in every row
+    # per-row results over the whole batch; the working tensors below hold the stepped rows
+    # (``idx``: their original rows; None while every row is stepped, always so without compact)
+    out = torch.full((T + 1, *y0.shape), math.nan, dtype=y0.dtype, device=dev)
+    out[0] = y0
+    codes_g = torch.zeros(B, dtype=torch.int64, device=dev)
+    t_reached_g = t.clone()
+    nfe_g, nacc_g, att_g = (torch.zeros(B, dtype=torch.int64, device=dev) for _ in range(3))
+    counters = {"ncalls": 0, "nrows": 0, "nsteps": 0}
+
+    def call(tt, yy):
+        counters["ncalls"] += 1
+        counters["nrows"] += yy.shape[0]
+        return rhs(tt, yy)
+
+    def result():
+        return PerSampleResult(out[:T], codes_g, t_reached_g,
+                               _stats(nfe_g, nacc_g, att_g - nacc_g, counters))
+
+    if T < 2:  # only the start: nothing to step
+        return result()
+    fraw = call(t, y0)
+    running = span > 0  # every row: its times are strictly monotonic
+    nfe_g += running
+    if opts.dt is not None:
+        dt = torch.full((B,), abs(opts.dt), **f64)
+    else:
+        dt = _initial_step_rows(call, t, y0, fraw, direction,
+                                getattr(solver, "start_order", solver.order), rtol, atol)
+        nfe_g += running
+    dtmax = torch.full_like(span, opts.dtmax) if opts.dtmax is not None else span.clone()
+    dt = torch.minimum(torch.minimum(dt, span), dtmax)
+    # the default dtmin follows the current time, as in the scalar loop
+    dt_floor = torch.clamp(_EPS * span, min=1e-300)
+    y = y0
+    idx = None
+    with torch.no_grad():
+        ay = y.abs()
+    # Hairer's RMS over a row's n elements: √n goes into the tolerances once
+    sqrt_n = math.sqrt(max(y[0].numel(), 1))
+    rtol_n, atol_n = rtol * sqrt_n, atol * sqrt_n
+    err_prev = torch.ones(B, **f64)
+    h_acc = torch.full((B,), math.nan, **f64)  # the last accepted |h| (NaN: none yet)
+    accepted_last = torch.ones(B, dtype=torch.bool, device=dev)
+    # per-row counts; attempts only written when a row stops, nfe beyond calls_step × attempts
+    attempts, nacc, nfe = att_g.clone(), nacc_g.clone(), nfe_g.clone()
+    next_out = torch.ones(B, dtype=torch.int64, device=dev)
+    codes = torch.zeros(B, dtype=torch.int64, device=dev)
+    max_steps = max(opts.max_steps, 0)
+    only_end = T == 2  # the one output after the start is every row's end: no search
+    explicit = not getattr(solver, "implicit", False)
+    autonomous = getattr(solver, "autonomous", None)
+    lin_stats: dict = {}
+    rcache = None
+    rows, key_rows = torch.arange(B, device=dev), key
+    n_run = int(running.sum())
+    k = 0  # steps taken: every running row's attempt count
+    calls_step = None  # the calls of f of a step (the first step's)
+
+    def flush():  # the working rows' results into the batch's (a running row's: overwritten)
+        nfe_rows = nfe + attempts * calls_step
+        for dst, src in ((t_reached_g, t), (codes_g, codes), (nfe_g, nfe_rows), (nacc_g, nacc),
+                         (att_g, attempts)):
+            if idx is None:
+                dst.copy_(src)
+            else:
+                dst.index_copy_(0, idx, src)
+
+    while True:
+        if direction > 0:
+            remaining = t_end - t
+        else:
+            remaining = t - t_end
+        last = dt > 0.999 * remaining  # stretch a step by up to 0.1% rather than leave a sliver
+        habs = torch.where(last, remaining, dt)  # a stopped row: t_end = t, so a step of 0
+        h = habs if direction > 0 else habs.neg()
+        hy = _rows(h if h.dtype == y.dtype else h.to(y.dtype), y)
+        field = _StepField(rhs, t, h, hy)
+        if explicit:  # the derivative at the step's start is the last step's end (FSAL)
+            res = solver.step(field, 0.0, y, 1.0, hy * fraw)
+            f1raw = field.last
+        else:  # Rosenbrock: J (one per row with batched=True) of this step's field, f, ∂f/∂s
+            if rcache is None:  # the W operator and stage arithmetic, kept while the rows are
+                rcache = solver.init(field, 0.0, y, lin_stats)
+                rcache.autonomous = autonomous
+            else:  # the same operator, re-pointed at this step's field
+                rcache.ls.rhs, rcache.f0 = field, None
+            res = solver.step(field, 0.0, y, 1.0, rcache)
+            autonomous = rcache.autonomous  # detected once, in the first step
+            f1raw = fraw
+        k += 1
+        counters["nsteps"] = k
+        stepped_calls = field.calls
+        if calls_step is None:
+            calls_step = stepped_calls
+        elif stepped_calls != calls_step:
+            nfe.add_(running, alpha=stepped_calls - calls_step)
+        with torch.no_grad():
+            ay1 = res.y1.abs()
+            r = res.error / torch.maximum(ay, ay1).mul_(rtol_n).add_(atol_n)
+            errn = torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1)
+            if errn.dtype != torch.float64:
+                errn = errn.to(torch.float64)
+        accept = (errn <= 1.0) & running  # NaN/Inf fail the test
+        if history:
+            fac = ctrl.factor_batch(errn, err_prev, q, accepted_last, habs / h_acc)
+            err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
+            h_acc = torch.where(accept, habs, h_acc)
+        else:
+            fac = ctrl.factor_batch(errn, None, q, accepted_last)
+        # a rejection shrinks the step (fac < 1), so dtmax binds only after an acceptance
+        dt = torch.minimum(habs * fac, dtmax)
+        accepted_last = accept  # a stopped row's value is never read
+        t_new = torch.where(last, t_end, t + h)
+        stuck = None
+        if opts.dtmin is not None:  # a user's dtmin may allow steps below t's resolution
+            stuck = accept & (t_new == t)
+            accept = accept & ~stuck
+        nacc += accept
+        t_prev = t
+        t = torch.where(accept, t_new, t)
+        done = accept & last
+        cont = running ^ done  # done ⊆ running
+        dtmin = (opts.dtmin if opts.dtmin is not None
+                 else torch.maximum(t.abs(), dt_floor).mul_(4 * _EPS))
+        small = dt < dtmin
+        fail = cont if k >= max_steps else cont & small
+        if stuck is not None:
+            fail = fail | stuck
+        stepped, running = running, cont ^ fail  # fail ⊆ cont
+        # outputs this step passed: row b saves t_out[b, next_out[b] : next_out[b] + n_cross[b]]
+        if only_end:
+            n_cross = None
+            sync = torch.stack([running, fail, done]).sum(1)
+        else:
+            kt = (direction * t_new).unsqueeze(1)
+            n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1)
+                       - next_out).mul_(accept)
+            n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
+            sync = torch.stack([running.sum(), fail.sum(), n_cross.max(), n_inner.max()])
+        av = _rows(accept, y)
+        y = torch.where(av, res.y1, y)
+        fraw = torch.where(av, f1raw, fraw)
+        ay = torch.where(av, ay1, ay)
+        n_prev = n_run
+        n_run, n_fail, n_out_max, *n_inner_max = sync.tolist()  # the one sync
+        n_inner_max = n_inner_max[0] if n_inner_max else 0
+        if only_end and n_out_max:
+            n_out_max, n_cross = 1, done.long()
+        if n_run < n_prev:  # rows stopped: their attempts, and no more steps for them
+            attempts.masked_fill_(stepped ^ running, k)
+        if n_fail:  # DtLessThanMin (Unstable when the last error was NaN/Inf), then MaxIters
+            code = torch.where(small, torch.where(torch.isfinite(errn), 2, 3), 1)
+            if stuck is not None:
+                code = torch.where(stuck, 2, code)
+            codes += code * fail
+            t_end = torch.where(fail, t, t_end)
+        for j in range(n_out_max):
+            kj = next_out + j
+            m = j < n_cross
+            if j < n_inner_max:  # some row has an output inside its step: the dense output
+                calls = field.calls
+                tq = key_rows.gather(1, kj.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
+                theta = torch.where(m, (tq - t_prev) / torch.where(m, h, 1.0), 0.0)
+                yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype), explicit)
+                yq = torch.where(_rows(j >= n_inner, yq), res.y1, yq)  # at the end: y1 itself
+                if field.calls != calls:  # Vern7/DP8: the dense stages, on every stepped row
+                    nfe.add_(stepped, alpha=field.calls - calls)
+            else:
+                yq = res.y1
+            out.index_put_((torch.where(m, kj, T), rows), yq)
+        if n_out_max:
+            next_out = next_out + n_cross
+        counters["ncalls"] += field.calls
+        counters["nrows"] += field.calls * y.shape[0]
+        if n_run == 0:
+            break
+        if compact and n_run < y.shape[0]:
+            flush()
+            rcache = None  # sized for the rows
+            keep = running.nonzero().squeeze(1)
+            idx = keep if idx is None else idx[keep]
+            rows, key_rows = idx, key[idx]
+            y, fraw, ay, accepted_last, running = (
+                x[keep] for x in (y, fraw, ay, accepted_last, running))
+            # the (B,) tensors by dtype in one selection each
+            t, t_end, dt, dtmax, dt_floor, err_prev, h_acc = torch.stack(
+                [t, t_end, dt, dtmax, dt_floor, err_prev, h_acc])[:, keep].unbind()
+            attempts, nacc, nfe, next_out, codes = torch.stack(
+                [attempts, nacc, nfe, next_out, codes])[:, keep].unbind()
+            # tensor tolerances come shaped like the state (B, ...)
+            rtol_n, atol_n = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                              for x in (rtol_n, atol_n))
+    flush()
+    counters.update({k: v for k, v in lin_stats.items() if k in ("njac", "nlu", "nsolve")})
+    return result()
+
+
+def _stats(nfe, naccept, nreject, counters) -> dict:
+    return {"nfe": nfe, "naccept": naccept, "nreject": nreject, **counters}
+
+
+def _interpolate_rows(solver, dense, theta: torch.Tensor, explicit: bool) -> torch.Tensor:
+    """The step's dense output at a different θ in every row (θ (B,))."""
+    from .solvers._erk import _ExtraStageDense
+
+    if isinstance(dense, _ExtraStageDense):
+        dense = dense.data()
+    if explicit and len(dense) == 4:  # y0 + Σ_i b_i(θ) k_i, b_i(θ) = Σ_p B[i,p] θ^(p+1); dt=1
+        y0, K, W, dt = dense
+        Bm = W.tensor
+        powers = torch.stack([theta ** (p + 1) for p in range(Bm.shape[1])])  # (P, B)
+        w = (Bm @ powers) * dt  # (s, B)
+        n = y0.shape[0]
+        return y0 + torch.einsum("sb,sbn->bn", w, K.view(K.shape[0], n, -1)).view_as(y0)
+    return solver.interpolant(dense, _rows(theta, dense[0]))

@@ -125,3 +125,37 @@ class Solution:
 
     def __repr__(self) -> str:
         return f"Solution(retcode={self.retcode.value}, n_times={len(self.ts)}, stats={dict(self.stats)})"
+
+
+class PerSampleSolution(Solution):
+    """The result of a per-sample solve, ``solve(..., per_sample=True)``: every sample stepped on
+    its own.
+
+    ``ys`` (T, B, ...): ``ys[j, b]`` is sample ``b`` at its ``j``-th output time (NaN past a
+    failure); ``retcode``: a tuple with one :class:`ReturnCode` per sample; ``t_reached`` a (B,)
+    tensor; ``stats``: ``nfe``, ``naccept``, ``nreject`` as (B,) int64 tensors (``nfe`` counts the
+    evaluations made while the sample was running), ``ncalls`` the calls of ``f``, ``nrows`` the
+    rows they evaluated and ``nsteps`` the batched steps (loop iterations). ``successful``: every
+    sample succeeded; ``successful_mask``: per sample.
+    """
+
+    def __init__(self, ts, ys, retcodes, stats, t_reached=None, solver=None):
+        super().__init__(ts, ys, ReturnCode.Success, stats, None, None, t_reached, solver)
+        self.retcode = tuple(ReturnCode(r) for r in retcodes)  # type: ignore[assignment]
+
+    @property
+    def successful(self) -> bool:
+        return all(r.successful for r in self.retcode)
+
+    @property
+    def successful_mask(self) -> torch.Tensor:
+        return torch.tensor([r.successful for r in self.retcode])
+
+    def __call__(self, tq):
+        raise ValueError("sol(tq): a per-sample solve (per_sample=True) keeps no dense output; "
+                         "give the times each sample needs as t of shape (B, T)")
+
+    def __repr__(self) -> str:
+        ok = sum(r.successful for r in self.retcode)
+        return (f"PerSampleSolution(successful={ok}/{len(self.retcode)}, "
+                f"n_times={self.ys.shape[0]}, nfe={int(self.stats['nfe'].sum())})")

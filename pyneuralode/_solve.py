@@ -12,7 +12,7 @@ import torch
 from ._loop import LoopOptions, integrate
 from ._problem import ODEProblem
 from ._solution import ReturnCode, Solution, SolveError
-from ._per_sample import gather, is_per_sample, union_times
+from ._per_sample import check_per_sample, gather, is_per_sample, solve_per_sample, union_times
 from .controllers import PIController, PredictiveController
 from .events import EventLocator, differentiable_event
 from .sensitivity import AbstractSensitivity, DirectAdjoint
@@ -155,6 +155,7 @@ def solve(
     adjoint_params: Sequence[torch.Tensor] | None = None,
     compile: bool = False,
     norm: Callable | None = None,
+    per_sample: bool | str = False,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, *args)`` from ``y0`` at ``t[0]`` and save at every time in ``t``.
 
@@ -190,12 +191,32 @@ def solve(
     ``compile=True`` (needs numba, ``pip install 'pyneuralode[compiled]'``) traces f once and runs
     the whole solve as native code (:mod:`pyneuralode.compiled`): small float64 CPU systems, the
     explicit RK methods and Rodas4/Rodas5P, no gradients, events or dense output object yet.
+
+    ``per_sample=True`` (``y0`` shaped ``(B, ...)``, ``t`` shaped ``(T,)`` or ``(B, T)``, rows may
+    start at different times): every sample takes its own adaptive steps, with its own step size,
+    error norm, controller state and return code; returns a :class:`PerSampleSolution` (``ys``
+    ``(T, B, ...)``, ``retcode`` per sample, ``stats`` tensors of shape ``(B,)``). ``f`` gets ``t``
+    as a ``(B,)`` tensor. ``"compact"`` evaluates only the running samples (``f`` must treat rows
+    independently); ``True`` (``"mask"``) evaluates the whole batch. Explicit RK methods and the
+    Rodas methods with ``batched=True`` (one Jacobian per sample);
+    gradients by ``DirectAdjoint`` or, for times shared by the batch, ``BacksolveAdjoint`` (one
+    joint backward pass for the batch).
     """
     # validate
     throw = check_flag("throw", throw)
     dense = check_flag("dense", dense, allow_none=True)
     compile = check_flag("compile", compile)
-    per_sample = is_per_sample(y0, t)
+    per_sample_mode = check_per_sample(per_sample)
+    if per_sample_mode is not None:
+        refuse_unsupported(compile=compile, event=event, sensealg=None, backend=backend,
+                           per_sample=False, explicit_sensealg=False, adjoint_params=adjoint_params,
+                           norm=norm, progress=progress, per_sample_stepping=True)
+        return solve_per_sample(f, y0, t, resolve_solver(solver, Tsit5), mode=per_sample_mode,
+                                rtol=rtol, atol=atol, dt=dt, adaptive=adaptive,
+                                max_steps=max_steps, args=args, sensealg=sensealg, throw=throw,
+                                dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax,
+                                adjoint_params=adjoint_params)
+    union_grid = is_per_sample(y0, t)
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
     if norm is not None and not callable(norm):
@@ -207,12 +228,12 @@ def solve(
     sensealg_given = sensealg is not None
     solver = resolve_solver(solver, Tsit5)
     sensealg = resolve_sensealg(sensealg)
-    refuse_unsupported(compile=compile, event=event, sensealg=sensealg, backend=backend, per_sample=per_sample,
+    refuse_unsupported(compile=compile, event=event, sensealg=sensealg, backend=backend, per_sample=union_grid,
                        explicit_sensealg=sensealg_given, adjoint_params=adjoint_params,
                        norm=norm, progress=progress)
     t_out = t
     index = None
-    if per_sample:  # one solve on the union of the rows' times; each row gathered afterwards
+    if union_grid:  # one solve on the union of the rows' times; each row gathered afterwards
         t, index = union_times(t)
     problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params)
     if dense is None:
@@ -247,8 +268,13 @@ def solve(
 
 
 def refuse_unsupported(*, compile: bool, event, sensealg, backend: str, per_sample: bool, explicit_sensealg: bool,
-                       adjoint_params, norm, progress) -> None:
-    """The one place where ``solve`` refuses a combination of features it does not support."""
+                       adjoint_params, norm, progress, per_sample_stepping: bool = False) -> None:
+    """The one place where ``solve`` refuses a combination of features it does not support
+    (``per_sample``: per-sample output times; ``per_sample_stepping``: ``per_sample=True``)."""
+    if per_sample_stepping and (compile or event is not None or backend != "torch" or norm is not None
+                                or progress):
+        raise ValueError("per_sample: compile=True, event, backend='julia', norm and progress "
+                         "are not supported with per-sample stepping; drop them or per_sample")
     if compile and (event is not None or explicit_sensealg or adjoint_params is not None
                     or norm is not None or backend != "torch" or progress or per_sample):
         raise ValueError("compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "

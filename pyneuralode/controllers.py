@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -43,6 +42,17 @@ class PIController:
         if not accepted_last:
             fac = min(fac, 1.0)
         return fac
+
+    def factor_batch(self, err, err_prev, q: int, accepted_last, dt_ratio=None):
+        """:meth:`factor` for every row of a batch at once (float64 tensors of shape (B,);
+        ``accepted_last`` a bool tensor); used by per-sample stepping."""
+        b1, b2 = self.beta1 / q, self.beta2 / q
+        fac = err.pow(-b1).mul_(self.safety)  # err = 0: inf, so factor_max; err = inf: 0
+        if b2:
+            fac = fac * torch.where(err <= 1.0, err_prev.pow(b2), 1.0)
+        fac = fac.clamp_(self.factor_min, self.factor_max)
+        fac = torch.where(accepted_last | (err == 0.0), fac, fac.clamp(max=1.0))
+        return fac.nan_to_num_(nan=self.factor_min)  # err NaN
 
 
 @dataclass
@@ -84,6 +94,19 @@ class PredictiveController:
             fac = min(fac, 1.0)
         return fac
 
+    def factor_batch(self, err, err_prev, q: int, accepted_last, dt_ratio=None):
+        """:meth:`factor` for every row of a batch at once (float64 tensors of shape (B,);
+        ``dt_ratio`` NaN where there is none)."""
+        lo, hi = self.factor_min, self.factor_max
+        fac = (self.safety * err.pow(-1.0 / q)).clamp(lo, hi)
+        if dt_ratio is not None:
+            gus = self.safety * dt_ratio * (err_prev.clamp(min=1e-2) / (err * err)).pow(1.0 / q)
+            use = (err <= 1.0) & ~torch.isnan(dt_ratio)
+            fac = torch.where(use, torch.minimum(fac, gus.clamp(lo, hi)), fac)
+        fac = torch.where(accepted_last, fac, fac.clamp(max=1.0))
+        fac = torch.where(err == 0.0, torch.where(accepted_last, hi, 1.0), fac)
+        return torch.where(torch.isfinite(err), fac, lo)
+
 
 def error_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, atol) -> torch.Tensor:
     """Hairer's RMS norm of ``err / (atol + rtol·max(|y0|, |y1|))`` (a 0-d tensor)."""
@@ -122,62 +145,3 @@ def initial_step(rhs, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: 
         else:
             h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
         return min(100 * h0, h1)
-
-
-#: states up to this many real components on the CPU take a host-side error norm (torch's per-op
-#: dispatch cost dominates there): Python floats up to ``SMALL_NORM_LIST`` components with scalar
-#: tolerances (~1–2 µs a step), numpy up to ``SMALL_NORM`` (~5 µs), instead of ~10–15 µs in torch
-SMALL_NORM = 64
-SMALL_NORM_LIST = 8
-
-
-def small_norm_kind(y: torch.Tensor, rtol, atol):
-    """``"list"``, ``"numpy"`` or ``None``: which host-side error norm the loop may use for this state."""
-    if y.device.type != "cpu" or y.numel() > SMALL_NORM or y.dtype not in (torch.float32, torch.float64):
-        return None
-    tensors = [x for x in (rtol, atol) if isinstance(x, torch.Tensor)]
-    if any(x.device.type != "cpu" for x in tensors):
-        return None
-    return "list" if not tensors and y.numel() <= SMALL_NORM_LIST else "numpy"
-
-
-def host_tolerance(tol):
-    """A tolerance as :func:`rms_norm_small` takes it: a float, or a numpy array over the flattened state."""
-    if not isinstance(tol, torch.Tensor):
-        return tol
-    return float(tol) if tol.numel() == 1 else tol.detach().reshape(-1).numpy()
-
-
-def abs_host(y: torch.Tensor, kind: str):
-    """``|y|`` as :func:`rms_norm_small` keeps it (a list of floats or a numpy array)."""
-    a = y.detach().reshape(-1)
-    return [abs(v) for v in a.tolist()] if kind == "list" else np.abs(a.numpy())
-
-
-def rms_norm_small(kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, atol, inv_sqrt_n: float):
-    """:func:`rms_norm_and_abs` on the host for tiny CPU states: ``(norm as a float, |y1|)``.
-
-    ``kind="list"``: Python floats (scalar ``rtol``/``atol``); ``"numpy"``: ``rtol``/``atol`` floats
-    or numpy arrays broadcasting against the flattened state. A zero scale or an overflow gives
-    ``inf``/NaN, which the loop rejects as non-finite.
-    """
-    if kind == "list":
-        s = 0.0
-        ay1 = []
-        try:
-            for a, b, e in zip(ay0, (y1 if y1.ndim == 1 else y1.reshape(-1)).tolist(),
-                               (err if err.ndim == 1 else err.reshape(-1)).tolist()):
-                b = abs(b)
-                ay1.append(b)
-                r = e / (atol + rtol * (a if a > b else b))
-                s += r * r
-        except (ZeroDivisionError, OverflowError):
-            return math.inf, ay1
-        return math.sqrt(s) * inv_sqrt_n, ay1
-    ay1 = np.abs(y1.detach().reshape(-1).numpy())
-    with np.errstate(all="ignore"):
-        scale = np.maximum(ay0, ay1)
-        scale *= rtol
-        scale += atol
-        r = err.detach().reshape(-1).numpy() / scale
-        return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n, ay1

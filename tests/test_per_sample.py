@@ -85,3 +85,326 @@ def test_per_sample_bad_input():
         pn.solve(f, y0, torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]], dtype=DT), args=(w,))
     with pytest.raises(ValueError, match=r"event: not supported together with per-sample"):
         pn.solve(f, y0, torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=DT), args=(w,), event=lambda t, y: y.sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# per_sample=True: every sample its own steps (issue 22)
+
+
+def vdp(t, y):
+    """Van der Pol with μ carried in the state (column 2), so rows are independent."""
+    x, v, mu = y[..., 0], y[..., 1], y[..., 2]
+    return torch.stack([v, mu * (1 - x * x) * v - x, torch.zeros_like(x)], -1)
+
+
+def vdp_batch(B, lo=0.1, hi=10.0):
+    mu = torch.linspace(lo, hi, B, dtype=DT)
+    return torch.cat([torch.tensor([[2.0, 0.0]], dtype=DT).expand(B, 2), mu[:, None]], 1)
+
+
+def rows_field(t, y, w):
+    """Non-autonomous: every row reads its own time t[b]."""
+    A = torch.tensor([[0.1, -1.0, 0.3], [1.0, 0.2, -0.4], [0.0, 0.5, -0.3]], dtype=DT)
+    return torch.tanh(y @ (w * A).T) + 0.5 * torch.sin(3 * t).unsqueeze(-1)
+
+
+def staggered_times(B, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.sort(torch.rand(B, T, dtype=DT, generator=g) * 3, 1).values
+    t[:, 0] = torch.rand(B, dtype=DT, generator=g) * 0.3  # rows start at different times
+    return t
+
+
+@pytest.mark.parametrize("mode", [True, "compact"])
+@pytest.mark.parametrize("solver", [pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()], ids=str)
+def test_per_sample_steps_equal_independent_solves(solver, mode):
+    B = 5
+    y0 = vdp_batch(B, 0.5, 4.0)
+    y0[:, :2] += torch.randn(B, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+    # forward and backward time (backward in time Van der Pol leaves its cycle: a short span)
+    for t in (staggered_times(B), -0.3 * staggered_times(B, seed=2)):
+        sol = pn.solve(vdp, y0, t, solver, rtol=1e-7, atol=1e-9, per_sample=mode)
+        assert isinstance(sol, pn.PerSampleSolution) and sol.ys.shape == (5, B, 3)
+        assert all(r == "Success" for r in sol.retcode) and sol.successful
+        for b in range(B):
+            ref = pn.solve(vdp, y0[b:b + 1], t[b], solver, rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-10, atol=1e-11)
+            assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
+            assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
+            if not isinstance(solver, (pn.Vern7, pn.DP8)):
+                # (Vern7/DP8 evaluate their dense-output stages for every row when any row has
+                # an output inside its step)
+                assert int(sol.stats["nfe"][b]) == ref.stats["nfe"]
+            assert float(sol.t_reached[b]) == pytest.approx(float(t[b, -1]), abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", [True, "compact"])
+@pytest.mark.parametrize("solver", [pn.Rodas5P(batched=True), pn.Rodas4(batched=True)], ids=repr)
+def test_per_sample_rosenbrock_equals_independent_solves(solver, mode):
+    B = 4
+    y0 = vdp_batch(B, 1.0, 300.0)  # from mild to stiff
+    for t in (torch.tensor([0.0, 0.7, 2.0], dtype=DT), staggered_times(B, T=3, seed=3)):
+        sol = pn.solve(vdp, y0, t, solver, rtol=1e-6, atol=1e-8, per_sample=mode)
+        for b in range(B):
+            ref = pn.solve(vdp, y0[b:b + 1], t if t.ndim == 1 else t[b], type(solver)(),
+                           rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-9, atol=1e-10)
+            assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
+            assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
+            # a retried step forms its Jacobian again (the step's field changed with h)
+            extra = int(sol.stats["nfe"][b]) - ref.stats["nfe"]
+            assert 0 <= extra <= ref.stats["nreject"] + B
+    assert sol.stats["njac"] > 0
+    # DirectAdjoint through the per-row Jacobians and solves: the separate solves' gradient
+    y0 = y0[:2].clone().requires_grad_()
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    sol = pn.solve(vdp, y0, t, solver, rtol=1e-8, atol=1e-10, per_sample=mode)
+    (g,) = torch.autograd.grad(sol.ys[-1, :, :2].sum(), [y0])
+    for b in range(2):
+        ref = pn.solve(vdp, y0[b:b + 1], t, type(solver)(), rtol=1e-8, atol=1e-10)
+        (gb,) = torch.autograd.grad(ref.ys[-1, 0, :2].sum(), [y0])
+        torch.testing.assert_close(g[b], gb[b], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("ctrl", [pn.PIController(), pn.PredictiveController()], ids=repr)
+def test_per_sample_controllers_and_step_bounds_follow_independent_solves(ctrl):
+    y0 = vdp_batch(3, 0.5, 8.0)
+    t = torch.tensor([0.0, 3.0], dtype=DT)
+    kw = {"controller": ctrl, "dtmax": 0.5, "dtmin": 1e-12}
+    sol = pn.solve(vdp, y0, t, pn.Tsit5(), per_sample=True, **kw)
+    for b in range(3):
+        ref = pn.solve(vdp, y0[b:b + 1], t, pn.Tsit5(), **kw)
+        assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
+        assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
+        torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-10, atol=1e-11)
+
+
+def test_per_sample_nonautonomous_field_gets_each_rows_time():
+    B = 4
+    y0 = torch.randn(B, 3, dtype=DT, generator=torch.Generator().manual_seed(3))
+    w = torch.tensor(0.8, dtype=DT)
+    t = staggered_times(B, T=4, seed=5)
+    sol = pn.solve(rows_field, y0, t, args=(w,), rtol=1e-9, atol=1e-11, per_sample=True)
+    for b in range(B):
+        ref = pn.solve(lambda s, y, w: rows_field(s.reshape(1), y, w), y0[b:b + 1], t[b], args=(w,),
+                       rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-10, atol=1e-11)
+        assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
+
+
+@pytest.mark.parametrize("mode", [True, "compact"])
+def test_per_sample_vdp_batch_evaluations_match_independent_solves(mode):
+    B = 16  # μ spread over [0.1, 10] (the issue's batch, smaller)
+    y0 = vdp_batch(B)
+    t = torch.tensor([0.0, 6.0], dtype=DT)
+    sol = pn.solve(vdp, y0, t, rtol=1e-6, atol=1e-8, per_sample=mode)
+    independent = sum(pn.solve(vdp, y0[b:b + 1], t, rtol=1e-6, atol=1e-8).stats["nfe"]
+                      for b in range(B))
+    per_sample = int(sol.stats["nfe"].sum())
+    assert per_sample <= 1.15 * independent
+    if mode == "compact":  # the rows actually evaluated: finished samples stopped costing
+        assert sol.stats["nrows"] <= 1.15 * independent
+    shared = pn.solve(vdp, y0, t, rtol=1e-6, atol=1e-8)
+    # the shared step takes the stiffest sample's steps for all of them
+    assert B * shared.stats["nfe"] > 1.5 * per_sample
+    torch.testing.assert_close(sol.ys[-1], shared.ys[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_per_sample_retcodes_one_sample_fails_others_succeed():
+    def blow_up(t, y):
+        return y * y  # y0 = 2 blows up at t = 0.5
+
+    y0 = torch.tensor([[0.5], [2.0], [1.0], [0.3]], dtype=DT)
+    t = torch.tensor([0.0, 0.4, 0.9], dtype=DT)
+    for mode in (True, "compact"):
+        sol = pn.solve(blow_up, y0, t, per_sample=mode, throw=False)
+        assert [str(r) for r in sol.retcode] == ["Success", "DtLessThanMin", "Success", "Success"]
+        assert not sol.successful and sol.successful_mask.tolist() == [True, False, True, True]
+        assert float(sol.t_reached[1]) == pytest.approx(0.5, abs=1e-5)
+        assert torch.isnan(sol.ys[2, 1]).all() and torch.isfinite(sol.ys[:2, 1]).all()
+        for b in (0, 2, 3):
+            ref = pn.solve(blow_up, y0[b:b + 1], t)
+            torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-12, atol=1e-12)
+            assert int(sol.stats["nfe"][b]) == ref.stats["nfe"]
+        with pytest.raises(pn.SolveError, match=r"1 of 4 samples \(sample 1: DtLessThanMin"):
+            pn.solve(blow_up, y0, t, per_sample=mode)
+    # max_steps counts each sample's attempts: the stiff sample stops, the mild ones finish
+    y0 = vdp_batch(3, 0.5, 1.0)
+    y0[1, 2] = 1000.0
+    sol = pn.solve(vdp, y0, torch.tensor([0.0, 3.0], dtype=DT), per_sample=True, throw=False,
+                   max_steps=200)
+    assert [str(r) for r in sol.retcode] == ["Success", "MaxIters", "Success"]
+    assert int(sol.stats["naccept"][1] + sol.stats["nreject"][1]) == 200
+
+
+@pytest.mark.parametrize("mode", [True, "compact"])
+def test_per_sample_gradients_vs_finite_differences_and_separate_solves(mode):
+    B = 3
+    y0 = torch.randn(B, 3, dtype=DT, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    w = torch.tensor(1.3, dtype=DT, requires_grad=True)
+    t = staggered_times(B, T=3, seed=6)
+    c = torch.linspace(-1, 1, 3, dtype=DT)
+
+    def loss(y0_, w_, **kw):
+        return (pn.solve(rows_field, y0_, t, args=(w_,), per_sample=mode, **kw).ys * c).sum()
+
+    gy0, gw = torch.autograd.grad(loss(y0, w, rtol=1e-9, atol=1e-11), [y0, w])
+    ref = sum((pn.solve(lambda s, y, w_: rows_field(s.reshape(1), y, w_), y0[b:b + 1], t[b],
+                        args=(w,), rtol=1e-9, atol=1e-11).ys * c).sum() for b in range(B))
+    ry0, rw = torch.autograd.grad(ref, [y0, w])
+    torch.testing.assert_close(gy0, ry0, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-11)
+    eps = 1e-6
+    with torch.no_grad():
+        tight = {"rtol": 1e-12, "atol": 1e-13}
+        fd_w = (loss(y0, w + eps, **tight) - loss(y0, w - eps, **tight)) / (2 * eps)
+        e = torch.zeros_like(y0)
+        e[1, 2] = eps
+        fd_y = (loss(y0 + e, w, **tight) - loss(y0 - e, w, **tight)) / (2 * eps)
+    assert float(gw) == pytest.approx(float(fd_w), rel=1e-6, abs=1e-7)
+    assert float(gy0[1, 2]) == pytest.approx(float(fd_y), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("mode", [True, "compact"])
+def test_per_sample_joint_backsolve_adjoint(mode):
+    """Per-sample forward steps, one backward pass for the batch: the gradient of the same
+    solution as DirectAdjoint's, to the tolerance."""
+    B = 3
+    y0 = torch.randn(B, 3, dtype=DT, generator=torch.Generator().manual_seed(8)).requires_grad_()
+    w = torch.tensor(0.9, dtype=DT, requires_grad=True)
+    t = torch.tensor([0.1, 0.8, 2.0], dtype=DT)
+    c = torch.linspace(-1, 1, 3, dtype=DT)
+    grads, sols = [], []
+    for sensealg in (None, pn.BacksolveAdjoint()):
+        sol = pn.solve(rows_field, y0, t, args=(w,), per_sample=mode, sensealg=sensealg,
+                       rtol=1e-10, atol=1e-12)
+        grads.append(torch.autograd.grad((sol.ys * c).sum(), [y0, w]))
+        sols.append(sol)
+    torch.testing.assert_close(sols[1].ys, sols[0].ys, rtol=0, atol=0)  # the same forward steps
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-7, atol=1e-9)
+    assert sols[1].stats["nfe_adjoint"] > 0 and sols[1].stats["naccept"].shape == (B,)
+    with pytest.raises(ValueError, match="every sample needs the same times"):
+        pn.solve(rows_field, y0, staggered_times(B), args=(w,), per_sample=mode,
+                 sensealg=pn.BacksolveAdjoint())
+
+
+def test_neural_ode_per_sample():
+    torch.manual_seed(0)
+    model = pn.NeuralODE(pn.ConcatMLP(2, hidden=16), rtol=1e-6, atol=1e-8, per_sample=True).double()
+    y0 = torch.randn(4, 2, dtype=DT)
+    y = model(y0)
+    assert y.shape == (4, 2) and model.nfe_forward == model.last_stats["ncalls"]
+    vf = model.vector_field
+    for b in range(4):
+        ref = pn.solve(lambda t, y: vf(t, y), y0[b:b + 1], torch.tensor([0.0, 1.0], dtype=DT),
+                       pn.Dopri5(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(y[b], ref.ys[-1, 0], rtol=1e-10, atol=1e-12)
+        assert int(model.last_stats["naccept"][b]) == ref.stats["naccept"]
+    y.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="per_sample: expected False, True"):
+        pn.NeuralODE(pn.ConcatMLP(2), per_sample="yes")
+
+
+def test_odeint_unaffected_by_per_sample():
+    torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq not installed")
+    y0 = vdp_batch(4, 0.5, 3.0)
+    t = torch.linspace(0, 2, 3, dtype=DT)
+    ours = pn.odeint(vdp, y0, t, rtol=1e-8, atol=1e-10)
+    theirs = torchdiffeq.odeint(vdp, y0, t, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    sol = pn.solve(vdp, y0, t, rtol=1e-8, atol=1e-10)  # shared steps by default
+    assert isinstance(sol.stats["nfe"], int) and str(sol.retcode) == "Success"
+
+
+@pytest.mark.parametrize("ctrl", [pn.PIController(), pn.PIController(beta1=1.0, beta2=0.0),
+                                  pn.PredictiveController()], ids=repr)
+def test_batch_controller_factor_equals_scalar_factor(ctrl):
+    g = torch.Generator().manual_seed(7)
+    err = torch.cat([torch.rand(40, dtype=DT, generator=g) * 3,
+                     torch.tensor([0.0, 0.0, float("inf"), float("nan"), 1.0], dtype=DT)])
+    n = err.numel()
+    err_prev = torch.rand(n, dtype=DT, generator=g) + 1e-3
+    acc = torch.rand(n, generator=g) > 0.3
+    ratio = torch.rand(n, dtype=DT, generator=g) * 2
+    ratio[::5] = float("nan")
+    err_in = torch.where(torch.isnan(err), float("inf"), err)
+    got = ctrl.factor_batch(err_in, err_prev, 5, acc, ratio)
+    for i in range(n):
+        e = float("inf") if err[i].isnan() else float(err[i])
+        want = ctrl.factor(e, float(err_prev[i]), 5, bool(acc[i]),
+                           None if ratio[i].isnan() else float(ratio[i]))
+        assert float(got[i]) == pytest.approx(want, rel=1e-12), i
+
+
+def test_per_sample_bad_input_is_named():
+    y0 = vdp_batch(3)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    with pytest.raises(ValueError, match="per_sample: expected False, True"):
+        pn.solve(vdp, y0, t, per_sample="rows")
+    with pytest.raises(ValueError, match="solver: per_sample=True steps the adaptive explicit"):
+        pn.solve(vdp, y0, t, pn.KenCarp4(), per_sample=True)
+    with pytest.raises(ValueError, match="needs batched=True"):
+        pn.solve(vdp, y0, t, pn.Rodas5P(), per_sample=True)
+    with pytest.raises(ValueError, match="sensealg: per_sample=True supports DirectAdjoint"):
+        pn.solve(vdp, y0, t, per_sample=True, sensealg=pn.InterpolatingAdjoint())
+    with pytest.raises(ValueError, match=r"t: per_sample=True takes times of shape"):
+        pn.solve(vdp, y0, torch.zeros(2, 2, dtype=DT), per_sample=True)
+    with pytest.raises(ValueError, match="t: row 1 is not strictly monotonic"):
+        pn.solve(vdp, y0, torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]], dtype=DT),
+                 per_sample=True)
+    with pytest.raises(ValueError, match="t: gradients with respect to the times"):
+        pn.solve(vdp, y0, t.clone().requires_grad_(), per_sample=True)
+    with pytest.raises(ValueError, match="dense: per_sample=True keeps no dense output"):
+        pn.solve(vdp, y0, t, per_sample=True, dense=True)
+    with pytest.raises(ValueError, match="adaptive: per_sample=True"):
+        pn.solve(vdp, y0, t, per_sample=True, adaptive=False, dt=0.1)
+    with pytest.raises(ValueError, match="per_sample: compile=True, event"):
+        pn.solve(vdp, y0, t, per_sample=True, event=lambda t, y: y.sum())
+    with pytest.raises(TypeError, match=r"y0: per_sample=True takes one tensor"):
+        pn.solve(lambda t, y: y, (y0, y0), t, per_sample=True)
+    mu = torch.tensor([0.1, 1.0, 100.0], dtype=DT)  # a per-sample constant outside the state
+
+    def captured(t, y):
+        return torch.stack([y[:, 1], mu * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0], 0 * y[:, 0]], 1)
+
+    with pytest.raises(ValueError, match="with per_sample=.compact. f gets only the running"):
+        pn.solve(captured, y0, torch.tensor([0.0, 3.0], dtype=DT), per_sample="compact")
+    sol = pn.solve(captured, y0, torch.tensor([0.0, 3.0], dtype=DT), per_sample=True)  # mask: fine
+    assert sol.successful
+    with pytest.raises(ValueError, match="keeps no dense output"):
+        sol(0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_per_sample_on_cuda_equals_cpu():
+    y0 = vdp_batch(64)
+    t = torch.linspace(0, 3, 4, dtype=DT)
+    cpu = pn.solve(vdp, y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
+    for mode in (True, "compact"):
+        gpu = pn.solve(vdp, y0.cuda(), t.cuda(), rtol=1e-7, atol=1e-9, per_sample=mode)
+        assert gpu.ys.device.type == "cuda"
+        # reductions round differently on the GPU: a step more or less, the same tolerance
+        torch.testing.assert_close(gpu.ys.cpu(), cpu.ys, rtol=1e-5, atol=1e-6)
+        assert int((gpu.stats["naccept"].cpu() - cpu.stats["naccept"]).abs().max()) <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_per_sample_cuda_one_host_sync_per_step():
+    y0 = vdp_batch(32).cuda()
+    t = torch.tensor([0.0, 2.0], dtype=DT, device="cuda")
+    pn.solve(vdp, y0, t, per_sample=True)  # warm up
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol = pn.solve(vdp, y0, t, per_sample=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    steps = int((sol.stats["naccept"] + sol.stats["nreject"]).max())
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    # one per step, plus a few outside the loop (initial step, packaging the result)
+    assert syncs <= steps + 10

@@ -15,11 +15,20 @@ __all__ = ["ConcatLinear", "ConcatSquashLinear", "ConcatMLP", "ConcatConv2d", "C
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "softplus": nn.Softplus, "silu": nn.SiLU}
 
 
-def _time_column(t, y: torch.Tensor) -> torch.Tensor:
+def _time_rows(t, y: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor broadcasting against ``y``'s leading dimensions: a scalar, or one time
+    per sample (``t`` shaped ``(B,)`` for ``y`` shaped ``(B, ...)``, from ``per_sample=True``)."""
     t = torch.as_tensor(t, dtype=y.dtype, device=y.device)
-    if t.ndim != 0:
-        raise ValueError(f"t: expected a scalar time, got shape {tuple(t.shape)}")
-    return t.expand(*y.shape[:-1], 1)
+    if t.numel() == 1:
+        return t.reshape(())
+    if t.ndim == 1 and y.ndim >= 2 and t.shape[0] == y.shape[0]:
+        return t.view(-1, *([1] * (y.ndim - 1)))
+    raise ValueError(f"t: expected a scalar time (or one per sample, shape ({y.shape[0]},)), "
+                     f"got shape {tuple(t.shape)}")
+
+
+def _time_column(t, y: torch.Tensor) -> torch.Tensor:
+    return _time_rows(t, y).expand(*y.shape[:-1], 1)
 
 
 class ConcatLinear(nn.Module):
@@ -43,7 +52,8 @@ class ConcatSquashLinear(nn.Module):
         self.hyper_bias = nn.Linear(1, dim_out, bias=False)
 
     def forward(self, t, y):
-        tt = torch.as_tensor(t, dtype=y.dtype, device=y.device).reshape(1, 1)
+        tt = _time_rows(t, y)
+        tt = tt.reshape(1, 1) if tt.ndim == 0 else tt.reshape(*tt.shape[:-1], 1)
         return self.layer(y) * torch.sigmoid(self.hyper_gate(tt)) + self.hyper_bias(tt)
 
 
@@ -95,7 +105,7 @@ class ConcatConv2d(nn.Module):
     def forward(self, t, x):
         if x.ndim != 4:
             raise ValueError(f"x: expected feature maps shaped [B, C, H, W], got {tuple(x.shape)}")
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0], 1, *x.shape[2:])
+        tt = _time_rows(t, x).expand(x.shape[0], 1, *x.shape[2:])
         return self.layer(torch.cat([tt, x], 1))
 
 

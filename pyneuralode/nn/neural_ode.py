@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._per_sample import check_per_sample
 from .._solve import solve
 from ..sensitivity import DirectAdjoint
 from ..sensitivity._resolve import resolve_sensealg
@@ -71,6 +72,8 @@ class NeuralODE(nn.Module):
     ``"backsolve"``/``"interpolating"``/``"quadrature"``), ``rtol``/``atol``, fixed steps with
     ``adaptive=False, dt=h``. ``forward(y0, t=None)`` returns the final state, or with
     ``return_trajectory=True`` the states at every time of ``t`` shaped ``(len(t), *y0.shape)``.
+    ``per_sample=True`` (or ``"compact"``) steps every sample of the batch on its own
+    (``pn.solve``'s ``per_sample``; explicit RK solvers, DirectAdjoint).
 
     After a call, ``nfe_forward`` is the forward pass's number of ``f`` evaluations; after its
     backward, ``nfe_backward`` is the backward pass's: ``nfe_adjoint`` of the solution stats for the
@@ -93,6 +96,7 @@ class NeuralODE(nn.Module):
         adaptive: bool = True,
         dt=None,
         max_steps: int = 100_000,
+        per_sample=False,
     ):
         super().__init__()
         if not callable(vector_field):
@@ -119,6 +123,8 @@ class NeuralODE(nn.Module):
         self.rtol, self.atol = rtol, atol
         self.return_trajectory = return_trajectory
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
+        check_per_sample(per_sample)  # per-sample stepping of the batch (pn.solve's per_sample)
+        self.per_sample = per_sample
         self.last_stats: dict = {}
         # the whole-graph DirectAdjoint: backward evaluations are counted by a gradient hook
         self._direct = (
@@ -132,7 +138,8 @@ class NeuralODE(nn.Module):
     @property
     def nfe_forward(self) -> int:
         """``f`` evaluations of the last forward solve."""
-        return int(self.last_stats.get("nfe", 0))
+        # per_sample: the calls of f (its stats' nfe counts per sample)
+        return int(self.last_stats.get("ncalls", self.last_stats.get("nfe", 0)))
 
     @property
     def nfe_backward(self) -> int:
@@ -160,6 +167,7 @@ class NeuralODE(nn.Module):
             adaptive=self.adaptive,
             dt=self.dt,
             max_steps=self.max_steps,
+            per_sample=self.per_sample,
         )
         self.func.hook = False
         self.last_stats = sol.stats

@@ -11,6 +11,9 @@
 Rosenbrock stage loop: inside ``guard``, ``start``, then per stage ``stage_point``/``stage_rhs``/
 ``stage_solve``, then ``finish``; the ESDIRK step: stage stores, predictors, Newton functions and
 linear solves on flat arrays). The two give the same results to rounding.
+
+The integrate loop's error norm of tiny CPU states runs on the host too (:func:`small_norm_kind`,
+:func:`rms_norm_small`, with the tolerances as :func:`host_tolerance` gives them).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import math
 import numpy as np
 import torch
 
-from ..controllers import host_tolerance
 from ._base import tableau_tensors
 from ._newton import (
     host_newton_fns,
@@ -31,6 +33,66 @@ from ._newton import (
     weighted_rms,
 )
 from .linear import HOST_DTYPES, bump
+
+
+# -- the host error norm of the integrate loop (tiny CPU states) --------------------------------
+#: states up to this many real components on the CPU take a host-side error norm (there torch's
+#: per-call dispatch costs more than the arithmetic): Python floats up to ``SMALL_NORM_LIST``
+#: components with scalar tolerances, numpy up to ``SMALL_NORM``
+SMALL_NORM = 64
+SMALL_NORM_LIST = 8
+
+
+def small_norm_kind(y: torch.Tensor, rtol, atol):
+    """``"list"``, ``"numpy"`` or ``None``: which host-side error norm the loop may use for this state."""
+    if y.device.type != "cpu" or y.numel() > SMALL_NORM or y.dtype not in (torch.float32, torch.float64):
+        return None
+    tensors = [x for x in (rtol, atol) if isinstance(x, torch.Tensor)]
+    if any(x.device.type != "cpu" for x in tensors):
+        return None
+    return "list" if not tensors and y.numel() <= SMALL_NORM_LIST else "numpy"
+
+
+def host_tolerance(tol):
+    """A tolerance as :func:`rms_norm_small` takes it: a float, or a numpy array over the flattened state."""
+    if not isinstance(tol, torch.Tensor):
+        return tol
+    return float(tol) if tol.numel() == 1 else tol.detach().reshape(-1).numpy()
+
+
+def abs_host(y: torch.Tensor, kind: str):
+    """``|y|`` as :func:`rms_norm_small` keeps it (a list of floats or a numpy array)."""
+    a = y.detach().reshape(-1)
+    return [abs(v) for v in a.tolist()] if kind == "list" else np.abs(a.numpy())
+
+
+def rms_norm_small(kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, atol, inv_sqrt_n: float):
+    """:func:`~pyneuralode.controllers.rms_norm_and_abs` on the host for tiny CPU states: ``(norm as a float, |y1|)``.
+
+    ``kind="list"``: Python floats (scalar ``rtol``/``atol``); ``"numpy"``: ``rtol``/``atol`` floats
+    or numpy arrays broadcasting against the flattened state. A zero scale or an overflow gives
+    ``inf``/NaN, which the loop rejects as non-finite.
+    """
+    if kind == "list":
+        s = 0.0
+        ay1 = []
+        try:
+            for a, b, e in zip(ay0, (y1 if y1.ndim == 1 else y1.reshape(-1)).tolist(),
+                               (err if err.ndim == 1 else err.reshape(-1)).tolist()):
+                b = abs(b)
+                ay1.append(b)
+                r = e / (atol + rtol * (a if a > b else b))
+                s += r * r
+        except (ZeroDivisionError, OverflowError):
+            return math.inf, ay1
+        return math.sqrt(s) * inv_sqrt_n, ay1
+    ay1 = np.abs(y1.detach().reshape(-1).numpy())
+    with np.errstate(all="ignore"):
+        scale = np.maximum(ay0, ay1)
+        scale *= rtol
+        scale += atol
+        r = err.detach().reshape(-1).numpy() / scale
+        return math.sqrt(float(np.vdot(r, r))) * inv_sqrt_n, ay1
 
 
 class _TorchCoef:

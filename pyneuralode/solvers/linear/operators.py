@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..._problem import time_tensor
+from ..._time import time_tensor
 from .gmres import gmres
 from .jacobian import (
     SparseJacobian,
