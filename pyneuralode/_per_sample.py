@@ -122,7 +122,7 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
     from ._loop import PER_SAMPLE_CODES, integrate_per_sample
     from ._problem import ODEProblem
     from ._solution import PerSampleSolution, SolveError
-    from ._solve import make_options
+    from ._loop_options import make_options
     from .sensitivity import BacksolveAdjoint, DirectAdjoint
     from .solvers._erk import ExplicitRK
     from .solvers._rosenbrock import GenericRosenbrock
@@ -232,9 +232,12 @@ class _JointBackward:
         self.sensealg, self.run = sensealg, run
         self.name = sensealg.name
 
-    def _forward(self, problem, y0, solver, opts, stats, keep):
-        res = self.run(y0, stats)
-        return res.ys, res, [problem.t_list[0]]  # no forward step times for the first step
+    def _forward(self, problem, y0, solver, opts, stats):
+        from .sensitivity._passes import Forward, StepBounds
 
-    def _backward(self, p, ys, grad_ys):
-        return self.sensealg._backward(p, ys, grad_ys)
+        res = self.run(y0, stats)
+        # no forward step times: each backward interval starts from its own first step
+        return Forward(res.ys, res, StepBounds([problem.t_list[0]]))
+
+    def _backward(self, p, ys, grad_ys, m):
+        return self.sensealg._backward(p, ys, grad_ys, m)

@@ -203,7 +203,7 @@ def test_sensealg_mapping():
 
 
 def test_solve_kwargs_mapping():
-    from pyneuralode._solve import make_options
+    from pyneuralode._loop_options import make_options
 
     opts = make_options(pn.Tsit5(), rtol=1e-7, atol=torch.tensor([1e-9, 1e-8], dtype=D), dt=0.1, adaptive=True,
                         max_steps=500, dense=False, progress=False, controller=None, dtmin=None, dtmax=0.5)
