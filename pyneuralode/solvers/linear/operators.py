@@ -450,8 +450,8 @@ class MatrixFreeGMRES(WOperator):
 
         opts = self.opts
         bf = (b if scale == 1.0 else scale * b).reshape(-1)
-        x, ok, its = gmres(
-            matvec, bf, tol=opts.gmres_tol, restart=opts.gmres_restart, maxiter=opts.gmres_maxiter
+        x, ok, its, _ = gmres(
+            matvec, bf, rtol=opts.gmres_tol, restart=opts.gmres_restart, maxiter=opts.gmres_maxiter
         )
         bump(self.stats, "ngmres", its)
         if not ok:
