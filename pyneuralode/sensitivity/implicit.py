@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .._arguments import check_tolerance
+from ..solvers.linear.gmres import gmres
 from ._base import AbstractImplicitGradient
 
 __all__ = ["SteadyStateAdjoint", "PhantomGradient", "jacobian_regularization"]
@@ -89,8 +90,9 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
         if vnorm == 0.0:
             return torch.zeros_like(v), 0, 0.0, True
         if self.linsolve == "gmres":  # per-sample Krylov spaces when batched
-            return gmres(lambda g: g - JT(g), v, tol=self.atol, rtol=rtol, restart=self.restart,
-                         max_iters=self.max_iters, batch=batch)
+            res = gmres(lambda g: g - JT(g), v, rtol=rtol, atol=self.atol, restart=self.restart,
+                        maxiter=self.max_iters, batch=batch)
+            return res.x, res.iterations, res.residual, res.converged
         if self.linsolve == "fixed_point":
             g = v.clone()
             r = math.inf
@@ -220,85 +222,6 @@ class PhantomGradient(AbstractImplicitGradient):
             info.bwd_iterations += self.k
             info.nbackward += 1
         return z
-
-
-def gmres(A: Callable, b: torch.Tensor, *, tol: float, restart: int = 30, max_iters: int = 200,
-          x0: Optional[torch.Tensor] = None, batch: int = 1, rtol: float = 0.0):
-    """Restarted GMRES for ``A(x) = b`` (matrix-free, any tensor shape); returns ``(x, matvecs, residual, converged)``.
-
-    With ``batch > 1`` the leading dimension of ``b`` holds independent systems that ``A`` maps
-    block-diagonally: each gets its own Krylov space (one batched matvec per iteration) and is
-    converged when ``‖b_i − A x_i‖₂ <= max(tol, rtol·‖b_i‖₂)``; ``residual`` is the largest.
-    Arnoldi with modified Gram–Schmidt; the small least-squares problems in float64 on the CPU.
-    Saad & Schultz (1986).
-    """
-    shape = b.shape
-    B = batch
-    bb = b.reshape(B, -1)
-    tolv = torch.clamp(rtol * bb.norm(dim=1).double().cpu(), min=tol)
-    x = torch.zeros_like(bb) if x0 is None else x0.reshape(B, -1).clone()
-    total = 0
-    r = bb - A(x.reshape(shape)).reshape(B, -1) if x0 is not None else bb.clone()
-    beta = r.norm(dim=1).double().cpu()
-    tiny = torch.finfo(b.dtype).tiny
-    while True:
-        worst = float(beta.max())
-        if not math.isfinite(worst):
-            return x.reshape(shape), total, worst, False
-        if bool((beta <= tolv).all()):
-            return x.reshape(shape), total, worst, True
-        if total >= max_iters:
-            return x.reshape(shape), total, worst, False
-        V = [r / beta.to(r).clamp_min(tiny)[:, None]]
-        R = torch.zeros(B, restart + 1, restart, dtype=torch.float64)  # Hessenberg, rotated to upper triangular
-        cs = torch.zeros(B, restart, dtype=torch.float64)
-        sn = torch.zeros(B, restart, dtype=torch.float64)
-        gvec = torch.zeros(B, restart + 1, dtype=torch.float64)
-        gvec[:, 0] = beta
-        j_used = 0
-        for j in range(restart):
-            w = A(V[j].reshape(shape)).reshape(B, -1)
-            total += 1
-            h = torch.zeros(B, j + 2, dtype=torch.float64)
-            for i in range(j + 1):
-                hij = (w * V[i]).sum(1)
-                h[:, i] = hij.double().cpu()
-                w = w - hij[:, None] * V[i]
-            hn = w.norm(dim=1).double().cpu()
-            h[:, j + 1] = hn
-            for i in range(j):  # previous Givens rotations
-                t = cs[:, i] * h[:, i] + sn[:, i] * h[:, i + 1]
-                h[:, i + 1] = -sn[:, i] * h[:, i] + cs[:, i] * h[:, i + 1]
-                h[:, i] = t
-            den = torch.sqrt(h[:, j] ** 2 + h[:, j + 1] ** 2)
-            zero = den == 0
-            cs[:, j] = torch.where(zero, torch.ones_like(den), h[:, j] / torch.where(zero, torch.ones_like(den), den))
-            sn[:, j] = torch.where(zero, torch.zeros_like(den), h[:, j + 1] / torch.where(zero, torch.ones_like(den), den))
-            h[:, j] = den
-            h[:, j + 1] = 0
-            R[:, : j + 2, j] = h
-            gvec[:, j + 1] = -sn[:, j] * gvec[:, j]
-            gvec[:, j] = cs[:, j] * gvec[:, j]
-            j_used = j + 1
-            res = gvec[:, j + 1].abs()
-            breakdown = hn <= 1e-12 * beta.clamp_min(tiny)
-            if bool(((res <= tolv) | breakdown).all()) or total >= max_iters:
-                break
-            keep = (~breakdown).to(w)[:, None]
-            V.append(keep * w / hn.to(w).clamp_min(tiny)[:, None])
-        T = R[:, :j_used, :j_used].clone()
-        gg = gvec[:, :j_used].clone()
-        diag = T.diagonal(dim1=1, dim2=2)
-        small = diag.abs() <= 1e-14 * diag.abs().amax(-1, keepdim=True).clamp_min(1e-300)
-        if bool(small.any()):  # broken-down / finished samples: drop those directions
-            T = T + torch.diag_embed(small.double())
-            gg = torch.where(small, torch.zeros_like(gg), gg)
-        y = torch.linalg.solve_triangular(T, gg[:, :, None], upper=True)
-        yv = y[:, :, 0].to(b)
-        for i in range(j_used):
-            x = x + yv[:, i : i + 1] * V[i]
-        r = bb - A(x.reshape(shape)).reshape(B, -1)  # true residual (one extra matvec, not counted)
-        beta = r.norm(dim=1).double().cpu()
 
 
 def jacobian_regularization(f: Callable, z: torch.Tensor, args: Sequence = (), *, n_samples: int = 1,

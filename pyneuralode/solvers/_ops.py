@@ -8,8 +8,8 @@
   returns tensors. Needs a W operator with a host inverse (:class:`~.linear.SmallInverse`).
 
 :func:`stage_ops` picks one in a solver's ``init``; a step is then written once against it (the
-Rosenbrock stage loop: inside ``guard``, ``start``, then per stage ``stage_point``/``stage_rhs``/
-``stage_solve``, then ``finish``; the ESDIRK step: stage stores, predictors, Newton functions and
+Rosenbrock stage loop: inside ``guard``, ``start`` (the first stage), then ``stage`` once per
+further stage, then ``finish``; the ESDIRK step: stage stores, predictors, Newton functions and
 linear solves on flat arrays). The two give the same results to rounding.
 
 The integrate loop's error norm of tiny CPU states runs on the host too (:func:`small_norm_kind`,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from operator import mul
 
 import numpy as np
 import torch
@@ -33,6 +34,10 @@ from ._newton import (
     weighted_rms,
 )
 from .linear import HOST_DTYPES, bump
+
+#: float64 states up to this many components take :class:`FloatOps` in the Rosenbrock stage loop
+#: (the closed-form inverse of W covers 1–3)
+FLOAT_OPS_MAX = 3
 
 
 # -- the host error norm of the integrate loop (tiny CPU states) --------------------------------
@@ -176,8 +181,8 @@ class TorchOps:
         self.d = tuple(float(x) for x in getattr(tab, "d", ()))  # (Rosenbrock only)
 
     def start(self, y0, f0, dT, h):
-        """Begin a step from ``(y0, f0 = f(t0, y0))`` with ``dT = ∂f/∂t`` (or None) and size ``h``;
-        factors ``W = I − hγJ``. Returns the first stage's right-hand side."""
+        """Begin a step from ``(y0, f0 = f(t0, y0))`` with ``dT = ∂f/∂t`` (or None) and size ``h``:
+        factors ``W = I − hγJ``, solves the first stage and returns the second stage's point."""
         tab = self.tab
         self.co = tableau_tensors(tab, y0, _TorchCoef)
         self.g = g = h * float(tab.gamma)
@@ -191,7 +196,19 @@ class TorchOps:
             self.KT = self.K.T
         else:
             self.Ks = []
-        return self._with_dT(f0.reshape(-1), 0)
+        self._solve(0, self._with_dT(f0.reshape(-1), 0))
+        return self._point(1)
+
+    def stage(self, i, fi):
+        """Stage ``i`` from ``fi = f(t0 + c_i h, u_i)``: ``U_i = (I/(hγ) − J)⁻¹ (fi + Σ_j c_ij U_j / h
+        + h d_i ∂f/∂t)``; returns the next stage's point (None after the last stage)."""
+        fi = fi if self.is_flat else fi.reshape(-1)
+        if self.inplace:
+            r = torch.addmv(fi, self.KT[:, :i], self.co.C[i], alpha=self.inv_h)
+        else:
+            r = fi + (self.Kst @ self.co.C[i]) * self.inv_h
+        self._solve(i, self._with_dT(r, i))
+        return self._point(i + 1) if i + 1 < len(self.c) else None
 
     def _with_dT(self, r, i):
         d = self.d[i]
@@ -199,7 +216,7 @@ class TorchOps:
             r = torch.add(r, self.dT, alpha=self.h * d)
         return r
 
-    def stage_point(self, i):
+    def _point(self, i):
         """``u_i = y0 + Σ_j a_ij U_j`` shaped like the state."""
         y0f = self.y0.reshape(-1)
         if self.inplace:
@@ -209,16 +226,7 @@ class TorchOps:
             ui = y0f + self.Kst @ self.co.A[i]
         return ui if self.is_flat else ui.view(self.shape)
 
-    def stage_rhs(self, i, fi):
-        """``f(u_i) + Σ_j c_ij U_j / h + h d_i ∂f/∂t`` (flat) from ``fi = f(t0 + c_i h, u_i)``."""
-        fi = fi if self.is_flat else fi.reshape(-1)
-        if self.inplace:
-            r = torch.addmv(fi, self.KT[:, :i], self.co.C[i], alpha=self.inv_h)
-        else:
-            r = fi + (self.Kst @ self.co.C[i]) * self.inv_h
-        return self._with_dT(r, i)
-
-    def stage_solve(self, i, r):
+    def _solve(self, i, r):
         """``U_i = (I/(hγ) − J)⁻¹ r = W⁻¹ (hγ r)``."""
         W = self.W
         b = r if not W.batched else r.view(self.shape)  # batched LU solves want (B, n)
@@ -392,20 +400,19 @@ class HostOps:
         row_scale = co.row_scale.copy()
         row_scale[1] = 1.0 / h
         self.AC = co.AC * row_scale  # the second row of every stage ÷ h
-        return r
+        np.dot(M, r, out=K[0])
+        return self._point(1)
 
-    def stage_point(self, i):
-        v = self.v = self.AC[i] @ self.K  # [u_i; Σ c_ij U_j / h + h d_i ∂f/∂t]
+    def stage(self, i, fi):
+        v1 = self.v[1]  # Σ_j c_ij U_j / h + h d_i ∂f/∂t, formed with the stage point
+        np.add(v1, (fi if self.is_flat else fi.reshape(-1)).numpy(), out=v1)
+        np.dot(self.M, v1, out=self.K[i])
+        return self._point(i + 1) if i + 1 < len(self.c) else None
+
+    def _point(self, i):
+        v = self.v = self.AC[i] @ self.K  # [u_i; Σ_j c_ij U_j / h + h d_i ∂f/∂t]
         ui = torch.from_numpy(v[0])
         return ui if self.is_flat else ui.view(self.shape)
-
-    def stage_rhs(self, i, fi):
-        v1 = self.v[1]
-        np.add(v1, (fi if self.is_flat else fi.reshape(-1)).numpy(), out=v1)
-        return v1
-
-    def stage_solve(self, i, r):
-        np.dot(self.M, r, out=self.K[i])
 
     def finish(self):
         out = self.co.MEH @ self.K  # [y1; error; dense coefficients]
@@ -509,15 +516,95 @@ class HostOps:
         return host_weighted_rms(v, scale, 1.0 / math.sqrt(max(v.size, 1)))
 
 
+class FloatOps:
+    """The Rosenbrock stage arithmetic on Python floats, for float64 CPU states of 1–3 components
+    without autograd: there a numpy call costs more than the arithmetic it does, and a stage is a
+    few dozen float operations (``(I/(hγ) − J)⁻¹`` comes in closed form as nested lists, see
+    :meth:`~.linear.SmallInverse.scaled_inverse_list`). f still gets and returns tensors. The
+    stages are kept by component (``cols[k][j]`` = component k of ``U_j``), so each combination is
+    one ``sum(map(mul, coefficients, column))``."""
+
+    host = True
+
+    __slots__ = ("W", "c", "gamma", "A", "C", "d", "m", "e", "H", "y", "shape", "is_flat",
+                 "M", "cols", "inv_h", "hdT", "y0")
+
+    def __init__(self, tab, W):
+        self.W = W
+        self.c = tuple(float(x) for x in tab.c)
+        self.gamma = float(tab.gamma)
+        s = tab.stages
+        self.A = [[float(x) for x in tab.A[i, :i]] for i in range(s)]
+        self.C = [[float(x) for x in tab.C[i, :i]] for i in range(s)]
+        self.d = [float(x) for x in tab.d]
+        self.m = [float(x) for x in tab.m]
+        self.e = [float(x) for x in tab.e]
+        self.H = None if tab.H is None else [[float(x) for x in row] for row in tab.H]
+
+    _nothing = contextlib.nullcontext()
+
+    def guard(self):
+        """Float multiplication and addition overflow to inf and give NaN without raising (the
+        error norm then rejects the step)."""
+        return self._nothing
+
+    def start(self, y0, f0, dT, h):
+        self.M = M = self.W.scaled_inverse_list(h * self.gamma)
+        self.y0, self.shape, self.is_flat = y0, y0.shape, y0.ndim == 1
+        flat = self.is_flat
+        self.y = (y0 if flat else y0.reshape(-1)).tolist()
+        r = (f0 if flat else f0.reshape(-1)).tolist()
+        self.inv_h = 1.0 / h
+        self.hdT = None if dT is None else [h * x for x in dT.reshape(-1).tolist()]
+        if self.hdT is not None and self.d[0] != 0.0:
+            r = [rk + self.d[0] * x for rk, x in zip(r, self.hdT)]
+        self.cols = [[sum(map(mul, Mk, r))] for Mk in M]
+        return self._point(1)
+
+    def stage(self, i, fi):
+        cols, ci, inv_h = self.cols, self.C[i], self.inv_h
+        F = (fi if self.is_flat else fi.reshape(-1)).tolist()
+        r = [Fk + inv_h * sum(map(mul, ci, col)) for Fk, col in zip(F, cols)]
+        di = self.d[i]
+        if self.hdT is not None and di != 0.0:
+            r = [rk + di * x for rk, x in zip(r, self.hdT)]
+        for col, Mk in zip(cols, self.M):
+            col.append(sum(map(mul, Mk, r)))
+        return self._point(i + 1) if i + 1 < len(self.c) else None
+
+    def _point(self, i):
+        ai = self.A[i]
+        u = torch.from_numpy(np.array([yk + sum(map(mul, ai, col))
+                                       for yk, col in zip(self.y, self.cols)]))
+        return u if self.is_flat else u.view(self.shape)
+
+    def finish(self):
+        cols, m, e = self.cols, self.m, self.e
+        rows = [[yk + sum(map(mul, m, col)) for yk, col in zip(self.y, cols)],
+                [sum(map(mul, e, col)) for col in cols]]
+        if self.H is not None:
+            rows += [[sum(map(mul, hr, col)) for col in cols] for hr in self.H]
+        bump(self.W.stats, "nsolve", len(m))
+        out = np.array(rows).reshape(len(rows), *self.shape)
+        from_numpy, y0 = torch.from_numpy, self.y0
+        y1 = from_numpy(out[0, ...])  # `...` keeps a 0-d state an array
+        kk = from_numpy(out[2:]) if self.H is not None else torch.zeros_like(y0).unsqueeze(0)
+        self.cols = None
+        return y1, from_numpy(out[1, ...]), (y0, y1, kk)
+
+
 def stage_ops(tab, W, y0: torch.Tensor, host_inverse: bool = True):
     """:class:`HostOps` for a CPU state without autograd (``host_inverse``: and a W with a host
-    inverse, the tiny dense systems of the Rosenbrock stage loop; else any W but GMRES), else
-    :class:`TorchOps` (called once per solve, in ``init``)."""
+    inverse, the tiny dense systems of the Rosenbrock stage loop, which take :class:`FloatOps`
+    for float64 states of 1–3 components; else any W but GMRES), else :class:`TorchOps` (called
+    once per solve, in ``init``)."""
     if (
         not torch.is_grad_enabled()
         and y0.dtype in HOST_DTYPES
         and y0.device.type == "cpu"
         and (W.host_capable if host_inverse else not W.matrix_free)
     ):
+        if host_inverse and y0.dtype == torch.float64 and y0.numel() <= FLOAT_OPS_MAX:
+            return FloatOps(tab, W)
         return HostOps(tab, W)
     return TorchOps(tab, W)

@@ -238,10 +238,9 @@ class GenericRosenbrock(RosenbrockSolver, TableauSolver):
         f0, dT = self._prepare(rhs, t0, y0, h, cache)
         c = ops.c  # the stage times
         with ops.guard():
-            ops.stage_solve(0, ops.start(y0, f0, dT, h))
+            u = ops.start(y0, f0, dT, h)  # the first stage; u: the second stage's point
             for i in range(1, len(c)):
-                fi = rhs(t0 + c[i] * h, ops.stage_point(i))
-                ops.stage_solve(i, ops.stage_rhs(i, fi))
+                u = ops.stage(i, rhs(t0 + c[i] * h, u))
             y1, err, dense = ops.finish()
         return StepResult(y1=y1, error=err, cache=cache.advanced(), dense=dense, cache_on_reject=cache)
 

@@ -5,7 +5,7 @@
 module imports only those before it.
 """
 
-from .gmres import gmres
+from .gmres import GMRESResult, gmres
 from .jacobian import (
     SparseJacobian,
     autograd_on,
@@ -37,6 +37,7 @@ from .operators import (
 from .options import LinearOptions
 
 __all__ = [
+    "GMRESResult",
     "gmres",
     "SparseJacobian",
     "autograd_on",

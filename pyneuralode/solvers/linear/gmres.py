@@ -1,83 +1,131 @@
-"""Restarted GMRES on flat vectors (the matrix-free ``linsolve="gmres"`` of the implicit solvers)."""
+"""Restarted GMRES, batched and differentiable: the one Krylov solver of the package.
+
+Used by the matrix-free ``linsolve="gmres"`` of the implicit ODE solvers (one system, under
+autograd when a solve is differentiated through its steps) and by
+:class:`~pyneuralode.SteadyStateAdjoint` (one system per sample of a batched state).
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
+import numpy as np
 import torch
 
 
+class GMRESResult(NamedTuple):
+    x: torch.Tensor  #: the solution, shaped like ``b``
+    converged: bool  #: every system met its tolerance
+    iterations: int  #: products with the matrix in Arnoldi steps (restart residuals not counted)
+    residual: float  #: the largest residual norm (the Givens estimate, or the true one at a restart)
+
+
 def gmres(
-    matvec: Callable,
+    matvec: Callable[[torch.Tensor], torch.Tensor],
     b: torch.Tensor,
-    x0: Optional[torch.Tensor] = None,
-    tol: float = 1e-8,
+    *,
+    rtol: float = 1e-8,
+    atol: float = 0.0,
     restart: int = 30,
     maxiter: int = 200,
-):
-    """Restarted GMRES (Saad & Schultz 1986) with modified Gram–Schmidt on flat vectors.
+    x0: Optional[torch.Tensor] = None,
+    batch: int = 1,
+) -> GMRESResult:
+    """Restarted GMRES (Saad & Schultz 1986) for ``matvec(x) = b``, Arnoldi with modified
+    Gram–Schmidt.
 
-    Solves ``matvec(x) = b`` to ``‖b − A x‖ ≤ tol·‖b‖``; returns ``(x, converged, iterations)``.
-    The residual is tracked with Givens rotations on Python floats; the small least-squares
-    problem is solved once per cycle with tensors, so the result is differentiable under autograd.
+    ``batch > 1``: the leading dimension of ``b`` holds independent systems that ``matvec`` maps
+    block-diagonally; each gets its own Krylov space (one batched product per iteration). System
+    ``i`` is solved when ``‖b_i − A x_i‖₂ ≤ max(atol, rtol·‖b_i‖₂)``. The residuals are tracked with
+    Givens rotations in float64 on the host (which decides when to stop); the small least-squares
+    problem of each cycle is solved with tensors, so ``x`` is differentiable under autograd (with
+    respect to ``b`` and whatever ``matvec`` depends on). A system whose Krylov space is exhausted
+    (breakdown) stops growing it; it counts as solved only if its residual meets the tolerance
+    (the true residual when the least-squares problem was singular).
     """
-    bn = float(torch.linalg.vector_norm(b.detach()))
-    if bn == 0.0:
-        return torch.zeros_like(b), True, 0
-    target = tol * bn
-    x = torch.zeros_like(b) if x0 is None else x0
+    shape = b.shape
+    B = batch
+    bb = b.reshape(B, -1)
+    n = bb.shape[1]
+    bnorm = bb.detach().norm(dim=1).double().cpu().numpy()
+    target = np.maximum(atol, rtol * bnorm)
+    if x0 is None:
+        x = torch.zeros_like(bb)
+        r = bb
+    else:
+        x = x0.reshape(B, -1)
+        r = bb - matvec(x.reshape(shape)).reshape(B, -1)
+    tiny = torch.finfo(b.dtype).tiny
+    ls_dtype = torch.float64 if b.dtype in (torch.float16, torch.bfloat16, torch.float32) else b.dtype
+    m = max(1, min(restart, n))
     its = 0
-    m = min(restart, b.numel())
     while True:
-        r = b - matvec(x) if (x0 is not None or its > 0) else b
-        beta = torch.linalg.vector_norm(r)
-        res = float(beta)
-        if res <= target or its >= maxiter:
-            return x, res <= target, its
-        V = [r / beta]
-        cols = []  # Hessenberg columns (tensors)
-        cs, sn = [], []
-        g = [res]  # rotated right-hand side (floats)
+        beta_t = r.norm(dim=1)
+        beta = beta_t.detach().double().cpu().numpy()
+        worst = float(beta.max())
+        if not np.isfinite(worst):
+            return GMRESResult(x.reshape(shape), False, its, worst)
+        done = beta <= target
+        if done.all():
+            return GMRESResult(x.reshape(shape), True, its, worst)
+        if its >= maxiter:
+            return GMRESResult(x.reshape(shape), False, its, worst)
+        # systems already solved take no correction: their least-squares right-hand side is 0
+        alive = torch.from_numpy(~done).to(device=b.device)
+        V = [r / beta_t.clamp_min(tiny)[:, None]]
+        cols = []  # Hessenberg columns (B, k+2), tensors
+        cs, sn = np.zeros((B, m)), np.zeros((B, m))
+        g = np.zeros((B, m + 1))
+        g[:, 0] = np.where(done, 0.0, beta)
+        dead = done.copy()  # no further Krylov directions (solved at the start, or broken down)
+        singular = np.zeros(B, dtype=bool)
         for k in range(m):
-            w = matvec(V[k])
+            w = matvec(V[k].reshape(shape)).reshape(B, -1)
+            its += 1
             h = []
             for j in range(k + 1):
-                hij = torch.dot(w, V[j])
-                w = w - hij * V[j]
+                hij = (w * V[j]).sum(1)
+                w = w - hij[:, None] * V[j]
                 h.append(hij)
-            hk1 = torch.linalg.vector_norm(w)
-            h.append(hk1)
-            cols.append(h)
-            its += 1
-            # apply the previous rotations to the new column (floats), then a new one
-            hf = [float(v) for v in h]
-            for j in range(k):
-                t0 = cs[j] * hf[j] + sn[j] * hf[j + 1]
-                hf[j + 1] = -sn[j] * hf[j] + cs[j] * hf[j + 1]
-                hf[j] = t0
-            den = (hf[k] ** 2 + hf[k + 1] ** 2) ** 0.5
-            c_, s_ = (1.0, 0.0) if den == 0 else (hf[k] / den, hf[k + 1] / den)
-            cs.append(c_)
-            sn.append(s_)
-            g.append(-s_ * g[k])
-            g[k] = c_ * g[k]
-            res = abs(g[k + 1])
-            breakdown = float(hk1) <= 1e-14 * bn
-            if res <= target or breakdown or its >= maxiter:
+            hn = w.norm(dim=1)
+            h.append(hn)
+            col = torch.stack(h, 1)
+            hf = col.detach().double().cpu().numpy().copy()
+            if dead.any():  # a unit column on a row of its own: the direction gets weight 0
+                unit = np.zeros(k + 2)
+                unit[k + 1] = 1.0
+                col = torch.where(
+                    torch.from_numpy(dead).to(b.device)[:, None],
+                    torch.from_numpy(unit).to(col),
+                    col,
+                )
+                hf[dead] = unit
+            breakdown = ~dead & (hf[:, k + 1] <= 1e-14 * bnorm)
+            cols.append(col)
+            for j in range(k):  # the earlier rotations, then a new one zeroing row k+1
+                t0 = cs[:, j] * hf[:, j] + sn[:, j] * hf[:, j + 1]
+                hf[:, j + 1] = -sn[:, j] * hf[:, j] + cs[:, j] * hf[:, j + 1]
+                hf[:, j] = t0
+            den = np.sqrt(hf[:, k] ** 2 + hf[:, k + 1] ** 2)
+            # a (near) zero pivot of the rotated triangle: the least-squares problem is singular
+            # and the rotated residual no longer measures the true one
+            singular |= den <= 1e-13 * np.sqrt((hf[:, : k + 2] ** 2).sum(1))
+            safe = np.where(den == 0.0, 1.0, den)
+            cs[:, k] = np.where(den == 0.0, 1.0, hf[:, k] / safe)
+            sn[:, k] = np.where(den == 0.0, 0.0, hf[:, k + 1] / safe)
+            g[:, k + 1] = -sn[:, k] * g[:, k]
+            g[:, k] = cs[:, k] * g[:, k]
+            res = np.abs(g[:, k + 1])
+            dead |= breakdown
+            if ((res <= target) | dead).all() or its >= maxiter:
                 break
-            V.append(w / hk1)
+            keep = torch.from_numpy(~dead).to(w)[:, None]
+            V.append(keep * w / hn.clamp_min(tiny)[:, None])
         k1 = len(cols)
-        H = torch.zeros(k1 + 1, k1, dtype=b.dtype, device=b.device)
-        Hc = [
-            torch.stack(
-                col + [torch.zeros((), dtype=b.dtype, device=b.device)] * (k1 - len(col) + 1)
-            )
-            for col in cols
-        ]
-        H = torch.stack(Hc, 1)
-        e1 = torch.zeros(k1 + 1, 1, dtype=b.dtype, device=b.device)
-        e1 = e1 + torch.nn.functional.pad(beta.reshape(1, 1), (0, 0, 0, k1))
-        yk = torch.linalg.lstsq(H, e1).solution[:, 0]
-        x = x + torch.stack(V[:k1], 1) @ yk
-        if res <= target or breakdown:
-            return x, True, its
+        H = torch.stack([torch.nn.functional.pad(c, (0, k1 + 1 - c.shape[1])) for c in cols], 2)
+        e1 = torch.nn.functional.pad((beta_t * alive.to(beta_t))[:, None], (0, k1))[:, :, None]
+        y = torch.linalg.lstsq(H.to(ls_dtype), e1.to(ls_dtype)).solution.to(b.dtype)
+        x = x + (torch.stack(V[:k1], 2) @ y)[:, :, 0]
+        if (res <= target).all() and not singular.any():
+            return GMRESResult(x.reshape(shape), True, its, float(res.max()))
+        r = bb - matvec(x.reshape(shape)).reshape(B, -1)

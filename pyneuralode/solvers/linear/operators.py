@@ -229,10 +229,12 @@ class SmallInverse(_DenseJacobian):
         self.inv = None  # W⁻¹ (torch)
         self.scaled = None  # (scale, scale · W⁻¹)
         self.np_inv = None  # (g, (I/g − J)⁻¹ as a numpy array)
+        self.list_inv = None  # (g, (I/g − J)⁻¹ as nested lists of floats)
 
     def _reset(self):
         self.inv = None
         self.np_inv = None
+        self.list_inv = None
 
     def _factor(self, g):
         bump(self.stats, "nlu")
@@ -277,6 +279,17 @@ class SmallInverse(_DenseJacobian):
             except np.linalg.LinAlgError:
                 M = np.full((n, n), np.nan, dtype=J.dtype)
         self.np_inv = (g, M)
+        return M
+
+    def scaled_inverse_list(self, g: float) -> list:
+        """``(I/g − J)⁻¹`` in closed form as nested lists of floats, for 1–3 components (counts
+        ``nlu`` once per Jacobian and ``g``); NaN where the matrix is singular."""
+        cached = self.list_inv
+        if cached is not None and cached[0] == g:
+            return cached[1]
+        bump(self.stats, "nlu")
+        M = closed_form_inverse(self.J.tolist(), 1.0 / g)
+        self.list_inv = (g, M)
         return M
 
     def host_solver(self, g, shape):
@@ -437,8 +450,8 @@ class MatrixFreeGMRES(WOperator):
 
         opts = self.opts
         bf = (b if scale == 1.0 else scale * b).reshape(-1)
-        x, ok, its = gmres(
-            matvec, bf, tol=opts.gmres_tol, restart=opts.gmres_restart, maxiter=opts.gmres_maxiter
+        x, ok, its, _ = gmres(
+            matvec, bf, rtol=opts.gmres_tol, restart=opts.gmres_restart, maxiter=opts.gmres_maxiter
         )
         bump(self.stats, "ngmres", its)
         if not ok:
