@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._loop import LoopOptions, integrate
+from ._odeint_adjoint import odeint_adjoint
 from ._problem import ODEProblem
 from ._solution import SolveError
 from ._solve import solve
@@ -111,7 +112,7 @@ class _Func(nn.Module):
             params = list(func.parameters()) if isinstance(func, nn.Module) else []
         object.__setattr__(self, "_params", list(params))
 
-    def parameters(self, recurse: bool = True):  # noqa: D102 - the adjoint's gradient targets
+    def parameters(self, recurse: bool = True):
         return iter(self._params)
 
     def forward(self, t, y):
@@ -439,8 +440,6 @@ def _grid(fw, y0, t, options):
 
 
 def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
-    from .solvers.fixed_grid import IMPLICIT_TABLEAUS, GridAdams, GridImplicitRK, GridRK
-
     interp = options.pop("interp", "linear")
     if interp not in ("linear", "cubic"):
         raise ValueError(
@@ -456,35 +455,7 @@ def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
         if not ((d > 0).all() if fwd else (d < 0).all()):
             raise ValueError("the step grid must be strictly monotonic in the direction of t")
     stats = {"nfe": 0}
-
-    def f(tt, y):
-        return problem.call(tt, y)
-
-    cb = getattr(func, "callback_step", None)
-    if cb is not None and problem.is_tuple:
-        cb0 = cb
-
-        def cb(t0, y0_, dt):  # noqa: F811 - torchdiffeq hands the user's (tuple) state
-            return cb0(t0, problem.unpack(y0_), dt)
-
-    common = dict(stats=stats, perturb=perturb, callback_step=cb)
-    if family == "fixed":
-        solver = GridRK(lookup(FIXED_RK.get(method, method)).tableau, f, grid, **common)
-    elif family == "implicit":
-        solver = GridImplicitRK(
-            IMPLICIT_TABLEAUS[method], f, grid, max_iters=options.pop("max_iters", 100), **common
-        )
-    else:
-        solver = GridAdams(
-            f,
-            grid,
-            implicit=ADAMS[method],
-            rtol=rtol,
-            atol=atol,
-            max_iters=options.pop("max_iters", 4),
-            max_order=options.pop("max_order", 12),
-            **common,
-        )
+    solver = _grid_solver(problem, func, grid, rtol, atol, method, family, options, perturb, stats)
     if problem.t.numel() == 1:
         return problem.unpack(problem.y0.unsqueeze(0))
     K = grid.numel() - 1
@@ -499,11 +470,45 @@ def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
             None,
         )
     Y = torch.stack(loop.ys)
-    out = _interpolate(problem, f, grid, Y, problem.t, interp)
+    out = _interpolate(problem, grid, Y, problem.t, interp)
     return problem.unpack(out)
 
 
-def _interpolate(problem, f, grid, Y, t, interp):
+def _grid_solver(problem, func, grid, rtol, atol, method, family, options, perturb, stats):
+    """The fixed-grid solver of ``method`` on the grid tensor ``grid`` (its steps read their times
+    from it), with torchdiffeq's ``callback_step`` on the user's state."""
+    from .solvers.fixed_grid import IMPLICIT_TABLEAUS, GridAdams, GridImplicitRK, GridRK
+
+    def f(tt, y):
+        return problem.call(tt, y)
+
+    cb = getattr(func, "callback_step", None)
+    if cb is not None and problem.is_tuple:
+        cb0 = cb
+
+        def cb(t0, y0_, dt):
+            return cb0(t0, problem.unpack(y0_), dt)
+
+    common = dict(stats=stats, perturb=perturb, callback_step=cb)
+    if family == "fixed":
+        return GridRK(lookup(FIXED_RK.get(method, method)).tableau, f, grid, **common)
+    if family == "implicit":
+        return GridImplicitRK(
+            IMPLICIT_TABLEAUS[method], f, grid, max_iters=options.pop("max_iters", 100), **common
+        )
+    return GridAdams(
+        f,
+        grid,
+        implicit=ADAMS[method],
+        rtol=rtol,
+        atol=atol,
+        max_iters=options.pop("max_iters", 4),
+        max_order=options.pop("max_order", 12),
+        **common,
+    )
+
+
+def _interpolate(problem, grid, Y, t, interp):
     """The states at ``t`` from those at the grid points (torchdiffeq's linear or cubic Hermite)."""
     g = [float(x) for x in grid.detach().tolist()]
     tl = [float(x) for x in t.detach().tolist()]
@@ -611,6 +616,116 @@ def _combine_event(event_fn, t0, y0):
     return combined
 
 
+#: torchdiffeq's bound on the steps of a fixed-grid solve until an event
+_MAX_EVENT_STEPS = 20000
+
+
+def _fixed_grid_event(fw, func, y0, t, rtol, atol, method, family, options, g):
+    """A fixed-grid method stepping ``step_size`` until ``g`` changes sign (torchdiffeq's
+    ``integrate_until_event``): the event by bisection to ``atol`` on the step's linear or cubic
+    interpolant; ``(event_t, states at [t0, event_t])`` with the event time's gradient."""
+    step = options.pop("step_size", None)
+    if step is None:
+        raise ValueError(
+            "Event handling for fixed step solvers currently requires `step_size` to be provided "
+            "in options."
+        )
+    h = float(step)
+    if not math.isfinite(h) or h <= 0:
+        raise ValueError(f"options['step_size']: must be a finite positive number, got {step}")
+    interp = options.pop("interp", "linear")
+    if interp not in ("linear", "cubic"):
+        raise ValueError(
+            f"options['interp']: unknown interpolation {interp!r}; use 'linear' or 'cubic'"
+        )
+    perturb = options.pop("perturb", False)
+    options.pop("grid_constructor", None)
+    options.pop("norm", None)
+    problem = ODEProblem(fw, y0, t)
+    y = problem.y0
+    sign = 1.0 if float(problem.t[1]) >= float(problem.t[0]) else -1.0
+    t0 = problem.t[0].to(y.dtype)
+    n = _MAX_EVENT_STEPS
+    # t1 = t0 + dt, one addition after the other in the state's dtype as torchdiffeq's event loop
+    # (its rounding decides where a marginally stable method such as explicit_adams drifts to)
+    import numpy as np
+
+    npd = np.float64 if y.dtype == torch.float64 else np.float32
+    acc = np.full(n + 1, sign * h, dtype=npd)
+    acc[0] = float(t0)
+    acc = np.add.accumulate(acc, dtype=npd)
+    grid = t0 - t0.detach() + torch.from_numpy(acc).to(device=y.device)
+    stats = {"nfe": 0}
+    solver = _grid_solver(problem, func, grid, rtol, atol, method, family, options, perturb, stats)
+    solver.constant_h = sign * h
+
+    def gval(tt, yy):
+        return torch.sign(torch.as_tensor(g(tt, problem.unpack(yy))))
+
+    with torch.no_grad():
+        sign0 = gval(t0, y)
+    found = {}
+
+    def hook(seg, s, s_new, y_new):
+        k = round(s)
+        ta, tb = grid[k], grid[k + 1]
+        with torch.no_grad():
+            if bool(gval(tb, y_new) == sign0):
+                return None
+        ya = seg.data[0]
+        if interp == "linear":
+
+            def at(tt):
+                return ya + (tt - ta) / (tb - ta) * (y_new - ya)
+
+        else:
+            fa, fb = problem.call(ta, ya), problem.call(tb, y_new)
+
+            def at(tt):
+                r = (tt - ta) / (tb - ta)
+                dt = tb - ta
+                return (
+                    (1 + 2 * r) * (1 - r) * (1 - r) * ya
+                    + r * (1 - r) * (1 - r) * dt * fa
+                    + r * r * (3 - 2 * r) * y_new
+                    + r * r * (r - 1) * dt * fb
+                )
+
+        with torch.no_grad():  # torchdiffeq's find_event: bisection to atol
+            lo, hi = ta.detach(), tb.detach()
+            tol = float(atol) if not isinstance(atol, torch.Tensor) else float(atol.min())
+            iters = math.ceil(math.log(abs(float(hi - lo)) / tol) / math.log(2.0)) if tol > 0 else 60
+            for _ in range(max(iters, 0)):
+                mid = (lo + hi) / 2
+                same = bool(gval(mid, at(mid)) == sign0)
+                lo, hi = (mid, hi) if same else (lo, mid)
+            t_event = (lo + hi) / 2
+        found["t"], found["y"] = t_event, at(t_event)
+        return k + float((t_event - ta) / (tb - ta))
+
+    opts = LoopOptions(adaptive=False, grid=[float(i) for i in range(n + 1)], dense=False,
+                       max_steps=n + 1, event=hook)
+    loop = integrate(None, y, [0.0, float(n)], solver, opts, stats)
+    if "t" not in found:
+        if not loop.retcode.successful:
+            raise SolveError(
+                f"odeint({method!r}, event_fn=...) failed with retcode {loop.retcode.value}: "
+                f"{loop.message}",
+                loop.retcode,
+                loop.t_reached,
+                None,
+            )
+        raise RuntimeError(f"Reached maximum number of iterations {n}.")
+    from ._odeint_adjoint import _reroute_event
+
+    event_t = found["t"].to(t.dtype)
+    ys = torch.stack([y, found["y"]])
+    event_t, ys = _reroute_event(
+        problem.call, lambda tt, yy: g(tt, problem.unpack(yy)), event_t, ys
+    )
+    return event_t, problem.unpack(ys)
+
+
 def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, sensealg, kwargs):
     if t.numel() != 2:
         raise ValueError(
@@ -621,33 +736,12 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
     ref = y0[0] if isinstance(y0, (tuple, list)) else y0
     ev = _combine_event(event_fn, t[0].to(ref.dtype), y0)
     reverse = float(t[1]) < float(t[0])
-    if family == "fixed":
-        step = options.pop("step_size", None)
-        if step is None:
-            raise ValueError(
-                "Event handling for fixed step solvers currently requires `step_size` to be provided "
-                "in options."
-            )
-        options.pop("interp", None)
-        options.pop("perturb", None)
-        solver = lookup(FIXED_RK.get(method, method))()
-        return event_solve(
-            fw,
-            y0,
-            t[0],
-            ev,
-            reverse,
-            solver,
-            rtol,
-            atol,
-            dict(adaptive=False, dt=float(step)),
-            sensealg,
-            kwargs,
-        )
+    if family in ("fixed", "implicit", "adams"):
+        return _fixed_grid_event(fw, fw.base, y0, t, rtol, atol, method, family, options, ev)
     if family != "adaptive":
         raise ValueError(
-            f"event_fn: events with method {method!r} are not supported; use an adaptive method "
-            f"(e.g. 'dopri5') or an explicit fixed-grid one with options=dict(step_size=...)"
+            f"event_fn: events with method {method!r} are not supported (as in torchdiffeq); use "
+            f"an adaptive method (e.g. 'dopri5') or a fixed-grid one with options=dict(step_size=...)"
         )
     kw = {}
     if "first_step" in options:
@@ -661,75 +755,3 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
         kw["dtmax"] = float(options["max_step"])
     solver = lookup(ADAPTIVE.get(method, method))()
     return event_solve(fw, y0, t[0], ev, reverse, solver, rtol, atol, kw, sensealg, kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# odeint_adjoint
-
-
-def odeint_adjoint(
-    func,
-    y0,
-    t,
-    *,
-    rtol=1e-7,
-    atol=1e-9,
-    method: str | None = None,
-    options: dict | None = None,
-    event_fn: Callable | None = None,
-    adjoint_rtol=None,
-    adjoint_atol=None,
-    adjoint_method=None,
-    adjoint_options: dict | None = None,
-    adjoint_params=None,
-):
-    """torchdiffeq's ``odeint_adjoint``: ``odeint`` whose gradients come from the backsolve adjoint
-    (:class:`pyneuralode.BacksolveAdjoint`: the state re-solved backwards with the adjoint).
-
-    ``func`` must be an ``nn.Module`` unless ``adjoint_params`` (the tensors gradients reach; tensors
-    ``func`` closes over included) is given. ``adjoint_rtol``/``adjoint_atol``/``adjoint_method``
-    default to the forward ones; ``adjoint_options=dict(norm="seminorm")`` leaves the parameter
-    gradients out of the backward step-size control. Fixed-grid methods differentiate through the
-    forward steps instead (same gradients; memory grows with the steps).
-    """
-    if adjoint_params is None and not isinstance(func, nn.Module):
-        raise ValueError(
-            "func must be an instance of nn.Module to specify the adjoint parameters; alternatively "
-            "they can be specified explicitly via the `adjoint_params` argument. If there are no "
-            "parameters then it is allowable to set `adjoint_params=()`."
-        )
-    if adjoint_params is None:
-        params = list(func.parameters())
-    else:
-        params = list(adjoint_params)
-    params = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
-    method_ = method or "dopri5"
-    family = _family(method_)
-    if family == "adaptive" or (event_fn is not None and family == "fixed"):
-        from .sensitivity import BacksolveAdjoint
-
-        aopts = dict(adjoint_options or {})
-        norm = aopts.pop("norm", None)
-        seminorm = norm == "seminorm"
-        if norm is not None and not seminorm:
-            raise ValueError(
-                f"adjoint_options['norm']: only 'seminorm' is supported (or leave it out), got {norm!r}"
-            )
-        if aopts:
-            warnings.warn(f"adjoint_options: Unexpected arguments {aopts}", stacklevel=2)
-        a_solver = None
-        if adjoint_method is not None and adjoint_method != method_:
-            if _family(adjoint_method) != "adaptive":
-                raise ValueError(
-                    f"adjoint_method: {adjoint_method!r} is not adaptive; the backsolve adjoint needs "
-                    f"an adaptive method such as 'dopri5'"
-                )
-            a_solver = lookup(ADAPTIVE.get(adjoint_method, adjoint_method))()
-        sens = BacksolveAdjoint(
-            seminorm=seminorm,
-            solver=a_solver,
-            rtol=None if adjoint_rtol is None else float(adjoint_rtol),
-            atol=None if adjoint_atol is None else float(adjoint_atol),
-        )
-        return _odeint(func, y0, t, rtol, atol, method_, options, event_fn, sens, {}, params=params)
-    return _odeint(func, y0, t, rtol, atol, method_, options, event_fn, None, {}, params=params)

@@ -104,6 +104,9 @@ class _GridBase(AbstractSolver):
         self.f_end = (
             None  # f(t1, y1) of the last step when the step has it for free (cubic interpolation)
         )
+        #: a constant step (a Python float) used instead of ``t_grid[k+1] - t_grid[k]``:
+        #: torchdiffeq's event loop steps by ``step_size`` itself
+        self.constant_h: Optional[float] = None
 
     def default_controller(self):
         return None
@@ -118,7 +121,7 @@ class _GridBase(AbstractSolver):
     def times(self, s0: float):
         k = int(round(s0))
         t0, t1 = self.t_grid[k], self.t_grid[k + 1]
-        return k, t0, t1, t1 - t0
+        return k, t0, t1, (t1 - t0) if self.constant_h is None else self.constant_h
 
     def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
         return None
@@ -208,7 +211,7 @@ class GridImplicitRK(_GridBase):
         dtype = y0.dtype
         A = torch.as_tensor(tab.a, dtype=dtype, device=y0.device)
         J = self._jacobian(_nudge(t0, t1) if self.perturb else t0, y0)
-        hd = float(h.detach())
+        hd = float(h)
         M = torch.eye(s * n, dtype=dtype, device=y0.device) - hd * torch.kron(A, J)
         try:
             lu = torch.linalg.lu_factor(M)
