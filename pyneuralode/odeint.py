@@ -269,11 +269,14 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
         kw["controller"] = _controller(**control)
     options.pop("dtype", None)  # times are float64 Python numbers inside the loop already
     min_step = options.pop("min_step", 0)
-    if min_step is not None and float(min_step) > 0:
-        raise ValueError(
-            "options['min_step']: a lower bound that accepts steps regardless of their error is not "
-            "supported by the native methods; use method='scipy_solver' (its min_step) or drop it"
-        )
+    try:
+        min_step = float(min_step if min_step is not None else 0)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"options['min_step']: expected a number, got {type(min_step).__name__}"
+        ) from None
+    if not math.isfinite(min_step) or min_step < 0:
+        raise ValueError(f"options['min_step']: must be a finite number >= 0, got {min_step}")
     max_step = options.pop("max_step", None)
     if max_step is not None and math.isfinite(float(max_step)):
         kw["dtmax"] = float(max_step)
@@ -302,15 +305,19 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
 
     def run(fn, y_start, tt):
         s = solver
+        if has_cb or min_step > 0:
+            prob = ODEProblem(fn, y_start, tt, rtol=rtol, atol=atol)
         if has_cb:
-            prob = ODEProblem(fn, y_start, tt)
             s = _with_callbacks(s, func, prob.time, prob.unpack)
-        sol = solve(
-            fn, y_start, tt, s, rtol=rtol, atol=atol, dt=first_step, max_steps=max_steps, **kw
-        )
+        if min_step > 0:
+            ys = _run_with_min_step(prob, s, first_step, max_steps, min_step, kw)
+        else:
+            ys = solve(
+                fn, y_start, tt, s, rtol=rtol, atol=atol, dt=first_step, max_steps=max_steps, **kw
+            ).ys
         if has_cb:
             s.finish()
-        return sol.ys
+        return ys
 
     if not breaks:
         return run(fw, y0, ts)
@@ -351,6 +358,37 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
     if is_tuple:
         return tuple(torch.cat([p[j] for p in out]) for j in range(len(y0)))
     return torch.cat(out)
+
+
+def _run_with_min_step(problem, solver, first_step, max_steps, min_step, kw):
+    """The loop with torchdiffeq's ``min_step`` (steps at least that long, accepted whatever their
+    error); gradients by differentiating the steps (the loop records its graph)."""
+    if kw.get("sensealg") is not None or set(kw) - {"dense", "dtmax", "norm", "controller"}:
+        raise ValueError(
+            "options['min_step'] > 0: not available with solve's other keyword arguments "
+            f"({sorted(k for k in kw if k != 'dense')}); drop min_step or those arguments"
+        )
+    opts = LoopOptions(
+        rtol=problem.rtol,
+        atol=problem.atol,
+        dt=None if first_step is None else float(first_step),
+        max_steps=int(max_steps),
+        dense=False,
+        controller=kw.get("controller"),
+        dtmax=kw.get("dtmax"),
+        norm=kw.get("norm"),
+        min_step=min_step,
+    )
+    stats: dict = {}
+    loop = integrate(problem.rhs(stats), problem.y0, problem.t_list, solver, opts, stats)
+    if not loop.retcode.successful:
+        raise SolveError(
+            f"odeint failed with retcode {loop.retcode.value}: {loop.message}",
+            loop.retcode,
+            loop.t_reached,
+            None,
+        )
+    return problem.unpack(torch.stack(loop.ys))
 
 
 class _Nudged(nn.Module):
@@ -753,5 +791,9 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
         kw["controller"] = _controller(**control)
     if options.get("max_step") is not None and math.isfinite(float(options["max_step"])):
         kw["dtmax"] = float(options["max_step"])
+    if float(options.get("min_step") or 0) > 0:
+        raise ValueError(
+            "options['min_step'] > 0 with event_fn: not supported; drop min_step for the event solve"
+        )
     solver = lookup(ADAPTIVE.get(method, method))()
     return event_solve(fw, y0, t[0], ev, reverse, solver, rtol, atol, kw, sensealg, kwargs)
