@@ -81,8 +81,24 @@ class _AdjointMethod(torch.autograd.Function):
     ``norm`` in between)."""
 
     @staticmethod
-    def forward(ctx, shapes, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol,
-                adjoint_atol, adjoint_method, adjoint_options, t_requires_grad, *adjoint_params):
+    def forward(
+        ctx,
+        shapes,
+        func,
+        y0,
+        t,
+        rtol,
+        atol,
+        method,
+        options,
+        event_fn,
+        adjoint_rtol,
+        adjoint_atol,
+        adjoint_method,
+        adjoint_options,
+        t_requires_grad,
+        *adjoint_params,
+    ):
         from .odeint import _odeint
 
         ctx.func = func
@@ -91,7 +107,7 @@ class _AdjointMethod(torch.autograd.Function):
         ctx.t_requires_grad = t_requires_grad
         ctx.event_mode = event_fn is not None
         with torch.no_grad():
-            ans = _odeint(func, y0, t, rtol, atol, method, options, event_fn, None, {})
+            ans = _odeint(func, y0, t, rtol, atol, method, options, event_fn, {})
             if event_fn is None:
                 ctx.save_for_backward(t, ans, *adjoint_params)
             else:
@@ -135,7 +151,8 @@ class _AdjointMethod(torch.autograd.Function):
                 vjp_t = torch.zeros_like(t) if vjp_t is None else vjp_t.to(t.dtype)
                 vjp_y = torch.zeros_like(y) if vjp_y is None else vjp_y
                 vjp_params = [
-                    torch.zeros_like(p) if v is None else v for p, v in zip(adjoint_params, vjp_params)
+                    torch.zeros_like(p) if v is None else v
+                    for p, v in zip(adjoint_params, vjp_params)
                 ]
                 return (vjp_t.reshape(()), func_eval.detach(), vjp_y, *vjp_params)
 
@@ -144,7 +161,9 @@ class _AdjointMethod(torch.autograd.Function):
                 if cb is not None:
                     setattr(augmented_dynamics, name, cb)
 
-            time_vjps = torch.empty(len(t), dtype=t.dtype, device=t.device) if t_requires_grad else None
+            time_vjps = (
+                torch.empty(len(t), dtype=t.dtype, device=t.device) if t_requires_grad else None
+            )
             for i in range(len(t) - 1, 0, -1):
                 if t_requires_grad:  # moving the output time t_i moves y(t_i) by f(t_i, y_i)
                     f_i = fw(t[i], y[i])
@@ -159,7 +178,6 @@ class _AdjointMethod(torch.autograd.Function):
                     ctx.adjoint_atol,
                     ctx.adjoint_method,
                     ctx.adjoint_options,
-                    None,
                     None,
                     {},
                 )
@@ -266,7 +284,8 @@ def odeint_adjoint(
     """
     if adjoint_params is None and not isinstance(func, nn.Module):
         raise ValueError(
-            "func must be an instance of nn.Module to specify the adjoint parameters; alternatively "
+            "func must be an instance of nn.Module to specify the adjoint parameters; "
+            "alternatively "
             "they can be specified explicitly via the `adjoint_params` argument. If there are no "
             "parameters then it is allowable to set `adjoint_params=()`."
         )
@@ -297,15 +316,14 @@ def odeint_adjoint(
         adjoint_params = tuple(adjoint_params)
     for i, p in enumerate(adjoint_params):
         if not isinstance(p, torch.Tensor):
-            raise TypeError(
-                f"adjoint_params[{i}]: expected a torch.Tensor, got {type(p).__name__}"
-            )
+            raise TypeError(f"adjoint_params[{i}]: expected a torch.Tensor, got {type(p).__name__}")
     n_all = len(adjoint_params)
     adjoint_params = tuple(p for p in adjoint_params if p.requires_grad)
     if len(adjoint_params) != n_all and callable(adjoint_options.get("norm")):
         warnings.warn(
             "An adjoint parameter was passed without requiring gradient. For efficiency this will "
-            "be excluded from the adjoint pass, and will not appear as a tensor in the adjoint norm.",
+            "be excluded from the adjoint pass, and will not appear as a tensor in the adjoint "
+            "norm.",
             stacklevel=2,
         )
     options = dict(options or {})
@@ -342,8 +360,21 @@ def odeint_adjoint(
         state_norm = options.get("norm", _rms_norm)
     _adjoint_norm(adjoint_options, shapes, state_norm)
     ans = _AdjointMethod.apply(
-        shapes, func, y0, t, rtol, atol, method, options, event_fn, adjoint_rtol, adjoint_atol,
-        adjoint_method, adjoint_options, t.requires_grad, *adjoint_params,
+        shapes,
+        func,
+        y0,
+        t,
+        rtol,
+        atol,
+        method,
+        options,
+        event_fn,
+        adjoint_rtol,
+        adjoint_atol,
+        adjoint_method,
+        adjoint_options,
+        t.requires_grad,
+        *adjoint_params,
     )
     if event_fn is None:
         solution = ans
@@ -363,7 +394,12 @@ def _flat_tol(name, tol, shapes):
     if not isinstance(tol, (tuple, list)):
         return tol
     if len(tol) != len(shapes):
-        raise ValueError(f"{name}: a tuple of tolerances needs one per state component ({len(shapes)})")
+        raise ValueError(
+            f"{name}: a tuple of tolerances needs one per state component ({len(shapes)})"
+        )
     return torch.cat(
-        [torch.as_tensor(v, dtype=torch.float64).expand(shp).reshape(-1) for v, shp in zip(tol, shapes)]
+        [
+            torch.as_tensor(v, dtype=torch.float64).expand(shp).reshape(-1)
+            for v, shp in zip(tol, shapes)
+        ]
     )

@@ -102,15 +102,14 @@ def _valid_options(family: str) -> set:
 
 
 class _Func(nn.Module):
-    """``func`` as torchdiffeq calls it: ``t`` in the state's real dtype; ``parameters()`` are the
-    tensors the gradients reach (``adjoint_params``, default ``func.parameters()``)."""
+    """``func`` as torchdiffeq calls it: ``t`` in the state's real dtype; ``parameters()`` are
+    ``func``'s (what a ``sensealg`` passed to ``odeint`` differentiates)."""
 
-    def __init__(self, func: Callable, params=None):
+    def __init__(self, func: Callable):
         super().__init__()
         object.__setattr__(self, "base", func)
-        if params is None:
-            params = list(func.parameters()) if isinstance(func, nn.Module) else []
-        object.__setattr__(self, "_params", list(params))
+        params = list(func.parameters()) if isinstance(func, nn.Module) else []
+        object.__setattr__(self, "_params", params)
 
     def parameters(self, recurse: bool = True):
         return iter(self._params)
@@ -205,10 +204,10 @@ def odeint(
     ``t[0]`` is used) returns ``(event_t, states at [t0, event_t])``. Extra keyword arguments go to
     :func:`pyneuralode.solve` for the adaptive methods (e.g. ``sensealg``).
     """
-    return _odeint(func, y0, t, rtol, atol, method, options, event_fn, None, kwargs)
+    return _odeint(func, y0, t, rtol, atol, method, options, event_fn, kwargs)
 
 
-def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs, params=None):
+def _odeint(func, y0, t, rtol, atol, method, options, event_fn, kwargs):
     if not callable(func):
         raise TypeError(f"func: must be callable as func(t, y), got {type(func).__name__}")
     if options is not None and not isinstance(options, dict):
@@ -234,17 +233,15 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs
     )
     if cbs - allowed:
         warnings.warn(f"Solver '{method}' does not support callbacks {cbs - allowed}", stacklevel=3)
-    fw = _Func(func, params)
+    fw = _Func(func)
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t, dtype=torch.float64)
     if event_fn is not None:
-        return _odeint_with_event(
-            fw, y0, t, rtol, atol, method, family, options, event_fn, sensealg, kwargs
-        )
+        return _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, kwargs)
     if family == "scipy":
         return _scipy_solve(fw, y0, t, rtol, atol, options)
     if family == "adaptive":
-        return _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs)
+        return _adaptive(fw, func, y0, t, rtol, atol, method, options, kwargs)
     if kwargs:
         raise TypeError(
             f"odeint: unexpected keyword arguments {sorted(kwargs)} for the fixed-grid method {method!r}"
@@ -256,12 +253,9 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs
 # adaptive methods
 
 
-def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
+def _adaptive(fw, func, y0, t, rtol, atol, method, options, kwargs):
     solver = lookup(ADAPTIVE.get(method, method))()
     kw = dict(kwargs)
-    if sensealg is not None:  # odeint_adjoint: gradients reach exactly fw's adjoint_params
-        kw["sensealg"] = sensealg
-        kw["adjoint_params"] = fw._params
     first_step = options.pop("first_step", None)
     max_steps = options.pop("max_num_steps", kw.pop("max_steps", 2**31 - 1))
     control = {k: options.pop(k) for k in ("safety", "ifactor", "dfactor") if k in options}
@@ -732,7 +726,9 @@ def _fixed_grid_event(fw, func, y0, t, rtol, atol, method, family, options, g):
         with torch.no_grad():  # torchdiffeq's find_event: bisection to atol
             lo, hi = ta.detach(), tb.detach()
             tol = float(atol) if not isinstance(atol, torch.Tensor) else float(atol.min())
-            iters = math.ceil(math.log(abs(float(hi - lo)) / tol) / math.log(2.0)) if tol > 0 else 60
+            iters = (
+                math.ceil(math.log(abs(float(hi - lo)) / tol) / math.log(2.0)) if tol > 0 else 60
+            )
             for _ in range(max(iters, 0)):
                 mid = (lo + hi) / 2
                 same = bool(gval(mid, at(mid)) == sign0)
@@ -741,8 +737,13 @@ def _fixed_grid_event(fw, func, y0, t, rtol, atol, method, family, options, g):
         found["t"], found["y"] = t_event, at(t_event)
         return k + float((t_event - ta) / (tb - ta))
 
-    opts = LoopOptions(adaptive=False, grid=[float(i) for i in range(n + 1)], dense=False,
-                       max_steps=n + 1, event=hook)
+    opts = LoopOptions(
+        adaptive=False,
+        grid=[float(i) for i in range(n + 1)],
+        dense=False,
+        max_steps=n + 1,
+        event=hook,
+    )
     loop = integrate(None, y, [0.0, float(n)], solver, opts, stats)
     if "t" not in found:
         if not loop.retcode.successful:
@@ -764,7 +765,7 @@ def _fixed_grid_event(fw, func, y0, t, rtol, atol, method, family, options, g):
     return event_t, problem.unpack(ys)
 
 
-def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, sensealg, kwargs):
+def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, kwargs):
     if t.numel() != 2:
         raise ValueError(
             f"We require len(t) == 2 when in event handling mode, but got len(t)={t.numel()}."
@@ -779,7 +780,8 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
     if family != "adaptive":
         raise ValueError(
             f"event_fn: events with method {method!r} are not supported (as in torchdiffeq); use "
-            f"an adaptive method (e.g. 'dopri5') or a fixed-grid one with options=dict(step_size=...)"
+            f"an adaptive method (e.g. 'dopri5') or a fixed-grid one with "
+            f"options=dict(step_size=...)"
         )
     kw = {}
     if "first_step" in options:
@@ -793,7 +795,9 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
         kw["dtmax"] = float(options["max_step"])
     if float(options.get("min_step") or 0) > 0:
         raise ValueError(
-            "options['min_step'] > 0 with event_fn: not supported; drop min_step for the event solve"
+            "options['min_step'] > 0 with event_fn: not supported; drop min_step for the event "
+            "solve"
         )
     solver = lookup(ADAPTIVE.get(method, method))()
+    sensealg = kwargs.pop("sensealg", None)
     return event_solve(fw, y0, t[0], ev, reverse, solver, rtol, atol, kw, sensealg, kwargs)

@@ -637,7 +637,9 @@ def test_odeint_adjoint_callbacks_and_perturb_in_the_backward_pass():
         for perturb in (True, False):
             ts, counts = [], {"step": 0, "accept": 0}
             f = Counting(lambda t, y: (ts.append(float(t)), -y)[1])
-            f.callback_step_adjoint = lambda t0, y0, dt: counts.__setitem__("step", counts["step"] + 1)
+            f.callback_step_adjoint = lambda t0, y0, dt: counts.__setitem__(
+                "step", counts["step"] + 1
+            )
             f.callback_accept_step_adjoint = lambda t0, y0, dt: counts.__setitem__(
                 "accept", counts["accept"] + 1
             )
@@ -656,7 +658,9 @@ def test_odeint_adjoint_callbacks_and_perturb_in_the_backward_pass():
                 break
             assert counts["accept"] == 0  # fixed-grid methods have no accept callback
             assert (1.0 in ts) != perturb and (0.5 in ts) != perturb
-            assert torch.allclose(y0.grad, 1 + torch.exp(-torch.ones(2, dtype=torch.float64)), atol=0.1)
+            assert torch.allclose(
+                y0.grad, 1 + torch.exp(-torch.ones(2, dtype=torch.float64)), atol=0.1
+            )
 
 
 def test_odeint_adjoint_norms_as_torchdiffeq():
@@ -681,13 +685,25 @@ def test_odeint_adjoint_norms_as_torchdiffeq():
     )
     xs[0].sum().backward()
     assert seen and seen[0] == ((), (), (2, 2), (), (2, 2), (7,), ())
-    ys = pn.odeint_adjoint(lambda t, x: -x * p2, torch.ones(3, dtype=torch.float64), t,
-                           adjoint_params=(p1, p2), adjoint_options=dict(norm="seminorm"))
+    ys = pn.odeint_adjoint(
+        lambda t, x: -x * p2,
+        torch.ones(3, dtype=torch.float64),
+        t,
+        adjoint_params=(p1, p2),
+        adjoint_options=dict(norm="seminorm"),
+    )
     norm = ys.grad_fn.adjoint_options["norm"]
-    parts = (torch.tensor(0.1), torch.ones(3), 2 * torch.ones(3), 5 * torch.ones(7), torch.tensor(9.0))
+    parts = (
+        torch.tensor(0.1),
+        torch.ones(3),
+        2 * torch.ones(3),
+        5 * torch.ones(7),
+        torch.tensor(9.0),
+    )
     assert float(norm(parts)) == 2.0  # the parameter channels (5, 9) are left out
-    ys = pn.odeint_adjoint(lambda t, x: -x * p2, torch.ones(3, dtype=torch.float64), t,
-                           adjoint_params=(p1, p2))
+    ys = pn.odeint_adjoint(
+        lambda t, x: -x * p2, torch.ones(3, dtype=torch.float64), t, adjoint_params=(p1, p2)
+    )
     assert float(ys.grad_fn.adjoint_options["norm"](parts)) == 9.0
 
 
@@ -695,8 +711,9 @@ def test_odeint_adjoint_f_independent_of_y_and_params():
     """f(t) alone: the adjoint is constant, dL/dy0 = dL/dy(T); no error from autograd."""
     y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
     t = torch.tensor([1.0, 3.0], dtype=torch.float64, requires_grad=True)
-    ys = pn.odeint_adjoint(lambda t, y: -0.1 * torch.exp(-0.1 * t) * torch.ones_like(y), y0, t,
-                           adjoint_params=())
+    ys = pn.odeint_adjoint(
+        lambda t, y: -0.1 * torch.exp(-0.1 * t) * torch.ones_like(y), y0, t, adjoint_params=()
+    )
     ys[-1].sum().backward()
     assert float(y0.grad) == pytest.approx(1.0, abs=1e-12)
     # dL/dT = f(T) and dL/dt0 = -f(t0)
@@ -705,12 +722,15 @@ def test_odeint_adjoint_f_independent_of_y_and_params():
 
 
 def test_min_step_as_torchdiffeq():
-    """``min_step``: steps at least that long, accepted whatever their error (torchdiffeq master)."""
+    """``min_step``: steps at least that long, accepted whatever their error (torchdiffeq's)."""
     ys, nfes = [], []
     for lib in (pn, torchdiffeq):
         f = Counting(linear)
-        ys.append(lib.odeint(f, Y0, torch.linspace(0, 8, 5, dtype=torch.float64),
-                             options=dict(min_step=2.0)))
+        ys.append(
+            lib.odeint(
+                f, Y0, torch.linspace(0, 8, 5, dtype=torch.float64), options=dict(min_step=2.0)
+            )
+        )
         nfes.append(f.nfe)
     assert nfes[0] == nfes[1] < 50
     assert torch.allclose(ys[0], ys[1], rtol=1e-6, atol=1e-8)
@@ -718,14 +738,19 @@ def test_min_step_as_torchdiffeq():
         pn.odeint(linear, Y0, torch.tensor([0.0, 1.0]), options=dict(min_step=-1.0))
 
 
-@pytest.mark.parametrize("method", ["rk4", "explicit_adams", "implicit_adams", "implicit_euler", "gl4"])
+@pytest.mark.parametrize(
+    "method", ["rk4", "explicit_adams", "implicit_adams", "implicit_euler", "gl4"]
+)
 def test_events_for_every_fixed_grid_method(method):
     """Events step ``step_size`` until the sign changes and bisect the step's interpolant to
     ``atol`` as torchdiffeq: y' = -y from 1 until y = 0.5, reached at log 2."""
     y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    args = dict(event_fn=lambda t, y: y[0] - 0.5, method=method,
-                options=dict(step_size=0.01, interp="cubic"))
+    args = dict(
+        event_fn=lambda t, y: y[0] - 0.5,
+        method=method,
+        options=dict(step_size=0.01, interp="cubic"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         te, ys = pn.odeint(lambda t, y: -y, y0, t, **args)
@@ -747,15 +772,27 @@ def test_explicit_adams_event_float32_identical_to_torchdiffeq():
         return 2 * y / t + t**4 * torch.sin(2 * t) - t**2 + 4 * t**3
 
     def exact(t):
-        return (-0.5 * t**4 * torch.cos(2 * t) + 0.5 * t**3 * torch.sin(2 * t)
-                + 0.25 * t**2 * torch.cos(2 * t) - t**3 + 2 * t**4 + (math.pi - 0.25) * t**2)
+        return (
+            -0.5 * t**4 * torch.cos(2 * t)
+            + 0.5 * t**3 * torch.sin(2 * t)
+            + 0.25 * t**2 * torch.cos(2 * t)
+            - t**3
+            + 2 * t**4
+            + (math.pi - 0.25) * t**2
+        )
 
     t = torch.tensor([1.0, 2.0], dtype=torch.float64)
     y0 = exact(t[0]).float()
     target = exact(torch.tensor(2.5, dtype=torch.float64)).float()
     out = [
-        lib.odeint(f, y0, t, event_fn=lambda t, y: y - target, method="explicit_adams",
-                   options=dict(step_size=0.01, interp="cubic"))
+        lib.odeint(
+            f,
+            y0,
+            t,
+            event_fn=lambda t, y: y - target,
+            method="explicit_adams",
+            options=dict(step_size=0.01, interp="cubic"),
+        )
         for lib in (pn, torchdiffeq)
     ]
     assert float(out[0][0]) == float(out[1][0]) and torch.equal(out[0][1], out[1][1])
