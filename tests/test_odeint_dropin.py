@@ -156,17 +156,21 @@ def test_fixed_grid_t_gradient_is_the_derivative_of_the_output(method):
 
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "adaptive_heun"])
 def test_adaptive_gradients_match_torchdiffeq(method):
+    # tolerances a low-order method reaches in a few hundred steps (adaptive_heun at 1e-10 would
+    # take ~1e5 steps, each kept in the graph)
+    rtol = {"dopri5": 1e-10, "bosh3": 1e-7, "adaptive_heun": 1e-5}[method]
+
     def grads(lib, **kw):
         w = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
         y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
         t = torch.linspace(0, 2, 4, dtype=torch.float64)
         ys = lib.odeint(
-            lambda tt, y: -w * y + torch.sin(tt), y0, t, method=method, rtol=1e-10, atol=1e-12, **kw
+            lambda tt, y: -w * y + torch.sin(tt), y0, t, method=method, rtol=rtol, atol=rtol, **kw
         )
         return torch.autograd.grad(ys.sum(), (w, y0))
 
     for g1, g2 in zip(grads(pn), grads(torchdiffeq)):
-        assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-8)
+        assert torch.allclose(g1, g2, rtol=100 * rtol, atol=100 * rtol)
 
 
 def test_default_method_is_dopri5_with_torchdiffeq_tolerances():
