@@ -74,6 +74,13 @@ class _FlatFunc(nn.Module):
         return torch.cat([o.reshape(-1) for o in out])
 
 
+_DOUBLE_BACKWARD = (
+    "differentiating twice through odeint_adjoint is not supported: its backward pass runs "
+    "without a graph, so a second derivative would be wrong; use pn.odeint (it differentiates "
+    "the solver's steps) for higher-order derivatives"
+)
+
+
 class _AdjointMethod(torch.autograd.Function):
     """Forward: ``odeint`` without a graph; backward: the augmented system solved backwards.
 
@@ -106,6 +113,7 @@ class _AdjointMethod(torch.autograd.Function):
         ctx.adjoint_method, ctx.adjoint_options = adjoint_method, adjoint_options
         ctx.t_requires_grad = t_requires_grad
         ctx.event_mode = event_fn is not None
+        ctx.inputs = (y0, *adjoint_params)  # anchors of the second-derivative error only
         with torch.no_grad():
             ans = _odeint(func, y0, t, rtol, atol, method, options, event_fn, {})
             if event_fn is None:
@@ -119,6 +127,7 @@ class _AdjointMethod(torch.autograd.Function):
     def backward(ctx, *grad_y):
         from .odeint import _Func, _odeint
 
+        grad_ys = grad_y
         with torch.no_grad():
             func = ctx.func
             t_requires_grad = ctx.t_requires_grad
@@ -190,7 +199,15 @@ class _AdjointMethod(torch.autograd.Function):
                     time_vjps = torch.cat([time_vjps[0].reshape(-1), torch.zeros_like(t_user[1:])])
             adj_y = aug_state[2]
             adj_params = aug_state[3:]
-        return (None, None, adj_y, time_vjps, *([None] * 10), *adj_params)
+        outs = [adj_y, time_vjps, *adj_params]
+        if torch.is_grad_enabled():  # create_graph=True: the first derivative, never a second
+            from .sensitivity._adjoint import _FirstOrderOnly
+
+            depends = [v for v in (*ctx.inputs, *grad_ys) if v is not None and v.requires_grad]
+            if depends:
+                msg = _DOUBLE_BACKWARD
+                outs = [None if v is None else _FirstOrderOnly.apply(msg, v, *depends) for v in outs]
+        return (None, None, outs[0], outs[1], *([None] * 10), *outs[2:])
 
 
 def _adjoint_norm(adjoint_options: dict, shapes, state_norm):

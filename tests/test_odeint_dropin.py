@@ -800,3 +800,16 @@ def test_explicit_adams_event_float32_identical_to_torchdiffeq():
         for lib in (pn, torchdiffeq)
     ]
     assert float(out[0][0]) == float(out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_odeint_adjoint_second_derivative_raises():
+    """The backward pass runs without a graph: a second derivative raises instead of being 0."""
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    ys = pn.odeint_adjoint(
+        lambda t, y: -w * y, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0]),
+        adjoint_params=(w,),
+    )
+    (g,) = torch.autograd.grad(ys[-1].sum(), w, create_graph=True)
+    assert float(g) == pytest.approx(-2 * math.exp(-0.5), rel=1e-6)
+    with pytest.raises(RuntimeError, match="twice through odeint_adjoint.*pn.odeint"):
+        g.backward()
