@@ -205,8 +205,10 @@ class _AdjointMethod(torch.autograd.Function):
 
             depends = [v for v in (*ctx.inputs, *grad_ys) if v is not None and v.requires_grad]
             if depends:
-                msg = _DOUBLE_BACKWARD
-                outs = [None if v is None else _FirstOrderOnly.apply(msg, v, *depends) for v in outs]
+                outs = [
+                    None if v is None else _FirstOrderOnly.apply(_DOUBLE_BACKWARD, v, *depends)
+                    for v in outs
+                ]
         return (None, None, outs[0], outs[1], *([None] * 10), *outs[2:])
 
 
