@@ -96,6 +96,8 @@ def test_same_results_and_nfe_as_torchdiffeq(method):
     t = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
     opts = dict(step_size=0.05) if method in FIXED else {}
     kw = dict(rtol=1e-12, atol=1e-14) if method == "dopri8" else {}
+    if method in ("adaptive_heun", "fehlberg2"):  # second order: thousands of steps at 1e-7
+        kw = dict(rtol=1e-5, atol=1e-7)
     ours_f, ref_f = Counting(spiral), Counting(spiral)
     ours = pn.odeint(ours_f, Y0, t, method=method, options=dict(opts), **kw)
     ref = torchdiffeq.odeint(ref_f, Y0, t, method=method, options=dict(opts), **kw)
@@ -104,7 +106,8 @@ def test_same_results_and_nfe_as_torchdiffeq(method):
         assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12), (ours - ref).abs().max()
         assert ours_f.nfe == ref_f.nfe
     else:
-        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5), (ours - ref).abs().max()
+        close = 1e-3 if kw.get("rtol") == 1e-5 else 1e-4
+        assert torch.allclose(ours, ref, rtol=close, atol=close / 10), (ours - ref).abs().max()
         if method != "scipy_solver":
             # same tableau, same controller; initial step and step-end details may differ slightly;
             # fehlberg2: torchdiffeq reuses its third stage (at the low-order point) as the next f0,
@@ -273,11 +276,13 @@ def test_convergence_order_nonlinear(method):
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_adaptive_methods_reach_the_tolerance(method):
     t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    # second-order methods: tolerances they reach in a few hundred steps
+    tols = (1e-3, 1e-6) if method in ("adaptive_heun", "fehlberg2") else (1e-5, 1e-8)
     errs = []
-    for tol in (1e-5, 1e-8):
+    for tol in tols:
         y = pn.odeint(linear, Y0, t, method=method, rtol=tol, atol=tol * 1e-2)
         errs.append(float((y - exact_linear(t)).abs().max()))
-    assert errs[1] < 1e-5 and errs[1] < errs[0] / 30, errs
+    assert errs[1] < 1e3 * tols[1] and errs[1] < errs[0] / 30, errs
 
 
 # ---------------------------------------------------------------------------------------------
