@@ -40,6 +40,9 @@ class LoopOptions:
     controller: Optional[Any] = None
     dtmin: Optional[float] = None
     dtmax: Optional[float] = None
+    #: torchdiffeq's ``min_step``: adaptive steps are at least this long, and a step this short is
+    #: accepted whatever its error (not a failure floor like ``dtmin``). ``None`` = no such bound.
+    min_step: Optional[float] = None
     #: error norm ``norm(err, y0, y1, rtol, atol) -> 0-d tensor``; ``None`` = Hairer's RMS norm
     #: (``controllers.error_norm``). Used e.g. by the adjoint seminorm (Kidger, Chen, Lyons 2021).
     norm: Optional[Callable] = None
@@ -155,6 +158,8 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     dtmax = abs(opts.dtmax) if opts.dtmax is not None else span
     dt_floor = max(_EPS * span, 1e-300)  # near t = 0: a relative floor on the span's scale
     dt = min(dt, dtmax)
+    min_step = abs(opts.min_step) if opts.min_step and adaptive else 0.0
+    dt = max(dt, min_step)
     # Error norm: the default (Hairer's RMS norm) takes a fast path that reuses |y| from the
     # previous step and never records a graph; a custom ``opts.norm`` gets (err, y0, y1, rtol, atol).
     norm = opts.norm
@@ -251,13 +256,13 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                     errn = norm(res.error, y, res.y1, rtol, atol).item()
                 finite = math.isfinite(errn)
                 q_step = q if res.order is None else res.order + 1
-                if not finite or errn > 1.0:
+                if (not finite or errn > 1.0) and not abs(h) <= min_step:
                     stats["nreject"] += 1
                     last_nonfinite = not finite
                     fac = ctrl.factor(errn if finite else math.inf, err_prev, q_step, accepted_last)
                     if res.reject_safety is not None:
                         fac = max(getattr(ctrl, "factor_min", 0.0), fac * res.reject_safety)
-                    dt = abs(h) * fac
+                    dt = max(abs(h) * fac, min_step)
                     accepted_last = False
                     if res.cache_on_reject is not None:
                         cache = res.cache_on_reject
@@ -319,7 +324,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 message = f"terminated by the callback at t={t:.6g}"
                 break
             if adaptive:
-                dt = min(abs(h) * fac, dtmax) if not last_step else dt
+                dt = max(min(abs(h) * fac, dtmax), min_step) if not last_step else dt
             if bar is not None:
                 bar.n = int(1000 * min(1.0, abs(t - t_out[0]) / span))
                 bar.refresh()

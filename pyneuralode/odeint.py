@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._loop import LoopOptions, integrate
+from ._odeint_adjoint import odeint_adjoint
 from ._problem import ODEProblem
 from ._solution import SolveError
 from ._solve import solve
@@ -101,17 +102,16 @@ def _valid_options(family: str) -> set:
 
 
 class _Func(nn.Module):
-    """``func`` as torchdiffeq calls it: ``t`` in the state's real dtype; ``parameters()`` are the
-    tensors the gradients reach (``adjoint_params``, default ``func.parameters()``)."""
+    """``func`` as torchdiffeq calls it: ``t`` in the state's real dtype; ``parameters()`` are
+    ``func``'s (what a ``sensealg`` passed to ``odeint`` differentiates)."""
 
-    def __init__(self, func: Callable, params=None):
+    def __init__(self, func: Callable):
         super().__init__()
         object.__setattr__(self, "base", func)
-        if params is None:
-            params = list(func.parameters()) if isinstance(func, nn.Module) else []
-        object.__setattr__(self, "_params", list(params))
+        params = list(func.parameters()) if isinstance(func, nn.Module) else []
+        object.__setattr__(self, "_params", params)
 
-    def parameters(self, recurse: bool = True):  # noqa: D102 - the adjoint's gradient targets
+    def parameters(self, recurse: bool = True):
         return iter(self._params)
 
     def forward(self, t, y):
@@ -204,10 +204,10 @@ def odeint(
     ``t[0]`` is used) returns ``(event_t, states at [t0, event_t])``. Extra keyword arguments go to
     :func:`pyneuralode.solve` for the adaptive methods (e.g. ``sensealg``).
     """
-    return _odeint(func, y0, t, rtol, atol, method, options, event_fn, None, kwargs)
+    return _odeint(func, y0, t, rtol, atol, method, options, event_fn, kwargs)
 
 
-def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs, params=None):
+def _odeint(func, y0, t, rtol, atol, method, options, event_fn, kwargs):
     if not callable(func):
         raise TypeError(f"func: must be callable as func(t, y), got {type(func).__name__}")
     if options is not None and not isinstance(options, dict):
@@ -233,17 +233,15 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs
     )
     if cbs - allowed:
         warnings.warn(f"Solver '{method}' does not support callbacks {cbs - allowed}", stacklevel=3)
-    fw = _Func(func, params)
+    fw = _Func(func)
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t, dtype=torch.float64)
     if event_fn is not None:
-        return _odeint_with_event(
-            fw, y0, t, rtol, atol, method, family, options, event_fn, sensealg, kwargs
-        )
+        return _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, kwargs)
     if family == "scipy":
         return _scipy_solve(fw, y0, t, rtol, atol, options)
     if family == "adaptive":
-        return _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs)
+        return _adaptive(fw, func, y0, t, rtol, atol, method, options, kwargs)
     if kwargs:
         raise TypeError(
             f"odeint: unexpected keyword arguments {sorted(kwargs)} for the fixed-grid method {method!r}"
@@ -255,12 +253,9 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, kwargs
 # adaptive methods
 
 
-def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
+def _adaptive(fw, func, y0, t, rtol, atol, method, options, kwargs):
     solver = lookup(ADAPTIVE.get(method, method))()
     kw = dict(kwargs)
-    if sensealg is not None:  # odeint_adjoint: gradients reach exactly fw's adjoint_params
-        kw["sensealg"] = sensealg
-        kw["adjoint_params"] = fw._params
     first_step = options.pop("first_step", None)
     max_steps = options.pop("max_num_steps", kw.pop("max_steps", 2**31 - 1))
     control = {k: options.pop(k) for k in ("safety", "ifactor", "dfactor") if k in options}
@@ -268,11 +263,14 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
         kw["controller"] = _controller(**control)
     options.pop("dtype", None)  # times are float64 Python numbers inside the loop already
     min_step = options.pop("min_step", 0)
-    if min_step is not None and float(min_step) > 0:
-        raise ValueError(
-            "options['min_step']: a lower bound that accepts steps regardless of their error is not "
-            "supported by the native methods; use method='scipy_solver' (its min_step) or drop it"
-        )
+    try:
+        min_step = float(min_step if min_step is not None else 0)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"options['min_step']: expected a number, got {type(min_step).__name__}"
+        ) from None
+    if not math.isfinite(min_step) or min_step < 0:
+        raise ValueError(f"options['min_step']: must be a finite number >= 0, got {min_step}")
     max_step = options.pop("max_step", None)
     if max_step is not None and math.isfinite(float(max_step)):
         kw["dtmax"] = float(max_step)
@@ -301,15 +299,19 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
 
     def run(fn, y_start, tt):
         s = solver
+        if has_cb or min_step > 0:
+            prob = ODEProblem(fn, y_start, tt, rtol=rtol, atol=atol)
         if has_cb:
-            prob = ODEProblem(fn, y_start, tt)
             s = _with_callbacks(s, func, prob.time, prob.unpack)
-        sol = solve(
-            fn, y_start, tt, s, rtol=rtol, atol=atol, dt=first_step, max_steps=max_steps, **kw
-        )
+        if min_step > 0:
+            ys = _run_with_min_step(prob, s, first_step, max_steps, min_step, kw)
+        else:
+            ys = solve(
+                fn, y_start, tt, s, rtol=rtol, atol=atol, dt=first_step, max_steps=max_steps, **kw
+            ).ys
         if has_cb:
             s.finish()
-        return sol.ys
+        return ys
 
     if not breaks:
         return run(fw, y0, ts)
@@ -350,6 +352,37 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, sensealg, kwargs):
     if is_tuple:
         return tuple(torch.cat([p[j] for p in out]) for j in range(len(y0)))
     return torch.cat(out)
+
+
+def _run_with_min_step(problem, solver, first_step, max_steps, min_step, kw):
+    """The loop with torchdiffeq's ``min_step`` (steps at least that long, accepted whatever their
+    error); gradients by differentiating the steps (the loop records its graph)."""
+    if kw.get("sensealg") is not None or set(kw) - {"dense", "dtmax", "norm", "controller"}:
+        raise ValueError(
+            "options['min_step'] > 0: not available with solve's other keyword arguments "
+            f"({sorted(k for k in kw if k != 'dense')}); drop min_step or those arguments"
+        )
+    opts = LoopOptions(
+        rtol=problem.rtol,
+        atol=problem.atol,
+        dt=None if first_step is None else float(first_step),
+        max_steps=int(max_steps),
+        dense=False,
+        controller=kw.get("controller"),
+        dtmax=kw.get("dtmax"),
+        norm=kw.get("norm"),
+        min_step=min_step,
+    )
+    stats: dict = {}
+    loop = integrate(problem.rhs(stats), problem.y0, problem.t_list, solver, opts, stats)
+    if not loop.retcode.successful:
+        raise SolveError(
+            f"odeint failed with retcode {loop.retcode.value}: {loop.message}",
+            loop.retcode,
+            loop.t_reached,
+            None,
+        )
+    return problem.unpack(torch.stack(loop.ys))
 
 
 class _Nudged(nn.Module):
@@ -439,8 +472,6 @@ def _grid(fw, y0, t, options):
 
 
 def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
-    from .solvers.fixed_grid import IMPLICIT_TABLEAUS, GridAdams, GridImplicitRK, GridRK
-
     interp = options.pop("interp", "linear")
     if interp not in ("linear", "cubic"):
         raise ValueError(
@@ -456,35 +487,7 @@ def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
         if not ((d > 0).all() if fwd else (d < 0).all()):
             raise ValueError("the step grid must be strictly monotonic in the direction of t")
     stats = {"nfe": 0}
-
-    def f(tt, y):
-        return problem.call(tt, y)
-
-    cb = getattr(func, "callback_step", None)
-    if cb is not None and problem.is_tuple:
-        cb0 = cb
-
-        def cb(t0, y0_, dt):  # noqa: F811 - torchdiffeq hands the user's (tuple) state
-            return cb0(t0, problem.unpack(y0_), dt)
-
-    common = dict(stats=stats, perturb=perturb, callback_step=cb)
-    if family == "fixed":
-        solver = GridRK(lookup(FIXED_RK.get(method, method)).tableau, f, grid, **common)
-    elif family == "implicit":
-        solver = GridImplicitRK(
-            IMPLICIT_TABLEAUS[method], f, grid, max_iters=options.pop("max_iters", 100), **common
-        )
-    else:
-        solver = GridAdams(
-            f,
-            grid,
-            implicit=ADAMS[method],
-            rtol=rtol,
-            atol=atol,
-            max_iters=options.pop("max_iters", 4),
-            max_order=options.pop("max_order", 12),
-            **common,
-        )
+    solver = _grid_solver(problem, func, grid, rtol, atol, method, family, options, perturb, stats)
     if problem.t.numel() == 1:
         return problem.unpack(problem.y0.unsqueeze(0))
     K = grid.numel() - 1
@@ -499,11 +502,45 @@ def _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options):
             None,
         )
     Y = torch.stack(loop.ys)
-    out = _interpolate(problem, f, grid, Y, problem.t, interp)
+    out = _interpolate(problem, grid, Y, problem.t, interp)
     return problem.unpack(out)
 
 
-def _interpolate(problem, f, grid, Y, t, interp):
+def _grid_solver(problem, func, grid, rtol, atol, method, family, options, perturb, stats):
+    """The fixed-grid solver of ``method`` on the grid tensor ``grid`` (its steps read their times
+    from it), with torchdiffeq's ``callback_step`` on the user's state."""
+    from .solvers.fixed_grid import IMPLICIT_TABLEAUS, GridAdams, GridImplicitRK, GridRK
+
+    def f(tt, y):
+        return problem.call(tt, y)
+
+    cb = getattr(func, "callback_step", None)
+    if cb is not None and problem.is_tuple:
+        cb0 = cb
+
+        def cb(t0, y0_, dt):
+            return cb0(t0, problem.unpack(y0_), dt)
+
+    common = dict(stats=stats, perturb=perturb, callback_step=cb)
+    if family == "fixed":
+        return GridRK(lookup(FIXED_RK.get(method, method)).tableau, f, grid, **common)
+    if family == "implicit":
+        return GridImplicitRK(
+            IMPLICIT_TABLEAUS[method], f, grid, max_iters=options.pop("max_iters", 100), **common
+        )
+    return GridAdams(
+        f,
+        grid,
+        implicit=ADAMS[method],
+        rtol=rtol,
+        atol=atol,
+        max_iters=options.pop("max_iters", 4),
+        max_order=options.pop("max_order", 12),
+        **common,
+    )
+
+
+def _interpolate(problem, grid, Y, t, interp):
     """The states at ``t`` from those at the grid points (torchdiffeq's linear or cubic Hermite)."""
     g = [float(x) for x in grid.detach().tolist()]
     tl = [float(x) for x in t.detach().tolist()]
@@ -611,7 +648,124 @@ def _combine_event(event_fn, t0, y0):
     return combined
 
 
-def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, sensealg, kwargs):
+#: torchdiffeq's bound on the steps of a fixed-grid solve until an event
+_MAX_EVENT_STEPS = 20000
+
+
+def _fixed_grid_event(fw, func, y0, t, rtol, atol, method, family, options, g):
+    """A fixed-grid method stepping ``step_size`` until ``g`` changes sign (torchdiffeq's
+    ``integrate_until_event``): the event by bisection to ``atol`` on the step's linear or cubic
+    interpolant; ``(event_t, states at [t0, event_t])`` with the event time's gradient."""
+    step = options.pop("step_size", None)
+    if step is None:
+        raise ValueError(
+            "Event handling for fixed step solvers currently requires `step_size` to be provided "
+            "in options."
+        )
+    h = float(step)
+    if not math.isfinite(h) or h <= 0:
+        raise ValueError(f"options['step_size']: must be a finite positive number, got {step}")
+    interp = options.pop("interp", "linear")
+    if interp not in ("linear", "cubic"):
+        raise ValueError(
+            f"options['interp']: unknown interpolation {interp!r}; use 'linear' or 'cubic'"
+        )
+    perturb = options.pop("perturb", False)
+    options.pop("grid_constructor", None)
+    options.pop("norm", None)
+    problem = ODEProblem(fw, y0, t)
+    y = problem.y0
+    sign = 1.0 if float(problem.t[1]) >= float(problem.t[0]) else -1.0
+    t0 = problem.t[0].to(y.dtype)
+    n = _MAX_EVENT_STEPS
+    # t1 = t0 + dt, one addition after the other in the state's dtype as torchdiffeq's event loop
+    # (its rounding decides where a marginally stable method such as explicit_adams drifts to)
+    import numpy as np
+
+    npd = np.float64 if y.dtype == torch.float64 else np.float32
+    acc = np.full(n + 1, sign * h, dtype=npd)
+    acc[0] = float(t0)
+    acc = np.add.accumulate(acc, dtype=npd)
+    grid = t0 - t0.detach() + torch.from_numpy(acc).to(device=y.device)
+    stats = {"nfe": 0}
+    solver = _grid_solver(problem, func, grid, rtol, atol, method, family, options, perturb, stats)
+    solver.constant_h = sign * h
+
+    def gval(tt, yy):
+        return torch.sign(torch.as_tensor(g(tt, problem.unpack(yy))))
+
+    with torch.no_grad():
+        sign0 = gval(t0, y)
+    found = {}
+
+    def hook(seg, s, s_new, y_new):
+        k = round(s)
+        ta, tb = grid[k], grid[k + 1]
+        with torch.no_grad():
+            if bool(gval(tb, y_new) == sign0):
+                return None
+        ya = seg.data[0]
+        if interp == "linear":
+
+            def at(tt):
+                return ya + (tt - ta) / (tb - ta) * (y_new - ya)
+
+        else:
+            fa, fb = problem.call(ta, ya), problem.call(tb, y_new)
+
+            def at(tt):
+                r = (tt - ta) / (tb - ta)
+                dt = tb - ta
+                return (
+                    (1 + 2 * r) * (1 - r) * (1 - r) * ya
+                    + r * (1 - r) * (1 - r) * dt * fa
+                    + r * r * (3 - 2 * r) * y_new
+                    + r * r * (r - 1) * dt * fb
+                )
+
+        with torch.no_grad():  # torchdiffeq's find_event: bisection to atol
+            lo, hi = ta.detach(), tb.detach()
+            tol = float(atol) if not isinstance(atol, torch.Tensor) else float(atol.min())
+            iters = (
+                math.ceil(math.log(abs(float(hi - lo)) / tol) / math.log(2.0)) if tol > 0 else 60
+            )
+            for _ in range(max(iters, 0)):
+                mid = (lo + hi) / 2
+                same = bool(gval(mid, at(mid)) == sign0)
+                lo, hi = (mid, hi) if same else (lo, mid)
+            t_event = (lo + hi) / 2
+        found["t"], found["y"] = t_event, at(t_event)
+        return k + float((t_event - ta) / (tb - ta))
+
+    opts = LoopOptions(
+        adaptive=False,
+        grid=[float(i) for i in range(n + 1)],
+        dense=False,
+        max_steps=n + 1,
+        event=hook,
+    )
+    loop = integrate(None, y, [0.0, float(n)], solver, opts, stats)
+    if "t" not in found:
+        if not loop.retcode.successful:
+            raise SolveError(
+                f"odeint({method!r}, event_fn=...) failed with retcode {loop.retcode.value}: "
+                f"{loop.message}",
+                loop.retcode,
+                loop.t_reached,
+                None,
+            )
+        raise RuntimeError(f"Reached maximum number of iterations {n}.")
+    from ._odeint_adjoint import _reroute_event
+
+    event_t = found["t"].to(t.dtype)
+    ys = torch.stack([y, found["y"]])
+    event_t, ys = _reroute_event(
+        problem.call, lambda tt, yy: g(tt, problem.unpack(yy)), event_t, ys
+    )
+    return event_t, problem.unpack(ys)
+
+
+def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn, kwargs):
     if t.numel() != 2:
         raise ValueError(
             f"We require len(t) == 2 when in event handling mode, but got len(t)={t.numel()}."
@@ -621,33 +775,13 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
     ref = y0[0] if isinstance(y0, (tuple, list)) else y0
     ev = _combine_event(event_fn, t[0].to(ref.dtype), y0)
     reverse = float(t[1]) < float(t[0])
-    if family == "fixed":
-        step = options.pop("step_size", None)
-        if step is None:
-            raise ValueError(
-                "Event handling for fixed step solvers currently requires `step_size` to be provided "
-                "in options."
-            )
-        options.pop("interp", None)
-        options.pop("perturb", None)
-        solver = lookup(FIXED_RK.get(method, method))()
-        return event_solve(
-            fw,
-            y0,
-            t[0],
-            ev,
-            reverse,
-            solver,
-            rtol,
-            atol,
-            dict(adaptive=False, dt=float(step)),
-            sensealg,
-            kwargs,
-        )
+    if family in ("fixed", "implicit", "adams"):
+        return _fixed_grid_event(fw, fw.base, y0, t, rtol, atol, method, family, options, ev)
     if family != "adaptive":
         raise ValueError(
-            f"event_fn: events with method {method!r} are not supported; use an adaptive method "
-            f"(e.g. 'dopri5') or an explicit fixed-grid one with options=dict(step_size=...)"
+            f"event_fn: events with method {method!r} are not supported (as in torchdiffeq); use "
+            f"an adaptive method (e.g. 'dopri5') or a fixed-grid one with "
+            f"options=dict(step_size=...)"
         )
     kw = {}
     if "first_step" in options:
@@ -659,77 +793,11 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
         kw["controller"] = _controller(**control)
     if options.get("max_step") is not None and math.isfinite(float(options["max_step"])):
         kw["dtmax"] = float(options["max_step"])
-    solver = lookup(ADAPTIVE.get(method, method))()
-    return event_solve(fw, y0, t[0], ev, reverse, solver, rtol, atol, kw, sensealg, kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# odeint_adjoint
-
-
-def odeint_adjoint(
-    func,
-    y0,
-    t,
-    *,
-    rtol=1e-7,
-    atol=1e-9,
-    method: str | None = None,
-    options: dict | None = None,
-    event_fn: Callable | None = None,
-    adjoint_rtol=None,
-    adjoint_atol=None,
-    adjoint_method=None,
-    adjoint_options: dict | None = None,
-    adjoint_params=None,
-):
-    """torchdiffeq's ``odeint_adjoint``: ``odeint`` whose gradients come from the backsolve adjoint
-    (:class:`pyneuralode.BacksolveAdjoint`: the state re-solved backwards with the adjoint).
-
-    ``func`` must be an ``nn.Module`` unless ``adjoint_params`` (the tensors gradients reach; tensors
-    ``func`` closes over included) is given. ``adjoint_rtol``/``adjoint_atol``/``adjoint_method``
-    default to the forward ones; ``adjoint_options=dict(norm="seminorm")`` leaves the parameter
-    gradients out of the backward step-size control. Fixed-grid methods differentiate through the
-    forward steps instead (same gradients; memory grows with the steps).
-    """
-    if adjoint_params is None and not isinstance(func, nn.Module):
+    if float(options.get("min_step") or 0) > 0:
         raise ValueError(
-            "func must be an instance of nn.Module to specify the adjoint parameters; alternatively "
-            "they can be specified explicitly via the `adjoint_params` argument. If there are no "
-            "parameters then it is allowable to set `adjoint_params=()`."
+            "options['min_step'] > 0 with event_fn: not supported; drop min_step for the event "
+            "solve"
         )
-    if adjoint_params is None:
-        params = list(func.parameters())
-    else:
-        params = list(adjoint_params)
-    params = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
-    method_ = method or "dopri5"
-    family = _family(method_)
-    if family == "adaptive" or (event_fn is not None and family == "fixed"):
-        from .sensitivity import BacksolveAdjoint
-
-        aopts = dict(adjoint_options or {})
-        norm = aopts.pop("norm", None)
-        seminorm = norm == "seminorm"
-        if norm is not None and not seminorm:
-            raise ValueError(
-                f"adjoint_options['norm']: only 'seminorm' is supported (or leave it out), got {norm!r}"
-            )
-        if aopts:
-            warnings.warn(f"adjoint_options: Unexpected arguments {aopts}", stacklevel=2)
-        a_solver = None
-        if adjoint_method is not None and adjoint_method != method_:
-            if _family(adjoint_method) != "adaptive":
-                raise ValueError(
-                    f"adjoint_method: {adjoint_method!r} is not adaptive; the backsolve adjoint needs "
-                    f"an adaptive method such as 'dopri5'"
-                )
-            a_solver = lookup(ADAPTIVE.get(adjoint_method, adjoint_method))()
-        sens = BacksolveAdjoint(
-            seminorm=seminorm,
-            solver=a_solver,
-            rtol=None if adjoint_rtol is None else float(adjoint_rtol),
-            atol=None if adjoint_atol is None else float(adjoint_atol),
-        )
-        return _odeint(func, y0, t, rtol, atol, method_, options, event_fn, sens, {}, params=params)
-    return _odeint(func, y0, t, rtol, atol, method_, options, event_fn, None, {}, params=params)
+    solver = lookup(ADAPTIVE.get(method, method))()
+    sensealg = kwargs.pop("sensealg", None)
+    return event_solve(fw, y0, t[0], ev, reverse, solver, rtol, atol, kw, sensealg, kwargs)

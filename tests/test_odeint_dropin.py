@@ -96,6 +96,8 @@ def test_same_results_and_nfe_as_torchdiffeq(method):
     t = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
     opts = dict(step_size=0.05) if method in FIXED else {}
     kw = dict(rtol=1e-12, atol=1e-14) if method == "dopri8" else {}
+    if method in ("adaptive_heun", "fehlberg2"):  # second order: thousands of steps at 1e-7
+        kw = dict(rtol=1e-5, atol=1e-7)
     ours_f, ref_f = Counting(spiral), Counting(spiral)
     ours = pn.odeint(ours_f, Y0, t, method=method, options=dict(opts), **kw)
     ref = torchdiffeq.odeint(ref_f, Y0, t, method=method, options=dict(opts), **kw)
@@ -104,7 +106,8 @@ def test_same_results_and_nfe_as_torchdiffeq(method):
         assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12), (ours - ref).abs().max()
         assert ours_f.nfe == ref_f.nfe
     else:
-        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5), (ours - ref).abs().max()
+        close = 1e-3 if kw.get("rtol") == 1e-5 else 1e-4
+        assert torch.allclose(ours, ref, rtol=close, atol=close / 10), (ours - ref).abs().max()
         if method != "scipy_solver":
             # same tableau, same controller; initial step and step-end details may differ slightly;
             # fehlberg2: torchdiffeq reuses its third stage (at the low-order point) as the next f0,
@@ -156,17 +159,21 @@ def test_fixed_grid_t_gradient_is_the_derivative_of_the_output(method):
 
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "adaptive_heun"])
 def test_adaptive_gradients_match_torchdiffeq(method):
+    # tolerances a low-order method reaches in a few hundred steps (adaptive_heun at 1e-10 would
+    # take ~1e5 steps, each kept in the graph)
+    rtol = {"dopri5": 1e-10, "bosh3": 1e-7, "adaptive_heun": 1e-5}[method]
+
     def grads(lib, **kw):
         w = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
         y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
         t = torch.linspace(0, 2, 4, dtype=torch.float64)
         ys = lib.odeint(
-            lambda tt, y: -w * y + torch.sin(tt), y0, t, method=method, rtol=1e-10, atol=1e-12, **kw
+            lambda tt, y: -w * y + torch.sin(tt), y0, t, method=method, rtol=rtol, atol=rtol, **kw
         )
         return torch.autograd.grad(ys.sum(), (w, y0))
 
     for g1, g2 in zip(grads(pn), grads(torchdiffeq)):
-        assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-8)
+        assert torch.allclose(g1, g2, rtol=100 * rtol, atol=100 * rtol)
 
 
 def test_default_method_is_dopri5_with_torchdiffeq_tolerances():
@@ -269,11 +276,13 @@ def test_convergence_order_nonlinear(method):
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_adaptive_methods_reach_the_tolerance(method):
     t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    # second-order methods: tolerances they reach in a few hundred steps
+    tols = (1e-3, 1e-6) if method in ("adaptive_heun", "fehlberg2") else (1e-5, 1e-8)
     errs = []
-    for tol in (1e-5, 1e-8):
+    for tol in tols:
         y = pn.odeint(linear, Y0, t, method=method, rtol=tol, atol=tol * 1e-2)
         errs.append(float((y - exact_linear(t)).abs().max()))
-    assert errs[1] < 1e-5 and errs[1] < errs[0] / 30, errs
+    assert errs[1] < 1e3 * tols[1] and errs[1] < errs[0] / 30, errs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +364,7 @@ def test_jump_t_and_step_t():
     t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     plain, jump = Counting(jumpy), Counting(jumpy)
     y_plain = pn.odeint(plain, x0, t, atol=1e-6, rtol=1e-6)
+    assert (y_plain[1] - x0 * math.exp(-0.15)).abs().max() < 1e-5
     y_jump = pn.odeint(jump, x0, t, atol=1e-6, rtol=1e-6, options=dict(jump_t=torch.tensor([0.5])))
     assert jump.nfe < plain.nfe
     x_half = x0 * math.exp(-0.25)
@@ -552,10 +562,14 @@ def test_odeint_event_reverse_fixed_step_and_adjoint_interface():
     t0 = torch.tensor(0.0, dtype=torch.float64)
     te, ys = pn.odeint_event(decay, y0, t0, event_fn=lambda t, y: y[0] - 2.0, reverse_time=True)
     assert abs(float(te) + math.log(2.0)) < 1e-6
+    # fixed steps: the event by bisection on the step's linear interpolant, as torchdiffeq's
     te, ys = pn.odeint_event(
         decay, y0, t0, event_fn=lambda t, y: y[0] - 0.5, method="rk4", options=dict(step_size=0.01)
     )
-    assert abs(float(te) - math.log(2.0)) < 1e-6
+    te_td, _ = torchdiffeq.odeint_event(
+        decay, y0, t0, event_fn=lambda t, y: y[0] - 0.5, method="rk4", options=dict(step_size=0.01)
+    )
+    assert abs(float(te) - math.log(2.0)) < 2e-5 and abs(float(te) - float(te_td)) < 1e-12
     te, ys = pn.odeint_event(
         decay,
         y0,
@@ -586,3 +600,222 @@ def test_odeint_with_event_fn_returns_event_time_and_states():
             torch.tensor([0.0, 1.0, 2.0]),
             event_fn=lambda t, y: y[0],
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# odeint_adjoint as torchdiffeq's: the augmented system solved backwards through pn.odeint
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("euler", dict(step_size=0.05)),
+        ("rk4", dict(step_size=0.05)),
+        ("implicit_adams", dict(step_size=0.05)),
+        ("dopri5", None),
+        ("scipy_solver", dict(solver="RK45")),
+    ],
+)
+def test_odeint_adjoint_every_method_matches_torchdiffeq_and_odeint(method, options):
+    """Fixed-grid methods and scipy_solver solve the adjoint backwards too (not by
+    differentiating the forward steps); gradients of y0, the parameters and t as torchdiffeq's."""
+    t0 = torch.linspace(0, 2, 5, dtype=torch.float64)  # on the grid of step_size
+    res = []
+    for fn, m, opts, tols in (
+        (pn.odeint_adjoint, method, options, {}),
+        (torchdiffeq.odeint_adjoint, method, options, {}),
+        (pn.odeint, "dopri5", None, dict(rtol=1e-11, atol=1e-12)),  # the exact gradient
+    ):
+        f = Odefunc()
+        y0 = Y0.clone().requires_grad_(True)
+        t = t0.clone().requires_grad_(True)
+        ys = fn(f, y0, t, method=m, options=opts, **tols)
+        (ys * torch.linspace(0.5, 1.5, ys.numel(), dtype=ys.dtype).view_as(ys)).sum().backward()
+        res.append([ys.detach(), y0.grad, f.A.grad, t.grad])
+    tol = 1e-10 if options and "step_size" in options else 2e-5
+    for a, b in zip(res[0], res[1]):  # the same algorithm as torchdiffeq's
+        assert torch.allclose(a, b, rtol=tol, atol=tol)
+    if method != "euler":  # euler's O(h) at this step is too coarse to be compared
+        for a, b in zip(res[0], res[2]):
+            assert (a - b).abs().max() < 1e-3 * (1 + b.abs().max())
+
+
+def test_odeint_adjoint_callbacks_and_perturb_in_the_backward_pass():
+    """torchdiffeq calls ``callback_*_adjoint`` on the backward steps and perturbs the backward
+    pass's times at the grid points as the forward pass's."""
+    for method in ("euler", "implicit_euler", "dopri5"):
+        for perturb in (True, False):
+            ts, counts = [], {"step": 0, "accept": 0}
+            f = Counting(lambda t, y: (ts.append(float(t)), -y)[1])
+            f.callback_step_adjoint = lambda t0, y0, dt: counts.__setitem__(
+                "step", counts["step"] + 1
+            )
+            f.callback_accept_step_adjoint = lambda t0, y0, dt: counts.__setitem__(
+                "accept", counts["accept"] + 1
+            )
+            y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+            opts = None if method == "dopri5" else dict(step_size=0.25, perturb=perturb)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ys = pn.odeint_adjoint(
+                    f, y0, torch.tensor([0.0, 1.0]), method=method, options=opts, adjoint_params=()
+                )
+                ts.clear()
+                ys.sum().backward()
+            assert counts["step"] == (4 if method != "dopri5" else counts["step"]) > 0
+            if method == "dopri5":
+                assert counts["accept"] > 0
+                break
+            assert counts["accept"] == 0  # fixed-grid methods have no accept callback
+            assert (1.0 in ts) != perturb and (0.5 in ts) != perturb
+            assert torch.allclose(
+                y0.grad, 1 + torch.exp(-torch.ones(2, dtype=torch.float64)), atol=0.1
+            )
+
+
+def test_odeint_adjoint_norms_as_torchdiffeq():
+    """The adjoint norm gets ``(t, y, adj_y, *adj_params)`` (a tuple state's components spelled
+    out), ``"seminorm"`` leaves the parameters out, and ``grad_fn.adjoint_options`` holds it."""
+    p1 = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    p2 = torch.rand((), dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    seen = []
+
+    def adjoint_norm(parts):
+        seen.append(tuple(p.shape for p in parts))
+        return max(p.abs().pow(2).mean().sqrt() for p in parts)
+
+    x0 = (torch.tensor(1.0, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64))
+    xs = pn.odeint_adjoint(
+        lambda t, x: (-x[0] * p2, -x[1] * p1[0]),
+        x0,
+        t,
+        adjoint_params=(p1, p2),
+        adjoint_options=dict(norm=adjoint_norm),
+    )
+    xs[0].sum().backward()
+    assert seen and seen[0] == ((), (), (2, 2), (), (2, 2), (7,), ())
+    ys = pn.odeint_adjoint(
+        lambda t, x: -x * p2,
+        torch.ones(3, dtype=torch.float64),
+        t,
+        adjoint_params=(p1, p2),
+        adjoint_options=dict(norm="seminorm"),
+    )
+    norm = ys.grad_fn.adjoint_options["norm"]
+    parts = (
+        torch.tensor(0.1),
+        torch.ones(3),
+        2 * torch.ones(3),
+        5 * torch.ones(7),
+        torch.tensor(9.0),
+    )
+    assert float(norm(parts)) == 2.0  # the parameter channels (5, 9) are left out
+    ys = pn.odeint_adjoint(
+        lambda t, x: -x * p2, torch.ones(3, dtype=torch.float64), t, adjoint_params=(p1, p2)
+    )
+    assert float(ys.grad_fn.adjoint_options["norm"](parts)) == 9.0
+
+
+def test_odeint_adjoint_f_independent_of_y_and_params():
+    """f(t) alone: the adjoint is constant, dL/dy0 = dL/dy(T); no error from autograd."""
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    ys = pn.odeint_adjoint(
+        lambda t, y: -0.1 * torch.exp(-0.1 * t) * torch.ones_like(y), y0, t, adjoint_params=()
+    )
+    ys[-1].sum().backward()
+    assert float(y0.grad) == pytest.approx(1.0, abs=1e-12)
+    # dL/dT = f(T) and dL/dt0 = -f(t0)
+    f = lambda s: -0.1 * math.exp(-0.1 * s)  # noqa: E731
+    assert t.grad.tolist() == pytest.approx([-f(1.0), f(3.0)], abs=1e-7)
+
+
+def test_min_step_as_torchdiffeq():
+    """``min_step``: steps at least that long, accepted whatever their error (torchdiffeq's)."""
+    ys, nfes = [], []
+    for lib in (pn, torchdiffeq):
+        f = Counting(linear)
+        ys.append(
+            lib.odeint(
+                f, Y0, torch.linspace(0, 8, 5, dtype=torch.float64), options=dict(min_step=2.0)
+            )
+        )
+        nfes.append(f.nfe)
+    assert nfes[0] == nfes[1] < 50
+    assert torch.allclose(ys[0], ys[1], rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="min_step"):
+        pn.odeint(linear, Y0, torch.tensor([0.0, 1.0]), options=dict(min_step=-1.0))
+
+
+@pytest.mark.parametrize(
+    "method", ["rk4", "explicit_adams", "implicit_adams", "implicit_euler", "gl4"]
+)
+def test_events_for_every_fixed_grid_method(method):
+    """Events step ``step_size`` until the sign changes and bisect the step's interpolant to
+    ``atol`` as torchdiffeq: y' = -y from 1 until y = 0.5, reached at log 2."""
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    args = dict(
+        event_fn=lambda t, y: y[0] - 0.5,
+        method=method,
+        options=dict(step_size=0.01, interp="cubic"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        te, ys = pn.odeint(lambda t, y: -y, y0, t, **args)
+    # implicit_euler: first order; explicit_adams: torchdiffeq's is off by the same 3e-4 here
+    tol = {"implicit_euler": 5e-3, "explicit_adams": 1e-3}.get(method, 1e-7)
+    assert abs(float(te) - math.log(2.0)) < tol and abs(float(ys[-1, 0]) - 0.5) < tol
+    (g,) = torch.autograd.grad(ys[-1, 0], y0)  # y(t*) = 0.5 for every y0: no gradient
+    assert abs(float(g)) < tol
+    if method in TD_SOLVERS:  # the same steps and arithmetic as torchdiffeq's
+        te_td, ys_td = torchdiffeq.odeint(lambda t, y: -y, y0, t, **args)
+        assert float(te) == float(te_td) and torch.equal(ys.detach(), ys_td.detach())
+
+
+def test_explicit_adams_event_float32_identical_to_torchdiffeq():
+    """explicit_adams is marginally stable on y' = 2y/t + …; in float32 the step's rounding
+    decides where it drifts, so only the same arithmetic gives torchdiffeq's event time."""
+
+    def f(t, y):
+        return 2 * y / t + t**4 * torch.sin(2 * t) - t**2 + 4 * t**3
+
+    def exact(t):
+        return (
+            -0.5 * t**4 * torch.cos(2 * t)
+            + 0.5 * t**3 * torch.sin(2 * t)
+            + 0.25 * t**2 * torch.cos(2 * t)
+            - t**3
+            + 2 * t**4
+            + (math.pi - 0.25) * t**2
+        )
+
+    t = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    y0 = exact(t[0]).float()
+    target = exact(torch.tensor(2.5, dtype=torch.float64)).float()
+    out = [
+        lib.odeint(
+            f,
+            y0,
+            t,
+            event_fn=lambda t, y: y - target,
+            method="explicit_adams",
+            options=dict(step_size=0.01, interp="cubic"),
+        )
+        for lib in (pn, torchdiffeq)
+    ]
+    assert float(out[0][0]) == float(out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_odeint_adjoint_second_derivative_raises():
+    """The backward pass runs without a graph: a second derivative raises instead of being 0."""
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    ys = pn.odeint_adjoint(
+        lambda t, y: -w * y, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0]),
+        adjoint_params=(w,),
+    )
+    (g,) = torch.autograd.grad(ys[-1].sum(), w, create_graph=True)
+    assert float(g) == pytest.approx(-2 * math.exp(-0.5), rel=1e-6)
+    with pytest.raises(RuntimeError, match="twice through odeint_adjoint.*pn.odeint"):
+        g.backward()

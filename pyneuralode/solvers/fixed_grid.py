@@ -104,6 +104,9 @@ class _GridBase(AbstractSolver):
         self.f_end = (
             None  # f(t1, y1) of the last step when the step has it for free (cubic interpolation)
         )
+        #: a constant step (a Python float) used instead of ``t_grid[k+1] - t_grid[k]``:
+        #: torchdiffeq's event loop steps by ``step_size`` itself
+        self.constant_h: Optional[float] = None
 
     def default_controller(self):
         return None
@@ -118,7 +121,7 @@ class _GridBase(AbstractSolver):
     def times(self, s0: float):
         k = int(round(s0))
         t0, t1 = self.t_grid[k], self.t_grid[k + 1]
-        return k, t0, t1, t1 - t0
+        return k, t0, t1, (t1 - t0) if self.constant_h is None else self.constant_h
 
     def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
         return None
@@ -141,7 +144,10 @@ class GridRK(_GridBase):
         k, t0, t1, h = self.times(s0)
         if self.callback_step is not None:
             self.callback_step(t0, y0, h)
-        y1, f0 = rk_step(self, self.tab, t0, t1, h, y0)
+        if self.tab is RK438.tableau:
+            y1, f0 = rk438_step(self, t0, t1, h, y0)
+        else:
+            y1, f0 = rk_step(self, self.tab, t0, t1, h, y0)
         return StepResult(y1=y1, error=None, cache=f0, dense=(y0, y1))
 
 
@@ -165,6 +171,21 @@ def rk_step(g: _GridBase, tab: ButcherTableau, t0, t1, h, y0, f0=None):
         if b[j] != 0:
             y1 = y1 + (float(b[j]) * h) * ks[j]
     return y1, f0
+
+
+def rk438_step(g: _GridBase, t0, t1, h, y0, f0=None):
+    """Kutta's 3/8 rule in torchdiffeq's arithmetic (``rk4_alt_step_func``, the same rounding:
+    torchdiffeq's ``rk4`` and the start of its Adams methods give identical results)."""
+    if f0 is None:
+        f0 = g.call(t0, y0, -1, t1)
+    k1 = f0
+    k2 = g.call(t0 + h * _ONE_THIRD, y0 + h * k1 * _ONE_THIRD)
+    k3 = g.call(t0 + h * _TWO_THIRDS, y0 + h * (k2 - k1 * _ONE_THIRD))
+    k4 = g.call(t1, y0 + h * (k1 - k2 + k3), 1, t0)
+    return y0 + (k1 + 3 * (k2 + k3) + k4) * h * 0.125, f0
+
+
+_ONE_THIRD, _TWO_THIRDS = 1 / 3, 2 / 3
 
 
 class GridImplicitRK(_GridBase):
@@ -208,7 +229,7 @@ class GridImplicitRK(_GridBase):
         dtype = y0.dtype
         A = torch.as_tensor(tab.a, dtype=dtype, device=y0.device)
         J = self._jacobian(_nudge(t0, t1) if self.perturb else t0, y0)
-        hd = float(h.detach())
+        hd = float(h)
         M = torch.eye(s * n, dtype=dtype, device=y0.device) - hd * torch.kron(A, J)
         try:
             lu = torch.linalg.lu_factor(M)
@@ -261,21 +282,29 @@ class GridImplicitRK(_GridBase):
 
 
 def _adams_coefficients(m: int, implicit: bool) -> np.ndarray:
-    """Weights β_j of ``y1 = y0 + h Σ β_j f_{1-j}`` (implicit) or ``f_{-j}`` (explicit) for ``m`` points."""
-    nodes = (
-        np.arange(1, 1 - m, -1, dtype=np.float64)
-        if implicit
-        else np.arange(0, -m, -1, dtype=np.float64)
-    )
+    """Weights β_j of ``y1 = y0 + h Σ β_j f_{1-j}`` (implicit) or ``f_{-j}`` (explicit) for ``m``
+    points, integrated exactly in rationals and rounded once (torchdiffeq's tables to the bit)."""
+    from fractions import Fraction
+
+    nodes = list(range(1, 1 - m, -1)) if implicit else list(range(0, -m, -1))
     out = np.zeros(m)
     for j in range(m):
-        others = np.delete(nodes, j)
-        poly = np.poly1d([1.0])
-        for x in others:
-            poly = poly * np.poly1d([1.0, -x]) / (nodes[j] - x)
-        integ = poly.integ()
-        out[j] = integ(1.0) - integ(0.0)
+        poly = [Fraction(1)]  # coefficients, lowest degree first
+        for i, x in enumerate(nodes):
+            if i == j:
+                continue
+            d = Fraction(nodes[j] - x)
+            new = [Fraction(0)] * (len(poly) + 1)
+            for k, c in enumerate(poly):  # poly · (s − x) / d
+                new[k + 1] += c / d
+                new[k] -= c * x / d
+            poly = new
+        out[j] = float(sum(c / (k + 1) for k, c in enumerate(poly)))  # ∫_0^1
     return out
+
+
+def _dot(weights, fs):
+    return sum(w * f for w, f in zip(weights, fs))
 
 
 class GridAdams(_GridBase):
@@ -322,18 +351,19 @@ class GridAdams(_GridBase):
         del hist[max(self.max_order - 1, 1) :]
         order = min(len(hist), self.max_order - 1)
         if order < 3:
-            y1, _ = rk_step(self, RK438.tableau, t0, t1, h, y0, f0=f0)
+            y1, _ = rk438_step(self, t0, t1, h, y0, f0=f0)
             return StepResult(y1=y1, error=None, cache=None, dense=(y0, y1))
-        beta = self.bashforth[order]
-        dy = sum((float(bj) * h) * fj for bj, fj in zip(beta, hist))
+        # torchdiffeq's arithmetic: float64 weights times f (a 0-d state is summed in float64)
+        beta = torch.as_tensor(self.bashforth[order], device=y0.device)
+        dy = _dot(h * beta, hist).type_as(y0)
         if self.corrector:
-            mc = self.moulton[order + 1]
-            delta = sum((float(bj) * h) * fj for bj, fj in zip(mc[1:], hist))
+            mc = torch.as_tensor(self.moulton[order + 1], device=y0.device)
+            delta = (h * _dot(mc[1:], hist)).type_as(y0)
             converged = False
             for _ in range(self.max_iters):
                 dy_old = dy
                 f = self.call(t1, y0 + dy, 1, t0)
-                dy = (float(mc[0]) * h) * f + delta
+                dy = (h * mc[0] * f).type_as(y0) + delta
                 with torch.no_grad():
                     tol = self.atol + self.rtol * torch.maximum(dy_old.abs(), dy.abs())
                     converged = bool(((dy_old - dy).abs() / tol).max() < 1) if dy.numel() else True
