@@ -112,13 +112,20 @@ def _build(problem, solver, kind, args):
         tuple(map(tuple, problem.shapes or [])),
         tuple(_layout_key(a) for a in args),
     )
-    hit = _BUILT.get(key)
-    if hit is not None:
-        return hit
 
     def call(t, y, a):
         return problem.call(t, y.reshape(shape0), a)
 
+    return build(key, call, n, args, kind, solver)
+
+
+def build(key, call, n: int, args, kind: str, solver):
+    """Trace ``call(t, y_flat, args)`` (``n`` components), generate and load the module of
+    ``solver``'s step and loop; kept in the process under ``key``. Also used by the forward
+    sensitivities (:mod:`._sensitivity`, an augmented ``call``) and the ensembles."""
+    hit = _BUILT.get(key)
+    if hit is not None:
+        return hit
     rhs_src, kf, kj, uses_t, n_args = _trace.trace_rhs(
         call, n, args, jacobian=(kind == "rosenbrock")
     )
@@ -137,9 +144,64 @@ def _build(problem, solver, kind, args):
         loop_src = _codegen.loop_source("rosenbrock", sig, fa, ja, tab.stages, tab.stages - 1, rows)
     src = _codegen.module_source(rhs_src, method_src, loop_src)
     mod = _codegen.load_module(src)
-    built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t, "compiled": False, "source": src}
+    built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t, "source": src}
     _BUILT[key] = built
     return built
+
+
+def loop_arguments(built, solver, opts, t, y0, rtol, atol, user_arrays) -> tuple:
+    """The arguments of the generated ``solve(...)``: output times, flat ``y0``, tolerance
+    arrays, the loop's options, then the user's tensor arguments and the traced constants (flat
+    float64 arrays)."""
+    ctrl = opts.controller if opts.controller is not None else solver.default_controller()
+    pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
+    adaptive, dt, dtmin, dtmax = opts.adaptive, opts.dt, opts.dtmin, opts.dtmax
+    consts = [
+        np.ascontiguousarray(c.detach().double().cpu().reshape(-1).numpy())
+        for c in built["kf"] + built["kj"]
+    ]
+    q = (
+        min(solver.order, solver.error_order) + 1
+        if solver.error_order is not None
+        else solver.order + 1
+    )
+    return (
+        np.ascontiguousarray(t.detach().double().cpu().numpy()),
+        np.ascontiguousarray(y0, dtype=np.float64),
+        rtol,
+        atol,
+        bool(adaptive),
+        float(dt) if dt is not None else 0.0,
+        float(dt) if (adaptive and dt is not None) else -1.0,
+        abs(float(dtmax)) if dtmax else -1.0,
+        float(dtmin) if dtmin is not None else -1.0,
+        int(opts.max_steps),
+        pred,
+        beta1,
+        beta2,
+        safety,
+        fmin,
+        fmax,
+        float(q),
+        float(getattr(solver, "start_order", solver.order)),
+        bool(built["uses_t"]),
+        *user_arrays,
+        *consts,
+    )
+
+
+def run(built, call_args, stats: dict, fn: str = "solve"):
+    """Call the module's ``fn`` (compiling it on the first call in the process, timed into
+    ``stats["compile_s"]``)."""
+    f = getattr(built["mod"], fn)
+    if not built.get(f"compiled_{fn}"):
+        import numba
+
+        t0 = time.perf_counter()
+        f.compile(tuple(numba.typeof(a) for a in call_args))
+        stats["compile_s"] = time.perf_counter() - t0  # compile, or load from the disk cache
+        built[f"compiled_{fn}"] = True
+    return f(*call_args)
 
 
 def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
@@ -175,69 +237,37 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
                 "compile=True does not propagate gradients yet (y0, t, args or f's parameters "
                 "require grad); pass compile=False, or run under torch.no_grad() for values only"
             )
-    adaptive, dt, dtmin, dtmax, max_steps = (
-        opts.adaptive, opts.dt, opts.dtmin, opts.dtmax, opts.max_steps
-    )
-    controller = opts.controller
-    ctrl = controller if controller is not None else solver.default_controller()
-    pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
-
     built = _build(problem, solver, kind, problem.args)
-    mod = built["mod"]
     n = problem.y0.numel()
     user_arrays = [
         np.ascontiguousarray(a.detach().double().reshape(-1).numpy())
         for a in problem.args
         if isinstance(a, torch.Tensor)
     ]
-    consts = [
-        np.ascontiguousarray(c.detach().double().cpu().reshape(-1).numpy())
-        for c in built["kf"] + built["kj"]
-    ]
-    q = (
-        min(solver.order, solver.error_order) + 1
-        if solver.error_order is not None
-        else solver.order + 1
-    )
-    call_args = (
-        np.ascontiguousarray(problem.t.detach().double().cpu().numpy()),
-        np.ascontiguousarray(problem.y0.detach().reshape(-1).numpy()),
+    call_args = loop_arguments(
+        built,
+        solver,
+        opts,
+        problem.t,
+        problem.y0.detach().reshape(-1).numpy(),
         _tol_array(problem.rtol, n),
         _tol_array(problem.atol, n),
-        bool(adaptive),
-        float(dt) if dt is not None else 0.0,
-        float(dt) if (adaptive and dt is not None) else -1.0,
-        abs(float(dtmax)) if dtmax else -1.0,
-        float(dtmin) if dtmin is not None else -1.0,
-        int(max_steps),
-        pred,
-        beta1,
-        beta2,
-        safety,
-        fmin,
-        fmax,
-        float(q),
-        float(getattr(solver, "start_order", solver.order)),
-        bool(built["uses_t"]),
-        *user_arrays,
-        *consts,
+        user_arrays,
     )
     stats: dict = {}
-    if not built["compiled"]:
-        import numba
-
-        t0 = time.perf_counter()
-        mod.solve.compile(tuple(numba.typeof(a) for a in call_args))
-        stats["compile_s"] = (
-            time.perf_counter() - t0
-        )  # first call in this process: compile, or load from disk
-        built["compiled"] = True
-    ys, k, rc, t_reached, st = mod.solve(*call_args)
+    ys, k, rc, t_reached, st = run(built, call_args, stats)
     stats.update(nfe=int(st[0]), naccept=int(st[1]), nreject=int(st[2]))
     if kind == "rosenbrock":
         stats.update(njac=int(st[3]), nlu=int(st[4]), nsolve=int(st[5]))
+    return package(problem, solver, opts, torch.from_numpy(ys[:k]), rc, t_reached, stats, throw)
+
+
+def package(problem, solver, opts, ys_flat, rc: int, t_reached, stats: dict, throw: bool):
+    """The :class:`CompiledSolution` of the saved flat states ``ys_flat`` (k, n); raises
+    :class:`SolveError` on failure with ``throw=True``."""
+    k = ys_flat.shape[0]
     retcode = ReturnCode(_codegen.RETCODES[rc])
-    ys_t = torch.from_numpy(ys[:k]).reshape(k, *problem.y0.shape)
+    ys_t = ys_flat.reshape(k, *problem.y0.shape)
     ts = problem.t
     sol = CompiledSolution(
         ts=ts[:k] if k < ts.shape[0] else ts,
@@ -250,7 +280,7 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         solver=solver,
     )
     if not retcode.successful and throw:
-        msg = _MESSAGES[retcode.value].format(max_steps=max_steps, t=float(t_reached))
+        msg = _MESSAGES[retcode.value].format(max_steps=opts.max_steps, t=float(t_reached))
         raise SolveError(
             f"solve failed with retcode {retcode.value}: {msg} (pass throw=False to get the "
             "partial "
