@@ -226,17 +226,10 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
             f"y0: compile=True runs on the CPU, got a tensor on {problem.y0.device}; "
             "pass compile=False"
         )
-    if torch.is_grad_enabled():
-        needs = [
-            x
-            for x in [problem.y0, problem.t, *problem.arg_tensors, *problem.params]
-            if x.requires_grad
-        ]
-        if needs:
-            raise ValueError(
-                "compile=True does not propagate gradients yet (y0, t, args or f's parameters "
-                "require grad); pass compile=False, or run under torch.no_grad() for values only"
-            )
+    from . import _sensitivity
+
+    if _sensitivity.needs_gradient(problem):
+        return _sensitivity.solve_sensitivities(problem, solver, opts, kind, throw=throw)
     built = _build(problem, solver, kind, problem.args)
     n = problem.y0.numel()
     user_arrays = [
