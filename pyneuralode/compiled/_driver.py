@@ -119,7 +119,7 @@ def _build(problem, solver, kind, args):
     return build(key, call, n, args, kind, solver)
 
 
-def build(key, call, n: int, args, kind: str, solver):
+def build(key, call, n: int, args, kind: str, solver, tracer=None):
     """Trace ``call(t, y_flat, args)`` (``n`` components), generate and load the module of
     ``solver``'s step and loop; kept in the process under ``key``. Also used by the forward
     sensitivities (:mod:`._sensitivity`, an augmented ``call``) and the ensembles."""
@@ -127,7 +127,7 @@ def build(key, call, n: int, args, kind: str, solver):
     if hit is not None:
         return hit
     rhs_src, kf, kj, uses_t, n_args = _trace.trace_rhs(
-        call, n, args, jacobian=(kind == "rosenbrock")
+        call, n, args, jacobian=(kind == "rosenbrock"), **({"tracer": tracer} if tracer else {})
     )
     anames = [f"a{i}" for i in range(n_args)]
     sig_names = anames + [f"KF{i}" for i in range(len(kf))] + [f"KJ{i}" for i in range(len(kj))]

@@ -25,9 +25,9 @@ import math
 
 import numpy as np
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _driver, _trace
+from ._record import record
 
 
 class _Substituted(torch.fx.Interpreter):
@@ -105,7 +105,7 @@ def _trace_f(problem, n: int):
     y0 = torch.zeros(n, dtype=torch.float64) + 0.5
     try:
         with torch.no_grad():
-            gm = make_fx(f_flat)(t0, y0, *[targs[i] for i in tpos])
+            gm = record(f_flat)(t0, y0, *[targs[i] for i in tpos])
     except _trace.UnsupportedOpError:
         raise
     except Exception as e:  # pragma: no cover - depends on f
@@ -211,7 +211,7 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
         tuple(arg_cols),
         tuple((tuple(p.shape), p.dtype) for p in params),
     )
-    built = _driver.build(key, call, N, args, kind, solver)
+    built = _driver.build(key, call, N, args, kind, solver, tracer=record)
     S0 = np.zeros((n, m))
     if y0_cols:
         S0[:, :n] = np.eye(n)

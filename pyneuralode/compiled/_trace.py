@@ -455,7 +455,9 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
     raise RuntimeError("internal: the traced graph has no output")
 
 
-def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
+def trace_rhs(
+    call: Callable, n: int, args: Sequence, jacobian: bool, tracer: Callable = make_fx
+):
     """Trace ``call(t, y, *args)`` (flat float64 state of ``n`` components).
 
     Returns ``(source, f_consts, jac_consts, uses_t, n_tensor_args)``: the source of the numba
@@ -463,6 +465,7 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
     ``jac(t, y, J, dT, a..., k...)`` filling ``J`` (n×n) and ``dT = ∂f/∂t``; the tensor
     constants
     each takes (flattened) after the user's tensor arguments (flattened); whether f depends on t.
+    ``tracer``: ``make_fx`` or :func:`._record.record` (the same graphs, faster on large ones).
     """
     t0 = torch.zeros((), dtype=torch.float64)
     y0 = torch.zeros(n, dtype=torch.float64) + 0.5
@@ -481,7 +484,7 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
     ex = [targs[i] for i in tensor_pos]
     try:
         with torch.no_grad():
-            gm = make_fx(f_flat)(t0, y0, *ex)
+            gm = tracer(f_flat)(t0, y0, *ex)
     except UnsupportedOpError:
         raise
     except Exception as e:  # pragma: no cover - depends on f
@@ -515,7 +518,7 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
             return torch.cat([torch.stack(rows).reshape(-1), torch.stack(drows)])
 
         try:
-            gj = make_fx(jac_flat)(t0, y0, *ex)
+            gj = tracer(jac_flat)(t0, y0, *ex)
         except Exception as e:  # pragma: no cover - depends on f
             raise UnsupportedOpError(
                 f"compile=True: tracing the Jacobian of f failed ({type(e).__name__}: {e}); "
