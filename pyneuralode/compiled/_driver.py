@@ -59,8 +59,10 @@ def _method_kind(solver):
     )
 
 
-def _check_rosenbrock_options(solver):
+def _check_rosenbrock_options(solver, allow_batched: bool = False):
     defaults = dict(jac=None, batched=False, linsolve="lu", jac_sparsity=None)
+    if allow_batched:
+        del defaults["batched"]
     for k, v in defaults.items():
         if getattr(solver, k, v) is not v and getattr(solver, k, v) != v:
             raise ValueError(
@@ -214,6 +216,10 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
             "or pass compile=False"
         )
     kind = _method_kind(solver)
+    if kind == "rosenbrock" and getattr(solver, "batched", False):
+        from ._ensemble import run_ensemble  # rows as independent systems (see _ensemble)
+
+        return run_ensemble(problem, solver, opts, throw=throw)
     if kind == "rosenbrock":
         _check_rosenbrock_options(solver)
     if problem.y0.dtype != torch.float64:
