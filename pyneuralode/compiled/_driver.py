@@ -12,6 +12,8 @@ from .._problem import ODEProblem
 from .._solution import ReturnCode, Solution, SolveError
 from ..controllers import PIController, PredictiveController
 from ..solvers._erk import ExplicitRK
+from ..solvers._esdirk import ESDIRK
+from ..solvers._newton import newton_tolerance
 from ..solvers._rosenbrock import GenericRosenbrock
 from . import _codegen, _trace
 
@@ -22,20 +24,69 @@ _MESSAGES = {
     "(try an implicit solver "
     "such as Rodas5P) or the tolerances too tight for float64",
     "Unstable": "the state or its error became NaN/Inf at t={t:.6g}",
+    "ConvergenceFailure": "the implicit solve of a fixed step failed at t={t:.6g}; use a smaller "
+    "dt or adaptive=True",
 }
 
-#: (f, solver type, state layout, args layout) -> traced and compiled pieces, kept for the process
-_BUILT: dict = {}
+#: (f, dtype, state layout, args layout, with Jacobian) -> the traced problem module, kept for the
+#: process
+_PROBLEMS: dict = {}
+#: solver type -> the method module
+_METHODS: dict = {}
 
 
 class CompiledSolution(Solution):
-    """A :class:`Solution` of the compiled path: the saved states, no dense output object."""
+    """A :class:`Solution` of the compiled path; ``sol(tq)`` evaluates the dense output of the
+    compiled run's stored steps (the same interpolants as the native engine), in compiled code."""
+
+    def __init__(self, *a, dense=None, **kw):
+        super().__init__(*a, **kw)
+        self._dense = dense  # (method module, rhs, pf, segT, segY, segK, segX, y0 template)
 
     def __call__(self, tq):
-        raise ValueError(
-            "sol(tq): the compiled path (compile=True) keeps only the states at the output times; "
-            "pass the times you need in t, or solve with compile=False to evaluate the dense output"
-        )
+        if self._dense is None:
+            raise ValueError(
+                "sol(tq): this solution kept no dense output; call solve(..., dense=True) to "
+                "evaluate between output times"
+            )
+        mod, rhs, pf, segT, segY, segK, segX, like = self._dense
+        m = segT.shape[0]
+        if m == 0:
+            raise ValueError(
+                "sol(tq): the solve took no steps, there is no dense output to evaluate"
+            )
+        if isinstance(tq, torch.Tensor) and tq.requires_grad:
+            raise ValueError(
+                "sol(tq): the compiled path (compile=True) does not differentiate the dense "
+                "output with respect to tq; pass tq.detach(), or solve with compile=False"
+            )
+        tq_t = torch.as_tensor(tq, dtype=torch.float64).reshape(-1)
+        if tq_t.numel() == 0:
+            raise ValueError("sol(tq): tq is empty")
+        if not torch.isfinite(tq_t).all():
+            raise ValueError("sol(tq): tq contains NaN or Inf")
+        tv = tq_t.numpy()
+        starts, steps = segT[:, 0], segT[:, 1]
+        lo_t, hi_t = starts[0], self.t_reached
+        lo, hi = min(lo_t, hi_t), max(lo_t, hi_t)
+        span = hi - lo
+        bad = (tv < lo - 1e-12 * max(1.0, span)) | (tv > hi + 1e-12 * max(1.0, span))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"sol(tq): tq[{i}]={tv[i]} lies outside the solved span [{lo}, {hi}]; "
+                "evaluate only inside it"
+            )
+        if steps[-1] >= 0:  # the step holding each time (as Solution.__call__)
+            k = np.searchsorted(starts, tv, side="right") - 1
+        else:
+            k = np.searchsorted(-starts, -tv, side="right") - 1
+        k = np.ascontiguousarray(np.maximum(k, 0), dtype=np.int64)
+        theta = np.ascontiguousarray((tv - starts[k]) / steps[k])
+        out = np.zeros((k.shape[0], segY.shape[2]))
+        mod.interp(k, theta, segT, segY, segK, segX, rhs, pf, out)
+        y = torch.from_numpy(out).to(like.dtype).reshape(k.shape[0], *like.shape)
+        return self._unflatten(y) if self._unflatten is not None else y
 
 
 def numba_available() -> bool:
@@ -51,11 +102,13 @@ def _method_kind(solver):
         return "rosenbrock"
     if isinstance(solver, ExplicitRK):
         return "erk"
+    if isinstance(solver, ESDIRK):
+        return "esdirk"
     raise ValueError(
         "solver: compile=True supports the explicit Runge–Kutta methods (e.g. pn.Tsit5(), "
-        "pn.Dopri5(), pn.Vern7(), pn.DP8()) and the Rosenbrock methods pn.Rodas4() and "
-        f"pn.Rodas5P(), got {type(solver).__name__}; "
-        f"pass compile=False for the other methods"
+        "pn.Dopri5(), pn.Vern7(), pn.DP8()), the Rosenbrock methods (pn.Rodas4(), pn.Rodas5P()) "
+        "and the ESDIRK methods (pn.KenCarp4(), pn.Kvaerno5(), ...), got "
+        f"{type(solver).__name__}; pass compile=False for the other methods"
     )
 
 
@@ -101,45 +154,51 @@ def _tol_array(tol, n):
     return np.full(n, float(tol))
 
 
-def _build(problem, solver, kind, args):
+def _problem_module(problem, kind, args):
+    """The traced ``rhs`` (and ``jac``) of ``problem.f`` for this state and argument layout."""
     n = problem.y0.numel()
     shape0 = problem.y0.shape
+    f = getattr(problem.f, "compile_key", problem.f)  # pn.odeint's wrapper: the user's func
+    jacobian = kind != "erk"
     key = (
-        problem.f,
-        type(solver),
+        f,
+        problem.y0.dtype,
         tuple(shape0),
         problem.is_tuple,
         tuple(map(tuple, problem.shapes or [])),
         tuple(_layout_key(a) for a in args),
+        jacobian,
     )
-    hit = _BUILT.get(key)
+    hit = _PROBLEMS.get(key)
     if hit is not None:
-        return hit
+        return hit, False
 
     def call(t, y, a):
         return problem.call(t, y.reshape(shape0), a)
 
-    rhs_src, kf, kj, uses_t, n_args = _trace.trace_rhs(
-        call, n, args, jacobian=(kind == "rosenbrock")
+    rhs_src, kf, kj, uses_t = _trace.trace_rhs(
+        call, n, args, jacobian=jacobian, dtype=problem.y0.dtype
     )
-    anames = [f"a{i}" for i in range(n_args)]
-    sig_names = anames + [f"KF{i}" for i in range(len(kf))] + [f"KJ{i}" for i in range(len(kj))]
-    sig = "".join(f", {x}" for x in sig_names)
-    fa = "".join(f", {x}" for x in anames + [f"KF{i}" for i in range(len(kf))])
-    ja = "".join(f", {x}" for x in anames + [f"KJ{i}" for i in range(len(kj))])
-    if kind == "erk":
-        tab = solver.tableau
-        method_src, nfe_step, _ = _codegen.erk_source(tab, sig, fa)
-        loop_src = _codegen.loop_source("erk", sig, fa, ja, tab.stages + tab.extra_stages, nfe_step)
-    else:
-        tab = solver.tableau
-        method_src, rows = _codegen.rosenbrock_source(tab, sig, fa)
-        loop_src = _codegen.loop_source("rosenbrock", sig, fa, ja, tab.stages, tab.stages - 1, rows)
-    src = _codegen.module_source(rhs_src, method_src, loop_src)
-    mod = _codegen.load_module(src)
-    built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t, "compiled": False, "source": src}
-    _BUILT[key] = built
-    return built
+    mod = _codegen.load_module(_codegen.problem_source(rhs_src))
+    built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t}
+    _PROBLEMS[key] = built
+    return built, True
+
+
+def _method_module(solver, kind):
+    mod = _METHODS.get(type(solver))
+    if mod is None:
+        mod = _METHODS[type(solver)] = _codegen.load_module(
+            _codegen.method_source(kind, solver.tableau)
+        )
+    return mod
+
+
+def _flat_params(user_arrays, consts):
+    parts = user_arrays + [c.detach().double().cpu().reshape(-1).numpy() for c in consts]
+    if not parts:
+        return np.zeros(0)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float64)
 
 
 def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
@@ -152,12 +211,12 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
             "or pass compile=False"
         )
     kind = _method_kind(solver)
-    if kind == "rosenbrock":
+    if kind != "erk":
         _check_rosenbrock_options(solver)
-    if problem.y0.dtype != torch.float64:
+    if problem.y0.dtype not in (torch.float64, torch.float32):
         raise TypeError(
-            f"y0: compile=True runs in float64, got {problem.y0.dtype}; pass y0.double() "
-            "(and float64 parameters), or compile=False"
+            f"y0: compile=True takes float64 or float32 states, got {problem.y0.dtype}; pass "
+            "y0.double(), or compile=False"
         )
     if problem.y0.device.type != "cpu":
         raise ValueError(
@@ -182,26 +241,43 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
     ctrl = controller if controller is not None else solver.default_controller()
     pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
 
-    built = _build(problem, solver, kind, problem.args)
-    mod = built["mod"]
+    stats: dict = {}
+    t_build = time.perf_counter()
+    built, new = _problem_module(problem, kind, problem.args)
+    mod = _method_module(solver, kind)
+    if new:  # first solve of this f in the process: trace, compile (or load from disk)
+        stats["compile_s"] = time.perf_counter() - t_build
     n = problem.y0.numel()
     user_arrays = [
-        np.ascontiguousarray(a.detach().double().reshape(-1).numpy())
+        np.ascontiguousarray(a.detach().double().cpu().reshape(-1).numpy())
         for a in problem.args
         if isinstance(a, torch.Tensor)
     ]
-    consts = [
-        np.ascontiguousarray(c.detach().double().cpu().reshape(-1).numpy())
-        for c in built["kf"] + built["kj"]
-    ]
+    pf = _flat_params(user_arrays, built["kf"])
+    pj = _flat_params(user_arrays, built["kj"])
     q = (
         min(solver.order, solver.error_order) + 1
         if solver.error_order is not None
         else solver.order + 1
     )
+    if kind == "esdirk":
+        opt = np.array(
+            [
+                newton_tolerance(solver.kappa, problem.rtol, torch.float64),
+                newton_tolerance(1e-5, problem.rtol, torch.float64),
+                float(solver.max_iter),
+                solver.jac_theta,
+                1.0 if solver.smooth_est else 0.0,
+            ]
+        )
+    else:
+        opt = np.zeros(1)
+    rhs = built["mod"].rhs
+    jac = built["mod"].jac if kind != "erk" else mod.nojac
+    keep_dense = bool(opts.dense)
     call_args = (
         np.ascontiguousarray(problem.t.detach().double().cpu().numpy()),
-        np.ascontiguousarray(problem.y0.detach().reshape(-1).numpy()),
+        np.ascontiguousarray(problem.y0.detach().double().reshape(-1).numpy()),
         _tol_array(problem.rtol, n),
         _tol_array(problem.atol, n),
         bool(adaptive),
@@ -219,26 +295,25 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         float(q),
         float(getattr(solver, "start_order", solver.order)),
         bool(built["uses_t"]),
-        *user_arrays,
-        *consts,
+        keep_dense,
+        opt,
+        rhs,
+        jac,
+        pf,
+        pj,
     )
-    stats: dict = {}
-    if not built["compiled"]:
-        import numba
-
-        t0 = time.perf_counter()
-        mod.solve.compile(tuple(numba.typeof(a) for a in call_args))
-        stats["compile_s"] = (
-            time.perf_counter() - t0
-        )  # first call in this process: compile, or load from disk
-        built["compiled"] = True
-    ys, k, rc, t_reached, st = mod.solve(*call_args)
-    stats.update(nfe=int(st[0]), naccept=int(st[1]), nreject=int(st[2]))
-    if kind == "rosenbrock":
-        stats.update(njac=int(st[3]), nlu=int(st[4]), nsolve=int(st[5]))
+    ys, k, rc, t_reached, st, segT, segY, segK, segX, m = mod.solve(*call_args)
+    for name, v in zip(_codegen.STATS, st):
+        if name in ("nfe", "naccept", "nreject") or kind != "erk":
+            if kind == "rosenbrock" and name in ("nnewton", "nconvfail"):
+                continue
+            stats[name] = int(v)
     retcode = ReturnCode(_codegen.RETCODES[rc])
-    ys_t = torch.from_numpy(ys[:k]).reshape(k, *problem.y0.shape)
+    ys_t = torch.from_numpy(ys[:k]).to(problem.y0.dtype).reshape(k, *problem.y0.shape)
     ts = problem.t
+    dense = (
+        (mod, rhs, pf, segT[:m], segY[:m], segK[:m], segX[:m], problem.y0) if keep_dense else None
+    )
     sol = CompiledSolution(
         ts=ts[:k] if k < ts.shape[0] else ts,
         ys=problem.unpack(ys_t),
@@ -248,13 +323,13 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         unflatten=problem.unpack if problem.is_tuple else None,
         t_reached=float(t_reached),
         solver=solver,
+        dense=dense,
     )
     if not retcode.successful and throw:
         msg = _MESSAGES[retcode.value].format(max_steps=max_steps, t=float(t_reached))
         raise SolveError(
             f"solve failed with retcode {retcode.value}: {msg} (pass throw=False to get the "
-            "partial "
-            "solution)",
+            "partial solution)",
             retcode,
             float(t_reached),
             sol,
