@@ -31,6 +31,7 @@ _MESSAGES = {
 #: (f, dtype, state layout, args layout, with Jacobian) -> the traced problem module, kept for the
 #: process
 _PROBLEMS: dict = {}
+_MAX_PROBLEMS = 256
 #: solver type -> the method module
 _METHODS: dict = {}
 
@@ -172,6 +173,8 @@ def _problem_module(problem, kind, args):
     hit = _PROBLEMS.get(key)
     if hit is not None:
         return hit, False
+    if len(_PROBLEMS) >= _MAX_PROBLEMS:  # a new f per call (lambdas) must not grow it forever
+        _PROBLEMS.pop(next(iter(_PROBLEMS)))
 
     def call(t, y, a):
         return problem.call(t, y.reshape(shape0), a)
@@ -187,11 +190,12 @@ def _problem_module(problem, kind, args):
 
 def _method_module(solver, kind):
     mod = _METHODS.get(type(solver))
-    if mod is None:
-        mod = _METHODS[type(solver)] = _codegen.load_module(
-            _codegen.method_source(kind, solver.tableau)
-        )
-    return mod
+    if mod is not None:
+        return mod, False
+    mod = _METHODS[type(solver)] = _codegen.load_module(
+        _codegen.method_source(kind, solver.tableau)
+    )
+    return mod, True
 
 
 def _flat_params(user_arrays, consts):
@@ -244,8 +248,9 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
     stats: dict = {}
     t_build = time.perf_counter()
     built, new = _problem_module(problem, kind, problem.args)
-    mod = _method_module(solver, kind)
-    if new:  # first solve of this f in the process: trace, compile (or load from disk)
+    mod, new_method = _method_module(solver, kind)
+    if new or new_method:  # first solve of this f or method in the process: trace, compile
+        # (or load from the disk cache)
         stats["compile_s"] = time.perf_counter() - t_build
     n = problem.y0.numel()
     user_arrays = [
