@@ -12,6 +12,8 @@ from .._problem import ODEProblem
 from .._solution import ReturnCode, Solution, SolveError
 from ..controllers import PIController, PredictiveController
 from ..solvers._erk import ExplicitRK
+from ..solvers._esdirk import ESDIRK
+from ..solvers._newton import newton_tolerance
 from ..solvers._rosenbrock import GenericRosenbrock
 from . import _codegen, _trace
 
@@ -22,20 +24,75 @@ _MESSAGES = {
     "(try an implicit solver "
     "such as Rodas5P) or the tolerances too tight for float64",
     "Unstable": "the state or its error became NaN/Inf at t={t:.6g}",
+    "ConvergenceFailure": "the implicit solve of a fixed step failed at t={t:.6g}; use a smaller "
+    "dt or adaptive=True",
 }
 
-#: (f, solver type, state layout, args layout) -> traced and compiled pieces, kept for the process
-_BUILT: dict = {}
+#: (f, dtype, state layout, args layout, with Jacobian) -> the traced problem module, kept for the
+#: process
+_PROBLEMS: dict = {}
+_MAX_PROBLEMS = 256
+#: solver type -> the method module
+_METHODS: dict = {}
 
 
 class CompiledSolution(Solution):
-    """A :class:`Solution` of the compiled path: the saved states, no dense output object."""
+    """A :class:`Solution` of the compiled path; ``sol(tq)`` evaluates the dense output of the
+    compiled run's stored steps (the same interpolants as the native engine), in compiled code."""
+
+    def __init__(self, *a, dense=None, **kw):
+        super().__init__(*a, **kw)
+        self._dense = dense  # (method module, rhs, pf, segT, segY, segK, segX, y0 template)
 
     def __call__(self, tq):
-        raise ValueError(
-            "sol(tq): the compiled path (compile=True) keeps only the states at the output times; "
-            "pass the times you need in t, or solve with compile=False to evaluate the dense output"
-        )
+        if self._dense is None:
+            raise ValueError(
+                "sol(tq): this solution kept no dense output; call solve(..., dense=True) to "
+                "evaluate between output times"
+            )
+        mod, rhs, pf, segT, segY, segK, segX, like = self._dense
+        m = segT.shape[0]
+        if m == 0:
+            raise ValueError(
+                "sol(tq): the solve took no steps, there is no dense output to evaluate"
+            )
+        if isinstance(tq, torch.Tensor) and tq.requires_grad:
+            raise ValueError(
+                "sol(tq): the compiled path (compile=True) does not differentiate the dense "
+                "output with respect to tq; pass tq.detach(), or solve with compile=False"
+            )
+        tq_t = torch.as_tensor(tq, dtype=torch.float64).reshape(-1)
+        if tq_t.numel() == 0:
+            raise ValueError("sol(tq): tq is empty")
+        if not torch.isfinite(tq_t).all():
+            raise ValueError("sol(tq): tq contains NaN or Inf")
+        tv = tq_t.numpy()
+        starts, steps = segT[:, 0], segT[:, 1]
+        lo_t, hi_t = starts[0], self.t_reached
+        lo, hi = min(lo_t, hi_t), max(lo_t, hi_t)
+        span = hi - lo
+        bad = (tv < lo - 1e-12 * max(1.0, span)) | (tv > hi + 1e-12 * max(1.0, span))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"sol(tq): tq[{i}]={tv[i]} lies outside the solved span [{lo}, {hi}]; "
+                "evaluate only inside it"
+            )
+        if steps[-1] >= 0:  # the step holding each time (as Solution.__call__)
+            k = np.searchsorted(starts, tv, side="right") - 1
+        else:
+            k = np.searchsorted(-starts, -tv, side="right") - 1
+        k = np.ascontiguousarray(np.maximum(k, 0), dtype=np.int64)
+        theta = np.ascontiguousarray((tv - starts[k]) / steps[k])
+        out = np.zeros((k.shape[0], segY.shape[2]))
+        mod.interp(k, theta, segT, segY, segK, segX, rhs, pf, out)
+        y = self._states(torch.from_numpy(out)).to(like.dtype).reshape(k.shape[0], *like.shape)
+        return self._unflatten(y) if self._unflatten is not None else y
+
+    def _states(self, out: torch.Tensor) -> torch.Tensor:
+        """The flat states of the interpolated rows (the forward-sensitivity solution takes its
+        first n columns, attached to autograd)."""
+        return out
 
 
 def numba_available() -> bool:
@@ -51,11 +108,13 @@ def _method_kind(solver):
         return "rosenbrock"
     if isinstance(solver, ExplicitRK):
         return "erk"
+    if isinstance(solver, ESDIRK):
+        return "esdirk"
     raise ValueError(
         "solver: compile=True supports the explicit Runge–Kutta methods (e.g. pn.Tsit5(), "
-        "pn.Dopri5(), pn.Vern7(), pn.DP8()) and the Rosenbrock methods pn.Rodas4() and "
-        f"pn.Rodas5P(), got {type(solver).__name__}; "
-        f"pass compile=False for the other methods"
+        "pn.Dopri5(), pn.Vern7(), pn.DP8()), the Rosenbrock methods (pn.Rodas4(), pn.Rodas5P()) "
+        "and the ESDIRK methods (pn.KenCarp4(), pn.Kvaerno5(), ...), got "
+        f"{type(solver).__name__}; pass compile=False for the other methods"
     )
 
 
@@ -103,72 +162,147 @@ def _tol_array(tol, n):
     return np.full(n, float(tol))
 
 
-def _build(problem, solver, kind, args):
+def _problem_module(problem, kind, args):
+    """The traced ``rhs`` (and ``jac``) of ``problem.f`` for this state and argument layout."""
     n = problem.y0.numel()
     shape0 = problem.y0.shape
+    f = getattr(problem.f, "compile_key", problem.f)  # pn.odeint's wrapper: the user's func
+    jacobian = kind != "erk"
     key = (
-        problem.f,
-        type(solver),
+        f,
+        problem.y0.dtype,
         tuple(shape0),
         problem.is_tuple,
         tuple(map(tuple, problem.shapes or [])),
         tuple(_layout_key(a) for a in args),
+        jacobian,
     )
 
     def call(t, y, a):
         return problem.call(t, y.reshape(shape0), a)
 
-    return build(key, call, n, args, kind, solver)
+    return problem_module(key, call, n, args, jacobian, problem.y0.dtype)
 
 
-def build(key, call, n: int, args, kind: str, solver, tracer=None):
-    """Trace ``call(t, y_flat, args)`` (``n`` components), generate and load the module of
-    ``solver``'s step and loop; kept in the process under ``key``. Also used by the forward
-    sensitivities (:mod:`._sensitivity`, an augmented ``call``) and the ensembles."""
-    hit = _BUILT.get(key)
+def problem_module(key, call, n: int, args, jacobian: bool, dtype, tracer=None):
+    """Trace ``call(t, y_flat, args)`` (``n`` components) to the problem module (``rhs``, and
+    ``jac`` with ``jacobian``), kept in the process under ``key``; returns ``(built, new)``.
+    Also used for the forward-sensitivity system (:mod:`._sensitivity`) and the rows of an
+    ensemble (:mod:`._ensemble`)."""
+    hit = _PROBLEMS.get(key)
     if hit is not None:
-        return hit
-    rhs_src, kf, kj, uses_t, n_args = _trace.trace_rhs(
-        call, n, args, jacobian=(kind == "rosenbrock"), **({"tracer": tracer} if tracer else {})
+        return hit, False
+    if len(_PROBLEMS) >= _MAX_PROBLEMS:  # a new f per call (lambdas) must not grow it forever
+        _PROBLEMS.pop(next(iter(_PROBLEMS)))
+    rhs_src, kf, kj, uses_t = _trace.trace_rhs(
+        call, n, args, jacobian=jacobian, dtype=dtype, **({"tracer": tracer} if tracer else {})
     )
-    anames = [f"a{i}" for i in range(n_args)]
-    sig_names = anames + [f"KF{i}" for i in range(len(kf))] + [f"KJ{i}" for i in range(len(kj))]
-    sig = "".join(f", {x}" for x in sig_names)
-    fa = "".join(f", {x}" for x in anames + [f"KF{i}" for i in range(len(kf))])
-    ja = "".join(f", {x}" for x in anames + [f"KJ{i}" for i in range(len(kj))])
-    if kind == "erk":
-        tab = solver.tableau
-        method_src, nfe_step, _ = _codegen.erk_source(tab, sig, fa)
-        loop_src = _codegen.loop_source("erk", sig, fa, ja, tab.stages + tab.extra_stages, nfe_step)
-    else:
-        tab = solver.tableau
-        method_src, rows = _codegen.rosenbrock_source(tab, sig, fa)
-        loop_src = _codegen.loop_source("rosenbrock", sig, fa, ja, tab.stages, tab.stages - 1, rows)
-    src = _codegen.module_source(rhs_src, method_src, loop_src)
-    mod = _codegen.load_module(src)
-    built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t, "source": src}
-    _BUILT[key] = built
-    return built
+    mod = _codegen.load_module(_codegen.problem_source(rhs_src))
+    built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t}
+    _PROBLEMS[key] = built
+    return built, True
 
 
-def loop_arguments(built, solver, opts, t, y0, rtol, atol, user_arrays) -> tuple:
-    """The arguments of the generated ``solve(...)``: output times, flat ``y0``, tolerance
-    arrays, the loop's options, then the user's tensor arguments and the traced constants (flat
-    float64 arrays)."""
+def _method_module(solver, kind):
+    mod = _METHODS.get(type(solver))
+    if mod is not None:
+        return mod, False
+    mod = _METHODS[type(solver)] = _codegen.load_module(
+        _codegen.method_source(kind, solver.tableau)
+    )
+    return mod, True
+
+
+def _flat_params(user_arrays, consts):
+    parts = user_arrays + [c.detach().double().cpu().reshape(-1).numpy() for c in consts]
+    if not parts:
+        return np.zeros(0)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float64)
+
+
+def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
+    """The whole solve as one numba call (see :func:`pyneuralode.solve`, ``compile=True``).
+
+    ``problem`` and ``opts`` come validated from :func:`pyneuralode.solve`."""
+    if not numba_available():
+        raise ImportError(
+            "compile=True needs numba: pip install 'pyneuralode[compiled]' (or pip install numba), "
+            "or pass compile=False"
+        )
+    kind = _method_kind(solver)
+    if kind != "erk" and getattr(solver, "batched", False):
+        from . import _ensemble
+
+        # the rows of y0 as independent systems, each with its own steps
+        return _ensemble.run_ensemble(problem, solver, opts, throw=throw)
+    if kind != "erk":
+        _check_rosenbrock_options(solver)
+    if problem.y0.dtype not in (torch.float64, torch.float32):
+        raise TypeError(
+            f"y0: compile=True takes float64 or float32 states, got {problem.y0.dtype}; pass "
+            "y0.double(), or compile=False"
+        )
+    if problem.y0.device.type != "cpu":
+        raise ValueError(
+            f"y0: compile=True runs on the CPU, got a tensor on {problem.y0.device}; "
+            "pass compile=False"
+        )
+    from . import _sensitivity
+
+    if _sensitivity.needs_gradient(problem):
+        return _sensitivity.solve_sensitivities(problem, solver, opts, kind, throw=throw)
+    stats: dict = {}
+    t_build = time.perf_counter()
+    built, new = _problem_module(problem, kind, problem.args)
+    mod, new_method = _method_module(solver, kind)
+    if new or new_method:  # first solve of this f or method in the process: trace, compile
+        # (or load from the disk cache)
+        stats["compile_s"] = time.perf_counter() - t_build
+    n = problem.y0.numel()
+    user_arrays = [
+        np.ascontiguousarray(a.detach().double().cpu().reshape(-1).numpy())
+        for a in problem.args
+        if isinstance(a, torch.Tensor)
+    ]
+    call_args = loop_arguments(
+        problem, solver, opts, kind, built, mod,
+        problem.y0.detach().double().reshape(-1).numpy(),
+        _tol_array(problem.rtol, n), _tol_array(problem.atol, n), user_arrays,
+    )
+    out = mod.solve(*call_args)
+    return package(problem, solver, opts, kind, mod, call_args, out, stats, throw)
+
+
+def loop_arguments(problem, solver, opts, kind, built, mod, y0, rtol, atol, user_arrays):
+    """The arguments of the method module's ``solve``: output times, flat ``y0``, tolerance
+    arrays, the loop's options, the problem module's ``rhs``/``jac`` and their parameter arrays
+    (the user's tensor arguments, then the traced constants)."""
     ctrl = opts.controller if opts.controller is not None else solver.default_controller()
     pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
     adaptive, dt, dtmin, dtmax = opts.adaptive, opts.dt, opts.dtmin, opts.dtmax
-    consts = [
-        np.ascontiguousarray(c.detach().double().cpu().reshape(-1).numpy())
-        for c in built["kf"] + built["kj"]
-    ]
+    pf = _flat_params(user_arrays, built["kf"])
+    pj = _flat_params(user_arrays, built["kj"])
     q = (
         min(solver.order, solver.error_order) + 1
         if solver.error_order is not None
         else solver.order + 1
     )
+    if kind == "esdirk":
+        opt = np.array(
+            [
+                newton_tolerance(solver.kappa, problem.rtol, torch.float64),
+                newton_tolerance(1e-5, problem.rtol, torch.float64),
+                float(solver.max_iter),
+                solver.jac_theta,
+                1.0 if solver.smooth_est else 0.0,
+            ]
+        )
+    else:
+        opt = np.zeros(1)
+    rhs = built["mod"].rhs
+    jac = built["mod"].jac if kind != "erk" else mod.nojac
     return (
-        np.ascontiguousarray(t.detach().double().cpu().numpy()),
+        np.ascontiguousarray(problem.t.detach().double().cpu().numpy()),
         np.ascontiguousarray(y0, dtype=np.float64),
         rtol,
         atol,
@@ -187,88 +321,46 @@ def loop_arguments(built, solver, opts, t, y0, rtol, atol, user_arrays) -> tuple
         float(q),
         float(getattr(solver, "start_order", solver.order)),
         bool(built["uses_t"]),
-        *user_arrays,
-        *consts,
+        bool(opts.dense),
+        opt,
+        rhs,
+        jac,
+        pf,
+        pj,
     )
 
 
-def run(built, call_args, stats: dict, fn: str = "solve"):
-    """Call the module's ``fn`` (compiling it on the first call in the process, timed into
-    ``stats["compile_s"]``)."""
-    f = getattr(built["mod"], fn)
-    if not built.get(f"compiled_{fn}"):
-        import numba
-
-        t0 = time.perf_counter()
-        f.compile(tuple(numba.typeof(a) for a in call_args))
-        stats["compile_s"] = time.perf_counter() - t0  # compile, or load from the disk cache
-        built[f"compiled_{fn}"] = True
-    return f(*call_args)
+def stats_of(kind, st, stats: dict) -> dict:
+    for name, v in zip(_codegen.STATS, st):
+        if name in ("nfe", "naccept", "nreject") or kind != "erk":
+            if kind == "rosenbrock" and name in ("nnewton", "nconvfail"):
+                continue
+            stats[name] = int(v)
+    return stats
 
 
-def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
-    """The whole solve as one numba call (see :func:`pyneuralode.solve`, ``compile=True``).
-
-    ``problem`` and ``opts`` come validated from :func:`pyneuralode.solve`."""
-    if not numba_available():
-        raise ImportError(
-            "compile=True needs numba: pip install 'pyneuralode[compiled]' (or pip install numba), "
-            "or pass compile=False"
-        )
-    kind = _method_kind(solver)
-    if kind == "rosenbrock" and getattr(solver, "batched", False):
-        from ._ensemble import run_ensemble  # rows as independent systems (see _ensemble)
-
-        return run_ensemble(problem, solver, opts, throw=throw)
-    if kind == "rosenbrock":
-        _check_rosenbrock_options(solver)
-    if problem.y0.dtype != torch.float64:
-        raise TypeError(
-            f"y0: compile=True runs in float64, got {problem.y0.dtype}; pass y0.double() "
-            "(and float64 parameters), or compile=False"
-        )
-    if problem.y0.device.type != "cpu":
-        raise ValueError(
-            f"y0: compile=True runs on the CPU, got a tensor on {problem.y0.device}; "
-            "pass compile=False"
-        )
-    from . import _sensitivity
-
-    if _sensitivity.needs_gradient(problem):
-        return _sensitivity.solve_sensitivities(problem, solver, opts, kind, throw=throw)
-    built = _build(problem, solver, kind, problem.args)
-    n = problem.y0.numel()
-    user_arrays = [
-        np.ascontiguousarray(a.detach().double().reshape(-1).numpy())
-        for a in problem.args
-        if isinstance(a, torch.Tensor)
-    ]
-    call_args = loop_arguments(
-        built,
-        solver,
-        opts,
-        problem.t,
-        problem.y0.detach().reshape(-1).numpy(),
-        _tol_array(problem.rtol, n),
-        _tol_array(problem.atol, n),
-        user_arrays,
-    )
-    stats: dict = {}
-    ys, k, rc, t_reached, st = run(built, call_args, stats)
-    stats.update(nfe=int(st[0]), naccept=int(st[1]), nreject=int(st[2]))
-    if kind == "rosenbrock":
-        stats.update(njac=int(st[3]), nlu=int(st[4]), nsolve=int(st[5]))
-    return package(problem, solver, opts, torch.from_numpy(ys[:k]), rc, t_reached, stats, throw)
-
-
-def package(problem, solver, opts, ys_flat, rc: int, t_reached, stats: dict, throw: bool):
-    """The :class:`CompiledSolution` of the saved flat states ``ys_flat`` (k, n); raises
-    :class:`SolveError` on failure with ``throw=True``."""
-    k = ys_flat.shape[0]
+def package(
+    problem, solver, opts, kind, mod, call_args, out, stats, throw, ys_flat=None,
+    cls=None, attrs=None,
+):
+    """The :class:`CompiledSolution` of the method module's ``solve`` result ``out`` (``ys_flat``:
+    the saved states to use instead of ``out``'s, e.g. attached to autograd; ``cls``/``attrs``:
+    a subclass and attributes for it); raises :class:`SolveError` on failure with
+    ``throw=True``."""
+    ys, k, rc, t_reached, st, segT, segY, segK, segX, m = out
+    stats_of(kind, st, stats)
     retcode = ReturnCode(_codegen.RETCODES[rc])
+    if ys_flat is None:
+        ys_flat = torch.from_numpy(ys[:k]).to(problem.y0.dtype)
     ys_t = ys_flat.reshape(k, *problem.y0.shape)
     ts = problem.t
-    sol = CompiledSolution(
+    rhs, pf = call_args[21], call_args[23]
+    dense = (
+        (mod, rhs, pf, segT[:m], segY[:m], segK[:m], segX[:m], problem.y0)
+        if opts.dense
+        else None
+    )
+    sol = (cls or CompiledSolution)(
         ts=ts[:k] if k < ts.shape[0] else ts,
         ys=problem.unpack(ys_t),
         retcode=retcode,
@@ -277,13 +369,15 @@ def package(problem, solver, opts, ys_flat, rc: int, t_reached, stats: dict, thr
         unflatten=problem.unpack if problem.is_tuple else None,
         t_reached=float(t_reached),
         solver=solver,
+        dense=dense,
     )
+    for name, v in (attrs or {}).items():
+        setattr(sol, name, v)
     if not retcode.successful and throw:
         msg = _MESSAGES[retcode.value].format(max_steps=opts.max_steps, t=float(t_reached))
         raise SolveError(
             f"solve failed with retcode {retcode.value}: {msg} (pass throw=False to get the "
-            "partial "
-            "solution)",
+            "partial solution)",
             retcode,
             float(t_reached),
             sol,

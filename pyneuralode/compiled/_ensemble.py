@@ -17,6 +17,7 @@ compiled per-row ``f`` is compared with ``f`` on the whole batch at ``(t0, y0)``
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -26,36 +27,41 @@ from .._solution import ReturnCode, SolveError
 from . import _codegen, _driver
 
 _ENSEMBLE = '''
-from numba import njit, prange
+from numba import prange
 
 from {main} import solve
 
 
-@njit(cache=True, parallel={parallel})
-def solve_ensemble(t_out, Y0, RTOL, ATOL, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in, max_steps,
-                   pred, beta1, beta2, safety, fmin, fmax, q, start_order, nonauto{sig}):
+@njit((A1, A2, A2, A2, types.boolean, F8, F8, F8, F8, types.int64, types.boolean, F8, F8, F8,
+       F8, F8, F8, F8, types.boolean, types.boolean, A1, RHS, JAC, A2, A2), cache=True,
+      parallel={parallel})
+def solve_ensemble(t_out, Y0, RTOL, ATOL, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
+                   max_steps, pred, beta1, beta2, safety, fmin, fmax, q, start_order, nonauto,
+                   keep_dense, opt, rhs, jac, PF, PJ):
     B = Y0.shape[0]
     n = Y0.shape[1]
     n_out = t_out.shape[0]
     YS = np.full((B, n_out, n), np.nan)
-    K = np.zeros(B, dtype=np.int64)
     RC = np.zeros(B, dtype=np.int64)
     TR = np.zeros(B)
-    ST = np.zeros((B, 6), dtype=np.int64)
+    ST = np.zeros((B, {nstats}), dtype=np.int64)
     for b in prange(B):
-        ys, k, rc, tr, st = solve(t_out, Y0[b], RTOL[b], ATOL[b], adaptive, dt_fixed, h_init,
-                                  dtmax_in, dtmin_in, max_steps, pred, beta1, beta2, safety, fmin,
-                                  fmax, q, start_order, nonauto{call})
-        for i in range(k):
+        out = solve(t_out, Y0[b], RTOL[b], ATOL[b], adaptive, dt_fixed, h_init, dtmax_in,
+                    dtmin_in, max_steps, pred, beta1, beta2, safety, fmin, fmax, q, start_order,
+                    nonauto, False, opt, rhs, jac, PF[b], PJ[b])
+        ys = out[0]
+        for i in range(out[1]):
             for j in range(n):
                 YS[b, i, j] = ys[i, j]
-        K[b] = k
-        RC[b] = rc
-        TR[b] = tr
-        for j in range(6):
-            ST[b, j] = st[j]
-    return YS, K, RC, TR, ST
+        RC[b] = out[2]
+        TR[b] = out[3]
+        for j in range({nstats}):
+            ST[b, j] = out[4][j]
+    return YS, RC, TR, ST
 '''
+
+#: (method module name, parallel) -> the ensemble module (one per method, whatever f)
+_WRAPPERS: dict = {}
 
 
 class EnsembleSolution(_driver.CompiledSolution):
@@ -127,7 +133,7 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
             "or pass compile=False"
         )
     kind = _driver._method_kind(solver)
-    if kind == "rosenbrock":
+    if kind != "erk":
         _driver._check_rosenbrock_options(solver, allow_batched=True)
     Y0 = problem.y0
     if Y0.dtype != torch.float64 or Y0.device.type != "cpu":
@@ -153,7 +159,7 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     key = (
         "ensemble-row",
         problem.f,
-        type(solver),
+        kind != "erk",
         row_shape,
         tuple(_driver._layout_key(a) for a in row_args),
         tuple(per),
@@ -162,27 +168,37 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     def call(t, y, a):
         return problem.f(t, y.reshape(row_shape), *a)
 
-    built = _driver.build(key, call, n, row_args, kind, solver)
-    ens = built.setdefault("ensemble", {})
-    holder = ens.get(parallel)
-    if holder is None:
-        nk = len(built["kf"]) + len(built["kj"])
-        tensor_per = [p for a, p in zip(row_args, per) if isinstance(a, torch.Tensor)]
-        names = [f"A{i}" if p else f"a{i}" for i, p in enumerate(tensor_per)]
-        names += [f"k{i}" for i in range(nk)]
-        sig = "".join(f", {x}" for x in names)
-        call_s = "".join(f", {x}[b]" if x.startswith("A") else f", {x}" for x in names)
-        src = _codegen._HEADER + _ENSEMBLE.format(
-            main=built["mod"].__name__, parallel=parallel, sig=sig, call=call_s
+    stats: dict = {}
+    t_build = time.perf_counter()
+    built, new = _driver.problem_module(key, call, n, row_args, kind != "erk", torch.float64)
+    mod, new_method = _driver._method_module(solver, kind)
+    wkey = (mod.__name__, parallel)
+    emod = _WRAPPERS.get(wkey)
+    new_wrapper = emod is None
+    if new_wrapper:
+        emod = _WRAPPERS[wkey] = _codegen.load_module(
+            _codegen._HEADER
+            + _ENSEMBLE.format(main=mod.__name__, parallel=parallel, nstats=len(_codegen.STATS))
         )
-        holder = ens[parallel] = {"mod": _codegen.load_module(src)}
-    arrays = []
+    # the parameter arrays of every system: its rows of the per-system arguments, the shared
+    # ones, then the traced constants (the order the translator reads them in)
+    per_arrays = []
     for a, p in zip(problem.args, per):
         if isinstance(a, torch.Tensor):
             x = a.detach().double().cpu()
-            arrays.append(
-                np.ascontiguousarray(x.reshape(B, -1).numpy() if p else x.reshape(-1).numpy())
-            )
+            per_arrays.append(x.reshape(B, -1).numpy() if p else
+                              np.broadcast_to(x.reshape(1, -1).numpy(), (B, x.numel())))
+
+    def table(consts):
+        parts = per_arrays + [
+            np.broadcast_to(c.detach().double().cpu().reshape(1, -1).numpy(), (B, c.numel()))
+            for c in consts
+        ]
+        if not parts:
+            return np.zeros((B, 0))
+        return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float64)
+
+    PF, PJ = table(built["kf"]), table(built["kj"])
     y0_rows = np.ascontiguousarray(Y0.detach().reshape(B, n).numpy())
     tols = [
         np.ascontiguousarray(
@@ -194,16 +210,23 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
         )
         for tol in (problem.rtol, problem.atol)
     ]
-    call_args = _driver.loop_arguments(
-        built, solver, opts, problem.t, y0_rows, tols[0], tols[1], arrays
+    one = _driver.loop_arguments(
+        problem, solver, opts, kind, built, mod, y0_rows[0], tols[0][0], tols[1][0], []
     )
-    stats: dict = {}
-    _check_rows(problem, built, call_args, row_args, per, B, n)
-    YS, _, RC, TR, ST = _driver.run(holder, call_args, stats, fn="solve_ensemble")
-    names = ["nfe", "naccept", "nreject"] + (["njac", "nlu", "nsolve"] if kind == "rosenbrock"
-                                             else [])
-    system_stats = {k: torch.from_numpy(np.ascontiguousarray(ST[:, i])) for i, k in
-                    enumerate(names)}
+    call_args = (one[0], y0_rows, tols[0], tols[1], *one[4:19], False, one[20], one[21],
+                 one[22], PF, PJ)
+    _check_rows(problem, built["mod"].rhs, y0_rows, PF, B, per)
+    if new or new_method or new_wrapper:  # first use in the process: trace, compile or load
+        stats["compile_s"] = time.perf_counter() - t_build
+    YS, RC, TR, ST = emod.solve_ensemble(*call_args)
+    names = [
+        k for k in _codegen.STATS
+        if k in ("nfe", "naccept", "nreject")
+        or (kind == "esdirk" or (kind == "rosenbrock" and k in ("njac", "nlu", "nsolve")))
+    ]
+    system_stats = {
+        k: torch.from_numpy(np.ascontiguousarray(ST[:, _codegen.STATS.index(k)])) for k in names
+    }
     stats.update({k: int(v.sum()) for k, v in system_stats.items()})
     retcodes = [ReturnCode(_codegen.RETCODES[int(rc)]) for rc in RC]
     bad = [b for b, r in enumerate(retcodes) if not r.successful]
@@ -232,7 +255,7 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     return sol
 
 
-def _check_rows(problem, built, call_args, row_args, per, B, n):
+def _check_rows(problem, rhs, y0_rows, PF, B, per):
     """The compiled per-row f against f on the whole batch at (t0, y0): rows must not interact
     and the per-system arguments must be the ones with B rows."""
     with torch.no_grad():
@@ -243,19 +266,13 @@ def _check_rows(problem, built, call_args, row_args, per, B, n):
             + (f" of shape {tuple(full.shape)}" if isinstance(full, torch.Tensor) else "")
             + f"; it must return dy/dt shaped like y0 {tuple(problem.y0.shape)}"
         )
+    n = y0_rows.shape[1]
     full = full.detach().double().reshape(B, n).numpy()
-    rhs = built["mod"].rhs
-    n_user = sum(isinstance(a, torch.Tensor) for a in row_args)
-    arrays = list(call_args[19 : 19 + n_user])
-    consts = list(call_args[19 + n_user :])
-    kf = consts[: len(built["kf"])]
-    tensor_per = [p for a, p in zip(row_args, per) if isinstance(a, torch.Tensor)]
-    y0_rows, t0 = call_args[1], float(call_args[0][0])
+    t0 = float(problem.t[0])
     out = np.empty(n)
-    worst = 0.0
-    bad = -1
+    worst, bad = 0.0, -1
     for b in range(B):
-        rhs(t0, y0_rows[b], out, *[a[b] if p else a for a, p in zip(arrays, tensor_per)], *kf)
+        rhs(t0, y0_rows[b], out, PF[b])
         fin = np.isfinite(full[b])
         if not np.array_equal(fin, np.isfinite(out)):  # NaN/Inf in different places
             worst, bad = np.inf, b
@@ -265,11 +282,11 @@ def _check_rows(problem, built, call_args, row_args, per, B, n):
             if d > 1e-10 and d > worst:
                 worst, bad = d, b
     if bad >= 0:
-        shared = [i for i, (a, p) in enumerate(zip(problem.args, per)) if p]
+        rows = [i for i, p in enumerate(per) if p]
         raise ValueError(
             f"f: row {bad} of f(t0, y0, *args) on the whole batch differs from f on that row "
             f"alone (relative difference {worst:.2e}); the compiled ensemble needs f to act on "
             "each row independently, with the tensor arguments whose first dimension is "
-            f"B={B} (here args {shared}) holding one row per system; give a shared argument "
+            f"B={B} (here args {rows}) holding one row per system; give a shared argument "
             "another leading dimension (e.g. unsqueeze(0)), or use compile=False"
         )

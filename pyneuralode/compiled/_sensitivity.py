@@ -22,6 +22,7 @@ translator's clear size error (use ``compile=False`` and an adjoint there).
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -175,9 +176,18 @@ class _Sensitivities(torch.autograd.Function):
         return (None, None, *out)
 
 
+class SensitivitySolution(_driver.CompiledSolution):
+    """A compiled solution whose states (and ``sol(tq)``) carry forward-sensitivity gradients."""
+
+    def _states(self, out):
+        n, m, inputs = self._sens
+        k = out.shape[0]
+        return _Sensitivities.apply(out[:, :n], out[:, n:].reshape(k, n, m), *inputs)
+
+
 def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
     """``solve(..., compile=True)`` when a gradient is needed: the augmented system compiled,
-    ``ys`` attached to autograd (see the module docstring)."""
+    ``ys`` (and ``sol(tq)``) attached to autograd (see the module docstring)."""
     if problem.t.requires_grad:
         raise ValueError(
             "t: compile=True differentiates with respect to y0, tensor args and the tensors f "
@@ -201,8 +211,9 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
     args = tuple(problem.args) + tuple(p.detach() for p in params)
     key = (
         "forward-sensitivity",
-        problem.f,
-        type(solver),
+        getattr(problem.f, "compile_key", problem.f),
+        problem.y0.dtype,
+        kind != "erk",
         tuple(problem.y0.shape),
         problem.is_tuple,
         tuple(map(tuple, problem.shapes or [])),
@@ -211,33 +222,37 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
         tuple(arg_cols),
         tuple((tuple(p.shape), p.dtype) for p in params),
     )
-    built = _driver.build(key, call, N, args, kind, solver, tracer=record)
+    stats: dict = {}
+    t_build = time.perf_counter()
+    built, new = _driver.problem_module(
+        key, call, N, args, kind != "erk", problem.y0.dtype, tracer=record
+    )
+    mod, new_method = _driver._method_module(solver, kind)
+    if new or new_method:
+        stats["compile_s"] = time.perf_counter() - t_build
     S0 = np.zeros((n, m))
     if y0_cols:
         S0[:, :n] = np.eye(n)
-    z0 = np.concatenate([problem.y0.detach().reshape(-1).numpy(), S0.reshape(-1)])
+    z0 = np.concatenate([problem.y0.detach().double().reshape(-1).numpy(), S0.reshape(-1)])
     rtol = _driver._tol_array(problem.rtol, n)
     atol = _driver._tol_array(problem.atol, n)
     arrays = [
-        np.ascontiguousarray(a.detach().double().reshape(-1).numpy())
+        np.ascontiguousarray(a.detach().double().cpu().reshape(-1).numpy())
         for a in args
         if isinstance(a, torch.Tensor)
     ]
     call_args = _driver.loop_arguments(
-        built,
-        solver,
-        opts,
-        problem.t,
-        z0,
+        problem, solver, opts, kind, built, mod, z0,
         np.concatenate([rtol, np.repeat(rtol, m)]),
         np.concatenate([atol, np.repeat(atol, m)]),
         arrays,
     )
-    stats: dict = {}
-    zs, k, rc, t_reached, st = _driver.run(built, call_args, stats)
-    stats.update(nfe=int(st[0]), naccept=int(st[1]), nreject=int(st[2]), nsens=m)
-    if kind == "rosenbrock":
-        stats.update(njac=int(st[3]), nlu=int(st[4]), nsolve=int(st[5]))
-    zs = torch.from_numpy(zs[:k])
+    out = mod.solve(*call_args)
+    stats["nsens"] = m
+    k = int(out[1])
+    zs = torch.from_numpy(out[0][:k])
     ys = _Sensitivities.apply(zs[:, :n], zs[:, n:].reshape(k, n, m), *inputs)
-    return _driver.package(problem, solver, opts, ys, rc, t_reached, stats, throw)
+    return _driver.package(
+        problem, solver, opts, kind, mod, call_args, out, stats, throw,
+        ys_flat=ys.to(problem.y0.dtype), cls=SensitivitySolution, attrs={"_sens": (n, m, inputs)},
+    )

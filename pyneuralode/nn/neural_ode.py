@@ -85,6 +85,8 @@ class NeuralODE(nn.Module):
     ``"backsolve"``/``"interpolating"``/``"quadrature"``), ``rtol``/``atol``, fixed steps with
     ``adaptive=False, dt=h``. ``forward(y0, t=None)`` returns the final state, or with
     ``return_trajectory=True`` the states at every time of ``t`` shaped ``(len(t), *y0.shape)``.
+    ``compile=True`` runs the solves on the compiled path (``solve(..., compile=True)``, needs
+    numba): for inference (``torch.no_grad()``); with gradients required it raises ``ValueError``.
 
     After a call, ``nfe_forward`` is the forward pass's number of ``f`` evaluations; after its
     backward, ``nfe_backward`` is the backward pass's: ``nfe_adjoint`` of the solution stats for the
@@ -95,10 +97,13 @@ class NeuralODE(nn.Module):
     """
 
     def __init__(self, vector_field, t=(0.0, 1.0), solver=None, sensealg=None, rtol: float = 1e-3, atol: float = 1e-4,
-                 return_trajectory: bool = False, adaptive: bool = True, dt=None, max_steps: int = 100_000):
+                 return_trajectory: bool = False, adaptive: bool = True, dt=None, max_steps: int = 100_000,
+                 compile: bool = False):
         super().__init__()
         if not callable(vector_field):
             raise TypeError(f"vector_field: expected a callable f(t, y) (an nn.Module to train), got {type(vector_field).__name__}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile: expected True or False, got {compile!r}")
         if not isinstance(return_trajectory, bool):
             raise TypeError(f"return_trajectory: expected True or False, got {return_trajectory!r}")
         self.func = _Counted(vector_field)
@@ -111,6 +116,7 @@ class NeuralODE(nn.Module):
         self.rtol, self.atol = rtol, atol
         self.return_trajectory = return_trajectory
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
+        self.compile = compile  # solve(..., compile=True): values only until it differentiates
         self.last_stats: dict = {}
         # the whole-graph DirectAdjoint: backward evaluations are counted by a gradient hook
         self._direct = type(self.sensealg).__name__ == "DirectAdjoint" and getattr(self.sensealg, "checkpoints", None) is None
@@ -140,8 +146,9 @@ class NeuralODE(nn.Module):
             t = t.to(device=y0.device, dtype=y0.dtype) if not t.requires_grad else t
         self.func.calls, self.func.vjps = 0, 0
         self.func.hook = self._direct and torch.is_grad_enabled()
-        sol = pn.solve(self.func, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
-                       adaptive=self.adaptive, dt=self.dt, max_steps=self.max_steps)
+        how = dict(compile=True) if self.compile else dict(sensealg=self.sensealg)
+        sol = pn.solve(self.func, y0, t, self.solver, rtol=self.rtol, atol=self.atol,
+                       adaptive=self.adaptive, dt=self.dt, max_steps=self.max_steps, **how)
         self.func.hook = False
         self.last_stats = sol.stats
         return sol.ys if self.return_trajectory else (
