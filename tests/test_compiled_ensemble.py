@@ -103,6 +103,27 @@ def test_failed_system_has_its_own_retcode():
             )
 
 
+def lotka_volterra_rows(t, Y, P):
+    x, y = Y[:, 0], Y[:, 1]
+    return torch.stack([P[:, 0] * x - P[:, 1] * x * y, -P[:, 2] * y + P[:, 3] * x * y], 1)
+
+
+def test_explicit_method_ensemble():
+    """An explicit method (Tsit5): every system equals its own compiled solve."""
+    P = torch.tensor([[1.5, 1.0, 3.0, 1.0], [1.0, 0.5, 2.0, 1.5], [2.0, 1.0, 1.0, 0.5]], **F64)
+    Y = torch.tensor([[1.0, 1.0], [0.5, 2.0], [2.0, 0.3]], **F64)
+    t = torch.linspace(0, 5, 6, **F64)
+    with torch.no_grad():
+        ens = pn.compiled.solve_ensemble(lotka_volterra_rows, Y, t, pn.Tsit5(), args=(P,))
+        for b in range(3):
+            one = pn.solve(
+                lotka_volterra_rows, Y[b : b + 1], t, pn.Tsit5(), args=(P[b : b + 1],),
+                compile=True,
+            )
+            assert torch.equal(one.ys[:, 0], ens.ys[:, b])
+            assert ens.system_stats["nfe"][b].item() == one.stats["nfe"]
+
+
 def coupled(t, Y):
     return -Y + Y.mean(0)  # rows interact: not an ensemble
 
