@@ -9,7 +9,7 @@ a tight reference (scipy Radau / DOP853 at rtol 1e-12).
     python benchmarks/compiled.py            # rtol 1e-6 and 1e-8; 5 repeats
     python benchmarks/compiled.py --quick    # rtol 1e-6; 2 repeats; shorter Van der Pol span
     python benchmarks/compiled.py --fresh    # a new numba cache directory: report the cold compile time
-    python benchmarks/compiled.py --only grad,ensemble   # some of the tables: solve, grad, ensemble
+    python benchmarks/compiled.py --only grad,ensemble  # some tables: solve, grad, ensemble
 
 Also: the gradient of a loss w.r.t. Robertson's three rate constants (compiled forward
 sensitivities against the native engine's DirectAdjoint, both Rodas5P) and an ensemble of 1000

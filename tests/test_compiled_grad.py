@@ -185,7 +185,14 @@ def test_dense_output_carries_the_gradient():
     )
 
 
-def test_time_gradient_is_refused():
+def scaled(t, y, p):
+    return -p.sum() * y
+
+
+def test_clear_errors():
     t = torch.tensor([0.0, 1.0], **F64, requires_grad=True)
     with pytest.raises(ValueError, match=r"t\.detach\(\)"):
         pn.solve(decay, torch.ones(1, **F64), t, pn.Tsit5(), compile=True)
+    p = torch.ones(120, **F64, requires_grad=True)  # too many parameters for forward sensitivity
+    with pytest.raises(ValueError, match=r"m=120 .*compile=False with an adjoint"):
+        pn.solve(scaled, torch.ones(1, **F64), t.detach(), pn.Tsit5(), args=(p,), compile=True)

@@ -9,14 +9,16 @@ With ``compile=True`` and a ``y0``, tensor argument or tensor captured by ``f`` 
 where ``S = ∂y/∂(y0, θ)`` (the ``y0`` columns only when ``y0`` requires grad). ``J_y`` and
 ``∂f/∂θ`` come from reverse-mode autograd on the traced graph of ``f`` (one pass per component of
 ``f``), and the augmented system is traced and compiled with the same generated step as ``f``
-itself, its Jacobian (for the Rosenbrock methods) traced exactly from it in turn. ``S`` at the
+itself, its Jacobian (for the implicit methods: Rosenbrock, ESDIRK) traced exactly from it in
+turn. ``S`` at the
 output times then gives every vector–Jacobian product in the backward pass of a custom
 :class:`torch.autograd.Function`. The error norm covers ``S`` too (rows of ``S`` take the
 tolerances of their component of ``y``), so the gradient is as accurate as the solution.
 
 The cost grows as ``n·(1 + m)`` for ``n`` states and ``m`` parameters: this is the method for
-small systems with few parameters (SciML recommends it below ~100 of both); larger ones raise the
-translator's clear size error (use ``compile=False`` and an adjoint there).
+small systems with few parameters (SciML recommends it below ~100 of both). Larger problems
+(``n + m > 100``, or ``n·(1 + m) > 200`` for the implicit methods, whose augmented Jacobian is
+traced) raise a ``ValueError`` pointing to ``compile=False`` with an adjoint.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ import torch
 
 from . import _driver, _trace
 from ._record import record
+
+#: the sizes forward sensitivities are for (SciML recommends them below ~100 parameters and
+#: states); beyond them tracing and compiling the augmented system costs more than an adjoint
+MAX_STATES_AND_PARAMETERS = 100
+MAX_IMPLICIT = 200
 
 
 class _Substituted(torch.fx.Interpreter):
@@ -206,6 +213,16 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
     if m == 0:  # e.g. a module parameter that f does not use: no gradient to carry
         with torch.no_grad():
             return _driver.solve_compiled(problem, solver, opts, throw=throw)
+    if n + m > MAX_STATES_AND_PARAMETERS or (kind != "erk" and n * (1 + m) > MAX_IMPLICIT):
+        raise ValueError(
+            f"compile=True computes gradients by forward sensitivities, whose cost grows as "
+            f"n·(1 + m) (here n={n} states, m={m} parameters and initial values that require "
+            f"grad); the compiled path takes n + m ≤ {MAX_STATES_AND_PARAMETERS}"
+            + (f" and, for the implicit methods (their exact Jacobian of the augmented system "
+               f"is traced), n·(1 + m) ≤ {MAX_IMPLICIT}" if kind != "erk" else "")
+            + "; use compile=False with an adjoint (e.g. sensealg=pn.InterpolatingAdjoint()), "
+            "or let fewer tensors require grad"
+        )
     call = _augmented_call(gm, n, tpos, arg_cols, y0_cols, names_index, len(params), m)
     N = n * (1 + m)
     args = tuple(problem.args) + tuple(p.detach() for p in params)
