@@ -90,7 +90,8 @@ def needs_gradient(problem) -> bool:
 
 def _trace_f(problem, n: int):
     key = (
-        problem.f,
+        getattr(problem.f, "compile_key", problem.f),
+        problem.y0.dtype,
         tuple(problem.y0.shape),
         problem.is_tuple,
         tuple(map(tuple, problem.shapes or [])),
@@ -109,8 +110,8 @@ def _trace_f(problem, n: int):
             full[i] = a
         return problem.call(t, y.reshape(shape0), full).reshape(-1)
 
-    t0 = torch.zeros((), dtype=torch.float64)
-    y0 = torch.zeros(n, dtype=torch.float64) + 0.5
+    t0 = torch.zeros((), dtype=problem.y0.dtype)
+    y0 = torch.zeros(n, dtype=problem.y0.dtype) + 0.5
     try:
         with torch.no_grad():
             gm = record(f_flat)(t0, y0, *[targs[i] for i in tpos])
@@ -120,6 +121,8 @@ def _trace_f(problem, n: int):
         raise _trace.UnsupportedOpError(
             f"compile=True: tracing f failed ({type(e).__name__}: {e}); pass compile=False"
         ) from e
+    if len(_TRACED) >= _driver._MAX_PROBLEMS:  # a new f per call must not grow it forever
+        _TRACED.pop(next(iter(_TRACED)))
     _TRACED[key] = (gm, tpos)
     return gm, tpos
 
