@@ -87,8 +87,13 @@ class CompiledSolution(Solution):
         theta = np.ascontiguousarray((tv - starts[k]) / steps[k])
         out = np.zeros((k.shape[0], segY.shape[2]))
         mod.interp(k, theta, segT, segY, segK, segX, rhs, pf, out)
-        y = torch.from_numpy(out).to(like.dtype).reshape(k.shape[0], *like.shape)
+        y = self._states(torch.from_numpy(out)).to(like.dtype).reshape(k.shape[0], *like.shape)
         return self._unflatten(y) if self._unflatten is not None else y
+
+    def _states(self, out: torch.Tensor) -> torch.Tensor:
+        """The flat states of the interpolated rows (the forward-sensitivity solution takes its
+        first n columns, attached to autograd)."""
+        return out
 
 
 def numba_available() -> bool:
@@ -116,8 +121,10 @@ def _method_kind(solver):
     )
 
 
-def _check_rosenbrock_options(solver):
+def _check_rosenbrock_options(solver, allow_batched: bool = False):
     defaults = dict(jac=None, batched=False, linsolve="lu", jac_sparsity=None)
+    if allow_batched:
+        del defaults["batched"]
     for k, v in defaults.items():
         if getattr(solver, k, v) is not v and getattr(solver, k, v) != v:
             raise ValueError(
@@ -173,17 +180,25 @@ def _problem_module(problem, kind, args):
         tuple(_layout_key(a) for a in args),
         jacobian,
     )
+
+    def call(t, y, a):
+        return problem.call(t, y.reshape(shape0), a)
+
+    return problem_module(key, call, n, args, jacobian, problem.y0.dtype)
+
+
+def problem_module(key, call, n: int, args, jacobian: bool, dtype, tracer=None):
+    """Trace ``call(t, y_flat, args)`` (``n`` components) to the problem module (``rhs``, and
+    ``jac`` with ``jacobian``), kept in the process under ``key``; returns ``(built, new)``.
+    Also used for the forward-sensitivity system (:mod:`._sensitivity`) and the rows of an
+    ensemble (:mod:`._ensemble`)."""
     hit = _PROBLEMS.get(key)
     if hit is not None:
         return hit, False
     if len(_PROBLEMS) >= _MAX_PROBLEMS:  # a new f per call (lambdas) must not grow it forever
         _PROBLEMS.pop(next(iter(_PROBLEMS)))
-
-    def call(t, y, a):
-        return problem.call(t, y.reshape(shape0), a)
-
     rhs_src, kf, kj, uses_t = _trace.trace_rhs(
-        call, n, args, jacobian=jacobian, dtype=problem.y0.dtype
+        call, n, args, jacobian=jacobian, dtype=dtype, **({"tracer": tracer} if tracer else {})
     )
     mod = _codegen.load_module(_codegen.problem_source(rhs_src))
     built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t}
@@ -218,6 +233,11 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
             "or pass compile=False"
         )
     kind = _method_kind(solver)
+    if kind != "erk" and getattr(solver, "batched", False):
+        from . import _ensemble
+
+        # the rows of y0 as independent systems, each with its own steps
+        return _ensemble.run_ensemble(problem, solver, opts, throw=throw)
     if kind != "erk":
         _check_rosenbrock_options(solver)
     if problem.y0.dtype not in (torch.float64, torch.float32):
@@ -230,24 +250,10 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
             f"y0: compile=True runs on the CPU, got a tensor on {problem.y0.device}; "
             "pass compile=False"
         )
-    if torch.is_grad_enabled():
-        needs = [
-            x
-            for x in [problem.y0, problem.t, *problem.arg_tensors, *problem.params]
-            if x.requires_grad
-        ]
-        if needs:
-            raise ValueError(
-                "compile=True does not propagate gradients yet (y0, t, args or f's parameters "
-                "require grad); pass compile=False, or run under torch.no_grad() for values only"
-            )
-    adaptive, dt, dtmin, dtmax, max_steps = (
-        opts.adaptive, opts.dt, opts.dtmin, opts.dtmax, opts.max_steps
-    )
-    controller = opts.controller
-    ctrl = controller if controller is not None else solver.default_controller()
-    pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
+    from . import _sensitivity
 
+    if _sensitivity.needs_gradient(problem):
+        return _sensitivity.solve_sensitivities(problem, solver, opts, kind, throw=throw)
     stats: dict = {}
     t_build = time.perf_counter()
     built, new = _problem_module(problem, kind, problem.args)
@@ -261,6 +267,22 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         for a in problem.args
         if isinstance(a, torch.Tensor)
     ]
+    call_args = loop_arguments(
+        problem, solver, opts, kind, built, mod,
+        problem.y0.detach().double().reshape(-1).numpy(),
+        _tol_array(problem.rtol, n), _tol_array(problem.atol, n), user_arrays,
+    )
+    out = mod.solve(*call_args)
+    return package(problem, solver, opts, kind, mod, call_args, out, stats, throw)
+
+
+def loop_arguments(problem, solver, opts, kind, built, mod, y0, rtol, atol, user_arrays):
+    """The arguments of the method module's ``solve``: output times, flat ``y0``, tolerance
+    arrays, the loop's options, the problem module's ``rhs``/``jac`` and their parameter arrays
+    (the user's tensor arguments, then the traced constants)."""
+    ctrl = opts.controller if opts.controller is not None else solver.default_controller()
+    pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
+    adaptive, dt, dtmin, dtmax = opts.adaptive, opts.dt, opts.dtmin, opts.dtmax
     pf = _flat_params(user_arrays, built["kf"])
     pj = _flat_params(user_arrays, built["kj"])
     q = (
@@ -288,18 +310,17 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         opt = np.zeros(1)
     rhs = built["mod"].rhs
     jac = built["mod"].jac if kind != "erk" else mod.nojac
-    keep_dense = bool(opts.dense)
-    call_args = (
+    return (
         np.ascontiguousarray(problem.t.detach().double().cpu().numpy()),
-        np.ascontiguousarray(problem.y0.detach().double().reshape(-1).numpy()),
-        _tol_array(problem.rtol, n),
-        _tol_array(problem.atol, n),
+        np.ascontiguousarray(y0, dtype=np.float64),
+        rtol,
+        atol,
         bool(adaptive),
         float(dt) if dt is not None else 0.0,
         float(dt) if (adaptive and dt is not None) else -1.0,
         abs(float(dtmax)) if dtmax else -1.0,
         float(dtmin) if dtmin is not None else -1.0,
-        int(max_steps),
+        int(opts.max_steps),
         pred,
         beta1,
         beta2,
@@ -309,26 +330,46 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         float(q),
         float(getattr(solver, "start_order", solver.order)),
         bool(built["uses_t"]),
-        keep_dense,
+        bool(opts.dense),
         opt,
         rhs,
         jac,
         pf,
         pj,
     )
-    ys, k, rc, t_reached, st, segT, segY, segK, segX, m = mod.solve(*call_args)
+
+
+def stats_of(kind, st, stats: dict) -> dict:
     for name, v in zip(_codegen.STATS, st):
         if name in ("nfe", "naccept", "nreject") or kind != "erk":
             if kind == "rosenbrock" and name in ("nnewton", "nconvfail"):
                 continue
             stats[name] = int(v)
+    return stats
+
+
+def package(
+    problem, solver, opts, kind, mod, call_args, out, stats, throw, ys_flat=None,
+    cls=None, attrs=None,
+):
+    """The :class:`CompiledSolution` of the method module's ``solve`` result ``out`` (``ys_flat``:
+    the saved states to use instead of ``out``'s, e.g. attached to autograd; ``cls``/``attrs``:
+    a subclass and attributes for it); raises :class:`SolveError` on failure with
+    ``throw=True``."""
+    ys, k, rc, t_reached, st, segT, segY, segK, segX, m = out
+    stats_of(kind, st, stats)
     retcode = ReturnCode(_codegen.RETCODES[rc])
-    ys_t = torch.from_numpy(ys[:k]).to(problem.y0.dtype).reshape(k, *problem.y0.shape)
+    if ys_flat is None:
+        ys_flat = torch.from_numpy(ys[:k]).to(problem.y0.dtype)
+    ys_t = ys_flat.reshape(k, *problem.y0.shape)
     ts = problem.t
+    rhs, pf = call_args[21], call_args[23]
     dense = (
-        (mod, rhs, pf, segT[:m], segY[:m], segK[:m], segX[:m], problem.y0) if keep_dense else None
+        (mod, rhs, pf, segT[:m], segY[:m], segK[:m], segX[:m], problem.y0)
+        if opts.dense
+        else None
     )
-    sol = CompiledSolution(
+    sol = (cls or CompiledSolution)(
         ts=ts[:k] if k < ts.shape[0] else ts,
         ys=problem.unpack(ys_t),
         retcode=retcode,
@@ -339,8 +380,10 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         solver=solver,
         dense=dense,
     )
+    for name, v in (attrs or {}).items():
+        setattr(sol, name, v)
     if not retcode.successful and throw:
-        msg = _MESSAGES[retcode.value].format(max_steps=max_steps, t=float(t_reached))
+        msg = _MESSAGES[retcode.value].format(max_steps=opts.max_steps, t=float(t_reached))
         raise SolveError(
             f"solve failed with retcode {retcode.value}: {msg} (pass throw=False to get the "
             "partial solution)",

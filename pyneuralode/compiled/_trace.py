@@ -456,7 +456,10 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List, c
     raise RuntimeError("internal: the traced graph has no output")
 
 
-def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool, dtype=torch.float64):
+def trace_rhs(
+    call: Callable, n: int, args: Sequence, jacobian: bool, dtype=torch.float64,
+    tracer: Callable = make_fx,
+):
     """Trace ``call(t, y, *args)`` (flat state of ``n`` components, traced in ``dtype``; the
     generated code computes in float64 whatever the dtype).
 
@@ -465,7 +468,9 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool, dtype=torc
     ``jac(t, y, J, dT, p)`` filling ``J`` (n×n) and ``dT = ∂f/∂t``, compiled for the signatures
     :data:`RHS_SIG` and :data:`JAC_SIG`. ``p`` holds the user's tensor arguments (flattened, in
     order) followed by the tensor constants of the traced function (``f_consts`` for rhs,
-    ``jac_consts`` for jac); whether f depends on t.
+    ``jac_consts`` for jac); whether f depends on t. ``tracer``: ``make_fx`` or
+    :func:`._record.record` (the same graphs, faster on large ones such as the forward-sensitivity
+    system's).
     """
     t0 = torch.zeros((), dtype=dtype)
     y0 = torch.zeros(n, dtype=dtype) + 0.5
@@ -484,7 +489,7 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool, dtype=torc
     ex = [targs[i] for i in tensor_pos]
     try:
         with torch.no_grad():
-            gm = make_fx(f_flat)(t0, y0, *ex)
+            gm = tracer(f_flat)(t0, y0, *ex)
     except UnsupportedOpError:
         raise
     except Exception as e:  # pragma: no cover - depends on f
@@ -518,7 +523,7 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool, dtype=torc
             return torch.cat([torch.stack(rows).reshape(-1), torch.stack(drows)])
 
         try:
-            gj = make_fx(jac_flat)(t0, y0, *ex)
+            gj = tracer(jac_flat)(t0, y0, *ex)
         except Exception as e:  # pragma: no cover - depends on f
             raise UnsupportedOpError(
                 f"compile=True: tracing the Jacobian of f failed ({type(e).__name__}: {e}); "
