@@ -1,10 +1,11 @@
 """The compiled path (``solve(..., compile=True)``) against the native engine and scipy, side by side.
 
-Lotka–Volterra with Tsit5 (scipy: RK45), Robertson and Van der Pol (μ = 1000) with Rodas5P (scipy:
-Radau with its analytic-free finite-difference Jacobian), at equal tolerances, all on one thread,
-alternately, best of ``--repeat`` runs. Reports the compile (or disk-cache load) time of the first
-call in the process, the time per solve and per accepted step, the ratios, and the error against
-a tight reference (scipy Radau / DOP853 at rtol 1e-12).
+Lotka–Volterra with Tsit5 and Vern7 (scipy: RK45), Robertson, Van der Pol (μ = 1000), HIRES and
+OREGO with Rodas5P, KenCarp4 and Kvaerno5 (scipy: Radau with its finite-difference Jacobian), at
+equal tolerances, all on one thread, alternately, best of ``--repeat`` runs. Reports the compile
+(or disk-cache load) time of the first call in the process, the time per solve and per accepted
+step, the ratios, and the error against a tight reference (scipy Radau / DOP853 at rtol 1e-12;
+HIRES and OREGO: the IVP Test Set's published values in ``tests/data/stiff_references.json``).
 
     python benchmarks/compiled.py            # rtol 1e-6 and 1e-8; 5 repeats
     python benchmarks/compiled.py --quick    # rtol 1e-6; 2 repeats; shorter Van der Pol span
@@ -24,6 +25,7 @@ Writes ``benchmarks/results/compiled.md`` (the title says when it was a ``--quic
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -51,6 +53,60 @@ def rober(t, y, k):
 
 def vdp(t, y):
     return torch.stack([y[1], 1000.0 * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def hires(t, y):
+    y1, y2, y3, y4, y5, y6, y7, y8 = y.unbind(-1)
+    r = 280.0 * y6 * y8
+    return torch.stack(
+        [
+            -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
+            1.71 * y1 - 8.75 * y2,
+            -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+            8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+            -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+            -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
+            r - 1.81 * y7,
+            -r + 1.81 * y7,
+        ],
+        -1,
+    )
+
+
+def orego(t, y):
+    y1, y2, y3 = y.unbind(-1)
+    return torch.stack(
+        [
+            77.27 * (y2 + y1 * (1 - 8.375e-6 * y1 - y2)),
+            (y3 - (1 + y1) * y2) / 77.27,
+            0.161 * (y1 - y3),
+        ],
+        -1,
+    )
+
+
+def np_hires(t, y):
+    y1, y2, y3, y4, y5, y6, y7, y8 = y
+    r = 280.0 * y6 * y8
+    return [
+        -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
+        1.71 * y1 - 8.75 * y2,
+        -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+        8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+        -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+        -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
+        r - 1.81 * y7,
+        -r + 1.81 * y7,
+    ]
+
+
+def np_orego(t, y):
+    y1, y2, y3 = y
+    return [
+        77.27 * (y2 + y1 * (1 - 8.375e-6 * y1 - y2)),
+        (y3 - (1 + y1) * y2) / 77.27,
+        0.161 * (y1 - y3),
+    ]
 
 
 def np_lv(t, y):
@@ -244,6 +300,9 @@ def main():
     rtols = [1e-6] if a.quick else [1e-6, 1e-8]
     F = dict(dtype=torch.float64)
     vdp_end = 500.0 if a.quick else 3000.0
+    STIFF = ("Rodas5P", "KenCarp4", "Kvaerno5")
+    refs = json.loads((HERE.parent / "tests" / "data" / "stiff_references.json").read_text())
+    IVP = {k: (v["y0"], v["t_end"], v["y_end"]) for k, v in refs["ivp_testset"].items()}
     problems = [
         (
             "Lotka–Volterra",
@@ -252,8 +311,9 @@ def main():
             [1.0, 1.0],
             10.0,
             (torch.tensor([1.5, 1.0, 3.0, 1.0], **F),),
-            "Tsit5",
+            ("Tsit5", "Vern7"),
             "RK45",
+            None,
         ),
         (
             "Robertson (t=1e5)",
@@ -262,8 +322,9 @@ def main():
             [1.0, 0.0, 0.0],
             1e5,
             (torch.tensor([0.04, 3e7, 1e4], **F),),
-            "Rodas5P",
+            STIFF,
             "Radau",
+            None,
         ),
         (
             f"Van der Pol μ=1e3 (t={vdp_end:g})",
@@ -272,23 +333,28 @@ def main():
             [2.0, 0.0],
             vdp_end,
             (),
-            "Rodas5P",
+            STIFF,
             "Radau",
+            None,
         ),
+        ("HIRES", hires, np_hires, *IVP["hires"][:2], (), STIFF, "Radau", IVP["hires"][2]),
+        ("OREGO", orego, np_orego, *IVP["orego"][:2], (), STIFF, "Radau", IVP["orego"][2]),
     ]
     rows = []
-    for name, f, fnp, y0l, t_end, args, method, sp in problems if "solve" in only else []:
+    for name, f, fnp, y0l, t_end, args, methods, sp, ref in problems if "solve" in only else []:
         y0 = torch.tensor(y0l, **F)
         t = torch.tensor([0.0, t_end], **F)
-        ref = solve_ivp(
-            fnp,
-            (0, t_end),
-            y0l,
-            method="Radau" if sp == "Radau" else "DOP853",
-            rtol=1e-12,
-            atol=1e-14,
-        ).y[:, -1]
-        for rtol in rtols:
+        if ref is None:
+            ref = solve_ivp(
+                fnp,
+                (0, t_end),
+                y0l,
+                method="Radau" if sp == "Radau" else "DOP853",
+                rtol=1e-12,
+                atol=1e-14,
+            ).y[:, -1]
+        ref = np.asarray(ref)
+        for rtol, method in [(r, m) for r in rtols for m in methods]:
             kw = dict(args=args, rtol=rtol, atol=rtol * 1e-3)
             solver = getattr(pn, method)()
             sol_c = pn.solve(f, y0, t, solver, compile=True, **kw)  # first call: compile or load
@@ -342,7 +408,7 @@ def main():
         "",
         f"Command: `python benchmarks/compiled.py{' --quick' if a.quick else ''}{' --fresh' if a.fresh else ''}`; "
         f"1 thread, best of {repeat}; atol = rtol·1e-3; error = max relative error at the end against a "
-        'scipy reference at rtol 1e-12. "first call": compile time of the first call in the process (numba; '
+        'scipy reference at rtol 1e-12 (HIRES, OREGO: the IVP Test Set published values). "first call": compile time of the first call in the process (numba; '
         "or the load from the disk cache when the module was compiled before"
         + (", here a fresh cache" if a.fresh else "")
         + ").",

@@ -334,6 +334,225 @@ def esdirk_source(tab) -> str:
     return "\n".join(L) + "\n"
 
 
+def _lits(xs) -> str:
+    return "(" + ", ".join(repr(float(x)) for x in xs) + ",)"
+
+
+def qndf_source() -> str:
+    """The QNDF step (as :class:`pyneuralode.solvers.bdf.QNDF`: the same difference table,
+    rescaling, Newton iteration with scipy BDF's rate test, Jacobian reuse and order selection),
+    the NDF coefficients taken from :mod:`pyneuralode.solvers.bdf`.
+
+    ``D`` is the committed table (``MAX_ORDER + 3`` rows; rows never written are zero, as the
+    native table's missing rows), ``Dw``/``Dn`` the step's rescaled and updated tables; ``st``
+    ``[order, h of the table (NaN: D = [y0, f0]), equal steps, J current, hγ factored,
+    proposed order, equal steps after, J current after]``; ``opt`` ``[Newton tol, max order]``.
+    """
+    from ..solvers import bdf
+
+    mo = bdf.MAX_ORDER
+    return f"""
+MAX_ORDER = {mo}
+NEWTON_MAXITER = {bdf._NEWTON_MAXITER}
+MAX_FACTOR = {float(bdf._MAX_FACTOR)!r}
+GAMMA = np.array({_lits(bdf._GAMMA)})
+ALPHA = np.array({_lits(bdf._ALPHA)})
+ERROR_CONST = np.array({_lits(bdf._ERROR_CONST)})
+
+
+@njit(cache=True)
+def compute_R(order, fac):
+    # scipy BDF's compute_R
+    M = np.zeros((order + 1, order + 1))
+    for j in range(order + 1):
+        M[0, j] = 1.0
+    for i in range(1, order + 1):
+        for j in range(1, order + 1):
+            M[i, j] = (i - 1 - fac * j) / i
+    for i in range(1, order + 1):
+        for j in range(order + 1):
+            M[i, j] *= M[i - 1, j]
+    return M
+
+
+@njit(cache=True)
+def rescale(D, Dw, k, factor):
+    # Dw[:k+1] = (R(factor) U)^T D[:k+1]; the other rows copied
+    R = compute_R(k, factor)
+    U = compute_R(k, 1.0)
+    n = D.shape[1]
+    RU = np.zeros((k + 1, k + 1))
+    for a in range(k + 1):
+        for b in range(k + 1):
+            acc = 0.0
+            for c in range(k + 1):
+                acc += R[a, c] * U[c, b]
+            RU[a, b] = acc
+    for a in range(k + 1):
+        for j in range(n):
+            acc = 0.0
+            for b in range(k + 1):
+                acc += RU[b, a] * D[b, j]
+            Dw[a, j] = acc
+    for a in range(k + 1, D.shape[0]):
+        for j in range(n):
+            Dw[a, j] = D[a, j]
+
+
+@njit(cache=True)
+def rms(v, c, sc):
+    acc = 0.0
+    for j in range(v.shape[0]):
+        r = c * v[j] / sc[j]
+        acc += r * r
+    return np.sqrt(acc) / np.sqrt(max(v.shape[0], 1))
+
+
+@njit(cache=True)
+def newton(t1, c, ypred, psi, y, d, fz, r, dy, scale, W, piv, stats, tol, rhs, pf):
+    # _newton_loop: (converged, iterations); y and d = y - ypred are updated in place
+    n = y.shape[0]
+    for j in range(n):
+        y[j] = ypred[j]
+        d[j] = 0.0
+    dy_norm_old = -1.0
+    for it in range(NEWTON_MAXITER):
+        stats[6] += 1
+        rhs(t1, y, fz, pf)
+        stats[0] += 1
+        for j in range(n):
+            r[j] = c * fz[j] - psi[j] - d[j]
+        lu_solve(W, piv, r, dy)
+        stats[5] += 1
+        dy_norm = rms(dy, 1.0, scale)
+        if not np.isfinite(dy_norm):
+            return False, it + 1
+        has_rate = dy_norm_old >= 0.0
+        rate = 0.0
+        if has_rate:
+            rate = dy_norm / dy_norm_old if dy_norm_old > 0 else 0.0
+            if rate >= 1 or rate ** (NEWTON_MAXITER - it) / (1 - rate) * dy_norm > tol:
+                return False, it + 1
+        for j in range(n):
+            y[j] += dy[j]
+            d[j] += dy[j]
+        if dy_norm == 0 or (has_rate and rate / (1 - rate) * dy_norm < tol):
+            return True, it + 1
+        dy_norm_old = dy_norm
+    return False, NEWTON_MAXITER
+
+
+@njit(cache=True)
+def step(t, y0, h, D, Dw, Dn, st, y1, err, ypred, psi, d, fz, r, dy, scale, J, dT, W, piv,
+         stats, rtol, atol, opt, rhs, jac, pf, pj):
+    # QNDF.step: (ok, order of the error estimate, proposed step factor, reject safety)
+    n = y0.shape[0]
+    k = int(st[0])
+    rows = D.shape[0]
+    if st[1] != st[1]:  # first step: D = [y0, h f0]
+        for a in range(rows):
+            for j in range(n):
+                Dw[a, j] = D[a, j] * (h if a == 1 else 1.0)
+        n_eq = 0
+    elif h != st[1]:
+        rescale(D, Dw, k, h / st[1])
+        n_eq = 0
+    else:
+        for a in range(rows):
+            for j in range(n):
+                Dw[a, j] = D[a, j]
+        n_eq = int(st[2])
+    jac_current = st[3] != 0.0
+    t1 = t + h
+    alpha = ALPHA[k]
+    for j in range(n):
+        acc = 0.0
+        for a in range(k + 1):
+            acc += Dw[a, j]
+        ypred[j] = acc
+        scale[j] = atol[j] + rtol[j] * abs(acc)
+        acc = 0.0
+        for a in range(1, k + 1):
+            acc += GAMMA[a] * Dw[a, j]
+        psi[j] = acc / alpha
+    c = h / alpha
+    while True:
+        if st[4] != c:  # factor I - cJ when c or J changed
+            for i in range(n):
+                for j in range(n):
+                    W[i, j] = -c * J[i, j]
+                W[i, i] += 1.0
+            lu_factor(W, piv)
+            stats[4] += 1
+            st[4] = c
+        ok, n_iter = newton(t1, c, ypred, psi, y1, d, fz, r, dy, scale, W, piv, stats, opt[0],
+                            rhs, pf)
+        if ok:
+            break
+        stats[7] += 1
+        if jac_current:
+            st[3] = 1.0
+            return False, k, -1.0, 1.0
+        jac(t1, ypred, J, dT, pj)  # a fresh Jacobian at the predictor
+        stats[3] += 1
+        stats[0] += 1
+        st[4] = np.nan
+        jac_current = True
+    ec = ERROR_CONST[k]
+    for j in range(n):
+        err[j] = ec * d[j]
+    # the updated table (QNDF's update_table)
+    for a in range(rows):
+        for j in range(n):
+            Dn[a, j] = Dw[a, j]
+    for j in range(n):
+        Dn[k + 2, j] = d[j] - Dn[k + 1, j]
+        Dn[k + 1, j] = d[j]
+    for i in range(k, -1, -1):
+        for j in range(n):
+            Dn[i, j] += Dn[i + 1, j]
+    newton_safety = (2 * NEWTON_MAXITER + 1) / (2 * NEWTON_MAXITER + n_iter)
+    safety = 0.9 * newton_safety
+    n_eq += 1
+    new_order = k
+    factor = 1.0
+    if n_eq >= k + 1:
+        for j in range(n):
+            scale[j] = atol[j] + rtol[j] * abs(y1[j])
+        e_k = rms(d, ec, scale)
+        e_m = rms(Dn[k], ERROR_CONST[k - 1], scale) if k > 1 else np.inf
+        e_p = rms(Dn[k + 2], ERROR_CONST[k + 1], scale) if k < int(opt[1]) else np.inf
+        best = -1
+        fbest = -1.0
+        for i in range(3):
+            e = e_m if i == 0 else (e_k if i == 1 else e_p)
+            fq = e ** (-1.0 / (k + i)) if e > 0 else np.inf
+            if fq > fbest:
+                fbest = fq
+                best = i
+        new_order = k + best - 1
+        factor = min(MAX_FACTOR, safety * fbest)
+        n_eq = 0
+    st[3] = 1.0 if jac_current else 0.0
+    st[5] = new_order
+    st[6] = n_eq
+    return True, k, factor, newton_safety
+
+
+@njit(cache=True)
+def dense_nd(th, Dk, k, out):
+    # QNDF.interpolant: y = D[0] + sum_(j<=k) D[j] prod_(i<j) (th - 1 + i)/(i + 1)
+    n = out.shape[0]
+    for j in range(n):
+        out[j] = Dk[0, j]
+    p = 1.0
+    for a in range(1, k + 1):
+        p = p * (th - 1 + (a - 1)) / a
+        for j in range(n):
+            out[j] += p * Dk[a, j]
+"""
+
+
 _COMMON = """
 @njit(cache=True)
 def ctrl_factor(err, err_prev, q, accepted_last, dt_ratio, pred, beta1, beta2, safety, fmin, fmax):
@@ -538,6 +757,9 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
             last_step = remaining <= dt * (1 + 1e-8)
         h = direction * (remaining if last_step else dt)
         ok = True
+        q_step = q  # the error estimate's order + 1 (QNDF: its order of the step)
+        step_fac = -1.0  # the step factor the method proposes (QNDF), < 0: the controller's
+        rej_safety = 1.0  # a factor on the controller's after an error-test rejection (QNDF)
 @@STEP@@
         if not ok:  # a failed implicit solve halves the step (as _loop.integrate)
             stats[2] += 1
@@ -559,15 +781,20 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
             if not finite or errn > 1.0:
                 stats[2] += 1
                 last_nonfinite = not finite
-                fac = ctrl_factor(errn if finite else np.inf, err_prev, q, accepted_last, -1.0,
-                                  pred, beta1, beta2, safety, fmin, fmax)
+                fac = ctrl_factor(errn if finite else np.inf, err_prev, q_step, accepted_last,
+                                  -1.0, pred, beta1, beta2, safety, fmin, fmax)
+                if rej_safety != 1.0:
+                    fac = max(fmin, fac * rej_safety)
                 dt = abs(h) * fac
                 accepted_last = False
                 continue
             last_nonfinite = False
-            ratio = abs(h) / h_acc if h_acc > 0.0 else -1.0
-            fac = ctrl_factor(errn, err_prev, q, accepted_last, ratio, pred, beta1, beta2, safety,
-                              fmin, fmax)
+            if step_fac >= 0.0:
+                fac = step_fac
+            else:
+                ratio = abs(h) / h_acc if h_acc > 0.0 else -1.0
+                fac = ctrl_factor(errn, err_prev, q_step, accepted_last, ratio, pred, beta1, beta2,
+                                  safety, fmin, fmax)
             err_prev = max(errn, 1e-4)
             h_acc = abs(h)
             accepted_last = True
@@ -693,6 +920,37 @@ def loop_source(kind: str, nstage_all: int, nfe_step: int, n_dense_rows: int = 0
         )
         accept = "have_point = False"
         body = "dense_rb(theta[i], segY[m, 0], segY[m, 1], segK[m], out[i])"
+    elif kind == "qndf":
+        ny, nk = 1, nstage_all  # stored per step: y0 and the table's first order + 1 rows
+        alloc = (
+            "J = np.zeros((n, n))\ndT = np.zeros(n)\nW = np.zeros((n, n))\n"
+            "piv = np.zeros(n, dtype=np.int64)\n"
+            "D = np.zeros((MAX_ORDER + 3, n))\nDw = np.zeros((MAX_ORDER + 3, n))\n"
+            "Dn = np.zeros((MAX_ORDER + 3, n))\n"
+            "ypred = np.zeros(n)\npsi = np.zeros(n)\nd = np.zeros(n)\nfz = np.zeros(n)\n"
+            "rv = np.zeros(n)\ndy = np.zeros(n)\nscale = np.zeros(n)\n"
+            "st = np.zeros(8)\nst[0] = 1.0\nst[1] = np.nan\nst[3] = 1.0\nst[4] = np.nan\n"
+            "jac(t, y, J, dT, pj)  # QNDF.init: the Jacobian at the start, D = [y0, f0]\n"
+            "rhs(t, y, F0, pf)\nstats[0] += 1\nstats[3] += 1\n"
+            "for j in range(n):\n    D[0, j] = y[j]\n    D[1, j] = F0[j]"
+        )
+        f0_init = "rhs(t, y, F0, pf)\nstats[0] += 1"
+        step = (
+            "ok, k_step, step_fac, rej_safety = step(t, y, h, D, Dw, Dn, st, y1, err, ypred, psi, "
+            "d, fz, rv, dy, scale, J, dT, W, piv, stats, rtol, atol, opt, rhs, jac, pf, pj)\n"
+            "q_step = k_step + 1.0"
+        )
+        dense = "dense_nd((to - t) / h, Dn, k_step, out)"
+        record = (
+            "for j in range(n):\n    segY[m, 0, j] = y[j]\n"
+            f"    for a in range({nstage_all}):\n"
+            "        segK[m, a, j] = Dn[a, j] if a <= k_step else 0.0"
+        )
+        accept = (
+            "for a in range(D.shape[0]):\n    for j in range(n):\n        D[a, j] = Dn[a, j]\n"
+            "st[0] = st[5]\nst[1] = h\nst[2] = st[6]\nst[3] = 0.0"
+        )
+        body = f"dense_nd(theta[i], segK[m], {nstage_all - 1}, out[i])"
     else:  # esdirk
         ny, nk = 4, nstage_all
         alloc = (
@@ -773,13 +1031,19 @@ def problem_source(rhs_src: str) -> str:
 
 
 def method_source(kind: str, tab) -> str:
-    """The method module of ``tab`` (``kind``: ``"erk"``, ``"rosenbrock"`` or ``"esdirk"``)."""
+    """The method module of ``tab`` (``kind``: ``"erk"``, ``"rosenbrock"``, ``"esdirk"`` or
+    ``"qndf"``, whose coefficients come from :mod:`pyneuralode.solvers.bdf`)."""
     if kind == "erk":
         src, nfe_step = erk_source(tab)
         loop = loop_source("erk", tab.stages + tab.extra_stages, nfe_step)
     elif kind == "rosenbrock":
         src, rows = rosenbrock_source(tab)
         loop = loop_source("rosenbrock", tab.stages, tab.stages - 1, rows)
+    elif kind == "qndf":
+        from ..solvers import bdf
+
+        src = qndf_source()
+        loop = loop_source("qndf", bdf.MAX_ORDER + 1, 0)
     else:
         src = esdirk_source(tab)
         loop = loop_source("esdirk", tab.stages, 0)

@@ -13,6 +13,7 @@ from .._solution import ReturnCode, Solution, SolveError
 from ..controllers import PIController, PredictiveController
 from ..solvers._erk import ExplicitRK
 from ..solvers._esdirk import ESDIRK
+from ..solvers.bdf import QNDF
 from ..solvers._newton import newton_tolerance
 from ..solvers._rosenbrock import GenericRosenbrock
 from . import _codegen, _trace
@@ -110,10 +111,12 @@ def _method_kind(solver):
         return "erk"
     if isinstance(solver, ESDIRK):
         return "esdirk"
+    if isinstance(solver, QNDF):
+        return "qndf"
     raise ValueError(
         "solver: compile=True supports the explicit Runge–Kutta methods (e.g. pn.Tsit5(), "
         "pn.Dopri5(), pn.Vern7(), pn.DP8()), the Rosenbrock methods (pn.Rodas4(), pn.Rodas5P()) "
-        "and the ESDIRK methods (pn.KenCarp4(), pn.Kvaerno5(), ...), got "
+        "the ESDIRK methods (pn.KenCarp4(), pn.Kvaerno5(), ...) and pn.QNDF(), got "
         f"{type(solver).__name__}; pass compile=False for the other methods"
     )
 
@@ -208,7 +211,7 @@ def _method_module(solver, kind):
     if mod is not None:
         return mod, False
     mod = _METHODS[type(solver)] = _codegen.load_module(
-        _codegen.method_source(kind, solver.tableau)
+        _codegen.method_source(kind, getattr(solver, "tableau", None))
     )
     return mod, True
 
@@ -296,6 +299,12 @@ def loop_arguments(problem, solver, opts, kind, built, mod, y0, rtol, atol, user
                 solver.jac_theta,
                 1.0 if solver.smooth_est else 0.0,
             ]
+        )
+    elif kind == "qndf":  # QNDF.init's Newton tolerance: min(0.03, √rtol), floored
+        rt = problem.rtol
+        rt = float(rt.max()) if isinstance(rt, torch.Tensor) else float(rt)
+        opt = np.array(
+            [newton_tolerance(min(0.03, rt**0.5), problem.rtol, torch.float64), solver.max_order]
         )
     else:
         opt = np.zeros(1)
