@@ -87,11 +87,11 @@ def robertson_setup():
     return k, loss
 
 
-@pytest.mark.parametrize("name,bound", [("Rodas5P", 1e-6), ("KenCarp4", 2e-5)])
+@pytest.mark.parametrize("name,bound", [("Rodas5P", 1e-6), ("KenCarp4", 2e-5), ("QNDF", 1e-6)])
 def test_robertson_rate_constants_vs_central_differences(robertson_setup, name, bound):
     """∂loss/∂(k1, k2, k3) of Robertson (adaptive) against central differences of the compiled
-    solve: to 1e-6 relative with Rodas5P; KenCarp4's Newton iterations (stopped at a fraction of
-    the tolerance) leave more noise in the differences."""
+    solve: to 1e-6 relative with Rodas5P and QNDF; KenCarp4's Newton iterations (stopped at a
+    fraction of the tolerance) leave more noise in the differences."""
     k, loss = robertson_setup
     kk = k.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(loss(kk, solver=name), kk)

@@ -219,11 +219,8 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     if new or new_method or new_wrapper:  # first use in the process: trace, compile or load
         stats["compile_s"] = time.perf_counter() - t_build
     YS, RC, TR, ST = emod.solve_ensemble(*call_args)
-    names = [
-        k for k in _codegen.STATS
-        if k in ("nfe", "naccept", "nreject")
-        or (kind == "esdirk" or (kind == "rosenbrock" and k in ("njac", "nlu", "nsolve")))
-    ]
+    # the names a single solve reports
+    names = list(_driver.stats_of(kind, range(len(_codegen.STATS)), {}))
     system_stats = {
         k: torch.from_numpy(np.ascontiguousarray(ST[:, _codegen.STATS.index(k)])) for k in names
     }
