@@ -195,12 +195,17 @@ class SensitivitySolution(_driver.CompiledSolution):
         return _Sensitivities.apply(out[:, :n], out[:, n:].reshape(k, n, m), *inputs)
 
 
-def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
-    """``solve(..., compile=True)`` when a gradient is needed: the augmented system compiled,
-    ``ys`` (and ``sol(tq)``) attached to autograd (see the module docstring)."""
+def augmented_module(problem, kind: str, who: str = "compile=True"):
+    """The forward-sensitivity system of ``problem`` traced to a problem module.
+
+    Returns ``None`` when nothing requires grad, else a dict: ``built``, ``new`` (as
+    :func:`._driver.problem_module`), ``n``, ``m``, ``inputs`` (the tensors the ``m`` columns of
+    ``S`` belong to, in order: ``y0`` when it requires grad, tensor arguments that do, captured
+    tensors that do), ``args`` (the augmented system's arguments: the user's, then the captured
+    parameters, detached) and ``S0``."""
     if problem.t.requires_grad:
         raise ValueError(
-            "t: compile=True differentiates with respect to y0, tensor args and the tensors f "
+            f"t: {who} differentiates with respect to y0, tensor args and the tensors f "
             "captures (module parameters), not the output times; pass t.detach(), or "
             "compile=False for gradients with respect to t"
         )
@@ -214,11 +219,10 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
     inputs += params
     m = sum(x.numel() for x in inputs)
     if m == 0:  # e.g. a module parameter that f does not use: no gradient to carry
-        with torch.no_grad():
-            return _driver.solve_compiled(problem, solver, opts, throw=throw)
+        return None
     if n + m > MAX_STATES_AND_PARAMETERS or (kind != "erk" and n * (1 + m) > MAX_IMPLICIT):
         raise ValueError(
-            f"compile=True computes gradients by forward sensitivities, whose cost grows as "
+            f"{who} computes gradients by forward sensitivities, whose cost grows as "
             f"n·(1 + m) (here n={n} states, m={m} parameters and initial values that require "
             f"grad); the compiled path takes n + m ≤ {MAX_STATES_AND_PARAMETERS}"
             + (f" and, for the implicit methods (their exact Jacobian of the augmented system "
@@ -227,7 +231,6 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
             "or let fewer tensors require grad"
         )
     call = _augmented_call(gm, n, tpos, arg_cols, y0_cols, names_index, len(params), m)
-    N = n * (1 + m)
     args = tuple(problem.args) + tuple(p.detach() for p in params)
     key = (
         "forward-sensitivity",
@@ -242,23 +245,36 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
         tuple(arg_cols),
         tuple((tuple(p.shape), p.dtype) for p in params),
     )
-    stats: dict = {}
-    t_build = time.perf_counter()
     built, new = _driver.problem_module(
-        key, call, N, args, kind != "erk", problem.y0.dtype, tracer=record
+        key, call, n * (1 + m), args, kind != "erk", problem.y0.dtype, tracer=record
     )
-    mod, new_method = _driver._method_module(solver, kind)
-    if new or new_method:
-        stats["compile_s"] = time.perf_counter() - t_build
     S0 = np.zeros((n, m))
     if y0_cols:
         S0[:, :n] = np.eye(n)
-    z0 = np.concatenate([problem.y0.detach().double().reshape(-1).numpy(), S0.reshape(-1)])
+    return {
+        "built": built, "new": new, "n": n, "m": m, "inputs": inputs, "args": args, "S0": S0,
+    }
+
+
+def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
+    """``solve(..., compile=True)`` when a gradient is needed: the augmented system compiled,
+    ``ys`` (and ``sol(tq)``) attached to autograd (see the module docstring)."""
+    stats: dict = {}
+    t_build = time.perf_counter()
+    aug = augmented_module(problem, kind)
+    if aug is None:
+        with torch.no_grad():
+            return _driver.solve_compiled(problem, solver, opts, throw=throw)
+    built, n, m, inputs = aug["built"], aug["n"], aug["m"], aug["inputs"]
+    mod, new_method = _driver._method_module(solver, kind)
+    if aug["new"] or new_method:
+        stats["compile_s"] = time.perf_counter() - t_build
+    z0 = np.concatenate([problem.y0.detach().double().reshape(-1).numpy(), aug["S0"].reshape(-1)])
     rtol = _driver._tol_array(problem.rtol, n)
     atol = _driver._tol_array(problem.atol, n)
     arrays = [
         np.ascontiguousarray(a.detach().double().cpu().reshape(-1).numpy())
-        for a in args
+        for a in aug["args"]
         if isinstance(a, torch.Tensor)
     ]
     call_args = _driver.loop_arguments(
