@@ -86,7 +86,7 @@ class NeuralODE(nn.Module):
     ``adaptive=False, dt=h``. ``forward(y0, t=None)`` returns the final state, or with
     ``return_trajectory=True`` the states at every time of ``t`` shaped ``(len(t), *y0.shape)``.
     ``compile=True`` runs the solves on the compiled path (``solve(..., compile=True)``, needs
-    numba): for inference (``torch.no_grad()``); with gradients required it raises ``ValueError``.
+    numba; gradients by compiled forward sensitivities, ``sensealg`` is not used).
 
     After a call, ``nfe_forward`` is the forward pass's number of ``f`` evaluations; after its
     backward, ``nfe_backward`` is the backward pass's: ``nfe_adjoint`` of the solution stats for the
@@ -116,7 +116,7 @@ class NeuralODE(nn.Module):
         self.rtol, self.atol = rtol, atol
         self.return_trajectory = return_trajectory
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
-        self.compile = compile  # solve(..., compile=True): values only until it differentiates
+        self.compile = compile  # solve(..., compile=True), gradients by forward sensitivities
         self.last_stats: dict = {}
         # the whole-graph DirectAdjoint: backward evaluations are counted by a gradient hook
         self._direct = type(self.sensealg).__name__ == "DirectAdjoint" and getattr(self.sensealg, "checkpoints", None) is None
