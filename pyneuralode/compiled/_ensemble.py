@@ -236,7 +236,7 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     _check_rows(problem, built["mod"].rhs, y0_rows, PF, B, per, n)
     if new or new_method or new_wrapper:  # first use in the process: trace, compile or load
         stats["compile_s"] = time.perf_counter() - t_build
-    YS, RC, TR, ST = emod.solve_ensemble(*call_args)
+    YS, RC, TR, ST = _driver.entry_point(emod.solve_ensemble)(*call_args)
     # the names a single solve reports
     names = list(_driver.stats_of(kind, range(len(_codegen.STATS)), {}))
     system_stats = {

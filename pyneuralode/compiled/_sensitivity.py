@@ -283,7 +283,7 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
         np.concatenate([atol, np.repeat(atol, m)]),
         arrays,
     )
-    out = mod.solve(*call_args)
+    out = _driver.entry_point(mod.solve)(*call_args)
     stats["nsens"] = m
     k = int(out[1])
     zs = torch.from_numpy(out[0][:k])
