@@ -64,6 +64,12 @@ def solve_ensemble(t_out, Y0, RTOL, ATOL, adaptive, dt_fixed, h_init, dtmax_in, 
         for j in range({nstats}):
             ST[b, j] = out[4][j]
     return YS, RC, TR, ST
+
+
+@njit((F8, A2, A2, RHS, A2), cache=True)
+def rows_rhs(t, Y0, PF, rhs, OUT):
+    for b in range(Y0.shape[0]):
+        rhs(t, Y0[b], OUT[b], PF[b])
 '''
 
 #: (method module name, parallel) -> the ensemble module (one per method, whatever f)
@@ -233,7 +239,7 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     )
     call_args = (one[0], y0_rows, tols[0], tols[1], *one[4:19], False, one[20], one[21],
                  one[22], PF, PJ)
-    _check_rows(problem, built["mod"].rhs, y0_rows, PF, B, per, n)
+    _check_rows(problem, emod, one[21], y0_rows, PF, B, per, n)
     if new or new_method or new_wrapper:  # first use in the process: trace, compile or load
         stats["compile_s"] = time.perf_counter() - t_build
     YS, RC, TR, ST = _driver.entry_point(emod.solve_ensemble)(*call_args)
@@ -307,7 +313,7 @@ class _EnsembleSensitivities(torch.autograd.Function):
         return (None, None, None, *out)
 
 
-def _check_rows(problem, rhs, y0_rows, PF, B, per, n):
+def _check_rows(problem, emod, rhs, y0_rows, PF, B, per, n):
     """The compiled per-row f against f on the whole batch at (t0, y0): rows must not interact
     and the per-system arguments must be the ones with B rows."""
     with torch.no_grad():
@@ -319,26 +325,20 @@ def _check_rows(problem, rhs, y0_rows, PF, B, per, n):
             + f"; it must return dy/dt shaped like y0 {tuple(problem.y0.shape)}"
         )
     full = full.detach().double().reshape(B, n).numpy()
-    t0 = float(problem.t[0])
-    buf = np.empty(y0_rows.shape[1])  # with sensitivities: f is the first n components
-    out = buf[:n]
-    worst, bad = 0.0, -1
-    for b in range(B):
-        rhs(t0, y0_rows[b], buf, PF[b])
-        fin = np.isfinite(full[b])
-        if not np.array_equal(fin, np.isfinite(out)):  # NaN/Inf in different places
-            worst, bad = np.inf, b
-            break
-        if fin.any():
-            d = np.abs(out[fin] - full[b][fin]).max() / (np.abs(full[b][fin]).max() + 1e-300)
-            if d > 1e-10 and d > worst:
-                worst, bad = d, b
-    if bad >= 0:
+    out = np.empty(y0_rows.shape)
+    _driver.entry_point(emod.rows_rhs)(float(problem.t[0]), y0_rows, PF, rhs, out)
+    out = out[:, :n]  # with sensitivities: f is the first n components
+    fin = np.isfinite(full)
+    diff = np.where(fin, np.abs(out - np.where(fin, full, 0.0)), 0.0).max(axis=1)
+    scale = np.where(fin, np.abs(full), 0.0).max(axis=1) + 1e-300
+    rel = np.where((fin == np.isfinite(out)).all(axis=1), diff / scale, np.inf)
+    bad = int(np.argmax(rel)) if B else 0
+    if B and not rel[bad] <= 1e-10:
         rows = [i for i, p in enumerate(per) if p]
         raise ValueError(
             f"f: row {bad} of f(t0, y0, *args) on the whole batch differs from f on that row "
-            f"alone (relative difference {worst:.2e}); the compiled ensemble needs f to act on "
-            "each row independently, with the tensor arguments whose first dimension is "
+            f"alone (relative difference {rel[bad]:.2e}); the compiled ensemble needs f to act "
+            "on each row independently, with the tensor arguments whose first dimension is "
             f"B={B} (here args {rows}) holding one row per system; give a shared argument "
             "another leading dimension (e.g. unsqueeze(0)), or use compile=False"
         )
