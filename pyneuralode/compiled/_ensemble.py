@@ -12,6 +12,12 @@ own return code and statistics.
 once per row (``numba.prange`` over the rows with ``parallel=True``). Before the first solve the
 compiled per-row ``f`` is compared with ``f`` on the whole batch at ``(t0, y0)``, which catches an
 ``f`` whose rows interact or a shared argument that happens to have ``B`` rows.
+
+Gradients: with ``y0``, an argument or a tensor ``f`` captures requiring grad, every system
+integrates its forward sensitivities with respect to its own rows of ``y0`` and of the per-system
+arguments and to the shared tensors (:mod:`._sensitivity`'s augmented system, traced on one row);
+the backward pass gives a per-system input its rows and sums the systems' contributions for a
+shared one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 
 from .._problem import ODEProblem
 from .._solution import ReturnCode, SolveError
-from . import _codegen, _driver
+from . import _codegen, _driver, _sensitivity
 
 _ENSEMBLE = '''
 from numba import prange
@@ -58,6 +64,12 @@ def solve_ensemble(t_out, Y0, RTOL, ATOL, adaptive, dt_fixed, h_init, dtmax_in, 
         for j in range({nstats}):
             ST[b, j] = out[4][j]
     return YS, RC, TR, ST
+
+
+@njit((F8, A2, A2, RHS, A2), cache=True)
+def rows_rhs(t, Y0, PF, rhs, OUT):
+    for b in range(Y0.shape[0]):
+        rhs(t, Y0[b], OUT[b], PF[b])
 '''
 
 #: (method module name, parallel) -> the ensemble module (one per method, whatever f)
@@ -100,7 +112,9 @@ def solve_ensemble(
     ``y0`` shaped ``(B, ...)``; ``f(t, Y, *args)`` the batched right-hand side (rows
     independent), as for ``batched=True``; a tensor argument whose first dimension is ``B``
     gives one row to each system, the others are shared. ``rtol``/``atol`` broadcast to ``y0``.
-    ``parallel``: rows over numba's threads (``prange``). Float64 CPU; no gradients. Returns an
+    ``parallel``: rows over numba's threads (``prange``). Float64 CPU. Gradients (``y0``, tensor
+    arguments or tensors ``f`` captures requiring grad) come from every system's forward
+    sensitivities, as for one system (:mod:`._sensitivity`). Returns an
     :class:`EnsembleSolution`; with ``throw=True`` a failed system raises :class:`SolveError`.
     """
     from .._solve import _resolve_solver, make_options
@@ -141,14 +155,6 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
             f"y0: the compiled ensemble runs in float64 on the CPU, got {Y0.dtype} on "
             f"{Y0.device}; pass y0.double() (and float64 arguments), or compile=False"
         )
-    if torch.is_grad_enabled() and any(
-        x.requires_grad for x in [Y0, problem.t, *problem.arg_tensors, *problem.params]
-    ):
-        raise ValueError(
-            "compile=True: the compiled ensemble gives values only (no gradients); run it under "
-            "torch.no_grad(), or solve the systems one by one with pn.solve(..., compile=True) "
-            "for forward-sensitivity gradients"
-        )
     if problem.is_tuple:
         raise TypeError("y0: the compiled ensemble takes one tensor shaped (B, ...), not a tuple")
     B = Y0.shape[0]
@@ -170,7 +176,16 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
 
     stats: dict = {}
     t_build = time.perf_counter()
-    built, new = _driver.problem_module(key, call, n, row_args, kind != "erk", torch.float64)
+    aug = None
+    if torch.is_grad_enabled():  # forward sensitivities of every system (see _sensitivity)
+        row = ODEProblem(problem.f, Y0[:1], problem.t, args=row_args)
+        aug = _sensitivity.augmented_module(row, kind, who="the compiled ensemble")
+    if aug is None:
+        built, new = _driver.problem_module(key, call, n, row_args, kind != "erk", torch.float64)
+        m, extra = 0, []
+    else:
+        built, new, m = aug["built"], aug["new"], aug["m"]
+        extra = list(aug["args"][len(row_args):])  # captured parameters: shared by the systems
     mod, new_method = _driver._method_module(solver, kind)
     wkey = (mod.__name__, parallel)
     emod = _WRAPPERS.get(wkey)
@@ -188,6 +203,9 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
             x = a.detach().double().cpu()
             per_arrays.append(x.reshape(B, -1).numpy() if p else
                               np.broadcast_to(x.reshape(1, -1).numpy(), (B, x.numel())))
+    for x in extra:
+        x = x.detach().double().cpu()
+        per_arrays.append(np.broadcast_to(x.reshape(1, -1).numpy(), (B, x.numel())))
 
     def table(consts):
         parts = per_arrays + [
@@ -210,20 +228,23 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
         )
         for tol in (problem.rtol, problem.atol)
     ]
+    if m:  # z = [y, vec(S)]: S(t0) = [I | 0]; the rows of S take their component's tolerances
+        y0_rows = np.ascontiguousarray(
+            np.concatenate([y0_rows, np.broadcast_to(aug["S0"].reshape(1, -1), (B, n * m))], 1)
+        )
+        tols = [np.ascontiguousarray(np.concatenate([x, np.repeat(x, m, axis=1)], 1))
+                for x in tols]
     one = _driver.loop_arguments(
         problem, solver, opts, kind, built, mod, y0_rows[0], tols[0][0], tols[1][0], []
     )
     call_args = (one[0], y0_rows, tols[0], tols[1], *one[4:19], False, one[20], one[21],
                  one[22], PF, PJ)
-    _check_rows(problem, built["mod"].rhs, y0_rows, PF, B, per)
+    _check_rows(problem, emod, one[21], y0_rows, PF, B, per, n)
     if new or new_method or new_wrapper:  # first use in the process: trace, compile or load
         stats["compile_s"] = time.perf_counter() - t_build
-    YS, RC, TR, ST = emod.solve_ensemble(*call_args)
-    names = [
-        k for k in _codegen.STATS
-        if k in ("nfe", "naccept", "nreject")
-        or (kind == "esdirk" or (kind == "rosenbrock" and k in ("njac", "nlu", "nsolve")))
-    ]
+    YS, RC, TR, ST = _driver.entry_point(emod.solve_ensemble)(*call_args)
+    # the names a single solve reports
+    names = list(_driver.stats_of(kind, range(len(_codegen.STATS)), {}))
     system_stats = {
         k: torch.from_numpy(np.ascontiguousarray(ST[:, _codegen.STATS.index(k)])) for k in names
     }
@@ -231,7 +252,20 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     retcodes = [ReturnCode(_codegen.RETCODES[int(rc)]) for rc in RC]
     bad = [b for b, r in enumerate(retcodes) if not r.successful]
     retcode = retcodes[bad[0]] if bad else ReturnCode("Success")
-    ys = torch.from_numpy(YS).permute(1, 0, 2).reshape(problem.t.shape[0], *Y0.shape)
+    ys = torch.from_numpy(YS[:, :, :n]).permute(1, 0, 2)
+    if m:
+        full = [problem.y0] if problem.y0.requires_grad else []
+        flags = [True] if problem.y0.requires_grad else []
+        for a, p in zip(problem.args, per):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                full.append(a)
+                flags.append(p)
+        full += aug["inputs"][len(full):]  # the captured parameters
+        flags += [False] * (len(full) - len(flags))
+        S = torch.from_numpy(YS[:, :, n:]).reshape(B, YS.shape[1], n, m)
+        ys = _EnsembleSensitivities.apply(ys, S, tuple(flags), *full)
+        stats["nsens"] = m
+    ys = ys.reshape(problem.t.shape[0], *Y0.shape)
     sol = EnsembleSolution(
         ts=problem.t, ys=ys, retcode=retcode, stats=stats, segments=None, unflatten=None,
         t_reached=float(TR.min()) if B else float(problem.t[-1]), solver=solver,
@@ -255,7 +289,31 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     return sol
 
 
-def _check_rows(problem, rhs, y0_rows, PF, B, per):
+class _EnsembleSensitivities(torch.autograd.Function):
+    """``ys`` (T, B, n) of an ensemble with sensitivities ``S`` (B, T, n, m): the gradient of
+    a per-system input (``y0``, an argument with B rows) row by row, of a shared one summed."""
+
+    @staticmethod
+    def forward(ctx, ys, S, per, *inputs):
+        ctx.save_for_backward(S)
+        ctx.per = per
+        ctx.shapes = [x.shape for x in inputs]
+        return ys.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (S,) = ctx.saved_tensors
+        G = torch.einsum("tbn,btnm->bm", g.to(S.dtype), S)
+        out, i = [], 0
+        for p, shp in zip(ctx.per, ctx.shapes):
+            c = math.prod(shp) // (shp[0] if p else 1)
+            part = G[:, i : i + c]
+            out.append(part.reshape(shp) if p else part.sum(0).reshape(shp))
+            i += c
+        return (None, None, None, *out)
+
+
+def _check_rows(problem, emod, rhs, y0_rows, PF, B, per, n):
     """The compiled per-row f against f on the whole batch at (t0, y0): rows must not interact
     and the per-system arguments must be the ones with B rows."""
     with torch.no_grad():
@@ -266,27 +324,21 @@ def _check_rows(problem, rhs, y0_rows, PF, B, per):
             + (f" of shape {tuple(full.shape)}" if isinstance(full, torch.Tensor) else "")
             + f"; it must return dy/dt shaped like y0 {tuple(problem.y0.shape)}"
         )
-    n = y0_rows.shape[1]
     full = full.detach().double().reshape(B, n).numpy()
-    t0 = float(problem.t[0])
-    out = np.empty(n)
-    worst, bad = 0.0, -1
-    for b in range(B):
-        rhs(t0, y0_rows[b], out, PF[b])
-        fin = np.isfinite(full[b])
-        if not np.array_equal(fin, np.isfinite(out)):  # NaN/Inf in different places
-            worst, bad = np.inf, b
-            break
-        if fin.any():
-            d = np.abs(out[fin] - full[b][fin]).max() / (np.abs(full[b][fin]).max() + 1e-300)
-            if d > 1e-10 and d > worst:
-                worst, bad = d, b
-    if bad >= 0:
+    out = np.empty(y0_rows.shape)
+    _driver.entry_point(emod.rows_rhs)(float(problem.t[0]), y0_rows, PF, rhs, out)
+    out = out[:, :n]  # with sensitivities: f is the first n components
+    fin = np.isfinite(full)
+    diff = np.where(fin, np.abs(out - np.where(fin, full, 0.0)), 0.0).max(axis=1)
+    scale = np.where(fin, np.abs(full), 0.0).max(axis=1) + 1e-300
+    rel = np.where((fin == np.isfinite(out)).all(axis=1), diff / scale, np.inf)
+    bad = int(np.argmax(rel)) if B else 0
+    if B and not rel[bad] <= 1e-10:
         rows = [i for i, p in enumerate(per) if p]
         raise ValueError(
             f"f: row {bad} of f(t0, y0, *args) on the whole batch differs from f on that row "
-            f"alone (relative difference {worst:.2e}); the compiled ensemble needs f to act on "
-            "each row independently, with the tensor arguments whose first dimension is "
+            f"alone (relative difference {rel[bad]:.2e}); the compiled ensemble needs f to act "
+            "on each row independently, with the tensor arguments whose first dimension is "
             f"B={B} (here args {rows}) holding one row per system; give a shared argument "
             "another leading dimension (e.g. unsqueeze(0)), or use compile=False"
         )

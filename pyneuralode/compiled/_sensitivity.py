@@ -9,14 +9,16 @@ With ``compile=True`` and a ``y0``, tensor argument or tensor captured by ``f`` 
 where ``S = ∂y/∂(y0, θ)`` (the ``y0`` columns only when ``y0`` requires grad). ``J_y`` and
 ``∂f/∂θ`` come from reverse-mode autograd on the traced graph of ``f`` (one pass per component of
 ``f``), and the augmented system is traced and compiled with the same generated step as ``f``
-itself, its Jacobian (for the Rosenbrock methods) traced exactly from it in turn. ``S`` at the
+itself, its Jacobian (for the implicit methods: Rosenbrock, ESDIRK) traced exactly from it in
+turn. ``S`` at the
 output times then gives every vector–Jacobian product in the backward pass of a custom
 :class:`torch.autograd.Function`. The error norm covers ``S`` too (rows of ``S`` take the
 tolerances of their component of ``y``), so the gradient is as accurate as the solution.
 
 The cost grows as ``n·(1 + m)`` for ``n`` states and ``m`` parameters: this is the method for
-small systems with few parameters (SciML recommends it below ~100 of both); larger ones raise the
-translator's clear size error (use ``compile=False`` and an adjoint there).
+small systems with few parameters (SciML recommends it below ~100 of both). Larger problems
+(``n + m > 100``, or ``n·(1 + m) > 200`` for the implicit methods, whose augmented Jacobian is
+traced) raise a ``ValueError`` pointing to ``compile=False`` with an adjoint.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ import torch
 
 from . import _driver, _trace
 from ._record import record
+
+#: the sizes forward sensitivities are for (SciML recommends them below ~100 parameters and
+#: states); beyond them tracing and compiling the augmented system costs more than an adjoint
+MAX_STATES_AND_PARAMETERS = 100
+MAX_IMPLICIT = 200
 
 
 class _Substituted(torch.fx.Interpreter):
@@ -83,7 +90,8 @@ def needs_gradient(problem) -> bool:
 
 def _trace_f(problem, n: int):
     key = (
-        problem.f,
+        getattr(problem.f, "compile_key", problem.f),
+        problem.y0.dtype,
         tuple(problem.y0.shape),
         problem.is_tuple,
         tuple(map(tuple, problem.shapes or [])),
@@ -102,8 +110,8 @@ def _trace_f(problem, n: int):
             full[i] = a
         return problem.call(t, y.reshape(shape0), full).reshape(-1)
 
-    t0 = torch.zeros((), dtype=torch.float64)
-    y0 = torch.zeros(n, dtype=torch.float64) + 0.5
+    t0 = torch.zeros((), dtype=problem.y0.dtype)
+    y0 = torch.zeros(n, dtype=problem.y0.dtype) + 0.5
     try:
         with torch.no_grad():
             gm = record(f_flat)(t0, y0, *[targs[i] for i in tpos])
@@ -113,6 +121,8 @@ def _trace_f(problem, n: int):
         raise _trace.UnsupportedOpError(
             f"compile=True: tracing f failed ({type(e).__name__}: {e}); pass compile=False"
         ) from e
+    if len(_TRACED) >= _driver._MAX_PROBLEMS:  # a new f per call must not grow it forever
+        _TRACED.pop(next(iter(_TRACED)))
     _TRACED[key] = (gm, tpos)
     return gm, tpos
 
@@ -185,12 +195,17 @@ class SensitivitySolution(_driver.CompiledSolution):
         return _Sensitivities.apply(out[:, :n], out[:, n:].reshape(k, n, m), *inputs)
 
 
-def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
-    """``solve(..., compile=True)`` when a gradient is needed: the augmented system compiled,
-    ``ys`` (and ``sol(tq)``) attached to autograd (see the module docstring)."""
+def augmented_module(problem, kind: str, who: str = "compile=True"):
+    """The forward-sensitivity system of ``problem`` traced to a problem module.
+
+    Returns ``None`` when nothing requires grad, else a dict: ``built``, ``new`` (as
+    :func:`._driver.problem_module`), ``n``, ``m``, ``inputs`` (the tensors the ``m`` columns of
+    ``S`` belong to, in order: ``y0`` when it requires grad, tensor arguments that do, captured
+    tensors that do), ``args`` (the augmented system's arguments: the user's, then the captured
+    parameters, detached) and ``S0``."""
     if problem.t.requires_grad:
         raise ValueError(
-            "t: compile=True differentiates with respect to y0, tensor args and the tensors f "
+            f"t: {who} differentiates with respect to y0, tensor args and the tensors f "
             "captures (module parameters), not the output times; pass t.detach(), or "
             "compile=False for gradients with respect to t"
         )
@@ -204,10 +219,18 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
     inputs += params
     m = sum(x.numel() for x in inputs)
     if m == 0:  # e.g. a module parameter that f does not use: no gradient to carry
-        with torch.no_grad():
-            return _driver.solve_compiled(problem, solver, opts, throw=throw)
+        return None
+    if n + m > MAX_STATES_AND_PARAMETERS or (kind != "erk" and n * (1 + m) > MAX_IMPLICIT):
+        raise ValueError(
+            f"{who} computes gradients by forward sensitivities, whose cost grows as "
+            f"n·(1 + m) (here n={n} states, m={m} parameters and initial values that require "
+            f"grad); the compiled path takes n + m ≤ {MAX_STATES_AND_PARAMETERS}"
+            + (f" and, for the implicit methods (their exact Jacobian of the augmented system "
+               f"is traced), n·(1 + m) ≤ {MAX_IMPLICIT}" if kind != "erk" else "")
+            + "; use compile=False with an adjoint (e.g. sensealg=pn.InterpolatingAdjoint()), "
+            "or let fewer tensors require grad"
+        )
     call = _augmented_call(gm, n, tpos, arg_cols, y0_cols, names_index, len(params), m)
-    N = n * (1 + m)
     args = tuple(problem.args) + tuple(p.detach() for p in params)
     key = (
         "forward-sensitivity",
@@ -222,23 +245,36 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
         tuple(arg_cols),
         tuple((tuple(p.shape), p.dtype) for p in params),
     )
-    stats: dict = {}
-    t_build = time.perf_counter()
     built, new = _driver.problem_module(
-        key, call, N, args, kind != "erk", problem.y0.dtype, tracer=record
+        key, call, n * (1 + m), args, kind != "erk", problem.y0.dtype, tracer=record
     )
-    mod, new_method = _driver._method_module(solver, kind)
-    if new or new_method:
-        stats["compile_s"] = time.perf_counter() - t_build
     S0 = np.zeros((n, m))
     if y0_cols:
         S0[:, :n] = np.eye(n)
-    z0 = np.concatenate([problem.y0.detach().double().reshape(-1).numpy(), S0.reshape(-1)])
+    return {
+        "built": built, "new": new, "n": n, "m": m, "inputs": inputs, "args": args, "S0": S0,
+    }
+
+
+def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
+    """``solve(..., compile=True)`` when a gradient is needed: the augmented system compiled,
+    ``ys`` (and ``sol(tq)``) attached to autograd (see the module docstring)."""
+    stats: dict = {}
+    t_build = time.perf_counter()
+    aug = augmented_module(problem, kind)
+    if aug is None:
+        with torch.no_grad():
+            return _driver.solve_compiled(problem, solver, opts, throw=throw)
+    built, n, m, inputs = aug["built"], aug["n"], aug["m"], aug["inputs"]
+    mod, new_method = _driver._method_module(solver, kind)
+    if aug["new"] or new_method:
+        stats["compile_s"] = time.perf_counter() - t_build
+    z0 = np.concatenate([problem.y0.detach().double().reshape(-1).numpy(), aug["S0"].reshape(-1)])
     rtol = _driver._tol_array(problem.rtol, n)
     atol = _driver._tol_array(problem.atol, n)
     arrays = [
         np.ascontiguousarray(a.detach().double().cpu().reshape(-1).numpy())
-        for a in args
+        for a in aug["args"]
         if isinstance(a, torch.Tensor)
     ]
     call_args = _driver.loop_arguments(
@@ -247,7 +283,7 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
         np.concatenate([atol, np.repeat(atol, m)]),
         arrays,
     )
-    out = mod.solve(*call_args)
+    out = _driver.entry_point(mod.solve)(*call_args)
     stats["nsens"] = m
     k = int(out[1])
     zs = torch.from_numpy(out[0][:k])
