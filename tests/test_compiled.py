@@ -214,7 +214,11 @@ def test_dense_output_equals_native(name):
     k = torch.tensor([0.04, 3e7, 1e4], **F64)
     p = torch.tensor([1.5, 1.0, 3.0, 1.0], **F64)
     if name in ("Tsit5", "Vern7", "DP8"):
-        f, y0, t, args, tq = lotka_volterra, [1.0, 1.0], [0.0, 6.0], (p,), torch.linspace(0, 6, 41)
+        # Tsit5, Vern7: > 64 steps, the compiled dense store grows (DP8 on a shorter span: on
+        # [0, 30] a rounding-level difference of its error norm at 1.0 gives it one step less)
+        end = 6.0 if name == "DP8" else 30.0
+        f, y0, t, args = lotka_volterra, [1.0, 1.0], [0.0, end], (p,)
+        tq = torch.linspace(0, end, 41)
     else:
         f, y0, t, args = robertson, [1.0, 0.0, 0.0], [0.0, 40.0], (k,)
         tq = torch.linspace(0, 40, 41)
@@ -223,12 +227,13 @@ def test_dense_output_equals_native(name):
     a = pn.solve(f, y0, t, getattr(pn, name)(), compile=True, **kw)
     b = pn.solve(f, y0, t, getattr(pn, name)(), **kw)
     assert a.stats["naccept"] == b.stats["naccept"]
+    assert name not in ("Tsit5", "Vern7") or a.stats["naccept"] > 64
     ya, yb = a(tq), b(tq)
     assert ya.shape == yb.shape == (41, *y0.shape)
     torch.testing.assert_close(ya, yb, rtol=1e-8, atol=1e-11)
     torch.testing.assert_close(a(t), a.ys)  # the ends of the span: the saved states
     with pytest.raises(ValueError, match="outside the solved span"):
-        a(torch.tensor([41.0]))
+        a(torch.tensor([41.0]))  # past both spans
 
 
 def test_dense_output_backward_time_and_tuple_state():

@@ -634,22 +634,16 @@ def lu_solve(A, piv, b, x):
 _GROW = """
 @njit(cache=True)
 def grow(segT, segY, segK, segX, m):
-    # double the dense-output store (explicit loops: quicker to compile than slice copies)
+    # double the dense-output store
     cap = 2 * segT.shape[0]
-    nT = np.zeros((cap, 2))
-    nY = np.zeros((cap, segY.shape[1], segY.shape[2]))
-    nK = np.zeros((cap, segK.shape[1], segK.shape[2]))
+    nT = np.empty((cap, 2))
+    nY = np.empty((cap, segY.shape[1], segY.shape[2]))
+    nK = np.empty((cap, segK.shape[1], segK.shape[2]))
     nX = np.zeros(cap, dtype=np.int8)
-    for i in range(m):
-        nT[i, 0] = segT[i, 0]
-        nT[i, 1] = segT[i, 1]
-        nX[i] = segX[i]
-        for a in range(segY.shape[1]):
-            for j in range(segY.shape[2]):
-                nY[i, a, j] = segY[i, a, j]
-        for a in range(segK.shape[1]):
-            for j in range(segK.shape[2]):
-                nK[i, a, j] = segK[i, a, j]
+    nT[:m] = segT[:m]
+    nY[:m] = segY[:m]
+    nK[:m] = segK[:m]
+    nX[:m] = segX[:m]
     return nT, nY, nK, nX
 """
 
@@ -670,7 +664,7 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
     for j in range(n):
         y[j] = y0[j]
     m = 0
-    cap = 16 if keep_dense else 1
+    cap = 64 if keep_dense else 1
     segT = np.zeros((cap, 2))
     segY = np.zeros((cap, @@NY@@, n if keep_dense else 0))
     segK = np.zeros((cap, @@NK@@, n if keep_dense else 0))

@@ -291,11 +291,17 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
     return package(problem, solver, opts, kind, mod, call_args, out, stats, throw)
 
 
+_ENTRY: dict = {}
+
+
 def entry_point(dispatcher):
     """The compiled function of a dispatcher with one explicit signature (the method module's
-    ``solve``): calling it skips the dispatcher's typing of the arguments (tens of µs a call)."""
-    (cres,) = dispatcher.overloads.values()
-    return cres.entry_point
+    ``solve``): calling it skips the dispatcher's typing of the arguments."""
+    hit = _ENTRY.get(id(dispatcher))
+    if hit is None or hit[0] is not dispatcher:
+        (cres,) = dispatcher.overloads.values()  # (builds a dict of the signatures: once)
+        hit = _ENTRY[id(dispatcher)] = (dispatcher, cres.entry_point)
+    return hit[1]
 
 
 def loop_arguments(problem, solver, opts, kind, built, mod, y0, rtol, atol, user_arrays):
