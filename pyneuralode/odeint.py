@@ -114,6 +114,10 @@ class _Func(nn.Module):
     def parameters(self, recurse: bool = True):
         return iter(self._params)
 
+    @property
+    def compile_key(self):  # compile=True: one compiled module per user func, not per call
+        return self.base
+
     def forward(self, t, y):
         ref = y[0] if isinstance(y, (tuple, list)) else y
         if isinstance(t, torch.Tensor) and ref.is_floating_point() and t.dtype != ref.dtype:

@@ -7,6 +7,14 @@ call. Needs the optional dependency numba (``pip install 'pyneuralode[compiled]'
 """
 
 from ._driver import CompiledSolution, numba_available, solve_compiled
+from ._ensemble import EnsembleSolution, solve_ensemble
 from ._trace import UnsupportedOpError
 
-__all__ = ["CompiledSolution", "UnsupportedOpError", "numba_available", "solve_compiled"]
+__all__ = [
+    "CompiledSolution",
+    "EnsembleSolution",
+    "UnsupportedOpError",
+    "numba_available",
+    "solve_compiled",
+    "solve_ensemble",
+]

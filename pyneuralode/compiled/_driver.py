@@ -12,6 +12,9 @@ from .._problem import ODEProblem
 from .._solution import ReturnCode, Solution, SolveError
 from ..controllers import PIController, PredictiveController
 from ..solvers._erk import ExplicitRK
+from ..solvers._esdirk import ESDIRK
+from ..solvers.bdf import QNDF
+from ..solvers._newton import newton_tolerance
 from ..solvers._rosenbrock import GenericRosenbrock
 from . import _codegen, _trace
 
@@ -22,20 +25,75 @@ _MESSAGES = {
     "(try an implicit solver "
     "such as Rodas5P) or the tolerances too tight for float64",
     "Unstable": "the state or its error became NaN/Inf at t={t:.6g}",
+    "ConvergenceFailure": "the implicit solve of a fixed step failed at t={t:.6g}; use a smaller "
+    "dt or adaptive=True",
 }
 
-#: (f, solver type, state layout, args layout) -> traced and compiled pieces, kept for the process
-_BUILT: dict = {}
+#: (f, dtype, state layout, args layout, with Jacobian) -> the traced problem module, kept for the
+#: process
+_PROBLEMS: dict = {}
+_MAX_PROBLEMS = 256
+#: solver type -> the method module
+_METHODS: dict = {}
 
 
 class CompiledSolution(Solution):
-    """A :class:`Solution` of the compiled path: the saved states, no dense output object."""
+    """A :class:`Solution` of the compiled path; ``sol(tq)`` evaluates the dense output of the
+    compiled run's stored steps (the same interpolants as the native engine), in compiled code."""
+
+    def __init__(self, *a, dense=None, **kw):
+        super().__init__(*a, **kw)
+        self._dense = dense  # (method module, rhs, pf, segT, segY, segK, segX, y0 template)
 
     def __call__(self, tq):
-        raise ValueError(
-            "sol(tq): the compiled path (compile=True) keeps only the states at the output times; "
-            "pass the times you need in t, or solve with compile=False to evaluate the dense output"
-        )
+        if self._dense is None:
+            raise ValueError(
+                "sol(tq): this solution kept no dense output; call solve(..., dense=True) to "
+                "evaluate between output times"
+            )
+        mod, rhs, pf, segT, segY, segK, segX, like = self._dense
+        m = segT.shape[0]
+        if m == 0:
+            raise ValueError(
+                "sol(tq): the solve took no steps, there is no dense output to evaluate"
+            )
+        if isinstance(tq, torch.Tensor) and tq.requires_grad:
+            raise ValueError(
+                "sol(tq): the compiled path (compile=True) does not differentiate the dense "
+                "output with respect to tq; pass tq.detach(), or solve with compile=False"
+            )
+        tq_t = torch.as_tensor(tq, dtype=torch.float64).reshape(-1)
+        if tq_t.numel() == 0:
+            raise ValueError("sol(tq): tq is empty")
+        if not torch.isfinite(tq_t).all():
+            raise ValueError("sol(tq): tq contains NaN or Inf")
+        tv = tq_t.numpy()
+        starts, steps = segT[:, 0], segT[:, 1]
+        lo_t, hi_t = starts[0], self.t_reached
+        lo, hi = min(lo_t, hi_t), max(lo_t, hi_t)
+        span = hi - lo
+        bad = (tv < lo - 1e-12 * max(1.0, span)) | (tv > hi + 1e-12 * max(1.0, span))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"sol(tq): tq[{i}]={tv[i]} lies outside the solved span [{lo}, {hi}]; "
+                "evaluate only inside it"
+            )
+        if steps[-1] >= 0:  # the step holding each time (as Solution.__call__)
+            k = np.searchsorted(starts, tv, side="right") - 1
+        else:
+            k = np.searchsorted(-starts, -tv, side="right") - 1
+        k = np.ascontiguousarray(np.maximum(k, 0), dtype=np.int64)
+        theta = np.ascontiguousarray((tv - starts[k]) / steps[k])
+        out = np.zeros((k.shape[0], segY.shape[2]))
+        mod.interp(k, theta, segT, segY, segK, segX, rhs, pf, out)
+        y = self._states(torch.from_numpy(out)).to(like.dtype).reshape(k.shape[0], *like.shape)
+        return self._unflatten(y) if self._unflatten is not None else y
+
+    def _states(self, out: torch.Tensor) -> torch.Tensor:
+        """The flat states of the interpolated rows (the forward-sensitivity solution takes its
+        first n columns, attached to autograd)."""
+        return out
 
 
 def numba_available() -> bool:
@@ -51,16 +109,22 @@ def _method_kind(solver):
         return "rosenbrock"
     if isinstance(solver, ExplicitRK):
         return "erk"
+    if isinstance(solver, ESDIRK):
+        return "esdirk"
+    if isinstance(solver, QNDF):
+        return "qndf"
     raise ValueError(
         "solver: compile=True supports the explicit Runge–Kutta methods (e.g. pn.Tsit5(), "
-        "pn.Dopri5(), pn.Vern7(), pn.DP8()) and the Rosenbrock methods pn.Rodas4() and "
-        f"pn.Rodas5P(), got {type(solver).__name__}; "
-        f"pass compile=False for the other methods"
+        "pn.Dopri5(), pn.Vern7(), pn.DP8()), the Rosenbrock methods (pn.Rodas4(), pn.Rodas5P()) "
+        "the ESDIRK methods (pn.KenCarp4(), pn.Kvaerno5(), ...) and pn.QNDF(), got "
+        f"{type(solver).__name__}; pass compile=False for the other methods"
     )
 
 
-def _check_rosenbrock_options(solver):
+def _check_rosenbrock_options(solver, allow_batched: bool = False):
     defaults = dict(jac=None, batched=False, linsolve="lu", jac_sparsity=None)
+    if allow_batched:
+        del defaults["batched"]
     for k, v in defaults.items():
         if getattr(solver, k, v) is not v and getattr(solver, k, v) != v:
             raise ValueError(
@@ -101,45 +165,77 @@ def _tol_array(tol, n):
     return np.full(n, float(tol))
 
 
-def _build(problem, solver, kind, args):
+def _problem_module(problem, kind, args):
+    """The traced ``rhs`` (and ``jac``) of ``problem.f`` for this state and argument layout."""
     n = problem.y0.numel()
     shape0 = problem.y0.shape
+    f = getattr(problem.f, "compile_key", problem.f)  # pn.odeint's wrapper: the user's func
+    jacobian = kind != "erk"
     key = (
-        problem.f,
-        type(solver),
+        f,
+        problem.y0.dtype,
         tuple(shape0),
         problem.is_tuple,
         tuple(map(tuple, problem.shapes or [])),
         tuple(_layout_key(a) for a in args),
+        jacobian,
     )
-    hit = _BUILT.get(key)
-    if hit is not None:
-        return hit
 
     def call(t, y, a):
         return problem.call(t, y.reshape(shape0), a)
 
-    rhs_src, kf, kj, uses_t, n_args = _trace.trace_rhs(
-        call, n, args, jacobian=(kind == "rosenbrock")
+    return problem_module(key, call, n, args, jacobian, problem.y0.dtype)
+
+
+def problem_module(key, call, n: int, args, jacobian: bool, dtype, tracer=None):
+    """Trace ``call(t, y_flat, args)`` (``n`` components) to the problem module (``rhs``, and
+    ``jac`` with ``jacobian``), kept in the process under ``key``; returns ``(built, new)``.
+    Also used for the forward-sensitivity system (:mod:`._sensitivity`) and the rows of an
+    ensemble (:mod:`._ensemble`)."""
+    hit = _PROBLEMS.get(key)
+    if hit is not None:
+        return hit, False
+    if len(_PROBLEMS) >= _MAX_PROBLEMS:  # a new f per call (lambdas) must not grow it forever
+        _PROBLEMS.pop(next(iter(_PROBLEMS)))
+    rhs_src, kf, kj, uses_t = _trace.trace_rhs(
+        call, n, args, jacobian=jacobian, dtype=dtype, **({"tracer": tracer} if tracer else {})
     )
-    anames = [f"a{i}" for i in range(n_args)]
-    sig_names = anames + [f"KF{i}" for i in range(len(kf))] + [f"KJ{i}" for i in range(len(kj))]
-    sig = "".join(f", {x}" for x in sig_names)
-    fa = "".join(f", {x}" for x in anames + [f"KF{i}" for i in range(len(kf))])
-    ja = "".join(f", {x}" for x in anames + [f"KJ{i}" for i in range(len(kj))])
-    if kind == "erk":
-        tab = solver.tableau
-        method_src, nfe_step, _ = _codegen.erk_source(tab, sig, fa)
-        loop_src = _codegen.loop_source("erk", sig, fa, ja, tab.stages + tab.extra_stages, nfe_step)
-    else:
-        tab = solver.tableau
-        method_src, rows = _codegen.rosenbrock_source(tab, sig, fa)
-        loop_src = _codegen.loop_source("rosenbrock", sig, fa, ja, tab.stages, tab.stages - 1, rows)
-    src = _codegen.module_source(rhs_src, method_src, loop_src)
-    mod = _codegen.load_module(src)
-    built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t, "compiled": False, "source": src}
-    _BUILT[key] = built
-    return built
+    mod = _codegen.load_module(_codegen.problem_source(rhs_src))
+    built = {"mod": mod, "kf": kf, "kj": kj, "uses_t": uses_t}
+    _PROBLEMS[key] = built
+    return built, True
+
+
+def _method_module(solver, kind):
+    mod = _METHODS.get(type(solver))
+    if mod is not None:
+        return mod, False
+    mod = _METHODS[type(solver)] = _codegen.load_module(
+        _codegen.method_source(kind, getattr(solver, "tableau", None))
+    )
+    return mod, True
+
+
+_FIRST_CLASS: dict = {}
+
+
+def _first_class(dispatcher):
+    """The compiled ``rhs``/``jac`` as a first-class function object holding its address: numba
+    then passes it without looking the compiled version up on every call (hundreds of µs)."""
+    wap = _FIRST_CLASS.get(id(dispatcher))
+    if wap is None or wap[0] is not dispatcher:
+        from numba.core.types.function_type import CompileResultWAP
+
+        (cres,) = dispatcher.overloads.values()  # compiled for RHS_SIG / JAC_SIG only
+        wap = _FIRST_CLASS[id(dispatcher)] = (dispatcher, CompileResultWAP(cres))
+    return wap[1]
+
+
+def _flat_params(user_arrays, consts):
+    parts = user_arrays + [c.detach().double().cpu().reshape(-1).numpy() for c in consts]
+    if not parts:
+        return np.zeros(0)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float64)
 
 
 def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
@@ -152,64 +248,107 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
             "or pass compile=False"
         )
     kind = _method_kind(solver)
-    if kind == "rosenbrock":
+    if kind != "erk" and getattr(solver, "batched", False):
+        from . import _ensemble
+
+        # the rows of y0 as independent systems, each with its own steps
+        return _ensemble.run_ensemble(problem, solver, opts, throw=throw)
+    if kind != "erk":
         _check_rosenbrock_options(solver)
-    if problem.y0.dtype != torch.float64:
+    if problem.y0.dtype not in (torch.float64, torch.float32):
         raise TypeError(
-            f"y0: compile=True runs in float64, got {problem.y0.dtype}; pass y0.double() "
-            "(and float64 parameters), or compile=False"
+            f"y0: compile=True takes float64 or float32 states, got {problem.y0.dtype}; pass "
+            "y0.double(), or compile=False"
         )
     if problem.y0.device.type != "cpu":
         raise ValueError(
             f"y0: compile=True runs on the CPU, got a tensor on {problem.y0.device}; "
             "pass compile=False"
         )
-    if torch.is_grad_enabled():
-        needs = [
-            x
-            for x in [problem.y0, problem.t, *problem.arg_tensors, *problem.params]
-            if x.requires_grad
-        ]
-        if needs:
-            raise ValueError(
-                "compile=True does not propagate gradients yet (y0, t, args or f's parameters "
-                "require grad); pass compile=False, or run under torch.no_grad() for values only"
-            )
-    adaptive, dt, dtmin, dtmax, max_steps = (
-        opts.adaptive, opts.dt, opts.dtmin, opts.dtmax, opts.max_steps
-    )
-    controller = opts.controller
-    ctrl = controller if controller is not None else solver.default_controller()
-    pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
+    from . import _sensitivity
 
-    built = _build(problem, solver, kind, problem.args)
-    mod = built["mod"]
+    if _sensitivity.needs_gradient(problem):
+        return _sensitivity.solve_sensitivities(problem, solver, opts, kind, throw=throw)
+    stats: dict = {}
+    t_build = time.perf_counter()
+    built, new = _problem_module(problem, kind, problem.args)
+    mod, new_method = _method_module(solver, kind)
+    if new or new_method:  # first solve of this f or method in the process: trace, compile
+        # (or load from the disk cache)
+        stats["compile_s"] = time.perf_counter() - t_build
     n = problem.y0.numel()
     user_arrays = [
-        np.ascontiguousarray(a.detach().double().reshape(-1).numpy())
+        np.ascontiguousarray(a.detach().double().cpu().reshape(-1).numpy())
         for a in problem.args
         if isinstance(a, torch.Tensor)
     ]
-    consts = [
-        np.ascontiguousarray(c.detach().double().cpu().reshape(-1).numpy())
-        for c in built["kf"] + built["kj"]
-    ]
+    call_args = loop_arguments(
+        problem, solver, opts, kind, built, mod,
+        problem.y0.detach().double().reshape(-1).numpy(),
+        _tol_array(problem.rtol, n), _tol_array(problem.atol, n), user_arrays,
+    )
+    out = entry_point(mod.solve)(*call_args)
+    return package(problem, solver, opts, kind, mod, call_args, out, stats, throw)
+
+
+_ENTRY: dict = {}
+
+
+def entry_point(dispatcher):
+    """The compiled function of a dispatcher with one explicit signature (the method module's
+    ``solve``): calling it skips the dispatcher's typing of the arguments."""
+    hit = _ENTRY.get(id(dispatcher))
+    if hit is None or hit[0] is not dispatcher:
+        (cres,) = dispatcher.overloads.values()  # (builds a dict of the signatures: once)
+        hit = _ENTRY[id(dispatcher)] = (dispatcher, cres.entry_point)
+    return hit[1]
+
+
+def loop_arguments(problem, solver, opts, kind, built, mod, y0, rtol, atol, user_arrays):
+    """The arguments of the method module's ``solve``: output times, flat ``y0``, tolerance
+    arrays, the loop's options, the problem module's ``rhs``/``jac`` and their parameter arrays
+    (the user's tensor arguments, then the traced constants)."""
+    ctrl = opts.controller if opts.controller is not None else solver.default_controller()
+    pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
+    adaptive, dt, dtmin, dtmax = opts.adaptive, opts.dt, opts.dtmin, opts.dtmax
+    pf = _flat_params(user_arrays, built["kf"])
+    pj = _flat_params(user_arrays, built["kj"])
     q = (
         min(solver.order, solver.error_order) + 1
         if solver.error_order is not None
         else solver.order + 1
     )
-    call_args = (
+    if kind == "esdirk":
+        opt = np.array(
+            [
+                newton_tolerance(solver.kappa, problem.rtol, torch.float64),
+                newton_tolerance(1e-5, problem.rtol, torch.float64),
+                float(solver.max_iter),
+                solver.jac_theta,
+                1.0 if solver.smooth_est else 0.0,
+            ]
+        )
+    elif kind == "qndf":  # QNDF.init's Newton tolerance: min(0.03, √rtol), floored
+        rt = problem.rtol
+        rt = float(rt.max()) if isinstance(rt, torch.Tensor) else float(rt)
+        opt = np.array(
+            [newton_tolerance(min(0.03, rt**0.5), problem.rtol, torch.float64), solver.max_order]
+        )
+    else:
+        opt = np.zeros(1)
+    rhs = _first_class(built["mod"].rhs)
+    jac = _first_class(built["mod"].jac if kind != "erk" else mod.nojac)
+    return (
         np.ascontiguousarray(problem.t.detach().double().cpu().numpy()),
-        np.ascontiguousarray(problem.y0.detach().reshape(-1).numpy()),
-        _tol_array(problem.rtol, n),
-        _tol_array(problem.atol, n),
+        np.ascontiguousarray(y0, dtype=np.float64),
+        rtol,
+        atol,
         bool(adaptive),
         float(dt) if dt is not None else 0.0,
         float(dt) if (adaptive and dt is not None) else -1.0,
         abs(float(dtmax)) if dtmax else -1.0,
         float(dtmin) if dtmin is not None else -1.0,
-        int(max_steps),
+        int(opts.max_steps),
         pred,
         beta1,
         beta2,
@@ -219,27 +358,46 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         float(q),
         float(getattr(solver, "start_order", solver.order)),
         bool(built["uses_t"]),
-        *user_arrays,
-        *consts,
+        bool(opts.dense),
+        opt,
+        rhs,
+        jac,
+        pf,
+        pj,
     )
-    stats: dict = {}
-    if not built["compiled"]:
-        import numba
 
-        t0 = time.perf_counter()
-        mod.solve.compile(tuple(numba.typeof(a) for a in call_args))
-        stats["compile_s"] = (
-            time.perf_counter() - t0
-        )  # first call in this process: compile, or load from disk
-        built["compiled"] = True
-    ys, k, rc, t_reached, st = mod.solve(*call_args)
-    stats.update(nfe=int(st[0]), naccept=int(st[1]), nreject=int(st[2]))
-    if kind == "rosenbrock":
-        stats.update(njac=int(st[3]), nlu=int(st[4]), nsolve=int(st[5]))
+
+def stats_of(kind, st, stats: dict) -> dict:
+    for name, v in zip(_codegen.STATS, st):
+        if name in ("nfe", "naccept", "nreject") or kind != "erk":
+            if kind == "rosenbrock" and name in ("nnewton", "nconvfail"):
+                continue
+            stats[name] = int(v)
+    return stats
+
+
+def package(
+    problem, solver, opts, kind, mod, call_args, out, stats, throw, ys_flat=None,
+    cls=None, attrs=None,
+):
+    """The :class:`CompiledSolution` of the method module's ``solve`` result ``out`` (``ys_flat``:
+    the saved states to use instead of ``out``'s, e.g. attached to autograd; ``cls``/``attrs``:
+    a subclass and attributes for it); raises :class:`SolveError` on failure with
+    ``throw=True``."""
+    ys, k, rc, t_reached, st, segT, segY, segK, segX, m = out
+    stats_of(kind, st, stats)
     retcode = ReturnCode(_codegen.RETCODES[rc])
-    ys_t = torch.from_numpy(ys[:k]).reshape(k, *problem.y0.shape)
+    if ys_flat is None:
+        ys_flat = torch.from_numpy(ys[:k]).to(problem.y0.dtype)
+    ys_t = ys_flat.reshape(k, *problem.y0.shape)
     ts = problem.t
-    sol = CompiledSolution(
+    rhs, pf = call_args[21], call_args[23]
+    dense = (
+        (mod, rhs, pf, segT[:m], segY[:m], segK[:m], segX[:m], problem.y0)
+        if opts.dense
+        else None
+    )
+    sol = (cls or CompiledSolution)(
         ts=ts[:k] if k < ts.shape[0] else ts,
         ys=problem.unpack(ys_t),
         retcode=retcode,
@@ -248,13 +406,15 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
         unflatten=problem.unpack if problem.is_tuple else None,
         t_reached=float(t_reached),
         solver=solver,
+        dense=dense,
     )
+    for name, v in (attrs or {}).items():
+        setattr(sol, name, v)
     if not retcode.successful and throw:
-        msg = _MESSAGES[retcode.value].format(max_steps=max_steps, t=float(t_reached))
+        msg = _MESSAGES[retcode.value].format(max_steps=opts.max_steps, t=float(t_reached))
         raise SolveError(
             f"solve failed with retcode {retcode.value}: {msg} (pass throw=False to get the "
-            "partial "
-            "solution)",
+            "partial solution)",
             retcode,
             float(t_reached),
             sol,

@@ -238,22 +238,24 @@ class _Translator:
         return _Val(shape, out)
 
 
-def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
+def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List, const_base: int):
     """Straight-line scalar code computing the graph ``gm``: every tensor element is a scalar.
 
-    ``inputs``: ``(name, shape)`` of each placeholder (an array argument, read as ``name[i]``
-    over its
-    flattened elements; a 0-d one is a float ``name``). ``consts`` collects the graph's tensor
-    constants, read the same way as arguments ``k0, k1, ...``. Returns the code lines and the
-    output's element expressions.
+    ``inputs``: ``(name, shape, offset)`` of each placeholder (an array argument, read as
+    ``name[offset + i]`` over its flattened elements; ``t`` is a float). ``consts`` collects the
+    graph's tensor constants, read from the parameter array ``p`` after ``const_base`` elements
+    (the user's tensor arguments come first). Returns the code lines and the output's element
+    expressions.
     """
     tr = _Translator()
     vals: dict = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for n, (name, shape) in zip(placeholders, inputs):
+    for n, (name, shape, off) in zip(placeholders, inputs):
         vals[n] = _Val(
-            shape, [name] if name == "t" else [f"{name}[{i}]" for i in range(math.prod(shape))]
+            shape,
+            [name] if name == "t" else [f"{name}[{off + i}]" for i in range(math.prod(shape))],
         )
+    const_off = const_base
     getitem = __import__("operator").getitem
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -266,9 +268,8 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
         if n.op == "get_attr":
             c = getattr(gm, n.target).detach()
             consts.append(c)
-            name = f"k{len(consts) - 1}"
-            shape = tuple(c.shape)
-            vals[n] = _Val(shape, [f"{name}[{i}]" for i in range(c.numel())])
+            vals[n] = _Val(tuple(c.shape), [f"p[{const_off + i}]" for i in range(c.numel())])
+            const_off += c.numel()
             continue
         if n.op != "call_function":
             raise UnsupportedOpError(
@@ -455,17 +456,24 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List):
     raise RuntimeError("internal: the traced graph has no output")
 
 
-def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
-    """Trace ``call(t, y, *args)`` (flat float64 state of ``n`` components).
+def trace_rhs(
+    call: Callable, n: int, args: Sequence, jacobian: bool, dtype=torch.float64,
+    tracer: Callable = make_fx,
+):
+    """Trace ``call(t, y, *args)`` (flat state of ``n`` components, traced in ``dtype``; the
+    generated code computes in float64 whatever the dtype).
 
-    Returns ``(source, f_consts, jac_consts, uses_t, n_tensor_args)``: the source of the numba
-    functions ``rhs(t, y, out, a..., k...)`` writing f into ``out`` and, with ``jacobian=True``,
-    ``jac(t, y, J, dT, a..., k...)`` filling ``J`` (n×n) and ``dT = ∂f/∂t``; the tensor
-    constants
-    each takes (flattened) after the user's tensor arguments (flattened); whether f depends on t.
+    Returns ``(source, f_consts, jac_consts, uses_t)``: the source of the numba functions
+    ``rhs(t, y, out, p)`` writing f into ``out`` and, with ``jacobian=True``,
+    ``jac(t, y, J, dT, p)`` filling ``J`` (n×n) and ``dT = ∂f/∂t``, compiled for the signatures
+    :data:`RHS_SIG` and :data:`JAC_SIG`. ``p`` holds the user's tensor arguments (flattened, in
+    order) followed by the tensor constants of the traced function (``f_consts`` for rhs,
+    ``jac_consts`` for jac); whether f depends on t. ``tracer``: ``make_fx`` or
+    :func:`._record.record` (the same graphs, faster on large ones such as the forward-sensitivity
+    system's).
     """
-    t0 = torch.zeros((), dtype=torch.float64)
-    y0 = torch.zeros(n, dtype=torch.float64) + 0.5
+    t0 = torch.zeros((), dtype=dtype)
+    y0 = torch.zeros(n, dtype=dtype) + 0.5
     targs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     tensor_pos = [i for i, a in enumerate(targs) if isinstance(a, torch.Tensor)]
 
@@ -481,19 +489,19 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
     ex = [targs[i] for i in tensor_pos]
     try:
         with torch.no_grad():
-            gm = make_fx(f_flat)(t0, y0, *ex)
+            gm = tracer(f_flat)(t0, y0, *ex)
     except UnsupportedOpError:
         raise
     except Exception as e:  # pragma: no cover - depends on f
         raise UnsupportedOpError(
             f"compile=True: tracing f failed ({type(e).__name__}: {e}); pass compile=False"
         ) from e
-    anames = [f"a{i}" for i in range(len(ex))]
-    ins = [("t", ()), ("y", (n,))] + [(nm, tuple(x.shape)) for nm, x in zip(anames, ex)]
+    offs = np.cumsum([0] + [x.numel() for x in ex]).tolist()
+    ins = [("t", (), 0), ("y", (n,), 0)] + [("p", tuple(x.shape), o) for x, o in zip(ex, offs)]
     consts: list = []
-    body, out = translate(gm, ins, consts)
+    body, out = translate(gm, ins, consts, offs[-1])
     uses_t = len(next(nd for nd in gm.graph.nodes if nd.op == "placeholder").users) > 0
-    src = [_fn_header("rhs", ["t", "y", "out"] + anames, len(consts))]
+    src = ["@njit(RHS_SIG, cache=True)", "def rhs(t, y, out, p):"]
     src += [f"    {ln}" for ln in body]
     src += [f"    out[{i}] = {e}" for i, e in enumerate(out)]
     jsrc: List[str] = []
@@ -515,20 +523,15 @@ def trace_rhs(call: Callable, n: int, args: Sequence, jacobian: bool):
             return torch.cat([torch.stack(rows).reshape(-1), torch.stack(drows)])
 
         try:
-            gj = make_fx(jac_flat)(t0, y0, *ex)
+            gj = tracer(jac_flat)(t0, y0, *ex)
         except Exception as e:  # pragma: no cover - depends on f
             raise UnsupportedOpError(
                 f"compile=True: tracing the Jacobian of f failed ({type(e).__name__}: {e}); "
                 "pass compile=False"
             ) from e
-        jbody, jout = translate(gj, ins, jconsts)
-        jsrc = [_fn_header("jac", ["t", "y", "J", "dT"] + anames, len(jconsts))]
+        jbody, jout = translate(gj, ins, jconsts, offs[-1])
+        jsrc = ["@njit(JAC_SIG, cache=True)", "def jac(t, y, J, dT, p):"]
         jsrc += [f"    {ln}" for ln in jbody]
         jsrc += [f"    J[{i // n}, {i % n}] = {e}" for i, e in enumerate(jout[: n * n])]
         jsrc += [f"    dT[{i}] = {e}" for i, e in enumerate(jout[n * n :])]
-    return "\n".join(src + [""] + jsrc) + "\n", consts, jconsts, uses_t, len(ex)
-
-
-def _fn_header(name, inputs, nconst) -> str:
-    ks = [f"k{i}" for i in range(nconst)]
-    return "@njit(cache=True)\ndef {}({}):".format(name, ", ".join(list(inputs) + ks))
+    return "\n".join(src + [""] + jsrc) + "\n", consts, jconsts, uses_t

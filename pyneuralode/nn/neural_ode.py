@@ -74,6 +74,8 @@ class NeuralODE(nn.Module):
     ``return_trajectory=True`` the states at every time of ``t`` shaped ``(len(t), *y0.shape)``.
     ``per_sample=True`` (or ``"compact"``) steps every sample of the batch on its own
     (``pn.solve``'s ``per_sample``; explicit RK solvers, DirectAdjoint).
+    ``compile=True`` runs the solves on the compiled path (``solve(..., compile=True)``, needs
+    numba; gradients by compiled forward sensitivities, ``sensealg`` is not used).
 
     After a call, ``nfe_forward`` is the forward pass's number of ``f`` evaluations; after its
     backward, ``nfe_backward`` is the backward pass's: ``nfe_adjoint`` of the solution stats for the
@@ -97,6 +99,7 @@ class NeuralODE(nn.Module):
         dt=None,
         max_steps: int = 100_000,
         per_sample=False,
+        compile: bool = False,
     ):
         super().__init__()
         if not callable(vector_field):
@@ -104,6 +107,8 @@ class NeuralODE(nn.Module):
                 "vector_field: expected a callable f(t, y) (an nn.Module to train), got "
                 f"{type(vector_field).__name__}"
             )
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile: expected True or False, got {compile!r}")
         if not isinstance(return_trajectory, bool):
             raise TypeError(f"return_trajectory: expected True or False, got {return_trajectory!r}")
         self.func = _Counted(vector_field)
@@ -125,6 +130,7 @@ class NeuralODE(nn.Module):
         self.adaptive, self.dt, self.max_steps = adaptive, dt, max_steps
         check_per_sample(per_sample)  # per-sample stepping of the batch (pn.solve's per_sample)
         self.per_sample = per_sample
+        self.compile = compile  # solve(..., compile=True), gradients by forward sensitivities
         self.last_stats: dict = {}
         # the whole-graph DirectAdjoint: backward evaluations are counted by a gradient hook
         self._direct = (
@@ -156,6 +162,7 @@ class NeuralODE(nn.Module):
             t = t.to(device=y0.device, dtype=y0.dtype) if not t.requires_grad else t
         self.func.calls, self.func.vjps = 0, 0
         self.func.hook = self._direct and torch.is_grad_enabled()
+        how = dict(compile=True) if self.compile else dict(sensealg=self.sensealg)
         sol = solve(
             self.func,
             y0,
@@ -163,11 +170,11 @@ class NeuralODE(nn.Module):
             self.solver,
             rtol=self.rtol,
             atol=self.atol,
-            sensealg=self.sensealg,
             adaptive=self.adaptive,
             dt=self.dt,
             max_steps=self.max_steps,
             per_sample=self.per_sample,
+            **how,
         )
         self.func.hook = False
         self.last_stats = sol.stats
