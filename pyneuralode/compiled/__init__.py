@@ -6,7 +6,8 @@ step-size controller and the loop (:mod:`._codegen`), so that a whole solve runs
 call. Needs the optional dependency numba (``pip install 'pyneuralode[compiled]'``).
 """
 
-from ._driver import CompiledSolution, numba_available, solve_compiled
+from ._dispatch import solve_compiled
+from ._driver import CompiledSolution, numba_available
 from ._ensemble import EnsembleSolution, solve_ensemble
 from ._trace import UnsupportedOpError
 

@@ -238,21 +238,8 @@ def _flat_params(user_arrays, consts):
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float64)
 
 
-def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
-    """The whole solve as one numba call (see :func:`pyneuralode.solve`, ``compile=True``).
-
-    ``problem`` and ``opts`` come validated from :func:`pyneuralode.solve`."""
-    if not numba_available():
-        raise ImportError(
-            "compile=True needs numba: pip install 'pyneuralode[compiled]' (or pip install numba), "
-            "or pass compile=False"
-        )
-    kind = _method_kind(solver)
-    if kind != "erk" and getattr(solver, "batched", False):
-        from . import _ensemble
-
-        # the rows of y0 as independent systems, each with its own steps
-        return _ensemble.run_ensemble(problem, solver, opts, throw=throw)
+def check_single_system(problem: ODEProblem, solver, kind: str) -> None:
+    """What one compiled system needs: a compilable method's options, a float CPU state."""
     if kind != "erk":
         _check_rosenbrock_options(solver)
     if problem.y0.dtype not in (torch.float64, torch.float32):
@@ -265,10 +252,10 @@ def solve_compiled(problem: ODEProblem, solver, opts, *, throw: bool):
             f"y0: compile=True runs on the CPU, got a tensor on {problem.y0.device}; "
             "pass compile=False"
         )
-    from . import _sensitivity
 
-    if _sensitivity.needs_gradient(problem):
-        return _sensitivity.solve_sensitivities(problem, solver, opts, kind, throw=throw)
+
+def solve_plain(problem: ODEProblem, solver, opts, kind: str, *, throw: bool):
+    """One system, no gradient: the whole solve as one numba call."""
     stats: dict = {}
     t_build = time.perf_counter()
     built, new = _problem_module(problem, kind, problem.args)

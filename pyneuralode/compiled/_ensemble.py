@@ -29,7 +29,10 @@ import numpy as np
 import torch
 
 from .._problem import ODEProblem
+from .._loop_options import make_options
 from .._solution import ReturnCode, SolveError
+from ..solvers import Tsit5
+from ..solvers._resolve import resolve_solver
 from . import _codegen, _driver, _sensitivity
 
 _ENSEMBLE = '''
@@ -125,9 +128,7 @@ def solve_ensemble(
     sensitivities, as for one system (:mod:`._sensitivity`). Returns an
     :class:`EnsembleSolution`; with ``throw=True`` a failed system raises :class:`SolveError`.
     """
-    from .._solve import _resolve_solver, make_options
-
-    solver = _resolve_solver(solver)
+    solver = resolve_solver(solver, Tsit5)
     if not isinstance(y0, torch.Tensor) or y0.ndim < 2:
         raise ValueError(
             "y0: solve_ensemble takes the initial states of B systems as one tensor shaped "

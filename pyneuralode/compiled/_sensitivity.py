@@ -266,7 +266,7 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
     aug = augmented_module(problem, kind)
     if aug is None:
         with torch.no_grad():
-            return _driver.solve_compiled(problem, solver, opts, throw=throw)
+            return _driver.solve_plain(problem, solver, opts, kind, throw=throw)
     built, n, m, inputs = aug["built"], aug["n"], aug["m"], aug["inputs"]
     mod, new_method = _driver._method_module(solver, kind)
     if aug["new"] or new_method:
