@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ._solution import DenseSegment, ReturnCode
-from .controllers import initial_step, rms_norm_and_abs
+from .controllers import PIController, initial_step, rms_norm_and_abs
 from .solvers._ops import abs_host, host_tolerance, rms_norm_small, small_norm_kind
 
 _EPS = 2.220446049250313e-16
@@ -431,7 +431,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     f64 = {"dtype": torch.float64, "device": dev}
     ctrl = opts.controller if opts.controller is not None else solver.default_controller()
     # the integral controller (PI with beta2 = 0) needs neither the last error nor the last step
-    history = not (type(ctrl).__name__ == "PIController" and not getattr(ctrl, "beta2", 1))
+    history = not (type(ctrl) is PIController and not ctrl.beta2)
     q = min(solver.order, solver.error_order) + 1
     rtol, atol = opts.rtol, opts.atol
     direction = 1.0 if T < 2 or bool((t_out[:, 1] > t_out[:, 0]).all()) else -1.0
