@@ -186,6 +186,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small batches and spans (seconds)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="Van der Pol batch of (a) and (b) (default 256; --quick: 32)")
+    ap.add_argument("--t-vdp", type=float, default=None,
+                    help="Van der Pol end time (default 10; --quick: 3)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -194,6 +198,8 @@ def main(argv=None):
     repeats = args.repeats or (1 if q else 3)
     B, B_mlp = (32, 256) if q else (256, 4096)
     t_vdp, t_mlp = (3.0, 0.5) if q else (10.0, 1.0)
+    B = args.batch or B
+    t_vdp = args.t_vdp or t_vdp
     mu_a = torch.linspace(0.1, 10.0, B)
     mu_b = torch.linspace(0.1, 2.0, B)
     mu_b[B // 2] = 100.0
@@ -218,7 +224,8 @@ def main(argv=None):
             checks[name] = indep
     lines = [f"# Per-sample stepping: {device.type} ({platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, {dtype}, {torch.get_num_threads()} threads)", "",
-             f"`python benchmarks/gpu.py{' --quick' if q else ''}`; Dopri5, rtol={RTOL}, "
+             f"`python benchmarks/gpu.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
+             f"Dopri5, rtol={RTOL}, "
              f"atol={ATOL}; forward without gradients; best of {repeats}.", "",
              "| problem | method | evaluations (Σ samples) | rows evaluated | batched steps "
              "| wall (s) | CPU (s) | loop time per step (ms) | CPU per step (ms) |",

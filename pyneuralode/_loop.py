@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ._solution import DenseSegment, ReturnCode
-from .controllers import initial_step, rms_norm_and_abs
+from .controllers import PIController, initial_step, rms_norm_and_abs
 from .solvers._ops import abs_host, host_tolerance, rms_norm_small, small_norm_kind
 
 _EPS = 2.220446049250313e-16
@@ -63,6 +63,10 @@ class LoopOptions:
     #: ``on_accept(t, y)`` called after every accepted step with the new time and state (e.g. to
     #: keep checkpoints); ``None`` = nothing
     on_accept: Optional[Callable] = None
+    #: resume a solve (per-sample stepping hands its last running row over): the explicit RK
+    #: method's derivative at the start, and the dtmin floor of the whole span (``None``: computed)
+    f0: Optional[torch.Tensor] = None
+    dt_floor: Optional[float] = None
 
 
 @dataclass
@@ -134,7 +138,8 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     t_end = t_out[-1]
     direction = 1.0 if t_end > t else -1.0
     span = abs(t_end - t)
-    cache = solver.init(rhs, t, y, stats, rtol=opts.rtol, atol=opts.atol)
+    cache = (opts.f0 if opts.f0 is not None
+             else solver.init(rhs, t, y, stats, rtol=opts.rtol, atol=opts.atol))
     grid = opts.grid
     gk = 0  # index of the current grid time
     adaptive = opts.adaptive and grid is None
@@ -156,7 +161,8 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
         dt = abs(opts.dt)
     step_ts: Optional[List[float]] = [] if opts.record_steps else None
     dtmax = abs(opts.dtmax) if opts.dtmax is not None else span
-    dt_floor = max(_EPS * span, 1e-300)  # near t = 0: a relative floor on the span's scale
+    # near t = 0: a relative floor on the span's scale
+    dt_floor = max(_EPS * span, 1e-300) if opts.dt_floor is None else opts.dt_floor
     dt = min(dt, dtmax)
     min_step = abs(opts.min_step) if opts.min_step and adaptive else 0.0
     dt = max(dt, min_step)
@@ -430,7 +436,7 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     f64 = {"dtype": torch.float64, "device": dev}
     ctrl = opts.controller if opts.controller is not None else solver.default_controller()
     # the integral controller (PI with beta2 = 0) needs neither the last error nor the last step
-    history = not (type(ctrl).__name__ == "PIController" and not getattr(ctrl, "beta2", 1))
+    history = not (type(ctrl) is PIController and not ctrl.beta2)
     q = min(solver.order, solver.error_order) + 1
     rtol, atol = opts.rtol, opts.atol
     direction = 1.0 if T < 2 or bool((t_out[:, 1] > t_out[:, 0]).all()) else -1.0
@@ -494,6 +500,13 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     rows, key_rows = torch.arange(B, device=dev), key
     n_run = int(running.sum())
     k = 0  # steps taken: every running row's attempt count
+    # compact mode: the last running row continues in the scalar loop, which steps one row with
+    # host-side decisions (the explicit RK methods and the integral controller, whose state is
+    # the step size alone once a step was accepted; scalar tolerances)
+    from .solvers._erk import ExplicitRK
+
+    handoff = (compact and isinstance(solver, ExplicitRK) and not history
+               and not isinstance(rtol, torch.Tensor) and not isinstance(atol, torch.Tensor))
     calls_step = None  # the calls of f of a step (the first step's)
 
     def flush():  # the working rows' results into the batch's (a running row's: overwritten)
@@ -630,9 +643,50 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             # tensor tolerances come shaped like the state (B, ...)
             rtol_n, atol_n = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
                               for x in (rtol_n, atol_n))
+        if handoff and n_run == 1:
+            t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.cat(
+                [t, dt, accepted_last.to(t.dtype), next_out.to(t.dtype), dtmax, dt_floor]).tolist()
+            if acc_h:  # after a rejection the controller's state is more than the step size
+                k_sub = _finish_row(rhs, y, fraw, [t_h] + (key_rows[0, int(nxt):] * direction)
+                                    .tolist(), solver, opts, ctrl, dt_h, dtmax_h, floor_h,
+                                    max_steps - k, out, int(nxt), rows)
+                t = torch.full_like(t, k_sub["t"])
+                codes.fill_(k_sub["code"])
+                nacc += k_sub["naccept"]
+                attempts.fill_(k + k_sub["attempts"])
+                nfe += k_sub["calls"] - k_sub["attempts"] * calls_step
+                counters["ncalls"] += k_sub["calls"]
+                counters["nrows"] += k_sub["calls"]
+                counters["nsteps"] = k + k_sub["attempts"]
+                break
     flush()
     counters.update({k: v for k, v in lin_stats.items() if k in ("njac", "nlu", "nsolve")})
     return result()
+
+
+def _finish_row(rhs, y, f0, t_rest, solver, opts, ctrl, dt, dtmax, dt_floor, max_steps, out, nxt,
+                rows) -> dict:
+    """Continue one row (``y`` (1, ...)) of a per-sample solve in :func:`integrate` from the time
+    ``t_rest[0]`` through its remaining output times ``t_rest[1:]`` with the row's step size,
+    derivative, dtmin floor, dtmax and remaining ``max_steps``; writes the outputs into
+    ``out[nxt:, rows]``."""
+    calls = 0
+    f64 = {"dtype": torch.float64, "device": y.device}
+
+    def rhs1(s, yy):
+        nonlocal calls
+        calls += 1
+        return rhs(torch.full((1,), s, **f64), yy)
+
+    sub = LoopOptions(rtol=opts.rtol, atol=opts.atol, dt=dt, adaptive=True, max_steps=max_steps,
+                      dense=False, controller=ctrl, dtmin=opts.dtmin, dtmax=dtmax, f0=f0,
+                      dt_floor=dt_floor)
+    stats: dict = {}
+    res = integrate(rhs1, y, t_rest, solver, sub, stats)
+    if len(res.ys) > 1:
+        out[nxt:nxt + len(res.ys) - 1, rows] = torch.stack(res.ys[1:])
+    return {"t": res.t_reached, "code": PER_SAMPLE_CODES.index(res.retcode), "calls": calls,
+            "naccept": stats["naccept"], "attempts": stats["naccept"] + stats["nreject"]}
 
 
 def _stats(nfe, naccept, nreject, counters) -> dict:

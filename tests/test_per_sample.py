@@ -231,10 +231,14 @@ def test_per_sample_retcodes_one_sample_fails_others_succeed():
     # max_steps counts each sample's attempts: the stiff sample stops, the mild ones finish
     y0 = vdp_batch(3, 0.5, 1.0)
     y0[1, 2] = 1000.0
-    sol = pn.solve(vdp, y0, torch.tensor([0.0, 3.0], dtype=DT), per_sample=True, throw=False,
-                   max_steps=200)
-    assert [str(r) for r in sol.retcode] == ["Success", "MaxIters", "Success"]
-    assert int(sol.stats["naccept"][1] + sol.stats["nreject"][1]) == 200
+    ref = pn.solve(vdp, y0[1:2], torch.tensor([0.0, 3.0], dtype=DT), throw=False, max_steps=200)
+    for mode in (True, "compact"):  # compact: the stiff sample ends alone (in the scalar loop)
+        sol = pn.solve(vdp, y0, torch.tensor([0.0, 3.0], dtype=DT), per_sample=mode,
+                       throw=False, max_steps=200)
+        assert [str(r) for r in sol.retcode] == ["Success", "MaxIters", "Success"]
+        assert int(sol.stats["naccept"][1] + sol.stats["nreject"][1]) == 200
+        assert int(sol.stats["naccept"][1]) == ref.stats["naccept"]
+        assert int(sol.stats["nfe"][1]) == ref.stats["nfe"]
 
 
 @pytest.mark.parametrize("mode", [True, "compact"])
