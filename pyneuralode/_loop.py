@@ -262,7 +262,7 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                     errn = norm(res.error, y, res.y1, rtol, atol).item()
                 finite = math.isfinite(errn)
                 q_step = q if res.order is None else res.order + 1
-                if (not finite or errn > 1.0) and not abs(h) <= min_step:
+                if not finite or (errn > 1.0 and not abs(h) <= min_step):  # NaN: never accepted
                     stats["nreject"] += 1
                     last_nonfinite = not finite
                     fac = ctrl.factor(errn if finite else math.inf, err_prev, q_step, accepted_last)
