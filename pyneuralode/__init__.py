@@ -14,7 +14,8 @@ from ._version import __version__
 from .controllers import PIController, PredictiveController
 from ._odeint_event import odeint_event
 from .nn import *  # noqa: F401,F403  (each subpackage lists its public names in __all__)
-from .odeint import odeint, odeint_adjoint
+from ._odeint_adjoint import odeint_adjoint
+from .odeint import odeint
 from .sensitivity import *  # noqa: F401,F403
 from .solvers import *  # noqa: F401,F403
 from .steady import *  # noqa: F401,F403

@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch import nn
 
+from .odeint import _combine_event, _Func, _odeint, _reroute_event
+
 __all__ = ["odeint_adjoint"]
 
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
@@ -106,8 +108,6 @@ class _AdjointMethod(torch.autograd.Function):
         t_requires_grad,
         *adjoint_params,
     ):
-        from .odeint import _odeint
-
         ctx.func = func
         ctx.adjoint_rtol, ctx.adjoint_atol = adjoint_rtol, adjoint_atol
         ctx.adjoint_method, ctx.adjoint_options = adjoint_method, adjoint_options
@@ -125,8 +125,6 @@ class _AdjointMethod(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_y):
-        from .odeint import _Func, _odeint
-
         grad_ys = grad_y
         with torch.no_grad():
             func = ctx.func
@@ -244,32 +242,6 @@ def _adjoint_norm(adjoint_options: dict, shapes, state_norm):
             return norm((t, *y, *adj_y, *adj_params))
 
         adjoint_options["norm"] = user_norm
-
-
-def _reroute_event(fw, event_fn, event_t, ys):
-    """The event time's gradient by the implicit function theorem (values unchanged; torchdiffeq's
-    ``ImplicitFnGradientRerouting``): ``dt*/dθ = −(∂g/∂θ)/(dg/dt)``, and ``y(t*)`` moves with it.
-    ``fw(t, y)`` and ``event_fn(t, y)`` take the flat state."""
-    if not torch.is_grad_enabled():
-        return event_t, ys
-    y_e = ys[-1]
-    with torch.enable_grad():
-        te = event_t.detach().clone().requires_grad_(True)
-        ye = y_e.detach().clone().requires_grad_(True)
-        f_val = fw(te, ye).detach()
-        c = torch.as_tensor(event_fn(te, ye))
-        if not c.requires_grad:
-            return event_t, ys
-        par_dt, dstate = torch.autograd.grad(c.sum(), (te, ye), allow_unused=True)
-    par_dt = torch.zeros_like(te) if par_dt is None else par_dt
-    dstate = torch.zeros_like(ye) if dstate is None else dstate
-    dcdt = (par_dt + (dstate * f_val).sum()).detach()
-    if float(dcdt) == 0.0:
-        return event_t, ys
-    g_val = torch.as_tensor(event_fn(event_t.detach(), y_e)).sum()
-    te_new = event_t.detach() - ((g_val - g_val.detach()) / dcdt).to(event_t.dtype)
-    y_new = y_e + f_val * (te_new - event_t.detach()).to(f_val.dtype)
-    return te_new, torch.cat([ys[:-1], y_new[None]])
 
 
 def odeint_adjoint(
@@ -398,8 +370,6 @@ def odeint_adjoint(
     if event_fn is None:
         solution = ans
     else:
-        from .odeint import _combine_event, _Func
-
         event_t, solution = ans
         g = _combine_event(event_fn, t[0].to(y0.dtype), y0)
         event_t, solution = _reroute_event(_Func(func), g, event_t, solution)

@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from ._loop import LoopOptions, integrate
-from ._odeint_adjoint import odeint_adjoint
 from ._problem import ODEProblem
 from ._solution import SolveError
 from ._solve import solve
 from .solvers import lookup
 
-__all__ = ["odeint", "odeint_adjoint", "SOLVERS"]
+__all__ = ["odeint", "SOLVERS"]  # odeint_adjoint: pyneuralode._odeint_adjoint
 
 #: torchdiffeq's adaptive methods → pyneuralode solvers
 ADAPTIVE = {
@@ -759,8 +758,6 @@ def _fixed_grid_event(fw, func, y0, t, rtol, atol, method, family, options, g):
                 None,
             )
         raise RuntimeError(f"Reached maximum number of iterations {n}.")
-    from ._odeint_adjoint import _reroute_event
-
     event_t = found["t"].to(t.dtype)
     ys = torch.stack([y, found["y"]])
     event_t, ys = _reroute_event(
@@ -805,3 +802,29 @@ def _odeint_with_event(fw, y0, t, rtol, atol, method, family, options, event_fn,
     solver = lookup(ADAPTIVE.get(method, method))()
     sensealg = kwargs.pop("sensealg", None)
     return event_solve(fw, y0, t[0], ev, reverse, solver, rtol, atol, kw, sensealg, kwargs)
+
+
+def _reroute_event(fw, event_fn, event_t, ys):
+    """The event time's gradient by the implicit function theorem (values unchanged; torchdiffeq's
+    ``ImplicitFnGradientRerouting``): ``dt*/dθ = −(∂g/∂θ)/(dg/dt)``, and ``y(t*)`` moves with it.
+    ``fw(t, y)`` and ``event_fn(t, y)`` take the flat state."""
+    if not torch.is_grad_enabled():
+        return event_t, ys
+    y_e = ys[-1]
+    with torch.enable_grad():
+        te = event_t.detach().clone().requires_grad_(True)
+        ye = y_e.detach().clone().requires_grad_(True)
+        f_val = fw(te, ye).detach()
+        c = torch.as_tensor(event_fn(te, ye))
+        if not c.requires_grad:
+            return event_t, ys
+        par_dt, dstate = torch.autograd.grad(c.sum(), (te, ye), allow_unused=True)
+    par_dt = torch.zeros_like(te) if par_dt is None else par_dt
+    dstate = torch.zeros_like(ye) if dstate is None else dstate
+    dcdt = (par_dt + (dstate * f_val).sum()).detach()
+    if float(dcdt) == 0.0:
+        return event_t, ys
+    g_val = torch.as_tensor(event_fn(event_t.detach(), y_e)).sum()
+    te_new = event_t.detach() - ((g_val - g_val.detach()) / dcdt).to(event_t.dtype)
+    y_new = y_e + f_val * (te_new - event_t.detach()).to(f_val.dtype)
+    return te_new, torch.cat([ys[:-1], y_new[None]])
