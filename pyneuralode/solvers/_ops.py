@@ -49,8 +49,13 @@ SMALL_NORM_LIST = 8
 
 
 def small_norm_kind(y: torch.Tensor, rtol, atol):
-    """``"list"``, ``"numpy"`` or ``None``: which host-side error norm the loop may use for this state."""
-    if y.device.type != "cpu" or y.numel() > SMALL_NORM or y.dtype not in (torch.float32, torch.float64):
+    """``"list"``, ``"numpy"`` or ``None``: which host-side error norm the loop may use for this
+    state."""
+    if (
+        y.device.type != "cpu"
+        or y.numel() > SMALL_NORM
+        or y.dtype not in (torch.float32, torch.float64)
+    ):
         return None
     tensors = [x for x in (rtol, atol) if isinstance(x, torch.Tensor)]
     if any(x.device.type != "cpu" for x in tensors):
@@ -59,7 +64,8 @@ def small_norm_kind(y: torch.Tensor, rtol, atol):
 
 
 def host_tolerance(tol):
-    """A tolerance as :func:`rms_norm_small` takes it: a float, or a numpy array over the flattened state."""
+    """A tolerance as :func:`rms_norm_small` takes it: a float, or a numpy array over the
+    flattened state."""
     if not isinstance(tol, torch.Tensor):
         return tol
     return float(tol) if tol.numel() == 1 else tol.detach().reshape(-1).numpy()
@@ -71,8 +77,11 @@ def abs_host(y: torch.Tensor, kind: str):
     return [abs(v) for v in a.tolist()] if kind == "list" else np.abs(a.numpy())
 
 
-def rms_norm_small(kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, atol, inv_sqrt_n: float):
-    """:func:`~pyneuralode.controllers.rms_norm_and_abs` on the host for tiny CPU states: ``(norm as a float, |y1|)``.
+def rms_norm_small(
+    kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, atol, inv_sqrt_n: float
+):
+    """:func:`~pyneuralode.controllers.rms_norm_and_abs` on the host for tiny CPU states:
+    ``(norm as a float, |y1|)``.
 
     ``kind="list"``: Python floats (scalar ``rtol``/``atol``); ``"numpy"``: ``rtol``/``atol`` floats
     or numpy arrays broadcasting against the flattened state. A zero scale or an overflow gives
@@ -82,8 +91,11 @@ def rms_norm_small(kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, at
         s = 0.0
         ay1 = []
         try:
-            for a, b, e in zip(ay0, (y1 if y1.ndim == 1 else y1.reshape(-1)).tolist(),
-                               (err if err.ndim == 1 else err.reshape(-1)).tolist()):
+            for a, b, e in zip(
+                ay0,
+                (y1 if y1.ndim == 1 else y1.reshape(-1)).tolist(),
+                (err if err.ndim == 1 else err.reshape(-1)).tolist(),
+            ):
                 b = abs(b)
                 ay1.append(b)
                 r = e / (atol + rtol * (a if a > b else b))
@@ -200,8 +212,9 @@ class TorchOps:
         return self._point(1)
 
     def stage(self, i, fi):
-        """Stage ``i`` from ``fi = f(t0 + c_i h, u_i)``: ``U_i = (I/(hγ) − J)⁻¹ (fi + Σ_j c_ij U_j / h
-        + h d_i ∂f/∂t)``; returns the next stage's point (None after the last stage)."""
+        """Stage ``i`` from ``fi = f(t0 + c_i h, u_i)``:
+        ``U_i = (I/(hγ) − J)⁻¹ (fi + Σ_j c_ij U_j / h + h d_i ∂f/∂t)``; returns the next stage's
+        point (None after the last stage)."""
         fi = fi if self.is_flat else fi.reshape(-1)
         if self.inplace:
             r = torch.addmv(fi, self.KT[:, :i], self.co.C[i], alpha=self.inv_h)
@@ -526,8 +539,25 @@ class FloatOps:
 
     host = True
 
-    __slots__ = ("W", "c", "gamma", "A", "C", "d", "m", "e", "H", "y", "shape", "is_flat",
-                 "M", "cols", "inv_h", "hdT", "y0")
+    __slots__ = (
+        "W",
+        "c",
+        "gamma",
+        "A",
+        "C",
+        "d",
+        "m",
+        "e",
+        "H",
+        "y",
+        "shape",
+        "is_flat",
+        "M",
+        "cols",
+        "inv_h",
+        "hdT",
+        "y0",
+    )
 
     def __init__(self, tab, W):
         self.W = W
@@ -574,14 +604,17 @@ class FloatOps:
 
     def _point(self, i):
         ai = self.A[i]
-        u = torch.from_numpy(np.array([yk + sum(map(mul, ai, col))
-                                       for yk, col in zip(self.y, self.cols)]))
+        u = torch.from_numpy(
+            np.array([yk + sum(map(mul, ai, col)) for yk, col in zip(self.y, self.cols)])
+        )
         return u if self.is_flat else u.view(self.shape)
 
     def finish(self):
         cols, m, e = self.cols, self.m, self.e
-        rows = [[yk + sum(map(mul, m, col)) for yk, col in zip(self.y, cols)],
-                [sum(map(mul, e, col)) for col in cols]]
+        rows = [
+            [yk + sum(map(mul, m, col)) for yk, col in zip(self.y, cols)],
+            [sum(map(mul, e, col)) for col in cols],
+        ]
         if self.H is not None:
             rows += [[sum(map(mul, hr, col)) for col in cols] for hr in self.H]
         bump(self.W.stats, "nsolve", len(m))
