@@ -534,8 +534,9 @@ class FloatOps:
     without autograd: there a numpy call costs more than the arithmetic it does, and a stage is a
     few dozen float operations (``(I/(hγ) − J)⁻¹`` comes in closed form as nested lists, see
     :meth:`~.linear.SmallInverse.scaled_inverse_list`). f still gets and returns tensors. The
-    stages are kept by component (``cols[k][j]`` = component k of ``U_j``), so each combination is
-    one ``sum(map(mul, coefficients, column))``."""
+    stages are kept by component (``cols[k][j]`` = component k of ``U_j``), so each stage
+    combination is one ``sum(map(mul, coefficients, column))``; the step's end (``y1``, error,
+    dense rows) is one numpy product."""
 
     host = True
 
@@ -546,8 +547,7 @@ class FloatOps:
         "A",
         "C",
         "d",
-        "m",
-        "e",
+        "MEH",
         "H",
         "y",
         "shape",
@@ -557,6 +557,7 @@ class FloatOps:
         "inv_h",
         "hdT",
         "y0",
+        "s",
     )
 
     def __init__(self, tab, W):
@@ -567,9 +568,10 @@ class FloatOps:
         self.A = [[float(x) for x in tab.A[i, :i]] for i in range(s)]
         self.C = [[float(x) for x in tab.C[i, :i]] for i in range(s)]
         self.d = [float(x) for x in tab.d]
-        self.m = [float(x) for x in tab.m]
-        self.e = [float(x) for x in tab.e]
-        self.H = None if tab.H is None else [[float(x) for x in row] for row in tab.H]
+        self.H = tab.H
+        rows = [tab.m, tab.e] + ([] if tab.H is None else list(tab.H))
+        self.MEH = np.ascontiguousarray(np.stack(rows), dtype=np.float64)
+        self.s = s
 
     _nothing = contextlib.nullcontext()
 
@@ -598,9 +600,16 @@ class FloatOps:
         di = self.d[i]
         if self.hdT is not None and di != 0.0:
             r = [rk + di * x for rk, x in zip(r, self.hdT)]
-        for col, Mk in zip(cols, self.M):
+        if i + 1 == self.s:
+            for col, Mk in zip(cols, self.M):
+                col.append(sum(map(mul, Mk, r)))
+            return None
+        a, u = self.A[i + 1], []  # solve and the next stage's point in one sweep
+        for yk, col, Mk in zip(self.y, cols, self.M):
             col.append(sum(map(mul, Mk, r)))
-        return self._point(i + 1) if i + 1 < len(self.c) else None
+            u.append(yk + sum(map(mul, a, col)))
+        u = torch.from_numpy(np.array(u))
+        return u if self.is_flat else u.view(self.shape)
 
     def _point(self, i):
         ai = self.A[i]
@@ -610,15 +619,11 @@ class FloatOps:
         return u if self.is_flat else u.view(self.shape)
 
     def finish(self):
-        cols, m, e = self.cols, self.m, self.e
-        rows = [
-            [yk + sum(map(mul, m, col)) for yk, col in zip(self.y, cols)],
-            [sum(map(mul, e, col)) for col in cols],
-        ]
-        if self.H is not None:
-            rows += [[sum(map(mul, hr, col)) for col in cols] for hr in self.H]
-        bump(self.W.stats, "nsolve", len(m))
-        out = np.array(rows).reshape(len(rows), *self.shape)
+        # [y1 − y0; error; dense rows] = MEH · U in one product (the stages by row)
+        out = self.MEH @ np.array(self.cols).T
+        np.add(out[0], self.y, out=out[0])
+        out = out.reshape(out.shape[0], *self.shape)
+        bump(self.W.stats, "nsolve", self.s)
         from_numpy, y0 = torch.from_numpy, self.y0
         y1 = from_numpy(out[0, ...])  # `...` keeps a 0-d state an array
         kk = from_numpy(out[2:]) if self.H is not None else torch.zeros_like(y0).unsqueeze(0)
