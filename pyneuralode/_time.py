@@ -3,6 +3,7 @@
 Solvers and the problem both need this (a solver builds the times of its stage and Jacobian calls),
 so it lives below both: solvers import it instead of importing upward from ``_problem``.
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -1,5 +1,6 @@
 """The one batched GMRES (solvers/linear/gmres.py): against direct solves, per-sample tolerances,
 breakdown and singular systems, gradients against finite differences, and its two users."""
+
 import math
 
 import pytest
@@ -24,8 +25,14 @@ def test_batched_gmres_matches_a_direct_solve(restart):
     with torch.linalg.solve to the tolerance (also when restarts are needed), and the reported
     residual is the largest true one to rounding."""
     A, b = _systems(5, 40)
-    res = gmres(lambda v: torch.einsum("bij,bj->bi", A, v), b, rtol=1e-12, restart=restart,
-                maxiter=400, batch=5)
+    res = gmres(
+        lambda v: torch.einsum("bij,bj->bi", A, v),
+        b,
+        rtol=1e-12,
+        restart=restart,
+        maxiter=400,
+        batch=5,
+    )
     exact = torch.linalg.solve(A, b)
     assert res.converged and res.x.shape == b.shape
     assert (res.x - exact).abs().max() <= 1e-9 * exact.abs().max()
@@ -47,7 +54,9 @@ def test_per_sample_tolerance_and_a_zero_right_hand_side():
     assert torch.equal(res.x[1], torch.zeros(12, dtype=F64))
     r = (b - torch.einsum("bij,bj->bi", A, res.x)).norm(dim=1)
     assert r[0] <= 1e-10 * b[0].norm() * 10 and r[2] <= 1e-13 * 10
-    assert torch.allclose(res.x[[0, 2]], torch.linalg.solve(A[[0, 2]], b[[0, 2]]), rtol=1e-8, atol=1e-15)
+    assert torch.allclose(
+        res.x[[0, 2]], torch.linalg.solve(A[[0, 2]], b[[0, 2]]), rtol=1e-8, atol=1e-15
+    )
 
 
 def test_breakdown_and_singular_systems():
@@ -56,7 +65,9 @@ def test_breakdown_and_singular_systems():
     D = torch.diag(torch.tensor([2.0, 3.0, 5.0, 7.0], dtype=F64))
     e = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=F64)
     res = gmres(lambda v: D @ v, e, rtol=1e-12)
-    assert res.converged and res.iterations == 1 and torch.allclose(res.x, e / 3.0, rtol=0, atol=1e-15)
+    assert (
+        res.converged and res.iterations == 1 and torch.allclose(res.x, e / 3.0, rtol=0, atol=1e-15)
+    )
     S = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=F64))
     res = gmres(lambda v: S @ v, torch.ones(3, dtype=F64), rtol=1e-10, maxiter=20)
     assert not res.converged and res.residual >= 0.99  # the component along e_3 cannot be matched
@@ -82,7 +93,9 @@ def test_float32_systems():
     A, b = _systems(4, 20, seed=3, dtype=torch.float32)
     res = gmres(lambda v: torch.einsum("bij,bj->bi", A, v), b, rtol=1e-5, batch=4)
     assert res.converged and res.x.dtype == torch.float32
-    assert torch.allclose(res.x.double(), torch.linalg.solve(A.double(), b.double()), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(
+        res.x.double(), torch.linalg.solve(A.double(), b.double()), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_the_stiff_solvers_and_the_steady_state_adjoint_call_the_same_gmres(monkeypatch):
@@ -106,12 +119,25 @@ def test_the_stiff_solvers_and_the_steady_state_adjoint_call_the_same_gmres(monk
     monkeypatch.setattr(operators, "gmres", spy)
     M = torch.tensor([[-50.0, 1.0], [2.0, -3.0]], dtype=F64)
     with torch.no_grad():
-        sol = pn.solve(lambda t, y: M @ y, torch.ones(2, dtype=F64), [0.0, 0.1],
-                       pn.Rodas5P(linsolve="gmres"), rtol=1e-6, atol=1e-9)
+        sol = pn.solve(
+            lambda t, y: M @ y,
+            torch.ones(2, dtype=F64),
+            [0.0, 0.1],
+            pn.Rodas5P(linsolve="gmres"),
+            rtol=1e-6,
+            atol=1e-9,
+        )
     n_stiff = len(calls)
     assert n_stiff == sol.stats["nsolve"] > 0
     x = torch.tensor([0.3, -0.2], dtype=F64, requires_grad=True)
-    z = pn.steady_state(lambda z, x: 0.5 * torch.tanh(z) + x, torch.zeros(2, dtype=F64), (x,),
-                        pn.Anderson(), abstol=1e-12, reltol=0, sensealg=pn.SteadyStateAdjoint("gmres"))
+    z = pn.steady_state(
+        lambda z, x: 0.5 * torch.tanh(z) + x,
+        torch.zeros(2, dtype=F64),
+        (x,),
+        pn.Anderson(),
+        abstol=1e-12,
+        reltol=0,
+        sensealg=pn.SteadyStateAdjoint("gmres"),
+    )
     z.sum().backward()
     assert len(calls) == n_stiff + 1 and x.grad is not None

@@ -485,7 +485,9 @@ def host_steps(monkeypatch):
     calls = []
     for cls in (_ops.HostOps, _ops.FloatOps):
         start = cls.start
-        monkeypatch.setattr(cls, "start", lambda self, *a, start=start: calls.append(1) or start(self, *a))
+        monkeypatch.setattr(
+            cls, "start", lambda self, *a, start=start: calls.append(1) or start(self, *a)
+        )
     return calls
 
 
@@ -503,7 +505,9 @@ def test_rosenbrock_float_and_numpy_stage_arithmetic_agree(S, shape, autonomous,
     used = {_ops.FloatOps: [], _ops.HostOps: []}
     for cls, calls in used.items():
         start = cls.start
-        monkeypatch.setattr(cls, "start", lambda self, *a, start=start, calls=calls: calls.append(1) or start(self, *a))
+        monkeypatch.setattr(
+            cls, "start", lambda self, *a, s=start, c=calls: c.append(1) or s(self, *a)
+        )
     sols = {}
     for limit in (3, 0):
         monkeypatch.setattr(_ops, "FLOAT_OPS_MAX", limit)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import AbstractSolver, StepResult, hermite_interpolant
+from ._base import StepResult, TableauSolver, hermite_interpolant
 from ._tableau import ButcherTableau
 
 
@@ -137,7 +137,7 @@ def _combined_error(K, e5, e3, dt, shape):
     return (err5 * err5.abs() / denom.clamp_min(tiny)).view(shape)
 
 
-class ExplicitRK(AbstractSolver):
+class ExplicitRK(TableauSolver):
     """Generic explicit Runge–Kutta method; subclasses set ``tableau`` (and ``name``)."""
 
     tableau: ButcherTableau
@@ -152,11 +152,8 @@ class ExplicitRK(AbstractSolver):
         return hash(type(self))
 
     @property
-    def order(self):  # type: ignore[override]
-        return self.tableau.order
-
-    @property
     def error_order(self):  # type: ignore[override]
+        """The tableau's, or None for a method without an embedded pair (fixed steps only)."""
         return self.tableau.error_order if self.tableau.b_error is not None else None
 
     def _coef(self, y):

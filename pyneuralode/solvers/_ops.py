@@ -49,8 +49,13 @@ SMALL_NORM_LIST = 8
 
 
 def small_norm_kind(y: torch.Tensor, rtol, atol):
-    """``"list"``, ``"numpy"`` or ``None``: which host-side error norm the loop may use for this state."""
-    if y.device.type != "cpu" or y.numel() > SMALL_NORM or y.dtype not in (torch.float32, torch.float64):
+    """``"list"``, ``"numpy"`` or ``None``: which host-side error norm the loop may use for this
+    state."""
+    if (
+        y.device.type != "cpu"
+        or y.numel() > SMALL_NORM
+        or y.dtype not in (torch.float32, torch.float64)
+    ):
         return None
     tensors = [x for x in (rtol, atol) if isinstance(x, torch.Tensor)]
     if any(x.device.type != "cpu" for x in tensors):
@@ -59,7 +64,8 @@ def small_norm_kind(y: torch.Tensor, rtol, atol):
 
 
 def host_tolerance(tol):
-    """A tolerance as :func:`rms_norm_small` takes it: a float, or a numpy array over the flattened state."""
+    """A tolerance as :func:`rms_norm_small` takes it: a float, or a numpy array over the
+    flattened state."""
     if not isinstance(tol, torch.Tensor):
         return tol
     return float(tol) if tol.numel() == 1 else tol.detach().reshape(-1).numpy()
@@ -71,8 +77,11 @@ def abs_host(y: torch.Tensor, kind: str):
     return [abs(v) for v in a.tolist()] if kind == "list" else np.abs(a.numpy())
 
 
-def rms_norm_small(kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, atol, inv_sqrt_n: float):
-    """:func:`~pyneuralode.controllers.rms_norm_and_abs` on the host for tiny CPU states: ``(norm as a float, |y1|)``.
+def rms_norm_small(
+    kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, atol, inv_sqrt_n: float
+):
+    """:func:`~pyneuralode.controllers.rms_norm_and_abs` on the host for tiny CPU states:
+    ``(norm as a float, |y1|)``.
 
     ``kind="list"``: Python floats (scalar ``rtol``/``atol``); ``"numpy"``: ``rtol``/``atol`` floats
     or numpy arrays broadcasting against the flattened state. A zero scale or an overflow gives
@@ -82,8 +91,11 @@ def rms_norm_small(kind: str, err: torch.Tensor, ay0, y1: torch.Tensor, rtol, at
         s = 0.0
         ay1 = []
         try:
-            for a, b, e in zip(ay0, (y1 if y1.ndim == 1 else y1.reshape(-1)).tolist(),
-                               (err if err.ndim == 1 else err.reshape(-1)).tolist()):
+            for a, b, e in zip(
+                ay0,
+                (y1 if y1.ndim == 1 else y1.reshape(-1)).tolist(),
+                (err if err.ndim == 1 else err.reshape(-1)).tolist(),
+            ):
                 b = abs(b)
                 ay1.append(b)
                 r = e / (atol + rtol * (a if a > b else b))
@@ -200,8 +212,9 @@ class TorchOps:
         return self._point(1)
 
     def stage(self, i, fi):
-        """Stage ``i`` from ``fi = f(t0 + c_i h, u_i)``: ``U_i = (I/(hγ) − J)⁻¹ (fi + Σ_j c_ij U_j / h
-        + h d_i ∂f/∂t)``; returns the next stage's point (None after the last stage)."""
+        """Stage ``i`` from ``fi = f(t0 + c_i h, u_i)``:
+        ``U_i = (I/(hγ) − J)⁻¹ (fi + Σ_j c_ij U_j / h + h d_i ∂f/∂t)``; returns the next stage's
+        point (None after the last stage)."""
         fi = fi if self.is_flat else fi.reshape(-1)
         if self.inplace:
             r = torch.addmv(fi, self.KT[:, :i], self.co.C[i], alpha=self.inv_h)
@@ -521,13 +534,31 @@ class FloatOps:
     without autograd: there a numpy call costs more than the arithmetic it does, and a stage is a
     few dozen float operations (``(I/(hγ) − J)⁻¹`` comes in closed form as nested lists, see
     :meth:`~.linear.SmallInverse.scaled_inverse_list`). f still gets and returns tensors. The
-    stages are kept by component (``cols[k][j]`` = component k of ``U_j``), so each combination is
-    one ``sum(map(mul, coefficients, column))``."""
+    stages are kept by component (``cols[k][j]`` = component k of ``U_j``), so each stage
+    combination is one ``sum(map(mul, coefficients, column))``; the step's end (``y1``, error,
+    dense rows) is one numpy product."""
 
     host = True
 
-    __slots__ = ("W", "c", "gamma", "A", "C", "d", "m", "e", "H", "y", "shape", "is_flat",
-                 "M", "cols", "inv_h", "hdT", "y0")
+    __slots__ = (
+        "W",
+        "c",
+        "gamma",
+        "A",
+        "C",
+        "d",
+        "MEH",
+        "H",
+        "y",
+        "shape",
+        "is_flat",
+        "M",
+        "cols",
+        "inv_h",
+        "hdT",
+        "y0",
+        "s",
+    )
 
     def __init__(self, tab, W):
         self.W = W
@@ -537,9 +568,10 @@ class FloatOps:
         self.A = [[float(x) for x in tab.A[i, :i]] for i in range(s)]
         self.C = [[float(x) for x in tab.C[i, :i]] for i in range(s)]
         self.d = [float(x) for x in tab.d]
-        self.m = [float(x) for x in tab.m]
-        self.e = [float(x) for x in tab.e]
-        self.H = None if tab.H is None else [[float(x) for x in row] for row in tab.H]
+        self.H = tab.H
+        rows = [tab.m, tab.e] + ([] if tab.H is None else list(tab.H))
+        self.MEH = np.ascontiguousarray(np.stack(rows), dtype=np.float64)
+        self.s = s
 
     _nothing = contextlib.nullcontext()
 
@@ -568,24 +600,30 @@ class FloatOps:
         di = self.d[i]
         if self.hdT is not None and di != 0.0:
             r = [rk + di * x for rk, x in zip(r, self.hdT)]
-        for col, Mk in zip(cols, self.M):
+        if i + 1 == self.s:
+            for col, Mk in zip(cols, self.M):
+                col.append(sum(map(mul, Mk, r)))
+            return None
+        a, u = self.A[i + 1], []  # solve and the next stage's point in one sweep
+        for yk, col, Mk in zip(self.y, cols, self.M):
             col.append(sum(map(mul, Mk, r)))
-        return self._point(i + 1) if i + 1 < len(self.c) else None
+            u.append(yk + sum(map(mul, a, col)))
+        u = torch.from_numpy(np.array(u))
+        return u if self.is_flat else u.view(self.shape)
 
     def _point(self, i):
         ai = self.A[i]
-        u = torch.from_numpy(np.array([yk + sum(map(mul, ai, col))
-                                       for yk, col in zip(self.y, self.cols)]))
+        u = torch.from_numpy(
+            np.array([yk + sum(map(mul, ai, col)) for yk, col in zip(self.y, self.cols)])
+        )
         return u if self.is_flat else u.view(self.shape)
 
     def finish(self):
-        cols, m, e = self.cols, self.m, self.e
-        rows = [[yk + sum(map(mul, m, col)) for yk, col in zip(self.y, cols)],
-                [sum(map(mul, e, col)) for col in cols]]
-        if self.H is not None:
-            rows += [[sum(map(mul, hr, col)) for col in cols] for hr in self.H]
-        bump(self.W.stats, "nsolve", len(m))
-        out = np.array(rows).reshape(len(rows), *self.shape)
+        # [y1 − y0; error; dense rows] = MEH · U in one product (the stages by row)
+        out = self.MEH @ np.array(self.cols).T
+        np.add(out[0], self.y, out=out[0])
+        out = out.reshape(out.shape[0], *self.shape)
+        bump(self.W.stats, "nsolve", self.s)
         from_numpy, y0 = torch.from_numpy, self.y0
         y1 = from_numpy(out[0, ...])  # `...` keeps a 0-d state an array
         kk = from_numpy(out[2:]) if self.H is not None else torch.zeros_like(y0).unsqueeze(0)

@@ -17,7 +17,9 @@ class GMRESResult(NamedTuple):
     x: torch.Tensor  #: the solution, shaped like ``b``
     converged: bool  #: every system met its tolerance
     iterations: int  #: products with the matrix in Arnoldi steps (restart residuals not counted)
-    residual: float  #: the largest residual norm (the Givens estimate, or the true one at a restart)
+    residual: (
+        float  #: the largest residual norm (the Givens estimate, or the true one at a restart)
+    )
 
 
 def gmres(
@@ -56,7 +58,9 @@ def gmres(
         x = x0.reshape(B, -1)
         r = bb - matvec(x.reshape(shape)).reshape(B, -1)
     tiny = torch.finfo(b.dtype).tiny
-    ls_dtype = torch.float64 if b.dtype in (torch.float16, torch.bfloat16, torch.float32) else b.dtype
+    ls_dtype = (
+        torch.float64 if b.dtype in (torch.float16, torch.bfloat16, torch.float32) else b.dtype
+    )
     m = max(1, min(restart, n))
     its = 0
     while True:
