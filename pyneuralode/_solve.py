@@ -203,8 +203,11 @@ def solve(
     :class:`SolveError` (``throw=True``) or returns the partial solution with its ``retcode``.
 
     ``compile=True`` (needs numba, ``pip install 'pyneuralode[compiled]'``) traces f once and runs
-    the whole solve as native code (:mod:`pyneuralode.compiled`): small float64 CPU systems, the
-    explicit RK methods and Rodas4/Rodas5P, no gradients, events or dense output object yet.
+    the whole solve as native code (:mod:`pyneuralode.compiled`): small CPU systems, the explicit
+    RK, Rosenbrock, ESDIRK and QNDF methods; gradients by compiled forward sensitivities (when y0,
+    args or tensors f uses require grad); with a ``batched=True`` solver the rows of y0 are
+    independent systems, each with its own steps (:func:`pyneuralode.compiled.solve_ensemble`);
+    no events.
     """
     throw = check_flag("throw", throw)
     dense = check_flag("dense", dense, allow_none=True)

@@ -50,6 +50,8 @@ def test_equals_separate_compiled_solves(ensemble):
     """Each system of the ensemble is the compiled solve of that system alone: the same states
     bit for bit and the same statistics; every system took its own steps."""
     assert ensemble.ys.shape == (len(T), B, 3) and ensemble.retcode == "Success"
+    with pytest.raises(ValueError, match="output times only"):
+        ensemble(torch.tensor([1.0], **F64))
     steps = []
     for b in range(B):
         one = pn.solve(

@@ -185,6 +185,22 @@ def test_dense_output_carries_the_gradient():
     )
 
 
+def built_inside(t, y):
+    return -y * torch.tensor([1.0, 2.0], dtype=torch.float64)  # a constant f makes from data
+
+
+def test_constant_built_inside_f():
+    """A tensor f builds from data (torch.tensor) is a constant of the sensitivity system too:
+    ∂y(1)/∂y0 = exp(-c)."""
+    y0 = torch.tensor([1.0, 1.0], **F64, requires_grad=True)
+    sol = pn.solve(
+        built_inside, y0, torch.tensor([0.0, 1.0], **F64), pn.Tsit5(), rtol=1e-10, atol=1e-12,
+        compile=True,
+    )
+    (g,) = torch.autograd.grad(sol.ys[-1].sum(), y0)
+    torch.testing.assert_close(g, torch.exp(-torch.tensor([1.0, 2.0], **F64)), rtol=1e-8, atol=0)
+
+
 def scaled(t, y, p):
     return -p.sum() * y
 

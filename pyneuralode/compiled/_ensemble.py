@@ -80,9 +80,17 @@ class EnsembleSolution(_driver.CompiledSolution):
     """The solution of an ensemble: ``ys`` shaped ``(len(t), B, ...)`` (as the native batched
     solve; NaN after a failed system's last saved time), ``retcodes`` (one per system),
     ``retcode`` (``Success`` when every system succeeded, else the first failure's code),
-    ``stats`` (totals) and ``system_stats`` (int64 tensors of length B: ``nfe``, ``naccept``,
-    ``nreject``, and ``njac``/``nlu``/``nsolve`` for the Rosenbrock methods), ``t_reached_each``.
+    ``stats`` (totals) and ``system_stats`` (int64 tensors of length B: the statistics one
+    compiled solve of the method reports, e.g. ``nfe``, ``naccept``, ``nreject``, ``njac``),
+    ``t_reached_each``.
     """
+
+    def __call__(self, tq):
+        raise ValueError(
+            "sol(tq): a compiled ensemble keeps the states at the output times only; pass the "
+            "times you need in t, or solve one system with pn.solve(..., compile=True) for its "
+            "dense output"
+        )
 
 
 def _per_system(args, B: int) -> list:

@@ -19,6 +19,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._trace import UnsupportedOpError
 
+_LIFT = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+
 
 class _Recorder(TorchDispatchMode):
     def __init__(self, graph: torch.fx.Graph, root: torch.nn.Module):
@@ -53,6 +55,11 @@ class _Recorder(TorchDispatchMode):
                 f"compile=True: f uses the in-place op {func}, which the compiled path cannot "
                 "translate; write it out of place, or pass compile=False"
             )
+        if func in _LIFT:  # a tensor f built from data (torch.tensor(...)): a constant
+            out = func(*args, **kwargs)
+            self.env[id(out)] = self.node_of(args[0])
+            self.keep.append(out)
+            return out
         nargs = tree_map(self.node_of, args)
         nkwargs = tree_map(self.node_of, kwargs)
         out = func(*args, **kwargs)

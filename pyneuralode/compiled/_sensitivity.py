@@ -17,8 +17,9 @@ tolerances of their component of ``y``), so the gradient is as accurate as the s
 
 The cost grows as ``n·(1 + m)`` for ``n`` states and ``m`` parameters: this is the method for
 small systems with few parameters (SciML recommends it below ~100 of both). Larger problems
-(``n + m > 100``, or ``n·(1 + m) > 200`` for the implicit methods, whose augmented Jacobian is
-traced) raise a ``ValueError`` pointing to ``compile=False`` with an adjoint.
+(``n + m > 100``, or ``n·(1 + m) > 40`` for the implicit methods, whose augmented Jacobian is
+traced and compiled as straight-line code) raise a ``ValueError`` pointing to ``compile=False``
+with an adjoint.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from . import _driver, _trace
 from ._record import record
 
 #: the sizes forward sensitivities are for (SciML recommends them below ~100 parameters and
-#: states); beyond them tracing and compiling the augmented system costs more than an adjoint
+#: states); for the implicit methods the traced exact Jacobian of the augmented system (n(1+m))²
+#: entries, many of them second derivatives) makes numba's compile time grow steeply with its size
 MAX_STATES_AND_PARAMETERS = 100
-MAX_IMPLICIT = 200
+MAX_IMPLICIT = 40
 
 
 class _Substituted(torch.fx.Interpreter):
