@@ -640,11 +640,20 @@ def grow(segT, segY, segK, segX, m):
     nY = np.empty((cap, segY.shape[1], segY.shape[2]))
     nK = np.empty((cap, segK.shape[1], segK.shape[2]))
     nX = np.zeros(cap, dtype=np.int8)
-    nT[:m] = segT[:m]
-    nY[:m] = segY[:m]
-    nK[:m] = segK[:m]
-    nX[:m] = segX[:m]
+    copy_rows(segT.reshape(-1), nT.reshape(-1), m * 2)
+    copy_rows(segY.reshape(-1), nY.reshape(-1), m * segY.shape[1] * segY.shape[2])
+    copy_rows(segK.reshape(-1), nK.reshape(-1), m * segK.shape[1] * segK.shape[2])
+    for i in range(m):
+        nX[i] = segX[i]
     return nT, nY, nK, nX
+
+
+@njit(cache=True)
+def copy_rows(src, dst, count):
+    # flat views of C-contiguous arrays: one contiguous loop (slice copies of 3-D arrays take
+    # seconds more to compile)
+    for i in range(count):
+        dst[i] = src[i]
 """
 
 _LOOP = """
