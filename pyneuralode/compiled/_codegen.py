@@ -751,7 +751,9 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
                 need_grow = True  # (grown outside this loop: arrays reassigned inside it slow it)
                 break
             remaining = abs(t_end - t)
-            dtmin = dtmin_in if dtmin_in >= 0.0 else 4 * 2.220446049250313e-16 * max(abs(t), dt_floor)
+            dtmin = dtmin_in
+            if dtmin < 0.0:
+                dtmin = 4 * 2.220446049250313e-16 * max(abs(t), dt_floor)
             if dt < dtmin:
                 retcode = 3 if last_nonfinite else 2
                 break
@@ -801,8 +803,8 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
                     fac = step_fac
                 else:
                     ratio = abs(h) / h_acc if h_acc > 0.0 else -1.0
-                    fac = ctrl_factor(errn, err_prev, q_step, accepted_last, ratio, pred, beta1, beta2,
-                                      safety, fmin, fmax)
+                    fac = ctrl_factor(errn, err_prev, q_step, accepted_last, ratio, pred, beta1,
+                                      beta2, safety, fmin, fmax)
                 err_prev = max(errn, 1e-4)
                 h_acc = abs(h)
                 accepted_last = True
