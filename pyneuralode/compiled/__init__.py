@@ -1,9 +1,11 @@
 """The compiled path for small systems: ``pn.solve(f, y0, t, solver, compile=True)``.
 
-f is traced once to an aten graph (:mod:`._trace`) and translated to numpy code that numba
-compiles together with the method's step (generated from its tableau), the error norm, the
-step-size controller and the loop (:mod:`._codegen`), so that a whole solve runs as one native
-call. Needs the optional dependency numba (``pip install 'pyneuralode[compiled]'``).
+f is traced once to an aten graph (:mod:`._trace`) and translated to scalar code, a small problem
+module that numba compiles once per f; the method's step (generated from its tableau), the error
+norm, the step-size controller, the loop and the dense output form a method module compiled once
+per method and machine, which takes f (and its Jacobian) as first-class functions
+(:mod:`._codegen`), so that a whole solve runs as one native call. Needs the optional dependency
+numba (``pip install 'pyneuralode[compiled]'``).
 """
 
 from ._dispatch import solve_compiled

@@ -640,11 +640,20 @@ def grow(segT, segY, segK, segX, m):
     nY = np.empty((cap, segY.shape[1], segY.shape[2]))
     nK = np.empty((cap, segK.shape[1], segK.shape[2]))
     nX = np.zeros(cap, dtype=np.int8)
-    nT[:m] = segT[:m]
-    nY[:m] = segY[:m]
-    nK[:m] = segK[:m]
-    nX[:m] = segX[:m]
+    copy_rows(segT.reshape(-1), nT.reshape(-1), m * 2)
+    copy_rows(segY.reshape(-1), nY.reshape(-1), m * segY.shape[1] * segY.shape[2])
+    copy_rows(segK.reshape(-1), nK.reshape(-1), m * segK.shape[1] * segK.shape[2])
+    for i in range(m):
+        nX[i] = segX[i]
     return nT, nY, nK, nX
+
+
+@njit(cache=True)
+def copy_rows(src, dst, count):
+    # flat views of C-contiguous arrays: one contiguous loop (slice copies of 3-D arrays take
+    # seconds more to compile)
+    for i in range(count):
+        dst[i] = src[i]
 """
 
 _LOOP = """
@@ -735,107 +744,117 @@ def solve(t_out, y0, rtol, atol, adaptive, dt_fixed, h_init, dtmax_in, dtmin_in,
     retcode = 0
     fac = 1.0
     have_point = False
-    while next_out < n_out:
-        remaining = abs(t_end - t)
-        dtmin = dtmin_in if dtmin_in >= 0.0 else 4 * 2.220446049250313e-16 * max(abs(t), dt_floor)
-        if dt < dtmin:
-            retcode = 3 if last_nonfinite else 2
-            break
-        attempts += 1
-        if attempts > max_steps:
-            retcode = 1
-            break
-        if adaptive:
-            last_step = dt > 0.999 * remaining
-        else:
-            last_step = remaining <= dt * (1 + 1e-8)
-        h = direction * (remaining if last_step else dt)
-        ok = True
-        q_step = q  # the error estimate's order + 1 (QNDF: its order of the step)
-        step_fac = -1.0  # the step factor the method proposes (QNDF), < 0: the controller's
-        rej_safety = 1.0  # a factor on the controller's after an error-test rejection (QNDF)
-@@STEP@@
-        if not ok:  # a failed implicit solve halves the step (as _loop.integrate)
-            stats[2] += 1
-            if not adaptive:
-                retcode = 4
+    need_grow = False
+    while True:
+        while next_out < n_out:
+            if keep_dense and m == segT.shape[0]:
+                need_grow = True  # (grown outside this loop: arrays reassigned inside it slow it)
                 break
-            dt *= 0.5
-            accepted_last = False
-            continue
-        if adaptive:
-            s = 0.0
-            for j in range(n):
-                b = abs(y1[j])
-                a = ay[j]
-                r = err[j] / (atol[j] + rtol[j] * (a if a > b else b))
-                s += r * r
-            errn = np.sqrt(s) * inv_sqrt_n
-            finite = np.isfinite(errn)
-            if not finite or errn > 1.0:
+            remaining = abs(t_end - t)
+            dtmin = dtmin_in
+            if dtmin < 0.0:
+                dtmin = 4 * 2.220446049250313e-16 * max(abs(t), dt_floor)
+            if dt < dtmin:
+                retcode = 3 if last_nonfinite else 2
+                break
+            attempts += 1
+            if attempts > max_steps:
+                retcode = 1
+                break
+            if adaptive:
+                last_step = dt > 0.999 * remaining
+            else:
+                last_step = remaining <= dt * (1 + 1e-8)
+            h = direction * (remaining if last_step else dt)
+            ok = True
+            q_step = q  # the error estimate's order + 1 (QNDF: its order of the step)
+            step_fac = -1.0  # the step factor the method proposes (QNDF), < 0: the controller's
+            rej_safety = 1.0  # a factor on the controller's after an error-test rejection (QNDF)
+@@STEP@@
+            if not ok:  # a failed implicit solve halves the step (as _loop.integrate)
                 stats[2] += 1
-                last_nonfinite = not finite
-                fac = ctrl_factor(errn if finite else np.inf, err_prev, q_step, accepted_last,
-                                  -1.0, pred, beta1, beta2, safety, fmin, fmax)
-                if rej_safety != 1.0:
-                    fac = max(fmin, fac * rej_safety)
-                dt = abs(h) * fac
+                if not adaptive:
+                    retcode = 4
+                    break
+                dt *= 0.5
                 accepted_last = False
                 continue
-            last_nonfinite = False
-            if step_fac >= 0.0:
-                fac = step_fac
-            else:
-                ratio = abs(h) / h_acc if h_acc > 0.0 else -1.0
-                fac = ctrl_factor(errn, err_prev, q_step, accepted_last, ratio, pred, beta1, beta2,
-                                  safety, fmin, fmax)
-            err_prev = max(errn, 1e-4)
-            h_acc = abs(h)
-            accepted_last = True
-        t_new = t_end if last_step else t + h
-        if t_new == t:
-            retcode = 2
-            break
-        dense_ready = False
-        saved_before = next_out
-        while next_out < n_out and direction * (t_out[next_out] - t_new) <= 0:
-            to = t_out[next_out]
-            if to == t_new:
+            if adaptive:
+                s = 0.0
                 for j in range(n):
-                    ys[next_out, j] = y1[j]
-            else:
-@@DENSE@@
-                for j in range(n):
-                    ys[next_out, j] = out[j]
-            next_out += 1
-        if not adaptive and next_out != saved_before:
-            bad = False
-            for j in range(n):
-                if not np.isfinite(ys[next_out - 1, j]):
-                    bad = True
-            if bad:
-                retcode = 3
-                t = t_new
-                for j in range(n):
-                    y[j] = y1[j]
+                    b = abs(y1[j])
+                    a = ay[j]
+                    r = err[j] / (atol[j] + rtol[j] * (a if a > b else b))
+                    s += r * r
+                errn = np.sqrt(s) * inv_sqrt_n
+                finite = np.isfinite(errn)
+                if not finite or errn > 1.0:
+                    stats[2] += 1
+                    last_nonfinite = not finite
+                    fac = ctrl_factor(errn if finite else np.inf, err_prev, q_step, accepted_last,
+                                      -1.0, pred, beta1, beta2, safety, fmin, fmax)
+                    if rej_safety != 1.0:
+                        fac = max(fmin, fac * rej_safety)
+                    dt = abs(h) * fac
+                    accepted_last = False
+                    continue
+                last_nonfinite = False
+                if step_fac >= 0.0:
+                    fac = step_fac
+                else:
+                    ratio = abs(h) / h_acc if h_acc > 0.0 else -1.0
+                    fac = ctrl_factor(errn, err_prev, q_step, accepted_last, ratio, pred, beta1,
+                                      beta2, safety, fmin, fmax)
+                err_prev = max(errn, 1e-4)
+                h_acc = abs(h)
+                accepted_last = True
+            t_new = t_end if last_step else t + h
+            if t_new == t:
+                retcode = 2
                 break
-        stats[1] += 1
-        if keep_dense:
-            if m == segT.shape[0]:
-                segT, segY, segK, segX = grow(segT, segY, segK, segX, m)
-            segT[m, 0] = t
-            segT[m, 1] = h
+            dense_ready = False
+            saved_before = next_out
+            while next_out < n_out and direction * (t_out[next_out] - t_new) <= 0:
+                to = t_out[next_out]
+                if to == t_new:
+                    for j in range(n):
+                        ys[next_out, j] = y1[j]
+                else:
+@@DENSE@@
+                    for j in range(n):
+                        ys[next_out, j] = out[j]
+                next_out += 1
+            if not adaptive and next_out != saved_before:
+                bad = False
+                for j in range(n):
+                    if not np.isfinite(ys[next_out - 1, j]):
+                        bad = True
+                if bad:
+                    retcode = 3
+                    t = t_new
+                    for j in range(n):
+                        y[j] = y1[j]
+                    break
+            stats[1] += 1
+            if keep_dense:
+                segT[m, 0] = t
+                segT[m, 1] = h
 @@RECORD@@
-            m += 1
-        t = t_new
-        for j in range(n):
-            y[j] = y1[j]
-@@ACCEPT@@
-        if adaptive:
+                m += 1
+            t = t_new
             for j in range(n):
-                ay[j] = abs(y1[j])
-            if not last_step:
-                dt = min(abs(h) * fac, dtmax)
+                y[j] = y1[j]
+@@ACCEPT@@
+            if adaptive:
+                for j in range(n):
+                    ay[j] = abs(y1[j])
+                if not last_step:
+                    dt = min(abs(h) * fac, dtmax)
+        if need_grow:
+            segT, segY, segK, segX = grow(segT, segY, segK, segX, m)
+            need_grow = False
+            continue
+        break
     if retcode == 0 and not adaptive:
         for j in range(n):
             if not np.isfinite(y[j]):
@@ -979,8 +998,8 @@ def loop_source(kind: str, nstage_all: int, nfe_step: int, n_dense_rows: int = 0
     src = src.replace("@@ALLOC@@", _indent(alloc, 4)).replace(
         "@@F0_INIT@@", _indent(f0_init, 12) if f0_init else ""
     )
-    src = src.replace("@@STEP@@", _indent(step, 8)).replace("@@DENSE@@", _indent(dense, 16))
-    src = src.replace("@@ACCEPT@@", _indent(accept, 8)).replace("@@RECORD@@", _indent(record, 12))
+    src = src.replace("@@STEP@@", _indent(step, 12)).replace("@@DENSE@@", _indent(dense, 20))
+    src = src.replace("@@ACCEPT@@", _indent(accept, 12)).replace("@@RECORD@@", _indent(record, 16))
     interp = _INTERP.replace("@@BODY@@", _indent(body, 8))
     nojac = "\n@njit(JAC_SIG, cache=True)\ndef nojac(t, y, J, dT, p):\n    pass\n"
     return _COMMON + _GROW + src + interp + nojac
