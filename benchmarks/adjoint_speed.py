@@ -10,6 +10,7 @@ NFE are counted in a separate, untimed run.
 
 Writes benchmarks/results/adjoint_speed.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,13 @@ class Field(nn.Module):
         torch.manual_seed(seed)
         S = torch.randn(dim, dim)
         self.register_buffer("A", rot * (S - S.T) / max(dim, 2) ** 0.5)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, dim),
+        )
         self.count = False
         self.nfe = 0
 
@@ -58,15 +65,30 @@ def methods():
 
     def tdq(opts):
         def run(f, y0, t):
-            return torchdiffeq.odeint_adjoint(f, y0, t, method="dopri5", rtol=RTOL, atol=ATOL, adjoint_options=opts)[-1]
+            return torchdiffeq.odeint_adjoint(
+                f, y0, t, method="dopri5", rtol=RTOL, atol=ATOL, adjoint_options=opts
+            )[-1]
+
         return run
 
     def ours(sensealg, controller=None):
         def run(f, y0, t):
-            return pn.solve(f, y0, t, pn.Dopri5(), rtol=RTOL, atol=ATOL, sensealg=sensealg, controller=controller).ys[-1]
+            return pn.solve(
+                f,
+                y0,
+                t,
+                pn.Dopri5(),
+                rtol=RTOL,
+                atol=ATOL,
+                sensealg=sensealg,
+                controller=controller,
+            ).ys[-1]
+
         return run
 
-    sciml_pi = pn.PIController()  # SciML's PI gains; the default for explicit solvers is integral control
+    sciml_pi = (
+        pn.PIController()
+    )  # SciML's PI gains; the default for explicit solvers is integral control
     return {
         "torchdiffeq odeint_adjoint": tdq(None),
         "torchdiffeq odeint_adjoint (seminorm)": tdq(dict(norm="seminorm")),
@@ -78,7 +100,9 @@ def methods():
         "InterpolatingAdjoint(seminorm=True)": ours(pn.InterpolatingAdjoint(seminorm=True)),
         "QuadratureAdjoint": ours(pn.QuadratureAdjoint()),
         "BacksolveAdjoint, SciML PI*": ours(pn.BacksolveAdjoint(), sciml_pi),
-        "BacksolveAdjoint(seminorm=True), SciML PI*": ours(pn.BacksolveAdjoint(seminorm=True), sciml_pi),
+        "BacksolveAdjoint(seminorm=True), SciML PI*": ours(
+            pn.BacksolveAdjoint(seminorm=True), sciml_pi
+        ),
     }
 
 
@@ -122,7 +146,10 @@ def bench_problem(name, cfg, loss, repeat):
     ref = grads["DirectAdjoint"]
     n_params = sum(p.numel() for p in f.parameters())
     best = {k: min(v) for k, v in times.items()}
-    base, base_sn = best["torchdiffeq odeint_adjoint"], best["torchdiffeq odeint_adjoint (seminorm)"]
+    base, base_sn = (
+        best["torchdiffeq odeint_adjoint"],
+        best["torchdiffeq odeint_adjoint (seminorm)"],
+    )
     lines = [
         f"### Problem `{name}`: f = {'rotation + ' if cfg['rot'] else ''}MLP, batch {cfg['batch']}, state {cfg['dim']}, "
         f"hidden {cfg['hidden']}×2 ({n_params} parameters), "
@@ -161,9 +188,12 @@ def _load():
 
 def seminorm_sweep(tols, losses, probs):
     """Backward NFE with/without seminorm across tolerances (one untimed run each)."""
-    lines = ["### Seminorm across tolerances (backward NFE, rtol = atol = tol)", "",
-             "| problem | loss | tol | Backsolve | + seminorm | fewer | Interpolating | + seminorm | fewer | torchdiffeq | + seminorm | fewer |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "### Seminorm across tolerances (backward NFE, rtol = atol = tol)",
+        "",
+        "| problem | loss | tol | Backsolve | + seminorm | fewer | Interpolating | + seminorm | fewer | torchdiffeq | + seminorm | fewer |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     import torchdiffeq
 
     for name in probs:
@@ -175,13 +205,54 @@ def seminorm_sweep(tols, losses, probs):
             for tol in tols:
                 cells = []
                 for plain, semi in [
-                    (lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint()).ys[-1],
-                     lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint(seminorm=True)).ys[-1]),
-                    (lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.InterpolatingAdjoint()).ys[-1],
-                     lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.InterpolatingAdjoint(seminorm=True)).ys[-1]),
-                    (lambda f, y, t: torchdiffeq.odeint_adjoint(f, y, t, method="dopri5", rtol=tol, atol=tol)[-1],
-                     lambda f, y, t: torchdiffeq.odeint_adjoint(f, y, t, method="dopri5", rtol=tol, atol=tol,
-                                                                 adjoint_options=dict(norm="seminorm"))[-1]),
+                    (
+                        lambda f, y, t: pn.solve(
+                            f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint()
+                        ).ys[-1],
+                        lambda f, y, t: pn.solve(
+                            f,
+                            y,
+                            t,
+                            pn.Dopri5(),
+                            rtol=tol,
+                            atol=tol,
+                            sensealg=pn.BacksolveAdjoint(seminorm=True),
+                        ).ys[-1],
+                    ),
+                    (
+                        lambda f, y, t: pn.solve(
+                            f,
+                            y,
+                            t,
+                            pn.Dopri5(),
+                            rtol=tol,
+                            atol=tol,
+                            sensealg=pn.InterpolatingAdjoint(),
+                        ).ys[-1],
+                        lambda f, y, t: pn.solve(
+                            f,
+                            y,
+                            t,
+                            pn.Dopri5(),
+                            rtol=tol,
+                            atol=tol,
+                            sensealg=pn.InterpolatingAdjoint(seminorm=True),
+                        ).ys[-1],
+                    ),
+                    (
+                        lambda f, y, t: torchdiffeq.odeint_adjoint(
+                            f, y, t, method="dopri5", rtol=tol, atol=tol
+                        )[-1],
+                        lambda f, y, t: torchdiffeq.odeint_adjoint(
+                            f,
+                            y,
+                            t,
+                            method="dopri5",
+                            rtol=tol,
+                            atol=tol,
+                            adjoint_options=dict(norm="seminorm"),
+                        )[-1],
+                    ),
                 ]:
                     b0 = count_nfe(plain, f, y0, t, loss)[1]
                     b1 = count_nfe(semi, f, y0, t, loss)[1]
@@ -199,7 +270,9 @@ def main():
     repeat = args.repeat or (3 if args.quick else 5)
     probs = ["plain"] if args.quick else list(PROBLEMS)
     out, sn = [], []
-    sweep = seminorm_sweep([1e-3, 1e-5, 1e-7], list(LOSSES), ["plain"] if args.quick else ["plain", "wide"])
+    sweep = seminorm_sweep(
+        [1e-3, 1e-5, 1e-7], list(LOSSES), ["plain"] if args.quick else ["plain", "wide"]
+    )
     print("\n".join(sweep), file=sys.stderr)
     for p in probs:
         for loss in LOSSES:
@@ -208,21 +281,35 @@ def main():
             sn += sn_lines
             print("\n".join(lines), file=sys.stderr)
     text = "\n".join(
-        ["## Forward + backward time against torchdiffeq", "", *out,
-         "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4), which grow steps more cautiously "
-         "than the default integral control (torchdiffeq's). Times: process CPU time (1 thread), minimum over "
-         f"{repeat} round-robin repeats; CPU time rather than wall time because the benchmark machine is shared "
-         f"(load average during this run: {_load()}); ratios use the CPU times.", "",
-         "## Seminorm: backward NFE and time", "",
-         "Backward NFE counts every evaluation of f during the backward pass (adjoint right-hand sides, "
-         "checkpoint re-solves, quadrature nodes).", "",
-         "| problem | loss | method | backward NFE | with seminorm | fewer NFE | fwd+bwd CPU ms | with seminorm | less time |",
-         "|---|---|---|---:|---:|---:|---:|---:|---:|", *sn, "", *sweep]
+        [
+            "## Forward + backward time against torchdiffeq",
+            "",
+            *out,
+            "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4), which grow steps more cautiously "
+            "than the default integral control (torchdiffeq's). Times: process CPU time (1 thread), minimum over "
+            f"{repeat} round-robin repeats; CPU time rather than wall time because the benchmark machine is shared "
+            f"(load average during this run: {_load()}); ratios use the CPU times.",
+            "",
+            "## Seminorm: backward NFE and time",
+            "",
+            "Backward NFE counts every evaluation of f during the backward pass (adjoint right-hand sides, "
+            "checkpoint re-solves, quadrature nodes).",
+            "",
+            "| problem | loss | method | backward NFE | with seminorm | fewer NFE | fwd+bwd CPU ms | with seminorm | less time |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            *sn,
+            "",
+            *sweep,
+        ]
     )
     print(text)
     res = HERE / "results"
     res.mkdir(exist_ok=True)
-    cmd = "python benchmarks/adjoint_speed.py" + (" --quick" if args.quick else "") + (f" --repeat {args.repeat}" if args.repeat else "")
+    cmd = (
+        "python benchmarks/adjoint_speed.py"
+        + (" --quick" if args.quick else "")
+        + (f" --repeat {args.repeat}" if args.repeat else "")
+    )
     import torchdiffeq
 
     (res / ("adjoint_speed_quick.md" if args.quick else "adjoint_speed.md")).write_text(

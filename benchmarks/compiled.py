@@ -154,8 +154,9 @@ def bench_gradient(pn, repeat, quick):
     tight = dict(rtol=1e-11, atol=1e-16)
 
     def tight_loss(k):
-        return (w * pn.solve(rober, y0, t, pn.Rodas5P(), compile=True, args=(k,),
-                             **tight).ys[1:]).sum()
+        return (
+            w * pn.solve(rober, y0, t, pn.Rodas5P(), compile=True, args=(k,), **tight).ys[1:]
+        ).sum()
 
     kk = k0.clone().requires_grad_(True)
     t0 = time.perf_counter()
@@ -175,8 +176,7 @@ def bench_gradient(pn, repeat, quick):
 
         def grad(compile, kw=kw):
             k = k0.clone().requires_grad_(True)
-            sol = pn.solve(rober, y0, t, pn.Rodas5P(), compile=compile,
-                           **{**kw, "args": (k,)})
+            sol = pn.solve(rober, y0, t, pn.Rodas5P(), compile=compile, **{**kw, "args": (k,)})
             (g,) = torch.autograd.grad((w * sol.ys[1:]).sum(), k)
             return g, sol.stats
 
@@ -186,9 +186,12 @@ def bench_gradient(pn, repeat, quick):
         def rel(a, b):
             return ((a - b).abs() / b.abs()).max().item()
 
-        print(f"Robertson gradient rtol={rtol:g}: compiled {tc * 1e3:.2f} ms, DirectAdjoint "
-              f"{tn * 1e3:.0f} ms ({tn / tc:.0f}x); first call {first:.1f} s; vs FD at rtol "
-              f"1e-11: {fd_rel:.1e}", flush=True)
+        print(
+            f"Robertson gradient rtol={rtol:g}: compiled {tc * 1e3:.2f} ms, DirectAdjoint "
+            f"{tn * 1e3:.0f} ms ({tn / tc:.0f}x); first call {first:.1f} s; vs FD at rtol "
+            f"1e-11: {fd_rel:.1e}",
+            flush=True,
+        )
         lines.append(
             f"| {rtol:g} | {tc * 1e3:.2f} | {tn * 1e3:.0f} | {tn / tc:.0f}× | "
             f"{stc['naccept']}/{stn['naccept']} | {rel(gc, gn):.1e} |"
@@ -242,15 +245,20 @@ def bench_ensemble(pn, repeat, quick):
                 lambda kw=kw: pn.solve(rober_rows, Y0, t, pn.Rodas5P(batched=True), **kw),
                 repeat,
             )
-            ref = solve_ensemble(rober_rows, Y0, t, pn.Rodas5P(), **{**kw, "rtol": 1e-12,
-                                                                     "atol": 1e-16})
+            ref = solve_ensemble(
+                rober_rows, Y0, t, pn.Rodas5P(), **{**kw, "rtol": 1e-12, "atol": 1e-16}
+            )
+
         def err(s, ref=ref, atol=kw["atol"]):
             return ((s.ys[-1] - ref.ys[-1]).abs() / (ref.ys[-1].abs() + atol)).max().item()
 
         ts_, tp = row[False][0], row[True]
-        print(f"ensemble B={B} rtol={rtol:g}: compiled serial {ts_ * 1e3:.0f} ms CPU, parallel "
-              f"{tp[0] * 1e3:.0f} ms CPU ({tp[1] * 1e3:.0f} ms wall), native batched "
-              f"{tn * 1e3:.0f} ms ({tn / ts_:.1f}x serial); first call {first:.1f} s", flush=True)
+        print(
+            f"ensemble B={B} rtol={rtol:g}: compiled serial {ts_ * 1e3:.0f} ms CPU, parallel "
+            f"{tp[0] * 1e3:.0f} ms CPU ({tp[1] * 1e3:.0f} ms wall), native batched "
+            f"{tn * 1e3:.0f} ms ({tn / ts_:.1f}x serial); first call {first:.1f} s",
+            flush=True,
+        )
         lines.append(
             f"| {rtol:g} | {first:.1f} | {ts_ * 1e3:.0f} | {tp[0] * 1e3:.0f} / {tp[1] * 1e3:.0f} | "
             f"{tn * 1e3:.0f} | {tn / ts_:.1f}× | {sc.stats['naccept'] / B:.0f} / "
@@ -293,8 +301,9 @@ def main():
     if a.fresh:
         os.environ["PYNEURALODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="pn_compiled_")
     torch.set_num_threads(1)
-    import pyneuralode as pn
     from scipy.integrate import solve_ivp
+
+    import pyneuralode as pn
 
     repeat = a.repeat or (2 if a.quick else 5)
     rtols = [1e-6] if a.quick else [1e-6, 1e-8]
@@ -378,7 +387,7 @@ def main():
             )
             err = lambda y, ref=ref, rtol=rtol: float(
                 np.max(np.abs(np.asarray(y) - ref) / (np.abs(ref) + rtol * 1e-3))
-            )  # noqa: E731
+            )
             rows.append(
                 dict(
                     problem=name,

@@ -13,6 +13,7 @@ Also: the time per call of f and jac alone, which bounds any engine from below.
 
 Writes ``benchmarks/results/rosenbrock_floor.md`` (``rosenbrock_floor_quick.md`` with ``--quick``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,13 +77,17 @@ def bare_rodas5p(f, jac, y0, T, rtol, atol):
             h = T - t
         M = closed_form_inverse(J, 1.0 / (h * tab.gamma))
         y1, e = rosenbrock_stages(tab, rhs, t, h, y, fy, M, tt)
-        err = math.sqrt(sum((ek / (atol + rtol * max(abs(a), abs(b)))) ** 2 for ek, a, b in zip(e, y, y1)) / n)
+        err = math.sqrt(
+            sum((ek / (atol + rtol * max(abs(a), abs(b)))) ** 2 for ek, a, b in zip(e, y, y1)) / n
+        )
         if not err <= 1.0:
             nreject += 1
             h *= ctrl.factor(err if math.isfinite(err) else math.inf, err_prev, q, accepted_last)
             accepted_last = False
             continue
-        fac = ctrl.factor(err, err_prev, q, accepted_last, None if h_accepted is None else h / h_accepted)
+        fac = ctrl.factor(
+            err, err_prev, q, accepted_last, None if h_accepted is None else h / h_accepted
+        )
         err_prev, h_accepted, accepted_last = max(err, 1e-4), h, True
         t = T if last else t + h
         y = list(y1)
@@ -95,8 +100,15 @@ def bare_rodas5p(f, jac, y0, T, rtol, atol):
 
 def library_rodas5p(f, jac, y0, T, rtol, atol):
     with torch.no_grad():
-        sol = pn.solve(f, torch.tensor(y0, dtype=torch.float64), torch.tensor([0.0, T], dtype=torch.float64),
-                       pn.Rodas5P(jac=jac), rtol=rtol, atol=atol, max_steps=10**6)
+        sol = pn.solve(
+            f,
+            torch.tensor(y0, dtype=torch.float64),
+            torch.tensor([0.0, T], dtype=torch.float64),
+            pn.Rodas5P(jac=jac),
+            rtol=rtol,
+            atol=atol,
+            max_steps=10**6,
+        )
     return sol.ys[-1].numpy(), sol.stats["naccept"], sol.stats["nreject"]
 
 
@@ -130,9 +142,22 @@ def main(argv=None):
                 out[name] = (S.rel_err(y, p["ref"]), na, nr)
         for name in runs:
             err, na, nr = out[name]
-            rows.append((rtol, name, err, na, nr, best[name], best[name] / (na + nr) * 1e6,
-                         best[name] / best["bare loop"]))
-            print(f"rtol {rtol:.0e} {name:11s} err {err:.1e} steps {na}+{nr} {best[name] * 1e3:7.1f} ms", flush=True)
+            rows.append(
+                (
+                    rtol,
+                    name,
+                    err,
+                    na,
+                    nr,
+                    best[name],
+                    best[name] / (na + nr) * 1e6,
+                    best[name] / best["bare loop"],
+                )
+            )
+            print(
+                f"rtol {rtol:.0e} {name:11s} err {err:.1e} steps {na}+{nr} {best[name] * 1e3:7.1f} ms",
+                flush=True,
+            )
     y = torch.tensor(p["y0"], dtype=torch.float64)
     t = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
@@ -152,11 +177,16 @@ def main(argv=None):
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for rtol, name, err, na, nr, sec, us, ratio in rows:
-        lines.append(f"| {rtol:.0e} | {name} | {err:.1e} | {na} + {nr} | {sec * 1e3:.1f} ms | {us:.0f} | {ratio:.2f} |")
-    lines += ["", f"f alone: {f_us:.1f} µs per call; jac alone: {jac_us:.1f} µs per call. A Rodas5P step makes 8 f "
-              f"calls and one jac call: {8 * f_us + jac_us:.0f} µs per step before any engine work. "
-              f"Under `torch.inference_mode()` (torch's context for pure inference; both loops above run under "
-              f"`torch.no_grad()`): f {f_us_inf:.1f} µs, jac {jac_us_inf:.1f} µs, {8 * f_us_inf + jac_us_inf:.0f} µs per step."]
+        lines.append(
+            f"| {rtol:.0e} | {name} | {err:.1e} | {na} + {nr} | {sec * 1e3:.1f} ms | {us:.0f} | {ratio:.2f} |"
+        )
+    lines += [
+        "",
+        f"f alone: {f_us:.1f} µs per call; jac alone: {jac_us:.1f} µs per call. A Rodas5P step makes 8 f "
+        f"calls and one jac call: {8 * f_us + jac_us:.0f} µs per step before any engine work. "
+        f"Under `torch.inference_mode()` (torch's context for pure inference; both loops above run under "
+        f"`torch.no_grad()`): f {f_us_inf:.1f} µs, jac {jac_us_inf:.1f} µs, {8 * f_us_inf + jac_us_inf:.0f} µs per step.",
+    ]
     path = HERE / "results" / ("rosenbrock_floor_quick.md" if args.quick else "rosenbrock_floor.md")
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -1,9 +1,11 @@
 """Solution objects, return codes, statistics and the solve error."""
+
 from __future__ import annotations
 
 import bisect
 import enum
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,7 +35,9 @@ class ReturnCode(str, enum.Enum):
 class SolveError(RuntimeError):
     """Raised by ``solve(..., throw=True)`` when integration fails; carries ``retcode`` and the time ``t`` reached."""
 
-    def __init__(self, message: str, retcode: ReturnCode, t: float, solution: "Solution | None" = None):
+    def __init__(
+        self, message: str, retcode: ReturnCode, t: float, solution: Solution | None = None
+    ):
         super().__init__(message)
         self.retcode = retcode
         self.t = t
@@ -45,7 +49,13 @@ class DenseSegment:
 
     __slots__ = ("t0", "dt", "data", "interpolant")
 
-    def __init__(self, t0: float, dt: float, data: Any, interpolant: Callable[[Any, torch.Tensor | float], torch.Tensor]):
+    def __init__(
+        self,
+        t0: float,
+        dt: float,
+        data: Any,
+        interpolant: Callable[[Any, torch.Tensor | float], torch.Tensor],
+    ):
         self.t0 = t0
         self.dt = dt
         self.data = data
@@ -67,7 +77,9 @@ class Solution:
     ``sol(tq)`` evaluates the dense output (when the solve kept it, ``dense=True``).
     """
 
-    def __init__(self, ts, ys, retcode, stats, segments=None, unflatten=None, t_reached=None, solver=None):
+    def __init__(
+        self, ts, ys, retcode, stats, segments=None, unflatten=None, t_reached=None, solver=None
+    ):
         self.ts = ts
         self.ys = ys
         self.retcode = ReturnCode(retcode)
@@ -76,7 +88,9 @@ class Solution:
         self._unflatten = unflatten
         self.t_reached = t_reached
         self.solver = solver
-        self.event_t = None  # with solve(..., event=g): the event time (a 0-d tensor) and the state there
+        self.event_t = (
+            None  # with solve(..., event=g): the event time (a 0-d tensor) and the state there
+        )
         self.event_y = None
 
     @property
@@ -89,7 +103,9 @@ class Solution:
                 "sol(tq): this solution kept no dense output; call solve(..., dense=True) to evaluate between output times"
             )
         if not self._segments:
-            raise ValueError("sol(tq): the solve took no steps, there is no dense output to evaluate")
+            raise ValueError(
+                "sol(tq): the solve took no steps, there is no dense output to evaluate"
+            )
         tq_t = torch.as_tensor(tq, dtype=torch.float64).reshape(-1)
         if tq_t.numel() == 0:
             raise ValueError("sol(tq): tq is empty")
@@ -152,10 +168,14 @@ class PerSampleSolution(Solution):
         return torch.tensor([r.successful for r in self.retcode])
 
     def __call__(self, tq):
-        raise ValueError("sol(tq): a per-sample solve (per_sample=True) keeps no dense output; "
-                         "give the times each sample needs as t of shape (B, T)")
+        raise ValueError(
+            "sol(tq): a per-sample solve (per_sample=True) keeps no dense output; "
+            "give the times each sample needs as t of shape (B, T)"
+        )
 
     def __repr__(self) -> str:
         ok = sum(r.successful for r in self.retcode)
-        return (f"PerSampleSolution(successful={ok}/{len(self.retcode)}, "
-                f"n_times={self.ys.shape[0]}, nfe={int(self.stats['nfe'].sum())})")
+        return (
+            f"PerSampleSolution(successful={ok}/{len(self.retcode)}, "
+            f"n_times={self.ys.shape[0]}, nfe={int(self.stats['nfe'].sum())})"
+        )

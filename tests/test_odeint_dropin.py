@@ -727,7 +727,7 @@ def test_odeint_adjoint_f_independent_of_y_and_params():
     ys[-1].sum().backward()
     assert float(y0.grad) == pytest.approx(1.0, abs=1e-12)
     # dL/dT = f(T) and dL/dt0 = -f(t0)
-    f = lambda s: -0.1 * math.exp(-0.1 * s)  # noqa: E731
+    f = lambda s: -0.1 * math.exp(-0.1 * s)
     assert t.grad.tolist() == pytest.approx([-f(1.0), f(3.0)], abs=1e-7)
 
 
@@ -812,7 +812,9 @@ def test_odeint_adjoint_second_derivative_raises():
     """The backward pass runs without a graph: a second derivative raises instead of being 0."""
     w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     ys = pn.odeint_adjoint(
-        lambda t, y: -w * y, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0]),
+        lambda t, y: -w * y,
+        torch.ones(2, dtype=torch.float64),
+        torch.tensor([0.0, 1.0]),
         adjoint_params=(w,),
     )
     (g,) = torch.autograd.grad(ys[-1].sum(), w, create_graph=True)

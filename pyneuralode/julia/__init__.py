@@ -10,12 +10,20 @@ Julia solve is requested; ``import pyneuralode`` never starts Julia.
 * :class:`Autonomous` — ``f(t, y) = net(y)`` for an ``nn.Sequential`` MLP, which the backend
   translates to Julia so solve and adjoint run without Python callbacks.
 """
+
 from __future__ import annotations
 
 from ._mlp import Autonomous
 from ._session import INSTALL_HINT, JuliaNotAvailableError, is_available
 
-__all__ = ["is_available", "install", "doctor", "Autonomous", "JuliaNotAvailableError", "INSTALL_HINT"]
+__all__ = [
+    "is_available",
+    "install",
+    "doctor",
+    "Autonomous",
+    "JuliaNotAvailableError",
+    "INSTALL_HINT",
+]
 
 
 def install(cuda: bool = False, precompile: bool = True) -> None:
@@ -48,7 +56,9 @@ def cuda_packages() -> dict:
     import json
     from pathlib import Path
 
-    return json.loads((Path(__file__).resolve().parent / "juliapkg-cuda.json").read_text())["packages"]
+    return json.loads((Path(__file__).resolve().parent / "juliapkg-cuda.json").read_text())[
+        "packages"
+    ]
 
 
 def doctor(print_fn=print) -> dict:

@@ -10,9 +10,10 @@ Conventions (the same on the Julia side, ``julia/PyNeuralODEBridge.jl``):
 * cotangents go to Julia as the same n×k matrix, Fortran-ordered (exactly Julia's memory layout);
 * only float32/float64 cross; results are copied into torch-owned memory on the state's device.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -47,7 +48,9 @@ def from_julia_matrix(a, shape: Sequence[int], dtype: torch.dtype, device) -> to
     arr = np.asarray(a)
     n = int(np.prod(shape)) if len(shape) else 1
     if arr.ndim != 2 or arr.shape[0] != n:
-        raise RuntimeError(f"julia backend: expected an n×k trajectory with n={n}, got shape {arr.shape}")
+        raise RuntimeError(
+            f"julia backend: expected an n×k trajectory with n={n}, got shape {arr.shape}"
+        )
     k = arr.shape[1]
     out = torch.from_numpy(np.array(arr.T, order="C", dtype=np.dtype(_DTYPES[dtype])))
     return out.reshape(k, *shape).to(device)
@@ -72,7 +75,9 @@ def write(out, value: torch.Tensor) -> None:
     dst = np.asarray(out)
     src = value.detach().cpu().numpy()
     if dst.size != src.size:
-        raise RuntimeError(f"julia backend: output has {dst.size} entries, the torch value {src.size}")
+        raise RuntimeError(
+            f"julia backend: output has {dst.size} entries, the torch value {src.size}"
+        )
     dst[...] = src.reshape(dst.shape)
 
 
@@ -86,8 +91,8 @@ class ParamLayout:
     """
 
     def __init__(self, f, args: Sequence, dtype: torch.dtype, device):
-        self.entries: List[Tuple[str, object, torch.Size]] = []
-        self.tensors: List[torch.Tensor] = []
+        self.entries: list[tuple[str, object, torch.Size]] = []
+        self.tensors: list[torch.Tensor] = []
         if isinstance(f, torch.nn.Module):
             for name, prm in f.named_parameters():
                 if prm.requires_grad:
@@ -108,7 +113,9 @@ class ParamLayout:
                 f"{dtype}; backend='julia' passes all parameters in the state's dtype (cast with .to({dtype}))"
             )
         if t.device != torch.device(device):
-            raise ValueError(f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: on {t.device}, the state is on {device}")
+            raise ValueError(
+                f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: on {t.device}, the state is on {device}"
+            )
         self.entries.append((kind, key, t.shape))
         self.tensors.append(t)
 
@@ -122,9 +129,9 @@ class ParamLayout:
             return torch.zeros(1, dtype=self.dtype, device=self.device)
         return torch.cat([t.reshape(-1) for t in self.tensors])
 
-    def unflatten(self, flat: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], tuple]:
+    def unflatten(self, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
         """``flat`` → (parameter dict for ``functional_call``, args with the tensor args replaced)."""
-        params: Dict[str, torch.Tensor] = {}
+        params: dict[str, torch.Tensor] = {}
         args = list(self.args)
         i = 0
         for (kind, key, shape), m in zip(self.entries, self.numels):

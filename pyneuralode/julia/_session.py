@@ -11,6 +11,7 @@ A *session* implements six calls, the protocol between the Python half and the J
 :class:`JuliaSession` forwards them to Julia; :class:`pyneuralode.julia._standin.NativeStandIn`
 implements them with the native engine (used to test the Python half where Julia is absent).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,6 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 INSTALL_HINT = (
     'install it with: pip install -e ".[julia]" in a pyneuralode checkout (there is no release on PyPI '
@@ -66,7 +66,7 @@ def juliacall_installed() -> bool:
     return importlib.util.find_spec("juliacall") is not None
 
 
-def julia_executable_hint() -> Optional[str]:
+def julia_executable_hint() -> str | None:
     """A Julia executable juliacall would use, without starting anything (``None`` if none is known)."""
     for var in ("PYTHON_JULIACALL_EXE", "PYTHON_JULIAPKG_EXE"):
         if os.environ.get(var):
@@ -89,7 +89,7 @@ def juliapkg_project() -> Path:
     return Path(depot).resolve() / "environments" / "pyjuliapkg"
 
 
-def juliapkg_julia() -> Optional[str]:
+def juliapkg_julia() -> str | None:
     """A Julia that juliapkg found or installed earlier, read from its files (starts nothing).
 
     ``meta.json`` records the executable of the last resolve (pyjuliapkg deps.py:551-560);
@@ -162,7 +162,7 @@ class JuliaSession:
         if self._cuda is None:
             try:
                 self.jl.seval("Base.include")(self.jl, str(bridge_path("PyNeuralODEBridgeCUDA.jl")))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise JuliaNotAvailableError(
                     f"backend='julia' on CUDA tensors needs CUDA.jl and DLPack.jl, which failed to load "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install them with "
@@ -183,19 +183,23 @@ def get_session():
     if _SESSION is not None:
         return _SESSION
     if not juliacall_installed():
-        raise JuliaNotAvailableError(f"backend='julia' needs juliacall, which is not installed; {INSTALL_HINT}")
+        raise JuliaNotAvailableError(
+            f"backend='julia' needs juliacall, which is not installed; {INSTALL_HINT}"
+        )
     path = bridge_path()
     check_import_order()
     try:
-        import juliacall  # noqa: F401  (starts Julia; juliapkg resolves the environment first)
+        import juliacall
 
         jl = juliacall.newmodule("PyNeuralODE")
         jl.seval("Base.include")(jl, str(path))
         bridge = jl.PyNeuralODEBridge
     except JuliaNotAvailableError:
         raise
-    except Exception as e:  # noqa: BLE001
-        raise JuliaNotAvailableError(f"backend='julia': starting Julia failed ({type(e).__name__}: {e}); {INSTALL_HINT}") from e
+    except Exception as e:
+        raise JuliaNotAvailableError(
+            f"backend='julia': starting Julia failed ({type(e).__name__}: {e}); {INSTALL_HINT}"
+        ) from e
     _SESSION = JuliaSession(jl, bridge)
     return _SESSION
 

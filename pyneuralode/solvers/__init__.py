@@ -4,15 +4,24 @@ Each solver module lists its public classes in ``__all__``; every :class:`Abstra
 subclass found there is registered for string lookup under its lower-case class name, its SciML
 ``name`` and its ``aliases``.
 """
+
 from . import bdf, esdirk, explicit, rosenbrock
 from ._base import AbstractSolver, StepResult
 from ._tableau import ButcherTableau
-from .bdf import *  # noqa: F401,F403
-from .esdirk import *  # noqa: F401,F403
-from .explicit import *  # noqa: F401,F403
-from .rosenbrock import *  # noqa: F401,F403
+from .bdf import *
+from .esdirk import *
+from .explicit import *
+from .rosenbrock import *
 
-__all__ = ["AbstractSolver", "StepResult", "ButcherTableau", *explicit.__all__, *rosenbrock.__all__, *esdirk.__all__, *bdf.__all__]
+__all__ = [
+    "AbstractSolver",
+    "StepResult",
+    "ButcherTableau",
+    *explicit.__all__,
+    *rosenbrock.__all__,
+    *esdirk.__all__,
+    *bdf.__all__,
+]
 
 #: Every registered solver class by lower-case name (class name, SciML name, aliases).
 REGISTRY: dict = {}
@@ -38,4 +47,6 @@ def lookup(name: str):
         return REGISTRY[name.lower()]
     except KeyError:
         valid = ", ".join(sorted(REGISTRY))
-        raise ValueError(f"solver/method: unknown name {name!r}; valid names are: {valid}") from None
+        raise ValueError(
+            f"solver/method: unknown name {name!r}; valid names are: {valid}"
+        ) from None

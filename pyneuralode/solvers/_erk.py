@@ -4,6 +4,7 @@ Stage combinations are single fused ``addmv`` calls on a stage matrix (no Python
 adds); FSAL methods reuse their last stage; the derivative at the step's end is kept as the next
 step's first stage, so non-FSAL methods pay no extra evaluation for Hermite dense output.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,6 @@ import torch
 from ._base import StepResult, TableauSolver, hermite_interpolant
 from ._tableau import ButcherTableau
 
-
 #: States up to this many elements use the zero-padded stage matrix in ``ExplicitRK.step``.
 _PAD_MAX = 8192
 
@@ -20,7 +20,21 @@ _PAD_MAX = 8192
 class _Coefficients:
     """Tableau tensors for one dtype/device, cached on the solver."""
 
-    __slots__ = ("a_rows", "b", "e", "e2", "c", "B", "powers", "extra", "a_pre", "b_head", "stages", "a_row", "b_row")
+    __slots__ = (
+        "a_rows",
+        "b",
+        "e",
+        "e2",
+        "c",
+        "B",
+        "powers",
+        "extra",
+        "a_pre",
+        "b_head",
+        "stages",
+        "a_row",
+        "b_row",
+    )
 
     def __init__(self, tab: ButcherTableau, dtype, device):
         kw = dict(dtype=dtype, device=device)
@@ -47,7 +61,9 @@ class _Coefficients:
                 row = tab.a_extra[j, : s + j]
                 # A stage at c = 1 with the weights b is f(t0 + h, y1): the step already has it.
                 is_f1 = (
-                    not tab.fsal and tab.c_extra[j] == 1.0 and np.allclose(row[:s], tab.b, atol=1e-14, rtol=0)
+                    not tab.fsal
+                    and tab.c_extra[j] == 1.0
+                    and np.allclose(row[:s], tab.b, atol=1e-14, rtol=0)
                     and not np.any(row[s:])
                 )
                 self.extra.append((torch.tensor(row, **kw), float(tab.c_extra[j]), is_f1))
@@ -68,11 +84,13 @@ class DenseWeights:
         self.tensor = torch.tensor(self.array, dtype=dtype, device=device)
         self.exponents = np.arange(1, self.array.shape[1] + 1, dtype=np.float64)
         cpu = torch.device(device).type == "cpu"
-        self.np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype) if cpu else None
+        self.np_dtype = (
+            {torch.float32: np.float32, torch.float64: np.float64}.get(dtype) if cpu else None
+        )
         self.device = device
 
     def weights(self, theta: float, dt: float) -> torch.Tensor:
-        w = (self.array @ (theta ** self.exponents)) * dt
+        w = (self.array @ (theta**self.exponents)) * dt
         if self.np_dtype is not None:
             return torch.from_numpy(w.astype(self.np_dtype, copy=False))
         return torch.as_tensor(w, dtype=self.tensor.dtype).to(self.device)
@@ -85,7 +103,9 @@ def _polynomial_interpolant(dense, theta):
     if isinstance(theta, torch.Tensor) or isinstance(dt, torch.Tensor):
         P = B.shape[1]
         th = theta.to(B.dtype) if isinstance(theta, torch.Tensor) else theta
-        powers = torch.stack([torch.as_tensor(th, dtype=B.dtype, device=B.device) ** (p + 1) for p in range(P)])
+        powers = torch.stack(
+            [torch.as_tensor(th, dtype=B.dtype, device=B.device) ** (p + 1) for p in range(P)]
+        )
         w = (B @ powers) * dt
     else:
         w = W.weights(theta, dt)
@@ -160,7 +180,9 @@ class ExplicitRK(TableauSolver):
         key = (y.dtype, y.device)
         co = self._coef_cache.get(key)
         if co is None:
-            with torch.inference_mode(False):  # normal tensors even if first built under inference mode
+            with torch.inference_mode(
+                False
+            ):  # normal tensors even if first built under inference mode
                 co = self._coef_cache[key] = _Coefficients(self.tableau, y.dtype, y.device)
         return co
 
@@ -240,7 +262,9 @@ class ExplicitRK(TableauSolver):
             return None
         if co.e2 is not None:
             return _combined_error(K, co.e, co.e2, dt, shape)
-        err = torch.addmv(y0f, KT, co.e, beta=0, alpha=dt)  # beta=0: y0f is ignored (dt·Kᵀe in one op)
+        err = torch.addmv(
+            y0f, KT, co.e, beta=0, alpha=dt
+        )  # beta=0: y0f is ignored (dt·Kᵀe in one op)
         return err if flat else err.view(shape)
 
     def interpolant(self, dense, theta):  # type: ignore[override]

@@ -5,7 +5,7 @@ or, for the host steps, flat numpy arrays."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ class _GridBase(AbstractSolver):
         t_grid: torch.Tensor,
         stats: dict,
         perturb: bool = False,
-        callback_step: Optional[Callable] = None,
+        callback_step: Callable | None = None,
     ):
         self.f, self.t_grid, self.stats, self.perturb = f, t_grid, stats, bool(perturb)
         self.callback_step = callback_step
@@ -106,7 +106,7 @@ class _GridBase(AbstractSolver):
         )
         #: a constant step (a Python float) used instead of ``t_grid[k+1] - t_grid[k]``:
         #: torchdiffeq's event loop steps by ``step_size`` itself
-        self.constant_h: Optional[float] = None
+        self.constant_h: float | None = None
 
     def default_controller(self):
         return None

@@ -27,7 +27,7 @@ use a detached J, which only affects the convergence speed of Newton, not its fi
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ class WOperator:
         self.converged = True  # the last solve converged (False only for GMRES)
         self._param_grad = None  # does f depend on tensors that require grad? (found once)
 
-    def copy(self) -> "WOperator":
+    def copy(self) -> WOperator:
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
         return new
@@ -163,7 +163,7 @@ class WOperator:
         raise NotImplementedError
 
     def solve(
-        self, b: torch.Tensor, scale: float = 1.0, out: Optional[torch.Tensor] = None
+        self, b: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``W⁻¹ (scale · b)`` for ``b`` shaped like the state or flat; ``out`` (no-grad use): a flat
         tensor the result is written into."""

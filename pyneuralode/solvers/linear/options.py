@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional
+from typing import Any
 
 JAC_MODES = ("autograd", "jacrev", "jacfwd", "finite_difference")
 LINSOLVES = ("lu", "gmres", "sparse")
@@ -18,7 +19,7 @@ class LinearOptions:
     """
 
     owner: str
-    jac: Optional[Callable] = None
+    jac: Callable | None = None
     batched: bool = False
     linsolve: str = "lu"
     jac_mode: str = "autograd"
@@ -87,6 +88,6 @@ class LinearOptions:
             setattr(solver, nm, getattr(self, nm))
 
     @classmethod
-    def of(cls, solver) -> "LinearOptions":
+    def of(cls, solver) -> LinearOptions:
         """The options stored on ``solver`` by :meth:`store_on`."""
         return cls(type(solver).__name__, **{nm: getattr(solver, nm) for nm in cls.names()})
