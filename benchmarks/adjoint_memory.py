@@ -1,4 +1,5 @@
-"""Peak memory of forward + backward as the integration interval (and the number of steps) grows ×16.
+"""Peak memory of forward + backward as the integration interval (and the number of steps) grows
+×16.
 
 Every configuration runs in its own subprocess and reports its peak resident set size
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after one forward and one backward pass of a
@@ -101,7 +102,8 @@ def _child(method: str, T: float, batch: int, dim: int, hidden: int) -> None:
 
 
 def _stored_bytes(out) -> int:
-    """Bytes of the tensors kept for the backward pass behind ``out`` (graph-saved tensors + adjoint data)."""
+    """Bytes of the tensors kept for the backward pass behind ``out`` (graph-saved tensors + adjoint
+    data)."""
     import torch
 
     seen, stack, total, ids = set(), [out.grad_fn], 0, set()
@@ -160,15 +162,18 @@ def main() -> None:
             rows[(method, T)] = json.loads(out)
             r = rows[(method, T)]
             print(
-                f"  {method:45s} T={T:5g} steps={r['naccept']:4d} rss={r['rss_mb']:7.1f} MB stored={r['stored_mb']:7.2f} MB",
+                f"  {method:45s} T={T:5g} steps={r['naccept']:4d} rss={r['rss_mb']:7.1f} MB "
+                f"stored={r['stored_mb']:7.2f} MB",
                 file=sys.stderr,
             )
 
     lines = [
-        f"Batched MLP neural ODE (batch {batch}, state {dim}, hidden {hidden}×2, float32, Tsit5, rtol=1e-6, atol=1e-8), "
+        f"Batched MLP neural ODE (batch {batch}, state {dim}, hidden {hidden}×2, float32, Tsit5, "
+        "rtol=1e-6, atol=1e-8), "
         f"loss on y(T); one forward + backward per fresh process, 1 thread.",
         "",
-        "Peak RSS in MB (`ru_maxrss`, whole process including torch itself) for each interval length T:",
+        "Peak RSS in MB (`ru_maxrss`, whole process including torch itself) for each interval "
+        "length T:",
         "",
         "| method | "
         + " | ".join(f"T={T:g}" for T in Ts)
@@ -184,7 +189,8 @@ def main() -> None:
         )
     lines += [
         "",
-        "Accepted forward steps, and MB kept for the backward pass (autograd-saved tensors; for the adjoints the "
+        "Accepted forward steps, and MB kept for the backward pass (autograd-saved tensors; for "
+        "the adjoints the "
         "output states plus checkpoints or dense output):",
         "",
         "| method | " + " | ".join(f"T={T:g}" for T in Ts) + " |",
@@ -205,7 +211,8 @@ def main() -> None:
         )
     lines += [
         "",
-        "Backward NFE (`nfe_adjoint`; for the checkpointed DirectAdjoint the replayed steps' `nfe_recompute`) at each T:",
+        "Backward NFE (`nfe_adjoint`; for the checkpointed DirectAdjoint the replayed steps' "
+        "`nfe_recompute`) at each T:",
         "",
         "| method | " + " | ".join(f"T={T:g}" for T in Ts) + " |",
         "|---|" + "---:|" * len(Ts),

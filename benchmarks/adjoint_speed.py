@@ -1,9 +1,10 @@
-"""Forward+backward time (CPU) of every sensealg against torchdiffeq's ``odeint_adjoint``, and the seminorm.
+"""Forward+backward time (CPU) of every sensealg against torchdiffeq's ``odeint_adjoint``, and the
+seminorm.
 
 Batched MLP neural ODEs (float32, Dopri5 in both libraries, the same rtol/atol for the forward and
-the backward pass, loss = mean or sum of the squared final state), 1 thread. Each configuration is timed ``--repeat``
-times round-robin (so background load hits all methods alike); the table gives the minimum.
-NFE are counted in a separate, untimed run.
+the backward pass, loss = mean or sum of the squared final state), 1 thread. Each configuration is
+timed ``--repeat`` times round-robin (so background load hits all methods alike); the table gives
+the minimum. NFE are counted in a separate, untimed run.
 
     python benchmarks/adjoint_speed.py            # three problems × two losses, 5 repeats
     python benchmarks/adjoint_speed.py --quick    # the plain problem, 3 repeats
@@ -30,7 +31,8 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 class Field(nn.Module):
-    """A tanh MLP, optionally plus a rotation (keeps the trajectory moving); counts its evaluations."""
+    """A tanh MLP, optionally plus a rotation (keeps the trajectory moving); counts its
+    evaluations."""
 
     def __init__(self, dim, hidden, rot=2.0, seed=0):
         super().__init__()
@@ -151,17 +153,21 @@ def bench_problem(name, cfg, loss, repeat):
         best["torchdiffeq odeint_adjoint (seminorm)"],
     )
     lines = [
-        f"### Problem `{name}`: f = {'rotation + ' if cfg['rot'] else ''}MLP, batch {cfg['batch']}, state {cfg['dim']}, "
+        f"### Problem `{name}`: f = {'rotation + ' if cfg['rot'] else ''}MLP, batch "
+        f"{cfg['batch']}, state {cfg['dim']}, "
         f"hidden {cfg['hidden']}×2 ({n_params} parameters), "
-        f"t ∈ [0, {cfg['T']:g}], rtol={RTOL:g}, atol={ATOL:g}, float32, Dopri5, loss = {loss} of y(T)²",
+        f"t ∈ [0, {cfg['T']:g}], rtol={RTOL:g}, atol={ATOL:g}, float32, Dopri5, loss = {loss} of "
+        "y(T)²",
         "",
-        "| method | forward NFE | backward NFE | fwd+bwd CPU ms (min) | wall ms (median) | ÷ torchdiffeq adjoint | ÷ torchdiffeq adjoint (seminorm) | grad rel. diff vs Direct |",
+        "| method | forward NFE | backward NFE | fwd+bwd CPU ms (min) | wall ms (median) | ÷ "
+        "torchdiffeq adjoint | ÷ torchdiffeq adjoint (seminorm) | grad rel. diff vs Direct |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k in ms:
         d = ((grads[k] - ref).norm() / ref.norm()).item()
         lines.append(
-            f"| {k} | {nfe[k][0]} | {nfe[k][1]} | {1e3 * best[k]:.1f} | {1e3 * statistics.median(walls[k]):.1f} | "
+            f"| {k} | {nfe[k][0]} | {nfe[k][1]} | {1e3 * best[k]:.1f} | "
+            f"{1e3 * statistics.median(walls[k]):.1f} | "
             f"{best[k] / base:.2f} | {best[k] / base_sn:.2f} | {d:.1e} |"
         )
     sn_lines = []
@@ -174,7 +180,8 @@ def bench_problem(name, cfg, loss, repeat):
         b0, b1 = nfe[plain][1], nfe[semi][1]
         t0_, t1_ = best[plain], best[semi]
         sn_lines.append(
-            f"| {name} | {loss} | {plain} | {b0} | {b1} | {100 * (1 - b1 / b0):.0f}% | {1e3 * t0_:.1f} | {1e3 * t1_:.1f} | {100 * (1 - t1_ / t0_):.0f}% |"
+            f"| {name} | {loss} | {plain} | {b0} | {b1} | {100 * (1 - b1 / b0):.0f}% | "
+            f"{1e3 * t0_:.1f} | {1e3 * t1_:.1f} | {100 * (1 - t1_ / t0_):.0f}% |"
         )
     return lines, sn_lines
 
@@ -191,7 +198,8 @@ def seminorm_sweep(tols, losses, probs):
     lines = [
         "### Seminorm across tolerances (backward NFE, rtol = atol = tol)",
         "",
-        "| problem | loss | tol | Backsolve | + seminorm | fewer | Interpolating | + seminorm | fewer | torchdiffeq | + seminorm | fewer |",
+        "| problem | loss | tol | Backsolve | + seminorm | fewer | Interpolating | + seminorm | "
+        "fewer | torchdiffeq | + seminorm | fewer |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     import torchdiffeq
@@ -285,17 +293,22 @@ def main():
             "## Forward + backward time against torchdiffeq",
             "",
             *out,
-            "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4), which grow steps more cautiously "
-            "than the default integral control (torchdiffeq's). Times: process CPU time (1 thread), minimum over "
-            f"{repeat} round-robin repeats; CPU time rather than wall time because the benchmark machine is shared "
+            "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4), which "
+            "grow steps more cautiously "
+            "than the default integral control (torchdiffeq's). Times: process CPU time (1 "
+            "thread), minimum over "
+            f"{repeat} round-robin repeats; CPU time rather than wall time because the benchmark "
+            "machine is shared "
             f"(load average during this run: {_load()}); ratios use the CPU times.",
             "",
             "## Seminorm: backward NFE and time",
             "",
-            "Backward NFE counts every evaluation of f during the backward pass (adjoint right-hand sides, "
+            "Backward NFE counts every evaluation of f during the backward pass (adjoint "
+            "right-hand sides, "
             "checkpoint re-solves, quadrature nodes).",
             "",
-            "| problem | loss | method | backward NFE | with seminorm | fewer NFE | fwd+bwd CPU ms | with seminorm | less time |",
+            "| problem | loss | method | backward NFE | with seminorm | fewer NFE | fwd+bwd CPU "
+            "ms | with seminorm | less time |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|",
             *sn,
             "",
@@ -313,7 +326,8 @@ def main():
     import torchdiffeq
 
     (res / ("adjoint_speed_quick.md" if args.quick else "adjoint_speed.md")).write_text(
-        f"# Adjoint speed\n\nCommand: `{cmd}` (torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__})\n\n{text}"
+        f"# Adjoint speed\n\nCommand: `{cmd}` (torch {torch.__version__}, torchdiffeq "
+        f"{torchdiffeq.__version__})\n\n{text}"
     )
 
 

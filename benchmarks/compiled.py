@@ -1,4 +1,5 @@
-"""The compiled path (``solve(..., compile=True)``) against the native engine and scipy, side by side.
+"""The compiled path (``solve(..., compile=True)``) against the native engine and scipy, side by
+side.
 
 Lotka–Volterra with Tsit5 and Vern7 (scipy: RK45), Robertson, Van der Pol (μ = 1000), HIRES and
 OREGO with Rodas5P, KenCarp4 and Kvaerno5 (scipy: Radau with its finite-difference Jacobian), at
@@ -9,8 +10,8 @@ HIRES and OREGO: the IVP Test Set's published values in ``tests/data/stiff_refer
 
     python benchmarks/compiled.py            # rtol 1e-6 and 1e-8; 5 repeats
     python benchmarks/compiled.py --quick    # rtol 1e-6; 2 repeats; shorter Van der Pol span
-    python benchmarks/compiled.py --fresh    # a new numba cache directory: report the cold compile time
-    python benchmarks/compiled.py --only grad,ensemble  # some tables: solve, grad, ensemble
+    python benchmarks/compiled.py --fresh    # a new numba cache directory: report the cold compile
+    time python benchmarks/compiled.py --only grad,ensemble  # some tables: solve, grad, ensemble
 
 Also: the gradient of a loss w.r.t. Robertson's three rate constants (compiled forward
 sensitivities against the native engine's DirectAdjoint, both Rodas5P) and an ensemble of 1000
@@ -408,31 +409,41 @@ def main():
             )
             r = rows[-1]
             print(
-                f"{name} {method} rtol={rtol:g}: compiled {tc * 1e3:.2f} ms ({r['steps_c']} steps), native "
-                f"{tn * 1e3:.1f} ms, scipy {sp} {ts * 1e3:.1f} ms ({r['steps_s']} steps); first call {first:.2f} s",
+                f"{name} {method} rtol={rtol:g}: compiled {tc * 1e3:.2f} ms ({r['steps_c']} "
+                "steps), native "
+                f"{tn * 1e3:.1f} ms, scipy {sp} {ts * 1e3:.1f} ms ({r['steps_s']} steps); first "
+                f"call {first:.2f} s",
                 flush=True,
             )
     lines = [
         "# Compiled path vs native engine vs scipy" + (" (--quick)" if a.quick else ""),
         "",
-        f"Command: `python benchmarks/compiled.py{' --quick' if a.quick else ''}{' --fresh' if a.fresh else ''}`; "
-        f"1 thread, best of {repeat}; atol = rtol·1e-3; error = max relative error at the end against a "
-        'scipy reference at rtol 1e-12 (HIRES, OREGO: the IVP Test Set published values). "first call": compile time of the first call in the process (numba; '
+        "Command: `python "
+        f"benchmarks/compiled.py{' --quick' if a.quick else ''}{' --fresh' if a.fresh else ''}`; "
+        f"1 thread, best of {repeat}; atol = rtol·1e-3; error = max relative error at the end "
+        "against a "
+        'scipy reference at rtol 1e-12 (HIRES, OREGO: the IVP Test Set published values). "first '
+        'call": compile time of the first call in the process (numba; '
         "or the load from the disk cache when the module was compiled before"
         + (", here a fresh cache" if a.fresh else "")
         + ").",
         "",
-        "| problem | method (scipy) | rtol | first call s | compiled ms | µs/step | native ms | µs/step | scipy ms |"
+        "| problem | method (scipy) | rtol | first call s | compiled ms | µs/step | native ms | "
+        "µs/step | scipy ms |"
         " µs/step | native ÷ compiled | scipy ÷ compiled | steps c/n/s | error c/n/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['problem']} | {r['method']} ({r['scipy']}) | {r['rtol']:g} | {r['compile_s']:.2f} | "
-            f"{r['compiled_s'] * 1e3:.3f} | {r['compiled_s'] / r['steps_c'] * 1e6:.2f} | {r['native_s'] * 1e3:.1f} | "
-            f"{r['native_s'] / r['steps_n'] * 1e6:.0f} | {r['scipy_s'] * 1e3:.1f} | {r['scipy_s'] / r['steps_s'] * 1e6:.0f} | "
+            f"| {r['problem']} | {r['method']} ({r['scipy']}) | {r['rtol']:g} | "
+            f"{r['compile_s']:.2f} | "
+            f"{r['compiled_s'] * 1e3:.3f} | {r['compiled_s'] / r['steps_c'] * 1e6:.2f} | "
+            f"{r['native_s'] * 1e3:.1f} | "
+            f"{r['native_s'] / r['steps_n'] * 1e6:.0f} | {r['scipy_s'] * 1e3:.1f} | "
+            f"{r['scipy_s'] / r['steps_s'] * 1e6:.0f} | "
             f"{r['native_s'] / r['compiled_s']:.0f}× | {r['scipy_s'] / r['compiled_s']:.0f}× | "
-            f"{r['steps_c']}/{r['steps_n']}/{r['steps_s']} | {r['err_c']:.1e}/{r['err_n']:.1e}/{r['err_s']:.1e} |"
+            f"{r['steps_c']}/{r['steps_n']}/{r['steps_s']} | "
+            f"{r['err_c']:.1e}/{r['err_n']:.1e}/{r['err_s']:.1e} |"
         )
     if "grad" in only:
         lines += bench_gradient(pn, repeat, a.quick)

@@ -6,7 +6,8 @@ float32. For each tolerance (abstol = reltol) and solver: mean evaluations of ``
 solve, and whether it converged, plus the backward linear-solve iterations (VJPs) of each
 SteadyStateAdjoint linsolve at the DynamicSS fixed point.
 
-    python benchmarks/deq_solvers.py [--rho 0.9] [--repeats 3]   # writes benchmarks/results/deq_solvers.md
+    python benchmarks/deq_solvers.py [--rho 0.9] [--repeats 3]   # writes
+    benchmarks/results/deq_solvers.md
 """
 
 from __future__ import annotations

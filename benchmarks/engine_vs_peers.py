@@ -138,8 +138,9 @@ def torch_methods(rtol, atol, batch_for_torchode):
     out["pyneuralode Dopri5"] = lambda f, y0, t: pn.solve(
         f, y0, t, pn.Dopri5(), rtol=rtol, atol=atol
     ).ys[-1]
-    # The default for explicit solvers is integral control, err^(-1/5) (torchdiffeq's, diffrax's, scipy's).
-    # The same solvers with SciML's PI gains: more cautious, so more accurate at a tolerance.
+    # The default for explicit solvers is integral control, err^(-1/5) (torchdiffeq's, diffrax's,
+    # scipy's). The same solvers with SciML's PI gains: more cautious, so more accurate at a
+    # tolerance.
     out[PI_TSIT5] = lambda f, y0, t: pn.solve(
         f, y0, t, pn.Tsit5(), rtol=rtol, atol=atol, controller=PI_CONTROL
     ).ys[-1]
@@ -150,7 +151,8 @@ def torch_methods(rtol, atol, batch_for_torchode):
         import torchode as to
 
         def torchode_tsit5(f, y0, t):
-            # torchode wants (batch, features) states and per-sample times; it adapts each sample's step.
+            # torchode wants (batch, features) states and per-sample times; it adapts each sample's
+            # step.
             y = y0 if batch_for_torchode else y0.unsqueeze(0)
             term = to.ODETerm(f)
             adj = to.AutoDiffAdjoint(
@@ -207,7 +209,8 @@ def round_robin(fns: dict, repeat: int, inner: int = 1) -> dict:
 
 
 def overhead_share(run, f, y0, t, reps=7):
-    """Share of a no-grad forward solve spent outside f (solver overhead): median over ``reps`` solves."""
+    """Share of a no-grad forward solve spent outside f (solver overhead): median over ``reps``
+    solves."""
     shares = []
     for _ in range(reps):
         cf = Counted(f, timed=True)
@@ -339,7 +342,8 @@ def bench_lv(repeat, inner):
 # (c) NFE at equal accuracy: a tolerance sweep (no timing)
 # ---------------------------------------------------------------------------------------------
 def bench_accuracy(rtols):
-    """NFE and max error of y(T) over ``rtols`` (float64) for (a) (atol = rtol) and (b) (atol = 1e-9)."""
+    """NFE and max error of y(T) over ``rtols`` (float64) for (a) (atol = rtol) and (b) (atol =
+    1e-9)."""
     from scipy.integrate import solve_ivp
 
     fm = MLPField(torch.float64)
@@ -403,14 +407,16 @@ def _ratio(x, ref):
 
 def table_a(results) -> list:
     lines = [
-        "| dtype | method | NFE | forward ms | ÷ torchdiffeq | fwd+bwd ms | ÷ torchdiffeq | overhead (outside f) | max err y(T) | grad rel. diff vs torchdiffeq |",
+        "| dtype | method | NFE | forward ms | ÷ torchdiffeq | fwd+bwd ms | ÷ torchdiffeq | "
+        "overhead (outside f) | max err y(T) | grad rel. diff vs torchdiffeq |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dt_name, rows in results.items():
         ref = rows.get(REF, {})
         for k, r in rows.items():
             lines.append(
-                f"| {dt_name} | {k} | {r['nfe']} | {1e3 * r['fwd_s']:.2f} | {_ratio(r['fwd_s'], ref.get('fwd_s')):.2f} | "
+                f"| {dt_name} | {k} | {r['nfe']} | {1e3 * r['fwd_s']:.2f} | "
+                f"{_ratio(r['fwd_s'], ref.get('fwd_s')):.2f} | "
                 f"{1e3 * r['fwdbwd_s']:.2f} | {_ratio(r['fwdbwd_s'], ref.get('fwdbwd_s')):.2f} | "
                 f"{100 * r['overhead']:.0f}% | {r['err']:.1e} | {r['grad_rel_diff']:.1e} |"
             )
@@ -425,7 +431,8 @@ def table_b(rows) -> list:
     ]
     for k, r in rows.items():
         lines.append(
-            f"| {k} | {r['nfe']} | {1e3 * r['solve_s']:.3f} | {_ratio(r['solve_s'], ref.get('solve_s')):.2f} | "
+            f"| {k} | {r['nfe']} | {1e3 * r['solve_s']:.3f} | "
+            f"{_ratio(r['solve_s'], ref.get('solve_s')):.2f} | "
             f"{100 * r['overhead']:.0f}% | {r['err']:.1e} |"
         )
     return lines
@@ -476,32 +483,42 @@ def main(argv=None):
         [
             "# The native engine against torchdiffeq, torchode and scipy",
             "",
-            f"Command: `{cmd}` ({versions()}; {elapsed:.0f} s). Times are medians over {repeat} round-robin repeats;"
+            f"Command: `{cmd}` ({versions()}; {elapsed:.0f} s). Times are medians over {repeat} "
+            "round-robin repeats;"
             " ratios are to torchdiffeq's dopri5 (< 1 is faster).",
             "",
-            f"## (a) Batched MLP neural ODE: batch {BATCH}, state {DIM}, hidden {HIDDEN} (tanh), t ∈ [0, {T1_A:g}], rtol = atol = {RTOL_A:g}",
+            f"## (a) Batched MLP neural ODE: batch {BATCH}, state {DIM}, hidden {HIDDEN} (tanh), "
+            f"t ∈ [0, {T1_A:g}], rtol = atol = {RTOL_A:g}",
             "",
-            "Forward: no-grad solve. Fwd+bwd: solve + `loss = mean(y(T)²)` + `backward()` through the solver"
+            "Forward: no-grad solve. Fwd+bwd: solve + `loss = mean(y(T)²)` + `backward()` through "
+            "the solver"
             " (pyneuralode `DirectAdjoint`, torchdiffeq `odeint`, torchode `AutoDiffAdjoint`)."
-            " Overhead: share of a no-grad solve spent outside f (median of 7 solves with a timer around f)."
-            " The fwd+bwd times include f's own backward, so NFE weigh most there. torchode adapts every sample's step separately"
+            " Overhead: share of a no-grad solve spent outside f (median of 7 solves with a timer "
+            "around f)."
+            " The fwd+bwd times include f's own backward, so NFE weigh most there. torchode "
+            "adapts every sample's step separately"
             " (its design), so its NFE count calls of f on the whole batch.",
             "",
             *table_a(res_a),
             "",
-            f"## (b) Lotka–Volterra: 2 states, t ∈ [0, {T1_B:g}], rtol = {RTOL_B:g}, atol = {ATOL_B:g}, float64",
+            f"## (b) Lotka–Volterra: 2 states, t ∈ [0, {T1_B:g}], rtol = {RTOL_B:g}, atol = "
+            f"{ATOL_B:g}, float64",
             "",
             *table_b(res_b),
             "",
             "## (c) NFE at equal accuracy: a tolerance sweep (float64, untimed)",
             "",
-            "Equal tolerances do not mean equal accuracy: different methods have different error estimates,"
-            " and SciML's PI controller takes smaller steps than the integral controller and lands well below the"
+            "Equal tolerances do not mean equal accuracy: different methods have different error "
+            "estimates,"
+            " and SciML's PI controller takes smaller steps than the integral controller and "
+            "lands well below the"
             " tolerance. Compare NFE at equal error by reading across the rows.",
             "",
             *table_c(res_c),
-            "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4). The default for explicit"
-            " solvers is integral control with exponent 1/5 (`PIController(beta1=1, beta2=0)`), torchdiffeq's controller.",
+            "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4). The "
+            "default for explicit"
+            " solvers is integral control with exponent 1/5 (`PIController(beta1=1, beta2=0)`), "
+            "torchdiffeq's controller.",
             "",
         ]
     )

@@ -142,12 +142,14 @@ def measure(prob, repeat):
     lines = [
         f"### {prob['title']}",
         "",
-        "| method | event time | error vs exact | forward ms | ÷ torchdiffeq | fwd+bwd ms | ÷ torchdiffeq | grad rel. diff |",
+        "| method | event time | error vs exact | forward ms | ÷ torchdiffeq | fwd+bwd ms | ÷ "
+        "torchdiffeq | grad rel. diff |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, te, err, f_ms, b_ms, gdiff in rows:
         lines.append(
-            f"| {k} | {te:.10f} | {err} | {f_ms:.2f} | {f_ms / base_f:.2f} | {b_ms:.2f} | {b_ms / base_b:.2f} | {gdiff:.1e} |"
+            f"| {k} | {te:.10f} | {err} | {f_ms:.2f} | {f_ms / base_f:.2f} | {b_ms:.2f} | "
+            f"{b_ms / base_b:.2f} | {gdiff:.1e} |"
         )
     return lines
 
@@ -164,8 +166,10 @@ def main(argv=None):
     lines = [
         "# Terminal events against torchdiffeq",
         "",
-        f"Command: `python benchmarks/events_vs_torchdiffeq.py{' --quick' if a.quick else ''}` (torch {torch.__version__}, "
-        f"torchdiffeq {getattr(torchdiffeq, '__version__', '?')}; 1 thread; medians of {repeat} round-robin repeats; "
+        f"Command: `python benchmarks/events_vs_torchdiffeq.py{' --quick' if a.quick else ''}` "
+        f"(torch {torch.__version__}, "
+        f"torchdiffeq {getattr(torchdiffeq, '__version__', '?')}; 1 thread; medians of {repeat} "
+        "round-robin repeats; "
         f"dopri5, rtol {RTOL:g}, atol {ATOL:g}, float64).",
         "",
     ]

@@ -1,4 +1,5 @@
-"""Compute the stored high-accuracy references of the stiff-solver tests (run once; output committed).
+"""Compute the stored high-accuracy references of the stiff-solver tests (run once; output
+committed).
 
     python benchmarks/make_stiff_references.py   # writes tests/data/stiff_references.json
 

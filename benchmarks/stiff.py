@@ -1,4 +1,5 @@
-"""Stiff work–precision benchmark: native pyneuralode stiff solvers vs scipy, diffrax and torchdiffeq.
+"""Stiff work–precision benchmark: native pyneuralode stiff solvers vs scipy, diffrax and
+torchdiffeq.
 
     python benchmarks/stiff.py           # full run (rtol 1e-4..1e-8), a few minutes
     python benchmarks/stiff.py --quick   # rtol 1e-4, 1e-6; one repeat
@@ -554,13 +555,15 @@ def run_batched(B, rtols, diffrax_ok, notes):
                 sec, y, steps = min((fn(rtol, rtol * 1e-4) for _ in range(2)), key=lambda x: x[0])
             except Exception as e:
                 notes.append(
-                    f"batched {label} rtol={rtol:g}: failed: {type(e).__name__}: {next((ln for ln in str(e).splitlines() if ln.strip()), '')[:160]}"
+                    f"batched {label} rtol={rtol:g}: failed: {type(e).__name__}: "
+                    f"{next((ln for ln in str(e).splitlines() if ln.strip()), '')[:160]}"
                 )
                 continue
             err = float(np.max(np.abs(y - ref) / np.abs(ref)))
             rows.setdefault(label, {})[rtol] = dict(err=err, sec=sec, steps=steps)
             print(
-                f"batched B={B} {label:28s} rtol={rtol:.0e} err={err:.2e} time={sec * 1e3:9.1f} ms steps={steps}",
+                f"batched B={B} {label:28s} rtol={rtol:.0e} err={err:.2e} time={sec * 1e3:9.1f} "
+                f"ms steps={steps}",
                 flush=True,
             )
     return dict(B=B, T=T, rows=rows, rtols=rtols)
@@ -613,7 +616,8 @@ def equal_accuracy_ratio(points, base_points):
 
 
 def ratios_against(results, base_label, keep):
-    """``{(problem, label): (ratio, n)}``: each kept solver's equal-accuracy time ratio to ``base_label``."""
+    """``{(problem, label): (ratio, n)}``: each kept solver's equal-accuracy time ratio to
+    ``base_label``."""
     out = {}
     for prob in PROBLEMS:
         base = [(r["err"], r["sec"]) for r in results.get((prob, base_label), [])]
@@ -648,7 +652,10 @@ def main():
     ap.add_argument(
         "--replot",
         action="store_true",
-        help="only redraw the figure from the saved table (benchmarks/results/stiff.md, or stiff_quick.md with --quick)",
+        help=(
+            "only redraw the figure from the saved table (benchmarks/results/stiff.md, or "
+            "stiff_quick.md with --quick)"
+        ),
     )
     args = ap.parse_args()
     if args.replot:
@@ -763,13 +770,15 @@ def main():
                 b = best[label]
                 results.setdefault((prob, label), []).append(b)
                 print(
-                    f"{prob:10s} {label:24s} rtol={rtol:.0e} err={b['err']:.2e} time={b['sec'] * 1e3:9.1f} ms steps={b['steps']}",
+                    f"{prob:10s} {label:24s} rtol={rtol:.0e} err={b['err']:.2e} "
+                    f"time={b['sec'] * 1e3:9.1f} ms steps={b['steps']}",
                     flush=True,
                 )
                 if b["sec"] > args.budget:
                     stopped.add(label)
                     notes.append(
-                        f"{prob} {label}: stopped after rtol={rtol:g} (one solve took {b['sec']:.1f} s > budget {args.budget:g} s)"
+                        f"{prob} {label}: stopped after rtol={rtol:g} (one solve took "
+                        f"{b['sec']:.1f} s > budget {args.budget:g} s)"
                     )
 
     batched = run_batched(
@@ -841,14 +850,18 @@ def render(
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines.append(
         f"Command: `python benchmarks/stiff.py{' --quick' if args.quick else ''}` — "
-        f"{platform.processor() or platform.machine()}, 1 thread, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}; load average at the end of the run: {load} "
+        f"{platform.processor() or platform.machine()}, 1 thread, Python "
+        f"{platform.python_version()}, "
+        f"torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}; load average at the end of "
+        f"the run: {load} "
         "(times are the best of up to 3 repeats; other jobs on the machine add noise)."
     )
     lines.append("")
     lines.append(
-        "Error = max relative error over the components at the final time vs scipy Radau at rtol 1e-12. "
-        "Ratio = wall time at equal accuracy ÷ scipy Radau's (median over Radau's points, log–log interpolation of each "
+        "Error = max relative error over the components at the final time vs scipy Radau at rtol "
+        "1e-12. "
+        "Ratio = wall time at equal accuracy ÷ scipy Radau's (median over Radau's points, log–log "
+        "interpolation of each "
         "solver's curve; ≤ 1.0 means no slower than Radau)."
     )
     lines.append("")
@@ -863,8 +876,10 @@ def render(
         lines.append("### The same, against scipy Radau given pn's own torch f and jac")
         lines.append("")
         lines.append(
-            "scipy Radau calls the vectorised torch f and analytic jac of the pn rows below through a numpy wrapper, "
-            "under the same grad mode (`torch.no_grad()`, or `torch.inference_mode()` for the rows so marked), "
+            "scipy Radau calls the vectorised torch f and analytic jac of the pn rows below "
+            "through a numpy wrapper, "
+            "under the same grad mode (`torch.no_grad()`, or `torch.inference_mode()` for the "
+            "rows so marked), "
             "so both sides pay torch's per-call cost for f; the ratio isolates the solvers."
         )
         lines.append("")
@@ -890,12 +905,15 @@ def render(
         lines.append("")
     if batched and batched["rows"]:
         lines.append(
-            f"## {batched['B']} independent Robertson systems (state ({batched['B']}, 3), rate constants ×e^U(−0.5, 0.5), t = {batched['T']:g})"
+            f"## {batched['B']} independent Robertson systems (state ({batched['B']}, 3), rate "
+            f"constants ×e^U(−0.5, 0.5), t = {batched['T']:g})"
         )
         lines.append("")
         lines.append(
-            "Native: one 3×3 Jacobian and LU per system (`batched=True`). scipy: the flattened system with the analytic "
-            "block-diagonal Jacobian as a sparse matrix. diffrax: `jax.vmap` over per-system solves. "
+            "Native: one 3×3 Jacobian and LU per system (`batched=True`). scipy: the flattened "
+            "system with the analytic "
+            "block-diagonal Jacobian as a sparse matrix. diffrax: `jax.vmap` over per-system "
+            "solves. "
             "Error vs scipy Radau at rtol 1e-11 on the same system; atol = 1e-4·rtol."
         )
         lines.append("")
@@ -916,7 +934,8 @@ def render(
     lines.append("|---|---|---|---|---|")
     for p, d in dopri.items():
         lines.append(
-            f"| {PROBLEMS[p]['title']} | {'yes' if d['finished'] else f'no (killed at {dopri_limit:g} s)'} | "
+            f"| {PROBLEMS[p]['title']} | "
+            f"{'yes' if d['finished'] else f'no (killed at {dopri_limit:g} s)'} | "
             f"{d['seconds']:.1f} s | {d['t_reached']:.4g} / {d['T']:g} | {d['nfe']:,} |"
         )
     lines.append("")

@@ -8,9 +8,10 @@ The state has 2N components; diffusion makes it stiff (eigenvalues down to about
 Every native solver gets its Jacobian from torch (autograd) and the same rtol/atol: dense (the
 default) and, in the ``linsolve='sparse'`` rows, on the Jacobian's sparsity pattern (one batched
 vector–Jacobian product per row colour, SuperLU factorisations); scipy's BDF and Radau get the same
-pattern (``jac_sparsity``), as a scipy user would give it. Errors are the largest relative error at t = 10 against scipy Radau
-at rtol 1e-10. Solves run under ``torch.no_grad()``; the rows marked ``inference_mode`` under
-``torch.inference_mode()``. One process, 1 thread, each configuration timed ``--repeat`` times (minimum).
+pattern (``jac_sparsity``), as a scipy user would give it. Errors are the largest relative error at
+t = 10 against scipy Radau at rtol 1e-10. Solves run under ``torch.no_grad()``; the rows marked
+``inference_mode`` under ``torch.inference_mode()``. One process, 1 thread, each configuration timed
+``--repeat`` times (minimum).
 
     python benchmarks/stiff_large.py            # N = 500 (1000 states), rtol 1e-6
     python benchmarks/stiff_large.py --quick    # N = 100, one repeat (seconds)
@@ -220,22 +221,30 @@ def main(argv=None):
     lines = [
         "# A large stiff system: 1-D Brusselator",
         "",
-        f"Command: `python benchmarks/stiff_large.py{' --quick' if args.quick else ''}` (torch {torch.__version__}, 1 thread, "
+        f"Command: `python benchmarks/stiff_large.py{' --quick' if args.quick else ''}` (torch "
+        f"{torch.__version__}, 1 thread, "
         f"minimum of {repeat} round-robin repeat(s) after one untimed warm-up)",
         "",
-        f"N = {N} grid points ({2 * N} states), t ∈ [0, {T_END:g}], rtol = {rtol:g}, atol = {atol:g} (one QNDF row at a tenth of both); error = largest "
-        "relative error at t = 10 against scipy Radau at rtol 1e-10. Native solvers: autograd Jacobians, dense "
-        "(the default) or, with `linsolve='sparse'`, on the sparsity pattern (coloured products, SuperLU); "
-        "scipy: `jac_sparsity` (sparse finite-difference Jacobian and sparse LU), with its numpy f, and in one row with the "
-        "native rows' torch f wrapped for numpy (the same f cost as pn's). Solves run under `torch.no_grad()`, those marked "
+        f"N = {N} grid points ({2 * N} states), t ∈ [0, {T_END:g}], rtol = {rtol:g}, atol = "
+        f"{atol:g} (one QNDF row at a tenth of both); error = largest "
+        "relative error at t = 10 against scipy Radau at rtol 1e-10. Native solvers: autograd "
+        "Jacobians, dense "
+        "(the default) or, with `linsolve='sparse'`, on the sparsity pattern (coloured products, "
+        "SuperLU); "
+        "scipy: `jac_sparsity` (sparse finite-difference Jacobian and sparse LU), with its numpy "
+        "f, and in one row with the "
+        "native rows' torch f wrapped for numpy (the same f cost as pn's). Solves run under "
+        "`torch.no_grad()`, those marked "
         "`inference_mode` under `torch.inference_mode()` (torch's context for pure inference).",
         "",
-        "| solver | time (ms) | ÷ QNDF | error | steps (accepted) | f evaluations | Jacobians | factorisations |",
+        "| solver | time (ms) | ÷ QNDF | error | steps (accepted) | f evaluations | Jacobians | "
+        "factorisations |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (sec, err, st) in rows.items():
         lines.append(
-            f"| {name} | {sec * 1e3:.0f} | {sec / base:.2f} | {err:.1e} | {st.get('naccept')} | {st.get('nfe')} | "
+            f"| {name} | {sec * 1e3:.0f} | {sec / base:.2f} | {err:.1e} | {st.get('naccept')} | "
+            f"{st.get('nfe')} | "
             f"{st.get('njac')} | {st.get('nlu')} |"
         )
     out = HERE / "results" / ("stiff_large_quick.md" if args.quick else "stiff_large.md")

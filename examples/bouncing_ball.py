@@ -70,7 +70,8 @@ def main(argv=None):
             e.clamp_(0.05, 0.99)
             h.clamp_(0.1, 50.0)
     print(
-        f"fitted h = {h.item():.4f} (true {true_h.item()}), e = {e.item():.4f} (true {true_e.item()}), "
+        f"fitted h = {h.item():.4f} (true {true_h.item()}), e = {e.item():.4f} (true "
+        f"{true_e.item()}), "
         f"impact-time MSE {loss.item():.2e} after {iters} iterations"
     )
     write_metrics_beside(

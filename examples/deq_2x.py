@@ -52,11 +52,13 @@ def main(argv=None):
         if epoch % 200 == 0 or epoch == epochs - 1:
             st = deq.last_stats
             print(
-                f"epoch {epoch:4d}  loss {loss.item():.3e}  forward NFE {st.nfe}  backward GMRES iterations {st.bwd_iterations}"
+                f"epoch {epoch:4d}  loss {loss.item():.3e}  forward NFE {st.nfe}  backward GMRES "
+                f"iterations {st.bwd_iterations}"
             )
     with torch.no_grad():
         print(
-            f"deq(-5) = {deq(torch.tensor([[-5.0]])).item():.4f}   (target -10; -5 is outside the training range)"
+            f"deq(-5) = {deq(torch.tensor([[-5.0]])).item():.4f}   (target -10; -5 is outside the "
+            "training range)"
         )
         # The same fixed point by root finding:
         z = pn.steady_state(

@@ -60,7 +60,8 @@ def main(argv=None):
         ref_loss, ref_g = results["torch"]
         for name, (l, g) in results.items():
             print(
-                f"{name:<40} |Δloss|={abs(l - ref_loss):.2e}  max|Δ dL/dy0|={(g - ref_g).abs().max().item():.2e}"
+                f"{name:<40} |Δloss|={abs(l - ref_loss):.2e}  max|Δ "
+                f"dL/dy0|={(g - ref_g).abs().max().item():.2e}"
             )
 
 

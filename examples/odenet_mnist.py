@@ -79,7 +79,8 @@ def main():
         filename="odenet_mnist_metrics.json",
     )
     print(
-        f"test accuracy {correct / len(yt):.4f} after {steps} batches ({train_s:.0f} s of training); "
+        f"test accuracy {correct / len(yt):.4f} after {steps} batches ({train_s:.0f} s of "
+        "training); "
         f"forward NFE at test time {model.nfe_forward}"
     )
 

@@ -91,7 +91,8 @@ def main(argv=None) -> float:
         },
     )
     print(
-        f"final L1 loss on the whole trajectory: {final:.4f} ({iters} iterations, {elapsed:.0f} s); wrote {path}"
+        f"final L1 loss on the whole trajectory: {final:.4f} ({iters} iterations, {elapsed:.0f} "
+        f"s); wrote {path}"
     )
     if not can_plot():
         return final

@@ -1,4 +1,5 @@
-"""Stiff chemical kinetics (Robertson): solve with Rodas5P and fit the rate constants through the solver.
+"""Stiff chemical kinetics (Robertson): solve with Rodas5P and fit the rate constants through the
+solver.
 
     python examples/stiff_kinetics.py            # about a minute; writes stiff_kinetics.png
     python examples/stiff_kinetics.py --quick    # a few seconds (fewer fitting iterations)
@@ -57,8 +58,10 @@ def main(argv=None):
     sec = time.perf_counter() - start
     st = sol.stats
     print(
-        f"Rodas5P to t = 1e5: {st['naccept']} steps ({st['nreject']} rejected), {st['nfe']} f evaluations, "
-        f"{st['njac']} Jacobians, {sec * 1e3:.0f} ms; y(1e5) = {[f'{v:.6e}' for v in sol.ys[-1].tolist()]}"
+        f"Rodas5P to t = 1e5: {st['naccept']} steps ({st['nreject']} rejected), {st['nfe']} f "
+        "evaluations, "
+        f"{st['njac']} Jacobians, {sec * 1e3:.0f} ms; y(1e5) = "
+        f"{[f'{v:.6e}' for v in sol.ys[-1].tolist()]}"
     )
     try:
         from scipy.integrate import solve_ivp
@@ -120,8 +123,10 @@ def main(argv=None):
     )
     print(
         f"fitted k = {[f'{v:.4g}' for v in fitted.exp().tolist()]} (true {list(TRUE_K)}); "
-        f"max |log k − log k_true| = {(fitted - true).abs().max().item():.3f} (start {(guess - true).abs().max().item():.3f}); "
-        f"loss {losses[0]:.2e} → {losses[-1]:.2e} after {iters} iterations, {time.perf_counter() - start:.0f} s"
+        f"max |log k − log k_true| = {(fitted - true).abs().max().item():.3f} (start "
+        f"{(guess - true).abs().max().item():.3f}); "
+        f"loss {losses[0]:.2e} → {losses[-1]:.2e} after {iters} iterations, "
+        f"{time.perf_counter() - start:.0f} s"
     )
     if not can_plot():
         return

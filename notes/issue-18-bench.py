@@ -1,5 +1,6 @@
-"""Time Rodas5P, KenCarp4, QNDF on Robertson / Van der Pol (no_grad) and QNDF sparse on Brusselator N=500.
-Prints JSON {config: (best CPU seconds of R in-process repeats, steps)}; CPU time because the machine is shared. Run with PYTHONPATH=<tree>."""
+"""Time Rodas5P, KenCarp4, QNDF on Robertson / Van der Pol (no_grad) and QNDF sparse on Brusselator
+N=500. Prints JSON {config: (best CPU seconds of R in-process repeats, steps)}; CPU time because the
+machine is shared. Run with PYTHONPATH=<tree>."""
 
 import json
 import os

@@ -85,7 +85,8 @@ def cmp(a, b):
 
             print(
                 f"{k:34s} iters {x['bwd_iterations']:4d} -> {y['bwd_iterations']:4d}  residual "
-                f"{x['bwd_residual']:.2e} -> {y['bwd_residual']:.2e}  {x['retcode']}->{y['retcode']}  "
+                f"{x['bwd_residual']:.2e} -> {y['bwd_residual']:.2e}  "
+                f"{x['retcode']}->{y['retcode']}  "
                 f"grad rel diff W {rel(x['gW'], y['gW']):.1e} x {rel(x['gx'], y['gx']):.1e}"
             )
         else:

@@ -1,6 +1,7 @@
 """First-call cost of compiled forward sensitivities by size (issue 19, part A).
 
-    PYNEURALODE_CACHE_DIR=$(mktemp -d) PYTHONPATH=$PWD python notes/issue-19a-size.py N_STATES N_P METHOD
+    PYNEURALODE_CACHE_DIR=$(mktemp -d) PYTHONPATH=$PWD python notes/issue-19a-size.py N_STATES N_P
+    METHOD
 
 f = A y − 0.1 y³ + Σp²·tanh y with y0 and p requiring grad: m = N_STATES + N_P sensitivity columns.
 Prints the trace time of the augmented system, its generated lines and the first call's CPU time.

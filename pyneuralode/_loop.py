@@ -38,7 +38,8 @@ class LoopOptions:
     max_steps: int = 100_000
     dense: bool = True
     progress: bool = False
-    #: step-size controller (``PIController``, ``PredictiveController``); ``None`` = the solver's ``default_controller()``
+    #: step-size controller (``PIController``, ``PredictiveController``); ``None`` = the solver's
+    #: ``default_controller()``
     controller: Any | None = None
     dtmin: float | None = None
     dtmax: float | None = None
@@ -48,9 +49,10 @@ class LoopOptions:
     #: error norm ``norm(err, y0, y1, rtol, atol) -> 0-d tensor``; ``None`` = Hairer's RMS norm
     #: (``controllers.error_norm``). Used e.g. by the adjoint seminorm (Kidger, Chen, Lyons 2021).
     norm: Callable | None = None
-    #: ``terminate(t, y, cache) -> bool`` called after every accepted step (``cache`` is the solver's,
-    #: e.g. ``f(t, y)`` for explicit RK); ``True`` ends the integration with ``ReturnCode.Terminated``
-    #: (SciML's terminating callback; used by ``pn.DynamicSS``). ``None`` = never.
+    #: ``terminate(t, y, cache) -> bool`` called after every accepted step (``cache`` is the
+    #: solver's, e.g. ``f(t, y)`` for explicit RK); ``True`` ends the integration with
+    #: ``ReturnCode.Terminated`` (SciML's terminating callback; used by ``pn.DynamicSS``). ``None``
+    #: = never.
     terminate: Callable | None = None
     #: ``event(seg, t, t_new, y_new) -> Optional[float]`` called for every accepted step before its
     #: outputs are saved; a time in ``(t, t_new]`` ends the integration there (outputs after it are
@@ -197,7 +199,8 @@ def integrate(
     min_step = abs(opts.min_step) if opts.min_step and adaptive else 0.0
     dt = max(dt, min_step)
     # Error norm: the default (Hairer's RMS norm) takes a fast path that reuses |y| from the
-    # previous step and never records a graph; a custom ``opts.norm`` gets (err, y0, y1, rtol, atol).
+    # previous step and never records a graph; a custom ``opts.norm`` gets (err, y0, y1, rtol,
+    # atol).
     norm = opts.norm
     grad_mode = torch.is_grad_enabled()
     inv_sqrt_n = 1.0 / math.sqrt(max(y.numel(), 1))
@@ -260,10 +263,13 @@ def integrate(
             attempts += 1
             if attempts > max(opts.max_steps, 0):
                 retcode = ReturnCode.MaxIters
-                message = f"reached max_steps={opts.max_steps} at t={t:.6g}; raise max_steps or loosen the tolerances"
+                message = (
+                    f"reached max_steps={opts.max_steps} at t={t:.6g}; raise max_steps or loosen "
+                    "the tolerances"
+                )
                 break
-            # Adaptive: stretch a step by up to 0.1% rather than leave a sliver; fixed steps: accumulated
-            # rounding in t must not leave a sliver of a last step.
+            # Adaptive: stretch a step by up to 0.1% rather than leave a sliver; fixed steps:
+            # accumulated rounding in t must not leave a sliver of a last step.
             if grid is not None:
                 last_step = gk + 2 == len(grid)
             else:
@@ -277,9 +283,13 @@ def integrate(
                 stats["nreject"] += 1
                 if not adaptive:
                     retcode = ReturnCode.ConvergenceFailure
-                    message = f"the implicit solve of a fixed step failed at t={t:.6g}; use a smaller dt or adaptive=True"
+                    message = (
+                        f"the implicit solve of a fixed step failed at t={t:.6g}; use a smaller "
+                        "dt or adaptive=True"
+                    )
                     break
-                dt *= 0.5  # a failed implicit solve halves the step (RADAU5, OrdinaryDiffEq, scipy BDF)
+                # a failed implicit solve halves the step (RADAU5, OrdinaryDiffEq, scipy BDF)
+                dt *= 0.5
                 accepted_last = False
                 if res.cache_on_reject is not None:
                     cache = res.cache_on_reject
@@ -365,7 +375,10 @@ def integrate(
                 )
             if not adaptive and next_out != saved_before and not torch.isfinite(ys[-1]).all():
                 retcode = ReturnCode.Unstable
-                message = f"the state became NaN/Inf by t={t_new:.6g}; use a smaller dt or an adaptive solver"
+                message = (
+                    f"the state became NaN/Inf by t={t_new:.6g}; use a smaller dt or an adaptive "
+                    "solver"
+                )
                 t, y = t_new, res.y1
                 break
             stats["naccept"] += 1

@@ -94,7 +94,8 @@ def make_options(
         dt = abs(dt)
     if not adaptive and dt is None:
         raise ValueError(
-            "dt: fixed-step integration (adaptive=False) needs a step size; pass dt=..., e.g. dt=0.01"
+            "dt: fixed-step integration (adaptive=False) needs a step size; pass dt=..., e.g. "
+            "dt=0.01"
         )
     max_steps = _check_count("max_steps", max_steps)
     dtmin = _check_step_bound("dtmin", dtmin, allow_zero=True)

@@ -23,10 +23,12 @@ def is_per_sample(y0, t) -> bool:
 
 
 def union_times(t: torch.Tensor):
-    """Validate per-sample times; return ``(union, index)`` with ``union[index[b, j]] == t[b, j]``."""
+    """Validate per-sample times; return ``(union, index)`` with ``union[index[b, j]] == t[b,
+    j]``."""
     if t.requires_grad:
         raise ValueError(
-            "t: gradients with respect to per-sample output times are not supported; pass t.detach() "
+            "t: gradients with respect to per-sample output times are not supported; pass "
+            "t.detach() "
             "(or a 1-D t shared by the batch)"
         )
     if not t.is_floating_point():
@@ -37,7 +39,8 @@ def union_times(t: torch.Tensor):
         raise ValueError("t: contains NaN or Inf; every output time must be finite")
     if not torch.equal(t[:, 0], t[:1, 0].expand(t.shape[0])):
         raise ValueError(
-            "t: per-sample times (B, T) must all start at the same time t[:, 0] (the batch shares its "
+            "t: per-sample times (B, T) must all start at the same time t[:, 0] (the batch shares "
+            "its "
             "initial time); solve groups with different start times separately"
         )
     direction = 1.0
@@ -48,12 +51,14 @@ def union_times(t: torch.Tensor):
         if bad.any():
             b = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"t: row {b} of the per-sample times is not strictly monotonic; every row must be strictly "
+                f"t: row {b} of the per-sample times is not strictly monotonic; every row must be "
+                "strictly "
                 f"increasing (or every row strictly decreasing for backward integration)"
             )
         if not (inc.all() or dec.all()):
             raise ValueError(
-                "t: the rows of the per-sample times run in different directions; all must increase or all decrease"
+                "t: the rows of the per-sample times run in different directions; all must "
+                "increase or all decrease"
             )
         direction = 1.0 if inc.all() else -1.0
     union, inverse = torch.unique(t, sorted=True, return_inverse=True)
@@ -64,7 +69,8 @@ def union_times(t: torch.Tensor):
 
 
 def gather(ys_union: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``(U, B, ...)`` states on the union → ``(T, B, ...)`` states at each sample's own times (NaN past a failure)."""
+    """``(U, B, ...)`` states on the union → ``(T, B, ...)`` states at each sample's own times (NaN
+    past a failure)."""
     B, T = index.shape
     k = ys_union.shape[0]
     idx = index.to(ys_union.device)

@@ -25,15 +25,18 @@ def _check_y0(y0) -> tuple[torch.Tensor, list[torch.Size] | None, bool]:
         for i, c in enumerate(y0):
             if not isinstance(c, torch.Tensor):
                 raise TypeError(
-                    f"y0[{i}]: expected a torch.Tensor, got {type(c).__name__}; wrap it with torch.as_tensor(..., dtype=torch.float64)"
+                    f"y0[{i}]: expected a torch.Tensor, got {type(c).__name__}; wrap it with "
+                    "torch.as_tensor(..., dtype=torch.float64)"
                 )
             if not c.is_floating_point():
                 raise TypeError(
-                    f"y0[{i}]: dtype {c.dtype} is not floating point; convert it, e.g. y0[{i}].double()"
+                    f"y0[{i}]: dtype {c.dtype} is not floating point; convert it, e.g. "
+                    f"y0[{i}].double()"
                 )
             if c.dtype != y0[0].dtype or c.device != y0[0].device:
                 raise TypeError(
-                    f"y0[{i}]: all tuple components must share dtype and device ({y0[0].dtype}, {y0[0].device}); got ({c.dtype}, {c.device})"
+                    f"y0[{i}]: all tuple components must share dtype and device ({y0[0].dtype}, "
+                    f"{y0[0].device}); got ({c.dtype}, {c.device})"
                 )
         _check_not_meta("y0[0]", y0[0])
         shapes = [c.shape for c in y0]
@@ -41,11 +44,13 @@ def _check_y0(y0) -> tuple[torch.Tensor, list[torch.Size] | None, bool]:
         return flat, shapes, True
     if not isinstance(y0, torch.Tensor):
         raise TypeError(
-            f"y0: expected a torch.Tensor or a tuple of tensors, got {type(y0).__name__}; use torch.as_tensor(y0, dtype=torch.float64)"
+            f"y0: expected a torch.Tensor or a tuple of tensors, got {type(y0).__name__}; use "
+            "torch.as_tensor(y0, dtype=torch.float64)"
         )
     if not y0.is_floating_point():
         raise TypeError(
-            f"y0: dtype {y0.dtype} is not floating point; convert it, e.g. y0.double() or y0.float()"
+            f"y0: dtype {y0.dtype} is not floating point; convert it, e.g. y0.double() or "
+            "y0.float()"
         )
     _check_not_meta("y0", y0)
     return y0, None, False
@@ -73,8 +78,10 @@ def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
     _check_not_meta("t", tt)
     if tt.ndim != 1:
         raise ValueError(
-            f"t: must be 1-D (a sequence of output times), or (B, T) per-sample times for a y0 whose first "
-            f"dimension is the batch B; got shape {tuple(tt.shape)} for y0 of shape {tuple(ref.shape)}; use "
+            "t: must be 1-D (a sequence of output times), or (B, T) per-sample times for a y0 "
+            "whose first "
+            f"dimension is the batch B; got shape {tuple(tt.shape)} for y0 of shape "
+            f"{tuple(ref.shape)}; use "
             f"t.reshape(-1) or torch.tensor([t0, t1])"
         )
     if tt.numel() == 0:
@@ -90,10 +97,12 @@ def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
         if not ((d > 0).all() or (d < 0).all()):
             if (d == 0).any():
                 raise ValueError(
-                    "t: has repeated values; output times must be strictly increasing or strictly decreasing"
+                    "t: has repeated values; output times must be strictly increasing or strictly "
+                    "decreasing"
                 )
             raise ValueError(
-                "t: is not monotonic; output times must be strictly increasing (or strictly decreasing for backward integration)"
+                "t: is not monotonic; output times must be strictly increasing (or strictly "
+                "decreasing for backward integration)"
             )
     return tt
 
@@ -102,7 +111,8 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
     if isinstance(tol, (tuple, list)) and is_tuple:
         if len(tol) != len(shapes):
             raise ValueError(
-                f"{name}: a tuple tolerance needs one entry per state component ({len(shapes)}), got {len(tol)}"
+                f"{name}: a tuple tolerance needs one entry per state component ({len(shapes)}), "
+                f"got {len(tol)}"
             )
         parts = []
         for i, (tl, shp) in enumerate(zip(tol, shapes)):
@@ -111,7 +121,8 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
                 parts.append(tl.expand(shp).reshape(-1))
             except RuntimeError:
                 raise ValueError(
-                    f"{name}[{i}]: shape {tuple(tl.shape)} does not broadcast to the component shape {tuple(shp)}"
+                    f"{name}[{i}]: shape {tuple(tl.shape)} does not broadcast to the component "
+                    f"shape {tuple(shp)}"
                 ) from None
         tol = torch.cat(parts)
     if isinstance(tol, torch.Tensor) and tol.numel() > 1:
@@ -120,7 +131,8 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
             tol = tol.expand(flat.shape) if not is_tuple else tol.reshape(-1).expand(flat.shape)
         except RuntimeError:
             raise ValueError(
-                f"{name}: shape {tuple(tol.shape)} does not broadcast to the state shape {tuple(flat.shape)}"
+                f"{name}: shape {tuple(tol.shape)} does not broadcast to the state shape "
+                f"{tuple(flat.shape)}"
             ) from None
         if not torch.isfinite(tol).all() or (tol < 0).any():
             raise ValueError(f"{name}: must be finite and non-negative")
@@ -177,7 +189,8 @@ class ODEProblem:
             raise TypeError(f"f: must be callable as f(t, y, *args), got {type(f).__name__}")
         if not isinstance(args, (tuple, list)):
             raise TypeError(
-                f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use args=(x,)"
+                f"args: must be a tuple of extra arguments for f, got {type(args).__name__}; use "
+                "args=(x,)"
             )
         self.f = f
         self.args = tuple(args)
@@ -230,7 +243,8 @@ class ODEProblem:
         if self.is_tuple:
             if not isinstance(out, (tuple, list)) or len(out) != len(self.shapes):
                 raise ValueError(
-                    f"f: returned {type(out).__name__}; for a tuple state it must return a tuple of {len(self.shapes)} tensors shaped like y0"
+                    f"f: returned {type(out).__name__}; for a tuple state it must return a tuple "
+                    f"of {len(self.shapes)} tensors shaped like y0"
                 )
             if not self._checked:
                 for i, (o, shp) in enumerate(zip(out, self.shapes)):
@@ -256,11 +270,13 @@ class ODEProblem:
             )
         if o.dtype != self.y0.dtype:
             raise TypeError(
-                f"{what}: returned dtype {o.dtype}, but the state is {self.y0.dtype}; make f keep the state's dtype (e.g. cast its parameters with .to({self.y0.dtype}))"
+                f"{what}: returned dtype {o.dtype}, but the state is {self.y0.dtype}; make f keep "
+                f"the state's dtype (e.g. cast its parameters with .to({self.y0.dtype}))"
             )
         if o.device != self.y0.device:
             raise ValueError(
-                f"{what}: returned a tensor on {o.device}, but the state is on {self.y0.device}; move f to the state's device"
+                f"{what}: returned a tensor on {o.device}, but the state is on {self.y0.device}; "
+                "move f to the state's device"
             )
 
     def rhs(self, stats: dict, key: str = "nfe", args: Sequence | None = None) -> Callable:

@@ -9,7 +9,8 @@ __all__ = ["progress"]
 
 
 class _Summary:
-    """Stands in for a tqdm bar when stderr is not a terminal: a few summary lines, no carriage returns."""
+    """Stands in for a tqdm bar when stderr is not a terminal: a few summary lines, no carriage
+    returns."""
 
     def __init__(self, iterable=None, desc="", total=None, lines=4, disable=False, **_):
         self.iterable, self.desc, self.disable = iterable, desc or "progress", disable

@@ -33,7 +33,8 @@ class ReturnCode(str, enum.Enum):
 
 
 class SolveError(RuntimeError):
-    """Raised by ``solve(..., throw=True)`` when integration fails; carries ``retcode`` and the time ``t`` reached."""
+    """Raised by ``solve(..., throw=True)`` when integration fails; carries ``retcode`` and the time
+    ``t`` reached."""
 
     def __init__(
         self, message: str, retcode: ReturnCode, t: float, solution: Solution | None = None
@@ -45,7 +46,8 @@ class SolveError(RuntimeError):
 
 
 class DenseSegment:
-    """Dense output of one accepted step on [t0, t0 + dt]: ``evaluate(theta)`` with theta in [0, 1]."""
+    """Dense output of one accepted step on [t0, t0 + dt]: ``evaluate(theta)`` with theta in [0,
+    1]."""
 
     __slots__ = ("t0", "dt", "data", "interpolant")
 
@@ -73,8 +75,9 @@ class Solution:
     ts : the output times (as given).
     ys : states at ``ts``, shaped ``(len(ts), *y0.shape)`` (a tuple of such for tuple states).
     retcode : :class:`ReturnCode` (compares equal to ``"Success"`` etc.).
-    stats : dict with at least ``nfe``, ``naccept``, ``nreject``; backward passes add ``nfe_adjoint`` etc.
-    ``sol(tq)`` evaluates the dense output (when the solve kept it, ``dense=True``).
+    stats : dict with at least ``nfe``, ``naccept``, ``nreject``; backward passes add
+    ``nfe_adjoint`` etc. ``sol(tq)`` evaluates the dense output (when the solve kept it,
+    ``dense=True``).
     """
 
     def __init__(
@@ -100,7 +103,8 @@ class Solution:
     def __call__(self, tq):
         if self._segments is None:
             raise ValueError(
-                "sol(tq): this solution kept no dense output; call solve(..., dense=True) to evaluate between output times"
+                "sol(tq): this solution kept no dense output; call solve(..., dense=True) to "
+                "evaluate between output times"
             )
         if not self._segments:
             raise ValueError(
@@ -122,7 +126,8 @@ class Solution:
         for i, tv in enumerate(tq_t.tolist()):
             if tv < lo - 1e-12 * max(1.0, span) or tv > hi + 1e-12 * max(1.0, span):
                 raise ValueError(
-                    f"sol(tq): tq[{i}]={tv} lies outside the solved span [{lo}, {hi}]; evaluate only inside it"
+                    f"sol(tq): tq[{i}]={tv} lies outside the solved span [{lo}, {hi}]; evaluate "
+                    "only inside it"
                 )
             if direction > 0:
                 k = max(0, bisect.bisect_right(starts, tv) - 1)
@@ -140,7 +145,10 @@ class Solution:
         return y
 
     def __repr__(self) -> str:
-        return f"Solution(retcode={self.retcode.value}, n_times={len(self.ts)}, stats={dict(self.stats)})"
+        return (
+            f"Solution(retcode={self.retcode.value}, n_times={len(self.ts)}, "
+            f"stats={dict(self.stats)})"
+        )
 
 
 class PerSampleSolution(Solution):

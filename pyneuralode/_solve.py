@@ -1,4 +1,5 @@
-"""``solve``: validate, pick the backend and the sensitivity algorithm, hand over, package the result."""
+"""``solve``: validate, pick the backend and the sensitivity algorithm, hand over, package the
+result."""
 
 from __future__ import annotations
 
@@ -55,13 +56,14 @@ def solve(
     :class:`Tsit5`. ``rtol``/``atol`` are scalars or tensors broadcastable to the state.
     Fixed steps: ``adaptive=False, dt=h``. ``sensealg`` picks how gradients cross the solve
     (default :class:`DirectAdjoint`; an object, or a name: ``"direct"``, ``"backsolve"``,
-    ``"adjoint"``, ``"interpolating"``, ``"quadrature"``). ``dense`` keeps the dense output for ``sol(tq)`` (default:
-    yes, except for the memory-saving ``BacksolveAdjoint``/``InterpolatingAdjoint``).
-    ``controller`` (a :class:`PIController` or :class:`PredictiveController`) defaults to the solver's
-    ``default_controller()``: integral control for explicit methods (torchdiffeq's, diffrax's), Gustafsson's
-    predictive control for Rosenbrock methods (Hairer's RODAS), SciML's PI gains for the other implicit ones.
-    ``event=g`` (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after
-    that time are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
+    ``"adjoint"``, ``"interpolating"``, ``"quadrature"``). ``dense`` keeps the dense output for
+    ``sol(tq)`` (default: yes, except for the memory-saving
+    ``BacksolveAdjoint``/``InterpolatingAdjoint``). ``controller`` (a :class:`PIController` or
+    :class:`PredictiveController`) defaults to the solver's ``default_controller()``: integral
+    control for explicit methods (torchdiffeq's, diffrax's), Gustafsson's predictive control for
+    Rosenbrock methods (Hairer's RODAS), SciML's PI gains for the other implicit ones. ``event=g``
+    (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after that time
+    are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
     (differentiable, :mod:`pyneuralode.events`) give the event. With a continuous adjoint (or
     ``DirectAdjoint(checkpoints=...)``) the event is located by a first, gradient-free run of the
     loop and the adjoint solve then runs to that time (``stats["nfe_event_search"]`` counts the
@@ -271,7 +273,8 @@ def refuse_unsupported(
 def _run(
     problem: ODEProblem, solver, sensealg, opts: LoopOptions, throw: bool, event=None
 ) -> Solution:
-    """One run of the loop through ``sensealg`` (ending at ``event``'s first zero, if given), packaged."""
+    """One run of the loop through ``sensealg`` (ending at ``event``'s first zero, if given),
+    packaged."""
     stats: dict = {"nfe": 0, "naccept": 0, "nreject": 0}
     if problem.y0.numel() == 0:
         return _empty_state_solution(problem, solver, opts, stats)
@@ -311,7 +314,8 @@ def _run(
         sol.event_t, sol.event_y = te, problem.unpack(ye)
     if not loop.retcode.successful and throw:
         raise SolveError(
-            f"solve failed with retcode {loop.retcode.value}: {loop.message} (pass throw=False to get the partial solution)",
+            f"solve failed with retcode {loop.retcode.value}: {loop.message} (pass throw=False to "
+            "get the partial solution)",
             loop.retcode,
             loop.t_reached,
             sol,

@@ -32,9 +32,9 @@ class PIController:
     def factor(
         self, err: float, err_prev: float, q: int, accepted_last: bool, dt_ratio=None
     ) -> float:
-        """The next step ÷ this one. ``err``: this step's error norm; ``err_prev``: the last accepted
-        step's (floored at 1e-4); ``q``: embedded order + 1; ``dt_ratio`` (unused here): this step ÷
-        the last accepted one."""
+        """The next step ÷ this one. ``err``: this step's error norm; ``err_prev``: the last
+        accepted step's (floored at 1e-4); ``q``: embedded order + 1; ``dt_ratio`` (unused here):
+        this step ÷ the last accepted one."""
         if err == 0.0:
             return self.factor_max
         if not math.isfinite(err):
@@ -149,7 +149,8 @@ def initial_step(
     atol,
     stats,
 ) -> float:
-    """Hairer's starting step-size heuristic (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4); costs one evaluation."""
+    """Hairer's starting step-size heuristic (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4);
+    costs one evaluation."""
     with torch.no_grad():
         scale = atol + rtol * y0.abs()
         n = math.sqrt(max(y0.numel(), 1))

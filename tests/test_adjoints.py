@@ -1,4 +1,5 @@
-"""Gradients through solves: BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint (and DirectAdjoint as reference).
+"""Gradients through solves: BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint (and
+DirectAdjoint as reference).
 
 Everything in float64. References: closed-form gradients of linear ODEs (scalar exponentials and
 autograd through ``torch.linalg.matrix_exp``), central finite differences, and DirectAdjoint.
@@ -26,7 +27,8 @@ ADJOINTS = {
     "quadrature-gk": lambda: pn.QuadratureAdjoint("gauss-kronrod"),
     "quadrature-ckpt": lambda: pn.QuadratureAdjoint(checkpointing=True, n_checkpoints=2),
 }
-#: first derivatives only, no graph of the forward steps: the continuous adjoints and checkpointed DirectAdjoint
+#: first derivatives only, no graph of the forward steps: the continuous adjoints and checkpointed
+#: DirectAdjoint
 FIRST_ORDER = {**ADJOINTS, "direct-ckpt": lambda: pn.DirectAdjoint(checkpoints=3)}
 ALL = {"direct": lambda: pn.DirectAdjoint(), **FIRST_ORDER}
 
@@ -41,7 +43,8 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("name", list(ALL))
 def test_scalar_linear_exact_gradients(name):
-    """y' = k ⊙ y: y(T) = y0 e^{kT}; L = Σ_i c_i·y(t_i) on several saved times; exact dL/dy0, dL/dk, dL/dt."""
+    """y' = k ⊙ y: y(T) = y0 e^{kT}; L = Σ_i c_i·y(t_i) on several saved times; exact dL/dy0, dL/dk,
+    dL/dt."""
     k = torch.tensor([-0.7, 0.3, 1.1], dtype=DT, requires_grad=True)
     y0 = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
     t = torch.tensor([0.1, 0.6, 1.3], dtype=DT, requires_grad=True)
@@ -126,7 +129,8 @@ _FD_CACHE = {}
 
 
 def _finite_differences(direction):
-    """Central differences of the loss w.r.t. y0, s, t and every parameter (computed once per direction)."""
+    """Central differences of the loss w.r.t. y0, s, t and every parameter (computed once per
+    direction)."""
     if direction in _FD_CACHE:
         return _FD_CACHE[direction]
     f, y0, s, t, loss = _mlp_setup(direction)
@@ -427,8 +431,8 @@ def test_double_backward_raises_clearly(name):
 @pytest.mark.parametrize("wrt", ["y0", "t", "k"])
 def test_create_graph_first_derivative_and_second_derivative_error(name, wrt):
     """create_graph=True gives the first derivative whatever requires grad (it failed with only
-    y0 or t: "expected 8, got 9"); a second derivative via torch.autograd.grad raises the clear error
-    (it returned None/zero or a raw torch error)."""
+    y0 or t: "expected 8, got 9"); a second derivative via torch.autograd.grad raises the clear
+    error (it returned None/zero or a raw torch error)."""
     k = torch.tensor([0.3], dtype=DT, requires_grad=wrt == "k")
     y0 = torch.tensor([1.5], dtype=DT, requires_grad=wrt == "y0")
     t = torch.tensor([0.0, 1.0], dtype=DT, requires_grad=wrt == "t")
@@ -472,7 +476,8 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="rtol"):
         pn.InterpolatingAdjoint(rtol=-1.0)
     assert isinstance(pn.QuadratureAdjoint(solver="dopri5").solver, pn.Dopri5)
-    # An adaptive forward solve with a backward solver that cannot adapt: a clear error at backward time.
+    # An adaptive forward solve with a backward solver that cannot adapt: a clear error at backward
+    # time.
     k = torch.tensor([0.3], dtype=DT, requires_grad=True)
     sol = pn.solve(
         lambda t, y, k: k * y,
@@ -524,7 +529,8 @@ def _stiff_setup():
 
 @pytest.mark.parametrize("cls", [pn.InterpolatingAdjoint, pn.QuadratureAdjoint])
 def test_stiff_linear_with_implicit_backward_solver(cls):
-    """Stiffness ratio 1000: Rodas5P forwards and backwards (the adjoint of a stiff problem is stiff too)."""
+    """Stiffness ratio 1000: Rodas5P forwards and backwards (the adjoint of a stiff problem is stiff
+    too)."""
     A, y0, t, w, exact = _stiff_setup()
     sol = pn.solve(
         lambda t, y, A: A @ y,
@@ -563,7 +569,8 @@ def test_backsolve_on_stiff_problem_fails_with_advice():
 
 @pytest.mark.parametrize("name", ["backsolve", "interpolating", "quadrature-gl"])
 def test_implicit_backward_solver_differentiates_the_adjoint_rhs(name):
-    """Rosenbrock methods need the exact Jacobian of the adjoint right-hand side (built through the VJP)."""
+    """Rosenbrock methods need the exact Jacobian of the adjoint right-hand side (built through the
+    VJP)."""
     f = MLPField()
     y0 = torch.randn(2, 2, dtype=DT, generator=torch.Generator().manual_seed(2))
     s = torch.tensor(0.8, dtype=DT, requires_grad=True)

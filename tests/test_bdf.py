@@ -1,4 +1,5 @@
-"""QNDF: the variable-order (1–5) quasi-constant step NDF (ode15s / scipy BDF / OrdinaryDiffEq QNDF).
+"""QNDF: the variable-order (1–5) quasi-constant step NDF (ode15s / scipy BDF / OrdinaryDiffEq
+QNDF).
 
 References: exact solutions (fixed-step convergence orders of the order-capped method, dense
 output, tolerance proportionality), the stored scipy Radau solutions at rtol 1e-12 of Robertson
@@ -67,7 +68,8 @@ def test_rescale_matrix_is_the_identity_for_equal_steps_and_exact_on_polynomials
 
 @pytest.mark.parametrize("max_order", [1, 2])
 def test_convergence_order_with_fixed_steps(max_order):
-    """Order-capped QNDF on fixed steps: the fitted slope is the cap (orders 1 and 2 start cleanly)."""
+    """Order-capped QNDF on fixed steps: the fitted slope is the cap (orders 1 and 2 start
+    cleanly)."""
     T = 1.0
     exact = math.sin(T) + math.exp(LAM * T)
     Ns = [32, 64, 128, 256]
@@ -356,7 +358,8 @@ def test_checkpointed_direct_adjoint_refuses_a_multistep_solver():
 
 
 def test_newton_failure_is_a_clear_error_not_a_wrong_answer():
-    """A right-hand side that turns NaN: the solve stops with a message instead of returning garbage."""
+    """A right-hand side that turns NaN: the solve stops with a message instead of returning
+    garbage."""
 
     def f(t, y):
         return torch.where(t > 0.5, torch.full_like(y, float("nan")), -y)

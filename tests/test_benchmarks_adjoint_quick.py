@@ -24,7 +24,8 @@ def _run(name, timeout=600):
 
 
 def _table(md, after):
-    """Rows of the first Markdown table after the line containing ``after``: {first cell: [cells]}."""
+    """Rows of the first Markdown table after the line containing ``after``: {first cell:
+    [cells]}."""
     lines = md.splitlines()
     start = next(i for i, line in enumerate(lines) if after in line)
     rows, n = {}, 0
@@ -68,7 +69,8 @@ def test_adjoint_memory_quick_is_flat_for_the_adjoints():
     rows = _table(_run("adjoint_memory"), "Peak RSS in MB")
     ratio = {name: float(cells[-1]) for name, cells in rows.items()}
     assert ratio["DirectAdjoint"] > 1.5  # grows with the steps (×15 here)
-    # the checkpointed DirectAdjoint keeps 16 states and one replayed segment's graph: far less growth
+    # the checkpointed DirectAdjoint keeps 16 states and one replayed segment's graph: far less
+    # growth
     growth = {name: float(cells[-2]) - float(cells[0]) for name, cells in rows.items()}
     assert growth["DirectAdjoint(checkpoints=16)"] < 0.4 * growth["DirectAdjoint"], growth
     for name in (

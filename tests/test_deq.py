@@ -180,7 +180,8 @@ def test_repro_deq_mnist_quick(tmp_path):
 
 
 def test_repro_deq_mnist_blog_init_and_normalize():
-    # The blog's Flux Dense default (Glorot-uniform weights, zero bias), z0 = f(0, x), and --normalize
+    # The blog's Flux Dense default (Glorot-uniform weights, zero bias), z0 = f(0, x), and
+    # --normalize
     import math
 
     import pyneuralode as pn

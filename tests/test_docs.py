@@ -258,7 +258,8 @@ def test_index_and_api_page_render_in_headless_chromium_without_console_errors(s
     binary = _chromium()
     if binary is None:
         pytest.skip(
-            "no headless Chromium here (Debian: apt-get install chromium; scripts/setup.sh installs it)"
+            "no headless Chromium here (Debian: apt-get install chromium; scripts/setup.sh "
+            "installs it)"
         )
     cdp = _CDP(binary, tmp_path / "profile")
     try:

@@ -115,7 +115,8 @@ def test_event_backward_in_time_and_tuple_state():
         return v, -G * torch.ones_like(x)
 
     y_end = (torch.tensor(0.0, dtype=DT), torch.tensor(-math.sqrt(2 * G * 10.0), dtype=DT))
-    # backwards in time from the impact (t = 0), the ball is back at height 5 at t = -(sqrt(20/G) - sqrt(10/G))
+    # backwards in time from the impact (t = 0), the ball is back at height 5 at t = -(sqrt(20/G) -
+    # sqrt(10/G))
     sol = pn.solve(
         f,
         y_end,
@@ -180,7 +181,8 @@ def test_event_bad_input():
 
 
 def test_event_threshold_parameter_gets_its_gradient():
-    """A threshold the event function closes over: t* = sqrt(2 (h − c) / g), dt*/dc = −1/sqrt(2 g (h − c))."""
+    """A threshold the event function closes over: t* = sqrt(2 (h − c) / g), dt*/dc = −1/sqrt(2 g (h
+    − c))."""
     c = torch.tensor(2.0, dtype=DT, requires_grad=True)
     y0 = torch.tensor([10.0, 0.0], dtype=DT)  # nothing else requires grad
     sol = pn.solve(

@@ -47,7 +47,8 @@ def test_bouncing_ball_fits_through_event_times(tmp_path):
     stdout = _run(["examples/bouncing_ball.py", "--quick", "--out", str(png)])
     m = re.search(r"fitted h = ([0-9.]+) .*, e = ([0-9.]+) .*impact-time MSE ([0-9.eE+-]+)", stdout)
     h, e, mse = (float(x) for x in m.groups())
-    # from the guesses h = 5, e = 0.9 towards the truth h = 8, e = 0.7 through gradients of the event times
+    # from the guesses h = 5, e = 0.9 towards the truth h = 8, e = 0.7 through gradients of the
+    # event times
     assert abs(h - 8.0) < 2.0 and abs(e - 0.7) < 0.1 and mse < 0.05
     assert png.stat().st_size > 10_000
 
@@ -58,7 +59,8 @@ def test_stiff_kinetics_fits_rate_constants_through_rodas5p(tmp_path):
     steps = int(re.search(r"Rodas5P to t = 1e5: (\d+) steps", stdout).group(1))
     assert steps < 400  # a stiff solver: explicit methods need hundreds of thousands
     m = re.search(
-        r"max \|log k − log k_true\| = ([0-9.]+) \(start ([0-9.]+)\); loss ([0-9.eE+-]+) → ([0-9.eE+-]+)",
+        r"max \|log k − log k_true\| = ([0-9.]+) \(start ([0-9.]+)\); loss ([0-9.eE+-]+) → "
+        r"([0-9.eE+-]+)",
         stdout,
     )
     err, start, loss0, loss1 = (float(x) for x in m.groups())
@@ -103,7 +105,8 @@ def test_every_example_help_prints_usage_without_running(tmp_path):
 def test_example_without_matplotlib_writes_metrics_and_skips_the_plot(tmp_path):
     code = (
         "import runpy, sys; sys.modules['matplotlib'] = None\n"  # import matplotlib -> ImportError
-        f"sys.argv = ['spiral.py', '--iters', '2', '--seed', '3', '--out', {str(tmp_path / 'sp.png')!r}]\n"
+        "sys.argv = ['spiral.py', '--iters', '2', '--seed', '3', '--out', "
+        f"{str(tmp_path / 'sp.png')!r}]\n"
         f"runpy.run_path({str(ROOT / 'examples' / 'spiral.py')!r}, run_name='__main__')\n"
     )
     out = subprocess.run(

@@ -1,4 +1,5 @@
-"""The Julia sources parse (tree-sitter-julia) and agree with the Python tables; the generated MLP code parses."""
+"""The Julia sources parse (tree-sitter-julia) and agree with the Python tables; the generated MLP
+code parses."""
 
 import re
 from pathlib import Path

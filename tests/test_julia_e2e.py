@@ -127,7 +127,8 @@ def test_cuda_native_path(session):
     assert sol.ys.is_cuda and sol.stats["path"] == "native"
 
 
-# -- issue 21: the behaviours behind bugs 4-8, on the real Julia side ---------------------------------------------------
+# -- issue 21: the behaviours behind bugs 4-8, on the real Julia side
+# ---------------------------------------------------
 @pytest.mark.parametrize(
     "sensealg", [None, pn.BacksolveAdjoint(), pn.QuadratureAdjoint()], ids=lambda s: repr(s)
 )

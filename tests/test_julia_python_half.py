@@ -59,9 +59,13 @@ def _loss(ys):
     )
 
 
-# -- no Julia here: import, error message, doctor ---------------------------------------------------------
+# -- no Julia here: import, error message, doctor
+# ---------------------------------------------------------
 def test_import_does_not_start_julia():
-    code = "import sys, pyneuralode as pn; pn.julia.is_available(); print('juliacall' in sys.modules, 'juliapkg' in sys.modules)"
+    code = (
+        "import sys, pyneuralode as pn; pn.julia.is_available(); print('juliacall' in "
+        "sys.modules, 'juliapkg' in sys.modules)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
@@ -98,7 +102,8 @@ def test_doctor_reports_absence():
     assert set(info) >= {"juliacall", "julia_version", "packages", "threads", "cuda"}
 
 
-# -- marshalling ---------------------------------------------------------------------------------------------
+# -- marshalling
+# ---------------------------------------------------------------------------------------------
 def test_cotangent_matrix_is_n_by_k_column_major():
     g = torch.arange(24, dtype=D).reshape(4, 3, 2)  # k=4 times, state (3, 2)
     G = to_julia_matrix(g)
@@ -146,7 +151,8 @@ def test_param_layout_roundtrip_and_functional_call():
         ParamLayout(Field().float(), (), D, "cpu")
 
 
-# -- callbacks against finite differences ----------------------------------------------------------------------
+# -- callbacks against finite differences
+# ----------------------------------------------------------------------
 def _fd(fun, x, eps=1e-6):
     cols = []
     for i in range(x.size):
@@ -187,7 +193,8 @@ def test_callbacks_match_finite_differences():
     assert (cb.nfe, cb.nvjp, cb.njac) == (1 + 2 * 4 + 2 * 8, 1, 1)
 
 
-# -- option mapping -------------------------------------------------------------------------------------------------
+# -- option mapping
+# -------------------------------------------------------------------------------------------------
 def test_solver_mapping():
     assert solver_name(pn.Tsit5()) == "Tsit5"
     assert solver_name(pn.Dopri5()) == "DP5"
@@ -251,7 +258,8 @@ def test_solve_kwargs_mapping():
         solve_kwargs(opts)
 
 
-# -- the autograd Function against pn.solve and finite differences ---------------------------------------------
+# -- the autograd Function against pn.solve and finite differences
+# ---------------------------------------------
 def _grads(backend, f, y0, t, x=None, **kw):
     args = () if x is None else (x,)
     inputs = [y0, *f.parameters()] + ([] if x is None else [x])
@@ -366,7 +374,8 @@ def test_failure_retcode_and_partial_solution():
         sol(0.5)
 
 
-# -- the MLP translation ---------------------------------------------------------------------------------------------
+# -- the MLP translation
+# ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [(), (5,)])
 def test_mlp_intermediate_form_matches_module(batch):
     torch.manual_seed(0)
@@ -430,7 +439,8 @@ def test_native_path_matches_native_solve():
         assert pn.solve(Field(), y0, t, backend="julia").stats["path"] == "callback"
 
 
-# -- the DEQ steady state -------------------------------------------------------------------------------------------------
+# -- the DEQ steady state
+# -------------------------------------------------------------------------------------------------
 class DEQCell(nn.Module):
     def __init__(self):
         super().__init__()

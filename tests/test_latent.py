@@ -1,4 +1,5 @@
-"""LatentODE / RNN baseline: masks on the union of times equal separate per-sample solves; ELBO terms; shapes."""
+"""LatentODE / RNN baseline: masks on the union of times equal separate per-sample solves; ELBO
+terms; shapes."""
 
 import math
 
@@ -31,8 +32,8 @@ def test_union_times():
 
 
 def _own(t, ti, xi):
-    """Sample i alone on its own times, plus the common start t[0] (unobserved) where it starts later:
-    z0 and the recognition state refer to t[0] of the grid."""
+    """Sample i alone on its own times, plus the common start t[0] (unobserved) where it starts
+    later: z0 and the recognition state refer to t[0] of the grid."""
     if ti[0] > t[0]:
         return (
             torch.cat([xi.new_zeros(1, 2), xi]).unsqueeze(0),
@@ -86,7 +87,8 @@ def test_elbo_equals_per_sample_elbo_and_formula():
     x2 = x.clone()
     x2[~mask] = 123.0
     assert torch.allclose(model.elbo(x2, t, mask, sample=False), elbo, atol=1e-12)
-    # with sample=True the reparameterised ELBO is noisy but averages to a lower value (KL fixed, ll concave)
+    # with sample=True the reparameterised ELBO is noisy but averages to a lower value (KL fixed, ll
+    # concave)
     assert torch.isfinite(model.loss(x, t, mask))
 
 

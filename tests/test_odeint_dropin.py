@@ -128,7 +128,8 @@ def test_output_times_off_the_grid_interpolate_like_torchdiffeq(method, interp):
 
 @pytest.mark.parametrize("method", ["euler", "rk4", "midpoint"])
 def test_fixed_grid_gradients_match_torchdiffeq(method):
-    """Gradients w.r.t. y0, t and a parameter through the fixed grid t: torchdiffeq's, to rounding."""
+    """Gradients w.r.t. y0, t and a parameter through the fixed grid t: torchdiffeq's, to
+    rounding."""
 
     def grads(lib):
         w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)

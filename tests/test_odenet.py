@@ -108,7 +108,8 @@ def test_finite_difference_gradient_odenet_func():
     torch.manual_seed(5)
     func = ODENetFunc(4).double()
     # fixed RK4 steps (RK-Net): the discrete map is smooth in the weights, so central differences
-    # must match autograd closely (adaptive steps move with the weights, which DirectAdjoint ignores)
+    # must match autograd closely (adaptive steps move with the weights, which DirectAdjoint
+    # ignores)
     blk = ODEBlock(func, solver=pn.RK4(), adaptive=False, dt=0.25)
     y0 = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     w = func.conv2.layer.weight  # conv1's bias would be cancelled by the GroupNorm after it

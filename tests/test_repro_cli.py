@@ -1,4 +1,5 @@
-"""The `pyneuralode repro` CLI: listing, errors, and the --quick reproductions (cnf-2d, latent-spiral, nfe-vs-tol)."""
+"""The `pyneuralode repro` CLI: listing, errors, and the --quick reproductions (cnf-2d,
+latent-spiral, nfe-vs-tol)."""
 
 import json
 import math
@@ -164,7 +165,8 @@ def test_quick_cdeq_mnist_four_rows_mean_sd_table_and_plot(tmp_path):
             assert mean == pytest.approx(sum(vals) / 2) and sd == pytest.approx(
                 abs(vals[0] - vals[1]) / math.sqrt(2)
             )
-    # the authors' layers: 784·128+128 (encoder) + 2·128·128 (f, no biases) + 128·10+10 (classifier); g adds 128·128+128
+    # the authors' layers: 784·128+128 (encoder) + 2·128·128 (f, no biases) + 128·10+10
+    # (classifier); g adds 128·128+128
     assert m["vanilla_params_mean"] == m["skipreg_params_mean"] == m["jacreg_params_mean"] == 134538
     assert m["skip_params_mean"] == 134538 + 16512
     assert m["train_speedup_skipreg_vs_vanilla"] > 0

@@ -163,7 +163,8 @@ def test_stats_are_consistent(cls):
         1 if cls is pn.Vern7 else 0
     )  # lazily evaluated dense stages
     attempts = st["naccept"] + st["nreject"]
-    # init (f0) + Hairer's initial step (1) + s per attempt, + lazy dense stages for interpolated steps
+    # init (f0) + Hairer's initial step (1) + s per attempt, + lazy dense stages for interpolated
+    # steps
     lo = 2 + (s - (0 if cls.tableau.fsal else 1)) * attempts
     assert lo <= st["nfe"] <= lo + attempts + extra * st["naccept"], st
 
@@ -313,7 +314,8 @@ _I, _PI = pn.PIController(beta1=1.0, beta2=0.0), pn.PIController()
 )
 def test_default_controller_is_per_solver_and_overridable(cls, expected, other_ctrl):
     """Explicit solvers and QNDF (as scipy BDF) default to integral control, Rosenbrock methods to
-    Gustafsson's predictive control (Hairer's RODAS), the ESDIRK ones to SciML's PI gains; controller= overrides."""
+    Gustafsson's predictive control (Hairer's RODAS), the ESDIRK ones to SciML's PI gains;
+    controller= overrides."""
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
     t = torch.tensor([0.0, 6.0], dtype=torch.float64)
     assert cls().default_controller() == expected
@@ -330,7 +332,8 @@ def test_default_controller_is_per_solver_and_overridable(cls, expected, other_c
         default.stats["nreject"],
     )
     if isinstance(expected, pn.PIController):
-        # the integral controller grows steps faster: no more accepted steps than SciML's PI gains here
+        # the integral controller grows steps faster: no more accepted steps than SciML's PI gains
+        # here
         i_run, pi_run = (default, other) if expected == _I else (other, default)
         assert i_run.stats["naccept"] <= pi_run.stats["naccept"]
 
@@ -395,7 +398,8 @@ def test_f_and_jac_receive_t_as_a_0d_tensor_of_the_time_dtype(dtype, solver):
 
 def test_a_failed_implicit_solve_halves_the_step():
     """When an implicit step's Newton iteration fails, the loop retries from the same point with
-    half the step (RADAU5, OrdinaryDiffEq and scipy BDF all halve; a quarter cost extra steps to regrow)."""
+    half the step (RADAU5, OrdinaryDiffEq and scipy BDF all halve; a quarter cost extra steps to
+    regrow)."""
     solver = pn.KenCarp4()
     calls = []
     step = solver.step

@@ -190,9 +190,9 @@ def test_rosenbrock_gradient_through_a_sparse_jacobian_is_refused_not_approximat
 
 
 def test_w_on_the_jacobians_own_pattern_equals_the_sparse_sum():
-    """``factor(J, g, diag)`` forms I − gJ by writing into J's data (the pattern holds the diagonal);
-    its solves equal those of the generic identity-minus-matrix factorisation, and a pattern
-    without a full diagonal is detected."""
+    """``factor(J, g, diag)`` forms I − gJ by writing into J's data (the pattern holds the
+    diagonal); its solves equal those of the generic identity-minus-matrix factorisation, and a
+    pattern without a full diagonal is detected."""
     from pyneuralode.solvers.linear import diagonal_positions
     from pyneuralode.solvers.linear import sparse_factor as factor
 

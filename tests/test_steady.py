@@ -1,4 +1,5 @@
-"""Steady states / fixed points: pn.steady_state, DynamicSS and the root finders, implicit gradients."""
+"""Steady states / fixed points: pn.steady_state, DynamicSS and the root finders, implicit
+gradients."""
 
 import math
 
@@ -83,7 +84,8 @@ def test_solvers_agree_and_z0_independent():
 
 
 def test_dynamicss_terminates_early_and_windows():
-    # dz/dt = cos z − z converges by t ≈ 20: DynamicSS must stop on the residual (Terminated), not at tspan.
+    # dz/dt = cos z − z converges by t ≈ 20: DynamicSS must stop on the residual (Terminated), not
+    # at tspan.
     s = pn.DynamicSS(pn.Tsit5(), tspan=1e6)
     z, info = pn.steady_state(
         lambda z: torch.cos(z),
@@ -138,7 +140,8 @@ def test_integrate_terminate_hook():
     ids=ids,
 )
 def test_no_fixed_point_raises_and_reports(solver):
-    # no fixed point at all (reltol=0: a relative test would eventually accept the drifting z, as in SciML)
+    # no fixed point at all (reltol=0: a relative test would eventually accept the drifting z, as in
+    # SciML)
     f = lambda z: z + 1.0
     with pytest.raises(pn.SteadyStateError, match="retcode") as ei:
         pn.steady_state(f, torch.zeros(2, dtype=D), solver=solver, abstol=1e-8, reltol=0)
@@ -289,7 +292,8 @@ def test_adjoint_vs_unrolled_backprop_and_phantom():
     g_unr = torch.autograd.grad(_loss(zz), (x, f.W, f.c))
     for a, b in zip(g_impl, g_unr):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
-    # PhantomGradient: many undamped steps -> the exact gradient; few damped steps -> only an approximation
+    # PhantomGradient: many undamped steps -> the exact gradient; few damped steps -> only an
+    # approximation
     zp = pn.steady_state(
         f,
         torch.zeros(4, dtype=D),

@@ -547,7 +547,8 @@ def test_time_derivative_term_matters_for_rosenbrock():
 
 
 def test_finite_difference_jacobian_dense_and_batched():
-    """jac_mode="finite_difference": N forward differences, ~sqrt(eps) relative accuracy, f(t, y) returned."""
+    """jac_mode="finite_difference": N forward differences, ~sqrt(eps) relative accuracy, f(t, y)
+    returned."""
     from pyneuralode.solvers.linear import fd_jacobian
 
     y = torch.tensor([0.7, 1e-5, 0.3], dtype=F64)
@@ -597,7 +598,8 @@ def test_finite_difference_jacobian_solves_robertson(S):
 
 
 def _small_stiff(n, autonomous):
-    """A stiff nonlinear test system of ``n`` components (eigenvalues down to about −1e4), any shape."""
+    """A stiff nonlinear test system of ``n`` components (eigenvalues down to about −1e4), any
+    shape."""
     lam = torch.tensor([-1.0, -120.0, -1.3e4, -40.0, -7.0][:n], dtype=F64)
     B = torch.tensor(
         [
@@ -670,8 +672,8 @@ def test_rosenbrock_float_and_numpy_stage_arithmetic_agree(S, shape, autonomous,
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("autonomous", [True, False], ids=["autonomous", "with_dfdt"])
 def test_rosenbrock_host_and_torch_stage_arithmetic_agree(S, shape, dtype, autonomous, host_steps):
-    """The one Rosenbrock stage loop on host (numpy) and on torch arithmetic: a solve of a tiny stiff
-    system (any shape, 0-d included; with and without the ∂f/∂t term) takes the same steps and
+    """The one Rosenbrock stage loop on host (numpy) and on torch arithmetic: a solve of a tiny
+    stiff system (any shape, 0-d included; with and without the ∂f/∂t term) takes the same steps and
     gives the same states and dense output to rounding. Without autograd the host arithmetic runs
     on every step, with autograd on (nothing requiring grad) never."""
     n = math.prod(shape)
@@ -754,7 +756,8 @@ def test_host_step_rejects_nan_and_recovers(n):
 
 
 def test_closed_form_small_inverse_equals_numpy():
-    """1×1–3×3 systems invert ``I/g − J`` by cofactors (the numpy step's W⁻¹); singular gives NaN."""
+    """1×1–3×3 systems invert ``I/g − J`` by cofactors (the numpy step's W⁻¹); singular gives
+    NaN."""
     from pyneuralode.solvers.linear import closed_form_inverse as _closed_form_inverse
 
     rng = np.random.default_rng(3)
@@ -796,7 +799,8 @@ def test_host_error_norm_equals_the_torch_norm(n, tensor_tol):
 
 def test_predictive_controller_saves_steps_on_van_der_pol():
     """Rosenbrock's default (Gustafsson's predictive controller) needs fewer steps than the PI
-    controller for the same accuracy on Van der Pol, μ = 1000 (interpolated on log error–log steps)."""
+    controller for the same accuracy on Van der Pol, μ = 1000 (interpolated on log error–log
+    steps)."""
     v = REFS["vanderpol"]
     y0, t = torch.tensor(v["y0"], dtype=F64), torch.tensor([0.0, v["t"][-1]], dtype=F64)
     curves = {}
@@ -861,7 +865,8 @@ def test_stiff_benchmark_replot_reads_the_saved_table(tmp_path):
 
 def test_rosenbrock_floor_benchmark_quick():
     """``benchmarks/rosenbrock_floor.py --quick``: the bare-bones Rodas5P loop is a real solver (its
-    error at rtol 1e-4 is within 3× of the library's, and both below 1e-3) and the table is written."""
+    error at rtol 1e-4 is within 3× of the library's, and both below 1e-3) and the table is
+    written."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "rosenbrock_floor.py"
@@ -944,7 +949,8 @@ def test_esdirk_host_and_torch_stage_arithmetic_agree(S, case, monkeypatch):
 @pytest.mark.parametrize("S", [pn.QNDF, pn.KenCarp4], ids=lambda S: S.__name__)
 def test_numpy_steps_take_per_component_tolerances(S):
     """Tensor rtol/atol (one per component) reach the numpy steps of QNDF and the ESDIRK methods as
-    arrays: the no-grad solve takes the torch step's steps, and a looser atol on one component changes them."""
+    arrays: the no-grad solve takes the torch step's steps, and a looser atol on one component
+    changes them."""
     y0, k = torch.tensor([1.0, 0.0, 0.0], dtype=F64), _k()
     atol = torch.tensor([1e-8, 1e-12, 1e-8], dtype=F64)
     runs = {}

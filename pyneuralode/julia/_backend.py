@@ -61,7 +61,8 @@ def _retcode(s: str) -> ReturnCode:
 
 
 class _Run:
-    """One Julia solve: the session, the right-hand side handle and the options, plus marshalling."""
+    """One Julia solve: the session, the right-hand side handle and the options, plus
+    marshalling."""
 
     def __init__(self, session, rhs, shape, dtype, device, cuda: bool, stats: dict, callbacks=None):
         self.session = session
@@ -128,7 +129,8 @@ class _ODERun(_Run):
 
 
 class JuliaODEFunction(torch.autograd.Function):
-    """``ys = solve(y0, p)`` in Julia; backward = SciMLSensitivity's adjoint with the cotangents of all saved states."""
+    """``ys = solve(y0, p)`` in Julia; backward = SciMLSensitivity's adjoint with the cotangents of
+    all saved states."""
 
     @staticmethod
     def forward(ctx, y0, pflat, run: _ODERun):
@@ -164,8 +166,10 @@ def _check_gradient_tolerances(kw) -> None:
         if isinstance(kw.get(key), np.ndarray):
             raise ValueError(
                 f"{name}: a tensor tolerance cannot be used with gradients on backend='julia' "
-                f"(SciMLSensitivity reuses the solve's tolerances for the adjoint solve, whose state is longer); "
-                f"pass a float, e.g. {name}=float({name}.min()), solve under torch.no_grad(), or use backend='torch'"
+                "(SciMLSensitivity reuses the solve's tolerances for the adjoint solve, whose "
+                "state is longer); "
+                f"pass a float, e.g. {name}=float({name}.min()), solve under torch.no_grad(), or "
+                "use backend='torch'"
             )
 
 
@@ -206,7 +210,8 @@ def solve(
     spec = _native_spec(problem) if path != "callback" else None
     if path == "native" and spec is None:
         raise ValueError(
-            "path='native' needs an autonomous nn.Sequential MLP vector field (pn.julia.Autonomous(net)), no args and a tensor state"
+            "path='native' needs an autonomous nn.Sequential MLP vector field "
+            "(pn.julia.Autonomous(net)), no args and a tensor state"
         )
     if spec is not None and spec_numel(spec) != layout.n:
         spec = None
@@ -277,7 +282,8 @@ def solve(
     )
     if not rc.successful and throw:
         raise SolveError(
-            f"solve failed with retcode {rc.value} (backend='julia', {name}) after {k} of {len(problem.t_list)} output times "
+            f"solve failed with retcode {rc.value} (backend='julia', {name}) after {k} of "
+            f"{len(problem.t_list)} output times "
             f"(pass throw=False to get the partial solution)",
             rc,
             sol.t_reached,
@@ -286,7 +292,8 @@ def solve(
     return sol
 
 
-# -- steady states (DEQ) ------------------------------------------------------------------------------
+# -- steady states (DEQ)
+# ------------------------------------------------------------------------------
 class _SteadyRun(_Run):
     def __init__(self, *a, kwargs, **k):
         super().__init__(*a, **k)
@@ -340,7 +347,8 @@ def _inner_solver(solver) -> str:
         return solver_name(solver)  # an ODE solver given directly = DynamicSS(solver)
     except ValueError:
         raise ValueError(
-            f"solver: {cls} has no counterpart in backend='julia' (SteadyStateDiffEq's DynamicSS); use "
+            f"solver: {cls} has no counterpart in backend='julia' (SteadyStateDiffEq's "
+            "DynamicSS); use "
             f"pn.DynamicSS(pn.Tsit5()) or backend='torch'"
         ) from None
 
@@ -378,7 +386,8 @@ def steady_state(
         and getattr(sensealg, "name", type(sensealg).__name__) != "SteadyStateAdjoint"
     ):
         raise ValueError(
-            f"sensealg: {type(sensealg).__name__} has no counterpart in backend='julia' for steady states; use "
+            f"sensealg: {type(sensealg).__name__} has no counterpart in backend='julia' for "
+            "steady states; use "
             f"pn.SteadyStateAdjoint() (or backend='torch')"
         )
     dtype = dtype_name(z0.dtype)

@@ -70,7 +70,8 @@ class TorchCallbacks:
 
 
 def ode_callbacks(problem, layout: ParamLayout) -> TorchCallbacks:
-    """Callbacks for ``pn.solve``'s problem: ``f(t, unpack(y), *args)`` with parameters swapped in."""
+    """Callbacks for ``pn.solve``'s problem: ``f(t, unpack(y), *args)`` with parameters swapped
+    in."""
     f = problem.f
     is_module = isinstance(f, torch.nn.Module)
     shape = problem.y0.shape
@@ -88,7 +89,8 @@ def ode_callbacks(problem, layout: ParamLayout) -> TorchCallbacks:
 
 
 def steady_callbacks(f, z0: torch.Tensor, layout: ParamLayout) -> TorchCallbacks:
-    """Callbacks for a DEQ: the ODE ``dz/dt = f(z, *args) - z`` whose steady state is the fixed point."""
+    """Callbacks for a DEQ: the ODE ``dz/dt = f(z, *args) - z`` whose steady state is the fixed
+    point."""
     is_module = isinstance(f, torch.nn.Module)
     shape = z0.shape
 

@@ -54,14 +54,16 @@ def run(print_fn=print, start: bool | None = None) -> dict:
                 )
             except Exception as e:
                 info["cuda"] = (
-                    f"not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                    f"not available ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''})"
                 )
         except Exception as e:
             info["error"] = f"{type(e).__name__}: {e}"
     lines = ["pyneuralode Julia backend doctor"]
     lines.append(f"  juliacall:        {info['juliacall'] or 'NOT installed'}")
     lines.append(
-        f"  julia executable: {info['julia_executable'] or 'none on PATH / PYTHON_JULIACALL_EXE (juliapkg may download one)'}"
+        "  julia executable: "
+        f"{info['julia_executable'] or 'none on PATH / PYTHON_JULIACALL_EXE (juliapkg may download one)'}"
     )
     lines.append(f"  bridge module:    {info['bridge']}")
     lines.append(f"  juliapkg project: {juliapkg_project()}")

@@ -27,7 +27,8 @@ def dtype_name(dtype: torch.dtype) -> str:
         return _DTYPES[dtype]
     except KeyError:
         raise TypeError(
-            f"y0: backend='julia' supports float64 and float32 states, got {dtype}; convert with y0.double()"
+            f"y0: backend='julia' supports float64 and float32 states, got {dtype}; convert with "
+            "y0.double()"
         ) from None
 
 
@@ -38,7 +39,8 @@ def to_julia_vector(x: torch.Tensor) -> np.ndarray:
 
 
 def to_julia_matrix(g: torch.Tensor) -> np.ndarray:
-    """Cotangents ``(k, *shape)`` → the n×k Fortran-ordered matrix (column j = cotangent at t[j])."""
+    """Cotangents ``(k, *shape)`` → the n×k Fortran-ordered matrix (column j = cotangent at
+    t[j])."""
     k = g.shape[0]
     return np.asfortranarray(g.detach().reshape(k, -1).cpu().numpy().T)
 
@@ -109,12 +111,15 @@ class ParamLayout:
     def _add(self, kind, key, t, dtype, device):
         if t.dtype != dtype:
             raise TypeError(
-                f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: dtype {t.dtype} differs from the state's "
-                f"{dtype}; backend='julia' passes all parameters in the state's dtype (cast with .to({dtype}))"
+                f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: dtype {t.dtype} "
+                "differs from the state's "
+                f"{dtype}; backend='julia' passes all parameters in the state's dtype (cast with "
+                f".to({dtype}))"
             )
         if t.device != torch.device(device):
             raise ValueError(
-                f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: on {t.device}, the state is on {device}"
+                f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: on {t.device}, the "
+                f"state is on {device}"
             )
         self.entries.append((kind, key, t.shape))
         self.tensors.append(t)
@@ -130,7 +135,8 @@ class ParamLayout:
         return torch.cat([t.reshape(-1) for t in self.tensors])
 
     def unflatten(self, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
-        """``flat`` → (parameter dict for ``functional_call``, args with the tensor args replaced)."""
+        """``flat`` → (parameter dict for ``functional_call``, args with the tensor args
+        replaced)."""
         params: dict[str, torch.Tensor] = {}
         args = list(self.args)
         i = 0

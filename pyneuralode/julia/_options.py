@@ -71,7 +71,8 @@ def sensealg_kwargs(sensealg) -> dict[str, Any]:
     name = getattr(sensealg, "name", cls) if sensealg is not None else cls
     if sensealg is not None and getattr(sensealg, "solver", None) is not None:
         raise ValueError(
-            f"sensealg: {name}(solver=...) is not supported with backend='julia' (SciMLSensitivity integrates the "
+            f"sensealg: {name}(solver=...) is not supported with backend='julia' "
+            "(SciMLSensitivity integrates the "
             f"adjoint with the forward solver); drop the solver argument"
         )
     quad = (
@@ -87,7 +88,8 @@ def sensealg_kwargs(sensealg) -> dict[str, Any]:
         )
     ):
         raise ValueError(
-            f"sensealg: {name}(rtol=..., atol=...) is not supported with backend='julia' (SciMLSensitivity's solve rrule "
+            f"sensealg: {name}(rtol=..., atol=...) is not supported with backend='julia' "
+            "(SciMLSensitivity's solve rrule "
             f"uses the forward tolerances for the adjoint); drop them or use backend='torch'"
         )
     if name in ("DirectAdjoint", "InterpolatingAdjoint"):
@@ -116,10 +118,12 @@ def sensealg_kwargs(sensealg) -> dict[str, Any]:
         }
     if name == "SteadyStateAdjoint":
         raise ValueError(
-            "sensealg: SteadyStateAdjoint is for steady states (pn.steady_state / pn.DEQ), not for pn.solve"
+            "sensealg: SteadyStateAdjoint is for steady states (pn.steady_state / pn.DEQ), not "
+            "for pn.solve"
         )
     raise ValueError(
-        f"sensealg: {name} has no SciMLSensitivity counterpart in backend='julia'; use pn.InterpolatingAdjoint(), "
+        f"sensealg: {name} has no SciMLSensitivity counterpart in backend='julia'; use "
+        "pn.InterpolatingAdjoint(), "
         f"pn.BacksolveAdjoint() or pn.QuadratureAdjoint() (or backend='torch')"
     )
 
@@ -131,13 +135,15 @@ def _tol(v):
 
 
 def solve_kwargs(opts) -> dict[str, Any]:
-    """``LoopOptions`` → keyword arguments of OrdinaryDiffEq's ``solve`` (as the bridge names them)."""
+    """``LoopOptions`` → keyword arguments of OrdinaryDiffEq's ``solve`` (as the bridge names
+    them)."""
     from ..controllers import PIController
 
     ctrl = getattr(opts, "controller", None)
     if ctrl is not None and ctrl != PIController():
         raise ValueError(
-            "controller: custom step-size controllers are not passed to backend='julia' (OrdinaryDiffEq picks its own "
+            "controller: custom step-size controllers are not passed to backend='julia' "
+            "(OrdinaryDiffEq picks its own "
             "default controller per algorithm); drop controller=... or use backend='torch'"
         )
     kw: dict[str, Any] = {

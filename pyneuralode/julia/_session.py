@@ -6,7 +6,8 @@ A *session* implements six calls, the protocol between the Python half and the J
 * ``callback_rhs(cb, dtype, jac)`` / ``mlp_rhs(spec)`` → an opaque right-hand-side handle;
 * ``forward(rhs, u0, p, ts, **kw)`` → ``(ys n×k, retcode, (nf, naccept, nreject), handle)``;
 * ``backward(handle, G n×k)`` → ``(du0, dp)``;
-* ``steady(rhs, z0, p, **kw)`` → ``(z, retcode, stats, handle)``; ``steady_backward(handle, g)`` → ``dp``.
+* ``steady(rhs, z0, p, **kw)`` → ``(z, retcode, stats, handle)``; ``steady_backward(handle, g)`` →
+  ``dp``.
 
 :class:`JuliaSession` forwards them to Julia; :class:`pyneuralode.julia._standin.NativeStandIn`
 implements them with the native engine (used to test the Python half where Julia is absent).
@@ -24,8 +25,10 @@ import warnings
 from pathlib import Path
 
 INSTALL_HINT = (
-    'install it with: pip install -e ".[julia]" in a pyneuralode checkout (there is no release on PyPI '
-    'yet), then python -c "import pyneuralode; pyneuralode.julia.install()" (downloads Julia and the SciML '
+    'install it with: pip install -e ".[julia]" in a pyneuralode checkout (there is no release on '
+    "PyPI "
+    'yet), then python -c "import pyneuralode; pyneuralode.julia.install()" (downloads Julia and '
+    "the SciML "
     "packages once, then precompiles them)"
 )
 
@@ -67,7 +70,8 @@ def juliacall_installed() -> bool:
 
 
 def julia_executable_hint() -> str | None:
-    """A Julia executable juliacall would use, without starting anything (``None`` if none is known)."""
+    """A Julia executable juliacall would use, without starting anything (``None`` if none is
+    known)."""
     for var in ("PYTHON_JULIACALL_EXE", "PYTHON_JULIAPKG_EXE"):
         if os.environ.get(var):
             return os.environ[var]
@@ -129,7 +133,8 @@ class JuliaSession:
         self._cuda = None
         self._mlp = {}
 
-    # -- right-hand sides ---------------------------------------------------------------------------
+    # -- right-hand sides
+    # ---------------------------------------------------------------------------
     def callback_rhs(self, cb, dtype: str, jac: bool = True, vjp: str = "rrule"):
         return self.bridge.make_rhs(cb, dtype, vjp=vjp, jac=jac)
 
@@ -143,7 +148,8 @@ class JuliaSession:
             self._mlp[code] = self.bridge.build_mlp(code)
         return self._mlp[code]
 
-    # -- solves -------------------------------------------------------------------------------------
+    # -- solves
+    # -------------------------------------------------------------------------------------
     def forward(self, rhs, u0, p, ts, **kw):
         return tuple(self.bridge.forward(rhs, u0, p, ts, **kw))
 
@@ -156,7 +162,8 @@ class JuliaSession:
     def steady_backward(self, handle, g):
         return self.bridge.steady_backward(handle, g)
 
-    # -- CUDA (native path only) ----------------------------------------------------------------------
+    # -- CUDA (native path only)
+    # ----------------------------------------------------------------------
     def cuda(self):
         """The CUDA/DLPack helper module (loaded on first use)."""
         if self._cuda is None:
@@ -164,8 +171,10 @@ class JuliaSession:
                 self.jl.seval("Base.include")(self.jl, str(bridge_path("PyNeuralODEBridgeCUDA.jl")))
             except Exception as e:
                 raise JuliaNotAvailableError(
-                    f"backend='julia' on CUDA tensors needs CUDA.jl and DLPack.jl, which failed to load "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install them with "
+                    "backend='julia' on CUDA tensors needs CUDA.jl and DLPack.jl, which failed "
+                    "to load "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install "
+                    "them with "
                     f'python -c "import pyneuralode; pyneuralode.julia.install(cuda=True)"'
                 ) from e
             self._cuda = self.jl.PyNeuralODEBridgeCUDA
@@ -176,7 +185,8 @@ class JuliaSession:
 
 
 def get_session():
-    """The process-wide session (starting Julia on first use), or the override set by :func:`use_session`."""
+    """The process-wide session (starting Julia on first use), or the override set by
+    :func:`use_session`."""
     global _SESSION
     if _OVERRIDE is not None:
         return _OVERRIDE
@@ -218,8 +228,10 @@ def check_import_order(modules=None) -> bool:
         return True
     if os.environ.get("PYNEURALODE_JULIA_IMPORT_ORDER", "").lower() != "ignore":
         warnings.warn(
-            "backend='julia': Julia is starting after torch was imported; PythonCall's FAQ reports heap "
-            "corruption and libstdc++ clashes in this order. If Julia crashes or fails to start, put "
+            "backend='julia': Julia is starting after torch was imported; PythonCall's FAQ "
+            "reports heap "
+            "corruption and libstdc++ clashes in this order. If Julia crashes or fails to start, "
+            "put "
             "`import juliacall` before `import torch`/`import pyneuralode` in your script (set "
             "PYNEURALODE_JULIA_IMPORT_ORDER=ignore to silence this warning)",
             JuliaImportOrderWarning,

@@ -33,12 +33,14 @@ from ._mlp import evaluate_spec
 from ._options import EXPLICIT_SOLVERS, IMPLICIT_SOLVERS, JULIA_SENSEALGS
 
 _NP = {"float64": np.float64, "float32": np.float32}
-#: methods without an error estimate (OrdinaryDiffEq: "Fixed timestep methods require a choice of dt")
+#: methods without an error estimate (OrdinaryDiffEq: "Fixed timestep methods require a choice of
+#: dt")
 FIXED_STEP = ("Euler", "Midpoint", "Heun", "RK4")
 
 
 def _columns(solt, ts, k):
-    """The bridge's ``_columns``: for each of the first ``k`` requested times, its column in ``solt``."""
+    """The bridge's ``_columns``: for each of the first ``k`` requested times, its column in
+    ``solt``."""
     solt = np.asarray(solt, dtype=np.float64)
     return [int(np.argmin(np.abs(solt - t))) for t in list(ts)[:k]]
 
@@ -50,7 +52,8 @@ class NativeStandIn:
         self.calls = Counter()
         self.last_forward_kwargs = None
 
-    # -- right-hand sides ---------------------------------------------------------------------------
+    # -- right-hand sides
+    # ---------------------------------------------------------------------------
     def callback_rhs(self, cb, dtype: str, jac: bool = True, vjp: str = "rrule"):
         if dtype not in _NP:
             raise ValueError(f"dtype must be float64 or float32, got {dtype}")
@@ -89,7 +92,8 @@ class NativeStandIn:
             torch.from_numpy(u)
         ).numpy()
 
-    # -- ODE ------------------------------------------------------------------------------------------
+    # -- ODE
+    # ------------------------------------------------------------------------------------------
     def forward(
         self,
         rhs,
@@ -143,7 +147,8 @@ class NativeStandIn:
         except ValueError:  # Vern7, FBDF, ... have no native twin: any accurate solver stands in
             cls = Tsit5
         if solver in IMPLICIT_SOLVERS and cls is not Tsit5:
-            # like the bridge: implicit methods get the supplied (torch) Jacobian, never AD through f
+            # like the bridge: implicit methods get the supplied (torch) Jacobian, never AD through
+            # f
             jac = lambda t, y: torch.from_numpy(
                 self._jac(rhs, y.detach().reshape(-1).numpy(), p, float(t))
             )
@@ -196,13 +201,15 @@ class NativeStandIn:
         )
 
     def backward(self, handle, G):
-        """Backsolve adjoint through ``cb.vjp`` only: λ' = -Jᵀλ, μ' = -(∂f/∂p)ᵀλ, jumps λ += G[:, j]."""
+        """Backsolve adjoint through ``cb.vjp`` only: λ' = -Jᵀλ, μ' = -(∂f/∂p)ᵀλ, jumps λ += G[:,
+        j]."""
         from ..solvers import Tsit5
 
         self.calls["backward"] += 1
         if handle["vector_tols"]:  # bug 5, as the bridge's backward refuses them
             raise ValueError(
-                "backward: array abstol/reltol cannot be used for gradients: SciMLSensitivity passes "
+                "backward: array abstol/reltol cannot be used for gradients: SciMLSensitivity "
+                "passes "
                 "them to the adjoint solve, whose state is longer; use scalar tolerances"
             )
         G = np.asarray(G)
@@ -276,7 +283,8 @@ class NativeStandIn:
                     f"checkpoint re-solve failed on [{ts[j - 1]}, {ts[j]}]: {loop.retcode.value}"
                 )
 
-    # -- steady state -----------------------------------------------------------------------------------
+    # -- steady state
+    # -----------------------------------------------------------------------------------
     def steady(
         self,
         rhs,

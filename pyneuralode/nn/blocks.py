@@ -115,7 +115,8 @@ class ConcatMLP(nn.Module):
 
 
 class ConcatConv2d(nn.Module):
-    """A 2-D convolution whose input gets the time ``t`` as an extra constant channel (torchdiffeq)."""
+    """A 2-D convolution whose input gets the time ``t`` as an extra constant channel
+    (torchdiffeq)."""
 
     def __init__(
         self,
@@ -139,7 +140,8 @@ class ConcatConv2d(nn.Module):
 
 
 class ConvODEFunc(nn.Module):
-    """Conv vector field of ODE-Net (GN → ReLU → ConcatConv → GN → ReLU → ConcatConv → GN) on ``[B, dim, H, W]``."""
+    """Conv vector field of ODE-Net (GN → ReLU → ConcatConv → GN → ReLU → ConcatConv → GN) on ``[B,
+    dim, H, W]``."""
 
     def __init__(self, dim: int = 64, groups: int = 32):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Continuous normalizing flows (Chen et al. 2018 §4; FFJORD, Grathwohl et al. 2019; RNODE, Finlay et al. 2020).
+"""Continuous normalizing flows (Chen et al. 2018 §4; FFJORD, Grathwohl et al. 2019; RNODE, Finlay
+et al. 2020).
 
 A CNF maps data ``x = z(0)`` to a base sample ``z(T)`` through ``dz/dt = f(t, z)`` and tracks the
 log-density with the instantaneous change of variables ``d log p(z(t))/dt = −Tr(∂f/∂z)``:
@@ -63,9 +64,11 @@ def _check_data(x, dim: int) -> None:
 
 
 class HyperPlanarField(nn.Module):
-    """The paper's CNF dynamics: ``f(t, z) = Σₘ uₘ(t) tanh(wₘ(t)ᵀz + bₘ(t))`` with a gate, parameters from a hypernetwork of ``t``.
+    """The paper's CNF dynamics: ``f(t, z) = Σₘ uₘ(t) tanh(wₘ(t)ᵀz + bₘ(t))`` with a gate,
+    parameters from a hypernetwork of ``t``.
 
-    ``width`` planar units (M in the paper), hypernetwork hidden size ``hidden`` (torchdiffeq's ``cnf.py``: 64 and 32).
+    ``width`` planar units (M in the paper), hypernetwork hidden size ``hidden`` (torchdiffeq's
+    ``cnf.py``: 64 and 32).
     """
 
     def __init__(self, dim: int = 2, width: int = 64, hidden: int = 32):
@@ -92,7 +95,8 @@ class HyperPlanarField(nn.Module):
 
 
 class _Dynamics(nn.Module):
-    """The augmented dynamics; an ``nn.Module`` owning the vector field so that adjoints find its parameters."""
+    """The augmented dynamics; an ``nn.Module`` owning the vector field so that adjoints find its
+    parameters."""
 
     def __init__(self, vector_field, dim: int):
         super().__init__()
@@ -105,8 +109,9 @@ class _Dynamics(nn.Module):
     def forward(self, t, state):
         z = state[0]
         build = torch.is_grad_enabled()
-        # The trace needs autograd even under torch.no_grad() or torch.inference_mode() (then without a
-        # graph to keep); inference tensors cannot enter autograd, so they are cloned out of it first.
+        # The trace needs autograd even under torch.no_grad() or torch.inference_mode() (then
+        # without a graph to keep); inference tensors cannot enter autograd, so they are cloned out
+        # of it first.
         with autograd_on():
             if not z.requires_grad:
                 z = grad_leaf(z)
@@ -218,7 +223,8 @@ class CNF(nn.Module):
         return torch.randn_like(z)
 
     def transform(self, x: torch.Tensor, trace: str | None = None):
-        """Push data ``x`` to the base: returns ``(z(T), ∫Tr dt, kinetic [batch], jacobian [batch])`` (the last two ``None`` unless regularised)."""
+        """Push data ``x`` to the base: returns ``(z(T), ∫Tr dt, kinetic [batch], jacobian
+        [batch])`` (the last two ``None`` unless regularised)."""
         _check_data(x, self.dim)
         if not torch.isfinite(self.T).all() or not float(self.T) > 0:
             raise ValueError(
@@ -259,7 +265,8 @@ class CNF(nn.Module):
         return final[0], final[1], None, None
 
     def log_prob(self, x: torch.Tensor, trace: str | None = None) -> torch.Tensor:
-        """``log p(x)`` per sample, ``[batch]`` (``trace`` overrides the model's estimator, e.g. ``"exact"`` at test time)."""
+        """``log p(x)`` per sample, ``[batch]`` (``trace`` overrides the model's estimator, e.g.
+        ``"exact"`` at test time)."""
         z, logdet, kin, jac = self.transform(x, trace)
         self.last_reg = {}
         if kin is not None:
@@ -267,7 +274,8 @@ class CNF(nn.Module):
         return _gaussian_logp(z, self.base_std) + logdet
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Training loss: ``−mean log p(x)`` plus the RNODE penalties when their weights are positive."""
+        """Training loss: ``−mean log p(x)`` plus the RNODE penalties when their weights are
+        positive."""
         loss = -self.log_prob(x).mean()
         if self.last_reg:
             loss = (
@@ -305,7 +313,8 @@ class CNF(nn.Module):
 
 
 class PlanarFlow(nn.Module):
-    """``K`` stacked planar layers ``z + u·tanh(wᵀz + b)`` (Rezende & Mohamed, ICML 2015) with a Gaussian base.
+    """``K`` stacked planar layers ``z + u·tanh(wᵀz + b)`` (Rezende & Mohamed, ICML 2015) with a
+    Gaussian base.
 
     ``u`` is reparameterised so that ``wᵀu ≥ −1`` (invertibility). ``log_prob(x)`` needs the
     inverse, which planar flows lack in closed form, so — as in the paper's maximum-likelihood
@@ -354,7 +363,8 @@ class PlanarFlow(nn.Module):
     def sample(
         self, n: int, generator: torch.Generator | None = None, iters: int = 60
     ) -> torch.Tensor:
-        """Invert the stack layer by layer: for ``y = z + u tanh(wᵀz+b)`` solve the scalar ``α = wᵀz`` by bisection."""
+        """Invert the stack layer by layer: for ``y = z + u tanh(wᵀz+b)`` solve the scalar ``α =
+        wᵀz`` by bisection."""
         p = self.w
         y = (
             torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)

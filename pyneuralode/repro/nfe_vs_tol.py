@@ -94,7 +94,8 @@ def run(opts) -> dict:
         "nfe_backward_start": statistics.fmean(nfe_b[:k]),
         "nfe_backward_end": statistics.fmean(nfe_b[-k:]),
         "nfe_ratio_backward_forward": statistics.fmean(b / f for b, f in zip(nfe_b, nfe_f)),
-        # InterpolatingAdjoint's checkpoint re-solves in the backward pass, not counted in nfe_backward
+        # InterpolatingAdjoint's checkpoint re-solves in the backward pass, not counted in
+        # nfe_backward
         "nfe_recompute_mean": statistics.fmean(nfe_r),
         "nfe_ratio_backward_with_recompute_forward": statistics.fmean(
             (b + r) / f for b, r, f in zip(nfe_b, nfe_r, nfe_f)

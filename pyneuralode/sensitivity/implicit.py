@@ -45,12 +45,13 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
     * ``"anderson"``: Anderson acceleration (memory ``m``) of that iteration.
 
     Stops when ``‖(I − Jᵀ) g − ∂L/∂z*‖₂ <= max(atol, rtol·‖∂L/∂z*‖₂)`` (per sample for GMRES;
-    default ``rtol = √eps`` of the dtype, as LinearSolve.jl: 3.5e-4 in float32, 1.5e-8 in float64) or after ``max_iters``
-    VJPs; then warns (``throw=False``, the default: training goes on with the inexact gradient)
-    or raises ``RuntimeError`` (``throw=True``). Costs land in ``info``/``pn.last_stats``:
-    ``bwd_iterations`` (VJPs in linear solves), ``bwd_residual``, ``bwd_retcode``.
-    First derivatives only: a second derivative (``create_graph=True`` then differentiating again)
-    raises ``RuntimeError``. SciMLSensitivity: ``SteadyStateAdjoint(linsolve=KrylovJL_GMRES())``.
+    default ``rtol = √eps`` of the dtype, as LinearSolve.jl: 3.5e-4 in float32, 1.5e-8 in float64)
+    or after ``max_iters`` VJPs; then warns (``throw=False``, the default: training goes on with the
+    inexact gradient) or raises ``RuntimeError`` (``throw=True``). Costs land in
+    ``info``/``pn.last_stats``: ``bwd_iterations`` (VJPs in linear solves), ``bwd_residual``,
+    ``bwd_retcode``. First derivatives only: a second derivative (``create_graph=True`` then
+    differentiating again) raises ``RuntimeError``. SciMLSensitivity:
+    ``SteadyStateAdjoint(linsolve=KrylovJL_GMRES())``.
     """
 
     name = "SteadyStateAdjoint"
@@ -68,7 +69,8 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
     ):
         if linsolve not in _LINSOLVES:
             raise ValueError(
-                f"linsolve: unknown {linsolve!r}; use one of {', '.join(repr(s) for s in _LINSOLVES)}"
+                f"linsolve: unknown {linsolve!r}; use one of "
+                f"{', '.join(repr(s) for s in _LINSOLVES)}"
             )
         rtol = check_tolerance("rtol", rtol, none="√eps of the dtype")
         atol = check_tolerance("atol", atol)
@@ -188,9 +190,11 @@ class _Implicit(torch.autograd.Function):
             info.record_backward(iters, resid, ok)
         if not ok:
             msg = (
-                f"SteadyStateAdjoint({alg.linsolve!r}) did not converge in {alg.max_iters} iterations "
+                f"SteadyStateAdjoint({alg.linsolve!r}) did not converge in {alg.max_iters} "
+                "iterations "
                 f"(residual {resid:.3g}); the gradient is inexact. Tighten the forward tolerances, "
-                "raise max_iters, use linsolve='gmres', or regularise the Jacobian (pn.jacobian_regularization)"
+                "raise max_iters, use linsolve='gmres', or regularise the Jacobian "
+                "(pn.jacobian_regularization)"
             )
             if alg.throw:
                 raise RuntimeError(msg)

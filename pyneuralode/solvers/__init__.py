@@ -28,7 +28,8 @@ REGISTRY: dict = {}
 
 
 def register(cls):
-    """Register a solver class for string lookup (``solve(..., "tsit5")``, ``odeint(method=...)``)."""
+    """Register a solver class for string lookup (``solve(..., "tsit5")``,
+    ``odeint(method=...)``)."""
     for n in (cls.__name__, getattr(cls, "name", cls.__name__), *getattr(cls, "aliases", ())):
         REGISTRY[n.lower()] = cls
     return cls
@@ -42,7 +43,8 @@ for _mod in (explicit, rosenbrock, esdirk, bdf):
 
 
 def lookup(name: str):
-    """The solver class registered under ``name`` (case-insensitive); a clear error lists the valid names."""
+    """The solver class registered under ``name`` (case-insensitive); a clear error lists the valid
+    names."""
     try:
         return REGISTRY[name.lower()]
     except KeyError:

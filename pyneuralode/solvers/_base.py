@@ -67,15 +67,17 @@ class AbstractSolver:
     implicit: bool = False
     #: True for methods whose step depends on a history kept in the cache (QNDF): a state alone
     #: cannot restart them where they were, so checkpoint re-solves do not replay their steps.
-    #: Such a method may also set ``start_order`` (the order of its first step, for the initial step size).
+    #: Such a method may also set ``start_order`` (the order of its first step, for the initial step
+    #: size).
     multistep: bool = False
 
     def default_controller(self):
         """The step-size controller used when ``solve`` gets none.
 
-        Explicit methods: the integral controller (``PIController(beta1=1, beta2=0)``), the default of
-        torchdiffeq, diffrax and scipy, so that equal tolerances give equal steps for equal methods.
-        Implicit methods (``implicit = True``): SciML's PI gains (smoother step sequences, fewer Jacobians).
+        Explicit methods: the integral controller (``PIController(beta1=1, beta2=0)``), the default
+        of torchdiffeq, diffrax and scipy, so that equal tolerances give equal steps for equal
+        methods. Implicit methods (``implicit = True``): SciML's PI gains (smoother step sequences,
+        fewer Jacobians).
         """
         from ..controllers import PIController
 
@@ -133,7 +135,8 @@ def options_repr(solver, defaults: dict) -> str:
 
 
 def _same(a, b) -> bool:
-    """Option equality that also works for arrays, tensors and sparse matrices (equal only if identical)."""
+    """Option equality that also works for arrays, tensors and sparse matrices (equal only if
+    identical)."""
     if a is b:
         return True
     if (
@@ -154,19 +157,22 @@ _TABLEAU_TENSORS: dict = {}
 
 
 def tableau_tensors(tab, y: torch.Tensor, build: Callable):
-    """``build(tab, dtype, device)`` for ``y``'s dtype and device, built once per tableau and cached."""
+    """``build(tab, dtype, device)`` for ``y``'s dtype and device, built once per tableau and
+    cached."""
     key = (id(tab), build, y.dtype, y.device)
     co = _TABLEAU_TENSORS.get(key)
     if co is None:
         with torch.inference_mode(
             False
-        ):  # normal tensors even if first built under inference mode (they are reused under autograd)
+            # normal tensors even if first built under inference mode (they are reused under autograd)
+        ):
             co = _TABLEAU_TENSORS[key] = build(tab, y.dtype, y.device)
     return co
 
 
 def hermite_interpolant(dense, theta):
-    """Cubic Hermite interpolation on a step from ``(y0, y1, f0, f1, dt)``; order 3, C¹ across steps."""
+    """Cubic Hermite interpolation on a step from ``(y0, y1, f0, f1, dt)``; order 3, C¹ across
+    steps."""
     y0, y1, f0, f1, dt = dense
     th = theta
     h00 = (1 + 2 * th) * (1 - th) ** 2

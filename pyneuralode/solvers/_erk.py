@@ -52,7 +52,8 @@ class _Coefficients:
         self.B = None if tab.dense is None else DenseWeights(tab.dense, dtype, device)
         # DOP853-style second estimate (combined with ``e`` in ``_combined_error``).
         self.e2 = None if tab.b_error2 is None else torch.tensor(tab.b_error2, **kw)
-        # Extra dense-output stages: (row over all earlier stages, node, is-the-end-point-derivative).
+        # Extra dense-output stages: (row over all earlier stages, node,
+        # is-the-end-point-derivative).
         self.extra = None
         if tab.extra_stages:
             s = tab.stages
@@ -70,7 +71,8 @@ class _Coefficients:
 
 
 class DenseWeights:
-    """A continuous extension's coefficient matrix ``B`` (stages × degree) as a tensor and as a float64 array.
+    """A continuous extension's coefficient matrix ``B`` (stages × degree) as a tensor and as a
+    float64 array.
 
     For a float θ the stage weights ``dt · B [θ, θ², …]`` are formed in numpy (about a microsecond)
     and handed to one ``addmv``; on the CPU they enter torch without a copy through ``from_numpy``.
@@ -97,7 +99,8 @@ class DenseWeights:
 
 
 def _polynomial_interpolant(dense, theta):
-    """y(θ) = y0 + dt Σ_i b_i(θ) k_i with b_i(θ) = Σ_p B[i,p] θ^(p+1) (the method's continuous extension)."""
+    """y(θ) = y0 + dt Σ_i b_i(θ) k_i with b_i(θ) = Σ_p B[i,p] θ^(p+1) (the method's continuous
+    extension)."""
     y0, K, W, dt = dense
     B = W.tensor
     if isinstance(theta, torch.Tensor) or isinstance(dt, torch.Tensor):
@@ -207,7 +210,8 @@ class ExplicitRK(TableauSolver):
             padded = n <= _PAD_MAX
             if padded:
                 # Small states: a zeroed stage matrix and full coefficient rows (the rows not yet
-                # computed are exact zeros) save a slice per stage; measured faster up to ~8k elements.
+                # computed are exact zeros) save a slice per stage; measured faster up to ~8k
+                # elements.
                 K = torch.zeros((s, n), dtype=y0.dtype, device=y0.device)
                 a_use = co.a_rows
             else:

@@ -1,4 +1,5 @@
-"""One generic engine for ESDIRK/SDIRK methods (Newton per stage), driven by a :class:`ButcherTableau`.
+"""One generic engine for ESDIRK/SDIRK methods (Newton per stage), driven by a
+:class:`ButcherTableau`.
 
 Every method here has an explicit first stage and a constant diagonal γ (ESDIRK; implicit Euler is
 written as the 2-stage ESDIRK ``[[0, 0], [0, 1]]``), and is stiffly accurate (``b`` = last row of
@@ -11,8 +12,8 @@ give up when θ ≥ 1 (divergence) or the predicted iterate cannot reach κ with
 
 Jacobian reuse: J is kept across steps and Newton iterations; a new J is formed when Newton
 fails with an old J (the step is retried once with it), or when the last step converged slowly
-(θ > ``jac_theta``, default 0.05); ``M`` is refactored whenever hγ changes. When Newton fails with a fresh J
-the step returns ``ok=False``: the loop halves dt and retries (rejection on Newton
+(θ > ``jac_theta``, default 0.05); ``M`` is refactored whenever hγ changes. When Newton fails with a
+fresh J the step returns ``ok=False``: the loop halves dt and retries (rejection on Newton
 divergence; counted in ``nconvfail``).
 
 The error estimate ``h Σ (b − b̂)_i k_i`` is filtered by ``M⁻¹`` (Shampine's smoothing, as in
@@ -50,11 +51,13 @@ def esdirk_tableau(a, b, c, order, b_embedded, error_order, dense=None) -> Butch
     diag = np.diag(a)
     if diag[0] != 0.0 or not np.allclose(diag[1:], diag[1], atol=1e-15, rtol=0) or diag[1] <= 0:
         raise ValueError(
-            f"ESDIRK tableau: need an explicit first stage and one positive diagonal value, got {diag}"
+            "ESDIRK tableau: need an explicit first stage and one positive diagonal value, got "
+            f"{diag}"
         )
     if not np.allclose(a[-1], b, atol=1e-12, rtol=0):
         raise ValueError(
-            "ESDIRK tableau: the engine needs a stiffly accurate method (b equal to the last row of A)"
+            "ESDIRK tableau: the engine needs a stiffly accurate method (b equal to the last row "
+            "of A)"
         )
     if (
         tab.dense is not None
@@ -62,7 +65,8 @@ def esdirk_tableau(a, b, c, order, b_embedded, error_order, dense=None) -> Butch
         col = tab.dense.sum(0)
         if abs(col[0] - 1) > 1e-12 or np.any(np.abs(col[1:]) > 1e-12):
             raise ValueError(
-                f"ESDIRK tableau: dense-output coefficients must satisfy Σ_i b_i(θ) = θ, got column sums {col}"
+                "ESDIRK tableau: dense-output coefficients must satisfy Σ_i b_i(θ) = θ, got "
+                f"column sums {col}"
             )
     for cond, (lhs, rhs) in order_conditions(a, bh, tab.c, min(error_order, 5)).items():
         if abs(lhs - rhs) > 1e-10:
@@ -88,7 +92,8 @@ class _Coef:
 
 
 class _CoefNumpy:
-    """The tableau as numpy arrays in the state's dtype (the numpy step of CPU states without autograd)."""
+    """The tableau as numpy arrays in the state's dtype (the numpy step of CPU states without
+    autograd)."""
 
     __slots__ = ("a", "b_err", "pred")
 
@@ -142,11 +147,11 @@ class ESDIRK(TableauSolver):
     Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
     ``(B, n)`` with f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"``,
     matrix-free Newton–Krylov ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern
-    ``jac_sparsity``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``),
-    ``max_iter`` (Newton iterations per stage, 10), ``kappa`` (Newton tolerance relative to the
-    error tolerance, 0.01), ``jac_theta`` (form a new J after a step whose convergence rate
-    exceeded this, 0.05), ``smooth_est`` (filter the error estimate by ``M⁻¹``, True).
-    Gradients (``DirectAdjoint``) flow through every Newton iteration; J itself is detached.
+    ``jac_sparsity``), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``,
+    ``"finite_difference"``), ``max_iter`` (Newton iterations per stage, 10), ``kappa`` (Newton
+    tolerance relative to the error tolerance, 0.01), ``jac_theta`` (form a new J after a step whose
+    convergence rate exceeded this, 0.05), ``smooth_est`` (filter the error estimate by ``M⁻¹``,
+    True). Gradients (``DirectAdjoint``) flow through every Newton iteration; J itself is detached.
     """
 
     implicit = True
@@ -213,8 +218,9 @@ class ESDIRK(TableauSolver):
 
     # -- Newton ------------------------------------------------------------------------------------
     def _newton_loop(self, f_of, solve, norm, psi, z, hg, cache):
-        """The simplified Newton iteration on flat tensors or numpy arrays alike (Hairer & Wanner IV.8):
-        ``f_of(z)``, ``solve(b) = M⁻¹ b`` (``None``: the linear solve failed), ``norm(dz)``."""
+        """The simplified Newton iteration on flat tensors or numpy arrays alike (Hairer & Wanner
+        IV.8): ``f_of(z)``, ``solve(b) = M⁻¹ b`` (``None``: the linear solve failed),
+        ``norm(dz)``."""
         stats = cache.stats
         kappa = cache.kappa
         eta = max(cache.eta, _EPS) ** 0.8

@@ -1,4 +1,5 @@
-"""One generic engine for Rosenbrock (linearly implicit) methods, driven by a :class:`RosenbrockTableau`.
+"""One generic engine for Rosenbrock (linearly implicit) methods, driven by a
+:class:`RosenbrockTableau`.
 
 Methods are stored in Hairer & Wanner's transformed form (*Solving ODEs II*, IV.7, eq. 7.25), the
 form OrdinaryDiffEq.jl's ``RodasTableau`` uses::
@@ -43,9 +44,9 @@ class RosenbrockTableau:
     ``H``: ``k_j = Σ_i H_ji U_i`` for the stiff-aware interpolant).
 
     Construction checks the structure and consistency: back-transforms to the classical form
-    (Γ = (I/γ − C)⁻¹, α = AΓ, b = mΓ), checks that α's row sums are ``c`` and Γ's row sums are ``d``,
-    and the Rosenbrock order conditions (Hairer & Wanner IV.7, Table 7.1) up to order 4 for the
-    solution (order ``order``) and the embedded solution ``(m − e)Γ`` (order ``error_order``).
+    (Γ = (I/γ − C)⁻¹, α = AΓ, b = mΓ), checks that α's row sums are ``c`` and Γ's row sums are
+    ``d``, and the Rosenbrock order conditions (Hairer & Wanner IV.7, Table 7.1) up to order 4 for
+    the solution (order ``order``) and the embedded solution ``(m − e)Γ`` (order ``error_order``).
     """
 
     A: np.ndarray
@@ -76,7 +77,8 @@ class RosenbrockTableau:
             or e.shape != (s,)
         ):
             raise ValueError(
-                f"inconsistent Rosenbrock tableau shapes A{A.shape} C{C.shape} c{c.shape} d{d.shape} m{m.shape} e{e.shape}"
+                f"inconsistent Rosenbrock tableau shapes A{A.shape} C{C.shape} c{c.shape} "
+                f"d{d.shape} m{m.shape} e{e.shape}"
             )
         if np.any(np.triu(A) != 0) or np.any(np.triu(C) != 0):
             raise ValueError("Rosenbrock tableau: A and C must be strictly lower triangular")
@@ -92,7 +94,8 @@ class RosenbrockTableau:
         alpha = A @ Gamma
         if not np.allclose(alpha.sum(1), c, atol=self.tol * 10, rtol=0):
             raise ValueError(
-                f"Rosenbrock tableau: stage times c {c} differ from the row sums of α {alpha.sum(1)}"
+                f"Rosenbrock tableau: stage times c {c} differ from the row sums of α "
+                f"{alpha.sum(1)}"
             )
         if not np.allclose(Gamma.sum(1), d, atol=self.tol * 10, rtol=0):
             raise ValueError(
@@ -171,15 +174,17 @@ def _detect_autonomous(rhs, t0, y0, f0, h):
 
 
 class RosenbrockSolver(AbstractSolver):
-    """Base of the Rosenbrock methods: options shared by all of them, the cache and the Jacobian step.
+    """Base of the Rosenbrock methods: options shared by all of them, the cache and the Jacobian
+    step.
 
     Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
     ``(B, n)``, f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"``,
-    matrix-free ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern ``jac_sparsity``,
-    formed from one Jacobian–vector product per column colour), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``),
-    ``autonomous`` (None: detect once by probing f at two times inside the first step; True/False:
-    declare), ``differentiable_jac`` (differentiate J
-    under autograd: exact gradients of the discrete solution; default True).
+    matrix-free ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern
+    ``jac_sparsity``, formed from one Jacobian–vector product per column colour), ``jac_mode``
+    (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``), ``autonomous`` (None:
+    detect once by probing f at two times inside the first step; True/False: declare),
+    ``differentiable_jac`` (differentiate J under autograd: exact gradients of the discrete
+    solution; default True).
     """
 
     implicit = True
@@ -210,15 +215,16 @@ class RosenbrockSolver(AbstractSolver):
         ).store_on(self)
         if autonomous is not None and not isinstance(autonomous, bool):
             raise TypeError(
-                f"{type(self).__name__}: autonomous must be None (detect), True or False, got {autonomous!r}"
+                f"{type(self).__name__}: autonomous must be None (detect), True or False, got "
+                f"{autonomous!r}"
             )
         self.autonomous = autonomous
         self.differentiable_jac = bool(differentiable_jac)
 
     def default_controller(self):
-        """Gustafsson's predictive controller (:class:`~pyneuralode.PredictiveController`), the default
-        of Hairer's RODAS: at equal accuracy Rodas5P and Rodas4 take 12–13% fewer steps than with
-        the PI controller on Van der Pol (μ = 1000) and 5% fewer on Robertson."""
+        """Gustafsson's predictive controller (:class:`~pyneuralode.PredictiveController`), the
+        default of Hairer's RODAS: at equal accuracy Rodas5P and Rodas4 take 12–13% fewer steps than
+        with the PI controller on Van der Pol (μ = 1000) and 5% fewer on Robertson."""
         from ..controllers import PredictiveController
 
         return PredictiveController()
@@ -278,7 +284,8 @@ class GenericRosenbrock(RosenbrockSolver, TableauSolver):
         return cache
 
     def step(self, rhs, t0, y0, h, cache):
-        """One step: J, f0 and ∂f/∂t at ``(t0, y0)``, then the stages on the solve's stage arithmetic."""
+        """One step: J, f0 and ∂f/∂t at ``(t0, y0)``, then the stages on the solve's stage
+        arithmetic."""
         ops = cache.ops
         if (
             ops.host and torch.is_grad_enabled()

@@ -220,8 +220,9 @@ def order_conditions(a: np.ndarray, b: np.ndarray, c: np.ndarray, p: int) -> dic
 
 
 def dense_order_conditions(a: np.ndarray, B: np.ndarray, c: np.ndarray, q: int) -> dict:
-    """Order conditions of a continuous extension ``b_i(θ) = Σ_p B[i, p] θ^(p+1)`` up to order ``q``:
-    ``Σ_i b_i(θ) Φ_i(t) = θ^|t| / γ(t)`` for every tree with ``|t| ≤ q``, compared power by power."""
+    """Order conditions of a continuous extension ``b_i(θ) = Σ_p B[i, p] θ^(p+1)`` up to order
+    ``q``: ``Σ_i b_i(θ) Φ_i(t) = θ^|t| / γ(t)`` for every tree with ``|t| ≤ q``, compared power by
+    power."""
     P = B.shape[1]
     conds = {}
     for n in range(1, q + 1):

@@ -45,7 +45,8 @@ _ERROR_CONST = _KAPPA * _GAMMA + 1.0 / np.arange(1, MAX_ORDER + 2)
 
 
 def _R(order: int, fac: float) -> np.ndarray:
-    """scipy BDF's ``compute_R``: the difference-rescaling matrix for a step ``fac`` times as long."""
+    """scipy BDF's ``compute_R``: the difference-rescaling matrix for a step ``fac`` times as
+    long."""
     i = np.arange(1, order + 1)[:, None]
     j = np.arange(1, order + 1)
     M = np.zeros((order + 1, order + 1))
@@ -63,7 +64,8 @@ def _U(order: int) -> np.ndarray:
 
 
 def _rescale_matrix(order: int, factor: float) -> np.ndarray:
-    """``(R(factor) U)ᵀ``: re-expresses the first ``order+1`` differences for a step ``factor`` times as long."""
+    """``(R(factor) U)ᵀ``: re-expresses the first ``order+1`` differences for a step ``factor``
+    times as long."""
     return (_R(order, factor) @ _U(order)).T
 
 
@@ -89,7 +91,8 @@ class _QNDFCache:
         self.newton_tol = newton_tol
 
     def but(self, **changes) -> _QNDFCache:
-        """A copy with some fields changed (caches are never modified in place: a rejected step keeps the old one)."""
+        """A copy with some fields changed (caches are never modified in place: a rejected step
+        keeps the old one)."""
         new = _QNDFCache.__new__(_QNDFCache)
         for name in self.__slots__:
             setattr(new, name, changes.get(name, getattr(self, name)))
@@ -116,8 +119,8 @@ def _next_order(k, e_m, e_k, e_p, safety):
 
 
 def _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1, predictor):
-    """``newton()`` (factor, then iterate); if it fails with an old Jacobian, form a fresh one at the
-    predictor (``predictor()``: a tensor shaped like the state) and try once more. Returns
+    """``newton()`` (factor, then iterate); if it fails with an old Jacobian, form a fresh one at
+    the predictor (``predictor()``: a tensor shaped like the state) and try once more. Returns
     ``(newton's result or None when it failed with a fresh Jacobian, jac_current)``."""
     while True:
         result = newton()
@@ -137,9 +140,9 @@ def _newton_failure(y0, cache):
 
 
 def _newton_loop(f_of, solve, norm, y_pred, zeros, c, psi, cache):
-    """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` from ``y_pred`` with scipy BDF's rate test, for
-    tensors or numpy arrays alike: ``f_of(y)``, ``solve(b) = (I − cJ)⁻¹ b`` (``None``: the linear
-    solve failed) and ``norm(dy)`` (the scaled RMS norm) work on the flat state.
+    """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` from ``y_pred`` with scipy BDF's rate test,
+    for tensors or numpy arrays alike: ``f_of(y)``, ``solve(b) = (I − cJ)⁻¹ b`` (``None``: the
+    linear solve failed) and ``norm(dy)`` (the scaled RMS norm) work on the flat state.
     Returns ``(converged, iterations, y, d = y − y_pred)``."""
     stats = cache.stats
     y, d = y_pred, zeros
@@ -177,10 +180,10 @@ class QNDF(AbstractSolver):
     Options as the other implicit solvers: ``jac`` (None: by torch; or ``jac(t, y) -> J``),
     ``batched`` (state ``(B, n)``, f per row: one n×n Jacobian and LU per row), ``linsolve``
     (``"lu"``, matrix-free ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern
-    ``jac_sparsity``, for large systems such as discretised PDEs), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``,
-    ``"finite_difference"``), ``max_order`` (1–5). Counts ``njac``, ``nlu``, ``nsolve``,
-    ``nnewton``, ``nconvfail`` in ``sol.stats``. Gradients (``DirectAdjoint``) flow through the
-    Newton iterations with the Jacobian held fixed, as for the ESDIRK methods.
+    ``jac_sparsity``, for large systems such as discretised PDEs), ``jac_mode`` (``"autograd"``,
+    ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``), ``max_order`` (1–5). Counts ``njac``,
+    ``nlu``, ``nsolve``, ``nnewton``, ``nconvfail`` in ``sol.stats``. Gradients (``DirectAdjoint``)
+    flow through the Newton iterations with the Jacobian held fixed, as for the ESDIRK methods.
     """
 
     name = "QNDF"
@@ -219,7 +222,8 @@ class QNDF(AbstractSolver):
             or not 1 <= max_order <= MAX_ORDER
         ):
             raise ValueError(
-                f"{type(self).__name__}: max_order must be an int from 1 to {MAX_ORDER}, got {max_order!r}"
+                f"{type(self).__name__}: max_order must be an int from 1 to {MAX_ORDER}, got "
+                f"{max_order!r}"
             )
         self.max_order = max_order
 
@@ -238,7 +242,8 @@ class QNDF(AbstractSolver):
 
     def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
-        # Newton tolerance of scipy/ode15s: min(0.03, √rtol), at least 10ε/rtol (ε of the state's dtype).
+        # Newton tolerance of scipy/ode15s: min(0.03, √rtol), at least 10ε/rtol (ε of the state's
+        # dtype).
         rt = float(rtol.max()) if isinstance(rtol, torch.Tensor) else float(rtol)
         newton_tol = newton_tolerance(min(0.03, rt**0.5), rtol, y0.dtype)
         # The table holds y0 and f0 until the first step knows its size: D[1] = h f0.
@@ -258,7 +263,8 @@ class QNDF(AbstractSolver):
             newton_tol,
         )
 
-    # -- one step ------------------------------------------------------------------------------------
+    # -- one step
+    # ------------------------------------------------------------------------------------
     def step(self, rhs, t0, y0, h, cache):
         """One step on the solve's stage arithmetic (the table ``D`` is that arithmetic's array)."""
         ops = cache.ops
@@ -301,8 +307,9 @@ class QNDF(AbstractSolver):
             _, n_iter, y1, d = result
             err = float(_ERROR_CONST[k]) * d
             D_new = ops.update_table(D, d, k)
-            # The step size (and order) the method proposes if the loop accepts this step; the Newton
-            # iterations' share of the safety factor also shrinks a retry after an error-test rejection.
+            # The step size (and order) the method proposes if the loop accepts this step; the
+            # Newton iterations' share of the safety factor also shrinks a retry after an error-test
+            # rejection.
             newton_safety = (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
             safety = 0.9 * newton_safety
             n_equal += 1
@@ -333,7 +340,8 @@ class QNDF(AbstractSolver):
         )
 
     def interpolant(self, dense, theta):  # type: ignore[override]
-        """The step's interpolating polynomial through ``y_{n+1}, y_n, …`` (degree = the step's order).
+        """The step's interpolating polynomial through ``y_{n+1}, y_n, …`` (degree = the step's
+        order).
 
         At ``t = t_n + θh``: ``y = D[0] + Σ_j D[j] Π_{i<j} (θ − 1 + i)/(i + 1)``.
         """

@@ -161,8 +161,8 @@ _KC4_BHAT = [
     -3700637 / 11593932,
     61727 / 225920,
 ]
-# continuous extension (Kennedy & Carpenter 2003; diffrax's KenCarpInterpolation), rows listed with the
-# θ³ coefficient first; reversed below to the engine's b_i(θ) = Σ_p B[i, p] θ^(p+1)
+# continuous extension (Kennedy & Carpenter 2003; diffrax's KenCarpInterpolation), rows listed with
+# the θ³ coefficient first; reversed below to the engine's b_i(θ) = Σ_p B[i, p] θ^(p+1)
 _KC4_DENSE_HIGH_FIRST = np.array(
     [
         [6818779379841 / 7100303317025, -54480133 / 30881146, 6943876665148 / 7220017795957],

@@ -39,7 +39,8 @@ class Euler(ExplicitRK):
 
 
 class Midpoint(ExplicitRK):
-    """Explicit midpoint rule. Order 2 with an embedded Euler estimate (adaptive 2(1)); Hermite dense output."""
+    """Explicit midpoint rule. Order 2 with an embedded Euler estimate (adaptive 2(1)); Hermite
+    dense output."""
 
     name = "Midpoint"
     tableau = ButcherTableau(
@@ -48,7 +49,8 @@ class Midpoint(ExplicitRK):
 
 
 class Heun(ExplicitRK):
-    """Heun's method (explicit trapezoidal rule). Order 2 with an embedded Euler estimate; Hermite dense output."""
+    """Heun's method (explicit trapezoidal rule). Order 2 with an embedded Euler estimate; Hermite
+    dense output."""
 
     name = "Heun"
     aliases = ("heun2", "heun_euler", "adaptive_heun")
@@ -58,7 +60,8 @@ class Heun(ExplicitRK):
 
 
 class RK4(ExplicitRK):
-    """The classical fourth-order Runge–Kutta method. Order 4, fixed step only; Hermite dense output. Kutta (1901)."""
+    """The classical fourth-order Runge–Kutta method. Order 4, fixed step only; Hermite dense
+    output. Kutta (1901)."""
 
     name = "RK4"
     tableau = ButcherTableau(
@@ -70,7 +73,8 @@ class RK4(ExplicitRK):
 
 
 class Heun3(ExplicitRK):
-    """Heun's third-order method. Order 3, fixed step only; Hermite dense output (torchdiffeq's ``heun3``)."""
+    """Heun's third-order method. Order 3, fixed step only; Hermite dense output (torchdiffeq's
+    ``heun3``)."""
 
     name = "Heun3"
     tableau = ButcherTableau(
@@ -145,7 +149,8 @@ _dp5_b = np.array([35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0]
 _dp5_bhat = np.array(
     [5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
 )
-# Hairer's dense output (CONTD5): y(θ) = y0 + θ r2 + θ(1-θ) r3 + θ²(1-θ) r4 + θ²(1-θ)² r5 (times h·k).
+# Hairer's dense output (CONTD5): y(θ) = y0 + θ r2 + θ(1-θ) r3 + θ²(1-θ) r4 + θ²(1-θ)² r5 (times
+# h·k).
 _dp5_d = np.array(
     [
         -12715105075 / 11282082432,
@@ -798,8 +803,8 @@ _dp8_a_extra = sparse_rows(_dp8_rows[12:], 16)[1:]
 
 
 def _dp8_dense() -> np.ndarray:
-    """Hairer's CONTD8: y(θ) = y0 + θ(Δ + (1-θ)(h f0 - Δ + θ(2Δ - h(f0 + f1) + (1-θ)(h D1·k + θ(h D2·k + ...)))))
-    with Δ = y1 - y0 = h b·k."""
+    """Hairer's CONTD8: y(θ) = y0 + θ(Δ + (1-θ)(h f0 - Δ + θ(2Δ - h(f0 + f1) + (1-θ)(h D1·k + θ(h
+    D2·k + ...))))) with Δ = y1 - y0 = h b·k."""
     n = 16
     b = np.append(_dp8_b, np.zeros(3))
     e1, e13 = np.eye(n)[0], np.eye(n)[12]

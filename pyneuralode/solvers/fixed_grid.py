@@ -85,7 +85,8 @@ def _nudge(t: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
 
 
 class _GridBase(AbstractSolver):
-    """Shared plumbing: the step's times from the grid tensor, perturb, callback_step, the f count."""
+    """Shared plumbing: the step's times from the grid tensor, perturb, callback_step, the f
+    count."""
 
     name = "FixedGrid"
     order = 1
@@ -112,7 +113,8 @@ class _GridBase(AbstractSolver):
         return None
 
     def call(self, t, y, end: int = 0, toward=None):
-        """f(t, y); ``end`` = -1 at a step's start, +1 at its end (perturbed toward the step's inside)."""
+        """f(t, y); ``end`` = -1 at a step's start, +1 at its end (perturbed toward the step's
+        inside)."""
         self.stats["nfe"] = self.stats.get("nfe", 0) + 1
         if self.perturb and end != 0:
             t = _nudge(t, toward)
@@ -133,7 +135,8 @@ class _GridBase(AbstractSolver):
 
 
 class GridRK(_GridBase):
-    """An explicit tableau on the grid: stage 0 at ``t0`` (perturbed forward), a stage at ``c = 1`` at ``t1``."""
+    """An explicit tableau on the grid: stage 0 at ``t0`` (perturbed forward), a stage at ``c = 1``
+    at ``t1``."""
 
     def __init__(self, tableau: ButcherTableau, *a, **kw):
         super().__init__(*a, **kw)
@@ -308,10 +311,10 @@ def _dot(weights, fs):
 
 
 class GridAdams(_GridBase):
-    """Adams–Bashforth (``implicit=False``) or Adams–Bashforth–Moulton PEC(E)… (``implicit=True``) on
-    the grid, torchdiffeq's ``explicit_adams``/``implicit_adams``: the order grows with the history
-    up to ``max_order - 1`` (the first steps use the 3/8 rule); the corrector is iterated at most
-    ``max_iters`` times until the change is within ``rtol``/``atol`` (max norm)."""
+    """Adams–Bashforth (``implicit=False``) or Adams–Bashforth–Moulton PEC(E)… (``implicit=True``)
+    on the grid, torchdiffeq's ``explicit_adams``/``implicit_adams``: the order grows with the
+    history up to ``max_order - 1`` (the first steps use the 3/8 rule); the corrector is iterated at
+    most ``max_iters`` times until the change is within ``rtol``/``atol`` (max norm)."""
 
     def __init__(
         self,

@@ -310,8 +310,8 @@ class Rodas5P(GenericRosenbrock):
     """Rodas5P: 8-stage Rosenbrock method of order 5 with an embedded order-4 estimate; stiffly
     accurate, L-stable, with a stiff-aware order-4 dense output (3 extra rows ``H``). The
     recommended default for stiff problems at moderate to tight tolerances. Steinebach, "Improvement
-    of Rosenbrock-Wanner method RODASP", in *Progress in Differential-Algebraic Equations II* (2020);
-    Rodas5 coefficients: Di Marzo (1993).
+    of Rosenbrock-Wanner method RODASP", in *Progress in Differential-Algebraic Equations II*
+    (2020); Rodas5 coefficients: Di Marzo (1993).
     """
 
     name = "Rodas5P"

@@ -77,13 +77,15 @@ class LinearOptions:
 
     @classmethod
     def defaults(cls, **overrides) -> dict:
-        """``{option: default}`` (for a solver's ``repr``), with a solver's own defaults in ``overrides``."""
+        """``{option: default}`` (for a solver's ``repr``), with a solver's own defaults in
+        ``overrides``."""
         d = {f.name: f.default for f in fields(cls) if f.name != "owner"}
         d.update(overrides)
         return d
 
     def store_on(self, solver) -> None:
-        """Set the options as attributes of ``solver`` (its public options, its ``repr`` and ``==``)."""
+        """Set the options as attributes of ``solver`` (its public options, its ``repr`` and
+        ``==``)."""
         for nm in self.names():
             setattr(solver, nm, getattr(self, nm))
 
