@@ -35,7 +35,9 @@ METHODS = {
     "InterpolatingAdjoint(n_checkpoints=8)": "pn.InterpolatingAdjoint(n_checkpoints=8)",
     "InterpolatingAdjoint(checkpointing=False)": "pn.InterpolatingAdjoint(checkpointing=False)",
     "QuadratureAdjoint": "pn.QuadratureAdjoint()",
-    "QuadratureAdjoint(checkpointing, n_checkpoints=8)": "pn.QuadratureAdjoint(checkpointing=True, n_checkpoints=8)",
+    "QuadratureAdjoint(checkpointing, n_checkpoints=8)": (
+        "pn.QuadratureAdjoint(checkpointing=True, n_checkpoints=8)"
+    ),
 }
 
 
@@ -138,7 +140,7 @@ def _stored_bytes(out) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer intervals, smaller batch")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=None)

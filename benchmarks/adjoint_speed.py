@@ -270,7 +270,7 @@ def seminorm_sweep(tols, losses, probs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the plain problem only, 3 repeats")
     ap.add_argument("--repeat", type=int, default=None)
     args = ap.parse_args()

@@ -35,7 +35,7 @@ def robertson(t, y, log_k):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="20 fitting iterations instead of 150")
     p.add_argument("--out", default="stiff_kinetics.png", help="output PNG (metrics beside it)")
     p.add_argument("--seed", type=int, default=0, help="seed (the problem itself is deterministic)")

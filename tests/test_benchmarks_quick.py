@@ -16,7 +16,9 @@ SCRIPT = ROOT / "benchmarks" / "engine_vs_peers.py"
 
 pytest.importorskip(
     "torchdiffeq",
-    reason="the benchmark's ratios are to torchdiffeq (pip install torchdiffeq, or the 'bench' extra)",
+    reason=(
+        "the benchmark's ratios are to torchdiffeq (pip install torchdiffeq, or the 'bench' extra)"
+    ),
 )
 pytest.importorskip(
     "torchode",

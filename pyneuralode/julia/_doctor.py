@@ -61,10 +61,10 @@ def run(print_fn=print, start: bool | None = None) -> dict:
             info["error"] = f"{type(e).__name__}: {e}"
     lines = ["pyneuralode Julia backend doctor"]
     lines.append(f"  juliacall:        {info['juliacall'] or 'NOT installed'}")
-    lines.append(
-        "  julia executable: "
-        f"{info['julia_executable'] or 'none on PATH / PYTHON_JULIACALL_EXE (juliapkg may download one)'}"
+    exe = info["julia_executable"] or (
+        "none on PATH / PYTHON_JULIACALL_EXE (juliapkg may download one)"
     )
+    lines.append(f"  julia executable: {exe}")
     lines.append(f"  bridge module:    {info['bridge']}")
     lines.append(f"  juliapkg project: {juliapkg_project()}")
     if info["julia_version"]:

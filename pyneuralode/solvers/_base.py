@@ -162,10 +162,8 @@ def tableau_tensors(tab, y: torch.Tensor, build: Callable):
     key = (id(tab), build, y.dtype, y.device)
     co = _TABLEAU_TENSORS.get(key)
     if co is None:
-        with torch.inference_mode(
-            False
-            # normal tensors even if first built under inference mode (they are reused under autograd)
-        ):
+        # normal tensors even if first built under inference mode (they are reused under autograd)
+        with torch.inference_mode(False):
             co = _TABLEAU_TENSORS[key] = build(tab, y.dtype, y.device)
     return co
 

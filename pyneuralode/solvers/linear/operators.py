@@ -199,10 +199,14 @@ class _DenseJacobian(WOperator):
                     (y.shape[0], y.shape[1], y.shape[1]) if self.batched else (N, N)
                 )
             if J.shape != want:
+                what = (
+                    "one n×n matrix per row"
+                    if self.batched
+                    else "the Jacobian of the flattened state"
+                )
                 raise ValueError(
                     f"{self.owner}: jac(t, y) returned shape {tuple(J.shape)}, expected "
-                    f"{tuple(want)} "
-                    f"({'one n×n matrix per row' if self.batched else 'the Jacobian of the flattened state'})"
+                    f"{tuple(want)} ({what})"
                 )
             if J.dtype != y.dtype:
                 J = J.to(y.dtype)
