@@ -214,10 +214,10 @@ def seminorm_sweep(tols, losses, probs):
                 cells = []
                 for plain, semi in [
                     (
-                        lambda f, y, t: pn.solve(
+                        lambda f, y, t, tol=tol: pn.solve(
                             f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint()
                         ).ys[-1],
-                        lambda f, y, t: pn.solve(
+                        lambda f, y, t, tol=tol: pn.solve(
                             f,
                             y,
                             t,
@@ -228,7 +228,7 @@ def seminorm_sweep(tols, losses, probs):
                         ).ys[-1],
                     ),
                     (
-                        lambda f, y, t: pn.solve(
+                        lambda f, y, t, tol=tol: pn.solve(
                             f,
                             y,
                             t,
@@ -237,7 +237,7 @@ def seminorm_sweep(tols, losses, probs):
                             atol=tol,
                             sensealg=pn.InterpolatingAdjoint(),
                         ).ys[-1],
-                        lambda f, y, t: pn.solve(
+                        lambda f, y, t, tol=tol: pn.solve(
                             f,
                             y,
                             t,
@@ -248,10 +248,10 @@ def seminorm_sweep(tols, losses, probs):
                         ).ys[-1],
                     ),
                     (
-                        lambda f, y, t: torchdiffeq.odeint_adjoint(
+                        lambda f, y, t, tol=tol: torchdiffeq.odeint_adjoint(
                             f, y, t, method="dopri5", rtol=tol, atol=tol
                         )[-1],
-                        lambda f, y, t: torchdiffeq.odeint_adjoint(
+                        lambda f, y, t, tol=tol: torchdiffeq.odeint_adjoint(
                             f,
                             y,
                             t,

@@ -22,7 +22,7 @@ def run():
             W = (0.9 * torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5).to(dtype)
             W.requires_grad_(True)
             x = torch.randn(B, n, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
-            f = lambda z, x: torch.tanh(z @ W.T + x)
+            f = lambda z, x, W=W: torch.tanh(z @ W.T + x)
             z = pn.steady_state(
                 f,
                 torch.zeros(B, n, dtype=dtype),

@@ -66,7 +66,7 @@ def test_cuda_event_matches_cpu():
             torch.tensor([0.0, 5.0], dtype=torch.float64, device=dev),
             rtol=1e-9,
             atol=1e-11,
-            event=lambda t, y: y[:, 0].mean() - y0[:, 0].detach().mean() - 0.05,
+            event=lambda t, y, y0=y0: y[:, 0].mean() - y0[:, 0].detach().mean() - 0.05,
         )
         (g,) = torch.autograd.grad(sol.event_t, y0)
         out.append((float(sol.event_t.detach()), g.cpu()))

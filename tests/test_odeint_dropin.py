@@ -647,11 +647,11 @@ def test_odeint_adjoint_callbacks_and_perturb_in_the_backward_pass():
     for method in ("euler", "implicit_euler", "dopri5"):
         for perturb in (True, False):
             ts, counts = [], {"step": 0, "accept": 0}
-            f = Counting(lambda t, y: (ts.append(float(t)), -y)[1])
-            f.callback_step_adjoint = lambda t0, y0, dt: counts.__setitem__(
+            f = Counting(lambda t, y, ts=ts: (ts.append(float(t)), -y)[1])
+            f.callback_step_adjoint = lambda t0, y0, dt, counts=counts: counts.__setitem__(
                 "step", counts["step"] + 1
             )
-            f.callback_accept_step_adjoint = lambda t0, y0, dt: counts.__setitem__(
+            f.callback_accept_step_adjoint = lambda t0, y0, dt, counts=counts: counts.__setitem__(
                 "accept", counts["accept"] + 1
             )
             y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)

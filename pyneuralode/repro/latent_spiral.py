@@ -126,7 +126,9 @@ def _one_seed(opts, seed: int, metrics: dict, dev):
         t0 = time.perf_counter()
         l_lode = _train(
             lode,
-            lambda: lode.loss(xtr, t_tr, mtr) / n_obs_eff,
+            lambda lode=lode, xtr=xtr, mtr=mtr, n_obs_eff=n_obs_eff: (
+                lode.loss(xtr, t_tr, mtr) / n_obs_eff
+            ),
             iters,
             0.01,
             f"latent ODE n={n_obs} seed {seed}",
@@ -136,7 +138,11 @@ def _one_seed(opts, seed: int, metrics: dict, dev):
         rnn = pn.RNNBaseline(obs_dim=2, hidden=25, time_gap=True).to(dev)
         t0 = time.perf_counter()
         l_rnn = _train(
-            rnn, lambda: rnn.loss(xtr, t_tr, mtr), iters, 0.01, f"RNN n={n_obs} seed {seed}"
+            rnn,
+            lambda rnn=rnn, xtr=xtr, mtr=mtr: rnn.loss(xtr, t_tr, mtr),
+            iters,
+            0.01,
+            f"RNN n={n_obs} seed {seed}",
         )
         out[f"train_seconds_rnn_{n_obs}"] = time.perf_counter() - t0
         with torch.no_grad():
