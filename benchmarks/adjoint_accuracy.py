@@ -85,7 +85,7 @@ def table(name, damping, T, tols):
     head = "| method | " + " | ".join(f"tol {tol:.0e}" for tol in tols) + " |"
     sep = "|---|" + "---:|" * len(tols)
     lines = [
-        f"### {name}: f = MLP(y){' − %g·y' % damping if damping else ''}, t ∈ [0, {T:g}] (5 saved "
+        f"### {name}: f = MLP(y){f' − {damping:g}·y' if damping else ''}, t ∈ [0, {T:g}] (5 saved "
         "times), batch 16, Tsit5, rtol = atol = tol",
         "",
         "Relative gradient error:",

@@ -207,10 +207,10 @@ def main(argv=None):
             lambda: run_scipy_torch_f("BDF", N, rtol, atol, "inference_mode"),
         ),
     ]
-    for name, run in configs:  # warm-up (first-call costs of torch.func and scipy), not timed
+    for _name, run in configs:  # warm-up (first-call costs of torch.func and scipy), not timed
         run()
     rows = {}
-    for r in range(repeat):  # round robin: background load hits every configuration alike
+    for _r in range(repeat):  # round robin: background load hits every configuration alike
         for name, run in configs:
             sec, y, st = run()
             err = float(np.max(np.abs(y - ref) / np.abs(ref)))

@@ -58,9 +58,9 @@ def main(argv=None):
             )
     if len(results) > 1:
         ref_loss, ref_g = results["torch"]
-        for name, (l, g) in results.items():
+        for name, (loss_v, g) in results.items():
             print(
-                f"{name:<40} |Δloss|={abs(l - ref_loss):.2e}  max|Δ "
+                f"{name:<40} |Δloss|={abs(loss_v - ref_loss):.2e}  max|Δ "
                 f"dL/dy0|={(g - ref_g).abs().max().item():.2e}"
             )
 

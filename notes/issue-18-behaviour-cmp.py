@@ -20,7 +20,7 @@ for k in a:
     if sa != sb or d > 1e-9:
         print(
             k,
-            "reldiff %.2e" % d,
+            f"reldiff {d:.2e}",
             {kk: (sa.get(kk), sb.get(kk)) for kk in set(sa) | set(sb) if sa.get(kk) != sb.get(kk)},
         )
         bad += 1

@@ -4,13 +4,14 @@ import json
 import sys
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 import pyneuralode as pn
 
 torch.set_num_threads(1)
 sys.path.insert(0, "/work/wt-18/benchmarks")
-from stiff_large import torch_rhs as bruss_rhs
+from stiff_large import torch_rhs as bruss_rhs  # noqa: E402 - needs the sys.path set-up above
 
 
 def rober(t, y):
@@ -75,8 +76,6 @@ for nm in names:
 # sparse / gmres / batched on the small Brusselator
 N = 20
 fb = bruss_rhs(N)
-import scipy.sparse as sp
-
 P = sp.lil_matrix((2 * N, 2 * N))
 for i in range(N):
     for j in (i - 1, i, i + 1):

@@ -9,13 +9,13 @@ import time
 
 import torch
 
+import pyneuralode as pn
+
 torch.set_num_threads(1)
 root = os.environ["PYTHONPATH"]
 sys.path.insert(0, root + "/benchmarks")
-import stiff as S
-import stiff_large as L
-
-import pyneuralode as pn
+import stiff as S  # noqa: E402 - needs the sys.path set-up above
+import stiff_large as L  # noqa: E402 - needs the sys.path set-up above
 
 R = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 out = {}

@@ -328,7 +328,7 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, kwargs):
     idx = 0
     fwd = t_list[-1] > t_list[0]
     seg_start_jump = False
-    for k, (b, jump) in enumerate(breaks + [(None, False)]):
+    for b, jump in breaks + [(None, False)]:
         if b is None:
             inner = ts[idx + 1 :]
             tt = torch.cat([start, inner])

@@ -386,7 +386,7 @@ def test_large_system_benchmark_quick():
         "pn.KenCarp4",
         "scipy BDF (jac_sparsity)",
     }
-    for name, (sec, err, st) in rows.items():
+    for name, (sec, err, _st) in rows.items():
         assert math.isfinite(sec) and sec > 0
         assert err < 1e-4, (name, err)
     q, r = rows["pn.QNDF"][2], rows["pn.Rodas5P"][2]

@@ -297,10 +297,8 @@ def test_solve_gradients_match_native(sensealg):
 
 
 def test_stiff_solver_gets_torch_jacobian_and_matches_native():
-    name = "Rodas5P"
-    k = torch.tensor(
-        5.0, dtype=D, requires_grad=True
-    )  # mildly stiff: the stand-in backsolves (no stiff adjoint)
+    # mildly stiff: the stand-in backsolves (no stiff adjoint)
+    k = torch.tensor(5.0, dtype=D, requires_grad=True)
     f = lambda t, y, k: torch.stack([-k * (y[0] - torch.cos(t)), y[0] - y[1]])
     y0 = torch.tensor([0.0, 1.0], dtype=D, requires_grad=True)
     t = torch.linspace(0, 1, 3, dtype=D)

@@ -472,7 +472,7 @@ class Odefunc(torch.nn.Module):
 def test_odeint_adjoint_gradients_match_odeint_and_torchdiffeq():
     t = torch.linspace(0, 2, 5, dtype=torch.float64)
     res = []
-    for lib, fn in (
+    for _lib, fn in (
         (pn, pn.odeint_adjoint),
         (pn, pn.odeint),
         (torchdiffeq, torchdiffeq.odeint_adjoint),

@@ -232,9 +232,9 @@ class NativeStandIn:
 
         def aug(t, x):
             xn = x.numpy()
-            u, l = xn[:n], xn[n : 2 * n]
+            u, lam_u = xn[:n], xn[n : 2 * n]
             du = self._f(rhs, u, p, t)
-            vu, vp = self._vjp(rhs, u, p, t, l)
+            vu, vp = self._vjp(rhs, u, p, t, lam_u)
             return torch.from_numpy(np.concatenate([du, -vu, -vp]))
 
         for j in range(k - 1, 0, -1):

@@ -104,7 +104,7 @@ def reachable(f: Callable) -> tuple[list[torch.Tensor], dict[int, tuple[str, tor
                 return
             for k, a in list(vars(v).items())[:_MAX_ITEMS]:
                 visit(a, f"{where}.{k}", depth - 1)
-            call = getattr(type(v), "__call__", None)
+            call = getattr(type(v), "__call__", None)  # noqa: B004 - fetches the method to inspect
             if isinstance(call, types.FunctionType):
                 function(call, f"{type(v).__name__}.__call__", depth)
 

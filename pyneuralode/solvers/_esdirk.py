@@ -271,7 +271,7 @@ class ESDIRK(TableauSolver):
             ops.host and torch.is_grad_enabled()
         ):  # a solve started without autograd, stepped with it
             ops = TorchOps(tab, ls)
-        for attempt in range(2):
+        for _attempt in range(2):
             res = self._try_step(rhs, t0, y0, h, cache, co, tab, ops)
             if res is not None:
                 return res

@@ -332,7 +332,7 @@ class GridAdams(_GridBase):
                 f"options['max_order']: must be an int of at most 12, got {max_order!r}"
             )
         if max_order < 4:
-            warnings.warn("max_order is below 4, so the solver reduces to `rk4`.")
+            warnings.warn("max_order is below 4, so the solver reduces to `rk4`.", stacklevel=2)
         self.corrector, self.rtol, self.atol = implicit, rtol, atol
         self.max_iters, self.max_order = int(max_iters), max_order
         self.order = 4
@@ -373,7 +373,10 @@ class GridAdams(_GridBase):
                 if converged:
                     break
             if not converged:
-                warnings.warn("Functional iteration did not converge. Solution may be incorrect.")
+                warnings.warn(
+                    "Functional iteration did not converge. Solution may be incorrect.",
+                    stacklevel=2,
+                )
                 hist.pop()
         y1 = y0 + dy
         return StepResult(y1=y1, error=None, cache=None, dense=(y0, y1))
