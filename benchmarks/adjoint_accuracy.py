@@ -12,6 +12,7 @@ f evaluations of the backward pass. Two problems: a smooth MLP field, and a diss
 
 Writes benchmarks/results/adjoint_accuracy.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,9 @@ METHODS = {
     "BacksolveAdjoint": lambda: pn.BacksolveAdjoint(),
     "BacksolveAdjoint(seminorm)": lambda: pn.BacksolveAdjoint(seminorm=True),
     "InterpolatingAdjoint": lambda: pn.InterpolatingAdjoint(),
-    "InterpolatingAdjoint(checkpointing=False)": lambda: pn.InterpolatingAdjoint(checkpointing=False),
+    "InterpolatingAdjoint(checkpointing=False)": lambda: pn.InterpolatingAdjoint(
+        checkpointing=False
+    ),
     "QuadratureAdjoint (Gauss–Legendre)": lambda: pn.QuadratureAdjoint(),
     "QuadratureAdjoint (Gauss–Kronrod)": lambda: pn.QuadratureAdjoint("gauss-kronrod"),
     "QuadratureAdjoint(checkpointing)": lambda: pn.QuadratureAdjoint(checkpointing=True),
@@ -55,10 +58,12 @@ def gradient(f, y0, t, sensealg, tol, solver):
     f.zero_grad(set_to_none=True)
     y0 = y0.detach().requires_grad_(True)
     sol = pn.solve(f, y0, t, solver, rtol=tol, atol=tol, sensealg=sensealg, max_steps=200_000)
-    loss = (sol.ys ** 2).sum() + sol.ys[-1].sum()
+    loss = (sol.ys**2).sum() + sol.ys[-1].sum()
     loss.backward()
     g = torch.cat([y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()])
-    return g, sol.stats.get("nfe_adjoint", 0) + sol.stats.get("nfe_recompute", 0) + sol.stats.get("nfe_quadrature", 0)
+    return g, sol.stats.get("nfe_adjoint", 0) + sol.stats.get("nfe_recompute", 0) + sol.stats.get(
+        "nfe_quadrature", 0
+    )
 
 
 def table(name, damping, T, tols):
@@ -79,11 +84,28 @@ def table(name, damping, T, tols):
         print(f"  {name}: {m} done", file=sys.stderr)
     head = "| method | " + " | ".join(f"tol {tol:.0e}" for tol in tols) + " |"
     sep = "|---|" + "---:|" * len(tols)
-    lines = [f"### {name}: f = MLP(y){' − %g·y' % damping if damping else ''}, t ∈ [0, {T:g}] (5 saved times), batch 16, Tsit5, rtol = atol = tol", "",
-             "Relative gradient error:", "", head, sep]
+    lines = [
+        f"### {name}: f = MLP(y){f' − {damping:g}·y' if damping else ''}, t ∈ [0, {T:g}] (5 saved "
+        "times), batch 16, Tsit5, rtol = atol = tol",
+        "",
+        "Relative gradient error:",
+        "",
+        head,
+        sep,
+    ]
     lines += [f"| {m} | " + " | ".join(err[(m, tol)] for tol in tols) + " |" for m in METHODS]
-    lines += ["", "Backward f evaluations (adjoint RHS + checkpoint re-solves + quadrature nodes):", "", head, sep]
-    lines += [f"| {m} | " + " | ".join(nfe[(m, tol)] for tol in tols) + " |" for m in METHODS if m != "DirectAdjoint"]
+    lines += [
+        "",
+        "Backward f evaluations (adjoint RHS + checkpoint re-solves + quadrature nodes):",
+        "",
+        head,
+        sep,
+    ]
+    lines += [
+        f"| {m} | " + " | ".join(nfe[(m, tol)] for tol in tols) + " |"
+        for m in METHODS
+        if m != "DirectAdjoint"
+    ]
     return lines
 
 
@@ -93,13 +115,19 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     tols = [1e-3, 1e-6, 1e-9] if args.quick else [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]
-    lines = table("Smooth MLP field", 0.0, 2.0, tols) + [""] + table("Dissipative field", 50.0, 2.0, tols)
+    lines = (
+        table("Smooth MLP field", 0.0, 2.0, tols)
+        + [""]
+        + table("Dissipative field", 50.0, 2.0, tols)
+    )
     text = "\n".join(lines) + "\n"
     print(text)
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     cmd = "python benchmarks/adjoint_accuracy.py" + (" --quick" if args.quick else "")
-    (res / ("adjoint_accuracy_quick.md" if args.quick else "adjoint_accuracy.md")).write_text(f"# Adjoint accuracy\n\nCommand: `{cmd}`\n\n{text}")
+    (res / ("adjoint_accuracy_quick.md" if args.quick else "adjoint_accuracy.md")).write_text(
+        f"# Adjoint accuracy\n\nCommand: `{cmd}`\n\n{text}"
+    )
 
 
 if __name__ == "__main__":

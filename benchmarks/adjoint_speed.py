@@ -1,15 +1,17 @@
-"""Forward+backward time (CPU) of every sensealg against torchdiffeq's ``odeint_adjoint``, and the seminorm.
+"""Forward+backward time (CPU) of every sensealg against torchdiffeq's ``odeint_adjoint``, and the
+seminorm.
 
 Batched MLP neural ODEs (float32, Dopri5 in both libraries, the same rtol/atol for the forward and
-the backward pass, loss = mean or sum of the squared final state), 1 thread. Each configuration is timed ``--repeat``
-times round-robin (so background load hits all methods alike); the table gives the minimum.
-NFE are counted in a separate, untimed run.
+the backward pass, loss = mean or sum of the squared final state), 1 thread. Each configuration is
+timed ``--repeat`` times round-robin (so background load hits all methods alike); the table gives
+the minimum. NFE are counted in a separate, untimed run.
 
     python benchmarks/adjoint_speed.py            # three problems × two losses, 5 repeats
     python benchmarks/adjoint_speed.py --quick    # the plain problem, 3 repeats
 
 Writes benchmarks/results/adjoint_speed.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +31,21 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 class Field(nn.Module):
-    """A tanh MLP, optionally plus a rotation (keeps the trajectory moving); counts its evaluations."""
+    """A tanh MLP, optionally plus a rotation (keeps the trajectory moving); counts its
+    evaluations."""
 
     def __init__(self, dim, hidden, rot=2.0, seed=0):
         super().__init__()
         torch.manual_seed(seed)
         S = torch.randn(dim, dim)
         self.register_buffer("A", rot * (S - S.T) / max(dim, 2) ** 0.5)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, dim),
+        )
         self.count = False
         self.nfe = 0
 
@@ -58,15 +67,30 @@ def methods():
 
     def tdq(opts):
         def run(f, y0, t):
-            return torchdiffeq.odeint_adjoint(f, y0, t, method="dopri5", rtol=RTOL, atol=ATOL, adjoint_options=opts)[-1]
+            return torchdiffeq.odeint_adjoint(
+                f, y0, t, method="dopri5", rtol=RTOL, atol=ATOL, adjoint_options=opts
+            )[-1]
+
         return run
 
     def ours(sensealg, controller=None):
         def run(f, y0, t):
-            return pn.solve(f, y0, t, pn.Dopri5(), rtol=RTOL, atol=ATOL, sensealg=sensealg, controller=controller).ys[-1]
+            return pn.solve(
+                f,
+                y0,
+                t,
+                pn.Dopri5(),
+                rtol=RTOL,
+                atol=ATOL,
+                sensealg=sensealg,
+                controller=controller,
+            ).ys[-1]
+
         return run
 
-    sciml_pi = pn.PIController()  # SciML's PI gains; the default for explicit solvers is integral control
+    sciml_pi = (
+        pn.PIController()
+    )  # SciML's PI gains; the default for explicit solvers is integral control
     return {
         "torchdiffeq odeint_adjoint": tdq(None),
         "torchdiffeq odeint_adjoint (seminorm)": tdq(dict(norm="seminorm")),
@@ -78,7 +102,9 @@ def methods():
         "InterpolatingAdjoint(seminorm=True)": ours(pn.InterpolatingAdjoint(seminorm=True)),
         "QuadratureAdjoint": ours(pn.QuadratureAdjoint()),
         "BacksolveAdjoint, SciML PI*": ours(pn.BacksolveAdjoint(), sciml_pi),
-        "BacksolveAdjoint(seminorm=True), SciML PI*": ours(pn.BacksolveAdjoint(seminorm=True), sciml_pi),
+        "BacksolveAdjoint(seminorm=True), SciML PI*": ours(
+            pn.BacksolveAdjoint(seminorm=True), sciml_pi
+        ),
     }
 
 
@@ -122,19 +148,26 @@ def bench_problem(name, cfg, loss, repeat):
     ref = grads["DirectAdjoint"]
     n_params = sum(p.numel() for p in f.parameters())
     best = {k: min(v) for k, v in times.items()}
-    base, base_sn = best["torchdiffeq odeint_adjoint"], best["torchdiffeq odeint_adjoint (seminorm)"]
+    base, base_sn = (
+        best["torchdiffeq odeint_adjoint"],
+        best["torchdiffeq odeint_adjoint (seminorm)"],
+    )
     lines = [
-        f"### Problem `{name}`: f = {'rotation + ' if cfg['rot'] else ''}MLP, batch {cfg['batch']}, state {cfg['dim']}, "
+        f"### Problem `{name}`: f = {'rotation + ' if cfg['rot'] else ''}MLP, batch "
+        f"{cfg['batch']}, state {cfg['dim']}, "
         f"hidden {cfg['hidden']}×2 ({n_params} parameters), "
-        f"t ∈ [0, {cfg['T']:g}], rtol={RTOL:g}, atol={ATOL:g}, float32, Dopri5, loss = {loss} of y(T)²",
+        f"t ∈ [0, {cfg['T']:g}], rtol={RTOL:g}, atol={ATOL:g}, float32, Dopri5, loss = {loss} of "
+        "y(T)²",
         "",
-        "| method | forward NFE | backward NFE | fwd+bwd CPU ms (min) | wall ms (median) | ÷ torchdiffeq adjoint | ÷ torchdiffeq adjoint (seminorm) | grad rel. diff vs Direct |",
+        "| method | forward NFE | backward NFE | fwd+bwd CPU ms (min) | wall ms (median) | ÷ "
+        "torchdiffeq adjoint | ÷ torchdiffeq adjoint (seminorm) | grad rel. diff vs Direct |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k in ms:
         d = ((grads[k] - ref).norm() / ref.norm()).item()
         lines.append(
-            f"| {k} | {nfe[k][0]} | {nfe[k][1]} | {1e3 * best[k]:.1f} | {1e3 * statistics.median(walls[k]):.1f} | "
+            f"| {k} | {nfe[k][0]} | {nfe[k][1]} | {1e3 * best[k]:.1f} | "
+            f"{1e3 * statistics.median(walls[k]):.1f} | "
             f"{best[k] / base:.2f} | {best[k] / base_sn:.2f} | {d:.1e} |"
         )
     sn_lines = []
@@ -147,7 +180,8 @@ def bench_problem(name, cfg, loss, repeat):
         b0, b1 = nfe[plain][1], nfe[semi][1]
         t0_, t1_ = best[plain], best[semi]
         sn_lines.append(
-            f"| {name} | {loss} | {plain} | {b0} | {b1} | {100 * (1 - b1 / b0):.0f}% | {1e3 * t0_:.1f} | {1e3 * t1_:.1f} | {100 * (1 - t1_ / t0_):.0f}% |"
+            f"| {name} | {loss} | {plain} | {b0} | {b1} | {100 * (1 - b1 / b0):.0f}% | "
+            f"{1e3 * t0_:.1f} | {1e3 * t1_:.1f} | {100 * (1 - t1_ / t0_):.0f}% |"
         )
     return lines, sn_lines
 
@@ -161,9 +195,13 @@ def _load():
 
 def seminorm_sweep(tols, losses, probs):
     """Backward NFE with/without seminorm across tolerances (one untimed run each)."""
-    lines = ["### Seminorm across tolerances (backward NFE, rtol = atol = tol)", "",
-             "| problem | loss | tol | Backsolve | + seminorm | fewer | Interpolating | + seminorm | fewer | torchdiffeq | + seminorm | fewer |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "### Seminorm across tolerances (backward NFE, rtol = atol = tol)",
+        "",
+        "| problem | loss | tol | Backsolve | + seminorm | fewer | Interpolating | + seminorm | "
+        "fewer | torchdiffeq | + seminorm | fewer |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     import torchdiffeq
 
     for name in probs:
@@ -175,13 +213,54 @@ def seminorm_sweep(tols, losses, probs):
             for tol in tols:
                 cells = []
                 for plain, semi in [
-                    (lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint()).ys[-1],
-                     lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint(seminorm=True)).ys[-1]),
-                    (lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.InterpolatingAdjoint()).ys[-1],
-                     lambda f, y, t: pn.solve(f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.InterpolatingAdjoint(seminorm=True)).ys[-1]),
-                    (lambda f, y, t: torchdiffeq.odeint_adjoint(f, y, t, method="dopri5", rtol=tol, atol=tol)[-1],
-                     lambda f, y, t: torchdiffeq.odeint_adjoint(f, y, t, method="dopri5", rtol=tol, atol=tol,
-                                                                 adjoint_options=dict(norm="seminorm"))[-1]),
+                    (
+                        lambda f, y, t, tol=tol: pn.solve(
+                            f, y, t, pn.Dopri5(), rtol=tol, atol=tol, sensealg=pn.BacksolveAdjoint()
+                        ).ys[-1],
+                        lambda f, y, t, tol=tol: pn.solve(
+                            f,
+                            y,
+                            t,
+                            pn.Dopri5(),
+                            rtol=tol,
+                            atol=tol,
+                            sensealg=pn.BacksolveAdjoint(seminorm=True),
+                        ).ys[-1],
+                    ),
+                    (
+                        lambda f, y, t, tol=tol: pn.solve(
+                            f,
+                            y,
+                            t,
+                            pn.Dopri5(),
+                            rtol=tol,
+                            atol=tol,
+                            sensealg=pn.InterpolatingAdjoint(),
+                        ).ys[-1],
+                        lambda f, y, t, tol=tol: pn.solve(
+                            f,
+                            y,
+                            t,
+                            pn.Dopri5(),
+                            rtol=tol,
+                            atol=tol,
+                            sensealg=pn.InterpolatingAdjoint(seminorm=True),
+                        ).ys[-1],
+                    ),
+                    (
+                        lambda f, y, t, tol=tol: torchdiffeq.odeint_adjoint(
+                            f, y, t, method="dopri5", rtol=tol, atol=tol
+                        )[-1],
+                        lambda f, y, t, tol=tol: torchdiffeq.odeint_adjoint(
+                            f,
+                            y,
+                            t,
+                            method="dopri5",
+                            rtol=tol,
+                            atol=tol,
+                            adjoint_options=dict(norm="seminorm"),
+                        )[-1],
+                    ),
                 ]:
                     b0 = count_nfe(plain, f, y0, t, loss)[1]
                     b1 = count_nfe(semi, f, y0, t, loss)[1]
@@ -191,7 +270,7 @@ def seminorm_sweep(tols, losses, probs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the plain problem only, 3 repeats")
     ap.add_argument("--repeat", type=int, default=None)
     args = ap.parse_args()
@@ -199,7 +278,9 @@ def main():
     repeat = args.repeat or (3 if args.quick else 5)
     probs = ["plain"] if args.quick else list(PROBLEMS)
     out, sn = [], []
-    sweep = seminorm_sweep([1e-3, 1e-5, 1e-7], list(LOSSES), ["plain"] if args.quick else ["plain", "wide"])
+    sweep = seminorm_sweep(
+        [1e-3, 1e-5, 1e-7], list(LOSSES), ["plain"] if args.quick else ["plain", "wide"]
+    )
     print("\n".join(sweep), file=sys.stderr)
     for p in probs:
         for loss in LOSSES:
@@ -208,25 +289,45 @@ def main():
             sn += sn_lines
             print("\n".join(lines), file=sys.stderr)
     text = "\n".join(
-        ["## Forward + backward time against torchdiffeq", "", *out,
-         "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4), which grow steps more cautiously "
-         "than the default integral control (torchdiffeq's). Times: process CPU time (1 thread), minimum over "
-         f"{repeat} round-robin repeats; CPU time rather than wall time because the benchmark machine is shared "
-         f"(load average during this run: {_load()}); ratios use the CPU times.", "",
-         "## Seminorm: backward NFE and time", "",
-         "Backward NFE counts every evaluation of f during the backward pass (adjoint right-hand sides, "
-         "checkpoint re-solves, quadrature nodes).", "",
-         "| problem | loss | method | backward NFE | with seminorm | fewer NFE | fwd+bwd CPU ms | with seminorm | less time |",
-         "|---|---|---|---:|---:|---:|---:|---:|---:|", *sn, "", *sweep]
+        [
+            "## Forward + backward time against torchdiffeq",
+            "",
+            *out,
+            "\\* `controller=pn.PIController()`: SciML's PI gains (beta1=0.7, beta2=0.4), which "
+            "grow steps more cautiously "
+            "than the default integral control (torchdiffeq's). Times: process CPU time (1 "
+            "thread), minimum over "
+            f"{repeat} round-robin repeats; CPU time rather than wall time because the benchmark "
+            "machine is shared "
+            f"(load average during this run: {_load()}); ratios use the CPU times.",
+            "",
+            "## Seminorm: backward NFE and time",
+            "",
+            "Backward NFE counts every evaluation of f during the backward pass (adjoint "
+            "right-hand sides, "
+            "checkpoint re-solves, quadrature nodes).",
+            "",
+            "| problem | loss | method | backward NFE | with seminorm | fewer NFE | fwd+bwd CPU "
+            "ms | with seminorm | less time |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            *sn,
+            "",
+            *sweep,
+        ]
     )
     print(text)
     res = HERE / "results"
     res.mkdir(exist_ok=True)
-    cmd = "python benchmarks/adjoint_speed.py" + (" --quick" if args.quick else "") + (f" --repeat {args.repeat}" if args.repeat else "")
+    cmd = (
+        "python benchmarks/adjoint_speed.py"
+        + (" --quick" if args.quick else "")
+        + (f" --repeat {args.repeat}" if args.repeat else "")
+    )
     import torchdiffeq
 
     (res / ("adjoint_speed_quick.md" if args.quick else "adjoint_speed.md")).write_text(
-        f"# Adjoint speed\n\nCommand: `{cmd}` (torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__})\n\n{text}"
+        f"# Adjoint speed\n\nCommand: `{cmd}` (torch {torch.__version__}, torchdiffeq "
+        f"{torchdiffeq.__version__})\n\n{text}"
     )
 
 

@@ -1,4 +1,5 @@
-"""The compiled path (``solve(..., compile=True)``) against the native engine and scipy, side by side.
+"""The compiled path (``solve(..., compile=True)``) against the native engine and scipy, side by
+side.
 
 Lotka–Volterra with Tsit5 and Vern7 (scipy: RK45), Robertson, Van der Pol (μ = 1000), HIRES and
 OREGO with Rodas5P, KenCarp4 and Kvaerno5 (scipy: Radau with its finite-difference Jacobian), at
@@ -9,8 +10,8 @@ HIRES and OREGO: the IVP Test Set's published values in ``tests/data/stiff_refer
 
     python benchmarks/compiled.py            # rtol 1e-6 and 1e-8; 5 repeats
     python benchmarks/compiled.py --quick    # rtol 1e-6; 2 repeats; shorter Van der Pol span
-    python benchmarks/compiled.py --fresh    # a new numba cache directory: report the cold compile time
-    python benchmarks/compiled.py --only grad,ensemble  # some tables: solve, grad, ensemble
+    python benchmarks/compiled.py --fresh    # a new numba cache directory: report the cold compile
+    time python benchmarks/compiled.py --only grad,ensemble  # some tables: solve, grad, ensemble
 
 Also: the gradient of a loss w.r.t. Robertson's three rate constants (compiled forward
 sensitivities against the native engine's DirectAdjoint, both Rodas5P) and an ensemble of 1000
@@ -154,8 +155,9 @@ def bench_gradient(pn, repeat, quick):
     tight = dict(rtol=1e-11, atol=1e-16)
 
     def tight_loss(k):
-        return (w * pn.solve(rober, y0, t, pn.Rodas5P(), compile=True, args=(k,),
-                             **tight).ys[1:]).sum()
+        return (
+            w * pn.solve(rober, y0, t, pn.Rodas5P(), compile=True, args=(k,), **tight).ys[1:]
+        ).sum()
 
     kk = k0.clone().requires_grad_(True)
     t0 = time.perf_counter()
@@ -175,8 +177,7 @@ def bench_gradient(pn, repeat, quick):
 
         def grad(compile, kw=kw):
             k = k0.clone().requires_grad_(True)
-            sol = pn.solve(rober, y0, t, pn.Rodas5P(), compile=compile,
-                           **{**kw, "args": (k,)})
+            sol = pn.solve(rober, y0, t, pn.Rodas5P(), compile=compile, **{**kw, "args": (k,)})
             (g,) = torch.autograd.grad((w * sol.ys[1:]).sum(), k)
             return g, sol.stats
 
@@ -186,9 +187,12 @@ def bench_gradient(pn, repeat, quick):
         def rel(a, b):
             return ((a - b).abs() / b.abs()).max().item()
 
-        print(f"Robertson gradient rtol={rtol:g}: compiled {tc * 1e3:.2f} ms, DirectAdjoint "
-              f"{tn * 1e3:.0f} ms ({tn / tc:.0f}x); first call {first:.1f} s; vs FD at rtol "
-              f"1e-11: {fd_rel:.1e}", flush=True)
+        print(
+            f"Robertson gradient rtol={rtol:g}: compiled {tc * 1e3:.2f} ms, DirectAdjoint "
+            f"{tn * 1e3:.0f} ms ({tn / tc:.0f}x); first call {first:.1f} s; vs FD at rtol "
+            f"1e-11: {fd_rel:.1e}",
+            flush=True,
+        )
         lines.append(
             f"| {rtol:g} | {tc * 1e3:.2f} | {tn * 1e3:.0f} | {tn / tc:.0f}× | "
             f"{stc['naccept']}/{stn['naccept']} | {rel(gc, gn):.1e} |"
@@ -242,15 +246,20 @@ def bench_ensemble(pn, repeat, quick):
                 lambda kw=kw: pn.solve(rober_rows, Y0, t, pn.Rodas5P(batched=True), **kw),
                 repeat,
             )
-            ref = solve_ensemble(rober_rows, Y0, t, pn.Rodas5P(), **{**kw, "rtol": 1e-12,
-                                                                     "atol": 1e-16})
+            ref = solve_ensemble(
+                rober_rows, Y0, t, pn.Rodas5P(), **{**kw, "rtol": 1e-12, "atol": 1e-16}
+            )
+
         def err(s, ref=ref, atol=kw["atol"]):
             return ((s.ys[-1] - ref.ys[-1]).abs() / (ref.ys[-1].abs() + atol)).max().item()
 
         ts_, tp = row[False][0], row[True]
-        print(f"ensemble B={B} rtol={rtol:g}: compiled serial {ts_ * 1e3:.0f} ms CPU, parallel "
-              f"{tp[0] * 1e3:.0f} ms CPU ({tp[1] * 1e3:.0f} ms wall), native batched "
-              f"{tn * 1e3:.0f} ms ({tn / ts_:.1f}x serial); first call {first:.1f} s", flush=True)
+        print(
+            f"ensemble B={B} rtol={rtol:g}: compiled serial {ts_ * 1e3:.0f} ms CPU, parallel "
+            f"{tp[0] * 1e3:.0f} ms CPU ({tp[1] * 1e3:.0f} ms wall), native batched "
+            f"{tn * 1e3:.0f} ms ({tn / ts_:.1f}x serial); first call {first:.1f} s",
+            flush=True,
+        )
         lines.append(
             f"| {rtol:g} | {first:.1f} | {ts_ * 1e3:.0f} | {tp[0] * 1e3:.0f} / {tp[1] * 1e3:.0f} | "
             f"{tn * 1e3:.0f} | {tn / ts_:.1f}× | {sc.stats['naccept'] / B:.0f} / "
@@ -293,8 +302,9 @@ def main():
     if a.fresh:
         os.environ["PYNEURALODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="pn_compiled_")
     torch.set_num_threads(1)
-    import pyneuralode as pn
     from scipy.integrate import solve_ivp
+
+    import pyneuralode as pn
 
     repeat = a.repeat or (2 if a.quick else 5)
     rtols = [1e-6] if a.quick else [1e-6, 1e-8]
@@ -378,7 +388,7 @@ def main():
             )
             err = lambda y, ref=ref, rtol=rtol: float(
                 np.max(np.abs(np.asarray(y) - ref) / (np.abs(ref) + rtol * 1e-3))
-            )  # noqa: E731
+            )
             rows.append(
                 dict(
                     problem=name,
@@ -399,31 +409,41 @@ def main():
             )
             r = rows[-1]
             print(
-                f"{name} {method} rtol={rtol:g}: compiled {tc * 1e3:.2f} ms ({r['steps_c']} steps), native "
-                f"{tn * 1e3:.1f} ms, scipy {sp} {ts * 1e3:.1f} ms ({r['steps_s']} steps); first call {first:.2f} s",
+                f"{name} {method} rtol={rtol:g}: compiled {tc * 1e3:.2f} ms ({r['steps_c']} "
+                "steps), native "
+                f"{tn * 1e3:.1f} ms, scipy {sp} {ts * 1e3:.1f} ms ({r['steps_s']} steps); first "
+                f"call {first:.2f} s",
                 flush=True,
             )
     lines = [
         "# Compiled path vs native engine vs scipy" + (" (--quick)" if a.quick else ""),
         "",
-        f"Command: `python benchmarks/compiled.py{' --quick' if a.quick else ''}{' --fresh' if a.fresh else ''}`; "
-        f"1 thread, best of {repeat}; atol = rtol·1e-3; error = max relative error at the end against a "
-        'scipy reference at rtol 1e-12 (HIRES, OREGO: the IVP Test Set published values). "first call": compile time of the first call in the process (numba; '
+        "Command: `python "
+        f"benchmarks/compiled.py{' --quick' if a.quick else ''}{' --fresh' if a.fresh else ''}`; "
+        f"1 thread, best of {repeat}; atol = rtol·1e-3; error = max relative error at the end "
+        "against a "
+        'scipy reference at rtol 1e-12 (HIRES, OREGO: the IVP Test Set published values). "first '
+        'call": compile time of the first call in the process (numba; '
         "or the load from the disk cache when the module was compiled before"
         + (", here a fresh cache" if a.fresh else "")
         + ").",
         "",
-        "| problem | method (scipy) | rtol | first call s | compiled ms | µs/step | native ms | µs/step | scipy ms |"
+        "| problem | method (scipy) | rtol | first call s | compiled ms | µs/step | native ms | "
+        "µs/step | scipy ms |"
         " µs/step | native ÷ compiled | scipy ÷ compiled | steps c/n/s | error c/n/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['problem']} | {r['method']} ({r['scipy']}) | {r['rtol']:g} | {r['compile_s']:.2f} | "
-            f"{r['compiled_s'] * 1e3:.3f} | {r['compiled_s'] / r['steps_c'] * 1e6:.2f} | {r['native_s'] * 1e3:.1f} | "
-            f"{r['native_s'] / r['steps_n'] * 1e6:.0f} | {r['scipy_s'] * 1e3:.1f} | {r['scipy_s'] / r['steps_s'] * 1e6:.0f} | "
+            f"| {r['problem']} | {r['method']} ({r['scipy']}) | {r['rtol']:g} | "
+            f"{r['compile_s']:.2f} | "
+            f"{r['compiled_s'] * 1e3:.3f} | {r['compiled_s'] / r['steps_c'] * 1e6:.2f} | "
+            f"{r['native_s'] * 1e3:.1f} | "
+            f"{r['native_s'] / r['steps_n'] * 1e6:.0f} | {r['scipy_s'] * 1e3:.1f} | "
+            f"{r['scipy_s'] / r['steps_s'] * 1e6:.0f} | "
             f"{r['native_s'] / r['compiled_s']:.0f}× | {r['scipy_s'] / r['compiled_s']:.0f}× | "
-            f"{r['steps_c']}/{r['steps_n']}/{r['steps_s']} | {r['err_c']:.1e}/{r['err_n']:.1e}/{r['err_s']:.1e} |"
+            f"{r['steps_c']}/{r['steps_n']}/{r['steps_s']} | "
+            f"{r['err_c']:.1e}/{r['err_n']:.1e}/{r['err_s']:.1e} |"
         )
     if "grad" in only:
         lines += bench_gradient(pn, repeat, a.quick)

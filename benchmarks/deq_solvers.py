@@ -6,8 +6,10 @@ float32. For each tolerance (abstol = reltol) and solver: mean evaluations of ``
 solve, and whether it converged, plus the backward linear-solve iterations (VJPs) of each
 SteadyStateAdjoint linsolve at the DynamicSS fixed point.
 
-    python benchmarks/deq_solvers.py [--rho 0.9] [--repeats 3]   # writes benchmarks/results/deq_solvers.md
+    python benchmarks/deq_solvers.py [--rho 0.9] [--repeats 3]   # writes
+    benchmarks/results/deq_solvers.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +45,9 @@ def spectral_radius(f, z, x, iters=50):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rho", type=float, default=0.9, help="target spectral radius of ∂f/∂z at z = 0")
+    p.add_argument(
+        "--rho", type=float, default=0.9, help="target spectral radius of ∂f/∂z at z = 0"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "deq_solvers.md"))
     a = p.parse_args()
@@ -67,8 +71,17 @@ def main():
             for _ in range(a.repeats):
                 with torch.no_grad():
                     t = time.perf_counter()
-                    _, info = pn.steady_state(f, torch.zeros_like(x), (x,), mk(), abstol=tol, reltol=tol, batch_dim=0,
-                                              throw=False, return_info=True)
+                    _, info = pn.steady_state(
+                        f,
+                        torch.zeros_like(x),
+                        (x,),
+                        mk(),
+                        abstol=tol,
+                        reltol=tol,
+                        batch_dim=0,
+                        throw=False,
+                        return_info=True,
+                    )
                     secs += time.perf_counter() - t
                 nfe += info.nfe
                 ok = ok and info.converged
@@ -77,17 +90,43 @@ def main():
     xg = x.clone().requires_grad_()
     bwd = []
     for ls in ("gmres", "fixed_point", "anderson"):
-        z = pn.steady_state(f, torch.zeros_like(x), (xg,), pn.Anderson(max_iters=500), abstol=1e-5, reltol=0, batch_dim=0,
-                            sensealg=pn.SteadyStateAdjoint(ls, max_iters=500))
+        z = pn.steady_state(
+            f,
+            torch.zeros_like(x),
+            (xg,),
+            pn.Anderson(max_iters=500),
+            abstol=1e-5,
+            reltol=0,
+            batch_dim=0,
+            sensealg=pn.SteadyStateAdjoint(ls, max_iters=500),
+        )
         t = time.perf_counter()
         (z.sin().sum()).backward()
-        bwd.append((ls, pn.last_stats.bwd_iterations, 1e3 * (time.perf_counter() - t), str(pn.last_stats.bwd_retcode)))
-    lines = [f"Fixed point of the blog's MNIST DEQ block (float32, batch 128, ρ(∂f/∂z) ≈ {rho:.2f}); "
-             f"`python benchmarks/deq_solvers.py --rho {a.rho}`, mean of {a.repeats}.", "",
-             "| tol | solver | f-evals | ms / solve | converged |", "|---|---|---|---|---|"]
-    lines += [f"| {t:g} | {n} | {e:.0f} | {s:.1f} | {'yes' if o else 'no'} |" for t, n, e, s, o in rows]
-    lines += ["", "Backward (SteadyStateAdjoint, default rtol = √eps(float32)):", "",
-              "| linsolve | VJPs | ms | retcode |", "|---|---|---|---|"]
+        bwd.append(
+            (
+                ls,
+                pn.last_stats.bwd_iterations,
+                1e3 * (time.perf_counter() - t),
+                str(pn.last_stats.bwd_retcode),
+            )
+        )
+    lines = [
+        f"Fixed point of the blog's MNIST DEQ block (float32, batch 128, ρ(∂f/∂z) ≈ {rho:.2f}); "
+        f"`python benchmarks/deq_solvers.py --rho {a.rho}`, mean of {a.repeats}.",
+        "",
+        "| tol | solver | f-evals | ms / solve | converged |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t:g} | {n} | {e:.0f} | {s:.1f} | {'yes' if o else 'no'} |" for t, n, e, s, o in rows
+    ]
+    lines += [
+        "",
+        "Backward (SteadyStateAdjoint, default rtol = √eps(float32)):",
+        "",
+        "| linsolve | VJPs | ms | retcode |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {ls} | {it} | {ms:.1f} | {rc} |" for ls, it, ms, rc in bwd]
     text = "\n".join(lines) + "\n"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Problems (float64, rtol 1e-8, atol 1e-10, dopri5 in both libraries, 1 thread):
 Forward: the event solve alone; fwd+bwd: plus ``backward()`` of a loss on the event time and the
 final state. Writes ``benchmarks/results/events.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,15 @@ def ball_problem():
     def loss(te, y):
         return te + y[-1].square().sum()
 
-    return dict(f=f, make_y0=make_y0, event=lambda t, y: y[0], params=[h], loss=loss,
-                exact=math.sqrt(2 * 10.0 / G), title="(a) falling ball, 2 states")
+    return dict(
+        f=f,
+        make_y0=make_y0,
+        event=lambda t, y: y[0],
+        params=[h],
+        loss=loss,
+        exact=math.sqrt(2 * 10.0 / G),
+        title="(a) falling ball, 2 states",
+    )
 
 
 class Osc(nn.Module):
@@ -65,18 +73,41 @@ def oscillator_problem():
     def loss(te, y):
         return te + y[-1].square().mean()
 
-    return dict(f=f, make_y0=lambda: base.clone().requires_grad_(True), event=lambda t, y: y[:, 0].mean() + 0.5,
-                params=list(f.parameters()), loss=loss, exact=None, title="(b) 256 MLP-driven oscillators")
+    return dict(
+        f=f,
+        make_y0=lambda: base.clone().requires_grad_(True),
+        event=lambda t, y: y[:, 0].mean() + 0.5,
+        params=list(f.parameters()),
+        loss=loss,
+        exact=None,
+        title="(b) 256 MLP-driven oscillators",
+    )
 
 
 def ours(prob, t0):
-    return pn.odeint_event(prob["f"], prob["make_y0"](), t0, event_fn=prob["event"], method="dopri5", rtol=RTOL, atol=ATOL)
+    return pn.odeint_event(
+        prob["f"],
+        prob["make_y0"](),
+        t0,
+        event_fn=prob["event"],
+        method="dopri5",
+        rtol=RTOL,
+        atol=ATOL,
+    )
 
 
 def theirs(prob, t0):
     import torchdiffeq
 
-    return torchdiffeq.odeint_event(prob["f"], prob["make_y0"](), t0, event_fn=prob["event"], method="dopri5", rtol=RTOL, atol=ATOL)
+    return torchdiffeq.odeint_event(
+        prob["f"],
+        prob["make_y0"](),
+        t0,
+        event_fn=prob["event"],
+        method="dopri5",
+        rtol=RTOL,
+        atol=ATOL,
+    )
 
 
 def measure(prob, repeat):
@@ -108,11 +139,18 @@ def measure(prob, repeat):
         err = "–" if prob["exact"] is None else f"{abs(te - prob['exact']):.1e}"
         rows.append((k, te, err, f_ms, b_ms, gdiff))
     base_f, base_b = rows[0][3], rows[0][4]
-    lines = [f"### {prob['title']}", "",
-             "| method | event time | error vs exact | forward ms | ÷ torchdiffeq | fwd+bwd ms | ÷ torchdiffeq | grad rel. diff |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### {prob['title']}",
+        "",
+        "| method | event time | error vs exact | forward ms | ÷ torchdiffeq | fwd+bwd ms | ÷ "
+        "torchdiffeq | grad rel. diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for k, te, err, f_ms, b_ms, gdiff in rows:
-        lines.append(f"| {k} | {te:.10f} | {err} | {f_ms:.2f} | {f_ms / base_f:.2f} | {b_ms:.2f} | {b_ms / base_b:.2f} | {gdiff:.1e} |")
+        lines.append(
+            f"| {k} | {te:.10f} | {err} | {f_ms:.2f} | {f_ms / base_f:.2f} | {b_ms:.2f} | "
+            f"{b_ms / base_b:.2f} | {gdiff:.1e} |"
+        )
     return lines
 
 
@@ -125,10 +163,16 @@ def main(argv=None):
     import torchdiffeq
 
     repeat = 3 if a.quick else 21
-    lines = ["# Terminal events against torchdiffeq", "",
-             f"Command: `python benchmarks/events_vs_torchdiffeq.py{' --quick' if a.quick else ''}` (torch {torch.__version__}, "
-             f"torchdiffeq {getattr(torchdiffeq, '__version__', '?')}; 1 thread; medians of {repeat} round-robin repeats; "
-             f"dopri5, rtol {RTOL:g}, atol {ATOL:g}, float64).", ""]
+    lines = [
+        "# Terminal events against torchdiffeq",
+        "",
+        f"Command: `python benchmarks/events_vs_torchdiffeq.py{' --quick' if a.quick else ''}` "
+        f"(torch {torch.__version__}, "
+        f"torchdiffeq {getattr(torchdiffeq, '__version__', '?')}; 1 thread; medians of {repeat} "
+        "round-robin repeats; "
+        f"dopri5, rtol {RTOL:g}, atol {ATOL:g}, float64).",
+        "",
+    ]
     for prob in (ball_problem(), oscillator_problem()):
         lines += measure(prob, repeat) + [""]
     text = "\n".join(lines)

@@ -24,6 +24,7 @@ wall time with the shared-step solve and torchode, in the same run.
 
 Writes ``benchmarks/results/gpu.md`` (``--quick``: ``gpu_quick.md``, or ``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,13 @@ class SpeedMLP(nn.Module):
     def __init__(self, dim=16, hidden=64):
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
-                                 nn.Tanh(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, dim),
+        )
 
     def forward(self, t, y):
         x, s = y[..., :-1], y[..., -1:]
@@ -113,6 +119,7 @@ def methods(f, y0, t1, device):
                 n = sol.stats["nfe"]
                 return B * n, B * n, sol.stats["naccept"] + sol.stats["nreject"]
             return int(sol.stats["nfe"].sum()), sol.stats["nrows"], sol.stats["nsteps"]
+
         return run
 
     out["pyneuralode shared steps"] = ours(False)
@@ -126,6 +133,7 @@ def methods(f, y0, t1, device):
             with torch.no_grad():
                 torchdiffeq.odeint(g, y0, t, rtol=RTOL, atol=ATOL, method="dopri5")
             return B * g.calls, g.rows, (g.calls - 2) // 6
+
         out["torchdiffeq dopri5"] = tde
     except ImportError:
         pass
@@ -134,12 +142,14 @@ def methods(f, y0, t1, device):
 
         def tode():
             term = to.ODETerm(f)
-            adj = to.AutoDiffAdjoint(to.Dopri5(term=term),
-                                     to.IntegralController(atol=ATOL, rtol=RTOL, term=term))
+            adj = to.AutoDiffAdjoint(
+                to.Dopri5(term=term), to.IntegralController(atol=ATOL, rtol=RTOL, term=term)
+            )
             with torch.no_grad():
                 sol = adj.solve(to.InitialValueProblem(y0=y0, t_eval=t.expand(B, 2)))
             st = sol.stats
             return int(st["n_f_evals"].sum()), None, int(st["n_steps"].max())
+
         out["torchode Dopri5"] = tode
     except ImportError:
         pass
@@ -151,8 +161,10 @@ def independent_evaluations(f, y0, t1, limit):
     t = torch.tensor([0.0, t1], dtype=y0.dtype, device=y0.device)
     n = min(limit, y0.shape[0])
     with torch.no_grad():
-        nfe = [pn.solve(f, y0[b:b + 1], t, pn.Dopri5(), rtol=RTOL, atol=ATOL).stats["nfe"]
-               for b in range(n)]
+        nfe = [
+            pn.solve(f, y0[b : b + 1], t, pn.Dopri5(), rtol=RTOL, atol=ATOL).stats["nfe"]
+            for b in range(n)
+        ]
     return sum(nfe), n
 
 
@@ -161,10 +173,19 @@ def run_problem(name, f, y0, t1, device, repeats, check_independent):
     for label, run in methods(f, y0, t1, device).items():
         run()  # warm-up (allocator, lazy imports)
         (evals, nrows, steps), wall, cpu = timed(run, device, repeats)
-        rows.append({"problem": name, "method": label, "evals": int(evals),
-                     "rows": None if nrows is None else int(nrows), "steps": int(steps),
-                     "wall": wall, "cpu": cpu, "per_step_ms": 1e3 * wall / max(int(steps), 1),
-                     "cpu_per_step_ms": 1e3 * cpu / max(int(steps), 1)})
+        rows.append(
+            {
+                "problem": name,
+                "method": label,
+                "evals": int(evals),
+                "rows": None if nrows is None else int(nrows),
+                "steps": int(steps),
+                "wall": wall,
+                "cpu": cpu,
+                "per_step_ms": 1e3 * wall / max(int(steps), 1),
+                "cpu_per_step_ms": 1e3 * cpu / max(int(steps), 1),
+            }
+        )
     indep = None
     if check_independent:
         indep, n = independent_evaluations(f, y0, t1, check_independent)
@@ -186,10 +207,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small batches and spans (seconds)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--batch", type=int, default=None,
-                    help="Van der Pol batch of (a) and (b) (default 256; --quick: 32)")
-    ap.add_argument("--t-vdp", type=float, default=None,
-                    help="Van der Pol end time (default 10; --quick: 3)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="Van der Pol batch of (a) and (b) (default 256; --quick: 32)",
+    )
+    ap.add_argument(
+        "--t-vdp", type=float, default=None, help="Van der Pol end time (default 10; --quick: 3)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -209,10 +235,20 @@ def main(argv=None):
     x0 = torch.randn(B_mlp, 16, generator=g).to(device=device, dtype=dtype)
     y_mlp = torch.cat([x0, speeds.to(device=device, dtype=dtype)[:, None]], 1)
     problems = [
-        (f"(a) Van der Pol, batch {B}, μ ∈ [0.1, 10]", vdp, vdp_batch(mu_a, dtype, device), t_vdp,
-         8 if q else B),
-        (f"(b) Van der Pol, batch {B}, μ ∈ [0.1, 2] + one μ = 100", vdp,
-         vdp_batch(mu_b, dtype, device), t_vdp, 0),
+        (
+            f"(a) Van der Pol, batch {B}, μ ∈ [0.1, 10]",
+            vdp,
+            vdp_batch(mu_a, dtype, device),
+            t_vdp,
+            8 if q else B,
+        ),
+        (
+            f"(b) Van der Pol, batch {B}, μ ∈ [0.1, 2] + one μ = 100",
+            vdp,
+            vdp_batch(mu_b, dtype, device),
+            t_vdp,
+            0,
+        ),
         (f"(c) MLP field × speed ∈ [0.1, 10], batch {B_mlp}", mlp, y_mlp, t_mlp, 0),
     ]
     all_rows, checks = [], {}
@@ -222,21 +258,32 @@ def main(argv=None):
         all_rows += rows
         if indep is not None:
             checks[name] = indep
-    lines = [f"# Per-sample stepping: {device.type} ({platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}, {dtype}, {torch.get_num_threads()} threads)", "",
-             f"`python benchmarks/gpu.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
-             f"Dopri5, rtol={RTOL}, "
-             f"atol={ATOL}; forward without gradients; best of {repeats}.", "",
-             "| problem | method | evaluations (Σ samples) | rows evaluated | batched steps "
-             "| wall (s) | CPU (s) | loop time per step (ms) | CPU per step (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Per-sample stepping: {device.type} ({platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {dtype}, {torch.get_num_threads()} threads)",
+        "",
+        f"`python benchmarks/gpu.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
+        f"Dopri5, rtol={RTOL}, "
+        f"atol={ATOL}; forward without gradients; best of {repeats}.",
+        "",
+        "| problem | method | evaluations (Σ samples) | rows evaluated | batched steps "
+        "| wall (s) | CPU (s) | loop time per step (ms) | CPU per step (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in all_rows:
-        lines.append(f"| {r['problem']} | {r['method']} | {r['evals']} | {fmt(r['rows'])} | "
-                     f"{r['steps']} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['per_step_ms']:.3f} | "
-                     f"{r['cpu_per_step_ms']:.3f} |")
-    lines += ["", "## Targets (issue 22), same run", "",
-              "| problem | evaluations ÷ independent solves | wall (CPU) ÷ shared-step solve "
-              "| wall (CPU) ÷ torchode | (mode) |", "|---|---:|---:|---:|---|"]
+        lines.append(
+            f"| {r['problem']} | {r['method']} | {r['evals']} | {fmt(r['rows'])} | "
+            f"{r['steps']} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['per_step_ms']:.3f} | "
+            f"{r['cpu_per_step_ms']:.3f} |"
+        )
+    lines += [
+        "",
+        "## Targets (issue 22), same run",
+        "",
+        "| problem | evaluations ÷ independent solves | wall (CPU) ÷ shared-step solve "
+        "| wall (CPU) ÷ torchode | (mode) |",
+        "|---|---:|---:|---:|---|",
+    ]
     for name, *_ in problems:
         rs = {r["method"]: r for r in all_rows if r["problem"] == name}
         shared = rs["pyneuralode shared steps"]
@@ -247,11 +294,16 @@ def main(argv=None):
             if name in checks:
                 indep, sub, n, _ = checks[name]
                 ratio_e = f"{sub / indep:.3f} (first {n} samples solved one by one)"
-            vs_tode = "–" if tode is None else (f"{r['wall'] / tode['wall']:.2f} "
-                                                 f"({r['cpu'] / tode['cpu']:.2f})")
-            lines.append(f"| {name} | {ratio_e} | {r['wall'] / shared['wall']:.2f} "
-                         f"({r['cpu'] / shared['cpu']:.2f}) | {vs_tode} | "
-                         f"{mode.split(' ', 1)[1]} |")
+            vs_tode = (
+                "–"
+                if tode is None
+                else (f"{r['wall'] / tode['wall']:.2f} ({r['cpu'] / tode['cpu']:.2f})")
+            )
+            lines.append(
+                f"| {name} | {ratio_e} | {r['wall'] / shared['wall']:.2f} "
+                f"({r['cpu'] / shared['cpu']:.2f}) | {vs_tode} | "
+                f"{mode.split(' ', 1)[1]} |"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out) if args.out else HERE / "results" / ("gpu_quick.md" if q else "gpu.md")

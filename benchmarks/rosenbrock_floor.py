@@ -2,17 +2,18 @@
 
 The bare loop is Rodas5P written out in ~50 lines: the same tableau, its stages on Python floats
 (no arrays, W⁻¹ in closed form), the same predictive step-size
-controller and error norm, and the same torch right-hand side and Jacobian (vectorised f and analytic jac of
-``benchmarks/stiff.py``), but no validation, statistics, dense output, events or output times.
-Both solve Van der Pol (μ = 1000, t = 3000) under ``torch.no_grad()`` on 1 thread, alternately,
-best of ``--repeat`` runs each; the table gives time per step and the library ÷ bare ratio.
-Also: the time per call of f and jac alone, which bounds any engine from below.
+controller and error norm, and the same torch right-hand side and Jacobian (vectorised f and
+analytic jac of ``benchmarks/stiff.py``), but no validation, statistics, dense output, events or
+output times. Both solve Van der Pol (μ = 1000, t = 3000) under ``torch.no_grad()`` on 1 thread,
+alternately, best of ``--repeat`` runs each; the table gives time per step and the library ÷ bare
+ratio. Also: the time per call of f and jac alone, which bounds any engine from below.
 
     python benchmarks/rosenbrock_floor.py            # rtol 1e-5, 1e-6, 1e-7; 7 repeats
     python benchmarks/rosenbrock_floor.py --quick    # rtol 1e-4; 2 repeats (seconds)
 
 Writes ``benchmarks/results/rosenbrock_floor.md`` (``rosenbrock_floor_quick.md`` with ``--quick``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,8 @@ def rosenbrock_stages(tab, rhs, t, h, y, fy, M, tt):
 
 
 def bare_rodas5p(f, jac, y0, T, rtol, atol):
-    """Rodas5P with the predictive controller in the plainest loop; returns (y(T), accepted, rejected).
+    """Rodas5P with the predictive controller in the plainest loop; returns (y(T), accepted,
+    rejected).
 
     The stages on Python floats (:func:`rosenbrock_stages`), W⁻¹ in closed form."""
     tab = pn.Rodas5P().tableau
@@ -66,7 +68,9 @@ def bare_rodas5p(f, jac, y0, T, rtol, atol):
 
     y, t = [float(v) for v in y0], 0.0
     n = len(y)
-    h = 1e-6  # a small first step (the library picks Hairer's initial step; the controller takes over at once)
+    # a small first step (the library picks Hairer's initial step; the controller takes over at
+    # once)
+    h = 1e-6
     naccept = nreject = 0
     err_prev, h_accepted, accepted_last = 1.0, None, True
     fy, J = f(tt(t), tt(y)).tolist(), jac(tt(t), tt(y)).tolist()
@@ -76,13 +80,17 @@ def bare_rodas5p(f, jac, y0, T, rtol, atol):
             h = T - t
         M = closed_form_inverse(J, 1.0 / (h * tab.gamma))
         y1, e = rosenbrock_stages(tab, rhs, t, h, y, fy, M, tt)
-        err = math.sqrt(sum((ek / (atol + rtol * max(abs(a), abs(b)))) ** 2 for ek, a, b in zip(e, y, y1)) / n)
+        err = math.sqrt(
+            sum((ek / (atol + rtol * max(abs(a), abs(b)))) ** 2 for ek, a, b in zip(e, y, y1)) / n
+        )
         if not err <= 1.0:
             nreject += 1
             h *= ctrl.factor(err if math.isfinite(err) else math.inf, err_prev, q, accepted_last)
             accepted_last = False
             continue
-        fac = ctrl.factor(err, err_prev, q, accepted_last, None if h_accepted is None else h / h_accepted)
+        fac = ctrl.factor(
+            err, err_prev, q, accepted_last, None if h_accepted is None else h / h_accepted
+        )
         err_prev, h_accepted, accepted_last = max(err, 1e-4), h, True
         t = T if last else t + h
         y = list(y1)
@@ -95,8 +103,15 @@ def bare_rodas5p(f, jac, y0, T, rtol, atol):
 
 def library_rodas5p(f, jac, y0, T, rtol, atol):
     with torch.no_grad():
-        sol = pn.solve(f, torch.tensor(y0, dtype=torch.float64), torch.tensor([0.0, T], dtype=torch.float64),
-                       pn.Rodas5P(jac=jac), rtol=rtol, atol=atol, max_steps=10**6)
+        sol = pn.solve(
+            f,
+            torch.tensor(y0, dtype=torch.float64),
+            torch.tensor([0.0, T], dtype=torch.float64),
+            pn.Rodas5P(jac=jac),
+            rtol=rtol,
+            atol=atol,
+            max_steps=10**6,
+        )
     return sol.ys[-1].numpy(), sol.stats["naccept"], sol.stats["nreject"]
 
 
@@ -130,9 +145,23 @@ def main(argv=None):
                 out[name] = (S.rel_err(y, p["ref"]), na, nr)
         for name in runs:
             err, na, nr = out[name]
-            rows.append((rtol, name, err, na, nr, best[name], best[name] / (na + nr) * 1e6,
-                         best[name] / best["bare loop"]))
-            print(f"rtol {rtol:.0e} {name:11s} err {err:.1e} steps {na}+{nr} {best[name] * 1e3:7.1f} ms", flush=True)
+            rows.append(
+                (
+                    rtol,
+                    name,
+                    err,
+                    na,
+                    nr,
+                    best[name],
+                    best[name] / (na + nr) * 1e6,
+                    best[name] / best["bare loop"],
+                )
+            )
+            print(
+                f"rtol {rtol:.0e} {name:11s} err {err:.1e} steps {na}+{nr} "
+                f"{best[name] * 1e3:7.1f} ms",
+                flush=True,
+            )
     y = torch.tensor(p["y0"], dtype=torch.float64)
     t = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
@@ -143,20 +172,33 @@ def main(argv=None):
     lines = [
         "# The Rosenbrock path against a bare-bones loop (engine-overhead floor)",
         "",
-        f"Command: `python benchmarks/rosenbrock_floor.py{' --quick' if args.quick else ''}` (torch {torch.__version__}, "
-        f"1 thread, best of {repeat} alternating runs). Van der Pol, μ = 1000, t = 3000, atol = rtol; the "
-        "vectorised torch f and analytic jac of `benchmarks/stiff.py`. The bare loop: the same tableau, stages "
+        f"Command: `python benchmarks/rosenbrock_floor.py{' --quick' if args.quick else ''}` "
+        f"(torch {torch.__version__}, "
+        f"1 thread, best of {repeat} alternating runs). Van der Pol, μ = 1000, t = 3000, atol = "
+        "rtol; the "
+        "vectorised torch f and analytic jac of `benchmarks/stiff.py`. The bare loop: the same "
+        "tableau, stages "
         "on Python floats, W⁻¹ (closed form), predictive controller and error norm, nothing else.",
         "",
-        "| rtol | solver | error | steps (accepted + rejected) | time | µs per step | ÷ bare loop |",
+        "| rtol | solver | error | steps (accepted + rejected) | time | µs per step | ÷ bare loop "
+        "|",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for rtol, name, err, na, nr, sec, us, ratio in rows:
-        lines.append(f"| {rtol:.0e} | {name} | {err:.1e} | {na} + {nr} | {sec * 1e3:.1f} ms | {us:.0f} | {ratio:.2f} |")
-    lines += ["", f"f alone: {f_us:.1f} µs per call; jac alone: {jac_us:.1f} µs per call. A Rodas5P step makes 8 f "
-              f"calls and one jac call: {8 * f_us + jac_us:.0f} µs per step before any engine work. "
-              f"Under `torch.inference_mode()` (torch's context for pure inference; both loops above run under "
-              f"`torch.no_grad()`): f {f_us_inf:.1f} µs, jac {jac_us_inf:.1f} µs, {8 * f_us_inf + jac_us_inf:.0f} µs per step."]
+        lines.append(
+            f"| {rtol:.0e} | {name} | {err:.1e} | {na} + {nr} | {sec * 1e3:.1f} ms | {us:.0f} | "
+            f"{ratio:.2f} |"
+        )
+    lines += [
+        "",
+        f"f alone: {f_us:.1f} µs per call; jac alone: {jac_us:.1f} µs per call. A Rodas5P step "
+        "makes 8 f "
+        f"calls and one jac call: {8 * f_us + jac_us:.0f} µs per step before any engine work. "
+        "Under `torch.inference_mode()` (torch's context for pure inference; both loops above "
+        "run under "
+        f"`torch.no_grad()`): f {f_us_inf:.1f} µs, jac {jac_us_inf:.1f} µs, "
+        f"{8 * f_us_inf + jac_us_inf:.0f} µs per step.",
+    ]
     path = HERE / "results" / ("rosenbrock_floor_quick.md" if args.quick else "rosenbrock_floor.md")
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

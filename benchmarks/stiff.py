@@ -1,4 +1,5 @@
-"""Stiff work–precision benchmark: native pyneuralode stiff solvers vs scipy, diffrax and torchdiffeq.
+"""Stiff work–precision benchmark: native pyneuralode stiff solvers vs scipy, diffrax and
+torchdiffeq.
 
     python benchmarks/stiff.py           # full run (rtol 1e-4..1e-8), a few minutes
     python benchmarks/stiff.py --quick   # rtol 1e-4, 1e-6; one repeat
@@ -19,6 +20,7 @@ Writes ``benchmarks/results/stiff.md`` and ``docs/stiff_work_precision.png`` (``
 ``stiff_quick.md`` and ``stiff_work_precision_quick.png``, not tracked); prints the table.
 ``--replot`` redraws the figure from the saved table without running anything.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +36,9 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,10 +47,20 @@ K = REFS["robertson"]["k"]
 MU = REFS["vanderpol"]["mu"]
 
 PROBLEMS = {
-    "robertson": dict(title="Robertson (t = 1e5)", y0=REFS["robertson"]["y0"], T=REFS["robertson"]["t"][-1],
-                      ref=REFS["robertson"]["y"][-1], atol_factor=1e-4),
-    "vanderpol": dict(title="Van der Pol, μ = 1000 (t = 3000)", y0=REFS["vanderpol"]["y0"], T=REFS["vanderpol"]["t"][-1],
-                      ref=REFS["vanderpol"]["y"][-1], atol_factor=1.0),
+    "robertson": dict(
+        title="Robertson (t = 1e5)",
+        y0=REFS["robertson"]["y0"],
+        T=REFS["robertson"]["t"][-1],
+        ref=REFS["robertson"]["y"][-1],
+        atol_factor=1e-4,
+    ),
+    "vanderpol": dict(
+        title="Van der Pol, μ = 1000 (t = 3000)",
+        y0=REFS["vanderpol"]["y0"],
+        T=REFS["vanderpol"]["t"][-1],
+        ref=REFS["vanderpol"]["y"][-1],
+        atol_factor=1.0,
+    ),
 }
 
 
@@ -63,7 +77,9 @@ def rober_np(t, y):
 def rober_jac_np(t, y):
     k1, k2, k3 = K
     y1, y2, y3 = y
-    return np.array([[-k1, k3 * y3, k3 * y2], [k1, -k3 * y3 - 2 * k2 * y2, -k3 * y2], [0.0, 2 * k2 * y2, 0.0]])
+    return np.array(
+        [[-k1, k3 * y3, k3 * y2], [k1, -k3 * y3 - 2 * k2 * y2, -k3 * y2], [0.0, 2 * k2 * y2, 0.0]]
+    )
 
 
 def vdp_np(t, y):
@@ -87,10 +103,14 @@ def torch_rhs(name, vectorised=False):
 
         def f(t, y):
             y1, y2, y3 = y[0], y[1], y[2]
-            return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2])
+            return torch.stack(
+                [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2]
+            )
     else:
+
         def f(t, y):
             return torch.stack([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
+
     return f
 
 
@@ -106,9 +126,11 @@ def _torch_rhs_vectorised(name):
             y2 = y[1:2]
             return M @ torch.cat([y[:1], y2 * y[2:], y2 * y2])
     else:
+
         def f(t, y):
             x, v = y.unbind()
             return torch.stack([v, torch.addcmul(-x, v, 1 - x * x, value=MU)])
+
     return f
 
 
@@ -135,7 +157,10 @@ def _torch_jac_vectorised(name):
 
         def jac(t, y):
             x, v = y.unbind()
-            return torch.cat([top, torch.stack([-2 * MU * x * v - 1.0, MU * (1 - x * x)]).unsqueeze(0)])
+            return torch.cat(
+                [top, torch.stack([-2 * MU * x * v - 1.0, MU * (1 - x * x)]).unsqueeze(0)]
+            )
+
     return jac
 
 
@@ -151,14 +176,24 @@ def torch_jac(name, vectorised=False):
         def jac(t, y):
             y1, y2, y3 = y.unbind()
             z = torch.zeros_like(y1)
-            return torch.stack([torch.stack([-k1 + z, k3 * y3, k3 * y2]),
-                                torch.stack([k1 + z, -k3 * y3 - 2 * k2 * y2, -k3 * y2]),
-                                torch.stack([z, 2 * k2 * y2, z])])
+            return torch.stack(
+                [
+                    torch.stack([-k1 + z, k3 * y3, k3 * y2]),
+                    torch.stack([k1 + z, -k3 * y3 - 2 * k2 * y2, -k3 * y2]),
+                    torch.stack([z, 2 * k2 * y2, z]),
+                ]
+            )
     else:
+
         def jac(t, y):
             x, v = y.unbind()
-            return torch.stack([torch.stack([torch.zeros_like(x), torch.ones_like(x)]),
-                                torch.stack([-2 * MU * x * v - 1.0, MU * (1 - x * x)])])
+            return torch.stack(
+                [
+                    torch.stack([torch.zeros_like(x), torch.ones_like(x)]),
+                    torch.stack([-2 * MU * x * v - 1.0, MU * (1 - x * x)]),
+                ]
+            )
+
     return jac
 
 
@@ -177,7 +212,15 @@ def _grad_context(context):
     return {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]()
 
 
-def run_native(solver_name, prob, rtol, analytic_jac=False, vectorised=False, jac_mode="autograd", context="no_grad"):
+def run_native(
+    solver_name,
+    prob,
+    rtol,
+    analytic_jac=False,
+    vectorised=False,
+    jac_mode="autograd",
+    context="no_grad",
+):
     import torch
 
     import pyneuralode as pn
@@ -186,7 +229,9 @@ def run_native(solver_name, prob, rtol, analytic_jac=False, vectorised=False, ja
     f = torch_rhs(prob, vectorised)
     y0 = torch.tensor(p["y0"], dtype=torch.float64)
     t = torch.tensor([0.0, p["T"]], dtype=torch.float64)
-    solver = getattr(pn, solver_name)(jac=torch_jac(prob, vectorised) if analytic_jac else None, jac_mode=jac_mode)
+    solver = getattr(pn, solver_name)(
+        jac=torch_jac(prob, vectorised) if analytic_jac else None, jac_mode=jac_mode
+    )
 
     t0 = time.perf_counter()
     with _grad_context(context):
@@ -205,11 +250,18 @@ def run_scipy(method, prob, rtol, analytic_jac=True):
 
     kw = {"jac": jac} if jac is not None else {}
     t0 = time.perf_counter()
-    s = solve_ivp(f, (0.0, p["T"]), p["y0"], method=method, rtol=rtol, atol=rtol * p["atol_factor"], **kw)
+    s = solve_ivp(
+        f, (0.0, p["T"]), p["y0"], method=method, rtol=rtol, atol=rtol * p["atol_factor"], **kw
+    )
     sec = time.perf_counter() - t0
     if not s.success:
         raise RuntimeError(s.message)
-    return sec, s.y[:, -1], s.t.size - 1, {"nfev": int(s.nfev), "njev": int(s.njev), "nlu": int(s.nlu)}
+    return (
+        sec,
+        s.y[:, -1],
+        s.t.size - 1,
+        {"nfev": int(s.nfev), "njev": int(s.njev), "nlu": int(s.nlu)},
+    )
 
 
 def run_scipy_torch_f(method, prob, rtol, context="no_grad"):
@@ -220,7 +272,7 @@ def run_scipy_torch_f(method, prob, rtol, context="no_grad"):
 
     p = PROBLEMS[prob]
     f, jac = torch_rhs(prob, True), torch_jac(prob, True)
-    tt = lambda t: torch.scalar_tensor(t, dtype=torch.float64)  # noqa: E731
+    tt = lambda t: torch.scalar_tensor(t, dtype=torch.float64)
 
     def fun(t, y):
         return f(tt(t), torch.from_numpy(y)).numpy()
@@ -230,11 +282,24 @@ def run_scipy_torch_f(method, prob, rtol, context="no_grad"):
 
     t0 = time.perf_counter()
     with _grad_context(context):
-        s = solve_ivp(fun, (0.0, p["T"]), p["y0"], method=method, rtol=rtol, atol=rtol * p["atol_factor"], jac=jfun)
+        s = solve_ivp(
+            fun,
+            (0.0, p["T"]),
+            p["y0"],
+            method=method,
+            rtol=rtol,
+            atol=rtol * p["atol_factor"],
+            jac=jfun,
+        )
     sec = time.perf_counter() - t0
     if not s.success:
         raise RuntimeError(s.message)
-    return sec, s.y[:, -1], s.t.size - 1, {"nfev": int(s.nfev), "njev": int(s.njev), "nlu": int(s.nlu)}
+    return (
+        sec,
+        s.y[:, -1],
+        s.t.size - 1,
+        {"nfev": int(s.nfev), "njev": int(s.njev), "nlu": int(s.nlu)},
+    )
 
 
 _DIFFRAX = {}
@@ -257,8 +322,11 @@ def _diffrax_solver(solver_name, prob):
 
         def vf(t, y, args):
             y1, y2, y3 = y
-            return jnp.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2])
+            return jnp.stack(
+                [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2]
+            )
     else:
+
         def vf(t, y, args):
             return jnp.stack([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
 
@@ -271,8 +339,17 @@ def _diffrax_solver(solver_name, prob):
     @jax.jit
     def solve(rtol, atol):
         ctrl = diffrax.PIDController(rtol=rtol, atol=atol)
-        sol = diffrax.diffeqsolve(term, solver, t0=0.0, t1=p["T"], dt0=None, y0=y0, stepsize_controller=ctrl,
-                                  max_steps=10**6, saveat=diffrax.SaveAt(t1=True))
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            t0=0.0,
+            t1=p["T"],
+            dt0=None,
+            y0=y0,
+            stepsize_controller=ctrl,
+            max_steps=10**6,
+            saveat=diffrax.SaveAt(t1=True),
+        )
         return sol.ys[-1], sol.stats["num_steps"], sol.stats["num_rejected_steps"]
 
     _DIFFRAX[key] = solve
@@ -310,8 +387,15 @@ def _dopri5_child(prob, rtol, tmax, nfe):
             tmax.value = tv
         return f0(t, y)
 
-    odeint(f, torch.tensor(p["y0"], dtype=torch.float64), torch.tensor([0.0, p["T"]], dtype=torch.float64),
-           method="dopri5", rtol=rtol, atol=rtol * p["atol_factor"], options=dict(max_num_steps=2**31 - 1))
+    odeint(
+        f,
+        torch.tensor(p["y0"], dtype=torch.float64),
+        torch.tensor([0.0, p["T"]], dtype=torch.float64),
+        method="dopri5",
+        rtol=rtol,
+        atol=rtol * p["atol_factor"],
+        options=dict(max_num_steps=2**31 - 1),
+    )
 
 
 def run_dopri5_limited(prob, rtol, limit):
@@ -325,8 +409,13 @@ def run_dopri5_limited(prob, rtol, limit):
     if not finished:
         proc.kill()
         proc.join()
-    return dict(finished=finished and proc.exitcode == 0, seconds=time.perf_counter() - t0, t_reached=tmax.value,
-                nfe=nfe.value, T=PROBLEMS[prob]["T"])
+    return dict(
+        finished=finished and proc.exitcode == 0,
+        seconds=time.perf_counter() - t0,
+        t_reached=tmax.value,
+        nfe=nfe.value,
+        T=PROBLEMS[prob]["T"],
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,7 +442,9 @@ def batched_scipy(method, Kb, y0, T, rtol, atol):
     def f(t, u):
         y = u.reshape(B, 3)
         y1, y2, y3 = y[:, 0], y[:, 1], y[:, 2]
-        return np.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1).reshape(-1)
+        return np.stack(
+            [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1
+        ).reshape(-1)
 
     def jac(t, u):
         y = u.reshape(B, 3)
@@ -382,12 +473,16 @@ def batched_native(solver_name, Kb, y0, T, rtol, atol):
     def f(t, Y, Kt):
         y1, y2, y3 = Y[:, 0], Y[:, 1], Y[:, 2]
         k1, k2, k3 = Kt[:, 0], Kt[:, 1], Kt[:, 2]
-        return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1)
+        return torch.stack(
+            [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1
+        )
 
     solver = getattr(pn, solver_name)(batched=True)
     t0 = time.perf_counter()
     with torch.no_grad():
-        sol = pn.solve(f, torch.tensor(y0), [0.0, T], solver, rtol=rtol, atol=atol, args=(Kt,), max_steps=10**6)
+        sol = pn.solve(
+            f, torch.tensor(y0), [0.0, T], solver, rtol=rtol, atol=atol, args=(Kt,), max_steps=10**6
+        )
     sec = time.perf_counter() - t0
     return sec, sol.ys[-1].numpy(), sol.stats["naccept"] + sol.stats["nreject"]
 
@@ -401,15 +496,30 @@ def batched_diffrax(solver_name, Kb, y0, T, rtol, atol):
 
     def vf(t, y, k):
         y1, y2, y3 = y
-        return jnp.stack([-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2])
+        return jnp.stack(
+            [
+                -k[0] * y1 + k[2] * y2 * y3,
+                k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2,
+                k[1] * y2 * y2,
+            ]
+        )
 
     term = diffrax.ODETerm(vf)
     solver = getattr(diffrax, solver_name)()
 
     @jax.jit
     def solve(k, y):
-        sol = diffrax.diffeqsolve(term, solver, t0=0.0, t1=T, dt0=None, y0=y, args=k, max_steps=10**6,
-                                  stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol))
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            t0=0.0,
+            t1=T,
+            dt0=None,
+            y0=y,
+            args=k,
+            max_steps=10**6,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        )
         return sol.ys[-1], sol.stats["num_steps"]
 
     vsolve = jax.jit(jax.vmap(solve))
@@ -423,35 +533,68 @@ def batched_diffrax(solver_name, Kb, y0, T, rtol, atol):
 
 def run_batched(B, rtols, diffrax_ok, notes):
     Kb, y0, T = batched_problem(B)
-    print(f"batched reference (scipy Radau, rtol 1e-11, sparse block Jacobian, B={B}) ...", flush=True)
+    print(
+        f"batched reference (scipy Radau, rtol 1e-11, sparse block Jacobian, B={B}) ...", flush=True
+    )
     _, ref, _ = batched_scipy("Radau", Kb, y0, T, 1e-11, 1e-17)
-    runs = [("pn.Rodas5P (batched=True)", lambda r, a: batched_native("Rodas5P", Kb, y0, T, r, a)),
-            ("pn.KenCarp4 (batched=True)", lambda r, a: batched_native("KenCarp4", Kb, y0, T, r, a)),
-            ("scipy Radau (sparse jac)", lambda r, a: batched_scipy("Radau", Kb, y0, T, r, a)),
-            ("scipy BDF (sparse jac)", lambda r, a: batched_scipy("BDF", Kb, y0, T, r, a))]
+    runs = [
+        ("pn.Rodas5P (batched=True)", lambda r, a: batched_native("Rodas5P", Kb, y0, T, r, a)),
+        ("pn.KenCarp4 (batched=True)", lambda r, a: batched_native("KenCarp4", Kb, y0, T, r, a)),
+        ("scipy Radau (sparse jac)", lambda r, a: batched_scipy("Radau", Kb, y0, T, r, a)),
+        ("scipy BDF (sparse jac)", lambda r, a: batched_scipy("BDF", Kb, y0, T, r, a)),
+    ]
     if diffrax_ok:
-        runs.append(("diffrax Kvaerno5 (vmap)", lambda r, a: batched_diffrax("Kvaerno5", Kb, y0, T, r, a)))
+        runs.append(
+            ("diffrax Kvaerno5 (vmap)", lambda r, a: batched_diffrax("Kvaerno5", Kb, y0, T, r, a))
+        )
     rows = {}
     for rtol in rtols:
         for label, fn in runs:
             try:
                 fn(rtol, rtol * 1e-4)  # warm-up
                 sec, y, steps = min((fn(rtol, rtol * 1e-4) for _ in range(2)), key=lambda x: x[0])
-            except Exception as e:  # noqa: BLE001
-                notes.append(f"batched {label} rtol={rtol:g}: failed: {type(e).__name__}: {next((ln for ln in str(e).splitlines() if ln.strip()), '')[:160]}")
+            except Exception as e:
+                notes.append(
+                    f"batched {label} rtol={rtol:g}: failed: {type(e).__name__}: "
+                    f"{next((ln for ln in str(e).splitlines() if ln.strip()), '')[:160]}"
+                )
                 continue
             err = float(np.max(np.abs(y - ref) / np.abs(ref)))
             rows.setdefault(label, {})[rtol] = dict(err=err, sec=sec, steps=steps)
-            print(f"batched B={B} {label:28s} rtol={rtol:.0e} err={err:.2e} time={sec * 1e3:9.1f} ms steps={steps}", flush=True)
+            print(
+                f"batched B={B} {label:28s} rtol={rtol:.0e} err={err:.2e} time={sec * 1e3:9.1f} "
+                f"ms steps={steps}",
+                flush=True,
+            )
     return dict(B=B, T=T, rows=rows, rtols=rtols)
 
 
-NATIVE = ["Rodas5P", "Rodas4", "Rosenbrock23", "KenCarp4", "Kvaerno5", "Kvaerno3", "TRBDF2", "ImplicitEuler", "QNDF"]
-NATIVE_ANALYTIC = ["Rodas5P", "Rodas4", "Kvaerno5", "QNDF"]  # with the analytic Jacobian, as scipy gets it
-NATIVE_VECTORISED = ["Rodas5P", "Rodas4"]  # f and the analytic Jacobian written as whole-vector torch ops
+NATIVE = [
+    "Rodas5P",
+    "Rodas4",
+    "Rosenbrock23",
+    "KenCarp4",
+    "Kvaerno5",
+    "Kvaerno3",
+    "TRBDF2",
+    "ImplicitEuler",
+    "QNDF",
+]
+NATIVE_ANALYTIC = [
+    "Rodas5P",
+    "Rodas4",
+    "Kvaerno5",
+    "QNDF",
+]  # with the analytic Jacobian, as scipy gets it
+NATIVE_VECTORISED = [
+    "Rodas5P",
+    "Rodas4",
+]  # f and the analytic Jacobian written as whole-vector torch ops
 NATIVE_FD = ["Rodas5P", "Rodas4"]  # jac_mode="finite_difference" (as scipy Radau's default)
 SCIPY = [("Radau", True), ("Radau", False), ("BDF", True), ("LSODA", True)]
-SCIPY_TORCH_F = ["Radau"]  # scipy given the same torch f/jac as the vectorised native rows (the f-cost context)
+SCIPY_TORCH_F = [
+    "Radau"
+]  # scipy given the same torch f/jac as the vectorised native rows (the f-cost context)
 DIFFRAX = ["Kvaerno5", "KenCarp4"]
 
 
@@ -473,29 +616,56 @@ def equal_accuracy_ratio(points, base_points):
 
 
 def ratios_against(results, base_label, keep):
-    """``{(problem, label): (ratio, n)}``: each kept solver's equal-accuracy time ratio to ``base_label``."""
+    """``{(problem, label): (ratio, n)}``: each kept solver's equal-accuracy time ratio to
+    ``base_label``."""
     out = {}
     for prob in PROBLEMS:
         base = [(r["err"], r["sec"]) for r in results.get((prob, base_label), [])]
         for (p, label), rows in results.items():
             if p == prob and keep(label):
-                out[(prob, label)] = equal_accuracy_ratio([(r["err"], r["sec"]) for r in rows], base)
+                out[(prob, label)] = equal_accuracy_ratio(
+                    [(r["err"], r["sec"]) for r in rows], base
+                )
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="rtol 1e-4 and 1e-6 only, one repeat, short dopri5 limit")
-    ap.add_argument("--budget", type=float, default=6.0, help="stop tightening rtol for a solver once one run takes longer (s)")
-    ap.add_argument("--dopri5-limit", type=float, default=None, help="wall-time limit for torchdiffeq dopri5 (s)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="rtol 1e-4 and 1e-6 only, one repeat, short dopri5 limit",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=6.0,
+        help="stop tightening rtol for a solver once one run takes longer (s)",
+    )
+    ap.add_argument(
+        "--dopri5-limit",
+        type=float,
+        default=None,
+        help="wall-time limit for torchdiffeq dopri5 (s)",
+    )
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--replot", action="store_true",
-                    help="only redraw the figure from the saved table (benchmarks/results/stiff.md, or stiff_quick.md with --quick)")
+    ap.add_argument(
+        "--replot",
+        action="store_true",
+        help=(
+            "only redraw the figure from the saved table (benchmarks/results/stiff.md, or "
+            "stiff_quick.md with --quick)"
+        ),
+    )
     args = ap.parse_args()
     if args.replot:
         table = ROOT / "benchmarks" / "results" / ("stiff_quick.md" if args.quick else "stiff.md")
-        plot(results_from_table(table.read_text()),
-             ROOT / "docs" / ("stiff_work_precision_quick.png" if args.quick else "stiff_work_precision.png"))
+        plot(
+            results_from_table(table.read_text()),
+            ROOT
+            / "docs"
+            / ("stiff_work_precision_quick.png" if args.quick else "stiff_work_precision.png"),
+        )
         return
     import torch
 
@@ -510,27 +680,61 @@ def main():
     try:
         import diffrax  # noqa: F401
         import jax  # noqa: F401
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         diffrax_ok = False
         notes.append(f"diffrax not run: {type(e).__name__}: {e}")
 
     runners = [(f"pn.{n}", lambda prob, rtol, n=n: run_native(n, prob, rtol)) for n in NATIVE]
-    runners += [(f"pn.{n} (analytic jac)", lambda prob, rtol, n=n: run_native(n, prob, rtol, True)) for n in NATIVE_ANALYTIC]
-    runners += [(f"pn.{n} (vectorised f, analytic jac)", lambda prob, rtol, n=n: run_native(n, prob, rtol, True, True))
-                for n in NATIVE_VECTORISED]
-    runners += [(f"pn.{n} (vectorised f, analytic jac, inference_mode)",
-                 lambda prob, rtol, n=n: run_native(n, prob, rtol, True, True, context="inference_mode"))
-                for n in NATIVE_VECTORISED]
-    runners += [(f"pn.{n} (vectorised f, FD jac)", lambda prob, rtol, n=n: run_native(n, prob, rtol, False, True, "finite_difference"))
-                for n in NATIVE_FD]
-    runners += [(f"scipy {m}" + ("" if aj else " (FD jac)"), lambda prob, rtol, m=m, aj=aj: run_scipy(m, prob, rtol, aj))
-                for m, aj in SCIPY]
-    runners += [(f"scipy {m} (torch f and jac, as pn's vectorised rows)", lambda prob, rtol, m=m: run_scipy_torch_f(m, prob, rtol))
-                for m in SCIPY_TORCH_F]
-    runners += [(f"scipy {m} (torch f and jac, as pn's vectorised rows, inference_mode)",
-                 lambda prob, rtol, m=m: run_scipy_torch_f(m, prob, rtol, "inference_mode")) for m in SCIPY_TORCH_F]
+    runners += [
+        (f"pn.{n} (analytic jac)", lambda prob, rtol, n=n: run_native(n, prob, rtol, True))
+        for n in NATIVE_ANALYTIC
+    ]
+    runners += [
+        (
+            f"pn.{n} (vectorised f, analytic jac)",
+            lambda prob, rtol, n=n: run_native(n, prob, rtol, True, True),
+        )
+        for n in NATIVE_VECTORISED
+    ]
+    runners += [
+        (
+            f"pn.{n} (vectorised f, analytic jac, inference_mode)",
+            lambda prob, rtol, n=n: run_native(n, prob, rtol, True, True, context="inference_mode"),
+        )
+        for n in NATIVE_VECTORISED
+    ]
+    runners += [
+        (
+            f"pn.{n} (vectorised f, FD jac)",
+            lambda prob, rtol, n=n: run_native(n, prob, rtol, False, True, "finite_difference"),
+        )
+        for n in NATIVE_FD
+    ]
+    runners += [
+        (
+            f"scipy {m}" + ("" if aj else " (FD jac)"),
+            lambda prob, rtol, m=m, aj=aj: run_scipy(m, prob, rtol, aj),
+        )
+        for m, aj in SCIPY
+    ]
+    runners += [
+        (
+            f"scipy {m} (torch f and jac, as pn's vectorised rows)",
+            lambda prob, rtol, m=m: run_scipy_torch_f(m, prob, rtol),
+        )
+        for m in SCIPY_TORCH_F
+    ]
+    runners += [
+        (
+            f"scipy {m} (torch f and jac, as pn's vectorised rows, inference_mode)",
+            lambda prob, rtol, m=m: run_scipy_torch_f(m, prob, rtol, "inference_mode"),
+        )
+        for m in SCIPY_TORCH_F
+    ]
     if diffrax_ok:
-        runners += [(f"diffrax {n}", lambda prob, rtol, n=n: run_diffrax(n, prob, rtol)) for n in DIFFRAX]
+        runners += [
+            (f"diffrax {n}", lambda prob, rtol, n=n: run_diffrax(n, prob, rtol)) for n in DIFFRAX
+        ]
 
     # Interleaved timing: for each problem and rtol, every solver runs once per round (the first
     # round is an untimed warm-up unless a run is slow), so all solvers see the same machine load;
@@ -546,7 +750,7 @@ def main():
                         continue
                     try:
                         sec, y, steps, extra = fn(prob, rtol)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:160]
                         msg = f"{prob} {label} rtol={rtol:g}: failed: {type(e).__name__}: {first}"
                         notes.append(msg)
@@ -557,18 +761,29 @@ def main():
                         continue  # warm-up round
                     b = best.get(label)
                     if b is None or sec < b["sec"]:
-                        best[label] = dict(rtol=rtol, err=rel_err(y, ref), sec=sec, steps=steps, final=sec >= 2.0)
+                        best[label] = dict(
+                            rtol=rtol, err=rel_err(y, ref), sec=sec, steps=steps, final=sec >= 2.0
+                        )
             for label, _ in runners:
                 if label not in best:
                     continue
                 b = best[label]
                 results.setdefault((prob, label), []).append(b)
-                print(f"{prob:10s} {label:24s} rtol={rtol:.0e} err={b['err']:.2e} time={b['sec'] * 1e3:9.1f} ms steps={b['steps']}", flush=True)
+                print(
+                    f"{prob:10s} {label:24s} rtol={rtol:.0e} err={b['err']:.2e} "
+                    f"time={b['sec'] * 1e3:9.1f} ms steps={b['steps']}",
+                    flush=True,
+                )
                 if b["sec"] > args.budget:
                     stopped.add(label)
-                    notes.append(f"{prob} {label}: stopped after rtol={rtol:g} (one solve took {b['sec']:.1f} s > budget {args.budget:g} s)")
+                    notes.append(
+                        f"{prob} {label}: stopped after rtol={rtol:g} (one solve took "
+                        f"{b['sec']:.1f} s > budget {args.budget:g} s)"
+                    )
 
-    batched = run_batched(200 if args.quick else 1000, [1e-6] if args.quick else [1e-5, 1e-7], diffrax_ok, notes)
+    batched = run_batched(
+        200 if args.quick else 1000, [1e-6] if args.quick else [1e-5, 1e-7], diffrax_ok, notes
+    )
 
     dopri = {}
     for prob in PROBLEMS:
@@ -579,10 +794,22 @@ def main():
     # equal-accuracy ratios vs scipy Radau (analytic Jacobian), and vs scipy Radau given pn's own
     # torch f and jac (the same f cost on both sides) for the vectorised native rows
     ratios = ratios_against(results, "scipy Radau", lambda label: label != "scipy Radau")
-    ratios_same_f = ratios_against(results, "scipy Radau (torch f and jac, as pn's vectorised rows)",
-                                   lambda label: label.startswith("pn.") and "vectorised" in label and "inference_mode" not in label)
-    ratios_same_f.update(ratios_against(results, "scipy Radau (torch f and jac, as pn's vectorised rows, inference_mode)",
-                                        lambda label: label.startswith("pn.") and "vectorised" in label and "inference_mode" in label))
+    ratios_same_f = ratios_against(
+        results,
+        "scipy Radau (torch f and jac, as pn's vectorised rows)",
+        lambda label: (
+            label.startswith("pn.") and "vectorised" in label and "inference_mode" not in label
+        ),
+    )
+    ratios_same_f.update(
+        ratios_against(
+            results,
+            "scipy Radau (torch f and jac, as pn's vectorised rows, inference_mode)",
+            lambda label: (
+                label.startswith("pn.") and "vectorised" in label and "inference_mode" in label
+            ),
+        )
+    )
 
     md = render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched, ratios_same_f)
     # a quick run must not overwrite the full results the README quotes
@@ -591,42 +818,70 @@ def main():
     out.write_text(md)
     print(md)
     if not args.no_plot:
-        plot(results, ROOT / "docs" / ("stiff_work_precision_quick.png" if args.quick else "stiff_work_precision.png"))
+        plot(
+            results,
+            ROOT
+            / "docs"
+            / ("stiff_work_precision_quick.png" if args.quick else "stiff_work_precision.png"),
+        )
 
 
 def _ratio_table(ratios, labels):
     """Markdown rows: one line per solver label, one ratio column per problem ("—" where none)."""
-    lines = ["| solver | " + " | ".join(PROBLEMS[p]["title"] for p in PROBLEMS) + " |", "|---|" + "---|" * len(PROBLEMS)]
+    lines = [
+        "| solver | " + " | ".join(PROBLEMS[p]["title"] for p in PROBLEMS) + " |",
+        "|---|" + "---|" * len(PROBLEMS),
+    ]
     for lab in labels:
-        cells = [f"{r:.2f}" if (r := ratios.get((p, lab), (None, 0))[0]) is not None else "—" for p in PROBLEMS]
+        cells = [
+            f"{r:.2f}" if (r := ratios.get((p, lab), (None, 0))[0]) is not None else "—"
+            for p in PROBLEMS
+        ]
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
-def render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched=None, ratios_same_f=None):
+def render(
+    results, ratios, dopri, notes, rtols, args, dopri_limit, batched=None, ratios_same_f=None
+):
     import torch
 
     lines = ["# Stiff solvers: work–precision", ""]
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    lines.append(f"Command: `python benchmarks/stiff.py{' --quick' if args.quick else ''}` — "
-                 f"{platform.processor() or platform.machine()}, 1 thread, Python {platform.python_version()}, "
-                 f"torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}; load average at the end of the run: {load} "
-                 "(times are the best of up to 3 repeats; other jobs on the machine add noise).")
+    lines.append(
+        f"Command: `python benchmarks/stiff.py{' --quick' if args.quick else ''}` — "
+        f"{platform.processor() or platform.machine()}, 1 thread, Python "
+        f"{platform.python_version()}, "
+        f"torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}; load average at the end of "
+        f"the run: {load} "
+        "(times are the best of up to 3 repeats; other jobs on the machine add noise)."
+    )
     lines.append("")
-    lines.append("Error = max relative error over the components at the final time vs scipy Radau at rtol 1e-12. "
-                 "Ratio = wall time at equal accuracy ÷ scipy Radau's (median over Radau's points, log–log interpolation of each "
-                 "solver's curve; ≤ 1.0 means no slower than Radau).")
+    lines.append(
+        "Error = max relative error over the components at the final time vs scipy Radau at rtol "
+        "1e-12. "
+        "Ratio = wall time at equal accuracy ÷ scipy Radau's (median over Radau's points, log–log "
+        "interpolation of each "
+        "solver's curve; ≤ 1.0 means no slower than Radau)."
+    )
     lines.append("")
     lines.append("## Equal-accuracy time ratio vs scipy Radau (analytic Jacobian)")
     lines.append("")
-    labels = sorted({lab for (_, lab) in results if lab != "scipy Radau"}, key=lambda s: (not s.startswith("pn."), s))
+    labels = sorted(
+        {lab for (_, lab) in results if lab != "scipy Radau"},
+        key=lambda s: (not s.startswith("pn."), s),
+    )
     lines += _ratio_table(ratios, labels)
     if ratios_same_f:
         lines.append("### The same, against scipy Radau given pn's own torch f and jac")
         lines.append("")
-        lines.append("scipy Radau calls the vectorised torch f and analytic jac of the pn rows below through a numpy wrapper, "
-                     "under the same grad mode (`torch.no_grad()`, or `torch.inference_mode()` for the rows so marked), "
-                     "so both sides pay torch's per-call cost for f; the ratio isolates the solvers.")
+        lines.append(
+            "scipy Radau calls the vectorised torch f and analytic jac of the pn rows below "
+            "through a numpy wrapper, "
+            "under the same grad mode (`torch.no_grad()`, or `torch.inference_mode()` for the "
+            "rows so marked), "
+            "so both sides pay torch's per-call cost for f; the ratio isolates the solvers."
+        )
         lines.append("")
         lines += _ratio_table(ratios_same_f, sorted({lab for (_, lab) in ratios_same_f}))
     for p in PROBLEMS:
@@ -641,22 +896,36 @@ def render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched=None
             cells = []
             for r in rtols:
                 x = byr.get(r)
-                cells.append("—" if x is None else f"{x['err']:.1e} / {x['sec'] * 1e3:.0f} ms / {x['steps']}")
+                cells.append(
+                    "—" if x is None else f"{x['err']:.1e} / {x['sec'] * 1e3:.0f} ms / {x['steps']}"
+                )
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("Cells: error / wall time / steps (accepted + rejected).")
         lines.append("")
     if batched and batched["rows"]:
-        lines.append(f"## {batched['B']} independent Robertson systems (state ({batched['B']}, 3), rate constants ×e^U(−0.5, 0.5), t = {batched['T']:g})")
+        lines.append(
+            f"## {batched['B']} independent Robertson systems (state ({batched['B']}, 3), rate "
+            f"constants ×e^U(−0.5, 0.5), t = {batched['T']:g})"
+        )
         lines.append("")
-        lines.append("Native: one 3×3 Jacobian and LU per system (`batched=True`). scipy: the flattened system with the analytic "
-                     "block-diagonal Jacobian as a sparse matrix. diffrax: `jax.vmap` over per-system solves. "
-                     "Error vs scipy Radau at rtol 1e-11 on the same system; atol = 1e-4·rtol.")
+        lines.append(
+            "Native: one 3×3 Jacobian and LU per system (`batched=True`). scipy: the flattened "
+            "system with the analytic "
+            "block-diagonal Jacobian as a sparse matrix. diffrax: `jax.vmap` over per-system "
+            "solves. "
+            "Error vs scipy Radau at rtol 1e-11 on the same system; atol = 1e-4·rtol."
+        )
         lines.append("")
         lines.append("| solver | " + " | ".join(f"rtol {r:.0e}" for r in batched["rtols"]) + " |")
         lines.append("|---|" + "---|" * len(batched["rtols"]))
         for lab, byr in batched["rows"].items():
-            cells = ["—" if r not in byr else f"{byr[r]['err']:.1e} / {byr[r]['sec'] * 1e3:.0f} ms / {byr[r]['steps']}" for r in batched["rtols"]]
+            cells = [
+                "—"
+                if r not in byr
+                else f"{byr[r]['err']:.1e} / {byr[r]['sec'] * 1e3:.0f} ms / {byr[r]['steps']}"
+                for r in batched["rtols"]
+            ]
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("## torchdiffeq dopri5 (explicit), rtol 1e-6, wall-time limit")
@@ -664,8 +933,11 @@ def render(results, ratios, dopri, notes, rtols, args, dopri_limit, batched=None
     lines.append("| problem | finished | wall time | t reached / t end | f evaluations |")
     lines.append("|---|---|---|---|---|")
     for p, d in dopri.items():
-        lines.append(f"| {PROBLEMS[p]['title']} | {'yes' if d['finished'] else f'no (killed at {dopri_limit:g} s)'} | "
-                     f"{d['seconds']:.1f} s | {d['t_reached']:.4g} / {d['T']:g} | {d['nfe']:,} |")
+        lines.append(
+            f"| {PROBLEMS[p]['title']} | "
+            f"{'yes' if d['finished'] else f'no (killed at {dopri_limit:g} s)'} | "
+            f"{d['seconds']:.1f} s | {d['t_reached']:.4g} / {d['T']:g} | {d['nfe']:,} |"
+        )
     lines.append("")
     if notes:
         lines.append("## Notes")
@@ -733,15 +1005,29 @@ def plot(results, out):
                 (h,) = ax.loglog(xs, ys, style, color=color, label=lab, ms=4, lw=1.6, zorder=3)
                 handles.setdefault(lab, h)
             else:
-                (h,) = ax.loglog(xs, ys, "-", color="0.75", lw=0.8, zorder=1, label="other configurations (see the table)")
+                (h,) = ax.loglog(
+                    xs,
+                    ys,
+                    "-",
+                    color="0.75",
+                    lw=0.8,
+                    zorder=1,
+                    label="other configurations (see the table)",
+                )
                 handles.setdefault("other", h)
         ax.set_title(PROBLEMS[p]["title"])
         ax.set_xlabel("wall time of one solve (s), 1 thread")
         ax.set_ylabel("max relative error at the final time")
         ax.grid(True, which="both", alpha=0.3)
     order = [lab for lab in HIGHLIGHT if lab in handles] + (["other"] if "other" in handles else [])
-    fig.legend([handles[k] for k in order], [handles[k].get_label() for k in order], loc="lower center",
-               ncol=3, fontsize=8, frameon=False)
+    fig.legend(
+        [handles[k] for k in order],
+        [handles[k].get_label() for k in order],
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle("Stiff work–precision: lower left is better (benchmarks/stiff.py)", fontsize=11)
     fig.tight_layout(rect=(0, 0.17, 1, 0.97))
     out.parent.mkdir(parents=True, exist_ok=True)

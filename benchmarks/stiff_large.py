@@ -8,15 +8,17 @@ The state has 2N components; diffusion makes it stiff (eigenvalues down to about
 Every native solver gets its Jacobian from torch (autograd) and the same rtol/atol: dense (the
 default) and, in the ``linsolve='sparse'`` rows, on the Jacobian's sparsity pattern (one batched
 vector–Jacobian product per row colour, SuperLU factorisations); scipy's BDF and Radau get the same
-pattern (``jac_sparsity``), as a scipy user would give it. Errors are the largest relative error at t = 10 against scipy Radau
-at rtol 1e-10. Solves run under ``torch.no_grad()``; the rows marked ``inference_mode`` under
-``torch.inference_mode()``. One process, 1 thread, each configuration timed ``--repeat`` times (minimum).
+pattern (``jac_sparsity``), as a scipy user would give it. Errors are the largest relative error at
+t = 10 against scipy Radau at rtol 1e-10. Solves run under ``torch.no_grad()``; the rows marked
+``inference_mode`` under ``torch.inference_mode()``. One process, 1 thread, each configuration timed
+``--repeat`` times (minimum).
 
     python benchmarks/stiff_large.py            # N = 500 (1000 states), rtol 1e-6
     python benchmarks/stiff_large.py --quick    # N = 100, one repeat (seconds)
 
 Writes benchmarks/results/stiff_large.md (``stiff_large_quick.md`` with ``--quick``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,14 +58,18 @@ def numpy_rhs(N):
         up = np.concatenate([[1.0], u, [1.0]])
         vp = np.concatenate([[3.0], v, [3.0]])
         uuv = u * u * v
-        return np.concatenate([1.0 + uuv - 4.0 * u + c * (up[:-2] - 2.0 * u + up[2:]),
-                               3.0 * u - uuv + c * (vp[:-2] - 2.0 * v + vp[2:])])
+        return np.concatenate(
+            [
+                1.0 + uuv - 4.0 * u + c * (up[:-2] - 2.0 * u + up[2:]),
+                3.0 * u - uuv + c * (vp[:-2] - 2.0 * v + vp[2:]),
+            ]
+        )
 
     return f
 
 
 def sparsity(N):
-    from scipy.sparse import diags, bmat
+    from scipy.sparse import bmat, diags
 
     tri = diags([1.0, 1.0, 1.0], [-1, 0, 1], shape=(N, N))
     dia = diags([1.0], [0], shape=(N, N))
@@ -92,11 +98,23 @@ def run_scipy(method, N, rtol, atol):
     from scipy.integrate import solve_ivp
 
     t0 = time.perf_counter()
-    s = solve_ivp(numpy_rhs(N), (0.0, T_END), y0_of(N), method=method, rtol=rtol, atol=atol, jac_sparsity=sparsity(N))
+    s = solve_ivp(
+        numpy_rhs(N),
+        (0.0, T_END),
+        y0_of(N),
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        jac_sparsity=sparsity(N),
+    )
     sec = time.perf_counter() - t0
     if not s.success:
         raise RuntimeError(s.message)
-    return sec, s.y[:, -1], {"naccept": s.t.size - 1, "nfe": int(s.nfev), "njac": int(s.njev), "nlu": int(s.nlu)}
+    return (
+        sec,
+        s.y[:, -1],
+        {"naccept": s.t.size - 1, "nfe": int(s.nfev), "njac": int(s.njev), "nlu": int(s.nlu)},
+    )
 
 
 def run_scipy_torch_f(method, N, rtol, atol, context="no_grad"):
@@ -110,11 +128,23 @@ def run_scipy_torch_f(method, N, rtol, atol, context="no_grad"):
 
     t0 = time.perf_counter()
     with _grad_context(context):
-        s = solve_ivp(fun, (0.0, T_END), y0_of(N), method=method, rtol=rtol, atol=atol, jac_sparsity=sparsity(N))
+        s = solve_ivp(
+            fun,
+            (0.0, T_END),
+            y0_of(N),
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            jac_sparsity=sparsity(N),
+        )
     sec = time.perf_counter() - t0
     if not s.success:
         raise RuntimeError(s.message)
-    return sec, s.y[:, -1], {"naccept": s.t.size - 1, "nfe": int(s.nfev), "njac": int(s.njev), "nlu": int(s.nlu)}
+    return (
+        sec,
+        s.y[:, -1],
+        {"naccept": s.t.size - 1, "nfe": int(s.nfev), "njac": int(s.njev), "nlu": int(s.nlu)},
+    )
 
 
 def main(argv=None):
@@ -131,8 +161,15 @@ def main(argv=None):
     atol = rtol * 1e-2
     from scipy.integrate import solve_ivp
 
-    ref = solve_ivp(numpy_rhs(N), (0.0, T_END), y0_of(N), method="Radau", rtol=1e-10, atol=1e-12,
-                    jac_sparsity=sparsity(N)).y[:, -1]
+    ref = solve_ivp(
+        numpy_rhs(N),
+        (0.0, T_END),
+        y0_of(N),
+        method="Radau",
+        rtol=1e-10,
+        atol=1e-12,
+        jac_sparsity=sparsity(N),
+    ).y[:, -1]
     P = sparsity(N)  # the native sparse rows get the same pattern as scipy
     configs = [
         ("pn.QNDF", lambda: run_native(pn.QNDF(), N, rtol, atol)),
@@ -140,23 +177,40 @@ def main(argv=None):
         ("pn.Rodas5P", lambda: run_native(pn.Rodas5P(), N, rtol, atol)),
         ("pn.KenCarp4", lambda: run_native(pn.KenCarp4(), N, rtol, atol)),
         ("pn.Kvaerno5", lambda: run_native(pn.Kvaerno5(), N, rtol, atol)),
-        ("pn.QNDF, linsolve='sparse'", lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
-        ("pn.QNDF, linsolve='sparse' (rtol ÷ 10)",
-         lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol / 10, atol / 10)),
-        ("pn.QNDF, linsolve='sparse', inference_mode",
-         lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol, atol, "inference_mode")),
-        ("pn.KenCarp4, linsolve='sparse'", lambda: run_native(pn.KenCarp4(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
-        ("pn.Rodas5P, linsolve='sparse'", lambda: run_native(pn.Rodas5P(linsolve="sparse", jac_sparsity=P), N, rtol, atol)),
+        (
+            "pn.QNDF, linsolve='sparse'",
+            lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol, atol),
+        ),
+        (
+            "pn.QNDF, linsolve='sparse' (rtol ÷ 10)",
+            lambda: run_native(pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol / 10, atol / 10),
+        ),
+        (
+            "pn.QNDF, linsolve='sparse', inference_mode",
+            lambda: run_native(
+                pn.QNDF(linsolve="sparse", jac_sparsity=P), N, rtol, atol, "inference_mode"
+            ),
+        ),
+        (
+            "pn.KenCarp4, linsolve='sparse'",
+            lambda: run_native(pn.KenCarp4(linsolve="sparse", jac_sparsity=P), N, rtol, atol),
+        ),
+        (
+            "pn.Rodas5P, linsolve='sparse'",
+            lambda: run_native(pn.Rodas5P(linsolve="sparse", jac_sparsity=P), N, rtol, atol),
+        ),
         ("scipy BDF (jac_sparsity)", lambda: run_scipy("BDF", N, rtol, atol)),
         ("scipy Radau (jac_sparsity)", lambda: run_scipy("Radau", N, rtol, atol)),
         ("scipy BDF (jac_sparsity, pn's torch f)", lambda: run_scipy_torch_f("BDF", N, rtol, atol)),
-        ("scipy BDF (jac_sparsity, pn's torch f, inference_mode)",
-         lambda: run_scipy_torch_f("BDF", N, rtol, atol, "inference_mode")),
+        (
+            "scipy BDF (jac_sparsity, pn's torch f, inference_mode)",
+            lambda: run_scipy_torch_f("BDF", N, rtol, atol, "inference_mode"),
+        ),
     ]
-    for name, run in configs:  # warm-up (first-call costs of torch.func and scipy), not timed
+    for _name, run in configs:  # warm-up (first-call costs of torch.func and scipy), not timed
         run()
     rows = {}
-    for r in range(repeat):  # round robin: background load hits every configuration alike
+    for _r in range(repeat):  # round robin: background load hits every configuration alike
         for name, run in configs:
             sec, y, st = run()
             err = float(np.max(np.abs(y - ref) / np.abs(ref)))
@@ -167,22 +221,32 @@ def main(argv=None):
     lines = [
         "# A large stiff system: 1-D Brusselator",
         "",
-        f"Command: `python benchmarks/stiff_large.py{' --quick' if args.quick else ''}` (torch {torch.__version__}, 1 thread, "
+        f"Command: `python benchmarks/stiff_large.py{' --quick' if args.quick else ''}` (torch "
+        f"{torch.__version__}, 1 thread, "
         f"minimum of {repeat} round-robin repeat(s) after one untimed warm-up)",
         "",
-        f"N = {N} grid points ({2 * N} states), t ∈ [0, {T_END:g}], rtol = {rtol:g}, atol = {atol:g} (one QNDF row at a tenth of both); error = largest "
-        "relative error at t = 10 against scipy Radau at rtol 1e-10. Native solvers: autograd Jacobians, dense "
-        "(the default) or, with `linsolve='sparse'`, on the sparsity pattern (coloured products, SuperLU); "
-        "scipy: `jac_sparsity` (sparse finite-difference Jacobian and sparse LU), with its numpy f, and in one row with the "
-        "native rows' torch f wrapped for numpy (the same f cost as pn's). Solves run under `torch.no_grad()`, those marked "
+        f"N = {N} grid points ({2 * N} states), t ∈ [0, {T_END:g}], rtol = {rtol:g}, atol = "
+        f"{atol:g} (one QNDF row at a tenth of both); error = largest "
+        "relative error at t = 10 against scipy Radau at rtol 1e-10. Native solvers: autograd "
+        "Jacobians, dense "
+        "(the default) or, with `linsolve='sparse'`, on the sparsity pattern (coloured products, "
+        "SuperLU); "
+        "scipy: `jac_sparsity` (sparse finite-difference Jacobian and sparse LU), with its numpy "
+        "f, and in one row with the "
+        "native rows' torch f wrapped for numpy (the same f cost as pn's). Solves run under "
+        "`torch.no_grad()`, those marked "
         "`inference_mode` under `torch.inference_mode()` (torch's context for pure inference).",
         "",
-        "| solver | time (ms) | ÷ QNDF | error | steps (accepted) | f evaluations | Jacobians | factorisations |",
+        "| solver | time (ms) | ÷ QNDF | error | steps (accepted) | f evaluations | Jacobians | "
+        "factorisations |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (sec, err, st) in rows.items():
-        lines.append(f"| {name} | {sec * 1e3:.0f} | {sec / base:.2f} | {err:.1e} | {st.get('naccept')} | {st.get('nfe')} | "
-                     f"{st.get('njac')} | {st.get('nlu')} |")
+        lines.append(
+            f"| {name} | {sec * 1e3:.0f} | {sec / base:.2f} | {err:.1e} | {st.get('naccept')} | "
+            f"{st.get('nfe')} | "
+            f"{st.get('njac')} | {st.get('nlu')} |"
+        )
     out = HERE / "results" / ("stiff_large_quick.md" if args.quick else "stiff_large.md")
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

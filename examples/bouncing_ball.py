@@ -8,6 +8,7 @@ its velocity by the restitution coefficient e. The event times are differentiabl
 (``sol.event_t``), so plain gradient descent can fit the unknown initial height h and restitution
 e to observed impact times — as in torchdiffeq's ``bouncing_ball.py`` (Chen, Amos & Nickel 2021).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,15 @@ def impact_times(h, e, n_bounces, t0=0.0):
     t_now = torch.as_tensor(t0, dtype=h.dtype)
     times, pieces = [], []
     for _ in range(n_bounces):
-        te, ys = pn.odeint_event(fall, state, t_now, event_fn=lambda t, y: y[0], rtol=1e-8, atol=1e-10)
+        te, ys = pn.odeint_event(
+            fall, state, t_now, event_fn=lambda t, y: y[0], rtol=1e-8, atol=1e-10
+        )
         ts = torch.linspace(float(t_now.detach()), float(te.detach()), 40, dtype=h.dtype)
         pieces.append((ts, pn.solve(fall, state.detach(), ts, rtol=1e-8, atol=1e-10).ys[:, 0]))
         times.append(te)
-        state = torch.stack([torch.zeros_like(h), -e * ys[-1, 1]])  # bounce: reverse and damp the velocity
+        state = torch.stack(
+            [torch.zeros_like(h), -e * ys[-1, 1]]
+        )  # bounce: reverse and damp the velocity
         t_now = te
     return torch.stack(times), pieces
 
@@ -64,10 +69,14 @@ def main(argv=None):
         with torch.no_grad():
             e.clamp_(0.05, 0.99)
             h.clamp_(0.1, 50.0)
-    print(f"fitted h = {h.item():.4f} (true {true_h.item()}), e = {e.item():.4f} (true {true_e.item()}), "
-          f"impact-time MSE {loss.item():.2e} after {iters} iterations")
-    write_metrics_beside(a.out, {"h": h.item(), "e": e.item(), "impact_time_mse": loss.item(),
-                                  "iterations": iters})
+    print(
+        f"fitted h = {h.item():.4f} (true {true_h.item()}), e = {e.item():.4f} (true "
+        f"{true_e.item()}), "
+        f"impact-time MSE {loss.item():.2e} after {iters} iterations"
+    )
+    write_metrics_beside(
+        a.out, {"h": h.item(), "e": e.item(), "impact_time_mse": loss.item(), "iterations": iters}
+    )
     if not can_plot():
         return
     plt = pyplot()
@@ -78,7 +87,9 @@ def main(argv=None):
     for i, (ts, x) in enumerate(fit_pieces):
         ax.plot(ts, x, color="tab:blue", lw=1.5, ls="--", label="fitted" if i == 0 else None)
     ax.plot(observed.numpy(), [0] * len(observed), "kx", label="observed impacts")
-    ax.set(xlabel="t", ylabel="height", title="bouncing ball: fitting h and e through the event times")
+    ax.set(
+        xlabel="t", ylabel="height", title="bouncing ball: fitting h and e through the event times"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(a.out, dpi=100)

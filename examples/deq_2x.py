@@ -6,6 +6,7 @@ steady-state adjoint (implicit function theorem, no stored iterations).
 
     python examples/deq_2x.py            # ~10 s on a laptop CPU
 """
+
 import argparse
 
 import torch
@@ -32,8 +33,14 @@ def main(argv=None):
         p.error(f"--epochs: expected a positive int, got {a.epochs}")
     epochs = a.epochs
     torch.manual_seed(a.seed)
-    deq = pn.DEQ(Injected(), solver=pn.DynamicSS(pn.Tsit5()), sensealg=pn.SteadyStateAdjoint(),
-                 abstol=1e-2, reltol=1e-2, init="f")
+    deq = pn.DEQ(
+        Injected(),
+        solver=pn.DynamicSS(pn.Tsit5()),
+        sensealg=pn.SteadyStateAdjoint(),
+        abstol=1e-2,
+        reltol=1e-2,
+        init="f",
+    )
     X = torch.arange(1.0, 11.0).reshape(10, 1)
     Y = 2 * X
     opt = torch.optim.Adam(deq.parameters(), lr=0.05)
@@ -44,11 +51,24 @@ def main(argv=None):
         opt.step()
         if epoch % 200 == 0 or epoch == epochs - 1:
             st = deq.last_stats
-            print(f"epoch {epoch:4d}  loss {loss.item():.3e}  forward NFE {st.nfe}  backward GMRES iterations {st.bwd_iterations}")
+            print(
+                f"epoch {epoch:4d}  loss {loss.item():.3e}  forward NFE {st.nfe}  backward GMRES "
+                f"iterations {st.bwd_iterations}"
+            )
     with torch.no_grad():
-        print(f"deq(-5) = {deq(torch.tensor([[-5.0]])).item():.4f}   (target -10; -5 is outside the training range)")
+        print(
+            f"deq(-5) = {deq(torch.tensor([[-5.0]])).item():.4f}   (target -10; -5 is outside the "
+            "training range)"
+        )
         # The same fixed point by root finding:
-        z = pn.steady_state(deq.f, torch.zeros(1, 1), args=(torch.tensor([[-5.0]]),), solver=pn.Anderson(), abstol=1e-6, reltol=0)
+        z = pn.steady_state(
+            deq.f,
+            torch.zeros(1, 1),
+            args=(torch.tensor([[-5.0]]),),
+            solver=pn.Anderson(),
+            abstol=1e-6,
+            reltol=0,
+        )
         print(f"Anderson: {z.item():.4f} in {pn.last_stats.nfe} evaluations")
 
 

@@ -5,6 +5,7 @@ DifferentialEquations.jl / SciMLSensitivity through ``backend="julia"``.
 
 Without Julia it runs the native backend and prints how to install the Julia one.
 """
+
 import argparse
 import time
 
@@ -30,22 +31,38 @@ def main(argv=None):
                 continue
             try:
                 t0 = time.perf_counter()
-                sol = pn.solve(vf, y0, t, solver=pn.Tsit5(), rtol=1e-8, atol=1e-10, backend=backend,
-                               sensealg=pn.InterpolatingAdjoint())
+                sol = pn.solve(
+                    vf,
+                    y0,
+                    t,
+                    solver=pn.Tsit5(),
+                    rtol=1e-8,
+                    atol=1e-10,
+                    backend=backend,
+                    sensealg=pn.InterpolatingAdjoint(),
+                )
                 loss = (sol.ys[-1] ** 2).sum()
                 grads = torch.autograd.grad(loss, [y0, *net.parameters()])
                 dt = time.perf_counter() - t0
             except pn.julia.JuliaNotAvailableError as e:
                 print(f"backend='julia' is not available here:\n  {e}")
                 break
-            name = backend if backend == "torch" else f"julia ({label}, path={sol.stats.get('path')})"
+            name = (
+                backend if backend == "torch" else f"julia ({label}, path={sol.stats.get('path')})"
+            )
             results[name] = (loss.item(), grads[0])
-            print(f"{name:<40} loss={loss.item():.10f}  dL/dy0[0]={grads[0][0].tolist()}  "
-                  f"nfe={sol.stats['nfe']}  {dt:.2f}s" + (" (the first Julia call includes compilation)" if backend == "julia" else ""))
+            print(
+                f"{name:<40} loss={loss.item():.10f}  dL/dy0[0]={grads[0][0].tolist()}  "
+                f"nfe={sol.stats['nfe']}  {dt:.2f}s"
+                + (" (the first Julia call includes compilation)" if backend == "julia" else "")
+            )
     if len(results) > 1:
         ref_loss, ref_g = results["torch"]
-        for name, (l, g) in results.items():
-            print(f"{name:<40} |Δloss|={abs(l - ref_loss):.2e}  max|Δ dL/dy0|={(g - ref_g).abs().max().item():.2e}")
+        for name, (loss_v, g) in results.items():
+            print(
+                f"{name:<40} |Δloss|={abs(loss_v - ref_loss):.2e}  max|Δ "
+                f"dL/dy0|={(g - ref_g).abs().max().item():.2e}"
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ prints the final L1 loss on the whole trajectory.
     python examples/spiral.py            # ~1–2 minutes on 2 cores
     python examples/spiral.py --quick    # a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ from pyneuralode.repro._common import begin_run, can_plot, progress, pyplot, wri
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few iterations only")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 1500; --quick 30)")
+    p.add_argument(
+        "--iters", type=int, default=None, help="training iterations (default 1500; --quick 30)"
+    )
     p.add_argument("--out", default="spiral.png", help="output PNG (default spiral.png)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -36,7 +39,9 @@ def main(argv=None) -> float:
     t = torch.linspace(0.0, 25.0, 1000)
     y0 = torch.tensor([[2.0, 0.0]])
     with torch.no_grad():
-        true_y = pn.solve(lambda t, y: (y**3) @ A, y0, t, pn.Dopri5(), rtol=1e-7, atol=1e-9).ys  # [1000, 1, 2]
+        true_y = pn.solve(
+            lambda t, y: (y**3) @ A, y0, t, pn.Dopri5(), rtol=1e-7, atol=1e-9
+        ).ys  # [1000, 1, 2]
 
     vf = pn.ConcatMLP(2, (50,), layer="ignore", activation="tanh", input_fn=lambda y: y**3)
     for m in vf.modules():
@@ -44,7 +49,9 @@ def main(argv=None) -> float:
             torch.nn.init.normal_(m.weight, std=0.1)
             torch.nn.init.zeros_(m.bias)
     batch_time, batch_size = 10, 20
-    model = pn.NeuralODE(vf, t[:batch_time], solver=pn.Dopri5(), rtol=1e-5, atol=1e-6, return_trajectory=True)
+    model = pn.NeuralODE(
+        vf, t[:batch_time], solver=pn.Dopri5(), rtol=1e-5, atol=1e-6, return_trajectory=True
+    )
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
     # cosine decay to 1e-5: without it the whole-trajectory loss keeps jumping between 0.1 and 0.7
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, eta_min=1e-5)
@@ -58,23 +65,35 @@ def main(argv=None) -> float:
     bar = progress(range(1, iters + 1), desc="fit spiral")
     for it in bar:
         idx = torch.randperm(len(t) - batch_time)[:batch_size]
-        by0 = true_y[idx, 0]                                                   # [20, 2]
-        by = torch.stack([true_y[idx + i, 0] for i in range(batch_time)])    # [10, 20, 2]
+        by0 = true_y[idx, 0]  # [20, 2]
+        by = torch.stack([true_y[idx + i, 0] for i in range(batch_time)])  # [10, 20, 2]
         opt.zero_grad()
-        pred = model(by0)                                                      # times t[:10]
+        pred = model(by0)  # times t[:10]
         loss = (pred - by).abs().mean()
         loss.backward()
         opt.step()
         sched.step()
         if it % 50 == 0 or it == iters:
             _, fl = full_loss()
-            bar.set_postfix(batch_loss=f"{loss.item():.4f}", full_loss=f"{fl:.4f}", nfe=model.nfe_forward)
+            bar.set_postfix(
+                batch_loss=f"{loss.item():.4f}", full_loss=f"{fl:.4f}", nfe=model.nfe_forward
+            )
     pred, final = full_loss()
     elapsed = time.perf_counter() - start
     out = Path(a.out)
-    path = write_metrics_beside(out, {"final_l1_loss": final, "iterations": iters,
-                                      "train_seconds": elapsed, "nfe_forward": model.nfe_forward})
-    print(f"final L1 loss on the whole trajectory: {final:.4f} ({iters} iterations, {elapsed:.0f} s); wrote {path}")
+    path = write_metrics_beside(
+        out,
+        {
+            "final_l1_loss": final,
+            "iterations": iters,
+            "train_seconds": elapsed,
+            "nfe_forward": model.nfe_forward,
+        },
+    )
+    print(
+        f"final L1 loss on the whole trajectory: {final:.4f} ({iters} iterations, {elapsed:.0f} "
+        f"s); wrote {path}"
+    )
     if not can_plot():
         return final
     plt = pyplot()
@@ -99,7 +118,13 @@ def main(argv=None) -> float:
     with torch.no_grad():
         d = vf(torch.tensor(0.0), pts)
     d = d / d.norm(dim=1, keepdim=True).clamp(min=1e-9)
-    ax[2].quiver(X.numpy(), Y.numpy(), d[:, 0].reshape(21, 21).numpy(), d[:, 1].reshape(21, 21).numpy(), color="k")
+    ax[2].quiver(
+        X.numpy(),
+        Y.numpy(),
+        d[:, 0].reshape(21, 21).numpy(),
+        d[:, 1].reshape(21, 21).numpy(),
+        color="k",
+    )
     ax[2].set_title("learned vector field (directions)")
     ax[2].set_aspect("equal")
     fig.tight_layout()

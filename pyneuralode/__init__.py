@@ -4,25 +4,38 @@ The native torch engine is the default; ``backend="julia"`` hands the same probl
 DifferentialEquations.jl / SciMLSensitivity (optional, see ``pyneuralode.julia``; importing
 pyneuralode never starts Julia and imports nothing heavy beyond torch and numpy).
 """
+
 from . import nn as _nn
 from . import sensitivity as _sensitivity
 from . import solvers as _solvers
 from . import steady as _steady
+from ._odeint_adjoint import odeint_adjoint
+from ._odeint_event import odeint_event
 from ._solution import PerSampleSolution, ReturnCode, Solution, SolveError
 from ._solve import solve
 from ._version import __version__
 from .controllers import PIController, PredictiveController
-from ._odeint_event import odeint_event
-from .nn import *  # noqa: F401,F403  (each subpackage lists its public names in __all__)
-from ._odeint_adjoint import odeint_adjoint
+from .nn import *
 from .odeint import odeint
-from .sensitivity import *  # noqa: F401,F403
-from .solvers import *  # noqa: F401,F403
-from .steady import *  # noqa: F401,F403
+from .sensitivity import *
+from .solvers import *
+from .steady import *
 
 __all__ = [
-    "solve", "odeint", "odeint_adjoint", "odeint_event", "Solution", "PerSampleSolution", "SolveError", "ReturnCode", "PIController", "PredictiveController",
-    *_solvers.__all__, *_sensitivity.__all__, *_steady.__all__, *_nn.__all__,
+    "solve",
+    "odeint",
+    "odeint_adjoint",
+    "odeint_event",
+    "Solution",
+    "PerSampleSolution",
+    "SolveError",
+    "ReturnCode",
+    "PIController",
+    "PredictiveController",
+    *_solvers.__all__,
+    *_sensitivity.__all__,
+    *_steady.__all__,
+    *_nn.__all__,
 ]
 
 

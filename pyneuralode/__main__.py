@@ -1,4 +1,5 @@
 """``python -m pyneuralode repro NAME ...`` (same as the ``pyneuralode`` console script)."""
+
 import sys
 
 from .repro.cli import main

@@ -10,11 +10,13 @@ state, controlled on the host in Python floats) and :func:`integrate_per_sample`
 size, error norm and decision per row of a batch, held in tensors on the state's device, with one
 host synchronisation per step).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any
 
 import torch
 
@@ -31,54 +33,56 @@ class LoopOptions:
 
     rtol: Any = 1e-6
     atol: Any = 1e-9
-    dt: Optional[float] = None
+    dt: float | None = None
     adaptive: bool = True
     max_steps: int = 100_000
     dense: bool = True
     progress: bool = False
-    #: step-size controller (``PIController``, ``PredictiveController``); ``None`` = the solver's ``default_controller()``
-    controller: Optional[Any] = None
-    dtmin: Optional[float] = None
-    dtmax: Optional[float] = None
+    #: step-size controller (``PIController``, ``PredictiveController``); ``None`` = the solver's
+    #: ``default_controller()``
+    controller: Any | None = None
+    dtmin: float | None = None
+    dtmax: float | None = None
     #: torchdiffeq's ``min_step``: adaptive steps are at least this long, and a step this short is
     #: accepted whatever its error (not a failure floor like ``dtmin``). ``None`` = no such bound.
-    min_step: Optional[float] = None
+    min_step: float | None = None
     #: error norm ``norm(err, y0, y1, rtol, atol) -> 0-d tensor``; ``None`` = Hairer's RMS norm
     #: (``controllers.error_norm``). Used e.g. by the adjoint seminorm (Kidger, Chen, Lyons 2021).
-    norm: Optional[Callable] = None
-    #: ``terminate(t, y, cache) -> bool`` called after every accepted step (``cache`` is the solver's,
-    #: e.g. ``f(t, y)`` for explicit RK); ``True`` ends the integration with ``ReturnCode.Terminated``
-    #: (SciML's terminating callback; used by ``pn.DynamicSS``). ``None`` = never.
-    terminate: Optional[Callable] = None
+    norm: Callable | None = None
+    #: ``terminate(t, y, cache) -> bool`` called after every accepted step (``cache`` is the
+    #: solver's, e.g. ``f(t, y)`` for explicit RK); ``True`` ends the integration with
+    #: ``ReturnCode.Terminated`` (SciML's terminating callback; used by ``pn.DynamicSS``). ``None``
+    #: = never.
+    terminate: Callable | None = None
     #: ``event(seg, t, t_new, y_new) -> Optional[float]`` called for every accepted step before its
     #: outputs are saved; a time in ``(t, t_new]`` ends the integration there (outputs after it are
     #: not saved, ``y_final`` is the dense output at that time, ``ReturnCode.Terminated``).
-    event: Optional[Callable] = None
+    event: Callable | None = None
     #: step exactly to these times (``grid[0]`` = the start, ``grid[-1]`` = the end; diffrax's
     #: ``StepTo``), ignoring the error estimate; used to replay a forward pass's accepted steps
     #: when an adjoint re-solves from a checkpoint. ``None`` = adaptive or fixed ``dt`` steps.
-    grid: Optional[List[float]] = None
+    grid: list[float] | None = None
     #: keep the times of the accepted steps in ``LoopResult.step_ts``
     record_steps: bool = False
     #: ``on_accept(t, y)`` called after every accepted step with the new time and state (e.g. to
     #: keep checkpoints); ``None`` = nothing
-    on_accept: Optional[Callable] = None
+    on_accept: Callable | None = None
     #: resume a solve (per-sample stepping hands its last running row over): the explicit RK
     #: method's derivative at the start, and the dtmin floor of the whole span (``None``: computed)
-    f0: Optional[torch.Tensor] = None
-    dt_floor: Optional[float] = None
+    f0: torch.Tensor | None = None
+    dt_floor: float | None = None
 
 
 @dataclass
 class LoopResult:
-    ys: List[torch.Tensor]
+    ys: list[torch.Tensor]
     retcode: ReturnCode
     t_reached: float
-    segments: Optional[List[DenseSegment]]
+    segments: list[DenseSegment] | None
     y_final: torch.Tensor
     message: str = ""
-    event_t: Optional[float] = None
-    step_ts: Optional[List[float]] = None
+    event_t: float | None = None
+    step_ts: list[float] | None = None
 
 
 def _progress_bar(enabled: bool, t0: float, t1: float):
@@ -86,20 +90,30 @@ def _progress_bar(enabled: bool, t0: float, t1: float):
         return None
     from ._progress import progress  # tqdm on a terminal, a few summary lines in logs
 
-    return progress(total=1000, desc=f"solve t∈[{t0:g}, {t1:g}]", leave=False,
-                    bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+    return progress(
+        total=1000,
+        desc=f"solve t∈[{t0:g}, {t1:g}]",
+        leave=False,
+        bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
+    )
 
 
 def _stuck_hint(solver, y: torch.Tensor) -> str:
     """What to try when the step size collapses; never the solver already in use."""
     if y.dtype in (torch.float16, torch.bfloat16):
-        return (f"; {y.dtype} resolves too few digits for these tolerances: use float32/float64 "
-                f"(y0.float()) or loosen rtol/atol")
+        return (
+            f"; {y.dtype} resolves too few digits for these tolerances: use float32/float64 "
+            f"(y0.float()) or loosen rtol/atol"
+        )
     if getattr(solver, "implicit", False):
-        return ("; the tolerances may be too tight for the dtype, or the solution may blow up "
-                "or be non-smooth there (check f near that time)")
-    return ("; the problem may be stiff (try an implicit solver such as pn.Rodas5P() or "
-            "pn.KenCarp4()) or the tolerances too tight for the dtype")
+        return (
+            "; the tolerances may be too tight for the dtype, or the solution may blow up "
+            "or be non-smooth there (check f near that time)"
+        )
+    return (
+        "; the problem may be stiff (try an implicit solver such as pn.Rodas5P() or "
+        "pn.KenCarp4()) or the tolerances too tight for the dtype"
+    )
 
 
 def _f_nonfinite(rhs: Callable, t: float, y: torch.Tensor, t_next: float) -> bool:
@@ -109,8 +123,9 @@ def _f_nonfinite(rhs: Callable, t: float, y: torch.Tensor, t_next: float) -> boo
         return any(not bool(torch.isfinite(rhs(tt, y)).all()) for tt in (t, t_next))
 
 
-def _increment_lost(rhs: Callable, t: float, y: torch.Tensor, y1: torch.Tensor, h: float,
-                    rtol, atol) -> bool:
+def _increment_lost(
+    rhs: Callable, t: float, y: torch.Tensor, y1: torch.Tensor, h: float, rtol, atol
+) -> bool:
     """float16/bfloat16: the step left y unchanged though h·f(t, y) exceeds the tolerance (the
     update was rounded away, so the solve would return y0 with ``Success``)."""
     if not torch.equal(y1, y):
@@ -122,7 +137,9 @@ def _increment_lost(rhs: Callable, t: float, y: torch.Tensor, y1: torch.Tensor, 
         return bool((inc > scale).any())
 
 
-def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts: LoopOptions, stats: dict) -> LoopResult:
+def integrate(
+    rhs: Callable, y0: torch.Tensor, t_out: list[float], solver, opts: LoopOptions, stats: dict
+) -> LoopResult:
     """Integrate ``dy/dt = rhs(t, y)`` from ``t_out[0]`` through every time in ``t_out``.
 
     ``rhs(t, y)`` takes a Python float ``t``. Returns the states at the output times reached, the
@@ -132,14 +149,17 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     t = t_out[0]
     y = y0
     ys = [y0]
-    segments: Optional[List[DenseSegment]] = [] if opts.dense else None
+    segments: list[DenseSegment] | None = [] if opts.dense else None
     if n_out == 1:
         return LoopResult(ys, ReturnCode.Success, t, segments, y0)
     t_end = t_out[-1]
     direction = 1.0 if t_end > t else -1.0
     span = abs(t_end - t)
-    cache = (opts.f0 if opts.f0 is not None
-             else solver.init(rhs, t, y, stats, rtol=opts.rtol, atol=opts.atol))
+    cache = (
+        opts.f0
+        if opts.f0 is not None
+        else solver.init(rhs, t, y, stats, rtol=opts.rtol, atol=opts.atol)
+    )
     grid = opts.grid
     gk = 0  # index of the current grid time
     adaptive = opts.adaptive and grid is None
@@ -151,15 +171,27 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             dt = abs(opts.dt)
         else:
             f0 = cache if isinstance(cache, torch.Tensor) else rhs(t, y)
-            dt = initial_step(rhs, t, y, f0, direction, getattr(solver, "start_order", solver.order), rtol, atol, stats)
+            dt = initial_step(
+                rhs,
+                t,
+                y,
+                f0,
+                direction,
+                getattr(solver, "start_order", solver.order),
+                rtol,
+                atol,
+                stats,
+            )
             dt = min(dt, span)
     elif grid is not None:
         if len(grid) < 2 or grid[0] != t or grid[-1] != t_end:
-            raise ValueError("internal: a step grid must run from the first to the last output time")
+            raise ValueError(
+                "internal: a step grid must run from the first to the last output time"
+            )
         dt = abs(grid[1] - grid[0])
     else:
         dt = abs(opts.dt)
-    step_ts: Optional[List[float]] = [] if opts.record_steps else None
+    step_ts: list[float] | None = [] if opts.record_steps else None
     dtmax = abs(opts.dtmax) if opts.dtmax is not None else span
     # near t = 0: a relative floor on the span's scale
     dt_floor = max(_EPS * span, 1e-300) if opts.dt_floor is None else opts.dt_floor
@@ -167,7 +199,8 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
     min_step = abs(opts.min_step) if opts.min_step and adaptive else 0.0
     dt = max(dt, min_step)
     # Error norm: the default (Hairer's RMS norm) takes a fast path that reuses |y| from the
-    # previous step and never records a graph; a custom ``opts.norm`` gets (err, y0, y1, rtol, atol).
+    # previous step and never records a graph; a custom ``opts.norm`` gets (err, y0, y1, rtol,
+    # atol).
     norm = opts.norm
     grad_mode = torch.is_grad_enabled()
     inv_sqrt_n = 1.0 / math.sqrt(max(y.numel(), 1))
@@ -211,24 +244,32 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                     last_nonfinite = _f_nonfinite(rhs, t, y, t + direction * dt_far)
                 retcode = ReturnCode.Unstable if last_nonfinite else ReturnCode.DtLessThanMin
                 if last_nonfinite:
-                    hint = ("; the state, its error estimate or f(t, y) became NaN/Inf (check f "
-                            "for NaN/Inf, e.g. a division by zero, a log/sqrt of a negative "
-                            "number or an overflow)")
+                    hint = (
+                        "; the state, its error estimate or f(t, y) became NaN/Inf (check f "
+                        "for NaN/Inf, e.g. a division by zero, a log/sqrt of a negative "
+                        "number or an overflow)"
+                    )
                 elif solve_failed:
-                    hint = ("; the implicit (Newton) solves kept failing: check the Jacobian "
-                            "(jac=...) and f near that time, or loosen the tolerances")
+                    hint = (
+                        "; the implicit (Newton) solves kept failing: check the Jacobian "
+                        "(jac=...) and f near that time, or loosen the tolerances"
+                    )
                 else:
                     hint = _stuck_hint(solver, y)
-                message = (f"the step size fell to {dt:.3g} (below dtmin={dtmin:.3g}) "
-                           f"at t={t:.6g}{hint}")
+                message = (
+                    f"the step size fell to {dt:.3g} (below dtmin={dtmin:.3g}) at t={t:.6g}{hint}"
+                )
                 break
             attempts += 1
             if attempts > max(opts.max_steps, 0):
                 retcode = ReturnCode.MaxIters
-                message = f"reached max_steps={opts.max_steps} at t={t:.6g}; raise max_steps or loosen the tolerances"
+                message = (
+                    f"reached max_steps={opts.max_steps} at t={t:.6g}; raise max_steps or loosen "
+                    "the tolerances"
+                )
                 break
-            # Adaptive: stretch a step by up to 0.1% rather than leave a sliver; fixed steps: accumulated
-            # rounding in t must not leave a sliver of a last step.
+            # Adaptive: stretch a step by up to 0.1% rather than leave a sliver; fixed steps:
+            # accumulated rounding in t must not leave a sliver of a last step.
             if grid is not None:
                 last_step = gk + 2 == len(grid)
             else:
@@ -242,20 +283,28 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                 stats["nreject"] += 1
                 if not adaptive:
                     retcode = ReturnCode.ConvergenceFailure
-                    message = f"the implicit solve of a fixed step failed at t={t:.6g}; use a smaller dt or adaptive=True"
+                    message = (
+                        f"the implicit solve of a fixed step failed at t={t:.6g}; use a smaller "
+                        "dt or adaptive=True"
+                    )
                     break
-                dt *= 0.5  # a failed implicit solve halves the step (RADAU5, OrdinaryDiffEq, scipy BDF)
+                # a failed implicit solve halves the step (RADAU5, OrdinaryDiffEq, scipy BDF)
+                dt *= 0.5
                 accepted_last = False
                 if res.cache_on_reject is not None:
                     cache = res.cache_on_reject
                 continue
             if adaptive:
                 if small_norm is not None:
-                    errn, ay1 = rms_norm_small(small_norm, res.error, ay, res.y1, rtol, atol, inv_sqrt_n)
+                    errn, ay1 = rms_norm_small(
+                        small_norm, res.error, ay, res.y1, rtol, atol, inv_sqrt_n
+                    )
                 elif norm is None:
                     if grad_mode:
                         with torch.no_grad():
-                            errn, ay1 = rms_norm_and_abs(res.error, ay, res.y1, rtol, atol, inv_sqrt_n)
+                            errn, ay1 = rms_norm_and_abs(
+                                res.error, ay, res.y1, rtol, atol, inv_sqrt_n
+                            )
                     else:
                         errn, ay1 = rms_norm_and_abs(res.error, ay, res.y1, rtol, atol, inv_sqrt_n)
                 else:
@@ -275,8 +324,13 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
                     continue
                 last_nonfinite = False
                 if res.dt_factor is None:
-                    fac = ctrl.factor(errn, err_prev, q_step, accepted_last,
-                                      None if h_accepted is None else abs(h) / h_accepted)
+                    fac = ctrl.factor(
+                        errn,
+                        err_prev,
+                        q_step,
+                        accepted_last,
+                        None if h_accepted is None else abs(h) / h_accepted,
+                    )
                 else:
                     fac = res.dt_factor
                 err_prev = max(errn, 1e-4)
@@ -290,10 +344,12 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             if low_precision and _increment_lost(rhs, t, y, res.y1, h, opts.rtol, opts.atol):
                 retcode = ReturnCode.DtLessThanMin
                 eps = torch.finfo(y.dtype).eps
-                message = (f"a step of {abs(h):.3g} at t={t:.6g} left the state unchanged in "
-                           f"{y.dtype}: its change is below the dtype's resolution "
-                           f"(eps={eps:.3g}), so the solution would stall; use float32/float64 "
-                           f"(y0.float()) or loosen rtol/atol")
+                message = (
+                    f"a step of {abs(h):.3g} at t={t:.6g} left the state unchanged in "
+                    f"{y.dtype}: its change is below the dtype's resolution "
+                    f"(eps={eps:.3g}), so the solution would stall; use float32/float64 "
+                    f"(y0.float()) or loosen rtol/atol"
+                )
                 break
             seg = DenseSegment(t, h, res.dense, solver.interpolant)
             if segments is not None:
@@ -308,11 +364,21 @@ def integrate(rhs: Callable, y0: torch.Tensor, t_out: List[float], solver, opts:
             if t_event is not None:
                 stats["naccept"] += 1
                 y_event = res.y1 if t_event == t_new else seg.evaluate((t_event - t) / h)
-                return LoopResult(ys, ReturnCode.Terminated, t_event, segments, y_event,
-                                  f"the event fired at t={t_event:.9g}", event_t=t_event)
+                return LoopResult(
+                    ys,
+                    ReturnCode.Terminated,
+                    t_event,
+                    segments,
+                    y_event,
+                    f"the event fired at t={t_event:.9g}",
+                    event_t=t_event,
+                )
             if not adaptive and next_out != saved_before and not torch.isfinite(ys[-1]).all():
                 retcode = ReturnCode.Unstable
-                message = f"the state became NaN/Inf by t={t_new:.6g}; use a smaller dt or an adaptive solver"
+                message = (
+                    f"the state became NaN/Inf by t={t_new:.6g}; use a smaller dt or an adaptive "
+                    "solver"
+                )
                 t, y = t_new, res.y1
                 break
             stats["naccept"] += 1
@@ -358,8 +424,12 @@ class PerSampleResult:
 
 
 #: the return codes of :func:`integrate_per_sample`, by code
-PER_SAMPLE_CODES = (ReturnCode.Success, ReturnCode.MaxIters, ReturnCode.DtLessThanMin,
-                    ReturnCode.Unstable)
+PER_SAMPLE_CODES = (
+    ReturnCode.Success,
+    ReturnCode.MaxIters,
+    ReturnCode.DtLessThanMin,
+    ReturnCode.Unstable,
+)
 
 
 def _row_rms(x: torch.Tensor) -> torch.Tensor:
@@ -384,8 +454,9 @@ def _initial_step_rows(rhs, t0, y0, f0, direction, order, rtol, atol):
         f1 = rhs(t0 + direction * h0, y1)
         d2 = _row_rms((f1 - f0) / scale).double() / h0
         dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
-                         (0.01 / dmax) ** (1.0 / (order + 1)))
+        h1 = torch.where(
+            dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / (order + 1))
+        )
         return torch.where(torch.isfinite(d2), torch.minimum(100 * h0, h1), h0)
 
 
@@ -410,8 +481,14 @@ class _StepField:
         return self.hy * raw
 
 
-def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, solver,
-                         opts: LoopOptions, compact: bool = False) -> PerSampleResult:
+def integrate_per_sample(
+    rhs: Callable,
+    y0: torch.Tensor,
+    t_out: torch.Tensor,
+    solver,
+    opts: LoopOptions,
+    compact: bool = False,
+) -> PerSampleResult:
     """Integrate a batch ``y0`` (B, ...) with per-row step control, saving row ``b`` at the
     times ``t_out[b]`` (``t_out`` (B, T) float64, rows strictly monotonic in one direction).
 
@@ -459,8 +536,9 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
         return rhs(tt, yy)
 
     def result():
-        return PerSampleResult(out[:T], codes_g, t_reached_g,
-                               _stats(nfe_g, nacc_g, att_g - nacc_g, counters))
+        return PerSampleResult(
+            out[:T], codes_g, t_reached_g, _stats(nfe_g, nacc_g, att_g - nacc_g, counters)
+        )
 
     if T < 2:  # only the start: nothing to step
         return result()
@@ -470,8 +548,9 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     if opts.dt is not None:
         dt = torch.full((B,), abs(opts.dt), **f64)
     else:
-        dt = _initial_step_rows(call, t, y0, fraw, direction,
-                                getattr(solver, "start_order", solver.order), rtol, atol)
+        dt = _initial_step_rows(
+            call, t, y0, fraw, direction, getattr(solver, "start_order", solver.order), rtol, atol
+        )
         nfe_g += running
     dtmax = torch.full_like(span, opts.dtmax) if opts.dtmax is not None else span.clone()
     dt = torch.minimum(torch.minimum(dt, span), dtmax)
@@ -505,14 +584,24 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     # the step size alone once a step was accepted; scalar tolerances)
     from .solvers._erk import ExplicitRK
 
-    handoff = (compact and isinstance(solver, ExplicitRK) and not history
-               and not isinstance(rtol, torch.Tensor) and not isinstance(atol, torch.Tensor))
+    handoff = (
+        compact
+        and isinstance(solver, ExplicitRK)
+        and not history
+        and not isinstance(rtol, torch.Tensor)
+        and not isinstance(atol, torch.Tensor)
+    )
     calls_step = None  # the calls of f of a step (the first step's)
 
     def flush():  # the working rows' results into the batch's (a running row's: overwritten)
         nfe_rows = nfe + attempts * calls_step
-        for dst, src in ((t_reached_g, t), (codes_g, codes), (nfe_g, nfe_rows), (nacc_g, nacc),
-                         (att_g, attempts)):
+        for dst, src in (
+            (t_reached_g, t),
+            (codes_g, codes),
+            (nfe_g, nfe_rows),
+            (nacc_g, nacc),
+            (att_g, attempts),
+        ):
             if idx is None:
                 dst.copy_(src)
             else:
@@ -573,8 +662,11 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
         t = torch.where(accept, t_new, t)
         done = accept & last
         cont = running ^ done  # done ⊆ running
-        dtmin = (opts.dtmin if opts.dtmin is not None
-                 else torch.maximum(t.abs(), dt_floor).mul_(4 * _EPS))
+        dtmin = (
+            opts.dtmin
+            if opts.dtmin is not None
+            else torch.maximum(t.abs(), dt_floor).mul_(4 * _EPS)
+        )
         small = dt < dtmin
         fail = cont if k >= max_steps else cont & small
         if stuck is not None:
@@ -586,8 +678,9 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             sync = torch.stack([running, fail, done]).sum(1)
         else:
             kt = (direction * t_new).unsqueeze(1)
-            n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1)
-                       - next_out).mul_(accept)
+            n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1) - next_out).mul_(
+                accept
+            )
             n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
             sync = torch.stack([running.sum(), fail.sum(), n_cross.max(), n_inner.max()])
         av = _rows(accept, y)
@@ -634,22 +727,41 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
             idx = keep if idx is None else idx[keep]
             rows, key_rows = idx, key[idx]
             y, fraw, ay, accepted_last, running = (
-                x[keep] for x in (y, fraw, ay, accepted_last, running))
+                x[keep] for x in (y, fraw, ay, accepted_last, running)
+            )
             # the (B,) tensors by dtype in one selection each
             t, t_end, dt, dtmax, dt_floor, err_prev, h_acc = torch.stack(
-                [t, t_end, dt, dtmax, dt_floor, err_prev, h_acc])[:, keep].unbind()
+                [t, t_end, dt, dtmax, dt_floor, err_prev, h_acc]
+            )[:, keep].unbind()
             attempts, nacc, nfe, next_out, codes = torch.stack(
-                [attempts, nacc, nfe, next_out, codes])[:, keep].unbind()
+                [attempts, nacc, nfe, next_out, codes]
+            )[:, keep].unbind()
             # tensor tolerances come shaped like the state (B, ...)
-            rtol_n, atol_n = (x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
-                              for x in (rtol_n, atol_n))
+            rtol_n, atol_n = (
+                x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                for x in (rtol_n, atol_n)
+            )
         if handoff and n_run == 1:
             t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.cat(
-                [t, dt, accepted_last.to(t.dtype), next_out.to(t.dtype), dtmax, dt_floor]).tolist()
+                [t, dt, accepted_last.to(t.dtype), next_out.to(t.dtype), dtmax, dt_floor]
+            ).tolist()
             if acc_h:  # after a rejection the controller's state is more than the step size
-                k_sub = _finish_row(rhs, y, fraw, [t_h] + (key_rows[0, int(nxt):] * direction)
-                                    .tolist(), solver, opts, ctrl, dt_h, dtmax_h, floor_h,
-                                    max_steps - k, out, int(nxt), rows)
+                k_sub = _finish_row(
+                    rhs,
+                    y,
+                    fraw,
+                    [t_h] + (key_rows[0, int(nxt) :] * direction).tolist(),
+                    solver,
+                    opts,
+                    ctrl,
+                    dt_h,
+                    dtmax_h,
+                    floor_h,
+                    max_steps - k,
+                    out,
+                    int(nxt),
+                    rows,
+                )
                 t = torch.full_like(t, k_sub["t"])
                 codes.fill_(k_sub["code"])
                 nacc += k_sub["naccept"]
@@ -664,8 +776,9 @@ def integrate_per_sample(rhs: Callable, y0: torch.Tensor, t_out: torch.Tensor, s
     return result()
 
 
-def _finish_row(rhs, y, f0, t_rest, solver, opts, ctrl, dt, dtmax, dt_floor, max_steps, out, nxt,
-                rows) -> dict:
+def _finish_row(
+    rhs, y, f0, t_rest, solver, opts, ctrl, dt, dtmax, dt_floor, max_steps, out, nxt, rows
+) -> dict:
     """Continue one row (``y`` (1, ...)) of a per-sample solve in :func:`integrate` from the time
     ``t_rest[0]`` through its remaining output times ``t_rest[1:]`` with the row's step size,
     derivative, dtmin floor, dtmax and remaining ``max_steps``; writes the outputs into
@@ -678,15 +791,30 @@ def _finish_row(rhs, y, f0, t_rest, solver, opts, ctrl, dt, dtmax, dt_floor, max
         calls += 1
         return rhs(torch.full((1,), s, **f64), yy)
 
-    sub = LoopOptions(rtol=opts.rtol, atol=opts.atol, dt=dt, adaptive=True, max_steps=max_steps,
-                      dense=False, controller=ctrl, dtmin=opts.dtmin, dtmax=dtmax, f0=f0,
-                      dt_floor=dt_floor)
+    sub = LoopOptions(
+        rtol=opts.rtol,
+        atol=opts.atol,
+        dt=dt,
+        adaptive=True,
+        max_steps=max_steps,
+        dense=False,
+        controller=ctrl,
+        dtmin=opts.dtmin,
+        dtmax=dtmax,
+        f0=f0,
+        dt_floor=dt_floor,
+    )
     stats: dict = {}
     res = integrate(rhs1, y, t_rest, solver, sub, stats)
     if len(res.ys) > 1:
-        out[nxt:nxt + len(res.ys) - 1, rows] = torch.stack(res.ys[1:])
-    return {"t": res.t_reached, "code": PER_SAMPLE_CODES.index(res.retcode), "calls": calls,
-            "naccept": stats["naccept"], "attempts": stats["naccept"] + stats["nreject"]}
+        out[nxt : nxt + len(res.ys) - 1, rows] = torch.stack(res.ys[1:])
+    return {
+        "t": res.t_reached,
+        "code": PER_SAMPLE_CODES.index(res.retcode),
+        "calls": calls,
+        "naccept": stats["naccept"],
+        "attempts": stats["naccept"] + stats["nreject"],
+    }
 
 
 def _stats(nfe, naccept, nreject, counters) -> dict:

@@ -30,8 +30,9 @@ def _check_count(name: str, value) -> int:
     try:
         v = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}: expected a positive int, got {value!r} "
-                        f"({type(value).__name__})") from None
+        raise TypeError(
+            f"{name}: expected a positive int, got {value!r} ({type(value).__name__})"
+        ) from None
     if v <= 0:
         raise ValueError(f"{name}: must be a positive int, got {v}")
     return v
@@ -45,17 +46,34 @@ def _check_step_bound(name: str, value, allow_zero: bool):
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a number (a step size) or None, "
-                        f"got {type(value).__name__}") from None
+        raise TypeError(
+            f"{name}: expected a number (a step size) or None, got {type(value).__name__}"
+        ) from None
     if math.isnan(v) or v < 0 or (v == 0 and not allow_zero) or (math.isinf(v) and name == "dtmin"):
-        need = ("a finite number >= 0 (0: no floor but the float resolution of t)" if allow_zero
-                else "a positive number (inf: no limit)")
+        need = (
+            "a finite number >= 0 (0: no floor but the float resolution of t)"
+            if allow_zero
+            else "a positive number (inf: no limit)"
+        )
         raise ValueError(f"{name}: must be {need}, got {value!r}; pass None for the default")
     return abs(v)
 
 
-def make_options(solver, *, rtol, atol, dt, adaptive, max_steps, dense, progress, controller,
-                 dtmin, dtmax, y0: torch.Tensor | None = None) -> LoopOptions:
+def make_options(
+    solver,
+    *,
+    rtol,
+    atol,
+    dt,
+    adaptive,
+    max_steps,
+    dense,
+    progress,
+    controller,
+    dtmin,
+    dtmax,
+    y0: torch.Tensor | None = None,
+) -> LoopOptions:
     adaptive = check_flag("adaptive", adaptive)
     progress = check_flag("progress", progress)
     dense = check_flag("dense", dense)
@@ -75,39 +93,57 @@ def make_options(solver, *, rtol, atol, dt, adaptive, max_steps, dense, progress
             raise ValueError(f"dt: must be a finite non-zero step size, got {dt}")
         dt = abs(dt)
     if not adaptive and dt is None:
-        raise ValueError("dt: fixed-step integration (adaptive=False) needs a step size; pass dt=..., e.g. dt=0.01")
+        raise ValueError(
+            "dt: fixed-step integration (adaptive=False) needs a step size; pass dt=..., e.g. "
+            "dt=0.01"
+        )
     max_steps = _check_count("max_steps", max_steps)
     dtmin = _check_step_bound("dtmin", dtmin, allow_zero=True)
     dtmax = _check_step_bound("dtmax", dtmax, allow_zero=False)
     if dtmin is not None and dtmax is not None and dtmin > dtmax:
-        raise ValueError(f"dtmin, dtmax: dtmin={dtmin:g} exceeds dtmax={dtmax:g}; "
-                         f"dtmin must be <= dtmax")
-    if controller is not None and not (callable(getattr(controller, "factor", None))
-                                       and hasattr(controller, "factor_min")):
-        raise TypeError(f"controller: expected a step-size controller such as pn.PIController() "
-                        f"or pn.PredictiveController() (or None for the solver's default), "
-                        f"got {controller!r}")
+        raise ValueError(
+            f"dtmin, dtmax: dtmin={dtmin:g} exceeds dtmax={dtmax:g}; dtmin must be <= dtmax"
+        )
+    if controller is not None and not (
+        callable(getattr(controller, "factor", None)) and hasattr(controller, "factor_min")
+    ):
+        raise TypeError(
+            f"controller: expected a step-size controller such as pn.PIController() "
+            f"or pn.PredictiveController() (or None for the solver's default), "
+            f"got {controller!r}"
+        )
     if adaptive or getattr(solver, "implicit", False):
         _check_tolerance_pair(rtol, atol)
     if y0 is not None:
         _check_state_dtype(solver, y0)
     return LoopOptions(
-        rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, max_steps=max_steps, dense=dense,
-        progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
+        rtol=rtol,
+        atol=atol,
+        dt=dt,
+        adaptive=adaptive,
+        max_steps=max_steps,
+        dense=dense,
+        progress=progress,
+        controller=controller,
+        dtmin=dtmin,
+        dtmax=dtmax,
     )
 
 
 def _check_tolerance_pair(rtol, atol):
     """The error test needs a positive tolerance in every component (rtol = atol = 0 divides
     by 0)."""
+
     def zero(tol):
         if isinstance(tol, torch.Tensor):
             return tol == 0
         return torch.tensor(tol == 0)
 
     if bool((zero(rtol) & zero(atol)).any()):
-        raise ValueError("rtol, atol: both are 0 (in some component), so no error is acceptable; "
-                         "give a positive rtol (e.g. 1e-6) or atol (e.g. 1e-9)")
+        raise ValueError(
+            "rtol, atol: both are 0 (in some component), so no error is acceptable; "
+            "give a positive rtol (e.g. 1e-6) or atol (e.g. 1e-9)"
+        )
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -115,7 +151,9 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def _check_state_dtype(solver, y0: torch.Tensor):
     if y0.dtype in _LOW_PRECISION and getattr(solver, "implicit", False):
-        raise TypeError(f"y0: dtype {y0.dtype} is not supported by the implicit solver "
-                        f"{type(solver).__name__} (torch's linear algebra needs float32 or "
-                        f"float64); convert the state with y0.float() and cast the result back, "
-                        f"or use an explicit solver such as pn.Tsit5()")
+        raise TypeError(
+            f"y0: dtype {y0.dtype} is not supported by the implicit solver "
+            f"{type(solver).__name__} (torch's linear algebra needs float32 or "
+            f"float64); convert the state with y0.float() and cast the result back, "
+            f"or use an explicit solver such as pn.Tsit5()"
+        )

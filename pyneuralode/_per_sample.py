@@ -5,21 +5,32 @@ costs interpolations, not steps), then each sample's states are gathered at its 
 ``ys[j, b]`` is sample ``b`` at ``t[b, j]``. All rows start at the same time (the batch shares its
 initial time); torchdiffeq users otherwise build this union by hand (torchdiffeq #43, #122).
 """
+
 from __future__ import annotations
 
 import torch
 
 
 def is_per_sample(y0, t) -> bool:
-    return (isinstance(t, torch.Tensor) and t.ndim == 2 and isinstance(y0, torch.Tensor) and y0.ndim >= 1
-            and t.shape[0] == y0.shape[0] and t.shape[0] > 0)
+    return (
+        isinstance(t, torch.Tensor)
+        and t.ndim == 2
+        and isinstance(y0, torch.Tensor)
+        and y0.ndim >= 1
+        and t.shape[0] == y0.shape[0]
+        and t.shape[0] > 0
+    )
 
 
 def union_times(t: torch.Tensor):
-    """Validate per-sample times; return ``(union, index)`` with ``union[index[b, j]] == t[b, j]``."""
+    """Validate per-sample times; return ``(union, index)`` with ``union[index[b, j]] == t[b,
+    j]``."""
     if t.requires_grad:
-        raise ValueError("t: gradients with respect to per-sample output times are not supported; pass t.detach() "
-                         "(or a 1-D t shared by the batch)")
+        raise ValueError(
+            "t: gradients with respect to per-sample output times are not supported; pass "
+            "t.detach() "
+            "(or a 1-D t shared by the batch)"
+        )
     if not t.is_floating_point():
         t = t.to(torch.float64)
     if t.shape[1] == 0:
@@ -27,8 +38,11 @@ def union_times(t: torch.Tensor):
     if not torch.isfinite(t).all():
         raise ValueError("t: contains NaN or Inf; every output time must be finite")
     if not torch.equal(t[:, 0], t[:1, 0].expand(t.shape[0])):
-        raise ValueError("t: per-sample times (B, T) must all start at the same time t[:, 0] (the batch shares its "
-                         "initial time); solve groups with different start times separately")
+        raise ValueError(
+            "t: per-sample times (B, T) must all start at the same time t[:, 0] (the batch shares "
+            "its "
+            "initial time); solve groups with different start times separately"
+        )
     direction = 1.0
     if t.shape[1] > 1:
         d = t[:, 1:] - t[:, :-1]
@@ -36,10 +50,16 @@ def union_times(t: torch.Tensor):
         bad = ~(inc | dec)
         if bad.any():
             b = int(bad.nonzero()[0, 0])
-            raise ValueError(f"t: row {b} of the per-sample times is not strictly monotonic; every row must be strictly "
-                             f"increasing (or every row strictly decreasing for backward integration)")
+            raise ValueError(
+                f"t: row {b} of the per-sample times is not strictly monotonic; every row must be "
+                "strictly "
+                f"increasing (or every row strictly decreasing for backward integration)"
+            )
         if not (inc.all() or dec.all()):
-            raise ValueError("t: the rows of the per-sample times run in different directions; all must increase or all decrease")
+            raise ValueError(
+                "t: the rows of the per-sample times run in different directions; all must "
+                "increase or all decrease"
+            )
         direction = 1.0 if inc.all() else -1.0
     union, inverse = torch.unique(t, sorted=True, return_inverse=True)
     if direction < 0:
@@ -49,7 +69,8 @@ def union_times(t: torch.Tensor):
 
 
 def gather(ys_union: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``(U, B, ...)`` states on the union → ``(T, B, ...)`` states at each sample's own times (NaN past a failure)."""
+    """``(U, B, ...)`` states on the union → ``(T, B, ...)`` states at each sample's own times (NaN
+    past a failure)."""
     B, T = index.shape
     k = ys_union.shape[0]
     idx = index.to(ys_union.device)
@@ -77,9 +98,11 @@ def check_per_sample(per_sample):
         return "mask"
     if isinstance(per_sample, str) and per_sample in PER_SAMPLE_MODES:
         return per_sample
-    raise ValueError(f"per_sample: expected False, True (= 'mask': f sees the whole batch, "
-                     f"finished samples take steps of size 0) or 'compact' (f sees only the "
-                     f"running samples; f must treat rows independently), got {per_sample!r}")
+    raise ValueError(
+        f"per_sample: expected False, True (= 'mask': f sees the whole batch, "
+        f"finished samples take steps of size 0) or 'compact' (f sees only the "
+        f"running samples; f must treat rows independently), got {per_sample!r}"
+    )
 
 
 def sample_times(t, y0: torch.Tensor) -> torch.Tensor:
@@ -87,15 +110,19 @@ def sample_times(t, y0: torch.Tensor) -> torch.Tensor:
 
     Unlike per-sample output times on a shared step, the rows may start at different times."""
     if isinstance(t, torch.Tensor) and t.requires_grad:
-        raise ValueError("t: gradients with respect to the times are not supported with "
-                         "per_sample=True; pass t.detach()")
+        raise ValueError(
+            "t: gradients with respect to the times are not supported with "
+            "per_sample=True; pass t.detach()"
+        )
     tt = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t
     B = y0.shape[0]
     if tt.ndim == 1:
         tt = tt.reshape(1, -1).expand(B, -1)
     if tt.ndim != 2 or tt.shape[0] != B:
-        raise ValueError(f"t: per_sample=True takes times of shape (T,) shared by the batch or "
-                         f"(B, T) with B = y0.shape[0] = {B}; got shape {tuple(tt.shape)}")
+        raise ValueError(
+            f"t: per_sample=True takes times of shape (T,) shared by the batch or "
+            f"(B, T) with B = y0.shape[0] = {B}; got shape {tuple(tt.shape)}"
+        )
     if tt.shape[1] == 0:
         raise ValueError("t: is empty; give at least the start time of every sample")
     tt = tt.detach().to(device=y0.device, dtype=torch.float64)
@@ -107,86 +134,145 @@ def sample_times(t, y0: torch.Tensor) -> torch.Tensor:
         bad = ~(inc | dec)
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
-            raise ValueError(f"t: row {b} is not strictly monotonic; every row must be strictly "
-                             f"increasing (or every row strictly decreasing for backward time)")
+            raise ValueError(
+                f"t: row {b} is not strictly monotonic; every row must be strictly "
+                f"increasing (or every row strictly decreasing for backward time)"
+            )
         if not (bool(inc.all()) or bool(dec.all())):
-            raise ValueError("t: the rows run in different directions; all must increase or all "
-                             "decrease")
+            raise ValueError(
+                "t: the rows run in different directions; all must increase or all decrease"
+            )
     return tt.contiguous()
 
 
-def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_steps, args,
-                     sensealg, throw, dense, controller, dtmin, dtmax, adjoint_params):
+def solve_per_sample(
+    f,
+    y0,
+    t,
+    solver,
+    *,
+    mode,
+    rtol,
+    atol,
+    dt,
+    adaptive,
+    max_steps,
+    args,
+    sensealg,
+    throw,
+    dense,
+    controller,
+    dtmin,
+    dtmax,
+    adjoint_params,
+):
     """``solve(..., per_sample=True)`` with a resolved ``solver``: validate, run the per-sample
     loop, package the result."""
     from ._loop import PER_SAMPLE_CODES, integrate_per_sample
+    from ._loop_options import make_options
     from ._problem import ODEProblem
     from ._solution import PerSampleSolution, SolveError
-    from ._loop_options import make_options
     from .sensitivity import BacksolveAdjoint, DirectAdjoint
     from .solvers._erk import ExplicitRK
     from .solvers._rosenbrock import GenericRosenbrock
 
     if not isinstance(y0, torch.Tensor):
-        raise TypeError(f"y0: per_sample=True takes one tensor shaped (B, ...) (the batch first), "
-                        f"got {type(y0).__name__}")
+        raise TypeError(
+            f"y0: per_sample=True takes one tensor shaped (B, ...) (the batch first), "
+            f"got {type(y0).__name__}"
+        )
     if y0.ndim < 1 or y0.shape[0] == 0:
-        raise ValueError(f"y0: per_sample=True needs a batch dimension first, y0 of shape (B, ...) "
-                         f"with B >= 1; got shape {tuple(y0.shape)}")
+        raise ValueError(
+            f"y0: per_sample=True needs a batch dimension first, y0 of shape (B, ...) "
+            f"with B >= 1; got shape {tuple(y0.shape)}"
+        )
     rosenbrock = isinstance(solver, GenericRosenbrock)
     if not (isinstance(solver, ExplicitRK) or rosenbrock) or not solver.adaptive_capable:
-        raise ValueError(f"solver: per_sample=True steps the adaptive explicit Runge-Kutta methods "
-                         f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()) and the Rodas "
-                         f"methods (pn.Rodas5P(batched=True), pn.Rodas4(batched=True)); got "
-                         f"{type(solver).__name__}; use one of them or drop per_sample")
+        raise ValueError(
+            f"solver: per_sample=True steps the adaptive explicit Runge-Kutta methods "
+            f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()) and the Rodas "
+            f"methods (pn.Rodas5P(batched=True), pn.Rodas4(batched=True)); got "
+            f"{type(solver).__name__}; use one of them or drop per_sample"
+        )
     if rosenbrock and not (solver.batched and y0.ndim == 2):
-        raise ValueError(f"solver: per_sample=True with {type(solver).__name__} needs "
-                         f"batched=True (one Jacobian per sample) and y0 of shape (B, n); got "
-                         f"batched={solver.batched}, y0 of shape {tuple(y0.shape)}")
+        raise ValueError(
+            f"solver: per_sample=True with {type(solver).__name__} needs "
+            f"batched=True (one Jacobian per sample) and y0 of shape (B, n); got "
+            f"batched={solver.batched}, y0 of shape {tuple(y0.shape)}"
+        )
     direct = isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None
     joint = isinstance(sensealg, BacksolveAdjoint)
     if sensealg is not None and not (direct or joint):
-        raise ValueError(f"sensealg: per_sample=True supports DirectAdjoint() (through its steps, "
-                         f"the default) and BacksolveAdjoint() (a joint backward pass); got "
-                         f"{sensealg!r}; use one of them or drop per_sample")
+        raise ValueError(
+            f"sensealg: per_sample=True supports DirectAdjoint() (through its steps, "
+            f"the default) and BacksolveAdjoint() (a joint backward pass); got "
+            f"{sensealg!r}; use one of them or drop per_sample"
+        )
     if not adaptive:
-        raise ValueError("adaptive: per_sample=True is per-sample adaptive stepping; with fixed "
-                         "steps (adaptive=False) drop per_sample (the batch shares its steps)")
+        raise ValueError(
+            "adaptive: per_sample=True is per-sample adaptive stepping; with fixed "
+            "steps (adaptive=False) drop per_sample (the batch shares its steps)"
+        )
     if dense:
-        raise ValueError("dense: per_sample=True keeps no dense output object; give the times "
-                         "each sample needs as t of shape (B, T)")
+        raise ValueError(
+            "dense: per_sample=True keeps no dense output object; give the times "
+            "each sample needs as t of shape (B, T)"
+        )
     tt = sample_times(t, y0)
     if joint and not bool((tt == tt[:1]).all()):
-        raise ValueError("sensealg: BacksolveAdjoint with per_sample=True runs one backward pass "
-                         "for the whole batch, so every sample needs the same times; give t of "
-                         "shape (T,), or use DirectAdjoint() for times per sample")
-    problem = ODEProblem(f, y0, tt[0], args=args, rtol=rtol, atol=atol,
-                         adjoint_params=adjoint_params)
-    opts = make_options(solver, rtol=problem.rtol, atol=problem.atol, dt=dt, adaptive=True,
-                        max_steps=max_steps, dense=False, progress=False, controller=controller,
-                        dtmin=dtmin, dtmax=dtmax, y0=problem.y0)
+        raise ValueError(
+            "sensealg: BacksolveAdjoint with per_sample=True runs one backward pass "
+            "for the whole batch, so every sample needs the same times; give t of "
+            "shape (T,), or use DirectAdjoint() for times per sample"
+        )
+    problem = ODEProblem(
+        f, y0, tt[0], args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params
+    )
+    opts = make_options(
+        solver,
+        rtol=problem.rtol,
+        atol=problem.atol,
+        dt=dt,
+        adaptive=True,
+        max_steps=max_steps,
+        dense=False,
+        progress=False,
+        controller=controller,
+        dtmin=dtmin,
+        dtmax=dtmax,
+        y0=problem.y0,
+    )
     time_dtype = t.dtype if isinstance(t, torch.Tensor) and t.is_floating_point() else y0.dtype
     fargs = problem.args
     checked = []
 
     B = y0.shape[0]
-    compact_hint = ("with per_sample='compact' f gets only the running samples' rows, so it must "
-                    "treat rows independently (keep per-sample constants in the state, or use "
-                    "per_sample=True)")
+    compact_hint = (
+        "with per_sample='compact' f gets only the running samples' rows, so it must "
+        "treat rows independently (keep per-sample constants in the state, or use "
+        "per_sample=True)"
+    )
 
     def rhs(ts, ys):
         try:
             out = f(ts if ts.dtype == time_dtype else ts.to(time_dtype), ys, *fargs)
         except RuntimeError as e:
             if mode == "compact" and ys.shape[0] < B:
-                raise ValueError(f"f(t, y): failed on {ys.shape[0]} of the {B} rows ({e}); "
-                                 f"{compact_hint}") from e
+                raise ValueError(
+                    f"f(t, y): failed on {ys.shape[0]} of the {B} rows ({e}); {compact_hint}"
+                ) from e
             raise
         if not checked or out.shape != ys.shape:
-            if (checked and mode == "compact" and isinstance(out, torch.Tensor)
-                    and out.shape[1:] == ys.shape[1:]):
-                raise ValueError(f"f(t, y): returned {out.shape[0]} rows for the {ys.shape[0]} "
-                                 f"running samples; {compact_hint}")
+            if (
+                checked
+                and mode == "compact"
+                and isinstance(out, torch.Tensor)
+                and out.shape[1:] == ys.shape[1:]
+            ):
+                raise ValueError(
+                    f"f(t, y): returned {out.shape[0]} rows for the {ys.shape[0]} "
+                    f"running samples; {compact_hint}"
+                )
             problem._check_out(out, ys.shape, "f(t, y)", later=bool(checked))
             checked.append(True)
         return out
@@ -203,22 +289,28 @@ def solve_per_sample(f, y0, t, solver, *, mode, rtol, atol, dt, adaptive, max_st
         # the backward pass calls f with one time for the whole batch: hand it one per row
         problem.f = lambda s, y, *a: f(s.expand(y.shape[0]) if s.ndim == 0 else s, y, *a)
         stats: dict = {}
-        ys, res = run_adjoint(_JointBackward(sensealg, run), problem, problem.y0, solver, opts,
-                              stats)
+        ys, res = run_adjoint(
+            _JointBackward(sensealg, run), problem, problem.y0, solver, opts, stats
+        )
         res.ys, res.stats = ys, stats  # the differentiable states; stats gain the backward's
     else:
         res = run(problem.y0)
     codes = [PER_SAMPLE_CODES[c] for c in res.codes.tolist()]
-    sol = PerSampleSolution(ts=t, ys=res.ys, retcodes=codes, stats=res.stats,
-                            t_reached=res.t_reached, solver=solver)
+    sol = PerSampleSolution(
+        ts=t, ys=res.ys, retcodes=codes, stats=res.stats, t_reached=res.t_reached, solver=solver
+    )
     failed = [b for b, c in enumerate(codes) if not c.successful]
     if failed and throw:
         t_r = res.t_reached.tolist()
         first = ", ".join(f"sample {b}: {codes[b].value} at t={t_r[b]:.6g}" for b in failed[:5])
         more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
-        raise SolveError(f"solve failed for {len(failed)} of {len(codes)} samples ({first}{more}); "
-                         f"pass throw=False to get the other samples and sol.retcode per sample",
-                         codes[failed[0]], t_r[failed[0]], sol)
+        raise SolveError(
+            f"solve failed for {len(failed)} of {len(codes)} samples ({first}{more}); "
+            f"pass throw=False to get the other samples and sol.retcode per sample",
+            codes[failed[0]],
+            t_r[failed[0]],
+            sol,
+        )
     return sol
 
 

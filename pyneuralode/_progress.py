@@ -1,4 +1,5 @@
 """Progress bars: tqdm on a terminal, a few summary lines otherwise (batch jobs, CI logs)."""
+
 from __future__ import annotations
 
 import sys
@@ -8,11 +9,16 @@ __all__ = ["progress"]
 
 
 class _Summary:
-    """Stands in for a tqdm bar when stderr is not a terminal: a few summary lines, no carriage returns."""
+    """Stands in for a tqdm bar when stderr is not a terminal: a few summary lines, no carriage
+    returns."""
 
     def __init__(self, iterable=None, desc="", total=None, lines=4, disable=False, **_):
         self.iterable, self.desc, self.disable = iterable, desc or "progress", disable
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.total = (
+            total
+            if total is not None
+            else (len(iterable) if hasattr(iterable, "__len__") else None)
+        )
         self.n, self.postfix, self.lines, self._printed = 0, "", max(1, lines), -1
         self._t0 = time.perf_counter()
 
@@ -55,8 +61,11 @@ class _Summary:
             return
         frac = f"{self.n}/{self.total}" if self.total else str(self.n)
         tail = f" [{self.postfix}]" if self.postfix else ""
-        print(f"{self.desc}: {frac} in {time.perf_counter() - self._t0:.1f} s{tail}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{self.desc}: {frac} in {time.perf_counter() - self._t0:.1f} s{tail}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self):
         if self._printed != self.lines:

@@ -1,9 +1,11 @@
 """Solution objects, return codes, statistics and the solve error."""
+
 from __future__ import annotations
 
 import bisect
 import enum
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,9 +33,12 @@ class ReturnCode(str, enum.Enum):
 
 
 class SolveError(RuntimeError):
-    """Raised by ``solve(..., throw=True)`` when integration fails; carries ``retcode`` and the time ``t`` reached."""
+    """Raised by ``solve(..., throw=True)`` when integration fails; carries ``retcode`` and the time
+    ``t`` reached."""
 
-    def __init__(self, message: str, retcode: ReturnCode, t: float, solution: "Solution | None" = None):
+    def __init__(
+        self, message: str, retcode: ReturnCode, t: float, solution: Solution | None = None
+    ):
         super().__init__(message)
         self.retcode = retcode
         self.t = t
@@ -41,11 +46,18 @@ class SolveError(RuntimeError):
 
 
 class DenseSegment:
-    """Dense output of one accepted step on [t0, t0 + dt]: ``evaluate(theta)`` with theta in [0, 1]."""
+    """Dense output of one accepted step on [t0, t0 + dt]: ``evaluate(theta)`` with theta in [0,
+    1]."""
 
     __slots__ = ("t0", "dt", "data", "interpolant")
 
-    def __init__(self, t0: float, dt: float, data: Any, interpolant: Callable[[Any, torch.Tensor | float], torch.Tensor]):
+    def __init__(
+        self,
+        t0: float,
+        dt: float,
+        data: Any,
+        interpolant: Callable[[Any, torch.Tensor | float], torch.Tensor],
+    ):
         self.t0 = t0
         self.dt = dt
         self.data = data
@@ -63,11 +75,14 @@ class Solution:
     ts : the output times (as given).
     ys : states at ``ts``, shaped ``(len(ts), *y0.shape)`` (a tuple of such for tuple states).
     retcode : :class:`ReturnCode` (compares equal to ``"Success"`` etc.).
-    stats : dict with at least ``nfe``, ``naccept``, ``nreject``; backward passes add ``nfe_adjoint`` etc.
-    ``sol(tq)`` evaluates the dense output (when the solve kept it, ``dense=True``).
+    stats : dict with at least ``nfe``, ``naccept``, ``nreject``; backward passes add
+    ``nfe_adjoint`` etc. ``sol(tq)`` evaluates the dense output (when the solve kept it,
+    ``dense=True``).
     """
 
-    def __init__(self, ts, ys, retcode, stats, segments=None, unflatten=None, t_reached=None, solver=None):
+    def __init__(
+        self, ts, ys, retcode, stats, segments=None, unflatten=None, t_reached=None, solver=None
+    ):
         self.ts = ts
         self.ys = ys
         self.retcode = ReturnCode(retcode)
@@ -76,7 +91,9 @@ class Solution:
         self._unflatten = unflatten
         self.t_reached = t_reached
         self.solver = solver
-        self.event_t = None  # with solve(..., event=g): the event time (a 0-d tensor) and the state there
+        self.event_t = (
+            None  # with solve(..., event=g): the event time (a 0-d tensor) and the state there
+        )
         self.event_y = None
 
     @property
@@ -86,10 +103,13 @@ class Solution:
     def __call__(self, tq):
         if self._segments is None:
             raise ValueError(
-                "sol(tq): this solution kept no dense output; call solve(..., dense=True) to evaluate between output times"
+                "sol(tq): this solution kept no dense output; call solve(..., dense=True) to "
+                "evaluate between output times"
             )
         if not self._segments:
-            raise ValueError("sol(tq): the solve took no steps, there is no dense output to evaluate")
+            raise ValueError(
+                "sol(tq): the solve took no steps, there is no dense output to evaluate"
+            )
         tq_t = torch.as_tensor(tq, dtype=torch.float64).reshape(-1)
         if tq_t.numel() == 0:
             raise ValueError("sol(tq): tq is empty")
@@ -106,7 +126,8 @@ class Solution:
         for i, tv in enumerate(tq_t.tolist()):
             if tv < lo - 1e-12 * max(1.0, span) or tv > hi + 1e-12 * max(1.0, span):
                 raise ValueError(
-                    f"sol(tq): tq[{i}]={tv} lies outside the solved span [{lo}, {hi}]; evaluate only inside it"
+                    f"sol(tq): tq[{i}]={tv} lies outside the solved span [{lo}, {hi}]; evaluate "
+                    "only inside it"
                 )
             if direction > 0:
                 k = max(0, bisect.bisect_right(starts, tv) - 1)
@@ -124,7 +145,10 @@ class Solution:
         return y
 
     def __repr__(self) -> str:
-        return f"Solution(retcode={self.retcode.value}, n_times={len(self.ts)}, stats={dict(self.stats)})"
+        return (
+            f"Solution(retcode={self.retcode.value}, n_times={len(self.ts)}, "
+            f"stats={dict(self.stats)})"
+        )
 
 
 class PerSampleSolution(Solution):
@@ -152,10 +176,14 @@ class PerSampleSolution(Solution):
         return torch.tensor([r.successful for r in self.retcode])
 
     def __call__(self, tq):
-        raise ValueError("sol(tq): a per-sample solve (per_sample=True) keeps no dense output; "
-                         "give the times each sample needs as t of shape (B, T)")
+        raise ValueError(
+            "sol(tq): a per-sample solve (per_sample=True) keeps no dense output; "
+            "give the times each sample needs as t of shape (B, T)"
+        )
 
     def __repr__(self) -> str:
         ok = sum(r.successful for r in self.retcode)
-        return (f"PerSampleSolution(successful={ok}/{len(self.retcode)}, "
-                f"n_times={self.ys.shape[0]}, nfe={int(self.stats['nfe'].sum())})")
+        return (
+            f"PerSampleSolution(successful={ok}/{len(self.retcode)}, "
+            f"n_times={self.ys.shape[0]}, nfe={int(self.stats['nfe'].sum())})"
+        )

@@ -1,16 +1,18 @@
-"""``solve``: validate, pick the backend and the sensitivity algorithm, hand over, package the result."""
+"""``solve``: validate, pick the backend and the sensitivity algorithm, hand over, package the
+result."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ._loop import LoopOptions, integrate
 from ._loop_options import check_flag, make_options
+from ._per_sample import check_per_sample, gather, is_per_sample, solve_per_sample, union_times
 from ._problem import ODEProblem
 from ._solution import ReturnCode, Solution, SolveError
-from ._per_sample import check_per_sample, gather, is_per_sample, solve_per_sample, union_times
 from .controllers import PIController, PredictiveController
 from .events import EventLocator, differentiable_event
 from .sensitivity import AbstractSensitivity, DirectAdjoint
@@ -54,13 +56,14 @@ def solve(
     :class:`Tsit5`. ``rtol``/``atol`` are scalars or tensors broadcastable to the state.
     Fixed steps: ``adaptive=False, dt=h``. ``sensealg`` picks how gradients cross the solve
     (default :class:`DirectAdjoint`; an object, or a name: ``"direct"``, ``"backsolve"``,
-    ``"adjoint"``, ``"interpolating"``, ``"quadrature"``). ``dense`` keeps the dense output for ``sol(tq)`` (default:
-    yes, except for the memory-saving ``BacksolveAdjoint``/``InterpolatingAdjoint``).
-    ``controller`` (a :class:`PIController` or :class:`PredictiveController`) defaults to the solver's
-    ``default_controller()``: integral control for explicit methods (torchdiffeq's, diffrax's), Gustafsson's
-    predictive control for Rosenbrock methods (Hairer's RODAS), SciML's PI gains for the other implicit ones.
-    ``event=g`` (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after
-    that time are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
+    ``"adjoint"``, ``"interpolating"``, ``"quadrature"``). ``dense`` keeps the dense output for
+    ``sol(tq)`` (default: yes, except for the memory-saving
+    ``BacksolveAdjoint``/``InterpolatingAdjoint``). ``controller`` (a :class:`PIController` or
+    :class:`PredictiveController`) defaults to the solver's ``default_controller()``: integral
+    control for explicit methods (torchdiffeq's, diffrax's), Gustafsson's predictive control for
+    Rosenbrock methods (Hairer's RODAS), SciML's PI gains for the other implicit ones. ``event=g``
+    (``g(t, y)`` → scalar tensor) ends the solve where ``g`` crosses zero: outputs after that time
+    are not saved, ``retcode`` is ``"Terminated"``, and ``sol.event_t``/``sol.event_y``
     (differentiable, :mod:`pyneuralode.events`) give the event. With a continuous adjoint (or
     ``DirectAdjoint(checkpoints=...)``) the event is located by a first, gradient-free run of the
     loop and the adjoint solve then runs to that time (``stats["nfe_event_search"]`` counts the
@@ -101,29 +104,67 @@ def solve(
     compile = check_flag("compile", compile)
     per_sample_mode = check_per_sample(per_sample)
     if per_sample_mode is not None:
-        refuse_unsupported(compile=compile, event=event, sensealg=None, backend=backend,
-                           per_sample=False, explicit_sensealg=False, adjoint_params=adjoint_params,
-                           norm=norm, progress=progress, per_sample_stepping=True)
-        return solve_per_sample(f, y0, t, resolve_solver(solver, Tsit5), mode=per_sample_mode,
-                                rtol=rtol, atol=atol, dt=dt, adaptive=adaptive,
-                                max_steps=max_steps, args=args, sensealg=sensealg, throw=throw,
-                                dense=dense, controller=controller, dtmin=dtmin, dtmax=dtmax,
-                                adjoint_params=adjoint_params)
+        refuse_unsupported(
+            compile=compile,
+            event=event,
+            sensealg=None,
+            backend=backend,
+            per_sample=False,
+            explicit_sensealg=False,
+            adjoint_params=adjoint_params,
+            norm=norm,
+            progress=progress,
+            per_sample_stepping=True,
+        )
+        return solve_per_sample(
+            f,
+            y0,
+            t,
+            resolve_solver(solver, Tsit5),
+            mode=per_sample_mode,
+            rtol=rtol,
+            atol=atol,
+            dt=dt,
+            adaptive=adaptive,
+            max_steps=max_steps,
+            args=args,
+            sensealg=sensealg,
+            throw=throw,
+            dense=dense,
+            controller=controller,
+            dtmin=dtmin,
+            dtmax=dtmax,
+            adjoint_params=adjoint_params,
+        )
     union_grid = is_per_sample(y0, t)
     if backend not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'")
+        raise ValueError(
+            f"backend: unknown backend {backend!r}; use 'torch' (native, the default) or 'julia'"
+        )
     if norm is not None and not callable(norm):
-        raise TypeError(f"norm: expected a function norm(err, y0, y1, rtol, atol) -> float tensor "
-                        f"(or None for the RMS norm), got {type(norm).__name__}")
+        raise TypeError(
+            f"norm: expected a function norm(err, y0, y1, rtol, atol) -> float tensor "
+            f"(or None for the RMS norm), got {type(norm).__name__}"
+        )
     if event is not None and not callable(event):
-        raise TypeError(f"event: expected a function g(t, y) -> scalar tensor, got {type(event).__name__}")
+        raise TypeError(
+            f"event: expected a function g(t, y) -> scalar tensor, got {type(event).__name__}"
+        )
     # resolve
     sensealg_given = sensealg is not None
     solver = resolve_solver(solver, Tsit5)
     sensealg = resolve_sensealg(sensealg)
-    refuse_unsupported(compile=compile, event=event, sensealg=sensealg, backend=backend, per_sample=union_grid,
-                       explicit_sensealg=sensealg_given, adjoint_params=adjoint_params,
-                       norm=norm, progress=progress)
+    refuse_unsupported(
+        compile=compile,
+        event=event,
+        sensealg=sensealg,
+        backend=backend,
+        per_sample=union_grid,
+        explicit_sensealg=sensealg_given,
+        adjoint_params=adjoint_params,
+        norm=norm,
+        progress=progress,
+    )
     t_out = t
     index = None
     if union_grid:  # one solve on the union of the rows' times; each row gathered afterwards
@@ -132,8 +173,17 @@ def solve(
     if dense is None:
         dense = sensealg.keeps_dense
     opts = make_options(
-        solver, rtol=problem.rtol, atol=problem.atol, dt=dt, adaptive=adaptive, max_steps=max_steps,
-        dense=dense, progress=progress, controller=controller, dtmin=dtmin, dtmax=dtmax,
+        solver,
+        rtol=problem.rtol,
+        atol=problem.atol,
+        dt=dt,
+        adaptive=adaptive,
+        max_steps=max_steps,
+        dense=dense,
+        progress=progress,
+        controller=controller,
+        dtmin=dtmin,
+        dtmax=dtmax,
         y0=problem.y0,
     )
     opts.norm = norm  # e.g. torchdiffeq's norm(tensor), adapted by pn.odeint
@@ -146,43 +196,85 @@ def solve(
         from .julia import _backend
 
         sol = _backend.solve(problem, solver, sensealg, opts, throw=throw)
-    elif event is not None and not (isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None):
+    elif event is not None and not (
+        isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None
+    ):
+
         def with_times(times):
-            return ODEProblem(f, y0, times, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params)
+            return ODEProblem(
+                f, y0, times, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params
+            )
 
         sol = _run_event_adjoint(problem, with_times, solver, sensealg, opts, event, throw)
     else:
         sol = _run(problem, solver, sensealg, opts, throw, event)
     # package
     if index is not None:
-        sol = Solution(ts=t_out, ys=gather(sol.ys, index), retcode=sol.retcode, stats=sol.stats, segments=sol._segments,
-                       t_reached=sol.t_reached, solver=sol.solver)
+        sol = Solution(
+            ts=t_out,
+            ys=gather(sol.ys, index),
+            retcode=sol.retcode,
+            stats=sol.stats,
+            segments=sol._segments,
+            t_reached=sol.t_reached,
+            solver=sol.solver,
+        )
     return sol
 
 
-def refuse_unsupported(*, compile: bool, event, sensealg, backend: str, per_sample: bool, explicit_sensealg: bool,
-                       adjoint_params, norm, progress, per_sample_stepping: bool = False) -> None:
+def refuse_unsupported(
+    *,
+    compile: bool,
+    event,
+    sensealg,
+    backend: str,
+    per_sample: bool,
+    explicit_sensealg: bool,
+    adjoint_params,
+    norm,
+    progress,
+    per_sample_stepping: bool = False,
+) -> None:
     """The one place where ``solve`` refuses a combination of features it does not support
     (``per_sample``: per-sample output times; ``per_sample_stepping``: ``per_sample=True``)."""
-    if per_sample_stepping and (compile or event is not None or backend != "torch" or norm is not None
-                                or progress):
-        raise ValueError("per_sample: compile=True, event, backend='julia', norm and progress "
-                         "are not supported with per-sample stepping; drop them or per_sample")
-    if compile and (event is not None or explicit_sensealg or adjoint_params is not None
-                    or norm is not None or backend != "torch" or progress or per_sample):
-        raise ValueError("compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "
-                         "and per-sample output times are not supported on the compiled path yet; "
-                         "pass compile=False")
+    if per_sample_stepping and (
+        compile or event is not None or backend != "torch" or norm is not None or progress
+    ):
+        raise ValueError(
+            "per_sample: compile=True, event, backend='julia', norm and progress "
+            "are not supported with per-sample stepping; drop them or per_sample"
+        )
+    if compile and (
+        event is not None
+        or explicit_sensealg
+        or adjoint_params is not None
+        or norm is not None
+        or backend != "torch"
+        or progress
+        or per_sample
+    ):
+        raise ValueError(
+            "compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "
+            "and per-sample output times are not supported on the compiled path yet; "
+            "pass compile=False"
+        )
     if event is None:
         return
     if per_sample:
-        raise ValueError("event: not supported together with per-sample output times t of shape (B, T)")
+        raise ValueError(
+            "event: not supported together with per-sample output times t of shape (B, T)"
+        )
     if backend != "torch":
-        raise ValueError("event: events run on the native engine only; drop backend='julia' or the event")
+        raise ValueError(
+            "event: events run on the native engine only; drop backend='julia' or the event"
+        )
 
 
-def _run(problem: ODEProblem, solver, sensealg, opts: LoopOptions, throw: bool, event=None) -> Solution:
-    """One run of the loop through ``sensealg`` (ending at ``event``'s first zero, if given), packaged."""
+def _run(
+    problem: ODEProblem, solver, sensealg, opts: LoopOptions, throw: bool, event=None
+) -> Solution:
+    """One run of the loop through ``sensealg`` (ending at ``event``'s first zero, if given),
+    packaged."""
     stats: dict = {"nfe": 0, "naccept": 0, "nreject": 0}
     if problem.y0.numel() == 0:
         return _empty_state_solution(problem, solver, opts, stats)
@@ -201,7 +293,9 @@ def _run(problem: ODEProblem, solver, sensealg, opts: LoopOptions, throw: bool, 
         parts = [problem.y0.unsqueeze(0)]
         if k > 1:
             tk = ts[1:k]
-            fk = torch.stack([problem.call(tk[i].detach(), ys[i + 1].detach()) for i in range(k - 1)]).detach()
+            fk = torch.stack(
+                [problem.call(tk[i].detach(), ys[i + 1].detach()) for i in range(k - 1)]
+            ).detach()
             dt_shift = (tk - tk.detach()).to(ys.dtype).reshape(-1, *([1] * (ys.ndim - 1)))
             parts.append(ys[1:] + dt_shift * fk)
         ys = torch.cat(parts)
@@ -219,11 +313,19 @@ def _run(problem: ODEProblem, solver, sensealg, opts: LoopOptions, throw: bool, 
         te, ye = differentiable_event(event, problem, loop.event_t, loop.y_final)
         sol.event_t, sol.event_y = te, problem.unpack(ye)
     if not loop.retcode.successful and throw:
-        raise SolveError(f"solve failed with retcode {loop.retcode.value}: {loop.message} (pass throw=False to get the partial solution)", loop.retcode, loop.t_reached, sol)
+        raise SolveError(
+            f"solve failed with retcode {loop.retcode.value}: {loop.message} (pass throw=False to "
+            "get the partial solution)",
+            loop.retcode,
+            loop.t_reached,
+            sol,
+        )
     return sol
 
 
-def _run_event_adjoint(problem: ODEProblem, with_times, solver, sensealg, opts: LoopOptions, event, throw: bool):
+def _run_event_adjoint(
+    problem: ODEProblem, with_times, solver, sensealg, opts: LoopOptions, event, throw: bool
+):
     """An event with a two-pass sensealg (continuous adjoint, checkpointed DirectAdjoint): locate it
     with a gradient-free run of the loop, then run ``sensealg`` up to the event time and make that
     time differentiable as in the direct case."""
@@ -232,7 +334,9 @@ def _run_event_adjoint(problem: ODEProblem, with_times, solver, sensealg, opts: 
     if problem.y0.numel() > 0:
         with torch.no_grad():
             probe_opts = dataclasses.replace(opts, dense=False, event=EventLocator(event, problem))
-            t_e = integrate(problem.rhs(search), problem.y0.detach(), problem.t_list, solver, probe_opts, search).event_t
+            t_e = integrate(
+                problem.rhs(search), problem.y0.detach(), problem.t_list, solver, probe_opts, search
+            ).event_t
     if t_e is None:  # no crossing (or a failure, which the solve below meets and reports itself)
         sol = _run(problem, solver, sensealg, opts, throw)
         sol.stats["nfe_event_search"] = search["nfe"]
@@ -248,9 +352,19 @@ def _run_event_adjoint(problem: ODEProblem, with_times, solver, sensealg, opts: 
         return sol
     y_e = tuple(c[-1] for c in sol.ys) if problem.is_tuple else sol.ys[-1]
     te, ye = differentiable_event(event, problem, t_e, problem.pack(y_e))
-    out_ys = sol.ys if at_event else (tuple(c[:k] for c in sol.ys) if problem.is_tuple else sol.ys[:k])
-    res = Solution(ts=ts[:k], ys=out_ys, retcode=ReturnCode.Terminated, stats=sol.stats, segments=sol._segments,
-                   unflatten=problem.unpack if problem.is_tuple else None, t_reached=t_e, solver=solver)
+    out_ys = (
+        sol.ys if at_event else (tuple(c[:k] for c in sol.ys) if problem.is_tuple else sol.ys[:k])
+    )
+    res = Solution(
+        ts=ts[:k],
+        ys=out_ys,
+        retcode=ReturnCode.Terminated,
+        stats=sol.stats,
+        segments=sol._segments,
+        unflatten=problem.unpack if problem.is_tuple else None,
+        t_reached=t_e,
+        solver=solver,
+    )
     res.event_t, res.event_y = te, problem.unpack(ye)
     return res
 
@@ -265,26 +379,44 @@ def _empty_state_solution(problem: ODEProblem, solver, opts: LoopOptions, stats:
     segments = None
     if opts.dense:
         segments = [DenseSegment(t0, t1 - t0, problem.y0, _constant)] if n > 1 else []
-    return Solution(ts=problem.t, ys=problem.unpack(ys), retcode="Success", stats=stats,
-                    segments=segments, unflatten=problem.unpack if problem.is_tuple else None,
-                    t_reached=t1, solver=solver)
+    return Solution(
+        ts=problem.t,
+        ys=problem.unpack(ys),
+        retcode="Success",
+        stats=stats,
+        segments=segments,
+        unflatten=problem.unpack if problem.is_tuple else None,
+        t_reached=t1,
+        solver=solver,
+    )
 
 
 def _constant(y, theta):
     return y
 
 
-def event_solve(func, y0, t0, g: Callable, reverse: bool, solver, rtol, atol, kw: dict, sensealg, extra: dict):
+def event_solve(
+    func, y0, t0, g: Callable, reverse: bool, solver, rtol, atol, kw: dict, sensealg, extra: dict
+):
     """Integrate from ``t0`` until ``g(t, y)`` crosses zero: ``(event_t, states at [t0, event_t])``,
     both differentiable (the engine of torchdiffeq's ``odeint(..., event_fn=...)``)."""
     ref = y0[0] if isinstance(y0, (tuple, list)) else y0
-    if not isinstance(t0, torch.Tensor):  # a Python number: the state's float dtype, like the output times of solve
-        t0 = torch.as_tensor(t0, dtype=ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64)
+    if not isinstance(
+        t0, torch.Tensor
+    ):  # a Python number: the state's float dtype, like the output times of solve
+        t0 = torch.as_tensor(
+            t0,
+            dtype=ref.dtype
+            if isinstance(ref, torch.Tensor) and ref.is_floating_point()
+            else torch.float64,
+        )
     if t0.numel() != 1:
         raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
     horizon = 1e12 * (-1.0 if reverse else 1.0)
     t0 = t0.reshape(())
-    t = torch.stack([t0, t0.detach() + horizon]).to(t0.dtype if t0.is_floating_point() else torch.float64)
+    t = torch.stack([t0, t0.detach() + horizon]).to(
+        t0.dtype if t0.is_floating_point() else torch.float64
+    )
     kw = {**kw, **extra}
     # the horizon is only a bound: the smallest step must not scale with it (float resolution of t
     # and max_steps still end a stuck solve)
@@ -296,8 +428,10 @@ def event_solve(func, y0, t0, g: Callable, reverse: bool, solver, rtol, atol, kw
         kw.setdefault("adjoint_params", list(func.parameters()))
     sol = solve(func, y0, t, solver, rtol=rtol, atol=atol, event=g, **kw)
     if sol.event_t is None:
-        raise RuntimeError(f"odeint_event: event_fn never crossed zero before t = {float(t[-1]):.3g} "
-                           f"(the solve ended with {sol.retcode}); check the event function's sign")
+        raise RuntimeError(
+            f"odeint_event: event_fn never crossed zero before t = {float(t[-1]):.3g} "
+            f"(the solve ended with {sol.retcode}); check the event function's sign"
+        )
     if isinstance(sol.event_y, tuple):
         ys = tuple(torch.stack([c[0], e]) for c, e in zip(sol.ys, sol.event_y))
     else:

@@ -6,7 +6,7 @@ so it lives below both: solvers import it instead of importing upward from ``_pr
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

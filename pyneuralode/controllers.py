@@ -1,4 +1,5 @@
 """Step-size controllers and the initial step-size heuristic."""
+
 from __future__ import annotations
 
 import math
@@ -28,16 +29,18 @@ class PIController:
         if not (0 < self.factor_min < 1 < self.factor_max):
             raise ValueError("PIController: need 0 < factor_min < 1 < factor_max")
 
-    def factor(self, err: float, err_prev: float, q: int, accepted_last: bool, dt_ratio=None) -> float:
-        """The next step ÷ this one. ``err``: this step's error norm; ``err_prev``: the last accepted
-        step's (floored at 1e-4); ``q``: embedded order + 1; ``dt_ratio`` (unused here): this step ÷
-        the last accepted one."""
+    def factor(
+        self, err: float, err_prev: float, q: int, accepted_last: bool, dt_ratio=None
+    ) -> float:
+        """The next step ÷ this one. ``err``: this step's error norm; ``err_prev``: the last
+        accepted step's (floored at 1e-4); ``q``: embedded order + 1; ``dt_ratio`` (unused here):
+        this step ÷ the last accepted one."""
         if err == 0.0:
             return self.factor_max
         if not math.isfinite(err):
             return self.factor_min
         b1, b2 = self.beta1 / q, self.beta2 / q
-        fac = self.safety * err ** (-b1) * (err_prev ** b2 if err <= 1.0 else 1.0)
+        fac = self.safety * err ** (-b1) * (err_prev**b2 if err <= 1.0 else 1.0)
         fac = min(self.factor_max, max(self.factor_min, fac))
         if not accepted_last:
             fac = min(fac, 1.0)
@@ -80,7 +83,9 @@ class PredictiveController:
         if not (0 < self.factor_min < 1 < self.factor_max):
             raise ValueError("PredictiveController: need 0 < factor_min < 1 < factor_max")
 
-    def factor(self, err: float, err_prev: float, q: int, accepted_last: bool, dt_ratio=None) -> float:
+    def factor(
+        self, err: float, err_prev: float, q: int, accepted_last: bool, dt_ratio=None
+    ) -> float:
         if err == 0.0:
             return self.factor_max if accepted_last else 1.0
         if not math.isfinite(err):
@@ -110,12 +115,18 @@ class PredictiveController:
 
 def error_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, atol) -> torch.Tensor:
     """Hairer's RMS norm of ``err / (atol + rtol·max(|y0|, |y1|))`` (a 0-d tensor)."""
-    scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol) if not torch.is_grad_enabled() else atol + rtol * torch.maximum(y0.abs(), y1.abs())
+    scale = (
+        torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+        if not torch.is_grad_enabled()
+        else atol + rtol * torch.maximum(y0.abs(), y1.abs())
+    )
     r = err / scale
     return torch.linalg.vector_norm(r) / math.sqrt(max(r.numel(), 1))
 
 
-def rms_norm_and_abs(err: torch.Tensor, ay0: torch.Tensor, y1: torch.Tensor, rtol, atol, inv_sqrt_n: float):
+def rms_norm_and_abs(
+    err: torch.Tensor, ay0: torch.Tensor, y1: torch.Tensor, rtol, atol, inv_sqrt_n: float
+):
     """The loop's fast path of :func:`error_norm` (no grad mode): ``(norm as a float, |y1|)``.
 
     ``ay0 = |y0|`` comes from the previous step (``|y1|`` of the step accepted before), so each
@@ -127,8 +138,19 @@ def rms_norm_and_abs(err: torch.Tensor, ay0: torch.Tensor, y1: torch.Tensor, rto
     return torch.linalg.vector_norm(err / scale).item() * inv_sqrt_n, ay1
 
 
-def initial_step(rhs, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float, order: int, rtol, atol, stats) -> float:
-    """Hairer's starting step-size heuristic (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4); costs one evaluation."""
+def initial_step(
+    rhs,
+    t0: float,
+    y0: torch.Tensor,
+    f0: torch.Tensor,
+    direction: float,
+    order: int,
+    rtol,
+    atol,
+    stats,
+) -> float:
+    """Hairer's starting step-size heuristic (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4);
+    costs one evaluation."""
     with torch.no_grad():
         scale = atol + rtol * y0.abs()
         n = math.sqrt(max(y0.numel(), 1))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -199,7 +199,8 @@ def odeint(
     event_fn: Callable | None = None,
     **kwargs,
 ):
-    """torchdiffeq's ``odeint``: the states at the times ``t`` (``(len(t), *y0.shape)``, or a tuple).
+    """torchdiffeq's ``odeint``: the states at the times ``t`` (``(len(t), *y0.shape)``, or a
+    tuple).
 
     ``method`` (default ``"dopri5"``) is any torchdiffeq name (:data:`SOLVERS`) or a pyneuralode
     solver name; ``options`` as torchdiffeq's (an option the method does not take gives
@@ -247,7 +248,8 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, kwargs):
         return _adaptive(fw, func, y0, t, rtol, atol, method, options, kwargs)
     if kwargs:
         raise TypeError(
-            f"odeint: unexpected keyword arguments {sorted(kwargs)} for the fixed-grid method {method!r}"
+            f"odeint: unexpected keyword arguments {sorted(kwargs)} for the fixed-grid method "
+            f"{method!r}"
         )
     return _fixed_grid(fw, func, y0, t, rtol, atol, method, family, options)
 
@@ -319,13 +321,14 @@ def _adaptive(fw, func, y0, t, rtol, atol, method, options, kwargs):
     if not breaks:
         return run(fw, y0, ts)
     # step_t / jump_t: end a step exactly there (the solve is continued from that time); at a jump
-    # f is evaluated on the far side (torchdiffeq's perturb), so the discontinuity is never straddled.
+    # f is evaluated on the far side (torchdiffeq's perturb), so the discontinuity is never
+    # straddled.
     is_tuple = isinstance(y0, (tuple, list))
     out, state, start = [], y0, ts[0:1]
     idx = 0
     fwd = t_list[-1] > t_list[0]
     seg_start_jump = False
-    for k, (b, jump) in enumerate(breaks + [(None, False)]):
+    for b, jump in breaks + [(None, False)]:
         if b is None:
             inner = ts[idx + 1 :]
             tt = torch.cat([start, inner])

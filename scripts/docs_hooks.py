@@ -8,6 +8,7 @@ Markers in the Markdown pages are replaced before rendering:
 * ``<!-- api: MODULE -->``: a mkdocstrings ``:::`` block for each name in ``MODULE.__all__``
   (documented under its public path), so a new public name appears without editing a page.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,8 +34,10 @@ def _summary(obj, sentences: int | None = None) -> str:
 def solver_table() -> str:
     from pyneuralode.solvers import REGISTRY
 
-    rows = ["| Class | String names | Family | Order | Error estimate | Summary |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| Class | String names | Family | Order | Error estimate | Summary |",
+        "|---|---|---|---|---|---|",
+    ]
     classes = {}
     for key, cls in REGISTRY.items():
         classes.setdefault(cls, []).append(key)
@@ -45,11 +48,14 @@ def solver_table() -> str:
         order = "1–5 (variable)" if multistep else str(inst.order)
         err = "variable" if multistep else err
         family = {"bdf": "multistep (implicit)", "explicit": "explicit Runge–Kutta"}.get(
-            cls.__module__.rsplit(".", 1)[-1], cls.__module__.rsplit(".", 1)[-1] + " (implicit)")
+            cls.__module__.rsplit(".", 1)[-1], cls.__module__.rsplit(".", 1)[-1] + " (implicit)"
+        )
         names = ", ".join(f'`"{k}"`' for k in sorted(keys))
-        rows.append(f"| [`{cls.__name__}`][pyneuralode.{cls.__name__}] | {names} | {family} | {order} | "
-                    f"{'none (fixed `dt`)' if not err else err if multistep else 'order ' + str(err)} | "
-                    f"{_summary(cls, 1)} |")
+        rows.append(
+            f"| [`{cls.__name__}`][pyneuralode.{cls.__name__}] | {names} | {family} | {order} | "
+            f"{'none (fixed `dt`)' if not err else err if multistep else 'order ' + str(err)} | "
+            f"{_summary(cls, 1)} |"
+        )
     return "\n".join(rows)
 
 
@@ -61,8 +67,11 @@ def sensealg_table() -> str:
         obj = getattr(sens, name)
         if name.startswith("Abstract"):
             continue
-        where = ("`pn.solve` / `pn.odeint` / models" if isinstance(obj, type) and issubclass(obj, sens.AbstractSensitivity)
-                 else "`pn.steady_state` / `pn.DEQ`")
+        where = (
+            "`pn.solve` / `pn.odeint` / models"
+            if isinstance(obj, type) and issubclass(obj, sens.AbstractSensitivity)
+            else "`pn.steady_state` / `pn.DEQ`"
+        )
         rows.append(f"| [`{name}`][pyneuralode.{name}] | {where} | {_summary(obj)} |")
     return "\n".join(rows)
 
@@ -73,7 +82,11 @@ def steady_table() -> str:
     rows = ["| Name | Summary |", "|---|---|"]
     for name in st.__all__:
         obj = getattr(st, name)
-        if isinstance(obj, type) and issubclass(obj, st.AbstractSteadyStateSolver) and not name.startswith("Abstract"):
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, st.AbstractSteadyStateSolver)
+            and not name.startswith("Abstract")
+        ):
             rows.append(f"| [`{name}`][pyneuralode.{name}] | {_summary(obj)} |")
     return "\n".join(rows)
 
@@ -82,18 +95,20 @@ def api_blocks(module: str, public: str | None) -> str:
     mod = importlib.import_module(module)
     prefix = public or module
     # classes and functions; constants (tuples, strings) are named in the page's text
-    return "\n\n".join(f"::: {prefix}.{name}" for name in mod.__all__ if callable(getattr(mod, name)))
+    return "\n\n".join(
+        f"::: {prefix}.{name}" for name in mod.__all__ if callable(getattr(mod, name))
+    )
 
 
 _ROLE = re.compile(r":(?:class|func|meth|mod|attr|obj|data|exc):(?=<code>)")
 
 
-def on_page_content(html, page, config, files):  # noqa: ARG001 (mkdocs hook signature)
+def on_page_content(html, page, config, files):
     # Docstrings use Sphinx roles (:class:`X`); the rendered code span is kept, the role dropped.
     return _ROLE.sub("", html)
 
 
-def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (mkdocs hook signature)
+def on_page_markdown(markdown, page, config, files):
     markdown = markdown.replace("<!-- solver-table -->", solver_table())
     markdown = markdown.replace("<!-- sensealg-table -->", sensealg_table())
     markdown = markdown.replace("<!-- steady-table -->", steady_table())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
 
 IDENT = r"[^\W\d]\w*!?"
 
@@ -42,7 +41,7 @@ def strip_code(src: str) -> str:
     return "".join(out)
 
 
-def usings(code: str) -> List[Tuple[str, List[str]]]:
+def usings(code: str) -> list[tuple[str, list[str]]]:
     """``[(package, [names] or [])]`` per ``using``/``import`` (continuation lines joined)."""
     found = []
     for m in re.finditer(r"^\s*(?:using|import)\s+((?:[^\n]*,[ \t]*\n)*[^\n]*)", code, re.M):
@@ -57,7 +56,7 @@ def usings(code: str) -> List[Tuple[str, List[str]]]:
     return found
 
 
-def qualified(code: str, modules: Set[str]) -> Set[Tuple[str, str]]:
+def qualified(code: str, modules: set[str]) -> set[tuple[str, str]]:
     """``(Module, name)`` for every ``Module.name`` with ``Module`` an imported package module."""
     return {(m, n) for m, n in re.findall(rf"(?<![\w.])({IDENT})\.({IDENT})", code) if m in modules}
 
@@ -73,7 +72,7 @@ def _args(code: str, start: int) -> str:
         i += 1
 
 
-def _split_top(s: str, seps: str) -> List[str]:
+def _split_top(s: str, seps: str) -> list[str]:
     parts, depth, cur = [], 0, []
     for c in s:
         depth += c in "([{"
@@ -87,7 +86,7 @@ def _split_top(s: str, seps: str) -> List[str]:
     return parts
 
 
-def keywords(code: str, callee: str) -> Set[str]:
+def keywords(code: str, callee: str) -> set[str]:
     """Keywords passed in calls ``callee(...)``: ``k = v`` anywhere, or a bare ``k`` after ``;``."""
     kws = set()
     for m in re.finditer(rf"(?<![\w.]){re.escape(callee)}(?:\{{[^}}]*\}})?\(", code):
@@ -106,14 +105,14 @@ def keywords(code: str, callee: str) -> Set[str]:
     return kws
 
 
-def symbols(code: str) -> Set[str]:
+def symbols(code: str) -> set[str]:
     """Symbol literals ``:name`` (keys of the keyword dictionaries splatted into calls)."""
     return set(re.findall(rf"(?<![\w:)\]}}])\:({IDENT})", code))
 
 
-def fields(code: str, receivers: List[str]) -> Dict[str, Set[str]]:
+def fields(code: str, receivers: list[str]) -> dict[str, set[str]]:
     """Fields read as ``receiver.field`` (the receiver may be dotted, e.g. ``sol.stats``)."""
-    out: Dict[str, Set[str]] = {}
+    out: dict[str, set[str]] = {}
     for r in receivers:
         out[r] = set(re.findall(rf"(?<![\w.]){re.escape(r)}\.({IDENT})", code))
     return out

@@ -1,5 +1,6 @@
 """Shared check for the tests that run one solve on a host step (numpy, or the unrolled Rosenbrock
 step) and again on the torch step."""
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,9 @@ def counts_agree(fast, ref) -> bool:
     """
     if fast.ys.dtype == torch.float32:
         assert abs(fast.stats["naccept"] - ref.stats["naccept"]) <= 0.1 * ref.stats["naccept"]
-        assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-4, atol=1e-9), (fast.ys - ref.ys).abs().max()
+        assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-4, atol=1e-9), (
+            (fast.ys - ref.ys).abs().max()
+        )
         return True
     for key in ("naccept", "nreject", "njac", "nlu", "nsolve", "nnewton", "nconvfail"):
         assert fast.stats.get(key) == ref.stats.get(key), (key, fast.stats, ref.stats)

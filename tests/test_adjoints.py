@@ -1,8 +1,10 @@
-"""Gradients through solves: BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint (and DirectAdjoint as reference).
+"""Gradients through solves: BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint (and
+DirectAdjoint as reference).
 
 Everything in float64. References: closed-form gradients of linear ODEs (scalar exponentials and
 autograd through ``torch.linalg.matrix_exp``), central finite differences, and DirectAdjoint.
 """
+
 import dataclasses
 import math
 
@@ -25,7 +27,8 @@ ADJOINTS = {
     "quadrature-gk": lambda: pn.QuadratureAdjoint("gauss-kronrod"),
     "quadrature-ckpt": lambda: pn.QuadratureAdjoint(checkpointing=True, n_checkpoints=2),
 }
-#: first derivatives only, no graph of the forward steps: the continuous adjoints and checkpointed DirectAdjoint
+#: first derivatives only, no graph of the forward steps: the continuous adjoints and checkpointed
+#: DirectAdjoint
 FIRST_ORDER = {**ADJOINTS, "direct-ckpt": lambda: pn.DirectAdjoint(checkpoints=3)}
 ALL = {"direct": lambda: pn.DirectAdjoint(), **FIRST_ORDER}
 
@@ -40,7 +43,8 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("name", list(ALL))
 def test_scalar_linear_exact_gradients(name):
-    """y' = k ⊙ y: y(T) = y0 e^{kT}; L = Σ_i c_i·y(t_i) on several saved times; exact dL/dy0, dL/dk, dL/dt."""
+    """y' = k ⊙ y: y(T) = y0 e^{kT}; L = Σ_i c_i·y(t_i) on several saved times; exact dL/dy0, dL/dk,
+    dL/dt."""
     k = torch.tensor([-0.7, 0.3, 1.1], dtype=DT, requires_grad=True)
     y0 = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
     t = torch.tensor([0.1, 0.6, 1.3], dtype=DT, requires_grad=True)
@@ -85,7 +89,9 @@ class MLPField(nn.Module):
     def __init__(self, seed=0, dim=2, hidden=8):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.Tanh(), nn.Linear(hidden, dim)).to(DT)
+        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.Tanh(), nn.Linear(hidden, dim)).to(
+            DT
+        )
 
     def forward(self, t, y, s):
         tt = t.expand(*y.shape[:-1], 1)
@@ -97,7 +103,11 @@ def _mlp_setup(direction):
     g = torch.Generator().manual_seed(1)
     y0 = torch.randn(2, 2, generator=g, dtype=DT)  # a batch of two states
     s = torch.tensor(0.8, dtype=DT)
-    t = torch.tensor([0.0, 0.5, 1.2], dtype=DT) if direction == "forward" else torch.tensor([0.3, -0.2, -1.0], dtype=DT)
+    t = (
+        torch.tensor([0.0, 0.5, 1.2], dtype=DT)
+        if direction == "forward"
+        else torch.tensor([0.3, -0.2, -1.0], dtype=DT)
+    )
     wts = torch.randn(3, 2, 2, generator=g, dtype=DT)
 
     def loss(sol_ys):
@@ -119,7 +129,8 @@ _FD_CACHE = {}
 
 
 def _finite_differences(direction):
-    """Central differences of the loss w.r.t. y0, s, t and every parameter (computed once per direction)."""
+    """Central differences of the loss w.r.t. y0, s, t and every parameter (computed once per
+    direction)."""
     if direction in _FD_CACHE:
         return _FD_CACHE[direction]
     f, y0, s, t, loss = _mlp_setup(direction)
@@ -144,6 +155,7 @@ def _finite_differences(direction):
         fd_tensor(t, lambda v: L(y0, s, v)),
     ]
     for p in f.parameters():
+
         def Lp(v, p=p):
             old = p.data.clone()
             p.data.copy_(v)
@@ -151,6 +163,7 @@ def _finite_differences(direction):
                 return L(y0, s, t)
             finally:
                 p.data.copy_(old)
+
         out.append(fd_tensor(p.detach().clone(), Lp))
     _FD_CACHE[direction] = out
     return out
@@ -167,9 +180,13 @@ def test_mlp_against_finite_differences_and_direct(name, direction):
     for lab, a, b, d in zip(labels, gs, fd, ref):
         assert rel_err(a, b) < 1e-6, (lab, rel_err(a, b))
         assert rel_err(a, d) < 1e-7, (lab, rel_err(a, d))
-    if name == "direct-ckpt":  # same gradient as DirectAdjoint to rounding: the replay takes the very same steps
+    if (
+        name == "direct-ckpt"
+    ):  # same gradient as DirectAdjoint to rounding: the replay takes the very same steps
         assert all(rel_err(a, d) < 1e-12 for a, d in zip(gs, ref))
-        assert sol.stats["nfe_recompute"] >= sol.stats["nfe"] - 2  # every forward step is replayed once
+        assert (
+            sol.stats["nfe_recompute"] >= sol.stats["nfe"] - 2
+        )  # every forward step is replayed once
     elif name != "direct":
         assert sol.stats["nfe_adjoint"] > 0 and sol.stats["naccept_adjoint"] > 0
         assert "nreject_adjoint" in sol.stats
@@ -186,7 +203,14 @@ def test_tuple_state_harmonic_oscillator(name):
     x0 = torch.tensor([1.0, 0.2], dtype=DT, requires_grad=True)
     v0 = torch.tensor([0.0, -0.5], dtype=DT, requires_grad=True)
     T = 1.3
-    sol = pn.solve(lambda t, y, om: (y[1], -om ** 2 * y[0]), (x0, v0), [0.0, T], args=(om,), sensealg=FIRST_ORDER[name](), **TIGHT)
+    sol = pn.solve(
+        lambda t, y, om: (y[1], -(om**2) * y[0]),
+        (x0, v0),
+        [0.0, T],
+        args=(om,),
+        sensealg=FIRST_ORDER[name](),
+        **TIGHT,
+    )
     L = sol.ys[0][-1].sum() + 0.5 * sol.ys[1][-1].sum()
     gx, gv, gom = torch.autograd.grad(L, [x0, v0, om])
     with torch.no_grad():
@@ -194,7 +218,7 @@ def test_tuple_state_harmonic_oscillator(name):
         ex_x = torch.full((2,), c + 0.5 * (-w * s_), dtype=DT)
         ex_v = torch.full((2,), s_ / w + 0.5 * c, dtype=DT)
         # d/dω of x(T) and v(T) summed with the loss weights
-        dx = (-x0 * T * s_ + v0 * (T * c / w - s_ / w ** 2)).sum()
+        dx = (-x0 * T * s_ + v0 * (T * c / w - s_ / w**2)).sum()
         dv = (-x0 * (s_ + w * T * c) - v0 * T * s_).sum()
         ex_om = dx + 0.5 * dv
     assert rel_err(gx, ex_x) < 1e-8
@@ -238,13 +262,31 @@ def _stored_numel(obj) -> int:
     return 0
 
 
-@pytest.mark.parametrize("name", ["direct", "backsolve", "interpolating-ckpt", "quadrature-gl", "quadrature-ckpt", "direct-ckpt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "direct",
+        "backsolve",
+        "interpolating-ckpt",
+        "quadrature-gl",
+        "quadrature-ckpt",
+        "direct-ckpt",
+    ],
+)
 def test_adjoints_keep_no_forward_graph(name):
     f = MLPField(hidden=16)
     y0 = torch.randn(4, 2, dtype=DT)
     counts, stored, nfe = [], [], []
     for T in (0.5, 8.0):
-        sol = pn.solve(f, y0, [0.0, T], args=(torch.tensor(3.0, dtype=DT),), sensealg=ALL[name](), rtol=1e-6, atol=1e-8)
+        sol = pn.solve(
+            f,
+            y0,
+            [0.0, T],
+            args=(torch.tensor(3.0, dtype=DT),),
+            sensealg=ALL[name](),
+            rtol=1e-6,
+            atol=1e-8,
+        )
         counts.append(_graph_saved_numel(sol.ys))
         nfe.append(sol.stats["nfe"])
         if name != "direct":
@@ -257,7 +299,9 @@ def test_adjoints_keep_no_forward_graph(name):
     # The graph holds only the output states (2 times × 8 numbers), nothing per step.
     assert counts[0] == counts[1] == 2 * y0.numel()
     if name == "quadrature-gl":
-        assert stored[1] > stored[0]  # the dense forward output (state-sized per step) is its documented cost
+        assert (
+            stored[1] > stored[0]
+        )  # the dense forward output (state-sized per step) is its documented cost
     elif name == "direct-ckpt":
         assert max(stored) <= 3 * y0.numel()  # at most checkpoints=3 states, however many steps
     else:
@@ -267,7 +311,13 @@ def test_adjoints_keep_no_forward_graph(name):
 def test_no_graph_when_nothing_requires_grad():
     f = MLPField()
     f.requires_grad_(False)
-    sol = pn.solve(f, torch.ones(2, dtype=DT), [0.0, 1.0], args=(torch.tensor(1.0, dtype=DT),), sensealg=pn.BacksolveAdjoint())
+    sol = pn.solve(
+        f,
+        torch.ones(2, dtype=DT),
+        [0.0, 1.0],
+        args=(torch.tensor(1.0, dtype=DT),),
+        sensealg=pn.BacksolveAdjoint(),
+    )
     assert sol.ys.grad_fn is None and not sol.ys.requires_grad
 
 
@@ -279,7 +329,7 @@ def test_no_graph_when_nothing_requires_grad():
 def test_seminorm_same_gradient_fewer_backward_steps(cls):
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 2)).to(DT)
-    field = lambda t, y: f(y)  # noqa: E731
+    field = lambda t, y: f(y)
 
     class Wrap(nn.Module):
         def __init__(self):
@@ -294,7 +344,10 @@ def test_seminorm_same_gradient_fewer_backward_steps(cls):
     res = {}
     for sn in (False, True):
         sol = pn.solve(mod, y0, [0.0, 2.0], sensealg=cls(seminorm=sn), rtol=1e-6, atol=1e-8)
-        res[sn] = (torch.autograd.grad(sol.ys[-1].square().sum(), [y0, *f.parameters()]), sol.stats["nfe_adjoint"])
+        res[sn] = (
+            torch.autograd.grad(sol.ys[-1].square().sum(), [y0, *f.parameters()]),
+            sol.stats["nfe_adjoint"],
+        )
     sol = pn.solve(field, y0, [0.0, 2.0], rtol=1e-10, atol=1e-12)
     exact = torch.autograd.grad(sol.ys[-1].square().sum(), [y0, *f.parameters()])
     for sn in (False, True):
@@ -325,7 +378,16 @@ def test_fixed_step_forward_and_backward(name):
     """adaptive=False, RK4 with dt: the adjoint uses the same fixed step; error O(dt⁴)."""
     k = torch.tensor([-0.4], dtype=DT, requires_grad=True)
     y0 = torch.tensor([1.5], dtype=DT, requires_grad=True)
-    sol = pn.solve(lambda t, y, k: k * y, y0, [0.0, 2.0], pn.RK4(), adaptive=False, dt=0.01, args=(k,), sensealg=FIRST_ORDER[name]())
+    sol = pn.solve(
+        lambda t, y, k: k * y,
+        y0,
+        [0.0, 2.0],
+        pn.RK4(),
+        adaptive=False,
+        dt=0.01,
+        args=(k,),
+        sensealg=FIRST_ORDER[name](),
+    )
     gy0, gk = torch.autograd.grad(sol.ys[-1].sum(), [y0, k])
     assert abs(gy0.item() - math.exp(-0.8)) < 1e-8
     assert abs(gk.item() - 1.5 * 2.0 * math.exp(-0.8)) < 1e-8
@@ -339,7 +401,9 @@ def test_backward_solver_and_tolerances_are_used(name):
     cls = type(ADJOINTS[name]())
     stats = []
     for kw in (dict(), dict(solver=pn.Dopri5(), rtol=1e-4, atol=1e-6)):
-        sol = pn.solve(lambda t, y, k: k * y, y0, [0.0, 3.0], args=(k,), sensealg=cls(**kw), **TIGHT)
+        sol = pn.solve(
+            lambda t, y, k: k * y, y0, [0.0, 3.0], args=(k,), sensealg=cls(**kw), **TIGHT
+        )
         (gk,) = torch.autograd.grad(sol.ys[-1].sum(), [k])
         ex = 3.0 * torch.exp(3.0 * k.detach())
         assert rel_err(gk, ex) < (1e-8 if not kw else 1e-3)
@@ -350,7 +414,13 @@ def test_backward_solver_and_tolerances_are_used(name):
 @pytest.mark.parametrize("name", list(FIRST_ORDER))
 def test_double_backward_raises_clearly(name):
     k = torch.tensor([0.3], dtype=DT, requires_grad=True)
-    sol = pn.solve(lambda t, y, k: k * y, torch.ones(1, dtype=DT), [0.0, 1.0], args=(k,), sensealg=FIRST_ORDER[name]())
+    sol = pn.solve(
+        lambda t, y, k: k * y,
+        torch.ones(1, dtype=DT),
+        [0.0, 1.0],
+        args=(k,),
+        sensealg=FIRST_ORDER[name](),
+    )
     (gk,) = torch.autograd.grad(sol.ys[-1].sum(), [k], create_graph=True)
     assert abs(gk.item() - math.exp(0.3)) < 1e-5  # first derivative still correct
     with pytest.raises(RuntimeError, match="DirectAdjoint"):
@@ -361,15 +431,15 @@ def test_double_backward_raises_clearly(name):
 @pytest.mark.parametrize("wrt", ["y0", "t", "k"])
 def test_create_graph_first_derivative_and_second_derivative_error(name, wrt):
     """create_graph=True gives the first derivative whatever requires grad (it failed with only
-    y0 or t: "expected 8, got 9"); a second derivative via torch.autograd.grad raises the clear error
-    (it returned None/zero or a raw torch error)."""
+    y0 or t: "expected 8, got 9"); a second derivative via torch.autograd.grad raises the clear
+    error (it returned None/zero or a raw torch error)."""
     k = torch.tensor([0.3], dtype=DT, requires_grad=wrt == "k")
     y0 = torch.tensor([1.5], dtype=DT, requires_grad=wrt == "y0")
     t = torch.tensor([0.0, 1.0], dtype=DT, requires_grad=wrt == "t")
     x = {"k": k, "y0": y0, "t": t}[wrt]
     sol = pn.solve(lambda t, y, k: k * y, y0, t, args=(k,), sensealg=FIRST_ORDER[name](), **TIGHT)
     (g,) = torch.autograd.grad((sol.ys[-1] ** 2).sum(), [x], create_graph=True)
-    e = 1.5 ** 2 * math.exp(0.6)  # y(1)^2
+    e = 1.5**2 * math.exp(0.6)  # y(1)^2
     ex = {"k": 2 * e, "y0": 2 * e / 1.5, "t": torch.tensor([-0.6 * e, 0.6 * e], dtype=DT)}[wrt]
     assert rel_err(g.detach(), torch.as_tensor(ex, dtype=DT)) < 1e-8
     with pytest.raises(RuntimeError, match=r"twice through .*sensealg=pn\.DirectAdjoint\(\)"):
@@ -382,12 +452,12 @@ def test_gauss_kronrod_and_legendre_rules_are_exact():
     x, wk, wg = gauss_kronrod15()
     for deg in range(23):
         exact = 1.0 / (deg + 1)
-        assert abs(sum(w * xi ** deg for xi, w in zip(x, wk)) - exact) < 1e-14
+        assert abs(sum(w * xi**deg for xi, w in zip(x, wk)) - exact) < 1e-14
         if deg <= 13:
-            assert abs(sum(w * xi ** deg for xi, w in zip(x, wg)) - exact) < 1e-14
-    assert abs(sum(w * xi ** 14 for xi, w in zip(x, wg)) - 1 / 15) > 1e-10
+            assert abs(sum(w * xi**deg for xi, w in zip(x, wg)) - exact) < 1e-14
+    assert abs(sum(w * xi**14 for xi, w in zip(x, wg)) - 1 / 15) > 1e-10
     x, w = gauss_legendre(3)
-    assert all(abs(sum(wi * xi ** d for xi, wi in zip(x, w)) - 1 / (d + 1)) < 1e-14 for d in range(6))
+    assert all(abs(sum(wi * xi**d for xi, wi in zip(x, w)) - 1 / (d + 1)) < 1e-14 for d in range(6))
 
 
 def test_invalid_arguments():
@@ -406,21 +476,41 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="rtol"):
         pn.InterpolatingAdjoint(rtol=-1.0)
     assert isinstance(pn.QuadratureAdjoint(solver="dopri5").solver, pn.Dopri5)
-    # An adaptive forward solve with a backward solver that cannot adapt: a clear error at backward time.
+    # An adaptive forward solve with a backward solver that cannot adapt: a clear error at backward
+    # time.
     k = torch.tensor([0.3], dtype=DT, requires_grad=True)
-    sol = pn.solve(lambda t, y, k: k * y, torch.ones(1, dtype=DT), [0.0, 1.0], args=(k,), sensealg=pn.BacksolveAdjoint(solver=pn.RK4()))
+    sol = pn.solve(
+        lambda t, y, k: k * y,
+        torch.ones(1, dtype=DT),
+        [0.0, 1.0],
+        args=(k,),
+        sensealg=pn.BacksolveAdjoint(solver=pn.RK4()),
+    )
     with pytest.raises(ValueError, match="error estimate"):
         sol.ys.sum().backward()
 
 
 def test_keeps_dense_defaults():
     assert not pn.BacksolveAdjoint.keeps_dense and not pn.InterpolatingAdjoint.keeps_dense
-    assert pn.QuadratureAdjoint.keeps_dense and not pn.QuadratureAdjoint(checkpointing=True).keeps_dense
+    assert (
+        pn.QuadratureAdjoint.keeps_dense
+        and not pn.QuadratureAdjoint(checkpointing=True).keeps_dense
+    )
     assert pn.DirectAdjoint().keeps_dense and not pn.DirectAdjoint(checkpoints=8).keeps_dense
-    sol = pn.solve(lambda t, y: -y, torch.ones(1, dtype=DT, requires_grad=True), [0.0, 1.0], sensealg=pn.BacksolveAdjoint())
+    sol = pn.solve(
+        lambda t, y: -y,
+        torch.ones(1, dtype=DT, requires_grad=True),
+        [0.0, 1.0],
+        sensealg=pn.BacksolveAdjoint(),
+    )
     with pytest.raises(ValueError, match="dense"):
         sol(0.5)
-    sol = pn.solve(lambda t, y: -y, torch.ones(1, dtype=DT, requires_grad=True), [0.0, 1.0], sensealg=pn.QuadratureAdjoint())
+    sol = pn.solve(
+        lambda t, y: -y,
+        torch.ones(1, dtype=DT, requires_grad=True),
+        [0.0, 1.0],
+        sensealg=pn.QuadratureAdjoint(),
+    )
     assert abs(sol(0.5).item() - math.exp(-0.5)) < 1e-5
 
 
@@ -439,32 +529,62 @@ def _stiff_setup():
 
 @pytest.mark.parametrize("cls", [pn.InterpolatingAdjoint, pn.QuadratureAdjoint])
 def test_stiff_linear_with_implicit_backward_solver(cls):
-    """Stiffness ratio 1000: Rodas5P forwards and backwards (the adjoint of a stiff problem is stiff too)."""
+    """Stiffness ratio 1000: Rodas5P forwards and backwards (the adjoint of a stiff problem is stiff
+    too)."""
     A, y0, t, w, exact = _stiff_setup()
-    sol = pn.solve(lambda t, y, A: A @ y, y0, t, pn.Rodas5P(), args=(A,), sensealg=cls(solver=pn.Rodas5P()), rtol=1e-8, atol=1e-10)
+    sol = pn.solve(
+        lambda t, y, A: A @ y,
+        y0,
+        t,
+        pn.Rodas5P(),
+        args=(A,),
+        sensealg=cls(solver=pn.Rodas5P()),
+        rtol=1e-8,
+        atol=1e-10,
+    )
     got = torch.autograd.grad((w * sol.ys).sum(), [y0, A])
     for a, b in zip(got, exact):
         assert rel_err(a, b) < 1e-7
-    assert sol.stats["naccept_adjoint"] < 1000  # an explicit backward solver would need ~1000·(2/2.8) steps
+    assert (
+        sol.stats["naccept_adjoint"] < 1000
+    )  # an explicit backward solver would need ~1000·(2/2.8) steps
 
 
 def test_backsolve_on_stiff_problem_fails_with_advice():
     A, y0, t, w, _ = _stiff_setup()
-    sol = pn.solve(lambda t, y, A: A @ y, y0, t, pn.Rodas5P(), args=(A,), sensealg=pn.BacksolveAdjoint(), rtol=1e-8, atol=1e-10, max_steps=400)
+    sol = pn.solve(
+        lambda t, y, A: A @ y,
+        y0,
+        t,
+        pn.Rodas5P(),
+        args=(A,),
+        sensealg=pn.BacksolveAdjoint(),
+        rtol=1e-8,
+        atol=1e-10,
+        max_steps=400,
+    )
     with pytest.raises(pn.SolveError, match="InterpolatingAdjoint"):
         (w * sol.ys).sum().backward()
 
 
 @pytest.mark.parametrize("name", ["backsolve", "interpolating", "quadrature-gl"])
 def test_implicit_backward_solver_differentiates_the_adjoint_rhs(name):
-    """Rosenbrock methods need the exact Jacobian of the adjoint right-hand side (built through the VJP)."""
+    """Rosenbrock methods need the exact Jacobian of the adjoint right-hand side (built through the
+    VJP)."""
     f = MLPField()
     y0 = torch.randn(2, 2, dtype=DT, generator=torch.Generator().manual_seed(2))
     s = torch.tensor(0.8, dtype=DT, requires_grad=True)
     got = []
     for sensealg in (pn.DirectAdjoint(), type(ADJOINTS[name]())(solver=pn.Rodas5P())):
         sol = pn.solve(f, y0, [0.0, 1.0], pn.Tsit5(), args=(s,), sensealg=sensealg, **TIGHT)
-        got.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(sol.ys[-1].square().sum(), [s, *f.parameters()])]))
+        got.append(
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(sol.ys[-1].square().sum(), [s, *f.parameters()])
+                ]
+            )
+        )
     assert rel_err(got[1], got[0]) < 1e-8
     assert sol.stats["njac_adjoint"] > 0
 
@@ -482,24 +602,38 @@ def test_checkpoint_resolve_replays_the_forward_steps(solver):
 
     y0 = torch.tensor([1.0, 0.5], dtype=DT)
     stats: dict = {}
-    fwd = integrate(rhs, y0, [0.0, 0.7, 5.0], solver(), LoopOptions(rtol=1e-6, atol=1e-9, record_steps=True), stats)
+    fwd = integrate(
+        rhs,
+        y0,
+        [0.0, 0.7, 5.0],
+        solver(),
+        LoopOptions(rtol=1e-6, atol=1e-9, record_steps=True),
+        stats,
+    )
     assert fwd.step_ts[-1] == 5.0 and len(fwd.step_ts) == stats["naccept"]
     from pyneuralode.sensitivity._passes import replay_grid
 
     grid = replay_grid(fwd.step_ts, 0.0, 5.0)
     rstats: dict = {}
-    rep = integrate(rhs, y0, [0.0, 5.0], solver(), LoopOptions(rtol=1e-6, atol=1e-9, grid=grid), rstats)
+    rep = integrate(
+        rhs, y0, [0.0, 5.0], solver(), LoopOptions(rtol=1e-6, atol=1e-9, grid=grid), rstats
+    )
     assert rstats["naccept"] == stats["naccept"] and rstats["nreject"] == 0
     assert (rep.y_final - fwd.y_final).abs().max().item() < 1e-11  # h = t_k+1 − t_k: rounding only
     # an interval from a checkpoint inside a step: the grid is framed by its ends, no slivers
     grid = replay_grid(fwd.step_ts, 0.7, 5.0)
     assert grid[0] == 0.7 and grid[-1] == 5.0 and all(b > a for a, b in zip(grid, grid[1:]))
     assert len(grid) - 1 <= stats["naccept"]
-    rep = integrate(rhs, fwd.ys[1], [0.7, 5.0], solver(), LoopOptions(rtol=1e-6, atol=1e-9, grid=grid), {})
+    rep = integrate(
+        rhs, fwd.ys[1], [0.7, 5.0], solver(), LoopOptions(rtol=1e-6, atol=1e-9, grid=grid), {}
+    )
     assert (rep.y_final - fwd.y_final).abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize("name,n_intervals", [("backsolve", 2), ("interpolating", 2), ("interpolating-ckpt", 4), ("quadrature-ckpt", 4)])
+@pytest.mark.parametrize(
+    "name,n_intervals",
+    [("backsolve", 2), ("interpolating", 2), ("interpolating-ckpt", 4), ("quadrature-ckpt", 4)],
+)
 def test_backward_pass_starts_with_the_forward_step(name, n_intervals):
     """The backward pass starts with the forward step covering each interval's end (no starting-step
     heuristic, which costs two adjoint evaluations); gradients stay those of DirectAdjoint."""
@@ -510,7 +644,16 @@ def test_backward_pass_starts_with_the_forward_step(name, n_intervals):
     for key in ("direct", name):
         f.zero_grad()
         y = y0.clone().requires_grad_(True)
-        sol = pn.solve(f, y, ts, pn.Tsit5(), args=(torch.tensor(1.5, dtype=DT),), rtol=1e-9, atol=1e-11, sensealg=ALL[key]())
+        sol = pn.solve(
+            f,
+            y,
+            ts,
+            pn.Tsit5(),
+            args=(torch.tensor(1.5, dtype=DT),),
+            rtol=1e-9,
+            atol=1e-11,
+            sensealg=ALL[key](),
+        )
         sol.ys.square().sum().backward()
         grads[key] = torch.cat([y.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()])
         stats = sol.stats
@@ -556,11 +699,15 @@ def test_checkpointed_direct_equals_direct(solver, checkpoints):
         y, ss = y0.clone().requires_grad_(True), s.clone().requires_grad_(True)
         sol = pn.solve(f, y, t, solver(), args=(ss,), rtol=1e-7, atol=1e-9, sensealg=sens)
         (sol.ys[1:].square() * torch.arange(1, 4, dtype=DT).view(3, 1, 1)).sum().backward()
-        out[sens.checkpoints] = torch.cat([y.grad.reshape(-1), ss.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()])
+        out[sens.checkpoints] = torch.cat(
+            [y.grad.reshape(-1), ss.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()]
+        )
         if sens.checkpoints:
             assert len(sol.ys.grad_fn.pass_.saved.entries) <= checkpoints
             assert sol.stats["naccept"] > 2 * checkpoints  # many steps per kept state
-    tol = 1e-9 if solver is pn.KenCarp4 else 1e-11  # Newton's iterates are replayed to its tolerance
+    tol = (
+        1e-9 if solver is pn.KenCarp4 else 1e-11
+    )  # Newton's iterates are replayed to its tolerance
     assert rel_err(out[checkpoints], out[None]) < tol
 
 
@@ -581,7 +728,9 @@ def test_fast_vjp_equals_autograd_grad(engine, monkeypatch):
     if engine == "public":
         monkeypatch.setattr(_torch_internals, "_ENGINE", [None])
     else:
-        assert _torch_internals._engine_entry() is not None, "the engine entry failed its self-check on this torch"
+        assert _torch_internals._engine_entry() is not None, (
+            "the engine entry failed its self-check on this torch"
+        )
     torch.manual_seed(0)
     lin = nn.Linear(3, 3).double()
     unused = torch.randn(2, dtype=DT, requires_grad=True)
@@ -589,7 +738,9 @@ def test_fast_vjp_equals_autograd_grad(engine, monkeypatch):
     a = torch.randn(5, 3, dtype=DT)
     inputs = [y, *lin.parameters(), unused]
     fast = _torch_internals.grad_first_order(torch.tanh(lin(y)), inputs, a)
-    ref = torch.autograd.grad(torch.tanh(lin(y)), inputs, grad_outputs=a, allow_unused=True, materialize_grads=True)
+    ref = torch.autograd.grad(
+        torch.tanh(lin(y)), inputs, grad_outputs=a, allow_unused=True, materialize_grads=True
+    )
     assert len(fast) == len(ref) == 4
     for g, r in zip(fast, ref):
         assert g.shape == r.shape
@@ -620,6 +771,7 @@ _T = [0.0, 0.4, 1.0]
 
 def _closure_loss(theta, sensealg, **kw):
     """L(θ) for y' = A(θ) y with θ captured by a closure (not in args, f not a module)."""
+
     def f(t, y):
         return torch.stack([theta[0] * y[1] - 0.3 * y[0], -theta[1] * y[0] * y[1] - y[1]])
 
@@ -680,8 +832,11 @@ def test_parameters_of_reachable_modules_get_gradients(name, how):
     m = _Decay()
 
     def loss(sensealg):
-        f = {"closure": lambda t, y: m(t, y) * (1 + 0.1 * t), "bound-method": m.rate,
-             "partial": functools.partial(lambda t, y, mod: mod.rate(t, y), mod=m)}[how]
+        f = {
+            "closure": lambda t, y: m(t, y) * (1 + 0.1 * t),
+            "bound-method": m.rate,
+            "partial": functools.partial(lambda t, y, mod: mod.rate(t, y), mod=m),
+        }[how]
         return (pn.solve(f, _Y0, _T, sensealg=sensealg, **TIGHT).ys ** 2).sum()
 
     (g,) = torch.autograd.grad(loss(FIRST_ORDER[name]()), [m.k])
@@ -706,16 +861,24 @@ def test_adjoint_params_validation():
     with pytest.raises(TypeError, match="adjoint_params"):
         pn.solve(lambda t, y: -y, _Y0, _T, sensealg=pn.BacksolveAdjoint(), adjoint_params=theta)
     with pytest.raises(TypeError, match=r"adjoint_params\[1\]"):
-        pn.solve(lambda t, y: -y, _Y0, _T, sensealg=pn.BacksolveAdjoint(),
-                 adjoint_params=[theta, 1.0])
+        pn.solve(
+            lambda t, y: -y, _Y0, _T, sensealg=pn.BacksolveAdjoint(), adjoint_params=[theta, 1.0]
+        )
     with pytest.raises(TypeError, match="adjoint_params"):
         pn.solve(lambda t, y: -y, _Y0, _T, sensealg=pn.BacksolveAdjoint(), adjoint_params=_Decay())
 
 
 def test_adjoint_params_listed_twice_or_also_in_args_count_once():
     k = torch.tensor([0.7, 0.2], dtype=DT, requires_grad=True)
-    sol = pn.solve(lambda t, y, k: -k * y, _Y0, [0.0, 1.0], args=(k,),
-                   sensealg=pn.InterpolatingAdjoint(), adjoint_params=[k, k], **TIGHT)
+    sol = pn.solve(
+        lambda t, y, k: -k * y,
+        _Y0,
+        [0.0, 1.0],
+        args=(k,),
+        sensealg=pn.InterpolatingAdjoint(),
+        adjoint_params=[k, k],
+        **TIGHT,
+    )
     (g,) = torch.autograd.grad(sol.ys[-1].sum(), [k])
     ex = -_Y0 * torch.exp(-k.detach())
     assert rel_err(g, ex) < 1e-8
@@ -740,10 +903,12 @@ def test_single_output_time(name):
 def test_f_independent_of_state_or_parameters(name, field):
     """f that depends on neither y nor a target gives zero products (the adjoints crashed: VJP on
     an output without a graph); exact references for y' = c, y' = t, y' = -y, y' = k."""
-    f = {"constant": lambda t, y, k: torch.ones_like(y),
-         "time-only": lambda t, y, k: t * torch.ones_like(y),
-         "y-only": lambda t, y, k: -y,
-         "k-only": lambda t, y, k: k * torch.ones_like(y)}[field]
+    f = {
+        "constant": lambda t, y, k: torch.ones_like(y),
+        "time-only": lambda t, y, k: t * torch.ones_like(y),
+        "y-only": lambda t, y, k: -y,
+        "k-only": lambda t, y, k: k * torch.ones_like(y),
+    }[field]
     k = torch.tensor(0.5, dtype=DT, requires_grad=True)
     y0 = torch.tensor([1.0, -1.0], dtype=DT, requires_grad=True)
     sol = pn.solve(f, y0, [0.0, 0.5, 1.0], args=(k,), sensealg=FIRST_ORDER[name](), **TIGHT)

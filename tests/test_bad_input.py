@@ -1,4 +1,5 @@
 """Every bad input of the API raises a clear ValueError/TypeError naming the argument."""
+
 import math
 
 import pytest
@@ -20,8 +21,16 @@ def f(t, y):
         (torch.ones(2, dtype=torch.int64), TypeError, r"y0: dtype torch.int64 is not floating"),
         ([1.0, 2.0], TypeError, r"y0\[0\]: expected a torch.Tensor"),
         (3.0, TypeError, r"y0: expected a torch.Tensor"),
-        ((torch.ones(2), torch.ones(2, dtype=torch.int32)), TypeError, r"y0\[1\]: dtype torch.int32"),
-        ((torch.ones(2), torch.ones(2, dtype=torch.float64)), TypeError, r"y0\[1\]: all tuple components"),
+        (
+            (torch.ones(2), torch.ones(2, dtype=torch.int32)),
+            TypeError,
+            r"y0\[1\]: dtype torch.int32",
+        ),
+        (
+            (torch.ones(2), torch.ones(2, dtype=torch.float64)),
+            TypeError,
+            r"y0\[1\]: all tuple components",
+        ),
         ((), ValueError, r"y0: an empty tuple"),
         (torch.tensor([1.0, float("nan")]), ValueError, r"y0: contains NaN or Inf"),
         (torch.tensor([1.0, float("inf")]), ValueError, r"y0: contains NaN or Inf"),
@@ -57,12 +66,16 @@ def test_t_as_list_and_decreasing_are_fine():
 
 
 def test_f_wrong_shape():
-    with pytest.raises(ValueError, match=r"f\(t, y\): returned shape \(3,\), but the state has shape \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"f\(t, y\): returned shape \(3,\), but the state has shape \(2,\)"
+    ):
         pn.solve(lambda t, y: torch.ones(3, dtype=torch.float64), Y0, T)
 
 
 def test_f_wrong_dtype():
-    with pytest.raises(TypeError, match=r"f\(t, y\): returned dtype torch.float32, but the state is torch.float64"):
+    with pytest.raises(
+        TypeError, match=r"f\(t, y\): returned dtype torch.float32, but the state is torch.float64"
+    ):
         pn.solve(lambda t, y: y.float(), Y0, T)
 
 
@@ -72,7 +85,9 @@ def test_f_not_a_tensor():
 
 
 def test_f_wrong_for_tuple_state():
-    with pytest.raises(ValueError, match=r"f: returned Tensor; for a tuple state it must return a tuple of 2"):
+    with pytest.raises(
+        ValueError, match=r"f: returned Tensor; for a tuple state it must return a tuple of 2"
+    ):
         pn.solve(lambda t, s: s[0], (Y0, Y0), T)
     with pytest.raises(ValueError, match=r"f\(t, y\)\[1\]: returned shape"):
         pn.solve(lambda t, s: (s[0], s[1][:1]), (Y0, Y0), T)
@@ -84,7 +99,9 @@ def test_f_not_callable():
 
 
 def test_unknown_solver_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown name 'rk45'; valid names are: .*dop853.*tsit5.*vern7"):
+    with pytest.raises(
+        ValueError, match=r"unknown name 'rk45'; valid names are: .*dop853.*tsit5.*vern7"
+    ):
         pn.solve(f, Y0, T, "rk45")
     with pytest.raises(ValueError, match=r"unknown name 'nope'; valid names are"):
         pn.odeint(f, Y0, T, method="nope")
@@ -98,13 +115,17 @@ def test_solver_class_instead_of_instance():
 
 
 def test_fixed_step_without_dt():
-    with pytest.raises(ValueError, match=r"dt: fixed-step integration \(adaptive=False\) needs a step size"):
+    with pytest.raises(
+        ValueError, match=r"dt: fixed-step integration \(adaptive=False\) needs a step size"
+    ):
         pn.solve(f, Y0, T, pn.RK4(), adaptive=False)
 
 
 @pytest.mark.parametrize("cls", [pn.Euler, pn.RK4])
 def test_adaptive_with_a_solver_without_error_estimate(cls):
-    with pytest.raises(ValueError, match=rf"solver: {cls.__name__} has no error estimate.*adaptive=False"):
+    with pytest.raises(
+        ValueError, match=rf"solver: {cls.__name__} has no error estimate.*adaptive=False"
+    ):
         pn.solve(f, Y0, T, cls())
 
 
@@ -125,8 +146,16 @@ def test_bad_dt_type():
         (dict(rtol=-1e-3), ValueError, r"rtol: must be a finite non-negative number"),
         (dict(atol=float("nan")), ValueError, r"atol: must be a finite non-negative number"),
         (dict(rtol="tight"), TypeError, r"rtol: expected a float or a tensor"),
-        (dict(atol=torch.tensor([1e-6, 1e-6, 1e-6])), ValueError, r"atol: shape \(3,\) does not broadcast"),
-        (dict(rtol=torch.tensor([1e-6, -1.0])), ValueError, r"rtol: must be finite and non-negative"),
+        (
+            dict(atol=torch.tensor([1e-6, 1e-6, 1e-6])),
+            ValueError,
+            r"atol: shape \(3,\) does not broadcast",
+        ),
+        (
+            dict(rtol=torch.tensor([1e-6, -1.0])),
+            ValueError,
+            r"rtol: must be finite and non-negative",
+        ),
         (dict(max_steps=0), ValueError, r"max_steps: must be a positive int"),
         (dict(adaptive="yes"), TypeError, r"adaptive: expected True or False"),
         (dict(backend="jax"), ValueError, r"backend: unknown backend 'jax'"),
@@ -152,12 +181,18 @@ def test_dense_query_without_dense_output():
     "kw,exc,match",
     [
         (dict(rtol=0.0, atol=0.0), ValueError, r"rtol, atol: both are 0"),
-        (dict(rtol=torch.tensor([1e-6, 0.0]), atol=0.0), ValueError,
-         r"rtol, atol: both are 0 \(in some component\)"),
+        (
+            dict(rtol=torch.tensor([1e-6, 0.0]), atol=0.0),
+            ValueError,
+            r"rtol, atol: both are 0 \(in some component\)",
+        ),
         (dict(throw="False"), TypeError, r"throw: expected True or False, got 'False'"),
         (dict(progress="yes"), TypeError, r"progress: expected True or False, got 'yes'"),
-        (dict(dense="yes"), TypeError,
-         r"dense: expected True or False \(or None for the default\), got 'yes'"),
+        (
+            dict(dense="yes"),
+            TypeError,
+            r"dense: expected True or False \(or None for the default\), got 'yes'",
+        ),
         (dict(dtmin=float("nan")), ValueError, r"dtmin: must be a finite number >= 0"),
         (dict(dtmin=-1e-3), ValueError, r"dtmin: must be a finite number >= 0"),
         (dict(dtmin="a"), TypeError, r"dtmin: expected a number"),
@@ -165,8 +200,11 @@ def test_dense_query_without_dense_output():
         (dict(dtmax=0.0), ValueError, r"dtmax: must be a positive number"),
         (dict(dtmax="big"), TypeError, r"dtmax: expected a number"),
         (dict(dtmin=0.5, dtmax=0.1), ValueError, r"dtmin, dtmax: dtmin=0.5 exceeds dtmax=0.1"),
-        (dict(controller="pi"), TypeError,
-         r"controller: expected a step-size controller such as pn.PIController"),
+        (
+            dict(controller="pi"),
+            TypeError,
+            r"controller: expected a step-size controller such as pn.PIController",
+        ),
         (dict(max_steps=2.5), TypeError, r"max_steps: expected a positive int, got 2.5"),
         (dict(max_steps=True), TypeError, r"max_steps: expected a positive int"),
     ],
@@ -217,8 +255,9 @@ def test_f_changing_its_output_shape_mid_solve():
         pn.solve(g, Y0, T)
 
 
-@pytest.mark.parametrize("S", [pn.Tsit5, pn.Rodas5P, pn.KenCarp4, pn.QNDF],
-                         ids=lambda S: S.__name__)
+@pytest.mark.parametrize(
+    "S", [pn.Tsit5, pn.Rodas5P, pn.KenCarp4, pn.QNDF], ids=lambda S: S.__name__
+)
 def test_f_modifying_y_in_place(S):
     def g(t, y):
         y.mul_(1.0)  # even a no-op write bumps the version counter
@@ -258,8 +297,9 @@ def test_half_precision_stall_is_not_success(dtype):
     assert (sol.ys[-1].double() - Y0 * math.exp(-2.0)).abs().max() <= 3e-2  # a few atol
 
 
-@pytest.mark.parametrize("S", [pn.KenCarp4, pn.Kvaerno5, pn.QNDF, pn.Rodas5P, pn.TRBDF2],
-                         ids=lambda S: S.__name__)
+@pytest.mark.parametrize(
+    "S", [pn.KenCarp4, pn.Kvaerno5, pn.QNDF, pn.Rodas5P, pn.TRBDF2], ids=lambda S: S.__name__
+)
 def test_nan_from_f_in_implicit_solvers_is_unstable(S):
     def g(t, y):
         return -y if float(t) < 0.5 else y * float("nan")

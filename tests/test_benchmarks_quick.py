@@ -1,4 +1,5 @@
 """The engine-vs-peers benchmark runs end to end (``--quick``) and writes a well-formed table."""
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "engine_vs_peers.py"
 
-pytest.importorskip("torchdiffeq", reason="the benchmark's ratios are to torchdiffeq (pip install torchdiffeq, or the 'bench' extra)")
-pytest.importorskip("torchode", reason="the benchmark compares with torchode (pip install torchode, or the 'bench' extra)")
+pytest.importorskip(
+    "torchdiffeq",
+    reason=(
+        "the benchmark's ratios are to torchdiffeq (pip install torchdiffeq, or the 'bench' extra)"
+    ),
+)
+pytest.importorskip(
+    "torchode",
+    reason="the benchmark compares with torchode (pip install torchode, or the 'bench' extra)",
+)
 pytest.importorskip("scipy", reason="the benchmark compares with scipy's solve_ivp")
 
 TORCH_ROWS = [
-    "torchdiffeq dopri5", "pyneuralode Tsit5", "pyneuralode Dopri5",
-    "pyneuralode Tsit5, SciML PI*", "pyneuralode Dopri5, SciML PI*", "torchode tsit5",
+    "torchdiffeq dopri5",
+    "pyneuralode Tsit5",
+    "pyneuralode Dopri5",
+    "pyneuralode Tsit5, SciML PI*",
+    "pyneuralode Dopri5, SciML PI*",
+    "torchode tsit5",
 ]
 
 
@@ -29,7 +42,11 @@ def quick_run(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
@@ -40,7 +57,7 @@ def _cells(md: str, section: str):
     lines = md.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(section))
     rows, in_table = [], False
-    for ln in lines[start + 1:]:
+    for ln in lines[start + 1 :]:
         if ln.startswith("|"):
             in_table = True
             cells = [c.strip() for c in ln.strip("|").split("|")]

@@ -1,5 +1,6 @@
 """CNF: exact change of variables against a Gaussian pushed through a linear ODE, Hutchinson's
 estimator against the exact trace, RNODE channels, gradients, and the planar-flow baseline."""
+
 import math
 
 import pytest
@@ -24,12 +25,19 @@ T = 0.7
 def analytic_logp(x, A, T, std=1.0):
     # z(T) = expm(A T) x ; log p(x) = log N(z(T); 0, std^2 I) + T tr(A)
     z = x @ torch.linalg.matrix_exp(A * T).T
-    return -0.5 * (z / std).pow(2).sum(1) - 2 * math.log(std) - math.log(2 * math.pi) + T * torch.trace(A)
+    return (
+        -0.5 * (z / std).pow(2).sum(1)
+        - 2 * math.log(std)
+        - math.log(2 * math.pi)
+        + T * torch.trace(A)
+    )
 
 
 @pytest.mark.parametrize("sensealg", [None, "interpolating"])
 def test_exact_log_prob_matches_linear_flow(sensealg):
-    cnf = pn.CNF(2, Linear(A), T=T, rtol=1e-10, atol=1e-10, sensealg=sensealg, base_std=1.3).double()
+    cnf = pn.CNF(
+        2, Linear(A), T=T, rtol=1e-10, atol=1e-10, sensealg=sensealg, base_std=1.3
+    ).double()
     x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(cnf.log_prob(x), analytic_logp(x, A, T, 1.3), atol=1e-8)
 
@@ -57,14 +65,20 @@ def test_trainable_T_gradient():
 def test_hutchinson_noise_fixed_over_the_solve():
     # For a linear field the estimate is exactly T eps^T A eps, only if eps is held fixed.
     for noise in ("rademacher", "gaussian"):
-        cnf = pn.CNF(2, Linear(A), T=T, trace="hutchinson", noise=noise, rtol=1e-10, atol=1e-10).double()
+        cnf = pn.CNF(
+            2, Linear(A), T=T, trace="hutchinson", noise=noise, rtol=1e-10, atol=1e-10
+        ).double()
         x = torch.randn(50, 2, dtype=torch.float64)
         lp = cnf.log_prob(x)
         e = cnf.dynamics.eps
         if noise == "rademacher":
             assert set(e.unique().tolist()) == {-1.0, 1.0}
         z = x @ torch.linalg.matrix_exp(A * T).T
-        est = -0.5 * z.pow(2).sum(1) - math.log(2 * math.pi) + T * torch.einsum("bi,ij,bj->b", e, A, e)
+        est = (
+            -0.5 * z.pow(2).sum(1)
+            - math.log(2 * math.pi)
+            + T * torch.einsum("bi,ij,bj->b", e, A, e)
+        )
         assert torch.allclose(lp, est, atol=1e-8)
 
 
@@ -91,11 +105,18 @@ def test_rnode_regularisers_linear_field():
     cnf = pn.CNF(2, Linear(A), T=T, rtol=1e-10, atol=1e-10, kinetic=0.1, jacobian=0.2).double()
     x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     lp = cnf.log_prob(x)
-    assert torch.allclose(lp, analytic_logp(x, A, T), atol=1e-8)  # the extra channels leave log p alone
+    assert torch.allclose(
+        lp, analytic_logp(x, A, T), atol=1e-8
+    )  # the extra channels leave log p alone
     # kinetic: ∫ |A expm(A t) x|^2 dt by Gauss–Legendre; Jacobian: T ||A||_F^2
-    nodes, weights = (torch.tensor(v, dtype=torch.float64) for v in __import__("numpy").polynomial.legendre.leggauss(40))
+    nodes, weights = (
+        torch.tensor(v, dtype=torch.float64)
+        for v in __import__("numpy").polynomial.legendre.leggauss(40)
+    )
     ts, ws = (nodes + 1) * T / 2, weights * T / 2
-    kin = sum(w * (x @ (A @ torch.linalg.matrix_exp(A * t)).T).pow(2).sum(1) for t, w in zip(ts, ws))
+    kin = sum(
+        w * (x @ (A @ torch.linalg.matrix_exp(A * t)).T).pow(2).sum(1) for t, w in zip(ts, ws)
+    )
     assert torch.allclose(cnf.last_reg["kinetic"], kin.mean(), atol=1e-8)
     assert torch.allclose(cnf.last_reg["jacobian"], T * A.pow(2).sum(), atol=1e-8)
     loss = cnf.loss(x)
@@ -165,9 +186,15 @@ def test_bad_arguments():
 def test_bad_arguments_name_the_cnf_argument():
     """Issue 16: NaN penalty weights and base_std=inf were accepted; bad data was named y0/t."""
     nan, inf = float("nan"), float("inf")
-    for kw, name in [({"kinetic": nan}, "kinetic"), ({"jacobian": nan}, "jacobian"),
-                     ({"kinetic": -1.0}, "kinetic"), ({"base_std": inf}, "base_std"),
-                     ({"base_std": 0.0}, "base_std"), ({"T": inf}, "T"), ({"T": nan}, "T")]:
+    for kw, name in [
+        ({"kinetic": nan}, "kinetic"),
+        ({"jacobian": nan}, "jacobian"),
+        ({"kinetic": -1.0}, "kinetic"),
+        ({"base_std": inf}, "base_std"),
+        ({"base_std": 0.0}, "base_std"),
+        ({"T": inf}, "T"),
+        ({"T": nan}, "T"),
+    ]:
         with pytest.raises(ValueError, match=rf"^{name}:"):
             pn.CNF(2, **kw)
     with pytest.raises(TypeError, match=r"^T:"):

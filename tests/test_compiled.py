@@ -83,8 +83,15 @@ def test_fitted_order(name, order):
     errs = []
     for n in STEPS[name]:
         sol = pn.solve(
-            growth, y0, ts, getattr(pn, name)(), adaptive=False, dt=2.0 / n, compile=True,
-            rtol=1e-12, atol=1e-14,  # (ESDIRK: Newton converged far below the truncation error)
+            growth,
+            y0,
+            ts,
+            getattr(pn, name)(),
+            adaptive=False,
+            dt=2.0 / n,
+            compile=True,
+            rtol=1e-12,
+            atol=1e-14,  # (ESDIRK: Newton converged far below the truncation error)
         )
         errs.append(abs(sol.ys[-1, 0].item() - exact))
     slope = -np.polyfit(np.log(STEPS[name]), np.log(errs), 1)[0]

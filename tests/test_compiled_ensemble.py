@@ -41,9 +41,7 @@ TOL = dict(rtol=1e-8, atol=1e-12)
 @pytest.fixture(scope="module")
 def ensemble():
     with torch.no_grad():
-        return pn.compiled.solve_ensemble(
-            robertson_rows, Y0, T, pn.Rodas5P(), args=(K, S), **TOL
-        )
+        return pn.compiled.solve_ensemble(robertson_rows, Y0, T, pn.Rodas5P(), args=(K, S), **TOL)
 
 
 def test_equals_separate_compiled_solves(ensemble):
@@ -55,8 +53,13 @@ def test_equals_separate_compiled_solves(ensemble):
     steps = []
     for b in range(B):
         one = pn.solve(
-            robertson_rows, Y0[b : b + 1], T, pn.Rodas5P(), args=(K[b : b + 1], S),
-            compile=True, **TOL,
+            robertson_rows,
+            Y0[b : b + 1],
+            T,
+            pn.Rodas5P(),
+            args=(K[b : b + 1], S),
+            compile=True,
+            **TOL,
         )
         assert torch.equal(one.ys[:, 0], ensemble.ys[:, b])
         for k in ("nfe", "naccept", "nreject", "njac"):
@@ -101,9 +104,7 @@ def test_failed_system_has_its_own_retcode():
         keep = [0, 1, 3]
         assert torch.equal(sol.ys[:, keep], ok.ys[:, keep])
         with pytest.raises(pn.SolveError, match="system 2"):
-            pn.compiled.solve_ensemble(
-                robertson_rows, Y0, T, pn.Rodas5P(), args=(Kbad, S), **TOL
-            )
+            pn.compiled.solve_ensemble(robertson_rows, Y0, T, pn.Rodas5P(), args=(Kbad, S), **TOL)
 
 
 def test_gradients_equal_separate_solves():
@@ -119,8 +120,13 @@ def test_gradients_equal_separate_solves():
     sK, sS = torch.zeros_like(gK), torch.zeros_like(gS)
     for b in range(B):
         one = pn.solve(
-            robertson_rows, Y0[b : b + 1], T, pn.Rodas5P(), args=(Kg[b : b + 1], Sg),
-            compile=True, **TOL,
+            robertson_rows,
+            Y0[b : b + 1],
+            T,
+            pn.Rodas5P(),
+            args=(Kg[b : b + 1], Sg),
+            compile=True,
+            **TOL,
         )
         assert torch.equal(one.ys.detach()[:, 0], ens.ys.detach()[:, b])
         a, c = torch.autograd.grad((w * one.ys).sum(), (Kg, Sg))
@@ -143,7 +149,11 @@ def test_explicit_method_ensemble():
         ens = pn.compiled.solve_ensemble(lotka_volterra_rows, Y, t, pn.Tsit5(), args=(P,))
         for b in range(3):
             one = pn.solve(
-                lotka_volterra_rows, Y[b : b + 1], t, pn.Tsit5(), args=(P[b : b + 1],),
+                lotka_volterra_rows,
+                Y[b : b + 1],
+                t,
+                pn.Tsit5(),
+                args=(P[b : b + 1],),
                 compile=True,
             )
             assert torch.equal(one.ys[:, 0], ens.ys[:, b])

@@ -62,9 +62,7 @@ def test_equals_direct_adjoint_fixed_steps():
     w = torch.linspace(0.5, 2.0, 10, **F64).reshape(5, 2)
     grads = []
     for compile in (True, False):
-        sol = pn.solve(
-            lotka_volterra, y0, LV_T, pn.Tsit5(), args=(p,), compile=compile, **LV_FIXED
-        )
+        sol = pn.solve(lotka_volterra, y0, LV_T, pn.Tsit5(), args=(p,), compile=compile, **LV_FIXED)
         grads.append(torch.autograd.grad((w * sol.ys).sum(), (y0, p)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
@@ -79,7 +77,13 @@ def robertson_setup():
 
     def loss(k, compile=True, rtol=1e-11, atol=1e-16, solver="Rodas5P"):
         sol = pn.solve(
-            robertson, y0, t, getattr(pn, solver)(), args=(k,), rtol=rtol, atol=atol,
+            robertson,
+            y0,
+            t,
+            getattr(pn, solver)(),
+            args=(k,),
+            rtol=rtol,
+            atol=atol,
             compile=compile,
         )
         return (w * sol.ys[1:]).sum()
@@ -170,7 +174,12 @@ def test_dense_output_carries_the_gradient():
     of the interpolated state (-t y for y = y0 exp(-θ t))."""
     y0 = torch.tensor([2.0], **F64)
     sol = pn.solve(
-        decay, y0, torch.tensor([0.0, 2.0], **F64), pn.Tsit5(), rtol=1e-10, atol=1e-12,
+        decay,
+        y0,
+        torch.tensor([0.0, 2.0], **F64),
+        pn.Tsit5(),
+        rtol=1e-10,
+        atol=1e-12,
         compile=True,
     )
     tq = (0.3, 1.1)
@@ -180,8 +189,10 @@ def test_dense_output_carries_the_gradient():
     exact = sum(-tt * 2.0 * math.exp(-th * tt) for tt in tq)
     assert abs(g.item() - exact) < 1e-8 * abs(exact)
     torch.testing.assert_close(
-        v.detach().reshape(-1), torch.tensor([2.0 * math.exp(-th * tt) for tt in tq], **F64),
-        rtol=1e-9, atol=0,
+        v.detach().reshape(-1),
+        torch.tensor([2.0 * math.exp(-th * tt) for tt in tq], **F64),
+        rtol=1e-9,
+        atol=0,
     )
 
 
@@ -194,7 +205,12 @@ def test_constant_built_inside_f():
     ∂y(1)/∂y0 = exp(-c)."""
     y0 = torch.tensor([1.0, 1.0], **F64, requires_grad=True)
     sol = pn.solve(
-        built_inside, y0, torch.tensor([0.0, 1.0], **F64), pn.Tsit5(), rtol=1e-10, atol=1e-12,
+        built_inside,
+        y0,
+        torch.tensor([0.0, 1.0], **F64),
+        pn.Tsit5(),
+        rtol=1e-10,
+        atol=1e-12,
         compile=True,
     )
     (g,) = torch.autograd.grad(sol.ys[-1].sum(), y0)

@@ -1,4 +1,5 @@
 """Toy data: 2-D densities (shapes, analytic moments) and the irregular spirals."""
+
 import math
 
 import pytest
@@ -44,10 +45,15 @@ def test_circles_and_moons_geometry():
     r = c.norm(dim=1)
     # two rings of radius 3 and 1.5, equally weighted
     assert abs(float((r > 2.25).double().mean()) - 0.5) < 0.01
-    assert abs(float(r[r > 2.25].median()) - 3.0) < 0.05 and abs(float(r[r < 2.25].median()) - 1.5) < 0.05
+    assert (
+        abs(float(r[r > 2.25].median()) - 3.0) < 0.05
+        and abs(float(r[r < 2.25].median()) - 1.5) < 0.05
+    )
     g8 = sample_toy2d("8gaussians", 20000, seed=1, dtype=torch.float64)
     ang = torch.atan2(g8[:, 1], g8[:, 0])
-    counts = torch.histc(torch.remainder(ang + math.pi / 8, 2 * math.pi), bins=8, min=0, max=2 * math.pi)
+    counts = torch.histc(
+        torch.remainder(ang + math.pi / 8, 2 * math.pi), bins=8, min=0, max=2 * math.pi
+    )
     assert (counts / 20000 - 0.125).abs().max() < 0.015
 
 
@@ -61,9 +67,15 @@ def test_bad_toy_arguments():
 
 def test_spirals_protocol():
     d = make_spirals(n_spirals=100, n_window=200, seed=0)
-    assert d["ts"].shape == (200,) and d["clean"].shape == (100, 200, 2) and d["noisy"].shape == (100, 200, 2)
+    assert (
+        d["ts"].shape == (200,)
+        and d["clean"].shape == (100, 200, 2)
+        and d["noisy"].shape == (100, 200, 2)
+    )
     assert int(d["clockwise"].sum()) == 50
-    assert torch.allclose(d["ts"][1:] - d["ts"][:-1], torch.full((199,), 6 * math.pi / 999), atol=1e-5)
+    assert torch.allclose(
+        d["ts"][1:] - d["ts"][:-1], torch.full((199,), 6 * math.pi / 999), atol=1e-5
+    )
     noise = (d["noisy"] - d["clean"]).double()
     assert abs(float(noise.std()) - 0.3) < 0.01 and abs(float(noise.mean())) < 0.01
     # counter-clockwise spirals are centred at (+5, 0) with r = 0.3 θ; clockwise ones at (-5, 0)

@@ -1,4 +1,5 @@
 """Data-parallel ODE-Net training: 2 CPU processes (gloo, localhost) keep identical replicas."""
+
 import argparse
 import os
 import socket
@@ -16,18 +17,38 @@ def _free_port() -> int:
 
 
 def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from pyneuralode.repro import odenet_mnist
 
-    opts = argparse.Namespace(quick=True, epochs=None, device="cpu", out=out, seed=0, no_progress=True,
-                              data="synthetic", max_batches=3, solver="bs3", tol=1e-2, replica_dump=out)
+    opts = argparse.Namespace(
+        quick=True,
+        epochs=None,
+        device="cpu",
+        out=out,
+        seed=0,
+        no_progress=True,
+        data="synthetic",
+        max_batches=3,
+        solver="bs3",
+        tol=1e-2,
+        replica_dump=out,
+    )
     m = odenet_mnist.run(opts)
     torch.save(m, os.path.join(out, f"metrics{rank}.pt"))
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 def test_two_cpu_replicas_stay_identical(tmp_path):
     out = str(tmp_path)
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
@@ -49,5 +70,8 @@ def test_without_allreduce_replicas_would_differ(tmp_path):
     """Control for the test above: the two ranks' data shards give different gradients."""
     from torch.utils.data import DistributedSampler
 
-    idx = [list(iter(DistributedSampler(range(384), num_replicas=2, rank=r, shuffle=True, seed=0))) for r in (0, 1)]
+    idx = [
+        list(iter(DistributedSampler(range(384), num_replicas=2, rank=r, shuffle=True, seed=0)))
+        for r in (0, 1)
+    ]
     assert set(idx[0]).isdisjoint(idx[1]) and len(idx[0]) == len(idx[1]) == 192

@@ -1,5 +1,6 @@
 """Dense output: accuracy between steps (error order of each interpolant), continuity at step
 boundaries, lazily evaluated extra stages (Vern7, DP8), gradients through sol(tq)."""
+
 import math
 
 import numpy as np
@@ -43,15 +44,26 @@ def test_interpolant_local_order(name):
     theta = np.array([0.25, 0.5, 0.75])
     errs = []
     for h in hs:
-        sol = pn.solve(f, torch.ones(1, dtype=torch.float64), torch.tensor([T0, T0 + h], dtype=torch.float64), cls(), dt=h, adaptive=False)
+        sol = pn.solve(
+            f,
+            torch.ones(1, dtype=torch.float64),
+            torch.tensor([T0, T0 + h], dtype=torch.float64),
+            cls(),
+            dt=h,
+            adaptive=False,
+        )
         tq = T0 + theta * h
         errs.append(np.abs(sol(torch.tensor(tq))[:, 0].numpy() - exact(tq)).max())
     assert min(errs) > 1e-14
     slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
-    assert p - 0.5 < slope < p + 1.0, f"{name}: interpolation error ∝ h^{slope:.2f}, expected h^{p} ({errs})"
+    assert p - 0.5 < slope < p + 1.0, (
+        f"{name}: interpolation error ∝ h^{slope:.2f}, expected h^{p} ({errs})"
+    )
 
 
-@pytest.mark.parametrize("cls", [pn.BS3, pn.Dopri5, pn.Tsit5, pn.Vern7, pn.DP8], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [pn.BS3, pn.Dopri5, pn.Tsit5, pn.Vern7, pn.DP8], ids=lambda c: c.__name__
+)
 def test_dense_output_accuracy_between_steps(cls):
     t = torch.tensor([T0, 4.0], dtype=torch.float64)
     sol = pn.solve(f, torch.ones(1, dtype=torch.float64), t, cls(), rtol=1e-9, atol=1e-12)
@@ -67,10 +79,18 @@ def test_dense_output_accuracy_between_steps(cls):
     assert np.abs(lin - exact(tq.numpy())).max() > 100 * err
 
 
-@pytest.mark.parametrize("cls", [pn.RK4, pn.BS3, pn.Dopri5, pn.Tsit5, pn.Vern7, pn.DP8], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [pn.RK4, pn.BS3, pn.Dopri5, pn.Tsit5, pn.Vern7, pn.DP8], ids=lambda c: c.__name__
+)
 def test_continuity_at_step_boundaries(cls):
     kw = dict(dt=0.37, adaptive=False) if cls is pn.RK4 else dict(rtol=1e-6, atol=1e-9)
-    sol = pn.solve(f, torch.ones(2, dtype=torch.float64), torch.tensor([T0, 5.0], dtype=torch.float64), cls(), **kw)
+    sol = pn.solve(
+        f,
+        torch.ones(2, dtype=torch.float64),
+        torch.tensor([T0, 5.0], dtype=torch.float64),
+        cls(),
+        **kw,
+    )
     segs = sol._segments
     assert len(segs) >= 3
     for left, right in zip(segs, segs[1:]):
@@ -104,7 +124,13 @@ def test_extra_stages_are_lazy_and_counted(cls, extra):
     assert torch.equal(y1[0], y2[0])
     assert abs(y1[0, 0].item() - math.exp(math.sin(mid))) < 1e-7
     # Interior output times: every step containing one pays its extra stages.
-    sol2 = pn.solve(f, torch.ones(1, dtype=torch.float64), torch.linspace(0, 3, 50, dtype=torch.float64), cls(), rtol=1e-8)
+    sol2 = pn.solve(
+        f,
+        torch.ones(1, dtype=torch.float64),
+        torch.linspace(0, 3, 50, dtype=torch.float64),
+        cls(),
+        rtol=1e-8,
+    )
     assert sol2.stats["nfe"] > sol.stats["nfe"]
     assert torch.allclose(sol2.ys[:, 0], torch.exp(torch.sin(sol2.ts)), rtol=1e-7)
 
@@ -112,8 +138,15 @@ def test_extra_stages_are_lazy_and_counted(cls, extra):
 @pytest.mark.parametrize("cls", [pn.Tsit5, pn.Vern7, pn.DP8], ids=lambda c: c.__name__)
 def test_gradient_through_dense_output(cls):
     k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    sol = pn.solve(lambda t, y, k: -k * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64), cls(),
-                   args=(k,), rtol=1e-10, atol=1e-12)
+    sol = pn.solve(
+        lambda t, y, k: -k * y,
+        torch.ones(1, dtype=torch.float64),
+        torch.tensor([0.0, 2.0], dtype=torch.float64),
+        cls(),
+        args=(k,),
+        rtol=1e-10,
+        atol=1e-12,
+    )
     tq = 1.3
     y = sol(torch.tensor([tq], dtype=torch.float64))[0, 0]
     (g,) = torch.autograd.grad(y, k)
@@ -122,6 +155,8 @@ def test_gradient_through_dense_output(cls):
 
 
 def test_dense_output_outside_span_raises():
-    sol = pn.solve(f, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    sol = pn.solve(
+        f, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="outside"):
         sol(torch.tensor([1.5]))

@@ -1,6 +1,7 @@
 """The documentation site: `mkdocs build --strict` succeeds, the generated tables and the API
 reference cover the code's registries and public names, and the built pages render in headless
 Chromium without console errors."""
+
 from __future__ import annotations
 
 import functools
@@ -25,20 +26,31 @@ DOCS_DEPS = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python
 
 
 def _missing_docs_deps():
-    return [m for m in DOCS_DEPS if importlib.util.find_spec(m.split(".")[0]) is None
-            or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec(m) is None)]
+    return [
+        m
+        for m in DOCS_DEPS
+        if importlib.util.find_spec(m.split(".")[0]) is None
+        or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec(m) is None)
+    ]
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     missing = _missing_docs_deps()
     if missing:
-        pytest.skip(f"docs dependencies not installed ({', '.join(missing)}): pip install -e '.[docs]'")
+        pytest.skip(
+            f"docs dependencies not installed ({', '.join(missing)}): pip install -e '.[docs]'"
+        )
     out = tmp_path_factory.mktemp("site")
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert time.perf_counter() - t0 < 240  # generous: the build takes ~10-30 s
     return out
@@ -49,9 +61,19 @@ def _text(path: Path) -> str:
 
 
 def test_strict_build_renders_every_page(site):
-    for page in ("index.html", "getting-started/index.html", "solvers/index.html", "gradients/index.html",
-                 "stiff/index.html", "events/index.html", "deq/index.html", "models/index.html",
-                 "julia/index.html", "torchdiffeq/index.html", "api/solve/index.html"):
+    for page in (
+        "index.html",
+        "getting-started/index.html",
+        "solvers/index.html",
+        "gradients/index.html",
+        "stiff/index.html",
+        "events/index.html",
+        "deq/index.html",
+        "models/index.html",
+        "julia/index.html",
+        "torchdiffeq/index.html",
+        "api/solve/index.html",
+    ):
         assert (site / page).stat().st_size > 1000, page
 
 
@@ -76,10 +98,18 @@ def test_every_public_name_has_a_rendered_docstring(site):
 
     api = "".join(_text(p) for p in (site / "api").rglob("index.html"))
     names = [("pyneuralode", n, getattr(pn, n)) for n in pn.__all__]
-    names += [("pyneuralode.julia", n, getattr(pyneuralode.julia, n)) for n in pyneuralode.julia.__all__]
-    names += [("pyneuralode.data", n, getattr(pyneuralode.data, n)) for n in pyneuralode.data.__all__]
-    missing = [f"{mod}.{n}" for mod, n, obj in names
-               if callable(obj) and f'.{n}"' not in api.replace(f'id="{mod}.odeint.odeint"', f'id="{mod}.odeint"')]
+    names += [
+        ("pyneuralode.julia", n, getattr(pyneuralode.julia, n)) for n in pyneuralode.julia.__all__
+    ]
+    names += [
+        ("pyneuralode.data", n, getattr(pyneuralode.data, n)) for n in pyneuralode.data.__all__
+    ]
+    missing = [
+        f"{mod}.{n}"
+        for mod, n, obj in names
+        if callable(obj)
+        and f'.{n}"' not in api.replace(f'id="{mod}.odeint.odeint"', f'id="{mod}.odeint"')
+    ]
     assert not missing, f"public names without an API entry: {missing}"
     # each docstring itself is rendered, not only the heading: its first words are in the page text
     text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", api)))
@@ -101,6 +131,7 @@ def test_every_public_name_has_a_rendered_docstring(site):
 
 
 # -- headless Chromium over the DevTools protocol (pipe transport: no extra Python packages) -------
+
 
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
@@ -124,10 +155,23 @@ class _CDP:
         to_browser_r, self._w = os.pipe()
         self._r, from_browser_w = os.pipe()
         self.proc = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-dev-shm-usage", "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=False, preexec_fn=functools.partial(_pipe_fds, to_browser_r, from_browser_w))
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-dev-shm-usage",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+            preexec_fn=functools.partial(_pipe_fds, to_browser_r, from_browser_w),
+        )
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buf, self._id, self.events = b"", 0, []
@@ -187,9 +231,14 @@ def _errors(events):
     for m in events:
         p = m.get("params", {})
         if m.get("method") == "Runtime.exceptionThrown":
-            out.append(p["exceptionDetails"].get("exception", {}).get("description") or p["exceptionDetails"]["text"])
+            out.append(
+                p["exceptionDetails"].get("exception", {}).get("description")
+                or p["exceptionDetails"]["text"]
+            )
         elif m.get("method") == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            out.append(" ".join(str(a.get("value", a.get("description"))) for a in p.get("args", [])))
+            out.append(
+                " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", []))
+            )
         elif m.get("method") == "Log.entryAdded" and p["entry"]["level"] == "error":
             out.append(f"{p['entry'].get('text')} ({p['entry'].get('url', '')})")
     return out
@@ -208,17 +257,22 @@ def served(site):
 def test_index_and_api_page_render_in_headless_chromium_without_console_errors(served, tmp_path):
     binary = _chromium()
     if binary is None:
-        pytest.skip("no headless Chromium here (Debian: apt-get install chromium; scripts/setup.sh installs it)")
+        pytest.skip(
+            "no headless Chromium here (Debian: apt-get install chromium; scripts/setup.sh "
+            "installs it)"
+        )
     cdp = _CDP(binary, tmp_path / "profile")
     try:
         target = cdp.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        session = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log"):
             cdp.send(f"{domain}.enable", session=session)
         checks = {
             "/": "document.querySelector('h1') && document.querySelector('h1').textContent",
             "/api/solve/": "document.querySelectorAll('.doc-heading').length + ' ' + "
-                           "document.getElementById('pyneuralode.solve').textContent",
+            "document.getElementById('pyneuralode.solve').textContent",
         }
         seen = {}
         for path, expr in checks.items():
@@ -226,8 +280,9 @@ def test_index_and_api_page_render_in_headless_chromium_without_console_errors(s
             cdp.send("Page.navigate", {"url": served + path}, session=session)
             cdp.wait_for("Page.loadEventFired")
             time.sleep(1.0)  # let the theme's scripts (search index, navigation) run
-            value = cdp.send("Runtime.evaluate", {"expression": expr, "returnByValue": True},
-                             session=session)["result"].get("value")
+            value = cdp.send(
+                "Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=session
+            )["result"].get("value")
             errors = _errors(cdp.events)
             assert not errors, f"console errors on {path}: {errors}"
             seen[path] = value

@@ -5,6 +5,7 @@ Fixed steps: the fitted slope of log(error) against log(dt) must match the metho
 round-off below and by the pre-asymptotic regime above — Tsit5 in particular has tiny principal
 error coefficients). Adaptive: the error tracks the tolerance from rtol = 1e-3 to 1e-10.
 """
+
 import math
 
 import numpy as np
@@ -60,13 +61,23 @@ def test_fixed_step_convergence_order(name):
     slope = np.polyfit(np.log(T_END / np.array(ns)), np.log(errs), 1)[0]
     order = cls().order
     tol = 0.3 if order <= 4 else 0.5
-    assert abs(slope - order) < tol, f"{name}: fitted order {slope:.2f}, expected {order} (errors {errs})"
+    assert abs(slope - order) < tol, (
+        f"{name}: fitted order {slope:.2f}, expected {order} (errors {errs})"
+    )
 
 
 def test_fixed_step_nfe_counts():
     """Stages per step: s (FSAL reuses the last one; non-FSAL keeps f(t1, y1) for the next step)."""
     n = 10
-    for cls, per_step in [(pn.Euler, 1), (pn.RK4, 4), (pn.BS3, 3), (pn.Dopri5, 6), (pn.Tsit5, 6), (pn.Vern7, 10), (pn.DP8, 12)]:
+    for cls, per_step in [
+        (pn.Euler, 1),
+        (pn.RK4, 4),
+        (pn.BS3, 3),
+        (pn.Dopri5, 6),
+        (pn.Tsit5, 6),
+        (pn.Vern7, 10),
+        (pn.DP8, 12),
+    ]:
         sol = pn.solve(f, Y0, TS, cls(), dt=T_END / n, adaptive=False)
         assert sol.stats["nfe"] == 1 + n * per_step, cls.__name__
 

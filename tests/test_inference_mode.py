@@ -5,6 +5,7 @@ behind that breaks a later solve under autograd: the library caches each tableau
 dtype and device, and a cache first filled under inference mode used to hold inference tensors,
 which autograd refuses to save ("Inference tensors cannot be saved for backward").
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,18 @@ import torch
 import pyneuralode as pn
 from pyneuralode.solvers import _base
 
-SOLVERS = ["Tsit5", "Dopri5", "Vern7", "Rodas5P", "Rodas4", "Rosenbrock23", "KenCarp4", "Kvaerno5", "TRBDF2", "QNDF"]
+SOLVERS = [
+    "Tsit5",
+    "Dopri5",
+    "Vern7",
+    "Rodas5P",
+    "Rodas4",
+    "Rosenbrock23",
+    "KenCarp4",
+    "Kvaerno5",
+    "TRBDF2",
+    "QNDF",
+]
 
 
 def _decay(t, y, k):
@@ -43,20 +55,34 @@ def _rows(t, Y):  # Van der Pol on each row of a (B, 2) state
     return torch.stack([Y[:, 1], 10.0 * (1 - Y[:, 0] ** 2) * Y[:, 1] - Y[:, 0]], 1)
 
 
-_BLOCKS = torch.block_diag(*[torch.ones(2, 2)] * 3).bool()  # the flattened (3, 2) state's Jacobian pattern
+_BLOCKS = torch.block_diag(
+    *[torch.ones(2, 2)] * 3
+).bool()  # the flattened (3, 2) state's Jacobian pattern
 
 
-@pytest.mark.parametrize("make", [
-    lambda: pn.Rodas5P(batched=True),
-    lambda: pn.KenCarp4(batched=True),
-    lambda: pn.Rodas5P(jac_mode="jacfwd"),
-    lambda: pn.Rodas5P(jac_mode="jacrev"),
-    lambda: pn.QNDF(linsolve="sparse", jac_sparsity=_BLOCKS),
-    lambda: pn.KenCarp4(linsolve="sparse", jac_sparsity=_BLOCKS),
-    lambda: pn.QNDF(linsolve="gmres"),
-    lambda: pn.KenCarp4(linsolve="gmres"),
-], ids=["Rodas5P-batched", "KenCarp4-batched", "Rodas5P-jacfwd", "Rodas5P-jacrev", "QNDF-sparse", "KenCarp4-sparse",
-        "QNDF-gmres", "KenCarp4-gmres"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pn.Rodas5P(batched=True),
+        lambda: pn.KenCarp4(batched=True),
+        lambda: pn.Rodas5P(jac_mode="jacfwd"),
+        lambda: pn.Rodas5P(jac_mode="jacrev"),
+        lambda: pn.QNDF(linsolve="sparse", jac_sparsity=_BLOCKS),
+        lambda: pn.KenCarp4(linsolve="sparse", jac_sparsity=_BLOCKS),
+        lambda: pn.QNDF(linsolve="gmres"),
+        lambda: pn.KenCarp4(linsolve="gmres"),
+    ],
+    ids=[
+        "Rodas5P-batched",
+        "KenCarp4-batched",
+        "Rodas5P-jacfwd",
+        "Rodas5P-jacrev",
+        "QNDF-sparse",
+        "KenCarp4-sparse",
+        "QNDF-gmres",
+        "KenCarp4-gmres",
+    ],
+)
 def test_inference_mode_jacobians_equal_no_grad(make):
     """Every Jacobian route (autograd rows, batched, forward mode, coloured sparse, GMRES products)
     gives the no_grad solve under inference mode; a zero Jacobian from a silently disabled autograd
@@ -111,9 +137,17 @@ def test_cnf_under_inference_mode(trace):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("make", [lambda: pn.DynamicSS(pn.Tsit5()), lambda: pn.DynamicSS(pn.Rodas5P()), pn.Anderson,
-                                  pn.Broyden, pn.FixedPointIteration],
-                         ids=["DynamicSS-Tsit5", "DynamicSS-Rodas5P", "Anderson", "Broyden", "FixedPointIteration"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pn.DynamicSS(pn.Tsit5()),
+        lambda: pn.DynamicSS(pn.Rodas5P()),
+        pn.Anderson,
+        pn.Broyden,
+        pn.FixedPointIteration,
+    ],
+    ids=["DynamicSS-Tsit5", "DynamicSS-Rodas5P", "Anderson", "Broyden", "FixedPointIteration"],
+)
 def test_deq_under_inference_mode_then_training(make):
     """A DEQ evaluated under inference mode gives the no_grad fixed point (a DynamicSS with an
     implicit solver forms Jacobians there), and then still trains with implicit gradients."""
@@ -142,6 +176,7 @@ def test_deq_under_inference_mode_then_training(make):
 
 def test_event_under_inference_mode():
     """odeint_event under inference mode finds the no_grad event time."""
+
     def fall(t, y):
         return torch.stack([y[1], torch.full_like(y[1], -9.81)])
 

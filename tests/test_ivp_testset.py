@@ -10,6 +10,7 @@ tolerance, not a fixed digit count. The CI runs use tolerances loose enough to s
 1e11 at rtol 1e-6 with the higher-order methods); the full table at rtol = 1e-6 is
 ``python tests/test_ivp_testset.py 1e-6``.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,35 +28,53 @@ F64 = torch.float64
 REFS = json.loads((Path(__file__).parent / "data" / "stiff_references.json").read_text())
 REFS = REFS["ivp_testset"]
 
-STIFF = [pn.Rosenbrock23, pn.Rodas4, pn.Rodas5P, pn.TRBDF2, pn.Kvaerno3, pn.Kvaerno5, pn.KenCarp4,
-         pn.QNDF]
+STIFF = [
+    pn.Rosenbrock23,
+    pn.Rodas4,
+    pn.Rodas5P,
+    pn.TRBDF2,
+    pn.Kvaerno3,
+    pn.Kvaerno5,
+    pn.KenCarp4,
+    pn.QNDF,
+]
 
 
 def hires(t, y):
     y1, y2, y3, y4, y5, y6, y7, y8 = y.unbind(-1)
     r = 280.0 * y6 * y8
-    return torch.stack([
-        -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
-        1.71 * y1 - 8.75 * y2,
-        -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-        8.32 * y2 + 1.71 * y3 - 1.12 * y4,
-        -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
-        -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
-        r - 1.81 * y7,
-        -r + 1.81 * y7,
-    ], -1)
+    return torch.stack(
+        [
+            -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
+            1.71 * y1 - 8.75 * y2,
+            -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+            8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+            -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+            -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
+            r - 1.81 * y7,
+            -r + 1.81 * y7,
+        ],
+        -1,
+    )
 
 
 def orego(t, y):
     y1, y2, y3 = y.unbind(-1)
-    return torch.stack([77.27 * (y2 + y1 * (1 - 8.375e-6 * y1 - y2)), (y3 - (1 + y1) * y2) / 77.27,
-                        0.161 * (y1 - y3)], -1)
+    return torch.stack(
+        [
+            77.27 * (y2 + y1 * (1 - 8.375e-6 * y1 - y2)),
+            (y3 - (1 + y1) * y2) / 77.27,
+            0.161 * (y1 - y3),
+        ],
+        -1,
+    )
 
 
 def rober(t, y):
     y1, y2, y3 = y.unbind(-1)
-    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2,
-                        3e7 * y2 * y2], -1)
+    return torch.stack(
+        [-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2], -1
+    )
 
 
 def vdpol(t, y):
@@ -76,8 +95,15 @@ def run(name: str, S, rtol: float, atol: float | None = None):
     p = REFS[name]
     atol = atol_for(name, rtol) if atol is None else atol
     with torch.no_grad():
-        sol = pn.solve(PROBLEMS[name], torch.tensor(p["y0"], dtype=F64), [0.0, p["t_end"]], S(),
-                       rtol=rtol, atol=atol, max_steps=200_000)
+        sol = pn.solve(
+            PROBLEMS[name],
+            torch.tensor(p["y0"], dtype=F64),
+            [0.0, p["t_end"]],
+            S(),
+            rtol=rtol,
+            atol=atol,
+            max_steps=200_000,
+        )
     ref = np.asarray(p["y_end"])
     err = np.abs(sol.ys[-1].numpy() - ref) / (atol + rtol * np.abs(ref))
     return float(err.max()), sol.stats["naccept"] + sol.stats["nreject"]
@@ -133,7 +159,9 @@ if __name__ == "__main__":  # the full table: python tests/test_ivp_testset.py [
             try:
                 err, steps = run(name, S, rtol)
                 secs = time.perf_counter() - t0
-                print(f"{name:6s} {S.__name__:13s} err {err:9.3g}  steps {steps:6d}  {secs:6.2f} s",
-                      flush=True)
+                print(
+                    f"{name:6s} {S.__name__:13s} err {err:9.3g}  steps {steps:6d}  {secs:6.2f} s",
+                    flush=True,
+                )
             except pn.SolveError as e:
                 print(f"{name:6s} {S.__name__:13s} FAILED {e.retcode}: {str(e)[:120]}", flush=True)

@@ -1,4 +1,6 @@
-"""The Julia sources parse (tree-sitter-julia) and agree with the Python tables; the generated MLP code parses."""
+"""The Julia sources parse (tree-sitter-julia) and agree with the Python tables; the generated MLP
+code parses."""
+
 import re
 from pathlib import Path
 
@@ -13,8 +15,13 @@ JL_FILES = sorted((ROOT / "julia").rglob("*.jl"))
 
 
 def _parser():
-    ts = pytest.importorskip("tree_sitter", reason="tree-sitter is not installed (pip install tree-sitter)")
-    tsj = pytest.importorskip("tree_sitter_julia", reason="tree-sitter-julia is not installed (pip install tree-sitter-julia)")
+    ts = pytest.importorskip(
+        "tree_sitter", reason="tree-sitter is not installed (pip install tree-sitter)"
+    )
+    tsj = pytest.importorskip(
+        "tree_sitter_julia",
+        reason="tree-sitter-julia is not installed (pip install tree-sitter-julia)",
+    )
     return ts.Parser(ts.Language(tsj.language()))
 
 
@@ -24,7 +31,9 @@ def _errors(src: bytes):
 
     def walk(n):
         if n.type == "ERROR" or n.is_missing:
-            bad.append(f"{n.type} at line {n.start_point[0] + 1}: {src[n.start_byte:n.end_byte][:60]!r}")
+            bad.append(
+                f"{n.type} at line {n.start_point[0] + 1}: {src[n.start_byte : n.end_byte][:60]!r}"
+            )
         for c in n.children:
             walk(c)
 
@@ -67,7 +76,7 @@ def test_solver_tables_match_julia_factory():
 
 def test_sensealg_table_matches_julia_factory():
     text = _bridge_text()
-    body = text[text.index("function make_sensealg"): text.index("_tol(x")]
+    body = text[text.index("function make_sensealg") : text.index("_tol(x")]
     assert set(re.findall(r'name == "(\w+)"', body)) == set(JULIA_SENSEALGS)
     # every algorithm is built with an explicit Zygote VJP (never the automatic choice)
     assert body.count("autojacvec = ajv") == len(JULIA_SENSEALGS)
@@ -76,7 +85,9 @@ def test_sensealg_table_matches_julia_factory():
 def test_implicit_solvers_never_default_to_forwarddiff_through_python():
     text = _bridge_text()
     assert "AutoFiniteDiff()" in text and 'ad::AbstractString = "finitediff"' in text
-    assert "ODEFunction{false, SciMLBase.FullSpecialize}" in text  # out-of-place: no FunctionWrappers re-wrap
+    assert (
+        "ODEFunction{false, SciMLBase.FullSpecialize}" in text
+    )  # out-of-place: no FunctionWrappers re-wrap
 
 
 def test_activation_helpers_defined_in_bridge():
@@ -87,9 +98,23 @@ def test_activation_helpers_defined_in_bridge():
 
 
 def test_generated_mlp_code_parses():
-    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.LeakyReLU(0.05), nn.Linear(16, 8, bias=False),
-                        nn.Softplus(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 8),
-                        nn.Sigmoid(), nn.Linear(8, 3), nn.ReLU(), nn.Identity())
+    net = nn.Sequential(
+        nn.Linear(3, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.LeakyReLU(0.05),
+        nn.Linear(16, 8, bias=False),
+        nn.Softplus(),
+        nn.Linear(8, 8),
+        nn.SiLU(),
+        nn.Linear(8, 8),
+        nn.ELU(),
+        nn.Linear(8, 8),
+        nn.Sigmoid(),
+        nn.Linear(8, 3),
+        nn.ReLU(),
+        nn.Identity(),
+    )
     spec = mlp_spec(net)
     assert spec is not None
     code = julia_code(spec)

@@ -3,6 +3,7 @@
 Marked ``julia``; every test skips with the reason where Julia cannot start. Nothing here has
 been run on the development machines (no Julia there) — see the README's verification status.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ def session():
         pytest.skip('Julia not available: juliacall is not installed (pip install -e ".[julia]")')
     try:
         return get_session()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         pytest.skip(f"Julia not available: {type(e).__name__}: {str(e).splitlines()[0]}")
 
 
@@ -50,8 +51,13 @@ def _compare(f, y0, t, backend_kw, native_kw=None, rtol=1e-5):
 
 
 SOLVERS = ["Tsit5", "Dopri5", "Rodas5P", "KenCarp4", "Kvaerno5"]
-SENSEALGS = [None, pn.InterpolatingAdjoint(), pn.BacksolveAdjoint(), pn.QuadratureAdjoint(),
-             pn.QuadratureAdjoint(quadrature="gauss-kronrod")]
+SENSEALGS = [
+    None,
+    pn.InterpolatingAdjoint(),
+    pn.BacksolveAdjoint(),
+    pn.QuadratureAdjoint(),
+    pn.QuadratureAdjoint(quadrature="gauss-kronrod"),
+]
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -121,8 +127,11 @@ def test_cuda_native_path(session):
     assert sol.ys.is_cuda and sol.stats["path"] == "native"
 
 
-# -- issue 21: the behaviours behind bugs 4-8, on the real Julia side ---------------------------------------------------
-@pytest.mark.parametrize("sensealg", [None, pn.BacksolveAdjoint(), pn.QuadratureAdjoint()], ids=lambda s: repr(s))
+# -- issue 21: the behaviours behind bugs 4-8, on the real Julia side
+# ---------------------------------------------------
+@pytest.mark.parametrize(
+    "sensealg", [None, pn.BacksolveAdjoint(), pn.QuadratureAdjoint()], ids=lambda s: repr(s)
+)
 def test_backward_in_time(session, sensealg):
     y0 = torch.tensor([1.0, 0.5], dtype=D, requires_grad=True)
     t = torch.tensor([1.5, 1.0, 0.2, 0.0], dtype=D)  # SciMLSensitivity sorts saveat (bug 4)
@@ -157,10 +166,18 @@ def test_tensor_tolerances(session):
 
 
 def test_failure_returns_partial_solution(session):
-    f = lambda t, y: -y  # noqa: E731
+    f = lambda t, y: -y
     t = torch.linspace(0, 50, 11, dtype=D)
-    sol = pn.solve(f, torch.ones(2, dtype=D), t, backend="julia", max_steps=20, rtol=1e-12, atol=1e-14,
-                   throw=False)  # bug 7: no extrapolation past the failure
+    sol = pn.solve(
+        f,
+        torch.ones(2, dtype=D),
+        t,
+        backend="julia",
+        max_steps=20,
+        rtol=1e-12,
+        atol=1e-14,
+        throw=False,
+    )  # bug 7: no extrapolation past the failure
     k = sol.ys.shape[0]
     assert sol.retcode == "MaxIters" and 1 <= k < 11
     assert torch.allclose(sol.ys, torch.exp(-t[:k])[:, None].expand(k, 2), rtol=1e-6)
@@ -174,5 +191,7 @@ def test_native_mlp_is_built_once(session):
     before = len(session._mlp)
     with torch.no_grad():
         net[0].weight.mul_(0.5)
-    pn.solve(pn.julia.Autonomous(net), y0, [0.0, 1.0], backend="julia")  # bug 8: no new function type
+    pn.solve(
+        pn.julia.Autonomous(net), y0, [0.0, 1.0], backend="julia"
+    )  # bug 8: no new function type
     assert len(session._mlp) == before

@@ -161,7 +161,7 @@ def test_checkpoint_resolve_without_problem_dt_fails_like_ordinarydiffeq():
 
 # -- bug 7: a failed solve -------------------------------------------------------------------------
 def test_failed_backward_in_time_solve_returns_the_times_reached_in_order():
-    f = lambda t, y: -y  # noqa: E731
+    f = lambda t, y: -y
     y0 = torch.ones(2, dtype=D, requires_grad=True)
     t = torch.linspace(10, 0, 6, dtype=D)
     with use_session(NativeStandIn()):

@@ -10,8 +10,9 @@
 
 import json
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 JL = ROOT / "pyneuralode" / "julia" / "jl"

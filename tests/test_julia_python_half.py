@@ -6,6 +6,7 @@ marshalling (row/column-major, dtype), the parameter flattening, the callbacks (
 differences), the option mapping, the autograd Functions (against ``pn.solve`` and finite
 differences), the MLP translation and the DEQ steady state — everything except Julia itself.
 """
+
 import subprocess
 import sys
 
@@ -19,7 +20,12 @@ from pyneuralode._problem import ODEProblem
 from pyneuralode.julia import _backend
 from pyneuralode.julia._callbacks import ode_callbacks, steady_callbacks
 from pyneuralode.julia._marshal import (
-    ParamLayout, dtype_name, from_julia_matrix, from_julia_vector, to_julia_matrix, to_julia_vector,
+    ParamLayout,
+    dtype_name,
+    from_julia_matrix,
+    from_julia_vector,
+    to_julia_matrix,
+    to_julia_vector,
 )
 from pyneuralode.julia._mlp import Autonomous, evaluate_spec, mlp_spec
 from pyneuralode.julia._options import sensealg_kwargs, solve_kwargs, solver_name
@@ -46,13 +52,23 @@ def _weights(k):
 
 
 def _loss(ys):
-    return (ys**2 * _weights(ys.shape[0])[..., : ys.shape[-1]]).sum() if ys.ndim == 3 else (ys**2).sum()
+    return (
+        (ys**2 * _weights(ys.shape[0])[..., : ys.shape[-1]]).sum()
+        if ys.ndim == 3
+        else (ys**2).sum()
+    )
 
 
-# -- no Julia here: import, error message, doctor ---------------------------------------------------------
+# -- no Julia here: import, error message, doctor
+# ---------------------------------------------------------
 def test_import_does_not_start_julia():
-    code = "import sys, pyneuralode as pn; pn.julia.is_available(); print('juliacall' in sys.modules, 'juliapkg' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    code = (
+        "import sys, pyneuralode as pn; pn.julia.is_available(); print('juliacall' in "
+        "sys.modules, 'juliapkg' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "False"]
 
 
@@ -68,16 +84,26 @@ def test_backend_julia_without_julia_says_how_to_install():
 
 
 def test_doctor_reports_absence():
-    r = subprocess.run([sys.executable, "-m", "pyneuralode.julia", "doctor"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "pyneuralode.julia", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "juliacall:" in r.stdout and "bridge module:" in r.stdout
     if not juliacall_installed():
-        assert "NOT installed" in r.stdout and "NOT available" in r.stdout and "pip install" in r.stdout
+        assert (
+            "NOT installed" in r.stdout
+            and "NOT available" in r.stdout
+            and "pip install" in r.stdout
+        )
     info = pn.julia.doctor(print_fn=lambda s: None)
     assert set(info) >= {"juliacall", "julia_version", "packages", "threads", "cuda"}
 
 
-# -- marshalling ---------------------------------------------------------------------------------------------
+# -- marshalling
+# ---------------------------------------------------------------------------------------------
 def test_cotangent_matrix_is_n_by_k_column_major():
     g = torch.arange(24, dtype=D).reshape(4, 3, 2)  # k=4 times, state (3, 2)
     G = to_julia_matrix(g)
@@ -125,7 +151,8 @@ def test_param_layout_roundtrip_and_functional_call():
         ParamLayout(Field().float(), (), D, "cpu")
 
 
-# -- callbacks against finite differences ----------------------------------------------------------------------
+# -- callbacks against finite differences
+# ----------------------------------------------------------------------
 def _fd(fun, x, eps=1e-6):
     cols = []
     for i in range(x.size):
@@ -166,7 +193,8 @@ def test_callbacks_match_finite_differences():
     assert (cb.nfe, cb.nvjp, cb.njac) == (1 + 2 * 4 + 2 * 8, 1, 1)
 
 
-# -- option mapping -------------------------------------------------------------------------------------------------
+# -- option mapping
+# -------------------------------------------------------------------------------------------------
 def test_solver_mapping():
     assert solver_name(pn.Tsit5()) == "Tsit5"
     assert solver_name(pn.Dopri5()) == "DP5"
@@ -184,7 +212,10 @@ def test_solver_mapping():
 
 
 def test_sensealg_mapping():
-    assert sensealg_kwargs(pn.DirectAdjoint()) == {"sensealg": "InterpolatingAdjoint", "checkpointing": True}
+    assert sensealg_kwargs(pn.DirectAdjoint()) == {
+        "sensealg": "InterpolatingAdjoint",
+        "checkpointing": True,
+    }
     assert sensealg_kwargs(pn.InterpolatingAdjoint(checkpointing=False))["checkpointing"] is False
     assert sensealg_kwargs(pn.BacksolveAdjoint())["sensealg"] == "BacksolveAdjoint"
     assert sensealg_kwargs(pn.QuadratureAdjoint())["sensealg"] == "GaussAdjoint"
@@ -205,8 +236,19 @@ def test_sensealg_mapping():
 def test_solve_kwargs_mapping():
     from pyneuralode._loop_options import make_options
 
-    opts = make_options(pn.Tsit5(), rtol=1e-7, atol=torch.tensor([1e-9, 1e-8], dtype=D), dt=0.1, adaptive=True,
-                        max_steps=500, dense=False, progress=False, controller=None, dtmin=None, dtmax=0.5)
+    opts = make_options(
+        pn.Tsit5(),
+        rtol=1e-7,
+        atol=torch.tensor([1e-9, 1e-8], dtype=D),
+        dt=0.1,
+        adaptive=True,
+        max_steps=500,
+        dense=False,
+        progress=False,
+        controller=None,
+        dtmin=None,
+        dtmax=0.5,
+    )
     kw = solve_kwargs(opts)
     assert kw["reltol"] == 1e-7 and kw["maxiters"] == 500 and kw["dt"] == 0.1 and kw["dtmax"] == 0.5
     np.testing.assert_array_equal(kw["abstol"], [1e-9, 1e-8])
@@ -216,7 +258,8 @@ def test_solve_kwargs_mapping():
         solve_kwargs(opts)
 
 
-# -- the autograd Function against pn.solve and finite differences ---------------------------------------------
+# -- the autograd Function against pn.solve and finite differences
+# ---------------------------------------------
 def _grads(backend, f, y0, t, x=None, **kw):
     args = () if x is None else (x,)
     inputs = [y0, *f.parameters()] + ([] if x is None else [x])
@@ -241,20 +284,29 @@ def test_solve_gradients_match_native(sensealg):
     assert torch.allclose(sol.ys, ref.ys, atol=1e-9)
     for a, b in zip(g, gref):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
-    assert fake.calls["backward"] == 1 and sol.stats["path"] == "callback" and sol.stats["nvjp_python"] > 0
+    assert (
+        fake.calls["backward"] == 1
+        and sol.stats["path"] == "callback"
+        and sol.stats["nvjp_python"] > 0
+    )
     expected = sensealg_kwargs(sensealg)["sensealg"]
-    assert fake.last_forward_kwargs["sensealg"] == expected and fake.last_forward_kwargs["ad"] == "finitediff"
+    assert (
+        fake.last_forward_kwargs["sensealg"] == expected
+        and fake.last_forward_kwargs["ad"] == "finitediff"
+    )
 
 
 def test_stiff_solver_gets_torch_jacobian_and_matches_native():
-    name = "Rodas5P"
-    k = torch.tensor(5.0, dtype=D, requires_grad=True)  # mildly stiff: the stand-in backsolves (no stiff adjoint)
-    f = lambda t, y, k: torch.stack([-k * (y[0] - torch.cos(t)), y[0] - y[1]])  # noqa: E731
+    # mildly stiff: the stand-in backsolves (no stiff adjoint)
+    k = torch.tensor(5.0, dtype=D, requires_grad=True)
+    f = lambda t, y, k: torch.stack([-k * (y[0] - torch.cos(t)), y[0] - y[1]])
     y0 = torch.tensor([0.0, 1.0], dtype=D, requires_grad=True)
     t = torch.linspace(0, 1, 3, dtype=D)
     fake = NativeStandIn()
     with use_session(fake):
-        sol = pn.solve(f, y0, t, solver=pn.Rodas5P(), args=(k,), backend="julia", rtol=1e-8, atol=1e-10)
+        sol = pn.solve(
+            f, y0, t, solver=pn.Rodas5P(), args=(k,), backend="julia", rtol=1e-8, atol=1e-10
+        )
         g = torch.autograd.grad(sol.ys[-1].sum(), (y0, k))
     ref = pn.solve(f, y0, t, solver=pn.Rodas5P(), args=(k,), rtol=1e-8, atol=1e-10)
     gref = torch.autograd.grad(ref.ys[-1].sum(), (y0, k))
@@ -291,8 +343,11 @@ def test_gradients_match_finite_differences():
 
 
 def test_tuple_state_and_time_gradient_match_native():
-    f = lambda t, y: (y[1], -y[0] * torch.cos(t))  # noqa: E731
-    y0 = (torch.tensor([1.0], dtype=D, requires_grad=True), torch.tensor([0.5], dtype=D, requires_grad=True))
+    f = lambda t, y: (y[1], -y[0] * torch.cos(t))
+    y0 = (
+        torch.tensor([1.0], dtype=D, requires_grad=True),
+        torch.tensor([0.5], dtype=D, requires_grad=True),
+    )
     t = torch.tensor([0.0, 0.8, 1.6], dtype=D, requires_grad=True)
     ref = pn.solve(f, y0, t, **TOL)
     gref = torch.autograd.grad((ref.ys[0] ** 2).sum() + ref.ys[1].sum(), (*y0, t))
@@ -305,7 +360,7 @@ def test_tuple_state_and_time_gradient_match_native():
 
 
 def test_failure_retcode_and_partial_solution():
-    f = lambda t, y: -y  # noqa: E731
+    f = lambda t, y: -y
     y0 = torch.ones(2, dtype=D)
     t = torch.linspace(0, 10, 6, dtype=D)
     with use_session(NativeStandIn()):
@@ -317,22 +372,40 @@ def test_failure_retcode_and_partial_solution():
         sol(0.5)
 
 
-# -- the MLP translation ---------------------------------------------------------------------------------------------
+# -- the MLP translation
+# ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [(), (5,)])
 def test_mlp_intermediate_form_matches_module(batch):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 6), nn.Softplus(), nn.Linear(6, 5, bias=False),
-                        nn.LeakyReLU(0.2), nn.Linear(5, 4), nn.ELU(), nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 3),
-                        nn.Sigmoid(), nn.Linear(3, 3), nn.ReLU()).double()
+    net = nn.Sequential(
+        nn.Linear(3, 7),
+        nn.Tanh(),
+        nn.Linear(7, 6),
+        nn.Softplus(),
+        nn.Linear(6, 5, bias=False),
+        nn.LeakyReLU(0.2),
+        nn.Linear(5, 4),
+        nn.ELU(),
+        nn.Linear(4, 4),
+        nn.SiLU(),
+        nn.Linear(4, 3),
+        nn.Sigmoid(),
+        nn.Linear(3, 3),
+        nn.ReLU(),
+    ).double()
     spec = mlp_spec(net)
     p = torch.cat([q.reshape(-1) for q in net.parameters()])
-    y = 8 * torch.randn(*batch, 3, dtype=D)  # large inputs hit the Softplus threshold and both ReLU branches
+    y = 8 * torch.randn(
+        *batch, 3, dtype=D
+    )  # large inputs hit the Softplus threshold and both ReLU branches
     assert torch.allclose(evaluate_spec(spec, p, y), net(y), rtol=1e-12, atol=1e-12)
 
 
 def test_mlp_translation_rejects_what_it_cannot_translate():
     assert mlp_spec(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))) is not None
-    assert mlp_spec(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3))) is None  # does not map the state to itself
+    assert (
+        mlp_spec(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3))) is None
+    )  # does not map the state to itself
     assert mlp_spec(nn.Sequential(nn.Linear(2, 2), nn.Softplus(beta=2.0))) is None
     assert mlp_spec(nn.Sequential(nn.Linear(2, 2), nn.GELU())) is None
     assert mlp_spec(nn.Linear(2, 2)) is None
@@ -351,7 +424,11 @@ def test_native_path_matches_native_solve():
     fake = NativeStandIn()
     with use_session(fake):
         sol, g = _grads("julia", f, y0, t)
-    assert sol.stats["path"] == "native" and fake.calls["mlp_rhs"] == 1 and fake.calls["callback_rhs"] == 0
+    assert (
+        sol.stats["path"] == "native"
+        and fake.calls["mlp_rhs"] == 1
+        and fake.calls["callback_rhs"] == 0
+    )
     assert fake.last_forward_kwargs["ad"] == "forwarddiff"
     assert torch.allclose(sol.ys, ref.ys, atol=1e-9)
     for a, b in zip(g, gref):
@@ -360,11 +437,14 @@ def test_native_path_matches_native_solve():
         assert pn.solve(Field(), y0, t, backend="julia").stats["path"] == "callback"
 
 
-# -- the DEQ steady state -------------------------------------------------------------------------------------------------
+# -- the DEQ steady state
+# -------------------------------------------------------------------------------------------------
 class DEQCell(nn.Module):
     def __init__(self):
         super().__init__()
-        self.W = nn.Parameter(torch.tensor([[0.3, -0.2, 0.1], [0.1, 0.2, -0.3], [-0.2, 0.1, 0.25]], dtype=D))
+        self.W = nn.Parameter(
+            torch.tensor([[0.3, -0.2, 0.1], [0.1, 0.2, -0.3], [-0.2, 0.1, 0.25]], dtype=D)
+        )
 
     def forward(self, z, x):
         return torch.tanh(z @ self.W.T + x)
@@ -415,12 +495,28 @@ def test_steady_state_option_errors():
         name = "Anderson"
 
     with pytest.raises(ValueError, match="DynamicSS"):
-        _backend.steady_state(cell, torch.zeros(3, dtype=D), (torch.ones(3, dtype=D),), Anderson(), None, 1e-8, 1e-6,
-                              session=NativeStandIn())
+        _backend.steady_state(
+            cell,
+            torch.zeros(3, dtype=D),
+            (torch.ones(3, dtype=D),),
+            Anderson(),
+            None,
+            1e-8,
+            1e-6,
+            session=NativeStandIn(),
+        )
 
     class PhantomGradient:
         name = "PhantomGradient"
 
     with pytest.raises(ValueError, match="SteadyStateAdjoint"):
-        _backend.steady_state(cell, torch.zeros(3, dtype=D), (torch.ones(3, dtype=D),), None, PhantomGradient(), 1e-8,
-                              1e-6, session=NativeStandIn())
+        _backend.steady_state(
+            cell,
+            torch.zeros(3, dtype=D),
+            (torch.ones(3, dtype=D),),
+            None,
+            PhantomGradient(),
+            1e-8,
+            1e-6,
+            session=NativeStandIn(),
+        )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _julia_names import fields, keywords, qualified, read, strip_code, symbols, usings  # noqa: E402
+from _julia_names import fields, keywords, qualified, read, strip_code, symbols, usings
 
 ROOT = Path(__file__).resolve().parents[1]
 BRIDGE = ROOT / "julia" / "PyNeuralODEBridge.jl"

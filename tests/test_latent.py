@@ -1,4 +1,6 @@
-"""LatentODE / RNN baseline: masks on the union of times equal separate per-sample solves; ELBO terms; shapes."""
+"""LatentODE / RNN baseline: masks on the union of times equal separate per-sample solves; ELBO
+terms; shapes."""
+
 import math
 
 import pytest
@@ -10,7 +12,11 @@ from pyneuralode.nn.latent import union_times
 
 def _samples():
     g = torch.Generator().manual_seed(0)
-    times = [torch.tensor([0.0, 0.3, 0.9, 1.4]), torch.tensor([0.1, 0.3, 1.1]), torch.tensor([0.5, 0.7, 0.9, 1.2, 2.0])]
+    times = [
+        torch.tensor([0.0, 0.3, 0.9, 1.4]),
+        torch.tensor([0.1, 0.3, 1.1]),
+        torch.tensor([0.5, 0.7, 0.9, 1.2, 2.0]),
+    ]
     values = [torch.randn(len(t), 2, generator=g) for t in times]
     return [t.double() for t in times], [v.double() for v in values]
 
@@ -26,11 +32,16 @@ def test_union_times():
 
 
 def _own(t, ti, xi):
-    """Sample i alone on its own times, plus the common start t[0] (unobserved) where it starts later:
-    z0 and the recognition state refer to t[0] of the grid."""
+    """Sample i alone on its own times, plus the common start t[0] (unobserved) where it starts
+    later: z0 and the recognition state refer to t[0] of the grid."""
     if ti[0] > t[0]:
-        return (torch.cat([xi.new_zeros(1, 2), xi]).unsqueeze(0), torch.cat([t[:1], ti]),
-                torch.cat([torch.zeros(1, dtype=torch.bool), torch.ones(len(ti), dtype=torch.bool)]).unsqueeze(0))
+        return (
+            torch.cat([xi.new_zeros(1, 2), xi]).unsqueeze(0),
+            torch.cat([t[:1], ti]),
+            torch.cat(
+                [torch.zeros(1, dtype=torch.bool), torch.ones(len(ti), dtype=torch.bool)]
+            ).unsqueeze(0),
+        )
     return xi.unsqueeze(0), ti, None
 
 
@@ -48,7 +59,9 @@ def test_masks_on_union_equal_separate_solves(encoder):
     for i in range(3):
         xi, ti, mi = _own(t, times[i], values[i])
         mu_i, lv_i = model.encode(xi, ti, mi)
-        assert torch.allclose(mu[i], mu_i[0], atol=tol) and torch.allclose(logvar[i], lv_i[0], atol=tol)
+        assert torch.allclose(mu[i], mu_i[0], atol=tol) and torch.allclose(
+            logvar[i], lv_i[0], atol=tol
+        )
         assert torch.allclose(elbo[i], model.elbo(xi, ti, mi, sample=False)[0], atol=1e-7)
         assert torch.allclose(pred[i], model.predict(xi, ti, mi, t_pred)[0], atol=1e-7)
     if encoder == "rnn":  # an RNN encoder ignores leading unobserved times altogether
@@ -74,7 +87,8 @@ def test_elbo_equals_per_sample_elbo_and_formula():
     x2 = x.clone()
     x2[~mask] = 123.0
     assert torch.allclose(model.elbo(x2, t, mask, sample=False), elbo, atol=1e-12)
-    # with sample=True the reparameterised ELBO is noisy but averages to a lower value (KL fixed, ll concave)
+    # with sample=True the reparameterised ELBO is noisy but averages to a lower value (KL fixed, ll
+    # concave)
     assert torch.isfinite(model.loss(x, t, mask))
 
 
@@ -106,7 +120,9 @@ def test_rnn_baseline_masks_and_shapes():
     pred = rnn.predict(x, t, mask, t_pred)
     assert pred.shape == (3, 3, 2)
     for i in range(3):
-        assert torch.allclose(pred[i], rnn.predict(values[i].unsqueeze(0), times[i], None, t_pred)[0], atol=1e-12)
+        assert torch.allclose(
+            pred[i], rnn.predict(values[i].unsqueeze(0), times[i], None, t_pred)[0], atol=1e-12
+        )
     # the loss is the NLL of each next observation; for one sample it is a mean over its n-1 pairs
     loss_all = rnn.loss(x, t, mask)
     per = [rnn.loss(values[i].unsqueeze(0), times[i]) for i in range(3)]

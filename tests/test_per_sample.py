@@ -1,5 +1,6 @@
 """Per-sample output times t of shape (B, T): against solving each sample on its own times, with
 gradients, backward time, partial failures and bad input."""
+
 import pytest
 import torch
 
@@ -21,7 +22,9 @@ def times(B=5, T=7, seed=1, span=2.0):
     return t
 
 
-@pytest.mark.parametrize("sensealg", [None, pn.InterpolatingAdjoint()], ids=["direct", "interpolating"])
+@pytest.mark.parametrize(
+    "sensealg", [None, pn.InterpolatingAdjoint()], ids=["direct", "interpolating"]
+)
 def test_per_sample_times_match_separate_solves_with_gradients(sensealg):
     f = field()
     y0 = torch.randn(5, 3, dtype=DT, generator=torch.Generator().manual_seed(2)).requires_grad_()
@@ -33,10 +36,12 @@ def test_per_sample_times_match_separate_solves_with_gradients(sensealg):
     gy0, gw = torch.autograd.grad(loss, [y0, w])
     ref_ys, ref_loss = [], 0.0
     for b in range(5):
-        s = pn.solve(f, y0[b:b + 1], t[b], args=(w,), rtol=1e-10, atol=1e-12)
+        s = pn.solve(f, y0[b : b + 1], t[b], args=(w,), rtol=1e-10, atol=1e-12)
         ref_ys.append(s.ys[:, 0])
         ref_loss = ref_loss + (s.ys[:, 0] * torch.linspace(-1, 1, 3, dtype=DT)).sum()
-    torch.testing.assert_close(sol.ys.detach(), torch.stack(ref_ys, 1).detach(), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(
+        sol.ys.detach(), torch.stack(ref_ys, 1).detach(), rtol=1e-8, atol=1e-9
+    )
     ry0, rw = torch.autograd.grad(ref_loss, [y0, w])
     torch.testing.assert_close(gy0, ry0, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-8)
@@ -49,11 +54,13 @@ def test_per_sample_backward_time_and_shared_times():
     t = -times(B=3, T=4, seed=4)  # every row strictly decreasing from 0
     sol = pn.solve(f, y0, t, args=(w,), rtol=1e-10, atol=1e-12)
     for b in range(3):
-        s = pn.solve(f, y0[b:b + 1], t[b], args=(w,), rtol=1e-10, atol=1e-12)
+        s = pn.solve(f, y0[b : b + 1], t[b], args=(w,), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(sol.ys[:, b], s.ys[:, 0], rtol=1e-8, atol=1e-9)
     # rows that share their times give the ordinary batched solution
     same = torch.linspace(0, 1, 5, dtype=DT).expand(3, 5)
-    torch.testing.assert_close(pn.solve(f, y0, same, args=(w,)).ys, pn.solve(f, y0, same[0], args=(w,)).ys)
+    torch.testing.assert_close(
+        pn.solve(f, y0, same, args=(w,)).ys, pn.solve(f, y0, same[0], args=(w,)).ys
+    )
 
 
 def test_per_sample_partial_failure_is_nan_after_the_failure():
@@ -75,16 +82,28 @@ def test_per_sample_bad_input():
     y0 = torch.zeros(2, 3, dtype=DT)
     with pytest.raises(ValueError, match=r"must all start at the same time"):
         pn.solve(f, y0, torch.tensor([[0.0, 1.0], [0.1, 1.0]], dtype=DT), args=(w,))
-    with pytest.raises(ValueError, match=r"row 1 of the per-sample times is not strictly monotonic"):
+    with pytest.raises(
+        ValueError, match=r"row 1 of the per-sample times is not strictly monotonic"
+    ):
         pn.solve(f, y0, torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 1.0]], dtype=DT), args=(w,))
     with pytest.raises(ValueError, match=r"run in different directions"):
         pn.solve(f, y0, torch.tensor([[0.0, 1.0], [0.0, -1.0]], dtype=DT), args=(w,))
     with pytest.raises(ValueError, match=r"gradients with respect to per-sample output times"):
-        pn.solve(f, y0, torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=DT, requires_grad=True), args=(w,))
-    with pytest.raises(ValueError, match=r"t: must be 1-D"):  # 2-D t whose rows do not match the batch
+        pn.solve(
+            f, y0, torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=DT, requires_grad=True), args=(w,)
+        )
+    with pytest.raises(
+        ValueError, match=r"t: must be 1-D"
+    ):  # 2-D t whose rows do not match the batch
         pn.solve(f, y0, torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]], dtype=DT), args=(w,))
     with pytest.raises(ValueError, match=r"event: not supported together with per-sample"):
-        pn.solve(f, y0, torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=DT), args=(w,), event=lambda t, y: y.sum())
+        pn.solve(
+            f,
+            y0,
+            torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=DT),
+            args=(w,),
+            event=lambda t, y: y.sum(),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,7 +146,7 @@ def test_per_sample_steps_equal_independent_solves(solver, mode):
         assert isinstance(sol, pn.PerSampleSolution) and sol.ys.shape == (5, B, 3)
         assert all(r == "Success" for r in sol.retcode) and sol.successful
         for b in range(B):
-            ref = pn.solve(vdp, y0[b:b + 1], t[b], solver, rtol=1e-7, atol=1e-9)
+            ref = pn.solve(vdp, y0[b : b + 1], t[b], solver, rtol=1e-7, atol=1e-9)
             torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-10, atol=1e-11)
             assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
             assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
@@ -146,8 +165,9 @@ def test_per_sample_rosenbrock_equals_independent_solves(solver, mode):
     for t in (torch.tensor([0.0, 0.7, 2.0], dtype=DT), staggered_times(B, T=3, seed=3)):
         sol = pn.solve(vdp, y0, t, solver, rtol=1e-6, atol=1e-8, per_sample=mode)
         for b in range(B):
-            ref = pn.solve(vdp, y0[b:b + 1], t if t.ndim == 1 else t[b], type(solver)(),
-                           rtol=1e-6, atol=1e-8)
+            ref = pn.solve(
+                vdp, y0[b : b + 1], t if t.ndim == 1 else t[b], type(solver)(), rtol=1e-6, atol=1e-8
+            )
             torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-9, atol=1e-10)
             assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
             assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
@@ -161,7 +181,7 @@ def test_per_sample_rosenbrock_equals_independent_solves(solver, mode):
     sol = pn.solve(vdp, y0, t, solver, rtol=1e-8, atol=1e-10, per_sample=mode)
     (g,) = torch.autograd.grad(sol.ys[-1, :, :2].sum(), [y0])
     for b in range(2):
-        ref = pn.solve(vdp, y0[b:b + 1], t, type(solver)(), rtol=1e-8, atol=1e-10)
+        ref = pn.solve(vdp, y0[b : b + 1], t, type(solver)(), rtol=1e-8, atol=1e-10)
         (gb,) = torch.autograd.grad(ref.ys[-1, 0, :2].sum(), [y0])
         torch.testing.assert_close(g[b], gb[b], rtol=1e-9, atol=1e-10)
 
@@ -173,7 +193,7 @@ def test_per_sample_controllers_and_step_bounds_follow_independent_solves(ctrl):
     kw = {"controller": ctrl, "dtmax": 0.5, "dtmin": 1e-12}
     sol = pn.solve(vdp, y0, t, pn.Tsit5(), per_sample=True, **kw)
     for b in range(3):
-        ref = pn.solve(vdp, y0[b:b + 1], t, pn.Tsit5(), **kw)
+        ref = pn.solve(vdp, y0[b : b + 1], t, pn.Tsit5(), **kw)
         assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
         assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
         torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-10, atol=1e-11)
@@ -186,8 +206,14 @@ def test_per_sample_nonautonomous_field_gets_each_rows_time():
     t = staggered_times(B, T=4, seed=5)
     sol = pn.solve(rows_field, y0, t, args=(w,), rtol=1e-9, atol=1e-11, per_sample=True)
     for b in range(B):
-        ref = pn.solve(lambda s, y, w: rows_field(s.reshape(1), y, w), y0[b:b + 1], t[b], args=(w,),
-                       rtol=1e-9, atol=1e-11)
+        ref = pn.solve(
+            lambda s, y, w: rows_field(s.reshape(1), y, w),
+            y0[b : b + 1],
+            t[b],
+            args=(w,),
+            rtol=1e-9,
+            atol=1e-11,
+        )
         torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-10, atol=1e-11)
         assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
 
@@ -198,8 +224,9 @@ def test_per_sample_vdp_batch_evaluations_match_independent_solves(mode):
     y0 = vdp_batch(B)
     t = torch.tensor([0.0, 6.0], dtype=DT)
     sol = pn.solve(vdp, y0, t, rtol=1e-6, atol=1e-8, per_sample=mode)
-    independent = sum(pn.solve(vdp, y0[b:b + 1], t, rtol=1e-6, atol=1e-8).stats["nfe"]
-                      for b in range(B))
+    independent = sum(
+        pn.solve(vdp, y0[b : b + 1], t, rtol=1e-6, atol=1e-8).stats["nfe"] for b in range(B)
+    )
     per_sample = int(sol.stats["nfe"].sum())
     assert per_sample <= 1.15 * independent
     if mode == "compact":  # the rows actually evaluated: finished samples stopped costing
@@ -223,7 +250,7 @@ def test_per_sample_retcodes_one_sample_fails_others_succeed():
         assert float(sol.t_reached[1]) == pytest.approx(0.5, abs=1e-5)
         assert torch.isnan(sol.ys[2, 1]).all() and torch.isfinite(sol.ys[:2, 1]).all()
         for b in (0, 2, 3):
-            ref = pn.solve(blow_up, y0[b:b + 1], t)
+            ref = pn.solve(blow_up, y0[b : b + 1], t)
             torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-12, atol=1e-12)
             assert int(sol.stats["nfe"][b]) == ref.stats["nfe"]
         with pytest.raises(pn.SolveError, match=r"1 of 4 samples \(sample 1: DtLessThanMin"):
@@ -233,8 +260,9 @@ def test_per_sample_retcodes_one_sample_fails_others_succeed():
     y0[1, 2] = 1000.0
     ref = pn.solve(vdp, y0[1:2], torch.tensor([0.0, 3.0], dtype=DT), throw=False, max_steps=200)
     for mode in (True, "compact"):  # compact: the stiff sample ends alone (in the scalar loop)
-        sol = pn.solve(vdp, y0, torch.tensor([0.0, 3.0], dtype=DT), per_sample=mode,
-                       throw=False, max_steps=200)
+        sol = pn.solve(
+            vdp, y0, torch.tensor([0.0, 3.0], dtype=DT), per_sample=mode, throw=False, max_steps=200
+        )
         assert [str(r) for r in sol.retcode] == ["Success", "MaxIters", "Success"]
         assert int(sol.stats["naccept"][1] + sol.stats["nreject"][1]) == 200
         assert int(sol.stats["naccept"][1]) == ref.stats["naccept"]
@@ -253,8 +281,20 @@ def test_per_sample_gradients_vs_finite_differences_and_separate_solves(mode):
         return (pn.solve(rows_field, y0_, t, args=(w_,), per_sample=mode, **kw).ys * c).sum()
 
     gy0, gw = torch.autograd.grad(loss(y0, w, rtol=1e-9, atol=1e-11), [y0, w])
-    ref = sum((pn.solve(lambda s, y, w_: rows_field(s.reshape(1), y, w_), y0[b:b + 1], t[b],
-                        args=(w,), rtol=1e-9, atol=1e-11).ys * c).sum() for b in range(B))
+    ref = sum(
+        (
+            pn.solve(
+                lambda s, y, w_: rows_field(s.reshape(1), y, w_),
+                y0[b : b + 1],
+                t[b],
+                args=(w,),
+                rtol=1e-9,
+                atol=1e-11,
+            ).ys
+            * c
+        ).sum()
+        for b in range(B)
+    )
     ry0, rw = torch.autograd.grad(ref, [y0, w])
     torch.testing.assert_close(gy0, ry0, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-11)
@@ -280,8 +320,9 @@ def test_per_sample_joint_backsolve_adjoint(mode):
     c = torch.linspace(-1, 1, 3, dtype=DT)
     grads, sols = [], []
     for sensealg in (None, pn.BacksolveAdjoint()):
-        sol = pn.solve(rows_field, y0, t, args=(w,), per_sample=mode, sensealg=sensealg,
-                       rtol=1e-10, atol=1e-12)
+        sol = pn.solve(
+            rows_field, y0, t, args=(w,), per_sample=mode, sensealg=sensealg, rtol=1e-10, atol=1e-12
+        )
         grads.append(torch.autograd.grad((sol.ys * c).sum(), [y0, w]))
         sols.append(sol)
     torch.testing.assert_close(sols[1].ys, sols[0].ys, rtol=0, atol=0)  # the same forward steps
@@ -289,8 +330,14 @@ def test_per_sample_joint_backsolve_adjoint(mode):
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-7, atol=1e-9)
     assert sols[1].stats["nfe_adjoint"] > 0 and sols[1].stats["naccept"].shape == (B,)
     with pytest.raises(ValueError, match="every sample needs the same times"):
-        pn.solve(rows_field, y0, staggered_times(B), args=(w,), per_sample=mode,
-                 sensealg=pn.BacksolveAdjoint())
+        pn.solve(
+            rows_field,
+            y0,
+            staggered_times(B),
+            args=(w,),
+            per_sample=mode,
+            sensealg=pn.BacksolveAdjoint(),
+        )
 
 
 def test_neural_ode_per_sample():
@@ -301,8 +348,14 @@ def test_neural_ode_per_sample():
     assert y.shape == (4, 2) and model.nfe_forward == model.last_stats["ncalls"]
     vf = model.vector_field
     for b in range(4):
-        ref = pn.solve(lambda t, y: vf(t, y), y0[b:b + 1], torch.tensor([0.0, 1.0], dtype=DT),
-                       pn.Dopri5(), rtol=1e-6, atol=1e-8)
+        ref = pn.solve(
+            lambda t, y: vf(t, y),
+            y0[b : b + 1],
+            torch.tensor([0.0, 1.0], dtype=DT),
+            pn.Dopri5(),
+            rtol=1e-6,
+            atol=1e-8,
+        )
         torch.testing.assert_close(y[b], ref.ys[-1, 0], rtol=1e-10, atol=1e-12)
         assert int(model.last_stats["naccept"][b]) == ref.stats["naccept"]
     y.sum().backward()
@@ -322,12 +375,19 @@ def test_odeint_unaffected_by_per_sample():
     assert isinstance(sol.stats["nfe"], int) and str(sol.retcode) == "Success"
 
 
-@pytest.mark.parametrize("ctrl", [pn.PIController(), pn.PIController(beta1=1.0, beta2=0.0),
-                                  pn.PredictiveController()], ids=repr)
+@pytest.mark.parametrize(
+    "ctrl",
+    [pn.PIController(), pn.PIController(beta1=1.0, beta2=0.0), pn.PredictiveController()],
+    ids=repr,
+)
 def test_batch_controller_factor_equals_scalar_factor(ctrl):
     g = torch.Generator().manual_seed(7)
-    err = torch.cat([torch.rand(40, dtype=DT, generator=g) * 3,
-                     torch.tensor([0.0, 0.0, float("inf"), float("nan"), 1.0], dtype=DT)])
+    err = torch.cat(
+        [
+            torch.rand(40, dtype=DT, generator=g) * 3,
+            torch.tensor([0.0, 0.0, float("inf"), float("nan"), 1.0], dtype=DT),
+        ]
+    )
     n = err.numel()
     err_prev = torch.rand(n, dtype=DT, generator=g) + 1e-3
     acc = torch.rand(n, generator=g) > 0.3
@@ -337,8 +397,9 @@ def test_batch_controller_factor_equals_scalar_factor(ctrl):
     got = ctrl.factor_batch(err_in, err_prev, 5, acc, ratio)
     for i in range(n):
         e = float("inf") if err[i].isnan() else float(err[i])
-        want = ctrl.factor(e, float(err_prev[i]), 5, bool(acc[i]),
-                           None if ratio[i].isnan() else float(ratio[i]))
+        want = ctrl.factor(
+            e, float(err_prev[i]), 5, bool(acc[i]), None if ratio[i].isnan() else float(ratio[i])
+        )
         assert float(got[i]) == pytest.approx(want, rel=1e-12), i
 
 
@@ -356,8 +417,9 @@ def test_per_sample_bad_input_is_named():
     with pytest.raises(ValueError, match=r"t: per_sample=True takes times of shape"):
         pn.solve(vdp, y0, torch.zeros(2, 2, dtype=DT), per_sample=True)
     with pytest.raises(ValueError, match="t: row 1 is not strictly monotonic"):
-        pn.solve(vdp, y0, torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]], dtype=DT),
-                 per_sample=True)
+        pn.solve(
+            vdp, y0, torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]], dtype=DT), per_sample=True
+        )
     with pytest.raises(ValueError, match="t: gradients with respect to the times"):
         pn.solve(vdp, y0, t.clone().requires_grad_(), per_sample=True)
     with pytest.raises(ValueError, match="dense: per_sample=True keeps no dense output"):

@@ -1,4 +1,6 @@
-"""The `pyneuralode repro` CLI: listing, errors, and the --quick reproductions (cnf-2d, latent-spiral, nfe-vs-tol)."""
+"""The `pyneuralode repro` CLI: listing, errors, and the --quick reproductions (cnf-2d,
+latent-spiral, nfe-vs-tol)."""
+
 import json
 import math
 import subprocess
@@ -10,14 +12,36 @@ from pyneuralode.repro import _common
 from pyneuralode.repro.cli import REPRO_NAMES, main
 
 EXPECTED = {
-    "cnf-2d": ["nll_cnf_exact", "nll_cnf_hutchinson", "nll_planar", "nll_cnf", "nll_cnf_rnode", "params_cnf",
-               "params_planar", "nfe_eval_cnf_exact", "train_nfe_cnf_rnode"],
+    "cnf-2d": [
+        "nll_cnf_exact",
+        "nll_cnf_hutchinson",
+        "nll_planar",
+        "nll_cnf",
+        "nll_cnf_rnode",
+        "params_cnf",
+        "params_planar",
+        "nfe_eval_cnf_exact",
+        "train_nfe_cnf_rnode",
+    ],
     "latent-spiral": [f"rmse_{m}_{n}" for m in ("latent_ode", "rnn") for n in (30, 50, 100)],
-    "nfe-vs-tol": ["nfe_tol_1e-01", "nfe_tol_1e-07", "time_ms_tol_1e-05", "error_tol_1e-03", "corr_time_nfe",
-                   "nfe_ratio_backward_forward", "nfe_forward_start", "nfe_forward_end", "nfe_growth", "ms_per_nfe"],
+    "nfe-vs-tol": [
+        "nfe_tol_1e-01",
+        "nfe_tol_1e-07",
+        "time_ms_tol_1e-05",
+        "error_tol_1e-03",
+        "corr_time_nfe",
+        "nfe_ratio_backward_forward",
+        "nfe_forward_start",
+        "nfe_forward_end",
+        "nfe_growth",
+        "ms_per_nfe",
+    ],
 }
-PNGS = {"cnf-2d": ["cnf_2d_density.png", "cnf_2d_samples.png"], "latent-spiral": ["latent_spiral.png"],
-        "nfe-vs-tol": ["nfe_vs_tol.png"]}
+PNGS = {
+    "cnf-2d": ["cnf_2d_density.png", "cnf_2d_samples.png"],
+    "latent-spiral": ["latent_spiral.png"],
+    "nfe-vs-tol": ["nfe_vs_tol.png"],
+}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -27,7 +51,10 @@ def test_quick_repro_writes_metrics_and_plots(name, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     for key in EXPECTED[name]:
         assert key in metrics, key
-        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), (key, metrics[key])
+        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), (
+            key,
+            metrics[key],
+        )
     for png in PNGS[name]:
         assert (out / png).stat().st_size > 1000
     assert "metrics.json" in capsys.readouterr().out
@@ -43,8 +70,16 @@ def test_quick_nfe_sweep_is_monotone(tmp_path):
 def test_list_and_errors(tmp_path, capsys):
     assert main(["repro", "--list"]) == 0
     listing = capsys.readouterr().out
-    for name in ("odenet-mnist", "table1-mnist", "cnf-2d", "latent-spiral", "nfe-vs-tol", "deq-2x", "deq-mnist",
-                 "cdeq-mnist"):
+    for name in (
+        "odenet-mnist",
+        "table1-mnist",
+        "cnf-2d",
+        "latent-spiral",
+        "nfe-vs-tol",
+        "deq-2x",
+        "deq-mnist",
+        "cdeq-mnist",
+    ):
         assert name in listing and name in REPRO_NAMES
     with pytest.raises(SystemExit) as e:
         main(["repro", "no-such-thing", "--out", str(tmp_path)])
@@ -57,27 +92,53 @@ def test_list_and_errors(tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "pyneuralode", "repro", "--list"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "pyneuralode", "repro", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "latent-spiral" in r.stdout
 
 
 def test_write_metrics_flat_and_finite(tmp_path):
     import torch
 
-    p = _common.write_metrics(tmp_path / "x", {"a": torch.tensor(1.5), "b": 2, "c": float("nan"), "flag": True})
+    p = _common.write_metrics(
+        tmp_path / "x", {"a": torch.tensor(1.5), "b": 2, "c": float("nan"), "flag": True}
+    )
     m = json.loads(p.read_text())
     assert {k: m[k] for k in ("a", "b", "c", "flag")} == {"a": 1.5, "b": 2, "c": None, "flag": True}
     # provenance keys come with every metrics file
     import pyneuralode
 
-    assert m["pyneuralode_version"] == pyneuralode.__version__ and m["torch_version"] == torch.__version__
+    assert (
+        m["pyneuralode_version"] == pyneuralode.__version__
+        and m["torch_version"] == torch.__version__
+    )
     with pytest.raises(ValueError, match="nested"):
         _common.write_metrics(tmp_path, {"a": {"b": 1}})
 
 
 def test_module_specific_flags_reach_run(tmp_path):
     out = tmp_path / "c"
-    assert main(["repro", "cnf-2d", "--quick", "--out", str(out), "--data", "circles", "--no-rnode", "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "repro",
+                "cnf-2d",
+                "--quick",
+                "--out",
+                str(out),
+                "--data",
+                "circles",
+                "--no-rnode",
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["data"] == "circles" and m["iterations"] == 2 and "nll_cnf_rnode" not in m
 
@@ -90,13 +151,22 @@ def test_quick_cdeq_mnist_four_rows_mean_sd_table_and_plot(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["seeds"] == "0,1" and m["epochs"] == 1 and m["batch_size"] == 32 and m["tol"] == 0.005
     for row in cdeq_mnist.MODELS:
-        for key in ("test_accuracy", "test_nfe", "train_seconds_per_epoch", "predict_seconds_per_batch",
-                    "train_nfe_per_batch", "bwd_iters_per_batch"):
+        for key in (
+            "test_accuracy",
+            "test_nfe",
+            "train_seconds_per_epoch",
+            "predict_seconds_per_batch",
+            "train_nfe_per_batch",
+            "bwd_iters_per_batch",
+        ):
             vals = m[f"{row}_{key}_seeds"]
             assert len(vals) == 2 and all(v > 0 for v in vals), (row, key, vals)
             mean, sd = m[f"{row}_{key}_mean"], m[f"{row}_{key}_sd"]
-            assert mean == pytest.approx(sum(vals) / 2) and sd == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2))
-    # the authors' layers: 784·128+128 (encoder) + 2·128·128 (f, no biases) + 128·10+10 (classifier); g adds 128·128+128
+            assert mean == pytest.approx(sum(vals) / 2) and sd == pytest.approx(
+                abs(vals[0] - vals[1]) / math.sqrt(2)
+            )
+    # the authors' layers: 784·128+128 (encoder) + 2·128·128 (f, no biases) + 128·10+10
+    # (classifier); g adds 128·128+128
     assert m["vanilla_params_mean"] == m["skipreg_params_mean"] == m["jacreg_params_mean"] == 134538
     assert m["skip_params_mean"] == 134538 + 16512
     assert m["train_speedup_skipreg_vs_vanilla"] > 0

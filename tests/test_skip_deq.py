@@ -290,7 +290,9 @@ def test_skip_initial_state_reaches_the_julia_backend(monkeypatch):
     z = deq(x)
     assert not seen["z0"].requires_grad and torch.equal(seen["z0"], g(x).detach())
     with torch.no_grad():
-        assert deq.skip_loss.item() == pytest.approx(0.01 * float((g(x) - z).abs().mean()), rel=1e-12)
+        assert deq.skip_loss.item() == pytest.approx(
+            0.01 * float((g(x) - z).abs().mean()), rel=1e-12
+        )
     deq.skip_loss.backward()
     assert g.V1.grad.abs().sum() > 0
 

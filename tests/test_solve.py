@@ -1,5 +1,6 @@
 """solve(): shapes (batch, tuple states), dtypes, backward time, per-component tolerances,
 statistics and return codes — checked against exact solutions."""
+
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import pyneuralode as pn
 
 ADAPTIVE = [pn.Heun, pn.BS3, pn.Dopri5, pn.Tsit5, pn.Vern7, pn.DP8]
-ids = lambda c: c.__name__  # noqa: E731
+ids = lambda c: c.__name__
 
 
 def decay(t, y, k):
@@ -53,7 +54,9 @@ def test_tuple_state(cls):
 
 
 @pytest.mark.parametrize("cls", [pn.Tsit5, pn.Dopri5, pn.Vern7, pn.DP8], ids=ids)
-@pytest.mark.parametrize("dtype,rtol,tol", [(torch.float32, 1e-5, 1e-4), (torch.float64, 1e-10, 1e-8)])
+@pytest.mark.parametrize(
+    "dtype,rtol,tol", [(torch.float32, 1e-5, 1e-4), (torch.float64, 1e-10, 1e-8)]
+)
 def test_dtypes(cls, dtype, rtol, tol):
     y0 = torch.tensor([1.0, 2.0], dtype=dtype)
     t = torch.linspace(0, 2, 4, dtype=dtype)
@@ -78,7 +81,14 @@ def test_backward_time(cls):
 
 def test_backward_fixed_step():
     t = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    sol = pn.solve(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64), t, pn.RK4(), dt=0.01, adaptive=False)
+    sol = pn.solve(
+        lambda t, y: -y,
+        torch.tensor([1.0], dtype=torch.float64),
+        t,
+        pn.RK4(),
+        dt=0.01,
+        adaptive=False,
+    )
     assert sol.stats["naccept"] == 100
     assert abs(sol.ys[-1, 0].item() - math.e) < 1e-9
 
@@ -95,16 +105,22 @@ def test_per_component_tolerances_are_honoured():
     exact = math.exp(math.sin(2.0))
     loose = pn.solve(f, y0, t, pn.Tsit5(), rtol=1e-4, atol=1e-4)
     tight = pn.solve(f, y0, t, pn.Tsit5(), rtol=1e-10, atol=1e-10)
-    mixed = pn.solve(f, y0, t, pn.Tsit5(), rtol=torch.tensor([1e-4, 1e-10]), atol=torch.tensor([1e-4, 1e-10]))
+    mixed = pn.solve(
+        f, y0, t, pn.Tsit5(), rtol=torch.tensor([1e-4, 1e-10]), atol=torch.tensor([1e-4, 1e-10])
+    )
     assert mixed.stats["naccept"] > 3 * loose.stats["naccept"]
     err_mixed = (mixed.ys[-1] - exact).abs()
     assert err_mixed.max() < 1e-8
     # A tight atol only on an irrelevant (zero) component does not tighten anything ...
     y0b = torch.tensor([1.0, 0.0], dtype=torch.float64)
     a = pn.solve(f, y0b, t, pn.Tsit5(), rtol=1e-4, atol=torch.tensor([1e-4, 1e-12]))
-    assert a.stats["naccept"] == pn.solve(f, y0b, t, pn.Tsit5(), rtol=1e-4, atol=1e-4).stats["naccept"]
+    assert (
+        a.stats["naccept"] == pn.solve(f, y0b, t, pn.Tsit5(), rtol=1e-4, atol=1e-4).stats["naccept"]
+    )
     # ... while tightening the relevant component does.
-    b = pn.solve(f, y0b, t, pn.Tsit5(), rtol=torch.tensor([1e-9, 1e-4]), atol=torch.tensor([1e-9, 1e-4]))
+    b = pn.solve(
+        f, y0b, t, pn.Tsit5(), rtol=torch.tensor([1e-9, 1e-4]), atol=torch.tensor([1e-9, 1e-4])
+    )
     assert b.stats["naccept"] > 3 * a.stats["naccept"]
     assert abs(b.ys[-1, 0].item() - exact) < 1e-7 < abs(a.ys[-1, 0].item() - exact)
     assert tight.stats["naccept"] >= mixed.stats["naccept"] - 1
@@ -112,8 +128,12 @@ def test_per_component_tolerances_are_honoured():
 
 def test_tolerance_broadcast_over_batch():
     y0 = torch.ones(4, 3, dtype=torch.float64)
-    atol = torch.tensor([1e-3, 1e-6, 1e-9], dtype=torch.float64)  # per feature, broadcast over the batch
-    sol = pn.solve(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=0.0, atol=atol)
+    atol = torch.tensor(
+        [1e-3, 1e-6, 1e-9], dtype=torch.float64
+    )  # per feature, broadcast over the batch
+    sol = pn.solve(
+        lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=0.0, atol=atol
+    )
     err = (sol.ys[-1] - math.exp(-1)).abs()
     assert err[:, 2].max() < 1e-7 and err[:, 2].max() < err[:, 0].max() + 1e-15
 
@@ -126,14 +146,25 @@ def test_stats_are_consistent(cls):
         calls["n"] += 1
         return y * torch.cos(t)
 
-    sol = pn.solve(f, torch.tensor([1.0], dtype=torch.float64), torch.linspace(0, 2, 3, dtype=torch.float64), cls(), rtol=1e-6)
+    sol = pn.solve(
+        f,
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.linspace(0, 2, 3, dtype=torch.float64),
+        cls(),
+        rtol=1e-6,
+    )
     st = sol.stats
     assert st["nfe"] == calls["n"]
     assert st["naccept"] >= 1 and st["nreject"] >= 0
-    s = cls.tableau.stages - (1 if cls.tableau.fsal else 0) + (0 if cls.tableau.fsal else 1)  # new evaluations per attempt
-    extra = cls.tableau.extra_stages - (1 if cls is pn.Vern7 else 0)  # lazily evaluated dense stages
+    s = (
+        cls.tableau.stages - (1 if cls.tableau.fsal else 0) + (0 if cls.tableau.fsal else 1)
+    )  # new evaluations per attempt
+    extra = cls.tableau.extra_stages - (
+        1 if cls is pn.Vern7 else 0
+    )  # lazily evaluated dense stages
     attempts = st["naccept"] + st["nreject"]
-    # init (f0) + Hairer's initial step (1) + s per attempt, + lazy dense stages for interpolated steps
+    # init (f0) + Hairer's initial step (1) + s per attempt, + lazy dense stages for interpolated
+    # steps
     lo = 2 + (s - (0 if cls.tableau.fsal else 1)) * attempts
     assert lo <= st["nfe"] <= lo + attempts + extra * st["naccept"], st
 
@@ -147,7 +178,9 @@ def test_nreject_counts_rejections():
         return y * torch.cos(t)
 
     t = torch.tensor([0.0, 2.0], dtype=torch.float64)
-    sol = pn.solve(f, torch.ones(1, dtype=torch.float64), t, pn.Tsit5(), dt=2.0, rtol=1e-10, atol=1e-10)
+    sol = pn.solve(
+        f, torch.ones(1, dtype=torch.float64), t, pn.Tsit5(), dt=2.0, rtol=1e-10, atol=1e-10
+    )
     st = sol.stats
     assert st["nreject"] >= 2
     # Tsit5 (FSAL): f0 once, then 6 new evaluations per attempt, accepted or not.
@@ -162,12 +195,27 @@ def test_nreject_counts_rejections():
 def test_max_iters():
     t = torch.tensor([0.0, 10.0], dtype=torch.float64)
     with pytest.raises(pn.SolveError) as ei:
-        pn.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, pn.Tsit5(), max_steps=5, rtol=1e-10)
+        pn.solve(
+            lambda t, y: -y,
+            torch.ones(1, dtype=torch.float64),
+            t,
+            pn.Tsit5(),
+            max_steps=5,
+            rtol=1e-10,
+        )
     err = ei.value
     assert isinstance(err, RuntimeError)
     assert err.retcode == "MaxIters" and 0.0 < err.t < 10.0
     assert "max_steps" in str(err)
-    sol = pn.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, pn.Tsit5(), max_steps=5, rtol=1e-10, throw=False)
+    sol = pn.solve(
+        lambda t, y: -y,
+        torch.ones(1, dtype=torch.float64),
+        t,
+        pn.Tsit5(),
+        max_steps=5,
+        rtol=1e-10,
+        throw=False,
+    )
     assert sol.retcode == "MaxIters" and not sol.successful
     assert sol.t_reached == err.t
     assert sol.stats["naccept"] + sol.stats["nreject"] == 5
@@ -204,18 +252,37 @@ def test_nan_from_f_is_unstable():
 
 def test_nan_in_fixed_step_is_unstable():
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    sol = pn.solve(lambda t, y: y * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 3.0], dtype=torch.float64),
-                   pn.RK4(), dt=0.5, adaptive=False, throw=False)
+    sol = pn.solve(
+        lambda t, y: y * y,
+        torch.ones(1, dtype=torch.float64),
+        torch.tensor([0.0, 3.0], dtype=torch.float64),
+        pn.RK4(),
+        dt=0.5,
+        adaptive=False,
+        throw=False,
+    )
     assert sol.retcode == "Unstable"
     with pytest.raises(pn.SolveError):
-        pn.solve(lambda t, y: y * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 3.0], dtype=torch.float64),
-                 pn.RK4(), dt=0.5, adaptive=False)
-    ok = pn.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, pn.RK4(), dt=0.5, adaptive=False)
+        pn.solve(
+            lambda t, y: y * y,
+            torch.ones(1, dtype=torch.float64),
+            torch.tensor([0.0, 3.0], dtype=torch.float64),
+            pn.RK4(),
+            dt=0.5,
+            adaptive=False,
+        )
+    ok = pn.solve(
+        lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, pn.RK4(), dt=0.5, adaptive=False
+    )
     assert ok.retcode == "Success"
 
 
 def test_single_output_time():
-    sol = pn.solve(lambda t, y: -y, torch.ones(3, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64))
+    sol = pn.solve(
+        lambda t, y: -y,
+        torch.ones(3, dtype=torch.float64),
+        torch.tensor([0.5], dtype=torch.float64),
+    )
     assert sol.ys.shape == (1, 3) and sol.retcode == "Success" and sol.stats["nfe"] == 0
 
 
@@ -234,24 +301,39 @@ def _vdp(t, y, mu=5.0):
 _I, _PI = pn.PIController(beta1=1.0, beta2=0.0), pn.PIController()
 
 
-@pytest.mark.parametrize("cls,expected,other_ctrl", [(pn.Tsit5, _I, _PI), (pn.Dopri5, _I, _PI),
-                                                     (pn.Rodas5P, pn.PredictiveController(), _PI), (pn.KenCarp4, _PI, _I),
-                                                     (pn.QNDF, _I, _PI)],
-                         ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize(
+    "cls,expected,other_ctrl",
+    [
+        (pn.Tsit5, _I, _PI),
+        (pn.Dopri5, _I, _PI),
+        (pn.Rodas5P, pn.PredictiveController(), _PI),
+        (pn.KenCarp4, _PI, _I),
+        (pn.QNDF, _I, _PI),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
 def test_default_controller_is_per_solver_and_overridable(cls, expected, other_ctrl):
     """Explicit solvers and QNDF (as scipy BDF) default to integral control, Rosenbrock methods to
-    Gustafsson's predictive control (Hairer's RODAS), the ESDIRK ones to SciML's PI gains; controller= overrides."""
+    Gustafsson's predictive control (Hairer's RODAS), the ESDIRK ones to SciML's PI gains;
+    controller= overrides."""
     y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
     t = torch.tensor([0.0, 6.0], dtype=torch.float64)
     assert cls().default_controller() == expected
     default = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8)
     same = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8, controller=expected)
     other = pn.solve(_vdp, y0, t, cls(), rtol=1e-6, atol=1e-8, controller=other_ctrl)
-    assert default.stats["naccept"] == same.stats["naccept"] and default.stats["nreject"] == same.stats["nreject"]
+    assert (
+        default.stats["naccept"] == same.stats["naccept"]
+        and default.stats["nreject"] == same.stats["nreject"]
+    )
     torch.testing.assert_close(default.ys, same.ys, rtol=0, atol=0)
-    assert (other.stats["naccept"], other.stats["nreject"]) != (default.stats["naccept"], default.stats["nreject"])
+    assert (other.stats["naccept"], other.stats["nreject"]) != (
+        default.stats["naccept"],
+        default.stats["nreject"],
+    )
     if isinstance(expected, pn.PIController):
-        # the integral controller grows steps faster: no more accepted steps than SciML's PI gains here
+        # the integral controller grows steps faster: no more accepted steps than SciML's PI gains
+        # here
         i_run, pi_run = (default, other) if expected == _I else (other, default)
         assert i_run.stats["naccept"] <= pi_run.stats["naccept"]
 
@@ -266,9 +348,16 @@ def test_predictive_controller_factor():
     predictive = 0.9 * 0.5 * (err_prev / err**2) ** (1 / q)
     assert predictive < integral
     assert c.factor(err, err_prev, q, True, dt_ratio=0.5) == pytest.approx(predictive)
-    assert c.factor(err, err_prev, q, True, dt_ratio=4.0) == pytest.approx(integral)  # the smaller one wins
-    assert c.factor(err, 1e-9, q, True, dt_ratio=1.0) == pytest.approx(min(integral, 0.9 * (1e-2 / err**2) ** (1 / q)))
-    assert c.factor(1e-12, 1.0, q, True) == c.factor_max and c.factor(1e6, 1.0, q, True) == c.factor_min
+    assert c.factor(err, err_prev, q, True, dt_ratio=4.0) == pytest.approx(
+        integral
+    )  # the smaller one wins
+    assert c.factor(err, 1e-9, q, True, dt_ratio=1.0) == pytest.approx(
+        min(integral, 0.9 * (1e-2 / err**2) ** (1 / q))
+    )
+    assert (
+        c.factor(1e-12, 1.0, q, True) == c.factor_max
+        and c.factor(1e6, 1.0, q, True) == c.factor_min
+    )
     assert c.factor(0.01, 0.5, q, False, dt_ratio=1.0) <= 1.0
     assert c.factor(float("nan"), 0.5, q, True) == c.factor_min
     with pytest.raises(ValueError, match="safety"):
@@ -295,7 +384,13 @@ def test_f_and_jac_receive_t_as_a_0d_tensor_of_the_time_dtype(dtype, solver):
     with torch.no_grad():
         sol = pn.solve(f, torch.ones(2, dtype=dtype), t_out, solver(**kw), rtol=1e-6, atol=1e-8)
     assert sol.retcode == "Success" and len(seen) > 10
-    assert all(isinstance(t, torch.Tensor) and t.shape == () and t.dtype == dtype and t.device.type == "cpu" for t in seen)
+    assert all(
+        isinstance(t, torch.Tensor)
+        and t.shape == ()
+        and t.dtype == dtype
+        and t.device.type == "cpu"
+        for t in seen
+    )
     values = [float(t) for t in seen]
     assert values[0] == 0.0 and 0.0 <= min(values) and max(values) <= 1.0
     assert len(set(values)) > 5  # every call saw its own time, not a buffer rewritten in place
@@ -303,7 +398,8 @@ def test_f_and_jac_receive_t_as_a_0d_tensor_of_the_time_dtype(dtype, solver):
 
 def test_a_failed_implicit_solve_halves_the_step():
     """When an implicit step's Newton iteration fails, the loop retries from the same point with
-    half the step (RADAU5, OrdinaryDiffEq and scipy BDF all halve; a quarter cost extra steps to regrow)."""
+    half the step (RADAU5, OrdinaryDiffEq and scipy BDF all halve; a quarter cost extra steps to
+    regrow)."""
     solver = pn.KenCarp4()
     calls = []
     step = solver.step
@@ -311,11 +407,20 @@ def test_a_failed_implicit_solve_halves_the_step():
     def failing_once(rhs, t0, y0, h, cache):
         calls.append((t0, h))
         if len(calls) == 3:  # the third attempt fails as a Newton failure would
-            return pn.StepResult(y1=y0, error=None, cache=cache, dense=None, ok=False, cache_on_reject=cache)
+            return pn.StepResult(
+                y1=y0, error=None, cache=cache, dense=None, ok=False, cache_on_reject=cache
+            )
         return step(rhs, t0, y0, h, cache)
 
     solver.step = failing_once
-    sol = pn.solve(_vdp, torch.tensor([2.0, 0.0], dtype=torch.float64), [0.0, 1.0], solver, rtol=1e-6, atol=1e-8)
+    sol = pn.solve(
+        _vdp,
+        torch.tensor([2.0, 0.0], dtype=torch.float64),
+        [0.0, 1.0],
+        solver,
+        rtol=1e-6,
+        atol=1e-8,
+    )
     assert sol.stats["nreject"] >= 1
     (t_fail, h_fail), (t_retry, h_retry) = calls[2], calls[3]
     assert t_retry == t_fail and h_retry == pytest.approx(0.5 * h_fail, rel=1e-12)
@@ -380,8 +485,15 @@ def test_long_no_grad_odeint_keeps_no_dense_output():
         return lambda: pn.odeint(osc, y0, t, method="tsit5", rtol=1e-5, atol=1e-5)
 
     def event(n):
-        return lambda: pn.odeint_event(osc, y0, 0.0, event_fn=lambda t, y: t - 2 * math.pi * n,
-                                       method="tsit5", rtol=1e-5, atol=1e-5)
+        return lambda: pn.odeint_event(
+            osc,
+            y0,
+            0.0,
+            event_fn=lambda t, y: t - 2 * math.pi * n,
+            method="tsit5",
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
     def solve(n):
         return lambda: pn.solve(osc, y0, [0.0, 2 * math.pi * n], rtol=1e-5, atol=1e-5, dense=False)
@@ -408,8 +520,9 @@ def test_default_dtmin_follows_the_time_not_the_span():
     """A fast transient at t = 0 on a long span (the Robertson to 1e11 failure in small): the first
     steps (~1e-5) lie far below 4·eps·1e12, the old span-scaled floor."""
     y0 = torch.tensor([0.0], dtype=torch.float64)
-    sol = pn.solve(lambda t, y: -1e5 * (y - 1.0), y0, [0.0, 1e-3, 1e12], pn.Rodas5P(), rtol=1e-6,
-                   atol=1e-10)
+    sol = pn.solve(
+        lambda t, y: -1e5 * (y - 1.0), y0, [0.0, 1e-3, 1e12], pn.Rodas5P(), rtol=1e-6, atol=1e-10
+    )
     assert sol.retcode == "Success"
     assert abs(float(sol.ys[1, 0]) - (1 - math.exp(-100.0))) < 1e-5
     assert abs(float(sol.ys[-1, 0]) - 1.0) < 1e-8

@@ -3,6 +3,7 @@
 References: the dense autograd Jacobian, the dense-LU solve of the same problem (same steps, same
 answer to rounding), central finite differences and closed forms for gradients.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,12 @@ import pytest
 import torch
 
 import pyneuralode as pn
-from pyneuralode.solvers.linear import dense_jacobian
-from pyneuralode.solvers.linear import SparseJacobian, color_columns, sparsity_pattern
+from pyneuralode.solvers.linear import (
+    SparseJacobian,
+    color_columns,
+    dense_jacobian,
+    sparsity_pattern,
+)
 
 sp = pytest.importorskip("scipy.sparse", reason="linsolve='sparse' factors with scipy's SuperLU")
 F64 = torch.float64
@@ -43,7 +48,7 @@ def test_colouring_separates_columns_that_share_a_row():
     colors = color_columns(P)
     for c in np.unique(colors):
         cols = np.flatnonzero(colors == c)
-        rows = np.concatenate([P.indices[P.indptr[j]:P.indptr[j + 1]] for j in cols])
+        rows = np.concatenate([P.indices[P.indptr[j] : P.indptr[j + 1]] for j in cols])
         assert len(rows) == len(np.unique(rows)), c  # no row touched twice within a colour
     assert colors.max() + 1 < 60  # far fewer products than columns
 
@@ -54,7 +59,9 @@ def test_sparse_jacobian_equals_the_dense_one(jac_mode):
     f, P, y0 = brusselator(N)
     y = y0 + 0.1 * torch.sin(torch.arange(2 * N, dtype=F64))
     sj = SparseJacobian(sparsity_pattern(P, 2 * N, "test"), jac_mode)
-    assert sj.n_colors <= 6  # greedy colouring of the [u; v] pattern; one product per state would be 24
+    assert (
+        sj.n_colors <= 6
+    )  # greedy colouring of the [u; v] pattern; one product per state would be 24
     J, fy = sj(f, 0.0, y)
     Jd, _ = dense_jacobian(f, 0.0, y)
     tol = 1e-12 if jac_mode == "autograd" else 1e-6
@@ -68,9 +75,16 @@ def test_sparse_solve_equals_the_dense_solve(S):
     f, P, y0 = brusselator(N)
     with torch.no_grad():
         dense = pn.solve(f, y0, [0.0, 1.0, 5.0], S(), rtol=1e-7, atol=1e-9)
-        sparse = pn.solve(f, y0, [0.0, 1.0, 5.0], S(linsolve="sparse", jac_sparsity=P), rtol=1e-7, atol=1e-9)
-    assert sparse.stats["naccept"] == dense.stats["naccept"] and sparse.stats["njac"] == dense.stats["njac"]
-    assert torch.allclose(sparse.ys, dense.ys, rtol=1e-9, atol=1e-11), (sparse.ys - dense.ys).abs().max()
+        sparse = pn.solve(
+            f, y0, [0.0, 1.0, 5.0], S(linsolve="sparse", jac_sparsity=P), rtol=1e-7, atol=1e-9
+        )
+    assert (
+        sparse.stats["naccept"] == dense.stats["naccept"]
+        and sparse.stats["njac"] == dense.stats["njac"]
+    )
+    assert torch.allclose(sparse.ys, dense.ys, rtol=1e-9, atol=1e-11), (
+        (sparse.ys - dense.ys).abs().max()
+    )
 
 
 def test_user_jac_returning_a_sparse_matrix():
@@ -83,7 +97,9 @@ def test_user_jac_returning_a_sparse_matrix():
 
     with torch.no_grad():
         a = pn.solve(f, y0, [0.0, 2.0], pn.QNDF(linsolve="sparse", jac=jac), rtol=1e-7, atol=1e-9)
-        b = pn.solve(f, y0, [0.0, 2.0], pn.QNDF(linsolve="sparse", jac_sparsity=P), rtol=1e-7, atol=1e-9)
+        b = pn.solve(
+            f, y0, [0.0, 2.0], pn.QNDF(linsolve="sparse", jac_sparsity=P), rtol=1e-7, atol=1e-9
+        )
     assert torch.allclose(a.ys, b.ys, rtol=1e-10, atol=1e-12)
 
 
@@ -95,7 +111,11 @@ def test_gradients_through_sparse_solves(S, sensealg):
     f, P, y0 = brusselator(N)
     w = torch.linspace(-1.0, 1.0, 2 * N, dtype=F64)
     solver = S(linsolve="sparse", jac_sparsity=P)
-    sa = pn.DirectAdjoint() if sensealg == "direct" else pn.InterpolatingAdjoint(solver=S(linsolve="sparse", jac_sparsity=P))
+    sa = (
+        pn.DirectAdjoint()
+        if sensealg == "direct"
+        else pn.InterpolatingAdjoint(solver=S(linsolve="sparse", jac_sparsity=P))
+    )
     kw = dict(rtol=1e-10, atol=1e-12)
 
     def loss(y):
@@ -105,7 +125,9 @@ def test_gradients_through_sparse_solves(S, sensealg):
     (g,) = torch.autograd.grad(loss(y), y)
     h = 1e-6
     with torch.no_grad():
-        fd = torch.stack([(loss(y0 + h * e) - loss(y0 - h * e)) / (2 * h) for e in torch.eye(2 * N, dtype=F64)])
+        fd = torch.stack(
+            [(loss(y0 + h * e) - loss(y0 - h * e)) / (2 * h) for e in torch.eye(2 * N, dtype=F64)]
+        )
     assert torch.allclose(g, fd, rtol=1e-5, atol=1e-7), (g - fd).abs().max()
 
 
@@ -119,10 +141,22 @@ def test_bad_sparse_options_raise():
     with pytest.raises(ValueError, match="batched=True"):
         pn.KenCarp4(linsolve="sparse", jac_sparsity=P, batched=True)
     with pytest.raises(ValueError, match=r"jac_sparsity has shape \(10, 10\).*\(4, 4\)"):
-        pn.solve(lambda t, y: -y, torch.ones(4, dtype=F64), [0.0, 1.0], pn.QNDF(linsolve="sparse", jac_sparsity=P))
+        pn.solve(
+            lambda t, y: -y,
+            torch.ones(4, dtype=F64),
+            [0.0, 1.0],
+            pn.QNDF(linsolve="sparse", jac_sparsity=P),
+        )
     with pytest.raises(TypeError, match="jac_sparsity must be"):
-        pn.solve(lambda t, y: -y, torch.ones(4, dtype=F64), [0.0, 1.0], pn.QNDF(linsolve="sparse", jac_sparsity="banded"))
-    assert pn.QNDF(linsolve="sparse", jac_sparsity=P) != pn.QNDF(linsolve="sparse", jac_sparsity=P.copy())
+        pn.solve(
+            lambda t, y: -y,
+            torch.ones(4, dtype=F64),
+            [0.0, 1.0],
+            pn.QNDF(linsolve="sparse", jac_sparsity="banded"),
+        )
+    assert pn.QNDF(linsolve="sparse", jac_sparsity=P) != pn.QNDF(
+        linsolve="sparse", jac_sparsity=P.copy()
+    )
     same = pn.QNDF(linsolve="sparse", jac_sparsity=P)
     assert same == same
 
@@ -136,10 +170,19 @@ def test_rosenbrock_gradient_through_a_sparse_jacobian_is_refused_not_approximat
     y = y0.clone().requires_grad_(True)
     with pytest.raises(ValueError, match="differentiable_jac=False"):
         pn.solve(f, y, [0.0, 0.1], pn.Rodas5P(linsolve="sparse", jac_sparsity=P))
-    sol = pn.solve(f, y, [0.0, 0.1], pn.Rodas5P(linsolve="sparse", jac_sparsity=P, differentiable_jac=False))
+    sol = pn.solve(
+        f, y, [0.0, 0.1], pn.Rodas5P(linsolve="sparse", jac_sparsity=P, differentiable_jac=False)
+    )
     assert torch.isfinite(torch.autograd.grad(sol.ys[-1].sum(), y)[0]).all()
-    sol = pn.solve(f, y, [0.0, 0.1], pn.Rodas5P(linsolve="sparse", jac_sparsity=P), rtol=1e-9, atol=1e-11,
-                   sensealg=pn.InterpolatingAdjoint())
+    sol = pn.solve(
+        f,
+        y,
+        [0.0, 0.1],
+        pn.Rodas5P(linsolve="sparse", jac_sparsity=P),
+        rtol=1e-9,
+        atol=1e-11,
+        sensealg=pn.InterpolatingAdjoint(),
+    )
     g = torch.autograd.grad(sol.ys[-1].sum(), y)[0]
     ref = pn.solve(f, y, [0.0, 0.1], pn.Rodas5P(), rtol=1e-9, atol=1e-11)
     g_ref = torch.autograd.grad(ref.ys[-1].sum(), y)[0]
@@ -147,10 +190,11 @@ def test_rosenbrock_gradient_through_a_sparse_jacobian_is_refused_not_approximat
 
 
 def test_w_on_the_jacobians_own_pattern_equals_the_sparse_sum():
-    """``factor(J, g, diag)`` forms I − gJ by writing into J's data (the pattern holds the diagonal);
-    its solves equal those of the generic identity-minus-matrix factorisation, and a pattern
-    without a full diagonal is detected."""
-    from pyneuralode.solvers.linear import diagonal_positions, sparse_factor as factor
+    """``factor(J, g, diag)`` forms I − gJ by writing into J's data (the pattern holds the
+    diagonal); its solves equal those of the generic identity-minus-matrix factorisation, and a
+    pattern without a full diagonal is detected."""
+    from pyneuralode.solvers.linear import diagonal_positions
+    from pyneuralode.solvers.linear import sparse_factor as factor
 
     rng = np.random.default_rng(1)
     P = sparsity_pattern(sp.random(50, 50, density=0.08, random_state=rng), 50, "test")
@@ -168,6 +212,11 @@ def test_w_on_the_jacobians_own_pattern_equals_the_sparse_sum():
 def test_colouring_of_a_band_is_optimal():
     """On a banded pattern of half-bandwidth w the greedy colouring is optimal: 2w + 1 colours."""
     n, w = 200, 3
-    P = sparsity_pattern(sp.diags([np.ones(n - abs(k)) for k in range(-w, w + 1)], list(range(-w, w + 1)), format="csc"),
-                         n, "test")
+    P = sparsity_pattern(
+        sp.diags(
+            [np.ones(n - abs(k)) for k in range(-w, w + 1)], list(range(-w, w + 1)), format="csc"
+        ),
+        n,
+        "test",
+    )
     assert color_columns(P).max() + 1 == 2 * w + 1

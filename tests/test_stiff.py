@@ -5,6 +5,7 @@ References: exact solutions (convergence orders), stored scipy Radau solutions a
 (``tests/data/stiff_references.json``, made by ``benchmarks/make_stiff_references.py``), live
 scipy Radau step counts, central finite differences for gradients.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _step_paths import counts_agree
 
 import pyneuralode as pn
-from _step_paths import counts_agree
 from pyneuralode.solvers._esdirk import esdirk_tableau
-from pyneuralode.solvers.linear import batched_jacobian, dense_jacobian, gmres
 from pyneuralode.solvers._rosenbrock import RosenbrockTableau
+from pyneuralode.solvers.linear import batched_jacobian, dense_jacobian, gmres
 
 F64 = torch.float64
 REFS = json.loads((Path(__file__).parent / "data" / "stiff_references.json").read_text())
 
-ALL = [pn.ImplicitEuler, pn.TRBDF2, pn.Kvaerno3, pn.Kvaerno5, pn.KenCarp4, pn.Rosenbrock23, pn.Rodas4, pn.Rodas5P]
+ALL = [
+    pn.ImplicitEuler,
+    pn.TRBDF2,
+    pn.Kvaerno3,
+    pn.Kvaerno5,
+    pn.KenCarp4,
+    pn.Rosenbrock23,
+    pn.Rodas4,
+    pn.Rodas5P,
+]
 
 #: the stage arithmetic a solve runs on: without autograd tiny CPU states step on the host (numpy),
 #: with it on torch; the order, reference and gradient tests run over both
@@ -33,7 +43,9 @@ STAGE_OPS = pytest.mark.parametrize("grad", [False, True], ids=["host-ops", "tor
 
 def robertson(t, y, k):
     y1, y2, y3 = y[0], y[1], y[2]
-    return torch.stack([-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2])
+    return torch.stack(
+        [-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2]
+    )
 
 
 def robertson_np(t, y, k1=0.04, k2=3e7, k3=1e4):
@@ -73,11 +85,31 @@ def test_broken_tableaus_are_rejected():
     C = tab.C.copy()
     C[3, 1] += 1e-3
     with pytest.raises(ValueError, match="order condition|row sums"):
-        RosenbrockTableau(A=tab.A, C=C, gamma=tab.gamma, c=tab.c, d=tab.d, m=tab.m, e=tab.e, order=5, error_order=4)
+        RosenbrockTableau(
+            A=tab.A,
+            C=C,
+            gamma=tab.gamma,
+            c=tab.c,
+            d=tab.d,
+            m=tab.m,
+            e=tab.e,
+            order=5,
+            error_order=4,
+        )
     A = tab.A.copy()
     A[4, 2] += 1e-3
     with pytest.raises(ValueError):
-        RosenbrockTableau(A=A, C=tab.C, gamma=tab.gamma, c=tab.c, d=tab.d, m=tab.m, e=tab.e, order=5, error_order=4)
+        RosenbrockTableau(
+            A=A,
+            C=tab.C,
+            gamma=tab.gamma,
+            c=tab.c,
+            d=tab.d,
+            m=tab.m,
+            e=tab.e,
+            order=5,
+            error_order=4,
+        )
     k = pn.KenCarp4.tableau
     bh = (k.b - k.b_error).copy()
     bh[2] += 1e-3
@@ -103,7 +135,12 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="batched=True"):
         pn.solve(lambda t, y: -y, torch.ones(4, dtype=F64), [0.0, 1.0], pn.Rodas5P(batched=True))
     with pytest.raises(ValueError, match="jac\\(t, y\\) returned shape"):
-        pn.solve(lambda t, y: -y, torch.ones(3, dtype=F64), [0.0, 1.0], pn.Rodas5P(jac=lambda t, y: torch.eye(2, dtype=F64)))
+        pn.solve(
+            lambda t, y: -y,
+            torch.ones(3, dtype=F64),
+            [0.0, 1.0],
+            pn.Rodas5P(jac=lambda t, y: torch.eye(2, dtype=F64)),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,18 +165,36 @@ def test_convergence_order(S, grad):
     errs = []
     with torch.set_grad_enabled(grad):
         for N in Ns:
-            sol = pn.solve(prothero_robinson, torch.tensor([1.0], dtype=F64), [0.0, T], solver, dt=T / N, adaptive=False)
+            sol = pn.solve(
+                prothero_robinson,
+                torch.tensor([1.0], dtype=F64),
+                [0.0, T],
+                solver,
+                dt=T / N,
+                adaptive=False,
+            )
             errs.append(abs(sol.ys[-1, 0].item() - exact))
     slope = np.polyfit(np.log(T / np.array(Ns)), np.log(errs), 1)[0]
     assert slope > solver.order - 0.3, (slope, errs)
     assert slope < solver.order + 0.6, (slope, errs)
 
 
-@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4, pn.Rosenbrock23, pn.KenCarp4, pn.Kvaerno5], ids=lambda S: S.__name__)
+@pytest.mark.parametrize(
+    "S",
+    [pn.Rodas5P, pn.Rodas4, pn.Rosenbrock23, pn.KenCarp4, pn.Kvaerno5],
+    ids=lambda S: S.__name__,
+)
 def test_dense_output(S):
     tq = torch.linspace(0.0, 2.0, 41, dtype=F64)
     with torch.no_grad():
-        sol = pn.solve(prothero_robinson, torch.tensor([1.0], dtype=F64), [0.0, 2.0], S(), rtol=1e-8, atol=1e-10)
+        sol = pn.solve(
+            prothero_robinson,
+            torch.tensor([1.0], dtype=F64),
+            [0.0, 2.0],
+            S(),
+            rtol=1e-8,
+            atol=1e-10,
+        )
         yq = sol(tq).reshape(-1)
     exact = torch.sin(tq) + torch.exp(LAM * tq)
     tol = 1e-4 if S is pn.Rosenbrock23 else 1e-6
@@ -168,7 +223,9 @@ def radau_steps():
 
 
 @STAGE_OPS
-@pytest.mark.parametrize("S", [pn.Rodas5P, pn.Rodas4, pn.Kvaerno5, pn.KenCarp4], ids=lambda S: S.__name__)
+@pytest.mark.parametrize(
+    "S", [pn.Rodas5P, pn.Rodas4, pn.Kvaerno5, pn.KenCarp4], ids=lambda S: S.__name__
+)
 def test_robertson(S, radau_steps, grad):
     """t = 1e5: ≥ 5 correct digits at rtol 1e-6 in every component; steps ≤ 2× scipy Radau's.
 
@@ -177,14 +234,24 @@ def test_robertson(S, radau_steps, grad):
     stiff steps; the step-end values themselves have ~7 digits)."""
     r = REFS["robertson"]
     with torch.set_grad_enabled(grad):
-        sol = pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), torch.tensor(r["t"], dtype=F64), S(),
-                       rtol=1e-6, atol=1e-10, args=(_k(),))
+        sol = pn.solve(
+            robertson,
+            torch.tensor(r["y0"], dtype=F64),
+            torch.tensor(r["t"], dtype=F64),
+            S(),
+            rtol=1e-6,
+            atol=1e-10,
+            args=(_k(),),
+        )
     ys = sol.ys.detach()
     assert _digits(ys[-1].numpy(), r["y"][-1]) >= 5, (ys[-1], r["y"][-1])
     interior = 5 if issubclass(S, pn.solvers._rosenbrock.RosenbrockSolver) else 4
     for i in range(1, len(r["t"]) - 1):
         assert _digits(ys[i].numpy(), r["y"][i]) >= interior, (r["t"][i], ys[i], r["y"][i])
-    assert sol.stats["naccept"] + sol.stats["nreject"] <= 2 * radau_steps["robertson"], (sol.stats, radau_steps)
+    assert sol.stats["naccept"] + sol.stats["nreject"] <= 2 * radau_steps["robertson"], (
+        sol.stats,
+        radau_steps,
+    )
     assert sol.stats["njac"] > 0 and sol.stats["nlu"] > 0 and sol.stats["nsolve"] > 0
 
 
@@ -193,9 +260,14 @@ def test_robertson(S, radau_steps, grad):
 def test_vanderpol(S, radau_steps, grad):
     v = REFS["vanderpol"]
     with torch.set_grad_enabled(grad):
-        sol = pn.solve(vdp, torch.tensor(v["y0"], dtype=F64), [0.0, v["t"][-1]], S(), rtol=1e-6, atol=1e-6)
+        sol = pn.solve(
+            vdp, torch.tensor(v["y0"], dtype=F64), [0.0, v["t"][-1]], S(), rtol=1e-6, atol=1e-6
+        )
     assert _digits(sol.ys[-1].detach().numpy(), v["y"][-1]) >= 5, (sol.ys[-1], v["y"][-1])
-    assert sol.stats["naccept"] + sol.stats["nreject"] <= 2 * radau_steps["vanderpol"], (sol.stats, radau_steps)
+    assert sol.stats["naccept"] + sol.stats["nreject"] <= 2 * radau_steps["vanderpol"], (
+        sol.stats,
+        radau_steps,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,12 +307,17 @@ def test_gradient_wrt_initial_state_rodas():
     t = [0.0, 1.0]
 
     def loss(y):
-        return pn.solve(robertson, y, t, pn.Rodas5P(), args=(_k(),), rtol=1e-10, atol=1e-14).ys[-1, 0]
+        return pn.solve(robertson, y, t, pn.Rodas5P(), args=(_k(),), rtol=1e-10, atol=1e-14).ys[
+            -1, 0
+        ]
 
     (g,) = torch.autograd.grad(loss(y0), y0)
     with torch.no_grad():
         h = 1e-6
-        fd = [(loss(y0.detach() + h * e) - loss(y0.detach() - h * e)).item() / (2 * h) for e in torch.eye(3, dtype=F64)]
+        fd = [
+            (loss(y0.detach() + h * e) - loss(y0.detach() - h * e)).item() / (2 * h)
+            for e in torch.eye(3, dtype=F64)
+        ]
     assert torch.allclose(g, torch.tensor(fd, dtype=F64), rtol=1e-5, atol=1e-7), (g, fd)
 
 
@@ -252,7 +329,9 @@ def robertson_rows(t, Y, K):
     """B independent Robertson systems: Y (B, 3), rate constants K (B, 3)."""
     y1, y2, y3 = Y[:, 0], Y[:, 1], Y[:, 2]
     k1, k2, k3 = K[:, 0], K[:, 1], K[:, 2]
-    return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1)
+    return torch.stack(
+        [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1
+    )
 
 
 @pytest.mark.parametrize("S", [pn.Rodas5P, pn.KenCarp4], ids=lambda S: S.__name__)
@@ -273,7 +352,11 @@ def test_batched_equals_separate(S):
         sb = pn.solve(robertson_rows, Y0, [0.0, 100.0], S(batched=True), args=(K,), **kw)
         for b in range(3):
             sep = pn.solve(robertson, Y0[b], [0.0, 100.0], S(), args=(K[b],), **kw)
-            assert torch.allclose(sb.ys[-1, b], sep.ys[-1], rtol=1e-6, atol=1e-12), (b, sb.ys[-1, b], sep.ys[-1])
+            assert torch.allclose(sb.ys[-1, b], sep.ys[-1], rtol=1e-6, atol=1e-12), (
+                b,
+                sb.ys[-1, b],
+                sep.ys[-1],
+            )
     assert sb.stats["njac"] > 0
 
 
@@ -305,9 +388,14 @@ def test_jacobian_modes_agree():
         J1, _ = dense_jacobian(rhs, 0.0, y, mode)
         assert torch.allclose(J0, J1, rtol=1e-13, atol=0)
     k = _k()
-    exact = torch.tensor([[-k[0], k[2] * y[2], k[2] * y[1]],
-                          [k[0], -k[2] * y[2] - 2 * k[1] * y[1], -k[2] * y[1]],
-                          [0.0, 2 * k[1] * y[1], 0.0]], dtype=F64)
+    exact = torch.tensor(
+        [
+            [-k[0], k[2] * y[2], k[2] * y[1]],
+            [k[0], -k[2] * y[2] - 2 * k[1] * y[1], -k[2] * y[1]],
+            [0.0, 2 * k[1] * y[1], 0.0],
+        ],
+        dtype=F64,
+    )
     assert torch.allclose(J0, exact, rtol=1e-14, atol=1e-14)
 
 
@@ -318,15 +406,27 @@ def test_user_jacobian(S):
 
     def jac(t, y):
         calls.append(1)
-        return torch.stack([
-            torch.stack([-k[0], k[2] * y[2], k[2] * y[1]]),
-            torch.stack([k[0], -k[2] * y[2] - 2 * k[1] * y[1], -k[2] * y[1]]),
-            torch.stack([torch.zeros((), dtype=F64), 2 * k[1] * y[1], torch.zeros((), dtype=F64)]),
-        ])
+        return torch.stack(
+            [
+                torch.stack([-k[0], k[2] * y[2], k[2] * y[1]]),
+                torch.stack([k[0], -k[2] * y[2] - 2 * k[1] * y[1], -k[2] * y[1]]),
+                torch.stack(
+                    [torch.zeros((), dtype=F64), 2 * k[1] * y[1], torch.zeros((), dtype=F64)]
+                ),
+            ]
+        )
 
     r = REFS["robertson"]
     with torch.no_grad():
-        sol = pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), [0.0, 1e3], S(jac=jac), rtol=1e-7, atol=1e-11, args=(k,))
+        sol = pn.solve(
+            robertson,
+            torch.tensor(r["y0"], dtype=F64),
+            [0.0, 1e3],
+            S(jac=jac),
+            rtol=1e-7,
+            atol=1e-11,
+            args=(k,),
+        )
     assert len(calls) == sol.stats["njac"] > 0
     assert _digits(sol.ys[-1].numpy(), r["y"][4]) >= 5
 
@@ -345,7 +445,9 @@ def test_gmres_solver_and_newton_krylov():
     exact = torch.linalg.matrix_exp(0.1 * M) @ y0
     with torch.no_grad():
         for S in (pn.Rodas5P, pn.KenCarp4, pn.QNDF):
-            sol = pn.solve(lambda t, y: M @ y, y0, [0.0, 0.1], S(linsolve="gmres"), rtol=1e-7, atol=1e-10)
+            sol = pn.solve(
+                lambda t, y: M @ y, y0, [0.0, 0.1], S(linsolve="gmres"), rtol=1e-7, atol=1e-10
+            )
             assert (sol.ys[-1] - exact).abs().max().item() < 1e-5, S
             assert sol.stats["ngmres"] > 0
 
@@ -366,8 +468,16 @@ def test_newton_failure_rejects_and_recovers():
     r = REFS["robertson"]
     with torch.no_grad():
         # a first step of 1e4 makes Newton diverge: the loop must shrink dt and retry
-        sol = pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), torch.tensor(r["t"], dtype=F64), Spy(),
-                       rtol=1e-6, atol=1e-10, args=(_k(),), dt=1e4)
+        sol = pn.solve(
+            robertson,
+            torch.tensor(r["y0"], dtype=F64),
+            torch.tensor(r["t"], dtype=F64),
+            Spy(),
+            rtol=1e-6,
+            atol=1e-10,
+            args=(_k(),),
+            dt=1e4,
+        )
     assert oks[0] is False and oks.count(False) >= 2
     assert sol.stats["nconvfail"] >= oks.count(False)
     assert sol.stats["nreject"] >= oks.count(False)
@@ -376,8 +486,15 @@ def test_newton_failure_rejects_and_recovers():
         assert _digits(sol.ys[i].numpy(), r["y"][i]) >= 4
     # fixed steps cannot shrink: a clear ConvergenceFailure
     with pytest.raises(pn.SolveError) as ei:
-        pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), [0.0, 1e3], pn.KenCarp4(max_iter=2), args=(_k(),),
-                 dt=1e3, adaptive=False)
+        pn.solve(
+            robertson,
+            torch.tensor(r["y0"], dtype=F64),
+            [0.0, 1e3],
+            pn.KenCarp4(max_iter=2),
+            args=(_k(),),
+            dt=1e3,
+            adaptive=False,
+        )
     assert ei.value.retcode == pn.ReturnCode.ConvergenceFailure
 
 
@@ -385,7 +502,9 @@ def test_newton_failure_rejects_and_recovers():
 # the continuous adjoints integrate their backward pass with these solvers too
 
 
-@pytest.mark.parametrize("sens,S", [("InterpolatingAdjoint", pn.KenCarp4), ("QuadratureAdjoint", pn.Rodas5P)])
+@pytest.mark.parametrize(
+    "sens,S", [("InterpolatingAdjoint", pn.KenCarp4), ("QuadratureAdjoint", pn.Rodas5P)]
+)
 def test_continuous_adjoints_with_stiff_solvers(sens, S):
     t = torch.tensor([0.0, 1.0, 10.0], dtype=F64)
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
@@ -410,8 +529,14 @@ def test_time_derivative_term_matters_for_rosenbrock():
     errs = {}
     with torch.no_grad():
         for auto in (None, True):
-            sol = pn.solve(prothero_robinson, torch.tensor([1.0], dtype=F64), [0.0, T], pn.Rodas5P(autonomous=auto),
-                           dt=T / N, adaptive=False)
+            sol = pn.solve(
+                prothero_robinson,
+                torch.tensor([1.0], dtype=F64),
+                [0.0, T],
+                pn.Rodas5P(autonomous=auto),
+                dt=T / N,
+                adaptive=False,
+            )
             errs[auto] = abs(sol.ys[-1, 0].item() - exact)
     assert errs[None] < 1e-9
     assert errs[True] > 1e3 * errs[None], errs
@@ -422,7 +547,8 @@ def test_time_derivative_term_matters_for_rosenbrock():
 
 
 def test_finite_difference_jacobian_dense_and_batched():
-    """jac_mode="finite_difference": N forward differences, ~sqrt(eps) relative accuracy, f(t, y) returned."""
+    """jac_mode="finite_difference": N forward differences, ~sqrt(eps) relative accuracy, f(t, y)
+    returned."""
     from pyneuralode.solvers.linear import fd_jacobian
 
     y = torch.tensor([0.7, 1e-5, 0.3], dtype=F64)
@@ -434,7 +560,9 @@ def test_finite_difference_jacobian_dense_and_batched():
     J1, f1 = dense_jacobian(rhs, 0.0, y, "finite_difference")
     assert torch.equal(f1, rhs(0.0, y))
     err = ((J1 - J0).abs().max() / J0.abs().max()).item()
-    assert 0 < err < 2e-6  # inexact (a difference quotient: O(δ·f'') with δ = sqrt(eps·max(1e-5, |y|)))
+    assert (
+        0 < err < 2e-6
+    )  # inexact (a difference quotient: O(δ·f'') with δ = sqrt(eps·max(1e-5, |y|)))
     # a linear f is differentiated to rounding
     A = torch.randn(4, 4, dtype=F64)
     Jl, _ = fd_jacobian(lambda t, v: A @ v, 0.0, torch.randn(4, dtype=F64))
@@ -455,18 +583,34 @@ def test_finite_difference_jacobian_dense_and_batched():
 def test_finite_difference_jacobian_solves_robertson(S):
     r = REFS["robertson"]
     with torch.no_grad():
-        sol = pn.solve(robertson, torch.tensor(r["y0"], dtype=F64), torch.tensor(r["t"], dtype=F64),
-                       S(jac_mode="finite_difference"), rtol=1e-6, atol=1e-10, args=(_k(),))
+        sol = pn.solve(
+            robertson,
+            torch.tensor(r["y0"], dtype=F64),
+            torch.tensor(r["t"], dtype=F64),
+            S(jac_mode="finite_difference"),
+            rtol=1e-6,
+            atol=1e-10,
+            args=(_k(),),
+        )
     assert _digits(sol.ys[-1].numpy(), r["y"][-1]) >= 5
     # N = 3 extra evaluations per Jacobian, counted in nfe
     assert sol.stats["nfe"] >= 4 * sol.stats["njac"]
 
 
 def _small_stiff(n, autonomous):
-    """A stiff nonlinear test system of ``n`` components (eigenvalues down to about −1e4), any shape."""
+    """A stiff nonlinear test system of ``n`` components (eigenvalues down to about −1e4), any
+    shape."""
     lam = torch.tensor([-1.0, -120.0, -1.3e4, -40.0, -7.0][:n], dtype=F64)
-    B = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.0], [1.0, 0.0, -3.0, 0.0, 0.4], [0.0, 200.0, 0.0, 9.0, 0.0],
-                      [0.3, 0.0, 2.0, 0.0, 0.1], [0.0, 0.7, 0.0, 0.2, 0.0]], dtype=F64)[:n, :n]
+    B = torch.tensor(
+        [
+            [0.0, 0.5, 0.0, 0.2, 0.0],
+            [1.0, 0.0, -3.0, 0.0, 0.4],
+            [0.0, 200.0, 0.0, 9.0, 0.0],
+            [0.3, 0.0, 2.0, 0.0, 0.1],
+            [0.0, 0.7, 0.0, 0.2, 0.0],
+        ],
+        dtype=F64,
+    )[:n, :n]
 
     def rhs(t, y):
         v = y.reshape(-1)
@@ -528,8 +672,8 @@ def test_rosenbrock_float_and_numpy_stage_arithmetic_agree(S, shape, autonomous,
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("autonomous", [True, False], ids=["autonomous", "with_dfdt"])
 def test_rosenbrock_host_and_torch_stage_arithmetic_agree(S, shape, dtype, autonomous, host_steps):
-    """The one Rosenbrock stage loop on host (numpy) and on torch arithmetic: a solve of a tiny stiff
-    system (any shape, 0-d included; with and without the ∂f/∂t term) takes the same steps and
+    """The one Rosenbrock stage loop on host (numpy) and on torch arithmetic: a solve of a tiny
+    stiff system (any shape, 0-d included; with and without the ∂f/∂t term) takes the same steps and
     gives the same states and dense output to rounding. Without autograd the host arithmetic runs
     on every step, with autograd on (nothing requiring grad) never."""
     n = math.prod(shape)
@@ -539,8 +683,14 @@ def test_rosenbrock_host_and_torch_stage_arithmetic_agree(S, shape, dtype, auton
     for grad in (False, True):
         host_steps.clear()
         with torch.set_grad_enabled(grad):
-            sols[grad] = pn.solve(rhs, y0, [0.0, 0.5, 2.0], S(), rtol=1e-4 if dtype == torch.float32 else 1e-7,
-                                  atol=1e-8)
+            sols[grad] = pn.solve(
+                rhs,
+                y0,
+                [0.0, 0.5, 2.0],
+                S(),
+                rtol=1e-4 if dtype == torch.float32 else 1e-7,
+                atol=1e-8,
+            )
         used[grad] = len(host_steps)
     fast, ref = sols[False], sols[True]
     assert used[False] == fast.stats["naccept"] + fast.stats["nreject"] and used[True] == 0
@@ -548,10 +698,14 @@ def test_rosenbrock_host_and_torch_stage_arithmetic_agree(S, shape, dtype, auton
     if dtype == torch.float32:  # numpy and torch round differently: steps part by a few %, states
         # by float32 rounding amplified over ~200–500 steps (≤ 1e-6 here, on states of size ~0.1)
         assert abs(fast.stats["naccept"] - ref.stats["naccept"]) <= 0.1 * ref.stats["naccept"]
-        assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-4, atol=1e-5), (fast.ys - ref.ys).abs().max()
+        assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-4, atol=1e-5), (
+            (fast.ys - ref.ys).abs().max()
+        )
         return
     counts_agree(fast, ref)
-    assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-10, atol=1e-14), (fast.ys - ref.ys).abs().max()
+    assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-10, atol=1e-14), (
+        (fast.ys - ref.ys).abs().max()
+    )
     mid = torch.tensor(1.3, dtype=dtype)
     assert torch.allclose(fast(mid), ref(mid).detach(), rtol=1e-8, atol=1e-12)
 
@@ -565,8 +719,14 @@ def test_host_solve_matches_the_torch_solve_on_van_der_pol(S):
     sols = {}
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            sols[grad] = pn.solve(vdp, torch.tensor(v["y0"], dtype=F64), torch.tensor(v["t"], dtype=F64), S(),
-                                  rtol=1e-6, atol=1e-6)
+            sols[grad] = pn.solve(
+                vdp,
+                torch.tensor(v["y0"], dtype=F64),
+                torch.tensor(v["t"], dtype=F64),
+                S(),
+                rtol=1e-6,
+                atol=1e-6,
+            )
     counts_agree(sols[False], sols[True])
     assert torch.allclose(sols[False].ys, sols[True].ys.detach(), rtol=1e-8, atol=1e-10)
     assert _digits(sols[False].ys[-1].numpy(), v["y"][-1]) >= 4.5
@@ -587,14 +747,17 @@ def test_host_step_rejects_nan_and_recovers(n):
         return -50.0 * y + (torch.full_like(y, float("nan")) if bad else 0.0) + kick * (t < 0.01)
 
     with torch.no_grad():
-        sol = pn.solve(rhs, torch.ones(n, dtype=F64), [0.0, 1.0], pn.Rodas5P(), rtol=1e-6, atol=1e-9, dt=0.5)
+        sol = pn.solve(
+            rhs, torch.ones(n, dtype=F64), [0.0, 1.0], pn.Rodas5P(), rtol=1e-6, atol=1e-9, dt=0.5
+        )
     assert nan_calls and sol.stats["nreject"] > 0  # NaN really reached the host step
     assert sol.retcode == "Success" and torch.isfinite(sol.ys).all()
     assert abs(sol.ys[-1, 1].item() - math.exp(-50.0)) < 1e-6
 
 
 def test_closed_form_small_inverse_equals_numpy():
-    """1×1–3×3 systems invert ``I/g − J`` by cofactors (the numpy step's W⁻¹); singular gives NaN."""
+    """1×1–3×3 systems invert ``I/g − J`` by cofactors (the numpy step's W⁻¹); singular gives
+    NaN."""
     from pyneuralode.solvers.linear import closed_form_inverse as _closed_form_inverse
 
     rng = np.random.default_rng(3)
@@ -629,12 +792,15 @@ def test_host_error_norm_equals_the_torch_norm(n, tensor_tol):
     zero = torch.zeros(n, dtype=F64)
     val0, _ = rms_norm_small(kind, err, abs_host(zero, kind), zero, rt, 0.0, 1.0)
     assert val0 == math.inf
-    assert small_norm_kind(torch.zeros(100, dtype=F64), 1e-6, 1e-9) is None  # larger states stay in torch
+    assert (
+        small_norm_kind(torch.zeros(100, dtype=F64), 1e-6, 1e-9) is None
+    )  # larger states stay in torch
 
 
 def test_predictive_controller_saves_steps_on_van_der_pol():
     """Rosenbrock's default (Gustafsson's predictive controller) needs fewer steps than the PI
-    controller for the same accuracy on Van der Pol, μ = 1000 (interpolated on log error–log steps)."""
+    controller for the same accuracy on Van der Pol, μ = 1000 (interpolated on log error–log
+    steps)."""
     v = REFS["vanderpol"]
     y0, t = torch.tensor(v["y0"], dtype=F64), torch.tensor([0.0, v["t"][-1]], dtype=F64)
     curves = {}
@@ -642,7 +808,9 @@ def test_predictive_controller_saves_steps_on_van_der_pol():
         pts = []
         for rtol in (1e-5, 1e-6):
             with torch.no_grad():
-                sol = pn.solve(vdp, y0, t, pn.Rodas5P(), rtol=rtol, atol=rtol, controller=ctrl, max_steps=10**5)
+                sol = pn.solve(
+                    vdp, y0, t, pn.Rodas5P(), rtol=rtol, atol=rtol, controller=ctrl, max_steps=10**5
+                )
             err = float(np.max(np.abs(sol.ys[-1].numpy() - v["y"][-1]) / np.abs(v["y"][-1])))
             pts.append((math.log(err), math.log(sol.stats["naccept"] + sol.stats["nreject"])))
         curves[name] = pts
@@ -663,18 +831,33 @@ def test_stiff_benchmark_replot_reads_the_saved_table(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     titles = [mod.PROBLEMS[p]["title"] for p in mod.PROBLEMS]
-    md = "\n".join([
-        "## Equal-accuracy time ratio", "| solver | a | b |", "|---|---|---|", "| pn.Rodas5P | 0.73 | 0.84 |", "",
-        f"## {titles[0]}", "| solver | rtol 1e-04 | rtol 1e-05 |", "|---|---|---|",
-        "| pn.Rodas5P | 1.3e-05 / 8 ms / 52 | 2.5e-06 / 11 ms / 70 |",
-        "| scipy Radau | 1.8e-06 / 14 ms / 66 | — |", "",
-        f"## {titles[1]}", "| solver | rtol 1e-04 |", "|---|---|", "| pn.KenCarp4 | 6.8e-04 / 170 ms / 255 |", "",
-    ])
+    md = "\n".join(
+        [
+            "## Equal-accuracy time ratio",
+            "| solver | a | b |",
+            "|---|---|---|",
+            "| pn.Rodas5P | 0.73 | 0.84 |",
+            "",
+            f"## {titles[0]}",
+            "| solver | rtol 1e-04 | rtol 1e-05 |",
+            "|---|---|---|",
+            "| pn.Rodas5P | 1.3e-05 / 8 ms / 52 | 2.5e-06 / 11 ms / 70 |",
+            "| scipy Radau | 1.8e-06 / 14 ms / 66 | — |",
+            "",
+            f"## {titles[1]}",
+            "| solver | rtol 1e-04 |",
+            "|---|---|",
+            "| pn.KenCarp4 | 6.8e-04 / 170 ms / 255 |",
+            "",
+        ]
+    )
     res = mod.results_from_table(md)
     p0, p1 = list(mod.PROBLEMS)
-    assert res == {(p0, "pn.Rodas5P"): [dict(err=1.3e-05, sec=0.008), dict(err=2.5e-06, sec=0.011)],
-                   (p0, "scipy Radau"): [dict(err=1.8e-06, sec=0.014)],
-                   (p1, "pn.KenCarp4"): [dict(err=6.8e-04, sec=0.17)]}
+    assert res == {
+        (p0, "pn.Rodas5P"): [dict(err=1.3e-05, sec=0.008), dict(err=2.5e-06, sec=0.011)],
+        (p0, "scipy Radau"): [dict(err=1.8e-06, sec=0.014)],
+        (p1, "pn.KenCarp4"): [dict(err=6.8e-04, sec=0.17)],
+    }
     out = tmp_path / "wp.png"
     mod.plot(res, out)
     assert out.stat().st_size > 10_000
@@ -682,23 +865,33 @@ def test_stiff_benchmark_replot_reads_the_saved_table(tmp_path):
 
 def test_rosenbrock_floor_benchmark_quick():
     """``benchmarks/rosenbrock_floor.py --quick``: the bare-bones Rodas5P loop is a real solver (its
-    error at rtol 1e-4 is within 3× of the library's, and both below 1e-3) and the table is written."""
+    error at rtol 1e-4 is within 3× of the library's, and both below 1e-3) and the table is
+    written."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "rosenbrock_floor.py"
     spec = importlib.util.spec_from_file_location("rosenbrock_floor", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rows = {name: (err, na, nr, ratio) for _, name, err, na, nr, _, _, ratio in mod.main(["--quick", "--repeat", "1"])}
+    rows = {
+        name: (err, na, nr, ratio)
+        for _, name, err, na, nr, _, _, ratio in mod.main(["--quick", "--repeat", "1"])
+    }
     (eb, nab, _, _), (el, nal, _, ratio) = rows["bare loop"], rows["pn.Rodas5P"]
     assert eb < 1e-3 and el < 1e-3 and max(eb, el) / min(eb, el) < 3
     assert abs(nab - nal) <= 0.1 * nal and math.isfinite(ratio) and ratio > 0
     assert (path.parent / "results" / "rosenbrock_floor_quick.md").exists()
 
 
-@pytest.mark.parametrize("S,case", [(S, case) for S in (pn.KenCarp4, pn.Kvaerno5, pn.TRBDF2)
-                                    for case in ("tiny", "tiny-f32", "batched", "dense-lu", "sparse")],
-                         ids=lambda x: x if isinstance(x, str) else x.__name__)
+@pytest.mark.parametrize(
+    "S,case",
+    [
+        (S, case)
+        for S in (pn.KenCarp4, pn.Kvaerno5, pn.TRBDF2)
+        for case in ("tiny", "tiny-f32", "batched", "dense-lu", "sparse")
+    ],
+    ids=lambda x: x if isinstance(x, str) else x.__name__,
+)
 def test_esdirk_host_and_torch_stage_arithmetic_agree(S, case, monkeypatch):
     """The one ESDIRK step on host (numpy) and torch arithmetic: without autograd the stages and
     Newton iterations run in numpy, with autograd on (nothing requiring grad) on torch. Same steps,
@@ -712,12 +905,18 @@ def test_esdirk_host_and_torch_stage_arithmetic_agree(S, case, monkeypatch):
         f, y0, args, solver = robertson, torch.tensor([1.0, 0.0, 0.0], dtype=dt), (k.to(dt),), S()
         t, kw = [0.0, 1.0, 40.0], dict(rtol=1e-4 if dt == torch.float32 else 1e-7, atol=1e-8)
     elif case == "batched":
-        f, y0, args = robertson_rows, torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.0, 0.1]], dtype=F64), (k.expand(2, 3),)
+        f, y0, args = (
+            robertson_rows,
+            torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.0, 0.1]], dtype=F64),
+            (k.expand(2, 3),),
+        )
         solver, t, kw = S(batched=True), [0.0, 1.0, 40.0], dict(rtol=1e-7, atol=1e-10)
     else:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("stiff_large", Path(__file__).resolve().parents[1] / "benchmarks" / "stiff_large.py")
+        spec = importlib.util.spec_from_file_location(
+            "stiff_large", Path(__file__).resolve().parents[1] / "benchmarks" / "stiff_large.py"
+        )
         b = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(b)
         f, P, y0 = b.torch_rhs(20), b.sparsity(20), torch.tensor(b.y0_of(20), dtype=F64)
@@ -725,7 +924,9 @@ def test_esdirk_host_and_torch_stage_arithmetic_agree(S, case, monkeypatch):
         solver = S() if case == "dense-lu" else S(linsolve="sparse", jac_sparsity=P)
     calls = []  # ESDIRK stage stores made on the host
     store = _ops.HostOps.stage_store
-    monkeypatch.setattr(_ops.HostOps, "stage_store", staticmethod(lambda *a: calls.append(1) or store(*a)))
+    monkeypatch.setattr(
+        _ops.HostOps, "stage_store", staticmethod(lambda *a: calls.append(1) or store(*a))
+    )
     with torch.no_grad():
         fast = pn.solve(f, y0, t, solver, args=args, **kw)
     assert calls
@@ -738,7 +939,9 @@ def test_esdirk_host_and_torch_stage_arithmetic_agree(S, case, monkeypatch):
         return
     # Newton stops on a tolerance, so rounding-level differences in the iterates move the results by
     # far less than the solve's rtol (1e-7) but more than rounding: compare at rtol 1e-8
-    assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-8, atol=1e-12), (fast.ys - ref.ys).abs().max()
+    assert torch.allclose(fast.ys, ref.ys.detach(), rtol=1e-8, atol=1e-12), (
+        (fast.ys - ref.ys).abs().max()
+    )
     mid = torch.tensor(0.5 * (t[1] + t[2]), dtype=y0.dtype)
     assert torch.allclose(fast(mid), ref(mid).detach(), rtol=1e-8, atol=1e-12)
 
@@ -746,7 +949,8 @@ def test_esdirk_host_and_torch_stage_arithmetic_agree(S, case, monkeypatch):
 @pytest.mark.parametrize("S", [pn.QNDF, pn.KenCarp4], ids=lambda S: S.__name__)
 def test_numpy_steps_take_per_component_tolerances(S):
     """Tensor rtol/atol (one per component) reach the numpy steps of QNDF and the ESDIRK methods as
-    arrays: the no-grad solve takes the torch step's steps, and a looser atol on one component changes them."""
+    arrays: the no-grad solve takes the torch step's steps, and a looser atol on one component
+    changes them."""
     y0, k = torch.tensor([1.0, 0.0, 0.0], dtype=F64), _k()
     atol = torch.tensor([1e-8, 1e-12, 1e-8], dtype=F64)
     runs = {}
@@ -756,11 +960,21 @@ def test_numpy_steps_take_per_component_tolerances(S):
     assert runs[False].stats["naccept"] == runs[True].stats["naccept"]
     assert torch.allclose(runs[False].ys, runs[True].ys.detach(), rtol=1e-8, atol=1e-14)
     with torch.no_grad():
-        loose = pn.solve(robertson, y0, [0.0, 40.0], S(), args=(k,), rtol=1e-6, atol=torch.tensor([1e-8, 1e-6, 1e-8], dtype=F64))
+        loose = pn.solve(
+            robertson,
+            y0,
+            [0.0, 40.0],
+            S(),
+            args=(k,),
+            rtol=1e-6,
+            atol=torch.tensor([1e-8, 1e-6, 1e-8], dtype=F64),
+        )
     assert loose.stats["naccept"] < runs[False].stats["naccept"]
 
 
-@pytest.mark.parametrize("S", [pn.Kvaerno5, pn.Kvaerno3, pn.KenCarp4, pn.TRBDF2, pn.QNDF], ids=lambda S: S.__name__)
+@pytest.mark.parametrize(
+    "S", [pn.Kvaerno5, pn.Kvaerno3, pn.KenCarp4, pn.TRBDF2, pn.QNDF], ids=lambda S: S.__name__
+)
 @pytest.mark.parametrize("grad", [False, True], ids=["numpy-step", "torch-step"])
 def test_float32_newton_stops_at_the_rounding_level(S, grad):
     """Robertson in float32 at rtol 1e-4: once a stage's Newton correction is at float32's rounding
@@ -771,7 +985,15 @@ def test_float32_newton_stops_at_the_rounding_level(S, grad):
     k = _k()
     t = [0.0, 1e5]
     with torch.no_grad():
-        ref = pn.solve(robertson, torch.tensor([1.0, 0.0, 0.0], dtype=F64), t, S(), args=(k,), rtol=1e-8, atol=1e-12)
+        ref = pn.solve(
+            robertson,
+            torch.tensor([1.0, 0.0, 0.0], dtype=F64),
+            t,
+            S(),
+            args=(k,),
+            rtol=1e-8,
+            atol=1e-12,
+        )
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32)
     with torch.set_grad_enabled(grad):
         sol = pn.solve(robertson, y0, t, S(), args=(k.float(),), rtol=1e-4, atol=1e-8)
@@ -789,13 +1011,18 @@ def test_float32_vanderpol_at_tight_tolerance(S):
     rounding within a tolerance or two: before the rounding floor, KenCarp4 took 11,349 steps and
     9,656 Newton failures and Kvaerno5 ran out of 20,000 steps by t ≈ 18. Now a few hundred steps
     (TRBDF2, order 2: a few thousand) and the float64 solution to ~1e-4."""
+
     def vdp100(t, y):
         return torch.stack([y[1], 100.0 * (1 - y[0] ** 2) * y[1] - y[0]])
 
     t = [0.0, 200.0]
     with torch.no_grad():
-        ref = pn.solve(vdp100, torch.tensor([2.0, 0.0], dtype=F64), t, pn.Rodas5P(), rtol=1e-10, atol=1e-12).ys[-1]
-        sol = pn.solve(vdp100, torch.tensor([2.0, 0.0]), t, S(), rtol=1e-6, atol=1e-8, max_steps=20000)
+        ref = pn.solve(
+            vdp100, torch.tensor([2.0, 0.0], dtype=F64), t, pn.Rodas5P(), rtol=1e-10, atol=1e-12
+        ).ys[-1]
+        sol = pn.solve(
+            vdp100, torch.tensor([2.0, 0.0]), t, S(), rtol=1e-6, atol=1e-8, max_steps=20000
+        )
     st = sol.stats
     assert st["naccept"] + st["nreject"] < (4000 if S is pn.TRBDF2 else 800), st
     assert st["nconvfail"] < 0.05 * st["naccept"], st

@@ -1,5 +1,6 @@
 """Tableau consistency: every registered tableau re-validates, the checks catch broken ones,
 and the order-condition machinery itself is right (tree counts, known methods)."""
+
 import dataclasses
 
 import numpy as np
@@ -10,14 +11,28 @@ from pyneuralode.solvers import REGISTRY, ButcherTableau, explicit
 from pyneuralode.solvers._tableau import dense_order_conditions, order_conditions, tree_gamma, trees
 
 SOLVER_CLASSES = sorted(set(REGISTRY.values()), key=lambda c: c.__name__)
-TABLEAU_CLASSES = [c for c in SOLVER_CLASSES if dataclasses.is_dataclass(getattr(c, "tableau", None))]
+TABLEAU_CLASSES = [
+    c for c in SOLVER_CLASSES if dataclasses.is_dataclass(getattr(c, "tableau", None))
+]
 EXPLICIT = [getattr(explicit, n) for n in explicit.__all__]
 
 
 def test_every_explicit_method_is_registered_with_a_butcher_tableau():
     names = {c.__name__ for c in EXPLICIT}
-    assert names == {"Euler", "Midpoint", "Heun", "RK4", "BS3", "Dopri5", "Tsit5", "Vern7", "DP8",
-                     "Heun3", "RK438", "Fehlberg2"}
+    assert names == {
+        "Euler",
+        "Midpoint",
+        "Heun",
+        "RK4",
+        "BS3",
+        "Dopri5",
+        "Tsit5",
+        "Vern7",
+        "DP8",
+        "Heun3",
+        "RK438",
+        "Fehlberg2",
+    }
     for cls in EXPLICIT:
         assert REGISTRY[cls.__name__.lower()] is cls
         assert REGISTRY[cls.name.lower()] is cls
@@ -42,12 +57,29 @@ def test_registered_tableau_revalidates(cls):
 
 def test_tree_counts_and_densities():
     assert [len(trees(n)) for n in range(1, 9)] == [1, 1, 2, 4, 9, 20, 48, 115]
-    assert tree_gamma(()) == 1 and tree_gamma(((),)) == 2 and tree_gamma(((), ())) == 3 and tree_gamma((((),),)) == 6
+    assert (
+        tree_gamma(()) == 1
+        and tree_gamma(((),)) == 2
+        and tree_gamma(((), ())) == 3
+        and tree_gamma((((),),)) == 6
+    )
 
 
 def test_known_orders():
-    expected = {"Euler": 1, "Midpoint": 2, "Heun": 2, "RK4": 4, "BS3": 3, "Dopri5": 5, "Tsit5": 5, "Vern7": 7, "DP8": 8,
-                "Heun3": 3, "RK438": 4, "Fehlberg2": 2}
+    expected = {
+        "Euler": 1,
+        "Midpoint": 2,
+        "Heun": 2,
+        "RK4": 4,
+        "BS3": 3,
+        "Dopri5": 5,
+        "Tsit5": 5,
+        "Vern7": 7,
+        "DP8": 8,
+        "Heun3": 3,
+        "RK438": 4,
+        "Fehlberg2": 2,
+    }
     for cls in EXPLICIT:
         assert cls().order == expected[cls.__name__]
     assert pn.Euler().error_order is None and pn.RK4().error_order is None
@@ -93,16 +125,31 @@ def _bump(idx, delta=1e-6):
     [
         (pn.RK4, dict(b=_bump(1, 1e-3), c=lambda c: c), "weights sum"),
         (pn.RK4, dict(a=_bump((2, 1), 1e-3)), "do not sum to c"),
-        (pn.Dopri5, dict(a=_bump((3, 1), 1e-6), c=_bump(3, 1e-6)), "order condition"),  # rows sum, order fails
+        (
+            pn.Dopri5,
+            dict(a=_bump((3, 1), 1e-6), c=_bump(3, 1e-6)),
+            "order condition",
+        ),  # rows sum, order fails
         (pn.Tsit5, dict(b_error=_bump(2, 1e-6)), "error weights"),
         (pn.Dopri5, dict(b_error=lambda e: e + np.array([1e-3, 0, -1e-3, 0, 0, 0, 0])), "embedded"),
         (pn.Dopri5, dict(dense=_bump((2, 1), 1e-6)), "dense output"),
-        (pn.Dopri5, dict(dense=lambda B: B + np.outer([1e-4, 0, -1e-4, 0, 0, 0, 0], [1, -1, 0, 0])), "continuous-extension"),
+        (
+            pn.Dopri5,
+            dict(dense=lambda B: B + np.outer([1e-4, 0, -1e-4, 0, 0, 0, 0], [1, -1, 0, 0])),
+            "continuous-extension",
+        ),
         (pn.DP8, dict(a_extra=_bump((1, 0), 1e-6), c_extra=_bump(1, 1e-6)), "continuous-extension"),
         (pn.DP8, dict(a_extra=_bump((1, 0), 1e-3)), "a_extra"),
         (pn.DP8, dict(b_error2=_bump(0, 1e-3)), "error weights"),
         (pn.Vern7, dict(a=_bump((9, 2), 1e-9), c=_bump(9, 1e-9)), "order condition"),
-        (pn.BS3, dict(a=lambda a: np.vstack([a[:-1], a[-1] * 0.5 + 0.5 * np.array([0, 0.5, 0.5, 0])]), c=lambda c: c), "FSAL"),
+        (
+            pn.BS3,
+            dict(
+                a=lambda a: np.vstack([a[:-1], a[-1] * 0.5 + 0.5 * np.array([0, 0.5, 0.5, 0])]),
+                c=lambda c: c,
+            ),
+            "FSAL",
+        ),
     ],
 )
 def test_broken_tableau_raises(cls, change, match):

@@ -1,6 +1,7 @@
 """The built wheel, installed (not editable) into a fresh virtual environment, works on its own:
 import, a solve, a gradient (scripts/smoke_test.py), the console script, and the Julia doctor
 finds the bridge files inside the installed package."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,21 @@ def venv_python(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     dist = tmp / "dist"
     # --no-build-isolation: setuptools is reused from this environment (no network needed)
-    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-              str(ROOT)], cwd=tmp)
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
+        cwd=tmp,
+    )
     if r.returncode != 0 and "No module named pip" in r.stderr:
         pytest.skip("pip is not available to build the wheel")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -35,11 +49,29 @@ def venv_python(tmp_path_factory):
     venv = tmp / "venv"
     # --system-site-packages: torch and numpy are reused instead of downloaded; --without-pip and
     # `pip --python` (pip >= 22.3) skip ensurepip, most of the venv's set-up time
-    r = _run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], cwd=tmp)
+    r = _run(
+        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+        cwd=tmp,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     py = venv / "bin" / "python"
-    r = _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheels[0])], cwd=tmp)
-    if r.returncode != 0 and "no such option: --python" in r.stderr:  # older pip: the venv's own pip
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheels[0]),
+        ],
+        cwd=tmp,
+    )
+    if (
+        r.returncode != 0 and "no such option: --python" in r.stderr
+    ):  # older pip: the venv's own pip
         assert _run([str(py), "-m", "ensurepip", "-q"], cwd=tmp).returncode == 0
         r = _run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheels[0])], cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -48,7 +80,9 @@ def venv_python(tmp_path_factory):
 
 def test_wheel_installs_and_solves_with_gradients(venv_python):
     py, tmp = venv_python
-    r = _run([str(py), str(ROOT / "scripts" / "smoke_test.py")], cwd=tmp)  # cwd outside the checkout
+    r = _run(
+        [str(py), str(ROOT / "scripts" / "smoke_test.py")], cwd=tmp
+    )  # cwd outside the checkout
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "smoke test passed" in r.stdout and str(tmp / "venv") in r.stdout
 

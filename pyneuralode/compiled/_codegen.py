@@ -988,12 +988,9 @@ def loop_source(kind: str, nstage_all: int, nfe_step: int, n_dense_rows: int = 0
             f"    for a in range({nstage_all}):\n        segK[m, a, j] = K[a, j]"
         )
         accept = (
-            f"for j in range(n):\n    F0[j] = K[{nstage_all - 1}, j]\n"
-            "est[1] = est[4]\nest[2] = 0.0"
+            f"for j in range(n):\n    F0[j] = K[{nstage_all - 1}, j]\nest[1] = est[4]\nest[2] = 0.0"
         )
-        body = (
-            "dense(theta[i], segY[m, 0], segY[m, 1], h, segK[m], segY[m, 3], segY[m, 2], out[i])"
-        )
+        body = "dense(theta[i], segY[m, 0], segY[m, 1], h, segK[m], segY[m, 3], segY[m, 2], out[i])"
     src = _LOOP.replace("@@NY@@", str(ny)).replace("@@NK@@", str(nk))
     src = src.replace("@@ALLOC@@", _indent(alloc, 4)).replace(
         "@@F0_INIT@@", _indent(f0_init, 12) if f0_init else ""

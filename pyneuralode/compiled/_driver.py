@@ -13,9 +13,9 @@ from .._solution import ReturnCode, Solution, SolveError
 from ..controllers import PIController, PredictiveController
 from ..solvers._erk import ExplicitRK
 from ..solvers._esdirk import ESDIRK
-from ..solvers.bdf import QNDF
 from ..solvers._newton import newton_tolerance
 from ..solvers._rosenbrock import GenericRosenbrock
+from ..solvers.bdf import QNDF
 from . import _codegen, _trace
 
 _MESSAGES = {
@@ -270,9 +270,16 @@ def solve_plain(problem: ODEProblem, solver, opts, kind: str, *, throw: bool):
         if isinstance(a, torch.Tensor)
     ]
     call_args = loop_arguments(
-        problem, solver, opts, kind, built, mod,
+        problem,
+        solver,
+        opts,
+        kind,
+        built,
+        mod,
         problem.y0.detach().double().reshape(-1).numpy(),
-        _tol_array(problem.rtol, n), _tol_array(problem.atol, n), user_arrays,
+        _tol_array(problem.rtol, n),
+        _tol_array(problem.atol, n),
+        user_arrays,
     )
     out = entry_point(mod.solve)(*call_args)
     return package(problem, solver, opts, kind, mod, call_args, out, stats, throw)
@@ -364,8 +371,18 @@ def stats_of(kind, st, stats: dict) -> dict:
 
 
 def package(
-    problem, solver, opts, kind, mod, call_args, out, stats, throw, ys_flat=None,
-    cls=None, attrs=None,
+    problem,
+    solver,
+    opts,
+    kind,
+    mod,
+    call_args,
+    out,
+    stats,
+    throw,
+    ys_flat=None,
+    cls=None,
+    attrs=None,
 ):
     """The :class:`CompiledSolution` of the method module's ``solve`` result ``out`` (``ys_flat``:
     the saved states to use instead of ``out``'s, e.g. attached to autograd; ``cls``/``attrs``:
@@ -380,9 +397,7 @@ def package(
     ts = problem.t
     rhs, pf = call_args[21], call_args[23]
     dense = (
-        (mod, rhs, pf, segT[:m], segY[:m], segK[:m], segX[:m], problem.y0)
-        if opts.dense
-        else None
+        (mod, rhs, pf, segT[:m], segY[:m], segK[:m], segX[:m], problem.y0) if opts.dense else None
     )
     sol = (cls or CompiledSolution)(
         ts=ts[:k] if k < ts.shape[0] else ts,

@@ -28,14 +28,14 @@ import time
 import numpy as np
 import torch
 
-from .._problem import ODEProblem
 from .._loop_options import make_options
+from .._problem import ODEProblem
 from .._solution import ReturnCode, SolveError
 from ..solvers import Tsit5
 from ..solvers._resolve import resolve_solver
 from . import _codegen, _driver, _sensitivity
 
-_ENSEMBLE = '''
+_ENSEMBLE = """
 from numba import prange
 
 from {main} import solve
@@ -73,7 +73,7 @@ def solve_ensemble(t_out, Y0, RTOL, ATOL, adaptive, dt_fixed, h_init, dtmax_in, 
 def rows_rhs(t, Y0, PF, rhs, OUT):
     for b in range(Y0.shape[0]):
         rhs(t, Y0[b], OUT[b], PF[b])
-'''
+"""
 
 #: (method module name, parallel) -> the ensemble module (one per method, whatever f)
 _WRAPPERS: dict = {}
@@ -140,9 +140,18 @@ def solve_ensemble(
         raise TypeError(f"parallel: expected True or False, got {parallel!r}")
     problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol)
     opts = make_options(
-        solver, rtol=problem.rtol, atol=problem.atol, dt=dt, adaptive=adaptive,
-        max_steps=max_steps, dense=False, progress=False, controller=controller, dtmin=dtmin,
-        dtmax=dtmax, y0=problem.y0,
+        solver,
+        rtol=problem.rtol,
+        atol=problem.atol,
+        dt=dt,
+        adaptive=adaptive,
+        max_steps=max_steps,
+        dense=False,
+        progress=False,
+        controller=controller,
+        dtmin=dtmin,
+        dtmax=dtmax,
+        y0=problem.y0,
     )
     return run_ensemble(problem, solver, opts, throw=throw, parallel=parallel)
 
@@ -194,7 +203,7 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
         m, extra = 0, []
     else:
         built, new, m = aug["built"], aug["new"], aug["m"]
-        extra = list(aug["args"][len(row_args):])  # captured parameters: shared by the systems
+        extra = list(aug["args"][len(row_args) :])  # captured parameters: shared by the systems
     mod, new_method = _driver._method_module(solver, kind)
     wkey = (mod.__name__, parallel)
     emod = _WRAPPERS.get(wkey)
@@ -210,8 +219,11 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     for a, p in zip(problem.args, per):
         if isinstance(a, torch.Tensor):
             x = a.detach().double().cpu()
-            per_arrays.append(x.reshape(B, -1).numpy() if p else
-                              np.broadcast_to(x.reshape(1, -1).numpy(), (B, x.numel())))
+            per_arrays.append(
+                x.reshape(B, -1).numpy()
+                if p
+                else np.broadcast_to(x.reshape(1, -1).numpy(), (B, x.numel()))
+            )
     for x in extra:
         x = x.detach().double().cpu()
         per_arrays.append(np.broadcast_to(x.reshape(1, -1).numpy(), (B, x.numel())))
@@ -230,7 +242,8 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     tols = [
         np.ascontiguousarray(
             np.broadcast_to(
-                tol.detach().double().cpu().numpy() if isinstance(tol, torch.Tensor)
+                tol.detach().double().cpu().numpy()
+                if isinstance(tol, torch.Tensor)
                 else np.float64(tol),
                 tuple(Y0.shape),
             ).reshape(B, n)
@@ -241,13 +254,23 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
         y0_rows = np.ascontiguousarray(
             np.concatenate([y0_rows, np.broadcast_to(aug["S0"].reshape(1, -1), (B, n * m))], 1)
         )
-        tols = [np.ascontiguousarray(np.concatenate([x, np.repeat(x, m, axis=1)], 1))
-                for x in tols]
+        tols = [np.ascontiguousarray(np.concatenate([x, np.repeat(x, m, axis=1)], 1)) for x in tols]
     one = _driver.loop_arguments(
         problem, solver, opts, kind, built, mod, y0_rows[0], tols[0][0], tols[1][0], []
     )
-    call_args = (one[0], y0_rows, tols[0], tols[1], *one[4:19], False, one[20], one[21],
-                 one[22], PF, PJ)
+    call_args = (
+        one[0],
+        y0_rows,
+        tols[0],
+        tols[1],
+        *one[4:19],
+        False,
+        one[20],
+        one[21],
+        one[22],
+        PF,
+        PJ,
+    )
     _check_rows(problem, emod, one[21], y0_rows, PF, B, per, n)
     if new or new_method or new_wrapper:  # first use in the process: trace, compile or load
         stats["compile_s"] = time.perf_counter() - t_build
@@ -269,24 +292,28 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
             if isinstance(a, torch.Tensor) and a.requires_grad:
                 full.append(a)
                 flags.append(p)
-        full += aug["inputs"][len(full):]  # the captured parameters
+        full += aug["inputs"][len(full) :]  # the captured parameters
         flags += [False] * (len(full) - len(flags))
         S = torch.from_numpy(YS[:, :, n:]).reshape(B, YS.shape[1], n, m)
         ys = _EnsembleSensitivities.apply(ys, S, tuple(flags), *full)
         stats["nsens"] = m
     ys = ys.reshape(problem.t.shape[0], *Y0.shape)
     sol = EnsembleSolution(
-        ts=problem.t, ys=ys, retcode=retcode, stats=stats, segments=None, unflatten=None,
-        t_reached=float(TR.min()) if B else float(problem.t[-1]), solver=solver,
+        ts=problem.t,
+        ys=ys,
+        retcode=retcode,
+        stats=stats,
+        segments=None,
+        unflatten=None,
+        t_reached=float(TR.min()) if B else float(problem.t[-1]),
+        solver=solver,
     )
     sol.retcodes = retcodes
     sol.system_stats = system_stats
     sol.t_reached_each = torch.from_numpy(TR)
     if bad and throw:
         b = bad[0]
-        msg = _driver._MESSAGES[retcodes[b].value].format(
-            max_steps=opts.max_steps, t=float(TR[b])
-        )
+        msg = _driver._MESSAGES[retcodes[b].value].format(max_steps=opts.max_steps, t=float(TR[b]))
         raise SolveError(
             f"solve failed for {len(bad)} of {B} systems (first: system {b}, retcode "
             f"{retcodes[b].value}: {msg}); pass throw=False to get the partial solution and "

@@ -83,8 +83,7 @@ def needs_gradient(problem) -> bool:
     parameter or a tensor ``f`` captures (found in its traced graph) requires grad."""
     if not torch.is_grad_enabled():
         return False
-    if any(x.requires_grad for x in [problem.y0, problem.t, *problem.arg_tensors,
-                                     *problem.params]):
+    if any(x.requires_grad for x in [problem.y0, problem.t, *problem.arg_tensors, *problem.params]):
         return True
     gm, _ = _trace_f(problem, problem.y0.numel())
     return bool(_captured_parameters(gm)[0])
@@ -132,6 +131,7 @@ def _trace_f(problem, n: int):
 def _augmented_call(gm, n: int, tpos, arg_cols, y0_cols: bool, names_index, n_params, m):
     """``call(t, z, a)`` of the augmented system ``z = [y, vec(S)]`` (S row-major n×m); ``a``:
     the user's arguments followed by the captured parameters."""
+
     def call(t, z, a):
         a = list(a)
         y, S = z[:n], z[n:].reshape(n, m)
@@ -227,8 +227,12 @@ def augmented_module(problem, kind: str, who: str = "compile=True"):
             f"{who} computes gradients by forward sensitivities, whose cost grows as "
             f"n·(1 + m) (here n={n} states, m={m} parameters and initial values that require "
             f"grad); the compiled path takes n + m ≤ {MAX_STATES_AND_PARAMETERS}"
-            + (f" and, for the implicit methods (their exact Jacobian of the augmented system "
-               f"is traced), n·(1 + m) ≤ {MAX_IMPLICIT}" if kind != "erk" else "")
+            + (
+                f" and, for the implicit methods (their exact Jacobian of the augmented system "
+                f"is traced), n·(1 + m) ≤ {MAX_IMPLICIT}"
+                if kind != "erk"
+                else ""
+            )
             + "; use compile=False with an adjoint (e.g. sensealg=pn.InterpolatingAdjoint()), "
             "or let fewer tensors require grad"
         )
@@ -254,7 +258,13 @@ def augmented_module(problem, kind: str, who: str = "compile=True"):
     if y0_cols:
         S0[:, :n] = np.eye(n)
     return {
-        "built": built, "new": new, "n": n, "m": m, "inputs": inputs, "args": args, "S0": S0,
+        "built": built,
+        "new": new,
+        "n": n,
+        "m": m,
+        "inputs": inputs,
+        "args": args,
+        "S0": S0,
     }
 
 
@@ -280,7 +290,13 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
         if isinstance(a, torch.Tensor)
     ]
     call_args = _driver.loop_arguments(
-        problem, solver, opts, kind, built, mod, z0,
+        problem,
+        solver,
+        opts,
+        kind,
+        built,
+        mod,
+        z0,
         np.concatenate([rtol, np.repeat(rtol, m)]),
         np.concatenate([atol, np.repeat(atol, m)]),
         arrays,
@@ -291,6 +307,16 @@ def solve_sensitivities(problem, solver, opts, kind: str, *, throw: bool):
     zs = torch.from_numpy(out[0][:k])
     ys = _Sensitivities.apply(zs[:, :n], zs[:, n:].reshape(k, n, m), *inputs)
     return _driver.package(
-        problem, solver, opts, kind, mod, call_args, out, stats, throw,
-        ys_flat=ys.to(problem.y0.dtype), cls=SensitivitySolution, attrs={"_sens": (n, m, inputs)},
+        problem,
+        solver,
+        opts,
+        kind,
+        mod,
+        call_args,
+        out,
+        stats,
+        throw,
+        ys_flat=ys.to(problem.y0.dtype),
+        cls=SensitivitySolution,
+        attrs={"_sens": (n, m, inputs)},
     )

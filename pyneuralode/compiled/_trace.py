@@ -13,7 +13,7 @@ raises
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -180,7 +180,7 @@ def _take(v: _Val, idx: np.ndarray) -> _Val:
 
 class _Translator:
     def __init__(self):
-        self.lines: List[str] = []
+        self.lines: list[str] = []
         self.count = 0
 
     def atom(self, expr: str) -> str:
@@ -209,7 +209,7 @@ class _Translator:
             return vals[a]
         return _Val((), [_lit(a)])
 
-    def elementwise(self, template, ins: List[_Val], shape, op=None) -> _Val:
+    def elementwise(self, template, ins: list[_Val], shape, op=None) -> _Val:
         out = []
         maps = [np.broadcast_to(_idx(v.shape), shape).ravel().tolist() for v in ins]
         for k in range(math.prod(shape)):
@@ -238,7 +238,7 @@ class _Translator:
         return _Val(shape, out)
 
 
-def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List, const_base: int):
+def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: list, const_base: int):
     """Straight-line scalar code computing the graph ``gm``: every tensor element is a scalar.
 
     ``inputs``: ``(name, shape, offset)`` of each placeholder (an array argument, read as
@@ -299,7 +299,7 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List, c
             vals[n] = [_take(src, p) for p in parts]
             continue
         shape = _shape(n)
-        V = lambda x: tr.val(x, vals)  # noqa: E731
+        V = lambda x: tr.val(x, vals)
         if op in _IDENTITY or op is aten._to_copy.default:
             dt = kw.get("dtype")
             if dt not in (None, torch.float64):
@@ -457,7 +457,11 @@ def translate(gm: torch.fx.GraphModule, inputs: Sequence[tuple], consts: List, c
 
 
 def trace_rhs(
-    call: Callable, n: int, args: Sequence, jacobian: bool, dtype=torch.float64,
+    call: Callable,
+    n: int,
+    args: Sequence,
+    jacobian: bool,
+    dtype=torch.float64,
     tracer: Callable = make_fx,
 ):
     """Trace ``call(t, y, *args)`` (flat state of ``n`` components, traced in ``dtype``; the
@@ -504,7 +508,7 @@ def trace_rhs(
     src = ["@njit(RHS_SIG, cache=True)", "def rhs(t, y, out, p):"]
     src += [f"    {ln}" for ln in body]
     src += [f"    out[{i}] = {e}" for i, e in enumerate(out)]
-    jsrc: List[str] = []
+    jsrc: list[str] = []
     jconsts: list = []
     if jacobian:
 

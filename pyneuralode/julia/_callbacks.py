@@ -12,9 +12,10 @@ filled in place. ``p`` is the flat parameter vector of a :class:`ParamLayout`; t
 evaluated with ``torch.func.functional_call`` so the VJP reaches every parameter. Counters:
 ``nfe`` (f calls), ``nvjp``, ``njac``.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -69,7 +70,8 @@ class TorchCallbacks:
 
 
 def ode_callbacks(problem, layout: ParamLayout) -> TorchCallbacks:
-    """Callbacks for ``pn.solve``'s problem: ``f(t, unpack(y), *args)`` with parameters swapped in."""
+    """Callbacks for ``pn.solve``'s problem: ``f(t, unpack(y), *args)`` with parameters swapped
+    in."""
     f = problem.f
     is_module = isinstance(f, torch.nn.Module)
     shape = problem.y0.shape
@@ -87,7 +89,8 @@ def ode_callbacks(problem, layout: ParamLayout) -> TorchCallbacks:
 
 
 def steady_callbacks(f, z0: torch.Tensor, layout: ParamLayout) -> TorchCallbacks:
-    """Callbacks for a DEQ: the ODE ``dz/dt = f(z, *args) - z`` whose steady state is the fixed point."""
+    """Callbacks for a DEQ: the ODE ``dz/dt = f(z, *args) - z`` whose steady state is the fixed
+    point."""
     is_module = isinstance(f, torch.nn.Module)
     shape = z0.shape
 
@@ -99,5 +102,5 @@ def steady_callbacks(f, z0: torch.Tensor, layout: ParamLayout) -> TorchCallbacks
             out = f(zz, *args)
         return (out - zz).reshape(-1)
 
-    time = lambda t: torch.full((), t, dtype=z0.dtype, device=z0.device)  # noqa: E731
+    time = lambda t: torch.full((), t, dtype=z0.dtype, device=z0.device)
     return TorchCallbacks(fn, layout, z0.numel(), time, z0.dtype, z0.device)

@@ -10,9 +10,10 @@ Conventions (the same on the Julia side, ``julia/PyNeuralODEBridge.jl``):
 * cotangents go to Julia as the same n×k matrix, Fortran-ordered (exactly Julia's memory layout);
 * only float32/float64 cross; results are copied into torch-owned memory on the state's device.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ def dtype_name(dtype: torch.dtype) -> str:
         return _DTYPES[dtype]
     except KeyError:
         raise TypeError(
-            f"y0: backend='julia' supports float64 and float32 states, got {dtype}; convert with y0.double()"
+            f"y0: backend='julia' supports float64 and float32 states, got {dtype}; convert with "
+            "y0.double()"
         ) from None
 
 
@@ -37,7 +39,8 @@ def to_julia_vector(x: torch.Tensor) -> np.ndarray:
 
 
 def to_julia_matrix(g: torch.Tensor) -> np.ndarray:
-    """Cotangents ``(k, *shape)`` → the n×k Fortran-ordered matrix (column j = cotangent at t[j])."""
+    """Cotangents ``(k, *shape)`` → the n×k Fortran-ordered matrix (column j = cotangent at
+    t[j])."""
     k = g.shape[0]
     return np.asfortranarray(g.detach().reshape(k, -1).cpu().numpy().T)
 
@@ -47,7 +50,9 @@ def from_julia_matrix(a, shape: Sequence[int], dtype: torch.dtype, device) -> to
     arr = np.asarray(a)
     n = int(np.prod(shape)) if len(shape) else 1
     if arr.ndim != 2 or arr.shape[0] != n:
-        raise RuntimeError(f"julia backend: expected an n×k trajectory with n={n}, got shape {arr.shape}")
+        raise RuntimeError(
+            f"julia backend: expected an n×k trajectory with n={n}, got shape {arr.shape}"
+        )
     k = arr.shape[1]
     out = torch.from_numpy(np.array(arr.T, order="C", dtype=np.dtype(_DTYPES[dtype])))
     return out.reshape(k, *shape).to(device)
@@ -72,7 +77,9 @@ def write(out, value: torch.Tensor) -> None:
     dst = np.asarray(out)
     src = value.detach().cpu().numpy()
     if dst.size != src.size:
-        raise RuntimeError(f"julia backend: output has {dst.size} entries, the torch value {src.size}")
+        raise RuntimeError(
+            f"julia backend: output has {dst.size} entries, the torch value {src.size}"
+        )
     dst[...] = src.reshape(dst.shape)
 
 
@@ -86,8 +93,8 @@ class ParamLayout:
     """
 
     def __init__(self, f, args: Sequence, dtype: torch.dtype, device):
-        self.entries: List[Tuple[str, object, torch.Size]] = []
-        self.tensors: List[torch.Tensor] = []
+        self.entries: list[tuple[str, object, torch.Size]] = []
+        self.tensors: list[torch.Tensor] = []
         if isinstance(f, torch.nn.Module):
             for name, prm in f.named_parameters():
                 if prm.requires_grad:
@@ -104,11 +111,16 @@ class ParamLayout:
     def _add(self, kind, key, t, dtype, device):
         if t.dtype != dtype:
             raise TypeError(
-                f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: dtype {t.dtype} differs from the state's "
-                f"{dtype}; backend='julia' passes all parameters in the state's dtype (cast with .to({dtype}))"
+                f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: dtype {t.dtype} "
+                "differs from the state's "
+                f"{dtype}; backend='julia' passes all parameters in the state's dtype (cast with "
+                f".to({dtype}))"
             )
         if t.device != torch.device(device):
-            raise ValueError(f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: on {t.device}, the state is on {device}")
+            raise ValueError(
+                f"{'parameter ' + key if kind == 'param' else f'args[{key}]'}: on {t.device}, the "
+                f"state is on {device}"
+            )
         self.entries.append((kind, key, t.shape))
         self.tensors.append(t)
 
@@ -122,9 +134,10 @@ class ParamLayout:
             return torch.zeros(1, dtype=self.dtype, device=self.device)
         return torch.cat([t.reshape(-1) for t in self.tensors])
 
-    def unflatten(self, flat: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], tuple]:
-        """``flat`` → (parameter dict for ``functional_call``, args with the tensor args replaced)."""
-        params: Dict[str, torch.Tensor] = {}
+    def unflatten(self, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
+        """``flat`` → (parameter dict for ``functional_call``, args with the tensor args
+        replaced)."""
+        params: dict[str, torch.Tensor] = {}
         args = list(self.args)
         i = 0
         for (kind, key, shape), m in zip(self.entries, self.numels):

@@ -14,10 +14,10 @@ in Julia.
 Vector fields qualify when they are autonomous: wrap the net as ``pn.julia.Autonomous(net)``
 (``forward(t, y) = net(y)``) or give the module an ``autonomous_net`` attribute.
 """
+
 from __future__ import annotations
 
 import math
-from typing import List, Optional
 
 import torch
 from torch import nn
@@ -39,7 +39,9 @@ TORCH_FORMULAS = {
     "relu_torch": lambda x, a: torch.clamp(x, min=0),
     "sigmoid_torch": lambda x, a: 1.0 / (1.0 + torch.exp(-x)),
     "silu_torch": lambda x, a: x / (1.0 + torch.exp(-x)),
-    "softplus_torch": lambda x, a: torch.where(x > 20, x, torch.log1p(torch.exp(torch.clamp(x, max=20)))),
+    "softplus_torch": lambda x, a: torch.where(
+        x > 20, x, torch.log1p(torch.exp(torch.clamp(x, max=20)))
+    ),
     "elu_torch": lambda x, a: torch.where(x > 0, x, torch.expm1(torch.clamp(x, max=0))),
     "leakyrelu_torch": lambda x, a: torch.where(x > 0, x, a * x),
 }
@@ -60,13 +62,13 @@ class Autonomous(nn.Module):
         return self.net(y)
 
 
-def find_net(f) -> Optional[nn.Module]:
+def find_net(f) -> nn.Module | None:
     """The autonomous ``nn.Sequential`` behind ``f`` if it exposes one, else ``None``."""
     net = getattr(f, "autonomous_net", None)
     return net if isinstance(net, nn.Sequential) else None
 
 
-def mlp_spec(net: nn.Module) -> Optional[List[dict]]:
+def mlp_spec(net: nn.Module) -> list[dict] | None:
     """The intermediate form of ``net``, or ``None`` when it is not a translatable MLP.
 
     Translatable: ``nn.Sequential`` of ``nn.Linear``, ``nn.Identity`` and the activations in
@@ -75,17 +77,25 @@ def mlp_spec(net: nn.Module) -> Optional[List[dict]]:
     """
     if not isinstance(net, nn.Sequential) or len(net) == 0:
         return None
-    spec: List[dict] = []
+    spec: list[dict] = []
     offset = 0
     width = None
     for layer in net:
         if isinstance(layer, nn.Linear):
             if width is not None and layer.in_features != width:
                 return None
-            if not layer.weight.requires_grad or (layer.bias is not None and not layer.bias.requires_grad):
+            if not layer.weight.requires_grad or (
+                layer.bias is not None and not layer.bias.requires_grad
+            ):
                 return None
             nin, nout = layer.in_features, layer.out_features
-            entry = {"kind": "linear", "in": nin, "out": nout, "w": (offset, offset + nin * nout), "bias": None}
+            entry = {
+                "kind": "linear",
+                "in": nin,
+                "out": nout,
+                "w": (offset, offset + nin * nout),
+                "bias": None,
+            }
             offset += nin * nout
             if layer.bias is not None:
                 entry["bias"] = (offset, offset + nout)
@@ -100,7 +110,9 @@ def mlp_spec(net: nn.Module) -> Optional[List[dict]]:
             if isinstance(layer, nn.ELU) and layer.alpha != 1.0:
                 return None
             name, attr = ACTIVATIONS[type(layer)]
-            spec.append({"kind": "act", "name": name, "arg": float(getattr(layer, attr)) if attr else None})
+            spec.append(
+                {"kind": "act", "name": name, "arg": float(getattr(layer, attr)) if attr else None}
+            )
         else:
             return None
     if not any(e["kind"] == "linear" for e in spec):
@@ -113,11 +125,13 @@ def mlp_spec(net: nn.Module) -> Optional[List[dict]]:
     return spec
 
 
-def spec_numel(spec: List[dict]) -> int:
-    return max([e["bias"][1] if e.get("bias") else e["w"][1] for e in spec if e["kind"] == "linear"])
+def spec_numel(spec: list[dict]) -> int:
+    return max(
+        [e["bias"][1] if e.get("bias") else e["w"][1] for e in spec if e["kind"] == "linear"]
+    )
 
 
-def evaluate_spec(spec: List[dict], p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def evaluate_spec(spec: list[dict], p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Evaluate the intermediate form on the flat parameters, in the Julia code's layout.
 
     ``y`` is flattened in C order and reshaped column-major to ``n × B`` (as Julia does), i.e.
@@ -128,7 +142,9 @@ def evaluate_spec(spec: List[dict], p: torch.Tensor, y: torch.Tensor) -> torch.T
     for e in spec:
         if e["kind"] == "linear":
             a, b = e["w"]
-            w_jl = p[a:b].reshape(e["out"], e["in"]).T.reshape(e["in"], e["out"])  # Julia reshape(view, in, out)
+            w_jl = (
+                p[a:b].reshape(e["out"], e["in"]).T.reshape(e["in"], e["out"])
+            )  # Julia reshape(view, in, out)
             h = w_jl.T @ h  # transpose(reshape(...)) * h
             if e["bias"] is not None:
                 ba, bb = e["bias"]
@@ -148,7 +164,7 @@ def _jl_float(x: float) -> str:
     raise ValueError(f"activation argument {x} is not finite")
 
 
-def julia_code(spec: List[dict]) -> str:
+def julia_code(spec: list[dict]) -> str:
     """Julia source of ``(u, p, t) -> vec(net(reshape(u, n, :)))`` for the intermediate form."""
     n = spec[0]["in"]
     lines = ["(u, p, t) -> begin", f"    h = reshape(u, {n}, :)"]

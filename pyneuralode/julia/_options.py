@@ -4,9 +4,10 @@ Solvers and sensitivity algorithms are matched by their SciML ``name`` (or class
 module does not depend on their implementation. The tables must equal the keys of the factories in
 ``julia/PyNeuralODEBridge.jl`` (``EXPLICIT``, ``IMPLICIT``, ``make_sensealg``); a test checks it.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,10 +15,25 @@ import torch
 #: SciML names of OrdinaryDiffEq algorithms the bridge builds (``make_solver``).
 EXPLICIT_SOLVERS = ("Euler", "Midpoint", "Heun", "RK4", "BS3", "DP5", "Tsit5", "Vern7", "Vern9")
 IMPLICIT_SOLVERS = (
-    "Rosenbrock23", "Rodas4", "Rodas5P", "ImplicitEuler", "TRBDF2", "Kvaerno3", "Kvaerno5", "KenCarp4", "FBDF", "QNDF",
+    "Rosenbrock23",
+    "Rodas4",
+    "Rodas5P",
+    "ImplicitEuler",
+    "TRBDF2",
+    "Kvaerno3",
+    "Kvaerno5",
+    "KenCarp4",
+    "FBDF",
+    "QNDF",
 )
 #: SciMLSensitivity algorithms the bridge builds (``make_sensealg``).
-JULIA_SENSEALGS = ("InterpolatingAdjoint", "BacksolveAdjoint", "QuadratureAdjoint", "GaussAdjoint", "SteadyStateAdjoint")
+JULIA_SENSEALGS = (
+    "InterpolatingAdjoint",
+    "BacksolveAdjoint",
+    "QuadratureAdjoint",
+    "GaussAdjoint",
+    "SteadyStateAdjoint",
+)
 
 
 def _name(obj) -> str:
@@ -43,7 +59,7 @@ def is_implicit(name: str) -> bool:
     return name in IMPLICIT_SOLVERS
 
 
-def sensealg_kwargs(sensealg) -> Dict[str, Any]:
+def sensealg_kwargs(sensealg) -> dict[str, Any]:
     """Keyword arguments for the Julia ``forward`` that pick the SciMLSensitivity algorithm.
 
     ``DirectAdjoint`` (the default) maps to ``InterpolatingAdjoint(checkpointing=true)``:
@@ -55,17 +71,32 @@ def sensealg_kwargs(sensealg) -> Dict[str, Any]:
     name = getattr(sensealg, "name", cls) if sensealg is not None else cls
     if sensealg is not None and getattr(sensealg, "solver", None) is not None:
         raise ValueError(
-            f"sensealg: {name}(solver=...) is not supported with backend='julia' (SciMLSensitivity integrates the "
+            f"sensealg: {name}(solver=...) is not supported with backend='julia' "
+            "(SciMLSensitivity integrates the "
             f"adjoint with the forward solver); drop the solver argument"
         )
-    quad = name == "QuadratureAdjoint" and getattr(sensealg, "quadrature", "gauss-legendre") == "gauss-kronrod"
-    if sensealg is not None and not quad and (getattr(sensealg, "rtol", None) is not None or getattr(sensealg, "atol", None) is not None):
+    quad = (
+        name == "QuadratureAdjoint"
+        and getattr(sensealg, "quadrature", "gauss-legendre") == "gauss-kronrod"
+    )
+    if (
+        sensealg is not None
+        and not quad
+        and (
+            getattr(sensealg, "rtol", None) is not None
+            or getattr(sensealg, "atol", None) is not None
+        )
+    ):
         raise ValueError(
-            f"sensealg: {name}(rtol=..., atol=...) is not supported with backend='julia' (SciMLSensitivity's solve rrule "
+            f"sensealg: {name}(rtol=..., atol=...) is not supported with backend='julia' "
+            "(SciMLSensitivity's solve rrule "
             f"uses the forward tolerances for the adjoint); drop them or use backend='torch'"
         )
     if name in ("DirectAdjoint", "InterpolatingAdjoint"):
-        return {"sensealg": "InterpolatingAdjoint", "checkpointing": bool(getattr(sensealg, "checkpointing", True))}
+        return {
+            "sensealg": "InterpolatingAdjoint",
+            "checkpointing": bool(getattr(sensealg, "checkpointing", True)),
+        }
     if name == "BacksolveAdjoint":
         return {"sensealg": "BacksolveAdjoint", "checkpointing": True}
     if name == "QuadratureAdjoint":
@@ -76,13 +107,23 @@ def sensealg_kwargs(sensealg) -> Dict[str, Any]:
             if getattr(sensealg, "atol", None) is not None:
                 kw["quad_abstol"] = float(sensealg.atol)
             return kw
-        return {"sensealg": "GaussAdjoint", "checkpointing": bool(getattr(sensealg, "checkpointing", False))}
+        return {
+            "sensealg": "GaussAdjoint",
+            "checkpointing": bool(getattr(sensealg, "checkpointing", False)),
+        }
     if name in ("GaussAdjoint",):
-        return {"sensealg": "GaussAdjoint", "checkpointing": bool(getattr(sensealg, "checkpointing", False))}
+        return {
+            "sensealg": "GaussAdjoint",
+            "checkpointing": bool(getattr(sensealg, "checkpointing", False)),
+        }
     if name == "SteadyStateAdjoint":
-        raise ValueError("sensealg: SteadyStateAdjoint is for steady states (pn.steady_state / pn.DEQ), not for pn.solve")
+        raise ValueError(
+            "sensealg: SteadyStateAdjoint is for steady states (pn.steady_state / pn.DEQ), not "
+            "for pn.solve"
+        )
     raise ValueError(
-        f"sensealg: {name} has no SciMLSensitivity counterpart in backend='julia'; use pn.InterpolatingAdjoint(), "
+        f"sensealg: {name} has no SciMLSensitivity counterpart in backend='julia'; use "
+        "pn.InterpolatingAdjoint(), "
         f"pn.BacksolveAdjoint() or pn.QuadratureAdjoint() (or backend='torch')"
     )
 
@@ -93,17 +134,19 @@ def _tol(v):
     return float(v)
 
 
-def solve_kwargs(opts) -> Dict[str, Any]:
-    """``LoopOptions`` → keyword arguments of OrdinaryDiffEq's ``solve`` (as the bridge names them)."""
+def solve_kwargs(opts) -> dict[str, Any]:
+    """``LoopOptions`` → keyword arguments of OrdinaryDiffEq's ``solve`` (as the bridge names
+    them)."""
     from ..controllers import PIController
 
     ctrl = getattr(opts, "controller", None)
     if ctrl is not None and ctrl != PIController():
         raise ValueError(
-            "controller: custom step-size controllers are not passed to backend='julia' (OrdinaryDiffEq picks its own "
+            "controller: custom step-size controllers are not passed to backend='julia' "
+            "(OrdinaryDiffEq picks its own "
             "default controller per algorithm); drop controller=... or use backend='torch'"
         )
-    kw: Dict[str, Any] = {
+    kw: dict[str, Any] = {
         "abstol": _tol(opts.atol),
         "reltol": _tol(opts.rtol),
         "adaptive": bool(opts.adaptive),

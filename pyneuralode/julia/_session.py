@@ -6,11 +6,13 @@ A *session* implements six calls, the protocol between the Python half and the J
 * ``callback_rhs(cb, dtype, jac)`` / ``mlp_rhs(spec)`` → an opaque right-hand-side handle;
 * ``forward(rhs, u0, p, ts, **kw)`` → ``(ys n×k, retcode, (nf, naccept, nreject), handle)``;
 * ``backward(handle, G n×k)`` → ``(du0, dp)``;
-* ``steady(rhs, z0, p, **kw)`` → ``(z, retcode, stats, handle)``; ``steady_backward(handle, g)`` → ``dp``.
+* ``steady(rhs, z0, p, **kw)`` → ``(z, retcode, stats, handle)``; ``steady_backward(handle, g)`` →
+  ``dp``.
 
 :class:`JuliaSession` forwards them to Julia; :class:`pyneuralode.julia._standin.NativeStandIn`
 implements them with the native engine (used to test the Python half where Julia is absent).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,11 +23,12 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 INSTALL_HINT = (
-    'install it with: pip install -e ".[julia]" in a pyneuralode checkout (there is no release on PyPI '
-    'yet), then python -c "import pyneuralode; pyneuralode.julia.install()" (downloads Julia and the SciML '
+    'install it with: pip install -e ".[julia]" in a pyneuralode checkout (there is no release on '
+    "PyPI "
+    'yet), then python -c "import pyneuralode; pyneuralode.julia.install()" (downloads Julia and '
+    "the SciML "
     "packages once, then precompiles them)"
 )
 
@@ -66,8 +69,9 @@ def juliacall_installed() -> bool:
     return importlib.util.find_spec("juliacall") is not None
 
 
-def julia_executable_hint() -> Optional[str]:
-    """A Julia executable juliacall would use, without starting anything (``None`` if none is known)."""
+def julia_executable_hint() -> str | None:
+    """A Julia executable juliacall would use, without starting anything (``None`` if none is
+    known)."""
     for var in ("PYTHON_JULIACALL_EXE", "PYTHON_JULIAPKG_EXE"):
         if os.environ.get(var):
             return os.environ[var]
@@ -89,7 +93,7 @@ def juliapkg_project() -> Path:
     return Path(depot).resolve() / "environments" / "pyjuliapkg"
 
 
-def juliapkg_julia() -> Optional[str]:
+def juliapkg_julia() -> str | None:
     """A Julia that juliapkg found or installed earlier, read from its files (starts nothing).
 
     ``meta.json`` records the executable of the last resolve (pyjuliapkg deps.py:551-560);
@@ -129,7 +133,8 @@ class JuliaSession:
         self._cuda = None
         self._mlp = {}
 
-    # -- right-hand sides ---------------------------------------------------------------------------
+    # -- right-hand sides
+    # ---------------------------------------------------------------------------
     def callback_rhs(self, cb, dtype: str, jac: bool = True, vjp: str = "rrule"):
         return self.bridge.make_rhs(cb, dtype, vjp=vjp, jac=jac)
 
@@ -143,7 +148,8 @@ class JuliaSession:
             self._mlp[code] = self.bridge.build_mlp(code)
         return self._mlp[code]
 
-    # -- solves -------------------------------------------------------------------------------------
+    # -- solves
+    # -------------------------------------------------------------------------------------
     def forward(self, rhs, u0, p, ts, **kw):
         return tuple(self.bridge.forward(rhs, u0, p, ts, **kw))
 
@@ -156,16 +162,19 @@ class JuliaSession:
     def steady_backward(self, handle, g):
         return self.bridge.steady_backward(handle, g)
 
-    # -- CUDA (native path only) ----------------------------------------------------------------------
+    # -- CUDA (native path only)
+    # ----------------------------------------------------------------------
     def cuda(self):
         """The CUDA/DLPack helper module (loaded on first use)."""
         if self._cuda is None:
             try:
                 self.jl.seval("Base.include")(self.jl, str(bridge_path("PyNeuralODEBridgeCUDA.jl")))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise JuliaNotAvailableError(
-                    f"backend='julia' on CUDA tensors needs CUDA.jl and DLPack.jl, which failed to load "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install them with "
+                    "backend='julia' on CUDA tensors needs CUDA.jl and DLPack.jl, which failed "
+                    "to load "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install "
+                    "them with "
                     f'python -c "import pyneuralode; pyneuralode.julia.install(cuda=True)"'
                 ) from e
             self._cuda = self.jl.PyNeuralODEBridgeCUDA
@@ -176,26 +185,31 @@ class JuliaSession:
 
 
 def get_session():
-    """The process-wide session (starting Julia on first use), or the override set by :func:`use_session`."""
+    """The process-wide session (starting Julia on first use), or the override set by
+    :func:`use_session`."""
     global _SESSION
     if _OVERRIDE is not None:
         return _OVERRIDE
     if _SESSION is not None:
         return _SESSION
     if not juliacall_installed():
-        raise JuliaNotAvailableError(f"backend='julia' needs juliacall, which is not installed; {INSTALL_HINT}")
+        raise JuliaNotAvailableError(
+            f"backend='julia' needs juliacall, which is not installed; {INSTALL_HINT}"
+        )
     path = bridge_path()
     check_import_order()
     try:
-        import juliacall  # noqa: F401  (starts Julia; juliapkg resolves the environment first)
+        import juliacall
 
         jl = juliacall.newmodule("PyNeuralODE")
         jl.seval("Base.include")(jl, str(path))
         bridge = jl.PyNeuralODEBridge
     except JuliaNotAvailableError:
         raise
-    except Exception as e:  # noqa: BLE001
-        raise JuliaNotAvailableError(f"backend='julia': starting Julia failed ({type(e).__name__}: {e}); {INSTALL_HINT}") from e
+    except Exception as e:
+        raise JuliaNotAvailableError(
+            f"backend='julia': starting Julia failed ({type(e).__name__}: {e}); {INSTALL_HINT}"
+        ) from e
     _SESSION = JuliaSession(jl, bridge)
     return _SESSION
 
@@ -214,8 +228,10 @@ def check_import_order(modules=None) -> bool:
         return True
     if os.environ.get("PYNEURALODE_JULIA_IMPORT_ORDER", "").lower() != "ignore":
         warnings.warn(
-            "backend='julia': Julia is starting after torch was imported; PythonCall's FAQ reports heap "
-            "corruption and libstdc++ clashes in this order. If Julia crashes or fails to start, put "
+            "backend='julia': Julia is starting after torch was imported; PythonCall's FAQ "
+            "reports heap "
+            "corruption and libstdc++ clashes in this order. If Julia crashes or fails to start, "
+            "put "
             "`import juliacall` before `import torch`/`import pyneuralode` in your script (set "
             "PYNEURALODE_JULIA_IMPORT_ORDER=ignore to silence this warning)",
             JuliaImportOrderWarning,

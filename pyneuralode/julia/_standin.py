@@ -19,6 +19,7 @@ bridge's answer to each, so the Python half is tested against them:
   fixed-step method finds ``dt`` only on the problem (``problem_kwargs``);
 * 7: a failed solve returns only the save times it reached, with its retcode.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,12 +33,14 @@ from ._mlp import evaluate_spec
 from ._options import EXPLICIT_SOLVERS, IMPLICIT_SOLVERS, JULIA_SENSEALGS
 
 _NP = {"float64": np.float64, "float32": np.float32}
-#: methods without an error estimate (OrdinaryDiffEq: "Fixed timestep methods require a choice of dt")
+#: methods without an error estimate (OrdinaryDiffEq: "Fixed timestep methods require a choice of
+#: dt")
 FIXED_STEP = ("Euler", "Midpoint", "Heun", "RK4")
 
 
 def _columns(solt, ts, k):
-    """The bridge's ``_columns``: for each of the first ``k`` requested times, its column in ``solt``."""
+    """The bridge's ``_columns``: for each of the first ``k`` requested times, its column in
+    ``solt``."""
     solt = np.asarray(solt, dtype=np.float64)
     return [int(np.argmin(np.abs(solt - t))) for t in list(ts)[:k]]
 
@@ -49,7 +52,8 @@ class NativeStandIn:
         self.calls = Counter()
         self.last_forward_kwargs = None
 
-    # -- right-hand sides ---------------------------------------------------------------------------
+    # -- right-hand sides
+    # ---------------------------------------------------------------------------
     def callback_rhs(self, cb, dtype: str, jac: bool = True, vjp: str = "rrule"):
         if dtype not in _NP:
             raise ValueError(f"dtype must be float64 or float32, got {dtype}")
@@ -73,7 +77,9 @@ class NativeStandIn:
             du, dp = np.empty_like(u), np.empty_like(p)
             rhs["cb"].vjp(du, dp, u.copy(), p.copy(), float(t), lam.copy())
             return du, dp
-        _, pull = torch.func.vjp(lambda y, q: evaluate_spec(rhs["spec"], q, y), torch.from_numpy(u), torch.from_numpy(p))
+        _, pull = torch.func.vjp(
+            lambda y, q: evaluate_spec(rhs["spec"], q, y), torch.from_numpy(u), torch.from_numpy(p)
+        )
         gu, gp = pull(torch.from_numpy(lam))
         return gu.numpy(), gp.numpy()
 
@@ -82,12 +88,34 @@ class NativeStandIn:
             J = np.asfortranarray(np.empty((u.size, u.size), dtype=u.dtype))  # Julia's Matrix{T}
             rhs["cb"].jac(J, u.copy(), p.copy(), float(t))
             return J
-        return torch.func.jacrev(lambda y: evaluate_spec(rhs["spec"], torch.from_numpy(p), y))(torch.from_numpy(u)).numpy()
+        return torch.func.jacrev(lambda y: evaluate_spec(rhs["spec"], torch.from_numpy(p), y))(
+            torch.from_numpy(u)
+        ).numpy()
 
-    # -- ODE ------------------------------------------------------------------------------------------
-    def forward(self, rhs, u0, p, ts, *, solver="Tsit5", ad="finitediff", sensealg="InterpolatingAdjoint",
-                checkpointing=True, abstol=1e-9, reltol=1e-6, dt=None, adaptive=True, maxiters=100_000,
-                dtmin=None, dtmax=None, quad_abstol=1e-6, quad_reltol=1e-3, linsolve="default"):
+    # -- ODE
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        rhs,
+        u0,
+        p,
+        ts,
+        *,
+        solver="Tsit5",
+        ad="finitediff",
+        sensealg="InterpolatingAdjoint",
+        checkpointing=True,
+        abstol=1e-9,
+        reltol=1e-6,
+        dt=None,
+        adaptive=True,
+        maxiters=100_000,
+        dtmin=None,
+        dtmax=None,
+        quad_abstol=1e-6,
+        quad_reltol=1e-3,
+        linsolve="default",
+    ):
         from ..solvers import Tsit5, lookup
 
         self.calls["forward"] += 1
@@ -99,9 +127,18 @@ class NativeStandIn:
             raise ValueError(f'linsolve must be "default" or "gmres", got "{linsolve}"')
         if solver in FIXED_STEP and dt is None:
             raise ValueError("Fixed timestep methods require a choice of dt or choosing the tstops")
-        self.last_forward_kwargs = dict(solver=solver, ad=ad, sensealg=sensealg, checkpointing=checkpointing,
-                                        abstol=abstol, reltol=reltol, dt=dt, adaptive=adaptive, maxiters=maxiters,
-                                        linsolve=linsolve)
+        self.last_forward_kwargs = dict(
+            solver=solver,
+            ad=ad,
+            sensealg=sensealg,
+            checkpointing=checkpointing,
+            abstol=abstol,
+            reltol=reltol,
+            dt=dt,
+            adaptive=adaptive,
+            maxiters=maxiters,
+            linsolve=linsolve,
+        )
         u0 = np.array(np.asarray(u0), copy=True).reshape(-1)  # Julia copies on entry
         p = np.array(np.asarray(p), dtype=u0.dtype, copy=True).reshape(-1)
         ts = [float(x) for x in np.asarray(ts, dtype=np.float64)]
@@ -110,8 +147,11 @@ class NativeStandIn:
         except ValueError:  # Vern7, FBDF, ... have no native twin: any accurate solver stands in
             cls = Tsit5
         if solver in IMPLICIT_SOLVERS and cls is not Tsit5:
-            # like the bridge: implicit methods get the supplied (torch) Jacobian, never AD through f
-            jac = lambda t, y: torch.from_numpy(self._jac(rhs, y.detach().reshape(-1).numpy(), p, float(t)))  # noqa: E731
+            # like the bridge: implicit methods get the supplied (torch) Jacobian, never AD through
+            # f
+            jac = lambda t, y: torch.from_numpy(
+                self._jac(rhs, y.detach().reshape(-1).numpy(), p, float(t))
+            )
             native = cls(jac=jac)
         else:
             native = cls()
@@ -126,28 +166,52 @@ class NativeStandIn:
         solved = torch.stack(loop.ys).numpy().T  # n×k in the order of ts, k = save times reached
         k = solved.shape[1]
         # what SciMLSensitivity hands back: sorted save times except for BacksolveAdjoint (bug 4)
-        order = list(range(k)) if sensealg == "BacksolveAdjoint" else sorted(range(k), key=lambda j: ts[j])
+        order = (
+            list(range(k))
+            if sensealg == "BacksolveAdjoint"
+            else sorted(range(k), key=lambda j: ts[j])
+        )
         sol_t, sol_u = [ts[j] for j in order], solved[:, order]
         ys = np.asfortranarray(sol_u[:, _columns(sol_t, ts, k)])  # the bridge's reordering
-        handle = {"rhs": rhs, "ys": ys, "ts": ts[:k], "p": p, "opts": opts, "solver": solver,
-                  "sensealg": sensealg, "problem_kwargs": {"dt": dt, "adaptive": adaptive},
-                  "vector_tols": bool(np.ndim(abstol) or np.ndim(reltol))}
+        handle = {
+            "rhs": rhs,
+            "ys": ys,
+            "ts": ts[:k],
+            "p": p,
+            "opts": opts,
+            "solver": solver,
+            "sensealg": sensealg,
+            "problem_kwargs": {"dt": dt, "adaptive": adaptive},
+            "vector_tols": bool(np.ndim(abstol) or np.ndim(reltol)),
+        }
         return ys, loop.retcode.value, (stats["nfe"], stats["naccept"], stats["nreject"]), handle
 
     @staticmethod
     def _opts(abstol, reltol, dt, adaptive, maxiters, dtmin, dtmax, dtype):
-        tol = lambda v: torch.as_tensor(np.asarray(v, dtype=dtype)) if np.ndim(v) else float(v)  # noqa: E731
-        return LoopOptions(rtol=tol(reltol), atol=tol(abstol), dt=dt, adaptive=adaptive, max_steps=int(maxiters),
-                           dense=False, dtmin=dtmin, dtmax=dtmax)
+        tol = lambda v: torch.as_tensor(np.asarray(v, dtype=dtype)) if np.ndim(v) else float(v)
+        return LoopOptions(
+            rtol=tol(reltol),
+            atol=tol(abstol),
+            dt=dt,
+            adaptive=adaptive,
+            max_steps=int(maxiters),
+            dense=False,
+            dtmin=dtmin,
+            dtmax=dtmax,
+        )
 
     def backward(self, handle, G):
-        """Backsolve adjoint through ``cb.vjp`` only: λ' = -Jᵀλ, μ' = -(∂f/∂p)ᵀλ, jumps λ += G[:, j]."""
+        """Backsolve adjoint through ``cb.vjp`` only: λ' = -Jᵀλ, μ' = -(∂f/∂p)ᵀλ, jumps λ += G[:,
+        j]."""
         from ..solvers import Tsit5
 
         self.calls["backward"] += 1
         if handle["vector_tols"]:  # bug 5, as the bridge's backward refuses them
-            raise ValueError("backward: array abstol/reltol cannot be used for gradients: SciMLSensitivity passes "
-                             "them to the adjoint solve, whose state is longer; use scalar tolerances")
+            raise ValueError(
+                "backward: array abstol/reltol cannot be used for gradients: SciMLSensitivity "
+                "passes "
+                "them to the adjoint solve, whose state is longer; use scalar tolerances"
+            )
         G = np.asarray(G)
         ys, ts, p, rhs = handle["ys"], handle["ts"], handle["p"], handle["rhs"]
         n, k = ys.shape
@@ -158,16 +222,19 @@ class NativeStandIn:
         lam = G[:, k - 1].astype(ys.dtype).copy()
         mu = np.zeros_like(p)
         base = handle["opts"]
-        opts = LoopOptions(rtol=base.rtol if not isinstance(base.rtol, torch.Tensor) else float(base.rtol.min()),
-                           atol=base.atol if not isinstance(base.atol, torch.Tensor) else float(base.atol.min()),
-                           max_steps=base.max_steps, dense=False)
+        opts = LoopOptions(
+            rtol=base.rtol if not isinstance(base.rtol, torch.Tensor) else float(base.rtol.min()),
+            atol=base.atol if not isinstance(base.atol, torch.Tensor) else float(base.atol.min()),
+            max_steps=base.max_steps,
+            dense=False,
+        )
         stats: dict = {}
 
         def aug(t, x):
             xn = x.numpy()
-            u, l = xn[:n], xn[n : 2 * n]
+            u, lam_u = xn[:n], xn[n : 2 * n]
             du = self._f(rhs, u, p, t)
-            vu, vp = self._vjp(rhs, u, p, t, l)
+            vu, vp = self._vjp(rhs, u, p, t, lam_u)
             return torch.from_numpy(np.concatenate([du, -vu, -vp]))
 
         for j in range(k - 1, 0, -1):
@@ -183,7 +250,13 @@ class NativeStandIn:
         tolerances only (as interpolating_adjoint.jl:88-91 does); each re-solve must succeed."""
         from ..solvers import Tsit5, lookup
 
-        ys, ts, p, rhs, base = handle["ys"], handle["ts"], handle["p"], handle["rhs"], handle["opts"]
+        ys, ts, p, rhs, base = (
+            handle["ys"],
+            handle["ts"],
+            handle["p"],
+            handle["rhs"],
+            handle["opts"],
+        )
         pk = handle["problem_kwargs"]
         if handle["solver"] in FIXED_STEP and pk["dt"] is None:
             raise ValueError("Fixed timestep methods require a choice of dt or choosing the tstops")
@@ -192,26 +265,53 @@ class NativeStandIn:
         except ValueError:
             cls = Tsit5
         solver = Tsit5() if handle["solver"] in IMPLICIT_SOLVERS else cls()
-        opts = LoopOptions(rtol=base.rtol, atol=base.atol, dt=pk["dt"], adaptive=pk["adaptive"],
-                           max_steps=base.max_steps, dense=False)
-        f = lambda t, y: torch.from_numpy(self._f(rhs, y.numpy(), p, float(t)))  # noqa: E731
+        opts = LoopOptions(
+            rtol=base.rtol,
+            atol=base.atol,
+            dt=pk["dt"],
+            adaptive=pk["adaptive"],
+            max_steps=base.max_steps,
+            dense=False,
+        )
+        f = lambda t, y: torch.from_numpy(self._f(rhs, y.numpy(), p, float(t)))
         for j in range(1, ys.shape[1]):
-            loop = integrate(f, torch.from_numpy(ys[:, j - 1].copy()), [ts[j - 1], ts[j]], solver, opts, {})
+            loop = integrate(
+                f, torch.from_numpy(ys[:, j - 1].copy()), [ts[j - 1], ts[j]], solver, opts, {}
+            )
             if not loop.retcode.successful:
-                raise RuntimeError(f"checkpoint re-solve failed on [{ts[j - 1]}, {ts[j]}]: {loop.retcode.value}")
+                raise RuntimeError(
+                    f"checkpoint re-solve failed on [{ts[j - 1]}, {ts[j]}]: {loop.retcode.value}"
+                )
 
-    # -- steady state -----------------------------------------------------------------------------------
-    def steady(self, rhs, z0, p, *, solver="Tsit5", ad="finitediff", abstol=1e-8, reltol=1e-6, maxiters=100_000,
-               linsolve="default"):
+    # -- steady state
+    # -----------------------------------------------------------------------------------
+    def steady(
+        self,
+        rhs,
+        z0,
+        p,
+        *,
+        solver="Tsit5",
+        ad="finitediff",
+        abstol=1e-8,
+        reltol=1e-6,
+        maxiters=100_000,
+        linsolve="default",
+    ):
         """DynamicSS: integrate over doubling intervals until ‖F‖∞ ≤ abstol or ≤ reltol‖z + F‖∞."""
         from ..solvers import Tsit5
 
         self.calls["steady"] += 1
         z = np.array(np.asarray(z0), copy=True).reshape(-1)
         p = np.array(np.asarray(p), dtype=z.dtype, copy=True).reshape(-1)
-        opts = LoopOptions(rtol=float(reltol) * 1e-2, atol=float(abstol) * 1e-2, max_steps=int(maxiters), dense=False)
+        opts = LoopOptions(
+            rtol=float(reltol) * 1e-2,
+            atol=float(abstol) * 1e-2,
+            max_steps=int(maxiters),
+            dense=False,
+        )
         stats = {"nfe": 0, "naccept": 0, "nreject": 0}
-        f = lambda t, y: torch.from_numpy(self._f(rhs, y.numpy(), p, t))  # noqa: E731
+        f = lambda t, y: torch.from_numpy(self._f(rhs, y.numpy(), p, t))
         t, span, retcode = 0.0, 1.0, "MaxIters"
         for _ in range(60):
             r = self._f(rhs, z, p, t)

@@ -5,6 +5,7 @@ Every block is an ``nn.Module`` called as ``block(t, y)`` with ``t`` a 0-d tenso
 al. 2018, torchdiffeq's examples) or as a gate and shift of the output (``ConcatSquashLinear``;
 Grathwohl et al., FFJORD, ICLR 2019).
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,13 @@ from torch import nn
 
 __all__ = ["ConcatLinear", "ConcatSquashLinear", "ConcatMLP", "ConcatConv2d", "ConvODEFunc"]
 
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "softplus": nn.Softplus, "silu": nn.SiLU}
+_ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "silu": nn.SiLU,
+}
 
 
 def _time_rows(t, y: torch.Tensor) -> torch.Tensor:
@@ -23,8 +30,10 @@ def _time_rows(t, y: torch.Tensor) -> torch.Tensor:
         return t.reshape(())
     if t.ndim == 1 and y.ndim >= 2 and t.shape[0] == y.shape[0]:
         return t.view(-1, *([1] * (y.ndim - 1)))
-    raise ValueError(f"t: expected a scalar time (or one per sample, shape ({y.shape[0]},)), "
-                     f"got shape {tuple(t.shape)}")
+    raise ValueError(
+        f"t: expected a scalar time (or one per sample, shape ({y.shape[0]},)), "
+        f"got shape {tuple(t.shape)}"
+    )
 
 
 def _time_column(t, y: torch.Tensor) -> torch.Tensor:
@@ -66,7 +75,14 @@ class ConcatMLP(nn.Module):
     ``input_fn`` optionally transforms ``y`` first (e.g. ``lambda y: y**3`` for the spiral demo).
     """
 
-    def __init__(self, dim: int, hidden=(64, 64), layer: str = "concat", activation: str = "tanh", input_fn=None):
+    def __init__(
+        self,
+        dim: int,
+        hidden=(64, 64),
+        layer: str = "concat",
+        activation: str = "tanh",
+        input_fn=None,
+    ):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim: expected a positive int, got {dim!r}")
@@ -77,11 +93,14 @@ class ConcatMLP(nn.Module):
         if layer not in kinds:
             raise ValueError(f"layer: expected one of {sorted(kinds)}, got {layer!r}")
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(
+                f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
         dims = (dim, *hidden, dim)
         self.time_dependent = layer != "ignore"
         self.layers = nn.ModuleList(
-            (kinds[layer](a, b) if self.time_dependent else nn.Linear(a, b)) for a, b in zip(dims[:-1], dims[1:])
+            (kinds[layer](a, b) if self.time_dependent else nn.Linear(a, b))
+            for a, b in zip(dims[:-1], dims[1:])
         )
         self.act = _ACTIVATIONS[activation]()
         self.input_fn = input_fn
@@ -96,11 +115,22 @@ class ConcatMLP(nn.Module):
 
 
 class ConcatConv2d(nn.Module):
-    """A 2-D convolution whose input gets the time ``t`` as an extra constant channel (torchdiffeq)."""
+    """A 2-D convolution whose input gets the time ``t`` as an extra constant channel
+    (torchdiffeq)."""
 
-    def __init__(self, dim_in: int, dim_out: int, ksize: int = 3, stride: int = 1, padding: int = 1, bias: bool = True):
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        ksize: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        bias: bool = True,
+    ):
         super().__init__()
-        self.layer = nn.Conv2d(dim_in + 1, dim_out, kernel_size=ksize, stride=stride, padding=padding, bias=bias)
+        self.layer = nn.Conv2d(
+            dim_in + 1, dim_out, kernel_size=ksize, stride=stride, padding=padding, bias=bias
+        )
 
     def forward(self, t, x):
         if x.ndim != 4:
@@ -110,7 +140,8 @@ class ConcatConv2d(nn.Module):
 
 
 class ConvODEFunc(nn.Module):
-    """Conv vector field of ODE-Net (GN → ReLU → ConcatConv → GN → ReLU → ConcatConv → GN) on ``[B, dim, H, W]``."""
+    """Conv vector field of ODE-Net (GN → ReLU → ConcatConv → GN → ReLU → ConcatConv → GN) on ``[B,
+    dim, H, W]``."""
 
     def __init__(self, dim: int = 64, groups: int = 32):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Continuous normalizing flows (Chen et al. 2018 §4; FFJORD, Grathwohl et al. 2019; RNODE, Finlay et al. 2020).
+"""Continuous normalizing flows (Chen et al. 2018 §4; FFJORD, Grathwohl et al. 2019; RNODE, Finlay
+et al. 2020).
 
 A CNF maps data ``x = z(0)`` to a base sample ``z(T)`` through ``dz/dt = f(t, z)`` and tracks the
 log-density with the instantaneous change of variables ``d log p(z(t))/dt = −Tr(∂f/∂z)``:
@@ -13,6 +14,7 @@ extra state channels and added to :meth:`CNF.loss`.
 
 ``PlanarFlow`` (Rezende & Mohamed 2015) is the discrete baseline of the paper's Figure 4/5.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,11 +22,11 @@ import math
 import torch
 from torch import nn
 
-from ..solvers.linear import autograd_on, grad_leaf
 from .._solve import solve
 from ..sensitivity._resolve import resolve_sensealg
 from ..solvers import Dopri5
 from ..solvers._resolve import resolve_solver
+from ..solvers.linear import autograd_on, grad_leaf
 
 __all__ = ["CNF", "PlanarFlow", "HyperPlanarField"]
 
@@ -54,23 +56,31 @@ def _check_data(x, dim: int) -> None:
     if x.ndim != 2 or x.shape[1] != dim:
         raise ValueError(f"x: expected a tensor shaped [batch, {dim}], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"x: dtype {x.dtype} is not floating point; convert it, "
-                        f"e.g. x.float() or x.double()")
+        raise TypeError(
+            f"x: dtype {x.dtype} is not floating point; convert it, e.g. x.float() or x.double()"
+        )
     if not torch.isfinite(x).all():
         raise ValueError("x: contains NaN or Inf; every data point must be finite")
 
 
 class HyperPlanarField(nn.Module):
-    """The paper's CNF dynamics: ``f(t, z) = Σₘ uₘ(t) tanh(wₘ(t)ᵀz + bₘ(t))`` with a gate, parameters from a hypernetwork of ``t``.
+    """The paper's CNF dynamics: ``f(t, z) = Σₘ uₘ(t) tanh(wₘ(t)ᵀz + bₘ(t))`` with a gate,
+    parameters from a hypernetwork of ``t``.
 
-    ``width`` planar units (M in the paper), hypernetwork hidden size ``hidden`` (torchdiffeq's ``cnf.py``: 64 and 32).
+    ``width`` planar units (M in the paper), hypernetwork hidden size ``hidden`` (torchdiffeq's
+    ``cnf.py``: 64 and 32).
     """
 
     def __init__(self, dim: int = 2, width: int = 64, hidden: int = 32):
         super().__init__()
         self.dim, self.width = dim, width
-        self.net = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, 3 * width * dim + width))
+        self.net = nn.Sequential(
+            nn.Linear(1, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, 3 * width * dim + width),
+        )
 
     def forward(self, t, z):
         p = self.net(torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(1, 1)).reshape(-1)
@@ -85,7 +95,8 @@ class HyperPlanarField(nn.Module):
 
 
 class _Dynamics(nn.Module):
-    """The augmented dynamics; an ``nn.Module`` owning the vector field so that adjoints find its parameters."""
+    """The augmented dynamics; an ``nn.Module`` owning the vector field so that adjoints find its
+    parameters."""
 
     def __init__(self, vector_field, dim: int):
         super().__init__()
@@ -98,8 +109,9 @@ class _Dynamics(nn.Module):
     def forward(self, t, state):
         z = state[0]
         build = torch.is_grad_enabled()
-        # The trace needs autograd even under torch.no_grad() or torch.inference_mode() (then without a
-        # graph to keep); inference tensors cannot enter autograd, so they are cloned out of it first.
+        # The trace needs autograd even under torch.no_grad() or torch.inference_mode() (then
+        # without a graph to keep); inference tensors cannot enter autograd, so they are cloned out
+        # of it first.
         with autograd_on():
             if not z.requires_grad:
                 z = grad_leaf(z)
@@ -111,7 +123,9 @@ class _Dynamics(nn.Module):
                 tr = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
                 rows = []
                 for i in range(self.dim):
-                    row = torch.autograd.grad(f[:, i].sum(), z, create_graph=build, retain_graph=True)[0]
+                    row = torch.autograd.grad(
+                        f[:, i].sum(), z, create_graph=build, retain_graph=True
+                    )[0]
                     tr = tr + row[:, i]
                     rows.append(row)
                 if self.regs:
@@ -146,9 +160,24 @@ class CNF(nn.Module):
     batch means of the integrals) describe the last call.
     """
 
-    def __init__(self, dim: int, vector_field=None, T: float = 0.5, trace: str = "exact", noise: str = "rademacher",
-                 solver=None, rtol: float = 1e-5, atol: float = 1e-5, sensealg=None, kinetic: float = 0.0,
-                 jacobian: float = 0.0, base_std: float = 1.0, train_T: bool = False, adaptive: bool = True, dt=None):
+    def __init__(
+        self,
+        dim: int,
+        vector_field=None,
+        T: float = 0.5,
+        trace: str = "exact",
+        noise: str = "rademacher",
+        solver=None,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        sensealg=None,
+        kinetic: float = 0.0,
+        jacobian: float = 0.0,
+        base_std: float = 1.0,
+        train_T: bool = False,
+        adaptive: bool = True,
+        dt=None,
+    ):
         super().__init__()
         from .blocks import ConcatMLP
 
@@ -163,7 +192,11 @@ class CNF(nn.Module):
         jacobian = _finite("jacobian", jacobian, "the Jacobian-norm penalty weight")
         base_std = _finite("base_std", base_std, "the base's standard deviation", positive=True)
         self.dim = dim
-        vf = vector_field if vector_field is not None else ConcatMLP(dim, (64, 64), layer="concatsquash")
+        vf = (
+            vector_field
+            if vector_field is not None
+            else ConcatMLP(dim, (64, 64), layer="concatsquash")
+        )
         self.dynamics = _Dynamics(vf, dim)
         self.sqrt_T = nn.Parameter(torch.tensor(math.sqrt(T)), requires_grad=bool(train_T))
         self.trace, self.noise = trace, noise
@@ -182,7 +215,7 @@ class CNF(nn.Module):
 
     @property
     def T(self) -> torch.Tensor:
-        return self.sqrt_T ** 2
+        return self.sqrt_T**2
 
     def _draw_noise(self, z):
         if self.noise == "rademacher":
@@ -190,11 +223,13 @@ class CNF(nn.Module):
         return torch.randn_like(z)
 
     def transform(self, x: torch.Tensor, trace: str | None = None):
-        """Push data ``x`` to the base: returns ``(z(T), ∫Tr dt, kinetic [batch], jacobian [batch])`` (the last two ``None`` unless regularised)."""
+        """Push data ``x`` to the base: returns ``(z(T), ∫Tr dt, kinetic [batch], jacobian
+        [batch])`` (the last two ``None`` unless regularised)."""
         _check_data(x, self.dim)
         if not torch.isfinite(self.T).all() or not float(self.T) > 0:
-            raise ValueError(f"T: the (learned) integration time is {float(self.T)!r}; "
-                             f"it must be finite and > 0")
+            raise ValueError(
+                f"T: the (learned) integration time is {float(self.T)!r}; it must be finite and > 0"
+            )
         mode = self.trace if trace is None else trace
         if mode not in ("exact", "hutchinson"):
             raise ValueError(f"trace: expected 'exact' or 'hutchinson', got {mode!r}")
@@ -205,9 +240,23 @@ class CNF(nn.Module):
         zero = x.new_zeros(x.shape[0])
         y0 = (x, zero, zero, zero) if self._regs else (x, zero)
         T = self.T.to(x.dtype)
-        t = torch.stack([torch.zeros_like(T), T]) if self.sqrt_T.requires_grad else torch.tensor([0.0, float(T)], dtype=x.dtype)
-        sol = solve(dyn, y0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg,
-                       adaptive=self.adaptive, dt=self.dt, args=())
+        t = (
+            torch.stack([torch.zeros_like(T), T])
+            if self.sqrt_T.requires_grad
+            else torch.tensor([0.0, float(T)], dtype=x.dtype)
+        )
+        sol = solve(
+            dyn,
+            y0,
+            t,
+            self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            sensealg=self.sensealg,
+            adaptive=self.adaptive,
+            dt=self.dt,
+            args=(),
+        )
         self.nfe_forward = int(sol.stats["nfe"])
         self.last_stats = sol.stats
         final = [c[-1] for c in sol.ys]
@@ -216,7 +265,8 @@ class CNF(nn.Module):
         return final[0], final[1], None, None
 
     def log_prob(self, x: torch.Tensor, trace: str | None = None) -> torch.Tensor:
-        """``log p(x)`` per sample, ``[batch]`` (``trace`` overrides the model's estimator, e.g. ``"exact"`` at test time)."""
+        """``log p(x)`` per sample, ``[batch]`` (``trace`` overrides the model's estimator, e.g.
+        ``"exact"`` at test time)."""
         z, logdet, kin, jac = self.transform(x, trace)
         self.last_reg = {}
         if kin is not None:
@@ -224,10 +274,15 @@ class CNF(nn.Module):
         return _gaussian_logp(z, self.base_std) + logdet
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Training loss: ``−mean log p(x)`` plus the RNODE penalties when their weights are positive."""
+        """Training loss: ``−mean log p(x)`` plus the RNODE penalties when their weights are
+        positive."""
         loss = -self.log_prob(x).mean()
         if self.last_reg:
-            loss = loss + self.kinetic * self.last_reg["kinetic"] + self.jacobian * self.last_reg["jacobian"]
+            loss = (
+                loss
+                + self.kinetic * self.last_reg["kinetic"]
+                + self.jacobian * self.last_reg["jacobian"]
+            )
         return loss
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -235,11 +290,22 @@ class CNF(nn.Module):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
         p = next(self.parameters())
-        z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device) * self.base_std
+        z = (
+            torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)
+            * self.base_std
+        )
         with torch.no_grad():
             t = torch.tensor([float(self.T), 0.0], dtype=p.dtype)
-            sol = solve(lambda t_, y: self.vector_field(t_, y), z, t, self.solver, rtol=self.rtol, atol=self.atol,
-                           adaptive=self.adaptive, dt=-abs(self.dt) if self.dt else None)
+            sol = solve(
+                lambda t_, y: self.vector_field(t_, y),
+                z,
+                t,
+                self.solver,
+                rtol=self.rtol,
+                atol=self.atol,
+                adaptive=self.adaptive,
+                dt=-abs(self.dt) if self.dt else None,
+            )
         return sol.ys[-1]
 
     def forward(self, x):
@@ -247,7 +313,8 @@ class CNF(nn.Module):
 
 
 class PlanarFlow(nn.Module):
-    """``K`` stacked planar layers ``z + u·tanh(wᵀz + b)`` (Rezende & Mohamed, ICML 2015) with a Gaussian base.
+    """``K`` stacked planar layers ``z + u·tanh(wᵀz + b)`` (Rezende & Mohamed, ICML 2015) with a
+    Gaussian base.
 
     ``u`` is reparameterised so that ``wᵀu ≥ −1`` (invertibility). ``log_prob(x)`` needs the
     inverse, which planar flows lack in closed form, so — as in the paper's maximum-likelihood
@@ -261,7 +328,9 @@ class PlanarFlow(nn.Module):
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K: expected a positive int, got {K!r}")
         self.dim, self.K = dim, K
-        self.base_std = _finite("base_std", base_std, "the base's standard deviation", positive=True)
+        self.base_std = _finite(
+            "base_std", base_std, "the base's standard deviation", positive=True
+        )
         self.w = nn.Parameter(0.5 * torch.randn(K, dim))
         self.u = nn.Parameter(0.01 * torch.randn(K, dim))
         self.b = nn.Parameter(torch.zeros(K))
@@ -270,7 +339,9 @@ class PlanarFlow(nn.Module):
         """The constrained ``û`` (all layers ``[K, dim]``, or layer ``k``): ``wᵀû ≥ −1``."""
         w, u = (self.w, self.u) if k is None else (self.w[k : k + 1], self.u[k : k + 1])
         wu = (w * u).sum(-1, keepdim=True)
-        uh = u + (-1 + torch.nn.functional.softplus(wu) - wu) * w / (w.pow(2).sum(-1, keepdim=True) + 1e-12)
+        uh = u + (-1 + torch.nn.functional.softplus(wu) - wu) * w / (
+            w.pow(2).sum(-1, keepdim=True) + 1e-12
+        )
         return uh if k is None else uh[0]
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,10 +360,16 @@ class PlanarFlow(nn.Module):
         return -self.log_prob(x).mean()
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, iters: int = 60) -> torch.Tensor:
-        """Invert the stack layer by layer: for ``y = z + u tanh(wᵀz+b)`` solve the scalar ``α = wᵀz`` by bisection."""
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, iters: int = 60
+    ) -> torch.Tensor:
+        """Invert the stack layer by layer: for ``y = z + u tanh(wᵀz+b)`` solve the scalar ``α =
+        wᵀz`` by bisection."""
         p = self.w
-        y = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device) * self.base_std
+        y = (
+            torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)
+            * self.base_std
+        )
         for k in reversed(range(self.K)):
             u, w, b = self._u_hat(k), self.w[k], self.b[k]
             wy, wu = y @ w, (w * u).sum()

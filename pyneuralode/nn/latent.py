@@ -1,4 +1,5 @@
-"""Latent ODEs for irregularly sampled time series (Chen et al. 2018 §5; Rubanova, Chen, Duvenaud 2019).
+"""Latent ODEs for irregularly sampled time series (Chen et al. 2018 §5; Rubanova, Chen, Duvenaud
+2019).
 
 Data convention: a batch lives on the *union* of its observation times: ``x`` ``[B, T, D]`` at the
 increasing times ``t`` ``[T]``, with a boolean ``mask`` ``[B, T]`` saying which of them each
@@ -14,10 +15,11 @@ so a batch gives the same result as solving each sample on its own times.
 * :class:`RNNBaseline`: the paper's RNN baseline (Table 2), trained on Gaussian NLL of the next
   observation, fed ``[x, time gap to the next observation]``; extrapolates autoregressively.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -33,18 +35,25 @@ _LOG2PI = math.log(2 * math.pi)
 
 
 def union_times(times: Sequence, values: Sequence):
-    """Per-sample observations → ``(t [T], x [B, T, D], mask [B, T])`` on the sorted union of all times.
+    """Per-sample observations → ``(t [T], x [B, T, D], mask [B, T])`` on the sorted union of all
+    times.
 
     ``times[i]``: 1-D increasing times of sample ``i``; ``values[i]``: ``[len(times[i]), D]``.
     Unobserved entries of ``x`` are zero.
     """
     if len(times) != len(values) or len(times) == 0:
-        raise ValueError(f"times, values: expected two equally long non-empty sequences, got {len(times)} and {len(values)}")
+        raise ValueError(
+            f"times, values: expected two equally long non-empty sequences, got {len(times)} and "
+            f"{len(values)}"
+        )
     ts = [torch.as_tensor(ti) for ti in times]
     vs = [torch.as_tensor(v) for v in values]
     for i, (ti, v) in enumerate(zip(ts, vs)):
         if ti.ndim != 1 or v.ndim != 2 or v.shape[0] != ti.shape[0]:
-            raise ValueError(f"times[{i}], values[{i}]: expected shapes [n] and [n, D], got {tuple(ti.shape)} and {tuple(v.shape)}")
+            raise ValueError(
+                f"times[{i}], values[{i}]: expected shapes [n] and [n, D], got {tuple(ti.shape)} "
+                f"and {tuple(v.shape)}"
+            )
         if ti.numel() > 1 and not (ti[1:] > ti[:-1]).all():
             raise ValueError(f"times[{i}]: must be strictly increasing")
     t = torch.unique(torch.cat(ts))  # sorted
@@ -60,15 +69,26 @@ def union_times(times: Sequence, values: Sequence):
 
 def _check_batch(x, t, mask, D):
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[2] != D:
-        raise ValueError(f"x: expected observations shaped [batch, times, {D}], got {getattr(x, 'shape', type(x).__name__)}")
+        raise ValueError(
+            f"x: expected observations shaped [batch, times, {D}], got "
+            f"{getattr(x, 'shape', type(x).__name__)}"
+        )
     if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != x.shape[1]:
-        raise ValueError(f"t: expected a 1-D tensor of the {x.shape[1]} union times, got {getattr(t, 'shape', type(t).__name__)}")
+        raise ValueError(
+            f"t: expected a 1-D tensor of the {x.shape[1]} union times, got "
+            f"{getattr(t, 'shape', type(t).__name__)}"
+        )
     if t.numel() > 1 and not (t[1:] > t[:-1]).all():
-        raise ValueError("t: the union times must be strictly increasing (use union_times to build them)")
+        raise ValueError(
+            "t: the union times must be strictly increasing (use union_times to build them)"
+        )
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if not isinstance(mask, torch.Tensor) or mask.shape != x.shape[:2]:
-        raise ValueError(f"mask: expected a boolean tensor shaped {tuple(x.shape[:2])}, got {getattr(mask, 'shape', type(mask).__name__)}")
+        raise ValueError(
+            f"mask: expected a boolean tensor shaped {tuple(x.shape[:2])}, got "
+            f"{getattr(mask, 'shape', type(mask).__name__)}"
+        )
     mask = mask.to(torch.bool)
     if not mask.any(1).all():
         raise ValueError("mask: every sample needs at least one observation")
@@ -111,9 +131,20 @@ class LatentODE(nn.Module):
     std), ``solver``/``rtol``/``atol``/``sensealg`` for the latent solve (and the ODE-RNN's).
     """
 
-    def __init__(self, obs_dim: int = 2, latent_dim: int = 4, rec_hidden: int = 25, ode_hidden=(20,), dec_hidden: int = 20,
-                 encoder: str = "rnn", obs_std: float = 0.3, solver=None, rtol: float = 1e-4, atol: float = 1e-5,
-                 sensealg=None):
+    def __init__(
+        self,
+        obs_dim: int = 2,
+        latent_dim: int = 4,
+        rec_hidden: int = 25,
+        ode_hidden=(20,),
+        dec_hidden: int = 20,
+        encoder: str = "rnn",
+        obs_std: float = 0.3,
+        solver=None,
+        rtol: float = 1e-4,
+        atol: float = 1e-5,
+        sensealg=None,
+    ):
         super().__init__()
         if encoder not in ("rnn", "odernn"):
             raise ValueError(f"encoder: expected 'rnn' or 'odernn', got {encoder!r}")
@@ -130,7 +161,9 @@ class LatentODE(nn.Module):
             self.rec_field = _LatentField(rec_hidden, (rec_hidden,))
         self.h2o = nn.Linear(rec_hidden, 2 * latent_dim)
         self.func = _LatentField(latent_dim, ode_hidden)
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, dec_hidden), nn.ReLU(), nn.Linear(dec_hidden, obs_dim))
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, dec_hidden), nn.ReLU(), nn.Linear(dec_hidden, obs_dim)
+        )
         self.solver = resolve_solver(solver, Dopri5)
         self.sensealg = resolve_sensealg(sensealg)
         self.rtol, self.atol = rtol, atol
@@ -138,17 +171,27 @@ class LatentODE(nn.Module):
 
     # -- recognition ------------------------------------------------------------------------------
     def encode(self, x, t, mask=None):
-        """``q(z₀|x)``: returns ``(μ, log σ²)`` each ``[B, latent_dim]``, running backwards over the observations."""
+        """``q(z₀|x)``: returns ``(μ, log σ²)`` each ``[B, latent_dim]``, running backwards over the
+        observations."""
         mask = _check_batch(x, t, mask, self.obs_dim)
         B, T, _ = x.shape
         h = x.new_zeros(B, self.rec_hidden)
-        last = torch.full((B,), float("nan"), dtype=x.dtype, device=x.device)  # time of the last processed observation
+        last = torch.full(
+            (B,), float("nan"), dtype=x.dtype, device=x.device
+        )  # time of the last processed observation
         started = torch.zeros(B, dtype=torch.bool, device=x.device)
         for k in range(T - 1, -1, -1):
             m = mask[:, k]
             if self.encoder == "odernn" and k < T - 1 and started.any():
-                sol = solve(self.rec_field, h, torch.stack([t[k + 1], t[k]]), self.solver, rtol=self.rtol,
-                               atol=self.atol, sensealg=self.sensealg)
+                sol = solve(
+                    self.rec_field,
+                    h,
+                    torch.stack([t[k + 1], t[k]]),
+                    self.solver,
+                    rtol=self.rtol,
+                    atol=self.atol,
+                    sensealg=self.sensealg,
+                )
                 h = torch.where(started.unsqueeze(1), sol.ys[-1], h)
             if not m.any():
                 continue
@@ -165,20 +208,25 @@ class LatentODE(nn.Module):
 
     # -- generation -------------------------------------------------------------------------------
     def decode(self, z0, t):
-        """Solve the latent ODE from ``z0`` (at ``t[0]``) at the times ``t`` and decode: ``[B, len(t), obs_dim]``."""
+        """Solve the latent ODE from ``z0`` (at ``t[0]``) at the times ``t`` and decode: ``[B,
+        len(t), obs_dim]``."""
         self.func.nfe = 0
-        sol = solve(self.func, z0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg)
+        sol = solve(
+            self.func, z0, t, self.solver, rtol=self.rtol, atol=self.atol, sensealg=self.sensealg
+        )
         self.nfe_forward = self.func.nfe
         return self.decoder(sol.ys).transpose(0, 1)
 
     def forward(self, x, t, mask=None, sample: bool = True):
-        """Encode, draw ``z₀`` (the mean when ``sample=False``), decode at ``t``. Returns ``(x̂, μ, log σ²)``."""
+        """Encode, draw ``z₀`` (the mean when ``sample=False``), decode at ``t``. Returns ``(x̂, μ,
+        log σ²)``."""
         mu, logvar = self.encode(x, t, mask)
         z0 = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
         return self.decode(z0, t), mu, logvar
 
     def elbo(self, x, t, mask=None, sample: bool = True) -> torch.Tensor:
-        """Per-sample ELBO ``[B]``: ``Σ_observed log N(x | x̂, obs_std²) − KL(q(z₀|x) ‖ N(0, I))``."""
+        """Per-sample ELBO ``[B]``: ``Σ_observed log N(x | x̂, obs_std²) − KL(q(z₀|x) ‖ N(0,
+        I))``."""
         mask = _check_batch(x, t, mask, self.obs_dim)
         xhat, mu, logvar = self(x, t, mask, sample)
         s = self.obs_std
@@ -192,11 +240,16 @@ class LatentODE(nn.Module):
         return -self.elbo(x, t, mask).mean()
 
     def predict(self, x, t, mask, t_pred, sample: bool = False):
-        """Reconstruct/extrapolate at arbitrary increasing times ``t_pred`` (``>= t[0]``): ``[B, len(t_pred), obs_dim]``."""
+        """Reconstruct/extrapolate at arbitrary increasing times ``t_pred`` (``>= t[0]``): ``[B,
+        len(t_pred), obs_dim]``."""
         mu, logvar = self.encode(x, t, mask)
         z0 = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
         t_pred = torch.as_tensor(t_pred, dtype=t.dtype, device=t.device)
-        if t_pred.ndim != 1 or (t_pred.numel() > 1 and not (t_pred[1:] > t_pred[:-1]).all()) or t_pred[0] < t[0]:
+        if (
+            t_pred.ndim != 1
+            or (t_pred.numel() > 1 and not (t_pred[1:] > t_pred[:-1]).all())
+            or t_pred[0] < t[0]
+        ):
             raise ValueError("t_pred: expected strictly increasing times starting at or after t[0]")
         if t_pred[0] > t[0]:
             return self.decode(z0, torch.cat([t[:1], t_pred]))[:, 1:]
@@ -211,7 +264,9 @@ class RNNBaseline(nn.Module):
     NLL. ``predict`` runs over the observations, then feeds its own means back to extrapolate.
     """
 
-    def __init__(self, obs_dim: int = 2, hidden: int = 25, time_gap: bool = True, cell: str = "rnn"):
+    def __init__(
+        self, obs_dim: int = 2, hidden: int = 25, time_gap: bool = True, cell: str = "rnn"
+    ):
         super().__init__()
         if cell not in ("rnn", "gru"):
             raise ValueError(f"cell: expected 'rnn' or 'gru', got {cell!r}")
@@ -224,7 +279,8 @@ class RNNBaseline(nn.Module):
         return torch.cat([xk, gap.unsqueeze(1)], 1) if self.time_gap else xk
 
     def _run(self, x, t, mask):
-        """Process the observations; returns per-step predicted (mean, logstd) ``[B, T, D]``, next-observation index, final h."""
+        """Process the observations; returns per-step predicted (mean, logstd) ``[B, T, D]``,
+        next-observation index, final h."""
         B, T, D = x.shape
         # next observed index after k (T if none), by a reverse scan
         nxt = torch.full((B, T), T, dtype=torch.long, device=x.device)
@@ -257,7 +313,8 @@ class RNNBaseline(nn.Module):
         return nll.sum() / valid.sum().clamp(min=1)
 
     def predict(self, x, t, mask, t_pred):
-        """Extrapolate at increasing times ``t_pred`` after each sample's last observation: ``[B, len(t_pred), obs_dim]``."""
+        """Extrapolate at increasing times ``t_pred`` after each sample's last observation: ``[B,
+        len(t_pred), obs_dim]``."""
         mask = _check_batch(x, t, mask, self.obs_dim)
         B, T, D = x.shape
         t_pred = torch.as_tensor(t_pred, dtype=t.dtype, device=t.device)

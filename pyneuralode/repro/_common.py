@@ -1,4 +1,5 @@
 """Helpers shared by the reproduction modules: metrics file, seeding, progress bars, figures."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,16 @@ from pathlib import Path
 
 from .._progress import progress
 
-__all__ = ["write_metrics", "seed_everything", "progress", "savefig", "begin_run", "run_info",
-           "can_plot", "write_metrics_beside"]
+__all__ = [
+    "write_metrics",
+    "seed_everything",
+    "progress",
+    "savefig",
+    "begin_run",
+    "run_info",
+    "can_plot",
+    "write_metrics_beside",
+]
 
 # What the CLI (or an example) records at the start of a run; write_metrics adds it to the metrics.
 _RUN: dict = {}
@@ -21,8 +30,11 @@ _RUN: dict = {}
 def begin_run(seed=None, argv=None) -> None:
     """Start the clock and remember the command line and seed for :func:`run_info`."""
     _RUN.clear()
-    _RUN.update(start=time.perf_counter(), seed=seed,
-                argv=["python", *sys.argv] if argv is None else list(argv))
+    _RUN.update(
+        start=time.perf_counter(),
+        seed=seed,
+        argv=["python", *sys.argv] if argv is None else list(argv),
+    )
 
 
 def _git_commit():
@@ -31,10 +43,18 @@ def _git_commit():
     if not (here / ".git").exists():
         return None
     try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (sha + ("-dirty" if dirty else "")) or None
@@ -86,7 +106,8 @@ def _plain(v):
 
 
 def write_metrics(out, metrics: dict, filename: str = "metrics.json") -> Path:
-    """Write ``out/metrics.json`` (flat keys; tensors and numpy scalars become numbers; NaN/Inf become null).
+    """Write ``out/metrics.json`` (flat keys; tensors and numpy scalars become numbers; NaN/Inf
+    become null).
 
     The provenance keys of :func:`run_info` are added (a metric of the same name wins). Call it
     before plotting, so a failed plot never loses a run.
@@ -96,7 +117,9 @@ def write_metrics(out, metrics: dict, filename: str = "metrics.json") -> Path:
     flat = {}
     for k, v in {**run_info(), **metrics}.items():
         if isinstance(v, dict):
-            raise ValueError(f"metrics[{k!r}]: nested dicts are not allowed; use flat keys such as '{k}_sub'")
+            raise ValueError(
+                f"metrics[{k!r}]: nested dicts are not allowed; use flat keys such as '{k}_sub'"
+            )
         v = _plain(v)
         if isinstance(v, float) and not math.isfinite(v):
             v = None
@@ -119,13 +142,15 @@ def seed_everything(seed: int) -> None:
 
 
 def write_metrics_beside(figure, metrics: dict) -> Path:
-    """:func:`write_metrics` for an example: ``NAME_metrics.json`` beside its figure ``NAME.png``."""
+    """:func:`write_metrics` for an example: ``NAME_metrics.json`` beside its figure
+    ``NAME.png``."""
     figure = Path(figure)
     return write_metrics(figure.parent, metrics, filename=f"{figure.stem}_metrics.json")
 
 
 def can_plot() -> bool:
-    """True when matplotlib is importable; otherwise prints one line saying the plots are skipped."""
+    """True when matplotlib is importable; otherwise prints one line saying the plots are
+    skipped."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:

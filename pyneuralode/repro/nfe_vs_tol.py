@@ -14,6 +14,7 @@ Adam. Measured:
     see torchdiffeq issue #97 — reported, not gated on);
 (d) forward NFE over training (first 5 iterations / first 10% vs last 10%).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,9 @@ class _Classifier(torch.nn.Module):
 
         self.aug = aug
         vf = pn.ConcatMLP(2 + aug, (hidden, hidden), layer="concat", activation="tanh")
-        self.ode = pn.NeuralODE(vf, (0.0, 1.0), solver=pn.Dopri5(), sensealg=sensealg, rtol=tol, atol=tol)
+        self.ode = pn.NeuralODE(
+            vf, (0.0, 1.0), solver=pn.Dopri5(), sensealg=sensealg, rtol=tol, atol=tol
+        )
         self.head = torch.nn.Linear(2 + aug, 2)
 
     def forward(self, x):
@@ -82,14 +85,21 @@ def run(opts) -> dict:
         acc = float((model(xt.to(dev)).argmax(1).cpu() == yt).float().mean())
     k = max(1, len(nfe_f) // 10)
     metrics = {
-        "iterations": iters, "test_accuracy": acc, "final_loss": statistics.fmean(losses[-k:]),
+        "iterations": iters,
+        "test_accuracy": acc,
+        "final_loss": statistics.fmean(losses[-k:]),
         "nfe_forward_first5": statistics.fmean(nfe_f[:5]),
-        "nfe_forward_start": statistics.fmean(nfe_f[:k]), "nfe_forward_end": statistics.fmean(nfe_f[-k:]),
-        "nfe_backward_start": statistics.fmean(nfe_b[:k]), "nfe_backward_end": statistics.fmean(nfe_b[-k:]),
+        "nfe_forward_start": statistics.fmean(nfe_f[:k]),
+        "nfe_forward_end": statistics.fmean(nfe_f[-k:]),
+        "nfe_backward_start": statistics.fmean(nfe_b[:k]),
+        "nfe_backward_end": statistics.fmean(nfe_b[-k:]),
         "nfe_ratio_backward_forward": statistics.fmean(b / f for b, f in zip(nfe_b, nfe_f)),
-        # InterpolatingAdjoint's checkpoint re-solves in the backward pass, not counted in nfe_backward
+        # InterpolatingAdjoint's checkpoint re-solves in the backward pass, not counted in
+        # nfe_backward
         "nfe_recompute_mean": statistics.fmean(nfe_r),
-        "nfe_ratio_backward_with_recompute_forward": statistics.fmean((b + r) / f for b, r, f in zip(nfe_b, nfe_r, nfe_f)),
+        "nfe_ratio_backward_with_recompute_forward": statistics.fmean(
+            (b + r) / f for b, r, f in zip(nfe_b, nfe_r, nfe_f)
+        ),
     }
     metrics["nfe_growth"] = metrics["nfe_forward_end"] / metrics["nfe_forward_start"]
 

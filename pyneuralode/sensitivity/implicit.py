@@ -11,11 +11,12 @@ info) -> z`` (called with grad enabled after the forward solve, under which ``z_
 without a graph) returns a tensor with the value of ``z_star`` whose backward applies the method;
 it records its costs in ``info``.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,20 +45,33 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
     * ``"anderson"``: Anderson acceleration (memory ``m``) of that iteration.
 
     Stops when ``‖(I − Jᵀ) g − ∂L/∂z*‖₂ <= max(atol, rtol·‖∂L/∂z*‖₂)`` (per sample for GMRES;
-    default ``rtol = √eps`` of the dtype, as LinearSolve.jl: 3.5e-4 in float32, 1.5e-8 in float64) or after ``max_iters``
-    VJPs; then warns (``throw=False``, the default: training goes on with the inexact gradient)
-    or raises ``RuntimeError`` (``throw=True``). Costs land in ``info``/``pn.last_stats``:
-    ``bwd_iterations`` (VJPs in linear solves), ``bwd_residual``, ``bwd_retcode``.
-    First derivatives only: a second derivative (``create_graph=True`` then differentiating again)
-    raises ``RuntimeError``. SciMLSensitivity: ``SteadyStateAdjoint(linsolve=KrylovJL_GMRES())``.
+    default ``rtol = √eps`` of the dtype, as LinearSolve.jl: 3.5e-4 in float32, 1.5e-8 in float64)
+    or after ``max_iters`` VJPs; then warns (``throw=False``, the default: training goes on with the
+    inexact gradient) or raises ``RuntimeError`` (``throw=True``). Costs land in
+    ``info``/``pn.last_stats``: ``bwd_iterations`` (VJPs in linear solves), ``bwd_residual``,
+    ``bwd_retcode``. First derivatives only: a second derivative (``create_graph=True`` then
+    differentiating again) raises ``RuntimeError``. SciMLSensitivity:
+    ``SteadyStateAdjoint(linsolve=KrylovJL_GMRES())``.
     """
 
     name = "SteadyStateAdjoint"
 
-    def __init__(self, linsolve: str = "gmres", *, rtol: Optional[float] = None, atol: float = 0.0,
-                 max_iters: int = 200, restart: int = 50, m: int = 5, throw: bool = False):
+    def __init__(
+        self,
+        linsolve: str = "gmres",
+        *,
+        rtol: float | None = None,
+        atol: float = 0.0,
+        max_iters: int = 200,
+        restart: int = 50,
+        m: int = 5,
+        throw: bool = False,
+    ):
         if linsolve not in _LINSOLVES:
-            raise ValueError(f"linsolve: unknown {linsolve!r}; use one of {', '.join(repr(s) for s in _LINSOLVES)}")
+            raise ValueError(
+                f"linsolve: unknown {linsolve!r}; use one of "
+                f"{', '.join(repr(s) for s in _LINSOLVES)}"
+            )
         rtol = check_tolerance("rtol", rtol, none="√eps of the dtype")
         atol = check_tolerance("atol", atol)
         for nm, v in (("max_iters", max_iters), ("restart", restart), ("m", m)):
@@ -90,8 +104,15 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
         if vnorm == 0.0:
             return torch.zeros_like(v), 0, 0.0, True
         if self.linsolve == "gmres":  # per-sample Krylov spaces when batched
-            res = gmres(lambda g: g - JT(g), v, rtol=rtol, atol=self.atol, restart=self.restart,
-                        maxiter=self.max_iters, batch=batch)
+            res = gmres(
+                lambda g: g - JT(g),
+                v,
+                rtol=rtol,
+                atol=self.atol,
+                restart=self.restart,
+                maxiter=self.max_iters,
+                batch=batch,
+            )
             return res.x, res.iterations, res.residual, res.converged
         if self.linsolve == "fixed_point":
             g = v.clone()
@@ -118,7 +139,9 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
             r = float((phi_g - g).norm())
             return r <= tol, r
 
-        g = Anderson(m=self.m, max_iters=self.max_iters).solve(lambda g: v + JT(g), v.clone(), check, rec, batch)
+        g = Anderson(m=self.m, max_iters=self.max_iters).solve(
+            lambda g: v + JT(g), v.clone(), check, rec, batch
+        )
         return g, rec.nfe, rec.residual, bool(rec.retcode is not None and rec.retcode.successful)
 
 
@@ -156,6 +179,7 @@ class _Implicit(torch.autograd.Function):
         h = ctx.holder
         fz, z_, alg, info = h.fz, h.z, h.alg, h.info
         with torch.enable_grad():
+
             def JT(g):
                 out = torch.autograd.grad(fz, z_, g, retain_graph=True, allow_unused=True)[0]
                 return torch.zeros_like(g) if out is None else out
@@ -165,9 +189,13 @@ class _Implicit(torch.autograd.Function):
         if info is not None:
             info.record_backward(iters, resid, ok)
         if not ok:
-            msg = (f"SteadyStateAdjoint({alg.linsolve!r}) did not converge in {alg.max_iters} iterations "
-                   f"(residual {resid:.3g}); the gradient is inexact. Tighten the forward tolerances, "
-                   "raise max_iters, use linsolve='gmres', or regularise the Jacobian (pn.jacobian_regularization)")
+            msg = (
+                f"SteadyStateAdjoint({alg.linsolve!r}) did not converge in {alg.max_iters} "
+                "iterations "
+                f"(residual {resid:.3g}); the gradient is inexact. Tighten the forward tolerances, "
+                "raise max_iters, use linsolve='gmres', or regularise the Jacobian "
+                "(pn.jacobian_regularization)"
+            )
             if alg.throw:
                 raise RuntimeError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -224,8 +252,15 @@ class PhantomGradient(AbstractImplicitGradient):
         return z
 
 
-def jacobian_regularization(f: Callable, z: torch.Tensor, args: Sequence = (), *, n_samples: int = 1,
-                            normalize: bool = True, create_graph: bool = True) -> torch.Tensor:
+def jacobian_regularization(
+    f: Callable,
+    z: torch.Tensor,
+    args: Sequence = (),
+    *,
+    n_samples: int = 1,
+    normalize: bool = True,
+    create_graph: bool = True,
+) -> torch.Tensor:
     """Hutchinson estimate of ``‖∂f/∂z‖²_F`` at ``z`` (Bai, Koltun, Kolter, ICML 2021).
 
     ``E_v ‖vᵀ ∂f/∂z‖²`` with ``v ~ N(0, I)``, averaged over ``n_samples`` probes; divided by the
@@ -237,15 +272,23 @@ def jacobian_regularization(f: Callable, z: torch.Tensor, args: Sequence = (), *
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples: expected a positive int, got {n_samples!r}")
     if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-        raise TypeError("z: expected a floating-point tensor (the point where the Jacobian is taken)")
+        raise TypeError(
+            "z: expected a floating-point tensor (the point where the Jacobian is taken)"
+        )
     z_ = z.detach().requires_grad_(True)
     with torch.enable_grad():
         fz = f(z_, *args)
         total = fz.new_zeros(())
         for i in range(n_samples):
             v = torch.randn_like(fz)
-            vJ = torch.autograd.grad(fz, z_, v, retain_graph=i < n_samples - 1 or create_graph,
-                                     create_graph=create_graph, allow_unused=True)[0]
+            vJ = torch.autograd.grad(
+                fz,
+                z_,
+                v,
+                retain_graph=i < n_samples - 1 or create_graph,
+                create_graph=create_graph,
+                allow_unused=True,
+            )[0]
             if vJ is not None:
                 total = total + vJ.pow(2).sum()
     est = total / n_samples

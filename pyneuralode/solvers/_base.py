@@ -13,10 +13,12 @@ A solver is a small object (its tableau, options) with three methods:
 shape of the internal state. States are handled as tensors of any shape; stage arithmetic works
 on ``y.reshape(-1)`` views.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -40,14 +42,14 @@ class StepResult:
     """
 
     y1: torch.Tensor
-    error: Optional[torch.Tensor]
+    error: torch.Tensor | None
     cache: Any
     dense: Any
     ok: bool = True
     cache_on_reject: Any = None
-    order: Optional[int] = None
-    dt_factor: Optional[float] = None
-    reject_safety: Optional[float] = None
+    order: int | None = None
+    dt_factor: float | None = None
+    reject_safety: float | None = None
 
 
 class AbstractSolver:
@@ -61,19 +63,21 @@ class AbstractSolver:
 
     name: str = "AbstractSolver"
     order: int = 0
-    error_order: Optional[int] = None
+    error_order: int | None = None
     implicit: bool = False
     #: True for methods whose step depends on a history kept in the cache (QNDF): a state alone
     #: cannot restart them where they were, so checkpoint re-solves do not replay their steps.
-    #: Such a method may also set ``start_order`` (the order of its first step, for the initial step size).
+    #: Such a method may also set ``start_order`` (the order of its first step, for the initial step
+    #: size).
     multistep: bool = False
 
     def default_controller(self):
         """The step-size controller used when ``solve`` gets none.
 
-        Explicit methods: the integral controller (``PIController(beta1=1, beta2=0)``), the default of
-        torchdiffeq, diffrax and scipy, so that equal tolerances give equal steps for equal methods.
-        Implicit methods (``implicit = True``): SciML's PI gains (smoother step sequences, fewer Jacobians).
+        Explicit methods: the integral controller (``PIController(beta1=1, beta2=0)``), the default
+        of torchdiffeq, diffrax and scipy, so that equal tolerances give equal steps for equal
+        methods. Implicit methods (``implicit = True``): SciML's PI gains (smoother step sequences,
+        fewer Jacobians).
         """
         from ..controllers import PIController
 
@@ -83,7 +87,9 @@ class AbstractSolver:
     def adaptive_capable(self) -> bool:
         return self.error_order is not None
 
-    def init(self, rhs: Callable, t0: float, y0: torch.Tensor, stats: dict, rtol=None, atol=None) -> Any:
+    def init(
+        self, rhs: Callable, t0: float, y0: torch.Tensor, stats: dict, rtol=None, atol=None
+    ) -> Any:
         raise NotImplementedError
 
     def step(self, rhs: Callable, t0: float, y0: torch.Tensor, dt: float, cache: Any) -> StepResult:
@@ -120,20 +126,30 @@ class TableauSolver(AbstractSolver):
 
 def options_repr(solver, defaults: dict) -> str:
     """``Name(opt=value, ...)`` listing only the options that differ from ``defaults``."""
-    shown = ", ".join(f"{k}={v!r}" for k, v in vars(solver).items()
-                      if not k.startswith("_") and not _same(defaults.get(k, object()), v))
+    shown = ", ".join(
+        f"{k}={v!r}"
+        for k, v in vars(solver).items()
+        if not k.startswith("_") and not _same(defaults.get(k, object()), v)
+    )
     return f"{type(solver).__name__}({shown})"
 
 
 def _same(a, b) -> bool:
-    """Option equality that also works for arrays, tensors and sparse matrices (equal only if identical)."""
+    """Option equality that also works for arrays, tensors and sparse matrices (equal only if
+    identical)."""
     if a is b:
         return True
-    if getattr(a, "shape", ()) != () or getattr(b, "shape", ()) != ():  # arrays, tensors, sparse matrices
+    if (
+        getattr(a, "shape", ()) != () or getattr(b, "shape", ()) != ()
+    ):  # arrays, tensors, sparse matrices
         return False
     try:
         return bool(a == b)
-    except (ValueError, RuntimeError, TypeError):  # element-wise comparisons have no single truth value
+    except (
+        ValueError,
+        RuntimeError,
+        TypeError,
+    ):  # element-wise comparisons have no single truth value
         return False
 
 
@@ -141,17 +157,20 @@ _TABLEAU_TENSORS: dict = {}
 
 
 def tableau_tensors(tab, y: torch.Tensor, build: Callable):
-    """``build(tab, dtype, device)`` for ``y``'s dtype and device, built once per tableau and cached."""
+    """``build(tab, dtype, device)`` for ``y``'s dtype and device, built once per tableau and
+    cached."""
     key = (id(tab), build, y.dtype, y.device)
     co = _TABLEAU_TENSORS.get(key)
     if co is None:
-        with torch.inference_mode(False):  # normal tensors even if first built under inference mode (they are reused under autograd)
+        # normal tensors even if first built under inference mode (they are reused under autograd)
+        with torch.inference_mode(False):
             co = _TABLEAU_TENSORS[key] = build(tab, y.dtype, y.device)
     return co
 
 
 def hermite_interpolant(dense, theta):
-    """Cubic Hermite interpolation on a step from ``(y0, y1, f0, f1, dt)``; order 3, C¹ across steps."""
+    """Cubic Hermite interpolation on a step from ``(y0, y1, f0, f1, dt)``; order 3, C¹ across
+    steps."""
     y0, y1, f0, f1, dt = dense
     th = theta
     h00 = (1 + 2 * th) * (1 - th) ** 2

@@ -4,6 +4,7 @@ Stage combinations are single fused ``addmv`` calls on a stage matrix (no Python
 adds); FSAL methods reuse their last stage; the derivative at the step's end is kept as the next
 step's first stage, so non-FSAL methods pay no extra evaluation for Hermite dense output.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,6 @@ import torch
 from ._base import StepResult, TableauSolver, hermite_interpolant
 from ._tableau import ButcherTableau
 
-
 #: States up to this many elements use the zero-padded stage matrix in ``ExplicitRK.step``.
 _PAD_MAX = 8192
 
@@ -20,7 +20,21 @@ _PAD_MAX = 8192
 class _Coefficients:
     """Tableau tensors for one dtype/device, cached on the solver."""
 
-    __slots__ = ("a_rows", "b", "e", "e2", "c", "B", "powers", "extra", "a_pre", "b_head", "stages", "a_row", "b_row")
+    __slots__ = (
+        "a_rows",
+        "b",
+        "e",
+        "e2",
+        "c",
+        "B",
+        "powers",
+        "extra",
+        "a_pre",
+        "b_head",
+        "stages",
+        "a_row",
+        "b_row",
+    )
 
     def __init__(self, tab: ButcherTableau, dtype, device):
         kw = dict(dtype=dtype, device=device)
@@ -38,7 +52,8 @@ class _Coefficients:
         self.B = None if tab.dense is None else DenseWeights(tab.dense, dtype, device)
         # DOP853-style second estimate (combined with ``e`` in ``_combined_error``).
         self.e2 = None if tab.b_error2 is None else torch.tensor(tab.b_error2, **kw)
-        # Extra dense-output stages: (row over all earlier stages, node, is-the-end-point-derivative).
+        # Extra dense-output stages: (row over all earlier stages, node,
+        # is-the-end-point-derivative).
         self.extra = None
         if tab.extra_stages:
             s = tab.stages
@@ -47,14 +62,17 @@ class _Coefficients:
                 row = tab.a_extra[j, : s + j]
                 # A stage at c = 1 with the weights b is f(t0 + h, y1): the step already has it.
                 is_f1 = (
-                    not tab.fsal and tab.c_extra[j] == 1.0 and np.allclose(row[:s], tab.b, atol=1e-14, rtol=0)
+                    not tab.fsal
+                    and tab.c_extra[j] == 1.0
+                    and np.allclose(row[:s], tab.b, atol=1e-14, rtol=0)
                     and not np.any(row[s:])
                 )
                 self.extra.append((torch.tensor(row, **kw), float(tab.c_extra[j]), is_f1))
 
 
 class DenseWeights:
-    """A continuous extension's coefficient matrix ``B`` (stages × degree) as a tensor and as a float64 array.
+    """A continuous extension's coefficient matrix ``B`` (stages × degree) as a tensor and as a
+    float64 array.
 
     For a float θ the stage weights ``dt · B [θ, θ², …]`` are formed in numpy (about a microsecond)
     and handed to one ``addmv``; on the CPU they enter torch without a copy through ``from_numpy``.
@@ -68,24 +86,29 @@ class DenseWeights:
         self.tensor = torch.tensor(self.array, dtype=dtype, device=device)
         self.exponents = np.arange(1, self.array.shape[1] + 1, dtype=np.float64)
         cpu = torch.device(device).type == "cpu"
-        self.np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype) if cpu else None
+        self.np_dtype = (
+            {torch.float32: np.float32, torch.float64: np.float64}.get(dtype) if cpu else None
+        )
         self.device = device
 
     def weights(self, theta: float, dt: float) -> torch.Tensor:
-        w = (self.array @ (theta ** self.exponents)) * dt
+        w = (self.array @ (theta**self.exponents)) * dt
         if self.np_dtype is not None:
             return torch.from_numpy(w.astype(self.np_dtype, copy=False))
         return torch.as_tensor(w, dtype=self.tensor.dtype).to(self.device)
 
 
 def _polynomial_interpolant(dense, theta):
-    """y(θ) = y0 + dt Σ_i b_i(θ) k_i with b_i(θ) = Σ_p B[i,p] θ^(p+1) (the method's continuous extension)."""
+    """y(θ) = y0 + dt Σ_i b_i(θ) k_i with b_i(θ) = Σ_p B[i,p] θ^(p+1) (the method's continuous
+    extension)."""
     y0, K, W, dt = dense
     B = W.tensor
     if isinstance(theta, torch.Tensor) or isinstance(dt, torch.Tensor):
         P = B.shape[1]
         th = theta.to(B.dtype) if isinstance(theta, torch.Tensor) else theta
-        powers = torch.stack([torch.as_tensor(th, dtype=B.dtype, device=B.device) ** (p + 1) for p in range(P)])
+        powers = torch.stack(
+            [torch.as_tensor(th, dtype=B.dtype, device=B.device) ** (p + 1) for p in range(P)]
+        )
         w = (B @ powers) * dt
     else:
         w = W.weights(theta, dt)
@@ -160,7 +183,9 @@ class ExplicitRK(TableauSolver):
         key = (y.dtype, y.device)
         co = self._coef_cache.get(key)
         if co is None:
-            with torch.inference_mode(False):  # normal tensors even if first built under inference mode
+            with torch.inference_mode(
+                False
+            ):  # normal tensors even if first built under inference mode
                 co = self._coef_cache[key] = _Coefficients(self.tableau, y.dtype, y.device)
         return co
 
@@ -185,7 +210,8 @@ class ExplicitRK(TableauSolver):
             padded = n <= _PAD_MAX
             if padded:
                 # Small states: a zeroed stage matrix and full coefficient rows (the rows not yet
-                # computed are exact zeros) save a slice per stage; measured faster up to ~8k elements.
+                # computed are exact zeros) save a slice per stage; measured faster up to ~8k
+                # elements.
                 K = torch.zeros((s, n), dtype=y0.dtype, device=y0.device)
                 a_use = co.a_rows
             else:
@@ -240,7 +266,9 @@ class ExplicitRK(TableauSolver):
             return None
         if co.e2 is not None:
             return _combined_error(K, co.e, co.e2, dt, shape)
-        err = torch.addmv(y0f, KT, co.e, beta=0, alpha=dt)  # beta=0: y0f is ignored (dt·Kᵀe in one op)
+        err = torch.addmv(
+            y0f, KT, co.e, beta=0, alpha=dt
+        )  # beta=0: y0f is ignored (dt·Kᵀe in one op)
         return err if flat else err.view(shape)
 
     def interpolant(self, dense, theta):  # type: ignore[override]

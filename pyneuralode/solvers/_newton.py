@@ -5,7 +5,7 @@ or, for the host steps, flat numpy arrays."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -44,8 +44,8 @@ def host_weighted_rms(x: np.ndarray, scale, inv_sqrt_n: float) -> float:
 
 
 def host_newton_fns(rhs: Callable, t: float, scale: np.ndarray, shape):
-    """``(f_of, norm)`` on flat numpy arrays for the Newton iterations of the host steps: ``f(t, ·)``
-    (f gets and returns tensors, zero-copy) and the tolerance-scaled RMS norm; the numpy
+    """``(f_of, norm)`` on flat numpy arrays for the Newton iterations of the host steps: ``f(t,
+    ·)`` (f gets and returns tensors, zero-copy) and the tolerance-scaled RMS norm; the numpy
     counterpart of :func:`torch_newton_fns` (the linear solve is :meth:`WOperator.host_solver`).
     A 1-D state skips the view and reshape."""
     from_numpy = torch.from_numpy

@@ -1,4 +1,5 @@
-"""The stage-arithmetic seam: which arrays a step's stage combinations run on, chosen once per solve.
+"""The stage-arithmetic seam: which arrays a step's stage combinations run on, chosen once per
+solve.
 
 * :class:`TorchOps` — torch tensors: autograd, any device, every W operator. Without autograd
   the stage matrix is preallocated and filled in place (``addmv``/``out=``); under autograd the
@@ -265,7 +266,8 @@ class TorchOps:
         self.Ks = self.Kst = None
         return y1, err, (y0, y1, kk)
 
-    # -- Newton-based steps (ESDIRK): flat arrays of this arithmetic's type --------------------------
+    # -- Newton-based steps (ESDIRK): flat arrays of this arithmetic's type
+    # --------------------------
     @staticmethod
     def flat(x):
         """A state-shaped tensor as a flat array of this arithmetic."""
@@ -289,7 +291,8 @@ class TorchOps:
 
     @staticmethod
     def linear_solver(W, g, shape):
-        """``b ↦ W⁻¹ b`` on flat arrays for ``W = I − g·J`` (``None`` when GMRES did not converge)."""
+        """``b ↦ W⁻¹ b`` on flat arrays for ``W = I − g·J`` (``None`` when GMRES did not
+        converge)."""
         W.factor(g)
         return torch_linear_solver(W, shape)
 
@@ -326,10 +329,12 @@ class TorchOps:
 
     @staticmethod
     def smooth(W, err, shape, solve):
-        """``W⁻¹ err`` (flat), kept even when GMRES did not converge (an error estimate, not a stage)."""
+        """``W⁻¹ err`` (flat), kept even when GMRES did not converge (an error estimate, not a
+        stage)."""
         return W.solve(err.view(shape)).reshape(-1)
 
-    # -- QNDF: the difference table -----------------------------------------------------------------
+    # -- QNDF: the difference table
+    # -----------------------------------------------------------------
     @staticmethod
     def table(D):
         """The difference table (rows: ∇^j y) as an array of this arithmetic."""
@@ -440,7 +445,8 @@ class HostOps:
         self.v = None
         return y1, err, (y0, y1, kk if kk is not None else torch.zeros_like(y0).unsqueeze(0))
 
-    # -- Newton-based steps (ESDIRK) ------------------------------------------------------------------
+    # -- Newton-based steps (ESDIRK)
+    # ------------------------------------------------------------------
     @staticmethod
     def flat(x):
         return x.detach().reshape(-1).numpy()
@@ -493,7 +499,8 @@ class HostOps:
     def smooth(W, err, shape, solve):
         return solve(err)
 
-    # -- QNDF: the difference table -----------------------------------------------------------------
+    # -- QNDF: the difference table
+    # -----------------------------------------------------------------
     @staticmethod
     def table(D):
         return D.detach().numpy() if isinstance(D, torch.Tensor) else D

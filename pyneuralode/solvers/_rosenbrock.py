@@ -1,4 +1,5 @@
-"""One generic engine for Rosenbrock (linearly implicit) methods, driven by a :class:`RosenbrockTableau`.
+"""One generic engine for Rosenbrock (linearly implicit) methods, driven by a
+:class:`RosenbrockTableau`.
 
 Methods are stored in Hairer & Wanner's transformed form (*Solving ODEs II*, IV.7, eq. 7.25), the
 form OrdinaryDiffEq.jl's ``RodasTableau`` uses::
@@ -17,11 +18,11 @@ arithmetic (:mod:`._ops`) chosen when the solve starts: torch (autograd, GPU, ba
 sparse solves, larger states) or numpy (dense states of up to 16 elements on the CPU without
 autograd, where torch's per-call cost dominates).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -43,9 +44,9 @@ class RosenbrockTableau:
     ``H``: ``k_j = Σ_i H_ji U_i`` for the stiff-aware interpolant).
 
     Construction checks the structure and consistency: back-transforms to the classical form
-    (Γ = (I/γ − C)⁻¹, α = AΓ, b = mΓ), checks that α's row sums are ``c`` and Γ's row sums are ``d``,
-    and the Rosenbrock order conditions (Hairer & Wanner IV.7, Table 7.1) up to order 4 for the
-    solution (order ``order``) and the embedded solution ``(m − e)Γ`` (order ``error_order``).
+    (Γ = (I/γ − C)⁻¹, α = AΓ, b = mΓ), checks that α's row sums are ``c`` and Γ's row sums are
+    ``d``, and the Rosenbrock order conditions (Hairer & Wanner IV.7, Table 7.1) up to order 4 for
+    the solution (order ``order``) and the embedded solution ``(m − e)Γ`` (order ``error_order``).
     """
 
     A: np.ndarray
@@ -57,36 +58,62 @@ class RosenbrockTableau:
     e: np.ndarray
     order: int
     error_order: int
-    H: Optional[np.ndarray] = None
+    H: np.ndarray | None = None
     tol: float = 1e-9
 
     def __post_init__(self):
-        A, C, c, d, m, e = (np.asarray(x, dtype=np.float64) for x in (self.A, self.C, self.c, self.d, self.m, self.e))
+        A, C, c, d, m, e = (
+            np.asarray(x, dtype=np.float64)
+            for x in (self.A, self.C, self.c, self.d, self.m, self.e)
+        )
         for k, v in zip("ACcdme", (A, C, c, d, m, e)):
             object.__setattr__(self, k, v)
         s = len(m)
-        if A.shape != (s, s) or C.shape != (s, s) or c.shape != (s,) or d.shape != (s,) or e.shape != (s,):
-            raise ValueError(f"inconsistent Rosenbrock tableau shapes A{A.shape} C{C.shape} c{c.shape} d{d.shape} m{m.shape} e{e.shape}")
+        if (
+            A.shape != (s, s)
+            or C.shape != (s, s)
+            or c.shape != (s,)
+            or d.shape != (s,)
+            or e.shape != (s,)
+        ):
+            raise ValueError(
+                f"inconsistent Rosenbrock tableau shapes A{A.shape} C{C.shape} c{c.shape} "
+                f"d{d.shape} m{m.shape} e{e.shape}"
+            )
         if np.any(np.triu(A) != 0) or np.any(np.triu(C) != 0):
             raise ValueError("Rosenbrock tableau: A and C must be strictly lower triangular")
         if self.H is not None:
             H = np.asarray(self.H, dtype=np.float64)
             object.__setattr__(self, "H", H)
             if H.ndim != 2 or H.shape[1] != s:
-                raise ValueError(f"Rosenbrock tableau: H must have {s} columns, got shape {H.shape}")
+                raise ValueError(
+                    f"Rosenbrock tableau: H must have {s} columns, got shape {H.shape}"
+                )
         g = self.gamma
         Gamma = np.linalg.inv(np.eye(s) / g - C)
         alpha = A @ Gamma
         if not np.allclose(alpha.sum(1), c, atol=self.tol * 10, rtol=0):
-            raise ValueError(f"Rosenbrock tableau: stage times c {c} differ from the row sums of α {alpha.sum(1)}")
+            raise ValueError(
+                f"Rosenbrock tableau: stage times c {c} differ from the row sums of α "
+                f"{alpha.sum(1)}"
+            )
         if not np.allclose(Gamma.sum(1), d, atol=self.tol * 10, rtol=0):
-            raise ValueError(f"Rosenbrock tableau: d {d} differs from the row sums of Γ {Gamma.sum(1)}")
+            raise ValueError(
+                f"Rosenbrock tableau: d {d} differs from the row sums of Γ {Gamma.sum(1)}"
+            )
         b = m @ Gamma
         bhat = (m - e) @ Gamma
-        for which, w, p in (("solution", b, self.order), ("embedded solution", bhat, self.error_order)):
-            for name, (lhs, rhs) in rosenbrock_order_conditions(alpha, Gamma, w, g, min(p, 4)).items():
+        for which, w, p in (
+            ("solution", b, self.order),
+            ("embedded solution", bhat, self.error_order),
+        ):
+            for name, (lhs, rhs) in rosenbrock_order_conditions(
+                alpha, Gamma, w, g, min(p, 4)
+            ).items():
                 if abs(lhs - rhs) > 1e-7:
-                    raise ValueError(f"Rosenbrock tableau: {which} fails order condition {name}: {lhs} != {rhs}")
+                    raise ValueError(
+                        f"Rosenbrock tableau: {which} fails order condition {name}: {lhs} != {rhs}"
+                    )
 
     @property
     def stages(self) -> int:
@@ -147,33 +174,57 @@ def _detect_autonomous(rhs, t0, y0, f0, h):
 
 
 class RosenbrockSolver(AbstractSolver):
-    """Base of the Rosenbrock methods: options shared by all of them, the cache and the Jacobian step.
+    """Base of the Rosenbrock methods: options shared by all of them, the cache and the Jacobian
+    step.
 
     Options: ``jac`` (None: automatic via torch; or ``jac(t, y) -> J``), ``batched`` (state
     ``(B, n)``, f acting per row: one n×n Jacobian and LU per row), ``linsolve`` (``"lu"``,
-    matrix-free ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern ``jac_sparsity``,
-    formed from one Jacobian–vector product per column colour), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``),
-    ``autonomous`` (None: detect once by probing f at two times inside the first step; True/False:
-    declare), ``differentiable_jac`` (differentiate J
-    under autograd: exact gradients of the discrete solution; default True).
+    matrix-free ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern
+    ``jac_sparsity``, formed from one Jacobian–vector product per column colour), ``jac_mode``
+    (``"autograd"``, ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``), ``autonomous`` (None:
+    detect once by probing f at two times inside the first step; True/False: declare),
+    ``differentiable_jac`` (differentiate J under autograd: exact gradients of the discrete
+    solution; default True).
     """
 
     implicit = True
 
-    def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
-                 autonomous: Optional[bool] = None, differentiable_jac: bool = True,
-                 gmres_tol: float = 1e-10, gmres_maxiter: int = 200, gmres_restart: int = 30, jac_sparsity=None):
-        LinearOptions(type(self).__name__, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
-                      jac_sparsity).store_on(self)
+    def __init__(
+        self,
+        jac=None,
+        batched: bool = False,
+        linsolve: str = "lu",
+        jac_mode: str = "autograd",
+        autonomous: bool | None = None,
+        differentiable_jac: bool = True,
+        gmres_tol: float = 1e-10,
+        gmres_maxiter: int = 200,
+        gmres_restart: int = 30,
+        jac_sparsity=None,
+    ):
+        LinearOptions(
+            type(self).__name__,
+            jac,
+            batched,
+            linsolve,
+            jac_mode,
+            gmres_tol,
+            gmres_maxiter,
+            gmres_restart,
+            jac_sparsity,
+        ).store_on(self)
         if autonomous is not None and not isinstance(autonomous, bool):
-            raise TypeError(f"{type(self).__name__}: autonomous must be None (detect), True or False, got {autonomous!r}")
+            raise TypeError(
+                f"{type(self).__name__}: autonomous must be None (detect), True or False, got "
+                f"{autonomous!r}"
+            )
         self.autonomous = autonomous
         self.differentiable_jac = bool(differentiable_jac)
 
     def default_controller(self):
-        """Gustafsson's predictive controller (:class:`~pyneuralode.PredictiveController`), the default
-        of Hairer's RODAS: at equal accuracy Rodas5P and Rodas4 take 12–13% fewer steps than with
-        the PI controller on Van der Pol (μ = 1000) and 5% fewer on Robertson."""
+        """Gustafsson's predictive controller (:class:`~pyneuralode.PredictiveController`), the
+        default of Hairer's RODAS: at equal accuracy Rodas5P and Rodas4 take 12–13% fewer steps than
+        with the PI controller on Van der Pol (μ = 1000) and 5% fewer on Robertson."""
         from ..controllers import PredictiveController
 
         return PredictiveController()
@@ -185,7 +236,9 @@ class RosenbrockSolver(AbstractSolver):
     def init(self, rhs, t0, y0, stats, rtol=None, atol=None):
         for k in ("njac", "nlu", "nsolve"):
             stats.setdefault(k, 0)
-        ls = w_operator(LinearOptions.of(self), rhs, y0, stats, differentiable_jac=self.differentiable_jac)
+        ls = w_operator(
+            LinearOptions.of(self), rhs, y0, stats, differentiable_jac=self.differentiable_jac
+        )
         return _RosenbrockCache(ls, stats, self.autonomous)
 
     def _prepare(self, rhs, t0, y0, h, cache):
@@ -231,9 +284,12 @@ class GenericRosenbrock(RosenbrockSolver, TableauSolver):
         return cache
 
     def step(self, rhs, t0, y0, h, cache):
-        """One step: J, f0 and ∂f/∂t at ``(t0, y0)``, then the stages on the solve's stage arithmetic."""
+        """One step: J, f0 and ∂f/∂t at ``(t0, y0)``, then the stages on the solve's stage
+        arithmetic."""
         ops = cache.ops
-        if ops.host and torch.is_grad_enabled():  # a solve started without autograd, stepped with it
+        if (
+            ops.host and torch.is_grad_enabled()
+        ):  # a solve started without autograd, stepped with it
             ops = TorchOps(self.tableau, cache.ls)
         f0, dT = self._prepare(rhs, t0, y0, h, cache)
         c = ops.c  # the stage times
@@ -242,8 +298,9 @@ class GenericRosenbrock(RosenbrockSolver, TableauSolver):
             for i in range(1, len(c)):
                 u = ops.stage(i, rhs(t0 + c[i] * h, u))
             y1, err, dense = ops.finish()
-        return StepResult(y1=y1, error=err, cache=cache.advanced(), dense=dense, cache_on_reject=cache)
+        return StepResult(
+            y1=y1, error=err, cache=cache.advanced(), dense=dense, cache_on_reject=cache
+        )
 
     def interpolant(self, dense, theta):  # type: ignore[override]
         return rodas_interpolant(dense, theta)
-

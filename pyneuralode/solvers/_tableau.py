@@ -4,16 +4,17 @@ The order conditions are generated from rooted trees (Butcher's theory; Hairer, 
 Wanner, *Solving ODEs I*, II.2), so every order is checked exactly, for the propagated weights,
 the embedded weights and the continuous extension alike.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 #: a rooted tree as the sorted tuple of its children's trees; the single node is ``()``.
-Tree = Tuple
+Tree = tuple
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,17 @@ class ButcherTableau:
     b: np.ndarray
     c: np.ndarray
     order: int
-    b_error: Optional[np.ndarray] = None
-    error_order: Optional[int] = None
-    dense: Optional[np.ndarray] = None
+    b_error: np.ndarray | None = None
+    error_order: int | None = None
+    dense: np.ndarray | None = None
     fsal: bool = False
     tol: float = 1e-12
-    embedded_order: Optional[int] = None
-    b_error2: Optional[np.ndarray] = None
-    embedded_order2: Optional[int] = None
-    a_extra: Optional[np.ndarray] = None
-    c_extra: Optional[np.ndarray] = None
-    dense_order: Optional[int] = None
+    embedded_order: int | None = None
+    b_error2: np.ndarray | None = None
+    embedded_order2: int | None = None
+    a_extra: np.ndarray | None = None
+    c_extra: np.ndarray | None = None
+    dense_order: int | None = None
 
     def __post_init__(self):
         a, b, c = (np.asarray(x, dtype=np.float64) for x in (self.a, self.b, self.c))
@@ -71,8 +72,12 @@ class ButcherTableau:
             raise ValueError(f"tableau rows {bad.tolist()} do not sum to c")
         if abs(b.sum() - 1) > self.tol:
             raise ValueError(f"tableau weights sum to {b.sum()}, not 1")
-        if self.fsal and not (np.allclose(a[-1], b, atol=self.tol, rtol=0) and b[-1] == 0 and c[-1] == 1):
-            raise ValueError("FSAL tableau: the last row of a must equal b (with b[-1] = 0 and c[-1] = 1)")
+        if self.fsal and not (
+            np.allclose(a[-1], b, atol=self.tol, rtol=0) and b[-1] == 0 and c[-1] == 1
+        ):
+            raise ValueError(
+                "FSAL tableau: the last row of a must equal b (with b[-1] = 0 and c[-1] = 1)"
+            )
         ctol = max(1e-10, self.tol)
         _check_conditions("order condition", order_conditions(a, b, c, self.order), ctol)
         for name, eo in (("b_error", "embedded_order"), ("b_error2", "embedded_order2")):
@@ -82,12 +87,16 @@ class ButcherTableau:
             e = np.asarray(e, dtype=np.float64)
             object.__setattr__(self, name, e)
             if e.shape != (s,) or abs(e.sum()) > self.tol:
-                raise ValueError(f"{name}: error weights must have {s} entries summing to 0 (sum={e.sum()})")
+                raise ValueError(
+                    f"{name}: error weights must have {s} entries summing to 0 (sum={e.sum()})"
+                )
             p = getattr(self, eo)
             if p is None and name == "b_error":
                 p = self.error_order
             if p:
-                _check_conditions(f"embedded ({name}) order condition", order_conditions(a, b - e, c, p), ctol)
+                _check_conditions(
+                    f"embedded ({name}) order condition", order_conditions(a, b - e, c, p), ctol
+                )
         m = 0
         if self.a_extra is not None or self.c_extra is not None:
             if self.a_extra is None or self.c_extra is None:
@@ -96,9 +105,13 @@ class ButcherTableau:
             cx = np.atleast_1d(np.asarray(self.c_extra, dtype=np.float64))
             m = len(cx)
             if ax.shape != (m, s + m):
-                raise ValueError(f"a_extra must be {m}×{s + m} (extra stages × all stages), got {ax.shape}")
+                raise ValueError(
+                    f"a_extra must be {m}×{s + m} (extra stages × all stages), got {ax.shape}"
+                )
             if np.any(np.triu(ax[:, s:]) != 0):
-                raise ValueError("a_extra: an extra stage may only use the main stages and earlier extra stages")
+                raise ValueError(
+                    "a_extra: an extra stage may only use the main stages and earlier extra stages"
+                )
             if not np.allclose(ax.sum(axis=1), cx, atol=self.tol, rtol=0):
                 raise ValueError("a_extra: rows of the extra stages do not sum to c_extra")
             object.__setattr__(self, "a_extra", ax)
@@ -107,12 +120,18 @@ class ButcherTableau:
             B = np.asarray(self.dense, dtype=np.float64)
             object.__setattr__(self, "dense", B)
             b_ext = np.concatenate([b, np.zeros(m)])
-            if B.ndim != 2 or B.shape[0] != s + m or not np.allclose(B.sum(axis=1), b_ext, atol=1e-10, rtol=0):
+            if (
+                B.ndim != 2
+                or B.shape[0] != s + m
+                or not np.allclose(B.sum(axis=1), b_ext, atol=1e-10, rtol=0)
+            ):
                 raise ValueError("dense output coefficients do not reproduce b at theta = 1")
             if self.dense_order:
                 A_ext, c_ext = self.extended()
                 _check_conditions(
-                    "continuous-extension order condition", dense_order_conditions(A_ext, B, c_ext, self.dense_order), ctol
+                    "continuous-extension order condition",
+                    dense_order_conditions(A_ext, B, c_ext, self.dense_order),
+                    ctol,
                 )
         elif self.a_extra is not None:
             raise ValueError("extra stages without dense-output coefficients are never used")
@@ -129,7 +148,7 @@ class ButcherTableau:
     def explicit(self) -> bool:
         return bool(np.all(np.triu(self.a) == 0))
 
-    def extended(self) -> Tuple[np.ndarray, np.ndarray]:
+    def extended(self) -> tuple[np.ndarray, np.ndarray]:
         """The (s+m)×(s+m) matrix and nodes of the main and extra stages together."""
         s, m = self.stages, self.extra_stages
         A = np.zeros((s + m, s + m))
@@ -158,8 +177,8 @@ def _grow(t: Tree):
             yield tuple(sorted(t[:i] + (g,) + t[i + 1 :]))
 
 
-@functools.lru_cache(maxsize=None)
-def trees(n: int) -> Tuple[Tree, ...]:
+@functools.cache
+def trees(n: int) -> tuple[Tree, ...]:
     """All rooted trees with ``n`` nodes (1, 1, 2, 4, 9, 20, 48, 115, ... of them)."""
     if n == 1:
         return ((),)
@@ -201,8 +220,9 @@ def order_conditions(a: np.ndarray, b: np.ndarray, c: np.ndarray, p: int) -> dic
 
 
 def dense_order_conditions(a: np.ndarray, B: np.ndarray, c: np.ndarray, q: int) -> dict:
-    """Order conditions of a continuous extension ``b_i(θ) = Σ_p B[i, p] θ^(p+1)`` up to order ``q``:
-    ``Σ_i b_i(θ) Φ_i(t) = θ^|t| / γ(t)`` for every tree with ``|t| ≤ q``, compared power by power."""
+    """Order conditions of a continuous extension ``b_i(θ) = Σ_p B[i, p] θ^(p+1)`` up to order
+    ``q``: ``Σ_i b_i(θ) Φ_i(t) = θ^|t| / γ(t)`` for every tree with ``|t| ≤ q``, compared power by
+    power."""
     P = B.shape[1]
     conds = {}
     for n in range(1, q + 1):

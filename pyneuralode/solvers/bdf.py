@@ -16,6 +16,7 @@ Newton correction, the ``k+1``-th difference); after an accepted step the method
 step size (kept constant for ``k+1`` steps after a change, then the order among ``k−1, k, k+1``
 that allows the largest step), which the loop uses in place of its controller.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,7 +45,8 @@ _ERROR_CONST = _KAPPA * _GAMMA + 1.0 / np.arange(1, MAX_ORDER + 2)
 
 
 def _R(order: int, fac: float) -> np.ndarray:
-    """scipy BDF's ``compute_R``: the difference-rescaling matrix for a step ``fac`` times as long."""
+    """scipy BDF's ``compute_R``: the difference-rescaling matrix for a step ``fac`` times as
+    long."""
     i = np.arange(1, order + 1)[:, None]
     j = np.arange(1, order + 1)
     M = np.zeros((order + 1, order + 1))
@@ -53,7 +55,7 @@ def _R(order: int, fac: float) -> np.ndarray:
     return np.cumprod(M, axis=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _U(order: int) -> np.ndarray:
     """``R(1)`` for an order (it depends on the order only: computed once)."""
     U = _R(order, 1.0)
@@ -62,12 +64,25 @@ def _U(order: int) -> np.ndarray:
 
 
 def _rescale_matrix(order: int, factor: float) -> np.ndarray:
-    """``(R(factor) U)ᵀ``: re-expresses the first ``order+1`` differences for a step ``factor`` times as long."""
+    """``(R(factor) U)ᵀ``: re-expresses the first ``order+1`` differences for a step ``factor``
+    times as long."""
     return (_R(order, factor) @ _U(order)).T
 
 
 class _QNDFCache:
-    __slots__ = ("ls", "ops", "D", "order", "h", "n_equal", "stats", "rtol", "atol", "jac_current", "newton_tol")
+    __slots__ = (
+        "ls",
+        "ops",
+        "D",
+        "order",
+        "h",
+        "n_equal",
+        "stats",
+        "rtol",
+        "atol",
+        "jac_current",
+        "newton_tol",
+    )
 
     def __init__(self, ls, ops, D, order, h, n_equal, stats, rtol, atol, jac_current, newton_tol):
         self.ls, self.ops, self.D, self.order, self.h, self.n_equal = ls, ops, D, order, h, n_equal
@@ -75,8 +90,9 @@ class _QNDFCache:
         self.jac_current = jac_current  # J was formed in the current step (no fresher one to try)
         self.newton_tol = newton_tol
 
-    def but(self, **changes) -> "_QNDFCache":
-        """A copy with some fields changed (caches are never modified in place: a rejected step keeps the old one)."""
+    def but(self, **changes) -> _QNDFCache:
+        """A copy with some fields changed (caches are never modified in place: a rejected step
+        keeps the old one)."""
         new = _QNDFCache.__new__(_QNDFCache)
         for name in self.__slots__:
             setattr(new, name, changes.get(name, getattr(self, name)))
@@ -84,21 +100,27 @@ class _QNDFCache:
 
 
 def _flat_tol(tol, ref: torch.Tensor):
-    return tol.reshape(-1).to(dtype=ref.dtype, device=ref.device) if isinstance(tol, torch.Tensor) else tol
+    return (
+        tol.reshape(-1).to(dtype=ref.dtype, device=ref.device)
+        if isinstance(tol, torch.Tensor)
+        else tol
+    )
 
 
 def _next_order(k, e_m, e_k, e_p, safety):
     """Order selection after k+1 equal steps (Shampine & Reichelt; scipy BDF): of orders k−1, k, k+1
     (error norms ``e_m, e_k, e_p``, ``inf`` where not available) the one allowing the longest step;
     returns ``(order, step factor)``."""
-    facs = [e ** (-1.0 / q) if e > 0 else math.inf for e, q in ((e_m, k), (e_k, k + 1), (e_p, k + 2))]
+    facs = [
+        e ** (-1.0 / q) if e > 0 else math.inf for e, q in ((e_m, k), (e_k, k + 1), (e_p, k + 2))
+    ]
     best = max(range(3), key=lambda i: facs[i])
     return k + best - 1, min(_MAX_FACTOR, safety * facs[best])
 
 
 def _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1, predictor):
-    """``newton()`` (factor, then iterate); if it fails with an old Jacobian, form a fresh one at the
-    predictor (``predictor()``: a tensor shaped like the state) and try once more. Returns
+    """``newton()`` (factor, then iterate); if it fails with an old Jacobian, form a fresh one at
+    the predictor (``predictor()``: a tensor shaped like the state) and try once more. Returns
     ``(newton's result or None when it failed with a fresh Jacobian, jac_current)``."""
     while True:
         result = newton()
@@ -118,9 +140,9 @@ def _newton_failure(y0, cache):
 
 
 def _newton_loop(f_of, solve, norm, y_pred, zeros, c, psi, cache):
-    """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` from ``y_pred`` with scipy BDF's rate test, for
-    tensors or numpy arrays alike: ``f_of(y)``, ``solve(b) = (I − cJ)⁻¹ b`` (``None``: the linear
-    solve failed) and ``norm(dy)`` (the scaled RMS norm) work on the flat state.
+    """Simplified Newton on ``y − ψ − c f(t1, y) = 0`` from ``y_pred`` with scipy BDF's rate test,
+    for tensors or numpy arrays alike: ``f_of(y)``, ``solve(b) = (I − cJ)⁻¹ b`` (``None``: the
+    linear solve failed) and ``norm(dy)`` (the scaled RMS norm) work on the flat state.
     Returns ``(converged, iterations, y, d = y − y_pred)``."""
     stats = cache.stats
     y, d = y_pred, zeros
@@ -135,7 +157,9 @@ def _newton_loop(f_of, solve, norm, y_pred, zeros, c, psi, cache):
         if not math.isfinite(dy_norm):
             return False, it + 1, y, d
         rate = None if dy_norm_old is None else (dy_norm / dy_norm_old if dy_norm_old > 0 else 0.0)
-        if rate is not None and (rate >= 1 or rate ** (_NEWTON_MAXITER - it) / (1 - rate) * dy_norm > tol):
+        if rate is not None and (
+            rate >= 1 or rate ** (_NEWTON_MAXITER - it) / (1 - rate) * dy_norm > tol
+        ):
             return False, it + 1, y, d
         y = y + dy
         d = d + dy
@@ -156,10 +180,10 @@ class QNDF(AbstractSolver):
     Options as the other implicit solvers: ``jac`` (None: by torch; or ``jac(t, y) -> J``),
     ``batched`` (state ``(B, n)``, f per row: one n×n Jacobian and LU per row), ``linsolve``
     (``"lu"``, matrix-free ``"gmres"``, or ``"sparse"``: SuperLU on a Jacobian with the pattern
-    ``jac_sparsity``, for large systems such as discretised PDEs), ``jac_mode`` (``"autograd"``, ``"jacrev"``, ``"jacfwd"``,
-    ``"finite_difference"``), ``max_order`` (1–5). Counts ``njac``, ``nlu``, ``nsolve``,
-    ``nnewton``, ``nconvfail`` in ``sol.stats``. Gradients (``DirectAdjoint``) flow through the
-    Newton iterations with the Jacobian held fixed, as for the ESDIRK methods.
+    ``jac_sparsity``, for large systems such as discretised PDEs), ``jac_mode`` (``"autograd"``,
+    ``"jacrev"``, ``"jacfwd"``, ``"finite_difference"``), ``max_order`` (1–5). Counts ``njac``,
+    ``nlu``, ``nsolve``, ``nnewton``, ``nconvfail`` in ``sol.stats``. Gradients (``DirectAdjoint``)
+    flow through the Newton iterations with the Jacobian held fixed, as for the ESDIRK methods.
     """
 
     name = "QNDF"
@@ -169,13 +193,38 @@ class QNDF(AbstractSolver):
     error_order = MAX_ORDER
     start_order = 1
 
-    def __init__(self, jac=None, batched: bool = False, linsolve: str = "lu", jac_mode: str = "autograd",
-                 max_order: int = MAX_ORDER, gmres_tol: float = 1e-6, gmres_maxiter: int = 200,
-                 gmres_restart: int = 30, jac_sparsity=None):
-        LinearOptions(type(self).__name__, jac, batched, linsolve, jac_mode, gmres_tol, gmres_maxiter, gmres_restart,
-                      jac_sparsity).store_on(self)
-        if not isinstance(max_order, int) or isinstance(max_order, bool) or not 1 <= max_order <= MAX_ORDER:
-            raise ValueError(f"{type(self).__name__}: max_order must be an int from 1 to {MAX_ORDER}, got {max_order!r}")
+    def __init__(
+        self,
+        jac=None,
+        batched: bool = False,
+        linsolve: str = "lu",
+        jac_mode: str = "autograd",
+        max_order: int = MAX_ORDER,
+        gmres_tol: float = 1e-6,
+        gmres_maxiter: int = 200,
+        gmres_restart: int = 30,
+        jac_sparsity=None,
+    ):
+        LinearOptions(
+            type(self).__name__,
+            jac,
+            batched,
+            linsolve,
+            jac_mode,
+            gmres_tol,
+            gmres_maxiter,
+            gmres_restart,
+            jac_sparsity,
+        ).store_on(self)
+        if (
+            not isinstance(max_order, int)
+            or isinstance(max_order, bool)
+            or not 1 <= max_order <= MAX_ORDER
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: max_order must be an int from 1 to {MAX_ORDER}, got "
+                f"{max_order!r}"
+            )
         self.max_order = max_order
 
     def default_controller(self):
@@ -193,19 +242,35 @@ class QNDF(AbstractSolver):
 
     def init(self, rhs, t0, y0, stats, rtol=1e-6, atol=1e-9):
         ls, f0 = newton_setup(self, rhs, t0, y0, stats)
-        # Newton tolerance of scipy/ode15s: min(0.03, √rtol), at least 10ε/rtol (ε of the state's dtype).
+        # Newton tolerance of scipy/ode15s: min(0.03, √rtol), at least 10ε/rtol (ε of the state's
+        # dtype).
         rt = float(rtol.max()) if isinstance(rtol, torch.Tensor) else float(rtol)
-        newton_tol = newton_tolerance(min(0.03, rt ** 0.5), rtol, y0.dtype)
+        newton_tol = newton_tolerance(min(0.03, rt**0.5), rtol, y0.dtype)
         # The table holds y0 and f0 until the first step knows its size: D[1] = h f0.
         D = torch.stack([y0.reshape(-1), f0.reshape(-1)])
         ops = stage_ops(None, ls, y0, host_inverse=False)
-        return _QNDFCache(ls, ops, D, 1, None, 0, stats, _flat_tol(rtol, y0), _flat_tol(atol, y0), True, newton_tol)
+        return _QNDFCache(
+            ls,
+            ops,
+            D,
+            1,
+            None,
+            0,
+            stats,
+            _flat_tol(rtol, y0),
+            _flat_tol(atol, y0),
+            True,
+            newton_tol,
+        )
 
-    # -- one step ------------------------------------------------------------------------------------
+    # -- one step
+    # ------------------------------------------------------------------------------------
     def step(self, rhs, t0, y0, h, cache):
         """One step on the solve's stage arithmetic (the table ``D`` is that arithmetic's array)."""
         ops = cache.ops
-        if ops.host and torch.is_grad_enabled():  # a solve started without autograd, stepped with it
+        if (
+            ops.host and torch.is_grad_enabled()
+        ):  # a solve started without autograd, stepped with it
             ops = TorchOps(None, cache.ls)
         k = cache.order
         D = ops.table(cache.D)
@@ -224,23 +289,27 @@ class QNDF(AbstractSolver):
             y_pred = D[: k + 1].sum(0)
             scale = ops.error_scale(y_pred, cache.rtol, cache.atol)
             alpha = float(_ALPHA[k])  # (Python floats keep float32 tables in float32)
-            psi = ops.row_combination(_GAMMA[1: k + 1], D[1: k + 1]) / alpha
+            psi = ops.row_combination(_GAMMA[1 : k + 1], D[1 : k + 1]) / alpha
             c = h / alpha
 
             def newton():
                 solve = ops.linear_solver(ls, c, shape)
                 f_of, norm = ops.newton_fns(rhs, t1, scale, shape)
-                return _newton_loop(f_of, solve, norm, y_pred, ops.zeros_like(y_pred), c, psi, cache)
+                return _newton_loop(
+                    f_of, solve, norm, y_pred, ops.zeros_like(y_pred), c, psi, cache
+                )
 
-            result, jac_current = _newton_with_fresh_jacobian(newton, ls, cache, jac_current, t1,
-                                                              lambda: ops.state(y_pred, shape).detach())
+            result, jac_current = _newton_with_fresh_jacobian(
+                newton, ls, cache, jac_current, t1, lambda: ops.state(y_pred, shape).detach()
+            )
             if result is None:
                 return _newton_failure(y0, cache)
             _, n_iter, y1, d = result
             err = float(_ERROR_CONST[k]) * d
             D_new = ops.update_table(D, d, k)
-            # The step size (and order) the method proposes if the loop accepts this step; the Newton
-            # iterations' share of the safety factor also shrinks a retry after an error-test rejection.
+            # The step size (and order) the method proposes if the loop accepts this step; the
+            # Newton iterations' share of the safety factor also shrinks a retry after an error-test
+            # rejection.
             newton_safety = (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + n_iter)
             safety = 0.9 * newton_safety
             n_equal += 1
@@ -249,17 +318,30 @@ class QNDF(AbstractSolver):
                 sc = ops.error_scale(y1, cache.rtol, cache.atol)
                 e_k = ops.rms(err, sc)
                 e_m = ops.rms(float(_ERROR_CONST[k - 1]) * D_new[k], sc) if k > 1 else math.inf
-                e_p = ops.rms(float(_ERROR_CONST[k + 1]) * D_new[k + 2], sc) if k < self.max_order else math.inf
+                e_p = (
+                    ops.rms(float(_ERROR_CONST[k + 1]) * D_new[k + 2], sc)
+                    if k < self.max_order
+                    else math.inf
+                )
                 new_order, factor = _next_order(k, e_m, e_k, e_p, safety)
                 n_equal = 0
         new_cache = cache.but(D=D_new, order=new_order, h=h, n_equal=n_equal, jac_current=False)
         on_reject = cache.but(jac_current=jac_current)
         dense = (ops.rows(D_new[: k + 1]), shape)
-        return StepResult(y1=ops.state(y1, shape), error=ops.state(err, shape), cache=new_cache, dense=dense,
-                          cache_on_reject=on_reject, order=k, dt_factor=factor, reject_safety=newton_safety)
+        return StepResult(
+            y1=ops.state(y1, shape),
+            error=ops.state(err, shape),
+            cache=new_cache,
+            dense=dense,
+            cache_on_reject=on_reject,
+            order=k,
+            dt_factor=factor,
+            reject_safety=newton_safety,
+        )
 
     def interpolant(self, dense, theta):  # type: ignore[override]
-        """The step's interpolating polynomial through ``y_{n+1}, y_n, …`` (degree = the step's order).
+        """The step's interpolating polynomial through ``y_{n+1}, y_n, …`` (degree = the step's
+        order).
 
         At ``t = t_n + θh``: ``y = D[0] + Σ_j D[j] Π_{i<j} (θ − 1 + i)/(i + 1)``.
         """

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ def _nudge(t: torch.Tensor, toward: torch.Tensor) -> torch.Tensor:
 
 
 class _GridBase(AbstractSolver):
-    """Shared plumbing: the step's times from the grid tensor, perturb, callback_step, the f count."""
+    """Shared plumbing: the step's times from the grid tensor, perturb, callback_step, the f
+    count."""
 
     name = "FixedGrid"
     order = 1
@@ -97,7 +98,7 @@ class _GridBase(AbstractSolver):
         t_grid: torch.Tensor,
         stats: dict,
         perturb: bool = False,
-        callback_step: Optional[Callable] = None,
+        callback_step: Callable | None = None,
     ):
         self.f, self.t_grid, self.stats, self.perturb = f, t_grid, stats, bool(perturb)
         self.callback_step = callback_step
@@ -106,13 +107,14 @@ class _GridBase(AbstractSolver):
         )
         #: a constant step (a Python float) used instead of ``t_grid[k+1] - t_grid[k]``:
         #: torchdiffeq's event loop steps by ``step_size`` itself
-        self.constant_h: Optional[float] = None
+        self.constant_h: float | None = None
 
     def default_controller(self):
         return None
 
     def call(self, t, y, end: int = 0, toward=None):
-        """f(t, y); ``end`` = -1 at a step's start, +1 at its end (perturbed toward the step's inside)."""
+        """f(t, y); ``end`` = -1 at a step's start, +1 at its end (perturbed toward the step's
+        inside)."""
         self.stats["nfe"] = self.stats.get("nfe", 0) + 1
         if self.perturb and end != 0:
             t = _nudge(t, toward)
@@ -133,7 +135,8 @@ class _GridBase(AbstractSolver):
 
 
 class GridRK(_GridBase):
-    """An explicit tableau on the grid: stage 0 at ``t0`` (perturbed forward), a stage at ``c = 1`` at ``t1``."""
+    """An explicit tableau on the grid: stage 0 at ``t0`` (perturbed forward), a stage at ``c = 1``
+    at ``t1``."""
 
     def __init__(self, tableau: ButcherTableau, *a, **kw):
         super().__init__(*a, **kw)
@@ -308,10 +311,10 @@ def _dot(weights, fs):
 
 
 class GridAdams(_GridBase):
-    """Adams–Bashforth (``implicit=False``) or Adams–Bashforth–Moulton PEC(E)… (``implicit=True``) on
-    the grid, torchdiffeq's ``explicit_adams``/``implicit_adams``: the order grows with the history
-    up to ``max_order - 1`` (the first steps use the 3/8 rule); the corrector is iterated at most
-    ``max_iters`` times until the change is within ``rtol``/``atol`` (max norm)."""
+    """Adams–Bashforth (``implicit=False``) or Adams–Bashforth–Moulton PEC(E)… (``implicit=True``)
+    on the grid, torchdiffeq's ``explicit_adams``/``implicit_adams``: the order grows with the
+    history up to ``max_order - 1`` (the first steps use the 3/8 rule); the corrector is iterated at
+    most ``max_iters`` times until the change is within ``rtol``/``atol`` (max norm)."""
 
     def __init__(
         self,
@@ -329,7 +332,7 @@ class GridAdams(_GridBase):
                 f"options['max_order']: must be an int of at most 12, got {max_order!r}"
             )
         if max_order < 4:
-            warnings.warn("max_order is below 4, so the solver reduces to `rk4`.")
+            warnings.warn("max_order is below 4, so the solver reduces to `rk4`.", stacklevel=2)
         self.corrector, self.rtol, self.atol = implicit, rtol, atol
         self.max_iters, self.max_order = int(max_iters), max_order
         self.order = 4
@@ -370,7 +373,10 @@ class GridAdams(_GridBase):
                 if converged:
                     break
             if not converged:
-                warnings.warn("Functional iteration did not converge. Solution may be incorrect.")
+                warnings.warn(
+                    "Functional iteration did not converge. Solution may be incorrect.",
+                    stacklevel=2,
+                )
                 hist.pop()
         y1 = y0 + dy
         return StepResult(y1=y1, error=None, cache=None, dense=(y0, y1))

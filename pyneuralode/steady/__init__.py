@@ -4,13 +4,20 @@
 the latest :func:`steady_state` call in the calling thread (including those made by
 :class:`pn.DEQ`); per call: ``steady_state(..., return_info=True)`` and ``DEQ.last_stats``.
 """
+
 from . import _steady, solvers
 from ._steady import SteadyStateError, SteadyStateInfo, steady_state
 from .solvers import AbstractSteadyStateSolver, Anderson, Broyden, DynamicSS, FixedPointIteration
 
 __all__ = [
-    "steady_state", "SteadyStateInfo", "SteadyStateError",
-    "DynamicSS", "Anderson", "Broyden", "FixedPointIteration", "AbstractSteadyStateSolver",
+    "steady_state",
+    "SteadyStateInfo",
+    "SteadyStateError",
+    "DynamicSS",
+    "Anderson",
+    "Broyden",
+    "FixedPointIteration",
+    "AbstractSteadyStateSolver",
 ]
 
 

@@ -7,7 +7,8 @@ autograd when a solve is differentiated through its steps) and by
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ def gmres(
     atol: float = 0.0,
     restart: int = 30,
     maxiter: int = 200,
-    x0: Optional[torch.Tensor] = None,
+    x0: torch.Tensor | None = None,
     batch: int = 1,
 ) -> GMRESResult:
     """Restarted GMRES (Saad & Schultz 1986) for ``matvec(x) = b``, Arnoldi with modified

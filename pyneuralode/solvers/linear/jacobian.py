@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -44,7 +44,8 @@ class autograd_on:
 
 
 def grad_leaf(y: torch.Tensor) -> torch.Tensor:
-    """A detached copy of ``y`` that requires grad (an inference tensor is cloned: it cannot require grad)."""
+    """A detached copy of ``y`` that requires grad (an inference tensor is cloned: it cannot require
+    grad)."""
     y = y.detach()
     return (y.clone() if y.is_inference() else y).requires_grad_(True)
 
@@ -52,7 +53,8 @@ def grad_leaf(y: torch.Tensor) -> torch.Tensor:
 def dense_jacobian(
     rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False
 ):
-    """``(J, f)``: the N×N Jacobian of the flattened ``rhs(t, ·)`` at ``y`` and, when free, ``f(t, y)`` (else ``None``)."""
+    """``(J, f)``: the N×N Jacobian of the flattened ``rhs(t, ·)`` at ``y`` and, when free, ``f(t,
+    y)`` (else ``None``)."""
     if jac_mode == "finite_difference":
         return fd_jacobian(rhs, t, y, create_graph)
     shape = y.shape
@@ -95,14 +97,16 @@ def dense_jacobian(
 
 
 def fd_steps(y: torch.Tensor) -> torch.Tensor:
-    """Forward-difference increments sqrt(eps · max(1e-5, |y_k|)) (Hairer & Wanner's RADAU5), exact in binary."""
+    """Forward-difference increments sqrt(eps · max(1e-5, |y_k|)) (Hairer & Wanner's RADAU5), exact
+    in binary."""
     eps = torch.finfo(y.dtype).eps
     d = (eps * y.detach().abs().clamp_min(1e-5)).sqrt()
     return (y.detach() + d) - y.detach()  # the increment actually representable at y
 
 
 def fd_jacobian(rhs: Callable, t: float, y: torch.Tensor, create_graph: bool = False):
-    """``(J, f)`` by forward differences: N extra evaluations of f (``nfe``), accurate to about sqrt(eps).
+    """``(J, f)`` by forward differences: N extra evaluations of f (``nfe``), accurate to about
+    sqrt(eps).
 
     OrdinaryDiffEq's ``autodiff=AutoFiniteDiff()`` and scipy's default for Radau/BDF: for tiny
     systems it is the cheapest Jacobian (no autograd graph); its error, ~1e-8 relative in float64,
@@ -124,7 +128,8 @@ def fd_jacobian(rhs: Callable, t: float, y: torch.Tensor, create_graph: bool = F
 
 
 def batched_fd_jacobian(rhs: Callable, t: float, y: torch.Tensor, create_graph: bool = False):
-    """``(J, f)`` for ``(B, n)`` independent systems by forward differences: n extra evaluations of the batch."""
+    """``(J, f)`` for ``(B, n)`` independent systems by forward differences: n extra evaluations of
+    the batch."""
     B, n = y.shape
     yin = y if create_graph else y.detach()
     f0 = rhs(t, yin)
@@ -140,7 +145,8 @@ def batched_fd_jacobian(rhs: Callable, t: float, y: torch.Tensor, create_graph: 
 def batched_jacobian(
     rhs: Callable, t: float, y: torch.Tensor, jac_mode: str = "autograd", create_graph: bool = False
 ):
-    """``(J, f)`` for a batch of independent systems: ``y`` is ``(B, n)``, ``f`` acts on each row; J is ``(B, n, n)``."""
+    """``(J, f)`` for a batch of independent systems: ``y`` is ``(B, n)``, ``f`` acts on each row; J
+    is ``(B, n, n)``."""
     if jac_mode == "finite_difference":
         return batched_fd_jacobian(rhs, t, y, create_graph)
     B, n = y.shape
@@ -215,7 +221,8 @@ def sparsity_pattern(jac_sparsity, n: int, owner: str):
         ) from None
     if P.shape != (n, n):
         raise ValueError(
-            f"{owner}: jac_sparsity has shape {P.shape}, but the (flattened) state has {n} components; "
+            f"{owner}: jac_sparsity has shape {P.shape}, but the (flattened) state has {n} "
+            "components; "
             f"it must be ({n}, {n})"
         )
     P = (P != 0).astype(np.float64) + sp.identity(n, format="csc")
@@ -225,7 +232,8 @@ def sparsity_pattern(jac_sparsity, n: int, owner: str):
 
 
 def color_columns(P) -> np.ndarray:
-    """Greedy colouring: columns of one colour share no row, so one product ``J v`` recovers them all.
+    """Greedy colouring: columns of one colour share no row, so one product ``J v`` recovers them
+    all.
 
     Column by column, the smallest colour not already taken by a column that shares a row with it
     (the column-intersection graph ``PᵀP``; Curtis, Powell & Reid 1974).
@@ -312,7 +320,8 @@ class SparseJacobian:
 
 
 def to_csc(J, n: int, owner: str):
-    """A user ``jac(t, y)`` result as a float64 CSC matrix (scipy sparse, a dense or a sparse tensor)."""
+    """A user ``jac(t, y)`` result as a float64 CSC matrix (scipy sparse, a dense or a sparse
+    tensor)."""
     sp = scipy_sparse(owner)
 
     if isinstance(J, torch.Tensor):
@@ -327,7 +336,8 @@ def to_csc(J, n: int, owner: str):
             J = J.detach().to(torch.float64).cpu().numpy()
     if not (sp.issparse(J) or isinstance(J, np.ndarray)):
         raise TypeError(
-            f"{owner}: jac(t, y) returned {type(J).__name__}; with linsolve='sparse' it must return a "
+            f"{owner}: jac(t, y) returned {type(J).__name__}; with linsolve='sparse' it must "
+            "return a "
             "scipy sparse matrix or a tensor"
         )
     J = sp.csc_matrix(J, dtype=np.float64)

@@ -2,8 +2,8 @@
 
 Every operator has the same four methods: ``set_point(t, y)`` forms J at ``(t, y)`` (returns
 ``f(t, y)`` when it came for free), ``factor(g)`` factors ``W`` (a no-op for an unchanged ``g``),
-``solve(b)`` returns ``W⁻¹ b`` for ``b`` shaped like the state (or flat), ``jvp(v)`` returns ``J v``;
-``host_solver(g, shape)`` gives the same solve on flat numpy arrays for the host steps.
+``solve(b)`` returns ``W⁻¹ b`` for ``b`` shaped like the state (or flat), ``jvp(v)`` returns ``J
+v``; ``host_solver(g, shape)`` gives the same solve on flat numpy arrays for the host steps.
 :func:`w_operator` picks the class once per solve:
 
 * :class:`SmallInverse` — dense systems of up to 16 components: an explicit inverse, so every
@@ -27,7 +27,7 @@ use a detached J, which only affects the convergence speed of Newton, not its fi
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -116,13 +116,14 @@ class WOperator:
         self.converged = True  # the last solve converged (False only for GMRES)
         self._param_grad = None  # does f depend on tensors that require grad? (found once)
 
-    def copy(self) -> "WOperator":
+    def copy(self) -> WOperator:
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
         return new
 
     def set_point(self, t: float, y: torch.Tensor):
-        """Form the Jacobian at ``(t, y)``; returns ``f(t, y)`` if it was evaluated on the way, else ``None``."""
+        """Form the Jacobian at ``(t, y)``; returns ``f(t, y)`` if it was evaluated on the way, else
+        ``None``."""
         bump(self.stats, "njac")
         create = self.differentiable_jac and torch.is_grad_enabled()
         if create and not y.requires_grad:
@@ -163,10 +164,10 @@ class WOperator:
         raise NotImplementedError
 
     def solve(
-        self, b: torch.Tensor, scale: float = 1.0, out: Optional[torch.Tensor] = None
+        self, b: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``W⁻¹ (scale · b)`` for ``b`` shaped like the state or flat; ``out`` (no-grad use): a flat
-        tensor the result is written into."""
+        """``W⁻¹ (scale · b)`` for ``b`` shaped like the state or flat; ``out`` (no-grad use): a
+        flat tensor the result is written into."""
         raise NotImplementedError
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
@@ -198,9 +199,14 @@ class _DenseJacobian(WOperator):
                     (y.shape[0], y.shape[1], y.shape[1]) if self.batched else (N, N)
                 )
             if J.shape != want:
+                what = (
+                    "one n×n matrix per row"
+                    if self.batched
+                    else "the Jacobian of the flattened state"
+                )
                 raise ValueError(
-                    f"{self.owner}: jac(t, y) returned shape {tuple(J.shape)}, expected {tuple(want)} "
-                    f"({'one n×n matrix per row' if self.batched else 'the Jacobian of the flattened state'})"
+                    f"{self.owner}: jac(t, y) returned shape {tuple(J.shape)}, expected "
+                    f"{tuple(want)} ({what})"
                 )
             if J.dtype != y.dtype:
                 J = J.to(y.dtype)
@@ -256,7 +262,8 @@ class SmallInverse(_DenseJacobian):
         return out.copy_(x) if out is not None else x.view(b.shape)
 
     def scaled_inverse_numpy(self, g: float) -> np.ndarray:
-        """``(I/g − J)⁻¹ = g (I − gJ)⁻¹`` as a numpy array, formed once per Jacobian and ``g`` (counts ``nlu``).
+        """``(I/g − J)⁻¹ = g (I − gJ)⁻¹`` as a numpy array, formed once per Jacobian and ``g``
+        (counts ``nlu``).
 
         A numpy inverse of a 3×3 matrix takes a fraction of torch's per-call cost, and 1×1–3×3
         systems take the closed form in Python floats; a singular matrix gives NaN (the step is
@@ -332,7 +339,8 @@ class BatchedLU(DenseLU):
     def __init__(self, opts, rhs, y0, stats, differentiable_jac):
         if y0.ndim != 2:
             raise ValueError(
-                f"{opts.owner}: batched=True needs a state of shape (B, n) with f acting on each row; "
+                f"{opts.owner}: batched=True needs a state of shape (B, n) with f acting on each "
+                "row; "
                 f"got shape {tuple(y0.shape)}"
             )
         super().__init__(opts, rhs, y0, stats, differentiable_jac)
@@ -356,7 +364,8 @@ class SparseLU(WOperator):
     def __init__(self, opts, rhs, y0, stats, differentiable_jac):
         if y0.device.type != "cpu":
             raise ValueError(
-                f"{opts.owner}: linsolve='sparse' factors with scipy's SuperLU on the CPU; the state is "
+                f"{opts.owner}: linsolve='sparse' factors with scipy's SuperLU on the CPU; the "
+                "state is "
                 f"on {y0.device}. Use linsolve='lu' or 'gmres' there"
             )
         super().__init__(opts, rhs, y0, stats, differentiable_jac)
@@ -371,9 +380,12 @@ class SparseLU(WOperator):
     def _form(self, t, y, create):
         if create:
             raise ValueError(
-                f"{self.owner}(linsolve='sparse'): the sparse Jacobian cannot be differentiated, and an exact "
-                "gradient through a Rosenbrock step needs its derivative. Pass differentiable_jac=False (the "
-                "gradient then holds J fixed), or use an ESDIRK method or QNDF, or a continuous adjoint "
+                f"{self.owner}(linsolve='sparse'): the sparse Jacobian cannot be differentiated, "
+                "and an exact "
+                "gradient through a Rosenbrock step needs its derivative. Pass "
+                "differentiable_jac=False (the "
+                "gradient then holds J fixed), or use an ESDIRK method or QNDF, or a continuous "
+                "adjoint "
                 "(sensealg=pn.InterpolatingAdjoint())"
             )
         f = None

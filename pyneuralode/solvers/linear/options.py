@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional
+from typing import Any
 
 JAC_MODES = ("autograd", "jacrev", "jacfwd", "finite_difference")
 LINSOLVES = ("lu", "gmres", "sparse")
@@ -18,7 +19,7 @@ class LinearOptions:
     """
 
     owner: str
-    jac: Optional[Callable] = None
+    jac: Callable | None = None
     batched: bool = False
     linsolve: str = "lu"
     jac_mode: str = "autograd"
@@ -76,17 +77,19 @@ class LinearOptions:
 
     @classmethod
     def defaults(cls, **overrides) -> dict:
-        """``{option: default}`` (for a solver's ``repr``), with a solver's own defaults in ``overrides``."""
+        """``{option: default}`` (for a solver's ``repr``), with a solver's own defaults in
+        ``overrides``."""
         d = {f.name: f.default for f in fields(cls) if f.name != "owner"}
         d.update(overrides)
         return d
 
     def store_on(self, solver) -> None:
-        """Set the options as attributes of ``solver`` (its public options, its ``repr`` and ``==``)."""
+        """Set the options as attributes of ``solver`` (its public options, its ``repr`` and
+        ``==``)."""
         for nm in self.names():
             setattr(solver, nm, getattr(self, nm))
 
     @classmethod
-    def of(cls, solver) -> "LinearOptions":
+    def of(cls, solver) -> LinearOptions:
         """The options stored on ``solver`` by :meth:`store_on`."""
         return cls(type(solver).__name__, **{nm: getattr(solver, nm) for nm in cls.names()})
