@@ -4,8 +4,10 @@ checked, for ``solve`` and per-sample stepping alike)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,3 +159,32 @@ def _check_state_dtype(solver, y0: torch.Tensor):
             f"float64); convert the state with y0.float() and cast the result back, "
             f"or use an explicit solver such as pn.Tsit5()"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The user's step-size settings as given to an entry point (``dt``, ``adaptive``,
+    ``max_steps``, ``controller``, ``dtmin``, ``dtmax``), carried as one value to the code that
+    builds the loop's options; :func:`options_for` validates them."""
+
+    dt: Any = None
+    adaptive: Any = True
+    max_steps: Any = 100_000
+    controller: Any = None
+    dtmin: Any = None
+    dtmax: Any = None
+
+
+def options_for(
+    problem, solver, steps: StepSettings, *, dense=False, progress=False
+) -> LoopOptions:
+    """:func:`make_options` with the problem's validated tolerances and state."""
+    return make_options(
+        solver,
+        rtol=problem.rtol,
+        atol=problem.atol,
+        y0=problem.y0,
+        dense=dense,
+        progress=progress,
+        **vars(steps),
+    )

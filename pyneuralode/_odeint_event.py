@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._time import start_time
 from .odeint import odeint
 
 __all__ = ["odeint_event"]
@@ -32,16 +33,7 @@ def odeint_event(
     """
     if odeint_interface is None:
         odeint_interface = odeint
-    ref = y0[0] if isinstance(y0, (tuple, list)) else y0
-    if not isinstance(t0, torch.Tensor):
-        t0 = torch.as_tensor(
-            t0,
-            dtype=ref.dtype
-            if isinstance(ref, torch.Tensor) and ref.is_floating_point()
-            else torch.float64,
-        )
-    if t0.numel() != 1:
-        raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
+    t0 = start_time(t0, y0)
     t0 = t0.reshape(-1)
     t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)

@@ -154,22 +154,17 @@ def solve_per_sample(
     mode,
     rtol,
     atol,
-    dt,
-    adaptive,
-    max_steps,
+    steps,
     args,
     sensealg,
     throw,
     dense,
-    controller,
-    dtmin,
-    dtmax,
     adjoint_params,
 ):
     """``solve(..., per_sample=True)`` with a resolved ``solver``: validate, run the per-sample
     loop, package the result."""
     from ._loop import PER_SAMPLE_CODES, integrate_per_sample
-    from ._loop_options import make_options
+    from ._loop_options import options_for
     from ._problem import ODEProblem
     from ._solution import PerSampleSolution, SolveError
     from .sensitivity import BacksolveAdjoint, DirectAdjoint
@@ -208,7 +203,7 @@ def solve_per_sample(
             f"the default) and BacksolveAdjoint() (a joint backward pass); got "
             f"{sensealg!r}; use one of them or drop per_sample"
         )
-    if not adaptive:
+    if not steps.adaptive:
         raise ValueError(
             "adaptive: per_sample=True is per-sample adaptive stepping; with fixed "
             "steps (adaptive=False) drop per_sample (the batch shares its steps)"
@@ -228,20 +223,7 @@ def solve_per_sample(
     problem = ODEProblem(
         f, y0, tt[0], args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params
     )
-    opts = make_options(
-        solver,
-        rtol=problem.rtol,
-        atol=problem.atol,
-        dt=dt,
-        adaptive=True,
-        max_steps=max_steps,
-        dense=False,
-        progress=False,
-        controller=controller,
-        dtmin=dtmin,
-        dtmax=dtmax,
-        y0=problem.y0,
-    )
+    opts = options_for(problem, solver, steps)
     time_dtype = t.dtype if isinstance(t, torch.Tensor) and t.is_floating_point() else y0.dtype
     fargs = problem.args
     checked = []

@@ -9,10 +9,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._loop import LoopOptions, integrate
-from ._loop_options import check_flag, make_options
+from ._loop_options import StepSettings, check_flag, options_for
 from ._per_sample import check_per_sample, gather, is_per_sample, solve_per_sample, union_times
 from ._problem import ODEProblem
 from ._solution import ReturnCode, Solution, SolveError
+from ._time import start_time
 from .controllers import PIController, PredictiveController
 from .events import EventLocator, differentiable_event
 from .sensitivity import AbstractSensitivity, DirectAdjoint
@@ -102,6 +103,7 @@ def solve(
     throw = check_flag("throw", throw)
     dense = check_flag("dense", dense, allow_none=True)
     compile = check_flag("compile", compile)
+    steps = StepSettings(dt, adaptive, max_steps, controller, dtmin, dtmax)
     per_sample_mode = check_per_sample(per_sample)
     if per_sample_mode is not None:
         refuse_unsupported(
@@ -124,16 +126,11 @@ def solve(
             mode=per_sample_mode,
             rtol=rtol,
             atol=atol,
-            dt=dt,
-            adaptive=adaptive,
-            max_steps=max_steps,
+            steps=steps,
             args=args,
             sensealg=sensealg,
             throw=throw,
             dense=dense,
-            controller=controller,
-            dtmin=dtmin,
-            dtmax=dtmax,
             adjoint_params=adjoint_params,
         )
     union_grid = is_per_sample(y0, t)
@@ -172,20 +169,7 @@ def solve(
     problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol, adjoint_params=adjoint_params)
     if dense is None:
         dense = sensealg.keeps_dense
-    opts = make_options(
-        solver,
-        rtol=problem.rtol,
-        atol=problem.atol,
-        dt=dt,
-        adaptive=adaptive,
-        max_steps=max_steps,
-        dense=dense,
-        progress=progress,
-        controller=controller,
-        dtmin=dtmin,
-        dtmax=dtmax,
-        y0=problem.y0,
-    )
+    opts = options_for(problem, solver, steps, dense=dense, progress=progress)
     opts.norm = norm  # e.g. torchdiffeq's norm(tensor), adapted by pn.odeint
     # run
     if compile:
@@ -400,18 +384,7 @@ def event_solve(
 ):
     """Integrate from ``t0`` until ``g(t, y)`` crosses zero: ``(event_t, states at [t0, event_t])``,
     both differentiable (the engine of torchdiffeq's ``odeint(..., event_fn=...)``)."""
-    ref = y0[0] if isinstance(y0, (tuple, list)) else y0
-    if not isinstance(
-        t0, torch.Tensor
-    ):  # a Python number: the state's float dtype, like the output times of solve
-        t0 = torch.as_tensor(
-            t0,
-            dtype=ref.dtype
-            if isinstance(ref, torch.Tensor) and ref.is_floating_point()
-            else torch.float64,
-        )
-    if t0.numel() != 1:
-        raise ValueError(f"t0: expected a scalar start time, got shape {tuple(t0.shape)}")
+    t0 = start_time(t0, y0)
     horizon = 1e12 * (-1.0 if reverse else 1.0)
     t0 = t0.reshape(())
     t = torch.stack([t0, t0.detach() + horizon]).to(

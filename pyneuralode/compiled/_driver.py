@@ -221,7 +221,7 @@ _FIRST_CLASS: dict = {}
 
 def _first_class(dispatcher):
     """The compiled ``rhs``/``jac`` as a first-class function object holding its address: numba
-    then passes it without looking the compiled version up on every call (hundreds of µs)."""
+    then passes it without looking the compiled version up on every call."""
     wap = _FIRST_CLASS.get(id(dispatcher))
     if wap is None or wap[0] is not dispatcher:
         from numba.core.types.function_type import CompileResultWAP

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from .._loop_options import make_options
+from .._loop_options import StepSettings, options_for
 from .._problem import ODEProblem
 from .._solution import ReturnCode, SolveError
 from ..solvers import Tsit5
@@ -139,20 +139,8 @@ def solve_ensemble(
     if not isinstance(parallel, bool):
         raise TypeError(f"parallel: expected True or False, got {parallel!r}")
     problem = ODEProblem(f, y0, t, args=args, rtol=rtol, atol=atol)
-    opts = make_options(
-        solver,
-        rtol=problem.rtol,
-        atol=problem.atol,
-        dt=dt,
-        adaptive=adaptive,
-        max_steps=max_steps,
-        dense=False,
-        progress=False,
-        controller=controller,
-        dtmin=dtmin,
-        dtmax=dtmax,
-        y0=problem.y0,
-    )
+    steps = StepSettings(dt, adaptive, max_steps, controller, dtmin, dtmax)
+    opts = options_for(problem, solver, steps)
     return run_ensemble(problem, solver, opts, throw=throw, parallel=parallel)
 
 
