@@ -74,7 +74,7 @@ class DenseWeights:
     """A continuous extension's coefficient matrix ``B`` (stages × degree) as a tensor and as a
     float64 array.
 
-    For a float θ the stage weights ``dt · B [θ, θ², …]`` are formed in numpy (about a microsecond)
+    For a float θ the stage weights ``dt · B [θ, θ², …]`` are formed in numpy (no torch dispatch)
     and handed to one ``addmv``; on the CPU they enter torch without a copy through ``from_numpy``.
     A tensor θ (gradients to the output time) uses the tensor.
     """
