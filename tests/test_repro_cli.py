@@ -175,3 +175,21 @@ def test_quick_cdeq_mnist_four_rows_mean_sd_table_and_plot(tmp_path):
     assert (out / "cdeq_mnist.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="--models"):
         main(["repro", "cdeq-mnist", "--quick", "--models", "vanilla,resnet", "--out", str(out)])
+
+
+def test_cdeq_mnist_stops_a_diverged_step_with_the_fix():
+    import torch
+
+    from pyneuralode.repro.cdeq_mnist import check_finite_step
+
+    w = torch.nn.Parameter(torch.ones(2))
+    loss = (w * 2).sum()
+    loss.backward()
+    check_finite_step(loss, [w], "ok")  # finite: nothing happens
+    w.grad[0] = float("nan")
+    with pytest.raises(
+        FloatingPointError, match=r"step 3: training diverged \(a gradient .*--skip-weight"
+    ):
+        check_finite_step(loss, [w], "step 3")
+    with pytest.raises(FloatingPointError, match="the loss is NaN"):
+        check_finite_step(torch.tensor(float("inf")), [], "step 4")

@@ -227,6 +227,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def check_finite_step(loss, params, where: str) -> None:
+    """Stop a diverged training run where it diverges, with the fix, instead of letting NaN weights
+    surface later as a bad initial state of the steady-state solve."""
+    grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    if not (bool(torch.isfinite(loss.detach()).all()) and grads_finite):
+        what = "the loss" if grads_finite else "a gradient"
+        raise FloatingPointError(
+            f"{where}: training diverged ({what} is NaN or Inf, loss {float(loss):.3g}); "
+            "lower --lr, --skip-weight or --jac-weight"
+        )
+
+
 def train_one(
     kind, data, device, epochs, batch, lr, tol, seed, solver, sensealg, jac_w, skip_w, quick
 ):
@@ -258,6 +270,9 @@ def train_one(
                     "ignore", RuntimeWarning
                 )  # inexact backward solves: counted in bwd_retcode
                 loss.backward()
+            check_finite_step(
+                loss, model.parameters(), f"{kind} seed {seed} epoch {ep + 1} batch {bi + 1}"
+            )
             opt.step()
             st = model.deq.last_stats
             fwd_nfe.append(st.nfe)
