@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from make_stiff_references import hires as np_hires  # the IVP Test Set's f for scipy
+from make_stiff_references import orego as np_orego
 
 HERE = Path(__file__).resolve().parent
 
@@ -84,30 +86,6 @@ def orego(t, y):
         ],
         -1,
     )
-
-
-def np_hires(t, y):
-    y1, y2, y3, y4, y5, y6, y7, y8 = y
-    r = 280.0 * y6 * y8
-    return [
-        -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
-        1.71 * y1 - 8.75 * y2,
-        -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-        8.32 * y2 + 1.71 * y3 - 1.12 * y4,
-        -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
-        -r + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
-        r - 1.81 * y7,
-        -r + 1.81 * y7,
-    ]
-
-
-def np_orego(t, y):
-    y1, y2, y3 = y
-    return [
-        77.27 * (y2 + y1 * (1 - 8.375e-6 * y1 - y2)),
-        (y3 - (1 + y1) * y2) / 77.27,
-        0.161 * (y1 - y3),
-    ]
 
 
 def np_lv(t, y):
