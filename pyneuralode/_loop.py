@@ -573,6 +573,10 @@ def integrate_per_sample(
     max_steps = max(opts.max_steps, 0)
     only_end = T == 2  # the one output after the start is every row's end: no search
     explicit = not getattr(solver, "implicit", False)
+    from .solvers._esdirk import ESDIRK
+
+    newton = isinstance(solver, ESDIRK)  # a Newton iteration per row (_per_sample_implicit)
+    icache = None
     autonomous = getattr(solver, "autonomous", None)
     lin_stats: dict = {}
     rcache = None
@@ -620,6 +624,14 @@ def integrate_per_sample(
         if explicit:  # the derivative at the step's start is the last step's end (FSAL)
             res = solver.step(field, 0.0, y, 1.0, hy * fraw)
             f1raw = field.last
+        elif newton:  # ESDIRK: per-row Jacobians, LUs and Newton iterations
+            if icache is None:
+                from ._per_sample_implicit import RowESDIRK
+
+                icache = RowESDIRK(solver, call, t, y, rtol, atol, lin_stats, running)
+            res = icache.step(t, h, y, fraw, running)
+            f1raw = res.f1raw
+            nfe += res.nfe_rows
         else:  # Rosenbrock: J (one per row with batched=True) of this step's field, f, ∂f/∂s
             if rcache is None:  # the W operator and stage arithmetic, kept while the rows are
                 rcache = solver.init(field, 0.0, y, lin_stats)
@@ -643,6 +655,8 @@ def integrate_per_sample(
             if errn.dtype != torch.float64:
                 errn = errn.to(torch.float64)
         accept = (errn <= 1.0) & running  # NaN/Inf fail the test
+        if newton:
+            accept = accept & res.ok
         if history:
             fac = ctrl.factor_batch(errn, err_prev, q, accepted_last, habs / h_acc)
             err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
@@ -650,7 +664,10 @@ def integrate_per_sample(
         else:
             fac = ctrl.factor_batch(errn, None, q, accepted_last)
         # a rejection shrinks the step (fac < 1), so dtmax binds only after an acceptance
-        dt = torch.minimum(habs * fac, dtmax)
+        if newton:  # a row whose Newton failed halves its step (as the scalar loop)
+            dt = torch.where(res.ok, torch.minimum(habs * fac, dtmax), dt * 0.5)
+        else:
+            dt = torch.minimum(habs * fac, dtmax)
         accepted_last = accept  # a stopped row's value is never read
         t_new = torch.where(last, t_end, t + h)
         stuck = None
@@ -707,7 +724,7 @@ def integrate_per_sample(
                 calls = field.calls
                 tq = key_rows.gather(1, kj.clamp(max=T - 1).unsqueeze(1)).squeeze(1) * direction
                 theta = torch.where(m, (tq - t_prev) / torch.where(m, h, 1.0), 0.0)
-                yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype), explicit)
+                yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype), explicit or newton)
                 yq = torch.where(_rows(j >= n_inner, yq), res.y1, yq)  # at the end: y1 itself
                 if field.calls != calls:  # Vern7/DP8: the dense stages, on every stepped row
                     nfe.add_(stepped, alpha=field.calls - calls)
@@ -724,6 +741,7 @@ def integrate_per_sample(
             flush()
             rcache = None  # sized for the rows
             keep = running.nonzero().squeeze(1)
+            icache = icache.select(keep) if icache is not None else None
             idx = keep if idx is None else idx[keep]
             rows, key_rows = idx, key[idx]
             y, fraw, ay, accepted_last, running = (
@@ -772,7 +790,9 @@ def integrate_per_sample(
                 counters["nsteps"] = k + k_sub["attempts"]
                 break
     flush()
-    counters.update({k: v for k, v in lin_stats.items() if k in ("njac", "nlu", "nsolve")})
+    counters.update(
+        {k: v for k, v in lin_stats.items() if k in ("njac", "nlu", "nsolve", "nnewton")}
+    )
     return result()
 
 

@@ -168,7 +168,9 @@ def solve_per_sample(
     from ._problem import ODEProblem
     from ._solution import PerSampleSolution, SolveError
     from .sensitivity import BacksolveAdjoint, DirectAdjoint
+    from ._per_sample_implicit import check_esdirk_per_sample
     from .solvers._erk import ExplicitRK
+    from .solvers._esdirk import ESDIRK
     from .solvers._rosenbrock import GenericRosenbrock
 
     if not isinstance(y0, torch.Tensor):
@@ -182,13 +184,22 @@ def solve_per_sample(
             f"with B >= 1; got shape {tuple(y0.shape)}"
         )
     rosenbrock = isinstance(solver, GenericRosenbrock)
-    if not (isinstance(solver, ExplicitRK) or rosenbrock) or not solver.adaptive_capable:
+    esdirk = isinstance(solver, ESDIRK)
+    if not (isinstance(solver, ExplicitRK) or rosenbrock or esdirk) or not (
+        solver.adaptive_capable
+    ):
+        multistep = " (variable order per sample is not implemented)" if getattr(
+            solver, "multistep", False
+        ) else ""
         raise ValueError(
             f"solver: per_sample=True steps the adaptive explicit Runge-Kutta methods "
-            f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()) and the Rodas "
-            f"methods (pn.Rodas5P(batched=True), pn.Rodas4(batched=True)); got "
-            f"{type(solver).__name__}; use one of them or drop per_sample"
+            f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()), the Rodas "
+            f"methods (pn.Rodas5P(batched=True), pn.Rodas4(batched=True)) and the ESDIRK "
+            f"methods (e.g. pn.KenCarp4(batched=True), pn.Kvaerno5(batched=True)); got "
+            f"{type(solver).__name__}{multistep}; use one of them or drop per_sample"
         )
+    if esdirk:
+        check_esdirk_per_sample(solver, y0)
     if rosenbrock and not (solver.batched and y0.ndim == 2):
         raise ValueError(
             f"solver: per_sample=True with {type(solver).__name__} needs "
