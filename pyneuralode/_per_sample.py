@@ -165,10 +165,10 @@ def solve_per_sample(
     loop, package the result."""
     from ._loop import PER_SAMPLE_CODES, integrate_per_sample
     from ._loop_options import options_for
+    from ._per_sample_implicit import check_esdirk_per_sample
     from ._problem import ODEProblem
     from ._solution import PerSampleSolution, SolveError
     from .sensitivity import BacksolveAdjoint, DirectAdjoint
-    from ._per_sample_implicit import check_esdirk_per_sample
     from .solvers._erk import ExplicitRK
     from .solvers._esdirk import ESDIRK
     from .solvers._rosenbrock import GenericRosenbrock
@@ -188,9 +188,11 @@ def solve_per_sample(
     if not (isinstance(solver, ExplicitRK) or rosenbrock or esdirk) or not (
         solver.adaptive_capable
     ):
-        multistep = " (variable order per sample is not implemented)" if getattr(
-            solver, "multistep", False
-        ) else ""
+        multistep = (
+            " (variable order per sample is not implemented)"
+            if getattr(solver, "multistep", False)
+            else ""
+        )
         raise ValueError(
             f"solver: per_sample=True steps the adaptive explicit Runge-Kutta methods "
             f"(e.g. pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()), the Rodas "
