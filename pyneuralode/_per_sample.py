@@ -8,6 +8,9 @@ initial time); torchdiffeq users otherwise build this union by hand (torchdiffeq
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 
 
@@ -168,7 +171,12 @@ def solve_per_sample(
     from ._per_sample_implicit import check_esdirk_per_sample
     from ._problem import ODEProblem
     from ._solution import PerSampleSolution, SolveError
-    from .sensitivity import BacksolveAdjoint, DirectAdjoint
+    from .sensitivity import (
+        BacksolveAdjoint,
+        DirectAdjoint,
+        InterpolatingAdjoint,
+        QuadratureAdjoint,
+    )
     from .solvers._erk import ExplicitRK
     from .solvers._esdirk import ESDIRK
     from .solvers._rosenbrock import GenericRosenbrock
@@ -209,11 +217,12 @@ def solve_per_sample(
             f"batched={solver.batched}, y0 of shape {tuple(y0.shape)}"
         )
     direct = isinstance(sensealg, DirectAdjoint) and sensealg.checkpoints is None
-    joint = isinstance(sensealg, BacksolveAdjoint)
+    joint = isinstance(sensealg, (BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint))
     if sensealg is not None and not (direct or joint):
         raise ValueError(
             f"sensealg: per_sample=True supports DirectAdjoint() (through its steps, "
-            f"the default) and BacksolveAdjoint() (a joint backward pass); got "
+            f"the default) and the continuous adjoints BacksolveAdjoint(), "
+            f"InterpolatingAdjoint() and QuadratureAdjoint() (a joint backward pass); got "
             f"{sensealg!r}; use one of them or drop per_sample"
         )
     if not steps.adaptive:
@@ -229,8 +238,8 @@ def solve_per_sample(
     tt = sample_times(t, y0)
     if joint and not bool((tt == tt[:1]).all()):
         raise ValueError(
-            "sensealg: BacksolveAdjoint with per_sample=True runs one backward pass "
-            "for the whole batch, so every sample needs the same times; give t of "
+            f"sensealg: {type(sensealg).__name__} with per_sample=True runs one backward "
+            "pass for the whole batch, so every sample needs the same times; give t of "
             "shape (T,), or use DirectAdjoint() for times per sample"
         )
     problem = ODEProblem(
@@ -272,8 +281,8 @@ def solve_per_sample(
             checked.append(True)
         return out
 
-    def run(y0_, stats=None):
-        res = integrate_per_sample(rhs, y0_, tt, solver, opts, compact=mode == "compact")
+    def run(y0_, stats=None, times=tt):
+        res = integrate_per_sample(rhs, y0_, times, solver, opts, compact=mode == "compact")
         if stats is not None:
             stats.update(res.stats)
         return res
@@ -284,6 +293,12 @@ def solve_per_sample(
         # the backward pass calls f with one time for the whole batch: hand it one per row
         problem.f = lambda s, y, *a: f(s.expand(y.shape[0]) if s.ndim == 0 else s, y, *a)
         stats: dict = {}
+        if sensealg.solver is None and getattr(solver, "batched", False):
+            # the backward state is flat ([a, g]): the backward solve takes the unbatched
+            # method (the checkpoint re-solves of the batch keep batched=True)
+            sensealg = copy.copy(sensealg)
+            sensealg.solver = copy.copy(solver)
+            sensealg.solver.batched = False
         ys, res = run_adjoint(
             _JointBackward(sensealg, run), problem, problem.y0, solver, opts, stats
         )
@@ -320,11 +335,28 @@ class _JointBackward:
         self.name = sensealg.name
 
     def _forward(self, problem, y0, solver, opts, stats):
-        from .sensitivity._passes import Forward, StepBounds
+        from .sensitivity import BacksolveAdjoint
+        from .sensitivity._passes import Checkpoints, Forward, StepBounds, checkpoint_times
 
-        res = self.run(y0, stats)
-        # no forward step times: each backward interval starts from its own first step
-        return Forward(res.ys, res, StepBounds([problem.t_list[0]]))
+        if isinstance(self.sensealg, BacksolveAdjoint):
+            res = self.run(y0, stats)
+            # no forward step times: each backward interval starts from its own first step
+            return Forward(res.ys, res, StepBounds([problem.t_list[0]]))
+        # Interpolating/Quadrature: the rows' steps differ, so no dense output of the batch is
+        # kept; the states at the output times (and n_checkpoints evenly spaced times) are the
+        # checkpoints, and the backward pass re-solves the batch from them, interval by
+        # interval, with shared adaptive steps (step_ts=None: nothing to replay)
+        merged, out_index = checkpoint_times(
+            problem.t_list, getattr(self.sensealg, "n_checkpoints", None)
+        )
+        times = torch.tensor(merged, dtype=torch.float64, device=y0.device)
+        res = self.run(y0, stats, times.reshape(1, -1).expand(y0.shape[0], -1).contiguous())
+        states = list(res.ys.unbind(0))
+        output_of: list = [None] * len(merged)
+        for i, j in enumerate(out_index):
+            output_of[j] = i
+        res = dataclasses.replace(res, ys=res.ys[out_index])
+        return Forward(res.ys, res, Checkpoints(merged, states, output_of, None))
 
     def _backward(self, p, ys, grad_ys, m):
         return self.sensealg._backward(p, ys, grad_ys, m)

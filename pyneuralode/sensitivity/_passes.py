@@ -37,7 +37,7 @@ class Checkpoints:
     times: list[float]
     states: list[torch.Tensor]
     output_of: list[int | None]
-    step_ts: list[float]
+    step_ts: list[float] | None  #: None: a per-sample forward (no shared steps to replay)
 
 
 @dataclasses.dataclass
@@ -206,11 +206,11 @@ def backward_intervals(p: Pass, m: int, bstats: dict, who: str):
             yield times[i], times[i - 1], lookup, i - 1, step_covering(bounds, times[i])
         return
     times, states, output_of, step_ts = saved.times, saved.states, saved.output_of, saved.step_ts
-    bounds = [times[0]] + list(step_ts)
+    bounds = [times[0]] + list(step_ts or ())
     # A multistep method restarts from a checkpoint without its history, so it cannot replay the
     # forward's steps (they were taken at a higher order): it re-solves adaptively, to the
-    # tolerance.
-    replay = not getattr(p.solver, "multistep", False)
+    # tolerance; so does a per-sample forward (no shared steps: ``step_ts`` is None).
+    replay = step_ts is not None and not getattr(p.solver, "multistep", False)
     for j in range(output_of.index(m), 0, -1):
         rstats: dict = {}
         grid = replay_grid(step_ts, times[j - 1], times[j]) if replay else None
