@@ -409,11 +409,13 @@ def test_per_sample_bad_input_is_named():
     with pytest.raises(ValueError, match="per_sample: expected False, True"):
         pn.solve(vdp, y0, t, per_sample="rows")
     with pytest.raises(ValueError, match="solver: per_sample=True steps the adaptive explicit"):
+        pn.solve(vdp, y0, t, pn.QNDF(), per_sample=True)
+    with pytest.raises(ValueError, match="KenCarp4 needs batched=True"):
         pn.solve(vdp, y0, t, pn.KenCarp4(), per_sample=True)
     with pytest.raises(ValueError, match="needs batched=True"):
         pn.solve(vdp, y0, t, pn.Rodas5P(), per_sample=True)
     with pytest.raises(ValueError, match="sensealg: per_sample=True supports DirectAdjoint"):
-        pn.solve(vdp, y0, t, per_sample=True, sensealg=pn.InterpolatingAdjoint())
+        pn.solve(vdp, y0, t, per_sample=True, sensealg=pn.DirectAdjoint(checkpoints=4))
     with pytest.raises(ValueError, match=r"t: per_sample=True takes times of shape"):
         pn.solve(vdp, y0, torch.zeros(2, 2, dtype=DT), per_sample=True)
     with pytest.raises(ValueError, match="t: row 1 is not strictly monotonic"):
@@ -474,3 +476,217 @@ def test_per_sample_cuda_one_host_sync_per_step():
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     # one per step, plus a few outside the loop (initial step, packaging the result)
     assert syncs <= steps + 10
+
+
+# ------------------------------------------------------------------------------------------------
+# per_sample=True with the ESDIRK methods (a Newton iteration per row) and the joint
+# Interpolating/Quadrature adjoints (issue 22, session 4)
+
+
+@pytest.mark.parametrize("mode", [True, "compact"])
+@pytest.mark.parametrize("method", [pn.KenCarp4, pn.Kvaerno5], ids=lambda m: m.__name__)
+def test_per_sample_esdirk_equals_independent_solves(method, mode):
+    """Stiff Van der Pol, μ from 1 to 1000: every row's own Jacobians, LUs, Newton iterations and
+    step control, so its values, accepted/rejected steps and evaluations are its own solve's.
+    KenCarp4 interpolates with its continuous extension, Kvaerno5 with Hermite."""
+    y0 = torch.cat(
+        [
+            torch.tensor([[2.0, 0.0]], dtype=DT).expand(3, 2),
+            torch.tensor([[1.0], [30.0], [1000.0]], dtype=DT),
+        ],
+        1,
+    )
+    t = torch.tensor([0.0, 0.35, 1.0], dtype=DT)  # 0.35: an output inside a step
+    with torch.no_grad():
+        sol = pn.solve(vdp, y0, t, method(batched=True), rtol=1e-6, atol=1e-8, per_sample=mode)
+    assert all(r == "Success" for r in sol.retcode)
+    rejected = 0
+    for b in range(3):
+        with torch.no_grad():
+            ref = pn.solve(vdp, y0[b : b + 1], t, method(batched=True), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-9, atol=1e-10)
+        assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
+        assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
+        assert int(sol.stats["nfe"][b]) == ref.stats["nfe"]  # Newton iterations and Jacobians
+        rejected += ref.stats["nreject"]
+    assert rejected > 0  # the stiff rows reject steps on their own
+    assert sol.stats["njac"] > 0 and sol.stats["nnewton"] > 0
+
+
+def test_per_sample_esdirk_staggered_backward_nonautonomous_and_gradients():
+    """Rows with their own (staggered) times, forward and backward in time, a field that reads
+    each row's time; DirectAdjoint gradients equal the separate solves' and finite differences."""
+
+    def relax(t, y):  # y' = -k (y - cos t), k (column 1) from 1 to 1e4
+        k = y[:, 1:2]
+        return torch.cat([-k * (y[:, :1] - torch.cos(t).reshape(-1, 1)), torch.zeros_like(k)], 1)
+
+    y0 = torch.tensor([[1.0, 1.0], [0.5, 100.0], [0.0, 1e4]], dtype=DT)
+    t = torch.tensor([[0.0, 0.5, 1.0], [0.3, 0.7, 1.5], [1.0, 1.2, 1.3]], dtype=DT)
+    for tt, f in ((t, relax), (t.flip(1), lambda s, y: -relax(s, y))):  # stable both ways
+        with torch.no_grad():
+            sol = pn.solve(f, y0, tt, pn.KenCarp4(batched=True), per_sample="compact")
+        for b in range(3):
+            with torch.no_grad():
+                ref = pn.solve(f, y0[b : b + 1], tt[b], pn.KenCarp4(batched=True))
+            torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-8, atol=1e-9)
+            assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
+            assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
+    w = torch.tensor(0.8, dtype=DT, requires_grad=True)
+
+    def osc(s, y):  # mildly stiff Van der Pol, a parameter w
+        return torch.stack([y[:, 1], 5 * w * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], 1)
+
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.6], dtype=DT)
+    kw = {"rtol": 1e-7, "atol": 1e-9}
+
+    def loss(per_sample=True, **extra):
+        sol = pn.solve(osc, y0, t, pn.Kvaerno5(batched=True), per_sample=per_sample, **extra)
+        return (sol.ys[-1] * torch.tensor([1.0, -0.5], dtype=DT)).sum()
+
+    gw, gy = torch.autograd.grad(loss(**kw), [w, y0])
+    rw, ry = torch.zeros((), dtype=DT), torch.zeros_like(y0)
+    for b in range(2):
+        ref = pn.solve(osc, y0[b : b + 1], t, pn.Kvaerno5(batched=True), **kw)
+        a, c = torch.autograd.grad(
+            (ref.ys[-1] * torch.tensor([1.0, -0.5], dtype=DT)).sum(), [w, y0]
+        )
+        rw, ry = rw + a, ry + c
+    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gy, ry, rtol=1e-9, atol=1e-10)
+    with torch.no_grad():
+        eps, tight = 1e-6, {"rtol": 1e-10, "atol": 1e-12}
+        w += eps
+        lp = loss(**tight)
+        w -= 2 * eps
+        lm = loss(**tight)
+        w += eps
+    assert float(gw) == pytest.approx(float((lp - lm) / (2 * eps)), rel=1e-4)
+
+
+def test_per_sample_esdirk_newton_fails_in_one_row_others_succeed():
+    """Row 1's field is NaN after t = 1: its Newton iterations fail there, its steps halve until
+    it stops (Unstable, as its own solve); the other rows never notice."""
+
+    def f(t, y):
+        k = y[:, 1:2]
+        out = torch.cat([-k * (y[:, :1] - torch.cos(t).reshape(-1, 1)), 0 * y[:, 1:]], 1)
+        return torch.where((y[:, 2:3] > 0) & (t.reshape(-1, 1) > 1.0), torch.nan, out)
+
+    y0 = torch.tensor([[1.0, 10.0, 0.0], [1.0, 1e3, 1.0], [1.0, 1e3, 0.0]], dtype=DT)
+    t = torch.tensor([0.0, 0.8, 2.0], dtype=DT)
+    for mode in (True, "compact"):
+        with torch.no_grad():
+            sol = pn.solve(f, y0, t, pn.KenCarp4(batched=True), per_sample=mode, throw=False)
+            ref1 = pn.solve(f, y0[1:2], t, pn.KenCarp4(batched=True), throw=False)
+        assert [str(r) for r in sol.retcode] == ["Success", "Unstable", "Success"]
+        assert str(ref1.retcode) == "Unstable"
+        assert float(sol.t_reached[1]) == pytest.approx(1.0, abs=1e-12)
+        assert torch.isnan(sol.ys[2, 1]).all() and torch.isfinite(sol.ys[:2, 1]).all()
+        torch.testing.assert_close(sol.ys[1, 1], ref1.ys[1, 0], rtol=1e-9, atol=1e-10)
+        # (near the NaN wall the halvings depend on rounding: counts agree to a few steps)
+        assert abs(int(sol.stats["nreject"][1]) - ref1.stats["nreject"]) <= 5
+        for b in (0, 2):
+            with torch.no_grad():
+                ref = pn.solve(f, y0[b : b + 1], t, pn.KenCarp4(batched=True))
+            torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-9, atol=1e-10)
+            assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
+            assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
+            assert int(sol.stats["nfe"][b]) == ref.stats["nfe"]
+        if mode == "compact":
+            with pytest.raises(pn.SolveError, match=r"1 of 3 samples \(sample 1: Unstable"):
+                pn.solve(f, y0, t, pn.KenCarp4(batched=True), per_sample=mode)
+    # max_steps per row: row 0 needs 32 attempts, row 2 25; with 28 only row 0 stops
+    kw = {"throw": False, "max_steps": 28}
+    with torch.no_grad():
+        sol = pn.solve(f, y0[[0, 2]], t, pn.KenCarp4(batched=True), per_sample=True, **kw)
+        ref = pn.solve(f, y0[:1], t, pn.KenCarp4(batched=True), **kw)
+    assert [str(r) for r in sol.retcode] == ["MaxIters", "Success"] and not ref.successful
+    assert int(sol.stats["naccept"][0] + sol.stats["nreject"][0]) == 28
+    assert int(sol.stats["naccept"][0]) == ref.stats["naccept"]
+
+
+@pytest.mark.parametrize(
+    "sensealg",
+    [
+        pn.InterpolatingAdjoint(),
+        pn.InterpolatingAdjoint(n_checkpoints=2),
+        pn.QuadratureAdjoint(),
+        pn.QuadratureAdjoint(quadrature="gauss-kronrod"),
+    ],
+    ids=repr,
+)
+def test_per_sample_joint_interpolating_and_quadrature_adjoints(sensealg):
+    """Per-sample forward steps, one backward pass for the batch that re-solves the state from
+    the output-time checkpoints: the gradient of DirectAdjoint's and of the separate per-sample
+    solves with the same adjoint, to the tolerance, and finite differences."""
+    B = 3
+    y0 = torch.randn(B, 3, dtype=DT, generator=torch.Generator().manual_seed(8)).requires_grad_()
+    w = torch.tensor(0.9, dtype=DT, requires_grad=True)
+    t = torch.tensor([0.1, 0.8, 2.0], dtype=DT)
+    c = torch.linspace(-1, 1, 3, dtype=DT)
+    kw = {"args": (w,), "rtol": 1e-10, "atol": 1e-12}
+    grads = {}
+    for mode, alg in (("mask", None), ("mask", sensealg), ("compact", sensealg)):
+        sol = pn.solve(rows_field, y0, t, per_sample=mode, sensealg=alg, **kw)
+        grads[mode, alg is None] = torch.autograd.grad((sol.ys * c).sum(), [y0, w])
+        if alg is not None:
+            assert sol.stats["nfe_adjoint"] > 0 and sol.stats["nfe_recompute"] > 0
+    direct = grads["mask", True]
+    for mode in ("mask", "compact"):
+        for g, d in zip(grads[mode, False], direct):
+            torch.testing.assert_close(g, d, rtol=1e-7, atol=1e-9)
+    sep = [torch.zeros_like(y0), torch.zeros_like(w)]
+    for b in range(B):
+        ref = pn.solve(
+            lambda s, y, w_: rows_field(s.reshape(1), y, w_),
+            y0[b : b + 1],
+            t,
+            sensealg=sensealg,
+            **kw,
+        )
+        for i, g in enumerate(torch.autograd.grad((ref.ys * c).sum(), [y0, w])):
+            sep[i] = sep[i] + g
+    for g, s in zip(grads["mask", False], sep):
+        torch.testing.assert_close(g, s, rtol=1e-7, atol=1e-9)
+    with torch.no_grad():
+        eps, tight = 1e-6, {"args": None, "rtol": 1e-12, "atol": 1e-13}
+        lp = (
+            pn.solve(rows_field, y0, t, per_sample=True, **{**tight, "args": (w + eps,)}).ys * c
+        ).sum()
+        lm = (
+            pn.solve(rows_field, y0, t, per_sample=True, **{**tight, "args": (w - eps,)}).ys * c
+        ).sum()
+    assert float(grads["mask", False][1]) == pytest.approx(float((lp - lm) / (2 * eps)), rel=1e-6)
+    with pytest.raises(ValueError, match="every sample needs the same times"):
+        pn.solve(rows_field, y0, staggered_times(B), args=(w,), per_sample=True, sensealg=sensealg)
+
+
+def test_per_sample_joint_adjoint_with_a_batched_implicit_solver():
+    """KenCarp4(batched=True) forward per sample; the joint backward pass takes the unbatched
+    method for the flat adjoint state and re-solves the batch with the batched one."""
+    w = torch.tensor(0.7, dtype=DT, requires_grad=True)
+
+    def osc(s, y):
+        return torch.stack([y[:, 1], 5 * w * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], 1)
+
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.3, 0.6], dtype=DT)
+    grads = []
+    for alg in (None, pn.InterpolatingAdjoint(), pn.QuadratureAdjoint()):
+        sol = pn.solve(
+            osc,
+            y0,
+            t,
+            pn.KenCarp4(batched=True),
+            per_sample=True,
+            sensealg=alg,
+            rtol=1e-9,
+            atol=1e-11,
+            adjoint_params=(w,),
+        )
+        grads.append(torch.autograd.grad(sol.ys[1:].sum(), [y0, w]))
+    for g in grads[1:]:
+        for a, d in zip(g, grads[0]):
+            torch.testing.assert_close(a, d, rtol=1e-6, atol=1e-8)
