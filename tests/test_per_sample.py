@@ -682,11 +682,11 @@ def test_per_sample_joint_adjoint_with_a_batched_implicit_solver():
             pn.KenCarp4(batched=True),
             per_sample=True,
             sensealg=alg,
-            rtol=1e-9,
-            atol=1e-11,
+            rtol=1e-7,
+            atol=1e-9,
             adjoint_params=(w,),
         )
         grads.append(torch.autograd.grad(sol.ys[1:].sum(), [y0, w]))
     for g in grads[1:]:
         for a, d in zip(g, grads[0]):
-            torch.testing.assert_close(a, d, rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-6)
