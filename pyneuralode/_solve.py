@@ -94,10 +94,11 @@ def solve(
     error norm, controller state and return code; returns a :class:`PerSampleSolution` (``ys``
     ``(T, B, ...)``, ``retcode`` per sample, ``stats`` tensors of shape ``(B,)``). ``f`` gets ``t``
     as a ``(B,)`` tensor. ``"compact"`` evaluates only the running samples (``f`` must treat rows
-    independently); ``True`` (``"mask"``) evaluates the whole batch. Explicit RK methods and the
-    Rodas methods with ``batched=True`` (one Jacobian per sample);
-    gradients by ``DirectAdjoint`` or, for times shared by the batch, ``BacksolveAdjoint`` (one
-    joint backward pass for the batch).
+    independently); ``True`` (``"mask"``) evaluates the whole batch. Explicit RK methods, and the
+    Rodas and ESDIRK methods with ``batched=True`` (one Jacobian per sample; ESDIRK: a Newton
+    iteration per sample); gradients by ``DirectAdjoint`` or, for times shared by the batch,
+    ``BacksolveAdjoint``, ``InterpolatingAdjoint`` or ``QuadratureAdjoint`` (one joint backward
+    pass for the batch).
     """
     # validate
     throw = check_flag("throw", throw)
