@@ -75,8 +75,8 @@ class RowESDIRK:
         B = y.shape[0]
         dev = y.device
         self.rtol, self.atol = rtol, atol
-        self.kappa = newton_tolerance(solver.kappa, rtol, y.dtype)
-        self.ndz_floor = newton_tolerance(1e-5, rtol, y.dtype)
+        self.kappa = _row_tolerance(solver.kappa, rtol, y)
+        self.ndz_floor = _row_tolerance(1e-5, rtol, y)
         self.J = self._jacobian(t, y)
         self.fresh = torch.ones(B, dtype=torch.bool, device=dev)
         self.eta = torch.ones(B, dtype=torch.float64, device=dev)
@@ -90,6 +90,11 @@ class RowESDIRK:
         new.__dict__.update(self.__dict__)
         for k in ("J", "fresh", "eta", "theta_last", "t_last", "pending"):
             setattr(new, k, getattr(self, k)[keep])
+        # tensor tolerances come shaped like the state (B, ...)
+        new.rtol, new.atol, new.kappa, new.ndz_floor = (
+            x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+            for x in (self.rtol, self.atol, self.kappa, self.ndz_floor)
+        )
         return new
 
     def _jacobian(self, t, y):
@@ -243,6 +248,16 @@ class RowESDIRK:
             if not bool(iterating.any()):  # the one sync of a Newton iteration
                 break
         return z, conv, theta_max, nan, used
+
+
+def _row_tolerance(kappa: float, rtol, y: torch.Tensor):
+    """:func:`newton_tolerance` of every row (its floor follows the row's own smallest rtol);
+    a float when the tolerance is shared by the rows."""
+    if isinstance(rtol, torch.Tensor) and rtol.dim() == y.dim() and rtol.shape[0] == y.shape[0]:
+        r = rtol.detach().reshape(rtol.shape[0], -1).amin(1).to(torch.float64)
+        floor = 10.0 * torch.finfo(y.dtype).eps / r
+        return torch.where(r > 0, floor.clamp(min=kappa), torch.full_like(r, kappa))
+    return newton_tolerance(kappa, rtol, y.dtype)
 
 
 def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

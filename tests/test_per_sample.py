@@ -532,6 +532,17 @@ def test_per_sample_esdirk_staggered_backward_nonautonomous_and_gradients():
             torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-8, atol=1e-9)
             assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
             assert int(sol.stats["nreject"][b]) == ref.stats["nreject"]
+    # tolerances per row (a tensor shaped like the state): each row's Newton and error scale
+    rtol = torch.tensor([[1e-8], [1e-4], [1e-6]], dtype=DT).expand(3, 2)
+    with torch.no_grad():
+        sol = pn.solve(relax, y0, t, pn.Kvaerno5(batched=True), per_sample="compact", rtol=rtol)
+    for b in range(3):
+        with torch.no_grad():
+            ref = pn.solve(
+                relax, y0[b : b + 1], t[b], pn.Kvaerno5(batched=True), rtol=rtol[b : b + 1]
+            )
+        torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-8, atol=1e-9)
+        assert int(sol.stats["naccept"][b]) == ref.stats["naccept"]
     w = torch.tensor(0.8, dtype=DT, requires_grad=True)
 
     def osc(s, y):  # mildly stiff Van der Pol, a parameter w
