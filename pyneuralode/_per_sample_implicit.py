@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .solvers._base import tableau_tensors
@@ -65,7 +66,12 @@ def check_esdirk_per_sample(solver, y0: torch.Tensor) -> None:
 class RowESDIRK:
     """The per-row state an ESDIRK method carries between per-sample steps (the scalar engine's
     cache, one entry per row): Jacobian, whether it is fresh, η, the last step's convergence
-    rate, and the time of the last step (a row whose time moved accepted its step)."""
+    rate, and the time of the last step (a row whose time moved accepted its step).
+
+    The per-row decisions (Newton status, θ, η, Jacobian renewal) are (B,) numpy arrays on the
+    host: each Newton iteration syncs once anyway (is any row still iterating?), so its (B,)
+    norms come to the host in that sync and the decisions cost no device operations; the
+    stages, solves and state updates stay on the state's device."""
 
     def __init__(self, solver, call, t, y, rtol, atol, stats: dict, running):
         for k in ("njac", "nlu", "nnewton"):
@@ -73,27 +79,31 @@ class RowESDIRK:
         self.solver, self.call, self.stats = solver, call, stats
         self.co = tableau_tensors(solver.tableau, y, _Coef)
         B = y.shape[0]
-        dev = y.device
         self.rtol, self.atol = rtol, atol
         self.kappa = _row_tolerance(solver.kappa, rtol, y)
         self.ndz_floor = _row_tolerance(1e-5, rtol, y)
         self.J = self._jacobian(t, y)
-        self.fresh = torch.ones(B, dtype=torch.bool, device=dev)
-        self.eta = torch.ones(B, dtype=torch.float64, device=dev)
-        self.theta_last = torch.zeros(B, dtype=torch.float64, device=dev)
+        self.fresh = np.ones(B, dtype=bool)
+        self.eta = np.ones(B)
+        self.theta_last = np.zeros(B)
         self.t_last = t.clone()
-        self.pending = running.long()  # the first Jacobian's evaluation, counted at step 1
+        self.pending = running.cpu().numpy().astype(np.int64)  # the first J, counted at step 1
 
     def select(self, keep: torch.Tensor) -> RowESDIRK:
         """The state of the rows ``keep`` (compact mode drops finished rows)."""
         new = RowESDIRK.__new__(RowESDIRK)
         new.__dict__.update(self.__dict__)
-        for k in ("J", "fresh", "eta", "theta_last", "t_last", "pending"):
-            setattr(new, k, getattr(self, k)[keep])
+        k_host = keep.cpu().numpy()
+        new.J, new.t_last = self.J[keep], self.t_last[keep]
+        for k in ("fresh", "eta", "theta_last", "pending"):
+            setattr(new, k, getattr(self, k)[k_host])
         # tensor tolerances come shaped like the state (B, ...)
-        new.rtol, new.atol, new.kappa, new.ndz_floor = (
+        new.rtol, new.atol = (
             x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
-            for x in (self.rtol, self.atol, self.kappa, self.ndz_floor)
+            for x in (self.rtol, self.atol)
+        )
+        new.kappa, new.ndz_floor = (
+            x[k_host] if isinstance(x, np.ndarray) else x for x in (self.kappa, self.ndz_floor)
         )
         return new
 
@@ -106,64 +116,60 @@ class RowESDIRK:
         """One step of every running row from ``(t_b, y_b)`` with ``f0 = f(t_b, y_b)`` (FSAL) and
         size ``h_b`` (``h`` (B,) float64, signed)."""
         solver = self.solver
+        dev = y.device
         nfe = self.pending
-        self.pending = torch.zeros_like(nfe)
+        self.pending = np.zeros_like(nfe)
         # a row whose time moved accepted its last step: its J is no longer fresh, and it asks
         # for a new one when that step converged slowly (after a rejection it keeps its J)
-        moved = t != self.t_last
+        flags = torch.stack([running, t != self.t_last]).cpu().numpy()
+        run, moved = flags[0], flags[1]
         self.t_last = t.clone()
         self.fresh = self.fresh & ~moved
-        need = moved & (self.theta_last > solver.jac_theta) & running
-        if bool(need.any()):
-            self.J = torch.where(need.view(-1, 1, 1), self._jacobian(t, y), self.J)
+        need = moved & (self.theta_last > solver.jac_theta) & run
+        if need.any():
+            self.J = torch.where(_dev(need, dev).view(-1, 1, 1), self._jacobian(t, y), self.J)
             self.fresh = self.fresh | need
             nfe = nfe + need
-        out = self._attempt(t, h, y, f0, running)
-        ok, nfe = out[4], nfe + out[6]
-        retry = running & ~ok & ~self.fresh  # Newton failed with an old J: once more, fresh J
-        if bool(retry.any()):
-            self.J = torch.where(retry.view(-1, 1, 1), self._jacobian(t, y), self.J)
+        y1, err, f1, dense, ok, theta_max, used, nan = self._attempt(t, h, y, f0, run)
+        nfe = nfe + used
+        retry = run & ~ok & ~self.fresh  # Newton failed with an old J: once more, fresh J
+        if retry.any():
+            rt = _dev(retry, dev)
+            self.J = torch.where(rt.view(-1, 1, 1), self._jacobian(t, y), self.J)
             self.fresh = self.fresh | retry
-            again = self._attempt(t, h, y, f0, retry)
-            nfe = nfe + retry + again[6]
-            rv = retry.view(-1, 1)
-            y1, err, f1, dense, ok, theta_max, _, nan = out
-            y1b, errb, f1b, denseb, okb, thetab, _, nanb = again
-            out = (
-                torch.where(rv, y1b, y1),
-                torch.where(rv, errb, err),
-                torch.where(rv, f1b, f1),
-                _merge_dense(dense, denseb, rv),
-                torch.where(retry, okb, ok),
-                torch.where(retry, thetab, theta_max),
-                None,
-                torch.where(retry, nanb, nan),
+            y1b, errb, f1b, denseb, okb, thetab, usedb, nanb = self._attempt(t, h, y, f0, retry)
+            nfe = nfe + retry + usedb
+            rv = rt.view(-1, 1)
+            y1, err, f1 = (torch.where(rv, b, a) for a, b in ((y1, y1b), (err, errb), (f1, f1b)))
+            dense = _merge_dense(dense, denseb, rv)
+            ok, theta_max, nan = (
+                np.where(retry, b, a) for a, b in ((ok, okb), (theta_max, thetab), (nan, nanb))
             )
-            ok = out[4]
-        y1, err, f1, dense, ok, theta_max, _, nan = out
-        failed = running & ~ok
-        self.eta = torch.where(failed, torch.ones_like(self.eta), self.eta)
-        self.theta_last = torch.where(ok, theta_max, torch.zeros_like(theta_max))
+        failed = run & ~ok
+        self.eta = np.where(failed, 1.0, self.eta)
+        self.theta_last = np.where(ok, theta_max, 0.0)
         # a failed row: no error estimate (NaN when its iteration met NaN/Inf: Unstable if it
         # ends there, else DtLessThanMin); the loop rejects it and halves its step
+        ok_t = _dev(ok, dev)
         with torch.no_grad():
-            err = torch.where(
-                _rows(ok, err), err, torch.where(_rows(nan, err), math.nan, 0.0).to(err.dtype)
-            )
-        return RowStep(y1, err, dense, ok, f1, nfe)
+            if not ok.all():
+                fill = _dev(np.where(nan, np.nan, 0.0), dev, err.dtype)
+                err = torch.where(_rows(ok_t, err), err, _rows(fill, err))
+        return RowStep(y1, err, dense, ok_t, f1, torch.from_numpy(nfe).to(dev))
 
     def _attempt(self, t, h, y, f0, active):
-        """The stages of the rows ``active``: ``(y1, error, f1, dense, ok, θ_max, nfe, nan)``."""
+        """The stages of the rows ``active`` (numpy bool):
+        ``(y1, error, f1, dense, ok, θ_max, evaluations, met NaN)`` (the last four numpy)."""
         solver, co = self.solver, self.co
         s = solver.tableau.stages
-        dt = y.dtype
-        hb = _rows(torch.where(active, h, torch.zeros_like(h)).to(dt), y)  # (B, 1)
-        gamma = co.gamma
-        hg = hb * gamma
+        dt, dev = y.dtype, y.device
+        act = _dev(active, dev)
+        h_act = torch.where(act, h, torch.zeros_like(h))
+        hb = _rows(h_act.to(dt), y)  # (B, 1)
+        hg = hb * co.gamma
         hg_safe = torch.where(hg != 0, hg, torch.ones_like(hg))
         n = y.shape[1]
-        eye = torch.eye(n, dtype=dt, device=y.device)
-        W = eye - hg.unsqueeze(-1) * self.J
+        W = torch.eye(n, dtype=dt, device=dev) - hg.unsqueeze(-1) * self.J
         LU, piv, _ = torch.linalg.lu_factor_ex(W)
         self.stats["nlu"] += 1
 
@@ -173,28 +179,29 @@ class RowESDIRK:
         with torch.no_grad():
             scale = self.atol + self.rtol * y.detach().abs()
         K = [f0]
-        ok = active.clone()
-        nan = torch.zeros_like(active)
-        theta_max = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
-        nfe = torch.zeros(y.shape[0], dtype=torch.int64, device=y.device)
+        ok = active.copy()
+        nan = np.zeros_like(active)
+        theta_max = np.zeros(y.shape[0])
+        nfe = np.zeros(y.shape[0], dtype=np.int64)
         z = y
         for i in range(1, s):
             Kst = torch.stack(K, 1)  # (B, i, n)
-            psi = y + hb * torch.einsum("bjn,j->bn", Kst, co.a[i])
-            z = psi + hg * torch.einsum("bjn,j->bn", Kst, co.pred[i])
-            ti = t + co.c[i] * torch.where(active, h, torch.zeros_like(h))
+            psi = torch.addcmul(y, hb, co.a[i] @ Kst)
+            z = torch.addcmul(psi, hg, co.pred[i] @ Kst)
+            ti = t + co.c[i] * h_act
             z, conv, th, met_nan, used = self._newton(ti, psi, z, hg, solve, scale, ok)
-            nfe = nfe + used
-            nan = nan | (ok & met_nan)
+            nfe += used
+            nan |= ok & met_nan
             ok = conv
-            theta_max = torch.where(ok, torch.maximum(theta_max, th), theta_max)
-            z = torch.where(_rows(ok, z), z, psi)  # a failed row: keep it finite
-            K.append(torch.where(_rows(ok, z), (z - psi) / hg_safe, f0))
+            theta_max = np.where(ok, np.maximum(theta_max, th), theta_max)
+            okv = _rows(_dev(ok, dev), z)
+            z = torch.where(okv, z, psi)  # a failed row: keep it finite
+            K.append(torch.where(okv, (z - psi) / hg_safe, f0))
         Kst = torch.stack(K, 0)  # (s, B, n)
-        err = hb * torch.einsum("sbn,s->bn", Kst, co.b_err)
+        err = hb * torch.tensordot(co.b_err, Kst, 1)
         if solver.smooth_est:
             err = solve(err)
-        y1 = torch.where(_rows(ok, z), z, y)  # stiffly accurate: the last stage is y1
+        y1 = torch.where(okv, z, y)  # stiffly accurate: the last stage is y1
         f1 = K[-1]
         # dense output in the step's own variable θ ∈ [0, 1] (every row's step has size 1)
         if co.B is not None:
@@ -206,57 +213,67 @@ class RowESDIRK:
     def _newton(self, ti, psi, z, hg, solve, scale, active):
         """The simplified Newton iteration (Hairer & Wanner IV.8, as
         :meth:`ESDIRK._newton_loop`) with a status per row: ``(z, converged, θ_max, met NaN,
-        evaluations per row)``."""
+        evaluations per row)`` (the last four numpy)."""
         solver, stats = self.solver, self.stats
         kappa, floor, max_iter = self.kappa, self.ndz_floor, solver.max_iter
         inv_sqrt_n = 1.0 / math.sqrt(max(z.shape[1], 1))
-        eta = self.eta.clamp(min=_EPS) ** 0.8
-        iterating = active.clone()
-        conv = torch.zeros_like(active)
-        nan = torch.zeros_like(active)
-        theta_max = torch.zeros_like(eta)
-        used = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+        eta = np.maximum(self.eta, _EPS) ** 0.8
+        iterating = active.copy()
+        conv = np.zeros_like(active)
+        nan = np.zeros_like(active)
+        theta_max = np.zeros_like(eta)
+        used = np.zeros(z.shape[0], dtype=np.int64)
         ndz_prev = None
-        for it in range(1, max_iter + 1):
-            stats["nnewton"] += 1
-            used = used + iterating
-            dz = solve(psi + hg * self.call(ti, z) - z)
-            with torch.no_grad():
-                ndz = torch.linalg.vector_norm(dz.detach() / scale, dim=1).double() * inv_sqrt_n
-            bad = ndz != ndz
-            z = torch.where(_rows(iterating & ~bad, z), z + dz, z)
-            fail = iterating & bad
-            nan = nan | fail
-            if ndz_prev is not None:
-                theta = torch.where(ndz_prev > 0, ndz / ndz_prev, torch.zeros_like(ndz))
-                theta_max = torch.where(iterating, torch.maximum(theta_max, theta), theta_max)
-                fail = fail | (iterating & (theta >= 1.0))
-                eta = torch.where(iterating & ~fail, theta / (1.0 - theta), eta)
-                if it < max_iter:
-                    slow = (theta ** (max_iter - it) / (1.0 - theta) * ndz > kappa) & (
-                        eta * ndz > kappa
-                    )
-                    fail = fail | (iterating & slow)
-                done = (eta * ndz <= kappa) | (ndz <= floor)
-            else:
-                done = ndz <= floor
-            done = iterating & ~fail & done
-            conv = conv | done
-            self.eta = torch.where(done, eta, self.eta)
-            iterating = iterating & ~fail & ~done
-            ndz_prev = ndz
-            if not bool(iterating.any()):  # the one sync of a Newton iteration
-                break
+        dev = z.device
+        with np.errstate(all="ignore"):  # NaN rows and θ = 1 are decided on, not warned about
+            for it in range(1, max_iter + 1):
+                stats["nnewton"] += 1
+                used += iterating
+                dz = solve(psi + hg * self.call(ti, z) - z)
+                with torch.no_grad():
+                    ndz_t = torch.linalg.vector_norm(dz.detach() / scale, dim=1)
+                ndz = ndz_t.double().cpu().numpy() * inv_sqrt_n  # the one sync of an iteration
+                bad = np.isnan(ndz)
+                z = torch.where(_rows(_dev(iterating & ~bad, dev), z), z + dz, z)
+                fail = iterating & bad
+                nan |= fail
+                if ndz_prev is not None:
+                    theta = np.where(ndz_prev > 0, ndz / ndz_prev, 0.0)
+                    theta_max = np.where(iterating, np.maximum(theta_max, theta), theta_max)
+                    fail |= iterating & (theta >= 1.0)
+                    eta = np.where(iterating & ~fail, theta / (1.0 - theta), eta)
+                    if it < max_iter:
+                        slow = (theta ** (max_iter - it) / (1.0 - theta) * ndz > kappa) & (
+                            eta * ndz > kappa
+                        )
+                        fail |= iterating & slow
+                    done = (eta * ndz <= kappa) | (ndz <= floor)
+                else:
+                    done = ndz <= floor
+                done &= iterating & ~fail
+                conv |= done
+                self.eta = np.where(done, eta, self.eta)
+                iterating &= ~(fail | done)
+                ndz_prev = ndz
+                if not iterating.any():
+                    break
         return z, conv, theta_max, nan, used
 
 
+def _dev(a: np.ndarray, device, dtype=None) -> torch.Tensor:
+    """A host (B,) array as a tensor on ``device``."""
+    x = torch.from_numpy(a)
+    return x.to(device=device, dtype=dtype) if dtype is not None or device.type != "cpu" else x
+
+
 def _row_tolerance(kappa: float, rtol, y: torch.Tensor):
-    """:func:`newton_tolerance` of every row (its floor follows the row's own smallest rtol);
-    a float when the tolerance is shared by the rows."""
+    """:func:`newton_tolerance` of every row (its floor follows the row's own smallest rtol), a
+    (B,) numpy array; a float when the tolerance is shared by the rows."""
     if isinstance(rtol, torch.Tensor) and rtol.dim() == y.dim() and rtol.shape[0] == y.shape[0]:
-        r = rtol.detach().reshape(rtol.shape[0], -1).amin(1).to(torch.float64)
-        floor = 10.0 * torch.finfo(y.dtype).eps / r
-        return torch.where(r > 0, floor.clamp(min=kappa), torch.full_like(r, kappa))
+        r = rtol.detach().reshape(rtol.shape[0], -1).amin(1).double().cpu().numpy()
+        with np.errstate(divide="ignore"):
+            floor = 10.0 * torch.finfo(y.dtype).eps / r
+        return np.where(r > 0, np.maximum(floor, kappa), kappa)
     return newton_tolerance(kappa, rtol, y.dtype)
 
 
