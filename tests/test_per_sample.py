@@ -459,6 +459,18 @@ def test_per_sample_on_cuda_equals_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_per_sample_esdirk_on_cuda_equals_cpu():
+    y0 = vdp_batch(16, 1.0, 300.0)
+    t = torch.linspace(0, 1, 3, dtype=DT)
+    cpu = pn.solve(vdp, y0, t, pn.KenCarp4(batched=True), per_sample=True)
+    for mode in (True, "compact"):
+        gpu = pn.solve(vdp, y0.cuda(), t.cuda(), pn.KenCarp4(batched=True), per_sample=mode)
+        assert gpu.ys.device.type == "cuda" and gpu.successful
+        torch.testing.assert_close(gpu.ys.cpu(), cpu.ys, rtol=1e-4, atol=1e-5)
+        assert int((gpu.stats["naccept"].cpu() - cpu.stats["naccept"]).abs().max()) <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 def test_per_sample_cuda_one_host_sync_per_step():
     y0 = vdp_batch(32).cuda()
     t = torch.tensor([0.0, 2.0], dtype=DT, device="cuda")
