@@ -713,3 +713,21 @@ def test_per_sample_joint_adjoint_with_a_batched_implicit_solver():
     for g in grads[1:]:
         for a, d in zip(g, grads[0]):
             torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-6)
+    # the same for the joint BacksolveAdjoint with a batched Rodas method (it failed before:
+    # the batched method was given the flat adjoint state)
+    grads = []
+    for alg in (None, pn.BacksolveAdjoint()):
+        sol = pn.solve(
+            osc,
+            y0,
+            t,
+            pn.Rodas5P(batched=True),
+            per_sample=True,
+            sensealg=alg,
+            rtol=1e-7,
+            atol=1e-9,
+            adjoint_params=(w,),
+        )
+        grads.append(torch.autograd.grad(sol.ys[1:].sum(), [y0, w]))
+    for a, d in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-6)
