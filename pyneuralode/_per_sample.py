@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import torch
 
@@ -291,7 +292,9 @@ def solve_per_sample(
         from .sensitivity._adjoint import run_adjoint
 
         # the backward pass calls f with one time for the whole batch: hand it one per row
-        problem.f = lambda s, y, *a: f(s.expand(y.shape[0]) if s.ndim == 0 else s, y, *a)
+        # (a partial, not a lambda: the adjoint finds the tensors f reaches through its
+        # arguments, and skips the library's own functions)
+        problem.f = functools.partial(_time_per_row, f)
         stats: dict = {}
         if sensealg.solver is None and getattr(solver, "batched", False):
             # the backward state is flat ([a, g]): the backward solve takes the unbatched
@@ -322,6 +325,11 @@ def solve_per_sample(
             sol,
         )
     return sol
+
+
+def _time_per_row(f, s, y, *args):
+    """``f`` called with one time per row (the backward pass has one time for the batch)."""
+    return f(s.expand(y.shape[0]) if s.ndim == 0 else s, y, *args)
 
 
 class _JointBackward:
