@@ -87,7 +87,8 @@ class RowESDIRK:
         self.eta = np.ones(B)
         self.theta_last = np.zeros(B)
         self.t_last = t.clone()
-        self.pending = running.cpu().numpy().astype(np.int64)  # the first J, counted at step 1
+        # the first Jacobian's evaluations, counted at step 1
+        self.pending = running.cpu().numpy().astype(np.int64) * self.jac_calls
 
     def select(self, keep: torch.Tensor) -> RowESDIRK:
         """The state of the rows ``keep`` (compact mode drops finished rows)."""
@@ -108,8 +109,17 @@ class RowESDIRK:
         return new
 
     def _jacobian(self, t, y):
+        """The Jacobians of every row at ``(t_b, y_b)``; ``jac_calls``: the calls of f it took
+        (1, or n + 1 by finite differences), counted in the ``nfe`` of the rows that use it."""
         self.stats["njac"] += 1
-        J, _ = batched_jacobian(self.call, t, y.detach(), self.solver.jac_mode, False)
+        calls = [0]
+
+        def counted(tt, yy):
+            calls[0] += 1
+            return self.call(tt, yy)
+
+        J, _ = batched_jacobian(counted, t, y.detach(), self.solver.jac_mode, False)
+        self.jac_calls = calls[0]
         return J.detach()
 
     def step(self, t, h, y, f0, running) -> RowStep:
@@ -129,7 +139,7 @@ class RowESDIRK:
         if need.any():
             self.J = torch.where(_dev(need, dev).view(-1, 1, 1), self._jacobian(t, y), self.J)
             self.fresh = self.fresh | need
-            nfe = nfe + need
+            nfe = nfe + need * self.jac_calls
         y1, err, f1, dense, ok, theta_max, used, nan = self._attempt(t, h, y, f0, run)
         nfe = nfe + used
         retry = run & ~ok & ~self.fresh  # Newton failed with an old J: once more, fresh J
@@ -138,7 +148,7 @@ class RowESDIRK:
             self.J = torch.where(rt.view(-1, 1, 1), self._jacobian(t, y), self.J)
             self.fresh = self.fresh | retry
             y1b, errb, f1b, denseb, okb, thetab, usedb, nanb = self._attempt(t, h, y, f0, retry)
-            nfe = nfe + retry + usedb
+            nfe = nfe + retry * self.jac_calls + usedb
             rv = rt.view(-1, 1)
             y1, err, f1 = (torch.where(rv, b, a) for a, b in ((y1, y1b), (err, errb), (f1, f1b)))
             dense = _merge_dense(dense, denseb, rv)
