@@ -13,7 +13,8 @@ solve with ``batched=True``:
   whenever ``hγ`` changes; an unchanged ``hγ`` gives the same factors);
 * every stage's simplified Newton iteration has a per-row convergence rate, η, status and
   stopping test; a row that converged (or failed) stops changing while the others iterate (the
-  iteration count is shared, so one host sync per iteration: whether any row still iterates);
+  iteration count is shared; one host sync per iteration brings the (B,) norms to the host,
+  where the per-row decisions are made);
 * a row whose Newton fails (after its retry) returns ``ok = False``: the loop rejects it alone
   and halves its step, as the scalar loop does; the other rows go on.
 
