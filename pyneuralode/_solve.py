@@ -175,7 +175,9 @@ def solve(
     if compile:
         from .compiled import solve_compiled
 
-        return solve_compiled(problem, solver, opts, throw=throw)
+        return solve_compiled(
+            problem, solver, opts, throw=throw, sensealg=sensealg if sensealg_given else None
+        )
     if backend == "julia":
         from .julia import _backend
 
@@ -230,7 +232,6 @@ def refuse_unsupported(
         )
     if compile and (
         event is not None
-        or explicit_sensealg
         or adjoint_params is not None
         or norm is not None
         or backend != "torch"
@@ -238,7 +239,7 @@ def refuse_unsupported(
         or per_sample
     ):
         raise ValueError(
-            "compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "
+            "compile=True: events, adjoint_params, norm, backend='julia', progress "
             "and per-sample output times are not supported on the compiled path yet; "
             "pass compile=False"
         )
