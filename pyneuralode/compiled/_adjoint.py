@@ -35,11 +35,14 @@ from ._record import record
 _ADJOINTS: dict = {}
 
 
-def _vjp_call(gm, n: int, tpos, arg_cols, names_index, n_params: int, with_jac: bool):
+def _vjp_call(
+    gm, n: int, tpos, arg_cols, names_index, n_params: int, with_jac: bool, with_dt: bool = False
+):
     """``call(t, w, a)`` with ``w = [y, λ]``: ``[−J_yᵀλ, −(∂f/∂θ)ᵀλ]`` (``θ``: the tensor
     arguments marked in ``arg_cols``, then the captured parameters), or with ``with_jac`` the
     backward system's Jacobian rows in ``λ`` (row-major ``(n + m) × n``) followed by its time
-    derivative along ``y' = f``."""
+    derivative along ``y' = f`` (``with_dt``; zeros otherwise: only the Rosenbrock methods use
+    it)."""
 
     def call(t, w, a):
         a = list(a)
@@ -71,25 +74,31 @@ def _vjp_call(gm, n: int, tpos, arg_cols, names_index, n_params: int, with_jac: 
             # rows of [J_y | ∂f/∂θ]: the backward Jacobian is minus their transpose
             rows = []
             for i in range(n):
-                gs = torch.autograd.grad(
-                    out[i], wrt, retain_graph=True, create_graph=True, allow_unused=True
-                )
+                gs = torch.autograd.grad(out[i], wrt, retain_graph=True, allow_unused=True)
                 rows.append(flat(gs))
-            R = torch.stack(rows)  # (n, n + m)
-            Jb = -R.t()  # (n + m, n): ∂(backward rhs)/∂λ
-            # d/dt of the backward rhs at fixed λ, along y(t): (∂/∂t + f·∂/∂y)(−Rᵀλ)
-            g = Jb @ lam
-            fval = out.detach()
-            dT = []
-            for a_ in range(g.shape[0]):
-                gy, gt = torch.autograd.grad(g[a_], (yv, tv), retain_graph=True, allow_unused=True)
-                v = torch.zeros((), dtype=w.dtype)
-                if gy is not None:
-                    v = v + (gy * fval).sum()
-                if gt is not None:
-                    v = v + gt
-                dT.append(v.reshape(1))
-            return torch.cat([Jb.reshape(-1), torch.cat(dT)])
+            Jb = -torch.stack(rows).t()  # (n + m, n): ∂(backward rhs)/∂λ
+            if not with_dt:
+                return torch.cat([Jb.reshape(-1), torch.zeros(Jb.shape[0], dtype=w.dtype)])
+            # Rosenbrock: d/dt of the backward rhs at fixed λ along y(t), i.e. its derivative in
+            # the direction (1, f): one more reverse pass and a transposition through a dummy u
+            g = -flat(
+                torch.autograd.grad(
+                    out, wrt, grad_outputs=lam, create_graph=True, allow_unused=True
+                )
+            )
+            u = torch.zeros(g.shape[0], dtype=w.dtype, requires_grad=True)
+            gy, gt = torch.autograd.grad(
+                g, (yv, tv), grad_outputs=u, create_graph=True, allow_unused=True
+            )
+            v = (u * 0).sum()
+            if gy is not None:
+                v = v + (gy * out.detach()).sum()
+            if gt is not None:
+                v = v + gt
+            (dT,) = torch.autograd.grad(v, u, allow_unused=True)
+            if dT is None:
+                dT = torch.zeros(g.shape[0], dtype=w.dtype)
+            return torch.cat([Jb.reshape(-1), dT])
 
     return call
 
@@ -213,7 +222,7 @@ def adjoint_module(problem, kind: str, method_mod, ny: int, nk: int):
     jac_src, kj = None, []
     if implicit:
         jac_src, kj, _, _ = _trace.trace_rhs(
-            _vjp_call(gm, n, tpos, arg_cols, names_index, len(params), True),
+            _vjp_call(gm, n, tpos, arg_cols, names_index, len(params), True, kind == "rosenbrock"),
             2 * n,
             args,
             jacobian=False,
@@ -282,7 +291,7 @@ class _CompiledAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ys, bw, t, y0, *inputs):
         ctx.bw = bw
-        ctx.shapes = [x.shape for x in inputs]
+        ctx.shapes = [(x.shape, x.dtype) for x in inputs]
         ctx.t_like = (t.shape, t.dtype)
         ctx.y0_like = (y0.shape, y0.dtype)
         return ys.clone()
@@ -301,9 +310,9 @@ class _CompiledAdjoint(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             out_y0 = torch.from_numpy(gy0).to(ctx.y0_like[1]).reshape(ctx.y0_like[0])
         outs, i = [], 0
-        for shp in ctx.shapes:
+        for shp, dtype in ctx.shapes:
             c = int(np.prod(shp))
-            outs.append(torch.from_numpy(gth[i : i + c].copy()).reshape(shp))
+            outs.append(torch.from_numpy(gth[i : i + c].copy()).to(dtype).reshape(shp))
             i += c
         return (None, None, out_t, out_y0, *outs)
 
