@@ -199,13 +199,13 @@ class _ManyRates(torch.nn.Module):
 def test_robertson_40_parameters_rodas5p_vs_chain_rule_and_differences():
     """Rodas5P, 40 parameters, taken by the adjoint by default: the gradient equals the chain
     rule through the rates' forward-sensitivity gradient (1e-6) and a central difference in a
-    random direction; t requiring grad as well (the output times against central differences)."""
+    random direction; the output times' gradient (t requiring grad: the adjoint route) against
+    central differences."""
     f = _ManyRates()
     y0 = torch.tensor([1.0, 0.0, 0.0], **F64)
-    t = T_ROBER.clone().requires_grad_(True)
     kw = dict(rtol=1e-9, atol=1e-12, compile=True)
-    sol = pn.solve(f, y0, t, pn.Rodas5P(), **kw)
-    g_theta, g_t = torch.autograd.grad((sol.ys * W_ROBER).sum(), (f.theta, t))
+    sol = pn.solve(f, y0, T_ROBER, pn.Rodas5P(), **kw)
+    (g_theta,) = torch.autograd.grad((sol.ys * W_ROBER).sum(), f.theta)
     assert sol.stats["nsens"] == 40 and sol.stats["nfe_adjoint"] > 0
     # chain rule: ∂L/∂θ = Cᵀ (k ⊙ ∂L/∂k), ∂L/∂k by compiled forward sensitivities
     k = f.rates().detach().requires_grad_(True)
@@ -226,13 +226,18 @@ def test_robertson_40_parameters_rodas5p_vs_chain_rule_and_differences():
     eps = 1e-4
     fd = (loss(th0 + eps * d, T_ROBER) - loss(th0 - eps * d, T_ROBER)) / (2 * eps)
     torch.testing.assert_close(g_theta @ d, fd, rtol=1e-5, atol=1e-12)
+    # ∂L/∂t_i = ⟨∂L/∂y(t_i), f(t_i, y(t_i))⟩ is as accurate as y(t_i): f of Robertson's
+    # quasi-steady y2 is a small difference of large terms, so this check solves tightly
+    t = T_ROBER.clone().requires_grad_(True)
+    sol = pn.solve(f, y0, t, pn.Rodas5P(), **tight)
+    (g_t,) = torch.autograd.grad((sol.ys * W_ROBER).sum(), t)
     for i in range(4):
         e = 1e-5 * max(1.0, float(T_ROBER[i]))
         tp, tm = T_ROBER.clone(), T_ROBER.clone()
         tp[i] += e
         tm[i] -= e
         fd = (loss(th0, tp) - loss(th0, tm)) / (2 * e)
-        torch.testing.assert_close(g_t[i], fd, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(g_t[i], fd, rtol=1e-5, atol=1e-9)
 
 
 def test_routing_and_clear_errors():
