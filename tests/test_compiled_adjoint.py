@@ -248,6 +248,13 @@ def test_routing_and_clear_errors():
     p = torch.tensor([1.5, 1.0, 3.0, 1.0], **F64, requires_grad=True)
     sol = pn.solve(lotka_volterra, y0, t, pn.Tsit5(), args=(p,), compile=True)
     assert sol.stats["nsens"] == 4 and "nfe_adjoint" not in sol.stats  # forward
+    sol = pn.solve(
+        lotka_volterra, y0, t.clone().requires_grad_(True), pn.Tsit5(), args=(p,), compile=True
+    )
+    with pytest.raises(ValueError, match=r"sol\(tq\).*torch\.no_grad\(\)"):
+        sol(torch.tensor([0.5], **F64))  # the adjoint route (t requires grad): no gradient there
+    with torch.no_grad():
+        assert torch.isfinite(sol(torch.tensor([0.5], **F64))).all()
     for bad, match in [
         (pn.BacksolveAdjoint(), r"does not support BacksolveAdjoint.*InterpolatingAdjoint"),
         (pn.DirectAdjoint(checkpoints=4), r"checkpoints.*InterpolatingAdjoint"),

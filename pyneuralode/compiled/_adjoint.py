@@ -317,6 +317,22 @@ class _CompiledAdjoint(torch.autograd.Function):
         return (None, None, out_t, out_y0, *outs)
 
 
+class AdjointSolution(_driver.CompiledSolution):
+    """A compiled solution whose saved states carry the compiled adjoint's gradients; its dense
+    output ``sol(tq)`` does not (refused with grad mode on rather than returned without a
+    gradient)."""
+
+    def _states(self, out):
+        if torch.is_grad_enabled():
+            raise ValueError(
+                "sol(tq): the compiled adjoint differentiates the states at the output times t "
+                "only; put the times in t, use forward sensitivities "
+                "(sensealg=pn.DirectAdjoint(), for up to ~100 states + parameters), or evaluate "
+                "sol(tq) under torch.no_grad()"
+            )
+        return out
+
+
 def solve_adjoint(problem, solver, opts, kind: str, sensealg, *, throw: bool):
     """``solve(..., compile=True)`` with gradients by the compiled adjoint (see the module
     docstring)."""
@@ -426,4 +442,5 @@ def solve_adjoint(problem, solver, opts, kind: str, sensealg, *, throw: bool):
         stats,
         throw,
         ys_flat=ys.to(problem.y0.dtype),
+        cls=AdjointSolution,
     )
