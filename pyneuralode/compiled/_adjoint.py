@@ -41,12 +41,12 @@ def _vjp_call(
     """``call(t, w, a)`` with ``w = [y, λ]``: ``[−J_yᵀλ, −(∂f/∂θ)ᵀλ]`` (``θ``: the tensor
     arguments marked in ``arg_cols``, then the captured parameters), or with ``with_jac`` the
     backward system's Jacobian rows in ``λ`` (row-major ``(n + m) × n``) followed by its time
-    derivative along ``y' = f`` (``with_dt``; zeros otherwise: only the Rosenbrock methods use
-    it)."""
+    derivative along the interpolated ``y(t)`` (``with_dt``, ``w = [y, λ, y']``; zeros
+    otherwise: only the Rosenbrock methods use it)."""
 
     def call(t, w, a):
         a = list(a)
-        y, lam = w[:n], w[n:]
+        y, lam = w[:n], w[n : 2 * n]
         user = [a[i] for i in tpos]
         params = a[len(a) - n_params :] if n_params else []
         with torch.enable_grad():
@@ -79,8 +79,9 @@ def _vjp_call(
             Jb = -torch.stack(rows).t()  # (n + m, n): ∂(backward rhs)/∂λ
             if not with_dt:
                 return torch.cat([Jb.reshape(-1), torch.zeros(Jb.shape[0], dtype=w.dtype)])
-            # Rosenbrock: d/dt of the backward rhs at fixed λ along y(t), i.e. its derivative in
-            # the direction (1, f): one more reverse pass and a transposition through a dummy u
+            # Rosenbrock: d/dt of the backward rhs at fixed λ along the interpolated y(t), i.e.
+            # its derivative in the direction (1, y'(t)) (w = [y, λ, y'] here): one more reverse
+            # pass and a transposition through a dummy u
             g = -flat(
                 torch.autograd.grad(
                     out, wrt, grad_outputs=lam, create_graph=True, allow_unused=True
@@ -92,7 +93,7 @@ def _vjp_call(
             )
             v = (u * 0).sum()
             if gy is not None:
-                v = v + (gy * out.detach()).sum()
+                v = v + (gy * w[2 * n :]).sum()
             if gt is not None:
                 v = v + gt
             (dT,) = torch.autograd.grad(v, u, allow_unused=True)
@@ -117,6 +118,7 @@ def _adjoint_source(vjp_src, jac_src, method_module, kind, n, m, ny, nk) -> str:
         dense_import = "dense_nd"
         call = f"dense_nd(th, segK[k], {nk - 1}, tmp)"
     N, NB = n, n + m
+    NW = 3 * n if kind == "rosenbrock" else 2 * n  # jac's w: [y, λ] (and y'(t) for dT)
     L = [f"from {method_module} import {dense_import}", ""]
     L.append(vjp_src.replace("def rhs(", "def vjp(").replace("def jac(", "def _unused_jac("))
     if jac_src is not None:
@@ -124,8 +126,9 @@ def _adjoint_source(vjp_src, jac_src, method_module, kind, n, m, ny, nk) -> str:
     L.append(
         f"""
 @njit(cache=True)
-def ystate(t, p, w):
-    # y(t) from the forward dense output into w[:{N}]
+def ystate(t, p, w, deriv):
+    # y(t) from the forward dense output into w[:{N}]; with deriv, y'(t) of the interpolant
+    # (a central difference of the polynomial) into w[{2 * N}:{3 * N}]
     L = p.shape[0]
     M = int(p[L - 2])
     b = int(p[L - 1])
@@ -150,12 +153,23 @@ def ystate(t, p, w):
     {call}
     for j in range({N}):
         w[j] = tmp[j]
+    if deriv:
+        d = 1e-5
+        th0 = th
+        th = th0 + d
+        {call}
+        for j in range({N}):
+            w[{2 * N} + j] = tmp[j]
+        th = th0 - d
+        {call}
+        for j in range({N}):
+            w[{2 * N} + j] = (w[{2 * N} + j] - tmp[j]) / (2 * d * h)
 
 
 @njit(RHS_SIG, cache=True)
 def rhs(t, z, out, p):
     w = np.empty({2 * N})
-    ystate(t, p, w)
+    ystate(t, p, w, False)
     for j in range({N}):
         w[{N} + j] = z[j]
     vjp(t, w, out, p)
@@ -166,8 +180,8 @@ def rhs(t, z, out, p):
             f"""
 @njit(JAC_SIG, cache=True)
 def jac(t, z, J, dT, p):
-    w = np.empty({2 * N})
-    ystate(t, p, w)
+    w = np.empty({NW})
+    ystate(t, p, w, {NW > 2 * N})
     for j in range({N}):
         w[{N} + j] = z[j]
     r = np.empty({NB * N + NB})
@@ -223,7 +237,7 @@ def adjoint_module(problem, kind: str, method_mod, ny: int, nk: int):
     if implicit:
         jac_src, kj, _, _ = _trace.trace_rhs(
             _vjp_call(gm, n, tpos, arg_cols, names_index, len(params), True, kind == "rosenbrock"),
-            2 * n,
+            3 * n if kind == "rosenbrock" else 2 * n,
             args,
             jacobian=False,
             dtype=dtype,
@@ -244,6 +258,15 @@ class _Backward:
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
+    def covering(self, t: float) -> float:
+        """The length of the forward step that ends at or covers ``t``."""
+        starts, steps = self.steps[:, 0], self.steps[:, 1]
+        if starts.shape[0] == 0:
+            return -1.0
+        s = 1.0 if steps[0] >= 0 else -1.0
+        k = int(np.searchsorted(s * starts, s * t, side="left")) - 1
+        return float(abs(steps[max(k, 0)]))
+
     def gradients(self, g: torch.Tensor, want_t: bool):
         """``(∂L/∂t, ∂L/∂y0, ∂L/∂θ)`` for the output cotangent ``g`` (rows of the saved
         states)."""
@@ -263,6 +286,10 @@ class _Backward:
                 gt[i] = float(gs[i] @ fbuf)
             a[0] = np.array([ts[i], ts[i - 1]])
             a[1] = z
+            if self.adaptive and self.h_user <= 0.0:
+                # start with the forward step covering t_i (as the native engine): Hairer's
+                # heuristic over z would see μ's channels start at zero and pick a tiny step
+                a[6] = min(self.covering(float(ts[i])), abs(float(ts[i] - ts[i - 1])))
             out = _driver.entry_point(self.mod.solve)(*a)
             rc, st = int(out[2]), out[4]
             nfe += int(st[0])
@@ -427,6 +454,9 @@ def solve_adjoint(problem, solver, opts, kind: str, sensealg, *, throw: bool):
         pf=call_args[23],
         max_steps=opts.max_steps,
         stats=stats,
+        steps=np.ascontiguousarray(segT),
+        adaptive=bool(opts.adaptive),
+        h_user=float(b_args[6]),
     )
     ys = _CompiledAdjoint.apply(
         torch.from_numpy(ys_np[:k]), bw, problem.t, problem.y0, *adj["inputs"]
