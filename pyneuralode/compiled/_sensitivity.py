@@ -18,8 +18,8 @@ tolerances of their component of ``y``), so the gradient is as accurate as the s
 The cost grows as ``n·(1 + m)`` for ``n`` states and ``m`` parameters: this is the method for
 small systems with few parameters (SciML recommends it below ~100 of both). Larger problems
 (``n + m > 100``, or ``n·(1 + m) > 40`` for the implicit methods, whose augmented Jacobian is
-traced and compiled as straight-line code) raise a ``ValueError`` pointing to ``compile=False``
-with an adjoint.
+traced and compiled as straight-line code) go to the compiled adjoint (:mod:`._adjoint`); chosen
+explicitly (``sensealg=pn.DirectAdjoint()``) they raise a ``ValueError`` pointing to it.
 """
 
 from __future__ import annotations
