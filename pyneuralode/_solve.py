@@ -84,8 +84,10 @@ def solve(
 
     ``compile=True`` (needs numba, ``pip install 'pyneuralode[compiled]'``) traces f once and runs
     the whole solve as native code (:mod:`pyneuralode.compiled`): small CPU systems, the explicit
-    RK, Rosenbrock, ESDIRK and QNDF methods; gradients by compiled forward sensitivities (when y0,
-    args or tensors f uses require grad); with a ``batched=True`` solver the rows of y0 are
+    RK, Rosenbrock, ESDIRK and QNDF methods; gradients (when y0, t, args or tensors f uses require
+    grad) by compiled forward sensitivities up to ~100 states + parameters, by a compiled
+    interpolating adjoint above that or for ``t`` (``sensealg=pn.DirectAdjoint()`` /
+    ``pn.InterpolatingAdjoint()`` choose); with a ``batched=True`` solver the rows of y0 are
     independent systems, each with its own steps (:func:`pyneuralode.compiled.solve_ensemble`);
     no events.
 
@@ -176,7 +178,9 @@ def solve(
     if compile:
         from .compiled import solve_compiled
 
-        return solve_compiled(problem, solver, opts, throw=throw)
+        return solve_compiled(
+            problem, solver, opts, throw=throw, sensealg=sensealg if sensealg_given else None
+        )
     if backend == "julia":
         from .julia import _backend
 
@@ -229,9 +233,9 @@ def refuse_unsupported(
             "per_sample: compile=True, event, backend='julia', norm and progress "
             "are not supported with per-sample stepping; drop them or per_sample"
         )
+    # (a sensealg with compile=True: pyneuralode.compiled._dispatch.check_sensealg)
     if compile and (
         event is not None
-        or explicit_sensealg
         or adjoint_params is not None
         or norm is not None
         or backend != "torch"
@@ -239,7 +243,7 @@ def refuse_unsupported(
         or per_sample
     ):
         raise ValueError(
-            "compile=True: events, sensealg, adjoint_params, norm, backend='julia', progress "
+            "compile=True: events, adjoint_params, norm, backend='julia', progress "
             "and per-sample output times are not supported on the compiled path yet; "
             "pass compile=False"
         )

@@ -222,9 +222,13 @@ def scaled(t, y, p):
 
 
 def test_clear_errors():
+    """Forward sensitivities chosen explicitly (sensealg=pn.DirectAdjoint()) refuse gradients
+    w.r.t. t and more parameters than they are for (without sensealg the compiled adjoint takes
+    those: tests/test_compiled_adjoint.py)."""
     t = torch.tensor([0.0, 1.0], **F64, requires_grad=True)
+    direct = dict(compile=True, sensealg=pn.DirectAdjoint())
     with pytest.raises(ValueError, match=r"t\.detach\(\)"):
-        pn.solve(decay, torch.ones(1, **F64), t, pn.Tsit5(), compile=True)
+        pn.solve(decay, torch.ones(1, **F64), t, pn.Tsit5(), **direct)
     p = torch.ones(120, **F64, requires_grad=True)  # too many parameters for forward sensitivity
-    with pytest.raises(ValueError, match=r"m=120 .*compile=False with an adjoint"):
-        pn.solve(scaled, torch.ones(1, **F64), t.detach(), pn.Tsit5(), args=(p,), compile=True)
+    with pytest.raises(ValueError, match=r"m=120 .*sensealg=pn.InterpolatingAdjoint\(\)"):
+        pn.solve(scaled, torch.ones(1, **F64), t.detach(), pn.Tsit5(), args=(p,), **direct)

@@ -4,7 +4,9 @@ f is traced once to an aten graph (:mod:`._trace`) and translated to scalar code
 module that numba compiles once per f; the method's step (generated from its tableau), the error
 norm, the step-size controller, the loop and the dense output form a method module compiled once
 per method and machine, which takes f (and its Jacobian) as first-class functions
-(:mod:`._codegen`), so that a whole solve runs as one native call. Needs the optional dependency
+(:mod:`._codegen`), so that a whole solve runs as one native call. Gradients: forward
+sensitivities for small problems (:mod:`._sensitivity`), an interpolating adjoint for many
+parameters or the output times (:mod:`._adjoint`). Needs the optional dependency
 numba (``pip install 'pyneuralode[compiled]'``).
 """
 

@@ -18,8 +18,8 @@ tolerances of their component of ``y``), so the gradient is as accurate as the s
 The cost grows as ``n·(1 + m)`` for ``n`` states and ``m`` parameters: this is the method for
 small systems with few parameters (SciML recommends it below ~100 of both). Larger problems
 (``n + m > 100``, or ``n·(1 + m) > 40`` for the implicit methods, whose augmented Jacobian is
-traced and compiled as straight-line code) raise a ``ValueError`` pointing to ``compile=False``
-with an adjoint.
+traced and compiled as straight-line code) go to the compiled adjoint (:mod:`._adjoint`); chosen
+explicitly (``sensealg=pn.DirectAdjoint()``) they raise a ``ValueError`` pointing to it.
 """
 
 from __future__ import annotations
@@ -197,6 +197,23 @@ class SensitivitySolution(_driver.CompiledSolution):
         return _Sensitivities.apply(out[:, :n], out[:, n:].reshape(k, n, m), *inputs)
 
 
+def gradient_size(problem) -> tuple:
+    """``(n, m)``: the states and the forward-sensitivity columns (``y0``, tensor arguments and
+    captured tensors that require grad) of ``problem``."""
+    n = problem.y0.numel()
+    gm, tpos = _trace_f(problem, n)
+    params, _ = _captured_parameters(gm)
+    user = [problem.args[i] for i in tpos if problem.args[i].requires_grad]
+    m = sum(x.numel() for x in user + params) + (n if problem.y0.requires_grad else 0)
+    return n, m
+
+
+def fits_forward(n: int, m: int, kind: str) -> bool:
+    """Whether forward sensitivities take ``n`` states and ``m`` columns (see the limits
+    above)."""
+    return n + m <= MAX_STATES_AND_PARAMETERS and (kind == "erk" or n * (1 + m) <= MAX_IMPLICIT)
+
+
 def augmented_module(problem, kind: str, who: str = "compile=True"):
     """The forward-sensitivity system of ``problem`` traced to a problem module.
 
@@ -208,8 +225,13 @@ def augmented_module(problem, kind: str, who: str = "compile=True"):
     if problem.t.requires_grad:
         raise ValueError(
             f"t: {who} differentiates with respect to y0, tensor args and the tensors f "
-            "captures (module parameters), not the output times; pass t.detach(), or "
-            "compile=False for gradients with respect to t"
+            "captures (module parameters), not the output times; pass t.detach()"
+            + (
+                ", or sensealg=pn.InterpolatingAdjoint() (the compiled adjoint) for gradients "
+                "with respect to t"
+                if who == "compile=True"
+                else ", or compile=False for gradients with respect to t"
+            )
         )
     n = problem.y0.numel()
     gm, tpos = _trace_f(problem, n)
@@ -222,7 +244,7 @@ def augmented_module(problem, kind: str, who: str = "compile=True"):
     m = sum(x.numel() for x in inputs)
     if m == 0:  # e.g. a module parameter that f does not use: no gradient to carry
         return None
-    if n + m > MAX_STATES_AND_PARAMETERS or (kind != "erk" and n * (1 + m) > MAX_IMPLICIT):
+    if not fits_forward(n, m, kind):
         raise ValueError(
             f"{who} computes gradients by forward sensitivities, whose cost grows as "
             f"n·(1 + m) (here n={n} states, m={m} parameters and initial values that require "
@@ -233,8 +255,8 @@ def augmented_module(problem, kind: str, who: str = "compile=True"):
                 if kind != "erk"
                 else ""
             )
-            + "; use compile=False with an adjoint (e.g. sensealg=pn.InterpolatingAdjoint()), "
-            "or let fewer tensors require grad"
+            + "; use the compiled adjoint (sensealg=pn.InterpolatingAdjoint(), the default "
+            "above these sizes), or let fewer tensors require grad"
         )
     call = _augmented_call(gm, n, tpos, arg_cols, y0_cols, names_index, len(params), m)
     args = tuple(problem.args) + tuple(p.detach() for p in params)
