@@ -438,6 +438,15 @@ def _row_rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(flat, dim=1) / math.sqrt(max(flat.shape[1], 1))
 
 
+def _row_error_norm(err, ay, y1, rtol, atol):
+    """``|y1|`` and each row's norm of ``err / (atol + rtol·max(|y0|, |y1|))`` (``ay`` = |y0|;
+    Hairer's RMS when √n is folded into the tolerances), float64 (B,)."""
+    ay1 = y1.abs()
+    r = err / torch.maximum(ay, ay1).mul_(rtol).add_(atol)
+    errn = torch.linalg.vector_norm(r if r.dim() == 2 else r.reshape(r.shape[0], -1), dim=1)
+    return ay1, errn if errn.dtype == torch.float64 else errn.to(torch.float64)
+
+
 def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (B,) tensor shaped to broadcast over the rows of ``like`` (B, ...)."""
     return v.view(v.shape[0], *([1] * (like.dim() - 1)))
@@ -465,17 +474,27 @@ class _StepField:
     ``dy_b/ds = h_b · f(t_b + s·h_b, y_b)``, so the solver takes one shared step of size 1 while
     every row advances by its own ``h_b`` (stages, error estimate and dense output all scale).
     Keeps the unscaled derivative of its last call: the explicit RK engine's last evaluation is
-    ``f(t + h, y1)``, the next step's first stage. ``calls`` counts the calls of f."""
+    ``f(t + h, y1)``, the next step's first stage. ``calls`` counts the calls of f.
+    ``nodes``: {s: i} for the method's stage nodes; their times ``t + s·h`` are formed in one
+    operation (row i of ``times``), other s one by one."""
 
-    __slots__ = ("calls", "h", "hy", "last", "rhs", "t")
+    __slots__ = ("calls", "h", "hy", "last", "nodes", "rhs", "t", "times")
 
-    def __init__(self, rhs, t, h, hy):
+    def __init__(self, rhs, t, h, hy, nodes=None, node_values=None):
         self.rhs, self.t, self.h, self.hy = rhs, t, h, hy
         self.calls = 0
         self.last = None
+        self.nodes = nodes
+        self.times = None if nodes is None else torch.addr(t, node_values, h)
+
+    def time(self, s):
+        i = None if self.nodes is None else self.nodes.get(s)
+        if i is not None:
+            return self.times[i]
+        return torch.add(self.t, self.h, alpha=s) if s else self.t
 
     def __call__(self, s, y):
-        raw = self.rhs(torch.add(self.t, self.h, alpha=s) if s else self.t, y)
+        raw = self.rhs(self.time(s), y)
         self.calls += 1
         self.last = raw
         return self.hy * raw
@@ -563,6 +582,18 @@ def integrate_per_sample(
     # Hairer's RMS over a row's n elements: √n goes into the tolerances once
     sqrt_n = math.sqrt(max(y[0].numel(), 1))
     rtol_n, atol_n = rtol * sqrt_n, atol * sqrt_n
+    # the loop's constants as 0-d tensors: a Python number costs a conversion in every operation
+    one, stretch, eps4 = (torch.tensor(v, **f64) for v in (1.0, 0.999, 4 * _EPS))
+    rtol_n, atol_n = (
+        x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=y.dtype, device=dev)
+        for x in (rtol_n, atol_n)
+    )
+    dtmin_user = None if opts.dtmin is None else torch.tensor(opts.dtmin, **f64)
+    code_of = {c: torch.tensor(c, device=dev) for c in (1, 2, 3)}  # MaxIters, DtLessThanMin, ...
+    rshape = (-1,) + (1,) * (y.dim() - 1)  # a (B,) tensor over the rows of y
+    # times never negative (forward from t ≥ 0, the usual case): |t| = t in the default dtmin
+    t_nonneg = direction > 0 and bool((t >= 0).all())
+    grad = torch.is_grad_enabled()
     err_prev = torch.ones(B, **f64)
     h_acc = torch.full((B,), math.nan, **f64)  # the last accepted |h| (NaN: none yet)
     accepted_last = torch.ones(B, dtype=torch.bool, device=dev)
@@ -592,6 +623,12 @@ def integrate_per_sample(
         and not isinstance(atol, torch.Tensor)
     )
     calls_step = None  # the calls of f of a step (the first step's)
+    # the stage times of an explicit RK step (nodes in (0, 1]) in one operation per step
+    nodes = node_values = None
+    if explicit and isinstance(solver, ExplicitRK):
+        cs = sorted({float(c) for c in solver.tableau.c if c} | {1.0})
+        nodes = {c: i for i, c in enumerate(cs)}
+        node_values = torch.tensor(cs, **f64)
 
     def flush():  # the working rows' results into the batch's (a running row's: overwritten)
         nfe_rows = nfe + attempts * calls_step
@@ -612,11 +649,11 @@ def integrate_per_sample(
             remaining = t_end - t
         else:
             remaining = t - t_end
-        last = dt > 0.999 * remaining  # stretch a step by up to 0.1% rather than leave a sliver
+        last = dt > remaining * stretch  # stretch a step by up to 0.1% rather than leave a sliver
         habs = torch.where(last, remaining, dt)  # a stopped row: t_end = t, so a step of 0
         h = habs if direction > 0 else habs.neg()
-        hy = _rows(h if h.dtype == y.dtype else h.to(y.dtype), y)
-        field = _StepField(rhs, t, h, hy)
+        hy = (h if h.dtype == y.dtype else h.to(y.dtype)).view(rshape)
+        field = _StepField(rhs, t, h, hy, nodes, node_values)
         if explicit:  # the derivative at the step's start is the last step's end (FSAL)
             res = solver.step(field, 0.0, y, 1.0, hy * fraw)
             f1raw = field.last
@@ -636,13 +673,12 @@ def integrate_per_sample(
             calls_step = stepped_calls
         elif stepped_calls != calls_step:
             nfe.add_(running, alpha=stepped_calls - calls_step)
-        with torch.no_grad():
-            ay1 = res.y1.abs()
-            r = res.error / torch.maximum(ay, ay1).mul_(rtol_n).add_(atol_n)
-            errn = torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1)
-            if errn.dtype != torch.float64:
-                errn = errn.to(torch.float64)
-        accept = (errn <= 1.0) & running  # NaN/Inf fail the test
+        if grad:  # the decisions need no graph (entering no_grad costs, so only when needed)
+            with torch.no_grad():
+                ay1, errn = _row_error_norm(res.error, ay, res.y1, rtol_n, atol_n)
+        else:
+            ay1, errn = _row_error_norm(res.error, ay, res.y1, rtol_n, atol_n)
+        accept = (errn <= one) & running  # NaN/Inf fail the test
         if history:
             fac = ctrl.factor_batch(errn, err_prev, q, accepted_last, habs / h_acc)
             err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
@@ -652,52 +688,57 @@ def integrate_per_sample(
         # a rejection shrinks the step (fac < 1), so dtmax binds only after an acceptance
         dt = torch.minimum(habs * fac, dtmax)
         accepted_last = accept  # a stopped row's value is never read
-        t_new = torch.where(last, t_end, t + h)
+        t_new = torch.where(last, t_end, field.time(1.0))  # t + h
         stuck = None
         if opts.dtmin is not None:  # a user's dtmin may allow steps below t's resolution
             stuck = accept & (t_new == t)
             accept = accept & ~stuck
-        nacc += accept
+        nacc.add_(accept)
         t_prev = t
         t = torch.where(accept, t_new, t)
         done = accept & last
         cont = running ^ done  # done ⊆ running
-        dtmin = (
-            opts.dtmin
-            if opts.dtmin is not None
-            else torch.maximum(t.abs(), dt_floor).mul_(4 * _EPS)
-        )
-        small = dt < dtmin
+        if dtmin_user is None:
+            small = dt < torch.maximum(t if t_nonneg else t.abs(), dt_floor).mul_(eps4)
+        else:
+            small = dt < dtmin_user
         fail = cont if k >= max_steps else cont & small
         if stuck is not None:
             fail = fail | stuck
         stepped, running = running, cont ^ fail  # fail ⊆ cont
         # outputs this step passed: row b saves t_out[b, next_out[b] : next_out[b] + n_cross[b]]
-        if only_end:
+        if only_end:  # the one sync: how many rows go on and how many failed, in one number
             n_cross = None
-            sync = torch.stack([running, fail, done]).sum(1)
+            sync = torch.add(running.count_nonzero(), fail.count_nonzero(), alpha=1 << 32)
         else:
             kt = (direction * t_new).unsqueeze(1)
             n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1) - next_out).mul_(
                 accept
             )
             n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
-            sync = torch.stack([running.sum(), fail.sum(), n_cross.max(), n_inner.max()])
-        av = _rows(accept, y)
+            sync = torch.stack(
+                [running.count_nonzero(), fail.count_nonzero(), n_cross.max(), n_inner.max()]
+            )
+        av = accept.view(rshape)
         y = torch.where(av, res.y1, y)
         fraw = torch.where(av, f1raw, fraw)
         ay = torch.where(av, ay1, ay)
         n_prev = n_run
-        n_run, n_fail, n_out_max, *n_inner_max = sync.tolist()  # the one sync
-        n_inner_max = n_inner_max[0] if n_inner_max else 0
-        if only_end and n_out_max:
-            n_out_max, n_cross = 1, done.long()
+        if only_end:
+            n_fail, n_run = divmod(sync.item(), 1 << 32)  # the one sync
+            n_out_max = n_inner_max = 0
+        else:
+            n_run, n_fail, n_out_max, n_inner_max = sync.tolist()  # the one sync
         if n_run < n_prev:  # rows stopped: their attempts, and no more steps for them
             attempts.masked_fill_(stepped ^ running, k)
+            if only_end and n_prev - n_run > n_fail:  # rows finished: their one output, y1
+                out.index_put_((torch.where(done, code_of[1], T), rows), res.y1)
         if n_fail:  # DtLessThanMin (Unstable when the last error was NaN/Inf), then MaxIters
-            code = torch.where(small, torch.where(torch.isfinite(errn), 2, 3), 1)
+            code = torch.where(
+                small, torch.where(torch.isfinite(errn), code_of[2], code_of[3]), code_of[1]
+            )
             if stuck is not None:
-                code = torch.where(stuck, 2, code)
+                code = torch.where(stuck, code_of[2], code)
             codes += code * fail
             t_end = torch.where(fail, t, t_end)
         for j in range(n_out_max):
