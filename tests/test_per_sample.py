@@ -403,6 +403,22 @@ def test_batch_controller_factor_equals_scalar_factor(ctrl):
         assert float(got[i]) == pytest.approx(want, rel=1e-12), i
 
 
+def test_batch_controller_factor_follows_changed_fields():
+    # factor_batch keeps its constants as tensors on the controller: a changed field (or another
+    # dtype) must not reuse the old ones
+    ctrl = pn.PIController(beta1=1.0, beta2=0.0)
+    err = torch.tensor([0.0, 0.3, 0.9, 2.0, 50.0], dtype=DT)
+    acc = torch.tensor([False, True, False, True, True])
+    for safety, factor_max in ((0.9, 10.0), (0.5, 3.0)):
+        ctrl.safety, ctrl.factor_max = safety, factor_max
+        for dtype in (DT, torch.float32):
+            got = ctrl.factor_batch(err.to(dtype), None, 5, acc)
+            assert got.dtype == dtype
+            for i in range(err.numel()):
+                want = ctrl.factor(float(err[i]), 1.0, 5, bool(acc[i]))
+                assert float(got[i]) == pytest.approx(want, rel=1e-6), (safety, dtype, i)
+
+
 def test_per_sample_bad_input_is_named():
     y0 = vdp_batch(3)
     t = torch.tensor([0.0, 1.0], dtype=DT)
