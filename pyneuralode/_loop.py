@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._solution import DenseSegment, ReturnCode
@@ -610,14 +611,14 @@ def integrate_per_sample(
     rows, key_rows = torch.arange(B, device=dev), key
     n_run = int(running.sum())
     k = 0  # steps taken: every running row's attempt count
-    # compact mode: the last running row continues in the scalar loop, which steps one row with
-    # host-side decisions (the explicit RK methods and the integral controller, whose state is
-    # the step size alone once a step was accepted; scalar tolerances)
+    # the last running row continues in the scalar loop, which steps with host-side decisions
+    # (the explicit RK methods and the integral controller, whose state is the step size alone
+    # once a step was accepted; scalar tolerances): alone in compact mode; in mask mode with the
+    # whole batch, the stopped rows frozen (see _finish_row)
     from .solvers._erk import ExplicitRK
 
     handoff = (
-        compact
-        and isinstance(solver, ExplicitRK)
+        isinstance(solver, ExplicitRK)
         and not history
         and not isinstance(rtol, torch.Tensor)
         and not isinstance(atol, torch.Tensor)
@@ -783,15 +784,16 @@ def integrate_per_sample(
                 for x in (rtol_n, atol_n)
             )
         if handoff and n_run == 1:
-            t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.cat(
+            r = 0 if y.shape[0] == 1 else int(running.nonzero())  # the row (once per solve)
+            t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.stack(
                 [t, dt, accepted_last.to(t.dtype), next_out.to(t.dtype), dtmax, dt_floor]
-            ).tolist()
+            )[:, r].tolist()
             if acc_h:  # after a rejection the controller's state is more than the step size
                 k_sub = _finish_row(
                     rhs,
                     y,
                     fraw,
-                    [t_h] + (key_rows[0, int(nxt) :] * direction).tolist(),
+                    [t_h] + (key_rows[r, int(nxt) :] * direction).tolist(),
                     solver,
                     opts,
                     ctrl,
@@ -801,15 +803,17 @@ def integrate_per_sample(
                     max_steps - k,
                     out,
                     int(nxt),
-                    rows,
+                    rows[r],
+                    None if y.shape[0] == 1 else (r, t),
                 )
-                t = torch.full_like(t, k_sub["t"])
-                codes.fill_(k_sub["code"])
-                nacc += k_sub["naccept"]
-                attempts.fill_(k + k_sub["attempts"])
-                nfe += k_sub["calls"] - k_sub["attempts"] * calls_step
+                t = t.clone()
+                t[r] = k_sub["t"]
+                codes[r] = k_sub["code"]
+                nacc[r] += k_sub["naccept"]
+                attempts[r] = k + k_sub["attempts"]
+                nfe[r] += k_sub["calls"] - k_sub["attempts"] * calls_step
                 counters["ncalls"] += k_sub["calls"]
-                counters["nrows"] += k_sub["calls"]
+                counters["nrows"] += k_sub["calls"] * y.shape[0]
                 counters["nsteps"] = k + k_sub["attempts"]
                 break
     flush()
@@ -818,19 +822,54 @@ def integrate_per_sample(
 
 
 def _finish_row(
-    rhs, y, f0, t_rest, solver, opts, ctrl, dt, dtmax, dt_floor, max_steps, out, nxt, rows
+    rhs, y, f0, t_rest, solver, opts, ctrl, dt, dtmax, dt_floor, max_steps, out, nxt, row, in_batch
 ) -> dict:
-    """Continue one row (``y`` (1, ...)) of a per-sample solve in :func:`integrate` from the time
-    ``t_rest[0]`` through its remaining output times ``t_rest[1:]`` with the row's step size,
-    derivative, dtmin floor, dtmax and remaining ``max_steps``; writes the outputs into
-    ``out[nxt:, rows]``."""
+    """Continue one row of a per-sample solve in :func:`integrate` from the time ``t_rest[0]``
+    through its remaining output times ``t_rest[1:]`` with the row's step size, derivative
+    (``f0``, unscaled), dtmin floor, dtmax and remaining ``max_steps``; writes the outputs into
+    ``out[nxt:, row]``.
+
+    ``in_batch`` None: ``y`` (1, ...) is the row. Else ``(r, t_rows)`` (mask mode): ``y`` is the
+    whole batch and ``r`` the row, f keeps seeing every row, the stopped ones at their own times
+    ``t_rows`` with their derivative zeroed (they stay put, as with the steps of size 0 of the
+    per-sample loop), and the error norm is the row's alone (the one its independent solve takes).
+    """
     calls = 0
     f64 = {"dtype": torch.float64, "device": y.device}
+    norm = None
+    if in_batch is None:
 
-    def rhs1(s, yy):
-        nonlocal calls
-        calls += 1
-        return rhs(torch.full((1,), s, **f64), yy)
+        def rhs1(s, yy):
+            nonlocal calls
+            calls += 1
+            return rhs(torch.full((1,), s, **f64), yy)
+
+    else:
+        r, t_rows = in_batch
+        run = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        run[r] = True
+        keep = run.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+        f0 = f0 * keep
+
+        def rhs1(s, yy):
+            nonlocal calls
+            calls += 1
+            return rhs(t_rows.masked_fill(run, s), yy) * keep
+
+        kind = small_norm_kind(y[r], opts.rtol, opts.atol)
+        inv_sqrt_n = 1.0 / math.sqrt(max(y[r].numel(), 1))
+        rtol_h, atol_h = host_tolerance(opts.rtol), host_tolerance(opts.atol)
+
+        def norm(err, y0, y1, rtol, atol):
+            # the scalar loop's norm of the row alone (host-side for tiny rows, as its own solve)
+            if kind is not None:
+                e, _ = rms_norm_small(
+                    kind, err[r], abs_host(y0[r], kind), y1[r], rtol_h, atol_h, inv_sqrt_n
+                )
+            else:
+                with torch.no_grad():
+                    e, _ = rms_norm_and_abs(err[r], y0[r].abs(), y1[r], rtol, atol, inv_sqrt_n)
+            return np.float64(e)  # the loop takes .item()
 
     sub = LoopOptions(
         rtol=opts.rtol,
@@ -844,11 +883,13 @@ def _finish_row(
         dtmax=dtmax,
         f0=f0,
         dt_floor=dt_floor,
+        norm=norm,
     )
     stats: dict = {}
     res = integrate(rhs1, y, t_rest, solver, sub, stats)
     if len(res.ys) > 1:
-        out[nxt : nxt + len(res.ys) - 1, rows] = torch.stack(res.ys[1:])
+        ys = torch.stack(res.ys[1:])
+        out[nxt : nxt + len(res.ys) - 1, row] = ys[:, 0] if in_batch is None else ys[:, in_batch[0]]
     return {
         "t": res.t_reached,
         "code": PER_SAMPLE_CODES.index(res.retcode),
