@@ -519,7 +519,9 @@ def integrate_per_sample(
     every row is evaluated and a finished row takes steps of size 0. One host synchronisation
     per step (how many rows still run, whether one failed, how many outputs a row passed), none
     inside the stages. The step itself is the solver's (an explicit RK method or a batched
-    Rosenbrock method, see :class:`_StepField`).
+    Rosenbrock method, see :class:`_StepField`). When one row is left it may continue in
+    :func:`integrate` (host-side decisions; see :func:`_finish_row`), alone in compact mode, with
+    the whole batch, the stopped rows frozen, otherwise.
 
     The decisions are a few element-wise operations on (B,) tensors per step (a GPU runs them
     without waiting; on a CPU each costs a dispatch), so the bookkeeping that can be derived is:
