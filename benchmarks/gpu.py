@@ -21,6 +21,12 @@ wall time with the shared-step solve and torchode, in the same run.
 
     python benchmarks/gpu.py             # full run (a few minutes on one core; less on a GPU)
     python benchmarks/gpu.py --quick     # smoke version (small batches, short spans)
+    python benchmarks/gpu.py --floor     # plus mask mode's steps without the loop's decisions
+
+``--floor`` adds a row per problem: the same number of batched steps of the solver's step on the
+per-sample field (f on every row, stage times, per-row scaling) with none of the loop's decisions
+(error norm, controller, accept, bookkeeping, the sync): what per-sample stepping cannot go below
+on these steps; its ratio to torchode bounds what faster decisions could reach.
 
 Writes ``benchmarks/results/gpu.md`` (``--quick``: ``gpu_quick.md``, or ``--out``).
 """
@@ -156,6 +162,36 @@ def methods(f, y0, t1, device):
     return out
 
 
+def step_floor(f, y0, t1, steps, device, repeats):
+    """Wall and CPU time of ``steps`` per-sample steps of the whole batch without the loop's
+    decisions: the solver's step on the rescaled field (``_loop._StepField``: the stage times and
+    the per-row scaling, f on every row), chained by FSAL with a fixed step. What mask mode
+    cannot go below on these steps, however cheap its decisions."""
+    from pyneuralode._loop import _StepField
+
+    solver = pn.Dopri5()
+    B = y0.shape[0]
+    t = torch.zeros(B, dtype=torch.float64, device=device)
+    h = torch.full((B,), t1 / steps, dtype=torch.float64, device=device)
+    hy = h.to(y0.dtype).view(-1, *([1] * (y0.dim() - 1)))
+    cs = sorted({float(c) for c in solver.tableau.c if c} | {1.0})
+    nodes, node_values = {c: i for i, c in enumerate(cs)}, torch.tensor(cs, dtype=torch.float64)
+    node_values = node_values.to(device)
+
+    def run():
+        with torch.no_grad():
+            y, fraw = y0, f(t, y0)
+            for _ in range(steps):
+                field = _StepField(f, t, h, hy, nodes, node_values)
+                y = solver.step(field, 0.0, y, 1.0, hy * fraw).y1
+                fraw = field.last
+        return y
+
+    run()
+    _, wall, cpu = timed(run, device, repeats)
+    return wall, cpu
+
+
 def independent_evaluations(f, y0, t1, limit):
     """Evaluations of solving the first ``limit`` samples one by one (and the batch's estimate)."""
     t = torch.tensor([0.0, t1], dtype=y0.dtype, device=y0.device)
@@ -168,7 +204,7 @@ def independent_evaluations(f, y0, t1, limit):
     return sum(nfe), n
 
 
-def run_problem(name, f, y0, t1, device, repeats, check_independent):
+def run_problem(name, f, y0, t1, device, repeats, check_independent, floor=False):
     rows = []
     for label, run in methods(f, y0, t1, device).items():
         run()  # warm-up (allocator, lazy imports)
@@ -184,6 +220,22 @@ def run_problem(name, f, y0, t1, device, repeats, check_independent):
                 "cpu": cpu,
                 "per_step_ms": 1e3 * wall / max(int(steps), 1),
                 "cpu_per_step_ms": 1e3 * cpu / max(int(steps), 1),
+            }
+        )
+    if floor:
+        mask = next(r for r in rows if r["method"].endswith("(mask)"))
+        wall, cpu = step_floor(f, y0, t1, mask["steps"], device, repeats)
+        rows.append(
+            {
+                "problem": name,
+                "method": "step alone (mask mode's steps, no decisions)",
+                "evals": mask["evals"],
+                "rows": mask["rows"],
+                "steps": mask["steps"],
+                "wall": wall,
+                "cpu": cpu,
+                "per_step_ms": 1e3 * wall / max(mask["steps"], 1),
+                "cpu_per_step_ms": 1e3 * cpu / max(mask["steps"], 1),
             }
         )
     indep = None
@@ -215,6 +267,11 @@ def main(argv=None):
     )
     ap.add_argument(
         "--t-vdp", type=float, default=None, help="Van der Pol end time (default 10; --quick: 3)"
+    )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time mask mode's steps without the loop's decisions (the floor)",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -254,7 +311,7 @@ def main(argv=None):
     all_rows, checks = [], {}
     for name, f, y0, t1, check in problems:
         print(f"{name} ...", flush=True)
-        rows, indep = run_problem(name, f, y0, t1, device, repeats, check)
+        rows, indep = run_problem(name, f, y0, t1, device, repeats, check, args.floor)
         all_rows += rows
         if indep is not None:
             checks[name] = indep
@@ -288,10 +345,14 @@ def main(argv=None):
         rs = {r["method"]: r for r in all_rows if r["problem"] == name}
         shared = rs["pyneuralode shared steps"]
         tode = rs.get("torchode Dopri5")
-        for mode in ("pyneuralode per_sample=True (mask)", "pyneuralode per_sample='compact'"):
+        modes = ["pyneuralode per_sample=True (mask)", "pyneuralode per_sample='compact'"]
+        floor_label = "step alone (mask mode's steps, no decisions)"
+        if floor_label in rs:
+            modes.append(floor_label)
+        for mode in modes:
             r = rs[mode]
             ratio_e = "–"
-            if name in checks:
+            if name in checks and mode.startswith("pyneuralode"):
                 indep, sub, n, _ = checks[name]
                 ratio_e = f"{sub / indep:.3f} (first {n} samples solved one by one)"
             vs_tode = (
@@ -302,7 +363,7 @@ def main(argv=None):
             lines.append(
                 f"| {name} | {ratio_e} | {r['wall'] / shared['wall']:.2f} "
                 f"({r['cpu'] / shared['cpu']:.2f}) | {vs_tode} | "
-                f"{mode.split(' ', 1)[1]} |"
+                f"{mode.split(' ', 1)[1] if mode.startswith('pyneuralode') else mode} |"
             )
     text = "\n".join(lines) + "\n"
     print(text)

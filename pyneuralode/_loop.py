@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._solution import DenseSegment, ReturnCode
@@ -438,6 +439,15 @@ def _row_rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(flat, dim=1) / math.sqrt(max(flat.shape[1], 1))
 
 
+def _row_error_norm(err, ay, y1, rtol, atol):
+    """``|y1|`` and each row's norm of ``err / (atol + rtol·max(|y0|, |y1|))`` (``ay`` = |y0|;
+    Hairer's RMS when √n is folded into the tolerances), float64 (B,)."""
+    ay1 = y1.abs()
+    r = err / torch.maximum(ay, ay1).mul_(rtol).add_(atol)
+    errn = torch.linalg.vector_norm(r if r.dim() == 2 else r.reshape(r.shape[0], -1), dim=1)
+    return ay1, errn if errn.dtype == torch.float64 else errn.to(torch.float64)
+
+
 def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (B,) tensor shaped to broadcast over the rows of ``like`` (B, ...)."""
     return v.view(v.shape[0], *([1] * (like.dim() - 1)))
@@ -465,17 +475,27 @@ class _StepField:
     ``dy_b/ds = h_b · f(t_b + s·h_b, y_b)``, so the solver takes one shared step of size 1 while
     every row advances by its own ``h_b`` (stages, error estimate and dense output all scale).
     Keeps the unscaled derivative of its last call: the explicit RK engine's last evaluation is
-    ``f(t + h, y1)``, the next step's first stage. ``calls`` counts the calls of f."""
+    ``f(t + h, y1)``, the next step's first stage. ``calls`` counts the calls of f.
+    ``nodes``: {s: i} for the method's stage nodes; their times ``t + s·h`` are formed in one
+    operation (row i of ``times``), other s one by one."""
 
-    __slots__ = ("calls", "h", "hy", "last", "rhs", "t")
+    __slots__ = ("calls", "h", "hy", "last", "nodes", "rhs", "t", "times")
 
-    def __init__(self, rhs, t, h, hy):
+    def __init__(self, rhs, t, h, hy, nodes=None, node_values=None):
         self.rhs, self.t, self.h, self.hy = rhs, t, h, hy
         self.calls = 0
         self.last = None
+        self.nodes = nodes
+        self.times = None if nodes is None else torch.addr(t, node_values, h)
+
+    def time(self, s):
+        i = None if self.nodes is None else self.nodes.get(s)
+        if i is not None:
+            return self.times[i]
+        return torch.add(self.t, self.h, alpha=s) if s else self.t
 
     def __call__(self, s, y):
-        raw = self.rhs(torch.add(self.t, self.h, alpha=s) if s else self.t, y)
+        raw = self.rhs(self.time(s), y)
         self.calls += 1
         self.last = raw
         return self.hy * raw
@@ -499,7 +519,9 @@ def integrate_per_sample(
     every row is evaluated and a finished row takes steps of size 0. One host synchronisation
     per step (how many rows still run, whether one failed, how many outputs a row passed), none
     inside the stages. The step itself is the solver's (an explicit RK method or a batched
-    Rosenbrock method, see :class:`_StepField`).
+    Rosenbrock method, see :class:`_StepField`). When one row is left it may continue in
+    :func:`integrate` (host-side decisions; see :func:`_finish_row`), alone in compact mode, with
+    the whole batch, the stopped rows frozen, otherwise.
 
     The decisions are a few element-wise operations on (B,) tensors per step (a GPU runs them
     without waiting; on a CPU each costs a dispatch), so the bookkeeping that can be derived is:
@@ -563,6 +585,18 @@ def integrate_per_sample(
     # Hairer's RMS over a row's n elements: √n goes into the tolerances once
     sqrt_n = math.sqrt(max(y[0].numel(), 1))
     rtol_n, atol_n = rtol * sqrt_n, atol * sqrt_n
+    # the loop's constants as 0-d tensors: a Python number costs a conversion in every operation
+    one, stretch, eps4 = (torch.tensor(v, **f64) for v in (1.0, 0.999, 4 * _EPS))
+    rtol_n, atol_n = (
+        x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=y.dtype, device=dev)
+        for x in (rtol_n, atol_n)
+    )
+    dtmin_user = None if opts.dtmin is None else torch.tensor(opts.dtmin, **f64)
+    code_of = {c: torch.tensor(c, device=dev) for c in (1, 2, 3)}  # MaxIters, DtLessThanMin, ...
+    rshape = (-1,) + (1,) * (y.dim() - 1)  # a (B,) tensor over the rows of y
+    # times never negative (forward from t ≥ 0, the usual case): |t| = t in the default dtmin
+    t_nonneg = direction > 0 and bool((t >= 0).all())
+    grad = torch.is_grad_enabled()
     err_prev = torch.ones(B, **f64)
     h_acc = torch.full((B,), math.nan, **f64)  # the last accepted |h| (NaN: none yet)
     accepted_last = torch.ones(B, dtype=torch.bool, device=dev)
@@ -583,19 +617,25 @@ def integrate_per_sample(
     rows, key_rows = torch.arange(B, device=dev), key
     n_run = int(running.sum())
     k = 0  # steps taken: every running row's attempt count
-    # compact mode: the last running row continues in the scalar loop, which steps one row with
-    # host-side decisions (the explicit RK methods and the integral controller, whose state is
-    # the step size alone once a step was accepted; scalar tolerances)
+    # the last running row continues in the scalar loop, which steps with host-side decisions
+    # (the explicit RK methods and the integral controller, whose state is the step size alone
+    # once a step was accepted; scalar tolerances): alone in compact mode; in mask mode with the
+    # whole batch, the stopped rows frozen (see _finish_row)
     from .solvers._erk import ExplicitRK
 
     handoff = (
-        compact
-        and isinstance(solver, ExplicitRK)
+        isinstance(solver, ExplicitRK)
         and not history
         and not isinstance(rtol, torch.Tensor)
         and not isinstance(atol, torch.Tensor)
     )
     calls_step = None  # the calls of f of a step (the first step's)
+    # the stage times of an explicit RK step (nodes in (0, 1]) in one operation per step
+    nodes = node_values = None
+    if explicit and isinstance(solver, ExplicitRK):
+        cs = sorted({float(c) for c in solver.tableau.c if c} | {1.0})
+        nodes = {c: i for i, c in enumerate(cs)}
+        node_values = torch.tensor(cs, **f64)
 
     def flush():  # the working rows' results into the batch's (a running row's: overwritten)
         nfe_rows = nfe + attempts * calls_step
@@ -616,11 +656,11 @@ def integrate_per_sample(
             remaining = t_end - t
         else:
             remaining = t - t_end
-        last = dt > 0.999 * remaining  # stretch a step by up to 0.1% rather than leave a sliver
+        last = dt > remaining * stretch  # stretch a step by up to 0.1% rather than leave a sliver
         habs = torch.where(last, remaining, dt)  # a stopped row: t_end = t, so a step of 0
         h = habs if direction > 0 else habs.neg()
-        hy = _rows(h if h.dtype == y.dtype else h.to(y.dtype), y)
-        field = _StepField(rhs, t, h, hy)
+        hy = (h if h.dtype == y.dtype else h.to(y.dtype)).view(rshape)
+        field = _StepField(rhs, t, h, hy, nodes, node_values)
         if explicit:  # the derivative at the step's start is the last step's end (FSAL)
             res = solver.step(field, 0.0, y, 1.0, hy * fraw)
             f1raw = field.last
@@ -648,13 +688,12 @@ def integrate_per_sample(
             calls_step = stepped_calls
         elif stepped_calls != calls_step:
             nfe.add_(running, alpha=stepped_calls - calls_step)
-        with torch.no_grad():
-            ay1 = res.y1.abs()
-            r = res.error / torch.maximum(ay, ay1).mul_(rtol_n).add_(atol_n)
-            errn = torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1)
-            if errn.dtype != torch.float64:
-                errn = errn.to(torch.float64)
-        accept = (errn <= 1.0) & running  # NaN/Inf fail the test
+        if grad:  # the decisions need no graph (entering no_grad costs, so only when needed)
+            with torch.no_grad():
+                ay1, errn = _row_error_norm(res.error, ay, res.y1, rtol_n, atol_n)
+        else:
+            ay1, errn = _row_error_norm(res.error, ay, res.y1, rtol_n, atol_n)
+        accept = (errn <= one) & running  # NaN/Inf fail the test
         if newton:
             accept = accept & res.ok
         if history:
@@ -669,52 +708,57 @@ def integrate_per_sample(
         else:
             dt = torch.minimum(habs * fac, dtmax)
         accepted_last = accept  # a stopped row's value is never read
-        t_new = torch.where(last, t_end, t + h)
+        t_new = torch.where(last, t_end, field.time(1.0))  # t + h
         stuck = None
         if opts.dtmin is not None:  # a user's dtmin may allow steps below t's resolution
             stuck = accept & (t_new == t)
             accept = accept & ~stuck
-        nacc += accept
+        nacc.add_(accept)
         t_prev = t
         t = torch.where(accept, t_new, t)
         done = accept & last
         cont = running ^ done  # done ⊆ running
-        dtmin = (
-            opts.dtmin
-            if opts.dtmin is not None
-            else torch.maximum(t.abs(), dt_floor).mul_(4 * _EPS)
-        )
-        small = dt < dtmin
+        if dtmin_user is None:
+            small = dt < torch.maximum(t if t_nonneg else t.abs(), dt_floor).mul_(eps4)
+        else:
+            small = dt < dtmin_user
         fail = cont if k >= max_steps else cont & small
         if stuck is not None:
             fail = fail | stuck
         stepped, running = running, cont ^ fail  # fail ⊆ cont
         # outputs this step passed: row b saves t_out[b, next_out[b] : next_out[b] + n_cross[b]]
-        if only_end:
+        if only_end:  # the one sync: how many rows go on and how many failed, in one number
             n_cross = None
-            sync = torch.stack([running, fail, done]).sum(1)
+            sync = torch.add(running.count_nonzero(), fail.count_nonzero(), alpha=1 << 32)
         else:
             kt = (direction * t_new).unsqueeze(1)
             n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1) - next_out).mul_(
                 accept
             )
             n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
-            sync = torch.stack([running.sum(), fail.sum(), n_cross.max(), n_inner.max()])
-        av = _rows(accept, y)
+            sync = torch.stack(
+                [running.count_nonzero(), fail.count_nonzero(), n_cross.max(), n_inner.max()]
+            )
+        av = accept.view(rshape)
         y = torch.where(av, res.y1, y)
         fraw = torch.where(av, f1raw, fraw)
         ay = torch.where(av, ay1, ay)
         n_prev = n_run
-        n_run, n_fail, n_out_max, *n_inner_max = sync.tolist()  # the one sync
-        n_inner_max = n_inner_max[0] if n_inner_max else 0
-        if only_end and n_out_max:
-            n_out_max, n_cross = 1, done.long()
+        if only_end:
+            n_fail, n_run = divmod(sync.item(), 1 << 32)  # the one sync
+            n_out_max = n_inner_max = 0
+        else:
+            n_run, n_fail, n_out_max, n_inner_max = sync.tolist()  # the one sync
         if n_run < n_prev:  # rows stopped: their attempts, and no more steps for them
             attempts.masked_fill_(stepped ^ running, k)
+            if only_end and n_prev - n_run > n_fail:  # rows finished: their one output, y1
+                out.index_put_((torch.where(done, code_of[1], T), rows), res.y1)
         if n_fail:  # DtLessThanMin (Unstable when the last error was NaN/Inf), then MaxIters
-            code = torch.where(small, torch.where(torch.isfinite(errn), 2, 3), 1)
+            code = torch.where(
+                small, torch.where(torch.isfinite(errn), code_of[2], code_of[3]), code_of[1]
+            )
             if stuck is not None:
-                code = torch.where(stuck, 2, code)
+                code = torch.where(stuck, code_of[2], code)
             codes += code * fail
             t_end = torch.where(fail, t, t_end)
         for j in range(n_out_max):
@@ -760,15 +804,16 @@ def integrate_per_sample(
                 for x in (rtol_n, atol_n)
             )
         if handoff and n_run == 1:
-            t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.cat(
+            r = 0 if y.shape[0] == 1 else int(running.nonzero())  # the row (once per solve)
+            t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.stack(
                 [t, dt, accepted_last.to(t.dtype), next_out.to(t.dtype), dtmax, dt_floor]
-            ).tolist()
+            )[:, r].tolist()
             if acc_h:  # after a rejection the controller's state is more than the step size
                 k_sub = _finish_row(
                     rhs,
                     y,
                     fraw,
-                    [t_h] + (key_rows[0, int(nxt) :] * direction).tolist(),
+                    [t_h] + (key_rows[r, int(nxt) :] * direction).tolist(),
                     solver,
                     opts,
                     ctrl,
@@ -778,15 +823,17 @@ def integrate_per_sample(
                     max_steps - k,
                     out,
                     int(nxt),
-                    rows,
+                    rows[r],
+                    None if y.shape[0] == 1 else (r, t),
                 )
-                t = torch.full_like(t, k_sub["t"])
-                codes.fill_(k_sub["code"])
-                nacc += k_sub["naccept"]
-                attempts.fill_(k + k_sub["attempts"])
-                nfe += k_sub["calls"] - k_sub["attempts"] * calls_step
+                t = t.clone()
+                t[r] = k_sub["t"]
+                codes[r] = k_sub["code"]
+                nacc[r] += k_sub["naccept"]
+                attempts[r] = k + k_sub["attempts"]
+                nfe[r] += k_sub["calls"] - k_sub["attempts"] * calls_step
                 counters["ncalls"] += k_sub["calls"]
-                counters["nrows"] += k_sub["calls"]
+                counters["nrows"] += k_sub["calls"] * y.shape[0]
                 counters["nsteps"] = k + k_sub["attempts"]
                 break
     flush()
@@ -797,19 +844,54 @@ def integrate_per_sample(
 
 
 def _finish_row(
-    rhs, y, f0, t_rest, solver, opts, ctrl, dt, dtmax, dt_floor, max_steps, out, nxt, rows
+    rhs, y, f0, t_rest, solver, opts, ctrl, dt, dtmax, dt_floor, max_steps, out, nxt, row, in_batch
 ) -> dict:
-    """Continue one row (``y`` (1, ...)) of a per-sample solve in :func:`integrate` from the time
-    ``t_rest[0]`` through its remaining output times ``t_rest[1:]`` with the row's step size,
-    derivative, dtmin floor, dtmax and remaining ``max_steps``; writes the outputs into
-    ``out[nxt:, rows]``."""
+    """Continue one row of a per-sample solve in :func:`integrate` from the time ``t_rest[0]``
+    through its remaining output times ``t_rest[1:]`` with the row's step size, derivative
+    (``f0``, unscaled), dtmin floor, dtmax and remaining ``max_steps``; writes the outputs into
+    ``out[nxt:, row]``.
+
+    ``in_batch`` None: ``y`` (1, ...) is the row. Else ``(r, t_rows)`` (mask mode): ``y`` is the
+    whole batch and ``r`` the row, f keeps seeing every row, the stopped ones at their own times
+    ``t_rows`` with their derivative zeroed (they stay put, as with the steps of size 0 of the
+    per-sample loop), and the error norm is the row's alone (the one its independent solve takes).
+    """
     calls = 0
     f64 = {"dtype": torch.float64, "device": y.device}
+    norm = None
+    if in_batch is None:
 
-    def rhs1(s, yy):
-        nonlocal calls
-        calls += 1
-        return rhs(torch.full((1,), s, **f64), yy)
+        def rhs1(s, yy):
+            nonlocal calls
+            calls += 1
+            return rhs(torch.full((1,), s, **f64), yy)
+
+    else:
+        r, t_rows = in_batch
+        run = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        run[r] = True
+        keep = run.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+        f0 = f0 * keep
+
+        def rhs1(s, yy):
+            nonlocal calls
+            calls += 1
+            return rhs(t_rows.masked_fill(run, s), yy) * keep
+
+        kind = small_norm_kind(y[r], opts.rtol, opts.atol)
+        inv_sqrt_n = 1.0 / math.sqrt(max(y[r].numel(), 1))
+        rtol_h, atol_h = host_tolerance(opts.rtol), host_tolerance(opts.atol)
+
+        def norm(err, y0, y1, rtol, atol):
+            # the scalar loop's norm of the row alone (host-side for tiny rows, as its own solve)
+            if kind is not None:
+                e, _ = rms_norm_small(
+                    kind, err[r], abs_host(y0[r], kind), y1[r], rtol_h, atol_h, inv_sqrt_n
+                )
+            else:
+                with torch.no_grad():
+                    e, _ = rms_norm_and_abs(err[r], y0[r].abs(), y1[r], rtol, atol, inv_sqrt_n)
+            return np.float64(e)  # the loop takes .item()
 
     sub = LoopOptions(
         rtol=opts.rtol,
@@ -823,11 +905,13 @@ def _finish_row(
         dtmax=dtmax,
         f0=f0,
         dt_floor=dt_floor,
+        norm=norm,
     )
     stats: dict = {}
     res = integrate(rhs1, y, t_rest, solver, sub, stats)
     if len(res.ys) > 1:
-        out[nxt : nxt + len(res.ys) - 1, rows] = torch.stack(res.ys[1:])
+        ys = torch.stack(res.ys[1:])
+        out[nxt : nxt + len(res.ys) - 1, row] = ys[:, 0] if in_batch is None else ys[:, in_batch[0]]
     return {
         "t": res.t_reached,
         "code": PER_SAMPLE_CODES.index(res.retcode),

@@ -8,6 +8,19 @@ from dataclasses import dataclass
 import torch
 
 
+def _batch_constants(ctrl, like: torch.Tensor, values: tuple) -> tuple:
+    """``values`` as 0-d tensors of ``like``'s dtype and device, kept on ``ctrl`` (by value, so a
+    changed field gives new ones)."""
+    key = (like.dtype, like.device, values)
+    cache = ctrl.__dict__.setdefault("_batch_constants", {})
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = tuple(
+            torch.tensor(v, dtype=like.dtype, device=like.device) for v in values
+        )
+    return found
+
+
 @dataclass
 class PIController:
     """Proportional–integral step-size control (Gustafsson; Hairer & Wanner IV.2; Söderlind 2002).
@@ -50,11 +63,15 @@ class PIController:
         """:meth:`factor` for every row of a batch at once (float64 tensors of shape (B,);
         ``accepted_last`` a bool tensor); used by per-sample stepping."""
         b1, b2 = self.beta1 / q, self.beta2 / q
-        fac = err.pow(-b1).mul_(self.safety)  # err = 0: inf, so factor_max; err = inf: 0
+        # the constants as 0-d tensors: a Python number costs a conversion in every operation
+        safety, lo, hi, one, zero = _batch_constants(
+            self, err, (self.safety, self.factor_min, self.factor_max, 1.0, 0.0)
+        )
+        fac = err.pow(-b1).mul_(safety)  # err = 0: inf, so factor_max; err = inf: 0
         if b2:
-            fac = fac * torch.where(err <= 1.0, err_prev.pow(b2), 1.0)
-        fac = fac.clamp_(self.factor_min, self.factor_max)
-        fac = torch.where(accepted_last | (err == 0.0), fac, fac.clamp(max=1.0))
+            fac = fac * torch.where(err <= one, err_prev.pow(b2), one)
+        fac = fac.clamp_(lo, hi)
+        fac = torch.where(accepted_last | (err == zero), fac, fac.clamp(max=one))
         return fac.nan_to_num_(nan=self.factor_min)  # err NaN
 
 

@@ -237,6 +237,43 @@ def test_per_sample_vdp_batch_evaluations_match_independent_solves(mode):
     torch.testing.assert_close(sol.ys[-1], shared.ys[-1], rtol=1e-4, atol=1e-4)
 
 
+def test_per_sample_mask_mode_last_row_keeps_the_whole_batch(monkeypatch):
+    # mask mode hands its last running row to the scalar loop: f must keep seeing every row (here
+    # it captures per-sample constants of shape (B, 1)), the stopped rows at their own end times
+    # and unchanged, and the last row must still equal its own solve
+    from pyneuralode import _loop
+
+    handed = []
+    finish = _loop._finish_row
+    monkeypatch.setattr(_loop, "_finish_row", lambda *a: handed.append(a[-1]) or finish(*a))
+    k = torch.tensor([[0.5], [2.0], [40.0], [1.0]], dtype=DT)
+    seen = []
+
+    def f(t, y):
+        seen.append((y.shape[0], t.clone()))
+        return torch.cat([-k * y[:, :1] * (1 + 0.1 * t[:, None]), k * y[:, :1] - y[:, 1:]], 1)
+
+    y0 = torch.tensor([[1.0, 0.0], [2.0, 1.0], [1.0, 1.0], [0.5, 0.0]], dtype=DT)
+    t = torch.tensor([0.0, 0.7, 3.0], dtype=DT)
+    sol = pn.solve(f, y0, t, pn.Tsit5(), rtol=1e-8, atol=1e-10, per_sample=True)
+    assert len(handed) == 1 and handed[0][0] == 2  # the stiff row, with the batch
+    assert all(b == 4 for b, _ in seen)
+    t_last = seen[-1][1]
+    assert torch.equal(t_last[[0, 1, 3]], torch.full((3,), 3.0, dtype=DT))
+    for b in range(4):
+        kb = k[b : b + 1]
+
+        def fb(t, y, kb=kb):
+            return torch.cat([-kb * y[:, :1] * (1 + 0.1 * t), kb * y[:, :1] - y[:, 1:]], 1)
+
+        own = pn.solve(fb, y0[b : b + 1], t, pn.Tsit5(), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(sol.ys[:, b], own.ys[:, 0], rtol=1e-10, atol=1e-12)
+        assert int(sol.stats["naccept"][b]) == own.stats["naccept"]
+        assert int(sol.stats["nreject"][b]) == own.stats["nreject"]
+        assert int(sol.stats["nfe"][b]) == own.stats["nfe"]
+    assert sol.stats["nrows"] == 4 * sol.stats["ncalls"]
+
+
 def test_per_sample_retcodes_one_sample_fails_others_succeed():
     def blow_up(t, y):
         return y * y  # y0 = 2 blows up at t = 0.5
@@ -401,6 +438,22 @@ def test_batch_controller_factor_equals_scalar_factor(ctrl):
             e, float(err_prev[i]), 5, bool(acc[i]), None if ratio[i].isnan() else float(ratio[i])
         )
         assert float(got[i]) == pytest.approx(want, rel=1e-12), i
+
+
+def test_batch_controller_factor_follows_changed_fields():
+    # factor_batch keeps its constants as tensors on the controller: a changed field (or another
+    # dtype) must not reuse the old ones
+    ctrl = pn.PIController(beta1=1.0, beta2=0.0)
+    err = torch.tensor([0.0, 0.3, 0.9, 2.0, 50.0], dtype=DT)
+    acc = torch.tensor([False, True, False, True, True])
+    for safety, factor_max in ((0.9, 10.0), (0.5, 3.0)):
+        ctrl.safety, ctrl.factor_max = safety, factor_max
+        for dtype in (DT, torch.float32):
+            got = ctrl.factor_batch(err.to(dtype), None, 5, acc)
+            assert got.dtype == dtype
+            for i in range(err.numel()):
+                want = ctrl.factor(float(err[i]), 1.0, 5, bool(acc[i]))
+                assert float(got[i]) == pytest.approx(want, rel=1e-6), (safety, dtype, i)
 
 
 def test_per_sample_bad_input_is_named():
