@@ -543,9 +543,17 @@ def wp_table(name, ascale, rtols, runs, res, first, sp, dm, summary):
             r = ratio_at_equal_error(
                 ec, tc, [res[k][x][2] for x in rtols], [res[k][x][0] for x in rtols]
             )
-            ratios.append("—" if r is None else f"{r:.2f}")
-            summary.append((name, k, rtol, r, tc / res[k][rtol][0]))
+            ratios.append("—" if r is None else f"{r:.2g}")
+            summary.append((name, k, r, tc / res[k][rtol][0]))
         lines.append(f"| {rtol:g} | " + " | ".join(cells + ratios) + " |")
+    for k in keys[1:]:  # the other direction: the compiled time interpolated to k's errors
+        for rtol in rtols:
+            tk, _, ek = res[k][rtol]
+            r = ratio_at_equal_error(
+                ek, tk, [res[lead][x][2] for x in rtols], [res[lead][x][0] for x in rtols]
+            )
+            if r is not None:
+                summary.append((name, k, 1.0 / r, None))
     lo, hi = rtols[0], rtols[-1]
     marg = []
     for k in keys:
@@ -561,24 +569,26 @@ def wp_table(name, ascale, rtols, runs, res, first, sp, dm, summary):
 
 
 def wp_summary(summary):
-    """Per problem and competitor: the range of the time ratios at equal error."""
+    """Per problem and competitor: the range of the time ratios at equal error and equal rtol."""
     lines = [
         "",
-        "### Summary: compiled time ÷ other solver's time at equal error (min – max over the "
-        "tolerances where the errors overlap; in brackets: the ratio at equal rtol)",
+        "### Summary: compiled time ÷ the other solver's time",
+        "",
+        "At equal error: min – max over the points where the error of one lies inside the other's "
+        "range (either solver's points, interpolated log–log in the other's curve). At equal "
+        "rtol: min – max over the tolerances.",
         "",
         "| problem | vs | at equal error | at equal rtol |",
         "|---|---|---|---|",
     ]
     groups = {}
-    for name, k, _rtol, r, r_rtol in summary:
+    for name, k, r, r_rtol in summary:
         groups.setdefault((name, k), []).append((r, r_rtol))
     for (name, k), v in groups.items():
         rr = [r for r, _ in v if r is not None]
-        eq = "—" if not rr else f"{min(rr):.2f} – {max(rr):.2f}"
-        lines.append(
-            f"| {name} | {k} | {eq} | {min(x for _, x in v):.2f} – {max(x for _, x in v):.2f} |"
-        )
+        eq = "—" if not rr else f"{min(rr):.2g} – {max(rr):.2g}"
+        rt = [x for _, x in v if x is not None]
+        lines.append(f"| {name} | {k} | {eq} | {min(rt):.2g} – {max(rt):.2g} |")
     return lines
 
 
@@ -720,6 +730,8 @@ def main():
             )
     lines = [
         "# Compiled path vs native engine vs scipy" + (" (--quick)" if a.quick else ""),
+    ]
+    solve_table = [
         "",
         "Command: `python "
         f"benchmarks/compiled.py{' --quick' if a.quick else ''}{' --fresh' if a.fresh else ''}`; "
@@ -736,6 +748,8 @@ def main():
         " µs/step | native ÷ compiled | scipy ÷ compiled | steps c/n/s | error c/n/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if "solve" in only:
+        lines += solve_table
     for r in rows:
         lines.append(
             f"| {r['problem']} | {r['method']} ({r['scipy']}) | {r['rtol']:g} | "
