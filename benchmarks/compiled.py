@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +114,17 @@ def best_cpu(fn, repeat):
         out = fn()
         ts.append(time.process_time() - t0)
     return min(ts), out
+
+
+def alternating_best_cpu(fns, repeat):
+    """[(best process CPU time, last result)] of each of ``fns``, run in turn ``repeat`` times."""
+    best, outs = [float("inf")] * len(fns), [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.process_time()
+            outs[i] = fn()
+            best[i] = min(best[i], time.process_time() - t0)
+    return list(zip(best, outs))
 
 
 def rober_rows(t, Y, K):
@@ -332,7 +344,7 @@ def ratio_at_equal_error(err_c, t_c, errs, times):
     return t_c / float(np.exp(np.interp(np.log(err_c), le, lt)))
 
 
-def bench_wp(pn, repeat, quick, refs):
+def bench_wp(pn, repeat, quick, refs, command):
     """Work–precision: max relative error at the end against a high-accuracy reference vs CPU
     time, over rtol, for the compiled path, scipy and diffrax (jitted)."""
     from scipy.integrate import solve_ivp
@@ -423,10 +435,9 @@ def bench_wp(pn, repeat, quick, refs):
         "",
         "## Work–precision: compiled path vs scipy vs diffrax (jitted)",
         "",
-        "Command: `python benchmarks/compiled.py --only wp"
-        + (" --quick" if quick else "")
-        + f"`; best of {repeat} runs of process CPU time, the solvers alternating in every "
-        "round, one thread each (jax: `--xla_cpu_multi_thread_eigen=false`), float64. "
+        f"Command: `{command}`; best of {repeat} runs of process CPU time, the solvers "
+        "alternating in every round, one thread each (jax: "
+        "`--xla_cpu_multi_thread_eigen=false`), float64. "
         "Error: max relative error over the components at the last time against the reference "
         "(ROBER, HIRES, OREGO: the IVP Test Set's published values; Van der Pol: scipy Radau at "
         "rtol 1e-12; Lotka–Volterra: DOP853 at rtol 1e-13). atol = rtol × the factor in the "
@@ -592,15 +603,6 @@ def wp_summary(summary):
     return lines
 
 
-def best(fn, repeat):
-    out, ts = None, []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts), out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -620,6 +622,7 @@ def main():
     import pyneuralode as pn
 
     repeat = a.repeat or (2 if a.quick else 5)
+    command = " ".join(["python benchmarks/compiled.py", *sys.argv[1:]])
     rtols = [1e-6] if a.quick else [1e-6, 1e-8]
     F = dict(dtype=torch.float64)
     vdp_end = 500.0 if a.quick else 3000.0
@@ -683,22 +686,20 @@ def main():
             sol_c = pn.solve(f, y0, t, solver, compile=True, **kw)  # first call: compile or load
             first = sol_c.stats.get("compile_s", float("nan"))
             with torch.no_grad():
-                tc, sol_c = best(
-                    lambda f=f, y0=y0, t=t, solver=solver, kw=kw: pn.solve(
-                        f, y0, t, solver, compile=True, **kw
-                    ),
+                (tc, sol_c), (tn, sol_n), (ts, sol_s) = alternating_best_cpu(
+                    [
+                        lambda f=f, y0=y0, t=t, solver=solver, kw=kw: pn.solve(
+                            f, y0, t, solver, compile=True, **kw
+                        ),
+                        lambda f=f, y0=y0, t=t, solver=solver, kw=kw: pn.solve(
+                            f, y0, t, solver, **kw
+                        ),
+                        lambda fnp=fnp, t_end=t_end, y0l=y0l, sp=sp, rtol=rtol: solve_ivp(
+                            fnp, (0, t_end), y0l, method=sp, rtol=rtol, atol=rtol * 1e-3
+                        ),
+                    ],
                     repeat,
                 )
-                tn, sol_n = best(
-                    lambda f=f, y0=y0, t=t, solver=solver, kw=kw: pn.solve(f, y0, t, solver, **kw),
-                    repeat,
-                )
-            ts, sol_s = best(
-                lambda fnp=fnp, t_end=t_end, y0l=y0l, sp=sp, rtol=rtol: solve_ivp(
-                    fnp, (0, t_end), y0l, method=sp, rtol=rtol, atol=rtol * 1e-3
-                ),
-                repeat,
-            )
             err = lambda y, ref=ref, rtol=rtol: float(
                 np.max(np.abs(np.asarray(y) - ref) / (np.abs(ref) + rtol * 1e-3))
             )
@@ -733,10 +734,9 @@ def main():
     ]
     solve_table = [
         "",
-        "Command: `python "
-        f"benchmarks/compiled.py{' --quick' if a.quick else ''}{' --fresh' if a.fresh else ''}`; "
-        f"1 thread, best of {repeat}; atol = rtol·1e-3; error = max relative error at the end "
-        "against a "
+        f"Command: `{command}`; 1 thread, process CPU time, best of {repeat} (the three "
+        "alternating); atol = rtol·1e-3; error = max relative "
+        "error at the end against a "
         'scipy reference at rtol 1e-12 (HIRES, OREGO: the IVP Test Set published values). "first '
         'call": compile time of the first call in the process (numba; '
         "or the load from the disk cache when the module was compiled before"
@@ -767,7 +767,7 @@ def main():
     if "ensemble" in only:
         lines += bench_ensemble(pn, repeat, a.quick)
     if "wp" in only:
-        lines += bench_wp(pn, repeat, a.quick, refs)
+        lines += bench_wp(pn, repeat, a.quick, refs, command)
     out = HERE / "results" / "compiled.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
