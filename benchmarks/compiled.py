@@ -522,6 +522,68 @@ def bench_wp(pn, repeat, quick, refs, command):
     return out + wp_summary(summary)
 
 
+def bench_per_step(pn, repeat, command):
+    """Lotka–Volterra, Tsit5, rtol 1e-6, 101 outputs to t = 1000 (~9000 steps): the time per
+    step once the fixed cost of a call is spread thin, compiled vs diffrax vs scipy RK45."""
+    from scipy.integrate import solve_ivp
+
+    F = dict(dtype=torch.float64)
+    dfx, why = load_diffrax()
+    rtol, atol = 1e-6, 1e-9
+    tt = np.linspace(0.0, 1000.0, 101)
+    t = torch.tensor(tt, **F)
+    y0 = torch.tensor([1.0, 1.0], **F)
+    p = (torch.tensor([1.5, 1.0, 3.0, 1.0], **F),)
+    runs = {}
+    for dense in (True, False):
+
+        def run_c(dense=dense):
+            with torch.no_grad():
+                s = pn.solve(
+                    lv,
+                    y0,
+                    t,
+                    pn.Tsit5(),
+                    compile=True,
+                    args=p,
+                    rtol=rtol,
+                    atol=atol,
+                    dense=dense,
+                )
+            return s.ys[-1].numpy(), s.stats["naccept"]
+
+        runs["Tsit5 (compiled)" + ("" if dense else ", dense=False")] = run_c
+    runs["RK45 (scipy)"] = lambda: (
+        None,
+        len(solve_ivp(np_lv, (0.0, 1000.0), [1.0, 1.0], rtol=rtol, atol=atol).t) - 1,
+    )
+    if dfx is not None:
+        rd = diffrax_solver(dfx, np_lv, "Tsit5", tt, 10**6)
+        runs["Tsit5 (diffrax)"] = lambda: rd(np.array([1.0, 1.0]), rtol, atol)
+    for fn in runs.values():
+        fn()  # first calls (compile, jit) outside the timing
+    timed = dict(zip(runs, alternating_best_cpu(list(runs.values()), repeat)))
+    cells = [
+        f"| {k} | {tk * 1e3:.2f} | {out[1]} | {tk / out[1] * 1e6:.2f} |"
+        for k, (tk, out) in timed.items()
+    ]
+    for line in cells:
+        print("per step:", line, flush=True)
+    return [
+        "",
+        "## Time per step: Lotka–Volterra, Tsit5, rtol 1e-6, atol 1e-9, to t = 1000 (101 outputs)",
+        "",
+        f"Command: `{command}`; best of {repeat} runs of process CPU time, alternating; the "
+        "same solvers as the work–precision tables (diffrax: jitted, `SaveAt(ts=...)`; "
+        + ("columns skipped: " + why if dfx is None else "one thread")
+        + "). scipy: steps counted without `t_eval`, timed without it.",
+        "",
+        "| solver | ms | accepted steps | µs per step |",
+        "|---|---|---|---|",
+        *cells,
+    ]
+
+
 def wp_table(name, ascale, rtols, runs, res, first, sp, dm, summary):
     keys = list(runs)
     lead = keys[0]
@@ -612,7 +674,7 @@ def main():
     a = ap.parse_args()
     # the work-precision sweep is long: not in --quick unless asked for
     only = set(
-        (a.only or ("solve,grad,ensemble" if a.quick else "solve,grad,ensemble,wp")).split(",")
+        (a.only or ("solve,grad,ensemble" if a.quick else "solve,grad,ensemble,step,wp")).split(",")
     )
     if a.fresh:
         os.environ["PYNEURALODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="pn_compiled_")
@@ -766,6 +828,8 @@ def main():
         lines += bench_gradient(pn, repeat, a.quick)
     if "ensemble" in only:
         lines += bench_ensemble(pn, repeat, a.quick)
+    if "step" in only:
+        lines += bench_per_step(pn, repeat, command)
     if "wp" in only:
         lines += bench_wp(pn, repeat, a.quick, refs, command)
     out = HERE / "results" / "compiled.md"
