@@ -11,7 +11,8 @@ HIRES and OREGO: the IVP Test Set's published values in ``tests/data/stiff_refer
     python benchmarks/compiled.py            # rtol 1e-6 and 1e-8; 5 repeats
     python benchmarks/compiled.py --quick    # rtol 1e-6; 2 repeats; shorter Van der Pol span
     python benchmarks/compiled.py --fresh    # a new numba cache directory: report the cold compile
-    time python benchmarks/compiled.py --only grad,ensemble  # some tables: solve, grad, ensemble
+    python benchmarks/compiled.py --only grad,ensemble  # tables: solve, grad, ensemble, step, wp
+    python benchmarks/compiled.py --only wp,step  # vs scipy and diffrax (jitted) at equal error
 
 Also: the gradient of a loss w.r.t. Robertson's three rate constants (compiled forward
 sensitivities against the native engine's DirectAdjoint, both Rodas5P) and an ensemble of 1000
@@ -19,6 +20,12 @@ Robertson systems with different rate constants (``pyneuralode.compiled.solve_en
 the native ``Rodas5P(batched=True)``). Times are process CPU time (best of ``--repeat``): on a
 shared machine they are fairer than wall time; the ensemble's ``parallel=True`` row also gives the
 wall time, since its threads add CPU time.
+
+``wp`` (not in ``--quick`` unless named): a work–precision sweep, rtol 1e-4…1e-8, of Lotka–Volterra
+(Tsit5; scipy RK45; diffrax Tsit5) and ROBER to t = 1e11, Van der Pol, HIRES, OREGO (Rodas5P and
+Kvaerno5; scipy Radau; diffrax Kvaerno5), with the time ratios at equal error; ``step``: the time
+per step of a long Lotka–Volterra run. The diffrax columns need ``pip install diffrax`` (jax, run
+in float64 and jitted; never a dependency of pyneuralode) and are skipped, with the reason, without.
 
 Writes ``benchmarks/results/compiled.md`` (the title says when it was a ``--quick`` run).
 """
