@@ -11,7 +11,8 @@ HIRES and OREGO: the IVP Test Set's published values in ``tests/data/stiff_refer
     python benchmarks/compiled.py            # rtol 1e-6 and 1e-8; 5 repeats
     python benchmarks/compiled.py --quick    # rtol 1e-6; 2 repeats; shorter Van der Pol span
     python benchmarks/compiled.py --fresh    # a new numba cache directory: report the cold compile
-    time python benchmarks/compiled.py --only grad,ensemble  # some tables: solve, grad, ensemble
+    python benchmarks/compiled.py --only grad,ensemble  # tables: solve, grad, ensemble, step, wp
+    python benchmarks/compiled.py --only wp,step  # vs scipy and diffrax (jitted) at equal error
 
 Also: the gradient of a loss w.r.t. Robertson's three rate constants (compiled forward
 sensitivities against the native engine's DirectAdjoint, both Rodas5P) and an ensemble of 1000
@@ -19,6 +20,12 @@ Robertson systems with different rate constants (``pyneuralode.compiled.solve_en
 the native ``Rodas5P(batched=True)``). Times are process CPU time (best of ``--repeat``): on a
 shared machine they are fairer than wall time; the ensemble's ``parallel=True`` row also gives the
 wall time, since its threads add CPU time.
+
+``wp`` (not in ``--quick`` unless named): a work–precision sweep, rtol 1e-4…1e-8, of Lotka–Volterra
+(Tsit5; scipy RK45; diffrax Tsit5) and ROBER to t = 1e11, Van der Pol, HIRES, OREGO (Rodas5P and
+Kvaerno5; scipy Radau; diffrax Kvaerno5), with the time ratios at equal error; ``step``: the time
+per step of a long Lotka–Volterra run. The diffrax columns need ``pip install diffrax`` (jax, run
+in float64 and jitted; never a dependency of pyneuralode) and are skipped, with the reason, without.
 
 Writes ``benchmarks/results/compiled.md`` (the title says when it was a ``--quick`` run).
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +44,8 @@ import numpy as np
 import torch
 from make_stiff_references import hires as np_hires  # the IVP Test Set's f for scipy
 from make_stiff_references import orego as np_orego
+from make_stiff_references import robertson as np_robertson
+from make_stiff_references import vdp as np_vdp_ref
 
 HERE = Path(__file__).resolve().parent
 
@@ -111,6 +121,17 @@ def best_cpu(fn, repeat):
         out = fn()
         ts.append(time.process_time() - t0)
     return min(ts), out
+
+
+def alternating_best_cpu(fns, repeat):
+    """[(best process CPU time, last result)] of each of ``fns``, run in turn ``repeat`` times."""
+    best, outs = [float("inf")] * len(fns), [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.process_time()
+            outs[i] = fn()
+            best[i] = min(best[i], time.process_time() - t0)
+    return list(zip(best, outs))
 
 
 def rober_rows(t, Y, K):
@@ -260,13 +281,395 @@ def bench_ensemble(pn, repeat, quick):
     ]
 
 
-def best(fn, repeat):
-    out, ts = None, []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts), out
+# --- work-precision sweep (``--only wp``): compiled vs scipy vs diffrax (jitted), if installed ---
+
+
+def load_diffrax():
+    """(jax.numpy, diffrax) in float64 on one CPU thread, or (None, reason) when not importable
+    (they are benchmark-only: never a dependency of the package or its tests)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "multi_thread_eigen" not in flags:  # one thread, like the other columns
+        os.environ["XLA_FLAGS"] = (
+            flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
+    try:
+        import diffrax
+        import jax
+        import jax.numpy as jnp
+    except ImportError as e:
+        return None, f"jax/diffrax not importable ({e}); pip install diffrax for these columns"
+    jax.config.update("jax_enable_x64", True)
+    return (jax, jnp, diffrax), None
+
+
+def diffrax_solver(dfx, fnp, method, t, max_steps):
+    """A jitted whole solve of ``fnp`` (the numpy right-hand side, run on jax arrays) with
+    diffrax's ``method`` and ``PIDController(rtol, atol)``, saving at ``t``; rtol/atol are traced
+    arguments, so one compilation serves every tolerance. Returns run(y0, rtol, atol) -> (ys at
+    t[1:], accepted steps, compile seconds of the first call or None)."""
+    jax, jnp, diffrax = dfx
+
+    def rhs(t_, y, args):
+        return jnp.stack(fnp(t_, y))
+
+    @jax.jit
+    def solve(y0, rtol, atol):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(rhs),
+            getattr(diffrax, method)(),
+            t[0],
+            t[-1],
+            None,
+            y0,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            saveat=diffrax.SaveAt(ts=jnp.asarray(t[1:])),
+            max_steps=max_steps,
+            throw=False,
+        )
+        return sol.ys, sol.stats["num_accepted_steps"], sol.result == diffrax.RESULTS.successful
+
+    first = []
+
+    def run(y0, rtol, atol):
+        t0 = time.process_time()
+        ys, n, ok = jax.block_until_ready(solve(jnp.asarray(y0), rtol, atol))
+        if not first:
+            first.append(time.process_time() - t0)
+        return (np.asarray(ys) if bool(ok) else np.full(np.shape(ys), np.nan)), int(n)
+
+    run.first = first
+    return run
+
+
+def ratio_at_equal_error(err_c, t_c, errs, times):
+    """time of the other solver at the error ``err_c``, by interpolating its log-time over its
+    log-error, divided into ``t_c``; None when ``err_c`` lies outside the other's error range."""
+    pts = sorted((e, tt) for e, tt in zip(errs, times) if np.isfinite(e) and e > 0)
+    if len(pts) < 2 or not (pts[0][0] <= err_c <= pts[-1][0]):
+        return None
+    le, lt = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return t_c / float(np.exp(np.interp(np.log(err_c), le, lt)))
+
+
+def bench_wp(pn, repeat, quick, refs, command):
+    """Work–precision: max relative error at the end against a high-accuracy reference vs CPU
+    time, over rtol, for the compiled path, scipy and diffrax (jitted)."""
+    from scipy.integrate import solve_ivp
+
+    F = dict(dtype=torch.float64)
+    dfx, why = load_diffrax()
+    if dfx is None:
+        print(f"wp: diffrax columns skipped: {why}", flush=True)
+    ivp = refs["ivp_testset"]
+    vdp_ref = refs["vanderpol"]
+    lv_t = np.linspace(0.0, 10.0, 11)
+    lv_ref = solve_ivp(
+        np_lv, (0, 10.0), [1.0, 1.0], method="DOP853", rtol=1e-13, atol=1e-15, t_eval=lv_t
+    ).y[:, -1]
+    k = (torch.tensor([0.04, 3e7, 1e4], **F),)
+    # (name, torch f, args, numpy f, y0, output times, reference at the end, atol / rtol,
+    #  compiled methods, scipy method, diffrax method)
+    stiff = ("Rodas5P", "Kvaerno5")
+    problems = [
+        (
+            "Lotka–Volterra (11 outputs)",
+            lv,
+            (torch.tensor([1.5, 1.0, 3.0, 1.0], **F),),
+            np_lv,
+            [1.0, 1.0],
+            lv_t,
+            lv_ref,
+            1e-3,
+            ("Tsit5",),
+            "RK45",
+            "Tsit5",
+        ),
+        (
+            "ROBER (t=1e11)",
+            rober,
+            k,
+            np_robertson,
+            ivp["rober"]["y0"],
+            np.array([0.0, ivp["rober"]["t_end"]]),
+            ivp["rober"]["y_end"],
+            1e-10,
+            stiff,
+            "Radau",
+            "Kvaerno5",
+        ),
+        (
+            "Van der Pol μ=1e3 (t=3000)",
+            vdp,
+            (),
+            np_vdp_ref,
+            vdp_ref["y0"],
+            np.array([0.0, vdp_ref["t"][-1]]),
+            vdp_ref["y"][-1],
+            1e-3,
+            stiff,
+            "Radau",
+            "Kvaerno5",
+        ),
+        (
+            "HIRES",
+            hires,
+            (),
+            np_hires,
+            ivp["hires"]["y0"],
+            np.array([0.0, ivp["hires"]["t_end"]]),
+            ivp["hires"]["y_end"],
+            1e-4,
+            stiff,
+            "Radau",
+            "Kvaerno5",
+        ),
+        (
+            "OREGO",
+            orego,
+            (),
+            np_orego,
+            ivp["orego"]["y0"],
+            np.array([0.0, ivp["orego"]["t_end"]]),
+            ivp["orego"]["y_end"],
+            1e-3,
+            stiff,
+            "Radau",
+            "Kvaerno5",
+        ),
+    ]
+    rtols = [1e-4, 1e-6] if quick else [1e-4, 1e-5, 1e-6, 1e-7, 1e-8]
+    out = [
+        "",
+        "## Work–precision: compiled path vs scipy vs diffrax (jitted)",
+        "",
+        f"Command: `{command}`; best of {repeat} runs of process CPU time, the solvers "
+        "alternating in every round, one thread each (jax: "
+        "`--xla_cpu_multi_thread_eigen=false`), float64. "
+        "Error: max relative error over the components at the last time against the reference "
+        "(ROBER, HIRES, OREGO: the IVP Test Set's published values; Van der Pol: scipy Radau at "
+        "rtol 1e-12; Lotka–Volterra: DOP853 at rtol 1e-13). atol = rtol × the factor in the "
+        "heading. scipy: `solve_ivp` with its own finite-difference Jacobian; diffrax: the whole "
+        "`diffeqsolve` jitted (rtol/atol traced, one compilation for all tolerances), "
+        "`PIDController(rtol, atol)`, `SaveAt(ts=...)` at the same times, Kvaerno5 with its "
+        "default root finder; compiled: `pn.solve(..., compile=True)` (Rodas5P/Kvaerno5 with the "
+        "traced Jacobian), timed through the full Python call. Steps: accepted steps. "
+        "“÷ at equal error”: the compiled Rodas5P (Tsit5) time divided by the other solver's "
+        "time interpolated (log–log) to the same error; “—” where the error lies outside the "
+        "other's range.",
+    ]
+    if dfx is None:
+        out += ["", f"diffrax columns skipped: {why}."]
+    summary = []
+    for name, f, args, fnp, y0l, tt, ref, ascale, methods, sp, dm in problems:
+        y0 = torch.tensor(y0l, **F)
+        t = torch.tensor(tt, **F)
+        ref = np.asarray(ref, dtype=float)
+        runs = {}
+        first = {}
+        for m in methods:
+            solver = getattr(pn, m)()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                pn.solve(f, y0, t, solver, compile=True, args=args, rtol=1e-6, atol=1e-9)
+            first[m] = time.perf_counter() - t0
+
+            def run_c(rtol, f=f, y0=y0, t=t, solver=solver, args=args, ascale=ascale):
+                with torch.no_grad():
+                    s = pn.solve(
+                        f, y0, t, solver, compile=True, args=args, rtol=rtol, atol=rtol * ascale
+                    )
+                return s.ys[-1].numpy(), s.stats["naccept"]
+
+            runs[f"{m} (compiled)"] = run_c
+
+        def run_s(rtol, fnp=fnp, tt=tt, y0l=y0l, sp=sp, ascale=ascale, count=False):
+            s = solve_ivp(
+                fnp,
+                (tt[0], tt[-1]),
+                y0l,
+                method=sp,
+                rtol=rtol,
+                atol=rtol * ascale,
+                t_eval=None if count else tt[1:],
+            )
+            y = s.y[:, -1] if s.success else np.full(len(y0l), np.nan)
+            return y, (len(s.t) - 1 if count else None)  # accepted steps: without t_eval
+
+        runs[f"{sp} (scipy)"] = run_s
+        if dfx is not None:
+            rd = diffrax_solver(dfx, fnp, dm, tt, 10**6)
+            rd(np.asarray(y0l), 1e-6, 1e-6 * ascale)
+            first[dm + " (diffrax)"] = rd.first[0]
+            runs[f"{dm} (diffrax)"] = lambda rtol, rd=rd, y0l=y0l, ascale=ascale: (
+                lambda r: (r[0][-1], r[1])
+            )(rd(np.asarray(y0l, dtype=float), rtol, rtol * ascale))
+        res = {key: {} for key in runs}
+        for rtol in rtols:
+            best_t = {key: float("inf") for key in runs}
+            for _ in range(repeat):
+                for key, fn in runs.items():
+                    t0 = time.process_time()
+                    y, n = fn(rtol)
+                    best_t[key] = min(best_t[key], time.process_time() - t0)
+            for key in runs:
+                # an untimed run for the result (deterministic) and the step count
+                y, n = runs[key](rtol, count=True) if key.endswith("(scipy)") else runs[key](rtol)
+                e = float(np.max(np.abs(np.asarray(y) - ref) / np.abs(ref)))
+                res[key][rtol] = (best_t[key], n, e)
+            print(
+                f"wp {name} rtol={rtol:g}: "
+                + ", ".join(
+                    f"{key} {res[key][rtol][0] * 1e3:.2f} ms {res[key][rtol][1]} steps "
+                    f"err {res[key][rtol][2]:.1e}"
+                    for key in runs
+                ),
+                flush=True,
+            )
+        out += wp_table(name, ascale, rtols, runs, res, first, sp, dm, summary)
+    return out + wp_summary(summary)
+
+
+def bench_per_step(pn, repeat, command):
+    """Lotka–Volterra, Tsit5, rtol 1e-6, 101 outputs to t = 1000 (~9000 steps): the time per
+    step once the fixed cost of a call is spread thin, compiled vs diffrax vs scipy RK45."""
+    from scipy.integrate import solve_ivp
+
+    F = dict(dtype=torch.float64)
+    dfx, why = load_diffrax()
+    rtol, atol = 1e-6, 1e-9
+    tt = np.linspace(0.0, 1000.0, 101)
+    t = torch.tensor(tt, **F)
+    y0 = torch.tensor([1.0, 1.0], **F)
+    p = (torch.tensor([1.5, 1.0, 3.0, 1.0], **F),)
+    runs = {}
+    for dense in (True, False):
+
+        def run_c(dense=dense):
+            with torch.no_grad():
+                s = pn.solve(
+                    lv,
+                    y0,
+                    t,
+                    pn.Tsit5(),
+                    compile=True,
+                    args=p,
+                    rtol=rtol,
+                    atol=atol,
+                    dense=dense,
+                )
+            return s.ys[-1].numpy(), s.stats["naccept"]
+
+        runs["Tsit5 (compiled)" + ("" if dense else ", dense=False")] = run_c
+    runs["RK45 (scipy)"] = lambda: (
+        None,
+        len(solve_ivp(np_lv, (0.0, 1000.0), [1.0, 1.0], rtol=rtol, atol=atol).t) - 1,
+    )
+    if dfx is not None:
+        rd = diffrax_solver(dfx, np_lv, "Tsit5", tt, 10**6)
+        runs["Tsit5 (diffrax)"] = lambda: rd(np.array([1.0, 1.0]), rtol, atol)
+    for fn in runs.values():
+        fn()  # first calls (compile, jit) outside the timing
+    timed = dict(zip(runs, alternating_best_cpu(list(runs.values()), repeat)))
+    cells = [
+        f"| {k} | {tk * 1e3:.2f} | {out[1]} | {tk / out[1] * 1e6:.2f} |"
+        for k, (tk, out) in timed.items()
+    ]
+    for line in cells:
+        print("per step:", line, flush=True)
+    return [
+        "",
+        "## Time per step: Lotka–Volterra, Tsit5, rtol 1e-6, atol 1e-9, to t = 1000 (101 outputs)",
+        "",
+        f"Command: `{command}`; best of {repeat} runs of process CPU time, alternating; the "
+        "same solvers as the work–precision tables (diffrax: jitted, `SaveAt(ts=...)`; "
+        + ("columns skipped: " + why if dfx is None else "one thread")
+        + "). scipy: steps counted without `t_eval`, timed without it.",
+        "",
+        "| solver | ms | accepted steps | µs per step |",
+        "|---|---|---|---|",
+        *cells,
+    ]
+
+
+def wp_table(name, ascale, rtols, runs, res, first, sp, dm, summary):
+    keys = list(runs)
+    lead = keys[0]
+    head = (
+        "| rtol | "
+        + " | ".join(f"{k}: ms / steps / µs per step / error" for k in keys)
+        + " | "
+        + " | ".join(f"{lead.split()[0]} ÷ {k} at equal error" for k in keys[1:])
+        + " |"
+    )
+    lines = [
+        "",
+        f"### {name}, atol = rtol × {ascale:g}",
+        "",
+        "First call (trace + compile, or disk-cache load; diffrax: jit compilation) s: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in first.items())
+        + ".",
+        "",
+        head,
+        "|" + "---|" * (1 + len(keys) + len(keys) - 1),
+    ]
+    for rtol in rtols:
+        tc, _, ec = res[lead][rtol]
+        cells = []
+        for k in keys:
+            tk, nk, ek = res[k][rtol]
+            cells.append(f"{tk * 1e3:.2f} / {nk} / {tk / max(nk, 1) * 1e6:.1f} / {ek:.1e}")
+        ratios = []
+        for k in keys[1:]:
+            r = ratio_at_equal_error(
+                ec, tc, [res[k][x][2] for x in rtols], [res[k][x][0] for x in rtols]
+            )
+            ratios.append("—" if r is None else f"{r:.2g}")
+            summary.append((name, k, r, tc / res[k][rtol][0]))
+        lines.append(f"| {rtol:g} | " + " | ".join(cells + ratios) + " |")
+    for k in keys[1:]:  # the other direction: the compiled time interpolated to k's errors
+        for rtol in rtols:
+            tk, _, ek = res[k][rtol]
+            r = ratio_at_equal_error(
+                ek, tk, [res[lead][x][2] for x in rtols], [res[lead][x][0] for x in rtols]
+            )
+            if r is not None:
+                summary.append((name, k, 1.0 / r, None))
+    lo, hi = rtols[0], rtols[-1]
+    marg = []
+    for k in keys:
+        (t0, n0, _), (t1, n1, _) = res[k][lo], res[k][hi]
+        if n1 > n0:
+            marg.append(f"{k} {(t1 - t0) / (n1 - n0) * 1e6:.2f}")
+    lines += [
+        "",
+        f"Marginal µs per accepted step (time difference ÷ step difference between rtol {lo:g} "
+        f"and {hi:g}; the fixed cost of a call drops out): " + ", ".join(marg) + ".",
+    ]
+    return lines
+
+
+def wp_summary(summary):
+    """Per problem and competitor: the range of the time ratios at equal error and equal rtol."""
+    lines = [
+        "",
+        "### Summary: compiled time ÷ the other solver's time",
+        "",
+        "At equal error: min – max over the points where the error of one lies inside the other's "
+        "range (either solver's points, interpolated log–log in the other's curve). At equal "
+        "rtol: min – max over the tolerances.",
+        "",
+        "| problem | vs | at equal error | at equal rtol |",
+        "|---|---|---|---|",
+    ]
+    groups = {}
+    for name, k, r, r_rtol in summary:
+        groups.setdefault((name, k), []).append((r, r_rtol))
+    for (name, k), v in groups.items():
+        rr = [r for r, _ in v if r is not None]
+        eq = "—" if not rr else f"{min(rr):.2g} – {max(rr):.2g}"
+        rt = [x for _, x in v if x is not None]
+        lines.append(f"| {name} | {k} | {eq} | {min(rt):.2g} – {max(rt):.2g} |")
+    return lines
 
 
 def main():
@@ -274,9 +677,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--repeat", type=int, default=None)
-    ap.add_argument("--only", default="solve,grad,ensemble")
+    ap.add_argument("--only", default=None)
     a = ap.parse_args()
-    only = set(a.only.split(","))
+    # the work-precision sweep is long: not in --quick unless asked for
+    only = set(
+        (a.only or ("solve,grad,ensemble" if a.quick else "solve,grad,ensemble,step,wp")).split(",")
+    )
     if a.fresh:
         os.environ["PYNEURALODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="pn_compiled_")
     torch.set_num_threads(1)
@@ -285,6 +691,7 @@ def main():
     import pyneuralode as pn
 
     repeat = a.repeat or (2 if a.quick else 5)
+    command = " ".join(["python benchmarks/compiled.py", *sys.argv[1:]])
     rtols = [1e-6] if a.quick else [1e-6, 1e-8]
     F = dict(dtype=torch.float64)
     vdp_end = 500.0 if a.quick else 3000.0
@@ -348,22 +755,20 @@ def main():
             sol_c = pn.solve(f, y0, t, solver, compile=True, **kw)  # first call: compile or load
             first = sol_c.stats.get("compile_s", float("nan"))
             with torch.no_grad():
-                tc, sol_c = best(
-                    lambda f=f, y0=y0, t=t, solver=solver, kw=kw: pn.solve(
-                        f, y0, t, solver, compile=True, **kw
-                    ),
+                (tc, sol_c), (tn, sol_n), (ts, sol_s) = alternating_best_cpu(
+                    [
+                        lambda f=f, y0=y0, t=t, solver=solver, kw=kw: pn.solve(
+                            f, y0, t, solver, compile=True, **kw
+                        ),
+                        lambda f=f, y0=y0, t=t, solver=solver, kw=kw: pn.solve(
+                            f, y0, t, solver, **kw
+                        ),
+                        lambda fnp=fnp, t_end=t_end, y0l=y0l, sp=sp, rtol=rtol: solve_ivp(
+                            fnp, (0, t_end), y0l, method=sp, rtol=rtol, atol=rtol * 1e-3
+                        ),
+                    ],
                     repeat,
                 )
-                tn, sol_n = best(
-                    lambda f=f, y0=y0, t=t, solver=solver, kw=kw: pn.solve(f, y0, t, solver, **kw),
-                    repeat,
-                )
-            ts, sol_s = best(
-                lambda fnp=fnp, t_end=t_end, y0l=y0l, sp=sp, rtol=rtol: solve_ivp(
-                    fnp, (0, t_end), y0l, method=sp, rtol=rtol, atol=rtol * 1e-3
-                ),
-                repeat,
-            )
             err = lambda y, ref=ref, rtol=rtol: float(
                 np.max(np.abs(np.asarray(y) - ref) / (np.abs(ref) + rtol * 1e-3))
             )
@@ -395,11 +800,12 @@ def main():
             )
     lines = [
         "# Compiled path vs native engine vs scipy" + (" (--quick)" if a.quick else ""),
+    ]
+    solve_table = [
         "",
-        "Command: `python "
-        f"benchmarks/compiled.py{' --quick' if a.quick else ''}{' --fresh' if a.fresh else ''}`; "
-        f"1 thread, best of {repeat}; atol = rtol·1e-3; error = max relative error at the end "
-        "against a "
+        f"Command: `{command}`; 1 thread, process CPU time, best of {repeat} (the three "
+        "alternating); atol = rtol·1e-3; error = max relative "
+        "error at the end against a "
         'scipy reference at rtol 1e-12 (HIRES, OREGO: the IVP Test Set published values). "first '
         'call": compile time of the first call in the process (numba; '
         "or the load from the disk cache when the module was compiled before"
@@ -411,6 +817,8 @@ def main():
         " µs/step | native ÷ compiled | scipy ÷ compiled | steps c/n/s | error c/n/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if "solve" in only:
+        lines += solve_table
     for r in rows:
         lines.append(
             f"| {r['problem']} | {r['method']} ({r['scipy']}) | {r['rtol']:g} | "
@@ -427,6 +835,10 @@ def main():
         lines += bench_gradient(pn, repeat, a.quick)
     if "ensemble" in only:
         lines += bench_ensemble(pn, repeat, a.quick)
+    if "step" in only:
+        lines += bench_per_step(pn, repeat, command)
+    if "wp" in only:
+        lines += bench_wp(pn, repeat, a.quick, refs, command)
     out = HERE / "results" / "compiled.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
