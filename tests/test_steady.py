@@ -393,7 +393,9 @@ def test_adjoint_with_a_tiny_upstream_gradient_in_float32():
     every sample, the tiny one included."""
     f = Map(n=4, seed=5)
     w = torch.tensor([1.0, 1e-25, 1.0], dtype=D)
-    x64 = torch.tensor([[0.3, -0.5, 0.8, 0.1], [1.0, 0.2, -0.4, 0.6], [-0.7, 0.4, 0.2, -0.3]], dtype=D)
+    x64 = torch.tensor(
+        [[0.3, -0.5, 0.8, 0.1], [1.0, 0.2, -0.4, 0.6], [-0.7, 0.4, 0.2, -0.3]], dtype=D
+    )
 
     def loss(z, w):
         return (w * ((z**3).sum(1) + z[:, 0])).sum()
@@ -402,7 +404,13 @@ def test_adjoint_with_a_tiny_upstream_gradient_in_float32():
     x32 = x64.float().requires_grad_(True)
     alg = pn.SteadyStateAdjoint("gmres")
     z = pn.steady_state(
-        f32, torch.zeros(3, 4), (x32,), pn.Broyden(), abstol=1e-6, reltol=0, sensealg=alg,
+        f32,
+        torch.zeros(3, 4),
+        (x32,),
+        pn.Broyden(),
+        abstol=1e-6,
+        reltol=0,
+        sensealg=alg,
         batch_dim=0,
     )
     (gx,) = torch.autograd.grad(loss(z, w.float()), x32)
@@ -412,7 +420,12 @@ def test_adjoint_with_a_tiny_upstream_gradient_in_float32():
     def L(xv):
         with torch.no_grad():
             zz = pn.steady_state(
-                f, torch.zeros(3, 4, dtype=D), (xv,), pn.Broyden(), abstol=1e-14, reltol=0,
+                f,
+                torch.zeros(3, 4, dtype=D),
+                (xv,),
+                pn.Broyden(),
+                abstol=1e-14,
+                reltol=0,
                 batch_dim=0,
             )
             return w * ((zz**3).sum(1) + zz[:, 0])  # per sample: 1e-25 would vanish in a sum
@@ -454,7 +467,12 @@ def test_a_non_finite_adjoint_solve_falls_back_or_raises():
     assert torch.equal(g, torch.ones(3, dtype=D))
     assert pn.last_stats.bwd_retcode == ReturnCode.Unstable
     phantom = pn.steady_state(
-        f, torch.zeros(3, dtype=D), (x,), pn.Broyden(), abstol=1e-12, reltol=0,
+        f,
+        torch.zeros(3, dtype=D),
+        (x,),
+        pn.Broyden(),
+        abstol=1e-12,
+        reltol=0,
         sensealg=pn.PhantomGradient(k=1, damping=1.0),
     )
     assert torch.equal(torch.autograd.grad(phantom.sum(), x)[0], g)
