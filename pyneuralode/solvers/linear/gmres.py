@@ -47,11 +47,12 @@ def gmres(
     (the true residual when the least-squares problem was singular).
 
     Each system is solved scaled by a power of two that brings ``max|b_i|`` to [1, 2) (exact in
-    floating point, so results are unchanged): a right-hand side of tiny (or huge) entries would
-    otherwise have a float32 norm that underflows to 0 (overflows), and Arnoldi would normalise
-    by that. Systems already solved (``b_i = 0``) and broken-down ones get zero Krylov directions
-    (never ``0 · direction``, which is NaN for an infinite one). ``converged`` is never True for a
-    non-finite ``x``; a non-finite product ``matvec(v)`` stops the solve (not converged).
+    floating point; results change at most by rounding): a right-hand side of tiny (huge)
+    entries would otherwise have a float32 norm that underflows to 0 (overflows), and Arnoldi
+    would normalise by that. Systems already solved (``b_i = 0``) and broken-down ones get zero
+    Krylov directions (never ``0 · direction``, which is NaN for an infinite one). ``converged``
+    is never True for a non-finite ``x``; a non-finite product ``matvec(v)`` stops the solve (not
+    converged).
     """
     shape = b.shape
     B = batch
@@ -155,6 +156,8 @@ def gmres(
 def _power_of_two_scale(bb: torch.Tensor) -> torch.Tensor:
     """Per row, ``2^(e-1)`` with ``max|b_i| = m·2^e``, ``m ∈ [0.5, 1)`` (1 for a zero or
     non-finite row): dividing by it is exact and brings the largest entry to [1, 2)."""
+    if bb.shape[1] == 0:  # empty states: nothing to scale
+        return torch.ones(bb.shape[0], dtype=bb.dtype, device=bb.device)
     m = bb.detach().abs().amax(dim=1)
     _, e = torch.frexp(m)
     ok = torch.isfinite(m) & (m > 0)
