@@ -125,6 +125,13 @@ def test_an_operator_that_overflows_is_not_converged():
     assert not res.converged and not math.isfinite(res.residual)
 
 
+def test_empty_systems():
+    """Empty states (zero unknowns per system) are solved at once, batched or not."""
+    for b, B in ((torch.zeros(2, 0), 2), (torch.zeros(0), 1)):
+        res = gmres(lambda v: 2 * v, b, batch=B)
+        assert res.converged and res.x.shape == b.shape and res.iterations == 0
+
+
 def test_the_stiff_solvers_and_the_steady_state_adjoint_call_the_same_gmres(monkeypatch):
     """linsolve='gmres' of the implicit solvers and SteadyStateAdjoint('gmres') both go through
     solvers.linear.gmres.gmres (no second Krylov solver in the package)."""
