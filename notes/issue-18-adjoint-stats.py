@@ -39,6 +39,6 @@ def patched(self, JT, v, info=None, batch=1):
 
 
 imp.SteadyStateAdjoint.solve_adjoint = patched
-from pyneuralode.repro.cli import main
+from pyneuralode.repro.cli import main  # noqa: E402 - after the hook is installed
 
 sys.exit(main(sys.argv[1:]))
