@@ -98,6 +98,40 @@ def test_float32_systems():
     )
 
 
+def test_float32_tiny_and_huge_right_hand_sides():
+    """float32 right-hand sides of entries ~1e-25 (the float32 norm underflows to 0) and ~1e25
+    (it overflows), batched with an ordinary one, as the DEQ adjoint met them (a NaN gradient in
+    cdeq-mnist training, issue 18): every solution is finite and matches a float64 direct solve,
+    and the residual is reported in the original units. Alone (batch=1) as well."""
+    A, b = _systems(3, 16, seed=4, dtype=torch.float32)
+    b = b * torch.tensor([[1.0], [1e-25], [1e25]])
+    assert b[1].norm() == 0 and math.isinf(b[2].norm())  # what Arnoldi would normalise by
+    exact = torch.linalg.solve(A.double(), b.double())
+    res = gmres(lambda v: torch.einsum("bij,bj->bi", A, v), b, rtol=1e-5, batch=3)
+    assert res.converged and bool(torch.isfinite(res.x).all())
+    rel = (res.x.double() - exact).norm(dim=1) / exact.norm(dim=1)
+    assert (rel <= 1e-4).all(), rel
+    true_res = (b.double() - torch.einsum("bij,bj->bi", A.double(), res.x.double())).norm(dim=1)
+    assert res.residual == pytest.approx(float(true_res.max()), rel=0.1)  # the 1e25 system's
+    for i in (1, 2):
+        one = gmres(lambda v, M=A[i]: M @ v, b[i], rtol=1e-5)
+        assert one.converged and (one.x.double() - exact[i]).norm() <= 1e-4 * exact[i].norm()
+
+
+def test_an_operator_that_overflows_is_not_converged():
+    """A product that is not finite stops the solve, reported as not converged (no exception)."""
+    A, b = _systems(2, 5, seed=5)
+    res = gmres(lambda v: torch.einsum("bij,bj->bi", A, v) * math.inf, b, batch=2)
+    assert not res.converged and not math.isfinite(res.residual)
+
+
+def test_empty_systems():
+    """Empty states (zero unknowns per system) are solved at once, batched or not."""
+    for b, B in ((torch.zeros(2, 0), 2), (torch.zeros(0), 1)):
+        res = gmres(lambda v: 2 * v, b, batch=B)
+        assert res.converged and res.x.shape == b.shape and res.iterations == 0
+
+
 def test_the_stiff_solvers_and_the_steady_state_adjoint_call_the_same_gmres(monkeypatch):
     """linsolve='gmres' of the implicit solvers and SteadyStateAdjoint('gmres') both go through
     solvers.linear.gmres.gmres (no second Krylov solver in the package)."""

@@ -386,6 +386,100 @@ def test_backward_fixed_point_diverges_gmres_does_not():
         torch.autograd.grad(z.sum(), x)
 
 
+def test_adjoint_with_a_tiny_upstream_gradient_in_float32():
+    """One sample of a float32 batch gets ∂L/∂z* of entries ~1e-25 (its float32 norm underflows
+    to 0), as in cdeq-mnist training where this made the GMRES return NaN reported as converged
+    (issue 18): the implicit gradient is finite and matches float64 central differences for
+    every sample, the tiny one included."""
+    f = Map(n=4, seed=5)
+    w = torch.tensor([1.0, 1e-25, 1.0], dtype=D)
+    x64 = torch.tensor(
+        [[0.3, -0.5, 0.8, 0.1], [1.0, 0.2, -0.4, 0.6], [-0.7, 0.4, 0.2, -0.3]], dtype=D
+    )
+
+    def loss(z, w):
+        return (w * ((z**3).sum(1) + z[:, 0])).sum()
+
+    f32 = Map(n=4, seed=5).float()
+    x32 = x64.float().requires_grad_(True)
+    alg = pn.SteadyStateAdjoint("gmres")
+    z = pn.steady_state(
+        f32,
+        torch.zeros(3, 4),
+        (x32,),
+        pn.Broyden(),
+        abstol=1e-6,
+        reltol=0,
+        sensealg=alg,
+        batch_dim=0,
+    )
+    (gx,) = torch.autograd.grad(loss(z, w.float()), x32)
+    assert bool(torch.isfinite(gx).all()), gx
+    assert pn.last_stats.bwd_retcode == ReturnCode.Success
+
+    def L(xv):
+        with torch.no_grad():
+            zz = pn.steady_state(
+                f,
+                torch.zeros(3, 4, dtype=D),
+                (xv,),
+                pn.Broyden(),
+                abstol=1e-14,
+                reltol=0,
+                batch_dim=0,
+            )
+            return w * ((zz**3).sum(1) + zz[:, 0])  # per sample: 1e-25 would vanish in a sum
+
+    h = 1e-6
+    fd = torch.zeros_like(x64)
+    for i in range(3):
+        for j in range(4):
+            e = torch.zeros_like(x64)
+            e[i, j] = h
+            fd[i, j] = (L(x64 + e)[i] - L(x64 - e)[i]) / (2 * h)
+    rel = (gx.double() - fd).norm(dim=1) / fd.norm(dim=1)
+    assert fd[1].abs().max() < 1e-24 and (rel <= 1e-3).all(), (rel, gx, fd)
+
+
+def test_a_non_finite_adjoint_solve_falls_back_or_raises():
+    """z = A z + x with ρ(A) = 3: the adjoint fixed-point iteration overflows. The gradient is
+    never NaN: with throw=False a warning names the remedies and the sample takes the
+    Jacobian-free gradient g = ∂L/∂z* (here ∂L/∂x = 1, as PhantomGradient(k=1, damping=1));
+    bwd_retcode is Unstable. With throw=True a RuntimeError."""
+    A = torch.diag(torch.tensor([3.0, 0.3, -0.2], dtype=D))
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=D, requires_grad=True)
+    f = lambda z, x: A @ z + x
+
+    def grad(**kw):
+        z = pn.steady_state(
+            f,
+            torch.zeros(3, dtype=D),
+            (x,),
+            pn.Broyden(),
+            abstol=1e-12,
+            reltol=0,
+            sensealg=pn.SteadyStateAdjoint("fixed_point", max_iters=1000, **kw),
+        )
+        return torch.autograd.grad(z.sum(), x)[0]
+
+    with pytest.warns(RuntimeWarning, match="overflowed.*Jacobian-free.*PhantomGradient"):
+        g = grad()
+    assert torch.equal(g, torch.ones(3, dtype=D))
+    assert pn.last_stats.bwd_retcode == ReturnCode.Unstable
+    phantom = pn.steady_state(
+        f,
+        torch.zeros(3, dtype=D),
+        (x,),
+        pn.Broyden(),
+        abstol=1e-12,
+        reltol=0,
+        sensealg=pn.PhantomGradient(k=1, damping=1.0),
+    )
+    assert torch.equal(torch.autograd.grad(phantom.sum(), x)[0], g)
+    with pytest.raises(RuntimeError, match="overflowed"):
+        grad(throw=True)
+
+
 def test_no_grad_from_z0_and_no_graph_when_not_needed():
     x = torch.tensor([0.2, 0.4], dtype=D, requires_grad=True)
     z0 = torch.zeros(2, dtype=D, requires_grad=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .._arguments import check_tolerance
+from .._solution import ReturnCode
 from ..solvers.linear.gmres import gmres
 from ._base import AbstractImplicitGradient
 
@@ -47,7 +48,12 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
     Stops when ``‖(I − Jᵀ) g − ∂L/∂z*‖₂ <= max(atol, rtol·‖∂L/∂z*‖₂)`` (per sample for GMRES;
     default ``rtol = √eps`` of the dtype, as LinearSolve.jl: 3.5e-4 in float32, 1.5e-8 in float64)
     or after ``max_iters`` VJPs; then warns (``throw=False``, the default: training goes on with the
-    inexact gradient) or raises ``RuntimeError`` (``throw=True``). Costs land in
+    inexact gradient) or raises ``RuntimeError`` (``throw=True``). A solve that overflows (a
+    non-finite sample, or a non-finite residual: ``I − ∂f/∂z`` singular at ``z*``, or a diverging
+    ``"fixed_point"`` iteration) never passes NaN or garbage on: with ``throw=False`` it warns and
+    those samples (all, for a non-finite residual) take the Jacobian-free gradient
+    ``g = ∂L/∂z*`` (as ``PhantomGradient(k=1, damping=1)``; ``bwd_retcode`` ``Unstable``).
+    Costs land in
     ``info``/``pn.last_stats``: ``bwd_iterations`` (VJPs in linear solves), ``bwd_residual``,
     ``bwd_retcode``. First derivatives only: a second derivative (``create_graph=True`` then
     differentiating again) raises ``RuntimeError``. SciMLSensitivity:
@@ -99,10 +105,10 @@ class SteadyStateAdjoint(AbstractImplicitGradient):
     def solve_adjoint(self, JT: Callable, v: torch.Tensor, info=None, batch: int = 1):
         """Solve ``g − JT(g) = v``; returns ``(g, iterations, residual, converged)``."""
         rtol = math.sqrt(torch.finfo(v.dtype).eps) if self.rtol is None else self.rtol
-        vnorm = float(v.norm())
-        tol = max(self.atol, rtol * vnorm)
-        if vnorm == 0.0:
+        if not bool(v.any()):
             return torch.zeros_like(v), 0, 0.0, True
+        vnorm = float(v.double().norm())  # float64: a float32 norm of tiny entries underflows to 0
+        tol = max(self.atol, rtol * vnorm)
         if self.linsolve == "gmres":  # per-sample Krylov spaces when batched
             res = gmres(
                 lambda g: g - JT(g),
@@ -186,9 +192,37 @@ class _Implicit(torch.autograd.Function):
 
             batch = getattr(info, "batch", 1) if info is not None else 1
             g, iters, resid, ok = alg.solve_adjoint(JT, v.detach(), info, batch)
+        # an overflow: a non-finite sample, or a non-finite residual (a diverged iteration whose
+        # iterate may still be finite, e.g. 1e154 once its norm overflowed): which sample is
+        # unknown then, so all take the fallback
+        finite = torch.isfinite(g.reshape(batch, -1)).all(1) & math.isfinite(resid)
+        n_bad = int((~finite).sum())
         if info is not None:
-            info.record_backward(iters, resid, ok)
-        if not ok:
+            info.record_backward(iters, resid, ok and n_bad == 0)
+            if n_bad:
+                info.bwd_retcode = ReturnCode.Unstable
+        if n_bad:
+            msg = (
+                f"SteadyStateAdjoint({alg.linsolve!r}): the linear solve overflowed (a non-finite "
+                f"result for {n_bad} of {batch} sample(s), residual {resid:.3g}): I − ∂f/∂z is "
+                "singular at z* or its iteration diverges"
+            )
+            if alg.throw:
+                raise RuntimeError(
+                    msg + ". Tighten the forward tolerances, regularise the Jacobian "
+                    "(pn.jacobian_regularization) or use sensealg=pn.PhantomGradient()"
+                )
+            # the Jacobian-free gradient (g = ∂L/∂z*, PhantomGradient(k=1, damping=1)) for them
+            g = torch.where(finite[:, None], g.reshape(batch, -1), v.reshape(batch, -1))
+            g = g.reshape(v.shape)
+            warnings.warn(
+                msg + "; those samples use the Jacobian-free gradient (g = ∂L/∂z*, as "
+                "PhantomGradient(k=1, damping=1)). Tighten the forward tolerances, regularise "
+                "the Jacobian (pn.jacobian_regularization) or use sensealg=pn.PhantomGradient()",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif not ok:
             msg = (
                 f"SteadyStateAdjoint({alg.linsolve!r}) did not converge in {alg.max_iters} "
                 "iterations "

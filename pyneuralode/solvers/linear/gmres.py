@@ -45,18 +45,34 @@ def gmres(
     respect to ``b`` and whatever ``matvec`` depends on). A system whose Krylov space is exhausted
     (breakdown) stops growing it; it counts as solved only if its residual meets the tolerance
     (the true residual when the least-squares problem was singular).
+
+    Each system is solved scaled by a power of two that brings ``max|b_i|`` to [1, 2) (exact in
+    floating point; results change at most by rounding): a right-hand side of tiny (huge)
+    entries would otherwise have a float32 norm that underflows to 0 (overflows), and Arnoldi
+    would normalise by that. Systems already solved (``b_i = 0``) and broken-down ones get zero
+    Krylov directions (never ``0 · direction``, which is NaN for an infinite one). ``converged``
+    is never True for a non-finite ``x``; a non-finite product ``matvec(v)`` stops the solve (not
+    converged).
     """
     shape = b.shape
     B = batch
     bb = b.reshape(B, -1)
     n = bb.shape[1]
+    scale = _power_of_two_scale(bb)
+    sc = scale[:, None]
+    bb = bb / sc
+    scale_np = scale.double().cpu().numpy()
     bnorm = bb.detach().norm(dim=1).double().cpu().numpy()
-    target = np.maximum(atol, rtol * bnorm)
+    target = np.maximum(atol / scale_np, rtol * bnorm)
+
+    def result(x, converged, its, resid):
+        return GMRESResult((x * sc).reshape(shape), converged, its, float(np.max(resid * scale_np)))
+
     if x0 is None:
         x = torch.zeros_like(bb)
         r = bb
     else:
-        x = x0.reshape(B, -1)
+        x = x0.reshape(B, -1) / sc
         r = bb - matvec(x.reshape(shape)).reshape(B, -1)
     tiny = torch.finfo(b.dtype).tiny
     ls_dtype = (
@@ -67,17 +83,16 @@ def gmres(
     while True:
         beta_t = r.norm(dim=1)
         beta = beta_t.detach().double().cpu().numpy()
-        worst = float(beta.max())
-        if not np.isfinite(worst):
-            return GMRESResult(x.reshape(shape), False, its, worst)
+        if not np.isfinite(beta).all():
+            return result(x, False, its, beta)
         done = beta <= target
         if done.all():
-            return GMRESResult(x.reshape(shape), True, its, worst)
+            return result(x, True, its, beta)
         if its >= maxiter:
-            return GMRESResult(x.reshape(shape), False, its, worst)
+            return result(x, False, its, beta)
         # systems already solved take no correction: their least-squares right-hand side is 0
         alive = torch.from_numpy(~done).to(device=b.device)
-        V = [r / beta_t.clamp_min(tiny)[:, None]]
+        V = [torch.where(alive[:, None], r / beta_t.clamp_min(tiny)[:, None], 0.0)]
         cols = []  # Hessenberg columns (B, k+2), tensors
         cs, sn = np.zeros((B, m)), np.zeros((B, m))
         g = np.zeros((B, m + 1))
@@ -96,6 +111,8 @@ def gmres(
             h.append(hn)
             col = torch.stack(h, 1)
             hf = col.detach().double().cpu().numpy().copy()
+            if not np.isfinite(hf[~dead]).all():  # the operator overflowed: no Krylov step
+                return result(x, False, its, np.where(dead, beta, np.inf))
             if dead.any():  # a unit column on a row of its own: the direction gets weight 0
                 unit = np.zeros(k + 2)
                 unit[k + 1] = 1.0
@@ -124,13 +141,24 @@ def gmres(
             dead |= breakdown
             if ((res <= target) | dead).all() or its >= maxiter:
                 break
-            keep = torch.from_numpy(~dead).to(w)[:, None]
-            V.append(keep * w / hn.clamp_min(tiny)[:, None])
+            keep = torch.from_numpy(~dead).to(device=b.device)[:, None]
+            V.append(torch.where(keep, w / hn.clamp_min(tiny)[:, None], 0.0))
         k1 = len(cols)
         H = torch.stack([torch.nn.functional.pad(c, (0, k1 + 1 - c.shape[1])) for c in cols], 2)
         e1 = torch.nn.functional.pad((beta_t * alive.to(beta_t))[:, None], (0, k1))[:, :, None]
         y = torch.linalg.lstsq(H.to(ls_dtype), e1.to(ls_dtype)).solution.to(b.dtype)
         x = x + (torch.stack(V[:k1], 2) @ y)[:, :, 0]
-        if (res <= target).all() and not singular.any():
-            return GMRESResult(x.reshape(shape), True, its, float(res.max()))
+        if (res <= target).all() and not singular.any() and bool(torch.isfinite(x).all()):
+            return result(x, True, its, res)
         r = bb - matvec(x.reshape(shape)).reshape(B, -1)
+
+
+def _power_of_two_scale(bb: torch.Tensor) -> torch.Tensor:
+    """Per row, ``2^(e-1)`` with ``max|b_i| = m·2^e``, ``m ∈ [0.5, 1)`` (1 for a zero or
+    non-finite row): dividing by it is exact and brings the largest entry to [1, 2)."""
+    if bb.shape[1] == 0:  # empty states: nothing to scale
+        return torch.ones(bb.shape[0], dtype=bb.dtype, device=bb.device)
+    m = bb.detach().abs().amax(dim=1)
+    _, e = torch.frexp(m)
+    ok = torch.isfinite(m) & (m > 0)
+    return torch.where(ok, torch.ldexp(torch.ones_like(m), e - 1), torch.ones_like(m))
