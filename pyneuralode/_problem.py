@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,7 +66,30 @@ def _check_not_meta(name: str, x: torch.Tensor):
         )
 
 
-def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
+def _host_values(x: torch.Tensor):
+    """``x``'s values as a numpy array without a copy when ``x`` is a plain float32/float64 CPU
+    tensor (numpy's checks of a few values cost a fraction of torch's per-op dispatch); ``None``
+    otherwise (other dtypes and devices keep the torch checks)."""
+    if x.dtype not in _HOST_DTYPES or x.device.type != "cpu":
+        return None
+    try:
+        return x.detach().numpy()
+    except (RuntimeError, TypeError):  # e.g. a tensor with its conjugate or negative bit set
+        return None
+
+
+_HOST_DTYPES = (torch.float64, torch.float32)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    a = _host_values(x)
+    if a is not None:
+        return bool(np.isfinite(a).all())
+    return bool(torch.isfinite(x).all())
+
+
+def _check_t(t, ref: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """The output times as a 1-D float tensor, and as Python floats."""
     if isinstance(t, torch.Tensor):
         tt = t
     else:
@@ -90,21 +114,32 @@ def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
         )
     if not tt.is_floating_point():
         tt = tt.to(torch.float64 if ref.dtype == torch.float64 else ref.dtype)
-    if not torch.isfinite(tt).all():
+    a = _host_values(tt)
+    if a is not None:  # the same checks on the CPU values, without torch's per-op cost
+        finite = bool(np.isfinite(a).all())
+        d = np.diff(a) if finite and a.shape[0] > 1 else None
+        increasing = d is None or bool((d > 0).all())
+        monotonic = increasing or bool((d < 0).all())
+        repeated = not monotonic and bool((d == 0).any())
+    else:
+        finite = bool(torch.isfinite(tt).all())
+        d = tt[1:] - tt[:-1] if finite and tt.numel() > 1 else None
+        monotonic = d is None or bool((d > 0).all() or (d < 0).all())
+        repeated = not monotonic and bool((d == 0).any())
+    if not finite:
         raise ValueError("t: contains NaN or Inf; every output time must be finite")
-    if tt.numel() > 1:
-        d = tt[1:] - tt[:-1]
-        if not ((d > 0).all() or (d < 0).all()):
-            if (d == 0).any():
-                raise ValueError(
-                    "t: has repeated values; output times must be strictly increasing or strictly "
-                    "decreasing"
-                )
+    if not monotonic:
+        if repeated:
             raise ValueError(
-                "t: is not monotonic; output times must be strictly increasing (or strictly "
-                "decreasing for backward integration)"
+                "t: has repeated values; output times must be strictly increasing or strictly "
+                "decreasing"
             )
-    return tt
+        raise ValueError(
+            "t: is not monotonic; output times must be strictly increasing (or strictly "
+            "decreasing for backward integration)"
+        )
+    values = a.tolist() if a is not None else tt.detach().cpu().tolist()
+    return tt, [float(x) for x in values]
 
 
 def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool):
@@ -167,6 +202,18 @@ def _check_adjoint_params(adjoint_params) -> tuple[torch.Tensor, ...] | None:
     return out
 
 
+_TIME_FUNCTIONS: dict = {}
+
+
+def _time_function(dtype: torch.dtype, device):
+    """:func:`time_tensor` for ``(dtype, device)``, made once (it holds no state)."""
+    key = (dtype, device)
+    fn = _TIME_FUNCTIONS.get(key)
+    if fn is None:
+        fn = _TIME_FUNCTIONS[key] = time_tensor(dtype, device)
+    return fn
+
+
 _IN_PLACE = (
     "f: modified its input y in place (e.g. y += ..., y[0] = ..., y.mul_(...)), which "
     "corrupts the solver's state; compute a new tensor instead (y = y + ..., "
@@ -195,17 +242,16 @@ class ODEProblem:
         self.f = f
         self.args = tuple(args)
         flat, shapes, is_tuple = _check_y0(y0)
-        if not torch.isfinite(flat).all():
+        if not _all_finite(flat):
             raise ValueError("y0: contains NaN or Inf; the initial state must be finite")
         self.y0_user = y0
         self.y0 = flat
         self.shapes = shapes
         self.is_tuple = is_tuple
-        self.t = _check_t(t, flat)
-        self.t_list = [float(x) for x in self.t.detach().cpu().tolist()]
+        self.t, self.t_list = _check_t(t, flat)
         self.time_dtype = self.t.dtype if self.t.is_floating_point() else flat.dtype
         #: ``time(t)``: the 0-d tensor of a float time that f receives
-        self.time = time_tensor(self.time_dtype, flat.device)
+        self.time = _time_function(self.time_dtype, flat.device)
         self.rtol = _check_tolerance("rtol", rtol, flat, shapes, is_tuple)
         self.atol = _check_tolerance("atol", atol, flat, shapes, is_tuple)
         params: list[torch.Tensor] = []
