@@ -38,7 +38,7 @@ def child(root):
     for _, rtol, t1 in CASES:
         t = torch.linspace(0, t1, 11, **F)
 
-        def call():
+        def call(t=t, rtol=rtol):
             return pn.solve(lv, y0, t, s, compile=True, args=(p,), rtol=rtol, atol=rtol * 1e-3)
 
         sol = call()
