@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -66,25 +65,14 @@ def _check_not_meta(name: str, x: torch.Tensor):
         )
 
 
-def _host_values(x: torch.Tensor):
-    """``x``'s values as a numpy array without a copy when ``x`` is a plain float32/float64 CPU
-    tensor (numpy's checks of a few values cost a fraction of torch's per-op dispatch); ``None``
-    otherwise (other dtypes and devices keep the torch checks)."""
-    if x.dtype not in _HOST_DTYPES or x.device.type != "cpu":
-        return None
-    try:
-        return x.detach().numpy()
-    except (RuntimeError, TypeError):  # e.g. a tensor with its conjugate or negative bit set
-        return None
-
-
-_HOST_DTYPES = (torch.float64, torch.float32)
+#: up to this many values (output times, initial state) are checked as Python floats: fewer calls
+#: than torch's ops
+_FEW_VALUES = 64
 
 
 def _all_finite(x: torch.Tensor) -> bool:
-    a = _host_values(x)
-    if a is not None:
-        return bool(np.isfinite(a).all())
+    if x.numel() <= _FEW_VALUES:
+        return all(map(math.isfinite, x.detach().reshape(-1).tolist()))
     return bool(torch.isfinite(x).all())
 
 
@@ -114,16 +102,15 @@ def _check_t(t, ref: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         )
     if not tt.is_floating_point():
         tt = tt.to(torch.float64 if ref.dtype == torch.float64 else ref.dtype)
-    a = _host_values(tt)
-    if a is not None:  # the same checks on the CPU values, without torch's per-op cost
-        finite = bool(np.isfinite(a).all())
-        d = np.diff(a) if finite and a.shape[0] > 1 else None
-        increasing = d is None or bool((d > 0).all())
-        monotonic = increasing or bool((d < 0).all())
-        repeated = not monotonic and bool((d == 0).any())
+    values = tt.detach().cpu().tolist()
+    if len(values) <= _FEW_VALUES:  # the same checks on Python floats, without torch's per-op cost
+        finite = all(map(math.isfinite, values))
+        pairs = list(zip(values, values[1:])) if finite else []
+        monotonic = all(a < b for a, b in pairs) or all(a > b for a, b in pairs)
+        repeated = not monotonic and any(a == b for a, b in pairs)
     else:
         finite = bool(torch.isfinite(tt).all())
-        d = tt[1:] - tt[:-1] if finite and tt.numel() > 1 else None
+        d = tt[1:] - tt[:-1] if finite else None
         monotonic = d is None or bool((d > 0).all() or (d < 0).all())
         repeated = not monotonic and bool((d == 0).any())
     if not finite:
@@ -138,7 +125,6 @@ def _check_t(t, ref: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
             "t: is not monotonic; output times must be strictly increasing (or strictly "
             "decreasing for backward integration)"
         )
-    values = a.tolist() if a is not None else tt.detach().cpu().tolist()
     return tt, [float(x) for x in values]
 
 

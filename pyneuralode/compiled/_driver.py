@@ -434,8 +434,11 @@ def package(
     stats_of(kind, st, stats)
     retcode = _RETURN_CODES[int(rc)]
     if ys_flat is None:
-        ys_flat = torch.from_numpy(ys[:k]).to(problem.y0.dtype)
-    ys_t = ys_flat.reshape(k, *problem.y0.shape)
+        ys_flat = torch.from_numpy(ys[:k])
+        if problem.y0.dtype != ys_flat.dtype:
+            ys_flat = ys_flat.to(problem.y0.dtype)
+    shape = problem.y0.shape
+    ys_t = ys_flat if ys_flat.shape[1:] == shape else ys_flat.reshape(k, *shape)
     ts = problem.t
     rhs, pf = call_args[21], call_args[23]
     dense = (
