@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 
 from .._problem import ODEProblem
 from .._solution import ReturnCode, Solution, SolveError
@@ -202,14 +203,28 @@ def host_array(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(-1))
 
 
+def f_key(f):
+    """What stands for ``f`` in the caches of traced code: ``f`` itself (``pn.odeint``'s wrapper:
+    the user's func) and, for an ``nn.Module``, the storage of each parameter and buffer. The
+    traced code holds the tensors f read: one updated in place is read on every call, one
+    replaced (``module.w = nn.Parameter(...)``, ``w.data = ...``) is traced again."""
+    f = getattr(f, "compile_key", f)
+    if isinstance(f, nn.Module):
+        return (
+            f,
+            tuple(p.data_ptr() for p in f.parameters()),
+            tuple(b.data_ptr() for b in f.buffers()),
+        )
+    return f
+
+
 def _problem_module(problem, kind, args):
     """The traced ``rhs`` (and ``jac``) of ``problem.f`` for this state and argument layout."""
     n = problem.y0.numel()
     shape0 = problem.y0.shape
-    f = getattr(problem.f, "compile_key", problem.f)  # pn.odeint's wrapper: the user's func
     jacobian = kind != "erk"
     key = (
-        f,
+        f_key(problem.f),
         problem.y0.dtype,
         tuple(shape0),
         problem.is_tuple,
