@@ -1,7 +1,9 @@
 """The fixed cost of a small compiled solve, two package copies side by side (issue 19, s4-19c):
-Lotka–Volterra, Tsit5, 11 outputs, grad mode off; at rtol 1e-6 (92 steps), 1e-4 (39 steps) and a
-one-step solve (t = [0, 1e-9]: the call's own cost). Process CPU µs per call, the best of 15
-batches of 100 calls, each copy in its own process, the copies alternating over 3 rounds.
+Lotka–Volterra, Tsit5, 11 outputs, grad mode off; at rtol 1e-6 (92 steps), 1e-4 (39 steps), a
+one-step solve (t = [0, 1e-9]: the call's own cost), and rtol 1e-6 with grad mode on (nothing
+requires grad: the same plain solve after the check that no gradient can flow). Process CPU µs
+per call, the best of 15 batches of 100 calls, each copy in its own process, the copies
+alternating over 3 rounds.
 
     git -C /work/main archive HEAD | tar -x -C /tmp/old   # or any other copy
     nice -n 10 python notes/issue-19-call-overhead-ab.py /tmp/old $PWD
@@ -12,7 +14,12 @@ import subprocess
 import sys
 import time
 
-CASES = (("rtol 1e-6", 1e-6, 10.0), ("rtol 1e-4", 1e-4, 10.0), ("1 step", 1e-6, 1e-9))
+CASES = (
+    ("rtol 1e-6", 1e-6, 10.0, False),
+    ("rtol 1e-4", 1e-4, 10.0, False),
+    ("1 step", 1e-6, 1e-9, False),
+    ("rtol 1e-6, grad mode on", 1e-6, 10.0, True),
+)
 
 
 def child(root):
@@ -35,8 +42,9 @@ def child(root):
     y0 = torch.tensor([1.0, 1.0], **F)
     s = pn.Tsit5()
     out = []
-    for _, rtol, t1 in CASES:
+    for _, rtol, t1, grad_mode in CASES:
         t = torch.linspace(0, t1, 11, **F)
+        torch.set_grad_enabled(grad_mode)  # on: nothing requires grad, so still a plain solve
 
         def call(t=t, rtol=rtol):
             return pn.solve(lv, y0, t, s, compile=True, args=(p,), rtol=rtol, atol=rtol * 1e-3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from operator import eq, gt, lt
 
 import torch
 from torch import nn
@@ -105,9 +106,9 @@ def _check_t(t, ref: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     values = tt.detach().cpu().tolist()
     if len(values) <= _FEW_VALUES:  # the same checks on Python floats, without torch's per-op cost
         finite = all(map(math.isfinite, values))
-        pairs = list(zip(values, values[1:])) if finite else []
-        monotonic = all(a < b for a, b in pairs) or all(a > b for a, b in pairs)
-        repeated = not monotonic and any(a == b for a, b in pairs)
+        later = values[1:]
+        monotonic = not finite or all(map(lt, values, later)) or all(map(gt, values, later))
+        repeated = not monotonic and any(map(eq, values, later))
     else:
         finite = bool(torch.isfinite(tt).all())
         d = tt[1:] - tt[:-1] if finite else None
@@ -125,7 +126,7 @@ def _check_t(t, ref: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
             "t: is not monotonic; output times must be strictly increasing (or strictly "
             "decreasing for backward integration)"
         )
-    return tt, [float(x) for x in values]
+    return tt, values  # (a floating tensor's tolist() gives Python floats)
 
 
 def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool):
@@ -158,6 +159,8 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
         if not torch.isfinite(tol).all() or (tol < 0).any():
             raise ValueError(f"{name}: must be finite and non-negative")
         return tol.detach().clone()
+    if type(tol) is float and 0.0 <= tol < math.inf:  # the common case, before building messages
+        return tol
     return check_tolerance(name, tol, other="a tensor broadcastable to the state")
 
 
