@@ -437,3 +437,17 @@ def test_time_and_state_checks_same_messages_small_and_large(n):
         pn.solve(f, y_bad, t, compile=True)
     sol = pn.solve(f, y0[:2], t.flip(0), compile=True)  # decreasing times are fine
     torch.testing.assert_close(sol.ys[-1], torch.exp(1.0 - t.flip(0)[-1]).expand(2))
+
+
+def test_dense_output_keeps_the_parameters_of_its_solve():
+    """``sol(tq)`` of Vern7 evaluates f for its extra stages later: with the parameters of the
+    solve, even if the tensor passed in ``args`` is changed in place afterwards."""
+    p = torch.tensor([1.5, 1.0, 3.0, 1.0], **F64)
+    y0 = torch.tensor([1.0, 1.0], **F64)
+    t = torch.linspace(0.0, 2.0, 3, **F64)
+    tq = torch.linspace(0.1, 1.9, 7, **F64)
+    with torch.no_grad():
+        native = pn.solve(lotka_volterra, y0, t, pn.Vern7(), args=(p,), rtol=1e-8)(tq)
+        sol = pn.solve(lotka_volterra, y0, t, pn.Vern7(), args=(p,), compile=True, rtol=1e-8)
+        p.mul_(2.0)  # before the first sol(tq), which evaluates the extra stages
+        torch.testing.assert_close(sol(tq), native, rtol=1e-9, atol=1e-12)

@@ -289,8 +289,8 @@ def _flat_params(user_arrays, consts):
     parts = user_arrays + [c.detach().double().cpu().reshape(-1).numpy() for c in consts]
     if not parts:
         return _NO_PARAMS
-    if len(parts) == 1 and parts[0].dtype == np.float64:  # one array: no concatenation
-        return np.ascontiguousarray(parts[0])
+    if len(parts) == 1:  # a copy all the same: sol(tq) evaluates f later with these values
+        return np.array(parts[0], dtype=np.float64)
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float64)
 
 
