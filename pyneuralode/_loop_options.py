@@ -141,7 +141,11 @@ def _check_tolerance_pair(rtol, atol):
             return tol == 0
         return torch.tensor(tol == 0)
 
-    if bool((zero(rtol) & zero(atol)).any()):
+    if isinstance(rtol, torch.Tensor) or isinstance(atol, torch.Tensor):
+        both_zero = bool((zero(rtol) & zero(atol)).any())
+    else:  # two numbers: no tensors needed
+        both_zero = bool(rtol == 0) and bool(atol == 0)
+    if both_zero:
         raise ValueError(
             "rtol, atol: both are 0 (in some component), so no error is acceptable; "
             "give a positive rtol (e.g. 1e-6) or atol (e.g. 1e-9)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from operator import eq, gt, lt
 
 import torch
 from torch import nn
@@ -65,7 +66,19 @@ def _check_not_meta(name: str, x: torch.Tensor):
         )
 
 
-def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
+#: up to this many values (output times, initial state) are checked as Python floats: fewer calls
+#: than torch's ops
+_FEW_VALUES = 64
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    if x.numel() <= _FEW_VALUES:
+        return all(map(math.isfinite, x.detach().reshape(-1).tolist()))
+    return bool(torch.isfinite(x).all())
+
+
+def _check_t(t, ref: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """The output times as a 1-D float tensor, and as Python floats."""
     if isinstance(t, torch.Tensor):
         tt = t
     else:
@@ -90,21 +103,30 @@ def _check_t(t, ref: torch.Tensor) -> torch.Tensor:
         )
     if not tt.is_floating_point():
         tt = tt.to(torch.float64 if ref.dtype == torch.float64 else ref.dtype)
-    if not torch.isfinite(tt).all():
+    values = tt.detach().cpu().tolist()
+    if len(values) <= _FEW_VALUES:  # the same checks on Python floats, without torch's per-op cost
+        finite = all(map(math.isfinite, values))
+        later = values[1:]
+        monotonic = not finite or all(map(lt, values, later)) or all(map(gt, values, later))
+        repeated = not monotonic and any(map(eq, values, later))
+    else:
+        finite = bool(torch.isfinite(tt).all())
+        d = tt[1:] - tt[:-1] if finite else None
+        monotonic = d is None or bool((d > 0).all() or (d < 0).all())
+        repeated = not monotonic and bool((d == 0).any())
+    if not finite:
         raise ValueError("t: contains NaN or Inf; every output time must be finite")
-    if tt.numel() > 1:
-        d = tt[1:] - tt[:-1]
-        if not ((d > 0).all() or (d < 0).all()):
-            if (d == 0).any():
-                raise ValueError(
-                    "t: has repeated values; output times must be strictly increasing or strictly "
-                    "decreasing"
-                )
+    if not monotonic:
+        if repeated:
             raise ValueError(
-                "t: is not monotonic; output times must be strictly increasing (or strictly "
-                "decreasing for backward integration)"
+                "t: has repeated values; output times must be strictly increasing or strictly "
+                "decreasing"
             )
-    return tt
+        raise ValueError(
+            "t: is not monotonic; output times must be strictly increasing (or strictly "
+            "decreasing for backward integration)"
+        )
+    return tt, values  # (a floating tensor's tolist() gives Python floats)
 
 
 def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool):
@@ -137,6 +159,8 @@ def _check_tolerance(name: str, tol, flat: torch.Tensor, shapes, is_tuple: bool)
         if not torch.isfinite(tol).all() or (tol < 0).any():
             raise ValueError(f"{name}: must be finite and non-negative")
         return tol.detach().clone()
+    if type(tol) is float and 0.0 <= tol < math.inf:  # the common case, before building messages
+        return tol
     return check_tolerance(name, tol, other="a tensor broadcastable to the state")
 
 
@@ -167,6 +191,18 @@ def _check_adjoint_params(adjoint_params) -> tuple[torch.Tensor, ...] | None:
     return out
 
 
+_TIME_FUNCTIONS: dict = {}
+
+
+def _time_function(dtype: torch.dtype, device):
+    """:func:`time_tensor` for ``(dtype, device)``, made once (it holds no state)."""
+    key = (dtype, device)
+    fn = _TIME_FUNCTIONS.get(key)
+    if fn is None:
+        fn = _TIME_FUNCTIONS[key] = time_tensor(dtype, device)
+    return fn
+
+
 _IN_PLACE = (
     "f: modified its input y in place (e.g. y += ..., y[0] = ..., y.mul_(...)), which "
     "corrupts the solver's state; compute a new tensor instead (y = y + ..., "
@@ -195,17 +231,16 @@ class ODEProblem:
         self.f = f
         self.args = tuple(args)
         flat, shapes, is_tuple = _check_y0(y0)
-        if not torch.isfinite(flat).all():
+        if not _all_finite(flat):
             raise ValueError("y0: contains NaN or Inf; the initial state must be finite")
         self.y0_user = y0
         self.y0 = flat
         self.shapes = shapes
         self.is_tuple = is_tuple
-        self.t = _check_t(t, flat)
-        self.t_list = [float(x) for x in self.t.detach().cpu().tolist()]
+        self.t, self.t_list = _check_t(t, flat)
         self.time_dtype = self.t.dtype if self.t.is_floating_point() else flat.dtype
         #: ``time(t)``: the 0-d tensor of a float time that f receives
-        self.time = time_tensor(self.time_dtype, flat.device)
+        self.time = _time_function(self.time_dtype, flat.device)
         self.rtol = _check_tolerance("rtol", rtol, flat, shapes, is_tuple)
         self.atol = _check_tolerance("atol", atol, flat, shapes, is_tuple)
         params: list[torch.Tensor] = []

@@ -317,3 +317,137 @@ def test_neural_ode_switch():
         torch.testing.assert_close(u, w, rtol=1e-6, atol=1e-8)
     with pytest.raises(TypeError, match="compile"):
         pn.NeuralODE(pn.ConcatMLP(2, hidden=(8,)), compile="yes")
+
+
+# -- the call path's caches and fast checks (issue 19, s4-19c) ---------------------------------
+
+
+class _Decay(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([-1.0, -2.0], **F64))
+
+    def forward(self, t, y):
+        return self.a * y
+
+
+def _decay_pair(m, **kw):
+    y0 = torch.tensor([1.0, 2.0], **F64)
+    t = torch.linspace(0.0, 1.0, 5, **F64)
+    return [
+        pn.solve(m, y0, t, pn.Tsit5(), compile=c, rtol=1e-8, atol=1e-10, **kw)
+        for c in (True, False)
+    ]
+
+
+def test_compiled_cache_sees_replaced_module_parameters():
+    """The traced code holds the tensors f read: a parameter updated in place is read on every
+    call, one replaced (a new Parameter, or ``.data = ...``) is traced again; never the old
+    values (the cache was keyed on f alone and kept solving with them)."""
+    m = _Decay()
+    with torch.no_grad():
+        first = _decay_pair(m)[0].ys
+        m.a.copy_(torch.tensor([-3.0, -0.5]))
+        comp, nat = _decay_pair(m)
+        torch.testing.assert_close(comp.ys, nat.ys, rtol=1e-9, atol=1e-12)
+        m.a = torch.nn.Parameter(torch.tensor([-0.25, -4.0], **F64))
+        comp, nat = _decay_pair(m)
+        torch.testing.assert_close(comp.ys, nat.ys, rtol=1e-9, atol=1e-12)
+        m.a.data = torch.tensor([0.5, -1.5], **F64)
+        comp, nat = _decay_pair(m)
+        torch.testing.assert_close(comp.ys, nat.ys, rtol=1e-9, atol=1e-12)
+        exact = torch.tensor([1.0, 2.0], **F64) * torch.exp(m.a * 1.0)
+        torch.testing.assert_close(comp.ys[-1], exact, rtol=1e-7, atol=0)
+    assert not torch.allclose(first, comp.ys)
+
+
+def test_compiled_gradient_reaches_a_replaced_module_parameter():
+    """Forward sensitivities of a module's parameters after the parameter was replaced: the
+    gradient goes to the new tensor (the traced graph must not keep the old one)."""
+    m = _Decay()
+    grads = []
+    for _ in range(2):
+        m.a = torch.nn.Parameter(m.a.detach() * 1.5)
+        sols = _decay_pair(m, sensealg=pn.DirectAdjoint())
+        gs = [torch.autograd.grad(s.ys[-1].sum(), m.a)[0] for s in sols]
+        torch.testing.assert_close(gs[0], gs[1], rtol=1e-7, atol=1e-10)
+        grads.append(gs[0])
+    exact = torch.tensor([1.0, 2.0], **F64) * torch.exp(m.a.detach())  # d/da y0·e^{a}
+    torch.testing.assert_close(grads[-1], exact, rtol=1e-6, atol=0)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_compiled_sees_changed_inputs_between_calls():
+    """Every call reads its own y0, t, args and tolerances (views of the tensors, no cached
+    copies): values changed in place, a new y0 shape and a float32 state all give the native
+    engine's answer."""
+    p = torch.tensor([1.5, 1.0, 3.0, 1.0], **F64)
+    y0 = torch.tensor([1.0, 1.0], **F64)
+    t = torch.linspace(0.0, 2.0, 5, **F64)
+
+    def both(y0, t, p, rtol=1e-7):
+        return [
+            pn.solve(lotka_volterra, y0, t, pn.Tsit5(), args=(p,), compile=c, rtol=rtol).ys
+            for c in (True, False)
+        ]
+
+    with torch.no_grad():
+        a, b = both(y0, t, p)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        p[0] = 0.7
+        y0[1] = 0.3
+        t.mul_(1.5)
+        c, d = both(y0, t, p, rtol=1e-5)
+        torch.testing.assert_close(c, d, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(a, c)
+        c32, d32 = both(y0.float(), t.float(), p.float(), rtol=1e-5)
+        assert c32.dtype == torch.float32
+        torch.testing.assert_close(c32, d32, rtol=1e-5, atol=1e-6)
+        y4 = torch.tensor([[1.0, 1.0], [0.5, 2.0]], **F64)
+
+        def lv_rows(t, y, p):
+            return torch.stack([lotka_volterra(t, y[i], p) for i in range(2)])
+
+        e, g = [
+            pn.solve(lv_rows, y4, t, pn.Tsit5(), args=(p,), compile=c, rtol=1e-7).ys
+            for c in (True, False)
+        ]
+        assert e.shape == (5, 2, 2)
+        torch.testing.assert_close(e, g, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [4, 100])  # checked as Python floats up to 64 values, by torch above
+def test_time_and_state_checks_same_messages_small_and_large(n):
+    y0 = torch.ones(n, **F64)
+    t = torch.linspace(0.0, 1.0, n, **F64)
+
+    def f(t, y):
+        return -y
+
+    for bad, msg in (
+        (torch.cat([t[:-1], t[-2:-1]]), "t: has repeated values"),
+        (torch.cat([t[:-1], t[-3:-2]]), "t: is not monotonic"),
+        (torch.cat([t[:-1], torch.tensor([float("nan")], **F64)]), "t: contains NaN or Inf"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            pn.solve(f, y0, bad, compile=True)
+    y_bad = y0.clone()
+    y_bad[-1] = float("inf")
+    with pytest.raises(ValueError, match="y0: contains NaN or Inf"):
+        pn.solve(f, y_bad, t, compile=True)
+    sol = pn.solve(f, y0[:2], t.flip(0), compile=True)  # decreasing times are fine
+    torch.testing.assert_close(sol.ys[-1], torch.exp(1.0 - t.flip(0)[-1]).expand(2))
+
+
+def test_dense_output_keeps_the_parameters_of_its_solve():
+    """``sol(tq)`` of Vern7 evaluates f for its extra stages later: with the parameters of the
+    solve, even if the tensor passed in ``args`` is changed in place afterwards."""
+    p = torch.tensor([1.5, 1.0, 3.0, 1.0], **F64)
+    y0 = torch.tensor([1.0, 1.0], **F64)
+    t = torch.linspace(0.0, 2.0, 3, **F64)
+    tq = torch.linspace(0.1, 1.9, 7, **F64)
+    with torch.no_grad():
+        native = pn.solve(lotka_volterra, y0, t, pn.Vern7(), args=(p,), rtol=1e-8)(tq)
+        sol = pn.solve(lotka_volterra, y0, t, pn.Vern7(), args=(p,), compile=True, rtol=1e-8)
+        p.mul_(2.0)  # before the first sol(tq), which evaluates the extra stages
+        torch.testing.assert_close(sol(tq), native, rtol=1e-9, atol=1e-12)

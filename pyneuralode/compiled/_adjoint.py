@@ -210,7 +210,7 @@ def adjoint_module(problem, kind: str, method_mod, ny: int, nk: int):
     args = tuple(problem.args) + tuple(p.detach() for p in params)
     key = (
         "adjoint",
-        getattr(problem.f, "compile_key", problem.f),
+        _driver.f_key(problem.f),
         method_mod.__name__,
         problem.y0.dtype,
         tuple(problem.y0.shape),

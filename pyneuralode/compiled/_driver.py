@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 
 from .._problem import ODEProblem
 from .._solution import ReturnCode, Solution, SolveError
@@ -96,11 +97,17 @@ class CompiledSolution(Solution):
         return out
 
 
+_NUMBA: list = []  # [True] once numba imported (an import that failed is tried again)
+
+
 def numba_available() -> bool:
+    if _NUMBA:
+        return True
     try:
         import numba  # noqa: F401
     except ImportError:
         return False
+    _NUMBA.append(True)
     return True
 
 
@@ -157,22 +164,67 @@ def _controller_params(ctrl):
     )
 
 
+_DEFAULT_CONTROLLERS: dict = {}
+
+
+def _default_controller_params(solver):
+    """:func:`_controller_params` of ``solver.default_controller()``, which depends on the
+    method's class only: made once per class."""
+    key = (type(solver), solver.implicit)
+    hit = _DEFAULT_CONTROLLERS.get(key)
+    if hit is None:
+        hit = _DEFAULT_CONTROLLERS[key] = _controller_params(solver.default_controller())
+    return hit
+
+
+_RETURN_CODES = {i: ReturnCode(name) for i, name in enumerate(_codegen.RETCODES)}
+
+
 def _tol_array(tol, n):
     if isinstance(tol, torch.Tensor):
         return np.ascontiguousarray(
             np.broadcast_to(tol.detach().double().reshape(-1).numpy(), (n,)), dtype=np.float64
         )
-    return np.full(n, float(tol))
+    out = np.empty(n)
+    out.fill(float(tol))
+    return out
+
+
+def host_array(x: torch.Tensor) -> np.ndarray:
+    """``x`` as a flat, contiguous float64 numpy array: a view of a contiguous float64 CPU tensor
+    (no copy; the compiled loop only reads its inputs), else a converted copy."""
+    x = x.detach()
+    if x.dtype != torch.float64 or x.device.type != "cpu":
+        x = x.double().cpu()
+    try:
+        a = x.numpy()
+    except RuntimeError:  # a tensor with its conjugate or negative bit set
+        a = x.resolve_neg().resolve_conj().numpy()
+    return np.ascontiguousarray(a.reshape(-1))
+
+
+def f_key(f):
+    """What stands for ``f`` in the caches of traced code: ``f`` itself (``pn.odeint``'s wrapper:
+    the user's func) and, for an ``nn.Module``, the storage of each parameter and buffer. The
+    traced code holds the tensors f read: one updated in place is read on every call, one
+    replaced (``module.w = nn.Parameter(...)``, ``w.data = ...``) is traced again."""
+    f = getattr(f, "compile_key", f)
+    if isinstance(f, nn.Module):
+        return (
+            f,
+            tuple(p.data_ptr() for p in f.parameters()),
+            tuple(b.data_ptr() for b in f.buffers()),
+        )
+    return f
 
 
 def _problem_module(problem, kind, args):
     """The traced ``rhs`` (and ``jac``) of ``problem.f`` for this state and argument layout."""
     n = problem.y0.numel()
     shape0 = problem.y0.shape
-    f = getattr(problem.f, "compile_key", problem.f)  # pn.odeint's wrapper: the user's func
     jacobian = kind != "erk"
     key = (
-        f,
+        f_key(problem.f),
         problem.y0.dtype,
         tuple(shape0),
         problem.is_tuple,
@@ -232,10 +284,17 @@ def _first_class(dispatcher):
 
 
 def _flat_params(user_arrays, consts):
+    # the constants are read on every call: a traced module parameter updated in place must reach
+    # the compiled code
     parts = user_arrays + [c.detach().double().cpu().reshape(-1).numpy() for c in consts]
     if not parts:
-        return np.zeros(0)
+        return _NO_PARAMS
+    if len(parts) == 1:  # a copy all the same: sol(tq) evaluates f later with these values
+        return np.array(parts[0], dtype=np.float64)
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float64)
+
+
+_NO_PARAMS = np.zeros(0)
 
 
 def check_single_system(problem: ODEProblem, solver, kind: str) -> None:
@@ -264,11 +323,7 @@ def solve_plain(problem: ODEProblem, solver, opts, kind: str, *, throw: bool):
         # (or load from the disk cache)
         stats["compile_s"] = time.perf_counter() - t_build
     n = problem.y0.numel()
-    user_arrays = [
-        np.ascontiguousarray(a.detach().double().cpu().reshape(-1).numpy())
-        for a in problem.args
-        if isinstance(a, torch.Tensor)
-    ]
+    user_arrays = [host_array(a) for a in problem.args if isinstance(a, torch.Tensor)]
     call_args = loop_arguments(
         problem,
         solver,
@@ -276,7 +331,7 @@ def solve_plain(problem: ODEProblem, solver, opts, kind: str, *, throw: bool):
         kind,
         built,
         mod,
-        problem.y0.detach().double().reshape(-1).numpy(),
+        host_array(problem.y0),
         _tol_array(problem.rtol, n),
         _tol_array(problem.atol, n),
         user_arrays,
@@ -302,8 +357,10 @@ def loop_arguments(problem, solver, opts, kind, built, mod, y0, rtol, atol, user
     """The arguments of the method module's ``solve``: output times, flat ``y0``, tolerance
     arrays, the loop's options, the problem module's ``rhs``/``jac`` and their parameter arrays
     (the user's tensor arguments, then the traced constants)."""
-    ctrl = opts.controller if opts.controller is not None else solver.default_controller()
-    pred, beta1, beta2, safety, fmin, fmax = _controller_params(ctrl)
+    if opts.controller is not None:
+        pred, beta1, beta2, safety, fmin, fmax = _controller_params(opts.controller)
+    else:
+        pred, beta1, beta2, safety, fmin, fmax = _default_controller_params(solver)
     adaptive, dt, dtmin, dtmax = opts.adaptive, opts.dt, opts.dtmin, opts.dtmax
     pf = _flat_params(user_arrays, built["kf"])
     pj = _flat_params(user_arrays, built["kj"])
@@ -333,7 +390,7 @@ def loop_arguments(problem, solver, opts, kind, built, mod, y0, rtol, atol, user
     rhs = _first_class(built["mod"].rhs)
     jac = _first_class(built["mod"].jac if kind != "erk" else mod.nojac)
     return (
-        np.ascontiguousarray(problem.t.detach().double().cpu().numpy()),
+        host_array(problem.t),
         np.ascontiguousarray(y0, dtype=np.float64),
         rtol,
         atol,
@@ -390,10 +447,13 @@ def package(
     ``throw=True``."""
     ys, k, rc, t_reached, st, segT, segY, segK, segX, m = out
     stats_of(kind, st, stats)
-    retcode = ReturnCode(_codegen.RETCODES[rc])
+    retcode = _RETURN_CODES[int(rc)]
     if ys_flat is None:
-        ys_flat = torch.from_numpy(ys[:k]).to(problem.y0.dtype)
-    ys_t = ys_flat.reshape(k, *problem.y0.shape)
+        ys_flat = torch.from_numpy(ys[:k])
+        if problem.y0.dtype != ys_flat.dtype:
+            ys_flat = ys_flat.to(problem.y0.dtype)
+    shape = problem.y0.shape
+    ys_t = ys_flat if ys_flat.shape[1:] == shape else ys_flat.reshape(k, *shape)
     ts = problem.t
     rhs, pf = call_args[21], call_args[23]
     dense = (

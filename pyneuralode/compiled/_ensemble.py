@@ -170,7 +170,7 @@ def run_ensemble(problem: ODEProblem, solver, opts, *, throw: bool, parallel: bo
     row_args = tuple(a[:1] if p else a for a, p in zip(problem.args, per))
     key = (
         "ensemble-row",
-        problem.f,
+        _driver.f_key(problem.f),
         kind != "erk",
         row_shape,
         tuple(_driver._layout_key(a) for a in row_args),

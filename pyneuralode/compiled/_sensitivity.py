@@ -91,7 +91,7 @@ def needs_gradient(problem) -> bool:
 
 def _trace_f(problem, n: int):
     key = (
-        getattr(problem.f, "compile_key", problem.f),
+        _driver.f_key(problem.f),
         problem.y0.dtype,
         tuple(problem.y0.shape),
         problem.is_tuple,
@@ -262,7 +262,7 @@ def augmented_module(problem, kind: str, who: str = "compile=True"):
     args = tuple(problem.args) + tuple(p.detach() for p in params)
     key = (
         "forward-sensitivity",
-        getattr(problem.f, "compile_key", problem.f),
+        _driver.f_key(problem.f),
         problem.y0.dtype,
         kind != "erk",
         tuple(problem.y0.shape),
