@@ -51,6 +51,7 @@ every finished (row, seed), before any plot. ``table.md`` sets our rows beside t
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -396,8 +397,10 @@ def check_finite_step(loss, params, where: str) -> None:
         )
 
 
-def train_one(kind, data, device, epochs, batch, seed, cfg, quick):
-    """Train one row with one seed; ``cfg`` holds the resolved options (see :func:`run`)."""
+def train_one(kind, data, device, epochs, batch, seed, cfg, quick, progress_file=None):
+    """Train one row with one seed; ``cfg`` holds the resolved options (see :func:`run`).
+    ``progress_file``: one JSON line per epoch (cost so far), so a cut-short run still says
+    what each epoch cost."""
     s, a = make_solver(
         cfg["solver"], cfg["sensealg"], cfg["termination"], cfg["tol"], cfg["adjoint_iters"]
     )
@@ -461,6 +464,20 @@ def train_one(kind, data, device, epochs, batch, seed, cfg, quick):
             opt.step()
             if sched is not None:
                 sched.step()
+        if progress_file is not None:
+            line = {
+                "row": kind,
+                "seed": seed,
+                "epoch": ep + 1,
+                "train_seconds": time.perf_counter() - start,
+                "train_cpu_seconds": time.process_time() - cpu_start,
+                "train_nfe_per_batch": sum(fwd_nfe) / len(fwd_nfe),
+                "train_nfe_authors_per_batch": sum(fwd_nfe_a) / len(fwd_nfe_a),
+                "bwd_iters_per_batch": sum(bwd_it) / len(bwd_it),
+                "train_fwd_failures": fails,
+            }
+            with open(progress_file, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
     _sync(device)
     train_s = time.perf_counter() - start
     train_cpu = time.process_time() - cpu_start  # on a shared machine: steadier than wall time
@@ -638,7 +655,9 @@ def run(opts) -> dict:
     results = {}
     for kind in kinds:
         for seed in seeds:
-            res = train_one(kind, data, device, epochs, batch, seed, cfg, quick)
+            res = train_one(
+                kind, data, device, epochs, batch, seed, cfg, quick, out / "progress.jsonl"
+            )
             results.setdefault(kind, []).append(res)
             summarise(metrics, results)
             _common.write_metrics(out, metrics)  # partial results survive an interrupted run
