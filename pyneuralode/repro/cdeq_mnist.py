@@ -392,7 +392,7 @@ def check_finite_step(loss, params, where: str) -> None:
     if not (bool(torch.isfinite(loss.detach()).all()) and grads_finite):
         what = "the loss" if grads_finite else "a gradient"
         raise FloatingPointError(
-            f"{where}: training diverged ({what} is NaN or Inf, loss {float(loss):.3g}); "
+            f"{where}: training diverged ({what} is NaN or Inf, loss {float(loss.detach()):.3g}); "
             "lower --lr, --skip-weight or --jac-weight"
         )
 
