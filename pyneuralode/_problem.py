@@ -325,11 +325,9 @@ class ODEProblem:
             stats[key] = stats.get(key, 0) + 1
             tt = time(t)
             # y's version counter catches an f that writes into y (it would corrupt the solver's
-            # stages); inference tensors keep no counter.
-            try:
-                version = y._version
-            except RuntimeError:
-                version = None
+            # stages); inference tensors keep no counter (asked first: reading it raises, and a
+            # raised exception per call made every solve under inference_mode slower).
+            version = None if y.is_inference() else y._version
             try:
                 if plain and self._checked:  # hot path: the first call checked f's output fully
                     out = f(tt, y, *fargs)
