@@ -1,5 +1,5 @@
-"""Combine the per-run ``metrics.json`` files of ``repro cdeq-mnist`` (one row, some seeds each) into
-one table: mean ± sample sd over all seeds of a row, as the repro's own table does.
+"""Combine the per-run ``metrics.json`` files of ``repro cdeq-mnist`` (one row, some seeds
+each) into one table: mean ± sample sd over all seeds of a row, as the repro's own table does.
 
     python notes/issue-20-aggregate.py notes/issue-20-s4-authors-*-metrics.json
 """
