@@ -463,20 +463,24 @@ def batched_scipy(method, Kb, y0, T, rtol, atol):
     return sec, s.y[:, -1].reshape(B, 3), s.t.size - 1
 
 
+def rober_rows(t, Y, Kt):
+    """Robertson for a batch: row b of ``Y`` (B, 3) with the rate constants ``Kt[b]``."""
+    import torch
+
+    y1, y2, y3 = Y[:, 0], Y[:, 1], Y[:, 2]
+    k1, k2, k3 = Kt[:, 0], Kt[:, 1], Kt[:, 2]
+    return torch.stack(
+        [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1
+    )
+
+
 def batched_native(solver_name, Kb, y0, T, rtol, atol):
     import torch
 
     import pyneuralode as pn
 
     Kt = torch.tensor(Kb)
-
-    def f(t, Y, Kt):
-        y1, y2, y3 = Y[:, 0], Y[:, 1], Y[:, 2]
-        k1, k2, k3 = Kt[:, 0], Kt[:, 1], Kt[:, 2]
-        return torch.stack(
-            [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2], 1
-        )
-
+    f = rober_rows
     solver = getattr(pn, solver_name)(batched=True)
     t0 = time.perf_counter()
     with torch.no_grad():
