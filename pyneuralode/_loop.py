@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _per_sample_host
 from ._solution import DenseSegment, ReturnCode
 from .controllers import PIController, initial_step, rms_norm_and_abs
 from .solvers._ops import abs_host, host_tolerance, rms_norm_small, small_norm_kind
@@ -637,29 +638,49 @@ def integrate_per_sample(
         nodes = {c: i for i, c in enumerate(cs)}
         node_values = torch.tensor(cs, **f64)
 
+    # CPU tensors: the decisions in one compiled kernel over numpy arrays (_per_sample_host)
+    hs = None
+    if explicit and _per_sample_host.applies(solver, ctrl, rtol, atol, y0):
+        hs = _per_sample_host.HostRows(t, t_end, dt, dtmax, dt_floor, nfe, y0, ctrl, q, direction)
+        nfe = torch.from_numpy(hs.N[_per_sample_host.NFE])  # shares the kernel's memory
+        key_np = np.ascontiguousarray(key.numpy())
+        rtol_h, atol_h, inv_sqrt_n = float(rtol), float(atol), 1.0 / sqrt_n
+
     def flush():  # the working rows' results into the batch's (a running row's: overwritten)
-        nfe_rows = nfe + attempts * calls_step
-        for dst, src in (
-            (t_reached_g, t),
-            (codes_g, codes),
-            (nfe_g, nfe_rows),
-            (nacc_g, nacc),
-            (att_g, attempts),
-        ):
+        if hs is None:
+            srcs = (t, codes, nfe + attempts * calls_step, nacc, attempts)
+        else:
+            H = _per_sample_host
+            srcs = tuple(
+                torch.from_numpy(a)
+                for a in (
+                    hs.F[H.T_NEXT],
+                    hs.N[H.CODES],
+                    hs.N[H.NFE] + hs.N[H.ATTEMPTS] * calls_step,
+                    hs.N[H.NACC],
+                    hs.N[H.ATTEMPTS],
+                )
+            )
+        for dst, src in zip((t_reached_g, codes_g, nfe_g, nacc_g, att_g), srcs):
             if idx is None:
                 dst.copy_(src)
             else:
                 dst.index_copy_(0, idx, src)
 
     while True:
-        if direction > 0:
-            remaining = t_end - t
+        if hs is not None:
+            hs.prepare()
+            # f may keep its t, and autograd keeps hy: copies, not the kernel's memory
+            t, h, hy = hs.t.clone(), hs.h, hs.hy.clone() if grad else hs.hy
         else:
-            remaining = t - t_end
-        last = dt > remaining * stretch  # stretch a step by up to 0.1% rather than leave a sliver
-        habs = torch.where(last, remaining, dt)  # a stopped row: t_end = t, so a step of 0
-        h = habs if direction > 0 else habs.neg()
-        hy = (h if h.dtype == y.dtype else h.to(y.dtype)).view(rshape)
+            if direction > 0:
+                remaining = t_end - t
+            else:
+                remaining = t - t_end
+            last = dt > remaining * stretch  # stretch a step by up to 0.1% rather than a sliver
+            habs = torch.where(last, remaining, dt)  # a stopped row: t_end = t, so a step of 0
+            h = habs if direction > 0 else habs.neg()
+            hy = (h if h.dtype == y.dtype else h.to(y.dtype)).view(rshape)
         field = _StepField(rhs, t, h, hy, nodes, node_values)
         if explicit:  # the derivative at the step's start is the last step's end (FSAL)
             res = solver.step(field, 0.0, y, 1.0, hy * fraw)
@@ -687,80 +708,107 @@ def integrate_per_sample(
         if calls_step is None:
             calls_step = stepped_calls
         elif stepped_calls != calls_step:
-            nfe.add_(running, alpha=stepped_calls - calls_step)
-        if grad:  # the decisions need no graph (entering no_grad costs, so only when needed)
-            with torch.no_grad():
-                ay1, errn = _row_error_norm(res.error, ay, res.y1, rtol_n, atol_n)
-        else:
-            ay1, errn = _row_error_norm(res.error, ay, res.y1, rtol_n, atol_n)
-        accept = (errn <= one) & running  # NaN/Inf fail the test
-        if newton:
-            accept = accept & res.ok
-        if history:
-            fac = ctrl.factor_batch(errn, err_prev, q, accepted_last, habs / h_acc)
-            err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
-            h_acc = torch.where(accept, habs, h_acc)
-        else:
-            fac = ctrl.factor_batch(errn, None, q, accepted_last)
-        # a rejection shrinks the step (fac < 1), so dtmax binds only after an acceptance
-        if newton:  # a row whose Newton failed halves its step (as the scalar loop)
-            dt = torch.where(res.ok, torch.minimum(habs * fac, dtmax), dt * 0.5)
-        else:
-            dt = torch.minimum(habs * fac, dtmax)
-        accepted_last = accept  # a stopped row's value is never read
-        t_new = torch.where(last, t_end, field.time(1.0))  # t + h
-        stuck = None
-        if opts.dtmin is not None:  # a user's dtmin may allow steps below t's resolution
-            stuck = accept & (t_new == t)
-            accept = accept & ~stuck
-        nacc.add_(accept)
-        t_prev = t
-        t = torch.where(accept, t_new, t)
-        done = accept & last
-        cont = running ^ done  # done ⊆ running
-        if dtmin_user is None:
-            small = dt < torch.maximum(t if t_nonneg else t.abs(), dt_floor).mul_(eps4)
-        else:
-            small = dt < dtmin_user
-        fail = cont if k >= max_steps else cont & small
-        if stuck is not None:
-            fail = fail | stuck
-        stepped, running = running, cont ^ fail  # fail ⊆ cont
-        # outputs this step passed: row b saves t_out[b, next_out[b] : next_out[b] + n_cross[b]]
-        if only_end:  # the one sync: how many rows go on and how many failed, in one number
-            n_cross = None
-            sync = torch.add(running.count_nonzero(), fail.count_nonzero(), alpha=1 << 32)
-        else:
-            kt = (direction * t_new).unsqueeze(1)
-            n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1) - next_out).mul_(
-                accept
+            nfe.add_(running if hs is None else hs.running, alpha=stepped_calls - calls_step)
+        if hs is not None:
+            n_prev = n_run
+            n_run, n_fail, n_out_max, n_inner_max = hs.decide(
+                y,
+                res.y1,
+                res.error,
+                key_np,
+                rtol_h,
+                atol_h,
+                inv_sqrt_n,
+                t_nonneg,
+                opts.dtmin,
+                k,
+                max_steps,
+                only_end,
+                history,
             )
-            n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
-            sync = torch.stack(
-                [running.count_nonzero(), fail.count_nonzero(), n_cross.max(), n_inner.max()]
-            )
-        av = accept.view(rshape)
-        y = torch.where(av, res.y1, y)
-        fraw = torch.where(av, f1raw, fraw)
-        ay = torch.where(av, ay1, ay)
-        n_prev = n_run
-        if only_end:
-            n_fail, n_run = divmod(sync.item(), 1 << 32)  # the one sync
-            n_out_max = n_inner_max = 0
-        else:
-            n_run, n_fail, n_out_max, n_inner_max = sync.tolist()  # the one sync
-        if n_run < n_prev:  # rows stopped: their attempts, and no more steps for them
-            attempts.masked_fill_(stepped ^ running, k)
+            av = hs.accept.view(rshape)
+            if grad:  # autograd keeps the condition; the kernel rewrites it next step
+                av = av.clone()
+            y = torch.where(av, res.y1, y)
+            fraw = torch.where(av, f1raw, fraw)
             if only_end and n_prev - n_run > n_fail:  # rows finished: their one output, y1
-                out.index_put_((torch.where(done, code_of[1], T), rows), res.y1)
-        if n_fail:  # DtLessThanMin (Unstable when the last error was NaN/Inf), then MaxIters
-            code = torch.where(
-                small, torch.where(torch.isfinite(errn), code_of[2], code_of[3]), code_of[1]
-            )
+                out.index_put_((torch.where(hs.done, code_of[1], T), rows), res.y1)
+            t_prev, next_out, n_cross, stepped = t, hs.next_out, hs.n_cross, hs.stepped
+            n_inner = hs.n_inner
+        else:
+            if grad:  # the decisions need no graph (entering no_grad costs, so only when needed)
+                with torch.no_grad():
+                    ay1, errn = _row_error_norm(res.error, ay, res.y1, rtol_n, atol_n)
+            else:
+                ay1, errn = _row_error_norm(res.error, ay, res.y1, rtol_n, atol_n)
+            accept = (errn <= one) & running  # NaN/Inf fail the test
+            if newton:
+                accept = accept & res.ok
+            if history:
+                fac = ctrl.factor_batch(errn, err_prev, q, accepted_last, habs / h_acc)
+                err_prev = torch.where(accept, errn.clamp(min=1e-4), err_prev)
+                h_acc = torch.where(accept, habs, h_acc)
+            else:
+                fac = ctrl.factor_batch(errn, None, q, accepted_last)
+            # a rejection shrinks the step (fac < 1), so dtmax binds only after an acceptance
+            if newton:  # a row whose Newton failed halves its step (as the scalar loop)
+                dt = torch.where(res.ok, torch.minimum(habs * fac, dtmax), dt * 0.5)
+            else:
+                dt = torch.minimum(habs * fac, dtmax)
+            accepted_last = accept  # a stopped row's value is never read
+            t_new = torch.where(last, t_end, field.time(1.0))  # t + h
+            stuck = None
+            if opts.dtmin is not None:  # a user's dtmin may allow steps below t's resolution
+                stuck = accept & (t_new == t)
+                accept = accept & ~stuck
+            nacc.add_(accept)
+            t_prev = t
+            t = torch.where(accept, t_new, t)
+            done = accept & last
+            cont = running ^ done  # done ⊆ running
+            if dtmin_user is None:
+                small = dt < torch.maximum(t if t_nonneg else t.abs(), dt_floor).mul_(eps4)
+            else:
+                small = dt < dtmin_user
+            fail = cont if k >= max_steps else cont & small
             if stuck is not None:
-                code = torch.where(stuck, code_of[2], code)
-            codes += code * fail
-            t_end = torch.where(fail, t, t_end)
+                fail = fail | stuck
+            stepped, running = running, cont ^ fail  # fail ⊆ cont
+            # outputs this step passed: row b saves t_out[b, next_out[b] : next_out[b] + n_cross[b]]
+            if only_end:  # the one sync: how many rows go on and how many failed, in one number
+                n_cross = None
+                sync = torch.add(running.count_nonzero(), fail.count_nonzero(), alpha=1 << 32)
+            else:
+                kt = (direction * t_new).unsqueeze(1)
+                n_cross = (torch.searchsorted(key_rows, kt, right=True).squeeze(1) - next_out).mul_(
+                    accept
+                )
+                n_inner = (torch.searchsorted(key_rows, kt).squeeze(1) - next_out).mul_(accept)
+                sync = torch.stack(
+                    [running.count_nonzero(), fail.count_nonzero(), n_cross.max(), n_inner.max()]
+                )
+            av = accept.view(rshape)
+            y = torch.where(av, res.y1, y)
+            fraw = torch.where(av, f1raw, fraw)
+            ay = torch.where(av, ay1, ay)
+            n_prev = n_run
+            if only_end:
+                n_fail, n_run = divmod(sync.item(), 1 << 32)  # the one sync
+                n_out_max = n_inner_max = 0
+            else:
+                n_run, n_fail, n_out_max, n_inner_max = sync.tolist()  # the one sync
+            if n_run < n_prev:  # rows stopped: their attempts, and no more steps for them
+                attempts.masked_fill_(stepped ^ running, k)
+                if only_end and n_prev - n_run > n_fail:  # rows finished: their one output, y1
+                    out.index_put_((torch.where(done, code_of[1], T), rows), res.y1)
+            if n_fail:  # DtLessThanMin (Unstable when the last error was NaN/Inf), then MaxIters
+                code = torch.where(
+                    small, torch.where(torch.isfinite(errn), code_of[2], code_of[3]), code_of[1]
+                )
+                if stuck is not None:
+                    code = torch.where(stuck, code_of[2], code)
+                codes += code * fail
+                t_end = torch.where(fail, t, t_end)
         for j in range(n_out_max):
             kj = next_out + j
             m = j < n_cross
@@ -776,12 +824,24 @@ def integrate_per_sample(
                 yq = res.y1
             out.index_put_((torch.where(m, kj, T), rows), yq)
         if n_out_max:
-            next_out = next_out + n_cross
+            if hs is None:
+                next_out = next_out + n_cross
+            else:
+                next_out.add_(n_cross)  # the kernel's memory
         counters["ncalls"] += field.calls
         counters["nrows"] += field.calls * y.shape[0]
         if n_run == 0:
             break
-        if compact and n_run < y.shape[0]:
+        if compact and n_run < y.shape[0] and hs is not None:
+            flush()
+            keep_np = np.flatnonzero(hs.M[_per_sample_host.RUNNING])
+            keep = torch.from_numpy(keep_np)
+            idx = keep if idx is None else idx[keep]
+            rows, key_rows, key_np = idx, key[idx], key_np[keep_np]
+            y, fraw = y[keep], fraw[keep]
+            hs.select(keep_np)
+            nfe = torch.from_numpy(hs.N[_per_sample_host.NFE])
+        elif compact and n_run < y.shape[0]:
             flush()
             rcache = None  # sized for the rows
             keep = running.nonzero().squeeze(1)
@@ -803,7 +863,39 @@ def integrate_per_sample(
                 x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
                 for x in (rtol_n, atol_n)
             )
-        if handoff and n_run == 1:
+        if handoff and n_run == 1 and hs is not None:
+            H = _per_sample_host
+            F, N = hs.F, hs.N
+            r = 0 if y.shape[0] == 1 else int(np.flatnonzero(hs.M[H.RUNNING])[0])
+            if hs.M[H.ACCEPTED_LAST, r]:  # after a rejection the controller has more state
+                k_sub = _finish_row(
+                    rhs,
+                    y,
+                    fraw,
+                    [float(F[H.T_NEXT, r])]
+                    + (key_rows[r, int(N[H.NEXT_OUT, r]) :] * direction).tolist(),
+                    solver,
+                    opts,
+                    ctrl,
+                    float(F[H.DT, r]),
+                    float(F[H.DTMAX, r]),
+                    float(F[H.DT_FLOOR, r]),
+                    max_steps - k,
+                    out,
+                    int(N[H.NEXT_OUT, r]),
+                    rows[r],
+                    None if y.shape[0] == 1 else (r, torch.from_numpy(F[H.T_NEXT].copy())),
+                )
+                F[H.T_NEXT, r] = k_sub["t"]
+                N[H.CODES, r] = k_sub["code"]
+                N[H.NACC, r] += k_sub["naccept"]
+                N[H.ATTEMPTS, r] = k + k_sub["attempts"]
+                N[H.NFE, r] += k_sub["calls"] - k_sub["attempts"] * calls_step
+                counters["ncalls"] += k_sub["calls"]
+                counters["nrows"] += k_sub["calls"] * y.shape[0]
+                counters["nsteps"] = k + k_sub["attempts"]
+                break
+        elif handoff and n_run == 1:
             r = 0 if y.shape[0] == 1 else int(running.nonzero())  # the row (once per solve)
             t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.stack(
                 [t, dt, accepted_last.to(t.dtype), next_out.to(t.dtype), dtmax, dt_floor]

@@ -127,6 +127,26 @@ def rows_field(t, y, w):
     return torch.tanh(y @ (w * A).T) + 0.5 * torch.sin(3 * t).unsqueeze(-1)
 
 
+@pytest.fixture(params=["host", "tensor"])
+def decisions(request, monkeypatch):
+    """Both implementations of the per-row decisions: the compiled kernel over numpy arrays
+    (CPU tensors, numba installed) and the tensor operations (what CUDA runs), each checked to
+    have been the one used."""
+    from pyneuralode import _per_sample_host
+
+    host = request.param == "host"
+    if host:
+        pytest.importorskip("numba", reason="the host decisions need numba (the compiled extra)")
+    monkeypatch.setattr(_per_sample_host, "ENABLED", host)
+    calls = []
+    decide = _per_sample_host.HostRows.decide
+    monkeypatch.setattr(
+        _per_sample_host.HostRows, "decide", lambda self, *a: calls.append(1) or decide(self, *a)
+    )
+    yield request.param
+    assert bool(calls) == host
+
+
 def staggered_times(B, T=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = torch.sort(torch.rand(B, T, dtype=DT, generator=g) * 3, 1).values
@@ -136,7 +156,7 @@ def staggered_times(B, T=5, seed=0):
 
 @pytest.mark.parametrize("mode", [True, "compact"])
 @pytest.mark.parametrize("solver", [pn.Tsit5(), pn.Dopri5(), pn.Vern7(), pn.DP8()], ids=str)
-def test_per_sample_steps_equal_independent_solves(solver, mode):
+def test_per_sample_steps_equal_independent_solves(solver, mode, decisions):
     B = 5
     y0 = vdp_batch(B, 0.5, 4.0)
     y0[:, :2] += torch.randn(B, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
@@ -187,7 +207,7 @@ def test_per_sample_rosenbrock_equals_independent_solves(solver, mode):
 
 
 @pytest.mark.parametrize("ctrl", [pn.PIController(), pn.PredictiveController()], ids=repr)
-def test_per_sample_controllers_and_step_bounds_follow_independent_solves(ctrl):
+def test_per_sample_controllers_and_step_bounds_follow_independent_solves(ctrl, decisions):
     y0 = vdp_batch(3, 0.5, 8.0)
     t = torch.tensor([0.0, 3.0], dtype=DT)
     kw = {"controller": ctrl, "dtmax": 0.5, "dtmin": 1e-12}
@@ -199,7 +219,7 @@ def test_per_sample_controllers_and_step_bounds_follow_independent_solves(ctrl):
         torch.testing.assert_close(sol.ys[:, b], ref.ys[:, 0], rtol=1e-10, atol=1e-11)
 
 
-def test_per_sample_nonautonomous_field_gets_each_rows_time():
+def test_per_sample_nonautonomous_field_gets_each_rows_time(decisions):
     B = 4
     y0 = torch.randn(B, 3, dtype=DT, generator=torch.Generator().manual_seed(3))
     w = torch.tensor(0.8, dtype=DT)
@@ -219,7 +239,7 @@ def test_per_sample_nonautonomous_field_gets_each_rows_time():
 
 
 @pytest.mark.parametrize("mode", [True, "compact"])
-def test_per_sample_vdp_batch_evaluations_match_independent_solves(mode):
+def test_per_sample_vdp_batch_evaluations_match_independent_solves(mode, decisions):
     B = 16  # μ spread over [0.1, 10] (the issue's batch, smaller)
     y0 = vdp_batch(B)
     t = torch.tensor([0.0, 6.0], dtype=DT)
@@ -237,7 +257,7 @@ def test_per_sample_vdp_batch_evaluations_match_independent_solves(mode):
     torch.testing.assert_close(sol.ys[-1], shared.ys[-1], rtol=1e-4, atol=1e-4)
 
 
-def test_per_sample_mask_mode_last_row_keeps_the_whole_batch(monkeypatch):
+def test_per_sample_mask_mode_last_row_keeps_the_whole_batch(monkeypatch, decisions):
     # mask mode hands its last running row to the scalar loop: f must keep seeing every row (here
     # it captures per-sample constants of shape (B, 1)), the stopped rows at their own end times
     # and unchanged, and the last row must still equal its own solve
@@ -274,7 +294,7 @@ def test_per_sample_mask_mode_last_row_keeps_the_whole_batch(monkeypatch):
     assert sol.stats["nrows"] == 4 * sol.stats["ncalls"]
 
 
-def test_per_sample_retcodes_one_sample_fails_others_succeed():
+def test_per_sample_retcodes_one_sample_fails_others_succeed(decisions):
     def blow_up(t, y):
         return y * y  # y0 = 2 blows up at t = 0.5
 
@@ -307,7 +327,7 @@ def test_per_sample_retcodes_one_sample_fails_others_succeed():
 
 
 @pytest.mark.parametrize("mode", [True, "compact"])
-def test_per_sample_gradients_vs_finite_differences_and_separate_solves(mode):
+def test_per_sample_gradients_vs_finite_differences_and_separate_solves(mode, decisions):
     B = 3
     y0 = torch.randn(B, 3, dtype=DT, generator=torch.Generator().manual_seed(4)).requires_grad_()
     w = torch.tensor(1.3, dtype=DT, requires_grad=True)
@@ -347,7 +367,7 @@ def test_per_sample_gradients_vs_finite_differences_and_separate_solves(mode):
 
 
 @pytest.mark.parametrize("mode", [True, "compact"])
-def test_per_sample_joint_backsolve_adjoint(mode):
+def test_per_sample_joint_backsolve_adjoint(mode, decisions):
     """Per-sample forward steps, one backward pass for the batch: the gradient of the same
     solution as DirectAdjoint's, to the tolerance."""
     B = 3
@@ -377,7 +397,7 @@ def test_per_sample_joint_backsolve_adjoint(mode):
         )
 
 
-def test_neural_ode_per_sample():
+def test_neural_ode_per_sample(decisions):
     torch.manual_seed(0)
     model = pn.NeuralODE(pn.ConcatMLP(2, hidden=16), rtol=1e-6, atol=1e-8, per_sample=True).double()
     y0 = torch.randn(4, 2, dtype=DT)
@@ -806,3 +826,90 @@ def test_per_sample_joint_adjoints_find_the_parameters_f_reaches():
     for g in grads[1:]:
         for a, d in zip(g, grads[0]):
             torch.testing.assert_close(a, d, rtol=1e-6, atol=1e-8)
+
+
+def _host_and_tensor(monkeypatch, run):
+    from pyneuralode import _per_sample_host
+
+    out = []
+    for host in (True, False):
+        monkeypatch.setattr(_per_sample_host, "ENABLED", host)
+        out.append(run())
+    return out
+
+
+@pytest.mark.parametrize("mode", [True, "compact"])
+def test_per_sample_host_decisions_take_the_tensor_decisions_steps(monkeypatch, mode):
+    """The compiled host decisions and the tensor decisions (CUDA's code, run here on the CPU)
+    take the same steps: every row's accepted and rejected steps, evaluations, return code and
+    end time, over outputs inside steps, per-row and backward times, a time-dependent field, the
+    PI (with β₂) and predictive controllers, dtmin/dtmax/dt, max_steps, a failing row, and
+    DirectAdjoint gradients; float32 to the tolerance. (Step sizes may differ in the last bits:
+    the two norms round differently. On the stiffest rows with the predictive controller that
+    can change a step, so that case runs on the milder rows.)"""
+    pytest.importorskip("numba", reason="the host decisions need numba (the compiled extra)")
+    y0 = vdp_batch(6, 0.3, 30.0)
+    y0[:, :2] += torch.randn(6, 2, dtype=DT, generator=torch.Generator().manual_seed(7))
+    w = torch.tensor(0.8, dtype=DT)
+    cases = [
+        (vdp, y0, staggered_times(6, T=6), pn.Vern7(), {}),
+        (vdp, y0, -0.3 * staggered_times(6, seed=2), pn.DP8(), {}),
+        (
+            lambda t, y: rows_field(t, y, w),
+            y0,
+            staggered_times(6, seed=4),
+            pn.BS3(),
+            {"controller": pn.PIController(beta1=0.6, beta2=0.2)},
+        ),
+        (
+            vdp,
+            y0[:4],
+            torch.tensor([0.0, 1.0, 4.0], dtype=DT),
+            pn.Tsit5(),
+            {"controller": pn.PredictiveController(), "dtmax": 0.3, "dtmin": 1e-9},
+        ),
+        (vdp, y0, torch.tensor([0.0, 4.0], dtype=DT), pn.Dopri5(), {"max_steps": 60, "dt": 0.01}),
+        (
+            lambda t, y: y * y,
+            torch.tensor([[0.5], [2.0], [1.0]], dtype=DT),
+            torch.tensor([0.0, 0.4, 0.9], dtype=DT),
+            pn.Dopri5(),
+            {},
+        ),
+    ]
+    for f, y, t, solver, kw in cases:
+        kw = {"rtol": 1e-7, "atol": 1e-9, **kw}
+        host, tensor = _host_and_tensor(
+            monkeypatch,
+            lambda: pn.solve(f, y, t, solver, per_sample=mode, throw=False, **kw),  # noqa: B023
+        )
+        for key in ("nfe", "naccept", "nreject"):
+            assert torch.equal(host.stats[key], tensor.stats[key]), (solver, key)
+        for key in ("nsteps", "ncalls", "nrows"):
+            assert host.stats[key] == tensor.stats[key], (solver, key)
+        assert [str(r) for r in host.retcode] == [str(r) for r in tensor.retcode]
+        torch.testing.assert_close(host.t_reached, tensor.t_reached, rtol=1e-8, atol=1e-12)
+        # the same steps; their sizes may differ in the last bits (the norms round differently),
+        # which the stiffer rows carry to ~1e-10
+        torch.testing.assert_close(host.ys, tensor.ys, rtol=1e-8, atol=1e-9, equal_nan=True)
+    # float32: the host norm sums in float64 as the scalar loop's does, the tensor norm in
+    # float32; near the precision's floor the rejections follow the rounding, so the two agree to
+    # the tolerance, not step for step
+    t = torch.tensor([0.0, 0.5, 3.0])
+    host, tensor = _host_and_tensor(
+        monkeypatch,
+        lambda: pn.solve(vdp, y0.float(), t, pn.Tsit5(), rtol=1e-5, atol=1e-7, per_sample=mode),
+    )
+    ref = pn.solve(vdp, y0, t.double(), pn.Tsit5(), rtol=1e-10, atol=1e-12, per_sample=mode).ys
+    for sol in (host, tensor):
+        assert sol.ys.dtype == torch.float32 and sol.successful
+        torch.testing.assert_close(sol.ys.double(), ref, rtol=1e-3, atol=1e-3)
+    # gradients through the host decisions' steps (DirectAdjoint)
+    y0g = y0[:3].clone().requires_grad_()
+    grads = _host_and_tensor(
+        monkeypatch,
+        lambda: torch.autograd.grad(
+            pn.solve(vdp, y0g, staggered_times(3), per_sample=mode).ys.sum(), [y0g]
+        )[0],
+    )
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
