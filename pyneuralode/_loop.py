@@ -7,8 +7,9 @@ is bounded by ``max_steps``.
 
 Two drivers share the solvers' ``step``: :func:`integrate` (one time and step size for the whole
 state, controlled on the host in Python floats) and :func:`integrate_per_sample` (a time, step
-size, error norm and decision per row of a batch, held in tensors on the state's device, with one
-host synchronisation per step).
+size, error norm and decision per row of a batch, held in tensors on the state's device with one
+host synchronisation per step, or for CPU tensors decided by one compiled kernel,
+:mod:`._per_sample_host`).
 """
 
 from __future__ import annotations
@@ -524,8 +525,11 @@ def integrate_per_sample(
     :func:`integrate` (host-side decisions; see :func:`_finish_row`), alone in compact mode, with
     the whole batch, the stopped rows frozen, otherwise.
 
-    The decisions are a few element-wise operations on (B,) tensors per step (a GPU runs them
-    without waiting; on a CPU each costs a dispatch), so the bookkeeping that can be derived is:
+    The decisions are a few element-wise operations on (B,) tensors per step: a GPU runs them
+    without waiting; on a CPU each would cost a torch dispatch, so there (explicit methods, the PI
+    and predictive controllers, numba installed) one compiled kernel makes them over numpy arrays
+    sharing the loop's memory (:mod:`._per_sample_host`, ``hs``). In the tensor decisions the
+    bookkeeping that can be derived is:
     a running row has run every step so far (rows only stop), so its attempt count is the step
     count (kept per row only when it stops) and its evaluations are the step's calls of f times
     its attempts (corrected on the steps whose call count differs); a row that stopped gets
@@ -641,31 +645,37 @@ def integrate_per_sample(
     # CPU tensors: the decisions in one compiled kernel over numpy arrays (_per_sample_host)
     hs = None
     if explicit and _per_sample_host.applies(solver, ctrl, rtol, atol, y0):
-        hs = _per_sample_host.HostRows(t, t_end, dt, dtmax, dt_floor, nfe, y0, ctrl, q, direction)
-        nfe = torch.from_numpy(hs.N[_per_sample_host.NFE])  # shares the kernel's memory
+        hs = _per_sample_host.HostRows(
+            t,
+            t_end,
+            dt,
+            dtmax,
+            dt_floor,
+            nfe,
+            y0,
+            ctrl,
+            q,
+            direction,
+            float(rtol),
+            float(atol),
+            opts.dtmin,
+            t_nonneg,
+            only_end,
+            history,
+            max_steps,
+        )
         key_np = np.ascontiguousarray(key.numpy())
-        rtol_h, atol_h, inv_sqrt_n = float(rtol), float(atol), 1.0 / sqrt_n
 
     def flush():  # the working rows' results into the batch's (a running row's: overwritten)
-        if hs is None:
-            srcs = (t, codes, nfe + attempts * calls_step, nacc, attempts)
+        if hs is not None:  # the host state is the whole batch's
+            srcs, idx_ = hs.results(calls_step), None
         else:
-            H = _per_sample_host
-            srcs = tuple(
-                torch.from_numpy(a)
-                for a in (
-                    hs.F[H.T_NEXT],
-                    hs.N[H.CODES],
-                    hs.N[H.NFE] + hs.N[H.ATTEMPTS] * calls_step,
-                    hs.N[H.NACC],
-                    hs.N[H.ATTEMPTS],
-                )
-            )
+            srcs, idx_ = (t, codes, nfe + attempts * calls_step, nacc, attempts), idx
         for dst, src in zip((t_reached_g, codes_g, nfe_g, nacc_g, att_g), srcs):
-            if idx is None:
+            if idx_ is None:
                 dst.copy_(src)
             else:
-                dst.index_copy_(0, idx, src)
+                dst.index_copy_(0, idx_, src)
 
     while True:
         if hs is not None:
@@ -708,33 +718,26 @@ def integrate_per_sample(
         if calls_step is None:
             calls_step = stepped_calls
         elif stepped_calls != calls_step:
-            nfe.add_(running if hs is None else hs.running, alpha=stepped_calls - calls_step)
+            if hs is None:
+                nfe.add_(running, alpha=stepped_calls - calls_step)
+            else:
+                hs.add_nfe(stepped_calls - calls_step, hs.work[hs.running_rows()])
         if hs is not None:
             n_prev = n_run
-            n_run, n_fail, n_out_max, n_inner_max = hs.decide(
-                y,
-                res.y1,
-                res.error,
-                key_np,
-                rtol_h,
-                atol_h,
-                inv_sqrt_n,
-                t_nonneg,
-                opts.dtmin,
-                k,
-                max_steps,
-                only_end,
-                history,
+            (n_run, n_fail, n_out_max, n_inner_max), selected = hs.decide(
+                y, res.y1, res.error, fraw, f1raw, key_np, k
             )
-            av = hs.accept.view(rshape)
-            if grad:  # autograd keeps the condition; the kernel rewrites it next step
-                av = av.clone()
-            y = torch.where(av, res.y1, y)
-            fraw = torch.where(av, f1raw, fraw)
+            if selected is not None:
+                y, fraw = selected
+            else:  # autograd keeps the condition, which the kernel rewrites: a copy
+                av = hs.accept_rows.clone() if grad else hs.accept_rows
+                y = torch.where(av, res.y1, y)
+                fraw = torch.where(av, f1raw, fraw)
             if only_end and n_prev - n_run > n_fail:  # rows finished: their one output, y1
                 out.index_put_((torch.where(hs.done, code_of[1], T), rows), res.y1)
-            t_prev, next_out, n_cross, stepped = t, hs.next_out, hs.n_cross, hs.stepped
-            n_inner = hs.n_inner
+            # the output code's working views (the kernel already advanced the rows' next output)
+            t_prev, next_out, n_cross, n_inner = t, hs.next_out, hs.n_cross, hs.n_inner
+            stepped = hs.stepped
         else:
             if grad:  # the decisions need no graph (entering no_grad costs, so only when needed)
                 with torch.no_grad():
@@ -819,28 +822,26 @@ def integrate_per_sample(
                 yq = _interpolate_rows(solver, res.dense, theta.to(y.dtype), explicit or newton)
                 yq = torch.where(_rows(j >= n_inner, yq), res.y1, yq)  # at the end: y1 itself
                 if field.calls != calls:  # Vern7/DP8: the dense stages, on every stepped row
-                    nfe.add_(stepped, alpha=field.calls - calls)
+                    if hs is None:
+                        nfe.add_(stepped, alpha=field.calls - calls)
+                    else:
+                        hs.add_nfe(field.calls - calls, hs.work[hs.stepped.numpy()])
             else:
                 yq = res.y1
             out.index_put_((torch.where(m, kj, T), rows), yq)
-        if n_out_max:
-            if hs is None:
-                next_out = next_out + n_cross
-            else:
-                next_out.add_(n_cross)  # the kernel's memory
+        if n_out_max and hs is None:
+            next_out = next_out + n_cross
         counters["ncalls"] += field.calls
         counters["nrows"] += field.calls * y.shape[0]
         if n_run == 0:
             break
         if compact and n_run < y.shape[0] and hs is not None:
-            flush()
-            keep_np = np.flatnonzero(hs.M[_per_sample_host.RUNNING])
+            keep_np = hs.running_rows()
             keep = torch.from_numpy(keep_np)
-            idx = keep if idx is None else idx[keep]
-            rows, key_rows, key_np = idx, key[idx], key_np[keep_np]
             y, fraw = y[keep], fraw[keep]
-            hs.select(keep_np)
-            nfe = torch.from_numpy(hs.N[_per_sample_host.NFE])
+            hs.set_work(hs.work[keep_np])
+            rows = hs.rows
+            key_rows = key[rows]
         elif compact and n_run < y.shape[0]:
             flush()
             rcache = None  # sized for the rows
@@ -866,31 +867,32 @@ def integrate_per_sample(
         if handoff and n_run == 1 and hs is not None:
             H = _per_sample_host
             F, N = hs.F, hs.N
-            r = 0 if y.shape[0] == 1 else int(np.flatnonzero(hs.M[H.RUNNING])[0])
-            if hs.M[H.ACCEPTED_LAST, r]:  # after a rejection the controller has more state
+            r = 0 if y.shape[0] == 1 else int(hs.running_rows()[0])  # among the stepped rows
+            b = int(hs.work[r])  # in the batch
+            if hs.M[H.ACCEPTED_LAST, b]:  # after a rejection the controller has more state
+                nxt = int(N[H.NEXT_OUT, b])
                 k_sub = _finish_row(
                     rhs,
                     y,
                     fraw,
-                    [float(F[H.T_NEXT, r])]
-                    + (key_rows[r, int(N[H.NEXT_OUT, r]) :] * direction).tolist(),
+                    [float(F[H.T_NEXT, b])] + (key_rows[r, nxt:] * direction).tolist(),
                     solver,
                     opts,
                     ctrl,
-                    float(F[H.DT, r]),
-                    float(F[H.DTMAX, r]),
-                    float(F[H.DT_FLOOR, r]),
+                    float(F[H.DT, b]),
+                    float(F[H.DTMAX, b]),
+                    float(F[H.DT_FLOOR, b]),
                     max_steps - k,
                     out,
-                    int(N[H.NEXT_OUT, r]),
+                    nxt,
                     rows[r],
-                    None if y.shape[0] == 1 else (r, torch.from_numpy(F[H.T_NEXT].copy())),
+                    None if y.shape[0] == 1 else (r, torch.from_numpy(F[H.T_NEXT, hs.work])),
                 )
-                F[H.T_NEXT, r] = k_sub["t"]
-                N[H.CODES, r] = k_sub["code"]
-                N[H.NACC, r] += k_sub["naccept"]
-                N[H.ATTEMPTS, r] = k + k_sub["attempts"]
-                N[H.NFE, r] += k_sub["calls"] - k_sub["attempts"] * calls_step
+                F[H.T_NEXT, b] = k_sub["t"]
+                N[H.CODES, b] = k_sub["code"]
+                N[H.NACC, b] += k_sub["naccept"]
+                N[H.ATTEMPTS, b] = k + k_sub["attempts"]
+                N[H.NFE, b] += k_sub["calls"] - k_sub["attempts"] * calls_step
                 counters["ncalls"] += k_sub["calls"]
                 counters["nrows"] += k_sub["calls"] * y.shape[0]
                 counters["nsteps"] = k + k_sub["attempts"]

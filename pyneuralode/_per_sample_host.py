@@ -28,12 +28,16 @@ ENABLED = True
 
 _EPS = 2.220446049250313e-16
 
-# rows of the float64 state ``F`` (B columns)
-T, T_NEXT, T_END, DT, DTMAX, DT_FLOOR, H, ERR_PREV, H_ACC, ERRN = range(10)
+# rows of the float64 state ``F`` (one column per row of the batch)
+T, T_NEXT, T_END, DT, DTMAX, DT_FLOOR, H, ERR_PREV, H_ACC = range(9)
 # rows of the int64 state ``N``
-NACC, ATTEMPTS, CODES, NEXT_OUT, NFE, N_CROSS, N_INNER = range(7)
+NACC, ATTEMPTS, CODES, NEXT_OUT, NFE = range(5)
 # rows of the bool state ``M``
-RUNNING, ACCEPT, STEPPED, DONE, ACCEPTED_LAST, LAST, FAIL = range(7)
+RUNNING, ACCEPTED_LAST, LAST = range(3)
+# rows of the working arrays (one column per stepped row): ``WF`` float64, ``WN`` int64, ``WM``
+W_T, W_H = range(2)
+W_NEXT_OUT, W_N_CROSS, W_N_INNER = range(3)
+W_ACCEPT, W_STEPPED, W_DONE = range(3)
 
 _kernels = None
 
@@ -46,11 +50,12 @@ def _compile():
     from numba import njit
 
     @njit(cache=True, nogil=True)
-    def prepare(F, M, hy, direction):  # pragma: no cover - compiled
-        """The step about to be taken: each row's ``h`` (a stopped row: t_end = t, so 0),
-        ``last`` (the step reaches t_end; stretched by up to 0.1% rather than leave a sliver)
-        and ``hy`` (h in the state's dtype)."""
-        for b in range(F.shape[1]):
+    def prepare(F, M, work, WF, hy, direction):  # pragma: no cover - compiled
+        """The step about to be taken by the stepped rows ``work``: each row's ``h`` (a stopped
+        row has t_end = t, so 0), ``last`` (the step reaches t_end; stretched by up to 0.1%
+        rather than leave a sliver) and ``hy`` (h in the state's dtype)."""
+        for r in range(work.shape[0]):
+            b = work[r]
             t = F[T_NEXT, b]
             F[T, b] = t
             remaining = F[T_END, b] - t if direction > 0 else t - F[T_END, b]
@@ -60,52 +65,34 @@ def _compile():
             h = habs if direction > 0 else -habs
             M[LAST, b] = last
             F[H, b] = h
-            hy[b] = h
+            WF[W_T, r] = t
+            WF[W_H, r] = h
+            hy[r] = h
 
     @njit(cache=True, nogil=True)
     def decide(
-        F,
-        N,
-        M,
-        y0,
-        y1,
-        err,
-        key,
-        rtol,
-        atol,
-        inv_sqrt_n,
-        kind,
-        b1,
-        b2,
-        safety,
-        lo,
-        hi,
-        q_inv,
-        direction,
-        t_nonneg,
-        dtmin_user,
-        k,
-        max_steps,
-        only_end,
-        history,
+        F, N, M, work, WN, WM, y0, y1, err, f0, f1, y_next, f_next, key, P, Q, k
     ):  # pragma: no cover - compiled
-        """One step's decisions for every row; returns (rows running, rows failed, the most
-        outputs a row passed, the most outputs strictly inside a row's step)."""
-        B, n = y0.shape
+        """One step's decisions for the stepped rows ``work`` (row r of the step's arrays is row
+        ``work[r]`` of the batch); returns (rows running, rows failed, the most outputs a row
+        passed, the most outputs strictly inside a row's step)."""
+        rtol, atol, inv_sqrt_n, b1, b2, safety, lo, hi, q_inv, direction, dtmin_user = P
+        kind, t_nonneg, only_end, history, max_steps, select = Q
+        R, n = y0.shape
         T_out = key.shape[1]
         n_run = n_fail = n_out_max = n_inner_max = 0
         eps4 = 4.0 * _EPS
-        for b in range(B):
+        for r in range(R):
+            b = work[r]
             running = M[RUNNING, b]
             # the scalar loop's host norm: Σ (e / (atol + rtol·max(|y0|, |y1|)))², in float64
             s = 0.0
             for i in range(n):
-                a = abs(np.float64(y0[b, i]))
-                c = abs(np.float64(y1[b, i]))
-                r = np.float64(err[b, i]) / (atol + rtol * (a if a > c else c))
-                s += r * r
+                a = abs(np.float64(y0[r, i]))
+                c = abs(np.float64(y1[r, i]))
+                e = np.float64(err[r, i]) / (atol + rtol * (a if a > c else c))
+                s += e * e
             errn = math.sqrt(s) * inv_sqrt_n
-            F[ERRN, b] = errn
             accept = errn <= 1.0 and running  # NaN/Inf fail the test
             h = F[H, b]
             habs = abs(h)
@@ -140,6 +127,7 @@ def _compile():
             if history and accept:
                 F[ERR_PREV, b] = errn if errn > 1e-4 else 1e-4
                 F[H_ACC, b] = habs
+            # a rejection shrinks the step (fac < 1), so dtmax binds only after an acceptance
             dt = habs * fac
             dtmax = F[DTMAX, b]
             dt = dt if dt < dtmax else dtmax
@@ -165,10 +153,20 @@ def _compile():
                 small = dt < dtmin_user
             fail = (cont if k >= max_steps else cont and small) or stuck
             running_next = cont and not fail
-            M[ACCEPT, b] = accept
-            M[STEPPED, b] = running
-            M[DONE, b] = done
-            M[FAIL, b] = fail
+            if select:  # the rows' next state and derivative: the step's where accepted
+                if accept:
+                    for i in range(n):
+                        y_next[r, i] = y1[r, i]
+                    for i in range(f0.shape[1]):
+                        f_next[r, i] = f1[r, i]
+                else:
+                    for i in range(n):
+                        y_next[r, i] = y0[r, i]
+                    for i in range(f0.shape[1]):
+                        f_next[r, i] = f0[r, i]
+            WM[W_ACCEPT, r] = accept
+            WM[W_STEPPED, r] = running
+            WM[W_DONE, r] = done
             M[RUNNING, b] = running_next
             if running and not running_next:  # stopped: its attempt count
                 N[ATTEMPTS, b] = k
@@ -179,21 +177,24 @@ def _compile():
                 n_fail += 1
             if running_next:
                 n_run += 1
-            if not only_end:  # outputs passed: key[b, next_out : next_out + n_cross]
-                nc = ni = 0
-                if accept:
-                    kt = direction * t_new
-                    j = N[NEXT_OUT, b]
-                    while j < T_out and key[b, j] < kt:
-                        j += 1
-                    ni = j - N[NEXT_OUT, b]
-                    while j < T_out and key[b, j] <= kt:
-                        j += 1
-                    nc = j - N[NEXT_OUT, b]
-                N[N_CROSS, b] = nc
-                N[N_INNER, b] = ni
-                n_out_max = max(n_out_max, nc)
-                n_inner_max = max(n_inner_max, ni)
+            # outputs passed: key[b, next_out : next_out + n_cross] (n_inner of them inside)
+            nc = ni = 0
+            j0 = N[NEXT_OUT, b]
+            if accept and not only_end:
+                kt = direction * t_new
+                j = j0
+                while j < T_out and key[b, j] < kt:
+                    j += 1
+                ni = j - j0
+                while j < T_out and key[b, j] <= kt:
+                    j += 1
+                nc = j - j0
+                N[NEXT_OUT, b] = j
+            WN[W_NEXT_OUT, r] = j0
+            WN[W_N_CROSS, r] = nc
+            WN[W_N_INNER, r] = ni
+            n_out_max = max(n_out_max, nc)
+            n_inner_max = max(n_inner_max, ni)
         return n_run, n_fail, n_out_max, n_inner_max
 
     _kernels = (prepare, decide)
@@ -219,17 +220,45 @@ def applies(solver, ctrl, rtol, atol, y: torch.Tensor) -> bool:
     return True
 
 
-class HostRows:
-    """The per-row control state of a per-sample solve as numpy arrays (``F`` float64, ``N``
-    int64, ``M`` bool; one column per stepped row) with torch views of the rows the step's field
-    and the loop's tensor code read (``t``, ``h``, ``hy``, ``accept``, ...)."""
+def _rows(x: torch.Tensor, R: int) -> np.ndarray:
+    """A (R, ...) tensor as a (R, n) numpy array (a view when it is contiguous)."""
+    x = x.detach() if x.requires_grad else x
+    return (x if x.dim() == 2 else x.reshape(R, -1)).numpy()
 
-    def __init__(self, t, t_end, dt, dtmax, dt_floor, nfe, y, ctrl, q, direction):
+
+class HostRows:
+    """The per-row control state of a per-sample solve as numpy arrays over the whole batch
+    (``F`` float64, ``N`` int64, ``M`` bool; one column per row), the stepped rows ``work``, and
+    working arrays over the stepped rows with torch views that the step's field and the loop's
+    output code read (:attr:`t`, :attr:`h`, :attr:`hy`, :attr:`accept_rows`, :attr:`next_out`,
+    ...). Without autograd the rows' next state and derivative are selected by the kernel into
+    two pairs of buffers: a step reads one pair (its dense output keeps the step's start) while
+    the kernel writes the other."""
+
+    def __init__(
+        self,
+        t,
+        t_end,
+        dt,
+        dtmax,
+        dt_floor,
+        nfe,
+        y,
+        ctrl,
+        q,
+        direction,
+        rtol,
+        atol,
+        dtmin,
+        t_nonneg,
+        only_end,
+        history,
+        max_steps,
+    ):
         B = t.shape[0]
-        self.F = np.zeros((10, B))
-        self.N = np.zeros((7, B), dtype=np.int64)
-        self.M = np.zeros((7, B), dtype=np.bool_)
-        F, M = self.F, self.M
+        self.F = F = np.zeros((9, B))
+        self.N = np.zeros((5, B), dtype=np.int64)
+        self.M = M = np.zeros((3, B), dtype=np.bool_)
         F[T_NEXT] = t.numpy()
         F[T_END] = t_end.numpy()
         F[DT] = dt.numpy()
@@ -244,89 +273,126 @@ class HostRows:
         self.np_dtype = np.float32 if y.dtype == torch.float32 else np.float64
         self.rshape = (-1,) + (1,) * (y.dim() - 1)
         self.direction = direction
-        if isinstance(ctrl, PIController):
-            self.ctrl = (
-                0,
-                ctrl.beta1 / q,
-                ctrl.beta2 / q,
+        pi = isinstance(ctrl, PIController)
+        self.P = np.array(
+            [
+                rtol,
+                atol,
+                1.0 / math.sqrt(max(y[0].numel(), 1)),
+                ctrl.beta1 / q if pi else 0.0,
+                ctrl.beta2 / q if pi else 0.0,
                 ctrl.safety,
                 ctrl.factor_min,
                 ctrl.factor_max,
                 1.0 / q,
-            )
-        else:
-            self.ctrl = (1, 0.0, 0.0, ctrl.safety, ctrl.factor_min, ctrl.factor_max, 1.0 / q)
+                direction,
+                math.nan if dtmin is None else float(dtmin),
+            ]
+        )
+        # kind (0 PI, 1 predictive), t_nonneg, only_end, history, max_steps, select
+        self.Q = np.array([0 if pi else 1, t_nonneg, only_end, history, max_steps, 0])
         self.prepare_kernel, self.decide_kernel = _compile()
-        self._views()
+        self._buffers = self._buffer_arrays = None
+        self._current = 0
+        self.set_work(np.arange(B))
 
-    def _views(self):
-        B = self.F.shape[1]
-        self.hy_np = np.zeros(B, dtype=self.np_dtype)
+    def set_work(self, work: np.ndarray):
+        """Step the rows ``work`` of the batch (global indices, increasing) from now on."""
+        R = work.shape[0]
+        self.work = work
+        self.rows = torch.from_numpy(work)
+        self.WF = np.zeros((2, R))
+        self.WN = np.zeros((3, R), dtype=np.int64)
+        self.WM = np.zeros((3, R), dtype=np.bool_)
+        self.hy_np = np.zeros(R, dtype=self.np_dtype)
         self.hy = torch.from_numpy(self.hy_np).view(self.rshape)
-        self.t = torch.from_numpy(self.F[T])
-        self.h = torch.from_numpy(self.F[H])
-        self.accept = torch.from_numpy(self.M[ACCEPT])
-        self.n_cross = torch.from_numpy(self.N[N_CROSS])
-        self.n_inner = torch.from_numpy(self.N[N_INNER])
-        self.next_out = torch.from_numpy(self.N[NEXT_OUT])
-        self.done = torch.from_numpy(self.M[DONE])
-        self.stepped = torch.from_numpy(self.M[STEPPED])
-        self.running = torch.from_numpy(self.M[RUNNING])
+        self.t = torch.from_numpy(self.WF[W_T])
+        self.h = torch.from_numpy(self.WF[W_H])
+        self.accept_rows = torch.from_numpy(self.WM[W_ACCEPT]).view(self.rshape)
+        self.stepped = torch.from_numpy(self.WM[W_STEPPED])
+        self.done = torch.from_numpy(self.WM[W_DONE])
+        self.next_out = torch.from_numpy(self.WN[W_NEXT_OUT])
+        self.n_cross = torch.from_numpy(self.WN[W_N_CROSS])
+        self.n_inner = torch.from_numpy(self.WN[W_N_INNER])
+
+    def running_rows(self) -> np.ndarray:
+        """The positions (among the stepped rows) of the rows still running."""
+        return np.flatnonzero(self.M[RUNNING, self.work])
+
+    def add_nfe(self, calls: int, rows: np.ndarray):
+        """``calls`` more evaluations for the batch rows ``rows``."""
+        self.N[NFE, rows] += calls
 
     def prepare(self):
-        """The next step's t, h and hy from the last decisions."""
-        self.prepare_kernel(self.F, self.M, self.hy_np, self.direction)
+        """The next step's t, h and hy (working arrays) from the last decisions."""
+        self.prepare_kernel(self.F, self.M, self.work, self.WF, self.hy_np, self.direction)
 
-    def decide(
-        self,
-        y0,
-        y1,
-        err,
-        key,
-        rtol,
-        atol,
-        inv_sqrt_n,
-        t_nonneg,
-        dtmin,
-        k,
-        max_steps,
-        only_end,
-        history,
-    ):
-        """The step's decisions (see the kernel); ``y0``, ``y1``, ``err`` (B, ...) tensors."""
-        B = y0.shape[0]
-        kind, b1, b2, safety, lo, hi, q_inv = self.ctrl
-        return self.decide_kernel(
+    def decide(self, y, y1, err, fraw, f1raw, key, k):
+        """The step's decisions (see the kernel) from the (R, ...) tensors of the step's start
+        ``y``, end ``y1``, error estimate and derivatives. Returns the kernel's counts and the
+        rows' next state and derivative when the kernel selected them (no autograd), else
+        ``None`` (the caller selects by :attr:`accept_rows`)."""
+        R = y.shape[0]
+        y_np, f_np = self._arrays(y, fraw)
+        y1_np, f1_np = _rows(y1, R), _rows(f1raw, R)
+        select = (
+            self._buffers is not None
+            and not torch.is_grad_enabled()
+            and y1_np.dtype == y_np.dtype
+            and f1_np.shape == f_np.shape
+            and f1_np.dtype == f_np.dtype
+        )
+        nxt = 1 - self._current
+        yn_np, fn_np = self._buffer_arrays[nxt] if select else (y_np, f_np)
+        self.Q[5] = select
+        counts = self.decide_kernel(
             self.F,
             self.N,
             self.M,
-            y0.detach().reshape(B, -1).numpy(),
-            y1.detach().reshape(B, -1).numpy(),
-            err.detach().reshape(B, -1).numpy(),
+            self.work,
+            self.WN,
+            self.WM,
+            y_np,
+            y1_np,
+            _rows(err, R),
+            f_np,
+            f1_np,
+            yn_np,
+            fn_np,
             key,
-            rtol,
-            atol,
-            inv_sqrt_n,
-            kind,
-            b1,
-            b2,
-            safety,
-            lo,
-            hi,
-            q_inv,
-            self.direction,
-            t_nonneg,
-            math.nan if dtmin is None else float(dtmin),
+            self.P,
+            self.Q,
             k,
-            max_steps,
-            only_end,
-            history,
         )
+        if not select:
+            return counts, None
+        self._current = nxt
+        return counts, self._buffers[nxt]
 
-    def select(self, keep: np.ndarray):
-        """Keep only the columns (rows of the batch) ``keep``."""
-        self.F, self.N, self.M = self.F[:, keep], self.N[:, keep], self.M[:, keep]
-        self.F = np.ascontiguousarray(self.F)
-        self.N = np.ascontiguousarray(self.N)
-        self.M = np.ascontiguousarray(self.M)
-        self._views()
+    def _arrays(self, y, fraw):
+        """Numpy views of the step's start state and derivative: the buffers' own when they are
+        the kernel's last selection; else (the first step, after a compaction) new buffers."""
+        if self._buffers is not None:
+            yb, fb = self._buffers[self._current]
+            if y is yb and fraw is fb:
+                return self._buffer_arrays[self._current]
+        R = y.shape[0]
+        y_np, f_np = _rows(y, R), _rows(fraw, R)
+        self._buffers = None
+        if not torch.is_grad_enabled() and y.dtype == fraw.dtype and y.shape == fraw.shape:
+            self._buffers = [
+                (torch.empty(y.shape, dtype=y.dtype), torch.empty(y.shape, dtype=y.dtype))
+                for _ in range(2)
+            ]
+            self._buffer_arrays = [(_rows(a, R), _rows(b, R)) for a, b in self._buffers]
+            self._current = 0
+        return y_np, f_np
+
+    def results(self, calls_step: int):
+        """(time reached, return code, evaluations, accepted steps, attempts) per batch row."""
+        N = self.N
+        nfe = N[NFE] + N[ATTEMPTS] * (calls_step or 0)
+        return tuple(
+            torch.from_numpy(np.ascontiguousarray(a))
+            for a in (self.F[T_NEXT], N[CODES], nfe, N[NACC], N[ATTEMPTS])
+        )

@@ -13,6 +13,8 @@ import torch
 from ._base import StepResult, TableauSolver, hermite_interpolant
 from ._tableau import ButcherTableau
 
+_NO_ALPHA: dict = {}
+
 #: States up to this many elements use the zero-padded stage matrix in ``ExplicitRK.step``.
 _PAD_MAX = 8192
 
@@ -202,7 +204,7 @@ class ExplicitRK(TableauSolver):
         s = co.stages
         m = s - 1 if fsal else s  # stages from combinations (stage 0 is f0; FSAL's last is f1)
         c, a_pre = co.c, co.a_pre
-        shape = y0.shape
+        shape = tuple(y0.shape)  # view() parses a tuple faster than a torch.Size
         flat = y0.dim() == 1
         y0f = y0 if flat else y0.reshape(-1)
         if not torch.is_grad_enabled():
@@ -220,13 +222,15 @@ class ExplicitRK(TableauSolver):
             KT = K.t()
             Ks = K if flat else K.view(s, *shape)
             Ks[0] = f0
+            # per-sample steps are of size 1 in their own variable: no alpha to convert
+            alpha = _NO_ALPHA if dt == 1.0 else {"alpha": dt}
             for i in range(1, m):
-                yi = torch.addmv(y0f, KT if padded else KT[:, :i], a_use[i], alpha=dt)
+                yi = torch.addmv(y0f, KT if padded else KT[:, :i], a_use[i], **alpha)
                 Ks[i] = rhs(t0 + c[i] * dt, yi if flat else yi.view(shape))
             if padded:  # FSAL: the last row is still zero, so the full b works
-                y1f = torch.addmv(y0f, KT, co.b, alpha=dt)
+                y1f = torch.addmv(y0f, KT, co.b, **alpha)
             else:
-                y1f = torch.addmv(y0f, KT[:, :m] if fsal else KT, co.b_head, alpha=dt)
+                y1f = torch.addmv(y0f, KT[:, :m] if fsal else KT, co.b_head, **alpha)
             y1 = y1f if flat else y1f.view(shape)
             f1 = rhs(t0 + dt, y1)
             if fsal:
