@@ -12,8 +12,11 @@ the integral controller, Hairer's initial step):
 ``per_sample="compact"`` applies. Methods: ``pn.solve`` with shared steps, ``per_sample=True``
 (mask: every row evaluated, finished rows take steps of 0) and ``per_sample="compact"`` (only the
 running rows evaluated); torchdiffeq ``dopri5`` (shared steps); torchode ``Dopri5`` with
-``AutoDiffAdjoint`` (per-sample steps, every row evaluated). Columns: per-sample evaluations summed
-over the batch (= what 256 independent solves take, checked on (a) by solving them one by one),
+``AutoDiffAdjoint`` (per-sample steps, every row evaluated). On the CPU the two per-sample modes
+are timed twice: with the decisions of every step in one compiled kernel (the CPU default with
+numba installed, ``pyneuralode/_per_sample_host.py``) and with the tensor decisions (what CUDA runs,
+and the CPU without numba). Columns: per-sample evaluations summed over the batch (= what 256
+independent solves take, checked on (a) and (b) by solving them one by one),
 rows evaluated (what the batch actually computed), batched steps (loop iterations), wall and
 process CPU time (best of ``--repeats``, forward without gradients), and the loop time (wall and
 CPU) per batched step. The targets table compares per-sample evaluations with independent solves and
@@ -48,6 +51,8 @@ sys.path.insert(0, str(HERE.parent))
 import pyneuralode as pn  # noqa: E402
 
 RTOL, ATOL = 1e-6, 1e-8
+TENSOR_MASK = "pyneuralode per_sample=True (mask), tensor decisions"
+TENSOR_COMPACT = "pyneuralode per_sample='compact', tensor decisions"
 
 
 def vdp(t, y):
@@ -131,6 +136,23 @@ def methods(f, y0, t1, device):
     out["pyneuralode shared steps"] = ours(False)
     out["pyneuralode per_sample=True (mask)"] = ours(True)
     out["pyneuralode per_sample='compact'"] = ours("compact")
+    if device.type == "cpu":  # the tensor decisions CUDA runs (and the CPU without numba)
+        from pyneuralode import _per_sample_host
+
+        def tensor_decisions(mode):
+            run = ours(mode)
+
+            def run_tensor():
+                enabled, _per_sample_host.ENABLED = _per_sample_host.ENABLED, False
+                try:
+                    return run()
+                finally:
+                    _per_sample_host.ENABLED = enabled
+
+            return run_tensor
+
+        out[TENSOR_MASK] = tensor_decisions(True)
+        out[TENSOR_COMPACT] = tensor_decisions("compact")
     try:
         import torchdiffeq
 
@@ -304,7 +326,7 @@ def main(argv=None):
             vdp,
             vdp_batch(mu_b, dtype, device),
             t_vdp,
-            0,
+            8 if q else B,
         ),
         (f"(c) MLP field × speed ∈ [0.1, 10], batch {B_mlp}", mlp, y_mlp, t_mlp, 0),
     ]
@@ -346,6 +368,7 @@ def main(argv=None):
         shared = rs["pyneuralode shared steps"]
         tode = rs.get("torchode Dopri5")
         modes = ["pyneuralode per_sample=True (mask)", "pyneuralode per_sample='compact'"]
+        modes += [m for m in (TENSOR_MASK, TENSOR_COMPACT) if m in rs]
         floor_label = "step alone (mask mode's steps, no decisions)"
         if floor_label in rs:
             modes.append(floor_label)
