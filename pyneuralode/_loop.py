@@ -663,6 +663,7 @@ def integrate_per_sample(
             only_end,
             history,
             max_steps,
+            compact,
         )
         key_np = np.ascontiguousarray(key.numpy())
 
@@ -735,9 +736,9 @@ def integrate_per_sample(
                 fraw = torch.where(av, f1raw, fraw)
             if only_end and n_prev - n_run > n_fail:  # rows finished: their one output, y1
                 out.index_put_((torch.where(hs.done, code_of[1], T), rows), res.y1)
-            # the output code's working views (the kernel already advanced the rows' next output)
-            t_prev, next_out, n_cross, n_inner = t, hs.next_out, hs.n_cross, hs.n_inner
-            stepped = hs.stepped
+            if n_out_max:  # the output code's views (the kernel advanced the rows' next output)
+                t_prev, next_out, n_cross, n_inner = t, hs.next_out, hs.n_cross, hs.n_inner
+                stepped, key_rows = hs.stepped, hs.key_rows(key)
         else:
             if grad:  # the decisions need no graph (entering no_grad costs, so only when needed)
                 with torch.no_grad():
@@ -836,12 +837,8 @@ def integrate_per_sample(
         if n_run == 0:
             break
         if compact and n_run < y.shape[0] and hs is not None:
-            keep_np = hs.running_rows()
-            keep = torch.from_numpy(keep_np)
-            y, fraw = y[keep], fraw[keep]
-            hs.set_work(hs.work[keep_np])
+            y, fraw = hs.compact(y, fraw, n_run)
             rows = hs.rows
-            key_rows = key[rows]
         elif compact and n_run < y.shape[0]:
             flush()
             rcache = None  # sized for the rows
@@ -875,7 +872,7 @@ def integrate_per_sample(
                     rhs,
                     y,
                     fraw,
-                    [float(F[H.T_NEXT, b])] + (key_rows[r, nxt:] * direction).tolist(),
+                    [float(F[H.T_NEXT, b])] + (key_np[b, nxt:] * direction).tolist(),
                     solver,
                     opts,
                     ctrl,

@@ -71,13 +71,15 @@ def _compile():
 
     @njit(cache=True, nogil=True)
     def decide(
-        F, N, M, work, WN, WM, y0, y1, err, f0, f1, y_next, f_next, key, P, Q, k
+        F, N, M, work, WN, WM, keep, y0, y1, err, f0, f1, y_next, f_next, key, P, Q, k
     ):  # pragma: no cover - compiled
         """One step's decisions for the stepped rows ``work`` (row r of the step's arrays is row
         ``work[r]`` of the batch); returns (rows running, rows failed, the most outputs a row
-        passed, the most outputs strictly inside a row's step)."""
+        passed, the most outputs strictly inside a row's step). ``keep[:rows running]``: the
+        positions of the rows still running; with ``compact`` the selected next state holds only
+        theirs, in that order."""
         rtol, atol, inv_sqrt_n, b1, b2, safety, lo, hi, q_inv, direction, dtmin_user = P
-        kind, t_nonneg, only_end, history, max_steps, select = Q
+        kind, t_nonneg, only_end, history, max_steps, select, compact = Q
         R, n = y0.shape
         T_out = key.shape[1]
         n_run = n_fail = n_out_max = n_inner_max = 0
@@ -153,17 +155,19 @@ def _compile():
                 small = dt < dtmin_user
             fail = (cont if k >= max_steps else cont and small) or stuck
             running_next = cont and not fail
-            if select:  # the rows' next state and derivative: the step's where accepted
+            if select and (running_next or not compact):
+                # the row's next state and derivative: the step's where accepted
+                d = n_run if compact else r
                 if accept:
                     for i in range(n):
-                        y_next[r, i] = y1[r, i]
+                        y_next[d, i] = y1[r, i]
                     for i in range(f0.shape[1]):
-                        f_next[r, i] = f1[r, i]
+                        f_next[d, i] = f1[r, i]
                 else:
                     for i in range(n):
-                        y_next[r, i] = y0[r, i]
+                        y_next[d, i] = y0[r, i]
                     for i in range(f0.shape[1]):
-                        f_next[r, i] = f0[r, i]
+                        f_next[d, i] = f0[r, i]
             WM[W_ACCEPT, r] = accept
             WM[W_STEPPED, r] = running
             WM[W_DONE, r] = done
@@ -176,6 +180,7 @@ def _compile():
                 F[T_END, b] = t
                 n_fail += 1
             if running_next:
+                keep[n_run] = r
                 n_run += 1
             # outputs passed: key[b, next_out : next_out + n_cross] (n_inner of them inside)
             nc = ni = 0
@@ -231,9 +236,9 @@ class HostRows:
     (``F`` float64, ``N`` int64, ``M`` bool; one column per row), the stepped rows ``work``, and
     working arrays over the stepped rows with torch views that the step's field and the loop's
     output code read (:attr:`t`, :attr:`h`, :attr:`hy`, :attr:`accept_rows`, :attr:`next_out`,
-    ...). Without autograd the rows' next state and derivative are selected by the kernel into
-    two pairs of buffers: a step reads one pair (its dense output keeps the step's start) while
-    the kernel writes the other."""
+    ...). Without autograd the kernel selects the rows' next state and derivative into two pairs
+    of buffers (a step reads one pair, whose start its dense output keeps, while the kernel
+    writes the other), in compact mode already compacted to the running rows."""
 
     def __init__(
         self,
@@ -254,6 +259,7 @@ class HostRows:
         only_end,
         history,
         max_steps,
+        compact,
     ):
         B = t.shape[0]
         self.F = F = np.zeros((9, B))
@@ -270,7 +276,6 @@ class HostRows:
         M[ACCEPTED_LAST] = True
         self.N[NEXT_OUT] = 1
         self.N[NFE] = nfe.numpy()
-        self.np_dtype = np.float32 if y.dtype == torch.float32 else np.float64
         self.rshape = (-1,) + (1,) * (y.dim() - 1)
         self.direction = direction
         pi = isinstance(ctrl, PIController)
@@ -289,9 +294,16 @@ class HostRows:
                 math.nan if dtmin is None else float(dtmin),
             ]
         )
-        # kind (0 PI, 1 predictive), t_nonneg, only_end, history, max_steps, select
-        self.Q = np.array([0 if pi else 1, t_nonneg, only_end, history, max_steps, 0])
+        # kind (0 PI, 1 predictive), t_nonneg, only_end, history, max_steps, select, compact
+        self.Q = np.array([0 if pi else 1, t_nonneg, only_end, history, max_steps, 0, compact])
         self.prepare_kernel, self.decide_kernel = _compile()
+        # working arrays over the batch; the stepped rows use their first R columns
+        self.WF = np.zeros((2, B))
+        self.WN = np.zeros((3, B), dtype=np.int64)
+        self.WM = np.zeros((3, B), dtype=np.bool_)
+        self.keep = np.zeros(B, dtype=np.int64)
+        self.hy_np = np.zeros(B, dtype=np.float32 if y.dtype == torch.float32 else np.float64)
+        self._full = None  # the two (y, f) buffer pairs over the batch (without autograd)
         self._buffers = self._buffer_arrays = None
         self._current = 0
         self.set_work(np.arange(B))
@@ -301,19 +313,38 @@ class HostRows:
         R = work.shape[0]
         self.work = work
         self.rows = torch.from_numpy(work)
-        self.WF = np.zeros((2, R))
-        self.WN = np.zeros((3, R), dtype=np.int64)
-        self.WM = np.zeros((3, R), dtype=np.bool_)
-        self.hy_np = np.zeros(R, dtype=self.np_dtype)
-        self.hy = torch.from_numpy(self.hy_np).view(self.rshape)
-        self.t = torch.from_numpy(self.WF[W_T])
-        self.h = torch.from_numpy(self.WF[W_H])
-        self.accept_rows = torch.from_numpy(self.WM[W_ACCEPT]).view(self.rshape)
-        self.stepped = torch.from_numpy(self.WM[W_STEPPED])
-        self.done = torch.from_numpy(self.WM[W_DONE])
-        self.next_out = torch.from_numpy(self.WN[W_NEXT_OUT])
-        self.n_cross = torch.from_numpy(self.WN[W_N_CROSS])
-        self.n_inner = torch.from_numpy(self.WN[W_N_INNER])
+        self.hy = torch.from_numpy(self.hy_np[:R]).view(self.rshape)
+        self.t = torch.from_numpy(self.WF[W_T, :R])
+        self.h = torch.from_numpy(self.WF[W_H, :R])
+        self.accept_rows = torch.from_numpy(self.WM[W_ACCEPT, :R]).view(self.rshape)
+        self._key_rows = None
+        if self._full is not None:  # the buffers' first R rows
+            self._buffers = [(y[:R], f[:R]) for y, f in self._full]
+            self._buffer_arrays = [(y[:R], f[:R]) for y, f in self._full_np]
+
+    # views the output code reads (only on the steps that pass outputs)
+    stepped = property(lambda self: torch.from_numpy(self.WM[W_STEPPED, : self.work.shape[0]]))
+    done = property(lambda self: torch.from_numpy(self.WM[W_DONE, : self.work.shape[0]]))
+    next_out = property(lambda self: torch.from_numpy(self.WN[W_NEXT_OUT, : self.work.shape[0]]))
+    n_cross = property(lambda self: torch.from_numpy(self.WN[W_N_CROSS, : self.work.shape[0]]))
+    n_inner = property(lambda self: torch.from_numpy(self.WN[W_N_INNER, : self.work.shape[0]]))
+
+    def key_rows(self, key: torch.Tensor) -> torch.Tensor:
+        """The stepped rows of the batch's (B, T) output times ``key``."""
+        if self._key_rows is None:
+            self._key_rows = key if self.work.shape[0] == key.shape[0] else key[self.rows]
+        return self._key_rows
+
+    def compact(self, y: torch.Tensor, fraw: torch.Tensor, n_run: int):
+        """Step only the ``n_run`` rows still running from now on; returns their ``y`` and
+        ``fraw`` (the kernel's selection already holds only theirs)."""
+        keep = self.keep[:n_run]
+        selected = self._buffers is not None and y is self._buffers[self._current][0]
+        self.set_work(self.work[keep])
+        if selected:
+            return self._buffers[self._current]
+        keep_t = torch.from_numpy(keep.copy())  # autograd keeps the index
+        return y[keep_t], fraw[keep_t]
 
     def running_rows(self) -> np.ndarray:
         """The positions (among the stepped rows) of the rows still running."""
@@ -330,14 +361,14 @@ class HostRows:
     def decide(self, y, y1, err, fraw, f1raw, key, k):
         """The step's decisions (see the kernel) from the (R, ...) tensors of the step's start
         ``y``, end ``y1``, error estimate and derivatives. Returns the kernel's counts and the
-        rows' next state and derivative when the kernel selected them (no autograd), else
-        ``None`` (the caller selects by :attr:`accept_rows`)."""
+        rows' next state and derivative when the kernel selected them (no autograd; in compact
+        mode the running rows' only), else ``None`` (the caller selects by
+        :attr:`accept_rows`)."""
         R = y.shape[0]
         y_np, f_np = self._arrays(y, fraw)
         y1_np, f1_np = _rows(y1, R), _rows(f1raw, R)
         select = (
             self._buffers is not None
-            and not torch.is_grad_enabled()
             and y1_np.dtype == y_np.dtype
             and f1_np.shape == f_np.shape
             and f1_np.dtype == f_np.dtype
@@ -352,6 +383,7 @@ class HostRows:
             self.work,
             self.WN,
             self.WM,
+            self.keep,
             y_np,
             y1_np,
             _rows(err, R),
@@ -371,7 +403,8 @@ class HostRows:
 
     def _arrays(self, y, fraw):
         """Numpy views of the step's start state and derivative: the buffers' own when they are
-        the kernel's last selection; else (the first step, after a compaction) new buffers."""
+        the kernel's last selection; else (the first step) the tensors', and the buffers are
+        made (without autograd)."""
         if self._buffers is not None:
             yb, fb = self._buffers[self._current]
             if y is yb and fraw is fb:
@@ -380,11 +413,18 @@ class HostRows:
         y_np, f_np = _rows(y, R), _rows(fraw, R)
         self._buffers = None
         if not torch.is_grad_enabled() and y.dtype == fraw.dtype and y.shape == fraw.shape:
-            self._buffers = [
-                (torch.empty(y.shape, dtype=y.dtype), torch.empty(y.shape, dtype=y.dtype))
-                for _ in range(2)
-            ]
-            self._buffer_arrays = [(_rows(a, R), _rows(b, R)) for a, b in self._buffers]
+            B = self.F.shape[1]
+            if self._full is None:
+                self._full = [
+                    (
+                        torch.empty((B, *y.shape[1:]), dtype=y.dtype),
+                        torch.empty((B, *y.shape[1:]), dtype=y.dtype),
+                    )
+                    for _ in range(2)
+                ]
+                self._full_np = [(_rows(a, B), _rows(b, B)) for a, b in self._full]
+            self._buffers = [(a[:R], b[:R]) for a, b in self._full]
+            self._buffer_arrays = [(a[:R], b[:R]) for a, b in self._full_np]
             self._current = 0
         return y_np, f_np
 
