@@ -646,24 +646,19 @@ def integrate_per_sample(
     hs = None
     if explicit and _per_sample_host.applies(solver, ctrl, rtol, atol, y0):
         hs = _per_sample_host.HostRows(
-            t,
-            t_end,
-            dt,
-            dtmax,
-            dt_floor,
-            nfe,
+            {"t": t, "t_end": t_end, "dt": dt, "dtmax": dtmax, "dt_floor": dt_floor, "nfe": nfe},
             y0,
-            ctrl,
-            q,
-            direction,
-            float(rtol),
-            float(atol),
-            opts.dtmin,
-            t_nonneg,
-            only_end,
-            history,
-            max_steps,
-            compact,
+            ctrl=ctrl,
+            q=q,
+            direction=direction,
+            rtol=float(rtol),
+            atol=float(atol),
+            dtmin=opts.dtmin,
+            t_nonneg=t_nonneg,
+            only_end=only_end,
+            history=history,
+            max_steps=max_steps,
+            compact=compact,
         )
         key_np = np.ascontiguousarray(key.numpy())
 

@@ -40,6 +40,7 @@ W_NEXT_OUT, W_N_CROSS, W_N_INNER = range(3)
 W_ACCEPT, W_STEPPED, W_DONE = range(3)
 
 _kernels = None
+_numba_missing = False
 
 
 def _compile():
@@ -218,9 +219,13 @@ def applies(solver, ctrl, rtol, atol, y: torch.Tensor) -> bool:
 
     if not isinstance(solver, ExplicitRK):
         return False
+    global _numba_missing
+    if _numba_missing:
+        return False
     try:
         _compile()
-    except ImportError:
+    except ImportError:  # numba is the ``compiled`` extra: the tensor decisions serve
+        _numba_missing = True
         return False
     return True
 
@@ -242,25 +247,28 @@ class HostRows:
 
     def __init__(
         self,
-        t,
-        t_end,
-        dt,
-        dtmax,
-        dt_floor,
-        nfe,
-        y,
+        rows: dict,
+        y: torch.Tensor,
+        *,
         ctrl,
-        q,
-        direction,
-        rtol,
-        atol,
+        q: int,
+        direction: float,
+        rtol: float,
+        atol: float,
         dtmin,
-        t_nonneg,
-        only_end,
-        history,
-        max_steps,
-        compact,
+        t_nonneg: bool,
+        only_end: bool,
+        history: bool,
+        max_steps: int,
+        compact: bool,
     ):
+        """``rows``: the (B,) CPU tensors ``t``, ``t_end``, ``dt``, ``dtmax``, ``dt_floor``
+        and ``nfe`` the loop starts from; ``y`` the initial state; the rest the loop's settings
+        (``q``: the controller's order, ``t_nonneg``: times never negative, ``only_end``: the one
+        output is the end, ``history``: the controller keeps the last error and step)."""
+        t, t_end, dt, dtmax, dt_floor, nfe = (
+            rows[k] for k in ("t", "t_end", "dt", "dtmax", "dt_floor", "nfe")
+        )
         B = t.shape[0]
         self.F = F = np.zeros((9, B))
         self.N = np.zeros((5, B), dtype=np.int64)

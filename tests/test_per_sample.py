@@ -913,3 +913,25 @@ def test_per_sample_host_decisions_take_the_tensor_decisions_steps(monkeypatch, 
         )[0],
     )
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_without_numba_takes_the_tensor_decisions(monkeypatch):
+    """A CPU without numba (the ``compiled`` extra not installed) steps with the tensor
+    decisions, to the same result."""
+    import sys
+
+    from pyneuralode import _per_sample_host
+
+    y0 = vdp_batch(5, 0.5, 4.0)
+    t = torch.tensor([0.0, 1.0, 3.0], dtype=DT)
+    with_numba = pn.solve(vdp, y0, t, pn.Tsit5(), per_sample="compact")
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.setattr(_per_sample_host, "_kernels", None)
+    monkeypatch.setattr(_per_sample_host, "_numba_missing", False)
+    monkeypatch.setattr(
+        _per_sample_host.HostRows, "__init__", lambda *a, **k: pytest.fail("host decisions used")
+    )
+    without = pn.solve(vdp, y0, t, pn.Tsit5(), per_sample="compact")
+    assert _per_sample_host._numba_missing
+    torch.testing.assert_close(without.ys, with_numba.ys, rtol=1e-8, atol=1e-9)
+    assert torch.equal(without.stats["naccept"], with_numba.stats["naccept"])
