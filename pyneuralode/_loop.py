@@ -450,6 +450,15 @@ def _row_error_norm(err, ay, y1, rtol, atol):
     return ay1, errn if errn.dtype == torch.float64 else errn.to(torch.float64)
 
 
+def _running_rows(running: torch.Tensor, n_run: int) -> torch.Tensor:
+    """The indices of the ``n_run`` running rows. Their count is the step's synchronised number,
+    so on a GPU ``nonzero_static`` finds them without a second host synchronisation."""
+    try:
+        return torch.nonzero_static(running, size=n_run).squeeze(1)
+    except (AttributeError, RuntimeError):  # torch or the device without nonzero_static
+        return running.nonzero().squeeze(1)
+
+
 def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (B,) tensor shaped to broadcast over the rows of ``like`` (B, ...)."""
     return v.view(v.shape[0], *([1] * (like.dim() - 1)))
@@ -837,7 +846,7 @@ def integrate_per_sample(
         elif compact and n_run < y.shape[0]:
             flush()
             rcache = None  # sized for the rows
-            keep = running.nonzero().squeeze(1)
+            keep = _running_rows(running, n_run)
             icache = icache.select(keep) if icache is not None else None
             idx = keep if idx is None else idx[keep]
             rows, key_rows = idx, key[idx]

@@ -935,3 +935,49 @@ def test_per_sample_without_numba_takes_the_tensor_decisions(monkeypatch):
     assert _per_sample_host._numba_missing
     torch.testing.assert_close(without.ys, with_numba.ys, rtol=1e-8, atol=1e-9)
     assert torch.equal(without.stats["naccept"], with_numba.stats["naccept"])
+
+
+@pytest.mark.parametrize("mode", [True, "compact"])
+def test_per_sample_tensor_decisions_synchronise_once_per_step(monkeypatch, mode):
+    """The tensor decisions (what a GPU runs) read the device at most once per step: every
+    tensor method that makes a CUDA device wait for the host (``item``, ``tolist``, ``bool``,
+    ``int``, ``float``, ``nonzero``, ``cpu``, ``numpy``) is counted here on the CPU, over a solve
+    with outputs inside steps, rows finishing at different steps (compaction) and the last row's
+    hand-off to the scalar loop (whose decisions are on the host by design, after one read)."""
+    from pyneuralode import _loop, _per_sample_host
+
+    monkeypatch.setattr(_per_sample_host, "ENABLED", False)
+    y0 = vdp_batch(16, 0.5, 6.0)
+    t = torch.linspace(0, 3, 7, dtype=DT)
+    in_loop = []
+    per_sample = _loop.integrate_per_sample
+
+    def traced(*a, **k):
+        in_loop.append(0)
+        try:
+            return per_sample(*a, **k)
+        finally:
+            in_loop.append(None)
+
+    monkeypatch.setattr(_loop, "integrate_per_sample", traced)
+    # the hand-off's scalar loop decides on the host: not counted
+    finish = _loop._finish_row
+    monkeypatch.setattr(_loop, "_finish_row", lambda *a: in_loop.append(None) or finish(*a))
+    counts = {}
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy"):
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _m=method, _n=name, **k):
+            if in_loop and in_loop[-1] == 0:
+                counts[_n] = counts.get(_n, 0) + 1
+            return _m(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    sol = pn.solve(vdp, y0, t, pn.Dopri5(), per_sample=mode)
+    monkeypatch.undo()
+    assert sol.successful
+    steps = sol.stats["nsteps"]
+    # one per batched step, plus the set-up's (direction, times' sign, running rows) and the
+    # hand-off's read of its row
+    assert sum(counts.values()) <= steps + 6, (counts, steps)
+    assert counts.get("nonzero", 0) <= 1  # compaction finds the rows without reading the device
