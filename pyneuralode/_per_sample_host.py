@@ -8,7 +8,9 @@ they run as one numba kernel over numpy arrays that share memory with the loop's
 copies), row by row in the scalar loop's own floating-point operations: the error norm as
 :func:`~pyneuralode.solvers._ops.rms_norm_small`'s host norm and the controllers' ``factor``
 (:class:`~pyneuralode.controllers.PIController`, :class:`~pyneuralode.controllers.
-PredictiveController`), so a row takes the steps its independent solve takes.
+PredictiveController`), so a row decides as its independent solve does (the per-sample tests
+check equal accepted and rejected steps; the step's values round differently, being formed on the
+rescaled field of :class:`~pyneuralode._loop._StepField`).
 
 Used for explicit Runge–Kutta methods with scalar tolerances and those two controllers when numba
 is installed (the ``compiled`` extra); everything else keeps the tensor decisions of the loop.
