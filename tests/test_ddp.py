@@ -41,8 +41,13 @@ def _worker(rank, world, port, out):
         tol=1e-2,
         replica_dump=out,
     )
-    m = odenet_mnist.run(opts)
+    m = odenet_mnist.run(opts)  # ends with destroy_process_group
     torch.save(m, os.path.join(out, f"metrics{rank}.pt"))
+    # Leave without the interpreter's teardown, once the results are written: in one clean-clone
+    # CI run a rank died with SIGABRT ("terminate called without an active exception", a joinable
+    # std::thread destroyed: gloo's) and 25 runs alone did not reproduce it; the teardown after the
+    # process group is destroyed is where such threads go. What this test checks is the replicas.
+    os._exit(0)
 
 
 @pytest.mark.skipif(
