@@ -46,13 +46,15 @@ _numba_missing = False
 
 
 def _compile():
-    """The two kernels, compiled on first use (numba's on-disk cache keeps them)."""
+    """The two kernels, compiled on first use (numba's on-disk cache keeps them). IEEE division
+    (``error_model="numpy"``): a zero error scale or an underflowed error gives inf/NaN, which the
+    tests reject as the tensor decisions and the scalar loop do, not a ZeroDivisionError."""
     global _kernels
     if _kernels is not None:
         return _kernels
     from numba import njit
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=True, nogil=True, error_model="numpy")
     def prepare(F, M, work, WF, hy, direction):  # pragma: no cover - compiled
         """The step about to be taken by the stepped rows ``work``: each row's ``h`` (a stopped
         row has t_end = t, so 0), ``last`` (the step reaches t_end; stretched by up to 0.1%
@@ -72,7 +74,7 @@ def _compile():
             WF[W_H, r] = h
             hy[r] = h
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=True, nogil=True, error_model="numpy")
     def decide(
         F, N, M, work, WN, WM, keep, y0, y1, err, f0, f1, y_next, f_next, key, P, Q, k
     ):  # pragma: no cover - compiled

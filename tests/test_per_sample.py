@@ -876,6 +876,13 @@ def test_per_sample_host_decisions_take_the_tensor_decisions_steps(monkeypatch, 
             pn.Dopri5(),
             {},
         ),
+        (  # atol = 0 and a component at 0: a zero error scale (0/0), Unstable in every row
+            lambda t, y: torch.stack([-y[:, 0], torch.zeros_like(y[:, 0])], 1),
+            torch.tensor([[1.0, 0.0], [2.0, 0.0]], dtype=DT),
+            torch.tensor([0.0, 1.0], dtype=DT),
+            pn.Dopri5(),
+            {"atol": 0.0},
+        ),
     ]
     for f, y, t, solver, kw in cases:
         kw = {"rtol": 1e-7, "atol": 1e-9, **kw}
