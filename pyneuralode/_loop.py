@@ -865,50 +865,25 @@ def integrate_per_sample(
                 x[keep] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
                 for x in (rtol_n, atol_n)
             )
-        if handoff and n_run == 1 and hs is not None:
-            H = _per_sample_host
-            F, N = hs.F, hs.N
-            r = 0 if y.shape[0] == 1 else int(hs.running_rows()[0])  # among the stepped rows
-            b = int(hs.work[r])  # in the batch
-            if hs.M[H.ACCEPTED_LAST, b]:  # after a rejection the controller has more state
-                nxt = int(N[H.NEXT_OUT, b])
-                k_sub = _finish_row(
-                    rhs,
-                    y,
-                    fraw,
-                    [float(F[H.T_NEXT, b])] + (key_np[b, nxt:] * direction).tolist(),
-                    solver,
-                    opts,
-                    ctrl,
-                    float(F[H.DT, b]),
-                    float(F[H.DTMAX, b]),
-                    float(F[H.DT_FLOOR, b]),
-                    max_steps - k,
-                    out,
-                    nxt,
-                    rows[r],
-                    None if y.shape[0] == 1 else (r, torch.from_numpy(F[H.T_NEXT, hs.work])),
-                )
-                F[H.T_NEXT, b] = k_sub["t"]
-                N[H.CODES, b] = k_sub["code"]
-                N[H.NACC, b] += k_sub["naccept"]
-                N[H.ATTEMPTS, b] = k + k_sub["attempts"]
-                N[H.NFE, b] += k_sub["calls"] - k_sub["attempts"] * calls_step
-                counters["ncalls"] += k_sub["calls"]
-                counters["nrows"] += k_sub["calls"] * y.shape[0]
-                counters["nsteps"] = k + k_sub["attempts"]
-                break
-        elif handoff and n_run == 1:
-            r = 0 if y.shape[0] == 1 else int(running.nonzero())  # the row (once per solve)
-            t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.stack(
-                [t, dt, accepted_last.to(t.dtype), next_out.to(t.dtype), dtmax, dt_floor]
-            )[:, r].tolist()
+        if handoff and n_run == 1:  # the row's state, from the host arrays or the tensors
+            if hs is not None:
+                r = 0 if y.shape[0] == 1 else int(hs.running_rows()[0])  # among the stepped rows
+                t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = hs.row_state(r)
+                t_rest = key_np[int(hs.work[r]), nxt:]
+                t_rows = hs.times()
+            else:
+                r = 0 if y.shape[0] == 1 else int(running.nonzero())  # the row (once per solve)
+                t_h, dt_h, acc_h, nxt, dtmax_h, floor_h = torch.stack(
+                    [t, dt, accepted_last.to(t.dtype), next_out.to(t.dtype), dtmax, dt_floor]
+                )[:, r].tolist()
+                nxt = int(nxt)
+                t_rest, t_rows = key_rows[r, nxt:], t
             if acc_h:  # after a rejection the controller's state is more than the step size
                 k_sub = _finish_row(
                     rhs,
                     y,
                     fraw,
-                    [t_h] + (key_rows[r, int(nxt) :] * direction).tolist(),
+                    [t_h] + (t_rest * direction).tolist(),
                     solver,
                     opts,
                     ctrl,
@@ -917,16 +892,19 @@ def integrate_per_sample(
                     floor_h,
                     max_steps - k,
                     out,
-                    int(nxt),
+                    nxt,
                     rows[r],
-                    None if y.shape[0] == 1 else (r, t),
+                    None if y.shape[0] == 1 else (r, t_rows),
                 )
-                t = t.clone()
-                t[r] = k_sub["t"]
-                codes[r] = k_sub["code"]
-                nacc[r] += k_sub["naccept"]
-                attempts[r] = k + k_sub["attempts"]
-                nfe[r] += k_sub["calls"] - k_sub["attempts"] * calls_step
+                if hs is not None:
+                    hs.finish_row(r, k_sub, k, calls_step)
+                else:
+                    t = t.clone()
+                    t[r] = k_sub["t"]
+                    codes[r] = k_sub["code"]
+                    nacc[r] += k_sub["naccept"]
+                    attempts[r] = k + k_sub["attempts"]
+                    nfe[r] += k_sub["calls"] - k_sub["attempts"] * calls_step
                 counters["ncalls"] += k_sub["calls"]
                 counters["nrows"] += k_sub["calls"] * y.shape[0]
                 counters["nsteps"] = k + k_sub["attempts"]

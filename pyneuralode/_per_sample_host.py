@@ -362,6 +362,34 @@ class HostRows:
         """The positions (among the stepped rows) of the rows still running."""
         return np.flatnonzero(self.M[RUNNING, self.work])
 
+    def row_state(self, r: int):
+        """Stepped row ``r``'s (time, step size, last step accepted, next output, dtmax, dt
+        floor), as the scalar loop takes them."""
+        b = self.work[r]
+        F = self.F
+        return (
+            float(F[T_NEXT, b]),
+            float(F[DT, b]),
+            bool(self.M[ACCEPTED_LAST, b]),
+            int(self.N[NEXT_OUT, b]),
+            float(F[DTMAX, b]),
+            float(F[DT_FLOOR, b]),
+        )
+
+    def times(self) -> torch.Tensor:
+        """The stepped rows' times (a copy)."""
+        return torch.from_numpy(self.F[T_NEXT, self.work])
+
+    def finish_row(self, r: int, sub: dict, k: int, calls_step: int):
+        """Stepped row ``r``'s results after ``k`` batched steps and its continuation ``sub``
+        in the scalar loop (see ``_loop._finish_row``)."""
+        b = self.work[r]
+        self.F[T_NEXT, b] = sub["t"]
+        self.N[CODES, b] = sub["code"]
+        self.N[NACC, b] += sub["naccept"]
+        self.N[ATTEMPTS, b] = k + sub["attempts"]
+        self.N[NFE, b] += sub["calls"] - sub["attempts"] * calls_step
+
     def add_nfe(self, calls: int, rows: np.ndarray):
         """``calls`` more evaluations for the batch rows ``rows``."""
         self.N[NFE, rows] += calls
