@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from _fields import lotka_volterra, robertson
 
 import pyneuralode as pn
 from pyneuralode.compiled import UnsupportedOpError, numba_available
@@ -29,20 +30,6 @@ def growth(
     t, y
 ):  # y' = y cos t  =>  y = exp(sin t); non-autonomous (exercises ∂f/∂t in Rosenbrock)
     return y * torch.cos(t)
-
-
-def lotka_volterra(t, y, p):
-    return torch.stack([p[0] * y[0] - p[1] * y[0] * y[1], -p[2] * y[1] + p[3] * y[0] * y[1]])
-
-
-def robertson(t, y, k):
-    return torch.stack(
-        [
-            -k[0] * y[0] + k[2] * y[1] * y[2],
-            k[0] * y[0] - k[1] * y[1] ** 2 - k[2] * y[1] * y[2],
-            k[1] * y[1] ** 2,
-        ]
-    )
 
 
 def van_der_pol(t, y):

@@ -9,6 +9,7 @@ arguments), against the native engine's ``InterpolatingAdjoint`` (the MLP), and 
 
 import pytest
 import torch
+from _fields import lotka_volterra, robertson
 
 import pyneuralode as pn
 from pyneuralode.compiled import numba_available
@@ -18,20 +19,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 F64 = dict(dtype=torch.float64)
-
-
-def lotka_volterra(t, y, p):
-    return torch.stack([p[0] * y[0] - p[1] * y[0] * y[1], -p[2] * y[1] + p[3] * y[0] * y[1]])
-
-
-def robertson(t, y, k):
-    return torch.stack(
-        [
-            -k[0] * y[0] + k[2] * y[1] * y[2],
-            k[0] * y[0] - k[1] * y[1] ** 2 - k[2] * y[1] * y[2],
-            k[1] * y[1] ** 2,
-        ]
-    )
 
 
 K_ROBER = torch.tensor([0.04, 3e7, 1e4], **F64)

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _fields import lotka_volterra, robertson
 
 import pyneuralode as pn
 from pyneuralode.compiled import numba_available
@@ -20,20 +21,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 F64 = dict(dtype=torch.float64)
-
-
-def lotka_volterra(t, y, p):
-    return torch.stack([p[0] * y[0] - p[1] * y[0] * y[1], -p[2] * y[1] + p[3] * y[0] * y[1]])
-
-
-def robertson(t, y, k):
-    return torch.stack(
-        [
-            -k[0] * y[0] + k[2] * y[1] * y[2],
-            k[0] * y[0] - k[1] * y[1] ** 2 - k[2] * y[1] * y[2],
-            k[1] * y[1] ** 2,
-        ]
-    )
 
 
 LV_T = torch.linspace(0, 2, 5, **F64)

@@ -769,41 +769,30 @@ def test_per_sample_joint_adjoint_with_a_batched_implicit_solver():
 
     y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=DT, requires_grad=True)
     t = torch.tensor([0.0, 0.3, 0.6], dtype=DT)
-    grads = []
-    for alg in (None, pn.InterpolatingAdjoint(), pn.QuadratureAdjoint()):
-        sol = pn.solve(
-            osc,
-            y0,
-            t,
-            pn.KenCarp4(batched=True),
-            per_sample=True,
-            sensealg=alg,
-            rtol=1e-7,
-            atol=1e-9,
-            adjoint_params=(w,),
-        )
-        grads.append(torch.autograd.grad(sol.ys[1:].sum(), [y0, w]))
-    for g in grads[1:]:
-        for a, d in zip(g, grads[0]):
-            torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-6)
+
+    def grads_agree(solver, algs):  # each joint adjoint's gradient against DirectAdjoint's
+        grads = []
+        for alg in (None, *algs):
+            sol = pn.solve(
+                osc,
+                y0,
+                t,
+                solver,
+                per_sample=True,
+                sensealg=alg,
+                rtol=1e-7,
+                atol=1e-9,
+                adjoint_params=(w,),
+            )
+            grads.append(torch.autograd.grad(sol.ys[1:].sum(), [y0, w]))
+        for g in grads[1:]:
+            for a, d in zip(g, grads[0]):
+                torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-6)
+
+    grads_agree(pn.KenCarp4(batched=True), (pn.InterpolatingAdjoint(), pn.QuadratureAdjoint()))
     # the same for the joint BacksolveAdjoint with a batched Rodas method (it failed before:
     # the batched method was given the flat adjoint state)
-    grads = []
-    for alg in (None, pn.BacksolveAdjoint()):
-        sol = pn.solve(
-            osc,
-            y0,
-            t,
-            pn.Rodas5P(batched=True),
-            per_sample=True,
-            sensealg=alg,
-            rtol=1e-7,
-            atol=1e-9,
-            adjoint_params=(w,),
-        )
-        grads.append(torch.autograd.grad(sol.ys[1:].sum(), [y0, w]))
-    for a, d in zip(grads[1], grads[0]):
-        torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-6)
+    grads_agree(pn.Rodas5P(batched=True), (pn.BacksolveAdjoint(),))
 
 
 def test_per_sample_joint_adjoints_find_the_parameters_f_reaches():
